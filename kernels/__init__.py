@@ -1,0 +1,29 @@
+"""Kernels of shardline, installed as `shardline.kernels`.
+
+Every op here is one dispatch point: the Triton kernel on CUDA tensors (unless
+SHARDLINE_DISABLE_TRITON=1), the torch reference in `reference.py` otherwise.
+SHARDLINE_FORCE_TRITON=1 runs the Triton kernels on CPU tensors too, which with
+TRITON_INTERPRET=1 is how the engine is tested with the kernels switched on.
+"""
+
+from shardline.kernels.dispatch import (
+    fused_moe,
+    linear,
+    linear_silu_mul,
+    paged_decode_attention,
+    paged_prefill_attention,
+    rms_norm,
+    rotary_embedding,
+    write_kv_cache,
+)
+
+__all__ = [
+    "fused_moe",
+    "linear",
+    "linear_silu_mul",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "rms_norm",
+    "rotary_embedding",
+    "write_kv_cache",
+]

@@ -1,0 +1,154 @@
+"""Plain torch references, one per kernel, with the kernels' exact signatures.
+
+They are the CPU path of every op and the ground truth of the kernel tests. Shapes are
+token-major: T tokens, Hq query heads, Hk KV heads, D head size. The KV cache is
+[num_blocks, block_size, Hk, D]; a slot is block_id * block_size + offset.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x[M, K] @ weight[N, K]^T (+ bias[N]) (+ residual[M, N])."""
+    out = F.linear(x, weight, bias)
+    if residual is not None:
+        out = out + residual
+    return out
+
+
+def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """SiLU(gate) * up of a merged gate_up weight[2N, K] (rows: gate, then up) -> [M, N]."""
+    gate, up = F.linear(x, weight, bias).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim, in fp32. With `residual`: returns (norm(x + r), x + r)."""
+    if residual is not None:
+        x = x + residual
+        summed = x
+    xf = x.float()
+    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    out = (out * weight.float()).to(x.dtype)
+    return out if residual is None else (out, summed)
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, is_neox: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q[T, Hq, D] and k[T, Hk, D] by position; cos_sin_cache[P, R] is [cos | sin].
+
+    Only the first R dims of each head rotate. Neox style pairs (i, i + R/2); GPT-J style
+    pairs (2i, 2i + 1).
+    """
+    rot = cos_sin_cache.shape[-1]
+    cos, sin = cos_sin_cache[positions.long()].float().chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rotate(t: torch.Tensor) -> torch.Tensor:
+        head, tail = t[..., :rot].float(), t[..., rot:]
+        if is_neox:
+            a, b = head.chunk(2, dim=-1)
+            rotated = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+        else:
+            a, b = head[..., 0::2], head[..., 1::2]
+            rotated = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+        return torch.cat((rotated.to(t.dtype), tail), dim=-1)
+
+    return rotate(q), rotate(k)
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store k, v [T, Hk, D] at their slots; a slot of -1 (padding) is skipped."""
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    block_size = k_cache.shape[1]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = k[valid].to(k_cache.dtype)
+    v_cache[blocks, offsets] = v[valid].to(v_cache.dtype)
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    block_size = cache.shape[1]
+    n_blocks = (length + block_size - 1) // block_size
+    blocks = cache[block_table[:n_blocks].long()]
+    return blocks.reshape(-1, *cache.shape[2:])[:length]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor,
+            scale: float) -> torch.Tensor:
+    """q[Tq, Hq, D] over k, v [L, Hk, D]; query at position p sees keys 0..p."""
+    group = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    key_pos = torch.arange(k.shape[0], device=q.device)
+    mask = key_pos[None, :] > q_positions[:, None]
+    scores = scores.masked_fill(mask[None], float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """One query token per sequence: q[B, Hq, D] over each sequence's seq_lens[b] cached keys."""
+    out = torch.empty_like(q)
+    for b in range(q.shape[0]):
+        length = int(seq_lens[b])
+        k = _gather_context(k_cache, block_tables[b], length)
+        v = _gather_context(v_cache, block_tables[b], length)
+        pos = torch.tensor([length - 1], device=q.device)
+        out[b] = _attend(q[b:b + 1], k, v, pos, scale)[0]
+    return out
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                            seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention for varlen query chunks whose K/V are already in the cache.
+
+    Sequence b's queries are q[query_start_loc[b]:query_start_loc[b+1]], the last q_len
+    of its seq_lens[b] tokens; each attends to the cached prefix and to new tokens up to
+    itself, as chunked prefill needs.
+    """
+    out = torch.empty_like(q)
+    for b in range(block_tables.shape[0]):
+        start, end = int(query_start_loc[b]), int(query_start_loc[b + 1])
+        if end == start:
+            continue
+        length = int(seq_lens[b])
+        k = _gather_context(k_cache, block_tables[b], length)
+        v = _gather_context(v_cache, block_tables[b], length)
+        pos = torch.arange(length - (end - start), length, device=q.device)
+        out[start:end] = _attend(q[start:end], k, v, pos, scale)
+    return out
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              expert_offset: int = 0) -> torch.Tensor:
+    """Mixture of experts over this rank's experts: sum_k w_k * down(SiLU(gate) * up).
+
+    w13[E, 2I, K] holds each local expert's gate and up rows, w2[E, K, I] its down
+    projection; local expert e is global expert expert_offset + e. Token choices of
+    experts outside this rank's range contribute nothing (expert parallelism sums the
+    ranks' partial outputs).
+    """
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    local_ids = topk_ids.long() - expert_offset
+    for e in range(w13.shape[0]):
+        token_idx, slot = (local_ids == e).nonzero(as_tuple=True)
+        if token_idx.numel() == 0:
+            continue
+        hidden = linear_silu_mul(x[token_idx], w13[e])
+        y = F.linear(hidden, w2[e]).float()
+        out.index_add_(0, token_idx, y * topk_weights[token_idx, slot].float()[:, None])
+    return out.to(x.dtype)

@@ -1,0 +1,1 @@
+"""shardline: distributed LLM inference runtime."""

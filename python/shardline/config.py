@@ -1,0 +1,140 @@
+"""Engine configuration: model, cache, scheduler and parallel layout, validated up front.
+
+Every check names the argument, the value it got and what is allowed, so a bad setting
+fails at construction and not deep inside a worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Map a dtype name (or torch dtype) to one of the supported torch dtypes."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(f"dtype={dtype!r} is not supported: use one of float32, bfloat16, float16")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _require(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
+
+
+@dataclass
+class ModelConfig:
+    """Which checkpoint to serve and at what precision and length."""
+
+    model: str
+    dtype: str = "float32"
+    max_model_len: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.dtype = dtype_name(resolve_dtype(self.dtype))
+        _require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len",
+                 self.max_model_len, "None (use the checkpoint's) or >= 1")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.dtype)
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache: block size, and either a block count or a memory budget for it."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_memory_bytes: int = 512 * 1024 * 1024
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256), "block_size",
+                 self.block_size, "a power of two from 1 to 256")
+        _require(self.num_blocks is None or self.num_blocks >= 1, "num_blocks",
+                 self.num_blocks, "None (derive from kv_cache_memory_bytes) or >= 1")
+        _require(self.kv_cache_memory_bytes >= 1, "kv_cache_memory_bytes",
+                 self.kv_cache_memory_bytes, ">= 1")
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching limits: sequences and tokens per step."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
+        _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
+                 self.max_num_batched_tokens, ">= 1")
+
+
+@dataclass
+class ParallelConfig:
+    """The rank grid: world = DP x PP x SP x TP (TP innermost); EP reuses DP x SP x TP."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    sequence_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    distributed_executor_backend: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
+                     "sequence_parallel_size"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
+        _require(self.distributed_executor_backend in (None, "uni", "mp", "ray"),
+                 "distributed_executor_backend", self.distributed_executor_backend,
+                 "None (automatic), 'uni', 'mp' or 'ray'")
+
+    @property
+    def world_size(self) -> int:
+        return (self.tensor_parallel_size * self.pipeline_parallel_size
+                * self.data_parallel_size * self.sequence_parallel_size)
+
+
+@dataclass
+class EngineConfig:
+    """Everything an executor and its workers need to build themselves."""
+
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EngineConfig":
+        return cls(
+            model=ModelConfig(**data["model"]),
+            cache=CacheConfig(**data["cache"]),
+            scheduler=SchedulerConfig(**data["scheduler"]),
+            parallel=ParallelConfig(**data["parallel"]),
+        )
