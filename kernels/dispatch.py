@@ -18,11 +18,79 @@ def use_triton(t: torch.Tensor) -> bool:
     return os.environ.get("SHARDLINE_FORCE_TRITON") == "1"
 
 
-linear = reference.linear
-linear_silu_mul = reference.linear_silu_mul
-rms_norm = reference.rms_norm
-rotary_embedding = reference.rotary_embedding
-write_kv_cache = reference.write_kv_cache
-paged_decode_attention = reference.paged_decode_attention
-paged_prefill_attention = reference.paged_prefill_attention
-fused_moe = reference.fused_moe
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x[M, K] @ weight[N, K]^T (+ bias) (+ residual), split-K for decode shapes."""
+    if use_triton(x):
+        from shardline.kernels.matmul import linear as triton_op
+        return triton_op(x, weight, bias, residual)
+    return reference.linear(x, weight, bias, residual)
+
+
+def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """SiLU(gate) * up of a merged gate_up weight[2N, K] -> [M, N]."""
+    if use_triton(x):
+        from shardline.kernels.matmul import linear_silu_mul as triton_op
+        return triton_op(x, weight, bias)
+    return reference.linear_silu_mul(x, weight, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim; with `residual`, returns (norm(x + r), x + r)."""
+    if use_triton(x):
+        from shardline.kernels.norm import rms_norm as triton_op
+        return triton_op(x, weight, eps, residual)
+    return reference.rms_norm(x, weight, eps, residual)
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, is_neox: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q[T, Hq, D] and k[T, Hk, D] by position (neox or GPT-J pairing)."""
+    if use_triton(q):
+        from shardline.kernels.rotary import rotary_embedding as triton_op
+        return triton_op(positions, q, k, cos_sin_cache, is_neox)
+    return reference.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store k, v [T, Hk, D] at their cache slots; a slot of -1 is skipped."""
+    if use_triton(k):
+        from shardline.kernels.kv_cache import write_kv_cache as triton_op
+        return triton_op(k, v, k_cache, v_cache, slot_mapping)
+    return reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """One query token per sequence over its paged KV cache."""
+    if use_triton(q):
+        from shardline.kernels.attention_decode import paged_decode_attention as triton_op
+        return triton_op(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                            seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal varlen attention of query chunks over their paged KV cache."""
+    if use_triton(q):
+        from shardline.kernels.attention_prefill import paged_prefill_attention as triton_op
+        return triton_op(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
+    return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables,
+                                             query_start_loc, seq_lens, scale)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              expert_offset: int = 0) -> torch.Tensor:
+    """sum_k w_k * down(SiLU(gate) * up) over this rank's experts."""
+    if use_triton(x):
+        from shardline.kernels.moe import fused_moe as triton_op
+        return triton_op(x, w13, w2, topk_weights, topk_ids, expert_offset)
+    return reference.fused_moe(x, w13, w2, topk_weights, topk_ids, expert_offset)

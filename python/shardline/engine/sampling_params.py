@@ -38,6 +38,10 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field (also after later mutation)."""
         _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "an integer >= 1")
         _check(self.temperature >= 0.0, "temperature", self.temperature, ">= 0 (0 means greedy)")
         _check(isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),

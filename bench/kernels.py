@@ -1,0 +1,403 @@
+"""Benchmark of shardline's Triton kernels against torch (cuBLAS, flash SDPA, a per-expert
+loop) and against the device's own ceilings, measured in the same run.
+
+Shapes are those of a Llama-3-8B-like layer sharded TP=1/2/8 and of a Mixtral-like MoE
+layer, in bf16. The kernels are called through the `shardline.kernels` dispatch points,
+so the bench measures what the engine runs. Each result carries its target from issue 4
+and whether it met it; results go to bench/results/kernels.json and kernels.png.
+
+    python bench/kernels.py            # on a CUDA GPU (H100 / H200)
+    python bench/kernels.py --dry-run  # CPU, Triton interpreter, tiny shapes: runs every
+                                       # code path once; its numbers mean nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+TP_SIZES = (1, 2, 8)
+TARGETS = {"matmul M<=16": 1.0, "matmul M>=512": 0.9, "decode attention": 0.8,
+           "prefill attention": 0.7, "fused moe": 2.0}
+METRICS = {"matmul M<=16": "x cuBLAS", "matmul M>=512": "x cuBLAS",
+           "decode attention": "of copy BW", "prefill attention": "x flash SDPA",
+           "fused moe": "x expert loop"}
+SLEEP_CYCLES = 300_000
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Model and batch shapes of one bench run."""
+
+    hidden: int
+    intermediate: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    experts: int
+    top_k: int
+    block_size: int
+    matmul_m: tuple[int, ...]
+    decode: tuple[tuple[int, int], ...]
+    prefill: tuple[tuple[int, int], ...]
+    moe_tokens: int
+
+
+FULL = Shapes(hidden=4096, intermediate=14336, q_heads=32, kv_heads=8, head_dim=128,
+              experts=8, top_k=2, block_size=16, matmul_m=(1, 16, 512, 4096),
+              decode=((64, 2048), (8, 32768)), prefill=((4, 2048), (1, 8192)),
+              moe_tokens=64)
+TINY = Shapes(hidden=128, intermediate=256, q_heads=16, kv_heads=8, head_dim=32,
+              experts=8, top_k=2, block_size=16, matmul_m=(4, 16, 64),
+              decode=((2, 40),), prefill=((2, 24),), moe_tokens=8)
+
+
+@dataclass
+class Result:
+    """One measured case: our kernel's median time, the baseline's, and the verdict."""
+
+    bench: str
+    case: str
+    ms: float
+    baseline_ms: float | None
+    value: float
+    target: float
+    rel_err: float
+    passed: bool | None
+    extra: dict
+
+
+class Timer:
+    """Median time of a call over many runs after warm-up, cycling over input copies.
+
+    On CUDA each run is timed with events, behind a short GPU sleep so that the host's
+    launch overhead (which the engine hides with CUDA graphs) is not counted.
+    """
+
+    def __init__(self, device: torch.device, warmup: int, reps: int) -> None:
+        self.device, self.warmup, self.reps = device, warmup, reps
+
+    def __call__(self, fn: Callable[[int], object], copies: int) -> float:
+        for i in range(self.warmup):
+            fn(i % copies)
+        if self.device.type != "cuda":
+            times = []
+            for i in range(self.reps):
+                start = time.perf_counter()
+                fn(i % copies)
+                times.append((time.perf_counter() - start) * 1e3)
+            return statistics.median(times)
+        torch.cuda.synchronize()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(self.reps)]
+        for i, (start, end) in enumerate(events):
+            torch.cuda._sleep(SLEEP_CYCLES)
+            start.record()
+            fn(i % copies)
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+class Bench:
+    """The shared state of a run: device, dtype, timer, ceilings and collected results."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, timer: Timer,
+                 dry_run: bool) -> None:
+        self.device, self.dtype, self.timer, self.dry_run = device, dtype, timer, dry_run
+        self.device_name = ("CPU (Triton interpreter)" if dry_run
+                            else torch.cuda.get_device_name(device))
+        self.max_rel_err = 3e-2 if dtype == torch.bfloat16 else 1e-3
+        self.results: list[Result] = []
+        self.ceilings: dict[str, float] = {}
+
+    def randn(self, *shape: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, device=self.device, dtype=self.dtype) * scale
+
+    def copies(self, set_bytes: int) -> int:
+        """How many input copies, cycled, keep the working set beyond four times L2."""
+        if self.device.type != "cuda":
+            return 2
+        props = torch.cuda.get_device_properties(self.device)
+        l2_bytes = getattr(props, "L2_cache_size", 50 << 20)
+        return max(1, min(64, math.ceil(4 * l2_bytes / set_bytes)))
+
+    def record(self, bench: str, case: str, ms: float, baseline_ms: float | None,
+               value: float, actual: torch.Tensor, expected: torch.Tensor,
+               **extra: float) -> None:
+        error = ((actual.float() - expected.float()).abs().max()
+                 / expected.float().abs().max().clamp_min(1e-6)).item()
+        target = TARGETS[bench]
+        passed = None if self.dry_run else bool(value >= target and error <= self.max_rel_err)
+        self.results.append(Result(bench, case, ms, baseline_ms, value, target, error, passed,
+                                   extra))
+
+
+def measure_ceilings(b: Bench, tiny: bool) -> None:
+    """The device's copy bandwidth (read + write bytes) and dense matmul FLOP/s."""
+    num_bytes = 1 << (22 if tiny else 30)
+    src = torch.empty(num_bytes, dtype=torch.uint8, device=b.device)
+    dst = torch.empty_like(src)
+    copy_ms = b.timer(lambda i: dst.copy_(src), 1)
+    size = 256 if tiny else 8192
+    lhs, rhs = b.randn(size, size), b.randn(size, size)
+    matmul_ms = b.timer(lambda i: torch.matmul(lhs, rhs), 1)
+    b.ceilings = {"copy_GBps": 2 * num_bytes / copy_ms / 1e6,
+                  "matmul_TFLOPs": 2 * size ** 3 / matmul_ms / 1e9}
+
+
+def llama_gemms(s: Shapes, tp: int) -> list[tuple[str, int, int]]:
+    """(name, N, K) of the four GEMMs of a Llama layer on one of `tp` ranks."""
+    return [("qkv", (s.q_heads + 2 * s.kv_heads) * s.head_dim // tp, s.hidden),
+            ("o", s.hidden, s.q_heads * s.head_dim // tp),
+            ("gate_up", 2 * s.intermediate // tp, s.hidden),
+            ("down", s.hidden, s.intermediate // tp)]
+
+
+def bench_matmul(b: Bench, s: Shapes) -> None:
+    """linear / linear_silu_mul against the cuBLAS GEMM of the same shape (its epilogue
+    not counted for the baseline, so the fused kernel is held to a stricter bar)."""
+    from shardline import kernels
+    for tp in TP_SIZES:
+        for name, n, k in llama_gemms(s, tp):
+            op = kernels.linear_silu_mul if name == "gate_up" else kernels.linear
+            for m in s.matmul_m:
+                copies = b.copies((m * k + n * k) * b.dtype.itemsize)
+                xs = [b.randn(m, k) for _ in range(copies)]
+                ws = [b.randn(n, k, scale=k ** -0.5) for _ in range(copies)]
+                ms = b.timer(lambda i: op(xs[i], ws[i]), copies)
+                base_ms = b.timer(lambda i: torch.matmul(xs[i], ws[i].t()), copies)
+                expected = torch.matmul(xs[0], ws[0].t())
+                if name == "gate_up":
+                    gate, up = expected.float().chunk(2, dim=-1)
+                    expected = F.silu(gate) * up
+                bench = "matmul M<=16" if m <= 16 else "matmul M>=512"
+                b.record(bench, f"TP{tp} {name} M={m} N={n} K={k}", ms, base_ms,
+                         base_ms / ms, op(xs[0], ws[0]), expected,
+                         tflops=2 * m * n * k / ms / 1e9)
+
+
+def paged_kv(b: Bench, batch: int, context: int, kv_heads: int, head_dim: int,
+             block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random K/V caches with each sequence in shuffled blocks, and the block tables."""
+    per_seq = math.ceil(context / block_size)
+    shape = (batch * per_seq, block_size, kv_heads, head_dim)
+    block_tables = torch.randperm(batch * per_seq, device=b.device).view(batch, per_seq)
+    return b.randn(*shape), b.randn(*shape), block_tables.to(torch.int32)
+
+
+def bench_decode_attention(b: Bench, s: Shapes) -> None:
+    """Paged decode attention: KV bytes read per second against the copy bandwidth."""
+    from shardline import kernels
+    from shardline.kernels import reference
+    for batch, context in s.decode:
+        for tp in TP_SIZES:
+            q_heads, kv_heads = s.q_heads // tp, s.kv_heads // tp
+            kv_bytes = 2 * batch * context * kv_heads * s.head_dim * b.dtype.itemsize
+            copies = b.copies(kv_bytes)
+            inputs = [(b.randn(batch, q_heads, s.head_dim),
+                       *paged_kv(b, batch, context, kv_heads, s.head_dim, s.block_size))
+                      for _ in range(copies)]
+            seq_lens = torch.full((batch,), context, dtype=torch.int32, device=b.device)
+            scale = s.head_dim ** -0.5
+
+            def run(i: int, fn: Callable = kernels.paged_decode_attention) -> torch.Tensor:
+                q, k_cache, v_cache, block_tables = inputs[i]
+                return fn(q, k_cache, v_cache, block_tables, seq_lens, scale)
+
+            ms = b.timer(run, copies)
+            bandwidth = kv_bytes / ms / 1e6
+            b.record("decode attention", f"TP{tp} batch {batch} x {context} ctx, "
+                     f"Hq={q_heads} Hk={kv_heads}", ms, None,
+                     bandwidth / b.ceilings["copy_GBps"], run(0),
+                     run(0, reference.paged_decode_attention), GBps=bandwidth)
+
+
+def bench_prefill_attention(b: Bench, s: Shapes) -> None:
+    """Varlen paged prefill attention against flash SDPA on the same (equal) lengths."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from shardline import kernels
+    backend = SDPBackend.FLASH_ATTENTION if b.device.type == "cuda" else SDPBackend.MATH
+    for seqs, length in s.prefill:
+        for tp in TP_SIZES:
+            q_heads, kv_heads = s.q_heads // tp, s.kv_heads // tp
+            group, tokens = q_heads // kv_heads, seqs * length
+            set_bytes = 2 * tokens * (q_heads + kv_heads) * s.head_dim * b.dtype.itemsize
+            copies = b.copies(set_bytes)
+            paged, dense = [], []
+            for _ in range(copies):
+                q = b.randn(tokens, q_heads, s.head_dim)
+                k_cache, v_cache, block_tables = paged_kv(b, seqs, length, kv_heads,
+                                                          s.head_dim, s.block_size)
+                paged.append((q, k_cache, v_cache, block_tables))
+                k, v = (cache[block_tables.long()].reshape(seqs, -1, kv_heads, s.head_dim)
+                        [:, :length].transpose(1, 2).repeat_interleave(group, dim=1)
+                        for cache in (k_cache, v_cache))
+                dense.append((q.view(seqs, length, q_heads, s.head_dim).transpose(1, 2)
+                              .contiguous(), k.contiguous(), v.contiguous()))
+            starts = torch.arange(seqs + 1, device=b.device, dtype=torch.int32) * length
+            seq_lens = torch.full((seqs,), length, dtype=torch.int32, device=b.device)
+            scale = s.head_dim ** -0.5
+
+            def ours(i: int) -> torch.Tensor:
+                q, k_cache, v_cache, block_tables = paged[i]
+                return kernels.paged_prefill_attention(q, k_cache, v_cache, block_tables,
+                                                       starts, seq_lens, scale)
+
+            def sdpa(i: int) -> torch.Tensor:
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(*dense[i], is_causal=True,
+                                                          scale=scale)
+
+            ms, base_ms = b.timer(ours, copies), b.timer(sdpa, copies)
+            expected = sdpa(0).transpose(1, 2).reshape(tokens, q_heads, s.head_dim)
+            b.record("prefill attention", f"TP{tp} {seqs} x {length} tokens, "
+                     f"Hq={q_heads} Hk={kv_heads}", ms, base_ms, base_ms / ms, ours(0),
+                     expected)
+
+
+def expert_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """The baseline MoE: one torch GEMM pair per expert over the tokens routed to it."""
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    for e in range(w13.shape[0]):
+        token_idx, slot = (topk_ids == e).nonzero(as_tuple=True)
+        gate, up = torch.matmul(x[token_idx], w13[e].t()).chunk(2, dim=-1)
+        y = torch.matmul(F.silu(gate) * up, w2[e].t()).float()
+        out.index_add_(0, token_idx, y * topk_weights[token_idx, slot, None].float())
+    return out.to(x.dtype)
+
+
+def bench_fused_moe(b: Bench, s: Shapes) -> None:
+    """Fused MoE (grouped GEMMs, top-k weights in the epilogue) against the expert loop."""
+    from shardline import kernels
+    for tp in TP_SIZES:
+        inter = s.intermediate // tp
+        set_bytes = 3 * s.experts * inter * s.hidden * b.dtype.itemsize
+        copies = b.copies(set_bytes)
+        weights = [(b.randn(s.experts, 2 * inter, s.hidden, scale=s.hidden ** -0.5),
+                    b.randn(s.experts, s.hidden, inter, scale=inter ** -0.5))
+                   for _ in range(copies)]
+        x = b.randn(s.moe_tokens, s.hidden)
+        router = torch.randn(s.moe_tokens, s.experts, device=b.device).softmax(-1)
+        topk_weights, topk_ids = router.topk(s.top_k, dim=-1)
+        topk_weights = (topk_weights / topk_weights.sum(-1, keepdim=True)).to(b.dtype)
+
+        def ours(i: int) -> torch.Tensor:
+            return kernels.fused_moe(x, *weights[i], topk_weights, topk_ids)
+
+        def loop(i: int) -> torch.Tensor:
+            return expert_loop(x, *weights[i], topk_weights, topk_ids)
+
+        ms, base_ms = b.timer(ours, copies), b.timer(loop, copies)
+        b.record("fused moe", f"TP{tp} {s.moe_tokens} tokens top-{s.top_k} of "
+                 f"{s.experts}, I={inter}", ms, base_ms, base_ms / ms, ours(0), loop(0))
+
+
+def print_table(b: Bench) -> None:
+    print(f"device: {b.device_name}  dtype: {b.dtype}  copy BW: "
+          f"{b.ceilings['copy_GBps']:.1f} GB/s  matmul: {b.ceilings['matmul_TFLOPs']:.3g} "
+          f"TFLOP/s" + ("  (DRY RUN: numbers mean nothing)" if b.dry_run else ""))
+    header = (f"{'bench':<18} {'case':<50} {'ms':>9} {'base ms':>9} {'value':>7} "
+              f"{'target':>13} {'rel err':>8}  verdict")
+    print(header)
+    print("-" * len(header))
+    for r in b.results:
+        base = f"{r.baseline_ms:9.3f}" if r.baseline_ms is not None else f"{'-':>9}"
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[r.passed]
+        target = f">= {r.target:g} {METRICS[r.bench]}"
+        print(f"{r.bench:<18} {r.case:<50} {r.ms:9.3f} {base} {r.value:7.2f} "
+              f"{target:>13} {r.rel_err:8.1e}  {verdict}")
+
+
+def plot(b: Bench, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(TARGETS), 1, figsize=(14, 4 * len(TARGETS)))
+    for ax, (bench, target) in zip(axes, TARGETS.items()):
+        rows = [r for r in b.results if r.bench == bench]
+        colors = ["tab:green" if r.passed else "tab:gray" if r.passed is None else "tab:red"
+                  for r in rows]
+        ax.bar(range(len(rows)), [r.value for r in rows], color=colors)
+        ax.axhline(target, color="black", linestyle="--", label=f"target {target:g}")
+        ax.set_xticks(range(len(rows)), [r.case for r in rows], rotation=30, ha="right",
+                      fontsize=7)
+        ax.set_title(f"{bench} ({METRICS[bench]})")
+        ax.legend(loc="upper right")
+    fig.suptitle(f"shardline kernels on {b.device_name}, {b.dtype}"
+                 + (" (dry run)" if b.dry_run else ""))
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU, Triton interpreter, tiny shapes, one timed run each")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="where kernels.json / kernels.png go (default bench/results; "
+                             "a temporary folder for --dry-run)")
+    parser.add_argument("--warmup", type=int, default=25)
+    parser.add_argument("--reps", type=int, default=100)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.dry_run:
+        # Must precede the first import of triton (the kernels import it lazily).
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.environ["SHARDLINE_FORCE_TRITON"] = "1"
+    elif not torch.cuda.is_available():
+        sys.exit("bench/kernels.py measures the Triton kernels on a CUDA GPU (H100 / H200) "
+                 "and none is visible. Use --dry-run to run its code paths on the CPU in the "
+                 "Triton interpreter at tiny shapes.")
+    if os.environ.get("SHARDLINE_DISABLE_TRITON") == "1":
+        sys.exit("SHARDLINE_DISABLE_TRITON=1 is set: the bench would time the torch "
+                 "references instead of the kernels; unset it.")
+
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    timer = Timer(device, 1, 1) if args.dry_run else Timer(device, args.warmup, args.reps)
+    b = Bench(device, dtype, timer, args.dry_run)
+    shapes = TINY if args.dry_run else FULL
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+    measure_ceilings(b, args.dry_run)
+    for step in (bench_matmul, bench_decode_attention, bench_prefill_attention,
+                 bench_fused_moe):
+        step(b, shapes)
+        print(f"{step.__name__}: done", file=sys.stderr)
+
+    out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="shardline-bench-"))
+                               if args.dry_run else RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import triton
+    report = {"device": b.device_name, "dtype": str(dtype), "dry_run": args.dry_run,
+              "torch": torch.__version__, "triton": triton.__version__,
+              "ceilings": b.ceilings, "targets": TARGETS,
+              "results": [asdict(r) for r in b.results]}
+    (out_dir / "kernels.json").write_text(json.dumps(report, indent=2))
+    plot(b, out_dir / "kernels.png")
+    print_table(b)
+    print(f"wrote {out_dir / 'kernels.json'} and {out_dir / 'kernels.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+// A lock-free one-writer, N-reader broadcast ring over POSIX shared memory.
+//
+// The writer publishes slots by advancing one sequence cursor; each reader owns a
+// cursor of its own and the writer reuses a slot only once every reader's cursor
+// has passed it. Messages span as many consecutive slots as they need, so a
+// message may be larger than the whole ring: the writer streams it as the
+// readers drain. One Ring object is one side (the writer or one reader) and is
+// not meant to be used by two threads at the same time.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include <sys/types.h>
+
+#include "clock.hpp"
+#include "layout.hpp"
+#include "segment.hpp"
+
+namespace shardline {
+
+// One contiguous piece of a message being written.
+struct Part {
+    const char* data;
+    size_t bytes;
+};
+
+class Ring {
+public:
+    // Creates a new segment; the caller becomes the writer.
+    static std::unique_ptr<Ring> create(int64_t n_readers, int64_t n_slots, int64_t slot_size);
+    // Attaches to an existing segment as reader `reader_index`; the last reader to
+    // attach removes the name from /dev/shm.
+    static std::unique_ptr<Ring> attach(const std::string& name, int64_t reader_index);
+    ~Ring();
+    Ring(const Ring&) = delete;
+    Ring& operator=(const Ring&) = delete;
+
+    const std::string& name() const { return name_; }
+    uint32_t n_readers() const { return n_readers_; }
+    uint64_t n_slots() const { return n_slots_; }
+    uint64_t slot_size() const { return slot_size_; }
+    int reader_index() const { return reader_index_; }
+    bool is_writer() const { return reader_index_ < 0; }
+
+    // Writer side.
+    // True when write() of a message this large would not wait.
+    bool can_write_now(uint64_t message_bytes);
+    // Writes one message, the concatenation of parts. On a timeout after part of
+    // the message was published, the next write first tells readers to drop it.
+    void write(const Part* parts, size_t n_parts, Deadline deadline);
+    void wait_attached(Deadline deadline);
+    // True when every reader has consumed everything written so far.
+    bool drained();
+
+    // Reader side: begin a message (learn its size), then read its body.
+    // Returns the size of the next message if its first slot is already readable.
+    std::optional<uint64_t> poll_message();
+    uint64_t begin_message(Deadline deadline);
+    // True when the rest of the current message is readable without waiting.
+    bool message_ready();
+    // Copies the rest of the current message into dst (which holds message_bytes).
+    // Resumable after a TimeoutError. Returns false if the writer aborted the message.
+    bool read_body(char* dst, Deadline deadline);
+    // Records the calling process as this reader, for a reader handed over by fork().
+    void adopt_current_process();
+
+    // Marks the ring closed for every side and wakes all waiters. Idempotent.
+    void close();
+
+    // A hook run from waits at most every 100 ms (e.g. to let Ctrl-C through); it
+    // may throw to abandon the wait, like a timeout.
+    using InterruptCheck = void (*)();
+    void set_interrupt_check(InterruptCheck check) { interrupt_check_ = check; }
+
+private:
+    Ring(Segment segment, int reader_index);
+
+    SlotHeader* slot(uint64_t seq) const {
+        return reinterpret_cast<SlotHeader*>(slots_ + (seq % n_slots_) * slot_stride_);
+    }
+    static char* payload(SlotHeader* slot) { return reinterpret_cast<char*>(slot + 1); }
+    static const char* payload(const SlotHeader* slot) { return reinterpret_cast<const char*>(slot + 1); }
+    uint64_t slots_for(uint64_t message_bytes) const;
+    uint64_t min_read_seq() const;
+    bool has_space(uint64_t slots);
+    bool published(uint64_t seq);
+    void publish_slot(uint64_t message_bytes, uint32_t bytes, uint32_t flags);
+    void consume_slot();
+    const SlotHeader* checked_slot(uint64_t seq) const;
+    void notify(WaitLine& line);
+    template <class Ready>
+    void wait(WaitLine& line, Deadline deadline, Ready ready, const char* what);
+    void check_peers();
+    void unlink_if_creator();
+    void require_writer(const char* method) const;
+    void require_reader(const char* method) const;
+    void require_open(const char* method) const;
+
+    Segment segment_;
+    SegmentLayout* layout_;
+    char* slots_;
+    std::string name_;
+    uint32_t n_readers_;
+    uint64_t n_slots_;
+    uint64_t slot_size_;
+    uint64_t slot_stride_;
+    int reader_index_;
+    pid_t creator_pid_;  // 0 for readers; a forked copy of the writer does not own the name
+    std::atomic<bool> closed_{false};  // close() may run on another thread than a waiter
+    int64_t next_liveness_check_ns_ = 0;
+    InterruptCheck interrupt_check_ = nullptr;
+
+    // Writer state.
+    uint64_t write_seq_ = 0;
+    uint64_t known_min_read_ = 0;
+    bool pending_abort_ = false;
+
+    // Reader state.
+    uint64_t read_seq_ = 0;
+    uint64_t known_write_seq_ = 0;
+    bool in_message_ = false;
+    uint64_t message_bytes_ = 0;
+    uint64_t message_slots_ = 0;
+    uint64_t slots_done_ = 0;
+    uint64_t bytes_done_ = 0;
+};
+
+}  // namespace shardline

@@ -1,0 +1,226 @@
+"""Triton paged attention for decode: one query token per sequence over its cached keys.
+
+One program serves all query heads of one KV group (packed as the rows of `tl.dot`, so
+each K/V tile is read once per group, not once per query head) over one split of the
+context. When batch x KV heads alone cannot fill the GPU, the context is split and a
+second kernel merges the splits' partial outputs by their log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from shardline.kernels._config import autotune, interpreting
+
+_LOG2E = 1.4426950408889634
+_MAX_SPLITS = 64
+_MIN_DOT = 16
+
+
+@triton.jit
+def load_kv_tile(cache_ptr, block_table_row, tokens, token_mask, kv_head, dims, dim_mask,
+                 stride_block, stride_slot, stride_head, KV_BLOCK_SIZE: tl.constexpr):
+    """[tokens, dims] of one KV head, gathered through a sequence's block table."""
+    blocks = tl.load(block_table_row + tokens // KV_BLOCK_SIZE, mask=token_mask, other=0)
+    rows = blocks.to(tl.int64) * stride_block + (tokens % KV_BLOCK_SIZE) * stride_slot
+    ptrs = cache_ptr + rows[:, None] + kv_head * stride_head + dims[None, :]
+    return tl.load(ptrs, mask=token_mask[:, None] & dim_mask[None, :], other=0.0)
+
+
+@autotune(
+    configs=[
+        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_N": 32}, num_warps=2, num_stages=4),
+    ],
+    key=["BLOCK_G", "BLOCK_D", "KV_BLOCK_SIZE", "DIRECT"],
+    fixed=triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1),
+)
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr,
+    qk_scale, num_q_heads, group, head_dim, split_tokens, num_splits,
+    stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
+    stride_kc_block, stride_kc_slot, stride_kc_head,
+    stride_vc_block, stride_vc_slot, stride_vc_head,
+    KV_BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    start = split * split_tokens
+    end = tl.minimum(seq_len, start + split_tokens)
+
+    members = tl.arange(0, BLOCK_G)
+    heads = kv_head * group + members
+    head_mask = members < group
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < head_dim
+    io_mask = head_mask[:, None] & dim_mask[None, :]
+
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+                mask=io_mask, other=0.0).to(k_cache_ptr.dtype.element_ty)
+    block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+
+    m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for tile_start in range(start, end, BLOCK_N):
+        tokens = tile_start + tl.arange(0, BLOCK_N)
+        token_mask = tokens < end
+        k = load_kv_tile(k_cache_ptr, block_table_row, tokens, token_mask, kv_head, dims,
+                         dim_mask, stride_kc_block, stride_kc_slot, stride_kc_head,
+                         KV_BLOCK_SIZE)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        scores = tl.where(token_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        v = load_kv_tile(v_cache_ptr, block_table_row, tokens, token_mask, kv_head, dims,
+                         dim_mask, stride_vc_block, stride_vc_slot, stride_vc_head,
+                         KV_BLOCK_SIZE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+
+    has_keys = l > 0.0
+    acc = acc / tl.where(has_keys, l, 1.0)[:, None]
+    if DIRECT:
+        tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=io_mask)
+    else:
+        rows = (seq * num_q_heads + heads).to(tl.int64) * num_splits + split
+        tl.store(part_out_ptr + rows[:, None] * head_dim + dims[None, :], acc, mask=io_mask)
+        lse = tl.where(has_keys, m + tl.log2(tl.where(has_keys, l, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + rows, lse, mask=head_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr,
+    num_q_heads, head_dim, num_splits, stride_ob, stride_oh,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, BLOCK_S)
+    split_mask = splits < num_splits
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < head_dim
+
+    rows = (seq * num_q_heads + head).to(tl.int64) * num_splits + splits
+    lse = tl.load(part_lse_ptr + rows, mask=split_mask, other=float("-inf"))
+    weights = tl.exp2(lse - tl.maximum(tl.max(lse, 0), -1e30))
+    parts = tl.load(part_out_ptr + rows[:, None] * head_dim + dims[None, :],
+                    mask=split_mask[:, None] & dim_mask[None, :], other=0.0)
+    total = tl.sum(weights, 0)
+    out = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims,
+             out.to(out_ptr.dtype.element_ty), mask=dim_mask)
+
+
+def _choose_splits(batch: int, num_kv_heads: int, max_context: int,
+                   device: torch.device) -> int:
+    """Enough splits that about four programs run per SM, none shorter than 256 tokens."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = triton.cdiv(4 * sms, batch * num_kv_heads)
+    return max(1, min(wanted, triton.cdiv(max_context, 256), _MAX_SPLITS))
+
+
+def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  block_tables: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, Hq, D]; got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must be the same [blocks, block_size, Hk, D]; "
+                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if k_cache.shape[3] != q.shape[2]:
+        raise ValueError(f"head size of q ({q.shape[2]}) and of the cache "
+                         f"({k_cache.shape[3]}) differ")
+    if q.shape[1] % k_cache.shape[2] != 0:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads "
+                         f"({k_cache.shape[2]})")
+    if block_tables.dim() != 2 or block_tables.shape[0] != q.shape[0]:
+        raise ValueError(f"block_tables must be [{q.shape[0]}, max_blocks]; got "
+                         f"{tuple(block_tables.shape)}")
+    if seq_lens.shape != (q.shape[0],):
+        raise ValueError(f"seq_lens must be [{q.shape[0]}]; got {tuple(seq_lens.shape)}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must have a contiguous last dim")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Exact fp32 products for fp32 inputs (no TF32), so fp32 matches the reference."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           *, out: torch.Tensor | None = None,
+                           num_splits: int | None = None) -> torch.Tensor:
+    """One query token per sequence: q[B, Hq, D] over each sequence's seq_lens[b] cached keys.
+
+    `out` receives the result when given (same shape and dtype as q). `num_splits` fixes
+    how many parts the context is split into; by default it is chosen from the batch, the
+    KV heads, the SM count and the longest context the block table can hold.
+    """
+    _check_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    batch, num_q_heads, head_dim = q.shape
+    _, kv_block_size, num_kv_heads, _ = k_cache.shape
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last "
+                         f"dim; got {tuple(out.shape)} {out.dtype}")
+    if batch == 0:
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
+
+    max_context = block_tables.shape[1] * kv_block_size
+    if num_splits is None:
+        num_splits = _choose_splits(batch, num_kv_heads, max_context, q.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1; got {num_splits}")
+    align = 16 if interpreting() else 128
+    split_tokens = triton.cdiv(triton.cdiv(max_context, num_splits), align) * align
+    num_splits = max(1, triton.cdiv(max_context, split_tokens))
+    direct = num_splits == 1
+
+    group = num_q_heads // num_kv_heads
+    block_d = max(_MIN_DOT, triton.next_power_of_2(head_dim))
+    if direct:
+        part_out = part_lse = out
+    else:
+        part_out = torch.empty(batch, num_q_heads, num_splits, head_dim,
+                               dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32,
+                               device=q.device)
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens,
+        out, part_out, part_lse,
+        scale * _LOG2E, num_q_heads, group, head_dim, split_tokens, num_splits,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        KV_BLOCK_SIZE=kv_block_size, BLOCK_G=max(_MIN_DOT, triton.next_power_of_2(group)),
+        BLOCK_D=block_d, DIRECT=direct, DOT_PRECISION=dot_precision(k_cache.dtype),
+    )
+    if not direct:
+        _merge_splits_kernel[(batch, num_q_heads)](
+            part_out, part_lse, out,
+            num_q_heads, head_dim, num_splits, out.stride(0), out.stride(1),
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+        )
+    return out

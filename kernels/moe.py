@@ -1,0 +1,179 @@
+"""Triton fused mixture of experts: grouped GEMMs over tokens sorted by expert.
+
+Each token's top-k choices are (token, k) pairs. `moe_align` sorts the pairs by local
+expert and pads every expert's run to a multiple of BLOCK_M, so each row block of the
+grouped GEMM belongs to a single expert and reads a single weight matrix. Two launches
+follow: gate_up with SiLU(gate) * up in the epilogue, then down with the pair's top-k
+weight applied in the epilogue; the k partial rows of a token are summed last, in fp32.
+Pairs routed to experts another rank owns (expert parallelism) get blocks of their own
+that skip the GEMMs and write zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from shardline.kernels._config import autotune, shape_bucket
+
+NOT_OWNED = tl.constexpr(-1)
+PAST_END = tl.constexpr(-2)
+
+
+def _config(bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+_CONFIGS = [
+    _config(64, 64, 4, 4),
+    _config(128, 64, 4, 4),
+    _config(64, 128, 4, 3),
+    _config(128, 128, 8, 3),
+    _config(256, 64, 8, 3),
+]
+
+
+@autotune(_CONFIGS, key=["PAIRS_BUCKET", "N", "K", "BLOCK_M", "GATE_UP"],
+          fixed=_config(32, 32, 4, 1))
+@triton.jit
+def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_pairs_ptr, block_experts_ptr,
+                     topk_weights_ptr, num_pairs, N, K, PAIRS_BUCKET, PAIRS_PER_ROW,
+                     stride_am, stride_ak, stride_we, stride_wn, stride_wk,
+                     stride_om, stride_on,
+                     GATE_UP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One tile of a grouped GEMM whose rows are the (token, k) pairs of one expert.
+
+    Row r of A is pair // PAIRS_PER_ROW: the token's x row for gate_up (topk pairs per
+    row), the pair's own activation row for down (one).
+    """
+    block = tl.program_id(0)
+    expert = tl.load(block_experts_ptr + block)
+    if expert == PAST_END:
+        return
+    if GATE_UP:
+        if expert == NOT_OWNED:
+            return
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_pairs_ptr + offs_m)
+    valid = pair < num_pairs
+    pair = tl.where(valid, pair, 0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_ptrs = out_ptr + pair[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_mask = valid[:, None] & (offs_n[None, :] < N)
+    if expert == NOT_OWNED:
+        tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty),
+                 mask=out_mask)
+        return
+
+    offs_k = tl.arange(0, BLOCK_K)
+    a_rows = pair // PAIRS_PER_ROW
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + (offs_n % N)[None, :] * stride_wn
+              + offs_k[:, None] * stride_wk)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if GATE_UP:
+            b_up = tl.load(w_ptrs + N * stride_wn, mask=offs_k[:, None] < k_left, other=0.0)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    if GATE_UP:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    else:
+        acc *= tl.load(topk_weights_ptr + pair, mask=valid, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def moe_align(topk_ids: torch.Tensor, block_m: int, expert_offset: int,
+              num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort the (token, k) pairs by local expert, padding each expert's run to block_m.
+
+    Returns sorted_pairs (pair index token * topk + k, or num_pairs for padding) and
+    block_experts (per row block: its local expert, NOT_OWNED for pairs of experts
+    outside [expert_offset, expert_offset + num_experts), PAST_END after the last run).
+    Both are sized for the worst case, so nothing waits on the device to know the count.
+    """
+    num_pairs = topk_ids.numel()
+    local = topk_ids.flatten().long() - expert_offset
+    owned = (local >= 0) & (local < num_experts)
+    bucket = torch.where(owned, local, num_experts)
+    counts = torch.bincount(bucket, minlength=num_experts + 1)
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = padded.cumsum(0)
+    order = torch.argsort(bucket, stable=True)
+    sorted_bucket = bucket[order]
+    first = counts.cumsum(0) - counts
+    rank = torch.arange(num_pairs, device=topk_ids.device) - first[sorted_bucket]
+    max_blocks = triton.cdiv(num_pairs, block_m) + num_experts + 1
+    sorted_pairs = torch.full((max_blocks * block_m,), num_pairs, dtype=torch.int32,
+                              device=topk_ids.device)
+    sorted_pairs[(padded_end - padded)[sorted_bucket] + rank] = order.to(torch.int32)
+    block_starts = torch.arange(max_blocks, device=topk_ids.device) * block_m
+    block_bucket = torch.searchsorted(padded_end, block_starts, right=True)
+    block_experts = torch.where(block_bucket < num_experts, block_bucket,
+                                torch.where(block_bucket == num_experts, NOT_OWNED.value,
+                                            PAST_END.value))
+    return sorted_pairs, block_experts.to(torch.int32)
+
+
+def _block_m(num_pairs: int, num_experts: int) -> int:
+    """Rows per block: about the mean run length, so sparse experts waste little padding."""
+    return min(64, max(16, triton.next_power_of_2(triton.cdiv(num_pairs, num_experts))))
+
+
+def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+           topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> None:
+    if x.dim() != 2 or w13.dim() != 3 or w13.shape[2] != x.shape[1] or w13.shape[1] % 2:
+        raise ValueError(f"x must be [T, K] and w13 [E, 2I, K]; got x {tuple(x.shape)} and "
+                         f"w13 {tuple(w13.shape)}")
+    experts, inter = w13.shape[0], w13.shape[1] // 2
+    if w2.shape != (experts, x.shape[1], inter):
+        raise ValueError(f"w2 must be [E, K, I] = [{experts}, {x.shape[1]}, {inter}]; got "
+                         f"{tuple(w2.shape)}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_ids must be [T, topk] with T = {x.shape[0]}; got "
+                         f"{tuple(topk_ids.shape)}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_weights must have the shape of topk_ids "
+                         f"{tuple(topk_ids.shape)}; got {tuple(topk_weights.shape)}")
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_offset: int = 0,
+              *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_k w_k * down(SiLU(gate) * up) over this rank's experts, as reference.fused_moe."""
+    _check(x, w13, w2, topk_weights, topk_ids)
+    tokens, hidden = x.shape
+    experts, inter = w13.shape[0], w13.shape[1] // 2
+    topk = topk_ids.shape[1]
+    num_pairs = tokens * topk
+    out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device) if out is None else out
+    if num_pairs == 0:
+        return out
+    block_m = _block_m(num_pairs, experts)
+    sorted_pairs, block_experts = moe_align(topk_ids, block_m, expert_offset, experts)
+    max_blocks = block_experts.shape[0]
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    weights = topk_weights.reshape(-1).contiguous()
+    bucket = shape_bucket(num_pairs)
+
+    act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
+    _moe_gemm_kernel[lambda meta: (max_blocks, triton.cdiv(inter, meta["BLOCK_N"]))](
+        x, w13, act, sorted_pairs, block_experts, weights, num_pairs, inter, hidden, bucket,
+        topk, *x.stride(), *w13.stride(), *act.stride(),
+        GATE_UP=True, PRECISION=precision, BLOCK_M=block_m)
+
+    partial = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)
+    _moe_gemm_kernel[lambda meta: (max_blocks, triton.cdiv(hidden, meta["BLOCK_N"]))](
+        act, w2, partial, sorted_pairs, block_experts, weights, num_pairs, hidden, inter,
+        bucket, 1, *act.stride(), *w2.stride(), *partial.stride(),
+        GATE_UP=False, PRECISION=precision, BLOCK_M=block_m)
+    return out.copy_(partial.view(tokens, topk, hidden).sum(dim=1))

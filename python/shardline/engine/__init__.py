@@ -1,0 +1,1 @@
+"""The engine: requests in, scheduled steps out to the executor, outputs back."""

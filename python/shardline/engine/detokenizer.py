@@ -1,0 +1,43 @@
+"""Incremental detokenization: turn one new token at a time into new text.
+
+Decoding a token alone is wrong for byte-level and sentencepiece vocabularies (a character
+can span tokens; a leading space depends on the previous token), and decoding the whole
+output every step is quadratic. So each step decodes a short window: the tokens since the
+last emitted text plus a few before them for context, and emits only text that is
+complete (no trailing U+FFFD from a partial UTF-8 sequence).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+_CONTEXT_TOKENS = 5
+_INCOMPLETE = "\ufffd"
+
+
+class Decoder(Protocol):
+    def decode(self, token_ids: list[int]) -> str: ...
+
+
+class IncrementalDetokenizer:
+    """Accumulates a sequence's output text, token by token."""
+
+    def __init__(self, tokenizer: Decoder, prompt_token_ids: list[int]) -> None:
+        self.tokenizer = tokenizer
+        self.token_ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.token_ids)
+        self.text = ""
+
+    def append(self, token_id: int) -> str:
+        """Add one token; return the text it completed (possibly empty), also kept in `text`."""
+        self.token_ids.append(token_id)
+        prefix = self.tokenizer.decode(self.token_ids[self.prefix_offset:self.read_offset])
+        full = self.tokenizer.decode(self.token_ids[self.prefix_offset:])
+        if len(full) <= len(prefix) or full.endswith(_INCOMPLETE):
+            return ""
+        delta = full[len(prefix):]
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.token_ids)
+        self.text += delta
+        return delta

@@ -1,0 +1,134 @@
+"""LLM: the offline entry point. Build once, then `generate` batches of prompts.
+
+    llm = LLM("tiny-llama", max_num_seqs=16)
+    outputs = llm.generate(["Hello", "The sky is"], SamplingParams(temperature=0))
+
+For serving, the incremental API (`add_request`, `step`, `abort_request`) exposes the same
+engine one step at a time.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence as Seq
+
+from shardline.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig,
+                              SchedulerConfig)
+from shardline.engine.llm_engine import LLMEngine, PromptType
+from shardline.engine.outputs import RequestOutput
+from shardline.engine.sampling_params import SamplingParams
+from shardline.engine.scheduler import SchedulerStats
+
+
+def build_engine_config(model: str, dtype: str = "float32", max_model_len: int | None = None,
+                        max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                        block_size: int = 16, enable_prefix_caching: bool = True,
+                        num_kv_blocks: int | None = None, seed: int = 0,
+                        kv_cache_memory_bytes: int = 512 * 1024 * 1024,
+                        enable_chunked_prefill: bool = True, tensor_parallel_size: int = 1,
+                        pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
+                        sequence_parallel_size: int = 1, enable_expert_parallel: bool = False,
+                        distributed_executor_backend: str | None = None) -> EngineConfig:
+    """EngineConfig from the flat keyword arguments LLM and AsyncLLM accept.
+
+    `model` is a model directory or a preset name (see shardline.presets).
+    """
+    from shardline.presets import resolve_model
+
+    return EngineConfig(
+        model=ModelConfig(model=resolve_model(model), dtype=dtype, max_model_len=max_model_len,
+                          seed=seed),
+        cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
+                          kv_cache_memory_bytes=kv_cache_memory_bytes,
+                          enable_prefix_caching=enable_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
+                                  max_num_batched_tokens=max_num_batched_tokens,
+                                  enable_chunked_prefill=enable_chunked_prefill),
+        parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size,
+                                pipeline_parallel_size=pipeline_parallel_size,
+                                data_parallel_size=data_parallel_size,
+                                sequence_parallel_size=sequence_parallel_size,
+                                enable_expert_parallel=enable_expert_parallel,
+                                distributed_executor_backend=distributed_executor_backend),
+    )
+
+
+class LLM:
+    """Offline batched generation over one engine (see `build_engine_config` for options)."""
+
+    def __init__(self, model: str, **kwargs) -> None:
+        self.engine = LLMEngine.from_config(build_engine_config(model, **kwargs))
+        self._next_id = 0
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> "LLM":
+        llm = cls.__new__(cls)
+        llm.engine = engine
+        llm._next_id = 0
+        return llm
+
+    @property
+    def stats(self) -> SchedulerStats:
+        return self.engine.stats
+
+    def generate(self, prompts: PromptType | Seq[PromptType],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order.
+
+        `prompts` is a string, a token-id list, or a list of either. Every prompt is
+        validated before any runs: a bad one raises ValueError naming its index.
+        """
+        prompt_list = _as_prompt_list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(f"sampling_params has {len(params_list)} entries for "
+                                 f"{len(prompt_list)} prompts: pass one, or one per prompt")
+        for i, (prompt, params) in enumerate(zip(prompt_list, params_list)):
+            try:
+                self.engine.encode_prompt(prompt, params)
+            except ValueError as exc:
+                raise ValueError(f"prompt {i}: {exc}") from exc
+        ids = []
+        for prompt, params in zip(prompt_list, params_list):
+            ids.append(f"gen-{self._next_id}")
+            self._next_id += 1
+            self.engine.add_request(ids[-1], prompt, params)
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            for output in self.engine.step():
+                if output.finished:
+                    final[output.request_id] = output
+                    if use_tqdm:
+                        print(f"\rfinished {len(final)}/{len(ids)}", end="", file=sys.stderr)
+        if use_tqdm:
+            print(file=sys.stderr)
+        return [final[i] for i in ids]
+
+    def add_request(self, request_id: str, prompt: PromptType,
+                    params: SamplingParams | None = None) -> None:
+        self.engine.add_request(request_id, prompt, params)
+
+    def step(self) -> list[RequestOutput]:
+        return self.engine.step()
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        return self.engine.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def _as_prompt_list(prompts: PromptType | Seq[PromptType]) -> list[PromptType]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(p, int) for p in prompts):
+        return [prompts]
+    return prompts

@@ -1,0 +1,157 @@
+"""The engine loop shared by LLM and AsyncLLM: accept requests, step, return outputs.
+
+Each step: the scheduler picks the work, the executor runs it on the workers, the
+scheduler records the sampled tokens, and the output processor applies stop conditions.
+Bad requests are rejected in `add_request` with a ValueError naming the problem, before
+they touch any state, so one bad request never disturbs the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Protocol, Sequence as Seq
+
+from shardline.config import EngineConfig
+from shardline.engine.kv_blocks import KVBlockManager
+from shardline.engine.output_processor import OutputProcessor, RequestState
+from shardline.engine.outputs import RequestOutput
+from shardline.engine.sampling_params import SamplingParams
+from shardline.engine.scheduler import Scheduler, SchedulerStats
+from shardline.engine.sequence import Sequence
+from shardline.engine.tokenizer import Tokenizer
+from shardline.executor.base import Executor, create_executor
+
+PromptType = str | Seq[int]
+
+
+class ModelLimits(Protocol):
+    """What the engine needs to know about the model (shardline.models.loader.ModelInfo)."""
+
+    vocab_size: int
+    max_position_embeddings: int
+    eos_token_ids: list[int]
+
+
+class TextCodec(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, token_ids: list[int]) -> str: ...
+
+
+class LLMEngine:
+    """Continuous-batching engine for one model replica set, behind one executor."""
+
+    def __init__(self, config: EngineConfig, executor: Executor, model_info: ModelLimits,
+                 tokenizer: TextCodec | None) -> None:
+        self.config = config
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.vocab_size = model_info.vocab_size
+        self.max_model_len = config.model.max_model_len or model_info.max_position_embeddings
+        if self.max_model_len > model_info.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} is invalid: the model supports "
+                             f"at most {model_info.max_position_embeddings} positions")
+        cache = config.cache
+        self.kv = KVBlockManager(executor.num_kv_blocks, cache.block_size,
+                                 cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.outputs = OutputProcessor(self.scheduler, model_info.eos_token_ids)
+        self._arrival = itertools.count()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLMEngine":
+        """Build the executor and workers for `config.model.model`, a model directory."""
+        from shardline.models.loader import read_model_info
+
+        model_dir = config.model.model
+        model_info = read_model_info(model_dir)
+        tokenizer = Tokenizer.from_model_dir(model_dir)
+        return cls(config, create_executor(config), model_info, tokenizer)
+
+    @property
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.kv.num_blocks * self.kv.block_size
+
+    def add_request(self, request_id: str, prompt: PromptType,
+                    params: SamplingParams | None = None) -> None:
+        """Queue a request; raises ValueError (and queues nothing) if it is malformed."""
+        if request_id in self.outputs.requests:
+            raise ValueError(f"request_id={request_id!r} is already in use by an unfinished "
+                             "request")
+        params = SamplingParams() if params is None else params
+        prompt_text, prompt_ids = self.encode_prompt(prompt, params)
+        max_len = min(self.max_model_len, self.kv_capacity_tokens)
+        seqs: list[Sequence] = []
+        for i in range(params.n):
+            child = params if params.n == 1 else dataclasses.replace(
+                params, n=1, seed=None if params.seed is None else params.seed + i)
+            seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            leader = seqs[0] if seqs and self.kv.enable_prefix_caching else None
+            seqs.append(Sequence(seq_id, request_id, i, prompt_ids, child,
+                                 next(self._arrival), max_len, leader))
+        taken = [seq.seq_id for seq in seqs if seq.seq_id in self.scheduler.seqs]
+        if taken:
+            raise ValueError(f"request_id={request_id!r} clashes with the running sequence "
+                             f"{taken[0]!r}: choose another id")
+        self.outputs.add(RequestState(request_id, prompt_text, prompt_ids, seqs, self.tokenizer))
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def encode_prompt(self, prompt: PromptType, params: SamplingParams
+                      ) -> tuple[str | None, list[int]]:
+        """Validate a prompt and its params for this engine; return (text, token ids)."""
+        params.validate()
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop={params.stop!r} needs a tokenizer, and the model has no "
+                             "tokenizer.json: use stop_token_ids instead")
+        for token in params.stop_token_ids:
+            self._check_token(token, "stop_token_ids")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is text, but the model has no tokenizer.json: pass "
+                                 "token ids")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("prompt is empty: at least one token is required")
+        for token in ids:
+            self._check_token(token, "prompt")
+        if len(ids) > self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens, longer than "
+                             f"max_model_len={self.max_model_len}")
+        if len(ids) > self.kv_capacity_tokens:
+            raise ValueError(f"prompt has {len(ids)} tokens and can never fit in the KV cache "
+                             f"({self.kv.num_blocks} blocks x {self.kv.block_size} tokens)")
+        return text, ids
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its blocks; returns its final output, None if unknown."""
+        return self.outputs.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.outputs.requests)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; return outputs of the requests that gained tokens."""
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("the scheduler could not make progress on any of "
+                                   f"{len(self.scheduler.seqs)} unfinished sequences")
+            return []
+        result = self.executor.execute_model(scheduled)
+        sampled = self.scheduler.update(scheduled, result)
+        return self.outputs.process(sampled)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+    def _check_token(self, token: int, where: str) -> None:
+        if not 0 <= token < self.vocab_size:
+            raise ValueError(f"{where} has token id {token}, outside the vocabulary "
+                             f"[0, {self.vocab_size})")

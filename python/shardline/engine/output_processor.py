@@ -1,0 +1,135 @@
+"""Turns sampled tokens into RequestOutputs: detokenizes, applies stop conditions, and
+retires sequences that are done."""
+
+from __future__ import annotations
+
+from shardline.engine.batch import TokenLogprobs
+from shardline.engine.detokenizer import Decoder, IncrementalDetokenizer
+from shardline.engine.outputs import CompletionOutput, RequestOutput
+from shardline.engine.scheduler import Scheduler
+from shardline.engine.sequence import Sequence, SequenceStatus
+
+
+class RequestState:
+    """One user request: its prompt and the sequences generated from it."""
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                 seqs: list[Sequence], tokenizer: Decoder | None) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.seqs = seqs
+        self.detokenizers = [None if tokenizer is None
+                             else IncrementalDetokenizer(tokenizer, prompt_token_ids)
+                             for _ in seqs]
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.finished for seq in self.seqs)
+
+    def text(self, seq: Sequence) -> str:
+        detokenizer = self.detokenizers[seq.index]
+        return "" if detokenizer is None else detokenizer.text
+
+    def make_output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=list(self.prompt_token_ids),
+            outputs=[_completion(seq, self.text(seq)) for seq in self.seqs],
+            finished=self.finished,
+            num_cached_tokens=sum(seq.num_cached_tokens for seq in self.seqs),
+        )
+
+
+class OutputProcessor:
+    """Keeps every unfinished request's state and builds its outputs after each step."""
+
+    def __init__(self, scheduler: Scheduler, eos_token_ids: list[int]) -> None:
+        self.scheduler = scheduler
+        self.eos_token_ids = set(eos_token_ids)
+        self.requests: dict[str, RequestState] = {}
+
+    def add(self, state: RequestState) -> None:
+        self.requests[state.request_id] = state
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop every sequence of the request; None if it is unknown or already finished."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return None
+        for seq in state.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+        return state.make_output()
+
+    def process(self, sampled: list[Sequence]) -> list[RequestOutput]:
+        """Apply one step's new tokens; return outputs of the requests that progressed."""
+        progressed: dict[str, RequestState] = {}
+        for seq in sampled:
+            state = self.requests[seq.request_id]
+            self._check_stop(seq, state)
+            progressed[seq.request_id] = state
+        outputs = []
+        for request_id, state in progressed.items():
+            outputs.append(state.make_output())
+            if state.finished:
+                del self.requests[request_id]
+        return outputs
+
+    def _check_stop(self, seq: Sequence, state: RequestState) -> None:
+        token = seq.token_ids[-1]
+        params = seq.params
+        if token in self.eos_token_ids and not params.ignore_eos:
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
+            return
+        if token in params.stop_token_ids:
+            seq.stop_reason = token
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
+            return
+        detokenizer = state.detokenizers[seq.index]
+        if detokenizer is not None:
+            delta = detokenizer.append(token)
+            if delta and params.stop and self._truncate_at_stop(detokenizer, len(delta), seq):
+                return
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= seq.max_len:
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_LENGTH)
+
+    def _truncate_at_stop(self, detokenizer: IncrementalDetokenizer, delta_len: int,
+                          seq: Sequence) -> bool:
+        """Cut the text before the earliest stop string that the new text completed."""
+        text = detokenizer.text
+        longest = max(len(s) for s in seq.params.stop)
+        start = max(len(text) - delta_len - longest + 1, 0)
+        hits = [(text.find(s, start), s) for s in seq.params.stop]
+        hits = [(pos, s) for pos, s in hits if pos >= 0]
+        if not hits:
+            return False
+        pos, stop = min(hits)
+        detokenizer.text = text[:pos]
+        seq.stop_reason = stop
+        self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
+        return True
+
+
+def _completion(seq: Sequence, text: str) -> CompletionOutput:
+    wants_logprobs = seq.params.logprobs is not None
+    return CompletionOutput(
+        index=seq.index,
+        text=text,
+        token_ids=seq.output_token_ids,
+        cumulative_logprob=(sum(lp.sampled_logprob for lp in seq.output_logprobs if lp)
+                            if wants_logprobs else None),
+        logprobs=([_logprob_dict(token, lp) for token, lp in
+                   zip(seq.output_token_ids, seq.output_logprobs)] if wants_logprobs else None),
+        finish_reason=seq.finish_reason,
+        stop_reason=seq.stop_reason,
+    )
+
+
+def _logprob_dict(token: int, logprobs: TokenLogprobs | None) -> dict[int, float]:
+    if logprobs is None:
+        return {}
+    top = dict(zip(logprobs.top_token_ids, logprobs.top_logprobs))
+    top[token] = logprobs.sampled_logprob
+    return top

@@ -1,0 +1,172 @@
+"""Continuous batching: which sequences compute how many tokens in the next step.
+
+Each step has a token budget (`max_num_batched_tokens`) and a cap on running sequences
+(`max_num_seqs`). Running sequences that are decoding go first, in arrival order, then
+running sequences still prefilling, then waiting sequences in arrival order (FCFS, never
+skipping the head of the queue). A prompt longer than the remaining budget is computed in
+chunks over several steps (chunked prefill). When the KV cache has no free block for a
+running sequence, the latest-arrived running sequence not yet scheduled in this step is
+preempted: its blocks are freed, it goes back to the front of the queue, and on resume its
+prompt and outputs so far are recomputed.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass
+
+from shardline.config import SchedulerConfig
+from shardline.engine.batch import (CachedRequestData, ModelRunnerOutput, NewRequestData,
+                                    SchedulerOutput)
+from shardline.engine.kv_blocks import KVBlockManager
+from shardline.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerStats:
+    """Running totals, for tests and benchmarks."""
+
+    num_steps: int = 0
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_preemptions: int = 0
+
+
+class Scheduler:
+    """Owns the waiting queue, the running set and the KV block manager's allocations."""
+
+    def __init__(self, config: SchedulerConfig, kv: KVBlockManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.seqs: dict[str, Sequence] = {}
+        self.stats = SchedulerStats()
+        self._finished_ids: list[str] = []
+
+    def add(self, seq: Sequence) -> None:
+        if seq.seq_id in self.seqs:
+            raise ValueError(f"sequence id {seq.seq_id!r} is already scheduled")
+        self.seqs[seq.seq_id] = seq
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs)
+
+    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        """Retire a sequence (stopped, length or aborted) and release its blocks."""
+        if not status.finished:
+            raise ValueError(f"status={status} is not a finished status")
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = status
+        self.kv.free(seq.seq_id)
+        del self.seqs[seq.seq_id]
+        if seq.num_tokens_sent:
+            self._finished_ids.append(seq.seq_id)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        preempted = False
+        for seq in sorted(self.running, key=lambda s: (s.is_prefilling, s.arrival)):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while self.kv.allocate(seq.seq_id, seq.num_computed_tokens + num_new) is None:
+                victim = max((s for s in self.running if s.seq_id not in out.num_scheduled_tokens),
+                             key=lambda s: s.arrival)
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            table = self.kv.block_table(seq.seq_id)
+            out.cached_requests.append(CachedRequestData(
+                req_id=seq.seq_id,
+                new_token_ids=seq.token_ids[seq.num_tokens_sent:],
+                new_block_ids=table[seq.num_blocks_sent:],
+                num_computed_tokens=seq.num_computed_tokens,
+            ))
+            self._mark_sent(seq, num_new, out)
+            budget -= num_new
+        # Newly freed blocks after a preemption go to the preempted sequences first.
+        if not preempted:
+            self._schedule_waiting(out, budget)
+        # An empty step is never run, so its retired ids wait for the next real one.
+        if not out.is_empty:
+            out.finished_req_ids = self._finished_ids
+            self._finished_ids = []
+        return out
+
+    def update(self, scheduled: SchedulerOutput, result: ModelRunnerOutput) -> list[Sequence]:
+        """Record a finished step; return the sequences that received a token, in order."""
+        for seq_id, num_tokens in scheduled.num_scheduled_tokens.items():
+            seq = self.seqs[seq_id]
+            seq.num_computed_tokens += num_tokens
+            self.kv.cache_computed_blocks(seq_id, seq.token_ids, seq.num_computed_tokens)
+        self.stats.num_steps += 1
+        self.stats.num_computed_tokens += scheduled.total_num_scheduled_tokens
+        sampled = []
+        for seq_id, token, logprobs in zip(result.req_ids, result.sampled_token_ids,
+                                           result.logprobs):
+            seq = self.seqs[seq_id]
+            if seq.num_computed_tokens != seq.num_tokens:
+                raise RuntimeError(f"executor sampled for {seq_id!r} before its prefill ended "
+                                   f"({seq.num_computed_tokens} of {seq.num_tokens} computed)")
+            seq.append_output(token, logprobs)
+            sampled.append(seq)
+        return sampled
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            leader = seq.prefix_leader
+            if leader is not None and leader.status is SequenceStatus.RUNNING \
+                    and leader.is_prefilling:
+                break  # let the leader fill the shared prompt blocks, then reuse them
+            prefix = self.kv.find_cached_prefix(seq.token_ids)
+            num_cached = len(prefix) * self.kv.block_size
+            num_new = seq.num_tokens - num_cached
+            if (not self.config.enable_chunked_prefill
+                    and budget < num_new <= self.config.max_num_batched_tokens):
+                break
+            num_new = min(num_new, budget)
+            if self.kv.allocate(seq.seq_id, num_cached + num_new, prefix) is None:
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            seq.num_computed_tokens = num_cached
+            seq.num_cached_tokens = num_cached
+            self.stats.num_cached_tokens += num_cached
+            bisect.insort(self.running, seq, key=lambda s: s.arrival)
+            out.new_requests.append(NewRequestData(
+                req_id=seq.seq_id,
+                prompt_token_ids=seq.prompt_token_ids,
+                output_token_ids=seq.output_token_ids,
+                sampling_params=seq.params.to_dict(),
+                block_ids=list(self.kv.block_table(seq.seq_id)),
+                num_computed_tokens=num_cached,
+            ))
+            self._mark_sent(seq, num_new, out)
+            budget -= num_new
+
+    def _mark_sent(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> None:
+        out.num_scheduled_tokens[seq.seq_id] = num_new
+        seq.num_tokens_sent = seq.num_tokens
+        seq.num_blocks_sent = len(self.kv.block_table(seq.seq_id))
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq.seq_id)
+        if seq.num_tokens_sent:
+            self._finished_ids.append(seq.seq_id)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        self.stats.num_preemptions += 1

@@ -1,0 +1,96 @@
+"""One sequence being generated: its tokens, progress, status and why it stopped.
+
+A request with `n` > 1 becomes `n` sequences that share the prompt; the scheduler and the
+workers only ever see sequences, identified by `seq_id`.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from shardline.engine.batch import TokenLogprobs
+from shardline.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self not in (SequenceStatus.WAITING, SequenceStatus.RUNNING)
+
+
+class Sequence:
+    """Engine-side state of one generated sequence (the workers keep their own copy)."""
+
+    def __init__(self, seq_id: str, request_id: str, index: int, prompt_token_ids: list[int],
+                 params: SamplingParams, arrival: int, max_len: int,
+                 prefix_leader: Sequence | None = None) -> None:
+        self.seq_id = seq_id
+        self.request_id = request_id
+        self.index = index
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.output_logprobs: list[TokenLogprobs | None] = []
+        self.params = params
+        self.arrival = arrival
+        self.max_len = max_len
+        # A sibling (same prompt, n > 1) whose prompt blocks this one waits to reuse.
+        self.prefix_leader = prefix_leader
+        self.status = SequenceStatus.WAITING
+        self.stop_reason: int | str | None = None
+        # Tokens whose KV is in the cache, and tokens the workers have been told about.
+        self.num_computed_tokens = 0
+        self.num_tokens_sent = 0
+        self.num_blocks_sent = 0
+        self.num_cached_tokens = 0
+        self.num_preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_prefilling(self) -> bool:
+        """True until every known token but the newest sampled one has been computed."""
+        return self.num_tokens - self.num_computed_tokens > 1 or not self.num_output_tokens
+
+    def append_output(self, token_id: int, logprobs: TokenLogprobs | None) -> None:
+        self.token_ids.append(token_id)
+        self.output_logprobs.append(logprobs)
+
+    @property
+    def finished(self) -> bool:
+        return self.status.finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.status.value if self.finished else None
+
+    def reset_for_recompute(self) -> None:
+        """Forget all KV and worker state: the sequence is recomputed from scratch on resume."""
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_tokens_sent = 0
+        self.num_blocks_sent = 0
+        self.num_preemptions += 1
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.seq_id!r}, status={self.status.name}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens})")

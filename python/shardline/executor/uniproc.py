@@ -1,0 +1,27 @@
+"""One worker, in the engine's own process: no IPC, no collectives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shardline.engine.batch import ModelRunnerOutput, SchedulerOutput
+from shardline.executor.base import Executor
+
+
+class UniProcExecutor(Executor):
+    """Calls the single Worker's methods directly."""
+
+    def _start_workers(self) -> None:
+        from shardline.worker.worker import Worker
+
+        self.worker = Worker(self.config, rank=0)
+
+    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None
+                       ) -> list[Any]:
+        return [getattr(self.worker, method)(*args, **(kwargs or {}))]
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.worker.execute_model(scheduler_output)
+
+    def shutdown(self) -> None:
+        self.worker = None

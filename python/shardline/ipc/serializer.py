@@ -1,0 +1,254 @@
+"""Message encoding for the shared-memory rings: msgpack for structure, raw bytes for arrays.
+
+Numpy arrays and CPU torch tensors travel out of band: msgpack carries only their dtype,
+shape and size, and their bytes follow the msgpack part unchanged, so a large array is
+neither pickled nor copied into the msgpack buffer. The reader builds arrays that share
+the received buffer instead of copying out of it. No pickle anywhere.
+
+Frame layout (little-endian):
+
+    u32 meta_len | meta_len bytes of msgpack | buffer 0 | buffer 1 | ...
+
+Each non-empty buffer starts at a 64-byte boundary of the frame (zero padding before it)
+so that arrays decoded in place are aligned; empty buffers take no space. Buffers appear
+in the order their arrays appear in the msgpack stream.
+
+What round-trips: None, bool, int (64-bit range), float, str, bytes, list, dict,
+numpy arrays and scalars, CPU torch tensors (any dtype incl. bfloat16 and bool; shape kept,
+non-contiguous inputs arrive contiguous). Tuples arrive as lists and bytearrays as bytes,
+as msgpack has no distinct types for them; subclasses of the above (IntEnum, OrderedDict)
+arrive as their base type.
+
+torch is imported only once a tensor is decoded, so processes that exchange plain data
+and numpy arrays start without paying for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+import sys
+from typing import TYPE_CHECKING
+
+import msgpack
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+Part = bytes | memoryview | np.ndarray
+
+_HEADER = struct.Struct("<I")
+_ALIGN = 64
+_PADDING = [bytes(n) for n in range(_ALIGN)]
+
+_EXT_NDARRAY = 1
+_EXT_TENSOR = 2
+_EXT_NUMPY_SCALAR = 3
+
+# numpy kinds whose `dtype.str` names the dtype completely (no objects, no structured records)
+_NUMPY_KINDS = frozenset("biufcmMSU")
+
+# msgpack.ExtType checks its fields in Python on every construction; the encoder only
+# builds valid ones, and this skips the check on the hot path.
+_ext_type = functools.partial(tuple.__new__, msgpack.ExtType)
+
+SUPPORTED_TYPES = (
+    "None, bool, int, float, str, bytes, list, tuple (decoded as list), dict, "
+    "numpy arrays and scalars of numeric, bool, datetime or string dtype, CPU torch tensors"
+)
+
+
+class Encoder:
+    """Turns one object into the parts of one frame, for `Ring.write_parts`.
+
+    Reusable and not thread-safe: one encoder per writing thread.
+    """
+
+    def __init__(self) -> None:
+        self._packer = msgpack.Packer(default=self._encode_ext, use_bin_type=True)
+        self._ext_packer = msgpack.Packer(use_bin_type=True)
+        self._buffers: list[np.ndarray] = []
+
+    def encode(self, obj: object) -> list[Part]:
+        """The frame for `obj` as a list of buffers whose concatenation is the message.
+
+        Array parts are the arrays themselves (or a contiguous copy when an input is not
+        C-contiguous): keep `obj` unchanged until the parts are written.
+        Raises TypeError for anything outside SUPPORTED_TYPES.
+        """
+        try:
+            meta = self._packer.pack(obj)
+        finally:
+            buffers, self._buffers = self._buffers, []
+        if not buffers:
+            return [_HEADER.pack(len(meta)) + meta]
+        parts: list[Part] = [_HEADER.pack(len(meta)), meta]
+        offset = _HEADER.size + len(meta)
+        for buf in buffers:
+            pad = -offset % _ALIGN
+            if pad:
+                parts.append(_PADDING[pad])
+            parts.append(buf)
+            offset += pad + buf.nbytes
+        return parts
+
+    def _encode_ext(self, obj: object) -> msgpack.ExtType:
+        if isinstance(obj, np.ndarray):
+            return self._encode_ndarray(obj)
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(obj, torch.Tensor):
+            return self._encode_tensor(obj)
+        if isinstance(obj, np.generic):
+            meta = (_numpy_dtype_name(obj.dtype), obj.tobytes())
+            return _ext_type((_EXT_NUMPY_SCALAR, self._ext_packer.pack(meta)))
+        if isinstance(obj, int):
+            raise TypeError(f"cannot serialize the int {obj}: ints must fit in 64 bits (signed or unsigned)")
+        raise TypeError(f"cannot serialize an object of type {_type_name(obj)}; supported: {SUPPORTED_TYPES}")
+
+    def _encode_ndarray(self, array: np.ndarray) -> msgpack.ExtType:
+        name = _numpy_dtype_name(array.dtype)
+        if not array.flags.c_contiguous:
+            array = array.copy(order="C")
+        self._add_buffer(array)
+        return _ext_type((_EXT_NDARRAY, self._ext_packer.pack((name, array.shape, array.nbytes))))
+
+    def _encode_tensor(self, tensor: torch.Tensor) -> msgpack.ExtType:
+        import torch
+
+        if not tensor.is_cpu:
+            raise TypeError(
+                f"cannot serialize a torch.Tensor on device {tensor.device}: only CPU tensors "
+                "are supported; move it with .cpu() first"
+            )
+        if tensor.layout != torch.strided or tensor.is_quantized:
+            raise TypeError(
+                f"cannot serialize a torch.Tensor with layout {tensor.layout} and dtype "
+                f"{tensor.dtype}: only dense (strided), non-quantized tensors are supported"
+            )
+        if tensor.requires_grad:
+            tensor = tensor.detach()
+        if tensor.is_conj() or tensor.is_neg():
+            tensor = tensor.resolve_conj().resolve_neg()
+        if not tensor.is_contiguous():
+            tensor = tensor.contiguous()
+        name, carrier = _tensor_codec(tensor.dtype)
+        array = (tensor if carrier is None else tensor.view(carrier)).numpy()
+        self._add_buffer(array)
+        return _ext_type((_EXT_TENSOR, self._ext_packer.pack((name, array.shape, array.nbytes))))
+
+    def _add_buffer(self, array: np.ndarray) -> None:
+        if array.nbytes:
+            self._buffers.append(array)
+
+
+class Decoder:
+    """Turns one received frame back into the object. Reusable, not thread-safe.
+
+    Decoded arrays and tensors share memory with the frame: give `decode` a writable
+    buffer (the ring's bytearray) to get writable arrays.
+    """
+
+    def __init__(self) -> None:
+        self._frame: bytes | bytearray | memoryview | None = None
+        self._frame_len = 0
+        self._cursor = 0
+
+    def decode(self, frame: bytes | bytearray | memoryview) -> object:
+        """The object encoded in `frame`. Raises ValueError if the frame is malformed."""
+        view = memoryview(frame)
+        if view.nbytes < _HEADER.size:
+            raise ValueError(f"frame of {view.nbytes} bytes is too short: a frame has at least {_HEADER.size}")
+        (meta_len,) = _HEADER.unpack_from(view)
+        meta_end = _HEADER.size + meta_len
+        if meta_end > view.nbytes:
+            raise ValueError(
+                f"frame of {view.nbytes} bytes is truncated: its header announces {meta_len} bytes of msgpack"
+            )
+        self._frame, self._frame_len, self._cursor = frame, view.nbytes, meta_end
+        try:
+            obj = msgpack.unpackb(view[_HEADER.size:meta_end], ext_hook=self._decode_ext, strict_map_key=False)
+        finally:
+            self._frame = None
+        if self._cursor != view.nbytes:
+            raise ValueError(f"frame of {view.nbytes} bytes has {view.nbytes - self._cursor} bytes beyond its last buffer")
+        return obj
+
+    def _decode_ext(self, code: int, data: bytes) -> object:
+        if code == _EXT_NDARRAY:
+            dtype_str, shape, nbytes = msgpack.unpackb(data)
+            return self._array(shape, _numpy_dtype(dtype_str), nbytes)
+        if code == _EXT_TENSOR:
+            import torch
+
+            name, shape, nbytes = msgpack.unpackb(data)
+            dtype, carrier = _tensor_dtype(name)
+            if not nbytes:
+                return torch.empty(shape, dtype=dtype)
+            tensor = torch.from_numpy(self._array(shape, carrier, nbytes))
+            return tensor if tensor.dtype == dtype else tensor.view(dtype)
+        if code == _EXT_NUMPY_SCALAR:
+            dtype_str, raw = msgpack.unpackb(data)
+            return np.frombuffer(raw, _numpy_dtype(dtype_str))[0]
+        raise ValueError(f"unknown msgpack extension code {code}: this decoder knows codes 1 to 3")
+
+    def _array(self, shape: list[int], dtype: np.dtype, nbytes: int) -> np.ndarray:
+        if not nbytes:
+            return np.empty(shape, dtype)
+        offset = self._cursor + (-self._cursor % _ALIGN)
+        end = offset + nbytes
+        if end > self._frame_len:
+            raise ValueError(f"frame of {self._frame_len} bytes is truncated: a buffer needs bytes {offset} to {end}")
+        array = np.ndarray(shape, dtype, self._frame, offset)
+        if array.nbytes != nbytes:
+            raise ValueError(f"buffer of {nbytes} bytes does not hold an array of shape {shape} and dtype {dtype}")
+        self._cursor = end
+        return array
+
+
+@functools.cache
+def _tensor_codec(dtype: torch.dtype) -> tuple[str, torch.dtype | None]:
+    """The wire name of a torch dtype, and the same-size int dtype to view it as when numpy
+    has no equivalent (bfloat16, float8)."""
+    import torch
+
+    name = str(dtype).removeprefix("torch.")
+    try:
+        torch.empty(0, dtype=dtype).numpy()
+    except TypeError:
+        return name, {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    return name, None
+
+
+@functools.cache
+def _tensor_dtype(name: str) -> tuple[torch.dtype, np.dtype]:
+    """The torch dtype of a wire name, and the numpy dtype that carries its bytes."""
+    import torch
+
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown torch dtype {name!r} in frame")
+    _, carrier = _tensor_codec(dtype)
+    return dtype, torch.empty(0, dtype=carrier or dtype).numpy().dtype
+
+
+@functools.cache
+def _numpy_dtype_name(dtype: np.dtype) -> str:
+    """The wire name of a numpy dtype: `dtype.str`, which keeps byte order and units."""
+    if dtype.kind not in _NUMPY_KINDS or dtype.fields is not None:
+        raise TypeError(
+            f"cannot serialize a numpy array or scalar of dtype {dtype}: supported dtype kinds "
+            "are bool, integer, float, complex, datetime, timedelta, bytes and str"
+        )
+    return dtype.str
+
+
+@functools.cache
+def _numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a wire name (a cached `np.dtype(name)`)."""
+    return np.dtype(name)
+
+
+def _type_name(obj: object) -> str:
+    cls = type(obj)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"

@@ -1,0 +1,119 @@
+"""Turn the logits at sampling positions into tokens, one request per row.
+
+Order of processing: repetition/presence/frequency penalties, then (for sampled rows)
+temperature, top-k, top-p and min-p, then the draw. Each row draws its random numbers
+from its own generator, so a seeded request samples the same tokens whatever its batch
+mates are. Reported logprobs are the log-softmax of the distribution the token was
+drawn from: the processed logits for sampled rows, the penalized logits for greedy rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shardline.engine.batch import TokenLogprobs
+from shardline.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingBatch:
+    """Per row: its settings, its token history (for penalties) and its generator."""
+
+    params: list[SamplingParams]
+    prompt_token_ids: list[list[int]]
+    output_token_ids: list[list[int]]
+    generators: list[torch.Generator]
+
+
+def _token_counts(token_lists: list[list[int]], vocab_size: int,
+                  device: torch.device) -> torch.Tensor:
+    """[N, V] occurrence counts; out-of-vocabulary ids are ignored."""
+    width = max((len(t) for t in token_lists), default=0)
+    ids = torch.full((len(token_lists), width), vocab_size, dtype=torch.long)
+    for i, tokens in enumerate(token_lists):
+        ids[i, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    ids = ids.clamp(max=vocab_size).to(device)
+    counts = torch.zeros(len(token_lists), vocab_size + 1, device=device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
+    return counts[:, :vocab_size]
+
+
+def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Repetition penalty over prompt and output tokens (positive logits divided, negative
+    multiplied); presence and frequency penalties over output tokens (OpenAI semantics)."""
+    params = batch.params
+    if all(p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
+           and p.frequency_penalty == 0.0 for p in params):
+        return logits
+    vocab, device = logits.shape[1], logits.device
+    out_counts = _token_counts(batch.output_token_ids, vocab, device)
+    seen = (_token_counts(batch.prompt_token_ids, vocab, device) > 0) | (out_counts > 0)
+    rep = _column([p.repetition_penalty for p in params], logits)
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalized, logits)
+    logits = logits - _column([p.frequency_penalty for p in params], logits) * out_counts
+    return logits - _column([p.presence_penalty for p in params], logits) * (out_counts > 0)
+
+
+def apply_filters(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p masks (masked logits become -inf)."""
+    device, vocab = logits.device, logits.shape[1]
+    temperatures = [p.temperature if p.temperature > 0 else 1.0 for p in params]
+    logits = logits / _column(temperatures, logits)
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    top_p = [p.top_p for p in params]
+    if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(vocab, device=device)[None, :]
+        drop = rank >= torch.tensor(top_k, device=device)[:, None]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        probs = sorted_logits.softmax(dim=-1)
+        drop |= (probs.cumsum(dim=-1) - probs) > _column(top_p, logits)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    min_p = [p.min_p for p in params]
+    if any(m > 0.0 for m in min_p):
+        probs = logits.softmax(dim=-1)
+        drop = probs < _column(min_p, logits) * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _logprobs(logprobs: torch.Tensor, token: int, n: int) -> TokenLogprobs:
+    top_values, top_ids = logprobs.topk(min(n, logprobs.shape[0]))
+    return TokenLogprobs(sampled_logprob=float(logprobs[token]),
+                         top_token_ids=top_ids.tolist(), top_logprobs=top_values.tolist())
+
+
+class Sampler:
+    """Greedy, temperature and filtered sampling with optional top-n logprobs."""
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch
+                 ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """logits [N, V] (one row per request in `batch`) -> N tokens and their logprobs."""
+        logits = apply_penalties(logits.float(), batch)
+        greedy = [p.greedy for p in batch.params]
+        tokens = logits.argmax(dim=-1).tolist()
+        processed = logits
+        if not all(greedy):
+            processed = apply_filters(logits, batch.params)
+            probs = processed.softmax(dim=-1)
+            for i, gen in enumerate(batch.generators):
+                if not greedy[i]:
+                    noise = torch.empty_like(probs[i]).exponential_(generator=gen)
+                    tokens[i] = int((probs[i] / noise).argmax())
+        wanted = [p.logprobs is not None for p in batch.params]
+        logprobs: list[TokenLogprobs | None] = [None] * len(tokens)
+        if any(wanted):
+            rows = torch.where(torch.tensor(greedy, device=logits.device)[:, None],
+                               logits, processed).log_softmax(dim=-1)
+            for i, p in enumerate(batch.params):
+                if wanted[i]:
+                    logprobs[i] = _logprobs(rows[i], tokens[i], p.logprobs)
+        return tokens, logprobs

@@ -1,0 +1,34 @@
+"""Reading the model hyperparameters out of a Hugging Face config.json dict.
+
+Checkpoints on the hub and those written by recent transformers spell some settings
+differently (`rope_theta` + `rope_scaling` vs. one `rope_parameters` dict); these helpers
+accept both.
+"""
+
+from __future__ import annotations
+
+SUPPORTED_ACTIVATIONS = ("silu",)
+
+
+def head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def num_kv_heads(config: dict) -> int:
+    return config.get("num_key_value_heads") or config["num_attention_heads"]
+
+
+def rope_settings(config: dict) -> tuple[float, dict | None]:
+    """(rope theta, scaling dict or None for plain RoPE)."""
+    params = config.get("rope_parameters") or {}
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    scaling = config.get("rope_scaling") or params
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    return float(theta), (None if kind == "default" else scaling)
+
+
+def check_activation(config: dict) -> None:
+    act = config.get("hidden_act", "silu")
+    if act not in SUPPORTED_ACTIVATIONS:
+        raise ValueError(f"hidden_act={act!r} is not supported: use one of "
+                         f"{', '.join(SUPPORTED_ACTIVATIONS)}")

@@ -1,0 +1,163 @@
+"""The Llama family: Llama 2/3, Mistral and Qwen2.
+
+Pre-norm decoder layers of GQA attention with RoPE and a SiLU-gated MLP. Qwen2 adds a
+bias to the q/k/v projections. The decoder layer takes its MLP from a factory so the MoE
+models reuse everything else.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from shardline import kernels
+from shardline.layers.attention import Attention, AttentionMetadata
+from shardline.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from shardline.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
+                                     RowParallelLinear)
+from shardline.layers.norm import RMSNorm
+from shardline.layers.rotary import RotaryEmbedding
+from shardline.models.hf_config import check_activation, head_dim, num_kv_heads, rope_settings
+
+WeightSources = dict[str, list[list[tuple[str, object, int | None]]]]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: dict, dtype: torch.dtype, max_position: int,
+                 qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        hidden, heads = config["hidden_size"], config["num_attention_heads"]
+        dim = head_dim(config)
+        self.qkv_proj = QKVParallelLinear(hidden, dim, heads, num_kv_heads(config), qkv_bias, dtype)
+        self.o_proj = RowParallelLinear(heads * dim, hidden, o_bias, dtype)
+        theta, scaling = rope_settings(config)
+        rotary_dim = int(dim * config.get("partial_rotary_factor", 1.0))
+        self.rotary_emb = RotaryEmbedding(dim, rotary_dim, max_position, theta, scaling)
+        self.head_dim = dim
+        self.q_size = self.qkv_proj.num_heads * dim
+        self.kv_size = self.qkv_proj.num_kv_heads * dim
+        self.attn = Attention(self.qkv_proj.num_heads, dim, self.qkv_proj.num_kv_heads,
+                              dim ** -0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(q.shape[0], -1, self.head_dim)
+        k = k.reshape(k.shape[0], -1, self.head_dim)
+        q, k = self.rotary_emb(positions, q, k)
+        v = v.reshape(v.shape[0], -1, self.head_dim)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, [intermediate_size, intermediate_size], dtype=dtype)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(kernels.linear_silu_mul(x, self.gate_up_proj.weight))
+
+
+class DecoderLayer(nn.Module):
+    """Attention and MLP blocks, each pre-normed, with the residual add fused into the norm."""
+
+    def __init__(self, config: dict, dtype: torch.dtype, max_position: int, mlp: nn.Module,
+                 mlp_name: str, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, dtype, max_position, qkv_bias, o_bias)
+        self.mlp_name = mlp_name
+        setattr(self, mlp_name, mlp)
+        eps = config.get("rms_norm_eps", 1e-6)
+        self.input_layernorm = RMSNorm(config["hidden_size"], eps, dtype)
+        self.post_attention_layernorm = RMSNorm(config["hidden_size"], eps, dtype)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                residual: torch.Tensor | None, meta: AttentionMetadata
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return getattr(self, self.mlp_name)(hidden), residual
+
+
+class CausalLM(nn.Module):
+    """Embedding, decoder layers, final norm and LM head; subclasses choose the layers."""
+
+    def __init__(self, config: dict, dtype: torch.dtype, max_position: int,
+                 make_layer: Callable[[int], DecoderLayer]):
+        super().__init__()
+        check_activation(config)
+        vocab, hidden = config["vocab_size"], config["hidden_size"]
+        self.config = config
+        self.model = nn.Module()
+        self.model.embed_tokens = VocabParallelEmbedding(vocab, hidden, dtype)
+        self.model.layers = nn.ModuleList(make_layer(i)
+                                          for i in range(config["num_hidden_layers"]))
+        self.model.norm = RMSNorm(hidden, config.get("rms_norm_eps", 1e-6), dtype)
+        self.lm_head = ParallelLMHead(vocab, hidden, dtype)
+        if config.get("tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """Flat token batch [T] -> final hidden states [T, H]; K/V go to the paged cache."""
+        hidden, residual = self.model.embed_tokens(input_ids), None
+        for layer in self.model.layers:
+            hidden, residual = layer(positions, hidden, residual, meta)
+        hidden, _ = self.model.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def weight_sources(self) -> WeightSources:
+        """For each parameter, alternative lists of (checkpoint tensor, shard, expert) that
+        fill it; the loader uses the first alternative the checkpoint has completely."""
+        sources: WeightSources = {}
+        for name, _ in self.named_parameters():
+            prefix, _, leaf = name.rpartition(".")
+            module = prefix.rpartition(".")[2]
+            if module == "qkv_proj":
+                base = prefix[:-len("qkv_proj")]
+                sources[name] = [[(f"{base}{p}_proj.{leaf}", p, None) for p in "qkv"]]
+            elif module == "gate_up_proj":
+                base = prefix[:-len("gate_up_proj")]
+                sources[name] = [[(f"{base}gate_proj.{leaf}", 0, None),
+                                  (f"{base}up_proj.{leaf}", 1, None)]]
+            else:
+                sources[name] = self.expert_sources(name) or [[(name, None, None)]]
+        return sources
+
+    def expert_sources(self, name: str) -> list[list[tuple[str, object, int | None]]]:
+        """Checkpoint sources of stacked expert weights; none in a dense model."""
+        return []
+
+
+class LlamaForCausalLM(CausalLM):
+    """Llama 2/3 and Mistral (attention_bias applies to q/k/v and o), Qwen2 (q/k/v bias)."""
+
+    qkv_bias_always = False
+
+    def __init__(self, config: dict, dtype: torch.dtype, max_position: int):
+        qkv_bias = self.qkv_bias_always or config.get("attention_bias", False)
+        o_bias = config.get("attention_bias", False) and not self.qkv_bias_always
+
+        def make_layer(i: int) -> DecoderLayer:
+            mlp = LlamaMLP(config["hidden_size"], config["intermediate_size"], dtype)
+            return DecoderLayer(config, dtype, max_position, mlp, "mlp", qkv_bias, o_bias)
+
+        super().__init__(config, dtype, max_position, make_layer)
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    qkv_bias_always = True

@@ -1,0 +1,147 @@
+"""Loading a Hugging Face model directory: config, model class, and lazily read weights.
+
+Weights are opened per file with safetensors and read per tensor (as slices), so each
+rank reads only its part. Every parameter must be filled from the checkpoint; a missing
+or mis-shaped tensor is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from shardline.models.hf_config import head_dim, num_kv_heads
+from shardline.models.registry import get_model_class, resolve_architecture
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass
+class ModelInfo:
+    """What the engine needs to know about a checkpoint without loading it."""
+
+    architecture: str
+    vocab_size: int
+    max_position_embeddings: int
+    eos_token_ids: list[int]
+    bos_token_id: int | None
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    hidden_size: int
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model directory {model_dir!r} has no config.json")
+    return _read_json(path)
+
+
+def _as_list(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def read_model_info(model_dir: str) -> ModelInfo:
+    """Architecture, sizes and special tokens (eos from config.json and generation_config.json)."""
+    config = read_config(model_dir)
+    architecture = resolve_architecture(config)
+    eos = _as_list(config.get("eos_token_id"))
+    bos = config.get("bos_token_id")
+    gen_path = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(gen_path):
+        generation = _read_json(gen_path)
+        eos += [t for t in _as_list(generation.get("eos_token_id")) if t not in eos]
+        bos = generation.get("bos_token_id", bos)
+    return ModelInfo(
+        architecture=architecture,
+        vocab_size=config["vocab_size"],
+        max_position_embeddings=config.get("max_position_embeddings", 2048),
+        eos_token_ids=eos,
+        bos_token_id=bos,
+        num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=config["num_attention_heads"],
+        num_key_value_heads=num_kv_heads(config),
+        head_dim=head_dim(config),
+        hidden_size=config["hidden_size"],
+    )
+
+
+class CheckpointReader:
+    """The tensors of one or many safetensors files, opened on first use, read lazily."""
+
+    def __init__(self, model_dir: str):
+        index = os.path.join(model_dir, INDEX_FILE)
+        if os.path.isfile(index):
+            weight_map = _read_json(index)["weight_map"]
+            self.file_of = {name: os.path.join(model_dir, f) for name, f in weight_map.items()}
+        else:
+            files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+            if not files:
+                raise FileNotFoundError(f"model directory {model_dir!r} has no *.safetensors")
+            self.file_of = {}
+            for f in files:
+                path = os.path.join(model_dir, f)
+                with safe_open(path, framework="pt") as handle:
+                    self.file_of.update({name: path for name in handle.keys()})
+        self._stack = ExitStack()
+        self._handles: dict[str, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file_of
+
+    def get_slice(self, name: str):
+        path = self.file_of[name]
+        if path not in self._handles:
+            self._handles[path] = self._stack.enter_context(safe_open(path, framework="pt"))
+        return self._handles[path].get_slice(name)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def load_weights(model: nn.Module, reader: CheckpointReader) -> None:
+    """Fill every parameter through its module's weight_loader from the checkpoint."""
+    params = dict(model.named_parameters())
+    for param_name, alternatives in model.weight_sources().items():
+        best = max(alternatives, key=lambda alt: sum(name in reader for name, _, _ in alt))
+        missing = [name for name, _, _ in best if name not in reader]
+        if missing:
+            shape = list(params[param_name].shape)
+            raise ValueError(f"checkpoint tensor {missing[0]!r} is missing (needed for "
+                             f"parameter {param_name!r} of shape {shape} on this rank)")
+        module = model.get_submodule(param_name.rpartition(".")[0])
+        for name, shard_id, expert_id in best:
+            extra = {} if expert_id is None else {"expert_id": expert_id}
+            module.weight_loader(params[param_name], reader.get_slice(name), name, shard_id,
+                                 **extra)
+
+
+def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
+               max_position: int | None = None) -> nn.Module:
+    """Build the model of `model_dir` on `device` in `dtype` and load its weights."""
+    config = read_config(model_dir)
+    cls = get_model_class(resolve_architecture(config))
+    max_position = max_position or config.get("max_position_embeddings", 2048)
+    with torch.device(device):
+        model = cls(config, dtype, max_position)
+    reader = CheckpointReader(model_dir)
+    try:
+        load_weights(model, reader)
+    finally:
+        reader.close()
+    return model.eval()

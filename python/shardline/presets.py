@@ -1,0 +1,229 @@
+"""Built-in checkpoints: small deterministic models of every supported architecture.
+
+A preset is a Hugging Face model directory (config.json, generation_config.json,
+safetensors weights, a byte-level tokenizer.json) written from seeded random weights on
+first use, without network or transformers. The weights are scaled so activations keep
+unit size and logits are spread out, so greedy decoding does not collapse to one token.
+`tiny-llama` is split over two safetensors shards with an index; `tiny-qwen2-moe`
+stores its experts fused (gate_up_proj/down_proj), `tiny-mixtral` per expert.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zlib
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+FORMAT_VERSION = 1
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+VOCAB_SIZE = 320  # 3 specials + 256 bytes, padded
+
+_TINY = dict(vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+             max_position_embeddings=512, rms_norm_eps=1e-6, hidden_act="silu",
+             bos_token_id=BOS_ID, eos_token_id=EOS_ID, tie_word_embeddings=False,
+             rope_theta=10000.0, torch_dtype="float32")
+
+PRESETS: dict[str, dict] = {
+    "tiny-llama": dict(_TINY, architectures=["LlamaForCausalLM"], model_type="llama",
+                       attention_bias=False),
+    "tiny-llama3": dict(_TINY, architectures=["LlamaForCausalLM"], model_type="llama",
+                        rope_theta=500000.0, tie_word_embeddings=True,
+                        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                          high_freq_factor=4.0,
+                                          original_max_position_embeddings=64)),
+    "tiny-qwen2": dict(_TINY, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
+                       tie_word_embeddings=True, rope_theta=1000000.0,
+                       use_sliding_window=False),
+    "tiny-mistral": dict(_TINY, architectures=["MistralForCausalLM"], model_type="mistral",
+                         sliding_window=None),
+    "tiny-mixtral": dict(_TINY, architectures=["MixtralForCausalLM"], model_type="mixtral",
+                         num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+    "tiny-qwen2-moe": dict(_TINY, architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe",
+                           num_hidden_layers=3, num_experts=4, num_experts_per_tok=2,
+                           moe_intermediate_size=96, shared_expert_intermediate_size=192,
+                           norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1],
+                           use_sliding_window=False),
+    "small-llama": dict(_TINY, architectures=["LlamaForCausalLM"], model_type="llama",
+                        hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                        max_position_embeddings=2048, attention_bias=False),
+}
+_SHARDED = {"tiny-llama": 2}
+_FUSED_EXPERTS = {"tiny-qwen2-moe"}
+
+
+def _attention_shapes(c: dict, p: str) -> dict[str, tuple[int, ...]]:
+    hidden, dim = c["hidden_size"], c["head_dim"]
+    q, kv = c["num_attention_heads"] * dim, c["num_key_value_heads"] * dim
+    shapes = {f"{p}.self_attn.q_proj.weight": (q, hidden), f"{p}.self_attn.k_proj.weight": (kv, hidden),
+              f"{p}.self_attn.v_proj.weight": (kv, hidden), f"{p}.self_attn.o_proj.weight": (hidden, q)}
+    if c["model_type"] in ("qwen2", "qwen2_moe"):
+        shapes.update({f"{p}.self_attn.q_proj.bias": (q,), f"{p}.self_attn.k_proj.bias": (kv,),
+                       f"{p}.self_attn.v_proj.bias": (kv,)})
+    return shapes
+
+
+def _mlp_shapes(p: str, hidden: int, inter: int, names=("gate_proj", "up_proj", "down_proj")
+                ) -> dict[str, tuple[int, ...]]:
+    gate, up, down = names
+    return {f"{p}.{gate}.weight": (inter, hidden), f"{p}.{up}.weight": (inter, hidden),
+            f"{p}.{down}.weight": (hidden, inter)}
+
+
+def _experts_shapes(p: str, count: int, hidden: int, inter: int, names: tuple[str, str, str],
+                    fused: bool) -> dict[str, tuple[int, ...]]:
+    if fused:
+        return {f"{p}.gate_up_proj": (count, 2 * inter, hidden),
+                f"{p}.down_proj": (count, hidden, inter)}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for e in range(count):
+        shapes.update(_mlp_shapes(f"{p}.{e}", hidden, inter, names))
+    return shapes
+
+
+def tensor_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor names and shapes of a preset, as Hugging Face names them."""
+    c, hidden = PRESETS[name], PRESETS[name]["hidden_size"]
+    fused = name in _FUSED_EXPERTS
+    shapes = {"model.embed_tokens.weight": (c["vocab_size"], hidden), "model.norm.weight": (hidden,)}
+    if not c["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (c["vocab_size"], hidden)
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        shapes.update(_attention_shapes(c, p))
+        shapes[f"{p}.input_layernorm.weight"] = (hidden,)
+        shapes[f"{p}.post_attention_layernorm.weight"] = (hidden,)
+        if c["model_type"] == "mixtral":
+            shapes[f"{p}.block_sparse_moe.gate.weight"] = (c["num_local_experts"], hidden)
+            shapes.update(_experts_shapes(f"{p}.block_sparse_moe.experts", c["num_local_experts"],
+                                          hidden, c["intermediate_size"], ("w1", "w3", "w2"), fused))
+        elif c["model_type"] == "qwen2_moe" and i not in c["mlp_only_layers"]:
+            shapes[f"{p}.mlp.gate.weight"] = (c["num_experts"], hidden)
+            shapes[f"{p}.mlp.shared_expert_gate.weight"] = (1, hidden)
+            shapes.update(_mlp_shapes(f"{p}.mlp.shared_expert", hidden,
+                                      c["shared_expert_intermediate_size"]))
+            shapes.update(_experts_shapes(f"{p}.mlp.experts", c["num_experts"], hidden,
+                                          c["moe_intermediate_size"],
+                                          ("gate_proj", "up_proj", "down_proj"), fused))
+        else:
+            shapes.update(_mlp_shapes(f"{p}.mlp", hidden, c["intermediate_size"]))
+    return shapes
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], hidden: int, gen: torch.Generator
+                   ) -> torch.Tensor:
+    """Unit-scale activations: weights ~ N(0, 1/fan_in); norms near 1; logits with std ~3."""
+    if name.endswith("norm.weight"):
+        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    if name.endswith(".bias"):
+        return 0.1 * torch.randn(shape, generator=gen)
+    if name == "model.embed_tokens.weight":
+        return torch.randn(shape, generator=gen) * (3.0 / hidden ** 0.5)
+    if name == "lm_head.weight":
+        return torch.randn(shape, generator=gen) * (3.0 / hidden ** 0.5)
+    return torch.randn(shape, generator=gen) / shape[-1] ** 0.5
+
+
+def byte_tokenizer() -> Tokenizer:
+    """Byte-level BPE without merges: the specials, then one token per byte value."""
+    alphabet = _bytes_to_unicode()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab.update({alphabet[b]: len(SPECIAL_TOKENS) + b for b in range(256)})
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    return tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The GPT-2 byte -> printable character table that byte-level BPE uses."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _write_preset(name: str, out_dir: str) -> None:
+    config = PRESETS[name]
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    tensors = {t: _random_tensor(t, shape, config["hidden_size"], gen).contiguous()
+               for t, shape in tensor_shapes(name).items()}
+    shards = _SHARDED.get(name, 1)
+    if shards == 1:
+        save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        names, weight_map = list(tensors), {}
+        for s in range(shards):
+            file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            part = {t: tensors[t] for t in names[s::shards]}
+            save_file(part, os.path.join(out_dir, file), metadata={"format": "pt"})
+            weight_map.update({t: file for t in part})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        _write_json(os.path.join(out_dir, "model.safetensors.index.json"),
+                    {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json(os.path.join(out_dir, "config.json"), config)
+    _write_json(os.path.join(out_dir, "generation_config.json"),
+                {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID})
+    byte_tokenizer().save(os.path.join(out_dir, "tokenizer.json"))
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"),
+                {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+                 "tokenizer_class": "PreTrainedTokenizerFast"})
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+def preset_dir(name: str) -> str:
+    """Cache directory of a preset: keyed by a hash of everything that defines it."""
+    spec = json.dumps([FORMAT_VERSION, PRESETS[name], _SHARDED.get(name, 1),
+                       name in _FUSED_EXPERTS], sort_keys=True)
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
+    root = os.environ.get("SHARDLINE_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "shardline", "presets")
+    return os.path.join(root, f"{name}-{digest}")
+
+
+def build_preset(name: str) -> str:
+    """Write the preset unless it is cached; concurrent builders are safe (atomic rename)."""
+    target = preset_dir(name)
+    if os.path.isdir(target):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=os.path.dirname(target))
+    try:
+        _write_preset(name, tmp)
+        os.rename(tmp, target)
+    except OSError:
+        if not os.path.isdir(target):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A model directory: a preset name is built on first use; a path must exist."""
+    if name_or_path in PRESETS:
+        return build_preset(name_or_path)
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    raise ValueError(f"model={name_or_path!r} is neither an existing directory nor a preset: "
+                     f"presets are {', '.join(PRESETS)}")

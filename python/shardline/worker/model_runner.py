@@ -1,0 +1,116 @@
+"""One rank's model execution: request state, KV cache, forward pass and sampling.
+
+Each step, all scheduled tokens of all requests run through the model in one flat
+batch; logits are computed only where a request samples its next token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shardline.config import EngineConfig
+from shardline.engine.batch import ModelRunnerOutput, SchedulerOutput
+from shardline.layers.sampler import Sampler, SamplingBatch
+from shardline.models.loader import load_model, read_model_info
+from shardline.presets import resolve_model
+from shardline.worker.input_batch import RequestState, StepInputs, build_step_inputs
+
+_SEED_MIX = 0x9E3779B97F4A7C15
+
+
+def sampling_seed(seed: int, output_index: int) -> int:
+    """Seed of the draw for output token `output_index` of a request seeded with `seed`:
+    independent of batch mates and unchanged by preemption."""
+    return ((seed * _SEED_MIX) ^ (output_index + 1) * 0xBF58476D1CE4E5B9) % (1 << 63)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, device: torch.device):
+        self.config = config
+        self.device = device
+        self.model_dir = resolve_model(config.model.model)
+        self.info = read_model_info(self.model_dir)
+        self.dtype = config.model.torch_dtype
+        self.block_size = config.cache.block_size
+        self.max_model_len = config.model.max_model_len or self.info.max_position_embeddings
+        self.requests: dict[str, RequestState] = {}
+        self.sampler = Sampler()
+        self.generator = torch.Generator(device).manual_seed(config.model.seed)
+        self.model: torch.nn.Module | None = None
+
+    def load_model(self) -> None:
+        max_position = max(self.max_model_len, self.info.max_position_embeddings)
+        self.model = load_model(self.model_dir, self.dtype, self.device, max_position)
+
+    def kv_block_bytes(self) -> int:
+        """Bytes of one KV block over all layers of this rank (K and V)."""
+        layers = self.model.attention_layers()
+        per_layer = sum(2 * self.block_size * a.num_kv_heads * a.head_dim for a in layers)
+        return per_layer * torch.empty(0, dtype=self.dtype).element_size()
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        for attn in self.model.attention_layers():
+            shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def update_states(self, scheduler_output: SchedulerOutput) -> list[RequestState]:
+        """Apply the step's request changes; return the scheduled requests in order."""
+        for req_id in scheduler_output.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for new in scheduler_output.new_requests:
+            self.requests[new.req_id] = RequestState.from_new(new)
+        for cached in scheduler_output.cached_requests:
+            if cached.req_id not in self.requests:
+                raise KeyError(f"cached request {cached.req_id!r} is unknown to this worker")
+            self.requests[cached.req_id].update(cached)
+        order = [r.req_id for r in scheduler_output.new_requests] + \
+                [r.req_id for r in scheduler_output.cached_requests]
+        return [self.requests[r] for r in order
+                if scheduler_output.num_scheduled_tokens.get(r, 0) > 0]
+
+    def _forward(self, scheduler_output: SchedulerOutput) -> tuple[StepInputs, torch.Tensor]:
+        scheduled = self.update_states(scheduler_output)
+        counts = [scheduler_output.num_scheduled_tokens[r.req_id] for r in scheduled]
+        inputs = build_step_inputs(scheduled, counts, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        return inputs, hidden
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        if scheduler_output.is_empty:
+            self.update_states(scheduler_output)
+            return ModelRunnerOutput()
+        inputs, hidden = self._forward(scheduler_output)
+        if not inputs.sample_req_ids:
+            return ModelRunnerOutput()
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        batch = self._sampling_batch(inputs.sample_req_ids)
+        tokens, logprobs = self.sampler(logits, batch)
+        return ModelRunnerOutput(req_ids=inputs.sample_req_ids, sampled_token_ids=tokens,
+                                 logprobs=logprobs)
+
+    @torch.inference_mode()
+    def score(self, scheduler_output: SchedulerOutput) -> dict[str, torch.Tensor]:
+        """Run the step like execute_model, but return the logits of every scheduled token
+        per request (for parity checks and prompt scoring) instead of sampling."""
+        inputs, hidden = self._forward(scheduler_output)
+        logits = self.model.compute_logits(hidden).float().cpu()
+        starts = inputs.meta.query_start_loc.tolist()
+        return {r: logits[starts[i]:starts[i + 1]] for i, r in enumerate(inputs.req_ids)}
+
+    def _sampling_batch(self, req_ids: list[str]) -> SamplingBatch:
+        states = [self.requests[r] for r in req_ids]
+        generators = []
+        for state in states:
+            seed = state.sampling_params.seed
+            if seed is None:
+                generators.append(self.generator)
+            else:
+                index = len(state.output_token_ids)
+                generators.append(torch.Generator(self.device).manual_seed(
+                    sampling_seed(seed, index)))
+        return SamplingBatch(params=[s.sampling_params for s in states],
+                             prompt_token_ids=[s.prompt_token_ids for s in states],
+                             output_token_ids=[s.output_token_ids for s in states],
+                             generators=generators)

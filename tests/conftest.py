@@ -1,0 +1,66 @@
+"""Shared fixtures. CPU runs use the Triton interpreter, which must be chosen before
+triton is first imported, so it is set here, ahead of every test module."""
+
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def fresh_seed() -> int:
+    """Seeds torch with a new random seed per test (torch's default seed is fixed), printed
+    so that a failure can be replayed."""
+    seed = random.SystemRandom().randrange(2**31)
+    torch.manual_seed(seed)
+    print(f"torch seed {seed}")
+    return seed
+
+
+_COMPILE_SCRIPT = """
+import importlib, json, sys
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    GPUTarget("cuda", 90, 32)
+    import triton.backends.nvidia
+except ImportError:
+    sys.exit(3)
+module_name, cases = json.loads(sys.argv[1])
+module = importlib.import_module(module_name)
+for name, types, constexprs in cases:
+    kernel = getattr(module, name)
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    signature = {arg: "constexpr" if arg in constexprs else types.get(arg, "i32")
+                 for arg in fn.arg_names}
+    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+"""
+
+
+@pytest.fixture
+def compile_for_h100():
+    """Compiles Triton kernels for sm_90 in a fresh process (no interpreter, no GPU needed),
+    catching what the interpreter lets through: constexpr rules, types, resource limits.
+
+    Call it as compile_for_h100(module, [(kernel_name, arg_types, constexprs), ...]);
+    arguments missing from both dicts compile as i32. Skips where triton has no CUDA backend.
+    """
+    import json
+    import subprocess
+    import sys
+
+    def compile_kernels(module: str, cases: list[tuple[str, dict, dict]]) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps([module, cases])],
+                              env=env, capture_output=True, text=True, timeout=240)
+        if done.returncode == 3:
+            pytest.skip("triton has no CUDA backend here")
+        assert done.returncode == 0, done.stderr[-4000:]
+    return compile_kernels

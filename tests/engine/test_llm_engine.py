@@ -1,0 +1,340 @@
+"""The engine end to end over the checking fake worker (tests/engine/fake_model.py)."""
+
+import asyncio
+import random
+
+import pytest
+
+from fake_model import VOCAB, make_engine
+from shardline.engine.async_llm import AsyncLLM
+from shardline.engine.llm import LLM
+from shardline.engine.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
+
+
+def random_prompts(count: int, low: int = 1, high: int = 40, seed: int | None = None):
+    rng = random.Random(seed)
+    return [[rng.randrange(VOCAB) for _ in range(rng.randint(low, high))] for _ in range(count)]
+
+
+def assert_all_free(engine) -> None:
+    engine.kv.check_invariants()
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+    assert not engine.has_unfinished_requests()
+    assert not engine.scheduler.seqs
+
+
+def token_ids(outputs):
+    return [[c.token_ids for c in o.outputs] for o in outputs]
+
+
+def test_batch_invariance_with_chunked_prefill():
+    prompts = random_prompts(16)
+    alone = []
+    for prompt in prompts:
+        engine = make_engine()
+        alone += LLM.from_engine(engine).generate([prompt], GREEDY)
+    engine = make_engine(max_num_batched_tokens=7)
+    batched = LLM.from_engine(engine).generate(prompts, GREEDY)
+    assert token_ids(batched) == token_ids(alone)
+    assert all(len(o.outputs[0].token_ids) == 12 for o in batched)
+    assert max(s.total_num_scheduled_tokens for s in engine.executor.steps) <= 7
+    assert_all_free(engine)
+
+
+def test_prefix_cache_hit_computes_fewer_tokens_and_matches():
+    shared = random_prompts(1, 30, 30)[0]
+    first, second = shared + [1, 2, 3], shared + [4, 5]
+    reference = LLM.from_engine(make_engine(enable_prefix_caching=False)).generate(
+        [first, second], GREEDY)
+    engine = make_engine(block_size=4)
+    llm = LLM.from_engine(engine)
+    out_first = llm.generate([first], GREEDY)[0]
+    computed_before = engine.stats.num_computed_tokens
+    out_second = llm.generate([second], GREEDY)[0]
+    assert out_first.num_cached_tokens == 0
+    assert out_second.num_cached_tokens == 28  # 7 full blocks of the shared 30 tokens
+    assert engine.stats.num_computed_tokens - computed_before == len(second) - 28 + 11
+    assert token_ids([out_first, out_second]) == token_ids(reference)
+    assert_all_free(engine)
+
+
+def test_block_aligned_prompt_recomputes_its_last_token():
+    prompt = random_prompts(1, 16, 16)[0]
+    engine = make_engine(block_size=4)
+    llm = LLM.from_engine(engine)
+    first = llm.generate([prompt], GREEDY)[0]
+    again = llm.generate([prompt], GREEDY)[0]
+    assert again.num_cached_tokens == 12
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    assert_all_free(engine)
+
+
+def test_preemption_gives_the_same_tokens():
+    prompts = random_prompts(8, 5, 20)
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    reference = LLM.from_engine(make_engine()).generate(prompts, params)
+    for caching in (True, False):
+        engine = make_engine(num_blocks=14, block_size=4, enable_prefix_caching=caching)
+        outputs = LLM.from_engine(engine).generate(prompts, params)
+        assert engine.stats.num_preemptions > 0
+        assert token_ids(outputs) == token_ids(reference)
+        assert_all_free(engine)
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent():
+    prompts = random_prompts(6)
+    seeded = [SamplingParams(temperature=0.8, seed=i, max_tokens=10) for i in range(6)]
+    alone = [LLM.from_engine(make_engine()).generate([p], s)[0] for p, s in zip(prompts, seeded)]
+    engine = make_engine(num_blocks=20, max_num_batched_tokens=9)
+    batched = LLM.from_engine(engine).generate(prompts, seeded)
+    assert token_ids(batched) == token_ids(alone)
+    other = LLM.from_engine(make_engine()).generate(
+        prompts, [SamplingParams(temperature=0.8, seed=100 + i, max_tokens=10) for i in range(6)])
+    assert token_ids(other) != token_ids(alone)
+    assert_all_free(engine)
+
+
+def test_incremental_api_and_abort_frees_blocks():
+    engine = make_engine()
+    prompts = random_prompts(3, 10, 20)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=50))
+    engine.step()
+    engine.step()
+    used = engine.kv.num_blocks - engine.kv.num_free_blocks
+    aborted = engine.abort_request("r1")
+    assert aborted.finished and aborted.outputs[0].finish_reason == "abort"
+    assert engine.kv.num_blocks - engine.kv.num_free_blocks < used
+    assert engine.abort_request("r1") is None
+    finished = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            assert output.request_id != "r1"
+            if output.finished:
+                finished[output.request_id] = output
+    assert sorted(finished) == ["r0", "r2"]
+    assert all(len(o.outputs[0].token_ids) == 50 for o in finished.values())
+    assert "r1" in engine.executor.steps[2].finished_req_ids
+    assert_all_free(engine)
+
+
+def test_stop_token_eos_and_ignore_eos():
+    prompt = random_prompts(1, 10, 10)[0]
+    full = LLM.from_engine(make_engine()).generate([prompt], GREEDY)[0].outputs[0].token_ids
+    stop_at = 5
+    token = full[stop_at]
+    first = full.index(token)
+    out = LLM.from_engine(make_engine()).generate(
+        [prompt], SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[token]))[0]
+    completion = out.outputs[0]
+    assert completion.token_ids == full[:first + 1]
+    assert (completion.finish_reason, completion.stop_reason) == ("stop", token)
+    eos_engine = make_engine(eos_token_ids=(token,))
+    llm = LLM.from_engine(eos_engine)
+    eos_out = llm.generate([prompt], GREEDY)[0].outputs[0]
+    assert eos_out.token_ids == full[:first + 1] and eos_out.stop_reason is None
+    ignored = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12,
+                                                    ignore_eos=True))[0].outputs[0]
+    assert ignored.token_ids == full and ignored.finish_reason == "length"
+    assert_all_free(eos_engine)
+
+
+def test_stop_string_truncates_text():
+    llm = LLM.from_engine(make_engine())
+    prompt = "helloworld"
+    base = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=20))[0].outputs[0]
+    stop = base.text[6:8]
+    cut = base.text.index(stop)
+    out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=20, stop=[stop]))[0]
+    completion = out.outputs[0]
+    assert completion.text == base.text[:cut]
+    assert (completion.finish_reason, completion.stop_reason) == ("stop", stop)
+    assert completion.token_ids == base.token_ids[:cut + len(stop)]
+    assert out.prompt == prompt
+
+
+def test_n_children_share_prefix_and_use_consecutive_seeds():
+    prompt = random_prompts(1, 21, 21)[0]
+    engine = make_engine(block_size=4)
+    llm = LLM.from_engine(engine)
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8)
+    out = llm.generate([prompt], params)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert out.num_cached_tokens == 2 * 20
+    for i, completion in enumerate(out.outputs):
+        single = LLM.from_engine(make_engine()).generate(
+            [prompt], SamplingParams(temperature=1.0, seed=7 + i, max_tokens=8))[0]
+        assert completion.token_ids == single.outputs[0].token_ids
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    assert_all_free(engine)
+
+
+def test_max_tokens_and_max_model_len_limit_length():
+    engine = make_engine(max_model_len=20)
+    llm = LLM.from_engine(engine)
+    prompts = random_prompts(2, 15, 15)
+    out = llm.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=3),
+                                 SamplingParams(temperature=0.0, max_tokens=50)])
+    assert [len(o.outputs[0].token_ids) for o in out] == [3, 5]
+    assert all(o.outputs[0].finish_reason == "length" for o in out)
+    assert_all_free(engine)
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ([], None, "empty"),
+    ([1] * 300, None, "max_model_len"),
+    ([1, VOCAB], None, "vocabulary"),
+    ([1, -1], None, "vocabulary"),
+    ([1, 2], dict(max_tokens=0), "max_tokens"),
+    ([1, 2], dict(temperature=-0.5), "temperature"),
+    ([1, 2], dict(top_p=0.0), "top_p"),
+    ([1, 2], dict(top_p=1.5), "top_p"),
+    ([1, 2], dict(n=0), "n"),
+    ([1, 2], dict(stop_token_ids=[VOCAB + 3]), "stop_token_ids"),
+])
+def test_bad_request_fails_alone(prompt, params, message):
+    engine = make_engine()
+    good = random_prompts(2, 5, 10)
+    engine.add_request("good0", good[0], GREEDY)
+    engine.step()
+    sampling = SamplingParams(temperature=0.0)
+    for name, value in (params or {}).items():
+        setattr(sampling, name, value)  # bypass construction-time checks: add_request re-checks
+    with pytest.raises(ValueError, match=message):
+        engine.add_request("bad", prompt, sampling)
+    with pytest.raises(ValueError, match=f"prompt 1: .*{message}"):
+        LLM.from_engine(engine).generate([good[1], prompt], [GREEDY, sampling])
+    engine.add_request("good1", good[1], GREEDY)
+    done = set()
+    while engine.has_unfinished_requests():
+        done |= {o.request_id for o in engine.step() if o.finished}
+    assert done == {"good0", "good1"}
+    assert_all_free(engine)
+
+
+def test_prompt_that_never_fits_the_kv_cache_is_rejected():
+    engine = make_engine(num_blocks=4, block_size=4)
+    with pytest.raises(ValueError, match="never fit in the KV cache"):
+        engine.add_request("big", [1] * 17)
+    out = LLM.from_engine(engine).generate([[1] * 16], SamplingParams(max_tokens=5))[0]
+    assert out.outputs[0].finish_reason == "length"
+    assert_all_free(engine)
+
+
+def test_duplicate_request_id_is_rejected():
+    engine = make_engine()
+    engine.add_request("a", [1, 2, 3])
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("a", [4, 5])
+    engine.abort_request("a")
+    assert_all_free(engine)
+
+
+def test_logprobs_are_reported_when_asked():
+    out = LLM.from_engine(make_engine()).generate(
+        [[3, 4, 5]], SamplingParams(temperature=0.0, max_tokens=4, logprobs=2))[0].outputs[0]
+    assert len(out.logprobs) == 4
+    assert all(set(lp) >= {0, 1, tok} for lp, tok in zip(out.logprobs, out.token_ids))
+    assert out.cumulative_logprob == pytest.approx(-2.0)
+
+
+def test_async_llm_streams_and_cancels():
+    engine = make_engine()
+    llm = AsyncLLM.from_engine(engine)
+    prompts = random_prompts(3, 5, 15)
+    expected = LLM.from_engine(make_engine()).generate(prompts, GREEDY)
+
+    async def collect(i):
+        seen = []
+        async for output in llm.generate(prompts[i], GREEDY, f"s{i}"):
+            seen.append(output)
+        return seen
+
+    async def cancelled():
+        async for output in llm.generate(prompts[0], SamplingParams(max_tokens=100), "c"):
+            if len(output.outputs[0].token_ids) == 3:
+                break
+
+    async def main():
+        return await asyncio.gather(*(collect(i) for i in range(3)), cancelled())
+
+    *streams, _ = asyncio.run(main())
+    for stream, ref in zip(streams, expected):
+        lengths = [len(o.outputs[0].token_ids) for o in stream]
+        assert lengths == list(range(1, 13))
+        assert stream[-1].finished and not any(o.finished for o in stream[:-1])
+        assert stream[-1].outputs[0].token_ids == ref.outputs[0].token_ids
+    assert_all_free(engine)
+
+
+def test_async_llm_cancelled_consumer_aborts_its_request():
+    engine = make_engine()
+    llm = AsyncLLM.from_engine(engine)
+    seen = []
+
+    async def consume():
+        async for output in llm.generate([5, 6, 7], SamplingParams(max_tokens=500), "c"):
+            seen.append(output)
+
+    async def main():
+        task = asyncio.create_task(consume())
+        while len(seen) < 3:
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not engine.has_unfinished_requests()
+
+    asyncio.run(main())
+    assert_all_free(engine)
+
+
+def test_async_llm_bad_request_raises_for_that_stream_only():
+    engine = make_engine()
+    llm = AsyncLLM.from_engine(engine)
+
+    async def run(prompt, request_id):
+        return [o async for o in llm.generate(prompt, GREEDY, request_id)]
+
+    async def main():
+        return await asyncio.gather(run([1, 2, 3], "ok"), run([], "bad"), return_exceptions=True)
+
+    good, bad = asyncio.run(main())
+    assert good[-1].finished and len(good[-1].outputs[0].token_ids) == 12
+    assert isinstance(bad, ValueError) and "empty" in str(bad)
+    assert_all_free(engine)
+
+
+def test_random_workload_keeps_invariants_and_matches_reference():
+    rng = random.Random()
+    block_size = rng.choice([1, 2, 4, 8])
+    engine = make_engine(num_blocks=-(-56 // block_size) + rng.randint(0, 24),
+                         block_size=block_size, max_num_seqs=rng.randint(1, 8),
+                         max_num_batched_tokens=rng.randint(4, 40),
+                         enable_prefix_caching=rng.random() < 0.7)
+    stems = random_prompts(3, 1, 20)
+    requests = {}
+    for i in range(30):
+        prompt = rng.choice(stems)[:rng.randint(1, 20)] + random_prompts(1, 1, 10)[0]
+        n = rng.randint(1, 2)
+        requests[f"q{i}"] = (prompt, SamplingParams(n=n, temperature=0.0,
+                                                    max_tokens=rng.randint(1, 20)))
+    pending, finished = list(requests), {}
+    while pending or engine.has_unfinished_requests():
+        if pending and rng.random() < 0.5:
+            request_id = pending.pop(0)
+            engine.add_request(request_id, *requests[request_id])
+        live = sorted(engine.outputs.requests)
+        if live and rng.random() < 0.05:
+            assert engine.abort_request(rng.choice(live)).finished
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+        engine.kv.check_invariants()
+    assert_all_free(engine)
+    reference = LLM.from_engine(make_engine(num_blocks=64, block_size=4))
+    for request_id, output in finished.items():
+        prompt, params = requests[request_id]
+        assert token_ids([output]) == token_ids(reference.generate([prompt], params))

@@ -1,0 +1,138 @@
+"""Scheduler policy, driven directly: budget, chunking, decode priority, preemption, FCFS."""
+
+import random
+
+from shardline.config import SchedulerConfig
+from shardline.engine.batch import ModelRunnerOutput
+from shardline.engine.kv_blocks import KVBlockManager
+from shardline.engine.sampling_params import SamplingParams
+from shardline.engine.scheduler import Scheduler
+from shardline.engine.sequence import Sequence, SequenceStatus
+
+
+def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=32, chunked=True,
+                   caching=False):
+    kv = KVBlockManager(num_blocks, block_size, caching)
+    return Scheduler(SchedulerConfig(max_num_seqs, budget, chunked), kv)
+
+
+def add(sched, name, prompt_len, arrival):
+    prompt = [random.randrange(50) for _ in range(prompt_len)]
+    seq = Sequence(name, name, 0, prompt, SamplingParams(), arrival, max_len=1000)
+    sched.add(seq)
+    return seq
+
+
+def step(sched):
+    """Schedule, pretend to run (token 1 for each sequence that completes), record."""
+    out = sched.schedule()
+    result = ModelRunnerOutput()
+    for req in out.new_requests + out.cached_requests:
+        seq = sched.seqs[req.req_id]
+        if seq.num_computed_tokens + out.num_scheduled_tokens[req.req_id] == seq.num_tokens:
+            result.req_ids.append(req.req_id)
+            result.sampled_token_ids.append(1)
+            result.logprobs.append(None)
+    sched.update(out, result)
+    return out
+
+
+def test_budget_and_max_num_seqs_are_respected():
+    sched = make_scheduler(max_num_seqs=3, budget=10)
+    for i in range(6):
+        add(sched, f"r{i}", random.randint(1, 25), i)
+    for _ in range(30):
+        out = step(sched)
+        assert out.total_num_scheduled_tokens <= 10
+        assert len(sched.running) <= 3
+        sched.kv.check_invariants()
+
+
+def test_chunked_prefill_splits_a_long_prompt():
+    sched = make_scheduler(budget=16)
+    seq = add(sched, "a", 50, 0)
+    chunks = [step(sched).num_scheduled_tokens["a"] for _ in range(5)]
+    assert chunks == [16, 16, 16, 2, 1]
+    assert seq.output_token_ids == [1, 1]
+
+
+def test_without_chunking_a_prompt_waits_for_a_whole_budget():
+    sched = make_scheduler(budget=16, chunked=False)
+    add(sched, "a", 10, 0)
+    add(sched, "b", 10, 1)
+    assert step(sched).num_scheduled_tokens == {"a": 10}
+    assert step(sched).num_scheduled_tokens == {"a": 1, "b": 10}
+
+
+def test_decodes_go_first_then_prefill_chunks_fill_the_budget():
+    sched = make_scheduler(budget=8)
+    add(sched, "a", 3, 0)
+    add(sched, "b", 3, 1)
+    step(sched)
+    add(sched, "c", 20, 2)
+    out = step(sched)
+    assert list(out.num_scheduled_tokens.items()) == [("a", 1), ("b", 1), ("c", 6)]
+    out = step(sched)
+    assert list(out.num_scheduled_tokens.items()) == [("a", 1), ("b", 1), ("c", 6)]
+    assert [r.req_id for r in out.cached_requests] == ["a", "b", "c"]
+
+
+def test_waiting_requests_are_served_first_come_first_served():
+    sched = make_scheduler(max_num_seqs=2, budget=64)
+    for i in range(5):
+        add(sched, f"r{i}", 4, i)
+    started = []
+    while sched.has_unfinished():
+        out = step(sched)
+        started += [r.req_id for r in out.new_requests]
+        for seq in list(sched.running):
+            if len(seq.output_token_ids) >= 2:
+                sched.finish(seq, SequenceStatus.FINISHED_LENGTH)
+    assert started == [f"r{i}" for i in range(5)]
+    assert sched.kv.num_free_blocks == sched.kv.num_blocks
+
+
+def test_preemption_takes_the_latest_arrival_and_resumes_it_first():
+    sched = make_scheduler(num_blocks=6, block_size=4, budget=64)
+    a, b, c = add(sched, "a", 7, 0), add(sched, "b", 7, 1), add(sched, "c", 7, 2)
+    step(sched)  # each prompt fills 2 blocks
+    for _ in range(2):
+        out = step(sched)
+    assert c.status is SequenceStatus.WAITING and c.num_preemptions == 1
+    assert a.status is b.status is SequenceStatus.RUNNING
+    assert "c" in out.finished_req_ids
+    assert sched.waiting[0] is c
+    add(sched, "d", 2, 3)
+    sched.finish(a, SequenceStatus.FINISHED_STOPPED)
+    before = list(c.token_ids)
+    out = step(sched)
+    resumed = out.new_requests[0]
+    assert resumed.req_id == "c"
+    assert resumed.prompt_token_ids + resumed.output_token_ids == before
+    assert resumed.output_token_ids == [1, 1]
+    assert out.num_scheduled_tokens["c"] == len(before)
+    sched.kv.check_invariants()
+
+
+def test_preemption_frees_budget_for_no_new_prefill_in_that_step():
+    sched = make_scheduler(num_blocks=4, block_size=4, budget=64)
+    add(sched, "a", 8, 0)
+    add(sched, "b", 8, 1)
+    step(sched)
+    add(sched, "c", 1, 2)
+    out = step(sched)
+    assert "b" not in out.num_scheduled_tokens and "c" not in out.num_scheduled_tokens
+    assert [s.seq_id for s in sched.waiting] == ["b", "c"]
+
+
+def test_prefix_cache_hit_skips_computed_tokens():
+    sched = make_scheduler(caching=True)
+    a = add(sched, "a", 13, 0)
+    step(sched)
+    b = Sequence("b", "b", 0, a.prompt_token_ids[:12] + [3, 3], SamplingParams(), 1, 1000)
+    sched.add(b)
+    out = step(sched)
+    new = out.new_requests[0]
+    assert new.num_computed_tokens == 12 and out.num_scheduled_tokens["b"] == 2
+    assert new.block_ids[:3] == sched.kv.block_table("a")[:3]
+    assert sched.stats.num_cached_tokens == 12

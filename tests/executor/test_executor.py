@@ -1,0 +1,78 @@
+"""Executor factory and the in-process executor's worker lifecycle (with a stub Worker)."""
+
+import sys
+import types
+
+import pytest
+
+from shardline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from shardline.engine.batch import ModelRunnerOutput, SchedulerOutput
+from shardline.executor import create_executor, executor_class
+from shardline.executor.uniproc import UniProcExecutor
+
+
+class StubWorker:
+    def __init__(self, config, rank=0):
+        self.config, self.rank, self.calls = config, rank, []
+
+    def init_device(self):
+        self.calls.append("init_device")
+
+    def load_model(self):
+        self.calls.append("load_model")
+
+    def determine_num_kv_blocks(self):
+        self.calls.append("determine_num_kv_blocks")
+        return 37
+
+    def initialize_cache(self, num_blocks):
+        self.calls.append(("initialize_cache", num_blocks))
+
+    def execute_model(self, scheduler_output):
+        return ModelRunnerOutput(req_ids=list(scheduler_output.num_scheduled_tokens),
+                                 sampled_token_ids=[5] * len(scheduler_output.num_scheduled_tokens),
+                                 logprobs=[None] * len(scheduler_output.num_scheduled_tokens))
+
+
+def config(**parallel):
+    return EngineConfig(ModelConfig("m"), CacheConfig(), SchedulerConfig(),
+                        ParallelConfig(**parallel))
+
+
+@pytest.fixture
+def stub_worker(monkeypatch):
+    module = types.ModuleType("shardline.worker.worker")
+    module.Worker = StubWorker
+    monkeypatch.setitem(sys.modules, "shardline.worker.worker", module)
+
+
+def test_one_rank_uses_the_in_process_executor():
+    assert executor_class(ParallelConfig()) is UniProcExecutor
+    assert executor_class(ParallelConfig(distributed_executor_backend="uni")) is UniProcExecutor
+
+
+def test_uni_backend_refuses_several_ranks():
+    with pytest.raises(ValueError, match="world_size=2"):
+        executor_class(ParallelConfig(tensor_parallel_size=2, distributed_executor_backend="uni"))
+
+
+def test_missing_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="'ray' is not available"):
+        try:
+            executor_class(ParallelConfig(distributed_executor_backend="ray"))
+        except ModuleNotFoundError:
+            pytest.fail("a missing backend must be a ValueError")
+        else:
+            pytest.skip("the ray backend exists in this build")
+
+
+def test_uniproc_brings_the_worker_up_and_relays_steps(stub_worker):
+    executor = create_executor(config())
+    assert executor.num_kv_blocks == 37
+    assert executor.worker.calls == ["init_device", "load_model", "determine_num_kv_blocks",
+                                     ("initialize_cache", 37)]
+    assert executor.collective_rpc("determine_num_kv_blocks") == [37]
+    out = executor.execute_model(SchedulerOutput(num_scheduled_tokens={"a": 3, "b": 1}))
+    assert out.req_ids == ["a", "b"] and out.sampled_token_ids == [5, 5]
+    executor.shutdown()
+    executor.shutdown()

@@ -1,0 +1,198 @@
+import hashlib
+import pickle
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from launcher import SPAWN, join_all, spawn
+
+from shardline import _shm
+from shardline.ipc import MessageQueue, MessageQueueHandle, PeerDied, RingClosed
+
+TIMEOUT = 30.0
+
+
+def digest(obj: object) -> str:
+    """A checksum of the arrays' and tensors' bytes, dtypes and shapes inside `obj`."""
+    h = hashlib.sha256()
+
+    def visit(x: object) -> None:
+        if isinstance(x, dict):
+            for key in sorted(x, key=str):
+                h.update(str(key).encode())
+                visit(x[key])
+        elif isinstance(x, (list, tuple)):
+            for item in x:
+                visit(item)
+        elif isinstance(x, np.ndarray):
+            h.update(f"{x.dtype.str}{x.shape}".encode() + np.ascontiguousarray(x).tobytes())
+        elif isinstance(x, torch.Tensor):
+            raw = x.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            h.update(f"{x.dtype}{tuple(x.shape)}".encode() + raw)
+        else:
+            h.update(repr(x).encode())
+
+    visit(obj)
+    return h.hexdigest()
+
+
+def echo_reader(handle: MessageQueueHandle, index: int, handle_pipe) -> None:
+    """Reader process: answer every message with its reader index, checksum and the message."""
+    with MessageQueue.attach(handle, index) as requests, MessageQueue.create(1, n_slots=8, slot_size=4096) as responses:
+        handle_pipe.send(responses.handle())
+        responses.wait_attached(TIMEOUT)
+        while (message := requests.dequeue(TIMEOUT)) is not None:
+            responses.enqueue({"reader": index, "digest": digest(message), "echo": message}, TIMEOUT)
+
+
+def wait_for_close(handle: MessageQueueHandle, ready_pipe) -> None:
+    """Reader process: block in dequeue until the writer closes the queue."""
+    with MessageQueue.attach(handle, 0) as requests:
+        ready_pipe.send("ready")
+        try:
+            requests.dequeue(TIMEOUT)
+        except RingClosed:
+            return
+    raise AssertionError("dequeue returned instead of raising RingClosed")
+
+
+def random_message(rng: np.random.Generator, size: int) -> dict:
+    return {
+        "seq": int(rng.integers(1 << 40)),
+        "tokens": rng.integers(0, 32_000, size=int(rng.integers(0, 64))).tolist(),
+        "hidden": torch.randn(size // 4 + 1, 3).to(torch.bfloat16),
+        "mask": torch.rand(int(rng.integers(1, 9))) < 0.5,
+        "positions": torch.arange(int(rng.integers(0, 5)), dtype=torch.int64),
+        "blob": rng.integers(0, 256, size=size, dtype=np.uint8),
+        "scalar": np.float32(rng.standard_normal()),
+        "nested": {"empty": np.zeros((0, 4)), "strided": rng.standard_normal((6, 8))[::2, ::3], "name": "x"},
+    }
+
+
+def assert_same(got: object, expected: object) -> None:
+    assert digest(got) == digest(expected)
+    assert got.keys() == expected.keys()
+    for key in ("hidden", "mask", "positions"):
+        assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key])
+    assert np.array_equal(got["blob"], expected["blob"]) and got["tokens"] == expected["tokens"]
+
+
+def test_broadcast_to_two_reader_processes_and_replies_back():
+    rng = np.random.default_rng()
+    # A 4 KiB slot ring of 8 slots: most messages span slots, the 100 KiB one spans the whole ring.
+    sizes = [0, 1, 100, 4096, 5000, 32 * 1024, 100 * 1024, *rng.integers(0, 20_000, size=8).tolist()]
+    messages = [random_message(rng, int(size)) for size in sizes]
+    with MessageQueue.create(2, n_slots=8, slot_size=4096) as requests:
+        pipes = [SPAWN.Pipe(duplex=False) for _ in range(2)]
+        procs = [spawn(echo_reader, requests.handle(), index, sender) for index, (_, sender) in enumerate(pipes)]
+        try:
+            responses = []
+            for receiver, _ in pipes:
+                assert receiver.poll(TIMEOUT), "a reader did not send its response handle"
+                responses.append(MessageQueue.attach(receiver.recv(), 0))
+            requests.wait_attached(TIMEOUT)
+            for message in messages:
+                requests.enqueue(message, TIMEOUT)
+                for index, response in enumerate(responses):
+                    reply = response.dequeue(TIMEOUT)
+                    assert reply["reader"] == index and reply["digest"] == digest(message)
+                    assert_same(reply["echo"], message)
+            requests.enqueue(None, TIMEOUT)
+            join_all(procs, TIMEOUT)
+        finally:
+            join_all(procs, 0)
+
+
+def test_close_wakes_a_dequeue_blocked_in_another_process():
+    requests = MessageQueue.create(1)
+    receiver, sender = SPAWN.Pipe(duplex=False)
+    proc = spawn(wait_for_close, requests.handle(), sender)
+    assert receiver.poll(TIMEOUT), "the reader did not start"
+    receiver.recv()
+    time.sleep(0.2)
+    requests.close()
+    join_all([proc], TIMEOUT)
+
+
+def test_close_wakes_a_dequeue_blocked_in_another_thread():
+    with MessageQueue.create(1) as writer, MessageQueue.attach(writer.handle(), 0) as reader:
+        raised = []
+
+        def wait() -> None:
+            try:
+                reader.dequeue(TIMEOUT)
+            except RingClosed as exc:
+                raised.append(exc)
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        time.sleep(0.1)
+        writer.close()
+        thread.join(TIMEOUT)
+        assert not thread.is_alive() and len(raised) == 1
+
+
+def test_dequeue_times_out_on_an_empty_queue():
+    with MessageQueue.create(1) as writer, MessageQueue.attach(writer.handle(), 0) as reader:
+        timeout = 0.05 + float(np.random.default_rng().random()) * 0.1
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            reader.dequeue(timeout)
+        assert timeout <= time.monotonic() - start < timeout + 2.0
+
+
+def test_unsupported_object_raises_type_error_and_sends_nothing():
+    class Opaque:
+        pass
+
+    with MessageQueue.create(1) as writer, MessageQueue.attach(writer.handle(), 0) as reader:
+        with pytest.raises(TypeError, match="Opaque"):
+            writer.enqueue({"ok": np.arange(3), "bad": Opaque()})
+        if torch.cuda.is_available():
+            with pytest.raises(TypeError, match="cuda"):
+                writer.enqueue(torch.ones(2, device="cuda"))
+        with pytest.raises(TypeError, match="device meta"):
+            writer.enqueue(torch.ones(2, device="meta"))
+        with pytest.raises(TimeoutError):
+            reader.dequeue(0.05)
+        value = np.random.default_rng().integers(1 << 62)
+        writer.enqueue([value])
+        assert reader.dequeue(TIMEOUT) == [value]
+
+
+def test_tuples_arrive_as_lists_in_order():
+    rng = np.random.default_rng()
+    objects = [(int(x), ("a", float(x))) for x in rng.integers(0, 1000, size=20)]
+    with MessageQueue.create(1) as writer, MessageQueue.attach(writer.handle(), 0) as reader:
+        for obj in objects:
+            writer.enqueue(obj)
+            assert reader.dequeue(TIMEOUT) == [obj[0], list(obj[1])]
+
+
+def test_handle_is_small_and_picklable():
+    with MessageQueue.create(3) as writer:
+        handle = writer.handle()
+        data = pickle.dumps(handle)
+        assert len(data) < 256 and pickle.loads(data) == handle and handle.n_readers == 3
+
+
+def test_attach_rejects_a_reader_index_out_of_range():
+    with MessageQueue.create(2) as writer:
+        for index in (-1, 2):
+            with pytest.raises(ValueError, match=f"reader_index={index}"):
+                MessageQueue.attach(writer.handle(), index)
+
+
+def test_each_end_does_only_its_own_job():
+    with MessageQueue.create(1) as writer, MessageQueue.attach(writer.handle(), 0) as reader:
+        assert writer.reader_index == -1 and reader.reader_index == 0
+        with pytest.raises(RuntimeError, match="only the writer enqueues"):
+            reader.enqueue(1)
+        with pytest.raises(RuntimeError, match="only readers dequeue"):
+            writer.dequeue(0)
+
+
+def test_exceptions_are_the_ring_exceptions():
+    assert RingClosed is _shm.RingClosed and PeerDied is _shm.PeerDied

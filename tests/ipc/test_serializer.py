@@ -1,0 +1,182 @@
+import numpy as np
+import pytest
+import torch
+
+from shardline.ipc.serializer import Decoder, Encoder
+
+NUMPY_DTYPES = [np.float32, np.float64, np.float16, np.int64, np.int8, np.uint8, np.bool_, np.complex64]
+TORCH_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool]
+SHAPES = [(), (0,), (3, 0, 2), (7,), (5, 6), (2, 3, 4)]
+
+
+def round_trip(obj: object) -> object:
+    frame = bytearray(b"".join(Encoder().encode(obj)))
+    return Decoder().decode(frame)
+
+
+def random_array(rng: np.random.Generator, shape: tuple, dtype) -> np.ndarray:
+    if np.dtype(dtype).kind == "b":
+        return np.asarray(rng.random(shape) < 0.5)
+    if np.dtype(dtype).kind == "c":
+        return np.asarray(rng.standard_normal(shape) + 1j * rng.standard_normal(shape), dtype=dtype)
+    if np.dtype(dtype).kind in "iu":
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def random_tensor(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.bool:
+        return torch.rand(shape) < 0.5
+    if not dtype.is_floating_point:
+        info = torch.iinfo(dtype)
+        return torch.randint(info.min, info.max, shape, dtype=dtype)
+    return torch.randn(shape).to(dtype)
+
+
+def assert_same_array(got: object, expected: np.ndarray) -> None:
+    assert isinstance(got, np.ndarray)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert np.array_equal(got, expected)
+
+
+def assert_same_tensor(got: object, expected: torch.Tensor) -> None:
+    assert isinstance(got, torch.Tensor)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", NUMPY_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_numpy_array_round_trip(dtype, shape):
+    array = random_array(np.random.default_rng(), shape, dtype)
+    assert_same_array(round_trip(array), array)
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_torch_tensor_round_trip(dtype, shape):
+    tensor = random_tensor(shape, dtype)
+    assert_same_tensor(round_trip(tensor), tensor)
+
+
+def test_non_contiguous_inputs_arrive_equal_and_contiguous():
+    rng = np.random.default_rng()
+    array = random_array(rng, (6, 8), np.int64)
+    tensor = random_tensor((6, 8), torch.bfloat16)
+    inputs = {
+        "transposed": array.T,
+        "strided": array[::2, 1::3],
+        "fortran": np.asfortranarray(array),
+        "negative_stride": array[::-1],
+        "t_transposed": tensor.t(),
+        "t_strided": tensor[1::2, ::3],
+        "t_expanded": torch.randn(1, 5).expand(4, 5),
+        "t_conj": torch.randn(3, dtype=torch.complex64).conj(),
+    }
+    out = round_trip(inputs)
+    for key, value in inputs.items():
+        if isinstance(value, np.ndarray):
+            assert_same_array(out[key], value)
+            assert out[key].flags.c_contiguous
+        else:
+            assert_same_tensor(out[key], value.resolve_conj())
+            assert out[key].is_contiguous()
+
+
+def test_nested_structure_round_trip():
+    rng = np.random.default_rng()
+    token_ids = rng.integers(0, 50_000, size=int(rng.integers(1, 100))).tolist()
+    obj = {
+        "req_id": f"req-{rng.integers(1 << 30)}",
+        "token_ids": token_ids,
+        "nested": [{"logits": random_tensor((3, 5), torch.float32)}, [random_array(rng, (4,), np.float16), None]],
+        7: b"\x00raw\xff",
+        "flags": [True, False, None, 1.5, -(2**63), 2**64 - 1],
+        "empty": {"list": [], "dict": {}, "str": "", "bytes": b""},
+    }
+    out = round_trip(obj)
+    assert out.keys() == obj.keys()
+    assert out["req_id"] == obj["req_id"] and out["token_ids"] == token_ids
+    assert_same_tensor(out["nested"][0]["logits"], obj["nested"][0]["logits"])
+    assert_same_array(out["nested"][1][0], obj["nested"][1][0])
+    assert out["nested"][1][1] is None
+    assert out[7] == obj[7] and out["flags"] == obj["flags"] and out["empty"] == obj["empty"]
+
+
+def test_numpy_scalars_keep_their_type():
+    rng = np.random.default_rng()
+    scalars = [np.int64(rng.integers(-(2**62), 2**62)), np.float32(rng.standard_normal()), np.bool_(True), np.uint8(200)]
+    out = round_trip(scalars)
+    for got, expected in zip(out, scalars, strict=True):
+        assert type(got) is type(expected) and got == expected
+
+
+def test_tuples_arrive_as_lists_and_bytearray_as_bytes():
+    assert round_trip({"shape": (2, (3, 4)), "raw": bytearray(b"ab")}) == {"shape": [2, [3, 4]], "raw": b"ab"}
+
+
+def test_arrays_share_the_frame_aligned():
+    rng = np.random.default_rng()
+    obj = [random_array(rng, (int(rng.integers(1, 50)),), np.uint8), random_tensor((3, 3), torch.float64)]
+    frame = bytearray(b"".join(Encoder().encode(obj)))
+    array, tensor = Decoder().decode(frame)
+    frame_start = np.frombuffer(frame, np.uint8).ctypes.data
+    for address in (array.ctypes.data, tensor.data_ptr()):
+        assert frame_start <= address < frame_start + len(frame)
+        assert (address - frame_start) % 64 == 0
+    frame[-1] ^= 0xFF
+    assert tensor.view(torch.uint8).flatten()[-1] == frame[-1]
+
+
+def test_contiguous_inputs_are_encoded_without_copy():
+    array = random_array(np.random.default_rng(), (128,), np.float32)
+    tensor = random_tensor((16, 4), torch.bfloat16)
+    parts = Encoder().encode({"a": array, "t": tensor})
+    assert any(part is array for part in parts)
+    addresses = [part.ctypes.data for part in parts if isinstance(part, np.ndarray)]
+    assert tensor.data_ptr() in addresses
+
+
+class Opaque:
+    pass
+
+
+@pytest.mark.parametrize(
+    "obj, message",
+    [
+        (Opaque(), "test_serializer.Opaque"),
+        ({"nested": [{1, 2}]}, "type set"),
+        (np.array([object()]), "dtype object"),
+        (np.zeros(2, dtype=[("a", "<i4")]), "dtype"),
+        (torch.empty(2, device="meta"), "device meta"),
+        (torch.eye(3).to_sparse(), "layout torch.sparse_coo"),
+        (2**64, "64 bits"),
+        (-(2**63) - 1, "64 bits"),
+    ],
+    ids=["class", "set", "object_array", "structured_array", "meta_tensor", "sparse_tensor", "big_int", "small_int"],
+)
+def test_unsupported_objects_raise_type_error(obj, message):
+    with pytest.raises(TypeError, match=message):
+        Encoder().encode(obj)
+
+
+def test_encoder_is_reusable_after_an_error():
+    encoder = Encoder()
+    with pytest.raises(TypeError):
+        encoder.encode([np.arange(3), Opaque()])
+    array = np.arange(5)
+    assert_same_array(Decoder().decode(bytearray(b"".join(encoder.encode(array)))), array)
+
+
+@pytest.mark.parametrize("cut", [2, 5, -1], ids=["header", "meta", "buffer"])
+def test_truncated_frame_raises_value_error(cut):
+    frame = b"".join(Encoder().encode({"x": np.arange(10)}))
+    with pytest.raises(ValueError, match="bytes"):
+        Decoder().decode(bytearray(frame[:cut]))
+
+
+def test_trailing_bytes_raise_value_error():
+    frame = b"".join(Encoder().encode([1, 2]))
+    with pytest.raises(ValueError, match="beyond"):
+        Decoder().decode(bytearray(frame + b"\x00"))

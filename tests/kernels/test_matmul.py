@@ -1,0 +1,131 @@
+"""The Triton sharded matmul against its torch reference, in the interpreter on CPU."""
+
+import pytest
+import torch
+
+from shardline import kernels
+from shardline.kernels import reference
+
+matmul = pytest.importorskip("shardline.kernels.matmul")
+
+pytestmark = pytest.mark.usefixtures("fresh_seed")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))]
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+def dtypes(device: str) -> list[torch.dtype]:
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+
+
+def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert not actual.isnan().any(), "unwritten (NaN) elements in the output"
+    scale = expected.float().abs().max().clamp_min(1e-6)
+    error = (actual.float() - expected.float()).abs().max() / scale
+    assert error < TOLERANCE[actual.dtype], f"relative error {error:.2e}"
+
+
+def inputs(m: int, n: int, k: int, dtype: torch.dtype, device: str):
+    x = torch.randn(m, k, dtype=dtype, device=device)
+    w = torch.randn(n, k, dtype=dtype, device=device) / k ** 0.5
+    return x, w, torch.randn(n, dtype=dtype, device=device), torch.randn(m, n, dtype=dtype,
+                                                                           device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,n,k,split_k", [(37, 45, 70, None), (1, 64, 96, None),
+                                           (5, 33, 200, 3), (16, 40, 64, 2)])
+def test_linear_matches_reference(device, m, n, k, split_k):
+    for dtype in dtypes(device):
+        x, w, bias, residual = inputs(m, n, k, dtype, device)
+        for b, r in [(None, None), (bias, None), (bias, residual), (None, residual)]:
+            out = poisoned((m, n), dtype, device)
+            matmul.linear(x, w, b, r, out=out, split_k=split_k)
+            assert_close(out, reference.linear(x, w, b, r))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,n,k,split_k", [(19, 35, 50, None), (3, 24, 160, 4)])
+def test_linear_silu_mul_matches_reference(device, m, n, k, split_k):
+    for dtype in dtypes(device):
+        x, w, bias, _ = inputs(m, 2 * n, k, dtype, device)
+        for b in (None, bias):
+            out = poisoned((m, n), dtype, device)
+            matmul.linear_silu_mul(x, w, b, out=out, split_k=split_k)
+            assert_close(out, reference.linear_silu_mul(x, w, b))
+
+
+def test_linear_reads_strided_input():
+    x = torch.randn(70, 21)[::2, 1:]
+    w = torch.randn(30, 20)
+    assert_close(matmul.linear(x, w), reference.linear(x, w))
+
+
+def test_split_k_chosen_for_decode_shapes_only():
+    cpu = torch.device("cpu")
+    assert matmul.choose_split_k(1, 64, 4096, cpu) > 1
+    assert matmul.choose_split_k(matmul.SPLIT_K_MAX_M + 1, 64, 4096, cpu) == 1
+    assert matmul.choose_split_k(1, 64, 32, cpu) == 1
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(x=(4, 8), w=(6, 9)), "same K"),
+    (dict(x=(4, 8), w=(6, 8), bias=(5,)), "bias must be"),
+    (dict(x=(4, 8), w=(6, 8), residual=(4, 5)), "residual must be"),
+])
+def test_linear_rejects_bad_shapes(kwargs, match):
+    x, w = torch.randn(kwargs["x"]), torch.randn(kwargs["w"])
+    bias = torch.randn(kwargs["bias"]) if "bias" in kwargs else None
+    residual = torch.randn(kwargs["residual"]) if "residual" in kwargs else None
+    with pytest.raises(ValueError, match=match):
+        matmul.linear(x, w, bias, residual)
+
+
+def test_linear_rejects_bad_out_and_split_k():
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    with pytest.raises(ValueError, match="out must be"):
+        matmul.linear(x, w, out=torch.empty(4, 5))
+    with pytest.raises(ValueError, match="split_k must be"):
+        matmul.linear(x, w, split_k=0)
+
+
+def test_linear_of_no_rows_is_empty():
+    assert matmul.linear(torch.randn(0, 8), torch.randn(5, 8)).shape == (0, 5)
+
+
+def test_linear_silu_mul_rejects_odd_rows():
+    with pytest.raises(ValueError, match="even row count"):
+        matmul.linear_silu_mul(torch.randn(2, 8), torch.randn(7, 8))
+
+
+def test_dispatch_routes_cpu_tensors_to_triton_only_when_forced(monkeypatch):
+    monkeypatch.setattr(matmul, "linear", lambda *args: "triton linear")
+    monkeypatch.setattr(matmul, "linear_silu_mul", lambda *args: "triton silu")
+    x, w = torch.randn(3, 8), torch.randn(6, 8)
+    monkeypatch.setenv("SHARDLINE_FORCE_TRITON", "1")
+    assert kernels.linear(x, w) == "triton linear"
+    assert kernels.linear_silu_mul(x, w) == "triton silu"
+    monkeypatch.delenv("SHARDLINE_FORCE_TRITON")
+    assert torch.equal(kernels.linear(x, w), reference.linear(x, w))
+    assert torch.equal(kernels.linear_silu_mul(x, w), reference.linear_silu_mul(x, w))
+
+
+def test_kernels_compile_for_h100(compile_for_h100):
+    tiles = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+    io = dict(x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", res_ptr="*bf16",
+              out_ptr="*bf16", ws_ptr="*fp32")
+    compile_for_h100("shardline.kernels.matmul", [
+        ("_matmul_kernel", io, dict(HAS_BIAS=True, HAS_RESIDUAL=True, SILU_MUL=False,
+                                    PRECISION="tf32", **tiles)),
+        ("_matmul_kernel", io, dict(HAS_BIAS=True, HAS_RESIDUAL=False, SILU_MUL=True,
+                                    PRECISION="tf32", **tiles)),
+        ("_matmul_partial_kernel", io, dict(PRECISION="ieee", BLOCK_M=16, BLOCK_N=64,
+                                            BLOCK_K=128, GROUP_M=8)),
+        ("_splitk_reduce_kernel", io, dict(HAS_BIAS=True, HAS_RESIDUAL=True, SILU_MUL=True,
+                                           BLOCK_N=1024)),
+    ])

@@ -1,0 +1,124 @@
+"""The Triton fused MoE against its torch reference, including expert parallelism."""
+
+import pytest
+import torch
+
+from shardline import kernels
+from shardline.kernels import reference
+
+moe = pytest.importorskip("shardline.kernels.moe")
+
+pytestmark = pytest.mark.usefixtures("fresh_seed")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))]
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+def dtypes(device: str) -> list[torch.dtype]:
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert not actual.isnan().any(), "unwritten (NaN) elements in the output"
+    scale = expected.float().abs().max().clamp_min(1e-6)
+    error = (actual.float() - expected.float()).abs().max() / scale
+    assert error < TOLERANCE[actual.dtype], f"relative error {error:.2e}"
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """torch.empty returns NaN-filled floats, so intermediates the kernels skip show up."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def moe_inputs(tokens, hidden, inter, experts, global_experts, topk, dtype, device):
+    x = torch.randn(tokens, hidden, dtype=dtype, device=device)
+    w13 = torch.randn(experts, 2 * inter, hidden, dtype=dtype, device=device) / hidden ** 0.5
+    w2 = torch.randn(experts, hidden, inter, dtype=dtype, device=device) / inter ** 0.5
+    scores = torch.randn(tokens, global_experts, device=device)
+    weights, ids = scores.softmax(-1).topk(topk, dim=-1)
+    return x, w13, w2, weights.to(dtype), ids
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tokens,hidden,inter,experts,topk", [
+    (7, 40, 24, 4, 2), (1, 32, 48, 8, 2), (20, 24, 36, 3, 1), (33, 16, 16, 6, 3)])
+def test_fused_moe_matches_reference(nan_empty, device, tokens, hidden, inter, experts, topk):
+    for dtype in dtypes(device):
+        x, w13, w2, weights, ids = moe_inputs(tokens, hidden, inter, experts, experts, topk,
+                                              dtype, device)
+        out = torch.full_like(x, float("nan"))
+        moe.fused_moe(x, w13, w2, weights, ids, out=out)
+        assert_close(out, reference.fused_moe(x, w13, w2, weights, ids))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_moe_skips_experts_of_other_ranks(nan_empty, device):
+    tokens, hidden, inter, local, ranks, topk = 9, 24, 20, 3, 3, 2
+    for rank in range(ranks):
+        x, w13, w2, weights, ids = moe_inputs(tokens, hidden, inter, local, local * ranks,
+                                              topk, torch.float32, device)
+        offset = rank * local
+        out = torch.full_like(x, float("nan"))
+        moe.fused_moe(x, w13, w2, weights, ids, offset, out=out)
+        assert_close(out, reference.fused_moe(x, w13, w2, weights, ids, offset))
+
+
+def test_fused_moe_with_no_owned_choices_is_zero(nan_empty):
+    x, w13, w2, weights, ids = moe_inputs(5, 16, 16, 2, 2, 1, torch.float32, "cpu")
+    assert torch.equal(moe.fused_moe(x, w13, w2, weights, ids, expert_offset=2),
+                       torch.zeros_like(x))
+
+
+def test_moe_align_pads_each_expert_to_the_block():
+    experts, block_m = 5, 4
+    ids = torch.randint(0, experts + 2, (11, 2))
+    ids[ids == 1] = 0  # local expert 1 gets no tokens
+    sorted_pairs, block_experts = moe.moe_align(ids, block_m, 0, experts)
+    flat = ids.flatten()
+    blocks = sorted_pairs.view(-1, block_m)
+    seen = []
+    for block, expert in zip(blocks.tolist(), block_experts.tolist()):
+        pairs = [p for p in block if p < flat.numel()]
+        if expert == moe.PAST_END.value:
+            assert not pairs
+            continue
+        assert pairs, "a block with no pairs before the end"
+        owners = {int(flat[p]) if flat[p] < experts else moe.NOT_OWNED.value for p in pairs}
+        assert owners == {expert}
+        seen += pairs
+    assert sorted(seen) == list(range(flat.numel()))
+    assert 1 not in block_experts.tolist()
+
+
+def test_fused_moe_rejects_mismatched_shapes():
+    x, w13, w2, weights, ids = moe_inputs(4, 16, 8, 2, 2, 1, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="w2 must be"):
+        moe.fused_moe(x, w13, w2[:, :8], weights, ids)
+    with pytest.raises(ValueError, match="topk_weights must have"):
+        moe.fused_moe(x, w13, w2, weights[:2], ids)
+
+
+def test_dispatch_routes_cpu_tensors_to_triton_only_when_forced(monkeypatch):
+    monkeypatch.setattr(moe, "fused_moe", lambda *args: "triton moe")
+    args = moe_inputs(4, 16, 8, 2, 2, 1, torch.float32, "cpu")
+    monkeypatch.setenv("SHARDLINE_FORCE_TRITON", "1")
+    assert kernels.fused_moe(*args) == "triton moe"
+    monkeypatch.delenv("SHARDLINE_FORCE_TRITON")
+    assert torch.equal(kernels.fused_moe(*args), reference.fused_moe(*args))
+
+
+def test_kernel_compiles_for_h100(compile_for_h100):
+    io = dict(a_ptr="*bf16", w_ptr="*bf16", sorted_pairs_ptr="*i32",
+              block_experts_ptr="*i32", topk_weights_ptr="*bf16")
+    compile_for_h100("shardline.kernels.moe", [
+        ("_moe_gemm_kernel", {**io, "out_ptr": "*bf16" if gate_up else "*fp32"},
+         dict(GATE_UP=gate_up, PRECISION="tf32", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64))
+        for gate_up in (True, False)
+    ])

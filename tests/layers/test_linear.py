@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from shardline.distributed import parallel_state
+from shardline.distributed.parallel_state import GroupCoordinate
+from shardline.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from shardline.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
+                                     QKVParallelLinear, RowParallelLinear)
+
+
+@pytest.fixture
+def tp_rank(monkeypatch):
+    """Pretend to be one rank of a tensor-parallel group (weights only, no collectives)."""
+    def set_rank(rank: int, size: int) -> None:
+        monkeypatch.setattr(parallel_state, "_tp", GroupCoordinate(rank, size))
+    return set_rank
+
+
+def test_qkv_loader_takes_this_ranks_heads(tp_rank):
+    heads, kv_heads, dim, hidden = 4, 2, 3, 5
+    q, k, v = (torch.randn(n * dim, hidden) for n in (heads, kv_heads, kv_heads))
+    for rank in range(2):
+        tp_rank(rank, 2)
+        layer = QKVParallelLinear(hidden, dim, heads, kv_heads)
+        for name, w in zip("qkv", (q, k, v)):
+            layer.weight_loader(layer.weight, w, f"{name}_proj.weight", name)
+        q_part, k_part, v_part = q.chunk(2)[rank], k.chunk(2)[rank], v.chunk(2)[rank]
+        assert torch.equal(layer.weight, torch.cat([q_part, k_part, v_part]))
+
+
+def test_merged_and_row_loaders_split_by_rank(tp_rank):
+    gate, up, down = torch.randn(8, 6), torch.randn(8, 6), torch.randn(6, 8)
+    for rank in range(2):
+        tp_rank(rank, 2)
+        merged = MergedColumnParallelLinear(6, [8, 8])
+        merged.weight_loader(merged.weight, gate, "gate_proj.weight", 0)
+        merged.weight_loader(merged.weight, up, "up_proj.weight", 1)
+        assert torch.equal(merged.weight, torch.cat([gate.chunk(2)[rank], up.chunk(2)[rank]]))
+        row = RowParallelLinear(8, 6)
+        row.weight_loader(row.weight, down, "down_proj.weight")
+        assert torch.equal(row.weight, down.chunk(2, dim=1)[rank])
+
+
+def test_single_rank_linear_computes_x_wt_plus_b():
+    layer = ColumnParallelLinear(4, 3, bias=True)
+    w, b = torch.randn(3, 4), torch.randn(3)
+    layer.weight_loader(layer.weight, w, "w")
+    layer.weight_loader(layer.bias, b, "b")
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(layer(x), x @ w.T + b)
+
+
+def test_vocab_partition_pads_last_rank(tp_rank):
+    table = torch.randn(7, 4)
+    tp_rank(1, 2)
+    emb = VocabParallelEmbedding(7, 4)
+    emb.weight_loader(emb.weight, table, "embed_tokens.weight")
+    assert torch.equal(emb.weight[:3], table[4:])
+    assert torch.count_nonzero(emb.weight[3]) == 0
+
+
+def test_lm_head_and_embedding_single_rank():
+    table = torch.randn(11, 4)
+    head = ParallelLMHead(11, 4)
+    head.weight_loader(head.weight, table, "lm_head.weight")
+    h = torch.randn(2, 4)
+    torch.testing.assert_close(head(h), h @ table.T)
+    emb = VocabParallelEmbedding(11, 4)
+    emb.weight_loader(emb.weight, table, "embed_tokens.weight")
+    assert torch.equal(emb(torch.tensor([3, 10])), table[[3, 10]])
+
+
+def test_wrong_shape_names_tensor_and_shapes():
+    layer = RowParallelLinear(8, 6)
+    with pytest.raises(ValueError, match=r"'x\.down_proj\.weight' has shape \[6, 7\], "
+                                         r"expected \[6, 8\]"):
+        layer.weight_loader(layer.weight, torch.randn(6, 7), "x.down_proj.weight")

@@ -1,0 +1,37 @@
+import torch
+
+from shardline.layers.moe import FusedMoE, select_experts
+
+
+def test_select_experts_top_k_and_renormalize():
+    logits = torch.randn(5, 6)
+    w, ids = select_experts(logits, 2, renormalize=False)
+    probs = logits.softmax(-1)
+    assert torch.equal(ids, probs.topk(2).indices)
+    torch.testing.assert_close(w, probs.topk(2).values)
+    w_norm, _ = select_experts(logits, 2, renormalize=True)
+    torch.testing.assert_close(w_norm.sum(-1), torch.ones(5))
+
+
+def test_per_expert_and_fused_checkpoints_load_the_same():
+    experts, hidden, inter = 3, 4, 6
+    gate, up = torch.randn(experts, inter, hidden), torch.randn(experts, inter, hidden)
+    down = torch.randn(experts, hidden, inter)
+    per_expert = FusedMoE(experts, 2, hidden, inter, renormalize=True)
+    for e in range(experts):
+        per_expert.weight_loader(per_expert.w13, gate[e], f"{e}.w1", "gate", expert_id=e)
+        per_expert.weight_loader(per_expert.w13, up[e], f"{e}.w3", "up", expert_id=e)
+        per_expert.weight_loader(per_expert.w2, down[e], f"{e}.w2", "down", expert_id=e)
+    fused = FusedMoE(experts, 2, hidden, inter, renormalize=True)
+    fused.weight_loader(fused.w13, torch.cat([gate, up], dim=1), "gate_up_proj", "gate_up")
+    fused.weight_loader(fused.w2, down, "down_proj", "down_all")
+    assert torch.equal(per_expert.w13, fused.w13) and torch.equal(per_expert.w2, fused.w2)
+    x, router = torch.randn(7, hidden), torch.randn(7, experts)
+    w, ids = select_experts(router, 2, renormalize=True)
+    expected = torch.zeros(7, hidden)
+    for t in range(7):
+        for slot in range(2):
+            e = int(ids[t, slot])
+            h = torch.nn.functional.silu(gate[e] @ x[t]) * (up[e] @ x[t])
+            expected[t] += w[t, slot] * (down[e] @ h)
+    torch.testing.assert_close(fused(x, router), expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,115 @@
+import math
+
+import pytest
+import torch
+
+from shardline.engine.sampling_params import SamplingParams
+from shardline.layers.sampler import Sampler, SamplingBatch, apply_filters, apply_penalties
+
+V = 50
+
+
+def _batch(params, prompts=None, outputs=None, seeds=None) -> SamplingBatch:
+    n = len(params)
+    gens = [torch.Generator().manual_seed(s) for s in (seeds or range(n))]
+    return SamplingBatch(params, prompts or [[]] * n, outputs or [[]] * n, gens)
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    logits = torch.randn(3, V)
+    out = apply_filters(logits, [SamplingParams(top_k=k) for k in (1, 5, -1)])
+    for row, k in zip(range(3), (1, 5, V)):
+        kept = torch.isfinite(out[row]).nonzero().flatten()
+        assert set(kept.tolist()) == set(logits[row].topk(k).indices.tolist())
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    logits = torch.randn(1, V)
+    p = 0.6
+    out = apply_filters(logits, [SamplingParams(top_p=p)])
+    probs = logits.softmax(-1)[0]
+    order = probs.argsort(descending=True)
+    need = int((probs[order].cumsum(0) < p).sum()) + 1
+    kept = torch.isfinite(out[0]).nonzero().flatten()
+    assert set(kept.tolist()) == set(order[:need].tolist())
+
+
+def test_min_p_drops_tokens_below_fraction_of_max():
+    logits = torch.randn(1, V)
+    out = apply_filters(logits, [SamplingParams(min_p=0.3)])
+    probs = logits.softmax(-1)[0]
+    expected = (probs >= 0.3 * probs.max()).nonzero().flatten()
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == expected.tolist()
+
+
+def test_temperature_scales_logits():
+    logits = torch.randn(1, V)
+    out = apply_filters(logits, [SamplingParams(temperature=0.5)])
+    torch.testing.assert_close(out, logits / 0.5)
+
+
+def test_penalties_math():
+    logits = torch.randn(1, V) * 3
+    prompt, output = [1, 2], [2, 3, 3]
+    params = SamplingParams(repetition_penalty=1.5, presence_penalty=0.5, frequency_penalty=0.25)
+    out = apply_penalties(logits.clone(), _batch([params], [prompt], [output]))
+    expected = logits.clone()
+    for t in {1, 2, 3}:
+        x = expected[0, t]
+        expected[0, t] = x / 1.5 if x > 0 else x * 1.5
+    for t, count in ((2, 1), (3, 2)):
+        expected[0, t] -= 0.25 * count + 0.5
+    torch.testing.assert_close(out, expected)
+
+
+def test_greedy_takes_argmax_after_penalties():
+    logits = torch.randn(2, V)
+    best = int(logits[0].argmax())
+    params = [SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.0, frequency_penalty=2.0)]
+    logits[1, best] = logits[1].max() + 1.0
+    tokens, _ = Sampler()(logits, _batch(params, outputs=[[], [best] * 3]))
+    assert tokens[0] == best
+    assert tokens[1] != best
+
+
+def test_seeded_draw_ignores_batch_mates():
+    logits = torch.randn(1, V)
+    alone, _ = Sampler()(logits, _batch([SamplingParams(seed=1)], seeds=[7]))
+    mates = torch.randn(3, V)
+    batch = _batch([SamplingParams()] * 3 + [SamplingParams(seed=1)], seeds=[1, 2, 3, 7])
+    together, _ = Sampler()(torch.cat([mates, logits]), batch)
+    assert together[3] == alone[0]
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.tensor([[0.0, math.log(3.0)] + [-1e9] * (V - 2)])
+    gen = torch.Generator().manual_seed(0)
+    batch = SamplingBatch([SamplingParams()], [[]], [[]], [gen])
+    draws = [Sampler()(logits, batch)[0][0] for _ in range(400)]
+    assert set(draws) <= {0, 1}
+    assert 0.65 < draws.count(1) / 400 < 0.85
+
+
+def test_sampled_token_respects_filters():
+    logits = torch.randn(8, V)
+    tokens, _ = Sampler()(logits, _batch([SamplingParams(top_k=3)] * 8))
+    for row, tok in enumerate(tokens):
+        assert tok in logits[row].topk(3).indices.tolist()
+
+
+def test_logprobs_top_n_and_sampled():
+    logits = torch.randn(2, V)
+    params = [SamplingParams(temperature=0.0, logprobs=3), SamplingParams(logprobs=0)]
+    tokens, logprobs = Sampler()(logits, _batch(params))
+    ref = logits.log_softmax(-1)
+    assert logprobs[0].top_token_ids == ref[0].topk(3).indices.tolist()
+    assert logprobs[0].top_logprobs == pytest.approx(ref[0].topk(3).values.tolist(), abs=1e-5)
+    assert logprobs[0].sampled_logprob == pytest.approx(float(ref[0, tokens[0]]), abs=1e-5)
+    assert logprobs[1].top_token_ids == []
+    assert logprobs[1].sampled_logprob == pytest.approx(float(ref[1, tokens[1]]), abs=1e-5)
+
+
+def test_no_logprobs_unless_asked():
+    _, logprobs = Sampler()(torch.randn(2, V), _batch([SamplingParams()] * 2))
+    assert logprobs == [None, None]

@@ -1,0 +1,67 @@
+"""Parity with Hugging Face transformers on the same checkpoints (fp32, CPU)."""
+
+import warnings
+
+import pytest
+import torch
+
+from shardline.engine.sampling_params import SamplingParams
+from shardline.presets import resolve_model
+from worker_driver import WorkerDriver, make_worker
+
+transformers = pytest.importorskip("transformers")
+
+ARCHITECTURES = ["tiny-llama", "tiny-llama3", "tiny-qwen2", "tiny-mistral", "tiny-mixtral",
+                 "tiny-qwen2-moe"]
+
+
+@pytest.fixture(scope="module")
+def hf_models():
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cache[name] = transformers.AutoModelForCausalLM.from_pretrained(
+                    resolve_model(name), dtype=torch.float32).eval()
+        return cache[name]
+    return get
+
+
+def _prompts(count: int, lengths: tuple[int, int]) -> list[list[int]]:
+    return [torch.randint(3, 259, (int(torch.randint(*lengths, (1,))),)).tolist()
+            for _ in range(count)]
+
+
+def _hf_greedy(model, prompt: list[int], max_new: int) -> list[int]:
+    """Greedy continuation that, like the worker, does not stop at EOS."""
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new):
+            tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_prompt_logits_match_transformers(name, hf_models):
+    hf = hf_models(name)
+    driver = WorkerDriver(make_worker(name, block_size=4))
+    prompts = _prompts(4, (5, 60))
+    ours = driver.prompt_logits(prompts)
+    for prompt, logits in zip(prompts, ours):
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0]
+        rel = (logits - ref).abs().max() / ref.abs().max()
+        assert rel < 1e-4, f"{name}: relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_greedy_tokens_match_transformers(name, hf_models):
+    hf = hf_models(name)
+    driver = WorkerDriver(make_worker(name, block_size=4))
+    prompts = _prompts(5, (3, 40))
+    ours, _ = driver.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32),
+                              token_budget=48)
+    for prompt, tokens in zip(prompts, ours):
+        assert tokens == _hf_greedy(hf, prompt, 32)

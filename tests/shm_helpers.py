@@ -1,0 +1,121 @@
+"""Child-process bodies and the seeded message stream for tests/test_shm.py.
+
+Spawned children import this module by name, so everything here is module-level.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from multiprocessing.queues import Queue
+
+import numpy as np
+
+from shardline._shm import PeerDied, Ring, RingClosed
+
+TIMEOUT = 30.0
+
+
+class MessageStream:
+    """A reproducible sequence of payloads: the writer and every reader rebuild the same
+    one from the seed, so a reader checks each message byte for byte without a side channel.
+    """
+
+    def __init__(self, seed: int, count: int, max_small: int, large_range: tuple[int, int], large_every: int):
+        rng = np.random.default_rng(seed)
+        self.sizes = rng.integers(0, max_small + 1, count)
+        large = rng.integers(0, count, max(1, count // large_every))
+        self.sizes[large] = rng.integers(large_range[0], large_range[1] + 1, large.size)
+        self.pool = rng.integers(0, 256, int(self.sizes.max()) + 65536, dtype=np.uint8).tobytes()
+        self.offsets = rng.integers(0, len(self.pool) - self.sizes + 1)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def message(self, i: int) -> memoryview:
+        start = int(self.offsets[i])
+        return memoryview(self.pool)[start : start + int(self.sizes[i])]
+
+
+def fuzz_reader(name: str, index: int, stream_args: tuple, poll: bool, results: Queue) -> None:
+    """Reads the whole stream as reader `index` and reports ("ok", count) or ("error", what).
+    With poll=True it reads with a 1 ms timeout and retries, which resumes messages whose
+    read timed out midway."""
+    stream = MessageStream(*stream_args)
+    with Ring.attach(name, index) as ring:
+        for i in range(len(stream)):
+            while True:
+                try:
+                    message = ring.read(timeout=0.001 if poll else TIMEOUT)
+                    break
+                except TimeoutError:
+                    if not poll:
+                        raise
+            if message != stream.message(i):
+                results.put(("error", f"reader {index}: message {i} differs (got {len(message)} bytes, "
+                                      f"expected {stream.sizes[i]})"))
+                return
+        results.put(("ok", len(stream)))
+
+
+def echo_responder(request_name: str, names: Queue, count: int) -> None:
+    """Answers each request on its own response ring (SPSC) with the request reversed."""
+    with Ring.attach(request_name, 0) as requests, Ring.create(1, 8, 128) as responses:
+        names.put(responses.name)
+        responses.wait_attached(timeout=TIMEOUT)
+        for _ in range(count):
+            responses.write(requests.read(timeout=TIMEOUT)[::-1], timeout=TIMEOUT)
+
+
+def blocked_reader(name: str, events: Queue, timeout: float | None = TIMEOUT) -> None:
+    """Blocks in read() on an empty ring and reports what ended the wait and after how long
+    since it reported being ready."""
+    ring = Ring.attach(name, 0)
+    events.put(("ready", os.getpid()))
+    start = time.monotonic()
+    try:
+        ring.read(timeout=timeout)
+        outcome = "message"
+    except (RingClosed, PeerDied, TimeoutError, KeyboardInterrupt) as error:
+        outcome = type(error).__name__
+    events.put((outcome, time.monotonic() - start))
+
+
+def blocked_writer(n_slots: int, events: Queue) -> None:
+    """Creates a ring, fills it, then blocks in write() until something ends the wait."""
+    ring = Ring.create(1, n_slots, 64)
+    events.put(("name", ring.name))
+    ring.wait_attached(timeout=TIMEOUT)
+    for _ in range(n_slots):
+        ring.write(b"x", timeout=TIMEOUT)
+    events.put(("ready", os.getpid()))
+    start = time.monotonic()
+    try:
+        ring.write(b"x", timeout=TIMEOUT)
+        outcome = "written"
+    except (RingClosed, PeerDied, TimeoutError) as error:
+        outcome = type(error).__name__
+    events.put((outcome, time.monotonic() - start))
+
+
+def idle_writer(events: Queue) -> None:
+    """Creates a ring, writes one message once attached, then idles until killed."""
+    ring = Ring.create(1, 4, 64)
+    events.put(("name", ring.name))
+    ring.wait_attached(timeout=TIMEOUT)
+    ring.write(b"hello", timeout=TIMEOUT)
+    time.sleep(TIMEOUT)
+
+
+def idle_reader(name: str, events: Queue) -> None:
+    """Attaches, reports ready, then idles until killed."""
+    ring = Ring.attach(name, 0)
+    events.put(("ready", os.getpid()))
+    time.sleep(TIMEOUT)
+    ring.close()
+
+
+def create_and_exit(events: Queue) -> None:
+    """Creates a ring nobody attaches to and returns normally."""
+    ring = Ring.create(2, 4, 64)
+    events.put(("name", ring.name))

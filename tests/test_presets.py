@@ -1,0 +1,62 @@
+import multiprocessing as mp
+import os
+
+import pytest
+from safetensors import safe_open
+
+from shardline import presets
+from shardline.presets import PRESETS, byte_tokenizer, preset_dir, resolve_model
+
+
+def test_contract_presets_exist():
+    assert {"tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-mixtral", "tiny-qwen2-moe",
+            "small-llama"} <= set(PRESETS)
+
+
+def test_unknown_name_lists_presets():
+    with pytest.raises(ValueError, match="no-such-model.*tiny-llama.*small-llama"):
+        resolve_model("no-such-model")
+
+
+def test_existing_path_is_returned(tmp_path):
+    assert resolve_model(str(tmp_path)) == str(tmp_path)
+
+
+def _build(cache: str, name: str) -> str:
+    os.environ["SHARDLINE_CACHE"] = cache
+    return resolve_model(name)
+
+
+def test_concurrent_builds_are_deterministic_and_safe(tmp_path, monkeypatch):
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        paths = pool.starmap_async(_build, [(str(tmp_path), "tiny-mixtral")] * 2).get(timeout=120)
+    assert paths[0] == paths[1] and os.path.isdir(paths[0])
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+    monkeypatch.setenv("SHARDLINE_CACHE", str(tmp_path / "again"))
+    rebuilt = resolve_model("tiny-mixtral")
+    for f in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert open(f"{paths[0]}/{f}", "rb").read() == open(f"{rebuilt}/{f}", "rb").read()
+
+
+def test_sharded_and_fused_layouts():
+    llama = resolve_model("tiny-llama")
+    assert os.path.isfile(f"{llama}/model.safetensors.index.json")
+    assert len([f for f in os.listdir(llama) if f.endswith(".safetensors")]) == 2
+    with safe_open(f"{resolve_model('tiny-qwen2-moe')}/model.safetensors", "pt") as f:
+        assert "model.layers.0.mlp.experts.gate_up_proj" in f.keys()
+    with safe_open(f"{resolve_model('tiny-mixtral')}/model.safetensors", "pt") as f:
+        assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in f.keys()
+
+
+def test_byte_tokenizer_round_trips_text():
+    tok = byte_tokenizer()
+    text = "héllo wörld, 你好!\n"
+    ids = tok.encode(text).ids
+    assert len(ids) == len(text.encode()) and tok.decode(ids) == text
+    assert tok.token_to_id("<s>") == presets.BOS_ID and tok.token_to_id("</s>") == presets.EOS_ID
+
+
+def test_cache_dir_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("SHARDLINE_CACHE", str(tmp_path))
+    assert preset_dir("tiny-llama").startswith(str(tmp_path))

@@ -1,0 +1,355 @@
+"""The shared-memory rings of shardline._shm: correctness across processes, waiting,
+liveness, close, segment hygiene and argument checking."""
+
+from __future__ import annotations
+
+import glob
+import mmap
+import os
+import random
+import signal
+import stat
+import threading
+import time
+
+import psutil
+import pytest
+from launcher import SPAWN, join_all, spawn
+from shm_helpers import (
+    TIMEOUT,
+    MessageStream,
+    blocked_reader,
+    blocked_writer,
+    create_and_exit,
+    echo_responder,
+    fuzz_reader,
+    idle_reader,
+    idle_writer,
+)
+
+from shardline._shm import PeerDied, Ring, RingClosed, raw_handoff_latency
+
+SLOT = 256
+SLOTS = 64
+
+
+def shm_path(name: str) -> str:
+    return "/dev/shm" + name
+
+
+def expect_event(events, kind: str):
+    event, value = events.get(timeout=TIMEOUT)
+    assert event == kind, f"expected {kind!r} from the child, got {(event, value)!r}"
+    return value
+
+
+def kill_after(pid: int, delay: float) -> list[float]:
+    """SIGKILLs `pid` after `delay` seconds from a timer thread; returns [time of the kill]."""
+    killed_at: list[float] = []
+
+    def kill() -> None:
+        killed_at.append(time.monotonic())
+        os.kill(pid, signal.SIGKILL)
+
+    threading.Timer(delay, kill).start()
+    return killed_at
+
+
+def test_fuzz_one_writer_three_readers_every_message_once_in_order_intact():
+    seed = random.SystemRandom().randrange(2**32)
+    print(f"fuzz seed {seed}")
+    ring_bytes = SLOT * SLOTS
+    stream_args = (seed, 100_000, 4 * SLOT, (ring_bytes + 1, 3 * ring_bytes), 500)
+    stream = MessageStream(*stream_args)
+    assert stream.sizes.min() == 0 and stream.sizes.max() > ring_bytes
+    results = SPAWN.Queue()
+    with Ring.create(3, SLOTS, SLOT) as ring:
+        readers = [spawn(fuzz_reader, ring.name, i, stream_args, i == 2, results) for i in range(3)]
+        ring.wait_attached(timeout=TIMEOUT)
+        for i in range(len(stream)):
+            ring.write(stream.message(i), timeout=TIMEOUT)
+        outcomes = [results.get(timeout=TIMEOUT) for _ in readers]
+        join_all(readers, TIMEOUT)
+    assert outcomes == [("ok", len(stream))] * 3
+
+
+def test_parts_are_one_message_and_big_messages_stream_through_a_small_ring():
+    with Ring.create(1, 8, 16) as writer, Ring.attach(writer.name, 0) as reader:
+        parts = [os.urandom(n) for n in (0, 5, 16, 33)]
+        writer.write_parts([parts[0], bytearray(parts[1]), memoryview(parts[2]), parts[3]], timeout=1)
+        writer.write(b"", timeout=1)
+        assert reader.read(timeout=1) == b"".join(parts)
+        assert reader.read(timeout=1) == b""
+
+        big = os.urandom(10 * 8 * 16 + 7)
+        sender = threading.Thread(target=writer.write, args=(big,), kwargs={"timeout": TIMEOUT})
+        sender.start()
+        received = reader.read(timeout=TIMEOUT)
+        sender.join(TIMEOUT)
+        assert received == big
+
+
+def test_spsc_request_response_rings():
+    count = 2000
+    names = SPAWN.Queue()
+    with Ring.create(1, 8, 128) as requests:
+        responder = spawn(echo_responder, requests.name, names, count)
+        with Ring.attach(names.get(timeout=TIMEOUT), 0) as responses:
+            requests.wait_attached(timeout=TIMEOUT)
+            for _ in range(count):
+                request = os.urandom(random.randrange(0, 600))
+                requests.write(request, timeout=TIMEOUT)
+                assert responses.read(timeout=TIMEOUT) == request[::-1]
+        join_all([responder], TIMEOUT)
+
+
+def test_read_on_empty_ring_times_out_near_the_timeout():
+    with Ring.create(1, 4, 64) as writer, Ring.attach(writer.name, 0) as reader:
+        for timeout in (0.0, 0.2):
+            start = time.monotonic()
+            with pytest.raises(TimeoutError):
+                reader.read(timeout=timeout)
+            assert timeout <= time.monotonic() - start < timeout + 0.5
+
+
+def test_write_on_full_ring_times_out_and_the_ring_stays_usable():
+    with Ring.create(1, 4, 64) as writer, Ring.attach(writer.name, 0) as reader:
+        for i in range(4):
+            writer.write(bytes([i]) * 64, timeout=1)
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            writer.write(b"late", timeout=0.2)
+        assert 0.2 <= time.monotonic() - start < 0.7
+        assert [reader.read(timeout=1) for _ in range(4)] == [bytes([i]) * 64 for i in range(4)]
+        writer.write(b"after", timeout=1)
+        assert reader.read(timeout=1) == b"after"
+
+
+def test_writer_timeout_midway_drops_the_partial_message_for_readers():
+    with Ring.create(1, 4, 16) as writer, Ring.attach(writer.name, 0) as reader:
+        with pytest.raises(TimeoutError):
+            writer.write(os.urandom(16 * 10), timeout=0.1)
+        received = []
+        receiver = threading.Thread(target=lambda: received.append(reader.read(timeout=TIMEOUT)))
+        receiver.start()
+        writer.write(b"next", timeout=TIMEOUT)
+        receiver.join(TIMEOUT)
+        assert received == [b"next"]
+
+
+def test_close_wakes_a_blocked_reader_in_another_process():
+    events = SPAWN.Queue()
+    with Ring.create(1, 4, 64) as writer:
+        child = spawn(blocked_reader, writer.name, events)
+        expect_event(events, "ready")
+        time.sleep(0.3)
+        writer.close()
+        assert expect_event(events, "RingClosed") < 1.5
+        join_all([child], TIMEOUT)
+
+
+def test_close_wakes_a_blocked_writer_in_another_process():
+    events = SPAWN.Queue()
+    child = spawn(blocked_writer, 4, events)
+    with Ring.attach(expect_event(events, "name"), 0) as reader:
+        expect_event(events, "ready")
+        time.sleep(0.3)
+        reader.close()
+        assert expect_event(events, "RingClosed") < 1.5
+    join_all([child], TIMEOUT)
+
+
+def test_close_wakes_waiters_in_the_same_process_and_later_calls_raise():
+    with Ring.create(1, 4, 64) as writer, Ring.attach(writer.name, 0) as reader:
+        outcome = []
+
+        def wait() -> None:
+            with pytest.raises(RingClosed):
+                reader.read(timeout=TIMEOUT)
+            outcome.append(time.monotonic())
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        time.sleep(0.2)
+        closed_at = time.monotonic()
+        writer.close()
+        writer.close()
+        waiter.join(TIMEOUT)
+        assert outcome and outcome[0] - closed_at < 0.5
+        with pytest.raises(RingClosed):
+            writer.write(b"x", timeout=1)
+        with pytest.raises(RingClosed):
+            reader.read(timeout=1)
+
+
+def test_messages_written_before_close_are_still_delivered():
+    with Ring.create(1, 4, 64) as writer, Ring.attach(writer.name, 0) as reader:
+        writer.write(b"last words", timeout=1)
+        writer.close()
+        assert reader.read(timeout=1) == b"last words"
+        with pytest.raises(RingClosed):
+            reader.read(timeout=1)
+
+
+def test_ctrl_c_interrupts_a_wait_without_timeout():
+    events = SPAWN.Queue()
+    with Ring.create(1, 4, 64) as writer:
+        child = spawn(blocked_reader, writer.name, events, None)
+        child_pid = expect_event(events, "ready")
+        time.sleep(0.3)
+        os.kill(child_pid, signal.SIGINT)
+        assert expect_event(events, "KeyboardInterrupt") < 1.5
+        join_all([child], TIMEOUT)
+
+
+def test_writer_sigkilled_while_reader_waits_raises_peer_died_within_a_second():
+    events = SPAWN.Queue()
+    child = spawn(idle_writer, events)
+    name = expect_event(events, "name")
+    with Ring.attach(name, 0) as reader:
+        assert not os.path.exists(shm_path(name))
+        assert reader.read(timeout=TIMEOUT) == b"hello"
+        killed_at = kill_after(child.pid, 0.3)
+        with pytest.raises(PeerDied, match="writer"):
+            reader.read(timeout=TIMEOUT)
+        assert time.monotonic() - killed_at[0] < 1.0
+    child.join(TIMEOUT)
+    assert not os.path.exists(shm_path(name))
+
+
+def test_reader_sigkilled_while_writer_blocks_on_full_ring_raises_peer_died_within_a_second():
+    events = SPAWN.Queue()
+    with Ring.create(1, 4, 64) as writer:
+        child = spawn(idle_reader, writer.name, events)
+        child_pid = expect_event(events, "ready")
+        writer.wait_attached(timeout=TIMEOUT)
+        assert not os.path.exists(shm_path(writer.name))
+        for _ in range(4):
+            writer.write(b"x", timeout=1)
+        killed_at = kill_after(child_pid, 0.3)
+        with pytest.raises(PeerDied, match=f"reader 0 \\(pid {child_pid}\\)"):
+            writer.write(b"x", timeout=TIMEOUT)
+        assert time.monotonic() - killed_at[0] < 1.0
+    child.join(TIMEOUT)
+
+
+def test_segment_is_private_and_unlinked_once_all_readers_attached():
+    with Ring.create(2, 4, 64) as writer:
+        path = shm_path(writer.name)
+        assert writer.name.startswith("/shardline-") and len(writer.name) == len("/shardline-") + 32
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with Ring.attach(writer.name, 0):
+            assert os.path.exists(path)
+            with Ring.attach(writer.name, 1):
+                writer.wait_attached(timeout=1)
+                assert not os.path.exists(path)
+
+
+def test_no_segment_left_after_close_drop_or_normal_exit_of_the_creator():
+    with Ring.create(2, 4, 64) as closed:
+        Ring.attach(closed.name, 0)
+    assert not os.path.exists(shm_path(closed.name))
+
+    dropped = Ring.create(2, 4, 64)
+    name = dropped.name
+    del dropped
+    assert not os.path.exists(shm_path(name))
+
+    events = SPAWN.Queue()
+    child = spawn(create_and_exit, events)
+    name = expect_event(events, "name")
+    join_all([child], TIMEOUT)
+    assert not os.path.exists(shm_path(name))
+    assert shm_path(name) not in glob.glob("/dev/shm/shardline-*")
+
+
+def test_names_are_random():
+    rings = [Ring.create(1, 1, 1) for _ in range(8)]
+    assert len({ring.name for ring in rings}) == 8
+    for ring in rings:
+        ring.close()
+
+
+def test_idle_blocked_reader_uses_almost_no_cpu():
+    events = SPAWN.Queue()
+    with Ring.create(1, 4, 64) as writer:
+        child = spawn(blocked_reader, writer.name, events)
+        expect_event(events, "ready")
+        process = psutil.Process(child.pid)
+        time.sleep(0.3)
+        before = process.cpu_times()
+        time.sleep(2.0)
+        after = process.cpu_times()
+        writer.close()
+        expect_event(events, "RingClosed")
+        join_all([child], TIMEOUT)
+    used = (after.user + after.system) - (before.user + before.system)
+    assert used < 0.05 * 2.0, f"idle reader used {used:.3f} s of CPU in 2 s"
+
+
+@pytest.mark.parametrize(
+    ("args", "argument"),
+    [
+        ((0, 4, 64), "n_readers"),
+        ((65, 4, 64), "n_readers"),
+        ((-1, 4, 64), "n_readers"),
+        ((1, 0, 64), "n_slots"),
+        ((1, 2**40, 64), "n_slots"),
+        ((1, 4, 0), "slot_size"),
+        ((1, 4, 2**27), "slot_size"),
+        ((1, 2**20, 2**26), "n_slots \\* slot_size"),
+    ],
+)
+def test_create_rejects_bad_geometry(args, argument):
+    with pytest.raises(ValueError, match=f"^{argument} must be"):
+        Ring.create(*args)
+
+
+def test_attach_rejects_bad_reader_index_and_names():
+    with Ring.create(2, 4, 64) as writer:
+        for index in (-1, 2, 64):
+            with pytest.raises(ValueError, match=r"reader_index must be in \[0, 1\]"):
+                Ring.attach(writer.name, index)
+        with Ring.attach(writer.name, 0):
+            with pytest.raises(ValueError, match="reader_index 0 .* already attached"):
+                Ring.attach(writer.name, 0)
+    with pytest.raises(FileNotFoundError, match="name"):
+        Ring.attach("/shardline-" + os.urandom(16).hex(), 0)
+    with pytest.raises(ValueError, match="name must look like"):
+        Ring.attach("no-slash", 0)
+
+
+def test_attach_rejects_foreign_segments():
+    name = "/shardline-test-" + os.urandom(8).hex()
+    try:
+        with open(shm_path(name), "wb") as segment:
+            segment.write(b"\0" * 16)
+        with pytest.raises(ValueError, match="name: .* not a shardline ring"):
+            Ring.attach(name, 0)
+        with open(shm_path(name), "wb") as segment:
+            segment.write(os.urandom(1 << 16))
+        with pytest.raises(ValueError, match="name: .* has magic"):
+            Ring.attach(name, 0)
+    finally:
+        os.unlink(shm_path(name))
+
+    with Ring.create(2, 4, 64) as writer:
+        with open(shm_path(writer.name), "r+b") as segment, mmap.mmap(segment.fileno(), 0) as header:
+            header[8:12] = (99).to_bytes(4, "little")
+        with pytest.raises(ValueError, match="name: .* version 99"):
+            Ring.attach(writer.name, 0)
+
+
+def test_bad_timeout_is_rejected():
+    with Ring.create(1, 4, 64) as writer, Ring.attach(writer.name, 0) as reader:
+        with pytest.raises(ValueError, match="timeout must be None or"):
+            reader.read(timeout=-1)
+        with pytest.raises(ValueError, match="timeout must be None or"):
+            writer.write(b"x", timeout=float("nan"))
+
+
+def test_raw_handoff_latency_returns_one_positive_sample_per_message():
+    samples = raw_handoff_latency(64, 500)
+    assert len(samples) == 500 and all(0 < ns < 10**9 for ns in samples)
+    with pytest.raises(ValueError, match="payload_bytes"):
+        raw_handoff_latency(4, 10)
