@@ -30,6 +30,7 @@ struct alignas(kCacheLine) SegmentHeader {
     uint64_t slot_stride;
     uint64_t segment_bytes;
     int32_t writer_pid;
+    uint64_t writer_start_time;  // see process_start_time()
     std::atomic<uint32_t> closed;
     std::atomic<uint32_t> attached_readers;
     std::atomic<uint32_t> all_attached;  // set by the last attacher after it unlinked the name
@@ -50,8 +51,9 @@ struct alignas(kCacheLine) WaitLine {
 // One reader's cursor (the next sequence number it will consume) and identity.
 struct alignas(kCacheLine) ReaderLine {
     std::atomic<uint64_t> seq;
-    std::atomic<int32_t> pid;
+    std::atomic<int32_t> pid;  // 0 while the identity is being (re)written
     std::atomic<uint32_t> attached;
+    std::atomic<uint64_t> start_time;
 };
 
 struct SegmentLayout {

@@ -3,32 +3,60 @@
 #include <cerrno>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include <fcntl.h>
 #include <unistd.h>
 
 namespace shardline {
+namespace {
 
-bool process_alive(pid_t pid) {
-    if (pid <= 0) return true;
-    if (pid == getpid()) return true;
-    if (kill(pid, 0) != 0 && errno == ESRCH) return false;
+// What /proc/<pid>/stat says about a process that still exists.
+struct ProcStat {
+    char state;
+    uint64_t start_time;
+};
 
+// False if the process is gone or its stat cannot be parsed.
+bool read_proc_stat(pid_t pid, ProcStat* out) {
     char path[64];
     std::snprintf(path, sizeof(path), "/proc/%d/stat", static_cast<int>(pid));
     int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return errno != ENOENT;
-    char buf[512];
+    if (fd < 0) return false;
+    char buf[1024];
     ssize_t n = read(fd, buf, sizeof(buf) - 1);
     close(fd);
-    if (n <= 0) return true;
+    if (n <= 0) return false;
     buf[n] = '\0';
-    // The format is "pid (comm) state ..."; comm may itself contain ')'.
-    const char* paren = std::strrchr(buf, ')');
-    if (paren == nullptr || paren[1] == '\0' || paren[2] == '\0') return true;
-    char state = paren[2];
-    return state != 'Z' && state != 'X' && state != 'x';
+    // The format is "pid (comm) state f4 f5 ... f22=starttime ..."; comm may contain ')'.
+    const char* field = std::strrchr(buf, ')');
+    if (field == nullptr || field[1] != ' ' || field[2] == '\0') return false;
+    out->state = field[2];
+    field += 2;
+    for (int index = 3; index < 22; ++index) {
+        field = std::strchr(field, ' ');
+        if (field == nullptr) return false;
+        ++field;
+    }
+    out->start_time = std::strtoull(field, nullptr, 10);
+    return true;
+}
+
+}  // namespace
+
+uint64_t process_start_time(pid_t pid) {
+    ProcStat stat;
+    return read_proc_stat(pid, &stat) ? stat.start_time : 0;
+}
+
+bool process_alive(pid_t pid, uint64_t start_time) {
+    if (pid <= 0 || pid == getpid()) return true;
+    if (kill(pid, 0) != 0 && errno == ESRCH) return false;
+    ProcStat stat;
+    if (!read_proc_stat(pid, &stat)) return kill(pid, 0) == 0 || errno != ESRCH;
+    if (stat.state == 'Z' || stat.state == 'X' || stat.state == 'x') return false;
+    return start_time == 0 || stat.start_time == start_time;
 }
 
 }  // namespace shardline

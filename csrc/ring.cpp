@@ -98,15 +98,19 @@ void Ring::check_peers() {
         for (uint32_t i = 0; i < n_readers_; ++i) {
             const ReaderLine& line = layout_->readers[i];
             if (line.attached.load(std::memory_order_acquire) == 0) continue;
+            // Acquire pairs with the release stores in record_identity(): a start time
+            // read after a pid belongs to that pid unless the pid changed meanwhile.
             pid_t pid = line.pid.load(std::memory_order_acquire);
-            if (!process_alive(pid)) {
+            uint64_t start_time = line.start_time.load(std::memory_order_acquire);
+            if (pid != line.pid.load(std::memory_order_acquire)) continue;
+            if (!process_alive(pid, start_time)) {
                 throw PeerDiedError("reader " + std::to_string(i) + " (pid " + std::to_string(pid) +
                                     ") of ring '" + name_ + "' died");
             }
         }
     } else {
         pid_t pid = layout_->header.writer_pid;
-        if (!process_alive(pid)) {
+        if (!process_alive(pid, layout_->header.writer_start_time)) {
             throw PeerDiedError("the writer (pid " + std::to_string(pid) + ") of ring '" + name_ + "' died");
         }
     }
@@ -134,8 +138,10 @@ void Ring::wait(WaitLine& line, Deadline deadline, Ready ready, const char* what
             throw TimeoutError(std::string(what) + ": timed out on ring '" + name_ + "'");
         }
         int64_t sleep_ns = std::min({deadline.remaining_ns(now), next_liveness_check_ns_ - now, kSleepSliceNs});
-        // seq_cst: the increment is ordered before the re-check of ready() (see notify()).
+        // The fence orders the increment before ready()'s acquire loads, the mirror
+        // of the waker's seq_cst cursor store before its sleepers load (see notify()).
         line.sleepers.fetch_add(1, std::memory_order_seq_cst);
+        std::atomic_thread_fence(std::memory_order_seq_cst);
         uint32_t epoch = line.epoch.load(std::memory_order_seq_cst);
         if (!ready() && layout_->header.closed.load(std::memory_order_seq_cst) == 0) {
             futex_wait(&line.epoch, epoch, sleep_ns);
@@ -281,9 +287,17 @@ bool Ring::read_body(char* dst, Deadline deadline) {
     return true;
 }
 
+void Ring::record_identity() {
+    ReaderLine& line = layout_->readers[reader_index_];
+    pid_t pid = getpid();
+    line.pid.store(0, std::memory_order_release);
+    line.start_time.store(process_start_time(pid), std::memory_order_release);
+    line.pid.store(pid, std::memory_order_release);
+}
+
 void Ring::adopt_current_process() {
     require_reader("adopt_current_process");
-    layout_->readers[reader_index_].pid.store(getpid(), std::memory_order_release);
+    record_identity();
 }
 
 void Ring::close() {

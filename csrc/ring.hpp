@@ -96,6 +96,7 @@ private:
     template <class Ready>
     void wait(WaitLine& line, Deadline deadline, Ready ready, const char* what);
     void check_peers();
+    void record_identity();
     void unlink_if_creator();
     void require_writer(const char* method) const;
     void require_reader(const char* method) const;

@@ -9,18 +9,15 @@
 #include <unistd.h>
 
 #include "futex.hpp"
+#include "liveness.hpp"
 
 namespace shardline {
 namespace {
 
-std::string range_error(const char* argument, int64_t value, uint64_t low, uint64_t high) {
-    return std::string(argument) + " must be in [" + std::to_string(low) + ", " + std::to_string(high) +
-           "], got " + std::to_string(value);
-}
-
 void check_range(const char* argument, int64_t value, uint64_t low, uint64_t high) {
     if (value < 0 || static_cast<uint64_t>(value) < low || static_cast<uint64_t>(value) > high) {
-        throw std::invalid_argument(range_error(argument, value, low, high));
+        throw std::invalid_argument(std::string(argument) + " must be in [" + std::to_string(low) + ", " +
+                                    std::to_string(high) + "], got " + std::to_string(value));
     }
 }
 
@@ -67,6 +64,7 @@ std::unique_ptr<Ring> Ring::create(int64_t n_readers, int64_t n_slots, int64_t s
     h.slot_stride = slot_stride_for(slot_size);
     h.segment_bytes = bytes;
     h.writer_pid = getpid();
+    h.writer_start_time = process_start_time(h.writer_pid);
     // Release: an attacher that acquires the magic sees the whole header above.
     h.magic.store(kMagic, std::memory_order_release);
     return std::unique_ptr<Ring>(new Ring(std::move(segment), -1));
@@ -106,8 +104,8 @@ std::unique_ptr<Ring> Ring::attach(const std::string& name, int64_t reader_index
                                     "' is already attached; each reader_index in [0, " +
                                     std::to_string(h.n_readers - 1) + "] attaches once");
     }
-    line.pid.store(getpid(), std::memory_order_release);
     std::unique_ptr<Ring> ring(new Ring(std::move(segment), static_cast<int>(reader_index)));
+    ring->record_identity();
     uint32_t attached = h.attached_readers.fetch_add(1, std::memory_order_acq_rel) + 1;
     if (attached == h.n_readers) {
         Segment::unlink(name);

@@ -39,11 +39,17 @@ class _FixedConfig:
         return launch
 
 
-def autotune(configs: list[triton.Config], key: list[str],
-             fixed: triton.Config) -> Callable[[triton.JITFunction], object]:
-    """triton.autotune over `configs` keyed on `key`; `fixed` alone in the interpreter."""
+def autotune(configs: list[triton.Config], key: list[str], fixed: triton.Config,
+             prune: Callable[..., list[triton.Config]] | None = None
+             ) -> Callable[[triton.JITFunction], object]:
+    """triton.autotune over `configs` keyed on `key`; `fixed` alone in the interpreter.
+
+    `prune(configs, named_args, **kwargs)` may drop configs that cannot win for a call's
+    shape before any of them is timed.
+    """
     def decorate(kernel: triton.JITFunction) -> object:
         if interpreting():
             return _FixedConfig(kernel, fixed)
-        return triton.autotune(configs=configs, key=key)(kernel)
+        prune_by = {"early_config_prune": prune} if prune is not None else None
+        return triton.autotune(configs=configs, key=key, prune_configs_by=prune_by)(kernel)
     return decorate

@@ -127,13 +127,13 @@ def _merge_splits_kernel(
              out.to(out_ptr.dtype.element_ty), mask=dim_mask)
 
 
-def _choose_splits(batch: int, num_kv_heads: int, max_context: int,
-                   device: torch.device) -> int:
-    """Enough splits that about four programs run per SM, none shorter than 256 tokens."""
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = triton.cdiv(4 * sms, batch * num_kv_heads)
+def choose_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+    """Enough context splits that about four programs run per SM, none under 256 tokens.
+
+    A large batch fills the GPU by itself (one split, no merge kernel); a small batch
+    with a long context is split so that the KV reads still spread over every SM.
+    """
+    wanted = triton.cdiv(4 * num_sms, batch * num_kv_heads)
     return max(1, min(wanted, triton.cdiv(max_context, 256), _MAX_SPLITS))
 
 
@@ -190,7 +190,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     max_context = block_tables.shape[1] * kv_block_size
     if num_splits is None:
-        num_splits = _choose_splits(batch, num_kv_heads, max_context, q.device)
+        num_sms = (torch.cuda.get_device_properties(q.device).multi_processor_count
+                   if q.is_cuda else 1)
+        num_splits = choose_splits(batch, num_kv_heads, max_context, num_sms)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1; got {num_splits}")
     align = 16 if interpreting() else 128

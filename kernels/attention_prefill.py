@@ -4,8 +4,9 @@ Each sequence's query chunk is the last q_len of its seq_len tokens; its K/V (pr
 new tokens alike) are already in the cache. One program computes one block of a
 sequence's queries for one head with an online softmax, visiting only the key blocks at
 or below the causal diagonal. The launch needs no host-side lengths (no device sync):
-programs are laid out as `query_start_loc[b] // BLOCK_M + b` per sequence, and each
-program finds its sequence by binary search.
+sequence b owns the programs from `query_start_loc[b] // BLOCK_M + b` on (T // BLOCK_M + B
+in all, enough for every sequence's blocks), and each program finds its sequence by binary
+search.
 """
 
 from __future__ import annotations
@@ -67,10 +68,10 @@ def _attend_tile(q, acc, m, l, tile_start, q_pos, seq_len, k_cache_ptr, v_cache_
 @autotune(
     configs=[
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     ],
     key=["BLOCK_D", "KV_BLOCK_SIZE", "tokens_bucket"],
@@ -91,9 +92,13 @@ def _prefill_kernel(
     head = tl.program_id(1)
     seq = _find_sequence(query_start_loc_ptr, num_seqs, pid, BLOCK_M)
     q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    q_block = pid - (q_start // BLOCK_M + seq)
-    if q_block * BLOCK_M >= q_len:
+    q_end = tl.load(query_start_loc_ptr + seq + 1)
+    q_len = q_end - q_start
+    # The last query blocks see the most keys: they go first, so the tail of the launch
+    # is short work.
+    num_slots = q_end // BLOCK_M - q_start // BLOCK_M + 1
+    q_block = num_slots - 1 - (pid - (q_start // BLOCK_M + seq))
+    if (q_block < 0) | (q_block * BLOCK_M >= q_len):
         return
 
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -187,7 +192,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_tables = block_tables.contiguous()
 
     def grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(num_tokens, meta["BLOCK_M"]) + num_seqs, num_q_heads
+        return num_tokens // meta["BLOCK_M"] + num_seqs, num_q_heads
 
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc.contiguous(),

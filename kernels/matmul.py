@@ -36,6 +36,8 @@ _TILED_CONFIGS = [
     _config(64, 64, 64, 4, 4),
     _config(32, 64, 128, 4, 4),
     _config(16, 64, 128, 4, 5),
+    _config(16, 128, 128, 4, 4),
+    _config(16, 32, 256, 4, 4),
 ]
 _SPLIT_CONFIGS = [
     _config(16, 32, 256, 4, 4),
@@ -47,7 +49,14 @@ _SPLIT_CONFIGS = [
 _INTERPRETER_CONFIG = _config(32, 32, 32, 4, 1)
 
 
-@autotune(_TILED_CONFIGS, key=["M_BUCKET", "N", "K", "SILU_MUL"], fixed=_INTERPRETER_CONFIG)
+def _fit_rows(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Tiles taller than the (bucketed) row count only add wasted work: never time them."""
+    rows = max(16, named_args["M_BUCKET"])
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= rows]
+
+
+@autotune(_TILED_CONFIGS, key=["M_BUCKET", "N", "K", "SILU_MUL"], fixed=_INTERPRETER_CONFIG,
+          prune=_fit_rows)
 @triton.jit
 def _matmul_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, M_BUCKET,
                    stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_rn,

@@ -92,6 +92,51 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_pairs_ptr, block_experts_ptr,
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit
+def _pair_buckets(ids_ptr, offs, num_pairs, expert_offset, num_experts):
+    """Each pair's bucket: its local expert, num_experts if another rank owns the expert,
+    -1 past the last pair (a bucket no one counts)."""
+    local = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=0).to(tl.int32) - expert_offset
+    bucket = tl.where((local >= 0) & (local < num_experts), local, num_experts)
+    return tl.where(offs < num_pairs, bucket, -1)
+
+
+@triton.jit
+def _moe_align_kernel(ids_ptr, sorted_pairs_ptr, block_experts_ptr, num_pairs, expert_offset,
+                      num_experts, max_blocks, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+                      CHUNK: tl.constexpr):
+    buckets = tl.arange(0, BLOCK_E)
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for start in range(0, num_pairs, CHUNK):
+        pair_bucket = _pair_buckets(ids_ptr, start + tl.arange(0, CHUNK), num_pairs,
+                                    expert_offset, num_experts)
+        counts += tl.sum((pair_bucket[:, None] == buckets[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    padded_start = padded_end - padded
+
+    for start in range(0, max_blocks, CHUNK):
+        blocks = start + tl.arange(0, CHUNK)
+        # Buckets past num_experts are empty and end where the last run ends, so a block
+        # after every run counts them too and lands past num_experts: PAST_END.
+        bucket = tl.sum((padded_end[None, :] <= blocks[:, None] * BLOCK_M).to(tl.int32), axis=1)
+        expert = tl.where(bucket < num_experts, bucket,
+                          tl.where(bucket == num_experts, NOT_OWNED, PAST_END))
+        tl.store(block_experts_ptr + blocks, expert, mask=blocks < max_blocks)
+
+    placed = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for start in range(0, num_pairs, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        pair_bucket = _pair_buckets(ids_ptr, offs, num_pairs, expert_offset, num_experts)
+        one_hot = (pair_bucket[:, None] == buckets[None, :]).to(tl.int32)
+        slot = padded_start + placed
+        # A pair's place is its bucket's next free slot plus the same-bucket pairs before
+        # it in this chunk: stable, so the order does not depend on the hardware.
+        dest = tl.sum(one_hot * (slot[None, :] + tl.cumsum(one_hot, axis=0) - one_hot), axis=1)
+        tl.store(sorted_pairs_ptr + dest, offs, mask=offs < num_pairs)
+        placed += tl.sum(one_hot, axis=0)
+
+
 def moe_align(topk_ids: torch.Tensor, block_m: int, expert_offset: int,
               num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort the (token, k) pairs by local expert, padding each expert's run to block_m.
@@ -99,29 +144,20 @@ def moe_align(topk_ids: torch.Tensor, block_m: int, expert_offset: int,
     Returns sorted_pairs (pair index token * topk + k, or num_pairs for padding) and
     block_experts (per row block: its local expert, NOT_OWNED for pairs of experts
     outside [expert_offset, expert_offset + num_experts), PAST_END after the last run).
-    Both are sized for the worst case, so nothing waits on the device to know the count.
+    Both are sized for the worst case, so nothing waits on the device to know the count;
+    one program does it all, since a launch costs more than the work at decode sizes.
     """
     num_pairs = topk_ids.numel()
-    local = topk_ids.flatten().long() - expert_offset
-    owned = (local >= 0) & (local < num_experts)
-    bucket = torch.where(owned, local, num_experts)
-    counts = torch.bincount(bucket, minlength=num_experts + 1)
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded_end = padded.cumsum(0)
-    order = torch.argsort(bucket, stable=True)
-    sorted_bucket = bucket[order]
-    first = counts.cumsum(0) - counts
-    rank = torch.arange(num_pairs, device=topk_ids.device) - first[sorted_bucket]
     max_blocks = triton.cdiv(num_pairs, block_m) + num_experts + 1
     sorted_pairs = torch.full((max_blocks * block_m,), num_pairs, dtype=torch.int32,
                               device=topk_ids.device)
-    sorted_pairs[(padded_end - padded)[sorted_bucket] + rank] = order.to(torch.int32)
-    block_starts = torch.arange(max_blocks, device=topk_ids.device) * block_m
-    block_bucket = torch.searchsorted(padded_end, block_starts, right=True)
-    block_experts = torch.where(block_bucket < num_experts, block_bucket,
-                                torch.where(block_bucket == num_experts, NOT_OWNED.value,
-                                            PAST_END.value))
-    return sorted_pairs, block_experts.to(torch.int32)
+    block_experts = torch.empty(max_blocks, dtype=torch.int32, device=topk_ids.device)
+    block_e = triton.next_power_of_2(num_experts + 1)
+    _moe_align_kernel[(1,)](
+        topk_ids.contiguous(), sorted_pairs, block_experts, num_pairs, expert_offset,
+        num_experts, max_blocks, BLOCK_M=block_m, BLOCK_E=block_e,
+        CHUNK=max(16, 4096 // block_e), num_warps=8)
+    return sorted_pairs, block_experts
 
 
 def _block_m(num_pairs: int, num_experts: int) -> int:

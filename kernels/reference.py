@@ -69,45 +69,43 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store k, v [T, Hk, D] at their slots; a slot of -1 (padding) is skipped."""
     valid = slot_mapping >= 0
-    slots = slot_mapping[valid].long()
-    block_size = k_cache.shape[1]
-    blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = k[valid].to(k_cache.dtype)
-    v_cache[blocks, offsets] = v[valid].to(v_cache.dtype)
+    if not bool(valid.all()):
+        k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
+    slots = slot_mapping.long()
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
-def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    block_size = cache.shape[1]
-    n_blocks = (length + block_size - 1) // block_size
-    blocks = cache[block_table[:n_blocks].long()]
-    return blocks.reshape(-1, *cache.shape[2:])[:length]
+def _gather_contexts(cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                     max_len: int) -> torch.Tensor:
+    """Each sequence's cached rows, [B, Hk, max_len, D] in fp32, zero past its length.
 
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor,
-            scale: float) -> torch.Tensor:
-    """q[Tq, Hq, D] over k, v [L, Hk, D]; query at position p sees keys 0..p."""
-    group = q.shape[1] // k.shape[1]
-    k = k.float().repeat_interleave(group, dim=1)
-    v = v.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
-    key_pos = torch.arange(k.shape[0], device=q.device)
-    mask = key_pos[None, :] > q_positions[:, None]
-    scores = scores.masked_fill(mask[None], float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+    Zeroing matters: slots past a sequence's end may hold anything (even NaN), and a
+    masked-out NaN value would still poison the weighted sum.
+    """
+    n_blocks = -(-max_len // cache.shape[1])
+    rows = cache[block_tables[:, :n_blocks].long()].flatten(1, 2)[:, :max_len].float()
+    inside = torch.arange(max_len, device=cache.device)[None, :] < seq_lens[:, None]
+    return rows.masked_fill(~inside[:, :, None, None], 0.0).transpose(1, 2)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
                            scale: float) -> torch.Tensor:
-    """One query token per sequence: q[B, Hq, D] over each sequence's seq_lens[b] cached keys."""
-    out = torch.empty_like(q)
-    for b in range(q.shape[0]):
-        length = int(seq_lens[b])
-        k = _gather_context(k_cache, block_tables[b], length)
-        v = _gather_context(v_cache, block_tables[b], length)
-        pos = torch.tensor([length - 1], device=q.device)
-        out[b] = _attend(q[b:b + 1], k, v, pos, scale)[0]
-    return out
+    """One query token per sequence: q[B, Hq, D] over each sequence's seq_lens[b] cached keys.
+
+    A sequence of length 0 attends to nothing and gets zeros.
+    """
+    seq_lens = seq_lens.long()
+    max_len = max(int(seq_lens.max()), 1) if seq_lens.numel() else 1
+    k = _gather_contexts(k_cache, block_tables, seq_lens, max_len)
+    v = _gather_contexts(v_cache, block_tables, seq_lens, max_len)
+    key_pos = torch.arange(max_len, device=q.device)
+    mask = (key_pos[None, :] < seq_lens[:, None])[:, None, None]          # [B, 1, 1, L]
+    out = F.scaled_dot_product_attention(q.float()[:, :, None], k, v, attn_mask=mask,
+                                         scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    out = torch.where((seq_lens > 0)[:, None, None], out[:, :, 0], 0.0)
+    return out.to(q.dtype)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -117,18 +115,27 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     Sequence b's queries are q[query_start_loc[b]:query_start_loc[b+1]], the last q_len
     of its seq_lens[b] tokens; each attends to the cached prefix and to new tokens up to
-    itself, as chunked prefill needs.
+    itself, as chunked prefill needs. Rows of q past query_start_loc[-1] are left as zeros.
     """
-    out = torch.empty_like(q)
-    for b in range(block_tables.shape[0]):
-        start, end = int(query_start_loc[b]), int(query_start_loc[b + 1])
-        if end == start:
-            continue
-        length = int(seq_lens[b])
-        k = _gather_context(k_cache, block_tables[b], length)
-        v = _gather_context(v_cache, block_tables[b], length)
-        pos = torch.arange(length - (end - start), length, device=q.device)
-        out[start:end] = _attend(q[start:end], k, v, pos, scale)
+    out = torch.zeros_like(q)
+    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
+    if q_lens.numel() == 0 or int(q_lens.max()) == 0:
+        return out
+    seq_lens = seq_lens.long()
+    max_len = int(seq_lens.max())
+    k = _gather_contexts(k_cache, block_tables, seq_lens, max_len)
+    v = _gather_contexts(v_cache, block_tables, seq_lens, max_len)
+    j = torch.arange(int(q_lens.max()), device=q.device)
+    valid = j[None, :] < q_lens[:, None]                                   # [B, Qmax]
+    rows = (query_start_loc[:-1].long()[:, None] + j[None, :]).clamp(max=q.shape[0] - 1)
+    q_pos = seq_lens[:, None] - q_lens[:, None] + j[None, :]
+    key_pos = torch.arange(max_len, device=q.device)
+    # Padding query rows see every key so that softmax stays finite; they are dropped.
+    mask = (key_pos[None, None, :] <= q_pos[:, :, None]) | ~valid[:, :, None]
+    attended = F.scaled_dot_product_attention(
+        q[rows].float().transpose(1, 2), k, v, attn_mask=mask[:, None], scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1])
+    out[rows[valid]] = attended.transpose(1, 2)[valid].to(q.dtype)
     return out
 
 

@@ -79,8 +79,8 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     if cos_sin_cache.stride(-1) != 1:
         cos_sin_cache = cos_sin_cache.contiguous()
     rot = cos_sin_cache.shape[-1]
-    if cos_sin_cache.dim() != 2 or rot % 2 or rot > d:
-        raise ValueError(f"cos_sin_cache must be [positions, R] with R even and <= head size "
+    if cos_sin_cache.dim() != 2 or rot % 2 or not 0 < rot <= d:
+        raise ValueError(f"cos_sin_cache must be [positions, R] with R even, 0 < R <= head size "
                          f"{d}; got {tuple(cos_sin_cache.shape)}")
     q_out, k_out = (torch.empty(q.shape, dtype=q.dtype, device=q.device),
                     torch.empty(k.shape, dtype=k.dtype, device=k.device)) if out is None else out
@@ -93,5 +93,6 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             IS_NEOX=is_neox, BLOCK_HQ=triton.next_power_of_2(q.shape[1]),
             BLOCK_HK=triton.next_power_of_2(k.shape[1]),
             BLOCK_HALF=triton.next_power_of_2(half),
-            BLOCK_TAIL=triton.next_power_of_2(d - rot) if d > rot else 0, num_warps=4)
+            BLOCK_TAIL=triton.next_power_of_2(d - rot) if d > rot else 0,
+            num_warps=4 if q.shape[1] * half <= 2048 else 8)
     return q_out, k_out

@@ -34,7 +34,10 @@ def join_all(procs: Iterable[BaseProcess], timeout: float) -> None:
     for proc in stragglers:
         proc.kill()
         proc.join(5)
-    failures = [f"{proc.name} (pid {proc.pid}) still running after {timeout} s" for proc in stragglers]
+    failures = [
+        f"{proc.name} (pid {proc.pid}) still running after {timeout} s"
+        for proc in stragglers
+    ]
     failures += [
         f"{proc.name} (pid {proc.pid}) exited with code {proc.exitcode}"
         for proc in procs

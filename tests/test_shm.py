@@ -73,6 +73,23 @@ def test_fuzz_one_writer_three_readers_every_message_once_in_order_intact():
     assert outcomes == [("ok", len(stream))] * 3
 
 
+def test_attributes_describe_each_side_and_sides_keep_to_their_role():
+    n_readers, n_slots, slot_size = random.randint(2, 64), random.randint(1, 100), random.randint(1, 5000)
+    with Ring.create(n_readers, n_slots, slot_size) as writer:
+        index = random.randrange(n_readers)
+        with Ring.attach(writer.name, index) as reader:
+            for ring in (writer, reader):
+                assert (ring.name, ring.n_readers, ring.n_slots, ring.slot_size) == (
+                    writer.name, n_readers, n_slots, slot_size)
+            assert (writer.reader_index, reader.reader_index) == (-1, index)
+            with pytest.raises(RuntimeError, match="for a reader"):
+                writer.read(timeout=0)
+            with pytest.raises(RuntimeError, match="for the writer"):
+                reader.write(b"x", timeout=0)
+            with pytest.raises(TimeoutError):
+                writer.wait_attached(timeout=0.1)
+
+
 def test_parts_are_one_message_and_big_messages_stream_through_a_small_ring():
     with Ring.create(1, 8, 16) as writer, Ring.attach(writer.name, 0) as reader:
         parts = [os.urandom(n) for n in (0, 5, 16, 33)]
@@ -87,6 +104,22 @@ def test_parts_are_one_message_and_big_messages_stream_through_a_small_ring():
         received = reader.read(timeout=TIMEOUT)
         sender.join(TIMEOUT)
         assert received == big
+
+
+def test_read_that_times_out_midway_resumes_the_same_message():
+    with Ring.create(2, 4, 16) as writer, Ring.attach(writer.name, 0) as slow, Ring.attach(writer.name, 1) as fast:
+        big = os.urandom(3 * 4 * 16)
+        sender = threading.Thread(target=writer.write, args=(big,), kwargs={"timeout": TIMEOUT})
+        sender.start()
+        with pytest.raises(TimeoutError):
+            fast.read(timeout=0.2)
+        slow_received = []
+        drainer = threading.Thread(target=lambda: slow_received.append(slow.read(timeout=TIMEOUT)))
+        drainer.start()
+        assert fast.read(timeout=TIMEOUT) == big
+        drainer.join(TIMEOUT)
+        sender.join(TIMEOUT)
+        assert slow_received == [big]
 
 
 def test_spsc_request_response_rings():

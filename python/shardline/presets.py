@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # part of the cache key: bump when the bytes a preset writes change
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 VOCAB_SIZE = 320  # 3 specials + 256 bytes, padded
@@ -64,15 +64,17 @@ _FUSED_EXPERTS = {"tiny-qwen2-moe"}
 def _attention_shapes(c: dict, p: str) -> dict[str, tuple[int, ...]]:
     hidden, dim = c["hidden_size"], c["head_dim"]
     q, kv = c["num_attention_heads"] * dim, c["num_key_value_heads"] * dim
-    shapes = {f"{p}.self_attn.q_proj.weight": (q, hidden), f"{p}.self_attn.k_proj.weight": (kv, hidden),
-              f"{p}.self_attn.v_proj.weight": (kv, hidden), f"{p}.self_attn.o_proj.weight": (hidden, q)}
+    a = f"{p}.self_attn"
+    shapes = {f"{a}.q_proj.weight": (q, hidden), f"{a}.k_proj.weight": (kv, hidden),
+              f"{a}.v_proj.weight": (kv, hidden), f"{a}.o_proj.weight": (hidden, q)}
     if c["model_type"] in ("qwen2", "qwen2_moe"):
-        shapes.update({f"{p}.self_attn.q_proj.bias": (q,), f"{p}.self_attn.k_proj.bias": (kv,),
-                       f"{p}.self_attn.v_proj.bias": (kv,)})
+        shapes.update({f"{a}.q_proj.bias": (q,), f"{a}.k_proj.bias": (kv,),
+                       f"{a}.v_proj.bias": (kv,)})
     return shapes
 
 
-def _mlp_shapes(p: str, hidden: int, inter: int, names=("gate_proj", "up_proj", "down_proj")
+def _mlp_shapes(p: str, hidden: int, inter: int,
+                names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
                 ) -> dict[str, tuple[int, ...]]:
     gate, up, down = names
     return {f"{p}.{gate}.weight": (inter, hidden), f"{p}.{up}.weight": (inter, hidden),
@@ -94,7 +96,8 @@ def tensor_shapes(name: str) -> dict[str, tuple[int, ...]]:
     """Checkpoint tensor names and shapes of a preset, as Hugging Face names them."""
     c, hidden = PRESETS[name], PRESETS[name]["hidden_size"]
     fused = name in _FUSED_EXPERTS
-    shapes = {"model.embed_tokens.weight": (c["vocab_size"], hidden), "model.norm.weight": (hidden,)}
+    shapes = {"model.embed_tokens.weight": (c["vocab_size"], hidden),
+              "model.norm.weight": (hidden,)}
     if not c["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (c["vocab_size"], hidden)
     for i in range(c["num_hidden_layers"]):
@@ -104,8 +107,9 @@ def tensor_shapes(name: str) -> dict[str, tuple[int, ...]]:
         shapes[f"{p}.post_attention_layernorm.weight"] = (hidden,)
         if c["model_type"] == "mixtral":
             shapes[f"{p}.block_sparse_moe.gate.weight"] = (c["num_local_experts"], hidden)
-            shapes.update(_experts_shapes(f"{p}.block_sparse_moe.experts", c["num_local_experts"],
-                                          hidden, c["intermediate_size"], ("w1", "w3", "w2"), fused))
+            shapes.update(_experts_shapes(f"{p}.block_sparse_moe.experts",
+                                          c["num_local_experts"], hidden, c["intermediate_size"],
+                                          ("w1", "w3", "w2"), fused))
         elif c["model_type"] == "qwen2_moe" and i not in c["mlp_only_layers"]:
             shapes[f"{p}.mlp.gate.weight"] = (c["num_experts"], hidden)
             shapes[f"{p}.mlp.shared_expert_gate.weight"] = (1, hidden)
@@ -126,9 +130,7 @@ def _random_tensor(name: str, shape: tuple[int, ...], hidden: int, gen: torch.Ge
         return 1.0 + 0.1 * torch.randn(shape, generator=gen)
     if name.endswith(".bias"):
         return 0.1 * torch.randn(shape, generator=gen)
-    if name == "model.embed_tokens.weight":
-        return torch.randn(shape, generator=gen) * (3.0 / hidden ** 0.5)
-    if name == "lm_head.weight":
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return torch.randn(shape, generator=gen) * (3.0 / hidden ** 0.5)
     return torch.randn(shape, generator=gen) / shape[-1] ** 0.5
 

@@ -48,6 +48,17 @@ def test_greedy_batch_of_16_matches_each_prompt_alone(reference_llm, llm):
     assert_all_free(llm)
 
 
+@pytest.mark.parametrize("model", ["tiny-qwen2-moe", "tiny-mixtral"])
+def test_moe_greedy_batch_matches_each_prompt_alone(model):
+    prompts = random_prompts(16, 2, 24)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    alone_llm = LLM(model, block_size=4, num_kv_blocks=256, enable_prefix_caching=False)
+    alone = [alone_llm.generate([p], params)[0] for p in prompts]
+    batched_llm = LLM(model, block_size=4, num_kv_blocks=256, max_num_batched_tokens=16)
+    assert token_ids(batched_llm.generate(prompts, params)) == token_ids(alone)
+    assert_all_free(batched_llm)
+
+
 def test_prefix_cache_hit_matches_and_computes_less(reference_llm, llm):
     shared = random_prompts(1, 30, 30)[0]
     first, second = shared + [40, 41], shared + [50, 51, 52]
@@ -83,8 +94,9 @@ def test_seeded_sampling_is_reproducible_across_batches(reference_llm, llm):
 
 def test_abort_frees_its_blocks(llm):
     prompts = random_prompts(2, 20, 30)
-    llm.add_request("keep", prompts[0], SamplingParams(temperature=0.0, max_tokens=20))
-    llm.add_request("drop", prompts[1], SamplingParams(temperature=0.0, max_tokens=20))
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    llm.add_request("keep", prompts[0], params)
+    llm.add_request("drop", prompts[1], params)
     for _ in range(4):
         llm.step()
     free_before = llm.engine.kv.num_free_blocks
@@ -106,9 +118,15 @@ def test_stop_token_and_stop_string(llm):
     out = llm.generate([prompt], long_greedy)[0].outputs[0]
     assert out.token_ids == base.token_ids[:base.token_ids.index(token) + 1]
     assert out.stop_reason == token
-    text = base.text
-    stop = next(c for c in text[len(text) // 2:] + text if c != "\ufffd")
-    long_greedy.stop_token_ids, long_greedy.stop = [], [stop]
+    long_greedy.stop_token_ids = []
+    # Random weights emit arbitrary bytes: find an output with a whole character to stop on.
+    for prompt in [prompt] + random_prompts(10, 10, 10):
+        text = llm.generate([prompt], long_greedy)[0].outputs[0].text
+        stop = next((c for c in text[len(text) // 2:] + text if c != "\ufffd"), None)
+        if stop is not None:
+            break
+    assert stop is not None, "no greedy output had a complete character"
+    long_greedy.stop = [stop]
     out = llm.generate([prompt], long_greedy)[0].outputs[0]
     assert out.text == text[:text.index(stop)]
     assert (out.finish_reason, out.stop_reason) == ("stop", stop)
@@ -169,3 +187,14 @@ def test_async_llm_streams_and_finishes():
         assert outputs[-1].finished
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
     llm.shutdown()
+
+
+def test_logprobs_of_greedy_tokens_are_the_top_ones(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=5, logprobs=3, ignore_eos=True)
+    out = llm.generate(random_prompts(1)[0], params)[0].outputs[0]
+    assert len(out.logprobs) == 5
+    for token, logprobs in zip(out.token_ids, out.logprobs):
+        assert len(logprobs) >= 3 and all(lp <= 0.0 for lp in logprobs.values())
+        assert logprobs[token] == max(logprobs.values())
+    assert out.cumulative_logprob == pytest.approx(
+        sum(lp[t] for lp, t in zip(out.logprobs, out.token_ids)))

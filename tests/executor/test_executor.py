@@ -1,13 +1,11 @@
 """Executor factory and the in-process executor's worker lifecycle (with a stub Worker)."""
 
-import sys
-import types
-
 import pytest
 
 from shardline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from shardline.engine.batch import ModelRunnerOutput, SchedulerOutput
 from shardline.executor import create_executor, executor_class
+from shardline.executor import uniproc
 from shardline.executor.uniproc import UniProcExecutor
 
 
@@ -41,9 +39,7 @@ def config(**parallel):
 
 @pytest.fixture
 def stub_worker(monkeypatch):
-    module = types.ModuleType("shardline.worker.worker")
-    module.Worker = StubWorker
-    monkeypatch.setitem(sys.modules, "shardline.worker.worker", module)
+    monkeypatch.setattr(uniproc, "Worker", StubWorker)
 
 
 def test_one_rank_uses_the_in_process_executor():

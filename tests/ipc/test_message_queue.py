@@ -40,11 +40,13 @@ def digest(obj: object) -> str:
 
 def echo_reader(handle: MessageQueueHandle, index: int, handle_pipe) -> None:
     """Reader process: answer every message with its reader index, checksum and the message."""
-    with MessageQueue.attach(handle, index) as requests, MessageQueue.create(1, n_slots=8, slot_size=4096) as responses:
+    requests = MessageQueue.attach(handle, index)
+    with requests, MessageQueue.create(1, n_slots=8, slot_size=4096) as responses:
         handle_pipe.send(responses.handle())
         responses.wait_attached(TIMEOUT)
         while (message := requests.dequeue(TIMEOUT)) is not None:
-            responses.enqueue({"reader": index, "digest": digest(message), "echo": message}, TIMEOUT)
+            reply = {"reader": index, "digest": digest(message), "echo": message}
+            responses.enqueue(reply, TIMEOUT)
 
 
 def wait_for_close(handle: MessageQueueHandle, ready_pipe) -> None:
@@ -67,7 +69,11 @@ def random_message(rng: np.random.Generator, size: int) -> dict:
         "positions": torch.arange(int(rng.integers(0, 5)), dtype=torch.int64),
         "blob": rng.integers(0, 256, size=size, dtype=np.uint8),
         "scalar": np.float32(rng.standard_normal()),
-        "nested": {"empty": np.zeros((0, 4)), "strided": rng.standard_normal((6, 8))[::2, ::3], "name": "x"},
+        "nested": {
+            "empty": np.zeros((0, 4)),
+            "strided": rng.standard_normal((6, 8))[::2, ::3],
+            "name": "x",
+        },
     }
 
 
@@ -82,11 +88,14 @@ def assert_same(got: object, expected: object) -> None:
 def test_broadcast_to_two_reader_processes_and_replies_back():
     rng = np.random.default_rng()
     # A 4 KiB slot ring of 8 slots: most messages span slots, the 100 KiB one spans the whole ring.
-    sizes = [0, 1, 100, 4096, 5000, 32 * 1024, 100 * 1024, *rng.integers(0, 20_000, size=8).tolist()]
+    sizes = [0, 1, 100, 4096, 5000, 32 * 1024, 100 * 1024, *rng.integers(0, 20_000, 8).tolist()]
     messages = [random_message(rng, int(size)) for size in sizes]
     with MessageQueue.create(2, n_slots=8, slot_size=4096) as requests:
         pipes = [SPAWN.Pipe(duplex=False) for _ in range(2)]
-        procs = [spawn(echo_reader, requests.handle(), index, sender) for index, (_, sender) in enumerate(pipes)]
+        procs = [
+            spawn(echo_reader, requests.handle(), index, sender)
+            for index, (_, sender) in enumerate(pipes)
+        ]
         try:
             responses = []
             for receiver, _ in pipes:
@@ -171,11 +180,13 @@ def test_tuples_arrive_as_lists_in_order():
             assert reader.dequeue(TIMEOUT) == [obj[0], list(obj[1])]
 
 
-def test_handle_is_small_and_picklable():
+def test_handle_is_small_and_picklable_but_the_queue_is_not():
     with MessageQueue.create(3) as writer:
         handle = writer.handle()
         data = pickle.dumps(handle)
         assert len(data) < 256 and pickle.loads(data) == handle and handle.n_readers == 3
+        with pytest.raises(TypeError, match="handle"):
+            pickle.dumps(writer)
 
 
 def test_attach_rejects_a_reader_index_out_of_range():

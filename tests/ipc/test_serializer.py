@@ -4,8 +4,12 @@ import torch
 
 from shardline.ipc.serializer import Decoder, Encoder
 
-NUMPY_DTYPES = [np.float32, np.float64, np.float16, np.int64, np.int8, np.uint8, np.bool_, np.complex64]
-TORCH_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool]
+NUMPY_DTYPES = [
+    np.float32, np.float64, np.float16, np.int64, np.int8, np.uint8, np.bool_, np.complex64,
+]
+TORCH_DTYPES = [
+    torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool,
+]
 SHAPES = [(), (0,), (3, 0, 2), (7,), (5, 6), (2, 3, 4)]
 
 
@@ -90,7 +94,10 @@ def test_nested_structure_round_trip():
     obj = {
         "req_id": f"req-{rng.integers(1 << 30)}",
         "token_ids": token_ids,
-        "nested": [{"logits": random_tensor((3, 5), torch.float32)}, [random_array(rng, (4,), np.float16), None]],
+        "nested": [
+            {"logits": random_tensor((3, 5), torch.float32)},
+            [random_array(rng, (4,), np.float16), None],
+        ],
         7: b"\x00raw\xff",
         "flags": [True, False, None, 1.5, -(2**63), 2**64 - 1],
         "empty": {"list": [], "dict": {}, "str": "", "bytes": b""},
@@ -106,19 +113,26 @@ def test_nested_structure_round_trip():
 
 def test_numpy_scalars_keep_their_type():
     rng = np.random.default_rng()
-    scalars = [np.int64(rng.integers(-(2**62), 2**62)), np.float32(rng.standard_normal()), np.bool_(True), np.uint8(200)]
+    scalars = [
+        np.int64(rng.integers(-(2**62), 2**62)),
+        np.float32(rng.standard_normal()),
+        np.bool_(True),
+        np.uint8(200),
+    ]
     out = round_trip(scalars)
     for got, expected in zip(out, scalars, strict=True):
         assert type(got) is type(expected) and got == expected
 
 
 def test_tuples_arrive_as_lists_and_bytearray_as_bytes():
-    assert round_trip({"shape": (2, (3, 4)), "raw": bytearray(b"ab")}) == {"shape": [2, [3, 4]], "raw": b"ab"}
+    got = round_trip({"shape": (2, (3, 4)), "raw": bytearray(b"ab")})
+    assert got == {"shape": [2, [3, 4]], "raw": b"ab"}
 
 
 def test_arrays_share_the_frame_aligned():
     rng = np.random.default_rng()
-    obj = [random_array(rng, (int(rng.integers(1, 50)),), np.uint8), random_tensor((3, 3), torch.float64)]
+    size = int(rng.integers(1, 50))
+    obj = [random_array(rng, (size,), np.uint8), random_tensor((3, 3), torch.int64)]
     frame = bytearray(b"".join(Encoder().encode(obj)))
     array, tensor = Decoder().decode(frame)
     frame_start = np.frombuffer(frame, np.uint8).ctypes.data
@@ -148,13 +162,17 @@ class Opaque:
         (Opaque(), "test_serializer.Opaque"),
         ({"nested": [{1, 2}]}, "type set"),
         (np.array([object()]), "dtype object"),
+        (np.ma.masked_array([1, 2], mask=[0, 1]), "MaskedArray"),
         (np.zeros(2, dtype=[("a", "<i4")]), "dtype"),
         (torch.empty(2, device="meta"), "device meta"),
         (torch.eye(3).to_sparse(), "layout torch.sparse_coo"),
         (2**64, "64 bits"),
         (-(2**63) - 1, "64 bits"),
     ],
-    ids=["class", "set", "object_array", "structured_array", "meta_tensor", "sparse_tensor", "big_int", "small_int"],
+    ids=[
+        "class", "set", "object_array", "masked_array", "structured_array",
+        "meta_tensor", "sparse_tensor", "big_int", "small_int",
+    ],
 )
 def test_unsupported_objects_raise_type_error(obj, message):
     with pytest.raises(TypeError, match=message):
@@ -169,14 +187,17 @@ def test_encoder_is_reusable_after_an_error():
     assert_same_array(Decoder().decode(bytearray(b"".join(encoder.encode(array)))), array)
 
 
-@pytest.mark.parametrize("cut", [2, 5, -1], ids=["header", "meta", "buffer"])
-def test_truncated_frame_raises_value_error(cut):
-    frame = b"".join(Encoder().encode({"x": np.arange(10)}))
-    with pytest.raises(ValueError, match="bytes"):
+@pytest.mark.parametrize("where", ["header", "meta", "all_buffers", "last_buffer_byte"])
+def test_truncated_frame_raises_value_error(where):
+    parts = Encoder().encode({"x": np.arange(int(np.random.default_rng().integers(1, 100)))})
+    frame = b"".join(parts)
+    meta_end = len(parts[0]) + len(parts[1])
+    cut = {"header": 2, "meta": 5, "all_buffers": meta_end, "last_buffer_byte": -1}[where]
+    with pytest.raises(ValueError, match="truncated|too short"):
         Decoder().decode(bytearray(frame[:cut]))
 
 
 def test_trailing_bytes_raise_value_error():
     frame = b"".join(Encoder().encode([1, 2]))
-    with pytest.raises(ValueError, match="beyond"):
+    with pytest.raises(ValueError, match="past its last buffer"):
         Decoder().decode(bytearray(frame + b"\x00"))

@@ -1,8 +1,14 @@
 """The Triton paged attention kernels (decode with split-KV, varlen prefill over a cached
 prefix) against their torch references."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+
+from checks import DEVICES, assert_close, dtypes
 
 from shardline import kernels
 from shardline.kernels import reference
@@ -12,22 +18,9 @@ prefill = pytest.importorskip("shardline.kernels.attention_prefill")
 
 pytestmark = pytest.mark.usefixtures("fresh_seed")
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"))]
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 # (KV heads, query heads per KV head, head size, cache block size)
 LAYOUTS = [(2, 1, 64, 16), (1, 2, 80, 32), (2, 4, 64, 16), (1, 8, 96, 16), (1, 4, 64, 1)]
-
-
-def dtypes(device: str) -> list[torch.dtype]:
-    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    assert not actual.isnan().any(), "unwritten (NaN) elements in the output"
-    scale = expected.float().abs().max().clamp_min(1e-6)
-    error = (actual.float() - expected.float()).abs().max() / scale
-    assert error < TOLERANCE[actual.dtype], f"relative error {error:.2e}"
 
 
 def paged_cache(seq_lens: list[int], num_kv_heads: int, head_dim: int, block_size: int,
@@ -71,13 +64,13 @@ def test_decode_matches_reference(device, layout):
                         device=device)
         expected = reference.paged_decode_attention(q, k_cache, v_cache, block_tables,
                                                     seq_lens, scale)
-        for num_splits in (1, 3):
+        for num_splits in (1, 3) + ((None,) if device == "cuda" else ()):
             out = torch.full_like(q, float("nan"))
             result = decode.paged_decode_attention(q, k_cache, v_cache, block_tables,
                                                    seq_lens, scale, out=out,
                                                    num_splits=num_splits)
             assert result is out
-            assert_close(out, expected)
+            assert_close(out, expected, TOLERANCE)
 
 
 def test_decode_splits_a_long_context_and_reads_strided_queries():
@@ -91,7 +84,15 @@ def test_decode_splits_a_long_context_and_reads_strided_queries():
     out = decode.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 0.125,
                                         num_splits=7)
     assert_close(out, reference.paged_decode_attention(q, k_cache, v_cache, block_tables,
-                                                       seq_lens, 0.125))
+                                                       seq_lens, 0.125), TOLERANCE)
+
+
+def test_decode_splits_only_when_the_batch_cannot_fill_the_gpu():
+    assert decode.choose_splits(batch=256, num_kv_heads=8, max_context=2048, num_sms=132) == 1
+    assert decode.choose_splits(batch=8, num_kv_heads=8, max_context=32768, num_sms=132) == 9
+    assert decode.choose_splits(batch=64, num_kv_heads=1, max_context=2048, num_sms=132) == 8
+    assert decode.choose_splits(batch=1, num_kv_heads=1, max_context=1 << 20, num_sms=132) == 64
+    assert decode.choose_splits(batch=1, num_kv_heads=1, max_context=100, num_sms=132) == 1
 
 
 def test_decode_of_an_empty_sequence_is_zero():
@@ -131,20 +132,24 @@ def test_prefill_matches_reference(device, layout):
                                                  query_start_loc, seq_lens, scale, out=out)
         assert result is out
         assert_close(out, reference.paged_prefill_attention(
-            q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale))
+            q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale), TOLERANCE)
 
 
-def test_prefill_reads_strided_queries_of_a_fused_projection():
+def test_prefill_reads_strided_queries_and_leaves_padding_tokens_alone():
     chunks = [(20, 18), (0, 33)]
     query_start_loc, seq_lens = prefill_inputs(chunks, "cpu")
     k_cache, v_cache, block_tables = paged_cache(seq_lens.tolist(), 2, 64, 16,
                                                  torch.float32, "cpu")
-    fused = torch.randn(int(query_start_loc[-1]), 8, 64)
+    real_tokens = int(query_start_loc[-1])
+    fused = torch.randn(real_tokens + 37, 8, 64)
     q = fused[:, :4]
-    out = prefill.paged_prefill_attention(q, k_cache, v_cache, block_tables,
-                                          query_start_loc, seq_lens, 0.125)
-    assert_close(out, reference.paged_prefill_attention(q, k_cache, v_cache, block_tables,
-                                                        query_start_loc, seq_lens, 0.125))
+    out = torch.full_like(q, float("nan"))
+    prefill.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc,
+                                    seq_lens, 0.125, out=out)
+    expected = reference.paged_prefill_attention(q, k_cache, v_cache, block_tables,
+                                                 query_start_loc, seq_lens, 0.125)
+    assert_close(out[:real_tokens], expected[:real_tokens], TOLERANCE)
+    assert out[real_tokens:].isnan().all()
 
 
 def test_attention_rejects_mismatched_heads():
@@ -173,4 +178,50 @@ def test_dispatch_routes_cpu_tensors_to_triton_only_when_forced(monkeypatch):
     monkeypatch.delenv("SHARDLINE_FORCE_TRITON")
     out = kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 1.0)
     assert_close(out, reference.paged_decode_attention(q, k_cache, v_cache, block_tables,
-                                                       seq_lens, 1.0))
+                                                       seq_lens, 1.0), TOLERANCE)
+
+
+def compile_for_hopper() -> None:
+    """Compiles the attention kernels to sm_90 code, with the 16-aligned pointers and
+    strides of a real launch, through the real compiler (no GPU needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    int_pointers = {"block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr"}
+    builds = [(decode._decode_split_kernel, {"KV_BLOCK_SIZE": 16, "BLOCK_G": 16, "BLOCK_D": 128,
+                                             "BLOCK_N": 64, "DIRECT": direct}, 4)
+              for direct in (True, False)]
+    builds += [(decode._merge_splits_kernel, {"BLOCK_S": 16, "BLOCK_D": 128}, 4),
+               (prefill._prefill_kernel, {"KV_BLOCK_SIZE": 16, "BLOCK_D": 128, "BLOCK_M": 128,
+                                          "BLOCK_N": 64}, 8)]
+    for kernel, constexprs, warps in builds:
+        while not isinstance(kernel, triton.runtime.JITFunction):
+            kernel = kernel.fn
+        names = kernel.arg_names
+        constexprs = {"DOT_PRECISION": "tf32", **constexprs}
+        constexprs = {name: value for name, value in constexprs.items() if name in names}
+        signature = {name: "constexpr" if name in constexprs
+                     else "*i32" if name in int_pointers
+                     else "*fp32" if name.startswith("part_")
+                     else "*bf16" if name.endswith("_ptr")
+                     else "fp32" if name == "qk_scale" else "i32" for name in names}
+        aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
+                   if signature[name].startswith("*") or name.startswith("stride")}
+        source = ASTSource(kernel, signature, attrs=aligned,
+                           constexprs={(names.index(n),): v for n, v in constexprs.items()})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": warps, "num_stages": 3})
+        assert compiled.asm["cubin"], f"{kernel.__name__} produced no machine code"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the tests above compile them")
+def test_kernels_compile_for_hopper():
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+if __name__ == "__main__":
+    compile_for_hopper()

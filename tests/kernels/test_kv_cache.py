@@ -3,19 +3,14 @@
 import pytest
 import torch
 
+from checks import DEVICES, dtypes
+
 from shardline import kernels
 from shardline.kernels import reference
 
 kv_cache = pytest.importorskip("shardline.kernels.kv_cache")
 
 pytestmark = pytest.mark.usefixtures("fresh_seed")
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"))]
-
-
-def dtypes(device: str) -> list[torch.dtype]:
-    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
 
 
 def random_slots(num_tokens: int, num_slots: int, device: str) -> torch.Tensor:

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from checks import DEVICES, assert_close, dtypes
+
 from shardline import kernels
 from shardline.kernels import reference
 
@@ -10,24 +12,11 @@ matmul = pytest.importorskip("shardline.kernels.matmul")
 
 pytestmark = pytest.mark.usefixtures("fresh_seed")
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"))]
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
-
-
-def dtypes(device: str) -> list[torch.dtype]:
-    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
 
 
 def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    assert not actual.isnan().any(), "unwritten (NaN) elements in the output"
-    scale = expected.float().abs().max().clamp_min(1e-6)
-    error = (actual.float() - expected.float()).abs().max() / scale
-    assert error < TOLERANCE[actual.dtype], f"relative error {error:.2e}"
 
 
 def inputs(m: int, n: int, k: int, dtype: torch.dtype, device: str):
@@ -46,7 +35,7 @@ def test_linear_matches_reference(device, m, n, k, split_k):
         for b, r in [(None, None), (bias, None), (bias, residual), (None, residual)]:
             out = poisoned((m, n), dtype, device)
             matmul.linear(x, w, b, r, out=out, split_k=split_k)
-            assert_close(out, reference.linear(x, w, b, r))
+            assert_close(out, reference.linear(x, w, b, r), TOLERANCE)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -57,13 +46,13 @@ def test_linear_silu_mul_matches_reference(device, m, n, k, split_k):
         for b in (None, bias):
             out = poisoned((m, n), dtype, device)
             matmul.linear_silu_mul(x, w, b, out=out, split_k=split_k)
-            assert_close(out, reference.linear_silu_mul(x, w, b))
+            assert_close(out, reference.linear_silu_mul(x, w, b), TOLERANCE)
 
 
 def test_linear_reads_strided_input():
     x = torch.randn(70, 21)[::2, 1:]
     w = torch.randn(30, 20)
-    assert_close(matmul.linear(x, w), reference.linear(x, w))
+    assert_close(matmul.linear(x, w), reference.linear(x, w), TOLERANCE)
 
 
 def test_split_k_chosen_for_decode_shapes_only():

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from checks import DEVICES, assert_close, dtypes
+
 from shardline import kernels
 from shardline.kernels import reference
 
@@ -10,20 +12,7 @@ moe = pytest.importorskip("shardline.kernels.moe")
 
 pytestmark = pytest.mark.usefixtures("fresh_seed")
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"))]
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
-
-
-def dtypes(device: str) -> list[torch.dtype]:
-    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    assert not actual.isnan().any(), "unwritten (NaN) elements in the output"
-    scale = expected.float().abs().max().clamp_min(1e-6)
-    error = (actual.float() - expected.float()).abs().max() / scale
-    assert error < TOLERANCE[actual.dtype], f"relative error {error:.2e}"
 
 
 @pytest.fixture
@@ -48,14 +37,15 @@ def moe_inputs(tokens, hidden, inter, experts, global_experts, topk, dtype, devi
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tokens,hidden,inter,experts,topk", [
-    (7, 40, 24, 4, 2), (1, 32, 48, 8, 2), (20, 24, 36, 3, 1), (33, 16, 16, 6, 3)])
+    (7, 40, 24, 4, 2), (1, 32, 48, 8, 2), (20, 24, 36, 3, 1), (33, 16, 16, 6, 3),
+    (40, 16, 16, 40, 2)])
 def test_fused_moe_matches_reference(nan_empty, device, tokens, hidden, inter, experts, topk):
     for dtype in dtypes(device):
         x, w13, w2, weights, ids = moe_inputs(tokens, hidden, inter, experts, experts, topk,
                                               dtype, device)
         out = torch.full_like(x, float("nan"))
         moe.fused_moe(x, w13, w2, weights, ids, out=out)
-        assert_close(out, reference.fused_moe(x, w13, w2, weights, ids))
+        assert_close(out, reference.fused_moe(x, w13, w2, weights, ids), TOLERANCE)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -67,7 +57,7 @@ def test_fused_moe_skips_experts_of_other_ranks(nan_empty, device):
         offset = rank * local
         out = torch.full_like(x, float("nan"))
         moe.fused_moe(x, w13, w2, weights, ids, offset, out=out)
-        assert_close(out, reference.fused_moe(x, w13, w2, weights, ids, offset))
+        assert_close(out, reference.fused_moe(x, w13, w2, weights, ids, offset), TOLERANCE)
 
 
 def test_fused_moe_with_no_owned_choices_is_zero(nan_empty):
@@ -76,25 +66,26 @@ def test_fused_moe_with_no_owned_choices_is_zero(nan_empty):
                        torch.zeros_like(x))
 
 
-def test_moe_align_pads_each_expert_to_the_block():
-    experts, block_m = 5, 4
-    ids = torch.randint(0, experts + 2, (11, 2))
-    ids[ids == 1] = 0  # local expert 1 gets no tokens
-    sorted_pairs, block_experts = moe.moe_align(ids, block_m, 0, experts)
-    flat = ids.flatten()
-    blocks = sorted_pairs.view(-1, block_m)
-    seen = []
-    for block, expert in zip(blocks.tolist(), block_experts.tolist()):
-        pairs = [p for p in block if p < flat.numel()]
+@pytest.mark.parametrize("experts,tokens,topk", [(5, 11, 2), (300, 70, 3)])
+def test_moe_align_pads_each_expert_to_the_block(experts, tokens, topk):
+    block_m, offset = 4, 2
+    ids = torch.randint(0, experts + 2 * offset, (tokens, topk))
+    ids[ids == offset + 1] = offset  # local expert 1 gets no tokens
+    sorted_pairs, block_experts = moe.moe_align(ids, block_m, offset, experts)
+    local = ids.flatten() - offset
+    owner = torch.where((local >= 0) & (local < experts), local, moe.NOT_OWNED.value)
+    runs: dict[int, list[int]] = {}
+    for block, expert in zip(sorted_pairs.view(-1, block_m).tolist(), block_experts.tolist()):
+        pairs = [p for p in block if p < ids.numel()]
         if expert == moe.PAST_END.value:
             assert not pairs
             continue
         assert pairs, "a block with no pairs before the end"
-        owners = {int(flat[p]) if flat[p] < experts else moe.NOT_OWNED.value for p in pairs}
-        assert owners == {expert}
-        seen += pairs
-    assert sorted(seen) == list(range(flat.numel()))
-    assert 1 not in block_experts.tolist()
+        assert {int(owner[p]) for p in pairs} == {expert}
+        runs.setdefault(expert, []).extend(pairs)
+    assert sorted(p for run in runs.values() for p in run) == list(range(ids.numel()))
+    assert all(run == sorted(run) for run in runs.values()), "order within an expert"
+    assert 1 not in runs
 
 
 def test_fused_moe_rejects_mismatched_shapes():
@@ -121,4 +112,6 @@ def test_kernel_compiles_for_h100(compile_for_h100):
         ("_moe_gemm_kernel", {**io, "out_ptr": "*bf16" if gate_up else "*fp32"},
          dict(GATE_UP=gate_up, PRECISION="tf32", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64))
         for gate_up in (True, False)
-    ])
+    ] + [("_moe_align_kernel", dict(ids_ptr="*i64", sorted_pairs_ptr="*i32",
+                                    block_experts_ptr="*i32"),
+          dict(BLOCK_M=16, BLOCK_E=16, CHUNK=256))])

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from checks import DEVICES, assert_close, dtypes
+
 from shardline import kernels
 from shardline.kernels import reference
 
@@ -10,20 +12,7 @@ norm = pytest.importorskip("shardline.kernels.norm")
 
 pytestmark = pytest.mark.usefixtures("fresh_seed")
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"))]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-
-
-def dtypes(device: str) -> list[torch.dtype]:
-    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    assert not actual.isnan().any(), "unwritten (NaN) elements in the output"
-    scale = expected.float().abs().max().clamp_min(1e-6)
-    error = (actual.float() - expected.float()).abs().max() / scale
-    assert error < TOLERANCE[actual.dtype], f"relative error {error:.2e}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -35,7 +24,7 @@ def test_rms_norm_matches_reference(device, shape):
         eps = float(torch.rand(()) * 1e-3)
         out = torch.full_like(x, float("nan"))
         assert norm.rms_norm(x, weight, eps, out=out) is out
-        assert_close(out, reference.rms_norm(x, weight, eps))
+        assert_close(out, reference.rms_norm(x, weight, eps), TOLERANCE)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -48,13 +37,13 @@ def test_rms_norm_with_residual_returns_norm_and_sum(device, shape):
         norm.rms_norm(x, weight, 1e-6, residual, out=out, residual_out=summed)
         expected_out, expected_sum = reference.rms_norm(x, weight, 1e-6, residual)
         assert torch.equal(summed, expected_sum)
-        assert_close(out, expected_out)
+        assert_close(out, expected_out, TOLERANCE)
 
 
 def test_rms_norm_reads_strided_rows():
     x = torch.randn(10, 80)[::3, :64]
     weight = torch.randn(64)
-    assert_close(norm.rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5))
+    assert_close(norm.rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5), TOLERANCE)
 
 
 def test_rms_norm_rejects_mismatched_weight_and_residual():

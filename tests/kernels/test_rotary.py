@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from checks import DEVICES, assert_close, dtypes
+
 from shardline import kernels
 from shardline.kernels import reference
 
@@ -10,20 +12,7 @@ rotary = pytest.importorskip("shardline.kernels.rotary")
 
 pytestmark = pytest.mark.usefixtures("fresh_seed")
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"))]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-
-
-def dtypes(device: str) -> list[torch.dtype]:
-    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    assert not actual.isnan().any(), "unwritten (NaN) elements in the output"
-    scale = expected.float().abs().max().clamp_min(1e-6)
-    error = (actual.float() - expected.float()).abs().max() / scale
-    assert error < TOLERANCE[actual.dtype], f"relative error {error:.2e}"
 
 
 def random_cache(positions: int, rot: int, device: str) -> torch.Tensor:
@@ -45,8 +34,8 @@ def test_rotary_matches_reference(device, is_neox, tokens, hq, hk, d, rot):
         out = torch.full_like(q, float("nan")), torch.full_like(k, float("nan"))
         rotary.rotary_embedding(positions, q, k, cache, is_neox, out=out)
         expected_q, expected_k = reference.rotary_embedding(positions, q, k, cache, is_neox)
-        assert_close(out[0], expected_q)
-        assert_close(out[1], expected_k)
+        assert_close(out[0], expected_q, TOLERANCE)
+        assert_close(out[1], expected_k, TOLERANCE)
         assert torch.equal(out[0][..., rot:], q[..., rot:])
 
 
@@ -59,8 +48,8 @@ def test_rotary_reads_views_of_a_fused_qkv():
     cache = random_cache(20, d, "cpu")
     actual = rotary.rotary_embedding(positions, q, k, cache, True)
     expected = reference.rotary_embedding(positions, q, k, cache, True)
-    assert_close(actual[0], expected[0])
-    assert_close(actual[1], expected[1])
+    assert_close(actual[0], expected[0], TOLERANCE)
+    assert_close(actual[1], expected[1], TOLERANCE)
 
 
 def test_rotary_rejects_bad_cache_and_shapes():

@@ -64,3 +64,14 @@ def test_half_precision_loads_the_same_weights(dtype):
     for name, p in load_model(path, dtype, "cpu").named_parameters():
         assert p.dtype == dtype
         torch.testing.assert_close(p.float(), full[name].to(dtype).float())
+
+
+def test_sliding_window_caps_served_length(tmp_path):
+    _single_file_copy(tmp_path, "tiny-mistral")
+    config = json.load(open(tmp_path / "config.json"))
+    config["sliding_window"] = 100
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert read_model_info(str(tmp_path)).max_position_embeddings == 100
+    config["architectures"], config["use_sliding_window"] = ["Qwen2ForCausalLM"], False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert read_model_info(str(tmp_path)).max_position_embeddings == 512

@@ -23,8 +23,10 @@ def hf_models():
         if name not in cache:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cache[name] = transformers.AutoModelForCausalLM.from_pretrained(
+                model = transformers.AutoModelForCausalLM.from_pretrained(
                     resolve_model(name), dtype=torch.float32).eval()
+            model.generation_config.eos_token_id = None   # the worker does not stop at EOS
+            cache[name] = model
         return cache[name]
     return get
 
@@ -35,12 +37,10 @@ def _prompts(count: int, lengths: tuple[int, int]) -> list[list[int]]:
 
 
 def _hf_greedy(model, prompt: list[int], max_new: int) -> list[int]:
-    """Greedy continuation that, like the worker, does not stop at EOS."""
-    tokens = list(prompt)
-    with torch.no_grad():
-        for _ in range(max_new):
-            tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
-    return tokens[len(prompt):]
+    """Exactly max_new greedy tokens (EOS stopping is off, as in the worker)."""
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                         max_new_tokens=max_new, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

@@ -12,17 +12,20 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator
 
-from shardline.engine.llm import build_engine_config
+from shardline.engine.engine_args import EngineArgs
 from shardline.engine.llm_engine import LLMEngine, PromptType
 from shardline.engine.outputs import RequestOutput
 from shardline.engine.sampling_params import SamplingParams
 
 
 class AsyncLLM:
-    """An engine plus a background step loop that feeds per-request output queues."""
+    """An engine plus a background step loop that feeds per-request output queues.
+
+    Keyword options are EngineArgs fields.
+    """
 
     def __init__(self, model: str, **kwargs) -> None:
-        self.engine = LLMEngine.from_config(build_engine_config(model, **kwargs))
+        self.engine = LLMEngine.from_config(EngineArgs(model, **kwargs).to_config())
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._loop_task: asyncio.Task | None = None
 

@@ -32,9 +32,16 @@ class IncrementalDetokenizer:
     def append(self, token_id: int) -> str:
         """Add one token; return the text it completed (possibly empty), also kept in `text`."""
         self.token_ids.append(token_id)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """At the end of the sequence: emit held-back text even if it is not valid UTF-8."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
         prefix = self.tokenizer.decode(self.token_ids[self.prefix_offset:self.read_offset])
         full = self.tokenizer.decode(self.token_ids[self.prefix_offset:])
-        if len(full) <= len(prefix) or full.endswith(_INCOMPLETE):
+        if len(full) <= len(prefix) or (full.endswith(_INCOMPLETE) and not final):
             return ""
         delta = full[len(prefix):]
         self.prefix_offset = self.read_offset

@@ -12,52 +12,18 @@ from __future__ import annotations
 import sys
 from typing import Sequence as Seq
 
-from shardline.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig,
-                              SchedulerConfig)
+from shardline.engine.engine_args import EngineArgs
 from shardline.engine.llm_engine import LLMEngine, PromptType
 from shardline.engine.outputs import RequestOutput
 from shardline.engine.sampling_params import SamplingParams
 from shardline.engine.scheduler import SchedulerStats
 
 
-def build_engine_config(model: str, dtype: str = "float32", max_model_len: int | None = None,
-                        max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                        block_size: int = 16, enable_prefix_caching: bool = True,
-                        num_kv_blocks: int | None = None, seed: int = 0,
-                        kv_cache_memory_bytes: int = 512 * 1024 * 1024,
-                        enable_chunked_prefill: bool = True, tensor_parallel_size: int = 1,
-                        pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
-                        sequence_parallel_size: int = 1, enable_expert_parallel: bool = False,
-                        distributed_executor_backend: str | None = None) -> EngineConfig:
-    """EngineConfig from the flat keyword arguments LLM and AsyncLLM accept.
-
-    `model` is a model directory or a preset name (see shardline.presets).
-    """
-    from shardline.presets import resolve_model
-
-    return EngineConfig(
-        model=ModelConfig(model=resolve_model(model), dtype=dtype, max_model_len=max_model_len,
-                          seed=seed),
-        cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
-                          kv_cache_memory_bytes=kv_cache_memory_bytes,
-                          enable_prefix_caching=enable_prefix_caching),
-        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
-                                  max_num_batched_tokens=max_num_batched_tokens,
-                                  enable_chunked_prefill=enable_chunked_prefill),
-        parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size,
-                                pipeline_parallel_size=pipeline_parallel_size,
-                                data_parallel_size=data_parallel_size,
-                                sequence_parallel_size=sequence_parallel_size,
-                                enable_expert_parallel=enable_expert_parallel,
-                                distributed_executor_backend=distributed_executor_backend),
-    )
-
-
 class LLM:
-    """Offline batched generation over one engine (see `build_engine_config` for options)."""
+    """Offline batched generation over one engine; keyword options are EngineArgs fields."""
 
     def __init__(self, model: str, **kwargs) -> None:
-        self.engine = LLMEngine.from_config(build_engine_config(model, **kwargs))
+        self.engine = LLMEngine.from_config(EngineArgs(model, **kwargs).to_config())
         self._next_id = 0
 
     @classmethod
@@ -77,7 +43,9 @@ class LLM:
         """Generate for every prompt; outputs come back in input order.
 
         `prompts` is a string, a token-id list, or a list of either. Every prompt is
-        validated before any runs: a bad one raises ValueError naming its index.
+        validated before any runs: a bad one raises ValueError naming its index. Requests
+        added with `add_request` keep running meanwhile, but their outputs from these steps
+        are not returned.
         """
         prompt_list = _as_prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):

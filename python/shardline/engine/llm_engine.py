@@ -21,6 +21,7 @@ from shardline.engine.scheduler import Scheduler, SchedulerStats
 from shardline.engine.sequence import Sequence
 from shardline.engine.tokenizer import Tokenizer
 from shardline.executor.base import Executor, create_executor
+from shardline.models.loader import read_model_info
 
 PromptType = str | Seq[int]
 
@@ -61,8 +62,6 @@ class LLMEngine:
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLMEngine":
         """Build the executor and workers for `config.model.model`, a model directory."""
-        from shardline.models.loader import read_model_info
-
         model_dir = config.model.model
         model_info = read_model_info(model_dir)
         tokenizer = Tokenizer.from_model_dir(model_dir)
@@ -87,8 +86,8 @@ class LLMEngine:
         max_len = min(self.max_model_len, self.kv_capacity_tokens)
         seqs: list[Sequence] = []
         for i in range(params.n):
-            child = params if params.n == 1 else dataclasses.replace(
-                params, n=1, seed=None if params.seed is None else params.seed + i)
+            child = dataclasses.replace(params, n=1,
+                                        seed=None if params.seed is None else params.seed + i)
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
             leader = seqs[0] if seqs and self.kv.enable_prefix_caching else None
             seqs.append(Sequence(seq_id, request_id, i, prompt_ids, child,

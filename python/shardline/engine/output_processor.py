@@ -80,20 +80,23 @@ class OutputProcessor:
     def _check_stop(self, seq: Sequence, state: RequestState) -> None:
         token = seq.token_ids[-1]
         params = seq.params
-        if token in self.eos_token_ids and not params.ignore_eos:
-            self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
-            return
-        if token in params.stop_token_ids:
-            seq.stop_reason = token
-            self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
-            return
+        ended_by_token = ((token in self.eos_token_ids and not params.ignore_eos)
+                          or token in params.stop_token_ids)
+        status = None
+        if ended_by_token:
+            status = SequenceStatus.FINISHED_STOPPED
+            seq.stop_reason = token if token in params.stop_token_ids else None
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= seq.max_len:
+            status = SequenceStatus.FINISHED_LENGTH
         detokenizer = state.detokenizers[seq.index]
         if detokenizer is not None:
-            delta = detokenizer.append(token)
+            delta = "" if ended_by_token else detokenizer.append(token)
+            if status is not None:
+                delta += detokenizer.flush()
             if delta and params.stop and self._truncate_at_stop(detokenizer, len(delta), seq):
                 return
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= seq.max_len:
-            self.scheduler.finish(seq, SequenceStatus.FINISHED_LENGTH)
+        if status is not None:
+            self.scheduler.finish(seq, status)
 
     def _truncate_at_stop(self, detokenizer: IncrementalDetokenizer, delta_len: int,
                           seq: Sequence) -> bool:

@@ -69,34 +69,10 @@ class Scheduler:
             self._finished_ids.append(seq.seq_id)
 
     def schedule(self) -> SchedulerOutput:
+        """Pick this step's work: running sequences (decodes first), then waiting ones."""
         out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
-        preempted = False
-        for seq in sorted(self.running, key=lambda s: (s.is_prefilling, s.arrival)):
-            if budget == 0:
-                break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while self.kv.allocate(seq.seq_id, seq.num_computed_tokens + num_new) is None:
-                victim = max((s for s in self.running if s.seq_id not in out.num_scheduled_tokens),
-                             key=lambda s: s.arrival)
-                self._preempt(victim)
-                preempted = True
-                if victim is seq:
-                    break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            table = self.kv.block_table(seq.seq_id)
-            out.cached_requests.append(CachedRequestData(
-                req_id=seq.seq_id,
-                new_token_ids=seq.token_ids[seq.num_tokens_sent:],
-                new_block_ids=table[seq.num_blocks_sent:],
-                num_computed_tokens=seq.num_computed_tokens,
-            ))
-            self._mark_sent(seq, num_new, out)
-            budget -= num_new
-        # Newly freed blocks after a preemption go to the preempted sequences first.
+        budget, preempted = self._schedule_running(out)
+        # Blocks freed by a preemption go to the preempted sequences first, not to newcomers.
         if not preempted:
             self._schedule_waiting(out, budget)
         # An empty step is never run, so its retired ids wait for the next real one.
@@ -123,6 +99,36 @@ class Scheduler:
             seq.append_output(token, logprobs)
             sampled.append(seq)
         return sampled
+
+    def _schedule_running(self, out: SchedulerOutput) -> tuple[int, bool]:
+        """Schedule running sequences; return the budget left and whether any was preempted."""
+        budget = self.config.max_num_batched_tokens
+        preempted = False
+        for seq in sorted(self.running, key=lambda s: (s.is_prefilling, s.arrival)):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while self.kv.allocate(seq.seq_id, seq.num_computed_tokens + num_new) is None:
+                victim = max((s for s in self.running if s.seq_id not in out.num_scheduled_tokens),
+                             key=lambda s: s.arrival)
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            table = self.kv.block_table(seq.seq_id)
+            out.cached_requests.append(CachedRequestData(
+                req_id=seq.seq_id,
+                new_token_ids=seq.token_ids[seq.num_tokens_sent:],
+                new_block_ids=table[seq.num_blocks_sent:],
+                num_computed_tokens=seq.num_computed_tokens,
+            ))
+            self._mark_sent(seq, num_new, out)
+            budget -= num_new
+        return budget, preempted
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:

@@ -6,14 +6,13 @@ from typing import Any
 
 from shardline.engine.batch import ModelRunnerOutput, SchedulerOutput
 from shardline.executor.base import Executor
+from shardline.worker.worker import Worker
 
 
 class UniProcExecutor(Executor):
     """Calls the single Worker's methods directly."""
 
     def _start_workers(self) -> None:
-        from shardline.worker.worker import Worker
-
         self.worker = Worker(self.config, rank=0)
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None

@@ -33,14 +33,14 @@ class MessageQueue:
     `handle()`). Messages larger than a slot, or than the whole ring, are legal.
     Blocking calls take a timeout in seconds (None waits forever) and raise TimeoutError
     when it expires, RingClosed once the queue is closed, and PeerDied when the process
-    on the other side died.
+    on the other side died. Each end is used by one thread at a time.
     """
 
     def __init__(self, ring: _shm.Ring) -> None:
+        is_writer = ring.reader_index == -1
         self._ring = ring
-        self._is_writer = ring.reader_index == -1
-        self._encoder = Encoder() if self._is_writer else None
-        self._decoder = None if self._is_writer else Decoder()
+        self._encoder = Encoder() if is_writer else None
+        self._decoder = None if is_writer else Decoder()
 
     @classmethod
     def create(
@@ -83,7 +83,10 @@ class MessageQueue:
         holds a type the serializer does not support (see serializer.SUPPORTED_TYPES).
         """
         if self._encoder is None:
-            raise RuntimeError(f"enqueue on reader {self._ring.reader_index} of queue {self._ring.name!r}: only the writer enqueues")
+            raise RuntimeError(
+                f"enqueue on reader {self._ring.reader_index} of queue {self._ring.name!r}: "
+                "only the writer enqueues"
+            )
         self._ring.write_parts(self._encoder.encode(obj), timeout)
 
     def dequeue(self, timeout: float | None = None) -> object:
@@ -92,12 +95,21 @@ class MessageQueue:
         Arrays and tensors in it share one fresh buffer per message and are writable.
         """
         if self._decoder is None:
-            raise RuntimeError(f"dequeue on the writer of queue {self._ring.name!r}: only readers dequeue")
+            raise RuntimeError(
+                f"dequeue on the writer of queue {self._ring.name!r}: only readers dequeue"
+            )
         return self._decoder.decode(self._ring.read(timeout))
 
     def close(self) -> None:
-        """Close this end and wake every waiter, who then raises RingClosed."""
+        """Close the queue for every end: waiters here and in the peer processes wake and
+        raise RingClosed, as does any later call."""
         self._ring.close()
+
+    def __reduce__(self) -> tuple:
+        raise TypeError(
+            "a MessageQueue cannot be pickled: send its handle() to the other process and "
+            "call MessageQueue.attach(handle, reader_index) there"
+        )
 
     def __enter__(self) -> MessageQueue:
         return self

@@ -55,7 +55,8 @@ _ext_type = functools.partial(tuple.__new__, msgpack.ExtType)
 
 SUPPORTED_TYPES = (
     "None, bool, int, float, str, bytes, list, tuple (decoded as list), dict, "
-    "numpy arrays and scalars of numeric, bool, datetime or string dtype, CPU torch tensors"
+    "numpy arrays (np.ndarray itself, not subclasses: use np.asarray) and scalars of numeric, "
+    "bool, datetime or string dtype, CPU torch tensors"
 )
 
 
@@ -94,7 +95,8 @@ class Encoder:
         return parts
 
     def _encode_ext(self, obj: object) -> msgpack.ExtType:
-        if isinstance(obj, np.ndarray):
+        # Exact type: subclasses (masked arrays, memmaps) carry state that would be lost.
+        if type(obj) is np.ndarray:
             return self._encode_ndarray(obj)
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(obj, torch.Tensor):
@@ -103,8 +105,10 @@ class Encoder:
             meta = (_numpy_dtype_name(obj.dtype), obj.tobytes())
             return _ext_type((_EXT_NUMPY_SCALAR, self._ext_packer.pack(meta)))
         if isinstance(obj, int):
-            raise TypeError(f"cannot serialize the int {obj}: ints must fit in 64 bits (signed or unsigned)")
-        raise TypeError(f"cannot serialize an object of type {_type_name(obj)}; supported: {SUPPORTED_TYPES}")
+            raise TypeError(f"cannot serialize the int {obj}: ints must fit in (un)signed 64 bits")
+        raise TypeError(
+            f"cannot serialize an object of type {_type_name(obj)}; supported: {SUPPORTED_TYPES}"
+        )
 
     def _encode_ndarray(self, array: np.ndarray) -> msgpack.ExtType:
         name = _numpy_dtype_name(array.dtype)
@@ -150,28 +154,35 @@ class Decoder:
     """
 
     def __init__(self) -> None:
-        self._frame: bytes | bytearray | memoryview | None = None
+        self._frame: bytes | bytearray | None = None
         self._frame_len = 0
         self._cursor = 0
 
-    def decode(self, frame: bytes | bytearray | memoryview) -> object:
+    def decode(self, frame: bytes | bytearray) -> object:
         """The object encoded in `frame`. Raises ValueError if the frame is malformed."""
-        view = memoryview(frame)
-        if view.nbytes < _HEADER.size:
-            raise ValueError(f"frame of {view.nbytes} bytes is too short: a frame has at least {_HEADER.size}")
-        (meta_len,) = _HEADER.unpack_from(view)
-        meta_end = _HEADER.size + meta_len
-        if meta_end > view.nbytes:
+        frame_len = len(frame)
+        if frame_len < _HEADER.size:
             raise ValueError(
-                f"frame of {view.nbytes} bytes is truncated: its header announces {meta_len} bytes of msgpack"
+                f"frame of {frame_len} bytes is too short: a frame has at least {_HEADER.size}"
             )
-        self._frame, self._frame_len, self._cursor = frame, view.nbytes, meta_end
+        (meta_len,) = _HEADER.unpack_from(frame)
+        meta_end = _HEADER.size + meta_len
+        meta = memoryview(frame)[_HEADER.size : meta_end]
+        if meta_end == frame_len:  # no out-of-band buffers: the common small message
+            return msgpack.unpackb(meta, ext_hook=self._decode_ext, strict_map_key=False)
+        if meta_end > frame_len:
+            raise ValueError(
+                f"frame of {frame_len} bytes is truncated: "
+                f"its header announces {meta_len} bytes of msgpack"
+            )
+        self._frame, self._frame_len, self._cursor = frame, frame_len, meta_end
         try:
-            obj = msgpack.unpackb(view[_HEADER.size:meta_end], ext_hook=self._decode_ext, strict_map_key=False)
+            obj = msgpack.unpackb(meta, ext_hook=self._decode_ext, strict_map_key=False)
         finally:
-            self._frame = None
-        if self._cursor != view.nbytes:
-            raise ValueError(f"frame of {view.nbytes} bytes has {view.nbytes - self._cursor} bytes beyond its last buffer")
+            self._frame, self._frame_len = None, 0
+        if self._cursor != frame_len:
+            extra = frame_len - self._cursor
+            raise ValueError(f"frame of {frame_len} bytes has {extra} bytes past its last buffer")
         return obj
 
     def _decode_ext(self, code: int, data: bytes) -> object:
@@ -198,10 +209,15 @@ class Decoder:
         offset = self._cursor + (-self._cursor % _ALIGN)
         end = offset + nbytes
         if end > self._frame_len:
-            raise ValueError(f"frame of {self._frame_len} bytes is truncated: a buffer needs bytes {offset} to {end}")
+            raise ValueError(
+                f"frame of {self._frame_len} bytes is truncated: "
+                f"a buffer needs bytes {offset} to {end}"
+            )
         array = np.ndarray(shape, dtype, self._frame, offset)
         if array.nbytes != nbytes:
-            raise ValueError(f"buffer of {nbytes} bytes does not hold an array of shape {shape} and dtype {dtype}")
+            raise ValueError(
+                f"buffer of {nbytes} bytes does not hold an array of shape {shape}, dtype {dtype}"
+            )
         self._cursor = end
         return array
 
@@ -216,7 +232,8 @@ def _tensor_codec(dtype: torch.dtype) -> tuple[str, torch.dtype | None]:
     try:
         torch.empty(0, dtype=dtype).numpy()
     except TypeError:
-        return name, {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+        same_size_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+        return name, same_size_int[dtype.itemsize]
     return name, None
 
 
@@ -251,4 +268,6 @@ def _numpy_dtype(name: str) -> np.dtype:
 
 def _type_name(obj: object) -> str:
     cls = type(obj)
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"

@@ -48,8 +48,8 @@ class FusedMoE(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, name: str,
                       shard_id: object = None, expert_id: int | None = None) -> None:
         """Load one expert's gate/up/down matrix, or all experts' fused gate_up/down."""
-        full, part, hidden = self.intermediate_size, self.intermediate_size // self.tp_size, \
-            self.hidden_size
+        full, hidden = self.intermediate_size, self.hidden_size
+        part = full // self.tp_size
         start = self.tp_rank * part
         if shard_id in ("gate", "up", "down"):
             if expert_id is None or not 0 <= expert_id < self.num_experts:
@@ -61,7 +61,8 @@ class FusedMoE(nn.Module):
             else:
                 check_shape(name, loaded, (full, hidden))
                 offset = 0 if shard_id == "gate" else part
-                copy_into(param[expert_id, offset:offset + part], read_slice(loaded, 0, start, part))
+                copy_into(param[expert_id, offset:offset + part],
+                          read_slice(loaded, 0, start, part))
         elif shard_id == "gate_up":
             check_shape(name, loaded, (self.num_experts, 2 * full, hidden))
             copy_into(param[:, :part], read_slice(loaded, 1, start, part))

@@ -27,6 +27,14 @@ def rope_settings(config: dict) -> tuple[float, dict | None]:
     return float(theta), (None if kind == "default" else scaling)
 
 
+def max_positions(config: dict) -> int:
+    """Positions the model serves correctly: max_position_embeddings, capped by a sliding
+    attention window (not implemented here, so longer contexts are refused, not wrong)."""
+    limit = config.get("max_position_embeddings", 2048)
+    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    return min(limit, window) if window else limit
+
+
 def check_activation(config: dict) -> None:
     act = config.get("hidden_act", "silu")
     if act not in SUPPORTED_ACTIVATIONS:

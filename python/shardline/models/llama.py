@@ -122,7 +122,8 @@ class CausalLM(nn.Module):
 
     def weight_sources(self) -> WeightSources:
         """For each parameter, alternative lists of (checkpoint tensor, shard, expert) that
-        fill it; the loader uses the first alternative the checkpoint has completely."""
+        fill it; the loader picks the alternative the checkpoint holds most of and reports
+        its missing tensors."""
         sources: WeightSources = {}
         for name, _ in self.named_parameters():
             prefix, _, leaf = name.rpartition(".")

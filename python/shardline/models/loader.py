@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from shardline.models.hf_config import head_dim, num_kv_heads
+from shardline.models.hf_config import head_dim, max_positions, num_kv_heads
 from shardline.models.registry import get_model_class, resolve_architecture
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -24,7 +24,10 @@ INDEX_FILE = "model.safetensors.index.json"
 
 @dataclass
 class ModelInfo:
-    """What the engine needs to know about a checkpoint without loading it."""
+    """What the engine needs to know about a checkpoint without loading it.
+
+    max_position_embeddings is the longest context served correctly (see
+    hf_config.max_positions)."""
 
     architecture: str
     vocab_size: int
@@ -70,7 +73,7 @@ def read_model_info(model_dir: str) -> ModelInfo:
     return ModelInfo(
         architecture=architecture,
         vocab_size=config["vocab_size"],
-        max_position_embeddings=config.get("max_position_embeddings", 2048),
+        max_position_embeddings=max_positions(config),
         eos_token_ids=eos,
         bos_token_id=bos,
         num_hidden_layers=config["num_hidden_layers"],
@@ -136,7 +139,7 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
     """Build the model of `model_dir` on `device` in `dtype` and load its weights."""
     config = read_config(model_dir)
     cls = get_model_class(resolve_architecture(config))
-    max_position = max_position or config.get("max_position_embeddings", 2048)
+    max_position = max_position or max_positions(config)
     with torch.device(device):
         model = cls(config, dtype, max_position)
     reader = CheckpointReader(model_dir)

@@ -15,13 +15,13 @@ from shardline.models.loader import load_model, read_model_info
 from shardline.presets import resolve_model
 from shardline.worker.input_batch import RequestState, StepInputs, build_step_inputs
 
-_SEED_MIX = 0x9E3779B97F4A7C15
+_SEED_MIX, _INDEX_MIX = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9  # odd 64-bit mixing constants
 
 
 def sampling_seed(seed: int, output_index: int) -> int:
     """Seed of the draw for output token `output_index` of a request seeded with `seed`:
     independent of batch mates and unchanged by preemption."""
-    return ((seed * _SEED_MIX) ^ (output_index + 1) * 0xBF58476D1CE4E5B9) % (1 << 63)
+    return ((seed * _SEED_MIX) ^ ((output_index + 1) * _INDEX_MIX)) % (1 << 63)
 
 
 class ModelRunner:

@@ -1,0 +1,54 @@
+"""The flat keyword options of LLM and AsyncLLM (vLLM-style), turned into an EngineConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shardline.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig,
+                              SchedulerConfig)
+from shardline.presets import resolve_model
+
+
+@dataclass
+class EngineArgs:
+    """Every engine option in one flat list; `model` is a model directory or a preset name.
+
+    `num_kv_blocks` fixes the KV cache size (tests use it to force preemption); when None
+    the workers size the cache from `kv_cache_memory_bytes`.
+    """
+
+    model: str
+    dtype: str = "float32"
+    max_model_len: int | None = None
+    seed: int = 0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int = 512 * 1024 * 1024
+    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    sequence_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    distributed_executor_backend: str | None = None
+
+    def to_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=ModelConfig(model=resolve_model(self.model), dtype=self.dtype,
+                              max_model_len=self.max_model_len, seed=self.seed),
+            cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_kv_blocks,
+                              kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                              enable_prefix_caching=self.enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
+                                      max_num_batched_tokens=self.max_num_batched_tokens,
+                                      enable_chunked_prefill=self.enable_chunked_prefill),
+            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
+                                    pipeline_parallel_size=self.pipeline_parallel_size,
+                                    data_parallel_size=self.data_parallel_size,
+                                    sequence_parallel_size=self.sequence_parallel_size,
+                                    enable_expert_parallel=self.enable_expert_parallel,
+                                    distributed_executor_backend=self.distributed_executor_backend),
+        )

@@ -1,0 +1,29 @@
+import torch
+
+from shardline.engine.sampling_params import SamplingParams
+from shardline.worker.input_batch import RequestState, build_step_inputs
+
+
+def _state(req_id, prompt_len, outputs, blocks, computed):
+    prompt = torch.randint(3, 259, (prompt_len,)).tolist()
+    return RequestState(req_id, prompt, outputs, SamplingParams(), blocks, computed)
+
+
+def test_flat_batch_layout_for_chunk_and_decode():
+    chunk = _state("a", 10, [], [5, 2, 9], 4)        # tokens 4..9 of the prompt
+    decode = _state("b", 3, [40, 41], [7, 1], 4)      # last output token at position 4
+    inputs = build_step_inputs([chunk, decode], [6, 1], 4, torch.device("cpu"))
+    assert inputs.input_ids.tolist() == chunk.prompt_token_ids[4:10] + [41]
+    assert inputs.positions.tolist() == [4, 5, 6, 7, 8, 9, 4]
+    expected_slots = [2 * 4 + 0, 2 * 4 + 1, 2 * 4 + 2, 2 * 4 + 3, 9 * 4 + 0, 9 * 4 + 1, 1 * 4 + 0]
+    assert inputs.meta.slot_mapping.tolist() == expected_slots
+    assert inputs.meta.query_start_loc.tolist() == [0, 6, 7]
+    assert inputs.meta.seq_lens.tolist() == [10, 5]
+    assert inputs.meta.block_tables.tolist() == [[5, 2, 9], [7, 1, 0]]
+    assert not inputs.meta.decode_only
+    assert inputs.sample_req_ids == ["a", "b"] and inputs.logits_indices.tolist() == [5, 6]
+
+
+def test_partial_prefill_does_not_sample():
+    inputs = build_step_inputs([_state("a", 10, [], [0, 1, 2], 0)], [4], 4, torch.device("cpu"))
+    assert inputs.sample_req_ids == [] and inputs.logits_indices.numel() == 0
