@@ -76,17 +76,29 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
-def _gather_contexts(cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                     max_len: int) -> torch.Tensor:
-    """Each sequence's cached rows, [B, Hk, max_len, D] in fp32, zero past its length.
+def _context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """One sequence's first `length` cached rows as [Hk, length, D] in fp32.
 
-    Zeroing matters: slots past a sequence's end may hold anything (even NaN), and a
-    masked-out NaN value would still poison the weighted sum.
+    Only those rows are read: slots past a sequence's end may hold anything, even NaN.
     """
-    n_blocks = -(-max_len // cache.shape[1])
-    rows = cache[block_tables[:, :n_blocks].long()].flatten(1, 2)[:, :max_len].float()
-    inside = torch.arange(max_len, device=cache.device)[None, :] < seq_lens[:, None]
-    return rows.masked_fill(~inside[:, :, None, None], 0.0).transpose(1, 2)
+    n_blocks = -(-length // cache.shape[1])
+    rows = cache[block_table[:n_blocks].long()].flatten(0, 1)[:length]
+    return rows.transpose(0, 1).float()
+
+
+def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            block_table: torch.Tensor, length: int, scale: float) -> torch.Tensor:
+    """The last q.shape[0] tokens of a length-long sequence, causally over its cache."""
+    q_len = q.shape[0]
+    k = _context(k_cache, block_table, length)
+    v = _context(v_cache, block_table, length)
+    mask = None
+    if q_len > 1:
+        q_pos = torch.arange(length - q_len, length, device=q.device)
+        mask = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]
+    out = F.scaled_dot_product_attention(q.float().transpose(0, 1), k, v, attn_mask=mask,
+                                         scale=scale, enable_gqa=q.shape[1] != k.shape[0])
+    return out.transpose(0, 1).to(q.dtype)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -96,16 +108,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     A sequence of length 0 attends to nothing and gets zeros.
     """
-    seq_lens = seq_lens.long()
-    max_len = max(int(seq_lens.max()), 1) if seq_lens.numel() else 1
-    k = _gather_contexts(k_cache, block_tables, seq_lens, max_len)
-    v = _gather_contexts(v_cache, block_tables, seq_lens, max_len)
-    key_pos = torch.arange(max_len, device=q.device)
-    mask = (key_pos[None, :] < seq_lens[:, None])[:, None, None]          # [B, 1, 1, L]
-    out = F.scaled_dot_product_attention(q.float()[:, :, None], k, v, attn_mask=mask,
-                                         scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    out = torch.where((seq_lens > 0)[:, None, None], out[:, :, 0], 0.0)
-    return out.to(q.dtype)
+    out = torch.zeros_like(q)
+    for b, length in enumerate(seq_lens.tolist()):
+        if length > 0:
+            out[b] = _attend(q[b:b + 1], k_cache, v_cache, block_tables[b], length, scale)[0]
+    return out
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -118,24 +125,12 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     itself, as chunked prefill needs. Rows of q past query_start_loc[-1] are left as zeros.
     """
     out = torch.zeros_like(q)
-    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
-    if q_lens.numel() == 0 or int(q_lens.max()) == 0:
-        return out
-    seq_lens = seq_lens.long()
-    max_len = int(seq_lens.max())
-    k = _gather_contexts(k_cache, block_tables, seq_lens, max_len)
-    v = _gather_contexts(v_cache, block_tables, seq_lens, max_len)
-    j = torch.arange(int(q_lens.max()), device=q.device)
-    valid = j[None, :] < q_lens[:, None]                                   # [B, Qmax]
-    rows = (query_start_loc[:-1].long()[:, None] + j[None, :]).clamp(max=q.shape[0] - 1)
-    q_pos = seq_lens[:, None] - q_lens[:, None] + j[None, :]
-    key_pos = torch.arange(max_len, device=q.device)
-    # Padding query rows see every key so that softmax stays finite; they are dropped.
-    mask = (key_pos[None, None, :] <= q_pos[:, :, None]) | ~valid[:, :, None]
-    attended = F.scaled_dot_product_attention(
-        q[rows].float().transpose(1, 2), k, v, attn_mask=mask[:, None], scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1])
-    out[rows[valid]] = attended.transpose(1, 2)[valid].to(q.dtype)
+    starts = query_start_loc.tolist()
+    for b, length in enumerate(seq_lens.tolist()):
+        start, end = starts[b], starts[b + 1]
+        if end > start:
+            out[start:end] = _attend(q[start:end], k_cache, v_cache, block_tables[b], length,
+                                     scale)
     return out
 
 
