@@ -2,8 +2,8 @@
 pyzmq and, when vllm is importable, vLLM's shm MessageQueue, doing the same broadcast round
 trip; plus the raw C++ handoff as the floor.
 
-    python bench/ring.py            full run, a few minutes
-    python bench/ring.py --quick    about 20 s on an idle machine
+    python bench/ring.py            full run, about 5 minutes on 2 cores
+    python bench/ring.py --quick    under a minute
 
 For 1 and 3 reader processes and payloads of 64 B to 1 MiB (see ring_transports.py):
 - one-way p50/p99: per (message, reader), from before the send until the reader decoded it;
@@ -45,7 +45,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # Per repeat: `round_trips` round trips and `stream` streamed messages, fewer for large
 # payloads so that each phase moves at most `bytes` bytes (but at least 10 messages).
 SETTINGS = {
-    "quick": {"repeats": 3, "round_trips": 200, "stream": 1000, "bytes": 8 << 20},
+    "quick": {"repeats": 3, "round_trips": 100, "stream": 500, "bytes": 4 << 20},
     "full": {"repeats": 5, "round_trips": 1000, "stream": 2000, "bytes": 32 << 20},
 }
 IDLE_SECONDS = 2.0
@@ -260,7 +260,7 @@ def plot(report: dict, path: Path) -> None:
 def main() -> None:
     names = [cls.name for cls in TRANSPORTS]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter repeats (~20 s)")
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter repeats")
     parser.add_argument("--transports", default=",".join(names),
                         help="comma-separated subset of: %(default)s")
     args = parser.parse_args()
@@ -276,6 +276,8 @@ def main() -> None:
         "machine": machine_info(),
         "results": [],
         "idle_reader_cpu_percent": {},
+        "idle_reader_cpu_note": f"psutil counts CPU time in 10 ms ticks: one tick over "
+                                f"{IDLE_SECONDS:g} s reads as {1.0 / IDLE_SECONDS:g}%",
     }
     selected = [cls for cls in TRANSPORTS if cls.name in args.transports.split(",")]
     print_header()

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from shardline.kernels._checks import check_paged_attention
 from shardline.kernels._config import autotune, interpreting
 
 _LOG2E = 1.4426950408889634
@@ -137,28 +138,6 @@ def choose_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int)
     return max(1, min(wanted, triton.cdiv(max_context, 256), _MAX_SPLITS))
 
 
-def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  block_tables: torch.Tensor, seq_lens: torch.Tensor) -> None:
-    if q.dim() != 3:
-        raise ValueError(f"q must be [B, Hq, D]; got shape {tuple(q.shape)}")
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must be the same [blocks, block_size, Hk, D]; "
-                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if k_cache.shape[3] != q.shape[2]:
-        raise ValueError(f"head size of q ({q.shape[2]}) and of the cache "
-                         f"({k_cache.shape[3]}) differ")
-    if q.shape[1] % k_cache.shape[2] != 0:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads "
-                         f"({k_cache.shape[2]})")
-    if block_tables.dim() != 2 or block_tables.shape[0] != q.shape[0]:
-        raise ValueError(f"block_tables must be [{q.shape[0]}, max_blocks]; got "
-                         f"{tuple(block_tables.shape)}")
-    if seq_lens.shape != (q.shape[0],):
-        raise ValueError(f"seq_lens must be [{q.shape[0]}]; got {tuple(seq_lens.shape)}")
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("k_cache and v_cache must have a contiguous last dim")
-
-
 def dot_precision(dtype: torch.dtype) -> str:
     """Exact fp32 products for fp32 inputs (no TF32), so fp32 matches the reference."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -174,7 +153,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     how many parts the context is split into; by default it is chosen from the batch, the
     KV heads, the SM count and the longest context the block table can hold.
     """
-    _check_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    check_paged_attention(q, k_cache, v_cache, block_tables, seq_lens)
+    if block_tables.shape[0] != q.shape[0]:
+        raise ValueError(f"decode takes one query per sequence: q has {q.shape[0]} tokens, "
+                         f"block_tables {block_tables.shape[0]} sequences")
     batch, num_q_heads, head_dim = q.shape
     _, kv_block_size, num_kv_heads, _ = k_cache.shape
     if out is None:

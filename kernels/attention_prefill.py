@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from shardline.kernels._checks import check_paged_attention
 from shardline.kernels._config import autotune, shape_bucket
 from shardline.kernels.attention_decode import dot_precision, load_kv_tile
 
@@ -140,32 +141,6 @@ def _prefill_kernel(
              out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
-def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-                  seq_lens: torch.Tensor) -> None:
-    if q.dim() != 3:
-        raise ValueError(f"q must be [T, Hq, D]; got shape {tuple(q.shape)}")
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must be the same [blocks, block_size, Hk, D]; "
-                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if k_cache.shape[3] != q.shape[2]:
-        raise ValueError(f"head size of q ({q.shape[2]}) and of the cache "
-                         f"({k_cache.shape[3]}) differ")
-    if q.shape[1] % k_cache.shape[2] != 0:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads "
-                         f"({k_cache.shape[2]})")
-    num_seqs = block_tables.shape[0]
-    if block_tables.dim() != 2:
-        raise ValueError(f"block_tables must be [B, max_blocks]; got {tuple(block_tables.shape)}")
-    if query_start_loc.shape != (num_seqs + 1,):
-        raise ValueError(f"query_start_loc must be [{num_seqs + 1}] (B + 1 offsets); got "
-                         f"{tuple(query_start_loc.shape)}")
-    if seq_lens.shape != (num_seqs,):
-        raise ValueError(f"seq_lens must be [{num_seqs}]; got {tuple(seq_lens.shape)}")
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("k_cache and v_cache must have a contiguous last dim")
-
-
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                             seq_lens: torch.Tensor, scale: float, *,
@@ -176,7 +151,10 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     of its seq_lens[b] tokens; each attends to the cached prefix and to new tokens up to
     itself. `out` receives the result when given (same shape and dtype as q).
     """
-    _check_inputs(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
+    check_paged_attention(q, k_cache, v_cache, block_tables, seq_lens)
+    if query_start_loc.shape != (block_tables.shape[0] + 1,):
+        raise ValueError(f"query_start_loc must be [{block_tables.shape[0] + 1}] (B + 1 "
+                         f"offsets); got {tuple(query_start_loc.shape)}")
     num_tokens, num_q_heads, head_dim = q.shape
     _, kv_block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = block_tables.shape[0]

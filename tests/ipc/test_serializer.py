@@ -1,3 +1,6 @@
+import struct
+
+import msgpack
 import numpy as np
 import pytest
 import torch
@@ -201,3 +204,12 @@ def test_trailing_bytes_raise_value_error():
     frame = b"".join(Encoder().encode([1, 2]))
     with pytest.raises(ValueError, match="past its last buffer"):
         Decoder().decode(bytearray(frame + b"\x00"))
+
+
+def test_array_header_that_does_not_match_its_buffer_raises_value_error():
+    nbytes = int(np.random.default_rng().integers(1, 8)) * 8
+    meta = msgpack.packb(msgpack.ExtType(1, msgpack.packb(("<i8", [nbytes], nbytes))))
+    padding = bytes(-(4 + len(meta)) % 64)
+    frame = bytearray(struct.pack("<I", len(meta)) + meta + padding + bytes(nbytes))
+    with pytest.raises(ValueError, match="does not hold an array"):
+        Decoder().decode(frame)

@@ -168,6 +168,7 @@ class Decoder:
         (meta_len,) = _HEADER.unpack_from(frame)
         meta_end = _HEADER.size + meta_len
         meta = memoryview(frame)[_HEADER.size : meta_end]
+        self._frame_len, self._cursor = frame_len, meta_end
         if meta_end == frame_len:  # no out-of-band buffers: the common small message
             return msgpack.unpackb(meta, ext_hook=self._decode_ext, strict_map_key=False)
         if meta_end > frame_len:
@@ -175,11 +176,11 @@ class Decoder:
                 f"frame of {frame_len} bytes is truncated: "
                 f"its header announces {meta_len} bytes of msgpack"
             )
-        self._frame, self._frame_len, self._cursor = frame, frame_len, meta_end
+        self._frame = frame
         try:
             obj = msgpack.unpackb(meta, ext_hook=self._decode_ext, strict_map_key=False)
         finally:
-            self._frame, self._frame_len = None, 0
+            self._frame = None
         if self._cursor != frame_len:
             extra = frame_len - self._cursor
             raise ValueError(f"frame of {frame_len} bytes has {extra} bytes past its last buffer")
@@ -213,8 +214,11 @@ class Decoder:
                 f"frame of {self._frame_len} bytes is truncated: "
                 f"a buffer needs bytes {offset} to {end}"
             )
-        array = np.ndarray(shape, dtype, self._frame, offset)
-        if array.nbytes != nbytes:
+        try:
+            array = np.ndarray(shape, dtype, self._frame, offset)
+        except TypeError:
+            array = None
+        if array is None or array.nbytes != nbytes:
             raise ValueError(
                 f"buffer of {nbytes} bytes does not hold an array of shape {shape}, dtype {dtype}"
             )
