@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <sched.h>
 #include <stdexcept>
 #include <string>
 
@@ -121,7 +122,12 @@ void Ring::wait(WaitLine& line, Deadline deadline, Ready ready, const char* what
     int64_t spin_until = std::min(monotonic_ns() + kSpinNs, deadline.at_ns());
     for (uint32_t i = 1;; ++i) {
         if (ready()) return;
-        if (i % 64 == 0 && monotonic_ns() >= spin_until) break;
+        if (i % 64 == 0) {
+            if (monotonic_ns() >= spin_until) break;
+            // When the peer shares this core, pure spinning would hold the core for
+            // the whole spin window; yielding lets the peer run and publish.
+            sched_yield();
+        }
         cpu_relax();
     }
     for (;;) {

@@ -1,34 +1,15 @@
 """Parity with Hugging Face transformers on the same checkpoints (fp32, CPU)."""
 
-import warnings
-
 import pytest
 import torch
 
 from shardline.engine.sampling_params import SamplingParams
-from shardline.presets import resolve_model
 from worker_driver import WorkerDriver, make_worker
 
 transformers = pytest.importorskip("transformers")
 
 ARCHITECTURES = ["tiny-llama", "tiny-llama3", "tiny-qwen2", "tiny-mistral", "tiny-mixtral",
                  "tiny-qwen2-moe"]
-
-
-@pytest.fixture(scope="module")
-def hf_models():
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = transformers.AutoModelForCausalLM.from_pretrained(
-                    resolve_model(name), dtype=torch.float32).eval()
-            model.generation_config.eos_token_id = None   # the worker does not stop at EOS
-            cache[name] = model
-        return cache[name]
-    return get
 
 
 def _prompts(count: int, lengths: tuple[int, int]) -> list[list[int]]:
@@ -44,8 +25,8 @@ def _hf_greedy(model, prompt: list[int], max_new: int) -> list[int]:
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
-def test_prompt_logits_match_transformers(name, hf_models):
-    hf = hf_models(name)
+def test_prompt_logits_match_transformers(name, hf_model):
+    hf = hf_model(name)
     driver = WorkerDriver(make_worker(name, block_size=4))
     prompts = _prompts(4, (5, 60))
     ours = driver.prompt_logits(prompts)
@@ -57,8 +38,8 @@ def test_prompt_logits_match_transformers(name, hf_models):
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
-def test_greedy_tokens_match_transformers(name, hf_models):
-    hf = hf_models(name)
+def test_greedy_tokens_match_transformers(name, hf_model):
+    hf = hf_model(name)
     driver = WorkerDriver(make_worker(name, block_size=4))
     prompts = _prompts(5, (3, 40))
     ours, _ = driver.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32),

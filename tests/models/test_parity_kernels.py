@@ -6,7 +6,6 @@ preset are checked, at small shapes because the interpreter is slow. Spies on th
 entry points prove the Triton path ran and the torch references did not.
 """
 
-import warnings
 from collections import Counter
 
 import pytest
@@ -16,7 +15,6 @@ import shardline.kernels
 from shardline.engine.sampling_params import SamplingParams
 from shardline.kernels import attention_decode, attention_prefill, kv_cache, matmul, moe, norm
 from shardline.kernels import reference, rotary
-from shardline.presets import resolve_model
 from worker_driver import WorkerDriver, make_worker
 
 transformers = pytest.importorskip("transformers")
@@ -32,23 +30,6 @@ FALLBACKS = [(reference, op) for op in shardline.kernels.__all__]
 PREFILL_KERNELS = {"_tiled", "paged_prefill_attention", "write_kv_cache", "rms_norm",
                    "rotary_embedding"}
 DECODE_KERNELS = {"_split_k", "paged_decode_attention", "paged_prefill_attention"}
-
-
-@pytest.fixture(scope="module")
-def hf_model():
-    """The transformers reference of a preset in fp32, loaded once per module."""
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = transformers.AutoModelForCausalLM.from_pretrained(
-                    resolve_model(name), dtype=torch.float32).eval()
-            model.generation_config.eos_token_id = None   # the worker does not stop at EOS
-            cache[name] = model
-        return cache[name]
-    return get
 
 
 @pytest.fixture
