@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -133,24 +132,12 @@ class BatchResult:
 
 def checkpoint_dir(shape: ModelShape, dtype: torch.dtype, device: torch.device) -> str:
     """A model directory with seeded random weights, written once and cached."""
+    from shardline.presets import cache_root, write_directory_once
+
     config = shape.hf_config(dtype)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-    root = os.environ.get("SHARDLINE_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "shardline")
-    target = os.path.join(root, "bench", f"llama-{shape.hidden}x{shape.layers}-{digest}")
-    if os.path.isdir(target):
-        return target
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".e2e-", dir=os.path.dirname(target))
-    try:
-        write_checkpoint(shape, dtype, device, tmp)
-        os.rename(tmp, target)
-    except OSError:
-        if not os.path.isdir(target):
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    target = os.path.join(cache_root(), "bench", f"llama-{shape.hidden}x{shape.layers}-{digest}")
+    return write_directory_once(target, lambda out: write_checkpoint(shape, dtype, device, out))
 
 
 def write_checkpoint(shape: ModelShape, dtype: torch.dtype, device: torch.device,

@@ -106,13 +106,20 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            scale: float) -> torch.Tensor:
     """One query token per sequence: q[B, Hq, D] over each sequence's seq_lens[b] cached keys.
 
-    A sequence of length 0 attends to nothing and gets zeros.
+    All sequences go through one padded, masked SDPA call (decode batches are wide and
+    their contexts short, so one call beats a call per sequence). Slots past a sequence's
+    end are masked out but are read, so they must hold finite values: the engine's cache is
+    zero-initialized. A sequence of length 0 attends to nothing and gets zeros.
     """
-    out = torch.zeros_like(q)
-    for b, length in enumerate(seq_lens.tolist()):
-        if length > 0:
-            out[b] = _attend(q[b:b + 1], k_cache, v_cache, block_tables[b], length, scale)[0]
-    return out
+    seq_lens = seq_lens.long()
+    max_len = max(int(seq_lens.max()), 1) if seq_lens.numel() else 1
+    table = block_tables[:, :-(-max_len // k_cache.shape[1])].long()
+    k = k_cache[table].flatten(1, 2)[:, :max_len].transpose(1, 2).float()   # [B, Hk, L, D]
+    v = v_cache[table].flatten(1, 2)[:, :max_len].transpose(1, 2).float()
+    mask = (torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None])[:, None, None]
+    out = F.scaled_dot_product_attention(q.float()[:, :, None], k, v, attn_mask=mask,
+                                         scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return torch.where((seq_lens > 0)[:, None, None], out[:, :, 0], 0.0).to(q.dtype)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import zlib
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -193,25 +194,31 @@ def _write_json(path: str, data: dict) -> None:
         json.dump(data, f, indent=2)
 
 
+def cache_root() -> str:
+    """Where shardline keeps what it builds: $SHARDLINE_CACHE, else ~/.cache/shardline."""
+    return os.environ.get("SHARDLINE_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "shardline")
+
+
 def preset_dir(name: str) -> str:
     """Cache directory of a preset: keyed by a hash of everything that defines it."""
     spec = json.dumps([FORMAT_VERSION, PRESETS[name], _SHARDED.get(name, 1),
                        name in _FUSED_EXPERTS], sort_keys=True)
     digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
-    root = os.environ.get("SHARDLINE_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "shardline", "presets")
-    return os.path.join(root, f"{name}-{digest}")
+    return os.path.join(cache_root(), "presets", f"{name}-{digest}")
 
 
-def build_preset(name: str) -> str:
-    """Write the preset unless it is cached; concurrent builders are safe (atomic rename)."""
-    target = preset_dir(name)
+def write_directory_once(target: str, write: Callable[[str], None]) -> str:
+    """Create `target` by `write(tmp_dir)` then an atomic rename, unless it exists.
+
+    Concurrent builders are safe: one rename wins and the others' copies are discarded.
+    """
     if os.path.isdir(target):
         return target
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=os.path.dirname(target))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}-", dir=os.path.dirname(target))
     try:
-        _write_preset(name, tmp)
+        write(tmp)
         os.rename(tmp, target)
     except OSError:
         if not os.path.isdir(target):
@@ -219,6 +226,11 @@ def build_preset(name: str) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def build_preset(name: str) -> str:
+    """Write the preset unless it is cached."""
+    return write_directory_once(preset_dir(name), lambda out: _write_preset(name, out))
 
 
 def resolve_model(name_or_path: str) -> str:

@@ -28,7 +28,8 @@ def paged_cache(seq_lens: list[int], num_kv_heads: int, head_dim: int, block_siz
     """Random K/V caches holding each sequence in shuffled blocks, and its block tables.
 
     Slots no sequence owns hold NaN and unused block-table entries hold -1, so a kernel
-    that reads past a sequence's end fails.
+    that reads past a sequence's end fails. The decode reference reads (and masks) such
+    slots, so its expected values come from a NaN-free copy of the cache.
     """
     needed = [-(-length // block_size) for length in seq_lens]
     num_blocks = sum(needed) + 2
@@ -62,7 +63,8 @@ def test_decode_matches_reference(device, layout):
                                                      block_size, dtype, device)
         q = torch.randn(len(lengths), num_kv_heads * group, head_dim, dtype=dtype,
                         device=device)
-        expected = reference.paged_decode_attention(q, k_cache, v_cache, block_tables,
+        expected = reference.paged_decode_attention(q, k_cache.nan_to_num(),
+                                                    v_cache.nan_to_num(), block_tables,
                                                     seq_lens, scale)
         for num_splits in (1, 3) + ((None,) if device == "cuda" else ()):
             out = torch.full_like(q, float("nan"))
@@ -83,7 +85,8 @@ def test_decode_splits_a_long_context_and_reads_strided_queries():
     q = fused[:, :group * num_kv_heads]
     out = decode.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 0.125,
                                         num_splits=7)
-    assert_close(out, reference.paged_decode_attention(q, k_cache, v_cache, block_tables,
+    assert_close(out, reference.paged_decode_attention(q, k_cache.nan_to_num(),
+                                                       v_cache.nan_to_num(), block_tables,
                                                        seq_lens, 0.125), TOLERANCE)
 
 
@@ -176,6 +179,7 @@ def test_dispatch_routes_cpu_tensors_to_triton_only_when_forced(monkeypatch):
     assert kernels.paged_prefill_attention(q, k_cache, v_cache, block_tables, starts,
                                            seq_lens, 1.0) == "triton prefill"
     monkeypatch.delenv("SHARDLINE_FORCE_TRITON")
+    k_cache, v_cache = k_cache.nan_to_num(), v_cache.nan_to_num()
     out = kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 1.0)
     assert_close(out, reference.paged_decode_attention(q, k_cache, v_cache, block_tables,
                                                        seq_lens, 1.0), TOLERANCE)
