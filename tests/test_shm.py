@@ -142,7 +142,7 @@ def test_read_on_empty_ring_times_out_near_the_timeout():
             start = time.monotonic()
             with pytest.raises(TimeoutError):
                 reader.read(timeout=timeout)
-            assert timeout <= time.monotonic() - start < timeout + 0.5
+            assert timeout <= time.monotonic() - start < timeout + 2.0
 
 
 def test_write_on_full_ring_times_out_and_the_ring_stays_usable():
@@ -152,7 +152,7 @@ def test_write_on_full_ring_times_out_and_the_ring_stays_usable():
         start = time.monotonic()
         with pytest.raises(TimeoutError):
             writer.write(b"late", timeout=0.2)
-        assert 0.2 <= time.monotonic() - start < 0.7
+        assert 0.2 <= time.monotonic() - start < 2.0
         assert [reader.read(timeout=1) for _ in range(4)] == [bytes([i]) * 64 for i in range(4)]
         writer.write(b"after", timeout=1)
         assert reader.read(timeout=1) == b"after"
@@ -208,7 +208,7 @@ def test_close_wakes_waiters_in_the_same_process_and_later_calls_raise():
         writer.close()
         writer.close()
         waiter.join(TIMEOUT)
-        assert outcome and outcome[0] - closed_at < 0.5
+        assert outcome and outcome[0] - closed_at < 2.0
         with pytest.raises(RingClosed):
             writer.write(b"x", timeout=1)
         with pytest.raises(RingClosed):

@@ -80,7 +80,11 @@ class CacheConfig:
 
 @dataclass
 class SchedulerConfig:
-    """Continuous batching limits: sequences and tokens per step."""
+    """Continuous batching limits: sequences and tokens per step.
+
+    With chunked prefill off, a prompt must fit the token budget in one step; a request
+    resumed after preemption may still be recomputed in chunks.
+    """
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048

@@ -2,6 +2,7 @@
 
 import asyncio
 import random
+import time
 
 import pytest
 
@@ -193,6 +194,10 @@ def test_max_tokens_and_max_model_len_limit_length():
     ([1, 2], dict(top_p=1.5), "top_p"),
     ([1, 2], dict(n=0), "n"),
     ([1, 2], dict(stop_token_ids=[VOCAB + 3]), "stop_token_ids"),
+    ([1, 2], dict(stop_token_ids=["a"]), "stop_token_ids"),
+    ([1, 2.5], None, r"prompt\[1\]=2.5 is not a token id"),
+    ([1, "7"], None, r"prompt\[1\]='7' is not a token id"),
+    ([1, 2], dict(temperature=1e-30), "temperature"),
 ])
 def test_bad_request_fails_alone(prompt, params, message):
     engine = make_engine()
@@ -305,6 +310,62 @@ def test_async_llm_bad_request_raises_for_that_stream_only():
     assert good[-1].finished and len(good[-1].outputs[0].token_ids) == 12
     assert isinstance(bad, ValueError) and "empty" in str(bad)
     assert_all_free(engine)
+
+
+def test_prompt_over_budget_without_chunked_prefill_is_refused():
+    engine = make_engine(max_num_batched_tokens=8, enable_chunked_prefill=False)
+    with pytest.raises(ValueError, match="max_num_batched_tokens=8.*enable_chunked_prefill"):
+        engine.add_request("long", list(range(1, 10)), GREEDY)
+    engine.add_request("short", list(range(1, 9)), GREEDY)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_all_free(engine)
+
+
+def test_async_llm_keeps_the_event_loop_free_during_steps(monkeypatch):
+    engine = make_engine()
+    real_step = engine.step
+
+    def slow_step():
+        time.sleep(0.02)
+        return real_step()
+    monkeypatch.setattr(engine, "step", slow_step)
+    llm = AsyncLLM.from_engine(engine)
+    ticks = []
+
+    async def ticker(done: asyncio.Event):
+        while not done.is_set():
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.001)
+
+    async def main():
+        done = asyncio.Event()
+        tick_task = asyncio.create_task(ticker(done))
+        outputs = [o async for o in llm.generate([1, 2, 3], GREEDY, "r")]
+        done.set()
+        await tick_task
+        return outputs
+
+    outputs = asyncio.run(main())
+    assert outputs[-1].finished and len(outputs) == 12
+    assert len(ticks) > 2 * len(outputs), "the event loop was blocked while the engine stepped"
+
+
+def test_async_llm_step_failure_ends_streams_and_refuses_new_requests(monkeypatch):
+    engine = make_engine()
+    llm = AsyncLLM.from_engine(engine)
+
+    def broken_step():
+        raise RuntimeError("worker lost")
+    monkeypatch.setattr(engine, "step", broken_step)
+
+    async def run(request_id):
+        return [o async for o in llm.generate([1, 2, 3], GREEDY, request_id)]
+
+    with pytest.raises(RuntimeError, match="worker lost"):
+        asyncio.run(run("first"))
+    with pytest.raises(RuntimeError, match="accepts no more requests"):
+        asyncio.run(run("second"))
 
 
 def test_random_workload_keeps_invariants_and_matches_reference():

@@ -13,8 +13,10 @@ from checks import DEVICES, assert_close, dtypes
 from shardline import kernels
 from shardline.kernels import reference
 
-decode = pytest.importorskip("shardline.kernels.attention_decode")
-prefill = pytest.importorskip("shardline.kernels.attention_prefill")
+pytest.importorskip("triton")
+
+from shardline.kernels import attention_decode as decode
+from shardline.kernels import attention_prefill as prefill
 
 pytestmark = pytest.mark.usefixtures("fresh_seed")
 

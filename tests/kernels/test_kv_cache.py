@@ -8,7 +8,9 @@ from checks import DEVICES, dtypes
 from shardline import kernels
 from shardline.kernels import reference
 
-kv_cache = pytest.importorskip("shardline.kernels.kv_cache")
+pytest.importorskip("triton")
+
+from shardline.kernels import kv_cache
 
 pytestmark = pytest.mark.usefixtures("fresh_seed")
 

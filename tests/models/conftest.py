@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 
 from shardline.presets import resolve_model
 
@@ -12,7 +13,6 @@ from shardline.presets import resolve_model
 def hf_model():
     """Load a preset with transformers in fp32, once per session; EOS does not stop it,
     since the worker driven in these tests does not stop at EOS either."""
-    transformers = pytest.importorskip("transformers")
     cache = {}
 
     def get(name: str):

@@ -6,7 +6,6 @@ import torch
 from shardline.engine.sampling_params import SamplingParams
 from worker_driver import WorkerDriver, make_worker
 
-transformers = pytest.importorskip("transformers")
 
 ARCHITECTURES = ["tiny-llama", "tiny-llama3", "tiny-qwen2", "tiny-mistral", "tiny-mixtral",
                  "tiny-qwen2-moe"]

@@ -17,7 +17,6 @@ from shardline.kernels import attention_decode, attention_prefill, kv_cache, mat
 from shardline.kernels import reference, rotary
 from worker_driver import WorkerDriver, make_worker
 
-transformers = pytest.importorskip("transformers")
 
 DENSE, MOE = "tiny-qwen2", "tiny-mixtral"
 TRITON_ENTRY_POINTS = [

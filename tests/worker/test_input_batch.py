@@ -27,3 +27,13 @@ def test_flat_batch_layout_for_chunk_and_decode():
 def test_partial_prefill_does_not_sample():
     inputs = build_step_inputs([_state("a", 10, [], [0, 1, 2], 0)], [4], 4, torch.device("cpu"))
     assert inputs.sample_req_ids == [] and inputs.logits_indices.numel() == 0
+
+
+def test_token_slice_spans_prompt_and_outputs():
+    prompt = torch.randint(0, 100, (int(torch.randint(1, 9, ())),)).tolist()
+    outputs = torch.randint(0, 100, (int(torch.randint(0, 9, ())),)).tolist()
+    state = RequestState("r", prompt, outputs, SamplingParams(), [], 0)
+    everything = prompt + outputs
+    for start in range(len(everything) + 1):
+        for end in range(start, len(everything) + 1):
+            assert state.token_slice(start, end) == everything[start:end]

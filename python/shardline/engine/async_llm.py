@@ -2,9 +2,11 @@
 
 Each `generate` call registers a request and yields its cumulative RequestOutput every time
 it gains tokens, ending with the finished one. One background task steps the engine while
-any request is unfinished; it runs each step in the event loop's thread, so requests are
-added and aborted only between steps. Cancelling the consumer (or breaking out of the
-loop) aborts the request and frees its KV blocks.
+any request is unfinished. Each step runs in a worker thread, so the event loop stays free
+for other coroutines; an asyncio lock keeps request additions and aborts between steps.
+Cancelling the consumer (or breaking out of the loop) aborts the request and frees its KV
+blocks. If a step fails, every open stream raises the error and the engine refuses new
+requests, since its state can no longer be trusted.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class AsyncLLM:
         self.engine = LLMEngine.from_config(EngineArgs(model, **kwargs).to_config())
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._loop_task: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+        self._failure: BaseException | None = None
 
     @classmethod
     def from_engine(cls, engine: LLMEngine) -> "AsyncLLM":
@@ -35,12 +39,18 @@ class AsyncLLM:
         llm.engine = engine
         llm._queues = {}
         llm._loop_task = None
+        llm._lock = asyncio.Lock()
+        llm._failure = None
         return llm
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they grow; raises ValueError for a bad request."""
-        self.engine.add_request(request_id, prompt, sampling_params)
+        if self._failure is not None:
+            raise RuntimeError("the engine failed in an earlier step and accepts no more "
+                               "requests") from self._failure
+        async with self._lock:
+            self.engine.add_request(request_id, prompt, sampling_params)
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = queue
         self._ensure_loop()
@@ -53,13 +63,16 @@ class AsyncLLM:
                 finished = item.finished
                 yield item
         finally:
-            self._queues.pop(request_id, None)
+            if self._queues.get(request_id) is queue:
+                del self._queues[request_id]
             if not finished:
-                self.engine.abort_request(request_id)
+                async with self._lock:
+                    self.engine.abort_request(request_id)
 
     async def abort(self, request_id: str) -> None:
         """Stop a request; its stream ends with the aborted output."""
-        output = self.engine.abort_request(request_id)
+        async with self._lock:
+            output = self.engine.abort_request(request_id)
         queue = self._queues.get(request_id)
         if output is not None and queue is not None:
             queue.put_nowait(output)
@@ -76,11 +89,13 @@ class AsyncLLM:
     async def _step_loop(self) -> None:
         try:
             while self.engine.has_unfinished_requests():
-                for output in self.engine.step():
+                async with self._lock:
+                    outputs = await asyncio.to_thread(self.engine.step)
+                for output in outputs:
                     queue = self._queues.get(output.request_id)
                     if queue is not None:
                         queue.put_nowait(output)
-                await asyncio.sleep(0)
         except Exception as exc:
+            self._failure = exc
             for queue in self._queues.values():
                 queue.put_nowait(exc)

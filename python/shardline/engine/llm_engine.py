@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import operator
 from typing import Protocol, Sequence as Seq
 
 from shardline.config import EngineConfig
@@ -107,22 +108,26 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop={params.stop!r} needs a tokenizer, and the model has no "
                              "tokenizer.json: use stop_token_ids instead")
-        for token in params.stop_token_ids:
-            self._check_token(token, "stop_token_ids")
+        self._token_ids(params.stop_token_ids, "stop_token_ids")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt is text, but the model has no tokenizer.json: pass "
                                  "token ids")
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
-            text, ids = None, [int(t) for t in prompt]
+            text, ids = None, self._token_ids(prompt, "prompt")
         if not ids:
             raise ValueError("prompt is empty: at least one token is required")
-        for token in ids:
-            self._check_token(token, "prompt")
+        if text is not None:
+            self._token_ids(ids, "prompt")
         if len(ids) > self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens, longer than "
                              f"max_model_len={self.max_model_len}")
+        scheduler = self.config.scheduler
+        if not scheduler.enable_chunked_prefill and len(ids) > scheduler.max_num_batched_tokens:
+            raise ValueError(f"prompt has {len(ids)} tokens, more than max_num_batched_tokens="
+                             f"{scheduler.max_num_batched_tokens}, and enable_chunked_prefill "
+                             "is off: raise the budget or enable chunked prefill")
         if len(ids) > self.kv_capacity_tokens:
             raise ValueError(f"prompt has {len(ids)} tokens and can never fit in the KV cache "
                              f"({self.kv.num_blocks} blocks x {self.kv.block_size} tokens)")
@@ -150,7 +155,17 @@ class LLMEngine:
     def shutdown(self) -> None:
         self.executor.shutdown()
 
-    def _check_token(self, token: int, where: str) -> None:
-        if not 0 <= token < self.vocab_size:
-            raise ValueError(f"{where} has token id {token}, outside the vocabulary "
-                             f"[0, {self.vocab_size})")
+    def _token_ids(self, values, where: str) -> list[int]:
+        """`values` as plain ints, each an id of this model's vocabulary, or a ValueError."""
+        ids = []
+        for i, value in enumerate(values):
+            try:
+                token = operator.index(value)
+            except TypeError:
+                raise ValueError(f"{where}[{i}]={value!r} is not a token id: token ids are "
+                                 "integers") from None
+            if not 0 <= token < self.vocab_size:
+                raise ValueError(f"{where}[{i}]={token} is outside the vocabulary "
+                                 f"[0, {self.vocab_size})")
+            ids.append(token)
+        return ids

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
     """How to pick the next tokens of one request.
 
-    temperature == 0 means greedy. top_k <= 0 disables top-k (-1 by convention); top_p == 1
-    and min_p == 0 disable nucleus and min-p filtering. `seed` makes the sampled tokens
+    temperature == 0 means greedy; otherwise it must be at least MIN_TEMPERATURE, below
+    which dividing the logits overflows. top_k == -1, top_p == 1 and min_p == 0 disable
+    top-k, nucleus and min-p filtering. `seed` makes the sampled tokens
     reproducible regardless of which other requests share the batch.
     """
 
@@ -37,13 +40,14 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
-        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        self.stop_token_ids = list(self.stop_token_ids)
         self.validate()
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field (also after later mutation)."""
         _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "an integer >= 1")
-        _check(self.temperature >= 0.0, "temperature", self.temperature, ">= 0 (0 means greedy)")
+        _check(self.temperature == 0.0 or self.temperature >= MIN_TEMPERATURE, "temperature",
+               self.temperature, f"0 (greedy) or >= {MIN_TEMPERATURE}")
         _check(isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
                "top_k", self.top_k, "-1 (disabled) or an integer >= 1")
         _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "in (0, 1]")
@@ -59,7 +63,10 @@ class SamplingParams:
                "logprobs", self.logprobs, "None or an integer >= 0")
         _check(self.seed is None or isinstance(self.seed, int), "seed", self.seed,
                "None or an integer")
-        _check(all(s for s in self.stop), "stop", self.stop, "non-empty strings")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
+               "a list of non-empty strings")
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+               self.stop_token_ids, "a list of token ids (integers >= 0)")
 
     @property
     def greedy(self) -> bool:
@@ -72,6 +79,10 @@ class SamplingParams:
     def from_dict(cls, data: dict) -> "SamplingParams":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:

@@ -6,19 +6,11 @@ groups; everything about the parallel layout lives in an Executor subclass.
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from typing import Any
 
 from shardline.config import EngineConfig, ParallelConfig
 from shardline.engine.batch import ModelRunnerOutput, SchedulerOutput
-
-_BACKENDS = {
-    "uni": "shardline.executor.uniproc:UniProcExecutor",
-    "mp": "shardline.executor.multiproc:MultiProcExecutor",
-    "ray": "shardline.executor.ray:RayExecutor",
-}
-
 
 class Executor(ABC):
     """Runs the workers of one model replica set and relays steps to them."""
@@ -55,23 +47,21 @@ class Executor(ABC):
 
 
 def executor_class(parallel: ParallelConfig) -> type[Executor]:
-    """The executor for a layout: in process for one rank, unless a backend is named."""
-    backend = parallel.distributed_executor_backend
-    if backend is None:
-        backend = "uni" if parallel.world_size == 1 else "mp"
-    if backend == "uni" and parallel.world_size != 1:
-        raise ValueError(f"distributed_executor_backend='uni' runs one rank, but the layout "
-                         f"has world_size={parallel.world_size}: use 'mp' or 'ray'")
-    module_name, class_name = _BACKENDS[backend].split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise
-        raise ValueError(f"distributed_executor_backend={backend!r} is not available in this "
-                         f"build ({module_name} is missing)") from exc
-    return getattr(module, class_name)
+    """The executor for a layout. This version runs one rank, in the engine's process."""
+    if parallel.world_size != 1 or parallel.distributed_executor_backend not in (None, "uni"):
+        raise ValueError(
+            f"tensor_parallel_size={parallel.tensor_parallel_size}, pipeline_parallel_size="
+            f"{parallel.pipeline_parallel_size}, data_parallel_size="
+            f"{parallel.data_parallel_size}, sequence_parallel_size="
+            f"{parallel.sequence_parallel_size} (world_size={parallel.world_size}) with "
+            f"distributed_executor_backend={parallel.distributed_executor_backend!r}: "
+            "multi-rank executors are not implemented yet; use world_size 1 and backend "
+            "None or 'uni'")
+    from shardline.executor.uniproc import UniProcExecutor
+
+    return UniProcExecutor
 
 
 def create_executor(config: EngineConfig) -> Executor:
+    """Build and start the executor (and so the workers) that `config` describes."""
     return executor_class(config.parallel)(config)

@@ -45,10 +45,10 @@ class RequestState:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     def token_slice(self, start: int, end: int) -> list[int]:
+        """Token ids [start, end) of prompt + outputs, copying only that range."""
         prompt_len = len(self.prompt_token_ids)
-        if end <= prompt_len:
-            return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+        head = self.prompt_token_ids[start:end] if start < prompt_len else []
+        return head + self.output_token_ids[max(start - prompt_len, 0):max(end - prompt_len, 0)]
 
 
 @dataclass
