@@ -78,15 +78,19 @@ class LLM:
 
     def add_request(self, request_id: str, prompt: PromptType,
                     params: SamplingParams | None = None) -> None:
+        """Queue one request; a bad prompt or params raise ValueError for it alone."""
         self.engine.add_request(request_id, prompt, params)
 
     def step(self) -> list[RequestOutput]:
+        """Run one engine step; return the outputs of the requests that gained tokens."""
         return self.engine.step()
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its KV blocks; its final output, or None if unknown."""
         return self.engine.abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
+        """Whether any request is still waiting or running."""
         return self.engine.has_unfinished_requests()
 
     def shutdown(self) -> None:

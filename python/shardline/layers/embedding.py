@@ -17,6 +17,8 @@ from shardline.layers.weights import Loaded, check_shape, copy_into, read_slice
 
 
 class VocabParallelEmbedding(nn.Module):
+    """Token embedding whose vocabulary rows are split across tensor-parallel ranks."""
+
     def __init__(self, num_embeddings: int, embedding_dim: int,
                  dtype: torch.dtype = torch.float32):
         super().__init__()

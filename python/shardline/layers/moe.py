@@ -29,6 +29,9 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool
 
 
 class FusedMoE(nn.Module):
+    """A mixture-of-experts MLP: softmax router, top-k experts per token (renormalized
+    when asked), all experts' gate_up and down weights held as stacked tensors."""
+
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                  renormalize: bool, dtype: torch.dtype = torch.float32):
         super().__init__()

@@ -10,6 +10,9 @@ from shardline.layers.weights import Loaded, check_shape, copy_into, read_slice
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm with a learned scale; given a residual, adds it first and returns both the
+    normalized tensor and the new residual, as pre-norm decoder layers need."""
+
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.eps = eps

@@ -33,6 +33,9 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    """Rotary position embedding over the first rotary_dim dims of each head, from a
+    cos/sin table built once (with Llama 3 frequency scaling when the config asks)."""
+
     def __init__(self, head_dim: int, rotary_dim: int, max_position: int, base: float,
                  scaling: dict | None = None):
         super().__init__()

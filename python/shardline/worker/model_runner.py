@@ -25,6 +25,8 @@ def sampling_seed(seed: int, output_index: int) -> int:
 
 
 class ModelRunner:
+    """One rank's model, KV cache and sampler, and the per-request state that drives them."""
+
     def __init__(self, config: EngineConfig, device: torch.device):
         self.config = config
         self.device = device
