@@ -1,0 +1,45 @@
+"""The benchmark scripts run end to end in their CPU smoke modes and write their results.
+
+Their numbers are meaningless here; what is checked is that every code path still runs
+and that the JSON holds what the closing notes are read from.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def run_script(name: str, *args: str) -> None:
+    done = subprocess.run([sys.executable, str(BENCH / name), *args], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_throughput_quick_agrees_with_transformers(tmp_path):
+    out = tmp_path / "throughput.json"
+    run_script("throughput.py", "--quick", "--model", "tiny-llama", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["greedy_agreement_first8"] == 1.0
+    assert result["shardline"]["output_tokens"] == result["total_output_tokens"]
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_e2e_decode_tiny_runs_on_cpu(tmp_path):
+    run_script("e2e_decode.py", "--tiny", "--device", "cpu", "--out-dir", str(tmp_path))
+    result = json.loads((tmp_path / "e2e_decode.json").read_text())
+    assert result and (tmp_path / "e2e_decode.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(600)
+def test_kernels_dry_run_covers_every_kernel(tmp_path):
+    run_script("kernels.py", "--dry-run", "--out-dir", str(tmp_path))
+    result = json.loads((tmp_path / "kernels.json").read_text())
+    text = json.dumps(result)
+    for kernel in ("matmul", "decode", "prefill", "moe"):
+        assert kernel in text
+    assert (tmp_path / "kernels.png").stat().st_size > 0
