@@ -261,6 +261,8 @@ def main() -> None:
     names = [cls.name for cls in TRANSPORTS]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter repeats")
+    parser.add_argument("--out", type=Path, default=RESULTS / "ring.json",
+                        help="JSON path; the plot goes beside it (default: %(default)s)")
     parser.add_argument("--transports", default=",".join(names),
                         help="comma-separated subset of: %(default)s")
     args = parser.parse_args()
@@ -286,11 +288,11 @@ def main() -> None:
     report["raw_cpp_one_way"] = raw_handoff(SETTINGS[mode])
     report["targets"] = targets(report)
     report["machine"]["load_average_at_end"] = os.getloadavg()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ring.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, RESULTS / "ring.png")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out.with_suffix(".png"))
     print(json.dumps(report["targets"], indent=2))
-    print(f"wrote {RESULTS / 'ring.json'} and {RESULTS / 'ring.png'}")
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import importlib.util
 import multiprocessing
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import msgpack
@@ -90,7 +91,7 @@ def vllm_reader(handle: object, index: int, handle_pipe) -> None:
     serve(lambda: requests.dequeue(timeout=READER_TIMEOUT_S), responses.enqueue, index)
 
 
-class Transport:
+class Transport(ABC):
     """The writer's side of one transport with `n_readers` reader processes."""
 
     name: str
@@ -100,13 +101,13 @@ class Transport:
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.seq = 0  # of the last message broadcast
 
+    @abstractmethod
     def broadcast(self, message: list) -> None:
         """Send `message` to every reader."""
-        raise NotImplementedError
 
+    @abstractmethod
     def next_reply(self) -> list:
         """The next reply of any reader."""
-        raise NotImplementedError
 
     def gather(self, seq: int) -> list[int]:
         """One-way latencies of message `seq`, one per reader; older replies are dropped."""

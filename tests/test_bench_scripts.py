@@ -43,3 +43,11 @@ def test_kernels_dry_run_covers_every_kernel(tmp_path):
     for kernel in ("matmul", "decode", "prefill", "moe"):
         assert kernel in text
     assert (tmp_path / "kernels.png").stat().st_size > 0
+
+
+def test_ring_quick_reports_the_targets(tmp_path):
+    out = tmp_path / "ring.json"
+    run_script("ring.py", "--quick", "--transports", "shardline,pyzmq", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["targets"]["raw_cpp_one_way_p50_64B_us"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0
