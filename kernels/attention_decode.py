@@ -30,6 +30,18 @@ def load_kv_tile(cache_ptr, block_table_row, tokens, token_mask, kv_head, dims, 
     return tl.load(ptrs, mask=token_mask[:, None] & dim_mask[None, :], other=0.0)
 
 
+@triton.jit
+def online_softmax_update(scores, v, acc, m, l, DOT_PRECISION: tl.constexpr):
+    """Fold one tile of scores (log2 domain, masked keys at -inf) and its values into the
+    running max m, normalizer l and unnormalized output acc; returns (acc, m, l)."""
+    m_new = tl.maximum(m, tl.max(scores, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l
+
+
 @autotune(
     configs=[
         triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
@@ -82,15 +94,10 @@ def _decode_split_kernel(
                          KV_BLOCK_SIZE)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         scores = tl.where(token_mask[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
         v = load_kv_tile(v_cache_ptr, block_table_row, tokens, token_mask, kv_head, dims,
                          dim_mask, stride_vc_block, stride_vc_slot, stride_vc_head,
                          KV_BLOCK_SIZE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
+        acc, m, l = online_softmax_update(scores, v, acc, m, l, DOT_PRECISION)
 
     has_keys = l > 0.0
     acc = acc / tl.where(has_keys, l, 1.0)[:, None]

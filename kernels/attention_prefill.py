@@ -17,7 +17,8 @@ import triton.language as tl
 
 from shardline.kernels._checks import check_paged_attention
 from shardline.kernels._config import autotune, shape_bucket
-from shardline.kernels.attention_decode import dot_precision, load_kv_tile
+from shardline.kernels.attention_decode import (dot_precision, load_kv_tile,
+                                                online_softmax_update)
 
 _LOG2E = 1.4426950408889634
 _MIN_DOT = 16
@@ -55,15 +56,10 @@ def _attend_tile(q, acc, m, l, tile_start, q_pos, seq_len, k_cache_ptr, v_cache_
     if CAUSAL:
         visible = (tokens[None, :] <= q_pos[:, None]) & token_mask[None, :]
         scores = tl.where(visible, scores, float("-inf"))
-    m_new = tl.maximum(m, tl.max(scores, 1))
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(scores - m_new[:, None])
-    l = l * alpha + tl.sum(p, 1)
     v = load_kv_tile(v_cache_ptr, block_table_row, tokens, token_mask, kv_head, dims,
                      dim_mask, stride_vc_block, stride_vc_slot, stride_vc_head,
                      KV_BLOCK_SIZE)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, m_new, l
+    return online_softmax_update(scores, v, acc, m, l, DOT_PRECISION)
 
 
 @autotune(

@@ -55,6 +55,28 @@ def _fit_rows(configs: list[triton.Config], named_args: dict, **kwargs) -> list[
     return [c for c in configs if c.kwargs["BLOCK_M"] <= rows]
 
 
+@triton.jit
+def dot_over_k(a_ptrs, w_ptrs, k_len, stride_ak, stride_wk, up_offset,
+               GATED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] tile of A @ W over k_len columns, walking both pointer
+    blocks along K; with GATED, also the tile of the up rows `up_offset` past W's."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(k_len, BLOCK_K)):
+        k_left = k_len - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if GATED:
+            b_up = tl.load(w_ptrs + up_offset, mask=offs_k[:, None] < k_left, other=0.0)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    return acc, acc_up
+
+
 @autotune(_TILED_CONFIGS, key=["M_BUCKET", "N", "K", "SILU_MUL"], fixed=_INTERPRETER_CONFIG,
           prune=_fit_rows)
 @triton.jit
@@ -85,18 +107,8 @@ def _matmul_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, M_BUCKET,
     x_ptrs = x_ptr + safe_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + safe_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if SILU_MUL:
-            b_up = tl.load(w_ptrs + N * stride_wn, mask=offs_k[:, None] < k_left, other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    acc, acc_up = dot_over_k(x_ptrs, w_ptrs, K, stride_xk, stride_wk, N * stride_wn,
+                             SILU_MUL, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
     n_mask = offs_n < N
     if HAS_BIAS:
@@ -137,14 +149,8 @@ def _matmul_partial_kernel(x_ptr, w_ptr, ws_ptr, M, N, K, M_BUCKET, K_SPLIT,
     x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + (offs_n % N)[None, :] * stride_wn + offs_k[:, None] * stride_wk
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(k_end - k_start, BLOCK_K)):
-        k_left = k_end - k_start - k * BLOCK_K
-        a = tl.load(x_ptrs, mask=tl.arange(0, BLOCK_K)[None, :] < k_left, other=0.0)
-        b = tl.load(w_ptrs, mask=tl.arange(0, BLOCK_K)[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    acc, _ = dot_over_k(x_ptrs, w_ptrs, k_end - k_start, stride_xk, stride_wk, 0,
+                        False, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(ws_ptr + split * stride_ws + offs_m[:, None] * stride_wm + offs_n[None, :],

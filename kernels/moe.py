@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from shardline.kernels._config import autotune, shape_bucket
+from shardline.kernels.matmul import dot_over_k
 
 NOT_OWNED = tl.constexpr(-1)
 PAST_END = tl.constexpr(-2)
@@ -72,18 +73,8 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_pairs_ptr, block_experts_ptr,
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + (offs_n % N)[None, :] * stride_wn
               + offs_k[:, None] * stride_wk)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if GATE_UP:
-            b_up = tl.load(w_ptrs + N * stride_wn, mask=offs_k[:, None] < k_left, other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_wk
+    acc, acc_up = dot_over_k(a_ptrs, w_ptrs, K, stride_ak, stride_wk, N * stride_wn,
+                             GATE_UP, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
     if GATE_UP:
         acc = acc * tl.sigmoid(acc) * acc_up
