@@ -8,7 +8,8 @@ from shardline.cli import main
 
 
 def test_demo_prints_outputs_and_throughput(capsys):
-    assert main(["demo", "--model", "tiny-llama", "--num-prompts", "3", "--max-tokens", "4"]) == 0
+    assert main(["demo", "--model", "tiny-llama", "--num-prompts", "3", "--max-tokens", "4",
+                 "--enforce-eager"]) == 0
     out = capsys.readouterr().out
     assert out.count("prompt: ") == 3
     assert "12 output tokens" in out and "tokens/s" in out

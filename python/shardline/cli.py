@@ -24,6 +24,8 @@ def _add_engine_args(parser: argparse.ArgumentParser, default_model: str | None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="on CUDA, run decode op by op instead of replaying CUDA graphs")
 
 
 def _build_llm(args: argparse.Namespace):
@@ -32,7 +34,8 @@ def _build_llm(args: argparse.Namespace):
     print(f"loading {args.model} ({args.dtype}) ...", file=sys.stderr, flush=True)
     return LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens,
-               block_size=args.block_size, max_model_len=args.max_model_len)
+               block_size=args.block_size, max_model_len=args.max_model_len,
+               enforce_eager=args.enforce_eager)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

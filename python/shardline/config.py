@@ -43,12 +43,17 @@ def _require(ok: bool, name: str, value: object, allowed: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """Which checkpoint to serve and at what precision and length."""
+    """Which checkpoint to serve and at what precision and length.
+
+    On CUDA, decode steps replay CUDA graphs captured at startup; `enforce_eager` runs
+    every step op by op instead (slower, no capture time or graph memory).
+    """
 
     model: str
     dtype: str = "float32"
     max_model_len: int | None = None
     seed: int = 0
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         self.dtype = dtype_name(resolve_dtype(self.dtype))

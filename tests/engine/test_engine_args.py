@@ -10,11 +10,13 @@ from shardline.engine.engine_args import EngineArgs
 def test_options_reach_their_config_sections(tmp_path):
     blocks, seqs = random.randint(1, 99), random.randint(1, 99)
     config = EngineArgs(str(tmp_path), num_kv_blocks=blocks, max_num_seqs=seqs, block_size=8,
-                        enable_prefix_caching=False, seed=5, dtype="bf16").to_config()
+                        enable_prefix_caching=False, seed=5, dtype="bf16",
+                        enforce_eager=True).to_config()
     assert config.model.model == str(tmp_path) and config.model.dtype == "bfloat16"
     assert (config.cache.num_blocks, config.cache.block_size) == (blocks, 8)
     assert not config.cache.enable_prefix_caching and config.model.seed == 5
-    assert config.scheduler.max_num_seqs == seqs
+    assert config.scheduler.max_num_seqs == seqs and config.model.enforce_eager
+    assert not EngineArgs(str(tmp_path)).to_config().model.enforce_eager
 
 
 def test_bad_values_and_unknown_options_fail_clearly(tmp_path):

@@ -21,6 +21,7 @@ class EngineArgs:
     dtype: str = "float32"
     max_model_len: int | None = None
     seed: int = 0
+    enforce_eager: bool = False
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
@@ -38,7 +39,8 @@ class EngineArgs:
     def to_config(self) -> EngineConfig:
         return EngineConfig(
             model=ModelConfig(model=resolve_model(self.model), dtype=self.dtype,
-                              max_model_len=self.max_model_len, seed=self.seed),
+                              max_model_len=self.max_model_len, seed=self.seed,
+                              enforce_eager=self.enforce_eager),
             cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_kv_blocks,
                               kv_cache_memory_bytes=self.kv_cache_memory_bytes,
                               enable_prefix_caching=self.enable_prefix_caching),

@@ -38,12 +38,14 @@ class Executor(ABC):
         """Release the workers; safe to call more than once."""
 
     def _init_workers(self) -> None:
-        """Bring every worker up and size the KV cache to what the tightest rank can hold."""
+        """Bring every worker up, size the KV cache to what the tightest rank can hold, and
+        capture the decode graphs over that cache."""
         self._start_workers()
         self.collective_rpc("init_device")
         self.collective_rpc("load_model")
         self.num_kv_blocks = min(self.collective_rpc("determine_num_kv_blocks"))
         self.collective_rpc("initialize_cache", args=(self.num_kv_blocks,))
+        self.collective_rpc("capture_decode_graphs")
 
 
 def executor_class(parallel: ParallelConfig) -> type[Executor]:

@@ -13,6 +13,8 @@ from shardline.engine.batch import ModelRunnerOutput, SchedulerOutput
 from shardline.layers.sampler import Sampler, SamplingBatch
 from shardline.models.loader import load_model, read_model_info
 from shardline.presets import resolve_model
+from shardline.worker.graph_runner import (CudaGraphRecorder, DecodeGraphRunner, GraphRecorder,
+                                           graph_batch_sizes)
 from shardline.worker.input_batch import RequestState, StepInputs, build_step_inputs
 
 _SEED_MIX, _INDEX_MIX = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9  # odd 64-bit mixing constants
@@ -39,6 +41,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generator = torch.Generator(device).manual_seed(config.model.seed)
         self.model: torch.nn.Module | None = None
+        self.decode_graphs: DecodeGraphRunner | None = None
 
     def load_model(self) -> None:
         max_position = max(self.max_model_len, self.info.max_position_embeddings)
@@ -55,6 +58,23 @@ class ModelRunner:
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
             attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def capture_decode_graphs(self, recorder: GraphRecorder | None = None) -> None:
+        """Record the decode forward for every batch-size bucket up to max_num_seqs.
+
+        By default on CUDA only, and not with enforce_eager; a `recorder` given explicitly
+        captures on any device (tests replay the same plumbing on CPU).
+        """
+        if recorder is None:
+            if self.device.type != "cuda" or self.config.model.enforce_eager:
+                return
+            recorder = CudaGraphRecorder()
+        runner = DecodeGraphRunner(
+            self.model, graph_batch_sizes(self.config.scheduler.max_num_seqs),
+            max_blocks_per_seq=-(-self.max_model_len // self.block_size), device=self.device)
+        runner.capture(recorder)
+        self.decode_graphs = runner
 
     def update_states(self, scheduler_output: SchedulerOutput) -> list[RequestState]:
         """Apply the step's request changes; return the scheduled requests in order."""
@@ -75,8 +95,9 @@ class ModelRunner:
         scheduled = self.update_states(scheduler_output)
         counts = [scheduler_output.num_scheduled_tokens[r.req_id] for r in scheduled]
         inputs = build_step_inputs(scheduled, counts, self.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
-        return inputs, hidden
+        if self.decode_graphs is not None and self.decode_graphs.supports(inputs):
+            return inputs, self.decode_graphs.run(inputs)
+        return inputs, self.model(inputs.input_ids, inputs.positions, inputs.meta)
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:

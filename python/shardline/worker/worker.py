@@ -57,5 +57,9 @@ class Worker:
     def initialize_cache(self, num_blocks: int) -> None:
         self.model_runner.initialize_cache(num_blocks)
 
+    def capture_decode_graphs(self) -> None:
+        """On CUDA (unless enforce_eager), record the decode step's CUDA graphs."""
+        self.model_runner.capture_decode_graphs()
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
