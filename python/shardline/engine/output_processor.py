@@ -32,12 +32,14 @@ class RequestState:
         return "" if detokenizer is None else detokenizer.text
 
     def make_output(self) -> RequestOutput:
+        """A snapshot of the request; every output of it shares one prompt_token_ids list."""
+        completions = [_completion(seq, self.text(seq)) for seq in self.seqs]
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
-            prompt_token_ids=list(self.prompt_token_ids),
-            outputs=[_completion(seq, self.text(seq)) for seq in self.seqs],
-            finished=self.finished,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=completions,
+            finished=all(c.finish_reason is not None for c in completions),
             num_cached_tokens=sum(seq.num_cached_tokens for seq in self.seqs),
         )
 
@@ -72,8 +74,9 @@ class OutputProcessor:
             progressed[seq.request_id] = state
         outputs = []
         for request_id, state in progressed.items():
-            outputs.append(state.make_output())
-            if state.finished:
+            output = state.make_output()
+            outputs.append(output)
+            if output.finished:
                 del self.requests[request_id]
         return outputs
 

@@ -32,7 +32,11 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """A request's prompt and its `n` completions; `finished` once all of them are."""
+    """A request's prompt and its `n` completions; `finished` once all of them are.
+
+    Every output of one request shares the same `prompt_token_ids` list (it is not copied
+    per step): treat it as read-only.
+    """
 
     request_id: str
     prompt: str | None
