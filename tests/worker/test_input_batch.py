@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from shardline.engine.sampling_params import SamplingParams
@@ -22,6 +23,19 @@ def test_flat_batch_layout_for_chunk_and_decode():
     assert inputs.meta.block_tables.tolist() == [[5, 2, 9], [7, 1, 0]]
     assert not inputs.meta.decode_only
     assert inputs.sample_req_ids == ["a", "b"] and inputs.logits_indices.tolist() == [5, 6]
+    int32 = (inputs.meta.query_start_loc, inputs.meta.seq_lens, inputs.meta.block_tables)
+    int64 = (inputs.input_ids, inputs.positions, inputs.meta.slot_mapping, inputs.logits_indices)
+    assert all(t.dtype == torch.int32 for t in int32) and all(t.dtype == torch.int64 for t in int64)
+
+
+@pytest.mark.parametrize("scheduled, blocks, error", [
+    (0, [0, 1], "num_scheduled_tokens=0 must be >= 1"),
+    (11, [0, 1, 2], "exceeds its 10 tokens"),
+    (9, [0, 1], "9 tokens need more than its 2 blocks"),
+])
+def test_bad_schedules_name_the_request(scheduled, blocks, error):
+    with pytest.raises(ValueError, match=f"'a'.*{error}"):
+        build_step_inputs([_state("a", 10, [], blocks, 0)], [scheduled], 4, torch.device("cpu"))
 
 
 def test_partial_prefill_does_not_sample():
