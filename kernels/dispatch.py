@@ -9,13 +9,18 @@ import torch
 from shardline.kernels import reference
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """Triton for CUDA tensors unless disabled; for CPU tensors only when forced."""
+def triton_enabled(device: torch.device) -> bool:
+    """Triton on CUDA devices unless disabled; on the CPU only when forced."""
     if os.environ.get("SHARDLINE_DISABLE_TRITON") == "1":
         return False
-    if t.is_cuda:
+    if device.type == "cuda":
         return True
     return os.environ.get("SHARDLINE_FORCE_TRITON") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the op on tensor `t` runs the Triton kernel rather than its reference."""
+    return triton_enabled(t.device)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -26,8 +26,8 @@ class StubWorker:
     def initialize_cache(self, num_blocks):
         self.calls.append(("initialize_cache", num_blocks))
 
-    def capture_decode_graphs(self):
-        self.calls.append("capture_decode_graphs")
+    def warm_up(self):
+        self.calls.append("warm_up")
 
     def execute_model(self, scheduler_output):
         return ModelRunnerOutput(req_ids=list(scheduler_output.num_scheduled_tokens),
@@ -65,7 +65,7 @@ def test_uniproc_brings_the_worker_up_and_relays_steps(stub_worker):
     executor = create_executor(config())
     assert executor.num_kv_blocks == 37
     assert executor.worker.calls == ["init_device", "load_model", "determine_num_kv_blocks",
-                                     ("initialize_cache", 37), "capture_decode_graphs"]
+                                     ("initialize_cache", 37), "warm_up"]
     assert executor.collective_rpc("determine_num_kv_blocks") == [37]
     out = executor.execute_model(SchedulerOutput(num_scheduled_tokens={"a": 3, "b": 1}))
     assert out.req_ids == ["a", "b"] and out.sampled_token_ids == [5, 5]

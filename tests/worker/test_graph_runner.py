@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from shardline.engine.sampling_params import SamplingParams
-from shardline.worker import model_runner
 from shardline.worker.graph_runner import DecodeGraphRunner, graph_batch_sizes
 from shardline.worker.input_batch import RequestState, build_step_inputs
 from worker_driver import WorkerDriver, make_worker
@@ -51,8 +50,8 @@ def test_graph_decode_gives_the_eager_tokens_and_cache(model, recorder, monkeypa
     runner = graphed.model_runner
     before = _kv_caches(graphed)
     runner.decode_graphs = DecodeGraphRunner(runner.model, [1, 2, 4], max_blocks_per_seq=64,
-                                             device=runner.device)
-    runner.decode_graphs.capture(recorder())
+                                             block_size=4, device=runner.device)
+    runner.decode_graphs.capture(recorder(), tuning_context=100)
     assert all(torch.equal(a, b) for a, b in zip(before, _kv_caches(graphed))), \
         "capturing wrote to the KV cache"
 
@@ -85,8 +84,9 @@ def _decoding(n: int) -> list[RequestState]:
 
 def test_padding_rows_write_no_kv_and_stale_rows_are_cleared():
     runner = make_worker("tiny-llama").model_runner
-    graphs = DecodeGraphRunner(runner.model, [4], max_blocks_per_seq=8, device=runner.device)
-    graphs.capture(EagerRecorder())
+    graphs = DecodeGraphRunner(runner.model, [4], max_blocks_per_seq=8, block_size=4,
+                               device=runner.device)
+    graphs.capture(EagerRecorder(), tuning_context=32)
     states = _decoding(4)
     graphs.run(build_step_inputs(states, [1] * 4, 4, runner.device))
     attn = runner.model.attention_layers()[0]
@@ -106,8 +106,8 @@ def test_steps_a_graph_cannot_take_run_eagerly(monkeypatch):
     worker = make_worker("tiny-llama")
     runner = worker.model_runner
     runner.decode_graphs = DecodeGraphRunner(runner.model, [1, 2], max_blocks_per_seq=2,
-                                             device=runner.device)
-    runner.decode_graphs.capture(EagerRecorder())
+                                             block_size=4, device=runner.device)
+    runner.decode_graphs.capture(EagerRecorder(), tuning_context=8)
     monkeypatch.setattr(runner.decode_graphs, "run",
                         lambda inputs: pytest.fail("a step beyond the graphs replayed"))
     prompts = [torch.randint(3, 259, (5,)).tolist() for _ in range(3)]
@@ -116,19 +116,16 @@ def test_steps_a_graph_cannot_take_run_eagerly(monkeypatch):
     WorkerDriver(worker).generate(long_prompt, SamplingParams(max_tokens=2, ignore_eos=True))
 
 
-def test_graphs_are_captured_only_on_cuda_and_not_when_eager(monkeypatch):
-    worker = make_worker("tiny-llama")
-    worker.capture_decode_graphs()
-    assert worker.model_runner.decode_graphs is None      # CPU: nothing to capture
-    worker.model_runner.config.model.enforce_eager = True
-    monkeypatch.setattr(model_runner, "CudaGraphRecorder",
-                        lambda: pytest.fail("enforce_eager still captured"))
-    worker.model_runner.device = torch.device("cuda")
-    worker.capture_decode_graphs()
-    assert worker.model_runner.decode_graphs is None
+@pytest.mark.parametrize("context", [0, 9])
+def test_tuning_context_must_fit_a_block_table_row(context):
+    runner = make_worker("tiny-llama").model_runner
+    graphs = DecodeGraphRunner(runner.model, [1], max_blocks_per_seq=2, block_size=4,
+                               device=runner.device)
+    with pytest.raises(ValueError, match=f"tuning_context={context} must be in \\[1, 8\\]"):
+        graphs.capture(EagerRecorder(), tuning_context=context)
 
 
 @pytest.mark.parametrize("sizes, blocks", [([], 4), ([0, 2], 4), ([1, 2], 0)])
 def test_bad_runner_arguments_are_named(sizes, blocks):
     with pytest.raises(ValueError, match="batch_sizes|max_blocks_per_seq"):
-        DecodeGraphRunner(torch.nn.Identity(), sizes, blocks, torch.device("cpu"))
+        DecodeGraphRunner(torch.nn.Identity(), sizes, blocks, 4, torch.device("cpu"))

@@ -39,13 +39,13 @@ class Executor(ABC):
 
     def _init_workers(self) -> None:
         """Bring every worker up, size the KV cache to what the tightest rank can hold, and
-        capture the decode graphs over that cache."""
+        warm the workers up (kernel tuning and decode graphs, on GPUs) over that cache."""
         self._start_workers()
         self.collective_rpc("init_device")
         self.collective_rpc("load_model")
         self.num_kv_blocks = min(self.collective_rpc("determine_num_kv_blocks"))
         self.collective_rpc("initialize_cache", args=(self.num_kv_blocks,))
-        self.collective_rpc("capture_decode_graphs")
+        self.collective_rpc("warm_up")
 
 
 def executor_class(parallel: ParallelConfig) -> type[Executor]:

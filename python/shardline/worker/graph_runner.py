@@ -8,6 +8,11 @@ A graph reads its inputs from fixed addresses, so each step's inputs are copied 
 static buffers sized for the largest bucket. A batch smaller than its bucket is padded
 with rows that write no KV (slot -1) and attend to nothing (length 0); their outputs are
 dropped.
+
+Capturing runs the forward a few times first, and Triton autotunes each kernel on that
+first run. So while a graph is recorded, its rows stand in for real sequences (distinct
+tokens, a context of realistic length, read from block 0) rather than empty padding, on
+which every config would look equally fast. They still write no KV.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ class DecodeGraphRunner:
     max(batch_sizes) sequences, each padded to the next captured size."""
 
     def __init__(self, model: nn.Module, batch_sizes: list[int], max_blocks_per_seq: int,
-                 device: torch.device) -> None:
+                 block_size: int, device: torch.device) -> None:
         if not batch_sizes or min(batch_sizes) < 1:
             raise ValueError(f"batch_sizes must be non-empty and >= 1; got {batch_sizes}")
         if max_blocks_per_seq < 1:
@@ -75,6 +80,7 @@ class DecodeGraphRunner:
         self.model = model
         self.batch_sizes = sorted(set(batch_sizes))
         self.max_blocks_per_seq = max_blocks_per_seq
+        self.block_size = block_size
         largest = self.batch_sizes[-1]
         self.input_ids = torch.zeros(largest, dtype=torch.long, device=device)
         self.positions = torch.zeros(largest, dtype=torch.int64, device=device)
@@ -85,13 +91,21 @@ class DecodeGraphRunner:
         self.query_start_loc = torch.arange(largest + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, tuple[Replay, torch.Tensor]] = {}
 
-    def capture(self, recorder: GraphRecorder) -> None:
+    def capture(self, recorder: GraphRecorder, tuning_context: int) -> None:
         """Record one graph per batch size, largest first (later, smaller captures reuse
-        the pool memory the first one reserved). Captures run on padding rows only, so
-        they leave the KV cache untouched."""
-        self._pad_from(0)
+        the pool memory the first one reserved), with its rows standing in for sequences
+        of `tuning_context` tokens. The KV cache is left untouched."""
+        longest = self.max_blocks_per_seq * self.block_size
+        if not 1 <= tuning_context <= longest:
+            raise ValueError(f"tuning_context={tuning_context} must be in [1, {longest}], "
+                             "the tokens a block table row can hold")
         for size in reversed(self.batch_sizes):
+            self.slot_mapping.fill_(-1)
+            self.seq_lens[:size].fill_(tuning_context)
+            self.positions[:size].fill_(tuning_context - 1)
+            torch.arange(size, out=self.input_ids[:size])
             self.graphs[size] = recorder.record(self._forward_fn(size))
+        self._pad_from(0)
 
     def supports(self, inputs: StepInputs) -> bool:
         """True for a decode-only step that fits a captured graph."""

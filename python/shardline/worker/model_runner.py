@@ -10,13 +10,16 @@ import torch
 
 from shardline.config import EngineConfig
 from shardline.engine.batch import ModelRunnerOutput, SchedulerOutput
+from shardline.kernels.dispatch import triton_enabled
 from shardline.layers.sampler import Sampler, SamplingBatch
 from shardline.models.loader import load_model, read_model_info
 from shardline.presets import resolve_model
 from shardline.worker.graph_runner import (CudaGraphRecorder, DecodeGraphRunner, GraphRecorder,
                                            graph_batch_sizes)
 from shardline.worker.input_batch import RequestState, StepInputs, build_step_inputs
+from shardline.worker.warmup import warm_up_prefill
 
+TUNING_CONTEXT = 1024   # tokens per sequence while decode kernels autotune at capture
 _SEED_MIX, _INDEX_MIX = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9  # odd 64-bit mixing constants
 
 
@@ -59,21 +62,27 @@ class ModelRunner:
             attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
-    @torch.inference_mode()
-    def capture_decode_graphs(self, recorder: GraphRecorder | None = None) -> None:
-        """Record the decode forward for every batch-size bucket up to max_num_seqs.
+    def warm_up(self) -> None:
+        """On CUDA: autotune the Triton kernels for every prefill and logits shape bucket,
+        then (unless enforce_eager) capture the decode graphs. Nothing to do on CPU."""
+        if self.device.type != "cuda":
+            return
+        if triton_enabled(self.device):
+            scheduler = self.config.scheduler
+            warm_up_prefill(self.model, scheduler.max_num_batched_tokens,
+                            scheduler.max_num_seqs, self.block_size, self.max_model_len,
+                            self.info.vocab_size, self.device)
+        if not self.config.model.enforce_eager:
+            self.capture_decode_graphs(CudaGraphRecorder())
 
-        By default on CUDA only, and not with enforce_eager; a `recorder` given explicitly
-        captures on any device (tests replay the same plumbing on CPU).
-        """
-        if recorder is None:
-            if self.device.type != "cuda" or self.config.model.enforce_eager:
-                return
-            recorder = CudaGraphRecorder()
+    @torch.inference_mode()
+    def capture_decode_graphs(self, recorder: GraphRecorder) -> None:
+        """Record the decode forward for every batch-size bucket up to max_num_seqs."""
         runner = DecodeGraphRunner(
             self.model, graph_batch_sizes(self.config.scheduler.max_num_seqs),
-            max_blocks_per_seq=-(-self.max_model_len // self.block_size), device=self.device)
-        runner.capture(recorder)
+            max_blocks_per_seq=-(-self.max_model_len // self.block_size),
+            block_size=self.block_size, device=self.device)
+        runner.capture(recorder, tuning_context=min(self.max_model_len, TUNING_CONTEXT))
         self.decode_graphs = runner
 
     def update_states(self, scheduler_output: SchedulerOutput) -> list[RequestState]:

@@ -57,9 +57,9 @@ class Worker:
     def initialize_cache(self, num_blocks: int) -> None:
         self.model_runner.initialize_cache(num_blocks)
 
-    def capture_decode_graphs(self) -> None:
-        """On CUDA (unless enforce_eager), record the decode step's CUDA graphs."""
-        self.model_runner.capture_decode_graphs()
+    def warm_up(self) -> None:
+        """On CUDA: tune the kernels for every shape bucket and capture the decode graphs."""
+        self.model_runner.warm_up()
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)

@@ -1,0 +1,67 @@
+"""Kernel warm-up at startup: one throwaway forward per shape bucket.
+
+Triton autotunes a kernel the first time it meets a new shape bucket, which takes from
+a fraction of a second to seconds. Left to serving, that stall lands on whichever request
+first brings a new prompt size. Running every bucket once at startup moves it there; the
+timings are also cached on disk (see shardline.kernels._config), so a restart mostly
+reloads them.
+
+The throwaway batches write no KV (every slot is -1), so the cache is left as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from shardline.layers.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+
+def token_buckets(limit: int) -> list[int]:
+    """Token counts that reach every power-of-two bucket up to `limit`, and `limit`'s own."""
+    counts, n = [], 1
+    while n < limit:
+        counts.append(n)
+        n *= 2
+    return counts + [limit]
+
+
+def dummy_prefill(num_tokens: int, block_size: int, max_position: int, vocab_size: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """One sequence of `num_tokens` random tokens as a prefill that writes no KV and reads
+    only block 0 (whatever it holds: the output is thrown away). Positions wrap at
+    `max_position`, which the token budget may exceed."""
+    input_ids = torch.randint(vocab_size, (num_tokens,), device=device)
+    positions = torch.arange(num_tokens, device=device) % max_position
+    blocks = -(-num_tokens // block_size)
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
+        block_tables=torch.zeros(1, blocks, dtype=torch.int32, device=device),
+        decode_only=num_tokens == 1)
+    return input_ids, positions, meta
+
+
+@torch.inference_mode()
+def warm_up_prefill(model: nn.Module, max_num_batched_tokens: int, max_num_seqs: int,
+                    block_size: int, max_position: int, vocab_size: int,
+                    device: torch.device) -> None:
+    """Run a prefill of every token bucket up to max_num_batched_tokens, and the logits of
+    every sampled-row bucket up to max_num_seqs."""
+    started = time.perf_counter()
+    buckets = token_buckets(max_num_batched_tokens)
+    for i, num_tokens in enumerate(buckets):
+        input_ids, positions, meta = dummy_prefill(num_tokens, block_size, max_position,
+                                                   vocab_size, device)
+        hidden = model(input_ids, positions, meta)
+        logger.info("kernel warm-up: token bucket %d/%d (%d tokens), %.1f s", i + 1,
+                    len(buckets), num_tokens, time.perf_counter() - started)
+    for rows in token_buckets(min(max_num_seqs, hidden.shape[0])):
+        model.compute_logits(hidden[:rows])
+    logger.info("kernel warm-up done in %.1f s", time.perf_counter() - started)

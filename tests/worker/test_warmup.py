@@ -1,0 +1,72 @@
+"""Startup warm-up: one throwaway forward per shape bucket, the KV cache left as it was,
+and the runner's choice of what to warm up on which device."""
+
+import pytest
+import torch
+
+from shardline.worker import model_runner
+from shardline.worker.warmup import token_buckets, warm_up_prefill
+from worker_driver import make_worker
+
+
+@pytest.mark.parametrize("limit", [1, 2, 7, 64, 2048, 3000])
+def test_token_buckets_reach_every_power_of_two_bucket(limit):
+    counts = token_buckets(limit)
+    assert counts[-1] == limit and counts == sorted(set(counts))
+    needed = {1 << k for k in range(limit.bit_length()) if 1 << k <= limit} | {limit}
+    assert set(counts) == needed
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-mixtral"])
+def test_warm_up_runs_every_bucket_and_leaves_the_cache_untouched(model, monkeypatch):
+    runner = make_worker(model).model_runner
+    layers = runner.model.attention_layers()
+    for attn in layers:
+        attn.k_cache.normal_()
+        attn.v_cache.normal_()
+    before = [t.clone() for a in layers for t in (a.k_cache, a.v_cache)]
+    forwards, logits = [], []
+    forward, compute_logits = runner.model.forward, runner.model.compute_logits
+    monkeypatch.setattr(runner.model, "forward",
+                        lambda ids, *a: forwards.append(ids.shape[0]) or forward(ids, *a))
+    monkeypatch.setattr(runner.model, "compute_logits",
+                        lambda h: logits.append(h.shape[0]) or compute_logits(h))
+    max_position = int(torch.randint(8, 40, ()))
+    warm_up_prefill(runner.model, max_num_batched_tokens=50, max_num_seqs=5, block_size=4,
+                    max_position=max_position, vocab_size=runner.info.vocab_size,
+                    device=runner.device)
+    assert forwards == [1, 2, 4, 8, 16, 32, 50] and logits == [1, 2, 4, 5]
+    after = [t for a in layers for t in (a.k_cache, a.v_cache)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def _spy_on_warm_up(monkeypatch, runner):
+    calls = []
+    monkeypatch.setattr(model_runner, "warm_up_prefill", lambda *a: calls.append("tune"))
+    monkeypatch.setattr(model_runner, "CudaGraphRecorder", lambda: "recorder")
+    monkeypatch.setattr(runner, "capture_decode_graphs", lambda rec: calls.append(rec))
+    return calls
+
+
+@pytest.mark.parametrize("eager, triton_off, expected", [
+    (False, False, ["tune", "recorder"]),
+    (True, False, ["tune"]),
+    (False, True, ["recorder"]),
+])
+def test_warm_up_on_cuda_tunes_triton_and_captures_unless_eager(eager, triton_off, expected,
+                                                                 monkeypatch):
+    runner = make_worker("tiny-llama").model_runner
+    calls = _spy_on_warm_up(monkeypatch, runner)
+    runner.config.model.enforce_eager = eager
+    if triton_off:
+        monkeypatch.setenv("SHARDLINE_DISABLE_TRITON", "1")
+    monkeypatch.setattr(runner, "device", torch.device("cuda"))
+    runner.warm_up()
+    assert calls == expected
+
+
+def test_warm_up_on_cpu_does_nothing(monkeypatch):
+    runner = make_worker("tiny-llama").model_runner
+    calls = _spy_on_warm_up(monkeypatch, runner)
+    runner.warm_up()
+    assert calls == [] and runner.decode_graphs is None
