@@ -5,8 +5,9 @@ for a 1B model, and the engine's Python work (scheduling, building the step's in
 sampling bookkeeping, detokenizing, building outputs) runs between the steps, not beside
 them. So that host time adds directly to every step, and at batch 1 it decides whether
 decode gets near the memory roofline. It does not depend on the device, so it is measured
-here on the CPU: the engine runs `tiny-llama` in steady-state decode, and the time spent
-inside the model's forward and logits is subtracted from each step.
+here on the CPU: the engine runs `tiny-llama` in steady-state decode, greedy and sampled
+(temperature 0.8), and the time spent inside the model's forward and logits is subtracted
+from each step.
 
     python bench/host_overhead.py            # batch 1, 16, 64; 5 runs of 200 steps each
     python bench/host_overhead.py --quick    # batch 1 and 16; 2 runs of 40 steps
@@ -34,6 +35,7 @@ from shardline.worker import model_runner
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT_LEN = 128
 MODEL_PARTS = ("model forward", "logits")
+MODES = {"greedy": 0.0, "sampled": 0.8}   # temperature
 
 
 def time_into(counter: Counter, label: str, fn: Callable) -> Callable:
@@ -63,13 +65,13 @@ def instrument(llm: LLM, counter: Counter) -> None:
         setattr(owner, name, time_into(counter, label, getattr(owner, name)))
 
 
-def measure(batch: int, steps: int, run: int) -> dict:
+def measure(batch: int, temperature: float, steps: int, run: int) -> dict:
     """One run: `batch` requests decoding together for `steps` timed steps."""
     llm = LLM("tiny-llama", max_num_seqs=max(batch, 1), max_model_len=PROMPT_LEN + steps + 64)
     counter: Counter = Counter()
     gen = torch.Generator().manual_seed(run)
     vocab = llm.engine.vocab_size
-    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=steps + 32)
+    params = SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=steps + 32)
     for i in range(batch):
         llm.add_request(f"r{i}", torch.randint(3, vocab, (PROMPT_LEN,), generator=gen).tolist(),
                         params)
@@ -90,15 +92,15 @@ def measure(batch: int, steps: int, run: int) -> dict:
 
 def bench(batches: tuple[int, ...], steps: int, runs: int) -> list[dict]:
     rows = []
-    for batch in batches:
-        results = [measure(batch, steps, run) for run in range(runs)]
+    for mode, batch in ((m, b) for m in MODES for b in batches):
+        results = [measure(batch, MODES[mode], steps, run) for run in range(runs)]
         median = statistics.median(r["host_us"] for r in results)
         chosen = min(results, key=lambda r: abs(r["host_us"] - median))
-        rows.append({"batch": batch, "host_us": median,
+        rows.append({"mode": mode, "batch": batch, "host_us": median,
                      "host_us_runs": [round(r["host_us"], 1) for r in results],
                      "host_us_per_request": median / batch,
                      "step_us": chosen["step_us"], "parts_us": chosen["parts_us"]})
-        print(f"batch {batch:3d}: host {median:8.1f} us/step ({median / batch:6.1f} us per "
+        print(f"{mode:7s} batch {batch:3d}: host {median:8.1f} us/step ({median / batch:6.1f} us per "
               f"request), runs {rows[-1]['host_us_runs']}", file=sys.stderr, flush=True)
     return rows
 
@@ -113,9 +115,10 @@ def plot(rows: list[dict], path: Path) -> None:
     bottoms = [0.0] * len(rows)
     for label in labels:
         values = [r["parts_us"].get(label, 0.0) for r in rows]
-        ax.bar([str(r["batch"]) for r in rows], values, bottom=bottoms, label=label)
+        ax.bar([f"{r['mode']}\n{r['batch']}" for r in rows], values, bottom=bottoms,
+               label=label)
         bottoms = [b + v for b, v in zip(bottoms, values)]
-    ax.set_xlabel("decode batch")
+    ax.set_xlabel("sampling, decode batch")
     ax.set_ylabel("host time per step (us)")
     ax.set_title("shardline host time per decode step, by part (CPU, tiny-llama)")
     ax.legend(fontsize=8)
@@ -139,10 +142,10 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "host_overhead.json").write_text(json.dumps(report, indent=2))
     plot(rows, args.out_dir / "host_overhead.png")
-    print(f"{'batch':>5} {'host us/step':>13} {'us/request':>11}  largest parts")
+    print(f"{'mode':>7} {'batch':>5} {'host us/step':>13} {'us/request':>11}  largest parts")
     for r in rows:
         top = sorted(r["parts_us"].items(), key=lambda kv: -kv[1])[:3]
-        print(f"{r['batch']:5d} {r['host_us']:13.1f} {r['host_us_per_request']:11.1f}  "
+        print(f"{r['mode']:>7} {r['batch']:5d} {r['host_us']:13.1f} {r['host_us_per_request']:11.1f}  "
               + ", ".join(f"{k} {v:.0f}" for k, v in top))
     print(f"wrote {args.out_dir / 'host_overhead.json'} and .png")
 

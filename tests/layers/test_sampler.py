@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from shardline.engine.sampling_params import SamplingParams
-from shardline.layers.sampler import Sampler, SamplingBatch, apply_filters, apply_penalties
+from shardline.layers.sampler import (Sampler, SamplingBatch, apply_filters, apply_penalties,
+                                     draw)
 
 V = 50
 
@@ -89,6 +90,26 @@ def test_sampling_follows_the_distribution():
     draws = [Sampler()(logits, batch)[0][0] for _ in range(400)]
     assert set(draws) <= {0, 1}
     assert 0.65 < draws.count(1) / 400 < 0.85
+
+
+def test_rows_sharing_a_generator_each_follow_their_own_distribution():
+    p_one = torch.tensor([0.2, 0.5, 0.9])
+    probs = torch.zeros(3, V)
+    probs[:, 0], probs[:, 1] = 1 - p_one, p_one
+    shared = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    draws = torch.tensor([draw(probs, [shared] * 3) for _ in range(800)])
+    assert set(draws.flatten().tolist()) <= {0, 1}
+    assert torch.allclose(draws.float().mean(0), p_one, atol=0.07)
+
+
+def test_seeded_row_ignores_mates_that_share_the_engine_generator():
+    logits = torch.randn(1, V)
+    alone, _ = Sampler()(logits, _batch([SamplingParams(seed=1)], seeds=[7]))
+    engine_gen = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    batch = _batch([SamplingParams()] * 3 + [SamplingParams(seed=1)], seeds=[0, 0, 0, 7])
+    batch.generators[:3] = [engine_gen] * 3
+    together, _ = Sampler()(torch.cat([torch.randn(3, V), logits]), batch)
+    assert together[3] == alone[0]
 
 
 def test_sampled_token_respects_filters():

@@ -85,6 +85,25 @@ def apply_filters(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     return logits
 
 
+def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
+    """One token per row of probs [N, V]: the argmax of p / E with E ~ Exp(1), which picks
+    token t with probability p[t]. Row i's noise comes from generators[i]; rows that share
+    a generator draw their noise in one call, and the device is read once for all rows."""
+    noise = torch.empty_like(probs)
+    rows_of: dict[int, list[int]] = {}
+    for row, gen in enumerate(generators):
+        rows_of.setdefault(id(gen), []).append(row)
+    for rows in rows_of.values():
+        gen = generators[rows[0]]
+        if len(rows) == 1:
+            noise[rows[0]].exponential_(generator=gen)
+        else:
+            shared = torch.empty(len(rows), probs.shape[1], dtype=probs.dtype,
+                                 device=probs.device).exponential_(generator=gen)
+            noise[torch.tensor(rows, device=probs.device)] = shared
+    return (probs / noise).argmax(dim=-1).tolist()
+
+
 def _logprobs(logprobs: torch.Tensor, token: int, n: int) -> TokenLogprobs:
     top_values, top_ids = logprobs.topk(min(n, logprobs.shape[0]))
     return TokenLogprobs(sampled_logprob=float(logprobs[token]),
@@ -103,11 +122,10 @@ class Sampler:
         processed = logits
         if not all(greedy):
             processed = apply_filters(logits, batch.params)
-            probs = processed.softmax(dim=-1)
-            for i, gen in enumerate(batch.generators):
-                if not greedy[i]:
-                    noise = torch.empty_like(probs[i]).exponential_(generator=gen)
-                    tokens[i] = int((probs[i] / noise).argmax())
+            rows = [i for i, g in enumerate(greedy) if not g]
+            drawn = draw(processed[rows].softmax(dim=-1), [batch.generators[i] for i in rows])
+            for i, token in zip(rows, drawn):
+                tokens[i] = token
         wanted = [p.logprobs is not None for p in batch.params]
         logprobs: list[TokenLogprobs | None] = [None] * len(tokens)
         if any(wanted):
