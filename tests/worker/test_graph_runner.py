@@ -51,7 +51,7 @@ def test_graph_decode_gives_the_eager_tokens_and_cache(model, recorder, monkeypa
     before = _kv_caches(graphed)
     runner.decode_graphs = DecodeGraphRunner(runner.model, [1, 2, 4], max_blocks_per_seq=64,
                                              block_size=4, device=runner.device)
-    runner.decode_graphs.capture(recorder(), tuning_context=100)
+    runner.decode_graphs.capture(recorder(), tuning_context=100, vocab_size=3)
     assert all(torch.equal(a, b) for a, b in zip(before, _kv_caches(graphed))), \
         "capturing wrote to the KV cache"
 
@@ -86,7 +86,7 @@ def test_padding_rows_write_no_kv_and_stale_rows_are_cleared():
     runner = make_worker("tiny-llama").model_runner
     graphs = DecodeGraphRunner(runner.model, [4], max_blocks_per_seq=8, block_size=4,
                                device=runner.device)
-    graphs.capture(EagerRecorder(), tuning_context=32)
+    graphs.capture(EagerRecorder(), tuning_context=32, vocab_size=300)
     states = _decoding(4)
     graphs.run(build_step_inputs(states, [1] * 4, 4, runner.device))
     attn = runner.model.attention_layers()[0]
@@ -107,7 +107,7 @@ def test_steps_a_graph_cannot_take_run_eagerly(monkeypatch):
     runner = worker.model_runner
     runner.decode_graphs = DecodeGraphRunner(runner.model, [1, 2], max_blocks_per_seq=2,
                                              block_size=4, device=runner.device)
-    runner.decode_graphs.capture(EagerRecorder(), tuning_context=8)
+    runner.decode_graphs.capture(EagerRecorder(), tuning_context=8, vocab_size=300)
     monkeypatch.setattr(runner.decode_graphs, "run",
                         lambda inputs: pytest.fail("a step beyond the graphs replayed"))
     prompts = [torch.randint(3, 259, (5,)).tolist() for _ in range(3)]
@@ -122,7 +122,7 @@ def test_tuning_context_must_fit_a_block_table_row(context):
     graphs = DecodeGraphRunner(runner.model, [1], max_blocks_per_seq=2, block_size=4,
                                device=runner.device)
     with pytest.raises(ValueError, match=f"tuning_context={context} must be in \\[1, 8\\]"):
-        graphs.capture(EagerRecorder(), tuning_context=context)
+        graphs.capture(EagerRecorder(), tuning_context=context, vocab_size=300)
 
 
 @pytest.mark.parametrize("sizes, blocks", [([], 4), ([0, 2], 4), ([1, 2], 0)])

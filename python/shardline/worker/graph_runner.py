@@ -91,7 +91,7 @@ class DecodeGraphRunner:
         self.query_start_loc = torch.arange(largest + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, tuple[Replay, torch.Tensor]] = {}
 
-    def capture(self, recorder: GraphRecorder, tuning_context: int) -> None:
+    def capture(self, recorder: GraphRecorder, tuning_context: int, vocab_size: int) -> None:
         """Record one graph per batch size, largest first (later, smaller captures reuse
         the pool memory the first one reserved), with its rows standing in for sequences
         of `tuning_context` tokens. The KV cache is left untouched."""
@@ -103,7 +103,8 @@ class DecodeGraphRunner:
             self.slot_mapping.fill_(-1)
             self.seq_lens[:size].fill_(tuning_context)
             self.positions[:size].fill_(tuning_context - 1)
-            torch.arange(size, out=self.input_ids[:size])
+            torch.remainder(torch.arange(size, device=self.input_ids.device), vocab_size,
+                            out=self.input_ids[:size])
             self.graphs[size] = recorder.record(self._forward_fn(size))
         self._pad_from(0)
 

@@ -82,7 +82,8 @@ class ModelRunner:
             self.model, graph_batch_sizes(self.config.scheduler.max_num_seqs),
             max_blocks_per_seq=-(-self.max_model_len // self.block_size),
             block_size=self.block_size, device=self.device)
-        runner.capture(recorder, tuning_context=min(self.max_model_len, TUNING_CONTEXT))
+        runner.capture(recorder, tuning_context=min(self.max_model_len, TUNING_CONTEXT),
+                       vocab_size=self.info.vocab_size)
         self.decode_graphs = runner
 
     def update_states(self, scheduler_output: SchedulerOutput) -> list[RequestState]:
