@@ -1,7 +1,8 @@
-// Python bindings: shardline._shm.Ring, RingClosed, PeerDied, raw_handoff_latency.
+// Python bindings: shardline._shm.Ring, RingClosed, PeerDied, sweep_orphans, raw_handoff_latency.
 // Every wait releases the GIL; small transfers that need no wait keep it, since
 // releasing and re-taking it would cost more than the copy.
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -12,6 +13,7 @@
 #include "errors.hpp"
 #include "handoff.hpp"
 #include "ring.hpp"
+#include "sweep.hpp"
 
 namespace py = pybind11;
 using namespace shardline;
@@ -29,6 +31,35 @@ Deadline deadline_from(std::optional<double> timeout) {
     }
     if (*timeout >= kMaxTimeoutSeconds) return Deadline::never();
     return Deadline::after_ns(static_cast<int64_t>(*timeout * 1e9));
+}
+
+// reader_pids as Ring::wait_attached takes them; it checks the values, this the types.
+std::vector<int64_t> pids_from(const py::object& reader_pids) {
+    std::vector<int64_t> pids;
+    if (reader_pids.is_none()) return pids;
+    if (!py::isinstance<py::list>(reader_pids) && !py::isinstance<py::tuple>(reader_pids)) {
+        throw py::type_error("reader_pids must be None or a list of process ids (ints), got " +
+                             std::string(py::str(py::type::of(reader_pids).attr("__name__"))));
+    }
+    size_t i = 0;
+    for (const py::handle& item : reader_pids) {
+        std::string argument = "reader_pids[" + std::to_string(i++) + "]";
+        if (PyBool_Check(item.ptr()) || !PyIndex_Check(item.ptr())) {
+            throw py::type_error(argument + " must be an int process id, got " +
+                                 std::string(py::str(py::type::of(item).attr("__name__"))) + " " +
+                                 std::string(py::repr(item)));
+        }
+        auto index = py::reinterpret_steal<py::object>(PyNumber_Index(item.ptr()));
+        if (!index) throw py::error_already_set();
+        int overflow = 0;
+        long long pid = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+        if (overflow != 0) {
+            throw py::value_error(argument + " must be in [1, " + std::to_string(std::numeric_limits<pid_t>::max()) +
+                                  "], got " + std::string(py::repr(item)));
+        }
+        pids.push_back(pid);
+    }
+    return pids;
 }
 
 // The contiguous bytes of one Python buffer, held for the duration of a write.
@@ -108,10 +139,11 @@ public:
         }
     }
 
-    void wait_attached(std::optional<double> timeout) {
+    void wait_attached(std::optional<double> timeout, const py::object& reader_pids) {
         Deadline deadline = deadline_from(timeout);
+        std::vector<int64_t> pids = pids_from(reader_pids);
         py::gil_scoped_release release;
-        ring_->wait_attached(deadline);
+        ring_->wait_attached(deadline, pids);
     }
 
 private:
@@ -155,10 +187,17 @@ PYBIND11_MODULE(_shm, m) {
         .def_static(
             "create",
             [](int64_t n_readers, int64_t n_slots, int64_t slot_size) {
-                return std::make_unique<PyRing>(Ring::create(n_readers, n_slots, slot_size));
+                std::unique_ptr<Ring> ring;
+                {
+                    py::gil_scoped_release release;
+                    ring = Ring::create(n_readers, n_slots, slot_size);
+                }
+                return std::make_unique<PyRing>(std::move(ring));
             },
             py::arg("n_readers"), py::arg("n_slots"), py::arg("slot_size"),
-            "Create a ring with n_readers readers and n_slots slots of slot_size bytes; the caller is the writer.")
+            "Create a ring with n_readers readers and n_slots slots of slot_size bytes; the caller is the writer.\n"
+            "First removes the segments of writers that died before their readers attached (see\n"
+            "sweep_orphans), so a crash leaks nothing in /dev/shm past the next create on the machine.")
         .def_static(
             "attach",
             [](const std::string& name, int64_t reader_index) {
@@ -179,7 +218,11 @@ PYBIND11_MODULE(_shm, m) {
         .def("read", &PyRing::read, py::arg("timeout") = py::none(),
              "Read the next whole message as a bytearray.")
         .def("wait_attached", &PyRing::wait_attached, py::arg("timeout") = py::none(),
-             "Writer: wait until all n_readers have attached.")
+             py::arg("reader_pids") = py::none(),
+             "Writer: wait until all n_readers have attached.\n"
+             "reader_pids: the pids of the processes expected to attach (e.g. the workers this process\n"
+             "spawned), each once; raises PeerDied naming the pid within about 0.2 s of one of them\n"
+             "dying while a reader is still missing. Without it only the timeout ends that wait.")
         .def("close", [](PyRing& self) { self.ring().close(); },
              "Close the ring for every side, waking all waiters (they raise RingClosed). Idempotent.")
         .def("__enter__", [](py::object self) { return self; })
@@ -191,6 +234,17 @@ PYBIND11_MODULE(_shm, m) {
                    ", n_slots=" + std::to_string(r.n_slots()) + ", slot_size=" + std::to_string(r.slot_size()) +
                    ">";
         });
+
+    m.def(
+        "sweep_orphans",
+        [] {
+            py::gil_scoped_release release;
+            return sweep_orphans();
+        },
+        "Unlink the /dev/shm segments of rings whose writer died before all readers attached\n"
+        "(a SIGKILL skips the unlink), and return their names. Touches only this user's complete\n"
+        "rings whose writer is a dead process of this pid namespace; maps only their headers.\n"
+        "Ring.create runs it too; a launcher may call it at startup.");
 
     m.def(
         "raw_handoff_latency",

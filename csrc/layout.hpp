@@ -13,7 +13,7 @@
 namespace shardline {
 
 inline constexpr uint64_t kMagic = 0x676e69526c64726bULL;  // "krdlRing" little-endian
-inline constexpr uint32_t kVersion = 1;
+inline constexpr uint32_t kVersion = 2;
 inline constexpr uint32_t kMaxReaders = 64;
 inline constexpr uint64_t kMaxSlots = 1u << 20;
 inline constexpr uint64_t kMaxSlotSize = 64ull << 20;
@@ -31,6 +31,7 @@ struct alignas(kCacheLine) SegmentHeader {
     uint64_t segment_bytes;
     int32_t writer_pid;
     uint64_t writer_start_time;  // see process_start_time()
+    uint64_t writer_pid_namespace;  // see pid_namespace_id(); the namespace writer_pid belongs to
     std::atomic<uint32_t> closed;
     std::atomic<uint32_t> attached_readers;
     std::atomic<uint32_t> all_attached;  // set by the last attacher after it unlinked the name

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 namespace shardline {
@@ -57,6 +58,11 @@ bool process_alive(pid_t pid, uint64_t start_time) {
     if (!read_proc_stat(pid, &stat)) return kill(pid, 0) == 0 || errno != ESRCH;
     if (stat.state == 'Z' || stat.state == 'X' || stat.state == 'x') return false;
     return start_time == 0 || stat.start_time == start_time;
+}
+
+uint64_t pid_namespace_id() {
+    struct stat st;
+    return stat("/proc/self/ns/pid", &st) == 0 ? static_cast<uint64_t>(st.st_ino) : 0;
 }
 
 }  // namespace shardline

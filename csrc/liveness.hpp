@@ -17,4 +17,8 @@ uint64_t process_start_time(pid_t pid);
 // A start_time of 0 skips the reuse check.
 bool process_alive(pid_t pid, uint64_t start_time);
 
+// The pid namespace of this process (the inode of /proc/self/ns/pid), or 0 if unknown.
+// A pid recorded in another namespace says nothing about the processes visible here.
+uint64_t pid_namespace_id();
+
 }  // namespace shardline

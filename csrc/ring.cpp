@@ -117,8 +117,8 @@ void Ring::check_peers() {
     }
 }
 
-template <class Ready>
-void Ring::wait(WaitLine& line, Deadline deadline, Ready ready, const char* what) {
+template <class Ready, class Check>
+void Ring::wait(WaitLine& line, Deadline deadline, Ready ready, Check check, const char* what) {
     int64_t spin_until = std::min(monotonic_ns() + kSpinNs, deadline.at_ns());
     for (uint32_t i = 1;; ++i) {
         if (ready()) return;
@@ -138,6 +138,7 @@ void Ring::wait(WaitLine& line, Deadline deadline, Ready ready, const char* what
         if (now >= next_liveness_check_ns_) {
             next_liveness_check_ns_ = now + kLivenessIntervalNs;
             check_peers();
+            check();
             if (interrupt_check_ != nullptr) interrupt_check_();
         }
         if (deadline.expired(now)) {
@@ -219,11 +220,23 @@ void Ring::write(const Part* parts, size_t n_parts, Deadline deadline) {
     }
 }
 
-void Ring::wait_attached(Deadline deadline) {
+void Ring::wait_attached(Deadline deadline, const std::vector<int64_t>& reader_pids) {
     require_writer("wait_attached");
     require_open("wait_attached");
+    std::vector<Peer> expected = expected_readers(reader_pids);
     auto all = [this] { return layout_->header.all_attached.load(std::memory_order_acquire) != 0; };
-    wait(layout_->attach_wait, deadline, all, "wait_attached");
+    auto expected_alive = [&] {
+        for (const Peer& peer : expected) {
+            // all() again: a reader that attached and then exited did its part.
+            if (!process_alive(peer.pid, peer.start_time) && !all()) {
+                throw PeerDiedError("wait_attached: reader process " + std::to_string(peer.pid) +
+                                    " (from reader_pids) died before ring '" + name_ + "' had all its readers (" +
+                                    std::to_string(layout_->header.attached_readers.load()) + " of " +
+                                    std::to_string(n_readers_) + " attached)");
+            }
+        }
+    };
+    wait(layout_->attach_wait, deadline, all, expected_alive, "wait_attached");
 }
 
 bool Ring::drained() {

@@ -14,6 +14,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <sys/types.h>
 
@@ -31,7 +32,8 @@ struct Part {
 
 class Ring {
 public:
-    // Creates a new segment; the caller becomes the writer.
+    // Creates a new segment; the caller becomes the writer. First removes what writers
+    // killed before their readers attached left in /dev/shm (see sweep_orphans()).
     static std::unique_ptr<Ring> create(int64_t n_readers, int64_t n_slots, int64_t slot_size);
     // Attaches to an existing segment as reader `reader_index`; the last reader to
     // attach removes the name from /dev/shm.
@@ -53,7 +55,10 @@ public:
     // Writes one message, the concatenation of parts. On a timeout after part of
     // the message was published, the next write first tells readers to drop it.
     void write(const Part* parts, size_t n_parts, Deadline deadline);
-    void wait_attached(Deadline deadline);
+    // Waits until every reader has attached. With reader_pids (the processes expected
+    // to attach, each listed once), raises PeerDiedError once one of them is dead
+    // while a reader is still missing, instead of waiting for the deadline.
+    void wait_attached(Deadline deadline, const std::vector<int64_t>& reader_pids);
     // True when every reader has consumed everything written so far.
     bool drained();
 
@@ -78,6 +83,12 @@ public:
     void set_interrupt_check(InterruptCheck check) { interrupt_check_ = check; }
 
 private:
+    // A process named by pid and start time, so that a reused pid does not pass for it.
+    struct Peer {
+        pid_t pid;
+        uint64_t start_time;
+    };
+
     Ring(Segment segment, int reader_index);
 
     SlotHeader* slot(uint64_t seq) const {
@@ -94,8 +105,14 @@ private:
     const SlotHeader* checked_slot(uint64_t seq) const;
     void notify(WaitLine& line);
     template <class Ready>
-    void wait(WaitLine& line, Deadline deadline, Ready ready, const char* what);
+    void wait(WaitLine& line, Deadline deadline, Ready ready, const char* what) {
+        wait(line, deadline, ready, [] {}, what);
+    }
+    // Also runs check() with every peer liveness check; it throws to end the wait.
+    template <class Ready, class Check>
+    void wait(WaitLine& line, Deadline deadline, Ready ready, Check check, const char* what);
     void check_peers();
+    std::vector<Peer> expected_readers(const std::vector<int64_t>& reader_pids) const;
     void record_identity();
     void unlink_if_creator();
     void require_writer(const char* method) const;

@@ -1,15 +1,18 @@
-// Creating and attaching rings: argument checks, segment setup and the unlink of
-// the name once every reader is in.
+// Creating and attaching rings: argument checks, segment setup, the unlink of the
+// name once every reader is in, and the processes a writer expects to attach.
 #include "ring.hpp"
 
 #include <cstdio>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
 #include <unistd.h>
 
+#include "errors.hpp"
 #include "futex.hpp"
 #include "liveness.hpp"
+#include "sweep.hpp"
 
 namespace shardline {
 namespace {
@@ -53,6 +56,11 @@ std::unique_ptr<Ring> Ring::create(int64_t n_readers, int64_t n_slots, int64_t s
                                     " GiB of shared memory, got n_slots=" + std::to_string(n_slots) +
                                     ", slot_size=" + std::to_string(slot_size));
     }
+    try {
+        sweep_orphans();
+    } catch (const OsError&) {
+        // Best effort: an unlistable /dev/shm is for shm_open below to report, not the sweep.
+    }
     Segment segment = Segment::create(bytes);
     // ftruncate zero-fills the segment, which is the initial state of every atomic.
     auto* layout = static_cast<SegmentLayout*>(segment.data());
@@ -65,6 +73,7 @@ std::unique_ptr<Ring> Ring::create(int64_t n_readers, int64_t n_slots, int64_t s
     h.segment_bytes = bytes;
     h.writer_pid = getpid();
     h.writer_start_time = process_start_time(h.writer_pid);
+    h.writer_pid_namespace = pid_namespace_id();
     // Release: an attacher that acquires the magic sees the whole header above.
     h.magic.store(kMagic, std::memory_order_release);
     return std::unique_ptr<Ring>(new Ring(std::move(segment), -1));
@@ -114,6 +123,29 @@ std::unique_ptr<Ring> Ring::attach(const std::string& name, int64_t reader_index
     layout->attach_wait.epoch.fetch_add(1, std::memory_order_seq_cst);
     futex_wake_all(&layout->attach_wait.epoch);
     return ring;
+}
+
+std::vector<Ring::Peer> Ring::expected_readers(const std::vector<int64_t>& reader_pids) const {
+    if (reader_pids.size() > n_readers_) {
+        throw std::invalid_argument("reader_pids lists " + std::to_string(reader_pids.size()) +
+                                    " processes but ring '" + name_ + "' has only " + std::to_string(n_readers_) +
+                                    " readers; list each process that attaches a reader once");
+    }
+    std::vector<Peer> peers;
+    for (size_t i = 0; i < reader_pids.size(); ++i) {
+        std::string argument = "reader_pids[" + std::to_string(i) + "]";
+        check_range(argument.c_str(), reader_pids[i], 1, std::numeric_limits<pid_t>::max());
+        for (size_t j = 0; j < i; ++j) {
+            if (reader_pids[j] == reader_pids[i]) {
+                throw std::invalid_argument("reader_pids lists pid " + std::to_string(reader_pids[i]) +
+                                            " twice (at " + std::to_string(j) + " and " + std::to_string(i) +
+                                            "); list each process once, however many readers it attaches");
+            }
+        }
+        auto pid = static_cast<pid_t>(reader_pids[i]);
+        peers.push_back(Peer{pid, process_start_time(pid)});
+    }
+    return peers;
 }
 
 Ring::~Ring() { unlink_if_creator(); }

@@ -1,4 +1,5 @@
-"""Child-process bodies and the seeded message stream for tests/test_shm.py.
+"""Child-process bodies, the seeded message stream and the test-side helpers of
+tests/test_shm.py and tests/test_shm_hygiene.py.
 
 Spawned children import this module by name, so everything here is module-level.
 """
@@ -6,6 +7,8 @@ Spawned children import this module by name, so everything here is module-level.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from multiprocessing.queues import Queue
 
@@ -14,6 +17,28 @@ import numpy as np
 from shardline._shm import PeerDied, Ring, RingClosed
 
 TIMEOUT = 30.0
+
+
+def shm_path(name: str) -> str:
+    return "/dev/shm" + name
+
+
+def expect_event(events: Queue, kind: str) -> object:
+    event, value = events.get(timeout=TIMEOUT)
+    assert event == kind, f"expected {kind!r} from the child, got {(event, value)!r}"
+    return value
+
+
+def kill_after(pid: int, delay: float) -> list[float]:
+    """SIGKILLs `pid` after `delay` seconds from a timer thread; returns [time of the kill]."""
+    killed_at: list[float] = []
+
+    def kill() -> None:
+        killed_at.append(time.monotonic())
+        os.kill(pid, signal.SIGKILL)
+
+    threading.Timer(delay, kill).start()
+    return killed_at
 
 
 class MessageStream:
@@ -119,3 +144,15 @@ def create_and_exit(events: Queue) -> None:
     """Creates a ring nobody attaches to and returns normally."""
     ring = Ring.create(2, 4, 64)
     events.put(("name", ring.name))
+
+
+def late_reader(name: str, delay: float, events: Queue) -> None:
+    """A reader that is slow to start: attaches after `delay` seconds, then blocked_reader."""
+    time.sleep(delay)
+    blocked_reader(name, events)
+
+
+def never_attaching_reader(lifetime: float) -> None:
+    """A reader process that dies before it attaches: it exits after `lifetime` seconds,
+    unless killed first."""
+    time.sleep(lifetime)

@@ -1,17 +1,17 @@
 """The shared-memory rings of shardline._shm: correctness across processes, waiting,
-liveness, close, segment hygiene and argument checking."""
+liveness, close and argument checking. Segment hygiene is in test_shm_hygiene.py."""
 
 from __future__ import annotations
 
-import glob
 import mmap
 import os
 import random
 import signal
-import stat
 import threading
 import time
+from multiprocessing.connection import wait as wait_for_exit
 
+import numpy as np
 import psutil
 import pytest
 from launcher import SPAWN, join_all, spawn
@@ -20,39 +20,21 @@ from shm_helpers import (
     MessageStream,
     blocked_reader,
     blocked_writer,
-    create_and_exit,
     echo_responder,
+    expect_event,
     fuzz_reader,
     idle_reader,
     idle_writer,
+    kill_after,
+    late_reader,
+    never_attaching_reader,
+    shm_path,
 )
 
 from shardline._shm import PeerDied, Ring, RingClosed, raw_handoff_latency
 
 SLOT = 256
 SLOTS = 64
-
-
-def shm_path(name: str) -> str:
-    return "/dev/shm" + name
-
-
-def expect_event(events, kind: str):
-    event, value = events.get(timeout=TIMEOUT)
-    assert event == kind, f"expected {kind!r} from the child, got {(event, value)!r}"
-    return value
-
-
-def kill_after(pid: int, delay: float) -> list[float]:
-    """SIGKILLs `pid` after `delay` seconds from a timer thread; returns [time of the kill]."""
-    killed_at: list[float] = []
-
-    def kill() -> None:
-        killed_at.append(time.monotonic())
-        os.kill(pid, signal.SIGKILL)
-
-    threading.Timer(delay, kill).start()
-    return killed_at
 
 
 def test_fuzz_one_writer_three_readers_every_message_once_in_order_intact():
@@ -266,41 +248,63 @@ def test_reader_sigkilled_while_writer_blocks_on_full_ring_raises_peer_died_with
     child.join(TIMEOUT)
 
 
-def test_segment_is_private_and_unlinked_once_all_readers_attached():
-    with Ring.create(2, 4, 64) as writer:
-        path = shm_path(writer.name)
-        assert writer.name.startswith("/shardline-") and len(writer.name) == len("/shardline-") + 32
-        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-        with Ring.attach(writer.name, 0):
-            assert os.path.exists(path)
-            with Ring.attach(writer.name, 1):
-                writer.wait_attached(timeout=1)
-                assert not os.path.exists(path)
-
-
-def test_no_segment_left_after_close_drop_or_normal_exit_of_the_creator():
-    with Ring.create(2, 4, 64) as closed:
-        Ring.attach(closed.name, 0)
-    assert not os.path.exists(shm_path(closed.name))
-
-    dropped = Ring.create(2, 4, 64)
-    name = dropped.name
-    del dropped
-    assert not os.path.exists(shm_path(name))
-
+@pytest.mark.parametrize("death", ["exit", "SIGKILL"])
+def test_wait_attached_raises_peer_died_soon_after_a_listed_reader_dies_unattached(death):
     events = SPAWN.Queue()
-    child = spawn(create_and_exit, events)
-    name = expect_event(events, "name")
-    join_all([child], TIMEOUT)
-    assert not os.path.exists(shm_path(name))
-    assert shm_path(name) not in glob.glob("/dev/shm/shardline-*")
+    with Ring.create(2, 4, 64) as writer:
+        live = spawn(late_reader, writer.name, 0.0, events)
+        expect_event(events, "ready")
+        doomed = spawn(never_attaching_reader, 0.0 if death == "exit" else TIMEOUT)
+        if death == "exit":
+            # The sentinel does not reap the child: the wait must see through the zombie.
+            assert wait_for_exit([doomed.sentinel], TIMEOUT), "the reader did not exit"
+            died_at = time.monotonic()
+        else:
+            killed_at = kill_after(doomed.pid, 0.3)
+        with pytest.raises(PeerDied, match=f"reader process {doomed.pid} .*\\(1 of 2 attached\\)"):
+            writer.wait_attached(timeout=TIMEOUT, reader_pids=[live.pid, doomed.pid])
+        assert time.monotonic() - (died_at if death == "exit" else killed_at[0]) < 1.0
+    join_all([live], TIMEOUT)
+    doomed.join(TIMEOUT)
 
 
-def test_names_are_random():
-    rings = [Ring.create(1, 1, 1) for _ in range(8)]
-    assert len({ring.name for ring in rings}) == 8
-    for ring in rings:
-        ring.close()
+def test_wait_attached_with_reader_pids_still_waits_for_a_slow_live_reader():
+    events = SPAWN.Queue()
+    with Ring.create(1, 4, 64) as writer:
+        reader = spawn(late_reader, writer.name, 1.0, events)
+        writer.wait_attached(timeout=TIMEOUT, reader_pids=(reader.pid,))
+        assert expect_event(events, "ready") == reader.pid
+        writer.write(b"hello", timeout=TIMEOUT)
+        expect_event(events, "message")
+    join_all([reader], TIMEOUT)
+
+
+@pytest.mark.parametrize(
+    ("reader_pids", "error", "message"),
+    [
+        ("12", TypeError, r"reader_pids must be None or a list of process ids \(ints\), got str"),
+        (12, TypeError, r"reader_pids must be None or a list of process ids \(ints\), got int"),
+        ([1.0], TypeError, r"reader_pids\[0\] must be an int process id, got float 1.0"),
+        ([1, True], TypeError, r"reader_pids\[1\] must be an int process id, got bool True"),
+        ([0], ValueError, r"reader_pids\[0\] must be in \[1, 2147483647\], got 0"),
+        ([1, -3], ValueError, r"reader_pids\[1\] must be in \[1, 2147483647\], got -3"),
+        ([2**31], ValueError, r"reader_pids\[0\] must be in \[1, 2147483647\], got 2147483648"),
+        ([2**70], ValueError, rf"reader_pids\[0\] must be in \[1, 2147483647\], got {2**70}$"),
+        ([7, 7], ValueError, r"reader_pids lists pid 7 twice \(at 0 and 1\)"),
+        ([1, 2, 3], ValueError, r"reader_pids lists 3 processes but ring .* has only 2 readers"),
+    ],
+)
+def test_wait_attached_rejects_bad_reader_pids(reader_pids, error, message):
+    with Ring.create(2, 4, 64) as writer:
+        with pytest.raises(error, match=message):
+            writer.wait_attached(timeout=0, reader_pids=reader_pids)
+
+
+def test_wait_attached_takes_any_int_pids_of_live_processes_and_still_times_out():
+    with Ring.create(2, 4, 64) as writer:
+        for reader_pids in ([np.int64(os.getpid()), os.getppid()], (os.getpid(),), [], None):
+            with pytest.raises(TimeoutError):
+                writer.wait_attached(timeout=0.05, reader_pids=reader_pids)
 
 
 def test_idle_blocked_reader_uses_almost_no_cpu():

@@ -60,6 +60,10 @@ def wait_for_close(handle: MessageQueueHandle, ready_pipe) -> None:
     raise AssertionError("dequeue returned instead of raising RingClosed")
 
 
+def exit_without_attaching() -> None:
+    """Reader process that dies before it attaches."""
+
+
 def random_message(rng: np.random.Generator, size: int) -> dict:
     return {
         "seq": int(rng.integers(1 << 40)),
@@ -141,6 +145,20 @@ def test_close_wakes_a_dequeue_blocked_in_another_thread():
         writer.close()
         thread.join(TIMEOUT)
         assert not thread.is_alive() and len(raised) == 1
+
+
+def test_wait_attached_passes_reader_pids_through():
+    with MessageQueue.create(1) as writer:
+        proc = spawn(exit_without_attaching)
+        join_all([proc], TIMEOUT)
+        start = time.monotonic()
+        with pytest.raises(PeerDied, match=f"reader process {proc.pid} "):
+            writer.wait_attached(TIMEOUT, reader_pids=[proc.pid])
+        assert time.monotonic() - start < 1.0
+        with pytest.raises(ValueError, match=r"reader_pids\[0\] must be in \[1, "):
+            writer.wait_attached(TIMEOUT, reader_pids=[0])
+        with pytest.raises(TimeoutError):
+            writer.wait_attached(0.05, reader_pids=None)
 
 
 def test_dequeue_times_out_on_an_empty_queue():

@@ -5,6 +5,12 @@ receives every message once, in order. With `n_readers=1` it is the response pat
 from one worker. Objects are encoded by `serializer` (msgpack plus raw array buffers, no
 pickle), so numpy arrays and CPU tensors cross without being pickled or copied into an
 intermediate buffer.
+
+A queue's shared memory has a name in /dev/shm only until every reader has attached (or
+the writer closes it or exits). A writer killed before that cannot remove the name; the
+next queue or ring created on the machine, by any process of the same user, removes it,
+as does `shardline._shm.sweep_orphans()`, which a launcher can call at startup. So a
+crash leaks nothing in /dev/shm past the next create.
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ class MessageQueue:
     def create(
         cls, n_readers: int, *, n_slots: int = DEFAULT_N_SLOTS, slot_size: int = DEFAULT_SLOT_SIZE
     ) -> MessageQueue:
-        """A new queue with this process as its writer."""
+        """A new queue with this process as its writer. Also removes the segments that
+        writers killed before their readers attached left in /dev/shm."""
         return cls(_shm.Ring.create(n_readers, n_slots, slot_size))
 
     @classmethod
@@ -72,9 +79,16 @@ class MessageQueue:
         """This end's reader index, or -1 for the writer."""
         return self._ring.reader_index
 
-    def wait_attached(self, timeout: float | None = None) -> None:
-        """Writer: block until every reader has attached."""
-        self._ring.wait_attached(timeout)
+    def wait_attached(
+        self, timeout: float | None = None, reader_pids: list[int] | tuple[int, ...] | None = None
+    ) -> None:
+        """Writer: block until every reader has attached.
+
+        `reader_pids`, a list or tuple of the pids expected to attach (e.g. the workers this
+        process spawned, each once), makes the wait raise PeerDied naming the pid soon after
+        one of them dies before every reader is in; without it only the timeout ends the wait.
+        """
+        self._ring.wait_attached(timeout, reader_pids)
 
     def enqueue(self, obj: object, timeout: float | None = None) -> None:
         """Writer: broadcast `obj` to every reader.
