@@ -1,7 +1,8 @@
 """Inter-process messaging over the shared-memory rings of `shardline._shm`."""
 
-from shardline._shm import PeerDied, RingClosed
+from shardline._shm import PeerDied, RingClosed, sweep_orphans
 from shardline.ipc.message_queue import MessageQueue, MessageQueueHandle
 from shardline.ipc.serializer import Decoder, Encoder
 
-__all__ = ["Decoder", "Encoder", "MessageQueue", "MessageQueueHandle", "PeerDied", "RingClosed"]
+__all__ = ["Decoder", "Encoder", "MessageQueue", "MessageQueueHandle", "PeerDied", "RingClosed",
+           "sweep_orphans"]
