@@ -44,6 +44,9 @@ def autotune(configs: list[triton.Config], key: list[str], fixed: triton.Config,
              ) -> Callable[[triton.JITFunction], object]:
     """triton.autotune over `configs` keyed on `key`; `fixed` alone in the interpreter.
 
+    Each tuning's timings are kept in triton's on-disk cache, so a restarted engine reloads
+    the winners instead of timing every config again.
+
     `prune(configs, named_args, **kwargs)` may drop configs that cannot win for a call's
     shape before any of them is timed.
     """
@@ -51,5 +54,22 @@ def autotune(configs: list[triton.Config], key: list[str], fixed: triton.Config,
         if interpreting():
             return _FixedConfig(kernel, fixed)
         prune_by = {"early_config_prune": prune} if prune is not None else None
-        return triton.autotune(configs=configs, key=key, prune_configs_by=prune_by)(kernel)
+        return triton.autotune(configs=configs, key=key, prune_configs_by=prune_by,
+                               cache_results=True)(kernel)
     return decorate
+
+
+def up_to_head_size(table: list[tuple[triton.Config, int]]
+                    ) -> tuple[list[triton.Config], Callable[..., list[triton.Config]]]:
+    """Attention configs, each paired with the largest BLOCK_D it runs at, and the prune
+    that keeps, per call, the configs whose limit covers the call's BLOCK_D.
+
+    Past its limit a config spills registers on sm_90 (bench/kernel_resources.py
+    measures that), so it is never timed there.
+    """
+    limits = {id(config): largest for config, largest in table}
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        block_d = kwargs["BLOCK_D"] if "BLOCK_D" in kwargs else named_args["BLOCK_D"]
+        return [config for config in configs if limits[id(config)] >= block_d]
+    return [config for config, _ in table], prune

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from shardline.kernels._checks import check_paged_attention
-from shardline.kernels._config import autotune, interpreting
+from shardline.kernels._config import autotune, interpreting, up_to_head_size
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
@@ -42,16 +42,22 @@ def online_softmax_update(scores, v, acc, m, l, DOT_PRECISION: tl.constexpr):
     return acc, m_new, l
 
 
+# Each config with the largest BLOCK_D it runs at without spilling registers on sm_90.
+_CONFIGS, _fit_head_size = up_to_head_size([
+    (triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2), 256),
+    (triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3), 64),
+    (triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=2), 128),
+    (triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2), 256),
+    (triton.Config({"BLOCK_N": 32}, num_warps=2, num_stages=4), 128),
+    (triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2), 256),
+])
+
+
 @autotune(
-    configs=[
-        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_N": 32}, num_warps=2, num_stages=4),
-    ],
+    configs=_CONFIGS,
     key=["BLOCK_G", "BLOCK_D", "KV_BLOCK_SIZE", "DIRECT"],
     fixed=triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1),
+    prune=_fit_head_size,
 )
 @triton.jit
 def _decode_split_kernel(

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from shardline.kernels._checks import check_paged_attention
-from shardline.kernels._config import autotune, shape_bucket
+from shardline.kernels._config import autotune, shape_bucket, up_to_head_size
 from shardline.kernels.attention_decode import (dot_precision, load_kv_tile,
                                                 online_softmax_update)
 
@@ -62,17 +62,28 @@ def _attend_tile(q, acc, m, l, tile_start, q_pos, seq_len, k_cache_ptr, v_cache_
     return online_softmax_update(scores, v, acc, m, l, DOT_PRECISION)
 
 
+def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
+                         num_stages=stages)
+
+
+# Each config with the largest BLOCK_D it runs at without spilling registers on sm_90.
+_CONFIGS, _fit_head_size = up_to_head_size([
+    (_config(128, 64, 8, 3), 128),
+    (_config(128, 32, 8, 3), 256),
+    (_config(64, 64, 4, 3), 128),
+    (_config(64, 64, 8, 2), 256),
+    (_config(64, 32, 8, 2), 256),
+    (_config(16, 64, 4, 3), 128),
+    (_config(32, 32, 4, 2), 256),
+])
+
+
 @autotune(
-    configs=[
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    ],
+    configs=_CONFIGS,
     key=["BLOCK_D", "KV_BLOCK_SIZE", "tokens_bucket"],
     fixed=triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+    prune=_fit_head_size,
 )
 @triton.jit
 def _prefill_kernel(

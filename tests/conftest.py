@@ -24,22 +24,15 @@ def fresh_seed() -> int:
 _COMPILE_SCRIPT = """
 import importlib, json, sys
 try:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    GPUTarget("cuda", 90, 32)
-    import triton.backends.nvidia
+    from shardline.kernels._compile import compile_sm90, cuda_backend_available
 except ImportError:
+    sys.exit(3)
+if not cuda_backend_available():
     sys.exit(3)
 module_name, cases = json.loads(sys.argv[1])
 module = importlib.import_module(module_name)
 for name, types, constexprs in cases:
-    kernel = getattr(module, name)
-    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    signature = {arg: "constexpr" if arg in constexprs else types.get(arg, "i32")
-                 for arg in fn.arg_names}
-    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+    compile_sm90(getattr(module, name), types, constexprs)
 """
 
 

@@ -51,3 +51,22 @@ def test_ring_quick_reports_the_targets(tmp_path):
     result = json.loads(out.read_text())
     assert result["targets"]["raw_cpp_one_way_p50_64B_us"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_kernel_resources_quick_check_passes(tmp_path):
+    """Fails when a config the autotuner may choose spills registers or cannot launch on
+    an H100, as compiled by this triton (no GPU needed, only its CUDA backend)."""
+    triton = pytest.importorskip("triton")
+    from shardline.kernels._compile import cuda_backend_available
+    if not cuda_backend_available():
+        pytest.skip("triton has no CUDA backend here")
+    out = tmp_path / "kernel_resources.json"
+    run_script("kernel_resources.py", "--quick", "--check", "--out", str(out))
+    run = json.loads(out.read_text())[triton.__version__]
+    compiled = {row["kernel"] for row in run["rows"]}
+    assert {"_decode_split_kernel", "_merge_splits_kernel", "_prefill_kernel",
+            "_write_kv_cache_kernel", "_matmul_kernel", "_matmul_partial_kernel",
+            "_splitk_reduce_kernel", "_moe_gemm_kernel", "_moe_align_kernel",
+            "_rms_norm_kernel", "_rotary_kernel"} <= compiled
+    assert run["check_failures"] == []
+    assert all(row["registers"] > 0 for row in run["rows"])

@@ -190,9 +190,7 @@ def test_dispatch_routes_cpu_tensors_to_triton_only_when_forced(monkeypatch):
 def compile_for_hopper() -> None:
     """Compiles the attention kernels to sm_90 code, with the 16-aligned pointers and
     strides of a real launch, through the real compiler (no GPU needed)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from shardline.kernels._compile import compile_sm90, jit_function
 
     int_pointers = {"block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr"}
     builds = [(decode._decode_split_kernel, {"KV_BLOCK_SIZE": 16, "BLOCK_G": 16, "BLOCK_D": 128,
@@ -202,23 +200,19 @@ def compile_for_hopper() -> None:
                (prefill._prefill_kernel, {"KV_BLOCK_SIZE": 16, "BLOCK_D": 128, "BLOCK_M": 128,
                                           "BLOCK_N": 64}, 8)]
     for kernel, constexprs, warps in builds:
-        while not isinstance(kernel, triton.runtime.JITFunction):
-            kernel = kernel.fn
-        names = kernel.arg_names
+        fn = jit_function(kernel)
+        names = fn.arg_names
         constexprs = {"DOT_PRECISION": "tf32", **constexprs}
         constexprs = {name: value for name, value in constexprs.items() if name in names}
-        signature = {name: "constexpr" if name in constexprs
-                     else "*i32" if name in int_pointers
-                     else "*fp32" if name.startswith("part_")
-                     else "*bf16" if name.endswith("_ptr")
-                     else "fp32" if name == "qk_scale" else "i32" for name in names}
-        aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
-                   if signature[name].startswith("*") or name.startswith("stride")}
-        source = ASTSource(kernel, signature, attrs=aligned,
-                           constexprs={(names.index(n),): v for n, v in constexprs.items()})
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": warps, "num_stages": 3})
-        assert compiled.asm["cubin"], f"{kernel.__name__} produced no machine code"
+        types = {name: "*i32" if name in int_pointers
+                 else "*fp32" if name.startswith("part_")
+                 else "*bf16" if name.endswith("_ptr")
+                 else "fp32" if name == "qk_scale" else "i32"
+                 for name in names if name not in constexprs}
+        aligned = [name for name, kind in types.items()
+                   if kind.startswith("*") or name.startswith("stride")]
+        build = compile_sm90(kernel, types, constexprs, aligned=aligned, num_warps=warps)
+        assert build.compiled.asm["cubin"], f"{fn.__name__} produced no machine code"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the tests above compile them")
