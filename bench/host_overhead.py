@@ -84,24 +84,25 @@ def measure(batch: int, temperature: float, steps: int, run: int) -> dict:
             raise RuntimeError(f"a timed step did not advance all {batch} requests")
     step_s = (time.perf_counter() - start) / steps
     llm.shutdown()
-    per_step = {label: seconds / steps for label, seconds in counter.items()}
-    model_s = sum(per_step.get(p, 0.0) for p in MODEL_PARTS)
-    return {"step_us": step_s * 1e6, "host_us": (step_s - model_s) * 1e6,
-            "parts_us": {k: v * 1e6 for k, v in per_step.items() if k not in MODEL_PARTS}}
+    per_step = {label: seconds / steps * 1e6 for label, seconds in counter.items()}
+    host_us = step_s * 1e6 - sum(per_step.pop(p, 0.0) for p in MODEL_PARTS)
+    per_step["other engine code"] = host_us - sum(per_step.values())
+    return {"step_us": step_s * 1e6, "host_us": host_us, "parts_us": per_step}
 
 
 def bench(batches: tuple[int, ...], steps: int, runs: int) -> list[dict]:
     rows = []
     for mode, batch in ((m, b) for m in MODES for b in batches):
         results = [measure(batch, MODES[mode], steps, run) for run in range(runs)]
-        median = statistics.median(r["host_us"] for r in results)
-        chosen = min(results, key=lambda r: abs(r["host_us"] - median))
+        median = statistics.median_low(r["host_us"] for r in results)
+        chosen = next(r for r in results if r["host_us"] == median)
         rows.append({"mode": mode, "batch": batch, "host_us": median,
                      "host_us_runs": [round(r["host_us"], 1) for r in results],
                      "host_us_per_request": median / batch,
                      "step_us": chosen["step_us"], "parts_us": chosen["parts_us"]})
-        print(f"{mode:7s} batch {batch:3d}: host {median:8.1f} us/step ({median / batch:6.1f} us per "
-              f"request), runs {rows[-1]['host_us_runs']}", file=sys.stderr, flush=True)
+        print(f"{mode:7s} batch {batch:3d}: host {median:8.1f} us/step "
+              f"({median / batch:6.1f} us per request), runs {rows[-1]['host_us_runs']}",
+              file=sys.stderr, flush=True)
     return rows
 
 
@@ -145,8 +146,8 @@ def main() -> None:
     print(f"{'mode':>7} {'batch':>5} {'host us/step':>13} {'us/request':>11}  largest parts")
     for r in rows:
         top = sorted(r["parts_us"].items(), key=lambda kv: -kv[1])[:3]
-        print(f"{r['mode']:>7} {r['batch']:5d} {r['host_us']:13.1f} {r['host_us_per_request']:11.1f}  "
-              + ", ".join(f"{k} {v:.0f}" for k, v in top))
+        print(f"{r['mode']:>7} {r['batch']:5d} {r['host_us']:13.1f} "
+              f"{r['host_us_per_request']:11.1f}  " + ", ".join(f"{k} {v:.0f}" for k, v in top))
     print(f"wrote {args.out_dir / 'host_overhead.json'} and .png")
 
 

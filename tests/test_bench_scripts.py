@@ -45,6 +45,17 @@ def test_kernels_dry_run_covers_every_kernel(tmp_path):
     assert (tmp_path / "kernels.png").stat().st_size > 0
 
 
+def test_host_overhead_quick_accounts_for_every_step(tmp_path):
+    run_script("host_overhead.py", "--quick", "--out-dir", str(tmp_path))
+    result = json.loads((tmp_path / "host_overhead.json").read_text())
+    assert {(r["mode"], r["batch"]) for r in result["results"]} == {
+        ("greedy", 1), ("greedy", 16), ("sampled", 1), ("sampled", 16)}
+    for row in result["results"]:
+        assert 0 < row["host_us"] < row["step_us"]
+        assert sum(row["parts_us"].values()) == pytest.approx(row["host_us"])
+    assert (tmp_path / "host_overhead.png").stat().st_size > 0
+
+
 def test_ring_quick_reports_the_targets(tmp_path):
     out = tmp_path / "ring.json"
     run_script("ring.py", "--quick", "--transports", "shardline,pyzmq", "--out", str(out))
