@@ -2,8 +2,9 @@
 
 One program serves all query heads of one KV group (packed as the rows of `tl.dot`, so
 each K/V tile is read once per group, not once per query head) over one split of the
-context. When batch x KV heads alone cannot fill the GPU, the context is split and a
-second kernel merges the splits' partial outputs by their log-sum-exp.
+context. When batch x KV heads alone cannot fill the GPU, each sequence's context is split
+evenly over extra programs and a second kernel merges the splits' partial outputs by their
+log-sum-exp.
 """
 
 from __future__ import annotations
@@ -63,18 +64,23 @@ _CONFIGS, _fit_head_size = up_to_head_size([
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
-    qk_scale, num_q_heads, group, head_dim, split_tokens, num_splits,
+    qk_scale, num_q_heads, group, head_dim, num_splits,
     stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
     stride_kc_block, stride_kc_slot, stride_kc_head,
     stride_vc_block, stride_vc_slot, stride_vc_head,
     KV_BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_ALIGN: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
+    # Each sequence spreads its own context over the splits, so a short sequence in a
+    # batch sized for long ones (or in a CUDA graph sized for max_model_len) still uses
+    # them all; splits past its end find no keys and drop out of the merge.
     seq_len = tl.load(seq_lens_ptr + seq)
+    split_tokens = tl.cdiv(tl.cdiv(seq_len, num_splits), SPLIT_ALIGN) * SPLIT_ALIGN
     start = split * split_tokens
     end = tl.minimum(seq_len, start + split_tokens)
 
@@ -207,12 +213,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens,
         out, part_out, part_lse,
-        scale * _LOG2E, num_q_heads, group, head_dim, split_tokens, num_splits,
+        scale * _LOG2E, num_q_heads, group, head_dim, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         KV_BLOCK_SIZE=kv_block_size, BLOCK_G=max(_MIN_DOT, triton.next_power_of_2(group)),
         BLOCK_D=block_d, DIRECT=direct, DOT_PRECISION=dot_precision(k_cache.dtype),
+        SPLIT_ALIGN=align,
     )
     if not direct:
         _merge_splits_kernel[(batch, num_q_heads)](
