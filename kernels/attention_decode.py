@@ -48,7 +48,7 @@ _CONFIGS, _fit_head_size = up_to_head_size([
     (triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2), 256),
     (triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3), 64),
     (triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=2), 128),
-    (triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2), 256),
+    (triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2), 128),
     (triton.Config({"BLOCK_N": 32}, num_warps=2, num_stages=4), 128),
     (triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2), 256),
 ])
