@@ -43,6 +43,31 @@ def online_softmax_update(scores, v, acc, m, l, DOT_PRECISION: tl.constexpr):
     return acc, m_new, l
 
 
+@triton.jit
+def attend_tile(q, acc, m, l, tile_start, q_pos, kv_end, k_cache_ptr, v_cache_ptr,
+                block_table_row, kv_head, dims, dim_mask,
+                stride_kc_block, stride_kc_slot, stride_kc_head,
+                stride_vc_block, stride_vc_slot, stride_vc_head, qk_scale,
+                KV_BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over the keys of [tile_start, tile_start + BLOCK_N) below
+    kv_end; with CAUSAL, query row r sees only keys at positions <= q_pos[r] (without it,
+    every key of the tile must be visible to every row)."""
+    tokens = tile_start + tl.arange(0, BLOCK_N)
+    token_mask = tokens < kv_end
+    k = load_kv_tile(k_cache_ptr, block_table_row, tokens, token_mask, kv_head, dims,
+                     dim_mask, stride_kc_block, stride_kc_slot, stride_kc_head,
+                     KV_BLOCK_SIZE)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if CAUSAL:
+        visible = (tokens[None, :] <= q_pos[:, None]) & token_mask[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+    v = load_kv_tile(v_cache_ptr, block_table_row, tokens, token_mask, kv_head, dims,
+                     dim_mask, stride_vc_block, stride_vc_slot, stride_vc_head,
+                     KV_BLOCK_SIZE)
+    return online_softmax_update(scores, v, acc, m, l, DOT_PRECISION)
+
+
 # Each config with the largest BLOCK_D it runs at without spilling registers on sm_90.
 _CONFIGS, _fit_head_size = up_to_head_size([
     (triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2), 256),
@@ -98,18 +123,13 @@ def _decode_split_kernel(
     m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    q_pos = tl.zeros([BLOCK_G], dtype=tl.int32) + (seq_len - 1)  # the decode query's position
     for tile_start in range(start, end, BLOCK_N):
-        tokens = tile_start + tl.arange(0, BLOCK_N)
-        token_mask = tokens < end
-        k = load_kv_tile(k_cache_ptr, block_table_row, tokens, token_mask, kv_head, dims,
-                         dim_mask, stride_kc_block, stride_kc_slot, stride_kc_head,
-                         KV_BLOCK_SIZE)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        scores = tl.where(token_mask[None, :], scores, float("-inf"))
-        v = load_kv_tile(v_cache_ptr, block_table_row, tokens, token_mask, kv_head, dims,
-                         dim_mask, stride_vc_block, stride_vc_slot, stride_vc_head,
-                         KV_BLOCK_SIZE)
-        acc, m, l = online_softmax_update(scores, v, acc, m, l, DOT_PRECISION)
+        acc, m, l = attend_tile(q, acc, m, l, tile_start, q_pos, end, k_cache_ptr, v_cache_ptr,
+                                block_table_row, kv_head, dims, dim_mask,
+                                stride_kc_block, stride_kc_slot, stride_kc_head,
+                                stride_vc_block, stride_vc_slot, stride_vc_head, qk_scale,
+                                KV_BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION)
 
     has_keys = l > 0.0
     acc = acc / tl.where(has_keys, l, 1.0)[:, None]

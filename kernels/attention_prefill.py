@@ -17,8 +17,7 @@ import triton.language as tl
 
 from shardline.kernels._checks import check_paged_attention
 from shardline.kernels._config import autotune, shape_bucket, up_to_head_size
-from shardline.kernels.attention_decode import (dot_precision, load_kv_tile,
-                                                online_softmax_update)
+from shardline.kernels.attention_decode import attend_tile, dot_precision
 
 _LOG2E = 1.4426950408889634
 _MIN_DOT = 16
@@ -37,29 +36,6 @@ def _find_sequence(query_start_loc_ptr, num_seqs, pid, BLOCK_M: tl.constexpr):
         else:
             hi = mid
     return lo - 1
-
-
-@triton.jit
-def _attend_tile(q, acc, m, l, tile_start, q_pos, seq_len, k_cache_ptr, v_cache_ptr,
-                 block_table_row, kv_head, dims, dim_mask,
-                 stride_kc_block, stride_kc_slot, stride_kc_head,
-                 stride_vc_block, stride_vc_slot, stride_vc_head, qk_scale,
-                 KV_BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    """One online-softmax step over keys [tile_start, tile_start + BLOCK_N)."""
-    tokens = tile_start + tl.arange(0, BLOCK_N)
-    token_mask = tokens < seq_len
-    k = load_kv_tile(k_cache_ptr, block_table_row, tokens, token_mask, kv_head, dims,
-                     dim_mask, stride_kc_block, stride_kc_slot, stride_kc_head,
-                     KV_BLOCK_SIZE)
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    if CAUSAL:
-        visible = (tokens[None, :] <= q_pos[:, None]) & token_mask[None, :]
-        scores = tl.where(visible, scores, float("-inf"))
-    v = load_kv_tile(v_cache_ptr, block_table_row, tokens, token_mask, kv_head, dims,
-                     dim_mask, stride_vc_block, stride_vc_slot, stride_vc_head,
-                     KV_BLOCK_SIZE)
-    return online_softmax_update(scores, v, acc, m, l, DOT_PRECISION)
 
 
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
@@ -130,18 +106,18 @@ def _prefill_kernel(
     first_pos = seq_len - q_len + q_block * BLOCK_M
     unmasked_end = (first_pos // BLOCK_N) * BLOCK_N
     for tile_start in range(0, unmasked_end, BLOCK_N):
-        acc, m, l = _attend_tile(q, acc, m, l, tile_start, q_pos, seq_len, k_cache_ptr,
-                                 v_cache_ptr, block_table_row, kv_head, dims, dim_mask,
-                                 stride_kc_block, stride_kc_slot, stride_kc_head,
-                                 stride_vc_block, stride_vc_slot, stride_vc_head, qk_scale,
-                                 KV_BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION)
+        acc, m, l = attend_tile(q, acc, m, l, tile_start, q_pos, seq_len, k_cache_ptr,
+                                v_cache_ptr, block_table_row, kv_head, dims, dim_mask,
+                                stride_kc_block, stride_kc_slot, stride_kc_head,
+                                stride_vc_block, stride_vc_slot, stride_vc_head, qk_scale,
+                                KV_BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION)
     kv_end = tl.minimum(seq_len, first_pos + BLOCK_M)
     for tile_start in range(unmasked_end, kv_end, BLOCK_N):
-        acc, m, l = _attend_tile(q, acc, m, l, tile_start, q_pos, seq_len, k_cache_ptr,
-                                 v_cache_ptr, block_table_row, kv_head, dims, dim_mask,
-                                 stride_kc_block, stride_kc_slot, stride_kc_head,
-                                 stride_vc_block, stride_vc_slot, stride_vc_head, qk_scale,
-                                 KV_BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION)
+        acc, m, l = attend_tile(q, acc, m, l, tile_start, q_pos, seq_len, k_cache_ptr,
+                                v_cache_ptr, block_table_row, kv_head, dims, dim_mask,
+                                stride_kc_block, stride_kc_slot, stride_kc_head,
+                                stride_vc_block, stride_vc_slot, stride_vc_head, qk_scale,
+                                KV_BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION)
 
     out = acc / l[:, None]
     tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + dims[None, :],

@@ -1,8 +1,8 @@
 """Decode steps replayed from CUDA graphs, one graph per padded batch size.
 
-A decode step of a small model on a GPU is bound by the host: a few hundred kernel
-launches cost more than the kernels themselves. Capturing the model's decode forward once
-per batch-size bucket and replaying it turns those launches into one.
+A decode step of a small model on a GPU can be bound by the host: its few hundred kernel
+launches may cost as much as the kernels themselves. Capturing the model's decode forward
+once per batch-size bucket and replaying it turns those launches into one.
 
 A graph reads its inputs from fixed addresses, so each step's inputs are copied into
 static buffers sized for the largest bucket. A batch smaller than its bucket is padded
