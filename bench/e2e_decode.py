@@ -209,7 +209,7 @@ def timed_decode(llm, batch: int, plan: Plan, vocab: int, run: int, kv_bytes_per
     """Start `batch` requests, decode until each has warmup_tokens, then time timed_tokens
     decode-only steps. Returns (tokens/s, mean bytes read per timed step: KV part only).
     The requests are left running; the caller aborts them."""
-    from shardline.engine.sampling_params import SamplingParams
+    from shardline.sampling_params import SamplingParams
     spread = -(-batch * plan.prompt_len // llm.engine.config.scheduler.max_num_batched_tokens)
     params = SamplingParams(temperature=0.0, ignore_eos=True,
                             max_tokens=plan.warmup_tokens + plan.timed_tokens + spread + 1)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from shardline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from shardline.engine.batch import CachedRequestData, NewRequestData, SchedulerOutput
-from shardline.engine.sampling_params import SamplingParams
+from shardline.step import CachedRequestData, NewRequestData, SchedulerOutput
+from shardline.sampling_params import SamplingParams
 from shardline.worker.worker import Worker
 
 

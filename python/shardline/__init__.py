@@ -1,8 +1,39 @@
-"""shardline: distributed LLM inference runtime."""
+"""shardline: distributed LLM inference runtime.
 
-from shardline.engine.async_llm import AsyncLLM
-from shardline.engine.llm import LLM
-from shardline.engine.outputs import CompletionOutput, RequestOutput
-from shardline.engine.sampling_params import SamplingParams
+The public names are imported on first use, so a worker process or a tool that needs only
+`shardline.ipc` or `shardline.kernels` does not load the engine, torch or tokenizers.
+"""
 
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "LLM": "shardline.engine.llm",
+    "AsyncLLM": "shardline.engine.async_llm",
+    "SamplingParams": "shardline.sampling_params",
+    "RequestOutput": "shardline.engine.outputs",
+    "CompletionOutput": "shardline.engine.outputs",
+}
+
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from shardline.engine.async_llm import AsyncLLM
+    from shardline.engine.llm import LLM
+    from shardline.engine.outputs import CompletionOutput, RequestOutput
+    from shardline.sampling_params import SamplingParams
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'shardline' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -40,7 +40,7 @@ def _build_llm(args: argparse.Namespace):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from shardline.engine.sampling_params import SamplingParams
+    from shardline.sampling_params import SamplingParams
     from shardline.workload import demo_prompts
 
     llm = _build_llm(args)
@@ -58,7 +58,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from shardline.engine.sampling_params import SamplingParams
+    from shardline.sampling_params import SamplingParams
 
     llm = _build_llm(args)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,

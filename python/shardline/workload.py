@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from shardline.engine.llm import LLM
-from shardline.engine.sampling_params import SamplingParams
+from shardline.sampling_params import SamplingParams
 
 _WORDS = ("the model splits each layer across ranks while the scheduler keeps every "
           "request moving through prefill and decode with paged blocks of cache").split()

@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import msgpack
 
 from shardline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from shardline.engine.batch import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from shardline.step import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from shardline.engine.llm_engine import LLMEngine
-from shardline.engine.sampling_params import SamplingParams
+from shardline.sampling_params import SamplingParams
 
 VOCAB = 97
 

@@ -9,7 +9,7 @@ import pytest
 from fake_model import VOCAB, make_engine
 from shardline.engine.async_llm import AsyncLLM
 from shardline.engine.llm import LLM
-from shardline.engine.sampling_params import SamplingParams
+from shardline.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
 

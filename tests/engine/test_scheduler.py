@@ -3,9 +3,9 @@
 import random
 
 from shardline.config import SchedulerConfig
-from shardline.engine.batch import ModelRunnerOutput
+from shardline.step import ModelRunnerOutput
 from shardline.engine.kv_blocks import KVBlockManager
-from shardline.engine.sampling_params import SamplingParams
+from shardline.sampling_params import SamplingParams
 from shardline.engine.scheduler import Scheduler
 from shardline.engine.sequence import Sequence, SequenceStatus
 

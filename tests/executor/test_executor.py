@@ -3,7 +3,7 @@
 import pytest
 
 from shardline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from shardline.engine.batch import ModelRunnerOutput, SchedulerOutput
+from shardline.step import ModelRunnerOutput, SchedulerOutput
 from shardline.executor import create_executor, executor_class
 from shardline.executor import uniproc
 from shardline.executor.uniproc import UniProcExecutor

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from shardline.engine.sampling_params import SamplingParams
+from shardline.sampling_params import SamplingParams
 from shardline.layers.sampler import (Sampler, SamplingBatch, apply_filters, apply_penalties,
                                      draw)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from shardline.engine.sampling_params import SamplingParams
+from shardline.sampling_params import SamplingParams
 from worker_driver import WorkerDriver, make_worker
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import shardline.kernels
-from shardline.engine.sampling_params import SamplingParams
+from shardline.sampling_params import SamplingParams
 from shardline.kernels import attention_decode, attention_prefill, kv_cache, matmul, moe, norm
 from shardline.kernels import reference, rotary
 from worker_driver import WorkerDriver, make_worker

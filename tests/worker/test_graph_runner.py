@@ -8,7 +8,7 @@ CUDA graph replays. With CUDA present, the real CUDAGraph recorder runs the same
 import pytest
 import torch
 
-from shardline.engine.sampling_params import SamplingParams
+from shardline.sampling_params import SamplingParams
 from shardline.worker.graph_runner import DecodeGraphRunner, graph_batch_sizes
 from shardline.worker.input_batch import RequestState, build_step_inputs
 from worker_driver import WorkerDriver, make_worker

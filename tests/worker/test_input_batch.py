@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from shardline.engine.sampling_params import SamplingParams
+from shardline.sampling_params import SamplingParams
 from shardline.worker.input_batch import RequestState, build_step_inputs
 
 

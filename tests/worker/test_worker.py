@@ -4,9 +4,9 @@ import msgpack
 import pytest
 import torch
 
-from shardline.engine.batch import (CachedRequestData, ModelRunnerOutput, NewRequestData,
+from shardline.step import (CachedRequestData, ModelRunnerOutput, NewRequestData,
                                     SchedulerOutput)
-from shardline.engine.sampling_params import SamplingParams
+from shardline.sampling_params import SamplingParams
 from worker_driver import WorkerDriver, make_worker
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)

@@ -17,7 +17,7 @@ from typing import AsyncIterator
 from shardline.engine.engine_args import EngineArgs
 from shardline.engine.llm_engine import LLMEngine, PromptType
 from shardline.engine.outputs import RequestOutput
-from shardline.engine.sampling_params import SamplingParams
+from shardline.sampling_params import SamplingParams
 
 
 class AsyncLLM:

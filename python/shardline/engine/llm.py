@@ -15,7 +15,7 @@ from typing import Sequence as Seq
 from shardline.engine.engine_args import EngineArgs
 from shardline.engine.llm_engine import LLMEngine, PromptType
 from shardline.engine.outputs import RequestOutput
-from shardline.engine.sampling_params import SamplingParams
+from shardline.sampling_params import SamplingParams
 from shardline.engine.scheduler import SchedulerStats
 
 

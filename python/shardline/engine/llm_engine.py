@@ -17,7 +17,7 @@ from shardline.config import EngineConfig
 from shardline.engine.kv_blocks import KVBlockManager
 from shardline.engine.output_processor import OutputProcessor, RequestState
 from shardline.engine.outputs import RequestOutput
-from shardline.engine.sampling_params import SamplingParams
+from shardline.sampling_params import SamplingParams
 from shardline.engine.scheduler import Scheduler, SchedulerStats
 from shardline.engine.sequence import Sequence
 from shardline.engine.tokenizer import Tokenizer

@@ -3,7 +3,7 @@ retires sequences that are done."""
 
 from __future__ import annotations
 
-from shardline.engine.batch import TokenLogprobs
+from shardline.step import TokenLogprobs
 from shardline.engine.detokenizer import Decoder, IncrementalDetokenizer
 from shardline.engine.outputs import CompletionOutput, RequestOutput
 from shardline.engine.scheduler import Scheduler

@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from shardline.config import SchedulerConfig
-from shardline.engine.batch import (CachedRequestData, ModelRunnerOutput, NewRequestData,
+from shardline.step import (CachedRequestData, ModelRunnerOutput, NewRequestData,
                                     SchedulerOutput)
 from shardline.engine.kv_blocks import KVBlockManager
 from shardline.engine.sequence import Sequence, SequenceStatus

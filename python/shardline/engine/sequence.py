@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import enum
 
-from shardline.engine.batch import TokenLogprobs
-from shardline.engine.sampling_params import SamplingParams
+from shardline.step import TokenLogprobs
+from shardline.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from shardline.config import EngineConfig, ParallelConfig
-from shardline.engine.batch import ModelRunnerOutput, SchedulerOutput
+from shardline.step import ModelRunnerOutput, SchedulerOutput
 
 class Executor(ABC):
     """Runs the workers of one model replica set and relays steps to them."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shardline.engine.batch import ModelRunnerOutput, SchedulerOutput
+from shardline.step import ModelRunnerOutput, SchedulerOutput
 from shardline.executor.base import Executor
 from shardline.worker.worker import Worker
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from shardline.engine.batch import TokenLogprobs
-from shardline.engine.sampling_params import SamplingParams
+from shardline.step import TokenLogprobs
+from shardline.sampling_params import SamplingParams
 
 
 @dataclass

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from shardline.engine.batch import CachedRequestData, NewRequestData
-from shardline.engine.sampling_params import SamplingParams
+from shardline.step import CachedRequestData, NewRequestData
+from shardline.sampling_params import SamplingParams
 from shardline.layers.attention import AttentionMetadata
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from shardline.config import EngineConfig
-from shardline.engine.batch import ModelRunnerOutput, SchedulerOutput
+from shardline.step import ModelRunnerOutput, SchedulerOutput
 from shardline.kernels.dispatch import triton_enabled
 from shardline.layers.sampler import Sampler, SamplingBatch
 from shardline.models.loader import load_model, read_model_info

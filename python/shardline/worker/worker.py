@@ -7,7 +7,7 @@ import os
 import torch
 
 from shardline.config import EngineConfig
-from shardline.engine.batch import ModelRunnerOutput, SchedulerOutput
+from shardline.step import ModelRunnerOutput, SchedulerOutput
 from shardline.worker.model_runner import ModelRunner
 
 
