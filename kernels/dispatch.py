@@ -1,4 +1,7 @@
-"""The one place that chooses, per call, between a Triton kernel and its torch reference."""
+"""The one place that chooses, per call, between a Triton kernel and its torch reference.
+
+The choice depends on the tensor's device and on two environment variables that are read
+once per process (see `triton_enabled`)."""
 
 from __future__ import annotations
 
@@ -9,18 +12,38 @@ import torch
 from shardline.kernels import reference
 
 
+_choice: tuple[bool, bool] | None = None
+
+
+def _read_environment() -> tuple[bool, bool]:
+    global _choice
+    _choice = (os.environ.get("SHARDLINE_DISABLE_TRITON") == "1",
+               os.environ.get("SHARDLINE_FORCE_TRITON") == "1")
+    return _choice
+
+
+def reset_triton_choice() -> None:
+    """Forget the choice so the next kernel call reads SHARDLINE_DISABLE_TRITON and
+    SHARDLINE_FORCE_TRITON again: for code (tests, benches) that changes them in-process."""
+    global _choice
+    _choice = None
+
+
 def triton_enabled(device: torch.device) -> bool:
-    """Triton on CUDA devices unless disabled; on the CPU only when forced."""
-    if os.environ.get("SHARDLINE_DISABLE_TRITON") == "1":
+    """Triton on CUDA devices unless SHARDLINE_DISABLE_TRITON=1; on the CPU only when
+    SHARDLINE_FORCE_TRITON=1. The variables are read on the first call, not on every
+    kernel call (two environment reads cost about 3 us, hundreds per eager step)."""
+    disabled, forced = _choice or _read_environment()
+    if disabled:
         return False
-    if device.type == "cuda":
-        return True
-    return os.environ.get("SHARDLINE_FORCE_TRITON") == "1"
+    return device.type == "cuda" or forced
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether the op on tensor `t` runs the Triton kernel rather than its reference."""
-    return triton_enabled(t.device)
+    """Whether the op on tensor `t` runs the Triton kernel rather than its reference (the
+    same rule as `triton_enabled`, without building a device object on the hot path)."""
+    disabled, forced = _choice or _read_environment()
+    return not disabled and (t.is_cuda or forced)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

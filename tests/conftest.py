@@ -21,6 +21,15 @@ def fresh_seed() -> int:
     return seed
 
 
+@pytest.fixture(autouse=True)
+def _kernel_choice_per_test():
+    """The kernels read SHARDLINE_DISABLE_TRITON / SHARDLINE_FORCE_TRITON once per process;
+    a test that changes them (then calls reset_triton_choice) leaves its choice behind."""
+    yield
+    from shardline.kernels.dispatch import reset_triton_choice
+    reset_triton_choice()
+
+
 _COMPILE_SCRIPT = """
 import importlib, json, sys
 try:

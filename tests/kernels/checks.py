@@ -20,3 +20,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor,
     scale = expected.float().abs().max().clamp_min(1e-6)
     error = (actual.float() - expected.float()).abs().max() / scale
     assert error < tolerance[actual.dtype], f"relative error {error:.2e}"
+
+
+def force_triton(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
+    """Set or clear SHARDLINE_FORCE_TRITON for this test and make the kernels read it again
+    (they read it once per process)."""
+    from shardline.kernels.dispatch import reset_triton_choice
+    if on:
+        monkeypatch.setenv("SHARDLINE_FORCE_TRITON", "1")
+    else:
+        monkeypatch.delenv("SHARDLINE_FORCE_TRITON", raising=False)
+    reset_triton_choice()

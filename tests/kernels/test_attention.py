@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from checks import DEVICES, assert_close, dtypes
+from checks import DEVICES, assert_close, dtypes, force_triton
 
 from shardline import kernels
 from shardline.kernels import reference
@@ -175,12 +175,12 @@ def test_dispatch_routes_cpu_tensors_to_triton_only_when_forced(monkeypatch):
     k_cache, v_cache, block_tables = paged_cache([3], 1, 64, 16, torch.float32, "cpu")
     q = torch.randn(1, 1, 64)
     seq_lens, starts = torch.tensor([3], dtype=torch.int32), torch.tensor([0, 1])
-    monkeypatch.setenv("SHARDLINE_FORCE_TRITON", "1")
+    force_triton(monkeypatch, True)
     assert kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
                                           1.0) == "triton decode"
     assert kernels.paged_prefill_attention(q, k_cache, v_cache, block_tables, starts,
                                            seq_lens, 1.0) == "triton prefill"
-    monkeypatch.delenv("SHARDLINE_FORCE_TRITON")
+    force_triton(monkeypatch, False)
     k_cache, v_cache = k_cache.nan_to_num(), v_cache.nan_to_num()
     out = kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 1.0)
     assert_close(out, reference.paged_decode_attention(q, k_cache, v_cache, block_tables,

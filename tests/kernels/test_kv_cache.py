@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from checks import DEVICES, dtypes
+from checks import DEVICES, dtypes, force_triton
 
 from shardline import kernels
 from shardline.kernels import reference
@@ -76,9 +76,9 @@ def test_dispatch_routes_cpu_tensors_to_triton_only_when_forced(monkeypatch):
     k = v = torch.randn(2, 1, 64)
     k_cache, v_cache = torch.zeros(1, 16, 1, 64), torch.zeros(1, 16, 1, 64)
     slots = torch.tensor([3, -1])
-    monkeypatch.setenv("SHARDLINE_FORCE_TRITON", "1")
+    force_triton(monkeypatch, True)
     kernels.write_kv_cache(k, v, k_cache, v_cache, slots)
     assert len(calls) == 1 and not k_cache.any()
-    monkeypatch.delenv("SHARDLINE_FORCE_TRITON")
+    force_triton(monkeypatch, False)
     kernels.write_kv_cache(k, v, k_cache, v_cache, slots)
     assert len(calls) == 1 and torch.equal(k_cache[0, 3], k[0])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from checks import DEVICES, assert_close, dtypes
+from checks import DEVICES, assert_close, dtypes, force_triton
 
 from shardline import kernels
 from shardline.kernels import reference
@@ -98,10 +98,10 @@ def test_dispatch_routes_cpu_tensors_to_triton_only_when_forced(monkeypatch):
     monkeypatch.setattr(matmul, "linear", lambda *args: "triton linear")
     monkeypatch.setattr(matmul, "linear_silu_mul", lambda *args: "triton silu")
     x, w = torch.randn(3, 8), torch.randn(6, 8)
-    monkeypatch.setenv("SHARDLINE_FORCE_TRITON", "1")
+    force_triton(monkeypatch, True)
     assert kernels.linear(x, w) == "triton linear"
     assert kernels.linear_silu_mul(x, w) == "triton silu"
-    monkeypatch.delenv("SHARDLINE_FORCE_TRITON")
+    force_triton(monkeypatch, False)
     assert torch.equal(kernels.linear(x, w), reference.linear(x, w))
     assert torch.equal(kernels.linear_silu_mul(x, w), reference.linear_silu_mul(x, w))
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from checks import DEVICES, assert_close, dtypes
+from checks import DEVICES, assert_close, dtypes, force_triton
 
 from shardline import kernels
 from shardline.kernels import reference
@@ -101,9 +101,9 @@ def test_fused_moe_rejects_mismatched_shapes():
 def test_dispatch_routes_cpu_tensors_to_triton_only_when_forced(monkeypatch):
     monkeypatch.setattr(moe, "fused_moe", lambda *args: "triton moe")
     args = moe_inputs(4, 16, 8, 2, 2, 1, torch.float32, "cpu")
-    monkeypatch.setenv("SHARDLINE_FORCE_TRITON", "1")
+    force_triton(monkeypatch, True)
     assert kernels.fused_moe(*args) == "triton moe"
-    monkeypatch.delenv("SHARDLINE_FORCE_TRITON")
+    force_triton(monkeypatch, False)
     assert torch.equal(kernels.fused_moe(*args), reference.fused_moe(*args))
 
 

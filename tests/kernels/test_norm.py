@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from checks import DEVICES, assert_close, dtypes
+from checks import DEVICES, assert_close, dtypes, force_triton
 
 from shardline import kernels
 from shardline.kernels import reference
@@ -59,9 +59,9 @@ def test_rms_norm_rejects_mismatched_weight_and_residual():
 def test_dispatch_routes_cpu_tensors_to_triton_only_when_forced(monkeypatch):
     monkeypatch.setattr(norm, "rms_norm", lambda *args: "triton rms_norm")
     x, weight = torch.randn(3, 8), torch.randn(8)
-    monkeypatch.setenv("SHARDLINE_FORCE_TRITON", "1")
+    force_triton(monkeypatch, True)
     assert kernels.rms_norm(x, weight, 1e-6) == "triton rms_norm"
-    monkeypatch.delenv("SHARDLINE_FORCE_TRITON")
+    force_triton(monkeypatch, False)
     assert torch.equal(kernels.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6))
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from checks import DEVICES, assert_close, dtypes
+from checks import DEVICES, assert_close, dtypes, force_triton
 
 from shardline import kernels
 from shardline.kernels import reference
@@ -66,9 +66,9 @@ def test_dispatch_routes_cpu_tensors_to_triton_only_when_forced(monkeypatch):
     monkeypatch.setattr(rotary, "rotary_embedding", lambda *args: "triton rotary")
     positions, q, k = torch.arange(3), torch.randn(3, 2, 8), torch.randn(3, 1, 8)
     cache = random_cache(4, 8, "cpu")
-    monkeypatch.setenv("SHARDLINE_FORCE_TRITON", "1")
+    force_triton(monkeypatch, True)
     assert kernels.rotary_embedding(positions, q, k, cache, True) == "triton rotary"
-    monkeypatch.delenv("SHARDLINE_FORCE_TRITON")
+    force_triton(monkeypatch, False)
     actual = kernels.rotary_embedding(positions, q, k, cache, True)
     expected = reference.rotary_embedding(positions, q, k, cache, True)
     assert all(torch.equal(a, e) for a, e in zip(actual, expected))

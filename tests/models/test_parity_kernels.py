@@ -14,7 +14,7 @@ import torch
 import shardline.kernels
 from shardline.sampling_params import SamplingParams
 from shardline.kernels import attention_decode, attention_prefill, kv_cache, matmul, moe, norm
-from shardline.kernels import reference, rotary
+from shardline.kernels import dispatch, reference, rotary
 from worker_driver import WorkerDriver, make_worker
 
 
@@ -37,6 +37,7 @@ def kernel_calls(monkeypatch) -> Counter:
     and of each op's torch reference (the CPU fallback)."""
     monkeypatch.setenv("SHARDLINE_FORCE_TRITON", "1")
     monkeypatch.delenv("SHARDLINE_DISABLE_TRITON", raising=False)
+    dispatch.reset_triton_choice()
     calls: Counter = Counter()
 
     def spy(module, name: str, key: str) -> None:

@@ -4,6 +4,7 @@ and the runner's choice of what to warm up on which device."""
 import pytest
 import torch
 
+from shardline.kernels import dispatch
 from shardline.worker import model_runner
 from shardline.worker.warmup import token_buckets, warm_up_prefill
 from worker_driver import make_worker
@@ -60,6 +61,7 @@ def test_warm_up_on_cuda_tunes_triton_and_captures_unless_eager(eager, triton_of
     runner.config.model.enforce_eager = eager
     if triton_off:
         monkeypatch.setenv("SHARDLINE_DISABLE_TRITON", "1")
+        dispatch.reset_triton_choice()
     monkeypatch.setattr(runner, "device", torch.device("cuda"))
     runner.warm_up()
     assert calls == expected
