@@ -75,3 +75,74 @@ def test_wrong_shape_names_tensor_and_shapes():
     with pytest.raises(ValueError, match=r"'x\.down_proj\.weight' has shape \[6, 7\], "
                                          r"expected \[6, 8\]"):
         layer.weight_loader(layer.weight, torch.randn(6, 7), "x.down_proj.weight")
+
+
+def _gate_up_reference(x, gate, up, gate_bias, up_bias):
+    return torch.nn.functional.silu(x @ gate.T + gate_bias) * (x @ up.T + up_bias)
+
+
+def test_silu_mul_applies_the_gate_up_bias_on_each_rank(tp_rank, fresh_seed):
+    hidden, inter = 6, 8
+    gate, up = torch.randn(inter, hidden), torch.randn(inter, hidden)
+    gate_bias, up_bias = torch.randn(inter), torch.randn(inter)
+    x = torch.randn(5, hidden)
+    expected = _gate_up_reference(x, gate, up, gate_bias, up_bias)
+    for rank in range(2):
+        tp_rank(rank, 2)
+        layer = MergedColumnParallelLinear(hidden, [inter, inter], bias=True)
+        for shard, (w, b) in enumerate([(gate, gate_bias), (up, up_bias)]):
+            layer.weight_loader(layer.weight, w, "w", shard)
+            layer.weight_loader(layer.bias, b, "b", shard)
+        torch.testing.assert_close(layer.silu_mul(x), expected.chunk(2, dim=1)[rank])
+
+
+def test_silu_mul_refuses_a_layer_that_is_not_a_gate_up_pair():
+    layer = MergedColumnParallelLinear(4, [3, 5])
+    with pytest.raises(ValueError, match=r"two equal outputs.*output_sizes=\[3, 5\]"):
+        layer.silu_mul(torch.randn(2, 4))
+
+
+def test_llama_mlp_goes_through_its_layers_bias_included(fresh_seed):
+    from shardline.models.llama import LlamaMLP
+
+    hidden, inter = 6, 8
+    mlp = LlamaMLP(hidden, inter, torch.float32, bias=True)
+    gate, up = torch.randn(inter, hidden), torch.randn(inter, hidden)
+    down = torch.randn(hidden, inter)
+    gate_bias, up_bias, down_bias = torch.randn(inter), torch.randn(inter), torch.randn(hidden)
+    for shard, (w, b) in enumerate([(gate, gate_bias), (up, up_bias)]):
+        mlp.gate_up_proj.weight_loader(mlp.gate_up_proj.weight, w, "w", shard)
+        mlp.gate_up_proj.weight_loader(mlp.gate_up_proj.bias, b, "b", shard)
+    mlp.down_proj.weight_loader(mlp.down_proj.weight, down, "down")
+    mlp.down_proj.weight_loader(mlp.down_proj.bias, down_bias, "down_bias")
+    x = torch.randn(5, hidden)
+    expected = _gate_up_reference(x, gate, up, gate_bias, up_bias) @ down.T + down_bias
+    torch.testing.assert_close(mlp(x), expected)
+
+
+def test_silu_mul_runs_the_fused_kernel_with_the_bias(monkeypatch, fresh_seed):
+    """On CUDA the kernel itself; on the CPU the kernel forced into the Triton interpreter."""
+    from shardline.kernels import dispatch, matmul
+
+    calls = []
+    fused = matmul.linear_silu_mul
+    monkeypatch.setattr(matmul, "linear_silu_mul",
+                        lambda *args: calls.append(args) or fused(*args))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        monkeypatch.setenv("SHARDLINE_FORCE_TRITON", "1")
+        dispatch.reset_triton_choice()
+    hidden, inter = 16, 16
+    gate, up = torch.randn(inter, hidden), torch.randn(inter, hidden)
+    gate_bias, up_bias = torch.randn(inter), torch.randn(inter)
+    layer = MergedColumnParallelLinear(hidden, [inter, inter], bias=True)
+    for shard, (w, b) in enumerate([(gate, gate_bias), (up, up_bias)]):
+        layer.weight_loader(layer.weight, w, "w", shard)
+        layer.weight_loader(layer.bias, b, "b", shard)
+    layer.to(device)
+    x = torch.randn(3, hidden)
+    out = layer.silu_mul(x.to(device))
+    assert len(calls) == 1 and calls[0][2] is layer.bias
+    tolerance = 1e-4 if device == "cpu" else 2e-2   # tf32 products on the GPU
+    torch.testing.assert_close(out.cpu(), _gate_up_reference(x, gate, up, gate_bias, up_bias),
+                               rtol=tolerance, atol=tolerance)

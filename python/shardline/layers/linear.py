@@ -91,6 +91,15 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         check_shape(name, loaded, (full, *param.shape[1:]))
         copy_into(param[offset:offset + rows], read_slice(loaded, 0, self.tp_rank * rows, rows))
 
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up of a (gate, up) pair with this layer's weight and bias:
+        [M, input_size] -> [M, this rank's share of one output], the activation fused into
+        the GEMM. Each rank holds matching gate and up columns, so no communication."""
+        if len(self.output_sizes) != 2 or self.output_sizes[0] != self.output_sizes[1]:
+            raise ValueError(f"silu_mul needs two equal outputs (gate, up); this layer has "
+                             f"output_sizes={self.output_sizes}")
+        return kernels.linear_silu_mul(x, self.weight, self.bias)
+
 
 class QKVParallelLinear(ColumnParallelLinear):
     """Query, key and value projections in one weight; heads split across ranks.

@@ -12,7 +12,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from shardline import kernels
 from shardline.layers.attention import Attention, AttentionMetadata
 from shardline.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardline.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
@@ -52,14 +51,19 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype):
+    """down(SiLU(gate(x)) * up(x)), the gate and up projections merged into one layer whose
+    GEMM applies the SiLU-multiply in its epilogue; `bias` as Llama's `mlp_bias`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype,
+                 bias: bool = False):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
-            hidden_size, [intermediate_size, intermediate_size], dtype=dtype)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, dtype=dtype)
+            hidden_size, [intermediate_size, intermediate_size], bias=bias, dtype=dtype)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias,
+                                           dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.linear_silu_mul(x, self.gate_up_proj.weight))
+        return self.down_proj(self.gate_up_proj.silu_mul(x))
 
 
 class DecoderLayer(nn.Module):
