@@ -1,10 +1,13 @@
 """The command line: demo and generate run end to end on a preset; bad input is an error."""
 
+import argparse
 import json
 
 import pytest
 
-from shardline.cli import main
+from shardline.cli import build_parser, main
+from shardline.engine import llm as llm_module
+from shardline.presets import PRESETS
 
 
 def test_demo_prints_outputs_and_throughput(capsys):
@@ -32,3 +35,65 @@ def test_unknown_model_is_a_clear_error(capsys):
 def test_bad_sampling_flag_is_a_clear_error(capsys):
     assert main(["generate", "--model", "tiny-llama", "-p", "x", "--top-p", "1.5"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def _subparsers() -> dict:
+    parser = build_parser()
+    choices = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {"shardline": parser, **choices.choices}
+
+
+def test_help_names_every_preset(capsys):
+    for command in ("demo", "generate", "bench"):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0
+        text = "".join(capsys.readouterr().out.split())   # argparse wraps at hyphens
+        assert all(name in text for name in PRESETS), command
+    assert all(name in build_parser().format_help() for name in PRESETS)
+
+
+def test_every_flag_has_help():
+    missing = [f"{command} {action.option_strings}"
+               for command, parser in _subparsers().items() for action in parser._actions
+               if action.option_strings and not action.help]
+    assert missing == []
+
+
+@pytest.mark.parametrize("model", ["meta-llama/Llama-3.1-8B", "no-such-preset"])
+def test_model_that_is_neither_directory_nor_preset_is_one_clear_line(model, tmp_path,
+                                                                      monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--model", model, "-p", "x"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, lines
+    assert repr(model) in lines[0] and "local checkpoints" in lines[0]
+    assert "tiny-llama" in lines[0]
+
+
+@pytest.mark.parametrize("error, code", [(RuntimeError("worker 1 died:\n  exit code -9"), 1),
+                                         (KeyError("layers.3"), 1),
+                                         (OSError("disk full"), 1),
+                                         (ValueError("max_tokens=0 must be >= 1"), 2)])
+def test_any_error_is_one_line_and_nonzero(error, code, monkeypatch, capsys):
+    def fail(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(llm_module, "LLM", fail)
+    assert main(["demo", "--model", "tiny-llama"]) == code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert errors == [errors[0]] and errors[0].startswith("shardline demo: error: ")
+    assert "Traceback" not in err
+    assert " ".join(str(error).split()) in errors[0]
+    if code == 1:
+        assert type(error).__name__ in errors[0]
+
+
+def test_traceback_flag_lets_the_error_through(monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(llm_module, "LLM", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["--traceback", "demo", "--model", "tiny-llama"])

@@ -3,6 +3,9 @@
     shardline demo                 build the default preset, generate, print outputs and speed
     shardline generate -m MODEL -p "prompt" [--temperature ...]
     shardline bench -m MODEL --num-prompts 64
+
+MODEL is a local Hugging Face checkpoint directory or a built-in preset; nothing is
+downloaded. Errors print one line and exit non-zero (2 for bad input, 1 otherwise).
 """
 
 from __future__ import annotations
@@ -10,28 +13,48 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
+
+from shardline.presets import PRESETS
 
 DEFAULT_MODEL = "small-llama"
 
 
 def _add_engine_args(parser: argparse.ArgumentParser, default_model: str | None) -> None:
     parser.add_argument("-m", "--model", default=default_model, required=default_model is None,
-                        help="model directory or preset name (default: %(default)s)")
+                        help="a local Hugging Face checkpoint directory (config.json, "
+                             "*.safetensors, tokenizer.json) or a preset: "
+                             f"{', '.join(PRESETS)} (default: %(default)s)")
     parser.add_argument("--dtype", default="float32",
                         help="float32, bfloat16 or float16 (default: %(default)s)")
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=64,
+                        help="most sequences in one step (default: %(default)s)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                        help="most tokens in one step; longer prompts are prefilled in "
+                             "chunks (default: %(default)s)")
+    parser.add_argument("--block-size", type=int, default=16,
+                        help="tokens per KV-cache block (default: %(default)s)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="longest prompt plus output, in tokens (default: the "
+                             "model's max_position_embeddings)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="on CUDA, run decode op by op instead of replaying CUDA graphs")
+
+
+def _check_model(model: str) -> None:
+    if model not in PRESETS and not os.path.isdir(model):
+        raise ValueError(f"--model {model!r} is neither a directory nor a preset; this build "
+                         f"loads local checkpoints only (a directory with config.json, "
+                         f"*.safetensors and tokenizer.json) and downloads nothing; presets: "
+                         f"{', '.join(PRESETS)}")
 
 
 def _build_llm(args: argparse.Namespace):
     from shardline.engine.llm import LLM
 
+    _check_model(args.model)
     print(f"loading {args.model} ({args.dtype}) ...", file=sys.stderr, flush=True)
     return LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens,
@@ -84,31 +107,47 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardline", description=__doc__,
+                                     epilog=f"presets: {', '.join(PRESETS)}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--traceback", action="store_true",
+                        help="on an error, print the full traceback instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="generate with a built-in preset (no GPU, no download)")
     _add_engine_args(demo, DEFAULT_MODEL)
-    demo.add_argument("--num-prompts", type=int, default=8)
-    demo.add_argument("--max-tokens", type=int, default=32)
+    demo.add_argument("--num-prompts", type=int, default=8,
+                      help="built-in prompts to generate from (default: %(default)s)")
+    demo.add_argument("--max-tokens", type=int, default=32,
+                      help="tokens to generate per prompt (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
 
     gen = sub.add_parser("generate", help="generate from prompts given on the command line")
     _add_engine_args(gen, None)
     gen.add_argument("-p", "--prompt", action="append", required=True,
                      help="a prompt; repeat for a batch")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=-1)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--max-tokens", type=int, default=64,
+                     help="most tokens to generate per completion (default: %(default)s)")
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="sampling temperature; 0 is greedy (default: %(default)s)")
+    gen.add_argument("--top-p", type=float, default=1.0,
+                     help="sample from the smallest set of tokens whose probabilities sum to "
+                          "at least this; 1 keeps all (default: %(default)s)")
+    gen.add_argument("--top-k", type=int, default=-1,
+                     help="sample from the k most likely tokens; -1 keeps all "
+                          "(default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="seed of the sampling noise, for repeatable samples "
+                          "(default: a fresh draw)")
     gen.add_argument("-n", type=int, default=1, help="completions per prompt")
     gen.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="offline throughput on a synthetic mixed workload")
     _add_engine_args(bench, DEFAULT_MODEL)
-    bench.add_argument("--num-prompts", type=int, default=64)
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--num-prompts", type=int, default=64,
+                       help="synthetic requests, of mixed prompt and output lengths "
+                            "(default: %(default)s)")
+    bench.add_argument("--seed", type=int, default=0,
+                       help="seed of the synthetic workload (default: %(default)s)")
     bench.set_defaults(func=cmd_bench)
     return parser
 
@@ -121,9 +160,17 @@ def main(argv: list[str] | None = None) -> int:
         log.setLevel(logging.INFO)
     try:
         return args.func(args)
-    except ValueError as exc:
-        print(f"shardline {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"shardline {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.traceback:
+            raise
+        bad_input = isinstance(exc, ValueError)
+        message = " ".join(str(exc).split()) or "(no message)"
+        kind = "" if bad_input else f"{type(exc).__name__}: "
+        print(f"shardline {args.command}: error: {kind}{message}", file=sys.stderr)
+        return 2 if bad_input else 1
 
 
 if __name__ == "__main__":
