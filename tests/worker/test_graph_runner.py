@@ -45,7 +45,8 @@ def _kv_caches(worker) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("recorder", recorders())
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-mixtral"])
-def test_graph_decode_gives_the_eager_tokens_and_cache(model, recorder, monkeypatch):
+def test_graph_decode_gives_the_eager_tokens_and_cache(model, recorder, monkeypatch,
+                                                       fresh_seed):
     eager, graphed = make_worker(model), make_worker(model)
     runner = graphed.model_runner
     before = _kv_caches(graphed)
@@ -82,7 +83,7 @@ def _decoding(n: int) -> list[RequestState]:
     return states
 
 
-def test_padding_rows_write_no_kv_and_stale_rows_are_cleared():
+def test_padding_rows_write_no_kv_and_stale_rows_are_cleared(fresh_seed):
     runner = make_worker("tiny-llama").model_runner
     graphs = DecodeGraphRunner(runner.model, [4], max_blocks_per_seq=8, block_size=4,
                                device=runner.device)
@@ -102,18 +103,21 @@ def test_padding_rows_write_no_kv_and_stale_rows_are_cleared():
     torch.testing.assert_close(hidden, expected)
 
 
-def test_steps_a_graph_cannot_take_run_eagerly(monkeypatch):
-    worker = make_worker("tiny-llama")
+def test_steps_a_graph_cannot_take_run_eagerly(monkeypatch, fresh_seed):
+    eager, worker = make_worker("tiny-llama"), make_worker("tiny-llama")
     runner = worker.model_runner
     runner.decode_graphs = DecodeGraphRunner(runner.model, [1, 2], max_blocks_per_seq=2,
                                              block_size=4, device=runner.device)
     runner.decode_graphs.capture(EagerRecorder(), tuning_context=8, vocab_size=300)
     monkeypatch.setattr(runner.decode_graphs, "run",
                         lambda inputs: pytest.fail("a step beyond the graphs replayed"))
-    prompts = [torch.randint(3, 259, (5,)).tolist() for _ in range(3)]
-    WorkerDriver(worker).generate(prompts, SamplingParams(max_tokens=3, ignore_eos=True))
+    greedy = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    wide = [torch.randint(3, 259, (5,)).tolist() for _ in range(3)]   # 3 rows > 2
     long_prompt = [torch.randint(3, 259, (8,)).tolist()]   # block size 4: 3rd block at decode
-    WorkerDriver(worker).generate(long_prompt, SamplingParams(max_tokens=2, ignore_eos=True))
+    for prompts in (wide, long_prompt):
+        expected, _ = WorkerDriver(eager).generate(prompts, greedy)
+        got, _ = WorkerDriver(worker).generate(prompts, greedy)
+        assert got == expected and all(len(tokens) == 3 for tokens in got)
 
 
 @pytest.mark.parametrize("context", [0, 9])
