@@ -45,19 +45,22 @@ def stub_worker(monkeypatch):
     monkeypatch.setattr(uniproc, "Worker", StubWorker)
 
 
-def test_one_rank_uses_the_in_process_executor():
+def test_each_layout_gets_its_executor():
+    from shardline.executor.multiproc import MultiProcExecutor
+
     assert executor_class(ParallelConfig()) is UniProcExecutor
     assert executor_class(ParallelConfig(distributed_executor_backend="uni")) is UniProcExecutor
+    assert executor_class(ParallelConfig(tensor_parallel_size=2)) is MultiProcExecutor
+    assert executor_class(ParallelConfig(distributed_executor_backend="mp")) is MultiProcExecutor
 
 
 @pytest.mark.parametrize("layout, named", [
-    (dict(tensor_parallel_size=2), "tensor_parallel_size=2"),
-    (dict(pipeline_parallel_size=3, distributed_executor_backend="uni"), "world_size=3"),
-    (dict(distributed_executor_backend="ray"), "'ray'"),
-    (dict(data_parallel_size=2, distributed_executor_backend="mp"), "'mp'"),
+    (dict(pipeline_parallel_size=3, distributed_executor_backend="uni"),
+     "'uni' runs one rank.*world_size=3.*use 'mp'"),
+    (dict(distributed_executor_backend="ray"), "'ray' is not available"),
 ])
-def test_multi_rank_layouts_are_refused_clearly(layout, named):
-    with pytest.raises(ValueError, match=f"{named}.*not implemented yet"):
+def test_layouts_an_executor_cannot_run_are_refused_clearly(layout, named):
+    with pytest.raises(ValueError, match=named):
         executor_class(ParallelConfig(**layout))
 
 

@@ -1,5 +1,6 @@
 """Executors: how the engine's steps reach the workers."""
 
-from shardline.executor.base import Executor, create_executor, executor_class
+from shardline.executor.base import (EngineDeadError, Executor, StepFuture, create_executor,
+                                     executor_class)
 
-__all__ = ["Executor", "create_executor", "executor_class"]
+__all__ = ["EngineDeadError", "Executor", "StepFuture", "create_executor", "executor_class"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from shardline.executor.base import Executor, StepFuture
 from shardline.step import ModelRunnerOutput, SchedulerOutput
-from shardline.executor.base import Executor
 from shardline.worker.worker import Worker
 
 
@@ -15,12 +15,14 @@ class UniProcExecutor(Executor):
     def _start_workers(self) -> None:
         self.worker = Worker(self.config, rank=0)
 
-    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None
-                       ) -> list[Any]:
+    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
+                       timeout: float | None = None) -> list[Any]:
         return [getattr(self.worker, method)(*args, **(kwargs or {}))]
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.worker.execute_model(scheduler_output)
+    def execute_model(self, scheduler_output: SchedulerOutput, non_block: bool = False
+                      ) -> ModelRunnerOutput | StepFuture:
+        output = self.worker.execute_model(scheduler_output)
+        return StepFuture.completed(output) if non_block else output
 
     def shutdown(self) -> None:
         self.worker = None

@@ -7,7 +7,7 @@ models reuse everything else.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -91,33 +91,63 @@ class DecoderLayer(nn.Module):
         return getattr(self, self.mlp_name)(hidden), residual
 
 
+class IntermediateTensors(NamedTuple):
+    """What one pipeline stage hands the next: the hidden states and the residual, [T, H]."""
+
+    hidden: torch.Tensor
+    residual: torch.Tensor
+
+
 class CausalLM(nn.Module):
-    """Embedding, decoder layers, final norm and LM head; subclasses choose the layers."""
+    """Embedding, decoder layers, final norm and LM head; subclasses choose the layers.
+
+    Under pipeline parallelism a model holds only its stage's `layers` (the other layers
+    are empty placeholders, so parameter names keep the checkpoint's indices); the first
+    stage also holds the embedding, the last the final norm and the LM head.
+    """
 
     def __init__(self, config: dict, dtype: torch.dtype, max_position: int,
-                 make_layer: Callable[[int], DecoderLayer]):
+                 make_layer: Callable[[int], DecoderLayer], layers: range | None = None):
         super().__init__()
         check_activation(config)
         vocab, hidden = config["vocab_size"], config["hidden_size"]
+        num_layers = config["num_hidden_layers"]
         self.config = config
+        self.layer_range = range(num_layers) if layers is None else layers
+        self.is_first_stage = self.layer_range.start == 0
+        self.is_last_stage = self.layer_range.stop == num_layers
         self.model = nn.Module()
-        self.model.embed_tokens = VocabParallelEmbedding(vocab, hidden, dtype)
-        self.model.layers = nn.ModuleList(make_layer(i)
-                                          for i in range(config["num_hidden_layers"]))
-        self.model.norm = RMSNorm(hidden, config.get("rms_norm_eps", 1e-6), dtype)
-        self.lm_head = ParallelLMHead(vocab, hidden, dtype)
-        if config.get("tie_word_embeddings", False):
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.model.embed_tokens = (VocabParallelEmbedding(vocab, hidden, dtype)
+                                   if self.is_first_stage else None)
+        self.model.layers = nn.ModuleList(make_layer(i) if i in self.layer_range else nn.Identity()
+                                          for i in range(num_layers))
+        self.model.norm = None
+        self.lm_head = None
+        if self.is_last_stage:
+            self.model.norm = RMSNorm(hidden, config.get("rms_norm_eps", 1e-6), dtype)
+            self.lm_head = ParallelLMHead(vocab, hidden, dtype)
+            if config.get("tie_word_embeddings", False) and self.is_first_stage:
+                self.lm_head.weight = self.model.embed_tokens.weight
 
     def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        return [self.model.layers[i].self_attn.attn for i in self.layer_range]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """Flat token batch [T] -> final hidden states [T, H]; K/V go to the paged cache."""
-        hidden, residual = self.model.embed_tokens(input_ids), None
-        for layer in self.model.layers:
-            hidden, residual = layer(positions, hidden, residual, meta)
+                meta: AttentionMetadata, intermediate: IntermediateTensors | None = None
+                ) -> torch.Tensor | IntermediateTensors:
+        """Flat token batch [T] -> final hidden states [T, H]; K/V go to the paged cache.
+
+        A stage after the first starts from the previous stage's `intermediate`; a stage
+        before the last returns its own IntermediateTensors instead of hidden states.
+        """
+        if self.is_first_stage:
+            hidden, residual = self.model.embed_tokens(input_ids), None
+        else:
+            hidden, residual = intermediate
+        for i in self.layer_range:
+            hidden, residual = self.model.layers[i](positions, hidden, residual, meta)
+        if not self.is_last_stage:
+            return IntermediateTensors(hidden, residual)
         hidden, _ = self.model.norm(hidden, residual)
         return hidden
 
@@ -139,6 +169,10 @@ class CausalLM(nn.Module):
                 base = prefix[:-len("gate_up_proj")]
                 sources[name] = [[(f"{base}gate_proj.{leaf}", 0, None),
                                   (f"{base}up_proj.{leaf}", 1, None)]]
+            elif name == "lm_head.weight" and self.config.get("tie_word_embeddings", False):
+                # A last stage without the embedding reads the tied matrix under its name.
+                sources[name] = [[(name, None, None)],
+                                 [("model.embed_tokens.weight", None, None)]]
             else:
                 sources[name] = self.expert_sources(name) or [[(name, None, None)]]
         return sources
@@ -153,7 +187,8 @@ class LlamaForCausalLM(CausalLM):
 
     qkv_bias_always = False
 
-    def __init__(self, config: dict, dtype: torch.dtype, max_position: int):
+    def __init__(self, config: dict, dtype: torch.dtype, max_position: int,
+                 layers: range | None = None):
         qkv_bias = self.qkv_bias_always or config.get("attention_bias", False)
         o_bias = config.get("attention_bias", False) and not self.qkv_bias_always
 
@@ -161,7 +196,7 @@ class LlamaForCausalLM(CausalLM):
             mlp = LlamaMLP(config["hidden_size"], config["intermediate_size"], dtype)
             return DecoderLayer(config, dtype, max_position, mlp, "mlp", qkv_bias, o_bias)
 
-        super().__init__(config, dtype, max_position, make_layer)
+        super().__init__(config, dtype, max_position, make_layer, layers)
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

@@ -135,13 +135,14 @@ def load_weights(model: nn.Module, reader: CheckpointReader) -> None:
 
 
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
-               max_position: int | None = None) -> nn.Module:
-    """Build the model of `model_dir` on `device` in `dtype` and load its weights."""
+               max_position: int | None = None, layers: range | None = None) -> nn.Module:
+    """Build the model of `model_dir` on `device` in `dtype` and load its weights: this
+    rank's slices of them, and only the decoder `layers` of its pipeline stage if given."""
     config = read_config(model_dir)
     cls = get_model_class(resolve_architecture(config))
     max_position = max_position or max_positions(config)
     with torch.device(device):
-        model = cls(config, dtype, max_position)
+        model = cls(config, dtype, max_position, layers)
     reader = CheckpointReader(model_dir)
     try:
         load_weights(model, reader)

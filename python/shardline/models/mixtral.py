@@ -59,7 +59,8 @@ class MoECausalLM(CausalLM):
 class MixtralForCausalLM(MoECausalLM):
     expert_names = ("w1", "w3", "w2")
 
-    def __init__(self, config: dict, dtype: torch.dtype, max_position: int):
+    def __init__(self, config: dict, dtype: torch.dtype, max_position: int,
+                 layers: range | None = None):
         def make_layer(i: int) -> DecoderLayer:
             moe = SparseMoeBlock(config["hidden_size"], config["num_local_experts"],
                                  config["num_experts_per_tok"], config["intermediate_size"],
@@ -67,11 +68,12 @@ class MixtralForCausalLM(MoECausalLM):
             return DecoderLayer(config, dtype, max_position, moe, "block_sparse_moe",
                                 False, False)
 
-        super().__init__(config, dtype, max_position, make_layer)
+        super().__init__(config, dtype, max_position, make_layer, layers)
 
 
 class Qwen2MoeForCausalLM(MoECausalLM):
-    def __init__(self, config: dict, dtype: torch.dtype, max_position: int):
+    def __init__(self, config: dict, dtype: torch.dtype, max_position: int,
+                 layers: range | None = None):
         sparse_step = config.get("decoder_sparse_step", 1)
         dense_layers = set(config.get("mlp_only_layers") or [])
         qkv_bias = config.get("qkv_bias", True)
@@ -88,4 +90,4 @@ class Qwen2MoeForCausalLM(MoECausalLM):
                 mlp = LlamaMLP(config["hidden_size"], config["intermediate_size"], dtype)
             return DecoderLayer(config, dtype, max_position, mlp, "mlp", qkv_bias, False)
 
-        super().__init__(config, dtype, max_position, make_layer)
+        super().__init__(config, dtype, max_position, make_layer, layers)

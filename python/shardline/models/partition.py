@@ -1,0 +1,68 @@
+"""How a model is cut over the rank grid: layers over pipeline stages, heads over TP ranks.
+
+`check_partition` runs in the engine's process before any worker starts, so a layout the
+model cannot take fails at once, with the value, the rule and what would work.
+"""
+
+from __future__ import annotations
+
+from shardline.config import ParallelConfig
+from shardline.models.loader import ModelInfo
+
+
+def stage_layer_counts(num_layers: int, num_stages: int,
+                       override: list[int] | None = None) -> list[int]:
+    """Layers per pipeline stage: `override` when given, else as even as possible with the
+    extra layers on the earliest stages (the last stage also runs the norm and LM head)."""
+    if override is not None:
+        if sum(override) != num_layers:
+            raise ValueError(f"pipeline_stage_layers={override} adds up to {sum(override)} "
+                             f"layers, but the model has {num_layers}: give "
+                             f"{num_stages} counts that add up to {num_layers}")
+        return list(override)
+    if num_layers < num_stages:
+        raise ValueError(f"pipeline_parallel_size={num_stages} is larger than the model's "
+                         f"{num_layers} layers: use at most {num_layers} stages")
+    base, extra = divmod(num_layers, num_stages)
+    return [base + (1 if stage < extra else 0) for stage in range(num_stages)]
+
+
+def stage_layer_range(num_layers: int, num_stages: int, stage: int,
+                      override: list[int] | None = None) -> range:
+    """The layer indices that pipeline stage `stage` runs."""
+    counts = stage_layer_counts(num_layers, num_stages, override)
+    start = sum(counts[:stage])
+    return range(start, start + counts[stage])
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_partition(parallel: ParallelConfig, info: ModelInfo,
+                    cuda_devices: int | None = None) -> None:
+    """Raise ValueError if `info`'s model cannot be split as `parallel` asks.
+
+    KV heads are replicated when TP exceeds them (each rank then holds one), which needs
+    TP to be a multiple of the KV-head count. `cuda_devices` is the number of GPUs when
+    the ranks run on CUDA (None on CPU).
+    """
+    tp = parallel.tensor_parallel_size
+    heads, kv_heads = info.num_attention_heads, info.num_key_value_heads
+    usable = [d for d in _divisors(heads) if kv_heads % d == 0 or d % kv_heads == 0]
+    if heads % tp:
+        raise ValueError(f"tensor_parallel_size={tp} does not divide the model's {heads} "
+                         f"attention heads: use one of {usable}")
+    if kv_heads % tp and tp % kv_heads:
+        raise ValueError(f"tensor_parallel_size={tp} and the model's {kv_heads} KV heads: "
+                         "TP must divide the KV heads, or be a multiple of them (each KV head "
+                         f"is then replicated on {tp}/{kv_heads} ranks): use one of {usable}")
+    stage_layer_counts(info.num_hidden_layers, parallel.pipeline_parallel_size,
+                       parallel.pipeline_stage_layers)
+    if cuda_devices is not None and parallel.world_size > cuda_devices:
+        raise ValueError(f"the layout needs {parallel.world_size} ranks (tensor_parallel_size="
+                         f"{tp} x pipeline_parallel_size={parallel.pipeline_parallel_size} x "
+                         f"data_parallel_size={parallel.data_parallel_size} x "
+                         f"sequence_parallel_size={parallel.sequence_parallel_size}) but this "
+                         f"machine has {cuda_devices} GPUs: use at most {cuda_devices} ranks, "
+                         "or device='cpu'")

@@ -1,0 +1,209 @@
+"""The multi-process executor's plumbing, with model-free stub workers in spawned processes:
+replies per rank, the output rank, steps in flight, errors, timeouts, dead workers and
+a clean shutdown (no process and nothing in /dev/shm left behind)."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+
+from shardline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from shardline.executor import EngineDeadError, StepFuture
+from shardline.executor.multiproc import MultiProcExecutor
+from shardline.presets import resolve_model
+from shardline.step import SchedulerOutput
+from stub_workers import NUM_KV_BLOCKS
+
+
+def make_config(worker: str = "StubWorker", **parallel) -> EngineConfig:
+    return EngineConfig(ModelConfig(resolve_model("tiny-llama")), CacheConfig(),
+                        SchedulerConfig(),
+                        ParallelConfig(distributed_executor_backend="mp", device="cpu",
+                                       worker_cls=f"stub_workers.{worker}", **parallel))
+
+
+def shm_segments() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("shardline-")}
+
+
+def step(*req_ids: str) -> SchedulerOutput:
+    return SchedulerOutput(num_scheduled_tokens={r: 1 for r in req_ids})
+
+
+@pytest.fixture
+def make_executor():
+    made: list[MultiProcExecutor] = []
+
+    def make(worker: str = "StubWorker", **parallel) -> MultiProcExecutor:
+        executor = MultiProcExecutor(make_config(worker, **parallel))
+        made.append(executor)
+        return executor
+
+    yield make
+    for executor in made:
+        executor.shutdown()
+        for pid in executor.worker_pids:
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+
+def test_collective_rpc_answers_once_per_rank_in_rank_order(make_executor):
+    executor = make_executor(tensor_parallel_size=2, pipeline_parallel_size=2)
+    # The cache is sized to the tightest rank (rank 0 reports the fewest blocks).
+    assert executor.num_kv_blocks == NUM_KV_BLOCKS
+    ids = executor.collective_rpc("identity")
+    assert [i[0] for i in ids] == [0, 1, 2, 3]
+    assert [i[1] for i in ids] == executor.worker_pids
+    assert all(i[2] == NUM_KV_BLOCKS for i in ids)
+    assert executor.collective_rpc("echo", args=([1, "x"],), kwargs={"scale": 2}) == \
+        [[1, "x", 1, "x"]] * 4
+
+
+def test_execute_model_answers_from_the_first_tp_rank_of_the_last_stage(make_executor):
+    executor = make_executor(tensor_parallel_size=2, pipeline_parallel_size=2)
+    out = executor.execute_model(step("a", "b"))
+    assert out.req_ids == ["a", "b"] and out.sampled_token_ids == [1002, 1002]
+
+
+def test_steps_in_flight_come_back_in_order(make_executor):
+    executor = make_executor(pipeline_parallel_size=2)
+    futures = [executor.execute_model(step(f"r{i}"), non_block=True) for i in range(6)]
+    assert all(isinstance(f, StepFuture) for f in futures)
+    # Reading a later step first collects the earlier ones on the way.
+    assert futures[3].result(timeout=10).req_ids == ["r3"]
+    assert all(f.done() for f in futures[:4])
+    assert [f.result().req_ids for f in futures] == [[f"r{i}"] for i in range(6)]
+    # A collective call waits for the steps still in flight first.
+    more = executor.execute_model(step("late"), non_block=True)
+    assert [i[0] for i in executor.collective_rpc("identity")] == [0, 1]
+    assert more.done() and more.result().req_ids == ["late"]
+
+
+def test_a_failing_call_names_the_rank_and_the_executor_carries_on(make_executor):
+    executor = make_executor(tensor_parallel_size=2)
+    with pytest.raises(RuntimeError, match=r"fail failed on worker rank 0: ValueError: bad input"):
+        executor.collective_rpc("fail", args=("bad input",))
+    assert executor.collective_rpc("echo", args=(3,)) == [3, 3]
+
+
+def test_collective_rpc_timeout_fires_and_late_replies_are_skipped(make_executor):
+    executor = make_executor(tensor_parallel_size=2)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"collective_rpc\('sleep'\).*ranks \[0, 1\]"):
+        executor.collective_rpc("sleep", args=(1.5,), timeout=0.3)
+    assert time.monotonic() - start < 1.0
+    assert executor.collective_rpc("echo", args=(7,), timeout=10) == [7, 7]
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "mid-call"])
+def test_a_killed_worker_makes_every_call_raise_engine_dead(make_executor, busy):
+    executor = make_executor(tensor_parallel_size=2, pipeline_parallel_size=2)
+    victim = 1
+    if busy:
+        threading.Timer(0.3, os.kill, (executor.worker_pids[victim], signal.SIGKILL)).start()
+    else:
+        os.kill(executor.worker_pids[victim], signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(EngineDeadError, match=rf"worker rank {victim} \(pid \d+\) died with "
+                                              r"exit code -9"):
+        executor.collective_rpc("sleep", args=(30 if busy else 0,))
+    assert time.monotonic() - start < 5.0
+    with pytest.raises(EngineDeadError, match=f"worker rank {victim}"):
+        executor.execute_model(step("after"), non_block=True)
+
+
+def test_a_worker_failing_in_execute_model_kills_the_engine_with_its_error(make_executor,
+                                                                          caplog):
+    executor = make_executor("CrashOnStepWorker", tensor_parallel_size=2)
+    with caplog.at_level(logging.ERROR, logger="shardline"):
+        deadline = time.monotonic() + 5
+        with pytest.raises(EngineDeadError, match="worker rank 1 .* exit code 1"):
+            while time.monotonic() < deadline:  # rank 0 answers until rank 1's death is seen
+                executor.execute_model(step("a"))
+    assert "[rank 1] execute_model failed: forward failed on purpose" in caplog.text
+
+
+def test_worker_logs_reach_the_parent_with_the_rank_in_front(make_executor, caplog):
+    executor = make_executor(tensor_parallel_size=2)
+    with caplog.at_level(logging.WARNING, logger="shardline"):
+        executor.collective_rpc("log", args=("hello from a worker",))
+        deadline = time.monotonic() + 5
+        while caplog.text.count("hello from a worker") < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert "[rank 0] hello from a worker" in caplog.text
+    assert "[rank 1] hello from a worker" in caplog.text
+
+
+def test_idle_workers_use_no_cpu(make_executor):
+    executor = make_executor(tensor_parallel_size=2)
+    executor.collective_rpc("identity")
+    time.sleep(0.3)
+    procs = [psutil.Process(pid) for pid in executor.worker_pids]
+    before = [sum(p.cpu_times()[:2]) for p in procs]
+    time.sleep(1.0)
+    used = [sum(p.cpu_times()[:2]) - b for p, b in zip(procs, before)]
+    assert max(used) < 0.05, f"idle workers used {used} s of CPU in 1 s"
+
+
+def test_shutdown_and_garbage_collection_leave_nothing_behind(make_executor):
+    before = shm_segments()
+    executor = make_executor(tensor_parallel_size=2)
+    pids = executor.worker_pids
+    executor.shutdown()
+    executor.shutdown()
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+    with pytest.raises(EngineDeadError, match="shut down"):
+        executor.collective_rpc("identity")
+    dropped = MultiProcExecutor(make_config(tensor_parallel_size=2))
+    pids = dropped.worker_pids
+    del dropped
+    gc.collect()
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+    assert shm_segments() <= before
+
+
+_EXIT_SCRIPT = """
+import os, signal, sys, time
+sys.path.insert(0, {stub_dir!r})
+from test_multiproc import make_config
+from shardline.executor.multiproc import MultiProcExecutor
+executor = MultiProcExecutor(make_config(tensor_parallel_size=2))
+print(" ".join(map(str, executor.worker_pids)), flush=True)
+if {interrupt}:
+    executor.collective_rpc("sleep", args=(60,))
+"""
+
+
+@pytest.mark.parametrize("interrupt", [False, True], ids=["interpreter-exit", "ctrl-c"])
+def test_interpreter_exit_and_ctrl_c_leave_no_worker(interrupt):
+    before = shm_segments()
+    script = _EXIT_SCRIPT.format(stub_dir=os.path.dirname(__file__), interrupt=interrupt)
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2, proc.stderr.read()
+        if interrupt:
+            time.sleep(0.5)
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(psutil.pid_exists(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(psutil.pid_exists(p) for p in pids)
+    if interrupt:
+        assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr.read()
+    assert shm_segments() <= before
