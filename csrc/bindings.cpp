@@ -10,6 +10,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "bindings_collectives.hpp"
 #include "errors.hpp"
 #include "handoff.hpp"
 #include "ring.hpp"
@@ -167,6 +168,7 @@ private:
 
 PYBIND11_MODULE(_shm, m) {
     m.doc() = "Lock-free shared-memory broadcast rings (one writer, 1..64 readers) with futex waits.";
+    bind_collectives(m);
 
     py::register_exception<RingClosedError>(m, "RingClosed");
     py::register_exception<PeerDiedError>(m, "PeerDied");

@@ -1,0 +1,155 @@
+#include "shm_reduce.hpp"
+
+#include <algorithm>
+#include <stdexcept>
+
+namespace shardline {
+namespace {
+
+// Elements summed per block: the block's accumulator stays in L1 while every source
+// is added to it, so each source is read once and the output written once.
+constexpr uint64_t kBlock = 1024;
+
+struct BFloat16 {
+    uint16_t bits;
+};
+
+inline float widen(float x) { return x; }
+inline double widen(double x) { return x; }
+inline uint32_t widen(int32_t x) { return static_cast<uint32_t>(x); }
+inline uint64_t widen(int64_t x) { return static_cast<uint64_t>(x); }
+inline float widen(BFloat16 x) {
+    uint32_t bits = static_cast<uint32_t>(x.bits) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+}
+#ifdef __FLT16_MAX__
+inline float widen(_Float16 x) { return static_cast<float>(x); }
+#endif
+
+template <class T, class Acc>
+inline T narrow(Acc x) {
+    return static_cast<T>(x);
+}
+
+// Round to nearest even, as torch does; NaN stays a (quiet) NaN.
+template <>
+inline BFloat16 narrow<BFloat16, float>(float x) {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return BFloat16{static_cast<uint16_t>((bits >> 16) | 0x40)};
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return BFloat16{static_cast<uint16_t>(bits >> 16)};
+}
+
+// One pass over every source: out[i] = ((s0[i] + s1[i]) + s2[i]) + ..., with the number of
+// sources fixed at compile time so the loop vectorizes over all of them at once.
+template <class T, uint32_t N>
+void sum_fixed(T* out, const T* const* srcs, uint64_t count) {
+    using Acc = decltype(widen(T{}));
+    const T* s[N];
+    for (uint32_t k = 0; k < N; ++k) s[k] = srcs[k];
+    for (uint64_t i = 0; i < count; ++i) {
+        Acc acc = widen(s[0][i]);
+        for (uint32_t k = 1; k < N; ++k) acc += widen(s[k][i]);
+        out[i] = narrow<T, Acc>(acc);
+    }
+}
+
+// Any number of sources: partial sums of up to kFanIn sources at a time, in order,
+// each over a block that stays in L1.
+template <class T>
+void sum_any(T* out, const T* const* srcs, uint32_t n_srcs, uint64_t count) {
+    using Acc = decltype(widen(T{}));
+    Acc acc[kBlock];
+    for (uint64_t start = 0; start < count; start += kBlock) {
+        uint64_t n = std::min(kBlock, count - start);
+        for (uint64_t i = 0; i < n; ++i) acc[i] = widen(srcs[0][start + i]);
+        for (uint32_t k = 1; k < n_srcs; ++k) {
+            const T* src = srcs[k] + start;
+            for (uint64_t i = 0; i < n; ++i) acc[i] += widen(src[i]);
+        }
+        for (uint64_t i = 0; i < n; ++i) out[start + i] = narrow<T, Acc>(acc[i]);
+    }
+}
+
+template <class T>
+void sum_typed(void* out_raw, const void* const* srcs_raw, uint32_t n_srcs, uint64_t count) {
+    auto* out = static_cast<T*>(out_raw);
+    const auto* srcs = reinterpret_cast<const T* const*>(srcs_raw);
+    // The fixed kernels write out while reading the sources, so out may alias only one
+    // of them element for element, which is every caller's case.
+    switch (n_srcs) {
+        case 1: return sum_fixed<T, 1>(out, srcs, count);
+        case 2: return sum_fixed<T, 2>(out, srcs, count);
+        case 3: return sum_fixed<T, 3>(out, srcs, count);
+        case 4: return sum_fixed<T, 4>(out, srcs, count);
+        case 8: return sum_fixed<T, 8>(out, srcs, count);
+        default: return sum_any<T>(out, srcs, n_srcs, count);
+    }
+}
+
+struct DTypeInfo {
+    DType dtype;
+    const char* name;
+    size_t size;
+};
+
+constexpr DTypeInfo kDTypes[] = {
+    {DType::kFloat32, "float32", 4},
+    {DType::kFloat64, "float64", 8},
+    {DType::kBFloat16, "bfloat16", 2},
+#ifdef __FLT16_MAX__
+    {DType::kFloat16, "float16", 2},
+#endif
+    {DType::kInt32, "int32", 4},
+    {DType::kInt64, "int64", 8},
+};
+
+const DTypeInfo& info(DType dtype) {
+    for (const DTypeInfo& entry : kDTypes) {
+        if (entry.dtype == dtype) return entry;
+    }
+    throw std::invalid_argument("dtype " + std::to_string(static_cast<uint32_t>(dtype)) +
+                                " is not one of " + supported_dtype_names());
+}
+
+}  // namespace
+
+std::optional<DType> dtype_from_name(std::string_view name) {
+    for (const DTypeInfo& entry : kDTypes) {
+        if (name == entry.name) return entry.dtype;
+    }
+    return std::nullopt;
+}
+
+std::string dtype_name(DType dtype) { return info(dtype).name; }
+
+size_t dtype_size(DType dtype) { return info(dtype).size; }
+
+std::string supported_dtype_names() {
+    std::string names;
+    for (const DTypeInfo& entry : kDTypes) {
+        names += (names.empty() ? "" : ", ") + std::string(entry.name);
+    }
+    return names;
+}
+
+void sum_into(void* out, const void* const* srcs, uint32_t n_srcs, uint64_t count, DType dtype) {
+    switch (dtype) {
+        case DType::kFloat32: return sum_typed<float>(out, srcs, n_srcs, count);
+        case DType::kFloat64: return sum_typed<double>(out, srcs, n_srcs, count);
+        case DType::kBFloat16: return sum_typed<BFloat16>(out, srcs, n_srcs, count);
+#ifdef __FLT16_MAX__
+        case DType::kFloat16: return sum_typed<_Float16>(out, srcs, n_srcs, count);
+#endif
+        case DType::kInt32: return sum_typed<int32_t>(out, srcs, n_srcs, count);
+        case DType::kInt64: return sum_typed<int64_t>(out, srcs, n_srcs, count);
+        default: break;
+    }
+    throw std::invalid_argument("sum_into: dtype " + std::to_string(static_cast<uint32_t>(dtype)) +
+                                " is not one of " + supported_dtype_names());
+}
+
+}  // namespace shardline

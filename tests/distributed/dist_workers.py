@@ -1,0 +1,149 @@
+"""Bodies of the spawned ranks in tests/distributed: each rank joins the grid, runs one
+check function of this module and reports what it found (or its traceback) on a queue.
+
+Spawned children import this module by name, so everything here is module-level.
+"""
+
+from __future__ import annotations
+
+import traceback
+from multiprocessing.queues import Queue
+
+from shardline.distributed import parallel_state as ps
+from shardline.distributed.grid import RankGrid
+
+TIMEOUT = 60.0
+
+
+def run_rank(rank: int, grid: RankGrid, init_method: str, check: str, args: tuple,
+             results: Queue, shm: bool = True, shm_buffer_bytes: int = 1 << 20) -> None:
+    """Joins the grid as `rank`, runs `check(rank, *args)` and puts (rank, "ok", value) or
+    (rank, "error", traceback) on `results`; always leaves the grid."""
+    try:
+        ps.init_distributed(grid, rank, init_method, "cpu", timeout=TIMEOUT,
+                            shm_collectives=shm, shm_buffer_bytes=shm_buffer_bytes)
+        value = globals()[check](rank, *args)
+        results.put((rank, "ok", value))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        ps.destroy_distributed()
+
+
+def describe_grid(rank: int) -> dict:
+    """What this rank sees of the grid: coordinates, every group's ranks, the shm paths."""
+    state = ps.get_parallel_state()
+    groups = {kind: {"rank": g.rank, "size": g.size, "ranks": list(g.ranks),
+                     "shm": g.comm is not None and g.comm.shm is not None}
+              for kind, g in state.groups.items()}
+    c = state.coordinates
+    return {"coords": [c.dp, c.pp, c.sp, c.tp, c.ep], "groups": groups,
+            "tp_is_accessor": ps.get_tp_group() is state.groups["tp"]}
+
+
+def shm_names() -> list[str]:
+    """The shared segments this rank's groups use."""
+    state = ps.get_parallel_state()
+    return sorted({g.comm.shm.name for g in state.groups.values()
+                   if g.comm is not None and g.comm.shm is not None})
+
+
+def _inputs(seed: int, n: int, shape: tuple[int, ...], dtype=None, salt: int = 0) -> list:
+    """Every rank's input for one check, the same on every rank (seeded)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed * 1000 + salt)
+    xs = [torch.randn(shape, generator=gen) for _ in range(n)]
+    if dtype is not None and not dtype.is_floating_point:
+        return [(x * 1000).to(dtype) for x in xs]
+    return [x.to(dtype) if dtype is not None else x for x in xs]
+
+
+def _fp32_bound(xs: list) -> "torch.Tensor":
+    """How far an fp32 sum of xs, in any order, may be from the exact sum: each of the
+    n - 1 additions rounds by at most half an ulp of a partial sum, which is at most
+    sum(|x|); (n - 1) * eps * sum(|x|) covers it."""
+    import torch
+
+    magnitude = torch.stack([x.double().abs() for x in xs]).sum(0)
+    return (len(xs) - 1) * torch.finfo(torch.float32).eps * magnitude + 1e-30
+
+
+def check_every_op(rank: int, seed: int) -> dict:
+    """Runs every Communicator operation on the world group against its definition,
+    computed locally from every rank's seeded input. Returns the op counters."""
+    import torch
+
+    comm = ps.get_world_group().comm
+    n, me = comm.size, comm.rank_in_group
+    comm.stats.reset()
+
+    xs = _inputs(seed, n, (5, 7), salt=1)
+    exact = torch.stack([x.double() for x in xs]).sum(0)
+    got = comm.all_reduce(xs[me].clone())
+    assert ((got.double() - exact).abs() <= _fp32_bound(xs)).all(), "all_reduce fp32"
+    strided = xs[me].clone().t()
+    assert comm.all_reduce(strided) is strided
+    assert ((strided.t().double() - exact).abs() <= _fp32_bound(xs)).all(), "all_reduce strided"
+    ints = _inputs(seed, n, (9,), torch.int64, salt=2)
+    assert torch.equal(comm.all_reduce(ints[me].clone()), sum(ints)), "all_reduce int64"
+
+    xs = _inputs(seed, n, (2, 3, 4), salt=3)
+    for dim in (0, 1, -1):
+        assert torch.equal(comm.all_gather(xs[me], dim), torch.cat(xs, dim)), f"all_gather {dim}"
+    bf = _inputs(seed, n, (3,), torch.bfloat16, salt=4)
+    assert torch.equal(comm.all_gather(bf[me], 0), torch.cat(bf)), "all_gather bf16"
+
+    xs = _inputs(seed, n, (2 * n, 3 * n), salt=5)
+    exact = torch.stack([x.double() for x in xs]).sum(0)
+    for dim in (0, 1):
+        got = comm.reduce_scatter(xs[me], dim)
+        want = exact.chunk(n, dim)[me]
+        bound = _fp32_bound([x.chunk(n, dim)[me] for x in xs])
+        assert got.shape == want.shape and ((got.double() - want).abs() <= bound).all(), \
+            f"reduce_scatter dim {dim}"
+
+    # Uneven all-to-all: rank r sends (r + 2 j) % 3 rows to rank j, some of them none.
+    splits = [[(r + 2 * j) % 3 for j in range(n)] for r in range(n)]
+    xs = [torch.randn(sum(splits[r]), 4, generator=torch.Generator().manual_seed(seed + r))
+          for r in range(n)]
+    parts = [x.split(s) for x, s in zip(xs, splits)]
+    want = torch.cat([parts[src][me] for src in range(n)])
+    assert torch.equal(comm.all_to_all(xs[me], splits[me]), want), "all_to_all exchanged splits"
+    received = [splits[src][me] for src in range(n)]
+    assert comm.exchange_splits(splits[me]) == received
+    assert torch.equal(comm.all_to_all(xs[me], splits[me], received), want), "all_to_all given"
+    even = _inputs(seed, n, (2 * n, 3), salt=6)
+    want = torch.cat([x.chunk(n)[me] for x in even])
+    assert torch.equal(comm.all_to_all(even[me]), want), "all_to_all even"
+
+    xs = _inputs(seed, n, (4, 2), salt=7)
+    mine = xs[me].clone()
+    assert torch.equal(comm.broadcast(mine, src=n - 1), xs[n - 1]), "broadcast"
+    assert comm.broadcast_metadata({"step": 3, "ids": [1, 2]} if me == 0 else None) == \
+        {"step": 3, "ids": [1, 2]}
+
+    # A ring of sends: even ranks send first, odd ranks receive first.
+    xs = _inputs(seed, n, (3, 5), salt=8)
+    nxt, prev = (me + 1) % n, (me - 1) % n
+    if me % 2 == 0:
+        comm.send(xs[me], nxt)
+        got = comm.recv((3, 5), torch.float32, prev)
+    else:
+        got = comm.recv((3, 5), torch.float32, prev)
+        comm.send(xs[me], nxt)
+    assert torch.equal(got, xs[prev]), "send/recv"
+
+    tensors = {"hidden": xs[0], "ids": torch.arange(4), "half": xs[1].to(torch.bfloat16),
+               "empty": torch.empty(0, 3)}
+    if me == 0:
+        comm.send_tensor_dict(tensors, 1)
+        comm.send_metadata({"seq": [7, 8]}, 1)
+    elif me == 1:
+        got = comm.recv_tensor_dict(0)
+        assert list(got) == list(tensors)
+        assert all(torch.equal(got[k], tensors[k]) and got[k].dtype == tensors[k].dtype
+                   for k in tensors), "send_tensor_dict"
+        assert comm.recv_metadata(0) == {"seq": [7, 8]}
+    comm.barrier()
+    return comm.stats.snapshot()
