@@ -93,9 +93,11 @@ def _experts_shapes(p: str, count: int, hidden: int, inter: int, names: tuple[st
     return shapes
 
 
-def tensor_shapes(name: str) -> dict[str, tuple[int, ...]]:
-    """Checkpoint tensor names and shapes of a preset, as Hugging Face names them."""
-    c, hidden = PRESETS[name], PRESETS[name]["hidden_size"]
+def tensor_shapes(name: str, config: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor names and shapes of a preset (or of its variant with `config`),
+    as Hugging Face names them."""
+    c = PRESETS[name] if config is None else config
+    hidden = c["hidden_size"]
     fused = name in _FUSED_EXPERTS
     shapes = {"model.embed_tokens.weight": (c["vocab_size"], hidden),
               "model.norm.weight": (hidden,)}
@@ -162,11 +164,11 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def _write_preset(name: str, out_dir: str) -> None:
-    config = PRESETS[name]
+def _write_preset(name: str, out_dir: str, config: dict | None = None) -> None:
+    config = PRESETS[name] if config is None else config
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     tensors = {t: _random_tensor(t, shape, config["hidden_size"], gen).contiguous()
-               for t, shape in tensor_shapes(name).items()}
+               for t, shape in tensor_shapes(name, config).items()}
     shards = _SHARDED.get(name, 1)
     if shards == 1:
         save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
@@ -200,9 +202,10 @@ def cache_root() -> str:
         os.path.expanduser("~"), ".cache", "shardline")
 
 
-def preset_dir(name: str) -> str:
-    """Cache directory of a preset: keyed by a hash of everything that defines it."""
-    spec = json.dumps([FORMAT_VERSION, PRESETS[name], _SHARDED.get(name, 1),
+def preset_dir(name: str, config: dict | None = None) -> str:
+    """Cache directory of a preset (or a variant): keyed by a hash of all that defines it."""
+    config = PRESETS[name] if config is None else config
+    spec = json.dumps([FORMAT_VERSION, config, _SHARDED.get(name, 1),
                        name in _FUSED_EXPERTS], sort_keys=True)
     digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
     return os.path.join(cache_root(), "presets", f"{name}-{digest}")
@@ -231,6 +234,17 @@ def write_directory_once(target: str, write: Callable[[str], None]) -> str:
 def build_preset(name: str) -> str:
     """Write the preset unless it is cached."""
     return write_directory_once(preset_dir(name), lambda out: _write_preset(name, out))
+
+
+def build_variant(name: str, **overrides: object) -> str:
+    """Write (unless cached) a preset with some config.json fields changed, e.g. a
+    vocabulary no TP size divides or more layers; weights are drawn as for the preset."""
+    unknown = sorted(set(overrides) - set(PRESETS[name]))
+    if unknown:
+        raise ValueError(f"overrides {unknown} are not fields of preset {name!r}")
+    config = {**PRESETS[name], **overrides}
+    return write_directory_once(preset_dir(name, config),
+                                lambda out: _write_preset(name, out, config))
 
 
 def resolve_model(name_or_path: str) -> str:

@@ -5,7 +5,6 @@ import pytest
 from shardline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from shardline.step import ModelRunnerOutput, SchedulerOutput
 from shardline.executor import create_executor, executor_class
-from shardline.executor import uniproc
 from shardline.executor.uniproc import UniProcExecutor
 
 
@@ -37,12 +36,7 @@ class StubWorker:
 
 def config(**parallel):
     return EngineConfig(ModelConfig("m"), CacheConfig(), SchedulerConfig(),
-                        ParallelConfig(**parallel))
-
-
-@pytest.fixture
-def stub_worker(monkeypatch):
-    monkeypatch.setattr(uniproc, "Worker", StubWorker)
+                        ParallelConfig(worker_cls="test_executor.StubWorker", **parallel))
 
 
 def test_each_layout_gets_its_executor():
@@ -64,7 +58,7 @@ def test_layouts_an_executor_cannot_run_are_refused_clearly(layout, named):
         executor_class(ParallelConfig(**layout))
 
 
-def test_uniproc_brings_the_worker_up_and_relays_steps(stub_worker):
+def test_uniproc_brings_the_worker_up_and_relays_steps():
     executor = create_executor(config())
     assert executor.num_kv_blocks == 37
     assert executor.worker.calls == ["init_device", "load_model", "determine_num_kv_blocks",
@@ -74,3 +68,14 @@ def test_uniproc_brings_the_worker_up_and_relays_steps(stub_worker):
     assert out.req_ids == ["a", "b"] and out.sampled_token_ids == [5, 5]
     executor.shutdown()
     executor.shutdown()
+
+
+@pytest.mark.parametrize("path, named", [
+    ("no_such_module.Worker", "cannot import 'no_such_module'"),
+    ("test_executor.NoSuchWorker", "has no 'NoSuchWorker'"),
+])
+def test_an_unknown_worker_class_is_named(path, named):
+    cfg = EngineConfig(ModelConfig("m"), CacheConfig(), SchedulerConfig(),
+                       ParallelConfig(worker_cls=path))
+    with pytest.raises(ValueError, match=named):
+        create_executor(cfg)

@@ -6,14 +6,14 @@ from typing import Any
 
 from shardline.executor.base import Executor, StepFuture
 from shardline.step import ModelRunnerOutput, SchedulerOutput
-from shardline.worker.worker import Worker
+from shardline.worker.worker_class import import_worker_class
 
 
 class UniProcExecutor(Executor):
     """Calls the single Worker's methods directly."""
 
     def _start_workers(self) -> None:
-        self.worker = Worker(self.config, rank=0)
+        self.worker = import_worker_class(self.config.parallel.worker_cls)(self.config, rank=0)
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
                        timeout: float | None = None) -> list[Any]:

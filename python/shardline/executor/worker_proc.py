@@ -20,6 +20,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from shardline.ipc import MessageQueue, MessageQueueHandle, PeerDied, RingClosed
+from shardline.worker.worker_class import import_worker_class
 
 SHUTDOWN = "__shutdown__"
 ALL_RANKS = -1
@@ -58,11 +59,6 @@ def _forward_logs(log_queue: Any, rank: int, level: int) -> None:
     logging.getLogger("shardline").setLevel(level)
 
 
-def _import_worker_class(path: str) -> type:
-    module, _, name = path.rpartition(".")
-    return getattr(__import__(module, fromlist=[name]), name)
-
-
 def run_worker(args: WorkerArgs, handle_conn: Connection, log_queue: Any) -> None:
     """Process entry point: connect, then serve calls until shutdown or the executor dies."""
     # Ctrl-C goes to the whole process group; the executor decides when workers stop.
@@ -80,7 +76,7 @@ def run_worker(args: WorkerArgs, handle_conn: Connection, log_queue: Any) -> Non
     worker = None
     exit_code = 0
     try:
-        worker = _import_worker_class(args.worker_cls)(
+        worker = import_worker_class(args.worker_cls)(
             config, rank=args.rank, distributed_init_method=args.distributed_init_method)
         exit_code = _serve(worker, args.rank, broadcast, response)
     except (PeerDied, RingClosed):
