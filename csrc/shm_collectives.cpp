@@ -174,7 +174,7 @@ void ShmCollectives::wait(WaitLine& line, Ready ready, Check check, const char* 
         line.sleepers.fetch_add(1, std::memory_order_seq_cst);
         std::atomic_thread_fence(std::memory_order_seq_cst);
         uint32_t epoch = line.epoch.load(std::memory_order_seq_cst);
-        if (!ready() && layout_->closed.load(std::memory_order_seq_cst) == 0) {
+        if (!ready() && layout_->failed.load(std::memory_order_seq_cst) == 0) {
             futex_wait(&line.epoch, epoch, sleep_ns);
         }
         line.sleepers.fetch_sub(1, std::memory_order_seq_cst);
@@ -205,7 +205,7 @@ void ShmCollectives::wait_attached(Deadline deadline, const std::vector<int64_t>
         }
     };
     deadline_ = deadline;
-    guarded("wait_attached", [&] { wait(layout_->attach_wait, all, expected_alive, "wait_attached"); });
+    guarded([&] { wait(layout_->attach_wait, all, expected_alive, "wait_attached"); });
 }
 
 void ShmCollectives::require_usable(const char* what) const {
@@ -217,10 +217,15 @@ void ShmCollectives::require_usable(const char* what) const {
         throw RingClosedError(std::string(what) + ": shared-memory collective group '" + name_ +
                               "' was closed on this rank");
     }
-    if (uint32_t closed_by = layout_->closed.load(std::memory_order_acquire); closed_by != 0) {
+    // Acquire pairs with fail_group()'s release: the reason is complete.
+    if (uint32_t failed = layout_->failed.load(std::memory_order_acquire); failed != 0) {
+        // A dead peer is the likelier root cause; name it rather than the messenger.
+        check_peers(what);
         throw RingClosedError(std::string(what) + ": shared-memory collective group '" + name_ +
-                              "' was closed by rank " + std::to_string(closed_by - 1) +
-                              " after a collective failed there");
+                              "' was closed by rank " + std::to_string(failed - 1) + " after its collective failed (" +
+                              std::string(layout_->failure_reason, strnlen(layout_->failure_reason,
+                                                                           sizeof(layout_->failure_reason))) +
+                              ")");
     }
 }
 
@@ -261,9 +266,14 @@ void ShmCollectives::barrier(uint64_t op, uint64_t count, const char* what) {
     check_same_op(op, count, what);
 }
 
-void ShmCollectives::fail_group() {
-    uint32_t open = 0;
-    layout_->closed.compare_exchange_strong(open, 1 + rank_, std::memory_order_seq_cst);
+void ShmCollectives::fail_group(const std::string& reason) {
+    uint32_t unclaimed = 0;
+    if (layout_->failing.compare_exchange_strong(unclaimed, 1, std::memory_order_acq_rel)) {
+        size_t n = std::min(reason.size(), sizeof(layout_->failure_reason) - 1);
+        std::memcpy(layout_->failure_reason, reason.data(), n);
+        layout_->failure_reason[n] = '\0';
+        layout_->failed.store(1 + rank_, std::memory_order_seq_cst);
+    }
     // The arrival count is left alone (only arrivals move it); a sleeper that missed
     // this wake sees the flag at the end of its sleep slice.
     futex_wake_all(&layout_->arrivals.epoch);
@@ -272,14 +282,14 @@ void ShmCollectives::fail_group() {
 }
 
 template <class Body>
-void ShmCollectives::guarded(const char* what, Body body) {
+void ShmCollectives::guarded(Body body) {
     try {
         body();
     } catch (const std::exception& error) {
         // The ranks are out of step now; the others must not wait for a barrier this
         // rank will never reach.
-        broken_ = std::string(what) + ": " + error.what();
-        fail_group();
+        broken_ = error.what();
+        fail_group(broken_);
         throw;
     }
 }
@@ -292,7 +302,7 @@ void ShmCollectives::all_reduce(void* data, uint64_t count, DType dtype, Deadlin
     uint64_t per_piece = buffer_bytes_ / elem;
     // Each rank's share of a two-step piece starts on a cache line of its own.
     uint64_t line_elems = kCacheLine / elem;
-    guarded("all_reduce", [&] {
+    guarded([&] {
         for (uint64_t start = 0; start < count || start == 0; start += per_piece) {
             uint64_t n = std::min(per_piece, count - start);
             char* out = static_cast<char*>(data) + start * elem;
@@ -325,7 +335,7 @@ void ShmCollectives::all_gather(const void* input, void* out, uint64_t bytes, De
     uint64_t op = describe(kAllGather, DType::kFloat32);
     auto* dst = static_cast<char*>(out);
     const auto* src = static_cast<const char*>(input);
-    guarded("all_gather", [&] {
+    guarded([&] {
         for (uint64_t start = 0; start < bytes || start == 0; start += buffer_bytes_) {
             uint64_t n = std::min(buffer_bytes_, bytes - start);
             std::memcpy(buffer(generation_, rank_), src + start, n);

@@ -48,7 +48,9 @@ struct CollectiveLayout {
     uint32_t n_ranks;
     uint64_t buffer_bytes;
     std::atomic<uint32_t> attached;
-    std::atomic<uint32_t> closed;  // 0, or 1 + the rank that closed the group
+    std::atomic<uint32_t> failing;  // claimed by the first rank whose collective failed
+    std::atomic<uint32_t> failed;   // then 1 + that rank, once failure_reason is written
+    char failure_reason[256];
     WaitLine arrivals;  // epoch counts every barrier arrival ever; ranks sleep on it
     WaitLine attach_wait;
     CollectiveRankLine ranks[kMaxCollectiveRanks];
@@ -103,9 +105,9 @@ private:
     void wait(WaitLine& line, Ready ready, Check check, const char* what);
     void check_peers(const char* what) const;
     void check_same_op(uint64_t op, uint64_t count, const char* what) const;
-    void fail_group();
+    void fail_group(const std::string& reason);
     template <class Body>
-    void guarded(const char* what, Body body);
+    void guarded(Body body);
 
     Segment segment_;
     CollectiveLayout* layout_;

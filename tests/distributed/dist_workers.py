@@ -147,3 +147,63 @@ def check_every_op(rank: int, seed: int) -> dict:
         assert comm.recv_metadata(0) == {"seq": [7, 8]}
     comm.barrier()
     return comm.stats.snapshot()
+
+
+def _rank_order_sum(xs: list) -> "torch.Tensor":
+    """What the shared-memory all-reduce computes: the ranks' inputs added in rank order,
+    in fp32 for 16-bit floats (rounded once at the end), wrapping for integers."""
+    import torch
+
+    acc_dtype = torch.float32 if xs[0].dtype in (torch.float16, torch.bfloat16) else xs[0].dtype
+    total = xs[0].to(acc_dtype).clone()
+    for x in xs[1:]:
+        total += x.to(acc_dtype)
+    return total.to(xs[0].dtype)
+
+
+def check_shm_matches_gloo(rank: int, seed: int, sizes: tuple[int, ...]) -> None:
+    """The shared-memory all-reduce and all-gather against gloo's on the same inputs."""
+    import torch
+    import torch.distributed as dist
+
+    comm = ps.get_world_group().comm
+    n, me = comm.size, comm.rank_in_group
+    assert comm.shm is not None, "the world group has no shared segment"
+    dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int32,
+              torch.int64)
+    for salt, (dtype, numel) in enumerate((d, s) for d in dtypes for s in sizes):
+        xs = _inputs(seed, n, (numel,), dtype, salt=100 + salt)
+        shm = comm.shm.all_reduce(xs[me].clone())
+        gloo = xs[me].clone()
+        dist.all_reduce(gloo, group=comm.device_group)
+        what = f"{dtype} x {numel} at {n} ranks"
+        assert torch.equal(shm, _rank_order_sum(xs)), f"shm all_reduce is not the rank-order sum: {what}"
+        if not dtype.is_floating_point or (n == 2 and dtype in (torch.float32, torch.float64)):
+            # Integer sums are exact, and a + b == b + a: two ranks agree bit for bit.
+            assert torch.equal(shm, gloo), f"shm and gloo differ: {what}"
+        else:
+            # gloo adds in another order (and 16-bit floats in 16 bits), so each result
+            # may be off by (n - 1) roundings of at most eps * sum(|x|), plus one final
+            # rounding: allow n * eps of the dtype, times sum(|x|).
+            magnitude = torch.stack([x.double().abs() for x in xs]).sum(0)
+            bound = n * torch.finfo(dtype).eps * magnitude
+            assert ((shm.double() - gloo.double()).abs() <= bound).all(), f"shm vs gloo: {what}"
+        gathered = comm.shm.all_gather(xs[me])
+        assert torch.equal(gathered, torch.stack(xs)), f"shm all_gather: {what}"
+
+
+def check_groups_are_wired(rank: int) -> dict:
+    """Sums each rank's global rank over each of its groups (each sum must be the sum of
+    that group's ranks), passes a tensor down the pipeline, and reports what it saw."""
+    import torch
+
+    sums = {kind: int(g.all_reduce(torch.tensor([float(rank)])).item())
+            for kind, g in ps.get_parallel_state().groups.items()}
+    pp = ps.get_pp_group()
+    received = None
+    if not pp.is_first:
+        received = pp.recv_from_prev([(2,)], torch.float32)[0].tolist()
+    if not pp.is_last:
+        pp.send_to_next([torch.tensor([float(rank), 1.0])])
+    return {**describe_grid(rank), "sums": sums, "received": received, "names": shm_names(),
+            "stats": sorted(ps.get_parallel_state().comm_stats())}
