@@ -2,6 +2,7 @@
 
 import asyncio
 import random
+from types import SimpleNamespace
 
 import pytest
 
@@ -198,3 +199,129 @@ def test_logprobs_of_greedy_tokens_are_the_top_ones(llm):
         assert logprobs[token] == max(logprobs.values())
     assert out.cumulative_logprob == pytest.approx(
         sum(lp[t] for lp, t in zip(out.logprobs, out.token_ids)))
+
+
+BAD_PROMPTS = [
+    (None, r"prompt=None \(NoneType\) is not a prompt"),
+    (7, r"prompt=7 \(int\) is not a prompt"),
+    ({5: 6}, r"prompt=\{5: 6\} \(dict\) is not a prompt"),
+    (b"\x05\x06", r"prompt=b'\\x05\\x06' \(bytes\) is not a prompt"),
+    ([True, False], r"prompt\[0\]=True is not a token id"),
+]
+BAD_PARAMS = [
+    (7, r"sampling_params=7 \(int\) is not a SamplingParams"),
+    ({"max_tokens": 3}, r"sampling_params=\{'max_tokens': 3\} \(dict\) is not a SamplingParams"),
+]
+
+
+@pytest.mark.parametrize("prompt, message", BAD_PROMPTS)
+def test_prompt_of_the_wrong_type_raises_value_error(llm, prompt, message):
+    good = random_prompts(1)[0]
+    llm.add_request("good", good, GREEDY)
+    llm.step()
+    with pytest.raises(ValueError, match=message):
+        llm.add_request("bad", prompt, GREEDY)
+    with pytest.raises(ValueError, match=message):
+        llm.engine.encode_prompt(prompt, GREEDY)
+    with pytest.raises(ValueError, match="prompt 1: " + message):
+        llm.generate([good, prompt], GREEDY)
+    finished = []
+    while llm.has_unfinished_requests():
+        finished += [o for o in llm.step() if o.finished]
+    assert [o.request_id for o in finished] == ["good"]
+    assert len(finished[0].outputs[0].token_ids) == 12
+    assert_all_free(llm)
+
+
+@pytest.mark.parametrize("params, message", BAD_PARAMS)
+def test_sampling_params_of_the_wrong_type_raise_value_error(llm, params, message):
+    prompt = random_prompts(1)[0]
+    with pytest.raises(ValueError, match=message):
+        llm.add_request("bad", prompt, params)
+    with pytest.raises(ValueError, match=message):
+        llm.engine.encode_prompt(prompt, params)
+    with pytest.raises(ValueError, match="prompt 1: " + message):
+        llm.generate([prompt, prompt], [GREEDY, params])
+    assert_all_free(llm)
+
+
+@pytest.mark.parametrize("prompts, params, message", [
+    (None, None, r"prompts=None \(NoneType\) is invalid"),
+    (7, None, r"prompts=7 \(int\) is invalid"),
+    ({5: 6}, None, r"prompts=\{5: 6\} \(dict\) is invalid"),
+    (b"\x05\x06", None, r"prompts=b'\\x05\\x06' \(bytes\) is invalid"),
+    ([[5, 6]], 7, r"sampling_params=7 \(int\) is invalid"),
+    ([[5, 6]], {"max_tokens": 3}, r"sampling_params=\{'max_tokens': 3\} \(dict\) is invalid"),
+])
+def test_generate_rejects_containers_of_the_wrong_type(llm, prompts, params, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate(prompts, params)
+    assert_all_free(llm)
+
+
+@pytest.mark.parametrize("values, message", [
+    ([5, True], r"ids\[1\]=True is not a token id: token ids are integers, not bools"),
+    (b"\x05", r"ids=b'\\x05' \(bytes\) is not a list of token ids"),
+    ({5, 6}, r"ids=\{5, 6\} \(set\) is not a list of token ids"),
+    ("56", r"ids='56' \(str\) is not a list of token ids"),
+])
+def test_token_ids_accept_only_lists_of_integers(llm, values, message):
+    with pytest.raises(ValueError, match=message):
+        llm.engine._token_ids(values, "ids")
+    assert llm.engine._token_ids((5, 6), "ids") == [5, 6]
+
+
+def test_generate_tokenizes_each_text_prompt_once(llm, monkeypatch):
+    tokenizer = llm.engine.tokenizer
+    calls = []
+
+    def counting_encode(text):
+        calls.append(text)
+        return tokenizer.encode(text)
+    monkeypatch.setattr(llm.engine, "tokenizer", SimpleNamespace(encode=counting_encode,
+                                                                 decode=tokenizer.decode))
+    prompts = ["The sky is", "Hello there", "abc"]
+    outputs = llm.generate(prompts, GREEDY)
+    assert calls == prompts
+    assert [o.prompt for o in outputs] == prompts
+    assert [o.prompt_token_ids for o in outputs] == [tokenizer.encode(p) for p in prompts]
+    assert_all_free(llm)
+
+
+def test_abort_between_steps_drops_the_request_and_leaves_the_others_exact(reference_llm, llm):
+    """Incremental API: one request aborted mid-prefill and one mid-decode, each between two
+    steps, while two others run on; the others' tokens match each prompt run alone."""
+    keep = random_prompts(2, 8, 16)
+    mid_prefill, mid_decode = random_prompts(1, 40, 60)[0], random_prompts(1, 4, 8)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    expected = token_ids([reference_llm.generate([p], params)[0] for p in keep])
+    engine = llm.engine
+    llm.add_request("decode", mid_decode, params)
+    for i, prompt in enumerate(keep):
+        llm.add_request(f"keep{i}", prompt, params)
+    llm.add_request("prefill", mid_prefill, params)
+    prefilling = engine.scheduler.seqs["prefill"]
+    while prefilling.num_computed_tokens == 0:  # a budget of 24 a step chunks its prefill
+        llm.step()
+    assert prefilling.num_computed_tokens < prefilling.num_tokens
+    free_before = engine.kv.num_free_blocks
+    aborted = llm.abort_request("prefill")
+    assert aborted.outputs[0].finish_reason == "abort" and aborted.outputs[0].token_ids == []
+    assert engine.kv.num_free_blocks > free_before
+    final = {}
+    for output in llm.step():
+        assert output.request_id != "prefill"
+        final[output.request_id] = output
+    decoded = final["decode"].outputs[0].token_ids
+    free_before = engine.kv.num_free_blocks
+    aborted = llm.abort_request("decode")
+    assert aborted.outputs[0].finish_reason == "abort"
+    assert aborted.outputs[0].token_ids == decoded
+    assert engine.kv.num_free_blocks > free_before
+    assert llm.abort_request("decode") is None
+    while llm.has_unfinished_requests():
+        for output in llm.step():
+            assert output.request_id in ("keep0", "keep1")
+            final[output.request_id] = output
+    assert token_ids([final["keep0"], final["keep1"]]) == expected
+    assert_all_free(llm)

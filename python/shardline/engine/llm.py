@@ -9,11 +9,12 @@ engine one step at a time.
 
 from __future__ import annotations
 
+import reprlib
 import sys
 from typing import Sequence as Seq
 
 from shardline.engine.engine_args import EngineArgs
-from shardline.engine.llm_engine import LLMEngine, PromptType
+from shardline.engine.llm_engine import LLMEngine, PromptType, is_sequence
 from shardline.engine.outputs import RequestOutput
 from shardline.sampling_params import SamplingParams
 from shardline.engine.scheduler import SchedulerStats
@@ -42,29 +43,25 @@ class LLM:
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in input order.
 
-        `prompts` is a string, a token-id list, or a list of either. Every prompt is
-        validated before any runs: a bad one raises ValueError naming its index. Requests
-        added with `add_request` keep running meanwhile, but their outputs from these steps
-        are not returned.
+        `prompts` is a string, a token-id list, or a list of either; `sampling_params` is
+        one SamplingParams for all, a list with one per prompt, or None for the defaults.
+        Every prompt is validated (and tokenized, once) before any runs: a bad one raises
+        ValueError naming its index. Requests added with `add_request` keep running
+        meanwhile, but their outputs from these steps are not returned.
         """
         prompt_list = _as_prompt_list(prompts)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
-        else:
-            params_list = list(sampling_params)
-            if len(params_list) != len(prompt_list):
-                raise ValueError(f"sampling_params has {len(params_list)} entries for "
-                                 f"{len(prompt_list)} prompts: pass one, or one per prompt")
+        params_list = _as_params_list(sampling_params, len(prompt_list))
+        encoded = []
         for i, (prompt, params) in enumerate(zip(prompt_list, params_list)):
             try:
-                self.engine.encode_prompt(prompt, params)
+                encoded.append(self.engine.encode_prompt(prompt, params)[1])
             except ValueError as exc:
                 raise ValueError(f"prompt {i}: {exc}") from exc
         ids = []
-        for prompt, params in zip(prompt_list, params_list):
+        for prompt, params, prompt_token_ids in zip(prompt_list, params_list, encoded):
             ids.append(f"gen-{self._next_id}")
             self._next_id += 1
-            self.engine.add_request(ids[-1], prompt, params)
+            self.engine.add_request(ids[-1], prompt, params, prompt_token_ids=prompt_token_ids)
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):
             for output in self.engine.step():
@@ -100,7 +97,25 @@ class LLM:
 def _as_prompt_list(prompts: PromptType | Seq[PromptType]) -> list[PromptType]:
     if isinstance(prompts, str):
         return [prompts]
+    if not is_sequence(prompts):
+        raise ValueError(f"prompts={reprlib.repr(prompts)} ({type(prompts).__name__}) is "
+                         "invalid: pass a string, a list of token ids, or a list of either")
     prompts = list(prompts)
     if prompts and all(isinstance(p, int) for p in prompts):
         return [prompts]
     return prompts
+
+
+def _as_params_list(sampling_params: SamplingParams | Seq[SamplingParams] | None,
+                    count: int) -> list[SamplingParams]:
+    if sampling_params is None or isinstance(sampling_params, SamplingParams):
+        return [sampling_params or SamplingParams()] * count
+    if not is_sequence(sampling_params):
+        raise ValueError(f"sampling_params={reprlib.repr(sampling_params)} "
+                         f"({type(sampling_params).__name__}) is invalid: pass a SamplingParams, "
+                         "a list with one per prompt, or None for the defaults")
+    params_list = [SamplingParams() if p is None else p for p in sampling_params]
+    if len(params_list) != count:
+        raise ValueError(f"sampling_params has {len(params_list)} entries for {count} "
+                         "prompts: pass one, or one per prompt")
+    return params_list

@@ -8,9 +8,11 @@ they touch any state, so one bad request never disturbs the others.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import itertools
 import operator
+import reprlib
 from typing import Protocol, Sequence as Seq
 
 from shardline.config import EngineConfig
@@ -77,13 +79,22 @@ class LLMEngine:
         return self.kv.num_blocks * self.kv.block_size
 
     def add_request(self, request_id: str, prompt: PromptType,
-                    params: SamplingParams | None = None) -> None:
-        """Queue a request; raises ValueError (and queues nothing) if it is malformed."""
+                    params: SamplingParams | None = None, *,
+                    prompt_token_ids: list[int] | None = None) -> None:
+        """Queue a request; raises ValueError (and queues nothing) if it is malformed.
+
+        `prompt_token_ids`, when given, must be what `encode_prompt(prompt, params)`
+        returned: the prompt is then neither validated nor tokenized again.
+        """
         if request_id in self.outputs.requests:
             raise ValueError(f"request_id={request_id!r} is already in use by an unfinished "
                              "request")
         params = SamplingParams() if params is None else params
-        prompt_text, prompt_ids = self.encode_prompt(prompt, params)
+        if prompt_token_ids is None:
+            prompt_text, prompt_ids = self.encode_prompt(prompt, params)
+        else:
+            prompt_text = prompt if isinstance(prompt, str) else None
+            prompt_ids = prompt_token_ids
         max_len = min(self.max_model_len, self.kv_capacity_tokens)
         seqs: list[Sequence] = []
         for i in range(params.n):
@@ -103,7 +114,18 @@ class LLMEngine:
 
     def encode_prompt(self, prompt: PromptType, params: SamplingParams
                       ) -> tuple[str | None, list[int]]:
-        """Validate a prompt and its params for this engine; return (text, token ids)."""
+        """Validate a prompt and its params for this engine; return (text, token ids).
+
+        A prompt is a string or a list of token ids; anything else (None, a number, a
+        dict, bytes, bools as ids) raises ValueError, as a bad value does.
+        """
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params={reprlib.repr(params)} "
+                             f"({type(params).__name__}) is not a SamplingParams: pass one, "
+                             "or None for the defaults")
+        if not isinstance(prompt, str) and not is_sequence(prompt):
+            raise ValueError(f"prompt={reprlib.repr(prompt)} ({type(prompt).__name__}) is "
+                             "not a prompt: pass a string or a list of token ids")
         params.validate()
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop={params.stop!r} needs a tokenizer, and the model has no "
@@ -155,10 +177,20 @@ class LLMEngine:
     def shutdown(self) -> None:
         self.executor.shutdown()
 
-    def _token_ids(self, values, where: str) -> list[int]:
-        """`values` as plain ints, each an id of this model's vocabulary, or a ValueError."""
+    def _token_ids(self, values: object, where: str) -> list[int]:
+        """`values` as plain ints, each an id of this model's vocabulary, or a ValueError.
+
+        `values` must be a sequence such as a list: bytes iterate as integers and a bool
+        indexes as one, but neither holds token ids.
+        """
+        if not is_sequence(values):
+            raise ValueError(f"{where}={reprlib.repr(values)} ({type(values).__name__}) is "
+                             "not a list of token ids")
         ids = []
         for i, value in enumerate(values):
+            if isinstance(value, bool):
+                raise ValueError(f"{where}[{i}]={value!r} is not a token id: token ids are "
+                                 "integers, not bools")
             try:
                 token = operator.index(value)
             except TypeError:
@@ -169,3 +201,10 @@ class LLMEngine:
                                  f"[0, {self.vocab_size})")
             ids.append(token)
         return ids
+
+
+def is_sequence(values: object) -> bool:
+    """A list, tuple or other sequence that is not text or bytes: what holds prompts,
+    token ids or per-prompt params."""
+    return (isinstance(values, collections.abc.Sequence)
+            and not isinstance(values, (str, bytes, bytearray, memoryview)))
