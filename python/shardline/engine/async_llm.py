@@ -1,17 +1,28 @@
 """AsyncLLM: streaming generation for serving stacks.
 
 Each `generate` call registers a request and yields its cumulative RequestOutput every time
-it gains tokens, ending with the finished one. One background task steps the engine while
-any request is unfinished. Each step runs in a worker thread, so the event loop stays free
-for other coroutines; an asyncio lock keeps request additions and aborts between steps.
-Cancelling the consumer (or breaking out of the loop) aborts the request and frees its KV
-blocks. If a step fails, every open stream raises the error and the engine refuses new
-requests, since its state can no longer be trusted.
+it gains tokens, ending with the finished one. One engine thread owns the engine: it applies
+the requests and aborts posted to it, in order, between steps, runs the steps, and hands
+each output to its stream's event loop; it runs while there is work and ends when idle.
+The event loop therefore never waits for a step, and no asyncio object is shared between
+streams, so streams may come from any event loop, one after another (successive
+`asyncio.run` calls) or at once (loops in several threads).
+
+A request is identified by its stream, not only by its id: closing or cancelling a stream
+aborts its own request, never a later request that reused the id after the first finished.
+The abort is posted without waiting, then the stream waits for the engine thread to apply
+it (at most one step), so a cancelled consumer ends with its KV blocks free; a second cancel
+cuts only that wait short, never the abort.
+
+If a step fails (or adding a request fails other than as a bad request), every open
+stream raises the error and the engine refuses new requests, since its state can no longer
+be trusted. `shutdown` ends open streams with an error as well.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import AsyncIterator
 
 from shardline.engine.engine_args import EngineArgs
@@ -19,83 +30,271 @@ from shardline.engine.llm_engine import LLMEngine, PromptType
 from shardline.engine.outputs import RequestOutput
 from shardline.sampling_params import SamplingParams
 
+_ACK = object()  # the engine thread's reply to an abort
+Item = object  # what a stream's queue holds: a RequestOutput, an exception to raise, or _ACK
+
+
+class _Stream:
+    """One `generate` call (or one `abort` waiting for its answer): its request id and
+    where the engine thread's items for it go."""
+
+    __slots__ = ("request_id", "loop", "queue")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Item] = asyncio.Queue()
+
+
+class _Add:
+    """Add a stream's request, its prompt already validated and tokenized."""
+
+    __slots__ = ("stream", "prompt", "prompt_token_ids", "params")
+
+    def __init__(self, stream: _Stream, prompt: PromptType, prompt_token_ids: list[int],
+                 params: SamplingParams) -> None:
+        self.stream = stream
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+
+
+class _Abort:
+    """Abort `request_id`; with an `owner`, only while the owner's request holds the id.
+
+    The engine thread answers _ACK to the `waiter` once the abort is applied (or moot).
+    """
+
+    __slots__ = ("request_id", "owner", "waiter")
+
+    def __init__(self, request_id: str, owner: _Stream | None, waiter: _Stream | None) -> None:
+        self.request_id = request_id
+        self.owner = owner
+        self.waiter = waiter
+
 
 class AsyncLLM:
-    """An engine plus a background step loop that feeds per-request output queues.
+    """An engine plus the thread that steps it and feeds per-request output streams.
 
     Keyword options are EngineArgs fields.
     """
 
     def __init__(self, model: str, **kwargs) -> None:
-        self.engine = LLMEngine.from_config(EngineArgs(model, **kwargs).to_config())
-        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
-        self._loop_task: asyncio.Task | None = None
-        self._lock = asyncio.Lock()
-        self._failure: BaseException | None = None
+        self._attach(LLMEngine.from_config(EngineArgs(model, **kwargs).to_config()))
 
     @classmethod
     def from_engine(cls, engine: LLMEngine) -> "AsyncLLM":
         llm = cls.__new__(cls)
-        llm.engine = engine
-        llm._queues = {}
-        llm._loop_task = None
-        llm._lock = asyncio.Lock()
-        llm._failure = None
+        llm._attach(engine)
         return llm
+
+    def _attach(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        # Guards the fields below; held only for moments, never across a step.
+        self._mutex = threading.Lock()
+        self._commands: list[_Add | _Abort] = []
+        self._worker: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self._closed = False
+        # The stream of every request the engine runs; touched only by the engine thread
+        # (or by shutdown once that thread has ended).
+        self._streams: dict[str, _Stream] = {}
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None,
                        request_id: str) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs as they grow; raises ValueError for a bad request."""
-        if self._failure is not None:
-            raise RuntimeError("the engine failed in an earlier step and accepts no more "
-                               "requests") from self._failure
-        async with self._lock:
-            self.engine.add_request(request_id, prompt, sampling_params)
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._queues[request_id] = queue
-        self._ensure_loop()
+        """Yield the request's outputs as they grow; raises ValueError for a bad request.
+
+        Leaving the loop early (break, cancel, close) aborts the request and frees its KV
+        blocks. The id is free again once the request finishes, even if its stream has
+        not read the last output yet.
+        """
+        self._raise_if_stopped()
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id={request_id!r} ({type(request_id).__name__}) is not "
+                             "a string")
+        params = SamplingParams() if sampling_params is None else sampling_params
+        _, prompt_token_ids = self.engine.encode_prompt(prompt, params)
+        stream = _Stream(request_id)
+        self._post(_Add(stream, prompt, prompt_token_ids, params), refuse=True)
         finished = False
         try:
             while not finished:
-                item = await queue.get()
+                item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
                 yield item
         finally:
-            if self._queues.get(request_id) is queue:
-                del self._queues[request_id]
             if not finished:
-                async with self._lock:
-                    self.engine.abort_request(request_id)
+                posted = self._post(_Abort(request_id, stream, stream), refuse=False)
+                # Only the stream's own loop can receive the answer: a stream closed from
+                # another loop (its own closed first) does not wait for it.
+                if posted and stream.loop is asyncio.get_running_loop():
+                    await _acknowledged(stream)
 
     async def abort(self, request_id: str) -> None:
-        """Stop a request; its stream ends with the aborted output."""
-        async with self._lock:
-            output = self.engine.abort_request(request_id)
-        queue = self._queues.get(request_id)
-        if output is not None and queue is not None:
-            queue.put_nowait(output)
+        """Stop a request and free its KV blocks; returns once that is done.
+
+        Its stream ends with the aborted output (or with its finished one, if the request
+        finished first). An unknown id is ignored.
+        """
+        waiter = _Stream(request_id)
+        if self._post(_Abort(request_id, None, waiter), refuse=False):
+            await _acknowledged(waiter)
 
     def shutdown(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
+        """Stop the engine thread after its current step, end open streams with an error,
+        and shut the executor down."""
+        with self._mutex:
+            self._closed = True
+            worker = self._worker
+        if worker is not None:
+            worker.join()
+        with self._mutex:
+            commands, self._commands = self._commands, []
+        self._end_streams(RuntimeError("the AsyncLLM was shut down"), commands)
         self.engine.shutdown()
 
-    def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._step_loop())
+    def _raise_if_stopped(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError("the engine failed in an earlier step and accepts no more "
+                               "requests") from self._failure
+        if self._closed:
+            raise RuntimeError("the AsyncLLM was shut down and accepts no more requests")
 
-    async def _step_loop(self) -> None:
+    def _post(self, command: _Add | _Abort, refuse: bool) -> bool:
+        """Queue a command for the engine thread, starting that thread if it is idle.
+
+        Once the engine failed or was shut down, an add raises (when `refuse`) and an
+        abort is dropped, since its request is gone with the engine: returns False then.
+        """
+        with self._mutex:
+            if self._failure is not None or self._closed:
+                if refuse:
+                    self._raise_if_stopped()
+                return False
+            self._commands.append(command)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._run, name="shardline-engine",
+                                                daemon=True)
+                self._worker.start()
+            return True
+
+    def _run(self) -> None:
+        """The engine thread: apply commands, step, deliver; end when there is no work.
+
+        An exception other than a bad request's ValueError leaves the engine in an unknown
+        state: every stream gets it, and the engine takes no more requests.
+        """
+        engine = self.engine
+        while True:
+            with self._mutex:
+                if self._closed:
+                    self._worker = None
+                    return
+                commands, self._commands = self._commands, []
+                if not commands and not engine.has_unfinished_requests():
+                    self._worker = None
+                    return
+            try:
+                self._apply(commands)
+                if engine.has_unfinished_requests():
+                    self._route(engine.step())
+            except Exception as exc:
+                self._fail(exc, commands)
+                return
+
+    def _apply(self, commands: list[_Add | _Abort]) -> None:
+        """Apply commands in order, removing each once applied (so, if one raises, it and
+        the rest stay in the list) and delivering what those applied produced."""
+        deliveries: list[tuple[_Stream, Item]] = []
         try:
-            while self.engine.has_unfinished_requests():
-                async with self._lock:
-                    outputs = await asyncio.to_thread(self.engine.step)
-                for output in outputs:
-                    queue = self._queues.get(output.request_id)
-                    if queue is not None:
-                        queue.put_nowait(output)
-        except Exception as exc:
+            while commands:
+                if isinstance(commands[0], _Add):
+                    self._add(commands[0], deliveries)
+                else:
+                    self._abort(commands[0], deliveries)
+                del commands[0]
+        finally:
+            self._deliver(deliveries)
+
+    def _route(self, outputs: list[RequestOutput]) -> None:
+        """Send a step's outputs to their streams; a finished request frees its id."""
+        deliveries: list[tuple[_Stream, Item]] = []
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            deliveries.append((stream, output))
+            if output.finished:
+                del self._streams[output.request_id]
+        self._deliver(deliveries)
+
+    def _add(self, command: _Add, deliveries: list[tuple[_Stream, Item]]) -> None:
+        stream = command.stream
+        try:
+            self.engine.add_request(stream.request_id, command.prompt, command.params,
+                                    prompt_token_ids=command.prompt_token_ids)
+        except ValueError as exc:
+            deliveries.append((stream, exc))
+            return
+        self._streams[stream.request_id] = stream
+
+    def _abort(self, command: _Abort, deliveries: list[tuple[_Stream, Item]]) -> None:
+        current = self._streams.get(command.request_id)
+        if command.owner is None or current is command.owner:
+            aborted = self._streams.pop(command.request_id, None)
+            output = self.engine.abort_request(command.request_id)
+            if command.owner is None and aborted is not None and output is not None:
+                deliveries.append((aborted, output))
+        # Otherwise the owner's request already finished, and the id may be another's now.
+        if command.waiter is not None:
+            deliveries.append((command.waiter, _ACK))
+
+    def _fail(self, exc: Exception, unapplied: list[_Add | _Abort]) -> None:
+        with self._mutex:
             self._failure = exc
-            for queue in self._queues.values():
-                queue.put_nowait(exc)
+            self._worker = None
+            commands, self._commands = self._commands, []
+        self._end_streams(exc, unapplied + commands)
+
+    def _end_streams(self, error: BaseException, commands: list[_Add | _Abort]) -> None:
+        """After the engine thread has ended for good: fail every open stream and answer
+        the commands it never applied."""
+        deliveries: list[tuple[_Stream, Item]] = [(s, error) for s in self._streams.values()]
+        self._streams.clear()
+        for command in commands:
+            if isinstance(command, _Add):
+                deliveries.append((command.stream, error))
+            elif command.waiter is not None:
+                deliveries.append((command.waiter, _ACK))
+        self._deliver(deliveries)
+
+    def _deliver(self, deliveries: list[tuple[_Stream, Item]]) -> None:
+        """Hand items to their streams' event loops, one wake-up per loop.
+
+        A stream whose loop is closed can never be read: its request is aborted.
+        """
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Item]]] = {}
+        for stream, item in deliveries:
+            by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:
+                for stream, _ in items:
+                    self._abort(_Abort(stream.request_id, stream, None), [])
+
+
+def _put_all(items: list[tuple[_Stream, Item]]) -> None:
+    for stream, item in items:
+        stream.queue.put_nowait(item)
+
+
+async def _acknowledged(waiter: _Stream) -> None:
+    """Wait for the engine thread's _ACK; an error (the engine failed or was shut down)
+    also ends the wait, since no answer follows it."""
+    while True:
+        item = await waiter.queue.get()
+        if item is _ACK or isinstance(item, BaseException):
+            return
