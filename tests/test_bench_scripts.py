@@ -1,10 +1,14 @@
 """The benchmark scripts run end to end in their CPU smoke modes and write their results.
 
 Their numbers are meaningless here; what is checked is that every code path still runs
-and that the JSON holds what the closing notes are read from.
+and that the JSON holds what the closing notes are read from: one row per case the
+script plans, positive times, and derived numbers (medians, ratios, rooflines) that agree
+with the raw ones they come from.
 """
 
 import json
+import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -20,50 +24,148 @@ def run_script(name: str, *args: str) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
 
+def assert_percentiles(p: dict) -> None:
+    assert set(p) == {"p50", "p90", "p99", "mean"}
+    assert 0 < p["p50"] <= p["p90"] <= p["p99"] and p["mean"] > 0
+
+
 def test_throughput_quick_agrees_with_transformers(tmp_path):
     out = tmp_path / "throughput.json"
     run_script("throughput.py", "--quick", "--model", "tiny-llama", "--out", str(out))
     result = json.loads(out.read_text())
     assert result["greedy_agreement_first8"] == 1.0
-    assert result["shardline"]["output_tokens"] == result["total_output_tokens"]
+    assert (result["num_prompts"], result["repeats"]) == (16, 1)
+    low, high = result["output_len_range"]
+    assert 16 * low <= result["total_output_tokens"] <= 16 * high
+    ours = result["shardline"]
+    assert ours["output_tokens"] == result["total_output_tokens"]
+    assert ours["elapsed_s"] > 0
+    assert ours["output_tokens_per_s"] == pytest.approx(ours["output_tokens"] / ours["elapsed_s"])
+    assert_percentiles(ours["ttft_s"])
+    assert_percentiles(ours["tpot_s"])
+    assert ours["ttft_s"]["p99"] <= ours["elapsed_s"]
+    assert result["shardline_tokens_per_s_runs"] == [ours["output_tokens_per_s"]]
+    theirs = result["transformers"]
+    assert len(theirs["runs"]) == 1 and all(r > 0 for r in theirs["runs"])
+    assert theirs["output_tokens_per_s"] == statistics.median(theirs["runs"])
+    assert result["speedup"] == pytest.approx(
+        ours["output_tokens_per_s"] / theirs["output_tokens_per_s"])
     assert out.with_suffix(".png").stat().st_size > 0
 
 
 def test_e2e_decode_tiny_runs_on_cpu(tmp_path):
     run_script("e2e_decode.py", "--tiny", "--device", "cpu", "--out-dir", str(tmp_path))
     result = json.loads((tmp_path / "e2e_decode.json").read_text())
-    assert result and (tmp_path / "e2e_decode.png").stat().st_size > 0
+    plan, rows = result["plan"], result["results"]
+    assert result["device"] == "CPU" and result["tiny"] is True
+    assert [r["batch"] for r in rows] == plan["batches"] == [1, 2, 4]
+    bandwidth = result["copy_bandwidth_GBps"] * 1e9
+    assert bandwidth > 0 and result["weight_bytes"] > 0
+    for r in rows:
+        assert len(r["tokens_per_s_runs"]) == plan["runs"]
+        assert all(rate > 0 for rate in r["tokens_per_s_runs"])
+        assert r["tokens_per_s"] == pytest.approx(statistics.median(r["tokens_per_s_runs"]))
+        assert r["step_ms"] == pytest.approx(r["batch"] / r["tokens_per_s"] * 1e3)
+        assert r["bytes_per_step"] >= result["weight_bytes"]
+        assert r["roofline_tokens_per_s"] == pytest.approx(
+            r["batch"] * bandwidth / r["bytes_per_step"])
+        assert r["fraction_of_roofline"] == pytest.approx(
+            r["tokens_per_s"] / r["roofline_tokens_per_s"])
+        assert r["graph_step_ms"] is None and r["graph_fraction_of_roofline"] is None
+    assert [r["bytes_per_step"] for r in rows] == sorted(r["bytes_per_step"] for r in rows)
+    assert result["target"]["met"] is None   # judged on a GPU only
+    assert (tmp_path / "e2e_decode.png").stat().st_size > 0
+
+
+# Cases of the dry run, each at TP 1, 2 and 8: 4 GEMMs of a Llama layer at M = 4, 16 (small)
+# and 64; one decode, one prefill and one MoE shape.
+KERNEL_CASES = {"matmul M<=16": 3 * 4 * 2, "matmul M>=512": 3 * 4 * 1, "decode attention": 3,
+                "prefill attention": 3, "fused moe": 3}
 
 
 @pytest.mark.timeout(600)
 def test_kernels_dry_run_covers_every_kernel(tmp_path):
     run_script("kernels.py", "--dry-run", "--out-dir", str(tmp_path))
     result = json.loads((tmp_path / "kernels.json").read_text())
-    text = json.dumps(result)
-    for kernel in ("matmul", "decode", "prefill", "moe"):
-        assert kernel in text
+    assert result["dry_run"] is True and set(result["targets"]) == set(KERNEL_CASES)
+    assert result["ceilings"]["copy_GBps"] > 0 and result["ceilings"]["matmul_TFLOPs"] > 0
+    rows: dict[str, list[dict]] = {}
+    for r in result["results"]:
+        rows.setdefault(r["bench"], []).append(r)
+    assert {bench: len(found) for bench, found in rows.items()} == KERNEL_CASES
+    for r in result["results"]:
+        assert r["ms"] > 0 and math.isfinite(r["ms"])
+        assert r["target"] == result["targets"][r["bench"]] and r["passed"] is None
+        assert 0 <= r["rel_err"] < 1e-2, r
+        if r["bench"] == "decode attention":
+            assert r["baseline_ms"] is None
+            assert r["value"] == pytest.approx(r["extra"]["GBps"]
+                                               / result["ceilings"]["copy_GBps"])
+        else:
+            assert r["baseline_ms"] > 0
+            assert r["value"] == pytest.approx(r["baseline_ms"] / r["ms"])
+    assert len({r["case"] for r in result["results"]}) == len(result["results"])
     assert (tmp_path / "kernels.png").stat().st_size > 0
 
 
 def test_host_overhead_quick_accounts_for_every_step(tmp_path):
     run_script("host_overhead.py", "--quick", "--out-dir", str(tmp_path))
     result = json.loads((tmp_path / "host_overhead.json").read_text())
+    assert (result["steps"], result["runs"]) == (40, 2)
     assert {(r["mode"], r["batch"]) for r in result["results"]} == {
         ("greedy", 1), ("greedy", 16), ("sampled", 1), ("sampled", 16)}
     for row in result["results"]:
         assert 0 < row["host_us"] < row["step_us"]
+        assert len(row["host_us_runs"]) == result["runs"]
+        assert row["host_us"] == pytest.approx(statistics.median_low(row["host_us_runs"]),
+                                               abs=0.1)
+        assert row["host_us_per_request"] == pytest.approx(row["host_us"] / row["batch"])
         assert sum(row["parts_us"].values()) == pytest.approx(row["host_us"])
+        assert {"schedule", "build step inputs", "sampler"} <= set(row["parts_us"])
+        assert all(row["parts_us"][part] > 0 for part in ("schedule", "build step inputs"))
     assert (tmp_path / "host_overhead.png").stat().st_size > 0
+
+
+RING_READERS = (1, 3)
+RING_PAYLOADS = [("bytes", 64), ("array", 64), ("array", 4096), ("array", 64 << 10),
+                 ("array", 1 << 20)]
 
 
 def test_ring_quick_reports_the_targets(tmp_path):
     out = tmp_path / "ring.json"
     run_script("ring.py", "--quick", "--transports", "shardline,pyzmq", "--out", str(out))
     result = json.loads(out.read_text())
-    assert result["targets"]["raw_cpp_one_way_p50_64B_us"] > 0
+    rows = {(r["transport"], r["n_readers"], r["payload_type"], r["payload_bytes"]): r
+            for r in result["results"]}
+    assert len(rows) == len(result["results"])
+    assert set(rows) == {(transport, readers, kind, size) for transport in ("shardline", "pyzmq")
+                         for readers in RING_READERS for kind, size in RING_PAYLOADS}
+    for (_, _, _, size), r in rows.items():
+        assert 0 < r["one_way_p50_us"] <= r["one_way_p99_us"]
+        assert 0 < r["round_trip_p50_us"] <= r["round_trip_p99_us"]
+        assert r["one_way_p50_us"] <= r["round_trip_p50_us"]   # each reader sees it first
+        assert r["msgs_per_s"] > 0
+        assert r["gb_per_s"] == pytest.approx(r["msgs_per_s"] * size / 1e9)
+    raw = result["raw_cpp_one_way"]
+    assert [r["payload_bytes"] for r in raw] == [size for kind, size in RING_PAYLOADS[1:]]
+    assert all(0 < r["one_way_p50_us"] <= r["one_way_p99_us"] for r in raw)
+    assert set(result["idle_reader_cpu_percent"]) == {"shardline", "pyzmq"}
+    assert all(value >= 0 for value in result["idle_reader_cpu_percent"].values())
+
+    targets = result["targets"]
+    for readers in RING_READERS:
+        for kind in ("bytes", "array"):
+            ratio = targets[f"pyzmq_over_shardline_round_trip_p50_64B_{kind}_{readers}_readers"]
+            assert ratio == pytest.approx(rows["pyzmq", readers, kind, 64]["round_trip_p50_us"]
+                                          / rows["shardline", readers, kind, 64]
+                                          ["round_trip_p50_us"])
+    assert targets["raw_cpp_one_way_p50_64B_us"] == raw[0]["one_way_p50_us"]
+    assert (targets["idle_reader_cpu_percent_of_a_core"]
+            == result["idle_reader_cpu_percent"]["shardline"])
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+@pytest.mark.timeout(600)
 def test_kernel_resources_quick_check_passes(tmp_path):
     """Fails when a config the autotuner may choose spills registers or cannot launch on
     an H100, as compiled by this triton (no GPU needed, only its CUDA backend)."""
