@@ -116,15 +116,19 @@ void bind_collectives(py::module_& m) {
         .def(
             "all_gather",
             [](ShmCollectives& self, uintptr_t input, uintptr_t output, uint64_t nbytes,
-               std::optional<double> timeout) {
+               std::optional<uint64_t> inner, std::optional<double> timeout) {
                 const void* in = address(input, nbytes, "input");
                 void* out = address(output, nbytes * self.n_ranks(), "output");
                 Deadline deadline = deadline_after(timeout);
+                uint64_t block = inner.value_or(nbytes);
                 py::gil_scoped_release release;
-                self.all_gather(in, out, nbytes, deadline);
+                self.all_gather(in, out, nbytes, block, deadline);
             },
-            py::arg("input"), py::arg("output"), py::arg("nbytes"), py::arg("timeout") = py::none(),
-            "Copy every rank's nbytes at `input` to output + rank * nbytes (output holds n_ranks * nbytes).")
+            py::arg("input"), py::arg("output"), py::arg("nbytes"), py::arg("inner") = py::none(),
+            py::arg("timeout") = py::none(),
+            "Gather every rank's nbytes at `input` into `output` (n_ranks * nbytes). The input is seen\n"
+            "as blocks of `inner` bytes (default: one block) and the output as, for each block index,\n"
+            "every rank's block in rank order: a concatenation along any dimension of a tensor.")
         .def("close", &ShmCollectives::close,
              "Close this rank's handle (later calls raise RingClosed). Peers are not told: they may still\n"
              "be finishing the last collective; they raise PeerDied once this process exits. Idempotent.")

@@ -329,24 +329,35 @@ void ShmCollectives::all_reduce(void* data, uint64_t count, DType dtype, Deadlin
     });
 }
 
-void ShmCollectives::all_gather(const void* input, void* out, uint64_t bytes, Deadline deadline) {
+void ShmCollectives::all_gather(const void* input, void* out, uint64_t bytes, uint64_t inner, Deadline deadline) {
     require_usable("all_gather");
+    if (bytes != 0 && (inner == 0 || bytes % inner != 0)) {
+        throw std::invalid_argument("all_gather: inner=" + std::to_string(inner) + " must divide the " +
+                                    std::to_string(bytes) + " input bytes");
+    }
     deadline_ = deadline;
     uint64_t op = describe(kAllGather, DType::kFloat32);
     auto* dst = static_cast<char*>(out);
     const auto* src = static_cast<const char*>(input);
+    uint64_t row = inner * n_ranks_;  // one outer index of the output: every rank's inner bytes
     guarded([&] {
         for (uint64_t start = 0; start < bytes || start == 0; start += buffer_bytes_) {
-            uint64_t n = std::min(buffer_bytes_, bytes - start);
-            std::memcpy(buffer(generation_, rank_), src + start, n);
+            uint64_t end = std::min(start + buffer_bytes_, bytes);
+            std::memcpy(buffer(generation_, rank_), src + start, end - start);
             barrier(op, bytes, "all_gather");
             for (uint32_t r = 0; r < n_ranks_; ++r) {
-                char* to = dst + r * bytes + start;
                 const char* from = static_cast<int>(r) == rank_ ? src + start : buffer(generation_, r);
-                if (to != from) std::memcpy(to, from, n);
+                // Input bytes [start, end) of rank r, cut where an inner block ends.
+                for (uint64_t pos = start; pos < end;) {
+                    uint64_t outer = pos / inner, offset = pos % inner;
+                    uint64_t length = std::min(inner - offset, end - pos);
+                    char* to = dst + outer * row + r * inner + offset;
+                    if (to != from + (pos - start)) std::memcpy(to, from + (pos - start), length);
+                    pos += length;
+                }
             }
             generation_ ^= 1;
-            if (n == 0) break;
+            if (end == bytes) break;
         }
     });
 }

@@ -77,8 +77,10 @@ public:
     // Sums `count` elements at data over all ranks, in place; every rank gets the same
     // bits (the sum runs in rank order, in fp32 for 16-bit floats).
     void all_reduce(void* data, uint64_t count, DType dtype, Deadline deadline);
-    // out[r * bytes, (r + 1) * bytes) = rank r's input, for every r.
-    void all_gather(const void* input, void* out, uint64_t bytes, Deadline deadline);
+    // Every rank's `bytes` input, seen as [outer][inner] (inner bytes per block), lands in
+    // out as [outer][n_ranks][inner]: a concatenation along any dimension in one pass.
+    // inner = bytes gives the plain [n_ranks][bytes] layout.
+    void all_gather(const void* input, void* out, uint64_t bytes, uint64_t inner, Deadline deadline);
     // Closes this rank's handle: its later calls raise and this process's waiters wake.
     // Peers are not told (they may still finish the last collective); they notice when
     // this process exits, or when a collective of this rank fails, which closes the group

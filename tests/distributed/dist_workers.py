@@ -188,8 +188,11 @@ def check_shm_matches_gloo(rank: int, seed: int, sizes: tuple[int, ...]) -> None
             magnitude = torch.stack([x.double().abs() for x in xs]).sum(0)
             bound = n * torch.finfo(dtype).eps * magnitude
             assert ((shm.double() - gloo.double()).abs() <= bound).all(), f"shm vs gloo: {what}"
-        gathered = comm.shm.all_gather(xs[me])
-        assert torch.equal(gathered, torch.stack(xs)), f"shm all_gather: {what}"
+        assert torch.equal(comm.shm.all_gather(xs[me]), torch.cat(xs)), f"shm all_gather: {what}"
+    # Rows of 101 floats straddle the pieces of the staging buffer (when it is 512 KiB).
+    xs = _inputs(seed, n, (1700, 101), salt=99)
+    for dim in (0, 1, -1):
+        assert torch.equal(comm.shm.all_gather(xs[me], dim), torch.cat(xs, dim)), f"dim {dim}"
 
 
 def check_groups_are_wired(rank: int) -> dict:

@@ -127,12 +127,11 @@ class Communicator:
         self.stats.record("all_gather", _nbytes(x))
         if self.shm is not None and x.device.type == "cpu":
             self.stats.shm_calls["all_gather"] += 1
-            stacked = self.shm.all_gather(x)
-        else:
-            # Flat buffers: backends disagree on the shapes they accept here.
-            flat = torch.empty(self.size * x.numel(), dtype=x.dtype, device=x.device)
-            _all_gather_into(flat, x.contiguous().view(-1), group=self._group(x))
-            stacked = flat.view(self.size, *x.shape)
+            return self.shm.all_gather(x.reshape(1) if x.dim() == 0 else x, dim)
+        # Flat buffers: backends disagree on the shapes they accept here.
+        flat = torch.empty(self.size * x.numel(), dtype=x.dtype, device=x.device)
+        _all_gather_into(flat, x.contiguous().view(-1), group=self._group(x))
+        stacked = flat.view(self.size, *x.shape)
         if x.dim() == 0:
             return stacked
         dim %= x.dim()

@@ -10,6 +10,7 @@ every rank gets None and the communicator keeps using gloo.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 
@@ -56,12 +57,17 @@ class ShmGroup:
             x.copy_(target)
         return x
 
-    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        """[size, *x.shape]: every rank's x, in rank order. x must be a CPU tensor."""
+    def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Every rank's x (a CPU tensor of at least one dimension) concatenated along `dim`,
+        in rank order, written in place by one pass over the shared buffers."""
         source = x.contiguous()
-        out = torch.empty((self.size, *x.shape), dtype=x.dtype)
+        dim %= x.dim()
+        shape = list(x.shape)
+        shape[dim] *= self.size
+        out = torch.empty(shape, dtype=x.dtype)
+        inner = math.prod(x.shape[dim:]) * x.element_size()
         self._handle.all_gather(source.data_ptr(), out.data_ptr(),
-                                source.numel() * source.element_size(), self.timeout)
+                                source.numel() * source.element_size(), inner, self.timeout)
         return out
 
     def close(self) -> None:

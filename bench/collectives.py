@@ -1,0 +1,216 @@
+"""Collectives bench: shardline's shared-memory all-reduce and all-gather against gloo's,
+fp32 CPU tensors of 4 KiB to 1 MiB per rank, at 2 and 4 ranks.
+
+    python bench/collectives.py            full run, about 3 minutes on 2 cores
+    python bench/collectives.py --quick    4 KiB and 1 MiB only, under a minute
+
+Each world of ranks joins one TP group through init_distributed (as the workers do) and
+calls the group's Communicator, the way the layers do, with its shared segment on or
+off: gloo is the same Communicator with the segment taken away. A timed run is `iters`
+back-to-back calls after a warm-up, started together after a barrier; time per call is
+the run's time over `iters`, on rank 0. shm and gloo take turns within every repeat so
+that drifting machine load hits them alike; each number is the median over repeats.
+Writes bench/results/collectives.json and collectives.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import queue
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WORLDS = [2, 4]
+OPS = ["all_reduce", "all_gather"]
+SETTINGS = {
+    "quick": {"repeats": 3, "sizes": [4096, 1 << 20], "run_bytes": 8 << 20, "max_iters": 50},
+    "full": {"repeats": 7, "sizes": [4096, 16384, 65536, 262144, 1 << 20],
+             "run_bytes": 64 << 20, "max_iters": 400},
+}
+TARGET_SPEEDUP = 5.0
+TIMEOUT_S = 600.0
+
+
+def iterations(settings: dict, nbytes: int) -> int:
+    """Calls per timed run: about run_bytes per run, between 10 and max_iters."""
+    return max(10, min(settings["max_iters"], settings["run_bytes"] // nbytes))
+
+
+def rank_main(rank: int, world: int, init_method: str, settings: dict,
+              results: multiprocessing.Queue) -> None:
+    """One rank: joins the group, then times every (op, size, repeat, backend) in the same
+    order as the others; rank 0 reports the times."""
+    import torch
+
+    from shardline.distributed import parallel_state as ps
+    from shardline.distributed.grid import RankGrid
+
+    try:
+        torch.set_num_threads(1)
+        ps.init_distributed(RankGrid(tp=world), rank, init_method, "cpu")
+        comm = ps.get_tp_group().comm
+        segment = comm.shm
+        times: dict[str, list[float]] = {}
+        for op in OPS:
+            for nbytes in settings["sizes"]:
+                x = torch.randn(nbytes // 4)
+                iters = iterations(settings, nbytes)
+                for _ in range(settings["repeats"]):
+                    for backend in ("shm", "gloo"):
+                        comm.shm = segment if backend == "shm" else None
+                        call = getattr(comm, op)
+                        for _ in range(3):
+                            call(x)
+                        comm.barrier()
+                        start = time.perf_counter()
+                        for _ in range(iters):
+                            call(x)
+                        elapsed = time.perf_counter() - start
+                        times.setdefault(f"{op}/{nbytes}/{backend}", []).append(
+                            elapsed / iters * 1e6)
+        comm.shm = segment
+        if rank == 0:
+            results.put(("ok", times))
+    except BaseException:
+        results.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
+    finally:
+        ps.destroy_distributed()
+
+
+def measure_world(world: int, settings: dict) -> dict[str, list[float]]:
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_method = f"file://{tmp}/store"
+        procs = [ctx.Process(target=rank_main, args=(rank, world, init_method, settings, results),
+                             daemon=True) for rank in range(world)]
+        for proc in procs:
+            proc.start()
+        try:
+            status, value = results.get(timeout=TIMEOUT_S)
+        except queue.Empty:
+            status, value = "error", f"no result within {TIMEOUT_S:g} s"
+        finally:
+            for proc in procs:
+                proc.join(30)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"world of {world} ranks failed: {value}")
+    return value
+
+
+def summarize(times: dict[str, list[float]], world: int) -> list[dict]:
+    rows = []
+    for key, samples in times.items():
+        op, nbytes, backend = key.split("/")
+        rows.append({"op": op, "world": world, "bytes_per_rank": int(nbytes), "backend": backend,
+                     "us_median": statistics.median(samples), "us_repeats": samples})
+    return rows
+
+
+def speedups(rows: list[dict]) -> list[dict]:
+    by_key = {(r["op"], r["world"], r["bytes_per_rank"], r["backend"]): r["us_median"]
+              for r in rows}
+    out = []
+    for (op, world, nbytes, backend), us in by_key.items():
+        if backend == "shm":
+            gloo = by_key[(op, world, nbytes, "gloo")]
+            out.append({"op": op, "world": world, "bytes_per_rank": nbytes, "shm_us": us,
+                        "gloo_us": gloo, "speedup": gloo / us})
+    return out
+
+
+def targets(ratios: list[dict]) -> dict:
+    out = {}
+    for op in OPS:
+        for world in WORLDS:
+            worst = min(r["speedup"] for r in ratios if r["op"] == op and r["world"] == world)
+            out[f"{op}_{world}_ranks_min_speedup"] = worst
+    out["target_min_speedup"] = TARGET_SPEEDUP
+    out["all_reduce_target_met"] = all(out[f"all_reduce_{w}_ranks_min_speedup"] >= TARGET_SPEEDUP
+                                       for w in WORLDS)
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    """Time per call against bytes per rank: one panel per op, shm solid, gloo dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(OPS), figsize=(11, 4.5), sharey=True)
+    for ax, op in zip(axes, OPS):
+        for world in WORLDS:
+            for backend, style in (("shm", "o-"), ("gloo", "s--")):
+                rows = [r for r in report["results"] if r["op"] == op and r["world"] == world
+                        and r["backend"] == backend]
+                ax.plot([r["bytes_per_rank"] for r in rows], [r["us_median"] for r in rows],
+                        style, label=f"{backend}, {world} ranks")
+        ax.set(xscale="log", yscale="log", xlabel="bytes per rank (fp32)", title=op)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("time per call, median (us)")
+    axes[0].legend()
+    cores = report["machine"]["cores_available"]
+    fig.suptitle(f"Shared-memory collectives vs gloo ({report['mode']} run, {cores} cores)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    return {
+        "cpu": models[0] if models else platform.processor(),
+        "cores_available": len(os.sched_getaffinity(0)),
+        "cores_note": "ranks share these cores with each other and with any other work on "
+                      "the machine; 4 ranks on 2 cores oversubscribe them",
+        "load_average_at_start": os.getloadavg(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="two sizes, fewer repeats")
+    parser.add_argument("--out", type=Path, default=RESULTS / "collectives.json",
+                        help="JSON path; the plot goes beside it (default: %(default)s)")
+    args = parser.parse_args()
+    mode = "quick" if args.quick else "full"
+    settings = SETTINGS[mode]
+    report = {"command": " ".join(["python", *sys.argv]), "mode": mode, "settings": settings,
+              "machine": machine_info(), "results": []}
+    print(f"{'op':<11} {'ranks':>5} {'bytes':>8} | {'shm us':>9} {'gloo us':>9} {'speedup':>8}")
+    for world in WORLDS:
+        rows = summarize(measure_world(world, settings), world)
+        report["results"] += rows
+        for r in speedups(rows):
+            print(f"{r['op']:<11} {world:>5} {r['bytes_per_rank']:>8} | {r['shm_us']:>9.1f} "
+                  f"{r['gloo_us']:>9.1f} {r['speedup']:>7.1f}x", flush=True)
+    report["speedups"] = speedups(report["results"])
+    report["targets"] = targets(report["speedups"])
+    report["machine"]["load_average_at_end"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out.with_suffix(".png"))
+    print(json.dumps(report["targets"], indent=2))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
