@@ -87,6 +87,8 @@ class CacheConfig:
 class SchedulerConfig:
     """Continuous batching limits: sequences and tokens per step.
 
+    The token budget covers at least one token per sequence, or a step could not decode
+    every running sequence and the latest ones would wait behind the others' tokens.
     With chunked prefill off, a prompt must fit the token budget in one step; a request
     resumed after preemption may still be recomputed in chunks.
     """
@@ -97,8 +99,9 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
-        _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
-                 self.max_num_batched_tokens, ">= 1")
+        _require(self.max_num_batched_tokens >= self.max_num_seqs, "max_num_batched_tokens",
+                 self.max_num_batched_tokens, f">= max_num_seqs={self.max_num_seqs}, so that "
+                 "every running sequence can decode its token in each step")
 
 
 @dataclass

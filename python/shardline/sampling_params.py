@@ -18,7 +18,10 @@ class SamplingParams:
     temperature == 0 means greedy; otherwise it must be at least MIN_TEMPERATURE, below
     which dividing the logits overflows. top_k == -1, top_p == 1 and min_p == 0 disable
     top-k, nucleus and min-p filtering. `seed` makes the sampled tokens
-    reproducible regardless of which other requests share the batch.
+    reproducible regardless of which other requests share the batch. `max_tokens=None`
+    generates until a stop condition or until the sequence (prompt included) holds
+    max_model_len tokens, or as many as the KV cache can hold if that is fewer; it then
+    ends with finish_reason "length".
     """
 
     n: int = 1
@@ -30,7 +33,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
@@ -57,8 +60,8 @@ class SamplingParams:
                "in [-2, 2]")
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
                self.frequency_penalty, "in [-2, 2]")
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens",
-               self.max_tokens, "an integer >= 1")
+        _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+               "max_tokens", self.max_tokens, "None (up to max_model_len) or an integer >= 1")
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
                "logprobs", self.logprobs, "None or an integer >= 0")
         _check(self.seed is None or isinstance(self.seed, int), "seed", self.seed,

@@ -7,9 +7,13 @@ import pytest
 from shardline.engine.kv_blocks import KVBlockManager
 
 
-def tokens(n, seed=None):
-    rng = random.Random(seed)
-    return [rng.randrange(1000) for _ in range(n)]
+@pytest.fixture(autouse=True)
+def _seed_random(fresh_seed):
+    random.seed(fresh_seed)
+
+
+def tokens(n):
+    return [random.randrange(1000) for _ in range(n)]
 
 
 def test_allocate_grows_and_free_returns_everything():
@@ -102,8 +106,8 @@ def test_attaching_a_prefix_to_a_sequence_with_blocks_is_refused():
         kv.allocate("b", 9, kv.find_cached_prefix(prompt + [1]))
 
 
-def test_random_operations_keep_invariants_and_never_leak():
-    rng = random.Random()
+def test_random_operations_keep_invariants_and_never_leak(fresh_seed):
+    rng = random.Random(fresh_seed)
     kv = KVBlockManager(num_blocks=24, block_size=4)
     prefixes = [tokens(rng.randint(4, 20)) for _ in range(3)]
     live: dict[str, list[int]] = {}

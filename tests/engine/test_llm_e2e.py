@@ -36,7 +36,8 @@ def reference_llm():
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(MODEL, block_size=4, num_kv_blocks=256, max_num_batched_tokens=24)
+    return LLM(MODEL, block_size=4, num_kv_blocks=256, max_num_batched_tokens=24,
+               max_num_seqs=24)
 
 
 def test_greedy_batch_of_16_matches_each_prompt_alone(reference_llm, llm):
@@ -55,7 +56,8 @@ def test_moe_greedy_batch_matches_each_prompt_alone(model):
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     alone_llm = LLM(model, block_size=4, num_kv_blocks=256, enable_prefix_caching=False)
     alone = [alone_llm.generate([p], params)[0] for p in prompts]
-    batched_llm = LLM(model, block_size=4, num_kv_blocks=256, max_num_batched_tokens=16)
+    batched_llm = LLM(model, block_size=4, num_kv_blocks=256, max_num_batched_tokens=16,
+                      max_num_seqs=16)
     assert token_ids(batched_llm.generate(prompts, params)) == token_ids(alone)
     assert_all_free(batched_llm)
 
@@ -77,7 +79,8 @@ def test_preemption_gives_the_same_tokens(reference_llm):
     prompts = random_prompts(6, 8, 20)
     params = SamplingParams(temperature=0.0, max_tokens=16)
     expected = token_ids([reference_llm.generate([p], params)[0] for p in prompts])
-    small = LLM(MODEL, block_size=4, num_kv_blocks=16, max_num_batched_tokens=32)
+    small = LLM(MODEL, block_size=4, num_kv_blocks=16, max_num_batched_tokens=32,
+                max_num_seqs=32)
     assert token_ids(small.generate(prompts, params)) == expected
     assert small.stats.num_preemptions > 0
     assert_all_free(small)

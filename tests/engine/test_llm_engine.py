@@ -2,7 +2,9 @@
 
 import asyncio
 import random
+import statistics
 import time
+import tracemalloc
 
 import pytest
 
@@ -14,8 +16,13 @@ from shardline.sampling_params import SamplingParams
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
 
 
+@pytest.fixture(autouse=True)
+def _seed_random(fresh_seed):
+    random.seed(fresh_seed)
+
+
 def random_prompts(count: int, low: int = 1, high: int = 40, seed: int | None = None):
-    rng = random.Random(seed)
+    rng = random if seed is None else random.Random(seed)
     return [[rng.randrange(VOCAB) for _ in range(rng.randint(low, high))] for _ in range(count)]
 
 
@@ -36,7 +43,7 @@ def test_batch_invariance_with_chunked_prefill():
     for prompt in prompts:
         engine = make_engine()
         alone += LLM.from_engine(engine).generate([prompt], GREEDY)
-    engine = make_engine(max_num_batched_tokens=7)
+    engine = make_engine(max_num_batched_tokens=7, max_num_seqs=7)
     batched = LLM.from_engine(engine).generate(prompts, GREEDY)
     assert token_ids(batched) == token_ids(alone)
     assert all(len(o.outputs[0].token_ids) == 12 for o in batched)
@@ -88,7 +95,7 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent():
     prompts = random_prompts(6)
     seeded = [SamplingParams(temperature=0.8, seed=i, max_tokens=10) for i in range(6)]
     alone = [LLM.from_engine(make_engine()).generate([p], s)[0] for p, s in zip(prompts, seeded)]
-    engine = make_engine(num_blocks=20, max_num_batched_tokens=9)
+    engine = make_engine(num_blocks=20, max_num_batched_tokens=9, max_num_seqs=9)
     batched = LLM.from_engine(engine).generate(prompts, seeded)
     assert token_ids(batched) == token_ids(alone)
     other = LLM.from_engine(make_engine()).generate(
@@ -219,13 +226,79 @@ def test_bad_request_fails_alone(prompt, params, message):
     assert_all_free(engine)
 
 
-def test_prompt_that_never_fits_the_kv_cache_is_rejected():
-    engine = make_engine(num_blocks=4, block_size=4)
-    with pytest.raises(ValueError, match="never fit in the KV cache"):
-        engine.add_request("big", [1] * 17)
-    out = LLM.from_engine(engine).generate([[1] * 16], SamplingParams(max_tokens=5))[0]
-    assert out.outputs[0].finish_reason == "length"
+def test_request_that_never_fits_the_kv_cache_is_refused_naming_the_numbers():
+    block_size = random.choice([1, 2, 4, 8])
+    num_blocks = random.randint(2, 64 // block_size)
+    capacity = num_blocks * block_size
+    engine = make_engine(num_blocks=num_blocks, block_size=block_size, max_model_len=256)
+    prompt = random_prompts(1, 1, capacity)[0]
+    fits = capacity - len(prompt) + 1   # the last sampled token needs no KV
+    engine.add_request("fits", prompt, SamplingParams(temperature=0.0, max_tokens=fits))
+    too_long = SamplingParams(temperature=0.0, max_tokens=fits + 1)
+    with pytest.raises(ValueError, match=(
+            rf"prompt has {len(prompt)} tokens and max_tokens={fits + 1}: the sequence needs "
+            rf"KV for {capacity + 1} tokens and can never fit in the KV cache, which holds "
+            rf"{capacity} \({num_blocks} blocks x {block_size} tokens, fewer than "
+            r"max_model_len=256\)")):
+        engine.add_request("too-long", prompt, too_long)
+    with pytest.raises(ValueError, match="prompt 1: .*can never fit in the KV cache"):
+        LLM.from_engine(engine).generate([prompt, prompt], [GREEDY, too_long])
+    with pytest.raises(ValueError, match=f"prompt has {capacity + 1} tokens: .*shorten"):
+        engine.add_request("long-prompt", [1] * (capacity + 1), SamplingParams(max_tokens=None))
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert list(outputs) == ["fits"]
+    assert len(outputs["fits"].outputs[0].token_ids) == fits
     assert_all_free(engine)
+
+
+def test_max_tokens_none_stops_at_max_model_len_or_the_kv_capacity():
+    prompt = random_prompts(1, 5, 10)[0]
+    unbounded = SamplingParams(temperature=0.0, max_tokens=None)
+    long_cache = make_engine(num_blocks=64, block_size=4, max_model_len=30)
+    out = LLM.from_engine(long_cache).generate([prompt], unbounded)[0].outputs[0]
+    assert (len(prompt) + len(out.token_ids), out.finish_reason) == (30, "length")
+    short_cache = make_engine(num_blocks=5, block_size=4, max_model_len=256)
+    out = LLM.from_engine(short_cache).generate([prompt], unbounded)[0].outputs[0]
+    assert (len(prompt) + len(out.token_ids), out.finish_reason) == (21, "length")
+    assert_all_free(short_cache)
+
+
+def test_outputs_are_snapshots_built_without_revisiting_earlier_tokens():
+    engine = make_engine(max_model_len=512, num_blocks=128)
+    steps = 400
+    params = SamplingParams(temperature=0.0, max_tokens=steps, logprobs=2, ignore_eos=True)
+    engine.add_request("r", random_prompts(1, 5, 10)[0], params)
+    process, allocated = engine.outputs.process, {}
+
+    def traced(sampled):
+        start = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        result = process(sampled)
+        allocated[sampled[0].num_output_tokens] = tracemalloc.get_traced_memory()[1] - start
+        return result
+    engine.outputs.process = traced
+    outputs = []
+    tracemalloc.start()
+    try:
+        while engine.has_unfinished_requests():
+            outputs += engine.step()
+    finally:
+        tracemalloc.stop()
+    final = outputs[-1].outputs[0]
+    assert len(outputs) == steps and final.finish_reason == "length"
+    for k, output in enumerate(outputs, 1):
+        completion = output.outputs[0]
+        assert len(completion.token_ids) == k and completion.token_ids == final.token_ids[:k]
+        assert completion.logprobs == final.logprobs[:k]
+        assert completion.cumulative_logprob == pytest.approx(-0.5 * k)
+    assert list(final.token_ids) == final.token_ids[:] and final.token_ids[-1] in final.logprobs[-1]
+    # Bytes allocated by a step's output building: the same 350 tokens later (the text,
+    # one letter per token here, is the only thing that grows).
+    early = statistics.median(allocated[k] for k in range(10, 40))
+    late = statistics.median(allocated[k] for k in range(360, 390))
+    assert late - early < 1024, (early, late)
 
 
 def test_duplicate_request_id_is_rejected():
@@ -313,7 +386,7 @@ def test_async_llm_bad_request_raises_for_that_stream_only():
 
 
 def test_prompt_over_budget_without_chunked_prefill_is_refused():
-    engine = make_engine(max_num_batched_tokens=8, enable_chunked_prefill=False)
+    engine = make_engine(max_num_batched_tokens=8, max_num_seqs=8, enable_chunked_prefill=False)
     with pytest.raises(ValueError, match="max_num_batched_tokens=8.*enable_chunked_prefill"):
         engine.add_request("long", list(range(1, 10)), GREEDY)
     engine.add_request("short", list(range(1, 9)), GREEDY)
@@ -368,12 +441,13 @@ def test_async_llm_step_failure_ends_streams_and_refuses_new_requests(monkeypatc
         asyncio.run(run("second"))
 
 
-def test_random_workload_keeps_invariants_and_matches_reference():
-    rng = random.Random()
+def test_random_workload_keeps_invariants_and_matches_reference(fresh_seed):
+    rng = random.Random(fresh_seed)
     block_size = rng.choice([1, 2, 4, 8])
+    budget = rng.randint(4, 40)
     engine = make_engine(num_blocks=-(-56 // block_size) + rng.randint(0, 24),
-                         block_size=block_size, max_num_seqs=rng.randint(1, 8),
-                         max_num_batched_tokens=rng.randint(4, 40),
+                         block_size=block_size, max_num_seqs=rng.randint(1, min(8, budget)),
+                         max_num_batched_tokens=budget,
                          enable_prefix_caching=rng.random() < 0.7)
     stems = random_prompts(3, 1, 20)
     requests = {}

@@ -2,6 +2,8 @@
 
 import random
 
+import pytest
+
 from shardline.config import SchedulerConfig
 from shardline.step import ModelRunnerOutput
 from shardline.engine.kv_blocks import KVBlockManager
@@ -10,17 +12,27 @@ from shardline.engine.scheduler import Scheduler
 from shardline.engine.sequence import Sequence, SequenceStatus
 
 
+@pytest.fixture(autouse=True)
+def _seed_random(fresh_seed):
+    random.seed(fresh_seed)
+
+
 def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=32, chunked=True,
                    caching=False):
     kv = KVBlockManager(num_blocks, block_size, caching)
     return Scheduler(SchedulerConfig(max_num_seqs, budget, chunked), kv)
 
 
-def add(sched, name, prompt_len, arrival):
+def add(sched, name, prompt_len, arrival, n=1):
+    """Queue a request of `n` sequences (siblings share the prompt, led by the first)."""
     prompt = [random.randrange(50) for _ in range(prompt_len)]
-    seq = Sequence(name, name, 0, prompt, SamplingParams(), arrival, max_len=1000)
-    sched.add(seq)
-    return seq
+    seqs = []
+    for i in range(n):
+        seq_id = name if n == 1 else f"{name}#{i}"
+        seqs.append(Sequence(seq_id, name, i, prompt, SamplingParams(), arrival + i,
+                             max_len=1000, prefix_leader=seqs[0] if seqs else None))
+        sched.add(seqs[-1])
+    return seqs[0] if n == 1 else seqs
 
 
 def step(sched):
@@ -136,3 +148,21 @@ def test_prefix_cache_hit_skips_computed_tokens():
     assert new.num_computed_tokens == 12 and out.num_scheduled_tokens["b"] == 2
     assert new.block_ids[:3] == sched.kv.block_table("a")[:3]
     assert sched.stats.num_cached_tokens == 12
+
+
+def test_siblings_waiting_for_their_leader_do_not_stall_the_queue():
+    sched = make_scheduler(num_blocks=64, block_size=4, budget=16, caching=True)
+    leader, sibling = add(sched, "a", 40, 0, n=2)
+    b = add(sched, "b", 4, 2)
+    assert step(sched).num_scheduled_tokens == {"a#0": 16}
+    assert step(sched).num_scheduled_tokens == {"a#0": 16}
+    # The leader's last chunk leaves budget: b starts; the sibling keeps its place.
+    assert step(sched).num_scheduled_tokens == {"a#0": 8, "b": 4}
+    assert list(sched.waiting) == [sibling]
+    later = add(sched, "c", 4, 3)
+    out = step(sched)
+    assert [r.req_id for r in out.new_requests] == ["a#1", "c"]
+    assert out.new_requests[0].block_ids[:9] == sched.kv.block_table("a#0")[:9]
+    assert sibling.num_cached_tokens == 36 and out.num_scheduled_tokens["a#1"] == 4
+    assert b.status is later.status is SequenceStatus.RUNNING
+    sched.kv.check_invariants()

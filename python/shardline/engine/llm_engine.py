@@ -81,7 +81,12 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: PromptType,
                     params: SamplingParams | None = None, *,
                     prompt_token_ids: list[int] | None = None) -> None:
-        """Queue a request; raises ValueError (and queues nothing) if it is malformed.
+        """Queue a request; raises ValueError (and queues nothing) if it is malformed, or if
+        its prompt and max_tokens could never fit in the KV cache, even alone.
+
+        A sequence ends with "length" at max_model_len tokens (prompt included) when
+        max_tokens asks for more; with max_tokens=None, at the KV cache's capacity if that
+        is smaller than max_model_len.
 
         `prompt_token_ids`, when given, must be what `encode_prompt(prompt, params)`
         returned: the prompt is then neither validated nor tokenized again.
@@ -95,7 +100,7 @@ class LLMEngine:
         else:
             prompt_text = prompt if isinstance(prompt, str) else None
             prompt_ids = prompt_token_ids
-        max_len = min(self.max_model_len, self.kv_capacity_tokens)
+        max_len = min(self.max_model_len, self.kv_capacity_tokens + 1)
         seqs: list[Sequence] = []
         for i in range(params.n):
             child = dataclasses.replace(params, n=1,
@@ -111,6 +116,24 @@ class LLMEngine:
         self.outputs.add(RequestState(request_id, prompt_text, prompt_ids, seqs, self.tokenizer))
         for seq in seqs:
             self.scheduler.add(seq)
+
+    def _check_fits_kv_cache(self, prompt_len: int, max_tokens: int | None) -> None:
+        """Refuse a request whose prompt and max_tokens need more KV than the whole cache
+        holds (possible only when the cache is smaller than max_model_len)."""
+        needed = prompt_len
+        if max_tokens is not None:
+            # The KV of the last sampled token is never computed.
+            needed = max(prompt_len, min(prompt_len + max_tokens, self.max_model_len) - 1)
+        capacity = self.kv_capacity_tokens
+        if needed > capacity:
+            asked, fix = ((f" and max_tokens={max_tokens}", "lower max_tokens")
+                          if needed > prompt_len else ("", "shorten the prompt"))
+            raise ValueError(
+                f"prompt has {prompt_len} tokens{asked}: the sequence needs KV for {needed} "
+                f"tokens and can never fit in the KV cache, which holds {capacity} "
+                f"({self.kv.num_blocks} blocks x {self.kv.block_size} tokens, fewer than "
+                f"max_model_len={self.max_model_len}): {fix} or give the KV cache more "
+                "memory (gpu_memory_utilization, kv_cache_memory_bytes, num_kv_blocks)")
 
     def encode_prompt(self, prompt: PromptType, params: SamplingParams
                       ) -> tuple[str | None, list[int]]:
@@ -150,9 +173,7 @@ class LLMEngine:
             raise ValueError(f"prompt has {len(ids)} tokens, more than max_num_batched_tokens="
                              f"{scheduler.max_num_batched_tokens}, and enable_chunked_prefill "
                              "is off: raise the budget or enable chunked prefill")
-        if len(ids) > self.kv_capacity_tokens:
-            raise ValueError(f"prompt has {len(ids)} tokens and can never fit in the KV cache "
-                             f"({self.kv.num_blocks} blocks x {self.kv.block_size} tokens)")
+        self._check_fits_kv_cache(len(ids), params.max_tokens)
         return text, ids
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

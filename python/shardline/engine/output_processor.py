@@ -3,9 +3,8 @@ retires sequences that are done."""
 
 from __future__ import annotations
 
-from shardline.step import TokenLogprobs
 from shardline.engine.detokenizer import Decoder, IncrementalDetokenizer
-from shardline.engine.outputs import CompletionOutput, RequestOutput
+from shardline.engine.outputs import CompletionOutput, ListSnapshot, RequestOutput
 from shardline.engine.scheduler import Scheduler
 from shardline.engine.sequence import Sequence, SequenceStatus
 
@@ -89,7 +88,8 @@ class OutputProcessor:
         if ended_by_token:
             status = SequenceStatus.FINISHED_STOPPED
             seq.stop_reason = token if token in params.stop_token_ids else None
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= seq.max_len:
+        elif seq.num_tokens >= seq.max_len or (params.max_tokens is not None
+                                               and seq.num_output_tokens >= params.max_tokens):
             status = SequenceStatus.FINISHED_LENGTH
         detokenizer = state.detokenizers[seq.index]
         if detokenizer is not None:
@@ -119,23 +119,14 @@ class OutputProcessor:
 
 
 def _completion(seq: Sequence, text: str) -> CompletionOutput:
+    """The sequence so far, in time independent of its length (snapshots, no copies)."""
     wants_logprobs = seq.params.logprobs is not None
     return CompletionOutput(
         index=seq.index,
         text=text,
-        token_ids=seq.output_token_ids,
-        cumulative_logprob=(sum(lp.sampled_logprob for lp in seq.output_logprobs if lp)
-                            if wants_logprobs else None),
-        logprobs=([_logprob_dict(token, lp) for token, lp in
-                   zip(seq.output_token_ids, seq.output_logprobs)] if wants_logprobs else None),
+        token_ids=ListSnapshot(seq.output_token_ids),
+        cumulative_logprob=seq.cumulative_logprob if wants_logprobs else None,
+        logprobs=ListSnapshot(seq.output_logprobs) if wants_logprobs else None,
         finish_reason=seq.finish_reason,
         stop_reason=seq.stop_reason,
     )
-
-
-def _logprob_dict(token: int, logprobs: TokenLogprobs | None) -> dict[int, float]:
-    if logprobs is None:
-        return {}
-    top = dict(zip(logprobs.top_token_ids, logprobs.top_logprobs))
-    top[token] = logprobs.sampled_logprob
-    return top

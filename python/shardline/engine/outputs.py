@@ -3,7 +3,60 @@ per generated sequence (several when n > 1)."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar, overload
+
+T = TypeVar("T")
+
+
+class ListSnapshot(SequenceABC, Generic[T]):
+    """The first `length` items of a list that only ever grows, taken in O(1).
+
+    The engine appends each new token to one list per sequence and hands callers a
+    snapshot per step, so building a step's output costs the same at token 2000 as at
+    token 2, and an output kept from an earlier step still shows only the tokens it had.
+    It reads like a list (len, indexing, slicing, iteration, `==` with a list or tuple);
+    `list(snapshot)` gives a copy for anything else.
+    """
+
+    __slots__ = ("_items", "_length")
+
+    def __init__(self, items: list[T], length: int | None = None) -> None:
+        self._items = items
+        self._length = len(items) if length is None else length
+
+    def __len__(self) -> int:
+        return self._length
+
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[T]: ...
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._items[i] for i in range(*index.indices(self._length))]
+        if index < 0:
+            index += self._length
+        if not 0 <= index < self._length:
+            raise IndexError(f"index {index} is out of range for {self._length} items")
+        return self._items[index]
+
+    def __iter__(self) -> Iterator[T]:
+        return itertools.islice(self._items, self._length)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (ListSnapshot, list, tuple)):
+            return len(other) == self._length and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # equal to lists, which are unhashable
+
+    def __repr__(self) -> str:
+        return repr(list(self))
 
 
 @dataclass
@@ -15,13 +68,16 @@ class CompletionOutput:
     "length" or "abort" once finished; `stop_reason` is the stop string or stop token id
     that matched (None for eos or length). `logprobs` (when requested) maps, per generated
     token, token id -> log-probability for the top alternatives and the sampled token.
+    `token_ids` and `logprobs` are read-only ListSnapshots of lists the engine keeps
+    growing, so a step's output costs the same however long the sequence is; `list(...)`
+    copies one.
     """
 
     index: int
     text: str
-    token_ids: list[int]
+    token_ids: SequenceABC[int]
     cumulative_logprob: float | None = None
-    logprobs: list[dict[int, float]] | None = None
+    logprobs: SequenceABC[dict[int, float]] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 

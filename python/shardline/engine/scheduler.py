@@ -2,12 +2,16 @@
 
 Each step has a token budget (`max_num_batched_tokens`) and a cap on running sequences
 (`max_num_seqs`). Running sequences that are decoding go first, in arrival order, then
-running sequences still prefilling, then waiting sequences in arrival order (FCFS, never
-skipping the head of the queue). A prompt longer than the remaining budget is computed in
-chunks over several steps (chunked prefill). When the KV cache has no free block for a
-running sequence, the latest-arrived running sequence not yet scheduled in this step is
-preempted: its blocks are freed, it goes back to the front of the queue, and on resume its
-prompt and outputs so far are recomputed.
+running sequences still prefilling, then waiting sequences in arrival order (FCFS: when
+the head of the queue cannot start, for want of blocks or budget, nothing behind it
+does). The one exception is a sibling of an n > 1 request whose leader is still
+prefilling the shared prompt: it waits, keeping its place at the front, until it can
+reuse the leader's prompt blocks, and the requests behind it go ahead meanwhile. A prompt
+longer than the remaining budget is computed in chunks over several steps (chunked
+prefill). When the KV cache has no free block for a running sequence, the latest-arrived
+running sequence not yet scheduled in this step is preempted: its blocks are freed, it
+goes back to the front of the queue, and on resume its prompt and outputs so far are
+recomputed.
 """
 
 from __future__ import annotations
@@ -131,12 +135,14 @@ class Scheduler:
         return budget, preempted
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        held: list[Sequence] = []   # siblings waiting for their leader's prompt blocks
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             leader = seq.prefix_leader
             if leader is not None and leader.status is SequenceStatus.RUNNING \
                     and leader.is_prefilling:
-                break  # let the leader fill the shared prompt blocks, then reuse them
+                held.append(self.waiting.popleft())
+                continue
             prefix = self.kv.find_cached_prefix(seq.token_ids)
             num_cached = len(prefix) * self.kv.block_size
             num_new = seq.num_tokens - num_cached
@@ -155,13 +161,14 @@ class Scheduler:
             out.new_requests.append(NewRequestData(
                 req_id=seq.seq_id,
                 prompt_token_ids=seq.prompt_token_ids,
-                output_token_ids=seq.output_token_ids,
+                output_token_ids=list(seq.output_token_ids),
                 sampling_params=seq.params.to_dict(),
                 block_ids=list(self.kv.block_table(seq.seq_id)),
                 num_computed_tokens=num_cached,
             ))
             self._mark_sent(seq, num_new, out)
             budget -= num_new
+        self.waiting.extendleft(reversed(held))
 
     def _mark_sent(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> None:
         out.num_scheduled_tokens[seq.seq_id] = num_new

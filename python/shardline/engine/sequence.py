@@ -35,7 +35,10 @@ class Sequence:
         self.index = index
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
-        self.output_logprobs: list[TokenLogprobs | None] = []
+        # Grown one entry per step and shared with the outputs as snapshots, never copied.
+        self.output_token_ids: list[int] = []
+        self.output_logprobs: list[dict[int, float]] = []
+        self.cumulative_logprob = 0.0
         self.params = params
         self.arrival = arrival
         self.max_len = max_len
@@ -63,17 +66,23 @@ class Sequence:
         return self.token_ids[:self.num_prompt_tokens]
 
     @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
-
-    @property
     def is_prefilling(self) -> bool:
         """True until every known token but the newest sampled one has been computed."""
         return self.num_tokens - self.num_computed_tokens > 1 or not self.num_output_tokens
 
     def append_output(self, token_id: int, logprobs: TokenLogprobs | None) -> None:
+        """Record a sampled token; its logprobs are kept only if the request asked for them."""
         self.token_ids.append(token_id)
-        self.output_logprobs.append(logprobs)
+        self.output_token_ids.append(token_id)
+        if self.params.logprobs is None:
+            return
+        if logprobs is None:
+            self.output_logprobs.append({})
+            return
+        top = dict(zip(logprobs.top_token_ids, logprobs.top_logprobs))
+        top[token_id] = logprobs.sampled_logprob
+        self.output_logprobs.append(top)
+        self.cumulative_logprob += logprobs.sampled_logprob
 
     @property
     def finished(self) -> bool:
