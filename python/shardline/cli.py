@@ -27,8 +27,9 @@ def _add_engine_args(parser: argparse.ArgumentParser, default_model: str | None)
                         help="a local Hugging Face checkpoint directory (config.json, "
                              "*.safetensors, tokenizer.json) or a preset: "
                              f"{', '.join(PRESETS)} (default: %(default)s)")
-    parser.add_argument("--dtype", default="float32",
-                        help="float32, bfloat16 or float16 (default: %(default)s)")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (float32 on CPU, the checkpoint's dtype on GPU), float32, "
+                             "bfloat16 or float16 (default: %(default)s)")
     parser.add_argument("--max-num-seqs", type=int, default=64,
                         help="most sequences in one step (default: %(default)s)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
@@ -41,6 +42,10 @@ def _add_engine_args(parser: argparse.ArgumentParser, default_model: str | None)
                              "model's max_position_embeddings)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="on CUDA, run decode op by op instead of replaying CUDA graphs")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="share of each GPU's memory the weights, KV cache and "
+                             "activations may fill; the KV cache takes what the weights leave "
+                             "(default: %(default)s)")
 
 
 def _check_model(model: str) -> None:
@@ -59,7 +64,8 @@ def _build_llm(args: argparse.Namespace):
     return LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens,
                block_size=args.block_size, max_model_len=args.max_model_len,
-               enforce_eager=args.enforce_eager)
+               enforce_eager=args.enforce_eager,
+               gpu_memory_utilization=args.gpu_memory_utilization)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -45,42 +45,78 @@ def _require(ok: bool, name: str, value: object, allowed: str) -> None:
 class ModelConfig:
     """Which checkpoint to serve and at what precision and length.
 
-    On CUDA, decode steps replay CUDA graphs captured at startup; `enforce_eager` runs
-    every step op by op instead (slower, no capture time or graph memory).
+    `dtype` "auto" runs in float32 on the CPU and, on a GPU, in the checkpoint's own
+    precision (`torch_dtype` in its config.json, typically bfloat16); the worker resolves
+    it once it knows its device (`resolve_torch_dtype`). On CUDA, decode steps replay CUDA
+    graphs captured at startup; `enforce_eager` runs every step op by op instead (slower,
+    no capture time or graph memory).
     """
 
     model: str
-    dtype: str = "float32"
+    dtype: str = "auto"
     max_model_len: int | None = None
     seed: int = 0
     enforce_eager: bool = False
 
     def __post_init__(self) -> None:
-        self.dtype = dtype_name(resolve_dtype(self.dtype))
+        if isinstance(self.dtype, str) and self.dtype.lower() == "auto":
+            self.dtype = "auto"
+        else:
+            try:
+                self.dtype = dtype_name(resolve_dtype(self.dtype))
+            except ValueError:
+                raise ValueError(f"dtype={self.dtype!r} is not supported: use auto, float32, "
+                                 "bfloat16 or float16") from None
         _require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len",
                  self.max_model_len, "None (use the checkpoint's) or >= 1")
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return resolve_dtype(self.dtype)
+    def resolve_torch_dtype(self, device_type: str, checkpoint_dtype: str | None
+                            ) -> torch.dtype:
+        """The precision to run in on a `device_type` ("cpu", "cuda") device, given the
+        checkpoint's declared dtype (None if its config.json names none: float32)."""
+        if self.dtype != "auto":
+            return resolve_dtype(self.dtype)
+        if device_type == "cpu" or checkpoint_dtype is None:
+            return torch.float32
+        try:
+            return resolve_dtype(checkpoint_dtype)
+        except ValueError:
+            raise ValueError(f"dtype='auto' takes the checkpoint's torch_dtype="
+                             f"{checkpoint_dtype!r}, which is not supported: pass dtype="
+                             "float32, bfloat16 or float16") from None
 
 
 @dataclass
 class CacheConfig:
-    """Paged KV cache: block size, and either a block count or a memory budget for it."""
+    """Paged KV cache: its block size and how many blocks each rank holds.
+
+    By default each rank sizes its cache from the memory free after loading its weights:
+    on a GPU, `gpu_memory_utilization` of the device's total memory minus what is in use
+    by then (this and every other process: weights, CUDA context); the rest is headroom
+    for activations and CUDA graphs. On the CPU, half of MemAvailable shared by the ranks
+    of the machine, at most 4 GiB per rank and at most what `max_num_seqs` sequences of
+    `max_model_len` tokens fill. `kv_cache_memory_bytes` fixes the budget per rank
+    instead, and `num_blocks` the block count itself (it wins over both).
+    """
 
     block_size: int = 16
     num_blocks: int | None = None
-    kv_cache_memory_bytes: int = 512 * 1024 * 1024
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256), "block_size",
                  self.block_size, "a power of two from 1 to 256")
         _require(self.num_blocks is None or self.num_blocks >= 1, "num_blocks",
-                 self.num_blocks, "None (derive from kv_cache_memory_bytes) or >= 1")
-        _require(self.kv_cache_memory_bytes >= 1, "kv_cache_memory_bytes",
-                 self.kv_cache_memory_bytes, ">= 1")
+                 self.num_blocks, "None (size the cache from memory) or >= 1")
+        _require(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes >= 1,
+                 "kv_cache_memory_bytes", self.kv_cache_memory_bytes,
+                 "None (size the cache from free memory) or >= 1")
+        _require(isinstance(self.gpu_memory_utilization, (int, float))
+                 and 0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
+                 self.gpu_memory_utilization, "in (0, 1]: the share of a GPU's memory this "
+                 "process may fill")
 
 
 @dataclass

@@ -14,11 +14,13 @@ class EngineArgs:
     """Every engine option in one flat list; `model` is a model directory or a preset name.
 
     `num_kv_blocks` fixes the KV cache size (tests use it to force preemption); when None
-    the workers size the cache from `kv_cache_memory_bytes`.
+    each worker sizes its cache from `kv_cache_memory_bytes` if set, else from the memory
+    free after loading the model (`gpu_memory_utilization` of a GPU; see CacheConfig).
+    `dtype` "auto" is float32 on the CPU and the checkpoint's dtype on a GPU.
     """
 
     model: str
-    dtype: str = "float32"
+    dtype: str = "auto"
     max_model_len: int | None = None
     seed: int = 0
     enforce_eager: bool = False
@@ -27,7 +29,8 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     block_size: int = 16
     num_kv_blocks: int | None = None
-    kv_cache_memory_bytes: int = 512 * 1024 * 1024
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -43,6 +46,7 @@ class EngineArgs:
                               enforce_eager=self.enforce_eager),
             cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_kv_blocks,
                               kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                              gpu_memory_utilization=self.gpu_memory_utilization,
                               enable_prefix_caching=self.enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                       max_num_batched_tokens=self.max_num_batched_tokens,

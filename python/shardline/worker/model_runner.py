@@ -12,7 +12,7 @@ from shardline.config import EngineConfig
 from shardline.step import ModelRunnerOutput, SchedulerOutput
 from shardline.kernels.dispatch import triton_enabled
 from shardline.layers.sampler import Sampler, SamplingBatch
-from shardline.models.loader import load_model, read_model_info
+from shardline.models.loader import load_model, read_config, read_model_info
 from shardline.presets import resolve_model
 from shardline.worker.graph_runner import (CudaGraphRecorder, DecodeGraphRunner, GraphRecorder,
                                            graph_batch_sizes)
@@ -37,7 +37,9 @@ class ModelRunner:
         self.device = device
         self.model_dir = resolve_model(config.model.model)
         self.info = read_model_info(self.model_dir)
-        self.dtype = config.model.torch_dtype
+        checkpoint = read_config(self.model_dir)
+        self.dtype = config.model.resolve_torch_dtype(
+            device.type, checkpoint.get("torch_dtype") or checkpoint.get("dtype"))
         self.block_size = config.cache.block_size
         self.max_model_len = config.model.max_model_len or self.info.max_position_embeddings
         self.requests: dict[str, RequestState] = {}

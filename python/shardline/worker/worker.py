@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from shardline.config import EngineConfig
 from shardline.step import ModelRunnerOutput, SchedulerOutput
+from shardline.worker.kv_memory import kv_cache_budget
 from shardline.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
 
 
 def pick_device(rank: int) -> torch.device:
@@ -43,15 +47,28 @@ class Worker:
         self.model_runner.load_model()
 
     def determine_num_kv_blocks(self) -> int:
-        """CacheConfig.num_blocks if set, else as many blocks as kv_cache_memory_bytes holds."""
+        """CacheConfig.num_blocks if set, else as many blocks as this rank's budget holds
+        (kv_cache_memory_bytes, or a share of the memory free after loading the weights;
+        see shardline.worker.kv_memory). Logs the capacity in tokens."""
         cache = self.config.cache
-        if cache.num_blocks is not None:
-            return cache.num_blocks
         block_bytes = self.model_runner.kv_block_bytes()
-        num_blocks = cache.kv_cache_memory_bytes // block_bytes
-        if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory_bytes={cache.kv_cache_memory_bytes} is too small: "
-                             f"one KV block of this model needs {block_bytes} bytes")
+        if cache.num_blocks is not None:
+            num_blocks, origin = cache.num_blocks, f"num_blocks={cache.num_blocks}"
+        else:
+            blocks_per_seq = -(-self.model_runner.max_model_len // cache.block_size)
+            usable = self.config.scheduler.max_num_seqs * blocks_per_seq * block_bytes
+            budget = kv_cache_budget(cache, self.device, self.config.parallel.world_size, usable)
+            num_blocks, origin = budget.num_bytes // block_bytes, budget.origin
+            if num_blocks < 1 and cache.kv_cache_memory_bytes is not None:
+                raise ValueError(f"kv_cache_memory_bytes={cache.kv_cache_memory_bytes} is too "
+                                 f"small: one KV block of this model needs {block_bytes} bytes")
+            if num_blocks < 1:
+                raise ValueError(f"no memory is left for the KV cache ({origin}): one block "
+                                 f"needs {block_bytes} bytes; raise gpu_memory_utilization or "
+                                 "free memory, or set kv_cache_memory_bytes or num_kv_blocks")
+        logger.info("rank %d KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s)",
+                    self.rank, num_blocks, cache.block_size, num_blocks * cache.block_size,
+                    num_blocks * block_bytes / (1 << 20), origin)
         return num_blocks
 
     def initialize_cache(self, num_blocks: int) -> None:

@@ -1,0 +1,83 @@
+"""How many bytes one rank's KV cache may take, from the memory actually free on its device.
+
+The budget is read after the weights are loaded, so they are already counted as used. On
+a GPU the rank may fill `gpu_memory_utilization` of the device: that share of its total
+memory, minus everything in use by then (weights, the CUDA context, other processes); the
+rest stays free for activations and CUDA graphs. On the CPU the cache shares the machine
+with everything else, so it takes half of MemAvailable (/proc/meminfo), split evenly over
+the ranks of the machine, at most CPU_CAP_BYTES per rank and at most what the scheduler can
+ever fill (max_num_seqs sequences of max_model_len tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shardline.config import CacheConfig
+
+CPU_FRACTION = 0.5
+CPU_CAP_BYTES = 4 << 30
+MEMINFO = "/proc/meminfo"
+
+
+@dataclass
+class KVBudget:
+    """A byte budget for the KV cache and how it was derived (for logs and errors)."""
+
+    num_bytes: int
+    origin: str
+
+
+def mem_available_bytes(meminfo: str = MEMINFO) -> int:
+    """MemAvailable from /proc/meminfo: what can be allocated without swapping."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError as exc:
+        raise RuntimeError(f"cannot read {meminfo} to size the KV cache ({exc}): set "
+                           "kv_cache_memory_bytes or num_kv_blocks") from None
+    raise RuntimeError(f"{meminfo} has no MemAvailable line to size the KV cache by: set "
+                       "kv_cache_memory_bytes or num_kv_blocks")
+
+
+def gpu_budget(device: torch.device, utilization: float) -> KVBudget:
+    """`utilization` of the GPU's total memory, minus all memory in use on it now."""
+    free, total = torch.cuda.mem_get_info(device)
+    in_use = total - free
+    budget = int(utilization * total) - in_use
+    return KVBudget(max(budget, 0), f"gpu_memory_utilization={utilization} of {_gib(total)} "
+                                    f"on {device}, {_gib(in_use)} already in use")
+
+
+def cpu_budget(num_local_ranks: int, usable_bytes: int, meminfo: str = MEMINFO) -> KVBudget:
+    """A share of MemAvailable per rank, capped by CPU_CAP_BYTES and by `usable_bytes`
+    (the most the scheduler could ever fill)."""
+    available = mem_available_bytes(meminfo)
+    share = int(CPU_FRACTION * available) // num_local_ranks
+    budget = min(share, CPU_CAP_BYTES, usable_bytes)
+    origin = (f"{CPU_FRACTION} of MemAvailable {_gib(available)} over {num_local_ranks} "
+              f"rank(s) is {_gib(share)}")
+    if budget == CPU_CAP_BYTES and budget < share:
+        origin += f", capped at {_gib(CPU_CAP_BYTES)} per rank"
+    elif budget == usable_bytes and budget < share:
+        origin += f", capped at {_gib(usable_bytes)}: max_num_seqs sequences of max_model_len"
+    return KVBudget(budget, origin)
+
+
+def kv_cache_budget(cache: CacheConfig, device: torch.device, num_local_ranks: int,
+                    usable_bytes: int) -> KVBudget:
+    """The budget `cache` asks for: kv_cache_memory_bytes if set, else from free memory."""
+    if cache.kv_cache_memory_bytes is not None:
+        return KVBudget(cache.kv_cache_memory_bytes,
+                        f"kv_cache_memory_bytes={cache.kv_cache_memory_bytes}")
+    if device.type == "cuda":
+        return gpu_budget(device, cache.gpu_memory_utilization)
+    return cpu_budget(num_local_ranks, usable_bytes)
+
+
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / (1 << 30):.2f} GiB"

@@ -1,0 +1,54 @@
+"""Config validation and resolution: dtype "auto", the KV cache settings, the token budget."""
+
+import random
+
+import pytest
+import torch
+
+from shardline.config import CacheConfig, ModelConfig, SchedulerConfig
+from shardline.engine.engine_args import EngineArgs
+
+
+@pytest.fixture(autouse=True)
+def _seed_random(fresh_seed):
+    random.seed(fresh_seed)
+
+
+def test_auto_dtype_is_float32_on_cpu_and_the_checkpoints_on_gpu():
+    auto = ModelConfig("m")
+    assert auto.dtype == "auto" and ModelConfig("m", dtype="AUTO").dtype == "auto"
+    assert auto.resolve_torch_dtype("cpu", "bfloat16") == torch.float32
+    assert auto.resolve_torch_dtype("cuda", "bfloat16") == torch.bfloat16
+    assert auto.resolve_torch_dtype("cuda", "float16") == torch.float16
+    assert auto.resolve_torch_dtype("cuda", None) == torch.float32
+    with pytest.raises(ValueError, match="torch_dtype='float64', which is not supported"):
+        auto.resolve_torch_dtype("cuda", "float64")
+    explicit = ModelConfig("m", dtype="bf16")
+    assert explicit.dtype == "bfloat16"
+    assert explicit.resolve_torch_dtype("cpu", "float32") == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype='int8' is not supported: use auto, float32"):
+        ModelConfig("m", dtype="int8")
+
+
+def test_cache_config_defaults_to_free_memory_and_checks_its_settings():
+    cache = CacheConfig()
+    assert cache.num_blocks is None and cache.kv_cache_memory_bytes is None
+    assert cache.gpu_memory_utilization == 0.9
+    for bad in (0, 0.0, -0.5, 1.01):
+        with pytest.raises(ValueError, match=f"gpu_memory_utilization={bad!r} is invalid"):
+            CacheConfig(gpu_memory_utilization=bad)
+    with pytest.raises(ValueError, match="kv_cache_memory_bytes=0 is invalid"):
+        CacheConfig(kv_cache_memory_bytes=0)
+    share = random.uniform(0.1, 1.0)
+    config = EngineArgs("tiny-llama", gpu_memory_utilization=share).to_config()
+    assert config.cache.gpu_memory_utilization == share and config.model.dtype == "auto"
+
+
+def test_token_budget_must_cover_one_token_per_sequence():
+    seqs = random.randint(2, 512)
+    with pytest.raises(ValueError, match=f"max_num_batched_tokens={seqs - 1} is invalid: must "
+                                         f"be >= max_num_seqs={seqs}"):
+        SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=seqs - 1)
+    with pytest.raises(ValueError, match="max_num_batched_tokens=8 is invalid"):
+        EngineArgs("tiny-llama", max_num_batched_tokens=8).to_config()
+    assert SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=seqs).max_num_seqs == seqs
