@@ -226,7 +226,8 @@ PYBIND11_MODULE(_shm, m) {
              "spawned), each once; raises PeerDied naming the pid within about 0.2 s of one of them\n"
              "dying while a reader is still missing. Without it only the timeout ends that wait.")
         .def("close", [](PyRing& self) { self.ring().close(); },
-             "Close the ring for every side, waking all waiters (they raise RingClosed). Idempotent.")
+             "Close the ring for every side, waking all waiters: readers still receive what was\n"
+             "published before, then raise RingClosed. Idempotent.")
         .def("__enter__", [](py::object self) { return self; })
         .def("__exit__", [](PyRing& self, const py::args&) { self.ring().close(); })
         .def("__repr__", [](PyRing& self) {
@@ -256,4 +257,17 @@ PYBIND11_MODULE(_shm, m) {
         },
         py::arg("payload_bytes"), py::arg("iterations"), py::arg("n_slots") = 64, py::arg("slot_size") = 4096,
         "One-way ring handoff latency in ns per message, measured in C++ with a forked reader process.");
+
+    m.def(
+        "_set_pause_after_spin",
+        [](double seconds) {
+            if (!(seconds >= 0 && seconds <= 10)) {
+                throw std::invalid_argument("seconds must be in [0, 10], got " + std::to_string(seconds));
+            }
+            Ring::set_pause_after_spin_for_tests(static_cast<int64_t>(seconds * 1e9));
+        },
+        py::arg("seconds"),
+        "Testing only: every ring wait of this process that outlasts its spin phase sleeps `seconds`\n"
+        "before it first looks at close and peer liveness, so that tests can hit the races of that\n"
+        "moment deterministically. 0 (the default) turns it off.");
 }

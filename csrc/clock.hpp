@@ -13,6 +13,12 @@ inline int64_t monotonic_ns() {
     return static_cast<int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
 }
 
+// Sleeps about ns nanoseconds; a signal may end the sleep early.
+inline void sleep_ns(int64_t ns) {
+    timespec ts{static_cast<time_t>(ns / 1'000'000'000), static_cast<long>(ns % 1'000'000'000)};
+    nanosleep(&ts, nullptr);
+}
+
 // The point in time at which a wait gives up; "never" for a wait without timeout.
 class Deadline {
 public:

@@ -23,7 +23,11 @@ constexpr int64_t kSpinNs = 50'000;
 constexpr int64_t kSleepSliceNs = 100'000'000;
 constexpr int64_t kLivenessIntervalNs = 100'000'000;
 
+std::atomic<int64_t> pause_after_spin_ns{0};
+
 }  // namespace
+
+void Ring::set_pause_after_spin_for_tests(int64_t ns) { pause_after_spin_ns.store(ns, std::memory_order_relaxed); }
 
 uint64_t Ring::slots_for(uint64_t message_bytes) const {
     return message_bytes == 0 ? 1 : (message_bytes + slot_size_ - 1) / slot_size_;
@@ -130,31 +134,40 @@ void Ring::wait(WaitLine& line, Deadline deadline, Ready ready, Check check, con
         }
         cpu_relax();
     }
+    if (int64_t pause = pause_after_spin_ns.load(std::memory_order_relaxed); pause > 0) sleep_ns(pause);
     for (;;) {
-        if (closed_ || layout_->header.closed.load(std::memory_order_acquire) != 0) {
-            throw RingClosedError(std::string(what) + ": ring '" + name_ + "' was closed");
-        }
+        // Everything published before a close, or before a peer's death, is delivered
+        // first: the flag is read before ready(), and a death is confirmed before a last
+        // ready(). A side publishes before it closes, so the acquire load that sees the
+        // flag also makes what it published visible to ready().
+        bool closed = closed_ || layout_->header.closed.load(std::memory_order_acquire) != 0;
+        if (ready()) return;
+        if (closed) throw RingClosedError(std::string(what) + ": ring '" + name_ + "' was closed");
         int64_t now = monotonic_ns();
         if (now >= next_liveness_check_ns_) {
             next_liveness_check_ns_ = now + kLivenessIntervalNs;
-            check_peers();
-            check();
+            try {
+                check_peers();
+                check();
+            } catch (const PeerDiedError&) {
+                if (ready()) return;
+                throw;
+            }
             if (interrupt_check_ != nullptr) interrupt_check_();
         }
         if (deadline.expired(now)) {
             throw TimeoutError(std::string(what) + ": timed out on ring '" + name_ + "'");
         }
-        int64_t sleep_ns = std::min({deadline.remaining_ns(now), next_liveness_check_ns_ - now, kSleepSliceNs});
+        int64_t slice_ns = std::min({deadline.remaining_ns(now), next_liveness_check_ns_ - now, kSleepSliceNs});
         // The fence orders the increment before ready()'s acquire loads, the mirror
         // of the waker's seq_cst cursor store before its sleepers load (see notify()).
         line.sleepers.fetch_add(1, std::memory_order_seq_cst);
         std::atomic_thread_fence(std::memory_order_seq_cst);
         uint32_t epoch = line.epoch.load(std::memory_order_seq_cst);
         if (!ready() && layout_->header.closed.load(std::memory_order_seq_cst) == 0) {
-            futex_wait(&line.epoch, epoch, sleep_ns);
+            futex_wait(&line.epoch, epoch, slice_ns);
         }
         line.sleepers.fetch_sub(1, std::memory_order_seq_cst);
-        if (ready()) return;
     }
 }
 

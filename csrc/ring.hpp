@@ -74,13 +74,19 @@ public:
     // Records the calling process as this reader, for a reader handed over by fork().
     void adopt_current_process();
 
-    // Marks the ring closed for every side and wakes all waiters. Idempotent.
+    // Marks the ring closed for every side and wakes all waiters. Idempotent. Waiters
+    // first receive everything published before the close, then raise RingClosedError.
     void close();
 
     // A hook run from waits at most every 100 ms (e.g. to let Ctrl-C through); it
     // may throw to abandon the wait, like a timeout.
     using InterruptCheck = void (*)();
     void set_interrupt_check(InterruptCheck check) { interrupt_check_ = check; }
+
+    // For tests of races at the end of the spin phase: every wait of this process that
+    // outlasts its spin sleeps `ns` more before its first look at close and liveness,
+    // widening that window from nanoseconds to whatever a test needs. 0 turns it off.
+    static void set_pause_after_spin_for_tests(int64_t ns);
 
 private:
     // A process named by pid and start time, so that a reused pid does not pass for it.

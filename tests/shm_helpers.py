@@ -10,11 +10,14 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing.connection import Connection
 from multiprocessing.queues import Queue
 
 import numpy as np
 
-from shardline._shm import PeerDied, Ring, RingClosed
+from shardline._shm import PeerDied, Ring, RingClosed, _set_pause_after_spin
 
 TIMEOUT = 30.0
 
@@ -27,6 +30,18 @@ def expect_event(events: Queue, kind: str) -> object:
     event, value = events.get(timeout=TIMEOUT)
     assert event == kind, f"expected {kind!r} from the child, got {(event, value)!r}"
     return value
+
+
+@contextmanager
+def paused_after_spin(seconds: float) -> Iterator[None]:
+    """Makes every ring wait in this process that outlasts its spin phase sleep `seconds`
+    before it first looks at close and liveness: a deterministic stand-in for a waiter
+    preempted right at the end of its spin."""
+    _set_pause_after_spin(seconds)
+    try:
+        yield
+    finally:
+        _set_pause_after_spin(0)
 
 
 def kill_after(pid: int, delay: float) -> list[float]:
@@ -156,3 +171,15 @@ def never_attaching_reader(lifetime: float) -> None:
     """A reader process that dies before it attaches: it exits after `lifetime` seconds,
     unless killed first."""
     time.sleep(lifetime)
+
+
+def write_then_die(message: bytes, delay: float, events: Queue, go: Connection) -> None:
+    """A writer that publishes `message` `delay` seconds after the go signal and then dies
+    at once, closing nothing (os._exit runs no destructor)."""
+    ring = Ring.create(1, 4, 64)
+    events.put(("name", ring.name))
+    ring.wait_attached(timeout=TIMEOUT)
+    go.recv()
+    time.sleep(delay)
+    ring.write(message, timeout=TIMEOUT)
+    os._exit(0)

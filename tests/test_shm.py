@@ -28,7 +28,9 @@ from shm_helpers import (
     kill_after,
     late_reader,
     never_attaching_reader,
+    paused_after_spin,
     shm_path,
+    write_then_die,
 )
 
 from shardline._shm import PeerDied, Ring, RingClosed, raw_handoff_latency
@@ -204,6 +206,60 @@ def test_messages_written_before_close_are_still_delivered():
         assert reader.read(timeout=1) == b"last words"
         with pytest.raises(RingClosed):
             reader.read(timeout=1)
+
+
+def outcomes_in_thread(*calls) -> tuple[threading.Thread, list]:
+    """Runs the calls one after another in a thread; the list gets, for each, what it
+    returned or the name of the ring error it raised."""
+    outcomes = []
+
+    def run() -> None:
+        for call in calls:
+            try:
+                outcomes.append(call())
+            except (RingClosed, PeerDied, TimeoutError) as error:
+                outcomes.append(type(error).__name__)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcomes
+
+
+@pytest.mark.parametrize("message_slots", [1, 5])
+def test_message_written_as_the_reader_leaves_its_spin_is_delivered_before_ring_closed(message_slots):
+    """The writer publishes and closes at a random moment while the reader waits. The
+    reader's exit from its spin is stretched to 2 ms, so that most trials publish inside
+    that window. A 5-slot message through a 2-slot ring ends while the reader is mid-message."""
+    seed = random.SystemRandom().randrange(2**32)
+    print(f"close race seed {seed}")
+    rng = random.Random(seed)
+    slot = 16
+    with paused_after_spin(0.002):
+        for trial in range(100):
+            message = rng.randbytes(message_slots * slot - rng.randrange(slot))
+            with Ring.create(1, 2, slot) as writer, Ring.attach(writer.name, 0) as reader:
+                read = lambda: reader.read(timeout=5)  # noqa: E731
+                thread, outcomes = outcomes_in_thread(read, read)
+                time.sleep(rng.uniform(0, 0.003))
+                writer.write(message, timeout=TIMEOUT)
+                writer.close()
+                thread.join(TIMEOUT)
+            assert outcomes == [message, "RingClosed"], f"trial {trial}"
+
+
+def test_message_written_as_the_reader_leaves_its_spin_is_delivered_before_peer_died():
+    """The writer process publishes and dies (closing nothing) while the reader's exit from
+    its spin is stretched to 0.5 s: the reader gets the message, then PeerDied."""
+    message = os.urandom(random.randrange(0, 4 * 64))
+    events = SPAWN.Queue()
+    go_receiver, go_sender = SPAWN.Pipe(duplex=False)
+    child = spawn(write_then_die, message, 0.05, events, go_receiver)
+    with Ring.attach(expect_event(events, "name"), 0) as reader, paused_after_spin(0.5):
+        go_sender.send(True)
+        assert reader.read(timeout=TIMEOUT) == message
+        with pytest.raises(PeerDied, match="writer"):
+            reader.read(timeout=TIMEOUT)
+    join_all([child], TIMEOUT)
 
 
 def test_ctrl_c_interrupts_a_wait_without_timeout():
