@@ -227,7 +227,8 @@ PYBIND11_MODULE(_shm, m) {
              "dying while a reader is still missing. Without it only the timeout ends that wait.")
         .def("close", [](PyRing& self) { self.ring().close(); },
              "Close the ring for every side, waking all waiters: readers still receive what was\n"
-             "published before, then raise RingClosed. Idempotent.")
+             "published before, then raise RingClosed. Idempotent. Dropping the object closes it too\n"
+             "(in the process that owns this end; a copy inherited through fork does not).")
         .def("__enter__", [](py::object self) { return self; })
         .def("__exit__", [](PyRing& self, const py::args&) { self.ring().close(); })
         .def("__repr__", [](PyRing& self) {

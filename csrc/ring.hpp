@@ -76,6 +76,8 @@ public:
 
     // Marks the ring closed for every side and wakes all waiters. Idempotent. Waiters
     // first receive everything published before the close, then raise RingClosedError.
+    // Destroying the end closes it too, in the process that owns the end (the writer's
+    // creator, or the process a reader last recorded): a forked copy does not close.
     void close();
 
     // A hook run from waits at most every 100 ms (e.g. to let Ctrl-C through); it
@@ -124,6 +126,7 @@ private:
     void require_writer(const char* method) const;
     void require_reader(const char* method) const;
     void require_open(const char* method) const;
+    bool owned_by_this_process() const;
 
     Segment segment_;
     SegmentLayout* layout_;

@@ -148,7 +148,15 @@ std::vector<Ring::Peer> Ring::expected_readers(const std::vector<int64_t>& reade
     return peers;
 }
 
-Ring::~Ring() { unlink_if_creator(); }
+Ring::~Ring() {
+    if (owned_by_this_process()) close();
+}
+
+bool Ring::owned_by_this_process() const {
+    pid_t self = getpid();
+    if (is_writer()) return creator_pid_ == self;
+    return layout_->readers[reader_index_].pid.load(std::memory_order_acquire) == self;
+}
 
 void Ring::unlink_if_creator() {
     if (creator_pid_ == getpid() && layout_->header.all_attached.load(std::memory_order_acquire) == 0) {

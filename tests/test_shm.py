@@ -3,6 +3,7 @@ liveness, close and argument checking. Segment hygiene is in test_shm_hygiene.py
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 import random
@@ -260,6 +261,55 @@ def test_message_written_as_the_reader_leaves_its_spin_is_delivered_before_peer_
         with pytest.raises(PeerDied, match="writer"):
             reader.read(timeout=TIMEOUT)
     join_all([child], TIMEOUT)
+
+
+def test_dropping_the_writer_closes_the_ring_for_a_blocked_reader():
+    writer = Ring.create(1, 4, 64)
+    reader = Ring.attach(writer.name, 0)
+    writer.write(b"last", timeout=1)
+    read = lambda: reader.read(timeout=5)  # noqa: E731
+    thread, outcomes = outcomes_in_thread(read, read)
+    time.sleep(0.2)
+    dropped_at = time.monotonic()
+    del writer
+    thread.join(TIMEOUT)
+    assert outcomes == [b"last", "RingClosed"]
+    assert time.monotonic() - dropped_at < 2.0
+
+
+def test_dropping_a_reader_closes_the_ring_for_a_blocked_writer():
+    writer = Ring.create(2, 2, 64)
+    readers = [Ring.attach(writer.name, i) for i in range(2)]
+    for _ in range(2):
+        writer.write(b"x", timeout=1)
+    thread, outcomes = outcomes_in_thread(lambda: writer.write(b"y", timeout=5))
+    time.sleep(0.2)
+    dropped_at = time.monotonic()
+    readers.pop()
+    thread.join(TIMEOUT)
+    assert outcomes == ["RingClosed"]
+    assert time.monotonic() - dropped_at < 2.0
+    assert [readers[0].read(timeout=1) for _ in range(2)] == [b"x", b"x"]
+
+
+def test_a_forked_copy_of_an_end_does_not_close_the_ring_when_dropped():
+    writer = Ring.create(1, 4, 64)
+    reader = Ring.attach(writer.name, 0)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                del writer, reader
+                gc.collect()
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        message = os.urandom(random.randrange(1, 64))
+        writer.write(message, timeout=1)
+        assert reader.read(timeout=1) == message
+    finally:
+        writer.close()
 
 
 def test_ctrl_c_interrupts_a_wait_without_timeout():

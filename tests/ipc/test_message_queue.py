@@ -147,6 +147,17 @@ def test_close_wakes_a_dequeue_blocked_in_another_thread():
         assert not thread.is_alive() and len(raised) == 1
 
 
+def test_dropping_the_writer_queue_closes_it_for_a_dequeue_in_another_process():
+    requests = MessageQueue.create(1)
+    receiver, sender = SPAWN.Pipe(duplex=False)
+    proc = spawn(wait_for_close, requests.handle(), sender)
+    assert receiver.poll(TIMEOUT), "the reader did not start"
+    receiver.recv()
+    time.sleep(0.2)
+    del requests
+    join_all([proc], 5.0)
+
+
 def test_wait_attached_passes_reader_pids_through():
     with MessageQueue.create(1) as writer:
         proc = spawn(exit_without_attaching)
