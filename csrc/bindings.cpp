@@ -214,7 +214,8 @@ PYBIND11_MODULE(_shm, m) {
         .def_property_readonly("reader_index", [](PyRing& self) { return self.ring().reader_index(); },
                                "This reader's index, or -1 for the writer.")
         .def("write", &PyRing::write, py::arg("data"), py::arg("timeout") = py::none(),
-             "Write one message (any contiguous buffer). timeout in seconds; None waits forever.")
+             "Write one message (any contiguous buffer). timeout in seconds; None waits forever.\n"
+             "Raises RuntimeError until every reader has attached: call wait_attached first.")
         .def("write_parts", &PyRing::write_sequence, py::arg("parts"), py::arg("timeout") = py::none(),
              "Write one message made of the concatenation of parts, without joining them first.")
         .def("read", &PyRing::read, py::arg("timeout") = py::none(),

@@ -188,6 +188,26 @@ void Ring::require_open(const char* method) const {
     if (closed_) throw RingClosedError(std::string(method) + ": ring '" + name_ + "' was closed");
 }
 
+void Ring::require_all_attached(const char* method) {
+    if (all_attached_) return;
+    all_attached_ = layout_->header.all_attached.load(std::memory_order_acquire) != 0;
+    if (all_attached_) return;
+    std::string missing;
+    for (uint32_t i = 0; i < n_readers_; ++i) {
+        if (layout_->readers[i].attached.load(std::memory_order_acquire) == 0) {
+            missing += (missing.empty() ? "" : ", ") + std::to_string(i);
+        }
+    }
+    // A reader that died before attaching would leave the writer waiting forever once
+    // the ring fills; wait_attached(reader_pids=...) is the wait that notices such a death.
+    throw std::logic_error(std::string(method) + ": ring '" + name_ + "' has " +
+                           std::to_string(layout_->header.attached_readers.load(std::memory_order_acquire)) + " of " +
+                           std::to_string(n_readers_) + " readers attached (missing: " + missing +
+                           "); call wait_attached(timeout, reader_pids=[the reader processes]) before the first "
+                           "write, so that a reader that dies before attaching raises PeerDied instead of "
+                           "blocking the writer forever");
+}
+
 bool Ring::can_write_now(uint64_t message_bytes) {
     return !closed_ && !pending_abort_ && has_space(slots_for(message_bytes));
 }
@@ -198,6 +218,7 @@ void Ring::write(const Part* parts, size_t n_parts, Deadline deadline) {
     if (layout_->header.closed.load(std::memory_order_acquire) != 0) {
         throw RingClosedError("write: ring '" + name_ + "' was closed");
     }
+    require_all_attached("write");
     auto space = [this] { return has_space(1); };
     if (pending_abort_) {
         wait(layout_->space_wait, deadline, space, "write");

@@ -54,6 +54,7 @@ public:
     bool can_write_now(uint64_t message_bytes);
     // Writes one message, the concatenation of parts. On a timeout after part of
     // the message was published, the next write first tells readers to drop it.
+    // Raises std::logic_error until every reader has attached (see wait_attached()).
     void write(const Part* parts, size_t n_parts, Deadline deadline);
     // Waits until every reader has attached. With reader_pids (the processes expected
     // to attach, each listed once), raises PeerDiedError once one of them is dead
@@ -126,6 +127,7 @@ private:
     void require_writer(const char* method) const;
     void require_reader(const char* method) const;
     void require_open(const char* method) const;
+    void require_all_attached(const char* method);
     bool owned_by_this_process() const;
 
     Segment segment_;
@@ -143,6 +145,7 @@ private:
     InterruptCheck interrupt_check_ = nullptr;
 
     // Writer state.
+    bool all_attached_ = false;
     uint64_t write_seq_ = 0;
     uint64_t known_min_read_ = 0;
     bool pending_abort_ = false;

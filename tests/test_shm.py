@@ -312,6 +312,18 @@ def test_a_forked_copy_of_an_end_does_not_close_the_ring_when_dropped():
         writer.close()
 
 
+def test_write_before_every_reader_attached_raises_instead_of_waiting_forever():
+    with Ring.create(3, 2, 64) as writer, Ring.attach(writer.name, 1) as reader:
+        with pytest.raises(RuntimeError, match=r"write: ring .* has 1 of 3 readers attached \(missing: 0, 2\)"
+                                               r".*call wait_attached\(timeout, reader_pids="):
+            writer.write(b"x")
+        late = [Ring.attach(writer.name, i) for i in (0, 2)]
+        writer.wait_attached(timeout=1)
+        message = os.urandom(random.randrange(0, 2 * 64 + 1))
+        writer.write(message, timeout=1)
+        assert [ring.read(timeout=1) for ring in (reader, *late)] == [message] * 3
+
+
 def test_ctrl_c_interrupts_a_wait_without_timeout():
     events = SPAWN.Queue()
     with Ring.create(1, 4, 64) as writer:

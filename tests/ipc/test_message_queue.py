@@ -158,6 +158,12 @@ def test_dropping_the_writer_queue_closes_it_for_a_dequeue_in_another_process():
     join_all([proc], 5.0)
 
 
+def test_enqueue_before_every_reader_attached_raises():
+    with MessageQueue.create(2) as writer, MessageQueue.attach(writer.handle(), 0):
+        with pytest.raises(RuntimeError, match=r"1 of 2 readers attached \(missing: 1\).*wait_attached"):
+            writer.enqueue({"step": 1})
+
+
 def test_wait_attached_passes_reader_pids_through():
     with MessageQueue.create(1) as writer:
         proc = spawn(exit_without_attaching)

@@ -36,10 +36,12 @@ class MessageQueue:
     """A broadcast queue of Python objects: one writer, `n_readers` readers.
 
     Build it with `create` (the writer) and `attach` (each reader, from the writer's
-    `handle()`). Messages larger than a slot, or than the whole ring, are legal.
-    Blocking calls take a timeout in seconds (None waits forever) and raise TimeoutError
-    when it expires, RingClosed once the queue is closed, and PeerDied when the process
-    on the other side died. Each end is used by one thread at a time.
+    `handle()`); the writer calls `wait_attached` before its first `enqueue`. Messages
+    larger than a slot, or than the whole ring, are legal. Blocking calls take a timeout
+    in seconds (None waits forever) and raise TimeoutError when it expires, RingClosed
+    once the queue is closed, and PeerDied when the process on the other side died; a
+    reader receives every message enqueued before the close or the death first. Each end
+    is used by one thread at a time. Dropping an end closes the queue, as `close` does.
     """
 
     def __init__(self, ring: _shm.Ring) -> None:
@@ -94,7 +96,9 @@ class MessageQueue:
         """Writer: broadcast `obj` to every reader.
 
         Blocks while the ring is full. Raises TypeError, before anything is sent, if `obj`
-        holds a type the serializer does not support (see serializer.SUPPORTED_TYPES).
+        holds a type the serializer does not support (see serializer.SUPPORTED_TYPES), and
+        RuntimeError until every reader has attached (see `wait_attached`): a reader that
+        died before attaching would otherwise leave this call waiting forever.
         """
         if self._encoder is None:
             raise RuntimeError(
@@ -115,8 +119,9 @@ class MessageQueue:
         return self._decoder.decode(self._ring.read(timeout))
 
     def close(self) -> None:
-        """Close the queue for every end: waiters here and in the peer processes wake and
-        raise RingClosed, as does any later call."""
+        """Close the queue for every end: waiters here and in the peer processes wake and,
+        once they have received what was enqueued before, raise RingClosed, as does any
+        later call. Dropping the queue closes it too (in the process that made the end)."""
         self._ring.close()
 
     def __reduce__(self) -> tuple:
