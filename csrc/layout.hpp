@@ -13,7 +13,7 @@
 namespace shardline {
 
 inline constexpr uint64_t kMagic = 0x676e69526c64726bULL;  // "krdlRing" little-endian
-inline constexpr uint32_t kVersion = 2;
+inline constexpr uint32_t kVersion = 3;
 inline constexpr uint32_t kMaxReaders = 64;
 inline constexpr uint64_t kMaxSlots = 1u << 20;
 inline constexpr uint64_t kMaxSlotSize = 64ull << 20;
@@ -42,8 +42,9 @@ struct alignas(kCacheLine) WriteCursor {
     std::atomic<uint64_t> seq;
 };
 
-// A futex word plus a count of processes sleeping on it, so that wakers can skip
-// the wake system call when nobody sleeps.
+// A futex word plus a word that is nonzero while a process may sleep on it, so that
+// wakers can skip the wake system call when nobody sleeps. The ring uses `sleepers` as
+// a flag that waiters set and wakers clear (see Ring::notify()).
 struct alignas(kCacheLine) WaitLine {
     std::atomic<uint32_t> epoch;
     std::atomic<uint32_t> sleepers;

@@ -58,10 +58,14 @@ bool Ring::published(uint64_t seq) {
 }
 
 void Ring::notify(WaitLine& line) {
-    // Together with the seq_cst cursor store before it and the waiter's seq_cst
-    // sleepers increment before its re-check, either we see the sleeper or the
-    // sleeper sees the new cursor, so no wake-up is lost.
-    if (line.sleepers.load(std::memory_order_seq_cst) != 0) {
+    // Together with the seq_cst cursor store before it and the waiter's seq_cst store
+    // of the flag before its re-check, either we see the flag or the waiter sees the
+    // new cursor, so no wake-up is lost. The waker, not the waiter, clears the flag:
+    // a waiter killed in its sleep then costs one spare wake instead of one on every
+    // later publish, and a waiter that wakes and must sleep again raises it again
+    // before its re-check. Of several wakers only the one that clears it wakes.
+    if (line.sleepers.load(std::memory_order_seq_cst) != 0 &&
+        line.sleepers.exchange(0, std::memory_order_seq_cst) != 0) {
         line.epoch.fetch_add(1, std::memory_order_seq_cst);
         futex_wake_all(&line.epoch);
     }
@@ -75,7 +79,7 @@ void Ring::publish_slot(uint64_t message_bytes, uint32_t bytes, uint32_t flags) 
     s->flags = flags;
     ++write_seq_;
     // Release publishes the slot to readers (see published()); seq_cst orders the
-    // store before notify()'s sleepers load.
+    // store before notify()'s flag load.
     layout_->write.seq.store(write_seq_, std::memory_order_seq_cst);
     notify(layout_->data_wait);
 }
@@ -83,7 +87,7 @@ void Ring::publish_slot(uint64_t message_bytes, uint32_t bytes, uint32_t flags) 
 void Ring::consume_slot() {
     ++read_seq_;
     // Release hands the slot back to the writer (see min_read_seq()); seq_cst
-    // orders the store before notify()'s sleepers load.
+    // orders the store before notify()'s flag load.
     layout_->readers[reader_index_].seq.store(read_seq_, std::memory_order_seq_cst);
     notify(layout_->space_wait);
 }
@@ -159,15 +163,14 @@ void Ring::wait(WaitLine& line, Deadline deadline, Ready ready, Check check, con
             throw TimeoutError(std::string(what) + ": timed out on ring '" + name_ + "'");
         }
         int64_t slice_ns = std::min({deadline.remaining_ns(now), next_liveness_check_ns_ - now, kSleepSliceNs});
-        // The fence orders the increment before ready()'s acquire loads, the mirror
-        // of the waker's seq_cst cursor store before its sleepers load (see notify()).
-        line.sleepers.fetch_add(1, std::memory_order_seq_cst);
+        // The fence orders the flag before ready()'s acquire loads, the mirror of the
+        // waker's seq_cst cursor store before its flag load (see notify()).
+        line.sleepers.store(1, std::memory_order_seq_cst);
         std::atomic_thread_fence(std::memory_order_seq_cst);
         uint32_t epoch = line.epoch.load(std::memory_order_seq_cst);
         if (!ready() && layout_->header.closed.load(std::memory_order_seq_cst) == 0) {
             futex_wait(&line.epoch, epoch, slice_ns);
         }
-        line.sleepers.fetch_sub(1, std::memory_order_seq_cst);
     }
 }
 

@@ -38,6 +38,8 @@ from shardline._shm import PeerDied, Ring, RingClosed, raw_handoff_latency
 
 SLOT = 256
 SLOTS = 64
+# Byte offset of the data wait line's `sleepers` word in a ring segment (csrc/layout.hpp).
+DATA_WAIT_SLEEPERS = 196
 
 
 def test_fuzz_one_writer_three_readers_every_message_once_in_order_intact():
@@ -364,6 +366,32 @@ def test_reader_sigkilled_while_writer_blocks_on_full_ring_raises_peer_died_with
             writer.write(b"x", timeout=TIMEOUT)
         assert time.monotonic() - killed_at[0] < 1.0
     child.join(TIMEOUT)
+
+
+def test_a_reader_killed_asleep_costs_the_writer_one_wake_not_one_per_publish():
+    """A reader SIGKILLed inside futex_wait cannot lower the word that makes every publish
+    wake sleepers; the first publish after its death must clear it."""
+    events = SPAWN.Queue()
+    with Ring.create(2, 4, 64) as writer:
+        with open(shm_path(writer.name), "r+b") as segment, mmap.mmap(segment.fileno(), 4096) as mapped:
+            child = spawn(blocked_reader, writer.name, events)
+            expect_event(events, "ready")
+            with Ring.attach(writer.name, 1) as live:
+
+                def sleepers() -> int:
+                    return int.from_bytes(mapped[DATA_WAIT_SLEEPERS : DATA_WAIT_SLEEPERS + 4], "little")
+
+                deadline = time.monotonic() + TIMEOUT
+                while sleepers() == 0 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert sleepers() != 0, "the blocked reader never went to sleep"
+                os.kill(child.pid, signal.SIGKILL)
+                child.join(TIMEOUT)
+                messages = [os.urandom(random.randrange(0, 64)) for _ in range(3)]
+                for message in messages:
+                    writer.write(message, timeout=1)
+                    assert sleepers() == 0
+                assert [live.read(timeout=1) for _ in messages] == messages
 
 
 @pytest.mark.parametrize("death", ["exit", "SIGKILL"])
