@@ -1,7 +1,8 @@
 """Reading one rank's part of a checkpoint tensor without materializing the rest.
 
-A checkpoint tensor arrives either as a safetensors slice (`safe_open(...).get_slice`,
-read lazily) or as a plain tensor; both are checked against the shape the layer expects
+A checkpoint tensor arrives either as a lazily read slice of a safetensors file
+(`shardline.models.safetensors_slices.TensorSlice`, or safetensors' own `get_slice`) or
+as a plain tensor; both are checked against the shape the layer expects
 before anything is copied, so a wrong checkpoint fails with the tensor's name.
 """
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-Loaded = Any  # torch.Tensor or a safetensors PySafeSlice
+Loaded = Any  # torch.Tensor, or a TensorSlice / safetensors slice
 
 
 def loaded_shape(loaded: Loaded) -> tuple[int, ...]:

@@ -1,23 +1,23 @@
 """Loading a Hugging Face model directory: config, model class, and lazily read weights.
 
-Weights are opened per file with safetensors and read per tensor (as slices), so each
-rank reads only its part. Every parameter must be filled from the checkpoint; a missing
-or mis-shaped tensor is an error that names it.
+Weights are read per tensor, as slices with positioned reads (see safetensors_slices: no
+memory map), so each rank reads only its part and its memory grows by that part alone.
+Every parameter must be filled from the checkpoint; a missing or mis-shaped tensor is an
+error that names it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from shardline.models.hf_config import head_dim, max_positions, num_kv_heads
 from shardline.models.registry import get_model_class, resolve_architecture
+from shardline.models.safetensors_slices import SafetensorsFile, TensorSlice
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -88,6 +88,7 @@ class CheckpointReader:
     """The tensors of one or many safetensors files, opened on first use, read lazily."""
 
     def __init__(self, model_dir: str):
+        self._handles: dict[str, SafetensorsFile] = {}
         index = os.path.join(model_dir, INDEX_FILE)
         if os.path.isfile(index):
             weight_map = _read_json(index)["weight_map"]
@@ -97,24 +98,28 @@ class CheckpointReader:
             if not files:
                 raise FileNotFoundError(f"model directory {model_dir!r} has no *.safetensors")
             self.file_of = {}
-            for f in files:
-                path = os.path.join(model_dir, f)
-                with safe_open(path, framework="pt") as handle:
-                    self.file_of.update({name: path for name in handle.keys()})
-        self._stack = ExitStack()
-        self._handles: dict[str, object] = {}
+            try:
+                for f in files:
+                    path = os.path.join(model_dir, f)
+                    self._handles[path] = SafetensorsFile(path)
+                    self.file_of.update({name: path for name in self._handles[path].keys()})
+            except BaseException:
+                self.close()
+                raise
 
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
 
-    def get_slice(self, name: str):
+    def get_slice(self, name: str) -> TensorSlice:
         path = self.file_of[name]
         if path not in self._handles:
-            self._handles[path] = self._stack.enter_context(safe_open(path, framework="pt"))
+            self._handles[path] = SafetensorsFile(path)
         return self._handles[path].get_slice(name)
 
     def close(self) -> None:
-        self._stack.close()
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
 
 
 def load_weights(model: nn.Module, reader: CheckpointReader) -> None:
