@@ -46,6 +46,28 @@ def _add_engine_args(parser: argparse.ArgumentParser, default_model: str | None)
                         help="share of each GPU's memory the weights, KV cache and "
                              "activations may fill; the KV cache takes what the weights leave "
                              "(default: %(default)s)")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="ranks that split each layer's heads and MLP columns "
+                             "(default: %(default)s)")
+    parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                        help="pipeline stages that split the layers (default: %(default)s)")
+    parser.add_argument("--pipeline-stage-layers", type=_int_list, default=None,
+                        help="layers per pipeline stage, comma-separated, e.g. 3,2 "
+                             "(default: as even as possible)")
+    parser.add_argument("--distributed-executor-backend", choices=("uni", "mp"), default=None,
+                        help="uni: one rank in this process; mp: one process per rank "
+                             "(default: uni for one rank, mp for more)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="where every rank runs (default: $SHARDLINE_DEVICE, else CUDA "
+                             "when present)")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers, e.g. 3,2") from None
 
 
 def _check_model(model: str) -> None:
@@ -65,7 +87,12 @@ def _build_llm(args: argparse.Namespace):
                max_num_batched_tokens=args.max_num_batched_tokens,
                block_size=args.block_size, max_model_len=args.max_model_len,
                enforce_eager=args.enforce_eager,
-               gpu_memory_utilization=args.gpu_memory_utilization)
+               gpu_memory_utilization=args.gpu_memory_utilization,
+               tensor_parallel_size=args.tensor_parallel_size,
+               pipeline_parallel_size=args.pipeline_parallel_size,
+               pipeline_stage_layers=args.pipeline_stage_layers,
+               distributed_executor_backend=args.distributed_executor_backend,
+               device=args.device)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -142,7 +142,13 @@ class SchedulerConfig:
 
 @dataclass
 class ParallelConfig:
-    """The rank grid: world = DP x PP x SP x TP (TP innermost); EP reuses DP x SP x TP."""
+    """The rank grid: world = DP x PP x SP x TP (TP innermost); EP reuses DP x SP x TP.
+
+    `pipeline_stage_layers` overrides the balanced split of layers over pipeline stages
+    (one layer count per stage). `device` is "cpu", "cuda" or None (the SHARDLINE_DEVICE
+    environment variable if set, else CUDA when present). `worker_cls` is the dotted path
+    of the class each rank runs (the model worker unless a tool swaps in another).
+    """
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -150,20 +156,42 @@ class ParallelConfig:
     sequence_parallel_size: int = 1
     enable_expert_parallel: bool = False
     distributed_executor_backend: str | None = None
+    pipeline_stage_layers: list[int] | None = None
+    device: str | None = None
+    worker_cls: str = "shardline.worker.worker.Worker"
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
                      "sequence_parallel_size"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                     name, value, "an integer >= 1")
         _require(self.distributed_executor_backend in (None, "uni", "mp", "ray"),
                  "distributed_executor_backend", self.distributed_executor_backend,
                  "None (automatic), 'uni', 'mp' or 'ray'")
+        _require(self.device in (None, "cpu", "cuda"), "device", self.device,
+                 "None (automatic), 'cpu' or 'cuda'")
+        if self.pipeline_stage_layers is not None:
+            layers = list(self.pipeline_stage_layers)
+            _require(len(layers) == self.pipeline_parallel_size
+                     and all(isinstance(n, int) and n >= 1 for n in layers),
+                     "pipeline_stage_layers", self.pipeline_stage_layers,
+                     f"None or a list of {self.pipeline_parallel_size} layer counts (one per "
+                     "pipeline stage), each >= 1")
+            self.pipeline_stage_layers = layers
+        _require(isinstance(self.worker_cls, str) and "." in self.worker_cls, "worker_cls",
+                 self.worker_cls, "a dotted path such as 'shardline.worker.worker.Worker'")
 
     @property
     def world_size(self) -> int:
         return (self.tensor_parallel_size * self.pipeline_parallel_size
                 * self.data_parallel_size * self.sequence_parallel_size)
+
+    @property
+    def output_rank(self) -> int:
+        """The rank that returns sampled tokens: the first TP rank of the last PP stage."""
+        return ((self.pipeline_parallel_size - 1) * self.sequence_parallel_size
+                * self.tensor_parallel_size)
 
 
 @dataclass

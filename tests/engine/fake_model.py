@@ -18,6 +18,7 @@ import msgpack
 from shardline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from shardline.step import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from shardline.engine.llm_engine import LLMEngine
+from shardline.executor.base import StepFuture
 from shardline.sampling_params import SamplingParams
 
 VOCAB = 97
@@ -34,7 +35,12 @@ class LetterTokenizer:
 
 
 class FakeModelExecutor:
-    def __init__(self, num_blocks: int, block_size: int, seed: int = 0) -> None:
+    """Computes each step when it is sent; `pipeline_depth` > 1 makes the engine keep that
+    many steps in flight, as it does under pipeline parallelism."""
+
+    def __init__(self, num_blocks: int, block_size: int, seed: int = 0,
+                 pipeline_depth: int = 1) -> None:
+        self.max_concurrent_steps = pipeline_depth
         self.num_kv_blocks = num_blocks
         self.block_size = block_size
         self.cache = [[-1] * block_size for _ in range(num_blocks)]
@@ -42,7 +48,12 @@ class FakeModelExecutor:
         self.rng = random.Random(seed)
         self.steps: list[SchedulerOutput] = []
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, scheduler_output: SchedulerOutput, non_block: bool = False
+                      ) -> ModelRunnerOutput | StepFuture:
+        output = self._execute(scheduler_output)
+        return StepFuture.completed(output) if non_block else output
+
+    def _execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         wire = msgpack.unpackb(msgpack.packb(scheduler_output.to_dict()), strict_map_key=False)
         so = SchedulerOutput.from_dict(wire)
         self.steps.append(so)
@@ -100,8 +111,8 @@ class FakeModelExecutor:
 def make_engine(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 16,
                 max_num_batched_tokens: int = 64, max_model_len: int = 256,
                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
-                eos_token_ids: tuple[int, ...] = (), tokenizer: object | None = None
-                ) -> LLMEngine:
+                eos_token_ids: tuple[int, ...] = (), tokenizer: object | None = None,
+                pipeline_depth: int = 1) -> LLMEngine:
     config = EngineConfig(
         model=ModelConfig(model="fake", max_model_len=max_model_len),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
@@ -113,5 +124,5 @@ def make_engine(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 1
     )
     info = SimpleNamespace(vocab_size=VOCAB, max_position_embeddings=1024,
                            eos_token_ids=list(eos_token_ids))
-    executor = FakeModelExecutor(num_blocks, block_size)
+    executor = FakeModelExecutor(num_blocks, block_size, pipeline_depth=pipeline_depth)
     return LLMEngine(config, executor, info, tokenizer or LetterTokenizer())

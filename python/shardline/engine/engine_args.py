@@ -16,7 +16,8 @@ class EngineArgs:
     `num_kv_blocks` fixes the KV cache size (tests use it to force preemption); when None
     each worker sizes its cache from `kv_cache_memory_bytes` if set, else from the memory
     free after loading the model (`gpu_memory_utilization` of a GPU; see CacheConfig).
-    `dtype` "auto" is float32 on the CPU and the checkpoint's dtype on a GPU.
+    `dtype` "auto" is float32 on the CPU and the checkpoint's dtype on a GPU. `device` and
+    `pipeline_stage_layers` are ParallelConfig's (the device of every rank; layers per stage).
     """
 
     model: str
@@ -38,6 +39,8 @@ class EngineArgs:
     sequence_parallel_size: int = 1
     enable_expert_parallel: bool = False
     distributed_executor_backend: str | None = None
+    pipeline_stage_layers: list[int] | None = None
+    device: str | None = None
 
     def to_config(self) -> EngineConfig:
         return EngineConfig(
@@ -56,5 +59,7 @@ class EngineArgs:
                                     data_parallel_size=self.data_parallel_size,
                                     sequence_parallel_size=self.sequence_parallel_size,
                                     enable_expert_parallel=self.enable_expert_parallel,
-                                    distributed_executor_backend=self.distributed_executor_backend),
+                                    distributed_executor_backend=self.distributed_executor_backend,
+                                    pipeline_stage_layers=self.pipeline_stage_layers,
+                                    device=self.device),
         )

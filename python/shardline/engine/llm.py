@@ -91,7 +91,14 @@ class LLM:
         return self.engine.has_unfinished_requests()
 
     def shutdown(self) -> None:
+        """Stop the workers (their processes, under several ranks); idempotent."""
         self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
 
 
 def _as_prompt_list(prompts: PromptType | Seq[PromptType]) -> list[PromptType]:

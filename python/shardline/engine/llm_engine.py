@@ -8,6 +8,7 @@ they touch any state, so one bad request never disturbs the others.
 
 from __future__ import annotations
 
+import collections
 import collections.abc
 import dataclasses
 import itertools
@@ -20,10 +21,11 @@ from shardline.engine.kv_blocks import KVBlockManager
 from shardline.engine.output_processor import OutputProcessor, RequestState
 from shardline.engine.outputs import RequestOutput
 from shardline.sampling_params import SamplingParams
+from shardline.step import SchedulerOutput
 from shardline.engine.scheduler import Scheduler, SchedulerStats
 from shardline.engine.sequence import Sequence
 from shardline.engine.tokenizer import Tokenizer
-from shardline.executor.base import Executor, create_executor
+from shardline.executor.base import Executor, StepFuture, create_executor
 from shardline.models.loader import read_model_info
 
 PromptType = str | Seq[int]
@@ -58,7 +60,10 @@ class LLMEngine:
         cache = config.cache
         self.kv = KVBlockManager(executor.num_kv_blocks, cache.block_size,
                                  cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.scheduler = Scheduler(config.scheduler, self.kv, executor.max_concurrent_steps)
+        self._in_flight: collections.deque[tuple[SchedulerOutput, StepFuture]] = \
+            collections.deque()
+        self._failure: BaseException | None = None
         self.outputs = OutputProcessor(self.scheduler, model_info.eos_token_ids)
         self._arrival = itertools.count()
 
@@ -109,7 +114,7 @@ class LLMEngine:
             leader = seqs[0] if seqs and self.kv.enable_prefix_caching else None
             seqs.append(Sequence(seq_id, request_id, i, prompt_ids, child,
                                  next(self._arrival), max_len, leader))
-        taken = [seq.seq_id for seq in seqs if seq.seq_id in self.scheduler.seqs]
+        taken = [seq.seq_id for seq in seqs if self.scheduler.holds(seq.seq_id)]
         if taken:
             raise ValueError(f"request_id={request_id!r} clashes with the running sequence "
                              f"{taken[0]!r}: choose another id")
@@ -181,17 +186,37 @@ class LLMEngine:
         return self.outputs.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.outputs.requests)
+        """Whether a request is unfinished, or a step is still in flight (it may hold the
+        KV blocks of a request aborted meanwhile)."""
+        return bool(self.outputs.requests) or bool(self._in_flight)
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; return outputs of the requests that gained tokens."""
-        scheduled = self.scheduler.schedule()
-        if scheduled.is_empty:
+        """Run one scheduling step; return outputs of the requests that gained tokens.
+
+        Steps are sent until one per pipeline stage is in flight (one in all without
+        pipeline parallelism) or nothing is left to schedule; then the oldest is awaited.
+        A step that fails (a dead worker: EngineDeadError) leaves the engine stopped: this
+        and every later call raise that error.
+        """
+        if self._failure is not None:
+            raise self._failure
+        while len(self._in_flight) < self.scheduler.pipeline_depth:
+            scheduled = self.scheduler.schedule()
+            if scheduled.is_empty:
+                break
+            self._in_flight.append(
+                (scheduled, self.executor.execute_model(scheduled, non_block=True)))
+        if not self._in_flight:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("the scheduler could not make progress on any of "
                                    f"{len(self.scheduler.seqs)} unfinished sequences")
             return []
-        result = self.executor.execute_model(scheduled)
+        scheduled, future = self._in_flight.popleft()
+        try:
+            result = future.result()
+        except BaseException as exc:
+            self._failure = exc
+            raise
         sampled = self.scheduler.update(scheduled, result)
         return self.outputs.process(sampled)
 

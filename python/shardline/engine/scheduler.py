@@ -12,6 +12,13 @@ prefill). When the KV cache has no free block for a running sequence, the latest
 running sequence not yet scheduled in this step is preempted: its blocks are freed, it
 goes back to the front of the queue, and on resume its prompt and outputs so far are
 recomputed.
+
+Under pipeline parallelism the engine keeps up to `pipeline_depth` steps in flight. A
+sequence is in at most one of them (its next step needs the token this one samples), so
+a step skips the sequences still in flight, and takes at most 1/depth of the unfinished
+sequences so that the next step has work for the stages this one has left. A sequence in
+flight is never preempted; one that finishes or is aborted while in flight keeps its KV
+blocks until its step returns, and that step's token for it is dropped.
 """
 
 from __future__ import annotations
@@ -40,18 +47,26 @@ class SchedulerStats:
 class Scheduler:
     """Owns the waiting queue, the running set and the KV block manager's allocations."""
 
-    def __init__(self, config: SchedulerConfig, kv: KVBlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVBlockManager,
+                 pipeline_depth: int = 1) -> None:
         self.config = config
         self.kv = kv
+        self.pipeline_depth = pipeline_depth
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.seqs: dict[str, Sequence] = {}
         self.stats = SchedulerStats()
         self._finished_ids: list[str] = []
+        self._in_flight: set[str] = set()   # sent in a step that has not returned
+
+    def holds(self, seq_id: str) -> bool:
+        """Whether `seq_id` is scheduled, or its last step is still running."""
+        return seq_id in self.seqs or seq_id in self._in_flight
 
     def add(self, seq: Sequence) -> None:
-        if seq.seq_id in self.seqs:
-            raise ValueError(f"sequence id {seq.seq_id!r} is already scheduled")
+        if self.holds(seq.seq_id):
+            raise ValueError(f"sequence id {seq.seq_id!r} is already scheduled (or its last "
+                             "step is still running)")
         self.seqs[seq.seq_id] = seq
         self.waiting.append(seq)
 
@@ -67,10 +82,14 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         seq.status = status
-        self.kv.free(seq.seq_id)
         del self.seqs[seq.seq_id]
-        if seq.num_tokens_sent:
-            self._finished_ids.append(seq.seq_id)
+        if seq.seq_id not in self._in_flight:  # else its step still uses the blocks
+            self._release(seq.seq_id, seq.num_tokens_sent > 0)
+
+    def _release(self, seq_id: str, workers_know_it: bool) -> None:
+        self.kv.free(seq_id)
+        if workers_know_it:
+            self._finished_ids.append(seq_id)
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's work: running sequences (decodes first), then waiting ones."""
@@ -87,8 +106,12 @@ class Scheduler:
 
     def update(self, scheduled: SchedulerOutput, result: ModelRunnerOutput) -> list[Sequence]:
         """Record a finished step; return the sequences that received a token, in order."""
+        self._in_flight.difference_update(scheduled.num_scheduled_tokens)
         for seq_id, num_tokens in scheduled.num_scheduled_tokens.items():
-            seq = self.seqs[seq_id]
+            seq = self.seqs.get(seq_id)
+            if seq is None:  # finished or aborted while this step ran
+                self._release(seq_id, True)
+                continue
             seq.num_computed_tokens += num_tokens
             self.kv.cache_computed_blocks(seq_id, seq.token_ids, seq.num_computed_tokens)
         self.stats.num_steps += 1
@@ -96,7 +119,9 @@ class Scheduler:
         sampled = []
         for seq_id, token, logprobs in zip(result.req_ids, result.sampled_token_ids,
                                            result.logprobs):
-            seq = self.seqs[seq_id]
+            seq = self.seqs.get(seq_id)
+            if seq is None:
+                continue
             if seq.num_computed_tokens != seq.num_tokens:
                 raise RuntimeError(f"executor sampled for {seq_id!r} before its prefill ended "
                                    f"({seq.num_computed_tokens} of {seq.num_tokens} computed)")
@@ -109,19 +134,22 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         preempted = False
         for seq in sorted(self.running, key=lambda s: (s.is_prefilling, s.arrival)):
-            if budget == 0:
+            if budget == 0 or len(out.num_scheduled_tokens) >= self._step_seq_cap:
                 break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.status is not SequenceStatus.RUNNING or seq.seq_id in self._in_flight:
+                continue  # preempted earlier in this loop, or still in a step
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while self.kv.allocate(seq.seq_id, seq.num_computed_tokens + num_new) is None:
-                victim = max((s for s in self.running if s.seq_id not in out.num_scheduled_tokens),
-                             key=lambda s: s.arrival)
+            allocated = self.kv.allocate(seq.seq_id, seq.num_computed_tokens + num_new)
+            while allocated is None:
+                victim = self._preemption_victim(out)
+                if victim is None:
+                    break  # every other running sequence is in this step or in flight
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
-            if seq.status is not SequenceStatus.RUNNING:
+                allocated = self.kv.allocate(seq.seq_id, seq.num_computed_tokens + num_new)
+            if allocated is None:
                 continue
             table = self.kv.block_table(seq.seq_id)
             out.cached_requests.append(CachedRequestData(
@@ -136,7 +164,8 @@ class Scheduler:
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         held: list[Sequence] = []   # siblings waiting for their leader's prompt blocks
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and len(out.num_scheduled_tokens) < self._step_seq_cap):
             seq = self.waiting[0]
             leader = seq.prefix_leader
             if leader is not None and leader.status is SequenceStatus.RUNNING \
@@ -170,7 +199,21 @@ class Scheduler:
             budget -= num_new
         self.waiting.extendleft(reversed(held))
 
+    @property
+    def _step_seq_cap(self) -> int:
+        """Sequences one step may take: all, or 1/depth of them when steps are pipelined."""
+        if self.pipeline_depth == 1:
+            return self.config.max_num_seqs
+        return max(1, -(-len(self.seqs) // self.pipeline_depth))
+
+    def _preemption_victim(self, out: SchedulerOutput) -> Sequence | None:
+        """The latest-arrived running sequence that is neither in this step nor in flight."""
+        candidates = [s for s in self.running if s.seq_id not in out.num_scheduled_tokens
+                      and s.seq_id not in self._in_flight]
+        return max(candidates, key=lambda s: s.arrival, default=None)
+
     def _mark_sent(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> None:
+        self._in_flight.add(seq.seq_id)
         out.num_scheduled_tokens[seq.seq_id] = num_new
         seq.num_tokens_sent = seq.num_tokens
         seq.num_blocks_sent = len(self.kv.block_table(seq.seq_id))

@@ -193,7 +193,8 @@ class LlamaForCausalLM(CausalLM):
         o_bias = config.get("attention_bias", False) and not self.qkv_bias_always
 
         def make_layer(i: int) -> DecoderLayer:
-            mlp = LlamaMLP(config["hidden_size"], config["intermediate_size"], dtype)
+            mlp = LlamaMLP(config["hidden_size"], config["intermediate_size"], dtype,
+                           config.get("mlp_bias", False))
             return DecoderLayer(config, dtype, max_position, mlp, "mlp", qkv_bias, o_bias)
 
         super().__init__(config, dtype, max_position, make_layer, layers)

@@ -12,7 +12,10 @@ from shardline.config import EngineConfig
 from shardline.step import ModelRunnerOutput, SchedulerOutput
 from shardline.kernels.dispatch import triton_enabled
 from shardline.layers.sampler import Sampler, SamplingBatch
+from shardline.distributed.parallel_state import get_pp_group
+from shardline.models.llama import IntermediateTensors
 from shardline.models.loader import load_model, read_config, read_model_info
+from shardline.models.partition import stage_layer_range
 from shardline.presets import resolve_model
 from shardline.worker.graph_runner import (CudaGraphRecorder, DecodeGraphRunner, GraphRecorder,
                                            graph_batch_sizes)
@@ -49,8 +52,12 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphRunner | None = None
 
     def load_model(self) -> None:
+        """Load this rank's slice of the weights, for its pipeline stage's layers only."""
         max_position = max(self.max_model_len, self.info.max_position_embeddings)
-        self.model = load_model(self.model_dir, self.dtype, self.device, max_position)
+        pp = get_pp_group()
+        layers = stage_layer_range(self.info.num_hidden_layers, pp.size, pp.rank,
+                                   self.config.parallel.pipeline_stage_layers)
+        self.model = load_model(self.model_dir, self.dtype, self.device, max_position, layers)
 
     def kv_block_bytes(self) -> int:
         """Bytes of one KV block over all layers of this rank (K and V)."""
@@ -66,8 +73,10 @@ class ModelRunner:
 
     def warm_up(self) -> None:
         """On CUDA: autotune the Triton kernels for every prefill and logits shape bucket,
-        then (unless enforce_eager) capture the decode graphs. Nothing to do on CPU."""
-        if self.device.type != "cuda":
+        then (unless enforce_eager) capture the decode graphs. Nothing to do on CPU, nor
+        under pipeline parallelism, whose stages run eagerly: a stage's throwaway forward
+        would need its neighbours' activations."""
+        if self.device.type != "cuda" or get_pp_group().size > 1:
             return
         if triton_enabled(self.device):
             scheduler = self.config.scheduler
@@ -103,13 +112,25 @@ class ModelRunner:
         return [self.requests[r] for r in order
                 if scheduler_output.num_scheduled_tokens.get(r, 0) > 0]
 
-    def _forward(self, scheduler_output: SchedulerOutput) -> tuple[StepInputs, torch.Tensor]:
+    def _forward(self, scheduler_output: SchedulerOutput
+                 ) -> tuple[StepInputs, torch.Tensor | None]:
+        """Run this rank's part of the step. Returns the final hidden states on the last
+        pipeline stage; an earlier stage sends its activations on and returns None."""
         scheduled = self.update_states(scheduler_output)
         counts = [scheduler_output.num_scheduled_tokens[r.req_id] for r in scheduled]
         inputs = build_step_inputs(scheduled, counts, self.block_size, self.device)
         if self.decode_graphs is not None and self.decode_graphs.supports(inputs):
             return inputs, self.decode_graphs.run(inputs)
-        return inputs, self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        pp = get_pp_group()
+        intermediate = None
+        if not self.model.is_first_stage:
+            shape = (inputs.input_ids.shape[0], self.info.hidden_size)
+            intermediate = IntermediateTensors(*pp.recv_from_prev([shape, shape], self.dtype))
+        out = self.model(inputs.input_ids, inputs.positions, inputs.meta, intermediate)
+        if not self.model.is_last_stage:
+            pp.send_to_next(list(out))
+            return inputs, None
+        return inputs, out
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -117,9 +138,11 @@ class ModelRunner:
             self.update_states(scheduler_output)
             return ModelRunnerOutput()
         inputs, hidden = self._forward(scheduler_output)
-        if not inputs.sample_req_ids:
+        if hidden is None or not inputs.sample_req_ids:
             return ModelRunnerOutput()
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        if logits is None:
+            return ModelRunnerOutput()  # another TP rank gathered the logits and samples
         batch = self._sampling_batch(inputs.sample_req_ids)
         tokens, logprobs = self.sampler(logits, batch)
         return ModelRunnerOutput(req_ids=inputs.sample_req_ids, sampled_token_ids=tokens,
@@ -130,7 +153,10 @@ class ModelRunner:
         """Run the step like execute_model, but return the logits of every scheduled token
         per request (for parity checks and prompt scoring) instead of sampling."""
         inputs, hidden = self._forward(scheduler_output)
-        logits = self.model.compute_logits(hidden).float().cpu()
+        logits = None if hidden is None else self.model.compute_logits(hidden)
+        if logits is None:
+            return {}  # only the output rank (first TP rank of the last stage) has logits
+        logits = logits.float().cpu()
         starts = inputs.meta.query_start_loc.tolist()
         return {r: logits[starts[i]:starts[i + 1]] for i, r in enumerate(inputs.req_ids)}
 

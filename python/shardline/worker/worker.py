@@ -15,9 +15,10 @@ from shardline.worker.model_runner import ModelRunner
 logger = logging.getLogger(__name__)
 
 
-def pick_device(rank: int) -> torch.device:
-    """SHARDLINE_DEVICE if set (cpu, cuda, cuda:N); else this rank's GPU when there is one."""
-    requested = os.environ.get("SHARDLINE_DEVICE")
+def pick_device(rank: int, requested: str | None = None) -> torch.device:
+    """`requested` ("cpu" or "cuda"), else SHARDLINE_DEVICE if set (cpu, cuda, cuda:N), else
+    this rank's GPU when there is one. Rank r takes GPU r modulo the GPUs present."""
+    requested = requested or os.environ.get("SHARDLINE_DEVICE")
     if requested:
         device = torch.device(requested)
         if device.type == "cuda" and device.index is None:
@@ -29,19 +30,37 @@ def pick_device(rank: int) -> torch.device:
 
 
 class Worker:
-    """The executor's handle on one rank: setup calls, then execute_model per step."""
+    """The executor's handle on one rank: setup calls, then execute_model per step.
 
-    def __init__(self, config: EngineConfig, rank: int = 0):
+    With several ranks, `init_device` also joins the rank grid (its process groups) at
+    `distributed_init_method`, before the model is built from this rank's slices.
+    """
+
+    def __init__(self, config: EngineConfig, rank: int = 0,
+                 distributed_init_method: str | None = None):
         self.config = config
         self.rank = rank
+        self.distributed_init_method = distributed_init_method
         self.device: torch.device | None = None
         self.model_runner: ModelRunner | None = None
 
     def init_device(self) -> None:
-        self.device = pick_device(self.rank)
+        self.device = pick_device(self.rank, self.config.parallel.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        if self.config.parallel.world_size > 1:
+            from shardline.distributed.parallel_state import init_distributed
+
+            init_distributed(self.config.parallel, self.rank, self.distributed_init_method,
+                             self.device)
         self.model_runner = ModelRunner(self.config, self.device)
+
+    def shutdown(self) -> None:
+        """Leave the rank grid (a no-op for a single rank)."""
+        if self.config.parallel.world_size > 1:
+            from shardline.distributed.parallel_state import destroy_distributed
+
+            destroy_distributed()
 
     def load_model(self) -> None:
         self.model_runner.load_model()
@@ -80,3 +99,22 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
+
+    def score(self, scheduler_output: dict) -> dict:
+        """Logits of every scheduled token per request, for the step `scheduler_output`
+        (in its dict form, as collective_rpc carries it); empty except on the output rank."""
+        return self.model_runner.score(SchedulerOutput.from_dict(scheduler_output))
+
+    def comm_stats(self, reset: bool = False) -> dict[str, dict[str, dict[str, int]]]:
+        """Bytes this rank sent and calls it made, per group and operation, since the last
+        reset (see ParallelState.comm_stats); empty for a single rank. `reset` zeroes the
+        counters after reading them, so a benchmark can count one run's traffic alone."""
+        from shardline.distributed.parallel_state import get_parallel_state
+
+        state = get_parallel_state()
+        if state is None:
+            return {}
+        stats = state.comm_stats()
+        if reset:
+            state.reset_comm_stats()
+        return stats

@@ -1,0 +1,102 @@
+"""The engine with several steps in flight, as under pipeline parallelism: the same tokens
+as one step at a time, no sequence in two steps at once, and aborts that arrive while a
+sequence's step is in flight applied when it returns (its KV blocks held until then)."""
+
+import random
+
+import pytest
+
+from fake_model import VOCAB, make_engine
+from shardline.engine.llm import LLM
+from shardline.sampling_params import SamplingParams
+
+
+@pytest.fixture(autouse=True)
+def _seed_random(fresh_seed):
+    random.seed(fresh_seed)
+
+
+def random_prompts(count: int, low: int = 1, high: int = 40):
+    return [[random.randrange(VOCAB) for _ in range(random.randint(low, high))]
+            for _ in range(count)]
+
+
+def token_ids(outputs):
+    return [[c.token_ids for c in o.outputs] for o in outputs]
+
+
+def assert_all_free(engine) -> None:
+    engine.kv.check_invariants()
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+    assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("pressure", ["roomy", "preempting", "chunked"])
+def test_pipelined_steps_give_the_same_tokens(depth, pressure):
+    prompts = random_prompts(10, 2, 30)
+    params = [SamplingParams(temperature=0.0 if i % 2 else 0.9, seed=i, max_tokens=16)
+              for i in range(len(prompts))]
+    limits = {"roomy": {}, "preempting": {"num_blocks": 24},
+              "chunked": {"max_num_batched_tokens": 16, "max_num_seqs": 8}}[pressure]
+    reference = LLM.from_engine(make_engine(**limits)).generate(prompts, params)
+    engine = make_engine(pipeline_depth=depth, **limits)
+    send = engine.executor.execute_model
+    max_in_flight = 0
+
+    def checked_send(scheduled, non_block=False):
+        nonlocal max_in_flight
+        busy = set().union(*(s.num_scheduled_tokens for s, _ in engine._in_flight))
+        assert not busy & set(scheduled.num_scheduled_tokens), "a sequence in two steps"
+        max_in_flight = max(max_in_flight, len(engine._in_flight) + 1)
+        return send(scheduled, non_block)
+
+    engine.executor.execute_model = checked_send
+    outputs = LLM.from_engine(engine).generate(prompts, params)
+    assert token_ids(outputs) == token_ids(reference)
+    assert max_in_flight == depth
+    if pressure == "preempting":
+        assert engine.stats.num_preemptions > 0
+    assert_all_free(engine)
+
+
+def test_steps_are_kept_in_flight_up_to_the_pipeline_depth():
+    engine = make_engine(pipeline_depth=3)
+    for i, prompt in enumerate(random_prompts(9, 4, 8)):
+        engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=4))
+    engine.step()
+    # Three steps were sent, each with a third of the sequences; the first has returned.
+    assert len(engine.executor.steps) == 3
+    assert [len(s.num_scheduled_tokens) for s in engine.executor.steps] == [3, 3, 3]
+    assert len(engine._in_flight) == 2
+
+
+def test_abort_while_the_step_is_in_flight_is_applied_when_it_returns():
+    engine = make_engine(pipeline_depth=2)
+    prompts = random_prompts(4, 6, 12)
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    alone = [LLM.from_engine(make_engine()).generate([p], params)[0] for p in prompts]
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    engine.step()
+    in_flight = set(engine._in_flight[0][0].num_scheduled_tokens)
+    victim = sorted(in_flight)[0]
+    used = engine.kv.num_blocks - engine.kv.num_free_blocks
+    aborted = engine.abort_request(victim)
+    assert aborted.finished and aborted.outputs[0].finish_reason == "abort"
+    # The step in flight still reads the victim's KV blocks: they are not freed yet.
+    assert engine.kv.num_blocks - engine.kv.num_free_blocks == used
+    with pytest.raises(ValueError, match="clashes with the running sequence"):
+        engine.add_request(victim, prompts[0], params)
+    finished = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            assert output.request_id != victim
+            if output.finished:
+                finished[output.request_id] = output
+    survivors = [f"r{i}" for i in range(4) if f"r{i}" != victim]
+    assert sorted(finished) == survivors
+    for rid in survivors:
+        assert finished[rid].outputs[0].token_ids == alone[int(rid[1:])].outputs[0].token_ids
+    assert any(victim in s.finished_req_ids for s in engine.executor.steps)
+    assert_all_free(engine)
