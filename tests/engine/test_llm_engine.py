@@ -233,7 +233,8 @@ def test_request_that_never_fits_the_kv_cache_is_refused_naming_the_numbers():
     engine = make_engine(num_blocks=num_blocks, block_size=block_size, max_model_len=256)
     prompt = random_prompts(1, 1, capacity)[0]
     fits = capacity - len(prompt) + 1   # the last sampled token needs no KV
-    engine.add_request("fits", prompt, SamplingParams(temperature=0.0, max_tokens=fits))
+    fitting = SamplingParams(temperature=0.0, max_tokens=fits)
+    engine.add_request("fits", prompt, fitting)
     too_long = SamplingParams(temperature=0.0, max_tokens=fits + 1)
     with pytest.raises(ValueError, match=(
             rf"prompt has {len(prompt)} tokens and max_tokens={fits + 1}: the sequence needs "
@@ -242,7 +243,7 @@ def test_request_that_never_fits_the_kv_cache_is_refused_naming_the_numbers():
             r"max_model_len=256\)")):
         engine.add_request("too-long", prompt, too_long)
     with pytest.raises(ValueError, match="prompt 1: .*can never fit in the KV cache"):
-        LLM.from_engine(engine).generate([prompt, prompt], [GREEDY, too_long])
+        LLM.from_engine(engine).generate([prompt, prompt], [fitting, too_long])
     with pytest.raises(ValueError, match=f"prompt has {capacity + 1} tokens: .*shorten"):
         engine.add_request("long-prompt", [1] * (capacity + 1), SamplingParams(max_tokens=None))
     outputs = {}
