@@ -48,7 +48,11 @@ def test_cpu_budget_is_a_share_of_mem_available_capped(monkeypatch):
 def test_gpu_budget_is_the_utilization_share_minus_memory_in_use(monkeypatch):
     total = random.randint(8, 192) * GIB
     in_use = random.randint(0, total // 2)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (total - in_use, total))
+    cached = random.randint(1, GIB)   # held by torch's allocator, used by nothing
+    free = {"bytes": total - in_use - cached}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], total))
+    monkeypatch.setattr(torch.cuda, "empty_cache",
+                        lambda: free.update(bytes=total - in_use))
     utilization = random.uniform(0.5, 1.0)
     expected = int(utilization * total) - in_use
     assert gpu_budget(torch.device("cuda", 0), utilization).num_bytes == expected
@@ -113,9 +117,14 @@ def test_gpu_worker_takes_checkpoint_dtype_and_sizes_kv_from_free_memory(tmp_pat
     worker.config.cache.num_blocks = None
     worker.config.cache.gpu_memory_utilization = 0.5
     assert worker.model_runner.dtype == torch.bfloat16
+    garbage = torch.empty(1 << 28, dtype=torch.uint8, device=worker.device)
+    del garbage   # cached by torch's allocator, yet free for the KV cache
+    cached = torch.cuda.memory_reserved(worker.device) - torch.cuda.memory_allocated(worker.device)
+    assert cached >= 1 << 28
     free, total = torch.cuda.mem_get_info(worker.device)
     with caplog.at_level(logging.INFO, logger="shardline"):
         blocks = worker.determine_num_kv_blocks()
-    expected = (int(0.5 * total) - (total - free)) // worker.model_runner.kv_block_bytes()
+    in_use = total - free - cached
+    expected = (int(0.5 * total) - in_use) // worker.model_runner.kv_block_bytes()
     assert abs(blocks - expected) <= expected // 100 + 1
     assert f"= {blocks * worker.config.cache.block_size} tokens" in caplog.text

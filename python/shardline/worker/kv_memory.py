@@ -11,6 +11,7 @@ ever fill (max_num_seqs sequences of max_model_len tokens).
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +46,13 @@ def mem_available_bytes(meminfo: str = MEMINFO) -> int:
 
 
 def gpu_budget(device: torch.device, utilization: float) -> KVBudget:
-    """`utilization` of the GPU's total memory, minus all memory in use on it now."""
+    """`utilization` of the GPU's total memory, minus all memory in use on it now.
+
+    Memory this process no longer uses (an earlier engine's tensors, still unreachable
+    garbage or cached by torch's allocator) is released first, so it counts as free.
+    """
+    gc.collect()
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     in_use = total - free
     budget = int(utilization * total) - in_use
