@@ -6,7 +6,9 @@ fp32 CPU tensors of 4 KiB to 1 MiB per rank, at 2 and 4 ranks.
 
 Each world of ranks joins one TP group through init_distributed (as the workers do) and
 calls the group's Communicator, the way the layers do, with its shared segment on or
-off: gloo is the same Communicator with the segment taken away. A timed run is `iters`
+off: gloo is the same Communicator with the segment taken away. All-reduce sums x in
+place; all-gather writes into one output tensor reused across calls (`out=`), so that
+both measure the transport rather than page faults of a fresh result. A timed run is `iters`
 back-to-back calls after a warm-up, started together after a barrier; time per call is
 the run's time over `iters`, on rank 0. shm and gloo take turns within every repeat so
 that drifting machine load hits them alike; each number is the median over repeats.
@@ -63,17 +65,23 @@ def rank_main(rank: int, world: int, init_method: str, settings: dict,
         for op in OPS:
             for nbytes in settings["sizes"]:
                 x = torch.randn(nbytes // 4)
+                gathered = torch.empty(world * x.numel())
                 iters = iterations(settings, nbytes)
                 for _ in range(settings["repeats"]):
                     for backend in ("shm", "gloo"):
                         comm.shm = segment if backend == "shm" else None
-                        call = getattr(comm, op)
+                        if op == "all_reduce":
+                            def call() -> None:
+                                comm.all_reduce(x)
+                        else:
+                            def call() -> None:
+                                comm.all_gather(x, 0, out=gathered)
                         for _ in range(3):
-                            call(x)
+                            call()
                         comm.barrier()
                         start = time.perf_counter()
                         for _ in range(iters):
-                            call(x)
+                            call()
                         elapsed = time.perf_counter() - start
                         times.setdefault(f"{op}/{nbytes}/{backend}", []).append(
                             elapsed / iters * 1e6)

@@ -313,6 +313,7 @@ void ShmCollectives::all_reduce(void* data, uint64_t count, DType dtype, Deadlin
                 uint64_t share = align_up((n + n_ranks_ - 1) / n_ranks_, line_elems);
                 uint64_t lo = std::min(n, rank_ * share), hi = std::min(n, lo + share);
                 for (uint32_t r = 0; r < n_ranks_; ++r) srcs[r] = buffer(generation_, r) + lo * elem;
+                srcs[rank_] = out + lo * elem;  // the same bits, without a trip through the copy
                 sum_into(buffer(generation_, rank_) + lo * elem, srcs, n_ranks_, hi - lo, dtype);
                 barrier(op, count, "all_reduce");
                 for (uint32_t r = 0; r < n_ranks_; ++r) {
@@ -321,6 +322,7 @@ void ShmCollectives::all_reduce(void* data, uint64_t count, DType dtype, Deadlin
                 }
             } else {
                 for (uint32_t r = 0; r < n_ranks_; ++r) srcs[r] = buffer(generation_, r);
+                srcs[rank_] = out;
                 sum_into(out, srcs, n_ranks_, n, dtype);
             }
             generation_ ^= 1;

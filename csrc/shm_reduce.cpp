@@ -43,16 +43,26 @@ inline BFloat16 narrow<BFloat16, float>(float x) {
     return BFloat16{static_cast<uint16_t>(bits >> 16)};
 }
 
-// One pass over every source: out[i] = ((s0[i] + s1[i]) + s2[i]) + ..., with the number of
-// sources fixed at compile time so the loop vectorizes over all of them at once.
+// One pass over every source: out[i] = ((s0[i] + s1[i]) + s2[i]) + ..., the number of
+// sources fixed at compile time. Each group of kLanes elements is loaded from every
+// source before it is stored, so out may alias a source element for element and the
+// loop still vectorizes (no runtime overlap check falls back to scalar code).
 template <class T, uint32_t N>
 void sum_fixed(T* out, const T* const* srcs, uint64_t count) {
     using Acc = decltype(widen(T{}));
-    const T* s[N];
-    for (uint32_t k = 0; k < N; ++k) s[k] = srcs[k];
-    for (uint64_t i = 0; i < count; ++i) {
-        Acc acc = widen(s[0][i]);
-        for (uint32_t k = 1; k < N; ++k) acc += widen(s[k][i]);
+    constexpr uint64_t kLanes = 16;
+    uint64_t i = 0;
+    for (; i + kLanes <= count; i += kLanes) {
+        Acc acc[kLanes];
+        for (uint64_t k = 0; k < kLanes; ++k) acc[k] = widen(srcs[0][i + k]);
+        for (uint32_t s = 1; s < N; ++s) {
+            for (uint64_t k = 0; k < kLanes; ++k) acc[k] += widen(srcs[s][i + k]);
+        }
+        for (uint64_t k = 0; k < kLanes; ++k) out[i + k] = narrow<T, Acc>(acc[k]);
+    }
+    for (; i < count; ++i) {
+        Acc acc = widen(srcs[0][i]);
+        for (uint32_t s = 1; s < N; ++s) acc += widen(srcs[s][i]);
         out[i] = narrow<T, Acc>(acc);
     }
 }
@@ -78,8 +88,6 @@ template <class T>
 void sum_typed(void* out_raw, const void* const* srcs_raw, uint32_t n_srcs, uint64_t count) {
     auto* out = static_cast<T*>(out_raw);
     const auto* srcs = reinterpret_cast<const T* const*>(srcs_raw);
-    // The fixed kernels write out while reading the sources, so out may alias only one
-    // of them element for element, which is every caller's case.
     switch (n_srcs) {
         case 1: return sum_fixed<T, 1>(out, srcs, count);
         case 2: return sum_fixed<T, 2>(out, srcs, count);

@@ -19,18 +19,19 @@ def shm_leftovers(names: list[str]) -> list[str]:
 
 @pytest.fixture
 def run_world(tmp_path):
-    """run_world(grid, check, *args, shm=True, shm_buffer_bytes=...) spawns one process
-    per rank of `grid`, each joining it and running dist_workers.<check>(rank, *args);
+    """run_world(grid, check, *args, shm=True, shm_buffer_bytes=..., prepare=None) spawns
+    one process per rank of `grid`, each running dist_workers.<prepare>(rank) if given,
+    joining the grid and running dist_workers.<check>(rank, *args);
     returns every rank's value in rank order, or fails with the tracebacks of the ranks
     that raised. Never hangs: results are awaited for TIMEOUT seconds, then all killed."""
     runs = iter(range(1_000_000))
 
     def run(grid: RankGrid, check: str, *args: object, shm: bool = True,
-            shm_buffer_bytes: int = 1 << 20) -> list[object]:
+            shm_buffer_bytes: int = 1 << 20, prepare: str | None = None) -> list[object]:
         init_method = f"file://{tmp_path}/store-{next(runs)}"
         results = SPAWN.Queue()
         procs = [spawn(run_rank, rank, grid, init_method, check, args, results, shm,
-                       shm_buffer_bytes) for rank in range(grid.world_size)]
+                       shm_buffer_bytes, prepare) for rank in range(grid.world_size)]
         reports = {}
         try:
             for _ in procs:

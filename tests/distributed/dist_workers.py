@@ -16,10 +16,14 @@ TIMEOUT = 60.0
 
 
 def run_rank(rank: int, grid: RankGrid, init_method: str, check: str, args: tuple,
-             results: Queue, shm: bool = True, shm_buffer_bytes: int = 1 << 20) -> None:
-    """Joins the grid as `rank`, runs `check(rank, *args)` and puts (rank, "ok", value) or
-    (rank, "error", traceback) on `results`; always leaves the grid."""
+             results: Queue, shm: bool = True, shm_buffer_bytes: int = 1 << 20,
+             prepare: str | None = None) -> None:
+    """Joins the grid as `rank` (after running `prepare(rank)` if given), runs
+    `check(rank, *args)` and puts (rank, "ok", value) or (rank, "error", traceback) on
+    `results`; always leaves the grid."""
     try:
+        if prepare is not None:
+            globals()[prepare](rank)
         ps.init_distributed(grid, rank, init_method, "cpu", timeout=TIMEOUT,
                             shm_collectives=shm, shm_buffer_bytes=shm_buffer_bytes)
         value = globals()[check](rank, *args)
@@ -91,6 +95,9 @@ def check_every_op(rank: int, seed: int) -> dict:
     xs = _inputs(seed, n, (2, 3, 4), salt=3)
     for dim in (0, 1, -1):
         assert torch.equal(comm.all_gather(xs[me], dim), torch.cat(xs, dim)), f"all_gather {dim}"
+    out = torch.empty(2, 3 * n, 4)
+    assert comm.all_gather(xs[me], 1, out=out) is out and torch.equal(out, torch.cat(xs, 1))
+    assert torch.equal(comm.all_gather(torch.tensor(float(me))), torch.arange(n, dtype=torch.float))
     bf = _inputs(seed, n, (3,), torch.bfloat16, salt=4)
     assert torch.equal(comm.all_gather(bf[me], 0), torch.cat(bf)), "all_gather bf16"
 
@@ -188,11 +195,12 @@ def check_shm_matches_gloo(rank: int, seed: int, sizes: tuple[int, ...]) -> None
             magnitude = torch.stack([x.double().abs() for x in xs]).sum(0)
             bound = n * torch.finfo(dtype).eps * magnitude
             assert ((shm.double() - gloo.double()).abs() <= bound).all(), f"shm vs gloo: {what}"
-        assert torch.equal(comm.shm.all_gather(xs[me]), torch.cat(xs)), f"shm all_gather: {what}"
+        assert torch.equal(comm.all_gather(xs[me], 0), torch.cat(xs)), f"shm all_gather: {what}"
     # Rows of 101 floats straddle the pieces of the staging buffer (when it is 512 KiB).
     xs = _inputs(seed, n, (1700, 101), salt=99)
     for dim in (0, 1, -1):
-        assert torch.equal(comm.shm.all_gather(xs[me], dim), torch.cat(xs, dim)), f"dim {dim}"
+        assert torch.equal(comm.all_gather(xs[me], dim), torch.cat(xs, dim)), f"dim {dim}"
+    assert comm.stats.shm_calls["all_gather"] == comm.stats.calls["all_gather"]
 
 
 def check_groups_are_wired(rank: int) -> dict:
@@ -210,3 +218,30 @@ def check_groups_are_wired(rank: int) -> dict:
         pp.send_to_next([torch.tensor([float(rank), 1.0])])
     return {**describe_grid(rank), "sums": sums, "received": received, "names": shm_names(),
             "stats": sorted(ps.get_parallel_state().comm_stats())}
+
+
+def attach_fails_on_rank_1(rank: int) -> None:
+    """Makes this process's shared-memory attach fail as a full /dev/shm would."""
+    from shardline.distributed import shm
+
+    real = shm.ShmCollectives
+
+    class NoRoom:
+        create = staticmethod(real.create)
+
+        @staticmethod
+        def attach(name: str, rank_in_group: int):
+            raise OSError(28, f"No space left on device (attaching {name})")
+
+    if rank == 1:
+        shm.ShmCollectives = NoRoom
+
+
+def check_falls_back_to_gloo(rank: int) -> dict:
+    """The sums still come out right, over gloo."""
+    import torch
+
+    tp = ps.get_tp_group()
+    total = tp.all_reduce(torch.full((4,), float(rank + 1)))
+    assert torch.equal(total, torch.full((4,), float(sum(range(1, tp.size + 1)))))
+    return {"shm": describe_grid(rank)["groups"]["tp"]["shm"], "stats": tp.comm.stats.snapshot()}

@@ -17,7 +17,8 @@ def test_every_op_matches_its_definition(run_world, fresh_seed, world, shm):
         sent = s["bytes_sent"]
         # Two fp32 all-reduces of 5x7 and one int64 of 9 elements.
         assert sent["all_reduce"] == 2 * 35 * fp32 + 9 * 8
-        assert sent["all_gather"] == 3 * 24 * fp32 + 3 * 2
+        # 2x3x4 fp32 along three dims and once into out=, 3 bf16, one fp32 scalar.
+        assert sent["all_gather"] == 4 * 24 * fp32 + 3 * 2 + fp32
         assert sent["reduce_scatter"] == 2 * (2 * n * 3 * n) * fp32
         uneven_rows = sum((rank + 2 * j) % 3 for j in range(n)) - (3 * rank) % 3
         assert sent["all_to_all"] == 2 * uneven_rows * 4 * fp32 + (2 * n - 2) * 3 * fp32
@@ -27,7 +28,7 @@ def test_every_op_matches_its_definition(run_world, fresh_seed, world, shm):
         assert s["calls"]["all_reduce"] == 3
         served = s["shm_calls"]
         if shm:
-            assert served == {"all_reduce": 3, "all_gather": 4, "reduce_scatter": 2}
+            assert served == {"all_reduce": 3, "all_gather": 6, "reduce_scatter": 2}
         else:
             assert served == {}
 
@@ -37,6 +38,11 @@ def test_one_rank_group_is_the_identity_and_needs_no_process_group():
     x = torch.randn(3, 4)
     assert comm.all_reduce(x) is x and comm.all_gather(x, 0) is x and comm.broadcast(x) is x
     assert comm.reduce_scatter(x) is x and comm.all_to_all(x, [3]) is x
+    out = torch.empty(3, 4)
+    assert comm.all_gather(x, 0, out=out) is out and torch.equal(out, x)
+    with pytest.raises(ValueError, match=r"out must be a contiguous torch.float32 tensor of "
+                                         r"shape \[3, 4\] on cpu, got torch.float32 \[4, 3\]"):
+        comm.all_gather(x, 0, out=torch.empty(4, 3))
     assert comm.stats.snapshot()["bytes_sent"] == {}
     with pytest.raises(ValueError, match=r"dst=0 is this rank itself"):
         comm.send(x, 0)

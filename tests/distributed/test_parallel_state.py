@@ -71,3 +71,11 @@ def test_parallel_config_is_a_layout():
     with pytest.raises(ValueError, match=r"rank=4 is invalid: must be an integer in \[0, 4\)"):
         ps.init_distributed(ParallelConfig(tensor_parallel_size=2, pipeline_parallel_size=2),
                             4, "tcp://127.0.0.1:1")
+
+
+def test_a_rank_that_cannot_attach_sends_every_rank_to_gloo(run_world):
+    reports = run_world(RankGrid(tp=2), "check_falls_back_to_gloo",
+                        prepare="attach_fails_on_rank_1")
+    for seen in reports:
+        assert seen["shm"] is False
+        assert seen["stats"]["calls"] == {"all_reduce": 1} and seen["stats"]["shm_calls"] == {}

@@ -30,59 +30,66 @@ def test_all_reduce_and_all_gather_match_gloo(run_world, fresh_seed, world):
               shm_buffer_bytes=512 * 1024)
 
 
-def start_members(behaviours: list[str], **kwargs) -> tuple[list, object, dict[int, int]]:
-    names, events = SPAWN.Queue(), SPAWN.Queue()
-    procs = [spawn(member, rank, len(behaviours), names, events, behaviour, *kwargs.values())
-             for rank, behaviour in enumerate(behaviours)]
-    pids = {}
-    for _ in procs:
-        kind, rank, pid = events.get(timeout=TIMEOUT)
-        assert kind == "ready", (kind, rank, pid)
-        pids[rank] = pid
-    return procs, events, pids
+class Members:
+    """Ranks of one group running shm_workers.member, and what they report."""
 
+    def __init__(self, behaviours: list[str], *args: object):
+        names, self.events = SPAWN.Queue(), SPAWN.Queue()
+        self.procs = [spawn(member, rank, len(behaviours), names, self.events, behaviour, *args)
+                      for rank, behaviour in enumerate(behaviours)]
+        self.pids: dict[int, int] = {}
+        self.outcomes: dict[int, list[tuple[str, float]]] = {}
+        while len(self.pids) < len(behaviours):
+            self.receive()
 
-def outcomes(events, count: int) -> dict[int, list[tuple[str, float]]]:
-    found: dict[int, list[tuple[str, float]]] = {}
-    for _ in range(count):
-        outcome, rank, when = events.get(timeout=TIMEOUT)
-        found.setdefault(rank, []).append((outcome, when))
-    return found
+    def receive(self) -> None:
+        kind, rank, value = self.events.get(timeout=TIMEOUT)
+        if kind == "ready":
+            self.pids[rank] = value
+        else:
+            self.outcomes.setdefault(rank, []).append((kind, value))
+
+    def wait_outcomes(self, ranks: list[int]) -> dict[int, list[tuple[str, float]]]:
+        """Both outcomes (see member) of each of `ranks`."""
+        while any(len(self.outcomes.get(rank, [])) < 2 for rank in ranks):
+            self.receive()
+        return self.outcomes
 
 
 def test_a_peer_killed_mid_collective_raises_within_a_second():
-    procs, events, pids = start_members(["reduce", "reduce", "idle"])
+    group = Members(["reduce", "reduce", "idle"])
     time.sleep(0.3)  # the others are asleep in the all-reduce, waiting for rank 2
     killed_at = time.monotonic()
-    os.kill(pids[2], signal.SIGKILL)
-    found = outcomes(events, 4)
-    join_all(procs[:2], TIMEOUT)
-    procs[2].join(TIMEOUT)
+    os.kill(group.pids[2], signal.SIGKILL)
+    found = group.wait_outcomes([0, 1])
+    join_all(group.procs[:2], TIMEOUT)
+    group.procs[2].join(TIMEOUT)
     for rank in (0, 1):
         (first, ended), (second, _) = found[rank]
-        assert first.startswith(f"PeerDied: all_reduce: rank 2 (pid {pids[2]})"), first
+        assert first.startswith(f"PeerDied: all_reduce: rank 2 (pid {group.pids[2]})"), first
         assert ended - killed_at < 1.0, f"rank {rank} noticed after {ended - killed_at:.2f} s"
         assert second.startswith("RingClosed: all_reduce") and "unusable" in second, second
 
 
 def test_a_stuck_peer_ends_in_a_timeout_and_a_mismatch_is_named():
-    procs, events, _ = start_members(["reduce", "idle"], elements=256, timeout=0.3)
-    (first, _), (second, _) = outcomes(events, 2)[0]
+    group = Members(["reduce", "idle"], 256, 0.3)
+    (first, _), (second, _) = group.wait_outcomes([0])[0]
     assert first.startswith("TimeoutError: all_reduce: timed out"), first
     assert "unusable after an earlier failure" in second, second
-    for proc in procs:
+    for proc in group.procs:
         proc.kill()
         proc.join(TIMEOUT)
 
     names, events = SPAWN.Queue(), SPAWN.Queue()
     procs = [spawn(member, rank, 2, names, events, "reduce", elements)
              for rank, elements in ((0, 256), (1, 128))]
-    for _ in procs:
-        events.get(timeout=TIMEOUT)
-    found = outcomes(events, 4)
+    firsts = {}
+    while len(firsts) < 2:
+        kind, rank, _ = events.get(timeout=TIMEOUT)
+        if kind != "ready":
+            firsts.setdefault(rank, kind)
     join_all(procs, TIMEOUT)
-    for rank in (0, 1):
-        first = found[rank][0][0]
+    for first in firsts.values():
         assert re.match(r"ValueError: all_reduce: rank \d runs all_reduce of (256|128) float32 "
                         r"elements but rank \d runs all_reduce of (128|256) float32", first), first
 

@@ -120,24 +120,37 @@ class Communicator:
             x.copy_(target)
         return x
 
-    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """Every rank's x concatenated along `dim`, in group-rank order."""
+    def all_gather(self, x: torch.Tensor, dim: int = -1,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """Every rank's x concatenated along `dim`, in group-rank order (a 0-d x gives a
+        1-d result). `out`, a contiguous tensor of the result's shape, dtype and device,
+        receives it instead of a new tensor: a caller gathering large results every step
+        saves allocating (and page-faulting) one per call."""
+        if x.dim() == 0:
+            x, dim = x.reshape(1), 0
+        dim %= x.dim()
+        shape = list(x.shape)
+        shape[dim] *= self.size
+        if out is not None and (list(out.shape) != shape or out.dtype != x.dtype
+                                or out.device != x.device or not out.is_contiguous()):
+            raise ValueError(f"all_gather: out must be a contiguous {x.dtype} tensor of shape "
+                             f"{shape} on {x.device}, got {out.dtype} {list(out.shape)} on "
+                             f"{out.device}")
         if self.size == 1:
-            return x
+            return x if out is None else out.copy_(x)
         self.stats.record("all_gather", _nbytes(x))
+        if out is None:
+            out = torch.empty(shape, dtype=x.dtype, device=x.device)
         if self.shm is not None and x.device.type == "cpu":
             self.stats.shm_calls["all_gather"] += 1
-            return self.shm.all_gather(x.reshape(1) if x.dim() == 0 else x, dim)
+            return self.shm.all_gather(x, dim, out)
         # Flat buffers: backends disagree on the shapes they accept here.
-        flat = torch.empty(self.size * x.numel(), dtype=x.dtype, device=x.device)
+        flat = out.view(-1) if dim == 0 else torch.empty(out.numel(), dtype=x.dtype,
+                                                         device=x.device)
         _all_gather_into(flat, x.contiguous().view(-1), group=self._group(x))
-        stacked = flat.view(self.size, *x.shape)
-        if x.dim() == 0:
-            return stacked
-        dim %= x.dim()
-        if dim == 0:
-            return stacked.reshape(self.size * x.shape[0], *x.shape[1:])
-        return torch.cat(stacked.unbind(0), dim=dim)
+        if dim != 0:
+            torch.cat(flat.view(self.size, *x.shape).unbind(0), dim=dim, out=out)
+        return out
 
     def reduce_scatter(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """This rank's part of the sum of x over the group: x is cut into `size` equal

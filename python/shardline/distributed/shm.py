@@ -57,14 +57,11 @@ class ShmGroup:
             x.copy_(target)
         return x
 
-    def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        """Every rank's x (a CPU tensor of at least one dimension) concatenated along `dim`,
-        in rank order, written in place by one pass over the shared buffers."""
+    def all_gather(self, x: torch.Tensor, dim: int, out: torch.Tensor) -> torch.Tensor:
+        """Writes every rank's x (a CPU tensor of at least one dimension) concatenated
+        along `dim`, in rank order, into `out` (contiguous, of that shape) in one pass over
+        the shared buffers, and returns out."""
         source = x.contiguous()
-        dim %= x.dim()
-        shape = list(x.shape)
-        shape[dim] *= self.size
-        out = torch.empty(shape, dtype=x.dtype)
         inner = math.prod(x.shape[dim:]) * x.element_size()
         self._handle.all_gather(source.data_ptr(), out.data_ptr(),
                                 source.numel() * source.element_size(), inner, self.timeout)
