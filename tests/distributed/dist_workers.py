@@ -245,3 +245,19 @@ def check_falls_back_to_gloo(rank: int) -> dict:
     total = tp.all_reduce(torch.full((4,), float(rank + 1)))
     assert torch.equal(total, torch.full((4,), float(sum(range(1, tp.size + 1)))))
     return {"shm": describe_grid(rank)["groups"]["tp"]["shm"], "stats": tp.comm.stats.snapshot()}
+
+
+def check_gather(rank: int, seed: int) -> None:
+    """gather() delivers every rank's x, concatenated in rank order, to dst alone."""
+    import torch
+
+    comm = ps.get_world_group().comm
+    n, me = comm.size, comm.rank_in_group
+    xs = _inputs(seed, n, (3, 4), salt=9)
+    for dst in range(n):
+        for dim in (0, -1):
+            got = comm.gather(xs[me], dst=dst, dim=dim)
+            if me == dst:
+                assert torch.equal(got, torch.cat(xs, dim)), f"gather to {dst} along {dim}"
+            else:
+                assert got is None, f"gather gave rank {me} a result meant for {dst}"

@@ -33,6 +33,11 @@ def test_every_op_matches_its_definition(run_world, fresh_seed, world, shm):
             assert served == {}
 
 
+@pytest.mark.parametrize("world,shm", [(3, False), (2, True)], ids=["gloo-3", "shm-2"])
+def test_gather_reaches_the_destination_rank_only(run_world, fresh_seed, world, shm):
+    run_world(RankGrid(tp=world), "check_gather", fresh_seed, shm=shm)
+
+
 def test_one_rank_group_is_the_identity_and_needs_no_process_group():
     comm = Communicator([5], 5, "cpu")
     x = torch.randn(3, 4)

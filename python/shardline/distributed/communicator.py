@@ -152,6 +152,24 @@ class Communicator:
             torch.cat(flat.view(self.size, *x.shape).unbind(0), dim=dim, out=out)
         return out
 
+    def gather(self, x: torch.Tensor, dst: int = 0, dim: int = -1) -> torch.Tensor | None:
+        """Every rank's x concatenated along `dim` on group rank `dst` only; None elsewhere.
+        (Between CPU ranks of one machine the shared-memory all-gather is faster than
+        gloo's gather, so it serves here, and the other ranks drop the result.)"""
+        if isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < self.size:
+            raise ValueError(f"dst={dst!r} is invalid: must be a group rank in [0, {self.size})")
+        if self.size == 1:
+            return x
+        if self.shm is not None and x.device.type == "cpu":
+            out = self.all_gather(x, dim)
+            return out if self.rank_in_group == dst else None
+        self.stats.record("gather", _nbytes(x))
+        x = x.contiguous()
+        parts = ([torch.empty_like(x) for _ in range(self.size)]
+                 if self.rank_in_group == dst else None)
+        dist.gather(x, parts, dst=self.ranks[dst], group=self._group(x))
+        return None if parts is None else torch.cat(parts, dim=dim)
+
     def reduce_scatter(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """This rank's part of the sum of x over the group: x is cut into `size` equal
         parts along `dim` and rank i gets the sum of every rank's part i. x is unchanged."""

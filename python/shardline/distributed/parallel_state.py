@@ -72,6 +72,10 @@ class GroupCoordinate:
         """Concatenate every rank's x along `dim`, in rank order."""
         return self._comm("all_gather").all_gather(x, dim)
 
+    def gather(self, x: torch.Tensor, dst: int = 0, dim: int = -1) -> torch.Tensor | None:
+        """Every rank's x concatenated along `dim` on group rank `dst`; None elsewhere."""
+        return self._comm("gather").gather(x, dst, dim)
+
     def reduce_scatter(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         return self._comm("reduce_scatter").reduce_scatter(x, dim)
 

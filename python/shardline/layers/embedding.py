@@ -2,7 +2,7 @@
 
 Each rank holds ceil(vocab / tp) rows; the last rank's rows past the vocabulary stay
 zero. The embedding sums the ranks' lookups (each rank answers only its own token ids);
-the LM head gathers the ranks' logit columns and drops the padding.
+the LM head gathers the ranks' logit columns on the first TP rank and drops the padding.
 """
 
 from __future__ import annotations
@@ -47,10 +47,13 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Hidden states -> logits over the full vocabulary."""
+    """Hidden states -> logits over the full vocabulary, on the first TP rank only (it
+    samples; the other ranks return None and send their columns no further)."""
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         logits = kernels.linear(hidden_states, self.weight)
         if self.tp_size > 1:
-            logits = get_tp_group().all_gather(logits, dim=-1)
+            logits = get_tp_group().gather(logits, dst=0, dim=-1)
+            if logits is None:
+                return None
         return logits[..., :self.num_embeddings]
