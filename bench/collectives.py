@@ -30,6 +30,8 @@ import time
 import traceback
 from pathlib import Path
 
+from shardline.distributed.shm import DEFAULT_BUFFER_BYTES
+
 RESULTS = Path(__file__).resolve().parent / "results"
 WORLDS = [2, 4]
 OPS = ["all_reduce", "all_gather"]
@@ -47,18 +49,19 @@ def iterations(settings: dict, nbytes: int) -> int:
     return max(10, min(settings["max_iters"], settings["run_bytes"] // nbytes))
 
 
-def rank_main(rank: int, world: int, init_method: str, settings: dict,
+def rank_main(rank: int, world: int, init_method: str, settings: dict, buffer_bytes: int,
               results: multiprocessing.Queue) -> None:
     """One rank: joins the group, then times every (op, size, repeat, backend) in the same
     order as the others; rank 0 reports the times."""
-    import torch
-
-    from shardline.distributed import parallel_state as ps
-    from shardline.distributed.grid import RankGrid
-
     try:
+        import torch
+
+        from shardline.distributed import parallel_state as ps
+        from shardline.distributed.grid import RankGrid
+
         torch.set_num_threads(1)
-        ps.init_distributed(RankGrid(tp=world), rank, init_method, "cpu")
+        ps.init_distributed(RankGrid(tp=world), rank, init_method, "cpu",
+                            shm_buffer_bytes=buffer_bytes)
         comm = ps.get_tp_group().comm
         segment = comm.shm
         times: dict[str, list[float]] = {}
@@ -91,22 +94,35 @@ def rank_main(rank: int, world: int, init_method: str, settings: dict,
     except BaseException:
         results.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
     finally:
-        ps.destroy_distributed()
+        if "ps" in locals():
+            ps.destroy_distributed()
 
 
-def measure_world(world: int, settings: dict) -> dict[str, list[float]]:
+def wait_for_result(results: multiprocessing.Queue, procs: list) -> tuple[str, object]:
+    """Rank 0's report, or an error as soon as a rank died or TIMEOUT_S passed."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            return results.get(timeout=1.0)
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                return "error", ", ".join(f"rank {procs.index(p)} exited with code "
+                                          f"{p.exitcode}" for p in dead)
+    return "error", f"no result within {TIMEOUT_S:g} s"
+
+
+def measure_world(world: int, settings: dict, buffer_bytes: int) -> dict[str, list[float]]:
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_method = f"file://{tmp}/store"
-        procs = [ctx.Process(target=rank_main, args=(rank, world, init_method, settings, results),
+        procs = [ctx.Process(target=rank_main, args=(rank, world, init_method, settings, buffer_bytes, results),
                              daemon=True) for rank in range(world)]
         for proc in procs:
             proc.start()
         try:
-            status, value = results.get(timeout=TIMEOUT_S)
-        except queue.Empty:
-            status, value = "error", f"no result within {TIMEOUT_S:g} s"
+            status, value = wait_for_result(results, procs)
         finally:
             for proc in procs:
                 proc.join(30)
@@ -198,14 +214,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two sizes, fewer repeats")
     parser.add_argument("--out", type=Path, default=RESULTS / "collectives.json",
                         help="JSON path; the plot goes beside it (default: %(default)s)")
+    parser.add_argument("--shm-buffer-bytes", type=int, default=DEFAULT_BUFFER_BYTES,
+                        help="staging bytes per rank, the piece size (default: %(default)s)")
     args = parser.parse_args()
     mode = "quick" if args.quick else "full"
     settings = SETTINGS[mode]
-    report = {"command": " ".join(["python", *sys.argv]), "mode": mode, "settings": settings,
+    report = {"command": " ".join(["python", *sys.argv]), "mode": mode,
+              "settings": {**settings, "shm_buffer_bytes": args.shm_buffer_bytes},
               "machine": machine_info(), "results": []}
     print(f"{'op':<11} {'ranks':>5} {'bytes':>8} | {'shm us':>9} {'gloo us':>9} {'speedup':>8}")
     for world in WORLDS:
-        rows = summarize(measure_world(world, settings), world)
+        rows = summarize(measure_world(world, settings, args.shm_buffer_bytes), world)
         report["results"] += rows
         for r in speedups(rows):
             print(f"{r['op']:<11} {world:>5} {r['bytes_per_rank']:>8} | {r['shm_us']:>9.1f} "

@@ -58,6 +58,8 @@ def test_one_rank_grid_in_process(tmp_path):
     ((RankGrid(tp=2), 0, ""), {}, ValueError, r"init_method='' is invalid: must be a URL"),
     ((RankGrid(), 0, "tcp://127.0.0.1:1", "meta"), {}, ValueError,
      r"device=meta is invalid: must be cpu or cuda"),
+    ((RankGrid(), 0, "tcp://127.0.0.1:1"), {"shm_buffer_bytes": 100}, ValueError,
+     r"shm_buffer_bytes=100 is invalid: must be a multiple of 64 in \[64, 268435456\]"),
 ])
 def test_bad_arguments_raise_before_any_process_group(args, kwargs, error, message):
     with pytest.raises(error, match=message):

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from shardline.distributed.communicator import Communicator
 from shardline.distributed.grid import GROUP_KINDS, Coordinates, ParallelSizes, RankGrid
-from shardline.distributed.shm import DEFAULT_BUFFER_BYTES, create_shm_group
+from shardline.distributed.shm import DEFAULT_BUFFER_BYTES, MAX_SHM_BUFFER_BYTES, create_shm_group
 from shardline.distributed.topology import gather_node_ids, on_one_node, warn_split_groups
 
 logger = logging.getLogger(__name__)
@@ -235,6 +235,10 @@ def init_distributed(layout: RankGrid | ParallelSizes, rank: int, init_method: s
     if not isinstance(init_method, str) or not init_method:
         raise ValueError(f"init_method={init_method!r} is invalid: must be a URL such as "
                          "'tcp://127.0.0.1:29500' or 'file:///tmp/store'")
+    if shm_collectives and not (isinstance(shm_buffer_bytes, int) and shm_buffer_bytes % 64 == 0
+                                and 64 <= shm_buffer_bytes <= MAX_SHM_BUFFER_BYTES):
+        raise ValueError(f"shm_buffer_bytes={shm_buffer_bytes!r} is invalid: must be a multiple "
+                         f"of 64 in [64, {MAX_SHM_BUFFER_BYTES}]")
     if _state is not None or dist.is_initialized():
         raise RuntimeError("init_distributed: this process is already in a process group; "
                            "call destroy_distributed() first")
