@@ -6,6 +6,7 @@ groups; everything about the parallel layout lives in an Executor subclass.
 
 from __future__ import annotations
 
+import os
 import time
 from abc import ABC, abstractmethod
 from typing import Any, Callable
@@ -65,8 +66,7 @@ class Executor(ABC):
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.num_kv_blocks = 0
-        if config.parallel.world_size > 1:
-            check_layout(config)
+        check_layout(config)
         self._init_workers()
 
     @abstractmethod
@@ -115,16 +115,24 @@ class Executor(ABC):
 
 
 def check_layout(config: EngineConfig) -> None:
-    """Refuse, before any worker starts, a layout the model or the machine cannot take."""
+    """Refuse, before any worker starts, a layout the model or the machine cannot take: a
+    GPU device where torch sees none, or a split of the model (several ranks, or a list of
+    layers per stage) that the model or the GPU count does not allow."""
     import torch
 
     from shardline.models.loader import read_model_info
     from shardline.models.partition import check_partition
     from shardline.worker.worker import pick_device
 
-    on_cuda = pick_device(0, config.parallel.device).type == "cuda"
-    check_partition(config.parallel, read_model_info(config.model.model),
-                    torch.cuda.device_count() if on_cuda else None)
+    parallel = config.parallel
+    device = pick_device(0, parallel.device)
+    gpus = torch.cuda.device_count() if device.type == "cuda" else None
+    if gpus == 0:
+        raise ValueError(f"device={parallel.device!r} (SHARDLINE_DEVICE="
+                         f"{os.environ.get('SHARDLINE_DEVICE')!r}) asks for {device}, but torch "
+                         "sees no GPU on this machine: use device='cpu'")
+    if parallel.world_size > 1 or parallel.pipeline_stage_layers is not None:
+        check_partition(parallel, read_model_info(config.model.model), gpus)
 
 
 def executor_class(parallel: ParallelConfig) -> type[Executor]:

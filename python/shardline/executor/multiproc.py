@@ -68,6 +68,26 @@ class _Workers:
         for mq in ([self.broadcast] if self.broadcast else []) + self.responses:
             mq.close()
 
+    def watch(self) -> None:
+        """The watcher thread: on a worker's death, record it and close the rings, so that
+        every waiting and later call raises EngineDeadError."""
+        sentinels = {proc.sentinel: rank for rank, proc in enumerate(self.procs)}
+        while not self.stopping:
+            ready = wait_for_sentinels(list(sentinels), timeout=0.5)
+            if ready and not self.stopping:
+                # Every worker found dead is named: a peer's death makes the survivors' steps
+                # fail, and they may exit before this thread runs.
+                deaths = []
+                for rank in sorted(sentinels[sentinel] for sentinel in ready):
+                    proc = self.procs[rank]
+                    proc.join(1.0)
+                    deaths.append(f"worker rank {rank} (pid {proc.pid}) died with exit code "
+                                  f"{proc.exitcode}")
+                self.dead = EngineDeadError("; ".join(deaths))
+                logger.error("%s", self.dead)
+                self.close_rings()
+                return
+
     def shutdown(self) -> None:
         """Ask the workers to stop, kill those that do not, release the rings. Idempotent."""
         if self.stopped:
@@ -137,7 +157,8 @@ class MultiProcExecutor(Executor):
         except BaseException:
             workers.shutdown()
             raise
-        threading.Thread(target=self._watch_workers, name="shardline-worker-watch",
+        # The thread holds only `workers`, so garbage collection can still reach the executor.
+        threading.Thread(target=workers.watch, name="shardline-worker-watch",
                          daemon=True).start()
 
     def _startup_failure(self, rank: int) -> EngineDeadError:
@@ -148,21 +169,6 @@ class MultiProcExecutor(Executor):
                                    f"{STARTUP_TIMEOUT_S:.0f} s")
         return EngineDeadError(f"worker rank {rank} (pid {proc.pid}) exited with code "
                                f"{proc.exitcode} while starting")
-
-    def _watch_workers(self) -> None:
-        workers = self._workers
-        sentinels = {proc.sentinel: rank for rank, proc in enumerate(workers.procs)}
-        while not workers.stopping:
-            ready = wait_for_sentinels(list(sentinels), timeout=0.5)
-            if ready and not workers.stopping:
-                rank = sentinels[ready[0]]
-                proc = workers.procs[rank]
-                proc.join(1.0)
-                workers.dead = EngineDeadError(
-                    f"worker rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}")
-                logger.error("%s", workers.dead)
-                workers.close_rings()
-                return
 
     def _check_alive(self) -> None:
         if self._workers.dead is not None:
@@ -179,6 +185,16 @@ class MultiProcExecutor(Executor):
         if self._workers.dead is not None:
             return self._workers.dead
         return EngineDeadError(f"the executor's rings closed: {exc}")
+
+    def _step_failure(self, error: str) -> EngineDeadError:
+        """The output rank failed a step and is exiting. Its error is often only that a peer
+        died (its collectives see that before the watcher does), so the error names the
+        workers the watcher finds dead, then the output rank's own error."""
+        failed = f"worker rank {self.output_rank} failed in execute_model and stopped: {error}"
+        dead = self._dead_error(RuntimeError(failed))
+        if dead is not self._workers.dead:  # no worker exited within the wait
+            return EngineDeadError(failed)
+        return EngineDeadError(f"{dead}; {failed}")
 
     def _send(self, method: str, args: list, kwargs: dict, reply_rank: int,
               deadline: float | None) -> int:
@@ -238,8 +254,7 @@ class MultiProcExecutor(Executor):
         try:
             ok, payload = self._receive(self.output_rank, future.call_id, deadline)
             if not ok:
-                raise EngineDeadError(f"worker rank {self.output_rank} failed in execute_model "
-                                      f"and stopped: {payload}")
+                raise self._step_failure(payload)
         except EngineDeadError as exc:
             for pending in self._pending:
                 pending.set_exception(exc)

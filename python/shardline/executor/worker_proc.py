@@ -87,8 +87,10 @@ def run_worker(args: WorkerArgs, handle_conn: Connection, log_queue: Any) -> Non
     finally:
         if worker is not None and hasattr(worker, "shutdown"):
             worker.shutdown()
+        # Only the response ring is closed: the broadcast ring is the executor's, and closing
+        # it would close it for every rank, so a failing worker would stop the healthy ones
+        # too, perhaps before the executor sees which worker failed first.
         response.close()
-        broadcast.close()
         log_queue.close()
         log_queue.join_thread()
         sys.stdout.flush()

@@ -1,0 +1,436 @@
+"""The engine through the multi-process executor (CPU, gloo and shared-memory collectives,
+fp32, tiny-llama at TP2, PP2 and world size 1): continuous batching, chunked prefill,
+prefix caching, preemption, seeded sampling, aborts and AsyncLLM streaming give the tokens
+of the one-rank in-process engine run on the same workload with the same options; every
+invalid layout is refused with a ValueError before any process starts; a worker killed
+during generation stops the engine with EngineDeadError, and shutdown leaves no process
+and no shared-memory segment behind.
+
+Each layout starts its worker processes once per module (they take seconds to start), so
+the feature tests share one multi-process LLM per layout and one in-process reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import multiprocessing.process
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from shardline import LLM, AsyncLLM, SamplingParams
+from shardline.config import ParallelConfig
+from shardline.executor import EngineDeadError
+from shardline.executor.multiproc import MultiProcExecutor
+from shardline.executor.uniproc import UniProcExecutor
+from shardline.models.loader import read_model_info
+from shardline.models.partition import check_partition
+from shardline.presets import build_variant
+
+from process_hygiene import assert_gone, leaked_segments, live_children, shm_segments
+
+MODEL = "tiny-llama"  # 4 heads, 2 KV heads, 2 layers
+# A cache of 24 blocks of 4 tokens forces preemption; a budget of 16 tokens a step
+# chunks every prompt longer than that.
+ENGINE = dict(block_size=4, num_kv_blocks=24, max_num_batched_tokens=16, max_num_seqs=8,
+              device="cpu")
+LAYOUTS = {
+    "tp2": dict(tensor_parallel_size=2),
+    "mp-world1": dict(distributed_executor_backend="mp"),
+    "pp2": dict(pipeline_parallel_size=2),
+}
+TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_process_left_behind():
+    before = live_children()
+    yield
+    deadline = time.monotonic() + 10
+    while set(live_children()) - set(before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = {pid: cmd for pid, cmd in live_children().items() if pid not in before}
+    assert not left, f"the module left processes behind: {left}"
+
+
+@dataclass
+class Pair:
+    """One layout's multi-process LLM and the in-process one-rank LLM it must agree with;
+    both have the same engine options, so they schedule the same steps."""
+
+    layout: str
+    reference: LLM
+    llm: LLM
+
+    @property
+    def one_step_in_flight(self) -> bool:
+        return self.llm.engine.executor.max_concurrent_steps == 1
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def pair(request) -> Pair:
+    reference = LLM(MODEL, **ENGINE)
+    try:
+        llm = LLM(MODEL, **ENGINE, **LAYOUTS[request.param])
+    except BaseException:
+        reference.shutdown()
+        raise
+    try:
+        assert isinstance(reference.engine.executor, UniProcExecutor)
+        executor = llm.engine.executor
+        assert isinstance(executor, MultiProcExecutor)
+        assert len(executor.worker_pids) == executor.config.parallel.world_size
+        yield Pair(request.param, reference, llm)
+    finally:
+        llm.shutdown()
+        reference.shutdown()
+
+
+@pytest.fixture
+def rng(fresh_seed) -> random.Random:
+    return random.Random(fresh_seed)
+
+
+def random_prompt(rng: random.Random, low: int, high: int) -> list[int]:
+    return [rng.randrange(3, 259) for _ in range(rng.randint(low, high))]
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def assert_all_free(llm: LLM) -> None:
+    engine = llm.engine
+    engine.kv.check_invariants()
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+    assert not engine.has_unfinished_requests()
+
+
+class StatsDelta:
+    """What the scheduler counted between construction and `__call__`."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+        self.before = dataclasses.asdict(llm.stats)
+
+    def __call__(self) -> dict[str, int]:
+        return {k: v - self.before[k] for k, v in dataclasses.asdict(self.llm.stats).items()}
+
+
+def run_both(pair: Pair, prompts, params) -> tuple[list, list, dict, dict]:
+    """`generate` on the reference, then on the layout: outputs and stats deltas of each."""
+    ref_delta, delta = StatsDelta(pair.reference), StatsDelta(pair.llm)
+    expected = pair.reference.generate(prompts, params)
+    got = pair.llm.generate(prompts, params)
+    return expected, got, ref_delta(), delta()
+
+
+def assert_same_schedule(pair: Pair, ref_stats: dict, stats: dict) -> None:
+    """With one step in flight the executor is invisible to the scheduler: it must count
+    the same steps, computed and cached tokens and preemptions as the reference."""
+    if pair.one_step_in_flight:
+        assert stats == ref_stats
+
+
+@dataclass
+class Scripted:
+    """A request of a scripted workload: added before step `join`, aborted before step
+    `abort` when that is set."""
+
+    req_id: str
+    prompt: list[int]
+    params: SamplingParams
+    join: int
+    abort: int | None = None
+
+
+def drive(llm: LLM, script: list[Scripted]) -> tuple[dict, dict[str, int], dict[str, int]]:
+    """Run `script` on the incremental API: the final output of every request, the step in
+    which each request got its first token, and each aborted request's computed tokens
+    when it was aborted."""
+    final, first_token_step, computed_at_abort = {}, {}, {}
+    last_event = max(max(r.join, r.abort or 0) for r in script)
+    deadline = time.monotonic() + TIMEOUT_S
+    step = 0
+    while step <= last_event or llm.has_unfinished_requests():
+        assert time.monotonic() < deadline, f"the workload did not finish in {TIMEOUT_S} s"
+        for req in script:
+            if req.join == step:
+                llm.add_request(req.req_id, req.prompt, req.params)
+            if req.abort == step:
+                computed_at_abort[req.req_id] = \
+                    llm.engine.scheduler.seqs[req.req_id].num_computed_tokens
+                aborted = llm.abort_request(req.req_id)
+                assert aborted is not None, f"{req.req_id} finished before its abort"
+                final[req.req_id] = aborted
+        for output in llm.step():
+            if output.outputs[0].token_ids:
+                first_token_step.setdefault(output.request_id, step)
+            if output.finished:
+                final[output.request_id] = output
+        step += 1
+    return final, first_token_step, computed_at_abort
+
+
+def batching_workload(rng: random.Random) -> list[Scripted]:
+    """Requests that join a running batch at different steps, two long prompts that take
+    several steps to prefill at 16 tokens a step, one request aborted while prefilling and
+    one while decoding."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    return [
+        Scripted("long", random_prompt(rng, 33, 40), greedy, join=0),
+        Scripted("short", random_prompt(rng, 3, 6), greedy, join=0),
+        Scripted("abort-decode", random_prompt(rng, 3, 6), greedy, join=1, abort=6),
+        Scripted("abort-prefill", random_prompt(rng, 36, 40), greedy, join=3, abort=5),
+        Scripted("late", random_prompt(rng, 20, 30), greedy, join=4),
+        Scripted("later", random_prompt(rng, 5, 12), greedy, join=7),
+    ]
+
+
+def test_continuous_batching_chunked_prefill_and_aborts_match_one_rank(pair, rng):
+    script = batching_workload(rng)
+    ref_delta, delta = StatsDelta(pair.reference), StatsDelta(pair.llm)
+    expected, _, ref_computed = drive(pair.reference, script)
+    got, first_token_step, computed = drive(pair.llm, script)
+    # The script does what it says on the one-rank engine (16 prompt tokens a step).
+    assert 0 < ref_computed["abort-prefill"] < len(script[3].prompt)
+    assert ref_computed["abort-decode"] > len(script[2].prompt)
+    for req in script:
+        want, out = expected[req.req_id].outputs[0], got[req.req_id].outputs[0]
+        if req.abort is None:
+            assert out.token_ids == want.token_ids, req.req_id
+            assert out.finish_reason == "length"
+        else:
+            # How far an aborted request got depends on the steps in flight at the abort.
+            shorter, longer = sorted([out.token_ids, want.token_ids], key=len)
+            assert longer[:len(shorter)] == shorter, req.req_id
+            assert out.finish_reason == "abort"
+    assert got["abort-prefill"].outputs[0].token_ids == []
+    assert first_token_step["long"] >= 2  # 33+ prompt tokens at 16 a step
+    if pair.one_step_in_flight:
+        assert computed == ref_computed
+    assert_same_schedule(pair, ref_delta(), delta())
+    assert_all_free(pair.llm)
+
+
+def test_preemption_gives_the_one_rank_tokens(pair, rng):
+    # Five sequences of 24 to 29 tokens need 6 to 8 blocks each, and the cache holds 24.
+    prompts = [random_prompt(rng, 14, 19) for _ in range(5)]
+    params = SamplingParams(temperature=0.0, max_tokens=11, ignore_eos=True)
+    expected, got, ref_stats, stats = run_both(pair, prompts, params)
+    assert token_ids(got) == token_ids(expected)
+    assert stats["num_preemptions"] > 0
+    assert_same_schedule(pair, ref_stats, stats)
+    assert_all_free(pair.llm)
+
+
+def test_prefix_cache_hits_give_the_one_rank_tokens(pair, rng):
+    shared = random_prompt(rng, 28, 28)  # 7 blocks
+    tails = rng.sample(range(3, 259), 3)
+    prompts = [shared + [tail] + random_prompt(rng, 1, 4) for tail in tails]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    expected, got, ref_stats, stats = run_both(pair, prompts[:1], params)
+    more_expected, more, more_ref_stats, more_stats = run_both(pair, prompts[1:], params)
+    assert token_ids(got + more) == token_ids(expected + more_expected)
+    assert [o.num_cached_tokens for o in more] == [28, 28]
+    assert more_stats["num_cached_tokens"] == 56
+    assert_same_schedule(pair, ref_stats, stats)
+    assert_same_schedule(pair, more_ref_stats, more_stats)
+    assert_all_free(pair.llm)
+
+
+def test_seeded_sampling_gives_the_one_rank_tokens(pair, rng):
+    prompts = [random_prompt(rng, 3, 20) for _ in range(4)]
+    seeds = rng.sample(range(10**6), len(prompts))
+    params = [SamplingParams(temperature=0.9, top_p=0.95, seed=s, max_tokens=10,
+                             ignore_eos=True) for s in seeds]
+    expected, got, ref_stats, stats = run_both(pair, prompts, params)
+    assert token_ids(got) == token_ids(expected)
+    reseeded = [dataclasses.replace(p, seed=p.seed + 1) for p in params]
+    assert token_ids(pair.reference.generate(prompts, reseeded)) != token_ids(expected)
+    assert_same_schedule(pair, ref_stats, stats)
+    assert_all_free(pair.llm)
+
+
+def test_async_llm_streams_the_one_rank_tokens(pair, rng):
+    """Three streams at once over the multi-process engine; one consumer stops early, which
+    aborts its request, and the others still stream every token of the one-rank run."""
+    prompts = [random_prompt(rng, 4, 20) for _ in range(3)]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    expected = token_ids(pair.reference.generate(prompts, params))
+    async_llm = AsyncLLM.from_engine(pair.llm.engine)
+
+    async def stream(i: int, stop_after: int | None) -> list:
+        outputs = []
+        async with contextlib.aclosing(async_llm.generate(prompts[i], params,
+                                                          f"stream-{i}")) as outputs_so_far:
+            async for output in outputs_so_far:
+                outputs.append(output)
+                if len(outputs) == stop_after:
+                    break
+        return outputs
+
+    async def main() -> list[list]:
+        return await asyncio.wait_for(
+            asyncio.gather(stream(0, None), stream(1, 3), stream(2, None)), TIMEOUT_S)
+
+    streams = asyncio.run(main())
+    for i in (0, 2):
+        assert [len(o.outputs[0].token_ids) for o in streams[i]] == list(range(1, 11))
+        assert streams[i][-1].finished and streams[i][-1].outputs[0].token_ids == expected[i]
+    assert [o.outputs[0].token_ids for o in streams[1]] == [expected[1][:n] for n in (1, 2, 3)]
+    for thread in threading.enumerate():
+        if thread.name == "shardline-engine":
+            thread.join(TIMEOUT_S)
+    assert_all_free(pair.llm)
+
+
+def _kv3_variant() -> str:
+    return build_variant(MODEL, num_attention_heads=6, num_key_value_heads=3)
+
+
+def test_kv_head_rule_replicates_or_splits_but_never_straddles():
+    """6 heads, 3 KV heads: TP 3 splits the KV heads, TP 6 replicates each on 2 ranks;
+    TP 2 would put one and a half KV heads on a rank."""
+    info = read_model_info(_kv3_variant())
+    for tp in (1, 3, 6):
+        check_partition(ParallelConfig(tensor_parallel_size=tp), info)
+    with pytest.raises(ValueError, match="3 KV heads"):
+        check_partition(ParallelConfig(tensor_parallel_size=2), info)
+
+
+@pytest.fixture
+def no_spawn(monkeypatch):
+    """Fails a test that starts a process (and refuses the start), or leaves one running."""
+    started = []
+
+    def refuse(process):
+        started.append(process.name)
+        raise AssertionError(f"process {process.name} was started")
+
+    before = live_children()
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+    yield
+    assert not started
+    assert set(live_children()) <= set(before)
+
+
+INVALID = {
+    "heads-tp3": (MODEL, dict(tensor_parallel_size=3),
+                  r"tensor_parallel_size=3 does not divide the model's 4 attention heads: "
+                  r"use one of \[1, 2, 4\]"),
+    "kv-heads-tp2": ("kv3", dict(tensor_parallel_size=2),
+                     r"tensor_parallel_size=2 and the model's 3 KV heads: TP must divide the "
+                     r"KV heads, or be a multiple of them .*use one of \[1, 3, 6\]"),
+    "layers-pp3": (MODEL, dict(pipeline_parallel_size=3),
+                   r"pipeline_parallel_size=3 is larger than the model's 2 layers: use at "
+                   r"most 2 stages"),
+    "stages-sum": (MODEL, dict(pipeline_parallel_size=2, pipeline_stage_layers=[1, 2]),
+                   r"pipeline_stage_layers=\[1, 2\] adds up to 3 layers, but the model has 2"),
+    "stages-count": (MODEL, dict(pipeline_parallel_size=2, pipeline_stage_layers=[2]),
+                     r"pipeline_stage_layers=\[2\] is invalid: must be None or a list of 2 "
+                     r"layer counts"),
+    "stages-sum-mp-world1": (MODEL, dict(pipeline_stage_layers=[3],
+                                         distributed_executor_backend="mp"),
+                             r"pipeline_stage_layers=\[3\] adds up to 3 layers, but the model "
+                             r"has 2"),
+    "uni-tp2": (MODEL, dict(tensor_parallel_size=2, distributed_executor_backend="uni"),
+                r"distributed_executor_backend='uni' runs one rank, but the layout has "
+                r"world_size=2: use 'mp'"),
+    "ray-tp2": (MODEL, dict(tensor_parallel_size=2, distributed_executor_backend="ray"),
+                r"distributed_executor_backend='ray' is not available in this build: use "
+                r"None, 'uni' or 'mp'"),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID))
+def test_invalid_layout_raises_before_any_process_starts(case, no_spawn):
+    model, options, message = INVALID[case]
+    model = _kv3_variant() if model == "kv3" else model
+    with pytest.raises(ValueError, match=message):
+        LLM(model, **options)
+
+
+def _layout_beyond(gpus: int) -> dict | None:
+    """The smallest tiny-llama layout with more ranks than `gpus`."""
+    for layout in (dict(tensor_parallel_size=2), dict(tensor_parallel_size=4),
+                   dict(tensor_parallel_size=4, pipeline_parallel_size=2)):
+        if ParallelConfig(**layout).world_size > gpus:
+            return layout
+    return None
+
+
+def test_cuda_with_more_ranks_than_gpus_raises_before_any_process_starts(no_spawn):
+    gpus = torch.cuda.device_count()
+    layout = _layout_beyond(gpus)
+    if layout is None:
+        pytest.skip(f"{gpus} GPUs hold every tiny-llama layout")
+    world = ParallelConfig(**layout).world_size
+    message = (r"device='cuda' .* but torch sees no GPU.*use device='cpu'" if gpus == 0
+               else rf"the layout needs {world} ranks .* this machine has {gpus} GPUs")
+    with pytest.raises(ValueError, match=message):
+        LLM(MODEL, device="cuda", **layout)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 0, reason="this machine has a GPU")
+@pytest.mark.parametrize("backend", [None, "mp"])
+def test_cuda_without_a_gpu_raises_before_any_process_starts(backend, no_spawn):
+    with pytest.raises(ValueError, match=r"device='cuda' .* but torch sees no GPU.*"
+                                         r"use device='cpu'"):
+        LLM(MODEL, device="cuda", distributed_executor_backend=backend)
+
+
+@pytest.mark.parametrize("when", ["mid-step", "between-steps"])
+def test_a_killed_worker_raises_engine_dead_and_leaves_nothing(when, rng):
+    """SIGKILL of TP rank 1 while a step runs, or while the engine waits between steps:
+    that step (within 5 s of the kill) and every later one raise EngineDeadError naming the
+    rank and its exit code, and shutdown leaves no process and no segment behind."""
+    segments_before = shm_segments()
+    llm = LLM(MODEL, tensor_parallel_size=2, device="cpu", block_size=4, num_kv_blocks=256)
+    pids = llm.engine.executor.worker_pids
+    dead = rf"worker rank 1 \(pid {pids[1]}\) died with exit code -9"
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+        for i in range(2):
+            llm.add_request(f"r{i}", random_prompt(rng, 4, 8), params)
+        for _ in range(3):
+            assert llm.step()  # generation is under way
+        if when == "mid-step":
+            killed_at = []
+
+            def kill() -> None:
+                time.sleep(0.2)
+                os.kill(pids[1], signal.SIGKILL)
+                killed_at.append(time.monotonic())
+
+            killer = threading.Thread(target=kill)
+            killer.start()
+            deadline = time.monotonic() + TIMEOUT_S
+            with pytest.raises(EngineDeadError, match=dead):
+                while time.monotonic() < deadline:
+                    assert llm.has_unfinished_requests(), "generation ended before the kill"
+                    llm.step()
+            raised_at = time.monotonic()
+            killer.join()
+            elapsed = raised_at - killed_at[0]
+            print(f"EngineDeadError {elapsed:.3f} s after SIGKILL of worker rank 1 mid-step")
+            assert elapsed < 5.0
+        else:
+            os.kill(pids[1], signal.SIGKILL)
+            time.sleep(1.0)  # the executor sees the death before the next step is sent
+            with pytest.raises(EngineDeadError, match=dead):
+                llm.step()
+        with pytest.raises(EngineDeadError, match=dead):
+            llm.step()
+    finally:
+        llm.shutdown()
+    assert_gone(pids)
+    assert not leaked_segments(segments_before)

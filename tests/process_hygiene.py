@@ -1,0 +1,60 @@
+"""What multi-process tests check after themselves: no process left running, no
+shared-memory segment left in /dev/shm. Both hold on a machine shared with other test runs,
+whose processes and segments are not counted.
+"""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+
+
+def shm_segments() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("shardline-")}
+
+
+def _mapped_by_a_process(name: str) -> bool:
+    path = f"/dev/shm/{name}"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                if path in maps.read():
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+def leaked_segments(before: set[str]) -> set[str]:
+    """Segments made since `before` that no process maps any more: left behind. (Another
+    test run on this machine may make segments meanwhile; its processes map them.)"""
+    return {name for name in shm_segments() - before if not _mapped_by_a_process(name)}
+
+
+def live_children() -> dict[int, str]:
+    """This process's live descendants, except multiprocessing's resource tracker (started
+    once per process, on first use, and kept for its lifetime)."""
+    found = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = " ".join(child.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if "multiprocessing.resource_tracker" not in cmdline:
+            found[child.pid] = cmdline
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def assert_gone(pids: list[int]) -> None:
+    alive = [pid for pid in pids if _running(pid)]
+    assert not alive, f"processes {alive} are still running"
