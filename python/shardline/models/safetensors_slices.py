@@ -3,10 +3,11 @@
 safetensors' own `get_slice` reads through a memory map of the file. The pages it touches
 stay mapped, and so count in the process's resident memory, until the file is closed;
 a slice along a later dimension (the input columns of a row-parallel weight) touches every
-page of the tensor. A rank loading its quarter of a model that way peaked at six times its
-share (bench/load_memory.py). Here the header is parsed once, and a slice is read as the runs of contiguous
-bytes it covers, straight into the result tensor with preadv(2): the bytes between two
-runs of one call land in a small scratch buffer, so memory grows by the slice alone.
+page of the tensor. A rank loading its quarter of a model that way peaked at 3.3 times its
+share (bench/load_memory.py). Here the header is parsed once, and a slice is read as the
+runs of contiguous bytes it covers, straight into the result tensor with preadv(2): the
+bytes between two runs of one call land in a small scratch buffer, so memory grows by the
+slice alone.
 """
 
 from __future__ import annotations
@@ -82,29 +83,35 @@ class SafetensorsFile:
     def read_runs(self, starts: np.ndarray, run: int, out: memoryview) -> None:
         """Fill `out` with the `run` bytes at each file offset of `starts` (ascending), in
         order, in as few preadv calls as GAP_BYTES, MAX_CALL_BYTES and IOV_MAX allow."""
-        offsets = starts.tolist()
         if run > MAX_CALL_BYTES:
-            for i, offset in enumerate(offsets):
+            for i, offset in enumerate(starts.tolist()):
                 for done in range(0, run, MAX_CALL_BYTES):
                     length = min(MAX_CALL_BYTES, run - done)
                     dest = i * run + done
                     self._preadv([out[dest:dest + length]], offset + done, length)
             return
-        scratch = memoryview(bytearray(GAP_BYTES))
-        i = 0
-        while i < len(offsets):
-            first = end = offsets[i]
+        gaps = (np.diff(starts) - run).tolist() + [0]   # bytes after each run
+        # A call ends at a gap longer than GAP_BYTES, and before it would hold more than
+        # IOV_MAX buffers or span more than MAX_CALL_BYTES.
+        long_gaps = np.flatnonzero(np.array(gaps) > GAP_BYTES) + 1
+        scratch = memoryview(bytearray(min(GAP_BYTES, max(gaps))))
+        filler: dict[int, memoryview] = {}
+        first, count = 0, len(gaps)
+        while first < count:
+            next_gap = long_gaps[np.searchsorted(long_gaps, first, side="right"):][:1].tolist()
+            span_end = np.searchsorted(starts, starts[first] + MAX_CALL_BYTES - run, "right")
+            last = min(count, first + _IOV_MAX // 2, int(span_end), *next_gap)
             buffers = []
-            while i < len(offsets) and len(buffers) + 2 <= _IOV_MAX:
-                gap = offsets[i] - end
-                if buffers and (gap > GAP_BYTES or offsets[i] + run - first > MAX_CALL_BYTES):
-                    break
+            for k in range(first, last):
+                buffers.append(out[k * run:(k + 1) * run])
+                gap = gaps[k] if k + 1 < last else 0
                 if gap:
-                    buffers.append(scratch[:gap])
-                buffers.append(out[i * run:(i + 1) * run])
-                end = offsets[i] + run
-                i += 1
-            self._preadv(buffers, first, end - first)
+                    if gap not in filler:
+                        filler[gap] = scratch[:gap]
+                    buffers.append(filler[gap])
+            offset = int(starts[first])
+            self._preadv(buffers, offset, int(starts[last - 1]) + run - offset)
+            first = last
 
     def _preadv(self, buffers: list[memoryview], offset: int, total: int) -> None:
         done = os.preadv(self._fd, buffers, offset)
