@@ -200,22 +200,22 @@ class LLMEngine:
         """
         if self._failure is not None:
             raise self._failure
-        while len(self._in_flight) < self.scheduler.pipeline_depth:
-            scheduled = self.scheduler.schedule()
-            if scheduled.is_empty:
-                break
-            self._in_flight.append(
-                (scheduled, self.executor.execute_model(scheduled, non_block=True)))
-        if not self._in_flight:
-            if self.scheduler.has_unfinished():
-                raise RuntimeError("the scheduler could not make progress on any of "
-                                   f"{len(self.scheduler.seqs)} unfinished sequences")
-            return []
-        scheduled, future = self._in_flight.popleft()
         try:
+            while len(self._in_flight) < self.scheduler.pipeline_depth:
+                scheduled = self.scheduler.schedule()
+                if scheduled.is_empty:
+                    break
+                self._in_flight.append(
+                    (scheduled, self.executor.execute_model(scheduled, non_block=True)))
+            if not self._in_flight:
+                if self.scheduler.has_unfinished():
+                    raise RuntimeError("the scheduler could not make progress on any of "
+                                       f"{len(self.scheduler.seqs)} unfinished sequences")
+                return []
+            scheduled, future = self._in_flight.popleft()
             result = future.result()
         except BaseException as exc:
-            self._failure = exc
+            self._failure = exc  # the scheduler's steps in flight will never come back
             raise
         sampled = self.scheduler.update(scheduled, result)
         return self.outputs.process(sampled)

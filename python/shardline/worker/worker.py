@@ -46,9 +46,14 @@ class Worker:
 
     def init_device(self) -> None:
         self.device = pick_device(self.rank, self.config.parallel.device)
+        world_size = self.config.parallel.world_size
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        if self.config.parallel.world_size > 1:
+        elif world_size > 1:
+            # The ranks share this machine's cores: without a share each, every rank's
+            # torch threads contend for all of them and a step slows down many times.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        if world_size > 1:
             from shardline.distributed.parallel_state import init_distributed
 
             init_distributed(self.config.parallel, self.rank, self.distributed_init_method,
@@ -85,8 +90,8 @@ class Worker:
                 raise ValueError(f"no memory is left for the KV cache ({origin}): one block "
                                  f"needs {block_bytes} bytes; raise gpu_memory_utilization or "
                                  "free memory, or set kv_cache_memory_bytes or num_kv_blocks")
-        logger.info("rank %d KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s)",
-                    self.rank, num_blocks, cache.block_size, num_blocks * cache.block_size,
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%s)",
+                    num_blocks, cache.block_size, num_blocks * cache.block_size,
                     num_blocks * block_bytes / (1 << 20), origin)
         return num_blocks
 
