@@ -22,6 +22,7 @@ from shardline.executor import EngineDeadError, StepFuture
 from shardline.executor.multiproc import MultiProcExecutor
 from shardline.presets import resolve_model
 from shardline.step import SchedulerOutput
+from process_hygiene import assert_gone, leaked_segments, shm_segments
 from stub_workers import NUM_KV_BLOCKS
 
 
@@ -30,10 +31,6 @@ def make_config(worker: str = "StubWorker", **parallel) -> EngineConfig:
                         SchedulerConfig(),
                         ParallelConfig(distributed_executor_backend="mp", device="cpu",
                                        worker_cls=f"stub_workers.{worker}", **parallel))
-
-
-def shm_segments() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("shardline-")}
 
 
 def step(*req_ids: str) -> SchedulerOutput:
@@ -52,8 +49,7 @@ def make_executor():
     yield make
     for executor in made:
         executor.shutdown()
-        for pid in executor.worker_pids:
-            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+        assert_gone(executor.worker_pids)
 
 
 def test_collective_rpc_answers_once_per_rank_in_rank_order(make_executor):
@@ -160,20 +156,20 @@ def test_shutdown_and_garbage_collection_leave_nothing_behind(make_executor):
     pids = executor.worker_pids
     executor.shutdown()
     executor.shutdown()
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+    assert_gone(pids)
     with pytest.raises(EngineDeadError, match="shut down"):
         executor.collective_rpc("identity")
     dropped = MultiProcExecutor(make_config(tensor_parallel_size=2))
     pids = dropped.worker_pids
     del dropped
     gc.collect()
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
-    assert shm_segments() <= before
+    assert_gone(pids)
+    assert not leaked_segments(before)
 
 
 _EXIT_SCRIPT = """
 import os, signal, sys, time
-sys.path.insert(0, {stub_dir!r})
+sys.path[:0] = [{stub_dir!r}, {tests_dir!r}]
 from test_multiproc import make_config
 from shardline.executor.multiproc import MultiProcExecutor
 executor = MultiProcExecutor(make_config(tensor_parallel_size=2))
@@ -186,7 +182,9 @@ if {interrupt}:
 @pytest.mark.parametrize("interrupt", [False, True], ids=["interpreter-exit", "ctrl-c"])
 def test_interpreter_exit_and_ctrl_c_leave_no_worker(interrupt):
     before = shm_segments()
-    script = _EXIT_SCRIPT.format(stub_dir=os.path.dirname(__file__), interrupt=interrupt)
+    here = os.path.dirname(__file__)
+    script = _EXIT_SCRIPT.format(stub_dir=here, tests_dir=os.path.dirname(here),
+                                 interrupt=interrupt)
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -206,4 +204,4 @@ def test_interpreter_exit_and_ctrl_c_leave_no_worker(interrupt):
     assert not any(psutil.pid_exists(p) for p in pids)
     if interrupt:
         assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr.read()
-    assert shm_segments() <= before
+    assert not leaked_segments(before)
