@@ -13,6 +13,7 @@
 #include "bindings_collectives.hpp"
 #include "errors.hpp"
 #include "handoff.hpp"
+#include "py_wait.hpp"
 #include "ring.hpp"
 #include "sweep.hpp"
 
@@ -22,17 +23,6 @@ using namespace shardline;
 namespace {
 
 constexpr uint64_t kHoldGilBytes = 64 * 1024;
-constexpr double kMaxTimeoutSeconds = 1e9;
-
-Deadline deadline_from(std::optional<double> timeout) {
-    if (!timeout) return Deadline::never();
-    if (std::isnan(*timeout) || *timeout < 0) {
-        throw std::invalid_argument("timeout must be None or a number of seconds >= 0, got " +
-                                    std::to_string(*timeout));
-    }
-    if (*timeout >= kMaxTimeoutSeconds) return Deadline::never();
-    return Deadline::after_ns(static_cast<int64_t>(*timeout * 1e9));
-}
 
 // reader_pids as Ring::wait_attached takes them; it checks the values, this the types.
 std::vector<int64_t> pids_from(const py::object& reader_pids) {
@@ -79,11 +69,6 @@ private:
 };
 
 // Lets Ctrl-C (and any other pending signal handler's exception) end a long wait.
-void raise_pending_signals() {
-    py::gil_scoped_acquire gil;
-    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
-}
-
 // One side of a ring as seen from Python.
 class PyRing {
 public:

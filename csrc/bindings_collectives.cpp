@@ -12,29 +12,13 @@
 
 #include <pybind11/stl.h>
 
+#include "py_wait.hpp"
 #include "shm_collectives.hpp"
 
 namespace py = pybind11;
 
 namespace shardline {
 namespace {
-
-constexpr double kMaxTimeoutSeconds = 1e9;
-
-Deadline deadline_after(std::optional<double> timeout) {
-    if (!timeout) return Deadline::never();
-    if (std::isnan(*timeout) || *timeout < 0) {
-        throw std::invalid_argument("timeout must be None or a number of seconds >= 0, got " +
-                                    std::to_string(*timeout));
-    }
-    if (*timeout >= kMaxTimeoutSeconds) return Deadline::never();
-    return Deadline::after_ns(static_cast<int64_t>(*timeout * 1e9));
-}
-
-void raise_pending_signals() {
-    py::gil_scoped_acquire gil;
-    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
-}
 
 DType parse_dtype(const std::string& name) {
     std::optional<DType> dtype = dtype_from_name(name);
@@ -92,7 +76,7 @@ void bind_collectives(py::module_& m) {
         .def(
             "wait_attached",
             [](ShmCollectives& self, std::optional<double> timeout, std::optional<std::vector<int64_t>> pids) {
-                Deadline deadline = deadline_after(timeout);
+                Deadline deadline = deadline_from(timeout);
                 std::vector<int64_t> expected = pids.value_or(std::vector<int64_t>{});
                 py::gil_scoped_release release;
                 self.wait_attached(deadline, expected);
@@ -106,7 +90,7 @@ void bind_collectives(py::module_& m) {
                std::optional<double> timeout) {
                 DType type = parse_dtype(dtype);
                 void* ptr = address(data, count * dtype_size(type), "data");
-                Deadline deadline = deadline_after(timeout);
+                Deadline deadline = deadline_from(timeout);
                 py::gil_scoped_release release;
                 self.all_reduce(ptr, count, type, deadline);
             },
@@ -119,7 +103,7 @@ void bind_collectives(py::module_& m) {
                std::optional<uint64_t> inner, std::optional<double> timeout) {
                 const void* in = address(input, nbytes, "input");
                 void* out = address(output, nbytes * self.n_ranks(), "output");
-                Deadline deadline = deadline_after(timeout);
+                Deadline deadline = deadline_from(timeout);
                 uint64_t block = inner.value_or(nbytes);
                 py::gil_scoped_release release;
                 self.all_gather(in, out, nbytes, block, deadline);
