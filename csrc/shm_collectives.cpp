@@ -157,6 +157,9 @@ void ShmCollectives::wait(WaitLine& line, Ready ready, Check check, const char* 
         cpu_relax();
     }
     for (;;) {
+        // Ready first: a step whose every contribution was published completes even if a
+        // peer closed the group or died right after publishing.
+        if (ready()) return;
         require_usable(what);
         int64_t now = monotonic_ns();
         if (now >= next_liveness_check_ns_) {
