@@ -363,13 +363,29 @@ def test_unexpected_error_while_adding_fails_every_stream_instead_of_hanging(rng
             raise RuntimeError("scheduler bug")
         return real_add(request_id, *args, **kwargs)
     monkeypatch.setattr(engine, "add_request", add_request)
+    # After its first step the engine waits until "breaks" is queued, so "running" cannot
+    # finish first, however the threads are scheduled.
+    breaks_queued = threading.Event()
+    real_step = engine.step
+    steps = 0
+
+    def step():
+        nonlocal steps
+        steps += 1
+        if steps > 1:
+            assert breaks_queued.wait(TIMEOUT)
+        return real_step()
+    monkeypatch.setattr(engine, "step", step)
 
     async def main():
         running = llm.generate(random_prompt(rng), greedy(200), "running")
         await asyncio.wait_for(running.__anext__(), TIMEOUT)
+        breaking = asyncio.ensure_future(collect(llm.generate(random_prompt(rng), None,
+                                                              "breaks")))
+        await asyncio.sleep(0)  # the task runs up to its first wait, after queueing its add
+        breaks_queued.set()
         with pytest.raises(RuntimeError, match="scheduler bug"):
-            await asyncio.wait_for(collect(llm.generate(random_prompt(rng), None, "breaks")),
-                                   TIMEOUT)
+            await asyncio.wait_for(breaking, TIMEOUT)
         with pytest.raises(RuntimeError, match="scheduler bug"):
             await asyncio.wait_for(collect(running), TIMEOUT)
         with pytest.raises(RuntimeError, match="accepts no more requests"):

@@ -50,15 +50,31 @@ def test_greedy_batch_of_16_matches_each_prompt_alone(reference_llm, llm):
     assert_all_free(llm)
 
 
+def assert_greedy_close(expected, actual) -> None:
+    """Greedy outputs equal, except that a sequence may part ways where both runs had the
+    two tokens among the top logprobs they reported. MoE routing is discontinuous: the last-bit rounding
+    differences between a batch and a lone prompt can flip a near-tied expert choice and
+    with it the next token (seen about once in 10^4 prompts). A batching bug gives tokens
+    that the other run did not rank near the top."""
+    for i, (exp, act) in enumerate(zip(expected, actual, strict=True)):
+        exp, act = exp.outputs[0], act.outputs[0]
+        for pos, (e, a) in enumerate(zip(exp.token_ids, act.token_ids, strict=True)):
+            if e != a:
+                assert a in exp.logprobs[pos] and e in act.logprobs[pos], \
+                    f"prompt {i} parts at token {pos}: {list(exp.token_ids)} against " \
+                    f"{list(act.token_ids)}, beyond a near tie"
+                break
+
+
 @pytest.mark.parametrize("model", ["tiny-qwen2-moe", "tiny-mixtral"])
 def test_moe_greedy_batch_matches_each_prompt_alone(model):
     prompts = random_prompts(16, 2, 24)
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
     alone_llm = LLM(model, block_size=4, num_kv_blocks=256, enable_prefix_caching=False)
     alone = [alone_llm.generate([p], params)[0] for p in prompts]
     batched_llm = LLM(model, block_size=4, num_kv_blocks=256, max_num_batched_tokens=16,
                       max_num_seqs=16)
-    assert token_ids(batched_llm.generate(prompts, params)) == token_ids(alone)
+    assert_greedy_close(alone, batched_llm.generate(prompts, params))
     assert_all_free(batched_llm)
 
 
