@@ -66,3 +66,25 @@ def compile_for_h100():
             pytest.skip("triton has no CUDA backend here")
         assert done.returncode == 0, done.stderr[-4000:]
     return compile_kernels
+
+
+KERNEL_TESTS = os.path.join(os.path.dirname(__file__), "kernels")
+
+
+def runs_kernels_in_process(item: pytest.Item) -> bool:
+    """Whether a kernel test may run in this process: everywhere under the interpreter (a
+    CPU-only machine); on a CUDA machine only its CUDA cases, since a compiled kernel cannot
+    read CPU tensors. The rest run in tests/kernels/test_interpreted.py's subprocess."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("device") == "cuda"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip = pytest.mark.skip(reason="a CPU case of the Triton kernels: on a CUDA machine it "
+                            "runs under the interpreter in tests/kernels/test_interpreted.py")
+    for item in items:
+        if str(item.path).startswith(KERNEL_TESTS) and item.path.name != "test_interpreted.py" \
+                and not runs_kernels_in_process(item):
+            item.add_marker(skip)
