@@ -21,6 +21,8 @@ _DTYPES = {
     "half": torch.float16,
 }
 
+EXPERT_DISPATCH_PATHS = ("all_to_all", "all_gather")
+
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """Map a dtype name (or torch dtype) to one of the supported torch dtypes."""
@@ -144,6 +146,12 @@ class SchedulerConfig:
 class ParallelConfig:
     """The rank grid: world = DP x PP x SP x TP (TP innermost); EP reuses DP x SP x TP.
 
+    `enable_expert_parallel` gives each rank of the EP group whole experts of every MoE
+    layer instead of a TP slice of all of them; `expert_dispatch` is how tokens reach
+    their experts' ranks then: "all_to_all" (each rank sends its tokens only to the ranks
+    owning their chosen experts) or "all_gather" (every rank gathers every token and the
+    outputs are reduce-scattered back); see shardline.layers.expert_parallel.
+
     `pipeline_stage_layers` overrides the balanced split of layers over pipeline stages
     (one layer count per stage). `device` is "cpu", "cuda" or None (the SHARDLINE_DEVICE
     environment variable if set, else CUDA when present). `worker_cls` is the dotted path
@@ -155,6 +163,7 @@ class ParallelConfig:
     data_parallel_size: int = 1
     sequence_parallel_size: int = 1
     enable_expert_parallel: bool = False
+    expert_dispatch: str = "all_to_all"
     distributed_executor_backend: str | None = None
     pipeline_stage_layers: list[int] | None = None
     device: str | None = None
@@ -166,6 +175,8 @@ class ParallelConfig:
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                      name, value, "an integer >= 1")
+        _require(self.expert_dispatch in EXPERT_DISPATCH_PATHS, "expert_dispatch",
+                 self.expert_dispatch, f"one of {EXPERT_DISPATCH_PATHS}")
         _require(self.distributed_executor_backend in (None, "uni", "mp", "ray"),
                  "distributed_executor_backend", self.distributed_executor_backend,
                  "None (automatic), 'uni', 'mp' or 'ray'")

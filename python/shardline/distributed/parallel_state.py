@@ -79,6 +79,10 @@ class GroupCoordinate:
     def reduce_scatter(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         return self._comm("reduce_scatter").reduce_scatter(x, dim)
 
+    def exchange_splits(self, input_splits: Sequence[int]) -> list[int]:
+        """The rows each rank will send this one in an all-to-all (see Communicator)."""
+        return self._comm("exchange_splits").exchange_splits(input_splits)
+
     def all_to_all(self, x: torch.Tensor, input_splits: Sequence[int] | None = None,
                    output_splits: Sequence[int] | None = None) -> torch.Tensor:
         return self._comm("all_to_all").all_to_all(x, input_splits, output_splits)
@@ -130,6 +134,7 @@ class ParallelState:
     coordinates: Coordinates
     groups: dict[str, GroupCoordinate]
     node_ids: list[int] = field(default_factory=list)
+    expert_dispatch: str | None = None
 
     def comm_stats(self) -> dict[str, dict[str, dict[str, int]]]:
         """Bytes sent and calls per group and operation (see CommStats). Kinds that share
@@ -155,6 +160,7 @@ _dp = GroupCoordinate(name="dp")
 _sp = GroupCoordinate(name="sp")
 _ep = GroupCoordinate(name="ep")
 _world = GroupCoordinate(name="world")
+_expert_dispatch: str | None = None
 
 
 def get_tp_group() -> GroupCoordinate:
@@ -182,6 +188,13 @@ def get_world_group() -> GroupCoordinate:
     return _world
 
 
+def get_expert_dispatch() -> str | None:
+    """How MoE layers reach their experts when the layout enables expert parallelism over
+    more than one rank: "all_to_all" or "all_gather" (ParallelConfig.expert_dispatch);
+    None when each rank holds a TP slice of every expert instead."""
+    return _expert_dispatch
+
+
 def get_parallel_state() -> ParallelState | None:
     """What init_distributed built, or None outside a grid."""
     return _state
@@ -190,16 +203,18 @@ def get_parallel_state() -> ParallelState | None:
 def set_parallel_state(tp: GroupCoordinate, pp: GroupCoordinate, *,
                        dp: GroupCoordinate | None = None, sp: GroupCoordinate | None = None,
                        ep: GroupCoordinate | None = None,
-                       world: GroupCoordinate | None = None) -> None:
+                       world: GroupCoordinate | None = None,
+                       expert_dispatch: str | None = None) -> None:
     """Install this rank's coordinates directly (tests and tools; the worker uses
     init_distributed). Groups not given become one-rank groups."""
-    global _tp, _pp, _dp, _sp, _ep, _world
+    global _tp, _pp, _dp, _sp, _ep, _world, _expert_dispatch
     given = {"tp": tp, "pp": pp, "dp": dp, "sp": sp, "ep": ep, "world": world}
     for name, coord in given.items():
         if coord is not None and not 0 <= coord.rank < coord.size:
             raise ValueError(f"{name} rank={coord.rank} is invalid: must be in [0, {coord.size})")
     solo = {name: coord or GroupCoordinate(name=name) for name, coord in given.items()}
     _tp, _pp, _dp, _sp, _ep, _world = (solo[name] for name in given)
+    _expert_dispatch = expert_dispatch if _ep.size > 1 else None
 
 
 def _resolve_device(device: torch.device | str, rank: int) -> torch.device:
@@ -223,7 +238,8 @@ def init_distributed(layout: RankGrid | ParallelSizes, rank: int, init_method: s
     """Join the rank grid as `rank`; every rank of the world calls it with the same
     layout, init_method and device type, and blocks until all have.
 
-    layout: a RankGrid or a ParallelConfig (its four sizes). init_method: a
+    layout: a RankGrid or a ParallelConfig (its four sizes, and whether and how it
+    splits experts: enable_expert_parallel, expert_dispatch). init_method: a
     torch.distributed URL every rank reaches, e.g. "tcp://127.0.0.1:29500". device:
     "cpu", or "cuda" (this rank's GPU is rank % device_count) or "cuda:<index>".
     timeout: seconds any collective may wait. shm_collectives: use shared memory for
@@ -249,6 +265,8 @@ def init_distributed(layout: RankGrid | ParallelSizes, rank: int, init_method: s
     except BaseException:
         destroy_distributed()
         raise
+    if getattr(layout, "enable_expert_parallel", False):
+        state.expert_dispatch = layout.expert_dispatch
     _install(state)
     logger.debug("rank %d joined %s at %s: %s", rank, grid, state.coordinates, device)
     return state
@@ -306,7 +324,8 @@ def _install(state: ParallelState) -> None:
     global _state
     _state = state
     g = state.groups
-    set_parallel_state(g["tp"], g["pp"], dp=g["dp"], sp=g["sp"], ep=g["ep"], world=g["world"])
+    set_parallel_state(g["tp"], g["pp"], dp=g["dp"], sp=g["sp"], ep=g["ep"], world=g["world"],
+                       expert_dispatch=state.expert_dispatch)
 
 
 def destroy_distributed() -> None:

@@ -18,6 +18,12 @@ def num_kv_heads(config: dict) -> int:
     return config.get("num_key_value_heads") or config["num_attention_heads"]
 
 
+def num_experts(config: dict) -> int:
+    """Routed experts per MoE layer (Mixtral's num_local_experts, Qwen2-MoE's
+    num_experts); 0 for a dense model."""
+    return config.get("num_local_experts") or config.get("num_experts") or 0
+
+
 def rope_settings(config: dict) -> tuple[float, dict | None]:
     """(rope theta, scaling dict or None for plain RoPE)."""
     params = config.get("rope_parameters") or {}

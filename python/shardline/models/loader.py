@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shardline.models.hf_config import head_dim, max_positions, num_kv_heads
+from shardline.models.hf_config import head_dim, max_positions, num_experts, num_kv_heads
 from shardline.models.registry import get_model_class, resolve_architecture
 from shardline.models.safetensors_slices import SafetensorsFile, TensorSlice
 
@@ -27,7 +27,7 @@ class ModelInfo:
     """What the engine needs to know about a checkpoint without loading it.
 
     max_position_embeddings is the longest context served correctly (see
-    hf_config.max_positions)."""
+    hf_config.max_positions); num_experts is 0 for a dense model."""
 
     architecture: str
     vocab_size: int
@@ -39,6 +39,7 @@ class ModelInfo:
     num_key_value_heads: int
     head_dim: int
     hidden_size: int
+    num_experts: int = 0
 
 
 def _read_json(path: str) -> dict:
@@ -81,6 +82,7 @@ def read_model_info(model_dir: str) -> ModelInfo:
         num_key_value_heads=num_kv_heads(config),
         head_dim=head_dim(config),
         hidden_size=config["hidden_size"],
+        num_experts=num_experts(config),
     )
 
 

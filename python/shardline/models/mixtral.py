@@ -4,6 +4,9 @@ Both replace the MLP with top-k routed experts. Mixtral renormalizes the chosen 
 weights; Qwen2-MoE does so only with `norm_topk_prob`, and adds a shared expert scaled by
 a sigmoid gate. Qwen2-MoE keeps a dense MLP in `mlp_only_layers` and off the
 `decoder_sparse_step` grid.
+
+Under expert parallelism each rank loads only the experts it owns (see layers.moe);
+attention, the router and Qwen2-MoE's shared expert and dense layers stay as under TP.
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ from shardline.models.llama import CausalLM, DecoderLayer, LlamaMLP
 
 
 class SparseMoeBlock(nn.Module):
-    """Router + stacked experts, optionally with a sigmoid-gated shared expert."""
+    """Router + stacked experts, optionally with a sigmoid-gated shared expert.
+
+    The shared expert sees every token, so expert parallelism does not move tokens for
+    it: it stays TP-split (a LlamaMLP: column-parallel gate/up, row-parallel down with
+    its all-reduce) whether or not the routed experts are expert-parallel. The router is
+    replicated on every rank.
+    """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
                  renormalize: bool, shared_intermediate_size: int, dtype: torch.dtype):
@@ -43,16 +52,17 @@ class MoECausalLM(CausalLM):
     expert_names = ("gate_proj", "up_proj", "down_proj")
 
     def expert_sources(self, name: str) -> list[list[tuple[str, object, int | None]]]:
+        """The experts this rank holds, per expert or in the fused tensors."""
         if not name.endswith((".experts.w13", ".experts.w2")):
             return []
         base, _, leaf = name.rpartition(".")
-        count = self.config.get("num_local_experts") or self.config["num_experts"]
+        experts = self.get_submodule(base).local_experts
         gate, up, down = self.expert_names
         if leaf == "w13":
             per_expert = [(f"{base}.{e}.{proj}.weight", shard, e)
-                          for e in range(count) for proj, shard in ((gate, "gate"), (up, "up"))]
+                          for e in experts for proj, shard in ((gate, "gate"), (up, "up"))]
             return [per_expert, [(f"{base}.gate_up_proj", "gate_up", None)]]
-        per_expert = [(f"{base}.{e}.{down}.weight", "down", e) for e in range(count)]
+        per_expert = [(f"{base}.{e}.{down}.weight", "down", e) for e in experts]
         return [per_expert, [(f"{base}.down_proj", "down_all", None)]]
 
 

@@ -1,4 +1,5 @@
-"""How a model is cut over the rank grid: layers over pipeline stages, heads over TP ranks.
+"""How a model is cut over the rank grid: layers over pipeline stages, heads over TP ranks,
+experts over the EP group.
 
 `check_partition` runs in the engine's process before any worker starts, so a layout the
 model cannot take fails at once, with the value, the rule and what would work.
@@ -7,6 +8,7 @@ model cannot take fails at once, with the value, the rule and what would work.
 from __future__ import annotations
 
 from shardline.config import ParallelConfig
+from shardline.distributed.grid import RankGrid
 from shardline.models.loader import ModelInfo
 
 
@@ -44,8 +46,9 @@ def check_partition(parallel: ParallelConfig, info: ModelInfo,
     """Raise ValueError if `info`'s model cannot be split as `parallel` asks.
 
     KV heads are replicated when TP exceeds them (each rank then holds one), which needs
-    TP to be a multiple of the KV-head count. `cuda_devices` is the number of GPUs when
-    the ranks run on CUDA (None on CPU).
+    TP to be a multiple of the KV-head count. With enable_expert_parallel the model must
+    have experts, as many on every EP rank (check_expert_partition). `cuda_devices` is
+    the number of GPUs when the ranks run on CUDA (None on CPU).
     """
     tp = parallel.tensor_parallel_size
     heads, kv_heads = info.num_attention_heads, info.num_key_value_heads
@@ -59,6 +62,8 @@ def check_partition(parallel: ParallelConfig, info: ModelInfo,
                          f"is then replicated on {tp}/{kv_heads} ranks): use one of {usable}")
     stage_layer_counts(info.num_hidden_layers, parallel.pipeline_parallel_size,
                        parallel.pipeline_stage_layers)
+    if parallel.enable_expert_parallel:
+        check_expert_partition(parallel, info)
     if cuda_devices is not None and parallel.world_size > cuda_devices:
         raise ValueError(f"the layout needs {parallel.world_size} ranks (tensor_parallel_size="
                          f"{tp} x pipeline_parallel_size={parallel.pipeline_parallel_size} x "
@@ -66,3 +71,20 @@ def check_partition(parallel: ParallelConfig, info: ModelInfo,
                          f"sequence_parallel_size={parallel.sequence_parallel_size}) but this "
                          f"machine has {cuda_devices} GPUs: use at most {cuda_devices} ranks, "
                          "or device='cpu'")
+
+
+def check_expert_partition(parallel: ParallelConfig, info: ModelInfo) -> None:
+    """Expert parallelism needs experts, and an EP group (DP x SP x TP ranks of a pipeline
+    stage) that divides them, so that every rank owns the same number."""
+    ep = RankGrid.from_sizes(parallel).size("ep")
+    if not info.num_experts:
+        raise ValueError(f"enable_expert_parallel=True, but {info.architecture} is a dense "
+                         "model with no experts to split: set enable_expert_parallel=False")
+    if info.num_experts % ep:
+        raise ValueError(f"enable_expert_parallel=True splits the model's {info.num_experts} "
+                         f"experts over an EP group of {ep} ranks (data_parallel_size="
+                         f"{parallel.data_parallel_size} x sequence_parallel_size="
+                         f"{parallel.sequence_parallel_size} x tensor_parallel_size="
+                         f"{parallel.tensor_parallel_size}), which does not divide them: use "
+                         f"an EP size in {_divisors(info.num_experts)}, or set "
+                         "enable_expert_parallel=False")

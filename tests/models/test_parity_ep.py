@@ -1,0 +1,115 @@
+"""Expert-parallel layouts against one rank and against transformers, through the
+multi-process executor (gloo, fp32, CPU): greedy tokens identical to the one-rank run,
+prompt logits within 1e-4 relative of the reference. Invalid EP layouts are refused
+before any worker starts.
+
+With DP = SP = 1 the EP group is the TP group, so EPn is TPn with enable_expert_parallel:
+attention TP-split, each rank owning 1/n of the experts whole. Each layout runs one of
+the two dispatch paths; together they cover both on both models and at both sizes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+import torch
+from test_parity_parallel import BLOCK_SIZE, NUM_BLOCKS, ExecutorWorker, _prompts
+
+from shardline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from shardline.executor.base import check_layout
+from shardline.executor.multiproc import MultiProcExecutor
+from shardline.models.loader import read_config
+from shardline.presets import build_variant, resolve_model
+from shardline.sampling_params import SamplingParams
+from shardline.worker.worker import Worker
+from worker_driver import WorkerDriver, make_worker
+
+# id: (preset, config overrides, TP (= EP), PP, dispatch path)
+LAYOUTS = {
+    "mixtral-ep2-all_to_all": ("tiny-mixtral", {}, 2, 1, "all_to_all"),
+    "mixtral-ep4-8experts-all_gather": ("tiny-mixtral", {"num_local_experts": 8}, 4, 1,
+                                        "all_gather"),
+    "qwen2-moe-ep2-all_gather": ("tiny-qwen2-moe", {}, 2, 1, "all_gather"),
+    "qwen2-moe-ep4-all_to_all": ("tiny-qwen2-moe", {}, 4, 1, "all_to_all"),
+    "mixtral-ep2xpp2-all_to_all": ("tiny-mixtral", {"num_local_experts": 8}, 2, 2,
+                                   "all_to_all"),
+}
+
+
+class ExpertShapesWorker(Worker):
+    """The model worker, which also reports the shapes of the expert weights it holds."""
+
+    def expert_shapes(self) -> dict[str, list[int]]:
+        return {name: list(p.shape) for name, p in self.model_runner.model.named_parameters()
+                if ".experts." in name}
+
+
+def _engine_config(model: str, **parallel: object) -> EngineConfig:
+    return EngineConfig(ModelConfig(model, dtype="float32"),
+                        CacheConfig(block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS),
+                        SchedulerConfig(), ParallelConfig(device="cpu", **parallel))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_ep_layout_matches_one_rank_and_transformers(layout, hf_model, fresh_seed):
+    preset, overrides, tp, pp, dispatch = LAYOUTS[layout]
+    model = build_variant(preset, **overrides) if overrides else resolve_model(preset)
+    config = _engine_config(model, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                            enable_expert_parallel=True, expert_dispatch=dispatch,
+                            worker_cls="test_parity_ep.ExpertShapesWorker")
+    prompts = _prompts(4, (3, 40))
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    expected, _ = WorkerDriver(make_worker(model, block_size=BLOCK_SIZE)).generate(
+        prompts, params, token_budget=48)
+    executor = MultiProcExecutor(config)
+    try:
+        driver = WorkerDriver(ExecutorWorker(executor))
+        tokens, _ = driver.generate(prompts, params, token_budget=48)
+        assert tokens == expected
+        _check_expert_layout(executor, read_config(model), tp, dispatch)
+        hf = hf_model(model)
+        for prompt, logits in zip(prompts, driver.prompt_logits(prompts)):
+            with torch.no_grad():
+                ref = hf(torch.tensor([prompt])).logits[0]
+            rel = (logits - ref).abs().max() / ref.abs().max()
+            assert rel < 1e-4, f"{layout}: relative error {rel:.2e}"
+    finally:
+        executor.shutdown()
+
+
+def _check_expert_layout(executor: MultiProcExecutor, hf: dict, ep: int, dispatch: str) -> None:
+    """Every rank holds 1/ep of the experts, whole; the all-to-all path moved tokens."""
+    experts = hf.get("num_local_experts") or hf["num_experts"]
+    inter = hf.get("moe_intermediate_size") or hf["intermediate_size"]
+    for rank, shapes in enumerate(executor.collective_rpc("expert_shapes")):
+        assert shapes, f"rank {rank} holds no experts"
+        for name, shape in shapes.items():
+            whole = [2 * inter, hf["hidden_size"]] if name.endswith("w13") else \
+                [hf["hidden_size"], inter]
+            assert shape == [experts // ep, *whole], f"rank {rank} {name}: {shape}"
+    for rank, stats in enumerate(executor.collective_rpc("comm_stats")):
+        moved = sum(group["bytes_sent"].get("all_to_all", 0) for kinds, group in stats.items()
+                    if "ep" in kinds.split("+"))
+        assert (moved > 0) == (dispatch == "all_to_all"), f"rank {rank}: {stats}"
+
+
+@pytest.mark.parametrize("preset, overrides, parallel, message", [
+    ("tiny-llama", {}, dict(tensor_parallel_size=2),
+     "dense model with no experts to split: set enable_expert_parallel=False"),
+    ("tiny-mixtral", {"num_local_experts": 6}, dict(tensor_parallel_size=4),
+     r"6 experts over an EP group of 4 ranks .* use an EP size in \[1, 2, 3, 6\]"),
+])
+def test_invalid_ep_layout_refused_before_spawning(preset, overrides, parallel, message,
+                                                   monkeypatch):
+    model = build_variant(preset, **overrides) if overrides else resolve_model(preset)
+    config = _engine_config(model, enable_expert_parallel=True, **parallel)
+
+    def refuse(process):
+        raise AssertionError(f"process {process.name} was started for an invalid layout")
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+    with pytest.raises(ValueError, match=message):
+        check_layout(config)
+    with pytest.raises(ValueError, match=message):
+        MultiProcExecutor(config)
