@@ -12,12 +12,15 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
+from shardline.distributed.parallel_state import get_sp_group
 from shardline.layers.attention import Attention, AttentionMetadata
 from shardline.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardline.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                      RowParallelLinear)
 from shardline.layers.norm import RMSNorm
 from shardline.layers.rotary import RotaryEmbedding
+from shardline.layers.sequence_parallel import (gather_tokens, split_tokens,
+                                                ulysses_attention)
 from shardline.models.hf_config import check_activation, head_dim, num_kv_heads, rope_settings
 
 WeightSources = dict[str, list[list[tuple[str, object, int | None]]]]
@@ -37,8 +40,11 @@ class LlamaAttention(nn.Module):
         self.head_dim = dim
         self.q_size = self.qkv_proj.num_heads * dim
         self.kv_size = self.qkv_proj.num_kv_heads * dim
-        self.attn = Attention(self.qkv_proj.num_heads, dim, self.qkv_proj.num_kv_heads,
-                              dim ** -0.5)
+        # Under sequence parallelism attention runs on 1/SP of this rank's heads (a KV head
+        # fewer than SP ranks share is kept whole by each of them).
+        self.sp = get_sp_group().size
+        self.attn = Attention(self.qkv_proj.num_heads // self.sp, dim,
+                              max(1, self.qkv_proj.num_kv_heads // self.sp), dim ** -0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -47,6 +53,8 @@ class LlamaAttention(nn.Module):
         k = k.reshape(k.shape[0], -1, self.head_dim)
         q, k = self.rotary_emb(positions, q, k)
         v = v.reshape(v.shape[0], -1, self.head_dim)
+        if self.sp > 1:
+            return self.o_proj(ulysses_attention(self.attn, q, k, v, meta))
         return self.o_proj(self.attn(q, k, v, meta))
 
 
@@ -139,9 +147,14 @@ class CausalLM(nn.Module):
 
         A stage after the first starts from the previous stage's `intermediate`; a stage
         before the last returns its own IntermediateTensors instead of hidden states.
+        Under sequence parallelism the layers see only this rank's share of the tokens
+        (and so do the IntermediateTensors); the last stage returns all of them on SP rank
+        0 and None on the other SP ranks.
         """
+        num_tokens = positions.shape[0]
+        positions = split_tokens(positions)
         if self.is_first_stage:
-            hidden, residual = self.model.embed_tokens(input_ids), None
+            hidden, residual = self.model.embed_tokens(split_tokens(input_ids)), None
         else:
             hidden, residual = intermediate
         for i in self.layer_range:
@@ -149,7 +162,7 @@ class CausalLM(nn.Module):
         if not self.is_last_stage:
             return IntermediateTensors(hidden, residual)
         hidden, _ = self.model.norm(hidden, residual)
-        return hidden
+        return gather_tokens(hidden, num_tokens)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
