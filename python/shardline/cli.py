@@ -1,8 +1,9 @@
-"""`shardline` command line: demo, generate and bench.
+"""`shardline` command line: demo, generate, bench and plan.
 
     shardline demo                 build the default preset, generate, print outputs and speed
     shardline generate -m MODEL -p "prompt" [--temperature ...]
     shardline bench -m MODEL --num-prompts 64
+    shardline plan -m MODEL --nodes 2 --gpu h100   rank parallel layouts for a cluster
 
 MODEL is a local Hugging Face checkpoint directory or a built-in preset; nothing is
 downloaded. Errors print one line and exit non-zero (2 for bad input, 1 otherwise).
@@ -182,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0,
                        help="seed of the synthetic workload (default: %(default)s)")
     bench.set_defaults(func=cmd_bench)
+
+    from shardline.planner.command import add_plan_command
+
+    add_plan_command(sub)
     return parser
 
 

@@ -1,0 +1,134 @@
+"""The cluster the planner places ranks on: nodes of identical devices, two kinds of link.
+
+Device constants are stated defaults per GPU kind (datasheet peaks scaled by an achieved
+fraction) or come from a measured profile (`shardline plan --profile`). Bandwidths are
+per device and per direction: NVLink's 900 GB/s per H100/H200 is both directions
+together, 450 GB/s each way; InfiniBand's 400 Gb/s per GPU is 50 GB/s each way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Link:
+    """One hop of the alpha-beta model: a fixed latency and a per-direction bandwidth."""
+
+    latency_s: float
+    bandwidth: float  # bytes/s per direction, per device
+    name: str = "link"
+
+    def __post_init__(self) -> None:
+        if not self.latency_s >= 0:
+            raise ValueError(f"link latency={self.latency_s!r} s is invalid: must be >= 0")
+        if not self.bandwidth > 0:
+            raise ValueError(f"link bandwidth={self.bandwidth!r} B/s is invalid: must be > 0")
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """What one device does per second, and the fixed cost of each kernel it runs.
+
+    `flops` and `memory_bandwidth` are achieved rates (not peaks). `shared_by_ranks` is
+    True for CPU "devices": the ranks of a node split the node's cores and memory
+    bandwidth, so a rank gets 1/ranks of `flops` and of `memory_bandwidth`.
+    """
+
+    name: str
+    memory_bytes: float
+    flops: float
+    memory_bandwidth: float
+    op_overhead_s: float
+    shared_by_ranks: bool = False
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """`nodes` nodes of `devices_per_node` devices each."""
+
+    nodes: int
+    devices_per_node: int
+    device: DeviceSpec
+    intranode: Link
+    internode: Link
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "devices_per_node"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid: must be an integer >= 1")
+        if not self.device.memory_bytes > 0:
+            raise ValueError(f"device memory={self.device.memory_bytes!r} bytes is invalid: "
+                             "must be > 0")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.devices_per_node
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.devices_per_node
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_MFU, _MBU = 0.6, 0.8  # achieved fractions of peak matmul rate and memory bandwidth
+GPU_DEFAULTS: dict[str, dict] = {
+    "h100": dict(memory_gb=80, peak_tflops=989, hbm_tbs=3.35, nvlink_gbs=450, ib_gbs=50),
+    "h200": dict(memory_gb=141, peak_tflops=989, hbm_tbs=4.8, nvlink_gbs=450, ib_gbs=50),
+    "a100": dict(memory_gb=80, peak_tflops=312, hbm_tbs=2.0, nvlink_gbs=300, ib_gbs=25),
+}
+"""Dense bf16 peaks from the datasheets; NVLink and InfiniBand per GPU and direction."""
+INTRANODE_LATENCY_S = 3e-6
+INTERNODE_LATENCY_S = 10e-6
+KERNEL_OVERHEAD_S = 4e-6
+
+
+def gpu_cluster(gpu: str, nodes: int, devices_per_node: int) -> ClusterSpec:
+    """A cluster of `gpu` devices with the stated defaults."""
+    if gpu not in GPU_DEFAULTS:
+        raise ValueError(f"gpu={gpu!r} is not known: use one of {', '.join(GPU_DEFAULTS)} "
+                         "or a profile file")
+    d = GPU_DEFAULTS[gpu]
+    device = DeviceSpec(name=gpu.upper(), memory_bytes=d["memory_gb"] * GB,
+                        flops=d["peak_tflops"] * 1e12 * _MFU,
+                        memory_bandwidth=d["hbm_tbs"] * 1e12 * _MBU,
+                        op_overhead_s=KERNEL_OVERHEAD_S)
+    return ClusterSpec(nodes=nodes, devices_per_node=devices_per_node, device=device,
+                       intranode=Link(INTRANODE_LATENCY_S, d["nvlink_gbs"] * GB, "NVLink"),
+                       internode=Link(INTERNODE_LATENCY_S, d["ib_gbs"] * GB, "InfiniBand"))
+
+
+def profile_cluster(path: str, nodes: int, devices_per_node: int | None) -> ClusterSpec:
+    """A cluster of the device and links measured in a profile file (profile.py); the
+    internode link, never measured on one machine, is the profile's intranode one unless
+    the file states one. `devices_per_node` defaults to the profile's own."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        device = DeviceSpec(**data["device"])
+        intranode = Link(**data["intranode"])
+        internode = Link(**data.get("internode", data["intranode"]))
+        per_node = devices_per_node or int(data["devices_per_node"])
+    except FileNotFoundError:
+        raise ValueError(f"profile file {path!r} does not exist: write one with "
+                         "`shardline plan --profile --profile-file PATH`") from None
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"profile file {path!r} is not a shardline profile "
+                         f"({type(exc).__name__}: {exc})") from None
+    return ClusterSpec(nodes=nodes, devices_per_node=per_node, device=device,
+                       intranode=intranode, internode=internode)
+
+
+def with_overrides(cluster: ClusterSpec, *, memory_bytes: float | None = None,
+                   intranode: Link | None = None, internode: Link | None = None
+                   ) -> ClusterSpec:
+    """The cluster with some stated values replaced."""
+    device = cluster.device if memory_bytes is None else replace(cluster.device,
+                                                                 memory_bytes=memory_bytes)
+    return replace(cluster, device=device, intranode=intranode or cluster.intranode,
+                   internode=internode or cluster.internode)

@@ -1,0 +1,139 @@
+"""`shardline plan --profile`: this machine's constants for the cost model, measured.
+
+A CPU rank's device: the matmul rate of torch at small-model shapes, the copy bandwidth
+of memory and the host time of one small layer call (the per-kernel overhead), all with
+every core, since the ranks of a node share them (DeviceSpec.shared_by_ranks). The
+links: two ranks all-reduce 4 KiB and 1 MiB tensors through the shared-memory
+collectives (the intranode link) and through gloo (what ranks on different machines
+use: the internode link); alpha and beta come from the two sizes. Each number is the
+median of several runs.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import queue
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+from shardline.planner.cluster import DeviceSpec, Link
+
+SIZES = (4096, 1 << 20)
+REPEATS = 5
+TIMEOUT_S = 120.0
+
+
+def _median_time(call: Callable[[], object], iters: int, repeats: int = REPEATS) -> float:
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(iters):
+            call()
+        times.append((time.perf_counter() - start) / iters)
+    return statistics.median(times)
+
+
+def measure_device() -> DeviceSpec:
+    """Matmul rate, memory bandwidth and per-call overhead of this machine's CPU."""
+    import torch
+
+    shapes = [(16, 512, 1536), (256, 512, 1536), (1024, 1024, 1024)]
+    rates = []
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        seconds = _median_time(lambda: a @ b, iters=max(3, int(2e8 / (m * k * n))))
+        rates.append(2 * m * k * n / seconds)
+    src = torch.randn(16 << 20)
+    dst = torch.empty_like(src)
+    copy_s = _median_time(lambda: dst.copy_(src), iters=5)
+    layer = torch.nn.Linear(8, 8)
+    x = torch.randn(1, 8)
+    with torch.inference_mode():
+        overhead = _median_time(lambda: layer(x), iters=2000)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return DeviceSpec(name="CPU", memory_bytes=float(memory), flops=statistics.median(rates),
+                      memory_bandwidth=2 * src.numel() * 4 / copy_s,
+                      op_overhead_s=overhead, shared_by_ranks=True)
+
+
+def _rank_main(rank: int, init_method: str, results: multiprocessing.Queue) -> None:
+    try:
+        import torch
+
+        from shardline.distributed import parallel_state as ps
+        from shardline.distributed.grid import RankGrid
+
+        torch.set_num_threads(1)
+        ps.init_distributed(RankGrid(tp=2), rank, init_method, "cpu", timeout=TIMEOUT_S)
+        comm = ps.get_tp_group().comm
+        segment = comm.shm
+        times = {}
+        for backend in ("shm", "gloo"):
+            comm.shm = segment if backend == "shm" else None
+            for nbytes in SIZES:
+                x = torch.randn(nbytes // 4)
+                comm.barrier()
+                times[f"{backend}/{nbytes}"] = _median_time(lambda: comm.all_reduce(x),
+                                                            iters=20)
+        comm.shm = segment
+        if rank == 0:
+            results.put(("ok", times))
+    except BaseException as exc:
+        results.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
+    finally:
+        if "ps" in locals():
+            ps.destroy_distributed()
+
+
+def _fit_two_rank_all_reduce(t_small: float, t_large: float, name: str) -> Link:
+    """alpha and beta of a link from two all-reduce times at 2 ranks (ring: 2 alpha +
+    B / beta)."""
+    small, large = SIZES
+    beta = (large - small) / max(t_large - t_small, 1e-9)
+    alpha = max(0.0, (t_small - small / beta) / 2)
+    return Link(latency_s=alpha, bandwidth=beta, name=name)
+
+
+def measure_links() -> tuple[Link, Link]:
+    """(shared-memory link, gloo link) between two ranks of this machine."""
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_rank_main, args=(r, f"file://{tmp}/store", results),
+                             daemon=True) for r in range(2)]
+        for p in procs:
+            p.start()
+        try:
+            status, payload = results.get(timeout=TIMEOUT_S)
+        except queue.Empty:
+            status, payload = "error", f"no result within {TIMEOUT_S:g} s"
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+    if status != "ok":
+        raise RuntimeError(f"measuring the collectives failed: {payload}")
+    small, large = SIZES
+    return tuple(_fit_two_rank_all_reduce(payload[f"{b}/{small}"], payload[f"{b}/{large}"],
+                                          name)
+                 for b, name in (("shm", "shared memory"), ("gloo", "gloo")))
+
+
+def write_profile(path: str) -> dict:
+    """Measure and write the profile file; returns what it wrote."""
+    device = measure_device()
+    shm, gloo = measure_links()
+    data = {"device": device.__dict__, "intranode": shm.__dict__, "internode": gloo.__dict__,
+            "devices_per_node": os.cpu_count() or 1,
+            "measured": {"host": os.uname().nodename, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                         "load_average": os.getloadavg()}}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+    return data

@@ -1,0 +1,122 @@
+"""The cost model's formulas against hand-computed cases."""
+
+import math
+
+import pytest
+
+from shardline.planner.cluster import ClusterSpec, DeviceSpec, Link, gpu_cluster
+from shardline.planner.collectives import collective_cost, ring_all_reduce
+from shardline.planner.cost import Layout, Workload, _routed_peers, memory, step_cost
+from shardline.planner.model_spec import ModelSpec, load_spec
+
+MODEL = ModelSpec(name="hand", num_layers=4, hidden=64, heads=4, kv_heads=2, head_dim=16,
+                  intermediate=128, vocab=100, dtype_bytes=2)
+INTRA = Link(2e-6, 100e9, "fast")
+INTER = Link(20e-6, 10e9, "slow")
+
+
+def cluster(nodes: int, per_node: int, memory_bytes: float = 1e9) -> ClusterSpec:
+    device = DeviceSpec("test", memory_bytes, flops=1e12, memory_bandwidth=1e11,
+                        op_overhead_s=0.0)
+    return ClusterSpec(nodes, per_node, device, INTRA, INTER)
+
+
+def test_weights_and_kv_per_device_by_hand():
+    workload = Workload(batch=1, prompt_len=8, output_len=8, max_num_batched_tokens=16,
+                        gpu_memory_utilization=1.0)
+    # TP2 x PP2: per layer q+o 2*64*32, k+v 2*64*16 (one KV head), norms 2*64, MLP
+    # 3*64*128/2; two layers and half the embedding (or LM head) per stage.
+    per_layer = 2 * 64 * 32 + 2 * 64 * 16 + 2 * 64 + 3 * 64 * 128 // 2
+    mem = memory(MODEL, Layout(tp=2, pp=2), cluster(1, 4), workload)
+    assert mem.weights_bytes == (2 * per_layer + 100 * 64 // 2) * 2
+    assert mem.kv_bytes_per_token == 2 * 2 * 1 * 16 * 2
+    # TP4 exceeds the 2 KV heads: each rank keeps one, replicated.
+    per_layer = 2 * 64 * 16 + 2 * 64 * 16 + 2 * 64 + 3 * 64 * 128 // 4
+    mem = memory(MODEL, Layout(tp=4), cluster(1, 4), workload)
+    assert mem.weights_bytes == (4 * per_layer + 2 * 100 * 64 // 4) * 2
+    assert mem.kv_bytes_per_token == 2 * 4 * 1 * 16 * 2
+    free = 1e9 - mem.weights_bytes - mem.activation_bytes
+    assert mem.kv_capacity_tokens == int(free // mem.kv_bytes_per_token)
+
+
+def test_tied_embeddings_are_held_once_without_pipeline_stages():
+    workload = Workload(batch=1, prompt_len=8, output_len=8)
+    tied = load_spec("tiny-llama3")
+    untied = load_spec("tiny-llama")
+    assert tied.tie_embeddings and not untied.tie_embeddings
+    gap = (memory(untied, Layout(), cluster(1, 1), workload).weights_bytes
+           - memory(tied, Layout(), cluster(1, 1), workload).weights_bytes)
+    assert gap == 320 * 128 * 4
+    assert tied.total_params() == untied.total_params() - 320 * 128
+
+
+def test_tp_step_traffic_by_hand():
+    step = step_cost(MODEL, Layout(tp=2), cluster(1, 2), sequences=8, tokens_per_seq=1,
+                     context=16, sampled=8)
+    # 2 all-reduces per layer and one after the embedding, of 8 rows of 64 bf16; the
+    # logits gather sends this rank's 8 x 50 fp32 half to the other rank.
+    reduce_bytes, gather_bytes = 8 * 64 * 2, 8 * 50 * 4
+    assert step.comm.intranode_bytes == 9 * reduce_bytes + gather_bytes
+    assert step.comm.internode_bytes == 0
+    expected = 9 * (2 * INTRA.latency_s + reduce_bytes / INTRA.bandwidth) + (
+        INTRA.latency_s + gather_bytes / INTRA.bandwidth)
+    assert step.comm.time_s == pytest.approx(expected)
+
+
+def test_pipeline_send_across_nodes_is_internode():
+    step = step_cost(MODEL, Layout(pp=2), cluster(2, 1), sequences=8, tokens_per_seq=1,
+                     context=16, sampled=8)
+    sent = 2 * 8 * 64 * 2  # hidden state and residual
+    assert (step.comm.intranode_bytes, step.comm.internode_bytes) == (0, sent)
+    assert step.comm.time_s == pytest.approx(INTER.latency_s + sent / INTER.bandwidth)
+    inside = step_cost(MODEL, Layout(pp=2), cluster(1, 2), 8, 1, 16, 8)
+    assert (inside.comm.intranode_bytes, inside.comm.internode_bytes) == (sent, 0)
+
+
+def test_collective_formulas(fresh_seed):
+    import random
+
+    rng = random.Random(fresh_seed)
+    nbytes = rng.randrange(1, 1 << 24)
+    c = cluster(2, 2)
+    assert ring_all_reduce(4, nbytes, INTRA) == pytest.approx(
+        6 * INTRA.latency_s + 1.5 * nbytes / INTRA.bandwidth)
+    inside = collective_cost("all_reduce", [0, 1], nbytes, c)
+    assert inside.time_s == pytest.approx(2 * INTRA.latency_s + nbytes / INTRA.bandwidth)
+    gather = collective_cost("all_gather", [0, 1, 2, 3], nbytes, c)
+    assert gather.time_s == pytest.approx(3 * (INTER.latency_s + nbytes / INTER.bandwidth))
+    assert gather.intranode_bytes + gather.internode_bytes == pytest.approx(3 * nbytes)
+    scatter = collective_cost("reduce_scatter", [0, 1], nbytes, c)
+    assert scatter.time_s == pytest.approx(INTRA.latency_s + nbytes / 2 / INTRA.bandwidth)
+    # rank 0 of [0, 1, 2, 3] on two nodes: one peer beside it, two across.
+    a2a = collective_cost("all_to_all", [0, 1, 2, 3], 3 * nbytes, c)
+    assert a2a.intranode_bytes == pytest.approx(nbytes)
+    assert a2a.internode_bytes == pytest.approx(2 * nbytes)
+    assert a2a.time_s == pytest.approx(3 * INTER.latency_s + 2 * nbytes / INTER.bandwidth)
+    with pytest.raises(ValueError, match="broadcast"):
+        collective_cost("broadcast", [0, 1], nbytes, c)
+
+
+def test_tree_all_reduce_wins_for_small_messages_on_many_ranks():
+    c = cluster(1, 64)
+    small = collective_cost("all_reduce", list(range(64)), 64, c)
+    assert small.time_s == pytest.approx(2 * 6 * INTRA.latency_s + 2 * 64 / INTRA.bandwidth)
+    large = collective_cost("all_reduce", list(range(64)), 1 << 30, c)
+    assert large.time_s == pytest.approx(ring_all_reduce(64, 1 << 30, INTRA))
+
+
+@pytest.mark.parametrize("ranks,experts,chosen,peers", [(8, 8, 2, 1.75), (2, 4, 2, 5 / 6),
+                                                        (4, 4, 2, 1.5)])
+def test_routed_peers_match_the_expert_parallel_notes(ranks, experts, chosen, peers):
+    assert _routed_peers(ranks, experts, chosen) == pytest.approx(peers)
+
+
+def test_decode_of_a_large_model_is_memory_bound_and_prefill_compute_bound():
+    model = load_spec("llama-3-70b")
+    c = gpu_cluster("h100", 1, 8)
+    decode = step_cost(model, Layout(tp=8), c, 16, 1, 1024, 16)
+    prefill = step_cost(model, Layout(tp=8), c, 2, 1024, 0, 2)
+    assert decode.memory_bound and not prefill.memory_bound
+    weights = memory(model, Layout(tp=8), c, Workload(1, 8, 8)).weights_bytes
+    assert decode.compute_s >= weights / c.device.memory_bandwidth
+    assert math.isclose(model.total_params() / 1e9, 70.55, abs_tol=0.01)

@@ -1,0 +1,107 @@
+"""`shardline plan`: a table or JSON on stdout; bad values exit 2 with one line."""
+
+import json
+
+import pytest
+
+from shardline.cli import main
+from shardline.planner import command, profile
+from shardline.planner.cluster import DeviceSpec, Link
+
+
+def test_table_lists_layouts_and_explains_the_pick(capsys):
+    assert main(["plan", "-m", "llama-3-70b", "--nodes", "2", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "2 node(s) x 8 H100" in out and "NVLink 450 GB/s" in out
+    rows = [line for line in out.splitlines() if line[:3].strip().isdigit()]
+    assert len(rows) == 3
+    assert "more valid layouts" in out
+    pick = out.splitlines()[-1]
+    assert pick.startswith("pick: ") and rows[0].split()[1] in pick
+
+
+def test_json_output(capsys):
+    assert main(["plan", "-m", "small-llama", "--gpus-per-node", "4", "--batch", "16",
+                 "--prompt-len", "64", "--output-len", "32", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["pick"] == data["layouts"][0]["layout"]
+    tps = [x["throughput_tokens_per_s"] for x in data["layouts"]]
+    assert tps == sorted(tps, reverse=True)
+    names = {x["layout"] for x in data["layouts"]}
+    assert "TP4" in names and "TP8" not in names
+    assert {r["layout"] for r in data["rejected"]}.isdisjoint(names)
+    first = data["layouts"][0]
+    assert {"intranode_bytes", "internode_bytes", "intranode_time_s", "internode_time_s"} <= set(
+        first["decode_step"])
+    assert first["memory_per_device"]["kv_capacity_tokens"] > 0
+
+
+def test_overrides_reach_the_cluster(capsys):
+    assert main(["plan", "-m", "llama-3-8b", "--nodes", "2", "--gpus-per-node", "2",
+                 "--gpu-memory-gb", "40", "--internode-bandwidth-gbs", "5",
+                 "--internode-latency-us", "30", "--json"]) == 0
+    cluster = json.loads(capsys.readouterr().out)["cluster"]
+    assert cluster["device"]["memory_bytes"] == 40e9
+    assert cluster["internode"]["bandwidth"] == 5e9
+    assert cluster["internode"]["latency_s"] == pytest.approx(30e-6)
+    assert cluster["intranode"]["name"] == "NVLink"
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--nodes", "0"], "argument --nodes: 0 is invalid: must be >= 1"),
+    (["--batch", "many"], "argument --batch: 'many' is not an integer"),
+    (["--gpu-memory-gb", "-3"], "argument --gpu-memory-gb: -3 is invalid: must be > 0"),
+    (["--gpu", "tpu"], "argument --gpu: invalid choice: 'tpu'"),
+    (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization 1.5 is invalid"),
+    (["-m", "no-such-model"], "model='no-such-model' is not a reference model"),
+    (["--gpus-per-node", "1"], "no layout of llama-3-70b fits 1 devices of 80 GB"),
+    (["--profile-file", "/nonexistent/profile.json"], "does not exist"),
+])
+def test_bad_values_exit_2_with_one_line(capsys, argv, expected):
+    if "-m" not in argv:
+        argv = ["-m", "llama-3-70b", *argv]
+    assert _exit_code(["plan", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err
+
+
+def _exit_code(argv: list[str]) -> int:
+    """main's return value, or the code argparse exits with on a bad argument."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+def test_missing_model_is_an_error(capsys):
+    assert main(["plan"]) == 2
+    assert "--model is required" in capsys.readouterr().err
+
+
+def test_profile_written_then_used(tmp_path, monkeypatch, capsys):
+    device = DeviceSpec("CPU", 8e9, flops=5e10, memory_bandwidth=1e10, op_overhead_s=1e-5,
+                        shared_by_ranks=True)
+    monkeypatch.setattr(profile, "measure_device", lambda: device)
+    monkeypatch.setattr(profile, "measure_links", lambda: (Link(5e-6, 2e9, "shared memory"),
+                                                           Link(2e-3, 5e8, "gloo")))
+    path = tmp_path / "profile.json"
+    assert main(["plan", "--profile", "--profile-file", str(path)]) == 0
+    assert str(path) in capsys.readouterr().out
+    assert main(["plan", "-m", "small-llama", "--profile-file", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["cluster"]["device"]["flops"] == 5e10
+    assert data["cluster"]["intranode"]["name"] == "shared memory"
+    assert data["cluster"]["devices_per_node"] == profile.os.cpu_count()
+
+
+def test_two_rank_fit_recovers_alpha_and_beta():
+    alpha, beta = 7e-6, 3e9
+    small, large = profile.SIZES
+    link = profile._fit_two_rank_all_reduce(2 * alpha + small / beta, 2 * alpha + large / beta,
+                                            "x")
+    assert link.latency_s == pytest.approx(alpha) and link.bandwidth == pytest.approx(beta)
+
+
+def test_default_profile_path_is_in_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("SHARDLINE_CACHE", str(tmp_path))
+    assert command.default_profile_path() == str(tmp_path / "profile.json")
