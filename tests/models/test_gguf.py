@@ -1,0 +1,160 @@
+"""GGUF files: dequantization of every supported type against the gguf package's own,
+a tiny Llama written with the gguf writer against transformers loading the same file, and
+unsupported types, architectures and tensors refused by name."""
+
+from __future__ import annotations
+
+import warnings
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from shardline.models.gguf import GGUFCheckpoint, gguf_model_dir, hf_tensor_name
+from shardline.models.gguf_quants import SUPPORTED_TYPES
+from shardline.presets import resolve_model
+from worker_driver import WorkerDriver, make_worker
+
+TINY = dict(hidden=64, inter=96, layers=2, heads=4, kv_heads=2, vocab=96)
+# GGUF tensor kind -> type it is stored in, so one small model covers every supported type
+TYPES = {"token_embd": "Q8_0", "output": "Q4_0", "attn_q": "Q4_1", "attn_k": "Q4_0",
+         "attn_v": "Q8_0", "attn_output": "F16", "ffn_gate": "BF16", "ffn_up": "Q4_1",
+         "ffn_down": "F32", "attn_norm": "F32", "ffn_norm": "F32", "output_norm": "F32"}
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Companion directories of the files written here go to the test's own cache."""
+    monkeypatch.setenv("SHARDLINE_CACHE", str(tmp_path / "cache"))
+
+
+def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """How llama.cpp's converter stores q/k rows: each head's two halves interleaved."""
+    return (w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2)
+            .reshape(w.shape))
+
+
+def encode(values: np.ndarray, type_name: str) -> np.ndarray:
+    if type_name == "F32":
+        return values.astype(np.float32)
+    if type_name == "F16":
+        return values.astype(np.float16)
+    return gguf.quants.quantize(values, gguf.GGMLQuantizationType[type_name])
+
+
+def reference(data: np.ndarray, type_name: str) -> np.ndarray:
+    """The gguf package's own dequantization of stored `data`."""
+    if type_name in ("F32", "F16"):
+        return data.astype(np.float32)
+    return gguf.quants.dequantize(data, gguf.GGMLQuantizationType[type_name])
+
+
+def write_tiny_llama(path: str, rng: np.random.Generator, types: dict[str, str] = TYPES,
+                     arch: str = "llama", extra: dict[str, np.ndarray] | None = None
+                     ) -> dict[str, np.ndarray]:
+    """Write a random tiny Llama GGUF; returns the stored data of each tensor by name."""
+    c = TINY
+    dim = c["hidden"] // c["heads"]
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(c["layers"])
+    writer.add_context_length(256)
+    writer.add_embedding_length(c["hidden"])
+    writer.add_feed_forward_length(c["inter"])
+    writer.add_head_count(c["heads"])
+    writer.add_head_count_kv(c["kv_heads"])
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(c["vocab"])
+    shapes = {"token_embd.weight": (c["vocab"], c["hidden"]),
+              "output.weight": (c["vocab"], c["hidden"]), "output_norm.weight": (c["hidden"],)}
+    for i in range(c["layers"]):
+        for kind, shape in (("attn_q", (c["hidden"], c["hidden"])),
+                            ("attn_k", (c["kv_heads"] * dim, c["hidden"])),
+                            ("attn_v", (c["kv_heads"] * dim, c["hidden"])),
+                            ("attn_output", (c["hidden"], c["hidden"])),
+                            ("ffn_gate", (c["inter"], c["hidden"])),
+                            ("ffn_up", (c["inter"], c["hidden"])),
+                            ("ffn_down", (c["hidden"], c["inter"])),
+                            ("attn_norm", (c["hidden"],)), ("ffn_norm", (c["hidden"],))):
+            shapes[f"blk.{i}.{kind}.weight"] = shape
+    stored = {}
+    for name, shape in shapes.items():
+        kind = name.split(".")[-2]
+        if kind.endswith("norm"):
+            values = 1.0 + 0.1 * rng.standard_normal(shape)
+        else:
+            values = rng.standard_normal(shape) / shape[-1] ** 0.5
+        if kind in ("attn_q", "attn_k"):
+            values = llama_cpp_permute(values, c["heads"] if kind == "attn_q" else c["kv_heads"])
+        stored[name] = encode(values.astype(np.float32), types[kind])
+    for name, data in {**stored, **(extra or {})}.items():
+        type_name = types.get(name.split(".")[-2], "F32")
+        writer.add_tensor(name, data, raw_dtype=None if type_name in ("F32", "F16")
+                          else gguf.GGMLQuantizationType[type_name])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return stored
+
+
+def test_every_type_dequantizes_as_the_gguf_package_does(tmp_path, fresh_seed):
+    rng = np.random.default_rng(fresh_seed)
+    path = str(tmp_path / "tiny.gguf")
+    stored = write_tiny_llama(path, rng)
+    assert set(TYPES.values()) == set(SUPPORTED_TYPES)
+    checkpoint = GGUFCheckpoint(gguf_model_dir(path))
+    try:
+        for name, data in stored.items():
+            kind = name.split(".")[-2]
+            if kind in ("attn_q", "attn_k"):
+                continue   # un-permuted on load: checked against transformers below
+            got = checkpoint.get_slice(hf_tensor_name(name))
+            expected = reference(data, TYPES[kind]).reshape(got.shape)
+            assert got.dtype == torch.float32
+            assert torch.equal(got, torch.from_numpy(expected)), name
+    finally:
+        checkpoint.close()
+
+
+def test_tiny_llama_matches_transformers_loading_the_same_file(tmp_path, fresh_seed):
+    rng = np.random.default_rng(fresh_seed)
+    path = str(tmp_path / "tiny.gguf")
+    write_tiny_llama(path, rng)
+    model_dir = resolve_model(path)
+    prompts = [rng.integers(0, TINY["vocab"], int(n)).tolist() for n in rng.integers(3, 20, 3)]
+    logits = WorkerDriver(make_worker(model_dir)).prompt_logits(prompts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            str(tmp_path), gguf_file="tiny.gguf", dtype=torch.float32).eval()
+    for prompt, ours in zip(prompts, logits):
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0]
+        rel = (ours - ref).abs().max() / ref.abs().max()
+        assert rel < 1e-4, f"relative error {rel:.2e}"
+
+
+def test_unsupported_type_is_named(tmp_path, fresh_seed):
+    rng = np.random.default_rng(fresh_seed)
+    path = str(tmp_path / "q5.gguf")
+    write_tiny_llama(path, rng, {**TYPES, "ffn_up": "Q5_0"})
+    with pytest.raises(ValueError, match=r"'blk\.0\.ffn_up\.weight' has type Q5_0.*Q4_1"):
+        resolve_model(path)
+
+
+def test_unsupported_architecture_is_named(tmp_path, fresh_seed):
+    path = str(tmp_path / "gemma.gguf")
+    write_tiny_llama(path, np.random.default_rng(fresh_seed), arch="gemma")
+    with pytest.raises(ValueError, match="architecture='gemma' is not supported.*llama"):
+        resolve_model(path)
+
+
+def test_unknown_tensor_is_named(tmp_path, fresh_seed):
+    path = str(tmp_path / "extra.gguf")
+    write_tiny_llama(path, np.random.default_rng(fresh_seed),
+                     extra={"rope_freqs.weight": np.ones(8, np.float32)})
+    with pytest.raises(ValueError, match="'rope_freqs.weight' has no counterpart"):
+        resolve_model(path)
