@@ -12,6 +12,12 @@ tokens of every run are compared with the first layout's.
 
     python bench/layouts.py            # small-llama fp32, 16 prompts x (64 in, 32 out), 3 rounds
     python bench/layouts.py --quick    # tiny-llama, 4 prompts x (16 in, 8 out), 1 round
+    python bench/layouts.py --moe      # small-moe (Mixtral, 8 experts top-2): TP against
+                                       # EP with each dispatch path, at 2 and 4 ranks
+
+With --moe the results go to layouts_moe.json and .png; an "ep" layout is TP with
+enable_expert_parallel (DP = SP = 1, so the EP group is the TP group): attention
+TP-split, each rank owning whole experts, tokens moved by `expert_dispatch`.
 
 Results: bench/results/layouts.json and .png (`--out-dir` elsewhere). Every rank runs on
 the CPU (SHARDLINE_DEVICE=cpu); with more ranks than cores the processes share cores, so
@@ -31,19 +37,37 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LAYOUTS = {"uni": (1, 1), "tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2), "tp4": (4, 1)}
+# name: (TP, PP, expert dispatch path or None without expert parallelism)
+LAYOUTS = {"uni": (1, 1, None), "tp2": (2, 1, None), "pp2": (1, 2, None),
+           "tp2xpp2": (2, 2, None), "tp4": (4, 1, None)}
+MOE_LAYOUTS = {"uni": (1, 1, None), "tp2": (2, 1, None), "ep2-all_to_all": (2, 1, "all_to_all"),
+               "ep2-all_gather": (2, 1, "all_gather"), "tp4": (4, 1, None),
+               "ep4-all_to_all": (4, 1, "all_to_all"), "ep4-all_gather": (4, 1, "all_gather")}
 BLOCK_SIZE = 16
+# A Mixtral with Mixtral's routing (8 experts, top 2) at small-llama's width and depth/2.
+SMALL_MOE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=64, num_local_experts=8)
 
 
-def start_layout(model: str, tp: int, pp: int, num_prompts: int, seq_len: int):
+def start_layout(model: str, tp: int, pp: int, dispatch: str | None, num_prompts: int,
+                 seq_len: int):
     """An LLM for the layout, with a KV cache fixed to what the workload needs (the same
     for every layout, so none preempts) and prefix caching off (every run prefills)."""
+    from dataclasses import replace
+
     from shardline import LLM
+    from shardline.engine.engine_args import EngineArgs
+    from shardline.engine.llm_engine import LLMEngine
 
     blocks = num_prompts * -(-seq_len // BLOCK_SIZE)
-    return LLM(model, dtype="float32", tensor_parallel_size=tp, pipeline_parallel_size=pp,
-               max_num_seqs=num_prompts, block_size=BLOCK_SIZE, num_kv_blocks=blocks,
-               enable_prefix_caching=False)
+    config = EngineArgs(model, dtype="float32", tensor_parallel_size=tp,
+                        pipeline_parallel_size=pp, max_num_seqs=num_prompts,
+                        block_size=BLOCK_SIZE, num_kv_blocks=blocks,
+                        enable_prefix_caching=False).to_config()
+    if dispatch is not None:
+        config.parallel = replace(config.parallel, enable_expert_parallel=True,
+                                  expert_dispatch=dispatch)
+    return LLM.from_engine(LLMEngine.from_config(config))
 
 
 def run_once(llm, workload, tag: str) -> dict:
@@ -85,8 +109,8 @@ def rank_bytes(stats: dict) -> dict[str, int]:
             for op, nbytes in sorted(counters["bytes_sent"].items())}
 
 
-def summarize(name: str, tp: int, pp: int, startup_s: float, runs: list[dict],
-              reference: list[list[int]], forwarded: int) -> dict:
+def summarize(name: str, tp: int, pp: int, dispatch: str | None, startup_s: float,
+              runs: list[dict], reference: list[list[int]], forwarded: int) -> dict:
     """Medians over the timed runs; communication per generated token per rank (and per
     token through the model, `forwarded`: prompt tokens plus fed-back outputs)."""
     last = runs[-1]
@@ -98,7 +122,8 @@ def summarize(name: str, tp: int, pp: int, startup_s: float, runs: list[dict],
                          "bytes_per_forwarded_token": total / forwarded,
                          "by_op_per_token": {op: b / tokens for op, b in by_op.items()}})
     return {
-        "layout": name, "tp": tp, "pp": pp, "ranks": tp * pp, "startup_s": startup_s,
+        "layout": name, "tp": tp, "pp": pp, "ranks": tp * pp, "expert_dispatch": dispatch,
+        "startup_s": startup_s,
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
         "step_ms": statistics.median(r["step_ms"] for r in runs),
         "mean_step_ms": statistics.median(r["mean_step_ms"] for r in runs),
@@ -114,8 +139,10 @@ def summarize(name: str, tp: int, pp: int, startup_s: float, runs: list[dict],
     }
 
 
-def measure(model: str, layouts: list[str], num_prompts: int, prompt_len: int,
+def measure(model: str, layouts: dict[str, tuple], num_prompts: int, prompt_len: int,
             max_tokens: int, rounds: int) -> dict:
+    """Every layout of `layouts` (name: (TP, PP, dispatch)) on the same workload; the
+    first is the reference whose tokens the others must match."""
     from shardline.models.loader import read_model_info
     from shardline.presets import resolve_model
     from shardline.workload import make_workload
@@ -130,7 +157,7 @@ def measure(model: str, layouts: list[str], num_prompts: int, prompt_len: int,
     try:
         for name in layouts:
             began = time.perf_counter()
-            llms[name] = start_layout(model_dir, *LAYOUTS[name], num_prompts,
+            llms[name] = start_layout(model_dir, *layouts[name], num_prompts,
                                       prompt_len + max_tokens)
             startup[name] = time.perf_counter() - began
             run_once(llms[name], workload, f"{name}-warmup")
@@ -143,17 +170,18 @@ def measure(model: str, layouts: list[str], num_prompts: int, prompt_len: int,
     finally:
         for llm in llms.values():
             llm.shutdown()
-    reference = runs[layouts[0]][0]["tokens"]
+    reference = runs[next(iter(layouts))][0]["tokens"]
     forwarded = num_prompts * (prompt_len + max_tokens - 1)
-    rows = [summarize(name, *LAYOUTS[name], startup[name], runs[name], reference, forwarded)
+    rows = [summarize(name, *layouts[name], startup[name], runs[name], reference, forwarded)
             for name in layouts]
     return {"bench": "layouts", "model": model, "dtype": "float32", "device": "cpu",
             "num_prompts": num_prompts, "prompt_len": prompt_len, "max_tokens": max_tokens,
             "forwarded_tokens": forwarded,
-            "rounds": rounds, "reference_layout": layouts[0],
+            "rounds": rounds, "reference_layout": next(iter(layouts)),
             "model_shape": {"layers": info.num_hidden_layers, "hidden": info.hidden_size,
                             "heads": info.num_attention_heads,
-                            "kv_heads": info.num_key_value_heads, "vocab": info.vocab_size},
+                            "kv_heads": info.num_key_value_heads, "vocab": info.vocab_size,
+                            "experts": info.num_experts},
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                         "load_avg_before": load_before, "load_avg_after": os.getloadavg()},
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -183,7 +211,7 @@ def plot(result: dict, path: Path) -> None:
     for ax, (key, title) in zip(axes, panels):
         ax.bar(labels, [r[key] for r in rows], color=["grey"] + ["C0"] * (len(rows) - 1))
         ax.set_title(title, fontsize=10)
-        ax.tick_params(axis="x", labelsize=8)
+        ax.tick_params(axis="x", labelsize=7, labelrotation=30)
     fig.suptitle(f"{result['model']} fp32 on {result['machine']['cpus']} CPU cores: "
                  f"{result['num_prompts']} prompts x ({result['prompt_len']} in, "
                  f"{result['max_tokens']} out), median of {result['rounds']}", fontsize=10)
@@ -193,11 +221,12 @@ def plot(result: dict, path: Path) -> None:
 
 
 def parse_layouts(text: str) -> list[str]:
+    known = {**LAYOUTS, **MOE_LAYOUTS}
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in LAYOUTS]
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"layouts {unknown or text!r}: choose from "
-                                         f"{', '.join(LAYOUTS)}")
+                                         f"{', '.join(known)}")
     return names
 
 
@@ -212,11 +241,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="tiny-llama, 4 prompts x (16 in, 8 out), 1 round")
+    parser.add_argument("--moe", action="store_true",
+                        help="an MoE model (small-moe; tiny-mixtral with --quick) and the "
+                        f"layouts {','.join(MOE_LAYOUTS)}")
     parser.add_argument("--model", help="preset or model directory (default: small-llama, "
                         "tiny-llama with --quick)")
-    parser.add_argument("--layouts", type=parse_layouts, default=list(LAYOUTS),
-                        help=f"comma-separated, the first is the reference "
-                        f"(default: {','.join(LAYOUTS)})")
+    parser.add_argument("--layouts", type=parse_layouts,
+                        help=f"comma-separated, the first is the reference (default: "
+                        f"{','.join(LAYOUTS)}; with --moe {','.join(MOE_LAYOUTS)})")
     parser.add_argument("--rounds", type=positive_int,
                         help="timed runs per layout (default 3, 1 with --quick)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -226,14 +258,26 @@ def main() -> int:
         model, prompts, prompt_len, max_tokens, rounds = "tiny-llama", 4, 16, 8, 1
     else:
         model, prompts, prompt_len, max_tokens, rounds = "small-llama", 16, 64, 32, 3
-    model = args.model or model
+    label, stem = model, "layouts"
+    if args.moe:
+        from shardline.presets import build_variant
+
+        model = "tiny-mixtral" if args.quick else build_variant("tiny-mixtral", **SMALL_MOE)
+        label = "tiny-mixtral" if args.quick else "small-moe"
+        stem = "layouts_moe"
+    if args.model:
+        model = label = args.model
     rounds = args.rounds or rounds
-    result = measure(model, args.layouts, prompts, prompt_len, max_tokens, rounds)
+    table = {**LAYOUTS, **MOE_LAYOUTS}
+    names = args.layouts or list(MOE_LAYOUTS if args.moe else LAYOUTS)
+    result = measure(model, {name: table[name] for name in names}, prompts, prompt_len,
+                     max_tokens, rounds)
+    result["model"] = label
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "layouts.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, args.out_dir / "layouts.png")
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out_dir / f"{stem}.png")
     print_table(result)
-    print(f"results in {args.out_dir / 'layouts.json'}")
+    print(f"results in {args.out_dir / f'{stem}.json'}")
     return 0 if all(r["tokens_match_reference"] for r in result["results"]) else 1
 
 

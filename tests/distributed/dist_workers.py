@@ -6,6 +6,7 @@ Spawned children import this module by name, so everything here is module-level.
 
 from __future__ import annotations
 
+import importlib
 import traceback
 from multiprocessing.queues import Queue
 
@@ -20,13 +21,16 @@ def run_rank(rank: int, grid: RankGrid, init_method: str, check: str, args: tupl
              prepare: str | None = None) -> None:
     """Joins the grid as `rank` (after running `prepare(rank)` if given), runs
     `check(rank, *args)` and puts (rank, "ok", value) or (rank, "error", traceback) on
-    `results`; always leaves the grid."""
+    `results`; always leaves the grid. `check` names a function of this module, or of
+    another as "module:function"."""
     try:
         if prepare is not None:
             globals()[prepare](rank)
         ps.init_distributed(grid, rank, init_method, "cpu", timeout=TIMEOUT,
                             shm_collectives=shm, shm_buffer_bytes=shm_buffer_bytes)
-        value = globals()[check](rank, *args)
+        module, _, name = check.rpartition(":")
+        function = getattr(importlib.import_module(module), name) if module else globals()[name]
+        value = function(rank, *args)
         results.put((rank, "ok", value))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))

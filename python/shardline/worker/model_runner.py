@@ -83,7 +83,8 @@ class ModelRunner:
             warm_up_prefill(self.model, scheduler.max_num_batched_tokens,
                             scheduler.max_num_seqs, self.block_size, self.max_model_len,
                             self.info.vocab_size, self.device)
-        if not self.config.model.enforce_eager:
+        # Expert parallelism sizes its token transfers on the host every step: no graphs.
+        if not (self.config.model.enforce_eager or self.config.parallel.enable_expert_parallel):
             self.capture_decode_graphs(CudaGraphRecorder())
 
     @torch.inference_mode()
