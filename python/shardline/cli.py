@@ -52,6 +52,16 @@ def _add_engine_args(parser: argparse.ArgumentParser, default_model: str | None)
                              "(default: %(default)s)")
     parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
                         help="pipeline stages that split the layers (default: %(default)s)")
+    parser.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                        help="engine cores, each a whole replica (its own scheduler, KV cache "
+                             "and TP x PP ranks) serving its share of the requests "
+                             "(default: %(default)s)")
+    parser.add_argument("--enable-expert-parallel", action="store_true",
+                        help="MoE models: each rank of a stage's DP x TP ranks owns whole "
+                             "experts, and tokens travel to them by all-to-all")
+    parser.add_argument("--sequence-parallel-size", "-sp", type=int, default=1,
+                        help="ranks that split a step's tokens around attention; only 1 is "
+                             "supported in this build (default: %(default)s)")
     parser.add_argument("--pipeline-stage-layers", type=_int_list, default=None,
                         help="layers per pipeline stage, comma-separated, e.g. 3,2 "
                              "(default: as even as possible)")
@@ -91,6 +101,9 @@ def _build_llm(args: argparse.Namespace):
                gpu_memory_utilization=args.gpu_memory_utilization,
                tensor_parallel_size=args.tensor_parallel_size,
                pipeline_parallel_size=args.pipeline_parallel_size,
+               data_parallel_size=args.data_parallel_size,
+               enable_expert_parallel=args.enable_expert_parallel,
+               sequence_parallel_size=args.sequence_parallel_size,
                pipeline_stage_layers=args.pipeline_stage_layers,
                distributed_executor_backend=args.distributed_executor_backend,
                device=args.device)

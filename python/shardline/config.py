@@ -177,6 +177,8 @@ class ParallelConfig:
                      name, value, "an integer >= 1")
         _require(self.expert_dispatch in EXPERT_DISPATCH_PATHS, "expert_dispatch",
                  self.expert_dispatch, f"one of {EXPERT_DISPATCH_PATHS}")
+        _require(isinstance(self.enable_expert_parallel, bool), "enable_expert_parallel",
+                 self.enable_expert_parallel, "True or False")
         _require(self.distributed_executor_backend in (None, "uni", "mp", "ray"),
                  "distributed_executor_backend", self.distributed_executor_backend,
                  "None (automatic), 'uni', 'mp' or 'ray'")

@@ -25,6 +25,7 @@ import asyncio
 import threading
 from typing import AsyncIterator
 
+from shardline.engine.data_parallel import DataParallelEngine, create_engine
 from shardline.engine.engine_args import EngineArgs
 from shardline.engine.llm_engine import LLMEngine, PromptType
 from shardline.engine.outputs import RequestOutput
@@ -80,15 +81,15 @@ class AsyncLLM:
     """
 
     def __init__(self, model: str, **kwargs) -> None:
-        self._attach(LLMEngine.from_config(EngineArgs(model, **kwargs).to_config()))
+        self._attach(create_engine(EngineArgs(model, **kwargs).to_config()))
 
     @classmethod
-    def from_engine(cls, engine: LLMEngine) -> "AsyncLLM":
+    def from_engine(cls, engine: LLMEngine | DataParallelEngine) -> "AsyncLLM":
         llm = cls.__new__(cls)
         llm._attach(engine)
         return llm
 
-    def _attach(self, engine: LLMEngine) -> None:
+    def _attach(self, engine: LLMEngine | DataParallelEngine) -> None:
         self.engine = engine
         # Guards the fields below; held only for moments, never across a step.
         self._mutex = threading.Lock()

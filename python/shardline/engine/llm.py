@@ -13,6 +13,7 @@ import reprlib
 import sys
 from typing import Sequence as Seq
 
+from shardline.engine.data_parallel import DataParallelEngine, create_engine
 from shardline.engine.engine_args import EngineArgs
 from shardline.engine.llm_engine import LLMEngine, PromptType, is_sequence
 from shardline.engine.outputs import RequestOutput
@@ -24,11 +25,11 @@ class LLM:
     """Offline batched generation over one engine; keyword options are EngineArgs fields."""
 
     def __init__(self, model: str, **kwargs) -> None:
-        self.engine = LLMEngine.from_config(EngineArgs(model, **kwargs).to_config())
+        self.engine = create_engine(EngineArgs(model, **kwargs).to_config())
         self._next_id = 0
 
     @classmethod
-    def from_engine(cls, engine: LLMEngine) -> "LLM":
+    def from_engine(cls, engine: LLMEngine | DataParallelEngine) -> "LLM":
         llm = cls.__new__(cls)
         llm.engine = engine
         llm._next_id = 0

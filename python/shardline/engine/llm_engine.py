@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import contextlib
 import dataclasses
 import itertools
 import operator
 import reprlib
-from typing import Protocol, Sequence as Seq
+from typing import Iterator, Protocol, Sequence as Seq
 
 from shardline.config import EngineConfig
 from shardline.engine.kv_blocks import KVBlockManager
@@ -198,27 +199,66 @@ class LLMEngine:
         A step that fails (a dead worker: EngineDeadError) leaves the engine stopped: this
         and every later call raise that error.
         """
-        if self._failure is not None:
-            raise self._failure
-        try:
+        self.send_steps()
+        return self.collect_step()
+
+    @property
+    def num_steps_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def send_steps(self) -> None:
+        """The first half of `step`: schedule and send steps, without waiting for any, until
+        one per pipeline stage is in flight or nothing is left to schedule. A data-parallel
+        front end sends on every core first, then collects, so the cores run at once."""
+        with self._stop_on_failure():
             while len(self._in_flight) < self.scheduler.pipeline_depth:
                 scheduled = self.scheduler.schedule()
                 if scheduled.is_empty:
                     break
                 self._in_flight.append(
                     (scheduled, self.executor.execute_model(scheduled, non_block=True)))
-            if not self._in_flight:
-                if self.scheduler.has_unfinished():
-                    raise RuntimeError("the scheduler could not make progress on any of "
-                                       f"{len(self.scheduler.seqs)} unfinished sequences")
-                return []
+            if not self._in_flight and self.scheduler.has_unfinished():
+                raise RuntimeError("the scheduler could not make progress on any of "
+                                   f"{len(self.scheduler.seqs)} unfinished sequences")
+
+    def send_dummy_step(self) -> None:
+        """Send a step with no requests (see ModelRunner.execute_model): a data-parallel
+        core with less work than the others runs it so that collectives spanning the cores
+        stay in step. It holds a place among the steps in flight and returns no outputs."""
+        with self._stop_on_failure():
+            dummy = SchedulerOutput()
+            self._in_flight.append((dummy, self.executor.execute_model(dummy, non_block=True)))
+
+    def collect_step(self) -> list[RequestOutput]:
+        """The second half of `step`: wait for the oldest step in flight and return the
+        outputs of the requests that gained tokens in it ([] if none is in flight)."""
+        if not self._in_flight:
+            return []
+        with self._stop_on_failure():
             scheduled, future = self._in_flight.popleft()
             result = future.result()
-        except BaseException as exc:
-            self._failure = exc  # the scheduler's steps in flight will never come back
-            raise
+        if scheduled.is_empty:
+            return []
         sampled = self.scheduler.update(scheduled, result)
         return self.outputs.process(sampled)
+
+    @contextlib.contextmanager
+    def _stop_on_failure(self) -> Iterator[None]:
+        """Raise the error that stopped the engine; record one raised inside, since the
+        scheduler's steps in flight will then never come back."""
+        if self._failure is not None:
+            raise self._failure
+        try:
+            yield
+        except BaseException as exc:
+            self._failure = exc
+            raise
+
+    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
+                       timeout: float | None = None) -> list:
+        """Call a worker method on every rank (see Executor.collective_rpc), e.g. for
+        communication statistics; one reply per rank, in rank order."""
+        return self.executor.collective_rpc(method, args, kwargs, timeout)
 
     def shutdown(self) -> None:
         self.executor.shutdown()

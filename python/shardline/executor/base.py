@@ -61,13 +61,33 @@ class StepFuture:
 
 
 class Executor(ABC):
-    """Runs the workers of one model replica set and relays steps to them."""
+    """Runs the workers of one model replica set and relays steps to them.
 
-    def __init__(self, config: EngineConfig) -> None:
+    Under data parallelism each engine core has an executor of its own for its slice of
+    the rank grid: `dp_rank` says which slice (its workers take the global ranks
+    dp_rank x ranks_per_core onwards), and every core's workers join one torch.distributed
+    world at the same `distributed_init_method`. With `initialize` False the workers are
+    started but not initialized: the caller runs `load` and `allocate_kv_cache` itself, on
+    every core at once (see executor.data_parallel), since the ranks of all cores meet in
+    collectives from `init_device` on.
+    """
+
+    def __init__(self, config: EngineConfig, *, dp_rank: int = 0,
+                 distributed_init_method: str | None = None, initialize: bool = True) -> None:
         self.config = config
         self.num_kv_blocks = 0
+        dp = config.parallel.data_parallel_size
+        if isinstance(dp_rank, bool) or not isinstance(dp_rank, int) or not 0 <= dp_rank < dp:
+            raise ValueError(f"dp_rank={dp_rank!r} is invalid: must be an integer in [0, {dp}) "
+                             f"for data_parallel_size={dp}")
+        self.dp_rank = dp_rank
+        self.ranks_per_core = config.parallel.world_size // dp
+        self.first_rank = dp_rank * self.ranks_per_core
+        self.distributed_init_method = distributed_init_method
         check_layout(config)
-        self._init_workers()
+        self._guarded(self._start_workers)
+        if initialize:
+            self._guarded(lambda: self.allocate_kv_cache(self.load()))
 
     @abstractmethod
     def _start_workers(self) -> None:
@@ -82,7 +102,8 @@ class Executor(ABC):
     def execute_model(self, scheduler_output: SchedulerOutput, non_block: bool = False
                       ) -> ModelRunnerOutput | StepFuture:
         """Run one step on all workers; return the sampled tokens (from the output rank),
-        or with `non_block` a StepFuture of them, so that several steps can be in flight."""
+        or with `non_block` a StepFuture of them, so that several steps can be in flight.
+        An empty step is a dummy step (see Worker.execute_model): it samples nothing."""
 
     @property
     def max_concurrent_steps(self) -> int:
@@ -93,16 +114,29 @@ class Executor(ABC):
     def shutdown(self) -> None:
         """Release the workers; safe to call more than once."""
 
-    def _init_workers(self) -> None:
-        """Bring every worker up, size the KV cache to what the tightest rank can hold, and
-        warm the workers up (kernel tuning and decode graphs, on GPUs) over that cache."""
+    def fail(self, error: EngineDeadError) -> None:
+        """Stop serving because of something outside this executor (another data-parallel
+        core died): calls waiting now and every later one raise `error`. The workers are
+        released by `shutdown`. Nothing to do where no call can wait on another core."""
+
+    def load(self) -> int:
+        """Bring every worker up (joining the rank grid) and load its weights; return the
+        KV blocks the tightest rank can hold."""
+        self.collective_rpc("init_device")
+        self.collective_rpc("load_model")
+        return min(self.collective_rpc("determine_num_kv_blocks"))
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """Give every worker a cache of `num_blocks` blocks and warm it up over that cache
+        (kernel tuning and decode graphs, on GPUs)."""
+        self.collective_rpc("initialize_cache", args=(num_blocks,))
+        self.collective_rpc("warm_up")
+        self.num_kv_blocks = num_blocks
+
+    def _guarded(self, setup: Callable[[], None]) -> None:
+        """Run a setup phase; if it fails, release the workers before raising."""
         try:
-            self._start_workers()
-            self.collective_rpc("init_device")
-            self.collective_rpc("load_model")
-            self.num_kv_blocks = min(self.collective_rpc("determine_num_kv_blocks"))
-            self.collective_rpc("initialize_cache", args=(self.num_kv_blocks,))
-            self.collective_rpc("warm_up")
+            setup()
         except BaseException:
             self.shutdown()
             raise
@@ -158,5 +192,11 @@ def executor_class(parallel: ParallelConfig) -> type[Executor]:
 
 
 def create_executor(config: EngineConfig) -> Executor:
-    """Build and start the executor (and so the workers) that `config` describes."""
+    """Build and start the executor (and so the workers) that `config` describes: one
+    engine core's. Data parallelism needs one per core, started together
+    (executor.data_parallel.create_data_parallel_executors)."""
+    dp = config.parallel.data_parallel_size
+    if dp > 1:
+        raise ValueError(f"data_parallel_size={dp} needs one executor per engine core, "
+                         "started together: use create_data_parallel_executors(config)")
     return executor_class(config.parallel)(config)

@@ -6,6 +6,10 @@ worker) and reads the replies from `worker_response_mq[rank]` (one ring per work
 pipeline stage); its non-blocking form returns a StepFuture, so the engine can keep
 several steps in flight. A watcher thread notices a worker's death at once and closes
 the rings, so that every pending and later call raises EngineDeadError instead of waiting.
+
+Under data parallelism an executor runs one engine core's slice of the rank grid: its
+workers hold global ranks (they join one torch.distributed world with every other
+core's), and read the rings under their index within the slice.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import time
 import weakref
 from collections import deque
 from multiprocessing.connection import wait as wait_for_sentinels
-from typing import Any
+from typing import Any, Callable
 
 from shardline.executor.base import EngineDeadError, Executor, StepFuture
 from shardline.executor.worker_proc import ALL_RANKS, SHUTDOWN, WorkerArgs, run_worker
@@ -53,13 +57,16 @@ class _Workers:
     """The processes, rings and helper threads of one executor: everything `shutdown`
     releases. Kept apart from the executor so the finalizer holds no reference to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, first_rank: int) -> None:
+        self.first_rank = first_rank
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.broadcast: MessageQueue | None = None
         self.responses: list[MessageQueue] = []
         self.log_queue = _SPAWN.Queue()
         self.log_listener = logging.handlers.QueueListener(self.log_queue, _RankLogs())
         self.dead: EngineDeadError | None = None
+        self.dead_lock = threading.Lock()
+        self.on_death: list[Callable[[EngineDeadError], None]] = []
         self.started = False
         self.stopping = False
         self.stopped = False
@@ -68,24 +75,36 @@ class _Workers:
         for mq in ([self.broadcast] if self.broadcast else []) + self.responses:
             mq.close()
 
+    def set_dead(self, error: EngineDeadError) -> bool:
+        """Record why the executor stopped and close the rings, so that every waiting and
+        later call raises `error`; False (and nothing done) if it had stopped already."""
+        with self.dead_lock:
+            if self.dead is not None or self.stopped:
+                return False
+            self.dead = error
+        self.close_rings()
+        return True
+
     def watch(self) -> None:
         """The watcher thread: on a worker's death, record it and close the rings, so that
-        every waiting and later call raises EngineDeadError."""
-        sentinels = {proc.sentinel: rank for rank, proc in enumerate(self.procs)}
-        while not self.stopping:
+        every waiting and later call raises EngineDeadError; then tell `on_death`."""
+        sentinels = {proc.sentinel: i for i, proc in enumerate(self.procs)}
+        while not self.stopping and self.dead is None:
             ready = wait_for_sentinels(list(sentinels), timeout=0.5)
-            if ready and not self.stopping:
+            if ready and not self.stopping and self.dead is None:
                 # Every worker found dead is named: a peer's death makes the survivors' steps
                 # fail, and they may exit before this thread runs.
                 deaths = []
-                for rank in sorted(sentinels[sentinel] for sentinel in ready):
-                    proc = self.procs[rank]
+                for i in sorted(sentinels[sentinel] for sentinel in ready):
+                    proc = self.procs[i]
                     proc.join(1.0)
-                    deaths.append(f"worker rank {rank} (pid {proc.pid}) died with exit code "
-                                  f"{proc.exitcode}")
-                self.dead = EngineDeadError("; ".join(deaths))
-                logger.error("%s", self.dead)
-                self.close_rings()
+                    deaths.append(f"worker rank {self.first_rank + i} (pid {proc.pid}) died "
+                                  f"with exit code {proc.exitcode}")
+                error = EngineDeadError("; ".join(deaths))
+                if self.set_dead(error):
+                    logger.error("%s", error)
+                    for callback in self.on_death:
+                        callback(error)
                 return
 
     def shutdown(self) -> None:
@@ -105,11 +124,12 @@ class _Workers:
             if proc.is_alive():
                 proc.kill()
                 proc.join(SHUTDOWN_GRACE_S)
+        with self.dead_lock:
+            self.stopped = True
         self.close_rings()
         self.log_listener.stop()
         self.log_queue.close()
         self.log_queue.join_thread()
-        self.stopped = True
 
 
 class MultiProcExecutor(Executor):
@@ -117,20 +137,22 @@ class MultiProcExecutor(Executor):
 
     def _start_workers(self) -> None:
         parallel = self.config.parallel
-        self.world_size = parallel.world_size
-        self.output_rank = parallel.output_rank
+        self.num_workers = self.ranks_per_core
+        self.output_rank = parallel.output_rank  # within the slice, as the rings count
         self._call_ids = itertools.count(1)
         self._pending: deque[StepFuture] = deque()
-        self._workers = workers = _Workers()
+        self._workers = workers = _Workers(self.first_rank)
         self._finalizer = weakref.finalize(self, workers.shutdown)
         workers.log_listener.start()
-        workers.broadcast = MessageQueue.create(self.world_size)
-        init_method = f"tcp://127.0.0.1:{_free_tcp_port()}"
+        workers.broadcast = MessageQueue.create(self.num_workers)
+        init_method = (self.distributed_init_method
+                       or f"tcp://127.0.0.1:{_free_tcp_port()}")
         config = self.config.to_dict()
         conns = []
-        for rank in range(self.world_size):
+        for i in range(self.num_workers):
+            rank = self.first_rank + i
             parent_conn, child_conn = _SPAWN.Pipe(duplex=False)
-            args = WorkerArgs(config, rank, init_method, workers.broadcast.handle(),
+            args = WorkerArgs(config, rank, i, init_method, workers.broadcast.handle(),
                               parallel.worker_cls, logger.getEffectiveLevel())
             proc = _SPAWN.Process(target=run_worker, args=(args, child_conn, workers.log_queue),
                                   name=f"shardline-worker-{rank}", daemon=True)
@@ -140,7 +162,7 @@ class MultiProcExecutor(Executor):
             conns.append(parent_conn)
         try:
             deadline = time.monotonic() + STARTUP_TIMEOUT_S
-            for rank, (proc, conn) in enumerate(zip(workers.procs, conns)):
+            for i, (proc, conn) in enumerate(zip(workers.procs, conns)):
                 ready = wait_for_sentinels([conn, proc.sentinel],
                                            max(0.0, deadline - time.monotonic()))
                 try:
@@ -148,7 +170,7 @@ class MultiProcExecutor(Executor):
                 except EOFError:
                     handle = None
                 if handle is None:
-                    raise self._startup_failure(rank)
+                    raise self._startup_failure(i)
                 workers.responses.append(MessageQueue.attach(handle, 0))
                 conn.close()
             workers.broadcast.wait_attached(max(0.0, deadline - time.monotonic()),
@@ -161,8 +183,9 @@ class MultiProcExecutor(Executor):
         threading.Thread(target=workers.watch, name="shardline-worker-watch",
                          daemon=True).start()
 
-    def _startup_failure(self, rank: int) -> EngineDeadError:
-        proc = self._workers.procs[rank]
+    def _startup_failure(self, index: int) -> EngineDeadError:
+        proc = self._workers.procs[index]
+        rank = self.first_rank + index
         proc.join(1.0)
         if proc.is_alive():
             return EngineDeadError(f"worker rank {rank} (pid {proc.pid}) did not start within "
@@ -190,7 +213,8 @@ class MultiProcExecutor(Executor):
         """The output rank failed a step and is exiting. Its error is often only that a peer
         died (its collectives see that before the watcher does), so the error names the
         workers the watcher finds dead, then the output rank's own error."""
-        failed = f"worker rank {self.output_rank} failed in execute_model and stopped: {error}"
+        failed = (f"worker rank {self.first_rank + self.output_rank} failed in execute_model "
+                  f"and stopped: {error}")
         dead = self._dead_error(RuntimeError(failed))
         if dead is not self._workers.dead:  # no worker exited within the wait
             return EngineDeadError(failed)
@@ -207,13 +231,13 @@ class MultiProcExecutor(Executor):
             raise self._dead_error(exc) from None
         return call_id
 
-    def _receive(self, rank: int, call_id: int, deadline: float | None) -> tuple[bool, Any]:
-        """(ok, payload) of the reply to `call_id` from `rank`, skipping late replies to
-        calls abandoned after a timeout."""
+    def _receive(self, index: int, call_id: int, deadline: float | None) -> tuple[bool, Any]:
+        """(ok, payload) of the reply to `call_id` from the worker at `index` in this
+        executor's slice, skipping late replies to calls abandoned after a timeout."""
         while True:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                reply_id, ok, payload = self._workers.responses[rank].dequeue(timeout)
+                reply_id, ok, payload = self._workers.responses[index].dequeue(timeout)
             except (RingClosed, PeerDied) as exc:
                 raise self._dead_error(exc) from None
             if reply_id == call_id:
@@ -228,15 +252,16 @@ class MultiProcExecutor(Executor):
             self._collect_step(deadline)
         call_id = self._send(method, list(args), kwargs or {}, ALL_RANKS, deadline)
         replies = []
-        for rank in range(self.world_size):
+        for i in range(self.num_workers):
             try:
-                ok, payload = self._receive(rank, call_id, deadline)
+                ok, payload = self._receive(i, call_id, deadline)
             except TimeoutError:
-                raise TimeoutError(
-                    f"collective_rpc({method!r}) timed out after {timeout} s waiting for "
-                    f"ranks {list(range(rank, self.world_size))}") from None
+                waiting = list(range(self.first_rank + i, self.first_rank + self.num_workers))
+                raise TimeoutError(f"collective_rpc({method!r}) timed out after {timeout} s "
+                                   f"waiting for ranks {waiting}") from None
             if not ok:
-                raise RuntimeError(f"{method} failed on worker rank {rank}: {payload}")
+                raise RuntimeError(f"{method} failed on worker rank {self.first_rank + i}: "
+                                   f"{payload}")
             replies.append(payload)
         return replies
 
@@ -265,7 +290,15 @@ class MultiProcExecutor(Executor):
 
     @property
     def worker_pids(self) -> list[int]:
+        """The process ids of this executor's workers, in rank order."""
         return [proc.pid for proc in self._workers.procs]
+
+    def add_death_callback(self, callback: Callable[[EngineDeadError], None]) -> None:
+        """Call `callback(error)` from the watcher thread when one of the workers dies."""
+        self._workers.on_death.append(callback)
+
+    def fail(self, error: EngineDeadError) -> None:
+        self._workers.set_dead(error)
 
     def shutdown(self) -> None:
         self._finalizer()

@@ -1,6 +1,8 @@
 """The body of one worker process of the multi-process executor.
 
-A worker attaches to the executor's broadcast queue as reader `rank`, creates its own
+A worker attaches to the executor's broadcast queue as reader `index` (its place in the
+executor's slice of ranks, which is its rank unless data parallelism gives every engine
+core a slice of its own), creates its own
 response queue, and then serves calls until told to stop: each call names a method of its
 Worker, and the worker replies when the call is addressed to it (every rank, or only the
 output rank for `execute_model`). Plain data crosses the rings; the scheduler output and
@@ -33,6 +35,7 @@ class WorkerArgs:
 
     config: dict
     rank: int
+    index: int
     distributed_init_method: str
     broadcast: MessageQueueHandle
     worker_cls: str
@@ -67,7 +70,7 @@ def run_worker(args: WorkerArgs, handle_conn: Connection, log_queue: Any) -> Non
     response = MessageQueue.create(1)
     handle_conn.send(response.handle())
     handle_conn.close()
-    broadcast = MessageQueue.attach(args.broadcast, args.rank)
+    broadcast = MessageQueue.attach(args.broadcast, args.index)
     response.wait_attached(ATTACH_TIMEOUT_S, reader_pids=[os.getppid()])
 
     from shardline.config import EngineConfig
@@ -78,7 +81,7 @@ def run_worker(args: WorkerArgs, handle_conn: Connection, log_queue: Any) -> Non
     try:
         worker = import_worker_class(args.worker_cls)(
             config, rank=args.rank, distributed_init_method=args.distributed_init_method)
-        exit_code = _serve(worker, args.rank, broadcast, response)
+        exit_code = _serve(worker, args.index, broadcast, response)
     except (PeerDied, RingClosed):
         pass  # the executor is gone or shut us down: nothing left to answer
     except BaseException:
@@ -100,15 +103,16 @@ def run_worker(args: WorkerArgs, handle_conn: Connection, log_queue: Any) -> Non
         os._exit(exit_code)
 
 
-def _serve(worker: Any, rank: int, broadcast: MessageQueue, response: MessageQueue) -> int:
-    """Answer calls until shutdown (exit code 0) or a failed step (exit code 1)."""
+def _serve(worker: Any, index: int, broadcast: MessageQueue, response: MessageQueue) -> int:
+    """Answer calls until shutdown (exit code 0) or a failed step (exit code 1); `index`
+    is this worker's place in its executor's slice, which calls address replies to."""
     from shardline.step import SchedulerOutput
 
     while True:
         call_id, method, call_args, kwargs, reply_rank = broadcast.dequeue()
         if method == SHUTDOWN:
             return 0
-        replies = reply_rank in (ALL_RANKS, rank)
+        replies = reply_rank in (ALL_RANKS, index)
         try:
             if method == "execute_model":
                 result = worker.execute_model(SchedulerOutput.from_dict(call_args[0]))

@@ -11,6 +11,7 @@ import torch
 from shardline.config import EngineConfig
 from shardline.step import ModelRunnerOutput, SchedulerOutput
 from shardline.kernels.dispatch import triton_enabled
+from shardline.layers.attention import AttentionMetadata
 from shardline.layers.sampler import Sampler, SamplingBatch
 from shardline.distributed.parallel_state import get_pp_group
 from shardline.models.llama import IntermediateTensors
@@ -50,6 +51,7 @@ class ModelRunner:
         self.generator = torch.Generator(device).manual_seed(config.model.seed)
         self.model: torch.nn.Module | None = None
         self.decode_graphs: DecodeGraphRunner | None = None
+        self._dummy: tuple[torch.Tensor, torch.Tensor, AttentionMetadata] | None = None
 
     def load_model(self) -> None:
         """Load this rank's slice of the weights, for its pipeline stage's layers only."""
@@ -122,21 +124,45 @@ class ModelRunner:
         inputs = build_step_inputs(scheduled, counts, self.block_size, self.device)
         if self.decode_graphs is not None and self.decode_graphs.supports(inputs):
             return inputs, self.decode_graphs.run(inputs)
+        return inputs, self._run_stage(inputs.input_ids, inputs.positions, inputs.meta)
+
+    def _dummy_inputs(self) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Token 0 at position 0 as a one-token prefill that writes no KV (slot -1) and
+        reads block 0: a dummy step's batch, built once."""
+        if self._dummy is None:
+            zeros = torch.zeros(1, dtype=torch.int64, device=self.device)
+            self._dummy = (zeros, zeros, AttentionMetadata(
+                slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=self.device),
+                query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=self.device),
+                seq_lens=torch.ones(1, dtype=torch.int32, device=self.device),
+                block_tables=torch.zeros(1, 1, dtype=torch.int32, device=self.device),
+                decode_only=True))
+        return self._dummy
+
+    def _run_stage(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                   meta: AttentionMetadata) -> torch.Tensor | None:
+        """This rank's pipeline stage on one batch: the final hidden states on the last
+        stage; an earlier stage sends its activations on and returns None."""
         pp = get_pp_group()
         intermediate = None
         if not self.model.is_first_stage:
-            shape = (inputs.input_ids.shape[0], self.info.hidden_size)
+            shape = (input_ids.shape[0], self.info.hidden_size)
             intermediate = IntermediateTensors(*pp.recv_from_prev([shape, shape], self.dtype))
-        out = self.model(inputs.input_ids, inputs.positions, inputs.meta, intermediate)
+        out = self.model(input_ids, positions, meta, intermediate)
         if not self.model.is_last_stage:
             pp.send_to_next(list(out))
-            return inputs, None
-        return inputs, out
+            return None
+        return out
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and sample. An empty step is a dummy step: the engine sends one to
+        a data-parallel core with nothing to do while the other cores run a step, so that
+        collectives spanning the cores (expert parallelism's all-to-all in every MoE layer)
+        stay in step; it runs a one-token forward that writes no KV and samples nothing."""
         if scheduler_output.is_empty:
             self.update_states(scheduler_output)
+            self._run_stage(*self._dummy_inputs())
             return ModelRunnerOutput()
         inputs, hidden = self._forward(scheduler_output)
         if hidden is None or not inputs.sample_req_ids:

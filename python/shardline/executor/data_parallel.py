@@ -1,0 +1,113 @@
+"""The executors of data-parallel engine cores, started together and failing together.
+
+With data_parallel_size = N the engine runs N cores, each with its own executor over its
+slice of the rank grid (DP is the outermost dimension, so core d holds the contiguous
+global ranks d x ranks_per_core onwards). All ranks of all cores still form one
+torch.distributed world, because expert parallelism spans the DP ranks of a stage: every
+core's workers rendezvous at one address, and from `init_device` on they meet in
+collectives. So the setup phases run on every core at once (one thread per core), the KV
+cache is sized once for all cores (the tightest rank of any core), and a worker that dies
+in any core stops every core: the others' waiting calls raise the same EngineDeadError
+instead of hanging in a collective that will never complete.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Callable
+
+from shardline.config import EngineConfig
+from shardline.executor.base import EngineDeadError, Executor, executor_class
+
+
+class PeerCoreFailed(EngineDeadError):
+    """This core stopped because another data-parallel core failed; the message names
+    what failed there."""
+
+
+def _rendezvous_address() -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def create_data_parallel_executors(config: EngineConfig) -> list[Executor]:
+    """One started executor per data-parallel rank, in DP order, each with a KV cache of
+    the same number of blocks. The layout is checked before any process starts (by the
+    first executor); if any core fails to start, every core's workers are released before
+    the error is raised."""
+    parallel = config.parallel
+    cls = executor_class(parallel)
+    address = _rendezvous_address()
+    executors: list[Executor] = []
+    try:
+        for dp_rank in range(parallel.data_parallel_size):
+            executors.append(cls(config, dp_rank=dp_rank, distributed_init_method=address,
+                                 initialize=False))
+        link_failures(executors)
+        blocks = _on_every_core(executors, lambda executor: executor.load())
+        num_blocks = min(blocks)
+        _on_every_core(executors, lambda executor: executor.allocate_kv_cache(num_blocks))
+    except BaseException:
+        for executor in executors:
+            executor.shutdown()
+        raise
+    return executors
+
+
+def link_failures(executors: list[Executor]) -> None:
+    """When a worker of one executor dies, fail every other one with an error that names
+    the dead worker and its data-parallel rank (executors that cannot see their workers
+    die, such as the in-process one, take no part)."""
+    def fail_others(dp_rank: int) -> Callable[[EngineDeadError], None]:
+        def callback(error: EngineDeadError) -> None:
+            linked = PeerCoreFailed(f"{error} (in data-parallel rank {dp_rank}; every engine "
+                                     "core stops with it)")
+            for other, executor in enumerate(executors):
+                if other != dp_rank:
+                    executor.fail(linked)
+        return callback
+
+    for dp_rank, executor in enumerate(executors):
+        add = getattr(executor, "add_death_callback", None)
+        if add is not None:
+            add(fail_others(dp_rank))
+
+
+def _on_every_core(executors: list[Executor], phase: Callable[[Executor], object]) -> list:
+    """Run `phase` on every executor at once, one thread each; its results in order.
+
+    The first failure fails every other executor, so that a core waiting in a collective
+    for the failed one's ranks wakes up; then the first error is raised, preferring an
+    EngineDeadError that is not a consequence of another core's (the root cause).
+    """
+    results: list[object] = [None] * len(executors)
+    errors: list[BaseException | None] = [None] * len(executors)
+    failed = threading.Event()
+
+    def run(i: int) -> None:
+        try:
+            results[i] = phase(executors[i])
+        except BaseException as exc:
+            errors[i] = exc
+            failed.set()
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"shardline-dp-start-{i}",
+                                daemon=True) for i in range(len(executors))]
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        if failed.wait(0.05):
+            cause = next(exc for exc in errors if exc is not None)
+            for executor in executors:
+                executor.fail(PeerCoreFailed(f"another data-parallel core failed to start: "
+                                              f"{cause}"))
+            break
+    for thread in threads:
+        thread.join()
+    raised = [exc for exc in errors if exc is not None]
+    if raised:
+        own = [exc for exc in raised if not isinstance(exc, PeerCoreFailed)]
+        raise (own or raised)[0]
+    return results
