@@ -183,3 +183,12 @@ def test_kernel_resources_quick_check_passes(tmp_path):
             "_rms_norm_kernel", "_rotary_kernel"} <= compiled
     assert run["check_failures"] == []
     assert all(row["registers"] > 0 for row in run["rows"])
+
+
+def test_gpu_mp_check_smoke_runs_on_cpu(tmp_path):
+    run_script("gpu_mp_check.py", "--device", "cpu", "--model", "tiny-llama",
+               "--out-dir", str(tmp_path))
+    result = json.loads((tmp_path / "gpu_mp_check.json").read_text())
+    assert result["device"] == "CPU" and result["requests"] == 16
+    assert result["share_of_requests_equal"] == 1.0   # fp32: the same tokens either way
+    assert result["uni_wall_s"] > 0 and result["mp_wall_s"] > 0
