@@ -1,12 +1,14 @@
 """Throughput, step time and communication of each CPU layout of one model.
 
-Every layout (one rank, TP2, PP2, TP2xPP2, TP4) serves the same offline workload: N
+Every layout (one rank, TP2, PP2, TP2xPP2, TP4, and DP2 and DP2xTP2: two engine cores
+of one and of two TP ranks) serves the same offline workload: N
 prompts of one fixed length, all submitted at once, each generating exactly M tokens
 greedily (ignore_eos). All layouts are started first and then run in turns (a warm-up
 run each, then R timed rounds, one run of every layout per round), so that a change in
 the machine's load hits every layout alike. Reported per layout, as medians over the
 rounds: output tokens/s, the engine's time per step (median step of a run; the mean is
-kept too) and the bytes each rank sent through its communicators per generated token,
+kept too; under DP a step is one step of every core, run at once) and the bytes each rank
+sent through its communicators per generated token (of the whole engine),
 counted by the ranks themselves (Worker.comm_stats through collective_rpc). The greedy
 tokens of every run are compared with the first layout's.
 
@@ -37,9 +39,10 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# name: (TP, PP, expert dispatch path or None without expert parallelism)
+# name: (TP, PP, expert dispatch path or None without expert parallelism[, DP])
 LAYOUTS = {"uni": (1, 1, None), "tp2": (2, 1, None), "pp2": (1, 2, None),
-           "tp2xpp2": (2, 2, None), "tp4": (4, 1, None)}
+           "tp2xpp2": (2, 2, None), "tp4": (4, 1, None), "dp2": (1, 1, None, 2),
+           "dp2xtp2": (2, 1, None, 2)}
 MOE_LAYOUTS = {"uni": (1, 1, None), "tp2": (2, 1, None), "ep2-all_to_all": (2, 1, "all_to_all"),
                "ep2-all_gather": (2, 1, "all_gather"), "tp4": (4, 1, None),
                "ep4-all_to_all": (4, 1, "all_to_all"), "ep4-all_gather": (4, 1, "all_gather")}
@@ -49,25 +52,27 @@ SMALL_MOE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
                  num_attention_heads=8, num_key_value_heads=4, head_dim=64, num_local_experts=8)
 
 
-def start_layout(model: str, tp: int, pp: int, dispatch: str | None, num_prompts: int,
-                 seq_len: int):
+def start_layout(model: str, tp: int, pp: int, dispatch: str | None, dp: int,
+                 num_prompts: int, seq_len: int):
     """An LLM for the layout, with a KV cache fixed to what the workload needs (the same
-    for every layout, so none preempts) and prefix caching off (every run prefills)."""
+    for every layout, so none preempts; under DP, per core) and prefix caching off (every
+    run prefills)."""
     from dataclasses import replace
 
     from shardline import LLM
+    from shardline.engine.data_parallel import create_engine
     from shardline.engine.engine_args import EngineArgs
-    from shardline.engine.llm_engine import LLMEngine
 
     blocks = num_prompts * -(-seq_len // BLOCK_SIZE)
     config = EngineArgs(model, dtype="float32", tensor_parallel_size=tp,
-                        pipeline_parallel_size=pp, max_num_seqs=num_prompts,
+                        pipeline_parallel_size=pp, data_parallel_size=dp,
+                        max_num_seqs=num_prompts,
                         block_size=BLOCK_SIZE, num_kv_blocks=blocks,
                         enable_prefix_caching=False).to_config()
     if dispatch is not None:
         config.parallel = replace(config.parallel, enable_expert_parallel=True,
                                   expert_dispatch=dispatch)
-    return LLM.from_engine(LLMEngine.from_config(config))
+    return LLM.from_engine(create_engine(config))
 
 
 def run_once(llm, workload, tag: str) -> dict:
@@ -75,9 +80,8 @@ def run_once(llm, workload, tag: str) -> dict:
     rank sent during the run."""
     from shardline import SamplingParams
 
-    executor = llm.engine.executor
-    executor.collective_rpc("comm_stats", kwargs={"reset": True})
-    steps_before = llm.stats.num_steps
+    engine = llm.engine
+    engine.collective_rpc("comm_stats", kwargs={"reset": True})
     ids = [f"{tag}-{i}" for i in range(len(workload.prompts))]
     for req_id, prompt, max_tokens in zip(ids, workload.prompts, workload.max_tokens):
         llm.add_request(req_id, prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens,
@@ -93,9 +97,9 @@ def run_once(llm, workload, tag: str) -> dict:
             if out.finished:
                 tokens[out.request_id] = list(out.outputs[0].token_ids)
     elapsed = time.perf_counter() - start
-    stats = executor.collective_rpc("comm_stats")
+    stats = engine.collective_rpc("comm_stats")
     output_tokens = sum(len(t) for t in tokens.values())
-    steps = llm.stats.num_steps - steps_before
+    steps = len(step_s)  # under DP, one step of every core at once
     return {"elapsed_s": elapsed, "output_tokens": output_tokens,
             "tokens_per_s": output_tokens / elapsed, "steps": steps,
             "step_ms": statistics.median(step_s) * 1e3, "mean_step_ms": elapsed / steps * 1e3,
@@ -109,7 +113,7 @@ def rank_bytes(stats: dict) -> dict[str, int]:
             for op, nbytes in sorted(counters["bytes_sent"].items())}
 
 
-def summarize(name: str, tp: int, pp: int, dispatch: str | None, startup_s: float,
+def summarize(name: str, tp: int, pp: int, dispatch: str | None, dp: int, startup_s: float,
               runs: list[dict], reference: list[list[int]], forwarded: int) -> dict:
     """Medians over the timed runs; communication per generated token per rank (and per
     token through the model, `forwarded`: prompt tokens plus fed-back outputs)."""
@@ -122,7 +126,8 @@ def summarize(name: str, tp: int, pp: int, dispatch: str | None, startup_s: floa
                          "bytes_per_forwarded_token": total / forwarded,
                          "by_op_per_token": {op: b / tokens for op, b in by_op.items()}})
     return {
-        "layout": name, "tp": tp, "pp": pp, "ranks": tp * pp, "expert_dispatch": dispatch,
+        "layout": name, "tp": tp, "pp": pp, "dp": dp, "ranks": tp * pp * dp,
+        "expert_dispatch": dispatch,
         "startup_s": startup_s,
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
         "step_ms": statistics.median(r["step_ms"] for r in runs),
@@ -137,6 +142,11 @@ def summarize(name: str, tp: int, pp: int, dispatch: str | None, startup_s: floa
         "tokens_match_reference": all(r["tokens"] == reference for r in runs),
         "tokens_sha256": hashlib.sha256(json.dumps(last["tokens"]).encode()).hexdigest(),
     }
+
+
+def with_dp(layout: tuple) -> tuple:
+    """A layout as (TP, PP, dispatch, DP), DP 1 where the layout leaves it out."""
+    return layout if len(layout) == 4 else (*layout, 1)
 
 
 def measure(model: str, layouts: dict[str, tuple], num_prompts: int, prompt_len: int,
@@ -157,7 +167,7 @@ def measure(model: str, layouts: dict[str, tuple], num_prompts: int, prompt_len:
     try:
         for name in layouts:
             began = time.perf_counter()
-            llms[name] = start_layout(model_dir, *layouts[name], num_prompts,
+            llms[name] = start_layout(model_dir, *with_dp(layouts[name]), num_prompts,
                                       prompt_len + max_tokens)
             startup[name] = time.perf_counter() - began
             run_once(llms[name], workload, f"{name}-warmup")
@@ -172,7 +182,8 @@ def measure(model: str, layouts: dict[str, tuple], num_prompts: int, prompt_len:
             llm.shutdown()
     reference = runs[next(iter(layouts))][0]["tokens"]
     forwarded = num_prompts * (prompt_len + max_tokens - 1)
-    rows = [summarize(name, *layouts[name], startup[name], runs[name], reference, forwarded)
+    rows = [summarize(name, *with_dp(layouts[name]), startup[name], runs[name], reference,
+                      forwarded)
             for name in layouts]
     return {"bench": "layouts", "model": model, "dtype": "float32", "device": "cpu",
             "num_prompts": num_prompts, "prompt_len": prompt_len, "max_tokens": max_tokens,

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-LAYOUTS = {"uni": (1, 1), "tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2), "tp4": (4, 1)}
+LAYOUTS = {"uni": (1, 1, 1), "tp2": (2, 1, 1), "pp2": (1, 2, 1), "tp2xpp2": (2, 2, 1),
+           "tp4": (4, 1, 1), "dp2": (1, 1, 2), "dp2xtp2": (2, 1, 2)}  # TP, PP, DP
 
 
 def run_script(name: str, *args: str) -> None:
@@ -36,28 +37,28 @@ def test_layouts_quick_same_tokens_and_traffic_where_the_layout_puts_it(tmp_path
         result["num_prompts"] * (result["prompt_len"] + result["max_tokens"] - 1)
     assert len({r["tokens_sha256"] for r in rows.values()}) == 1
     for name, r in rows.items():
-        tp, pp = LAYOUTS[name]
-        assert (r["tp"], r["pp"], r["ranks"]) == (tp, pp, tp * pp)
+        tp, pp, dp = LAYOUTS[name]
+        assert (r["tp"], r["pp"], r["dp"], r["ranks"]) == (tp, pp, dp, tp * pp * dp)
         assert r["tokens_match_reference"] and r["output_tokens"] == generated
         assert len(r["tokens_per_s_runs"]) == len(r["step_ms_runs"]) == result["rounds"]
         assert r["tokens_per_s"] == pytest.approx(statistics.median(r["tokens_per_s_runs"]))
         assert r["tokens_per_s"] > 0 and 0 < r["step_ms"] and r["steps"] >= result["max_tokens"]
         assert r["startup_s"] > 0 and r["comm_bytes_identical_across_runs"]
         ranks = r["bytes_per_token_per_rank"]
-        assert [x["rank"] for x in ranks] == list(range(tp * pp))
+        assert [x["rank"] for x in ranks] == list(range(tp * pp * dp))
         for x in ranks:
             assert x["bytes_per_token"] == pytest.approx(sum(x["by_op_per_token"].values()))
             assert x["bytes_per_forwarded_token"] == pytest.approx(
                 x["bytes_per_token"] * generated / result["forwarded_tokens"])
             ops = {op.rpartition("/")[2] for op in x["by_op_per_token"]}
-            stage = x["rank"] // tp
+            stage = x["rank"] // tp % pp
             # TP ranks all-reduce; a stage before the last sends its activations on.
             assert ("all_reduce" in ops) == (tp > 1)
             assert ("send" in ops) == (stage < pp - 1)
             assert (x["bytes_per_token"] > 0) == (tp > 1 or stage < pp - 1)
-        # Every rank of a stage sends the same bytes (the same collectives).
-        for stage in range(pp):
-            same_stage = {x["bytes_per_token"] for x in ranks[stage * tp:(stage + 1) * tp]}
+        # Every rank of a stage of a core sends the same bytes (the same collectives).
+        for first in range(0, tp * pp * dp, tp):
+            same_stage = {x["bytes_per_token"] for x in ranks[first:first + tp]}
             assert len(same_stage) == 1
         assert r["max_rank_bytes_per_token"] == max(x["bytes_per_token"] for x in ranks)
     assert rows["uni"]["max_rank_bytes_per_token"] == 0
