@@ -120,3 +120,23 @@ def test_decode_of_a_large_model_is_memory_bound_and_prefill_compute_bound():
     weights = memory(model, Layout(tp=8), c, Workload(1, 8, 8)).weights_bytes
     assert decode.compute_s >= weights / c.device.memory_bandwidth
     assert math.isclose(model.total_params() / 1e9, 70.55, abs_tol=0.01)
+
+
+def test_cpu_ranks_share_the_cores():
+    cpu = DeviceSpec("CPU", 8e9, flops=30e9, memory_bandwidth=8e9, op_overhead_s=1e-5,
+                     shared_by_ranks=True, cores=2, flops_per_core=20e9)
+    assert cpu.rank_rates(1) == (30e9, 8e9)
+    assert cpu.rank_rates(2) == (20e9, 4e9)
+    assert cpu.rank_rates(4) == (10e9, 2e9)
+    gpu = DeviceSpec("GPU", 8e9, flops=30e9, memory_bandwidth=8e9, op_overhead_s=1e-5)
+    assert gpu.rank_rates(8) == (30e9, 8e9)
+
+
+def test_pipeline_prefill_runs_at_least_one_chunk_per_stage():
+    from shardline.planner.ranking import estimate
+
+    workload = Workload(batch=4, prompt_len=64, output_len=8)
+    e = estimate(MODEL, Layout(pp=2), cluster(1, 2), workload)
+    assert e.ttft_s == pytest.approx(3 * e.prefill.time_s)
+    one = estimate(MODEL, Layout(), cluster(1, 1), workload)
+    assert one.ttft_s == pytest.approx(one.prefill.time_s)

@@ -105,3 +105,22 @@ def test_two_rank_fit_recovers_alpha_and_beta():
 def test_default_profile_path_is_in_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("SHARDLINE_CACHE", str(tmp_path))
     assert command.default_profile_path() == str(tmp_path / "profile.json")
+
+
+def test_model_from_a_config_json_or_a_gguf_file(tmp_path, monkeypatch, capsys):
+    from shardline.models import gguf
+    from shardline.presets import PRESETS
+
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps(dict(PRESETS["small-llama"],
+                                                            num_attention_heads=12)))
+    weights = tmp_path / "model.gguf"
+    weights.write_bytes(b"GGUF")
+    monkeypatch.setattr(gguf, "gguf_model_dir", lambda path: str(checkpoint))
+    for source in (str(checkpoint), str(checkpoint / "config.json"), str(weights)):
+        assert main(["plan", "-m", source, "--gpus-per-node", "8", "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert data["model"]["heads"] == 12
+        names = {x["layout"] for x in data["layouts"]}
+        assert "DP2xTP4" in names and names.isdisjoint({"TP8", "SP8"})

@@ -34,8 +34,10 @@ class DeviceSpec:
     """What one device does per second, and the fixed cost of each kernel it runs.
 
     `flops` and `memory_bandwidth` are achieved rates (not peaks). `shared_by_ranks` is
-    True for CPU "devices": the ranks of a node split the node's cores and memory
-    bandwidth, so a rank gets 1/ranks of `flops` and of `memory_bandwidth`.
+    True for CPU "devices": the ranks of a node split its `cores` and memory bandwidth.
+    One rank alone runs at `flops` (every core's threads in one process); several run one
+    or more single-threaded cores each, `flops_per_core`, never more cores than the node
+    has (shardline's CPU ranks take an equal share of the cores).
     """
 
     name: str
@@ -44,6 +46,17 @@ class DeviceSpec:
     memory_bandwidth: float
     op_overhead_s: float
     shared_by_ranks: bool = False
+    cores: int = 1
+    flops_per_core: float = 0.0
+
+    def rank_rates(self, ranks: int) -> tuple[float, float]:
+        """(flops, memory bandwidth) of one of `ranks` ranks running on one node."""
+        if not self.shared_by_ranks:
+            return self.flops, self.memory_bandwidth
+        bandwidth = self.memory_bandwidth / ranks
+        if ranks == 1 or not self.flops_per_core:
+            return self.flops / ranks, bandwidth
+        return self.flops_per_core * min(self.cores, ranks) / ranks, bandwidth
 
 
 @dataclass(frozen=True)

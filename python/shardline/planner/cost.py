@@ -215,9 +215,8 @@ def step_cost(model: ModelSpec, layout: Layout, cluster: ClusterSpec, sequences:
     head = 2 * sampled * model.vocab * h / layout.tp
     kv_bytes = 2 * (dense + moe) * kv_heads * model.head_dim * dt * sequences * (
         context + tokens_per_seq)
-    ranks_per_node = min(cluster.devices_per_node, layout.world_size)
-    share = ranks_per_node if cluster.device.shared_by_ranks else 1
-    rate, bandwidth = cluster.device.flops / share, cluster.device.memory_bandwidth / share
+    rate, bandwidth = cluster.device.rank_rates(min(cluster.devices_per_node,
+                                                    layout.world_size))
     read = weight_bytes + kv_bytes + model.vocab * h / layout.tp * dt
     kernels = KERNELS_PER_LAYER * (dense + moe) + KERNELS_PER_STEP
     compute = max((flops + head) / rate, read / bandwidth) + kernels * (

@@ -1,8 +1,9 @@
 """What the planner needs to know about a model: its shapes, read from a config.json.
 
-A model is named by a preset, a checkpoint directory, a config.json path or one of the
-reference configs (references.py: models too large to have here, described on paper).
-Nothing is loaded but the config: the planner never touches weights.
+A model is named by a preset, a checkpoint directory, a config.json path, a GGUF file
+(models/gguf.py indexes it into a config.json once) or one of the reference configs
+(references.py: models too large to have here, described on paper). Nothing is loaded
+but the config: the planner never touches weights.
 """
 
 from __future__ import annotations
@@ -113,19 +114,25 @@ def spec_from_config(config: dict, name: str, dtype: str | None = None) -> Model
 
 
 def load_spec(source: str, dtype: str | None = None) -> ModelSpec:
-    """The ModelSpec of a reference model, a preset, a checkpoint directory or a
-    config.json file."""
+    """The ModelSpec of a reference model, a preset, a GGUF file (the config shardline
+    derives from its metadata, at its torch_dtype, not its quantized size), a checkpoint
+    directory or a config.json file."""
     from shardline.presets import PRESETS
 
     if source in REFERENCE_MODELS:
         return spec_from_config(REFERENCE_MODELS[source], source, dtype)
     if source in PRESETS:
         return spec_from_config(PRESETS[source], source, dtype)
+    if source.endswith(".gguf") and os.path.isfile(source):
+        from shardline.models.gguf import gguf_model_dir
+
+        source = gguf_model_dir(source)
     path = os.path.join(source, "config.json") if os.path.isdir(source) else source
     if not os.path.isfile(path) or not path.endswith(".json"):
-        raise ValueError(f"model={source!r} is not a reference model, a preset, a directory "
-                         f"with config.json or a .json file: reference models are "
-                         f"{', '.join(REFERENCE_MODELS)}; presets are {', '.join(PRESETS)}")
+        raise ValueError(f"model={source!r} is not a reference model, a preset, a GGUF "
+                         "file, a directory with config.json or a .json file: reference "
+                         f"models are {', '.join(REFERENCE_MODELS)}; presets are "
+                         f"{', '.join(PRESETS)}")
     with open(path) as f:
         config = json.load(f)
     try:

@@ -1,8 +1,9 @@
 """`shardline plan --profile`: this machine's constants for the cost model, measured.
 
-A CPU rank's device: the matmul rate of torch at small-model shapes, the copy bandwidth
-of memory and the host time of one small layer call (the per-kernel overhead), all with
-every core, since the ranks of a node share them (DeviceSpec.shared_by_ranks). The
+A CPU rank's device: the matmul rate of torch at small-model shapes with every core and
+with one thread (DeviceSpec.rank_rates: one rank uses all cores, several split them),
+the copy bandwidth of memory and the host time of one small layer call (the per-kernel
+overhead). The
 links: two ranks all-reduce 4 KiB and 1 MiB tensors through the shared-memory
 collectives (the intranode link) and through gloo (what ranks on different machines
 use: the internode link); alpha and beta come from the two sizes. Each number is the
@@ -42,12 +43,13 @@ def measure_device() -> DeviceSpec:
     """Matmul rate, memory bandwidth and per-call overhead of this machine's CPU."""
     import torch
 
-    shapes = [(16, 512, 1536), (256, 512, 1536), (1024, 1024, 1024)]
-    rates = []
-    for m, k, n in shapes:
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        seconds = _median_time(lambda: a @ b, iters=max(3, int(2e8 / (m * k * n))))
-        rates.append(2 * m * k * n / seconds)
+    threads = torch.get_num_threads()
+    rates = _matmul_rate(torch)
+    torch.set_num_threads(1)
+    try:
+        per_core = _matmul_rate(torch)
+    finally:
+        torch.set_num_threads(threads)
     src = torch.randn(16 << 20)
     dst = torch.empty_like(src)
     copy_s = _median_time(lambda: dst.copy_(src), iters=5)
@@ -56,9 +58,21 @@ def measure_device() -> DeviceSpec:
     with torch.inference_mode():
         overhead = _median_time(lambda: layer(x), iters=2000)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return DeviceSpec(name="CPU", memory_bytes=float(memory), flops=statistics.median(rates),
+    return DeviceSpec(name="CPU", memory_bytes=float(memory), flops=rates,
                       memory_bandwidth=2 * src.numel() * 4 / copy_s,
-                      op_overhead_s=overhead, shared_by_ranks=True)
+                      op_overhead_s=overhead, shared_by_ranks=True, cores=threads,
+                      flops_per_core=per_core)
+
+
+def _matmul_rate(torch) -> float:
+    """Median flop rate of fp32 matmuls at the shapes of small models' decode and
+    prefill steps, with torch's current thread count."""
+    rates = []
+    for m, k, n in ((16, 512, 1536), (256, 512, 1536), (1024, 1024, 1024)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        seconds = _median_time(lambda: a @ b, iters=max(3, int(2e8 / (m * k * n))))
+        rates.append(2 * m * k * n / seconds)
+    return statistics.median(rates)
 
 
 def _rank_main(rank: int, init_method: str, results: multiprocessing.Queue) -> None:

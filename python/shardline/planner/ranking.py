@@ -22,7 +22,9 @@ class Estimate:
     `concurrency` is the sequences a replica runs at once (the batch share, or fewer
     when its KV cache cannot hold them all); `decode` is one decode step of the busiest
     stage (one pipeline interval), `tpot_s` the time between a sequence's tokens,
-    `ttft_s` the time until the last prompt of a wave has its first token.
+    `ttft_s` the time until the last prompt of a wave has its first token: the prompts
+    go through in chunks of the token budget, at least PP of them so that every stage
+    works (the engine keeps PP steps in flight), `prefill` being one chunk's stage step.
     """
 
     layout: Layout
@@ -62,9 +64,10 @@ def estimate(model: ModelSpec, layout: Layout, cluster: ClusterSpec,
     decode = step_cost(model, layout, cluster, micro, 1, prompt + output / 2, micro)
     tpot = layout.pp * decode.time_s
     prompt_tokens = concurrency * prompt
-    chunk = min(workload.max_num_batched_tokens, prompt_tokens)
+    chunks = max(layout.pp, math.ceil(prompt_tokens / workload.max_num_batched_tokens))
+    chunk = prompt_tokens / chunks
     prefill = step_cost(model, layout, cluster, chunk / prompt, prompt, 0, chunk / prompt)
-    ttft = (math.ceil(prompt_tokens / chunk) + layout.pp - 1) * prefill.time_s
+    ttft = (chunks + layout.pp - 1) * prefill.time_s
     wave = ttft + output * tpot
     served = min(workload.batch, layout.dp * concurrency)
     return Estimate(layout, mem, concurrency, decode, prefill, ttft, tpot,
