@@ -1,7 +1,8 @@
 """Data parallelism over worker processes (CPU, gloo and shared-memory collectives, fp32,
 tiny-llama): DP2 and DP2 x TP2 give the greedy and seeded tokens of the one-rank engine,
 with every core serving; AsyncLLM streams under DP2; aborts reach the right core; dummy
-steps run a forward on every rank of an idle core; invalid flags are refused before any
+steps run a forward on every rank of an idle core, and keep expert parallelism across two
+cores (tiny-mixtral) in step while one core idles; invalid flags are refused before any
 process starts; a worker that dies in one core, at startup or while serving, fails the
 whole engine with an error naming it, and leaves no process and no segment behind.
 
@@ -208,6 +209,29 @@ def test_dummy_steps_run_a_forward_on_every_rank_of_the_idle_core(dp_llm, refere
     assert_all_free(dp_llm)
 
 
+def test_expert_parallel_over_two_cores_matches_one_rank_with_a_core_idle(rng):
+    """tiny-mixtral, DP2 with EP: the experts are spread over both cores' ranks, whose
+    all-to-alls pair up step by step. A batch for both cores, then one request alone while
+    the other core runs dummy steps: the one-rank greedy tokens each time, and both ranks
+    make the same number of all-to-all calls."""
+    moe = dict(ENGINE, num_kv_blocks=48)
+    prompts = [random_prompt(rng, 3, 30) for _ in range(5)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    with LLM("tiny-mixtral", **moe) as reference:
+        expected = token_ids(reference.generate(prompts, params))
+    with LLM("tiny-mixtral", data_parallel_size=2, enable_expert_parallel=True,
+             **moe) as llm:
+        assert llm.engine.dummy_steps
+        llm.engine.collective_rpc("comm_stats", kwargs={"reset": True})
+        assert token_ids(llm.generate(prompts, params)) == expected
+        dummies = llm.engine.num_dummy_steps
+        assert token_ids(llm.generate(prompts[:1], params)) == expected[:1]
+        assert llm.engine.num_dummy_steps - dummies >= params.max_tokens
+        calls = [stats["world+dp+ep"]["calls"]["all_to_all"]
+                 for stats in llm.engine.collective_rpc("comm_stats")]
+        assert calls[0] == calls[1] > 0
+
+
 @pytest.fixture
 def no_spawn(monkeypatch):
     """Fails a test that starts a process (and refuses the start), or leaves one running."""
@@ -225,9 +249,12 @@ def no_spawn(monkeypatch):
 
 
 INVALID = {
-    "sp2": (dict(sequence_parallel_size=2),
-            r"sequence_parallel_size=2 is not supported by the engine yet: use "
-            r"sequence_parallel_size=1"),
+    "sp3": (dict(sequence_parallel_size=3),
+            r"tensor_parallel_size=1 x sequence_parallel_size=3 = 3 does not divide the "
+            r"model's 4 attention heads: use a product in \[1, 2, 4\]"),
+    "sp4-tp2": (dict(sequence_parallel_size=4, tensor_parallel_size=2),
+                       r"tensor_parallel_size=2 x sequence_parallel_size=4 = 8 does not "
+                       r"divide the model's 4 attention heads"),
     "sp0": (dict(sequence_parallel_size=0),
             r"sequence_parallel_size=0 is invalid: must be an integer >= 1"),
     "dp0": (dict(data_parallel_size=0), r"data_parallel_size=0 is invalid: must be an integer"),

@@ -328,8 +328,13 @@ INVALID = {
                   r"tensor_parallel_size=3 does not divide the model's 4 attention heads: "
                   r"use one of \[1, 2, 4\]"),
     "kv-heads-tp2": ("kv3", dict(tensor_parallel_size=2),
-                     r"tensor_parallel_size=2 and the model's 3 KV heads: TP must divide the "
-                     r"KV heads, or be a multiple of them .*use one of \[1, 3, 6\]"),
+                     r"tensor_parallel_size=2 and the model's 3 KV heads: the heads' split "
+                     r"must divide the KV heads, or be a multiple of them .*use one of "
+                     r"\[1, 3, 6\]"),
+    "kv-heads-sp2": ("kv3", dict(sequence_parallel_size=2),
+                     r"tensor_parallel_size=1 x sequence_parallel_size=2 = 2 and the model's 3 "
+                     r"KV heads: the heads' split must divide the KV heads, or be a multiple "
+                     r"of them .*use a product in \[1, 3, 6\]"),
     "layers-pp3": (MODEL, dict(pipeline_parallel_size=3),
                    r"pipeline_parallel_size=3 is larger than the model's 2 layers: use at "
                    r"most 2 stages"),

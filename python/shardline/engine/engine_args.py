@@ -43,13 +43,7 @@ class EngineArgs:
     device: str | None = None
 
     def to_config(self) -> EngineConfig:
-        """The EngineConfig of these options; ValueError for a layout the engine does not
-        serve yet (sequence_parallel_size > 1), before anything starts."""
-        if isinstance(self.sequence_parallel_size, int) and self.sequence_parallel_size > 1:
-            raise ValueError(f"sequence_parallel_size={self.sequence_parallel_size!r} is not "
-                             "supported by the engine yet: use sequence_parallel_size=1, and "
-                             "tensor_parallel_size or pipeline_parallel_size to spread a long "
-                             "prompt's work")
+        """The EngineConfig of these options (each config checks its own values)."""
         return EngineConfig(
             model=ModelConfig(model=resolve_model(self.model), dtype=self.dtype,
                               max_model_len=self.max_model_len, seed=self.seed,

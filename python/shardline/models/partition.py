@@ -45,21 +45,27 @@ def check_partition(parallel: ParallelConfig, info: ModelInfo,
                     cuda_devices: int | None = None) -> None:
     """Raise ValueError if `info`'s model cannot be split as `parallel` asks.
 
-    KV heads are replicated when TP exceeds them (each rank then holds one), which needs
-    TP to be a multiple of the KV-head count. With enable_expert_parallel the model must
+    KV heads are replicated when TP (times SP) exceeds them (each rank then holds one),
+    which needs TP (times SP) to be a multiple of the KV-head count. With enable_expert_parallel the model must
     have experts, as many on every EP rank (check_expert_partition). `cuda_devices` is
     the number of GPUs when the ranks run on CUDA (None on CPU).
     """
-    tp = parallel.tensor_parallel_size
+    tp, sp = parallel.tensor_parallel_size, parallel.sequence_parallel_size
     heads, kv_heads = info.num_attention_heads, info.num_key_value_heads
     usable = [d for d in _divisors(heads) if kv_heads % d == 0 or d % kv_heads == 0]
-    if heads % tp:
-        raise ValueError(f"tensor_parallel_size={tp} does not divide the model's {heads} "
-                         f"attention heads: use one of {usable}")
-    if kv_heads % tp and tp % kv_heads:
-        raise ValueError(f"tensor_parallel_size={tp} and the model's {kv_heads} KV heads: "
-                         "TP must divide the KV heads, or be a multiple of them (each KV head "
-                         f"is then replicated on {tp}/{kv_heads} ranks): use one of {usable}")
+    # Attention heads are split over TP x SP ranks (SP splits each TP rank's heads), and
+    # the same rules hold for the product as for TP alone.
+    split, name = tp * sp, f"tensor_parallel_size={tp}"
+    if sp > 1:
+        name += f" x sequence_parallel_size={sp} = {split}"
+    if heads % split:
+        raise ValueError(f"{name} does not divide the model's {heads} attention heads: use "
+                         f"{'one of' if sp == 1 else 'a product in'} {usable}")
+    if kv_heads % split and split % kv_heads:
+        raise ValueError(f"{name} and the model's {kv_heads} KV heads: the heads' split must "
+                         "divide the KV heads, or be a multiple of them (each KV head is then "
+                         f"replicated on {split}/{kv_heads} ranks): use "
+                         f"{'one of' if sp == 1 else 'a product in'} {usable}")
     stage_layer_counts(info.num_hidden_layers, parallel.pipeline_parallel_size,
                        parallel.pipeline_stage_layers)
     if parallel.enable_expert_parallel:
