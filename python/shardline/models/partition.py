@@ -46,9 +46,10 @@ def check_partition(parallel: ParallelConfig, info: ModelInfo,
     """Raise ValueError if `info`'s model cannot be split as `parallel` asks.
 
     KV heads are replicated when TP (times SP) exceeds them (each rank then holds one),
-    which needs TP (times SP) to be a multiple of the KV-head count. With enable_expert_parallel the model must
-    have experts, as many on every EP rank (check_expert_partition). `cuda_devices` is
-    the number of GPUs when the ranks run on CUDA (None on CPU).
+    which needs TP (times SP) to be a multiple of the KV-head count. With
+    enable_expert_parallel the model must have experts, as many on every EP rank
+    (check_expert_partition). `cuda_devices` is the number of GPUs when the ranks run on
+    CUDA (None on CPU).
     """
     tp, sp = parallel.tensor_parallel_size, parallel.sequence_parallel_size
     heads, kv_heads = info.num_attention_heads, info.num_key_value_heads
