@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from shardline.engine.data_parallel import DataParallelEngine, create_engine
 from shardline.engine.engine_args import EngineArgs
 from shardline.engine.llm_engine import LLMEngine, PromptType
+from shardline.engine.metrics import engine_metrics
 from shardline.engine.outputs import RequestOutput
 from shardline.sampling_params import SamplingParams
 
@@ -74,6 +75,28 @@ class _Abort:
         self.waiter = waiter
 
 
+class _Call:
+    """Run `fn(engine)` on the engine thread between steps; the engine thread answers the
+    `waiter` with a _Result (or the exception raised), or _ACK if it ends first."""
+
+    __slots__ = ("fn", "waiter")
+
+    def __init__(self, fn: Callable[[LLMEngine | DataParallelEngine], object],
+                 waiter: _Stream) -> None:
+        self.fn = fn
+        self.waiter = waiter
+
+
+class _Result:
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+
+_Command = _Add | _Abort | _Call
+
+
 class AsyncLLM:
     """An engine plus the thread that steps it and feeds per-request output streams.
 
@@ -93,7 +116,7 @@ class AsyncLLM:
         self.engine = engine
         # Guards the fields below; held only for moments, never across a step.
         self._mutex = threading.Lock()
-        self._commands: list[_Add | _Abort] = []
+        self._commands: list[_Command] = []
         self._worker: threading.Thread | None = None
         self._failure: BaseException | None = None
         self._closed = False
@@ -143,6 +166,19 @@ class AsyncLLM:
         if self._post(_Abort(request_id, None, waiter), refuse=False):
             await _acknowledged(waiter)
 
+    async def metrics(self) -> dict:
+        """The engine's metrics as a plain dict (see engine.metrics.engine_metrics), read by
+        the engine thread between steps. Once the engine has stopped (failed or shut down)
+        they are read here, without the per-rank step times."""
+        waiter = _Stream("metrics")
+        if self._post(_Call(engine_metrics, waiter), refuse=False):
+            item = await waiter.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, _Result):
+                return item.value
+        return engine_metrics(self.engine, per_rank=False)
+
     def shutdown(self) -> None:
         """Stop the engine thread after its current step, end open streams with an error,
         and shut the executor down."""
@@ -156,6 +192,11 @@ class AsyncLLM:
         self._end_streams(RuntimeError("the AsyncLLM was shut down"), commands)
         self.engine.shutdown()
 
+    def check_health(self) -> None:
+        """Raise RuntimeError, saying why, if the engine accepts no more requests (it failed
+        or was shut down)."""
+        self._raise_if_stopped()
+
     def _raise_if_stopped(self) -> None:
         if self._failure is not None:
             raise RuntimeError("the engine failed in an earlier step and accepts no more "
@@ -163,7 +204,7 @@ class AsyncLLM:
         if self._closed:
             raise RuntimeError("the AsyncLLM was shut down and accepts no more requests")
 
-    def _post(self, command: _Add | _Abort, refuse: bool) -> bool:
+    def _post(self, command: _Command, refuse: bool) -> bool:
         """Queue a command for the engine thread, starting that thread if it is idle.
 
         Once the engine failed or was shut down, an add raises (when `refuse`) and an
@@ -205,7 +246,7 @@ class AsyncLLM:
                 self._fail(exc, commands)
                 return
 
-    def _apply(self, commands: list[_Add | _Abort]) -> None:
+    def _apply(self, commands: list[_Command]) -> None:
         """Apply commands in order, removing each once applied (so, if one raises, it and
         the rest stay in the list) and delivering what those applied produced."""
         deliveries: list[tuple[_Stream, Item]] = []
@@ -213,6 +254,8 @@ class AsyncLLM:
             while commands:
                 if isinstance(commands[0], _Add):
                     self._add(commands[0], deliveries)
+                elif isinstance(commands[0], _Call):
+                    self._call(commands[0], deliveries)
                 else:
                     self._abort(commands[0], deliveries)
                 del commands[0]
@@ -252,14 +295,20 @@ class AsyncLLM:
         if command.waiter is not None:
             deliveries.append((command.waiter, _ACK))
 
-    def _fail(self, exc: Exception, unapplied: list[_Add | _Abort]) -> None:
+    def _call(self, command: _Call, deliveries: list[tuple[_Stream, Item]]) -> None:
+        try:
+            deliveries.append((command.waiter, _Result(command.fn(self.engine))))
+        except Exception as exc:
+            deliveries.append((command.waiter, exc))
+
+    def _fail(self, exc: Exception, unapplied: list[_Command]) -> None:
         with self._mutex:
             self._failure = exc
             self._worker = None
             commands, self._commands = self._commands, []
         self._end_streams(exc, unapplied + commands)
 
-    def _end_streams(self, error: BaseException, commands: list[_Add | _Abort]) -> None:
+    def _end_streams(self, error: BaseException, commands: list[_Command]) -> None:
         """After the engine thread has ended for good: fail every open stream and answer
         the commands it never applied."""
         deliveries: list[tuple[_Stream, Item]] = [(s, error) for s in self._streams.values()]

@@ -16,6 +16,7 @@ from typing import Sequence as Seq
 from shardline.engine.data_parallel import DataParallelEngine, create_engine
 from shardline.engine.engine_args import EngineArgs
 from shardline.engine.llm_engine import LLMEngine, PromptType, is_sequence
+from shardline.engine.metrics import engine_metrics
 from shardline.engine.outputs import RequestOutput
 from shardline.sampling_params import SamplingParams
 from shardline.engine.scheduler import SchedulerStats
@@ -86,6 +87,12 @@ class LLM:
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its KV blocks; its final output, or None if unknown."""
         return self.engine.abort_request(request_id)
+
+    def metrics(self) -> dict:
+        """Running and waiting requests, KV blocks used, prefix-cache hit rate, preemptions,
+        token rates, step-time percentiles and, under the multi-process executor, each
+        rank's step times, as a plain dict (keys: see engine.metrics.engine_metrics)."""
+        return engine_metrics(self.engine)
 
     def has_unfinished_requests(self) -> bool:
         """Whether any request is still waiting or running."""

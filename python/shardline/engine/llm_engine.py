@@ -19,6 +19,7 @@ from typing import Iterator, Protocol, Sequence as Seq
 
 from shardline.config import EngineConfig
 from shardline.engine.kv_blocks import KVBlockManager
+from shardline.engine.metrics import EngineMetrics
 from shardline.engine.output_processor import OutputProcessor, RequestState
 from shardline.engine.outputs import RequestOutput
 from shardline.sampling_params import SamplingParams
@@ -67,6 +68,7 @@ class LLMEngine:
         self._failure: BaseException | None = None
         self.outputs = OutputProcessor(self.scheduler, model_info.eos_token_ids)
         self._arrival = itertools.count()
+        self.step_metrics = EngineMetrics()
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLMEngine":
@@ -184,7 +186,10 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its blocks; returns its final output, None if unknown."""
-        return self.outputs.abort(request_id)
+        output = self.outputs.abort(request_id)
+        if output is not None:
+            self.step_metrics.request_finished(output)
+        return output
 
     def has_unfinished_requests(self) -> bool:
         """Whether a request is unfinished, or a step is still in flight (it may hold the
@@ -215,6 +220,7 @@ class LLMEngine:
                 scheduled = self.scheduler.schedule()
                 if scheduled.is_empty:
                     break
+                self.step_metrics.step_sent()
                 self._in_flight.append(
                     (scheduled, self.executor.execute_model(scheduled, non_block=True)))
             if not self._in_flight and self.scheduler.has_unfinished():
@@ -227,6 +233,7 @@ class LLMEngine:
         stay in step. It holds a place among the steps in flight and returns no outputs."""
         with self._stop_on_failure():
             dummy = SchedulerOutput()
+            self.step_metrics.step_sent()
             self._in_flight.append((dummy, self.executor.execute_model(dummy, non_block=True)))
 
     def collect_step(self) -> list[RequestOutput]:
@@ -238,9 +245,13 @@ class LLMEngine:
             scheduled, future = self._in_flight.popleft()
             result = future.result()
         if scheduled.is_empty:
+            self.step_metrics.step_collected(0, [], 0)
             return []
         sampled = self.scheduler.update(scheduled, result)
-        return self.outputs.process(sampled)
+        outputs = self.outputs.process(sampled)
+        self.step_metrics.step_collected(scheduled.total_num_scheduled_tokens, outputs,
+                                         len(sampled))
+        return outputs
 
     @contextlib.contextmanager
     def _stop_on_failure(self) -> Iterator[None]:

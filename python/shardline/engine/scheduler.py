@@ -36,11 +36,14 @@ from shardline.engine.sequence import Sequence, SequenceStatus
 
 @dataclass
 class SchedulerStats:
-    """Running totals, for tests and benchmarks."""
+    """Running totals, for tests, benchmarks and metrics. `num_lookup_tokens` counts the
+    tokens of sequences looked up in the prefix cache as they start (or resume), of which
+    `num_cached_tokens` were found there."""
 
     num_steps: int = 0
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
+    num_lookup_tokens: int = 0
     num_preemptions: int = 0
 
 
@@ -186,6 +189,7 @@ class Scheduler:
             seq.num_computed_tokens = num_cached
             seq.num_cached_tokens = num_cached
             self.stats.num_cached_tokens += num_cached
+            self.stats.num_lookup_tokens += seq.num_tokens
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
             out.new_requests.append(NewRequestData(
                 req_id=seq.seq_id,

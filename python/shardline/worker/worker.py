@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 
 from shardline.config import EngineConfig
 from shardline.step import ModelRunnerOutput, SchedulerOutput
+from shardline.step_times import StepTimes
 from shardline.worker.kv_memory import kv_cache_budget
 from shardline.worker.model_runner import ModelRunner
 
@@ -43,6 +45,7 @@ class Worker:
         self.distributed_init_method = distributed_init_method
         self.device: torch.device | None = None
         self.model_runner: ModelRunner | None = None
+        self.step_times = StepTimes()
 
     def init_device(self) -> None:
         self.device = pick_device(self.rank, self.config.parallel.device)
@@ -103,7 +106,17 @@ class Worker:
         self.model_runner.warm_up()
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.model_runner.execute_model(scheduler_output)
+        start = time.perf_counter()
+        output = self.model_runner.execute_model(scheduler_output)
+        self.step_times.record(time.perf_counter() - start)
+        return output
+
+    def step_time_stats(self) -> dict[str, float | int | None]:
+        """This rank's `execute_model` times (see StepTimes.summary), waits on its peers
+        in collectives included, so a slow rank shows as the others waiting. On a GPU a
+        rank that samples nothing may return once its kernels are queued: no sync is added
+        for the measurement, so there its time is partly host time."""
+        return self.step_times.summary()
 
     def score(self, scheduler_output: dict) -> dict:
         """Logits of every scheduled token per request, for the step `scheduler_output`
