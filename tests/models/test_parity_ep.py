@@ -5,7 +5,9 @@ before any worker starts.
 
 With DP = SP = 1 the EP group is the TP group, so EPn is TPn with enable_expert_parallel:
 attention TP-split, each rank owning 1/n of the experts whole. Each layout runs one of
-the two dispatch paths; together they cover both on both models and at both sizes.
+the two dispatch paths; together they cover both on both models, EP2 and EP4 on both,
+and EP under pipeline parallelism (Qwen2-MoE: layers 0-1, one of them dense, on the first
+stage, layer 2 on the second; each stage's EP group is its own TP pair).
 """
 
 from __future__ import annotations
@@ -30,10 +32,8 @@ LAYOUTS = {
     "mixtral-ep2-all_to_all": ("tiny-mixtral", {}, 2, 1, "all_to_all"),
     "mixtral-ep4-8experts-all_gather": ("tiny-mixtral", {"num_local_experts": 8}, 4, 1,
                                         "all_gather"),
-    "qwen2-moe-ep2-all_gather": ("tiny-qwen2-moe", {}, 2, 1, "all_gather"),
+    "qwen2-moe-ep2xpp2-all_gather": ("tiny-qwen2-moe", {}, 2, 2, "all_gather"),
     "qwen2-moe-ep4-all_to_all": ("tiny-qwen2-moe", {}, 4, 1, "all_to_all"),
-    "mixtral-ep2xpp2-all_to_all": ("tiny-mixtral", {"num_local_experts": 8}, 2, 2,
-                                   "all_to_all"),
 }
 
 

@@ -9,7 +9,7 @@ ParallelConfig.expert_dispatch:
 all_to_all (`dispatch_all_to_all`). The TP ranks first divide their common tokens: each
 takes a contiguous 1/TP share (`token_share`), routes it and sends each token once to
 every rank that owns at least one of its top-k experts, with the token's expert ids and
-weights (an all-to-all of uneven splits, preceded by an exchange of the counts). An
+weights in the same row (an all-to-all of uneven splits, after an exchange of the counts). An
 owner runs its local experts on what it received; the kernel applies each pair's weight
 and sums the owner's pairs of a token, so one row per (token, owner) goes back the same
 way. The sender adds the rows of each token, in owner order, in fp32, into the token's
@@ -74,15 +74,20 @@ def gather_shares(share: torch.Tensor, num_tokens: int, group: GroupCoordinate) 
     return group.all_gather(padded, dim=0)[:num_tokens]
 
 
-def _route(weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Weights and expert ids side by side in one fp32 tensor [N, 2k] (ids are small
-    integers, exact in fp32), so that one collective carries both."""
-    return torch.cat([weights.float(), ids.float()], dim=1)
+def _with_route(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Each row of x followed by its weights and expert ids as fp32 (ids are small
+    integers, exact in fp32), reinterpreted bit for bit as x's dtype so that one
+    collective carries all three: [N, H + 8k / x.element_size()]."""
+    route = torch.cat([weights.float(), ids.float()], dim=1)
+    return torch.cat([x, route.view(x.dtype)], dim=1)
 
 
-def _unroute(route: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _without_route(rows: torch.Tensor, hidden: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What _with_route packed: (x, weights, ids)."""
+    route = rows[:, hidden:].contiguous().view(torch.float32)
     k = route.shape[1] // 2
-    return route[:, :k], route[:, k:].long()
+    return rows[:, :hidden], route[:, :k], route[:, k:].long()
 
 
 def dispatch_all_to_all(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
@@ -97,9 +102,8 @@ def dispatch_all_to_all(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tenso
     dest, token = hit.t().nonzero(as_tuple=True)           # by rank, then token order
     send = hit.sum(dim=0).tolist()
     recv = ep.exchange_splits(send)
-    got_x = ep.all_to_all(x[token], send, recv)
-    got_w, got_ids = _unroute(ep.all_to_all(_route(weights[token], ids[token]), send, recv))
-    back = ep.all_to_all(compute(got_x, got_w, got_ids), recv, send)
+    got = ep.all_to_all(_with_route(x[token], weights[token], ids[token]), send, recv)
+    back = ep.all_to_all(compute(*_without_route(got, hidden)), recv, send)
     # The rows of token t sit in slots 0.. in owner order; summing the slots in order
     # keeps the result independent of the hardware's scatter order.
     slot = (hit.cumsum(dim=1) - 1)[token, dest]
@@ -117,11 +121,9 @@ def dispatch_all_gather(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tenso
     rows = max(counts)
     if rows == 0:
         return x
-    padded_x = x.new_zeros(rows, hidden)
-    padded_x[:tokens] = x
-    route = torch.zeros(rows, 2 * ids.shape[1], dtype=torch.float32, device=x.device)
-    route[tokens:, ids.shape[1]:] = -1      # padding rows choose no expert
-    route[:tokens] = _route(weights, ids)
-    all_x = ep.all_gather(padded_x, dim=0)
-    all_w, all_ids = _unroute(ep.all_gather(route, dim=0))
-    return ep.reduce_scatter(compute(all_x, all_w, all_ids), dim=0)[:tokens]
+    padding = rows - tokens     # rows of zeros that choose no expert (id -1)
+    packed = _with_route(torch.cat([x, x.new_zeros(padding, hidden)]),
+                         torch.cat([weights.float(), weights.new_zeros(padding, ids.shape[1])]),
+                         torch.cat([ids, ids.new_full((padding, ids.shape[1]), -1)]))
+    everyone = ep.all_gather(packed, dim=0)
+    return ep.reduce_scatter(compute(*_without_route(everyone, hidden)), dim=0)[:tokens]
