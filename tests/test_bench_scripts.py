@@ -192,3 +192,16 @@ def test_gpu_mp_check_smoke_runs_on_cpu(tmp_path):
     assert result["device"] == "CPU" and result["requests"] == 16
     assert result["share_of_requests_equal"] == 1.0   # fp32: the same tokens either way
     assert result["uni_wall_s"] > 0 and result["mp_wall_s"] > 0
+
+
+def test_sequence_parallel_quick_matches_one_rank(tmp_path):
+    run_script("sequence_parallel.py", "--quick", "--layouts", "uni,sp2", "--out-dir",
+               str(tmp_path))
+    result = json.loads((tmp_path / "sequence_parallel.json").read_text())
+    rows = {row["layout"]: row for row in result["rows"]}
+    assert set(rows) == {"uni", "sp2"} and result["prompt_len"] == 96
+    assert all(row["token_matches_first_layout"] and row["prefill_s"] > 0
+               for row in rows.values())
+    assert rows["uni"]["bytes_per_prompt_token_per_rank"] == [0]
+    assert len(rows["sp2"]["bytes_per_prompt_token_per_rank"]) == 2
+    assert min(rows["sp2"]["bytes_per_prompt_token_per_rank"]) > 0
