@@ -1,8 +1,9 @@
-"""`shardline` command line: demo, generate, bench and plan.
+"""`shardline` command line: demo, generate, bench, serve and plan.
 
     shardline demo                 build the default preset, generate, print outputs and speed
     shardline generate -m MODEL -p "prompt" [--temperature ...]
     shardline bench -m MODEL --num-prompts 64
+    shardline serve MODEL --port 8000    an OpenAI-compatible HTTP server (the serve extra)
     shardline plan -m MODEL --nodes 2 --gpu h100   rank parallel layouts for a cluster
 
 MODEL is a local Hugging Face checkpoint directory or a built-in preset; nothing is
@@ -152,6 +153,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from shardline.entrypoints.app import run_server
+    except ImportError as exc:
+        print(f"shardline serve: error: {exc.name or exc} is not installed; install the serve "
+              "extra: pip install 'shardline[serve]'", file=sys.stderr)
+        return 1
+    from shardline.engine.async_llm import AsyncLLM
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} is invalid: must be in [0, 65535]")
+    args.model = args.model_arg or args.model
+    llm = AsyncLLM.from_engine(_build_llm(args).engine)
+    name = args.served_model_name or args.model
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    run_server(llm, name, args.host, args.port, args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardline", description=__doc__,
                                      epilog=f"presets: {', '.join(PRESETS)}",
@@ -196,6 +216,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0,
                        help="seed of the synthetic workload (default: %(default)s)")
     bench.set_defaults(func=cmd_bench)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, "
+                                         "/v1/chat/completions, /metrics)")
+    serve.add_argument("model_arg", nargs="?", metavar="MODEL",
+                       help="the model to serve, as for --model (which it replaces)")
+    _add_engine_args(serve, DEFAULT_MODEL)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on; 0.0.0.0 for every interface "
+                            "(default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000,
+                       help="TCP port to listen on (default: %(default)s)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients send and /v1/models lists "
+                            "(default: MODEL as given)")
+    serve.add_argument("--log-level", default="info",
+                       choices=("critical", "error", "warning", "info", "debug"),
+                       help="the HTTP server's log level (default: %(default)s)")
+    serve.set_defaults(func=cmd_serve)
 
     from shardline.planner.command import add_plan_command
 

@@ -1,0 +1,152 @@
+"""The HTTP app: OpenAI's completions, chat completions and models endpoints, /health and
+/metrics, over one AsyncLLM (FastAPI, served by uvicorn; `pip install shardline[serve]`).
+
+A bad request gets a 400 in OpenAI's error format with the field named in `param`, and
+touches no engine state. A client that disconnects aborts its requests: a streaming
+response closes its stream however it ends, and a whole response races the generation
+against the connection's disconnect message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from shardline.engine.async_llm import AsyncLLM
+from shardline.entrypoints import prometheus
+from shardline.entrypoints.protocol import (ChatCompletionRequest, CompletionRequest,
+                                            RequestError, error_body, parse)
+from shardline.entrypoints.serving import (Generation, chat_generation, chat_response,
+                                           completion_generation, completion_response,
+                                           stream_events)
+
+logger = logging.getLogger("shardline")
+
+
+class _EventStream(StreamingResponse):
+    """Closes its event stream however the response ends (a client that disconnects
+    included), so the requests behind it are aborted at once, not when it is collected."""
+
+    media_type = "text/event-stream"
+
+    async def stream_response(self, send: Any) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def build_app(llm: AsyncLLM, model_name: str) -> FastAPI:
+    """The app serving `llm` under the model name `model_name` (what /v1/models lists and
+    requests must name)."""
+    app = FastAPI(title="shardline", description="OpenAI-compatible server over shardline")
+    created = int(time.time())
+    tokenizer = llm.engine.tokenizer
+
+    def decode(token: int) -> str:
+        if tokenizer is None:
+            return str(token)
+        return tokenizer.decode([token], skip_special_tokens=False)
+
+    @app.exception_handler(RequestError)
+    async def bad_request(_: Request, exc: RequestError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), exc.param), status_code=400)
+
+    async def body_of(request: Request, model: type) -> Any:
+        try:
+            body = json.loads(await request.body())
+        except ValueError as exc:
+            raise RequestError(f"the body is not valid JSON: {exc}", None) from None
+        parsed = parse(model, body)
+        if parsed.model != model_name:
+            raise RequestError(f"model={parsed.model!r} is not served here; this server serves "
+                               f"{model_name!r}", "model")
+        return parsed
+
+    async def respond(request: Request, body: Any, generation: Generation, chat: bool,
+                      top_n: int) -> Response:
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _EventStream(stream_events(generation, model_name, chat, decode, top_n,
+                                              usage))
+        outputs = await _unless_disconnected(request, generation.final())
+        if outputs is None:
+            return Response(status_code=499)  # nobody is there to read it
+        if chat:
+            return JSONResponse(chat_response(generation, outputs, model_name, decode, top_n))
+        return JSONResponse(completion_response(generation, outputs, model_name, decode))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await body_of(request, CompletionRequest)
+        return await respond(request, body, completion_generation(llm, body), False, 0)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await body_of(request, ChatCompletionRequest)
+        return await respond(request, body, chat_generation(llm, body), True,
+                             body.top_logprobs or 0)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": created, "owned_by": "shardline",
+            "max_model_len": llm.engine.max_model_len}]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        """200 while the engine accepts requests; 503 once it failed or was shut down."""
+        try:
+            llm.check_health()
+        except RuntimeError as exc:
+            return JSONResponse({"status": "error", "message": str(exc)}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(prometheus.render(await llm.metrics()),
+                        media_type=prometheus.CONTENT_TYPE)
+
+    return app
+
+
+async def _unless_disconnected(request: Request, work: Any) -> Any:
+    """Await `work`, or cancel it (aborting its requests) and return None if the client
+    disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        logger.info("client disconnected: its request was aborted")
+        return None
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (the body was read already, so the next message the
+    server has for this request is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def run_server(llm: AsyncLLM, model_name: str, host: str = "127.0.0.1", port: int = 8000,
+               log_level: str = "info") -> None:
+    """Serve `llm` until interrupted (Ctrl-C or SIGTERM), then shut the engine down."""
+    import uvicorn
+
+    try:
+        uvicorn.run(build_app(llm, model_name), host=host, port=port, log_level=log_level)
+    finally:
+        llm.shutdown()

@@ -1,0 +1,174 @@
+"""The OpenAI request bodies the server accepts, and how they map to SamplingParams.
+
+Bodies are validated with pydantic; a field this server does not know, or knows but does
+not support (logit_bias, tools, response_format, ...), is refused rather than ignored, so
+a client never gets an answer that silently disregarded what it asked for. Every refusal
+is a RequestError naming the field, which the server returns as a 400 in OpenAI's error
+format.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shardline.sampling_params import SamplingParams
+
+MAX_LOGPROBS = 20
+
+
+class RequestError(ValueError):
+    """A bad request: `param` names the field (None when the body as a whole is bad)."""
+
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def error_body(message: str, param: str | None, kind: str = "invalid_request_error") -> dict:
+    """An error response in OpenAI's format."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Body):
+    """Fields common to both endpoints; those after `seed` are extensions to OpenAI's API."""
+
+    model: str
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: Union[str, list[str], None] = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    user: str | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """The SamplingParams this request asks for; RequestError naming a bad field."""
+        given = {name: getattr(self, name) for name in
+                 ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed",
+                  "top_k", "min_p", "repetition_penalty", "stop_token_ids")
+                 if getattr(self, name) is not None}
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        try:
+            return SamplingParams(**given, max_tokens=max_tokens, stop=stop, logprobs=logprobs,
+                                  ignore_eos=self.ignore_eos,
+                                  skip_special_tokens=self.skip_special_tokens)
+        except ValueError as exc:
+            raise RequestError(str(exc), _field_of(str(exc))) from None
+
+
+class CompletionRequest(_SamplingFields):
+    """POST /v1/completions: `prompt` is a string, a list of strings, a list of token ids
+    or a list of such lists; each prompt gets `n` choices."""
+
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int | None = 16
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: Literal[False] = False
+    suffix: None = None
+    best_of: int | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]
+        if not prompt:
+            raise RequestError("prompt is empty: pass a string, a list of token ids, or a "
+                               "non-empty list of either", "prompt")
+        return list(prompt)
+
+    def to_sampling_params(self) -> SamplingParams:
+        if self.best_of is not None and self.best_of != self.n:
+            raise RequestError(f"best_of={self.best_of} is not supported: only best_of equal to "
+                               f"n ({self.n}) or unset", "best_of")
+        return self.sampling_params(self.max_tokens, self.logprobs)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Union[str, list[TextPart]]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """POST /v1/chat/completions: `messages` rendered with the model's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: bool = True
+
+    def conversation(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    def to_sampling_params(self) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
+        max_tokens = (self.max_completion_tokens if self.max_completion_tokens is not None
+                      else self.max_tokens)
+        try:
+            return self.sampling_params(max_tokens,
+                                        (self.top_logprobs or 0) if self.logprobs else None)
+        except RequestError as exc:
+            if exc.param == "max_tokens" and self.max_completion_tokens is not None:
+                exc.param = "max_completion_tokens"
+            elif exc.param == "logprobs":
+                exc.param = "top_logprobs"
+            raise
+
+
+def parse(model: type[_Body], body: Any) -> Any:
+    """`body` (decoded JSON) as a `model`, or a RequestError naming the first bad field."""
+    if not isinstance(body, dict):
+        raise RequestError(f"the body is {type(body).__name__}, not a JSON object", None)
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        location = [str(part) for part in error["loc"]]
+        param = ".".join(location) if location else None
+        if error["type"] == "extra_forbidden":
+            raise RequestError(f"{param} is not supported by this server; it accepts "
+                               f"{', '.join(sorted(model.model_fields))}", param) from None
+        if error["type"] == "missing":
+            raise RequestError(f"{param} is required", param) from None
+        raise RequestError(f"{param}: {error['msg']} (got {error.get('input')!r})",
+                           location[0] if location else None) from None
+
+
+def _field_of(message: str) -> str | None:
+    """The field a SamplingParams or engine error names ("SamplingParams.top_p=2 ...",
+    "stop=[...] needs ...")."""
+    match = re.match(r"(?:SamplingParams\.)?(\w+)\s*=", message)
+    return match.group(1) if match else None

@@ -1,0 +1,230 @@
+"""Completions and chat completions over an AsyncLLM: run a request's prompts, then shape
+the outputs as OpenAI's response objects, whole or as server-sent-event chunks.
+
+Every prompt of a request is one engine request (its `n` completions are the engine's
+sequences); their streams are merged as they produce. Closing the merged stream (the
+client went away) cancels every engine stream, which aborts its request and frees its KV
+blocks. Streamed text holds back the last characters that could still begin a stop
+string, since the engine cuts a stop string, and what follows it, out of the final text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import AsyncIterator, Callable
+
+from shardline.engine.async_llm import AsyncLLM
+from shardline.engine.outputs import CompletionOutput, RequestOutput
+from shardline.entrypoints.protocol import (ChatCompletionRequest, CompletionRequest,
+                                            RequestError)
+from shardline.sampling_params import SamplingParams
+
+_DONE = object()
+
+
+class Generation:
+    """One API request's engine requests, prepared (validated, tokenized) before any runs."""
+
+    def __init__(self, llm: AsyncLLM, prompts: list[str | list[int]], params: SamplingParams,
+                 prefix: str, prompt_field: str) -> None:
+        self.llm = llm
+        self.params = params
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.prompts = prompts
+        for i, prompt in enumerate(prompts):
+            try:
+                llm.engine.encode_prompt(prompt, params)
+            except ValueError as exc:
+                where = prompt_field if len(prompts) == 1 else f"{prompt_field}[{i}]"
+                raise RequestError(f"{where}: {exc}", _param(str(exc), prompt_field)) from None
+
+    async def stream(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, cumulative output) as any of the prompts gains tokens."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, prompt: str | list[int]) -> None:
+            try:
+                async for output in self.llm.generate(prompt, self.params,
+                                                      f"{self.id}-{index}"):
+                    queue.put_nowait((index, output))
+                queue.put_nowait((index, _DONE))
+            except Exception as exc:
+                queue.put_nowait((index, exc))
+
+        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(self.prompts)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                index, item = await queue.get()
+                if item is _DONE:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def final(self) -> list[RequestOutput]:
+        """Every prompt's finished output, in prompt order."""
+        outputs: list[RequestOutput | None] = [None] * len(self.prompts)
+        async for index, output in self.stream():
+            outputs[index] = output
+        return outputs  # type: ignore[return-value]
+
+
+def _param(message: str, prompt_field: str) -> str:
+    """The request field an engine error is about: stop or stop_token_ids, else the prompt
+    (its length, its tokens, or its length with max_tokens)."""
+    for name in ("stop_token_ids", "stop", "max_tokens"):
+        if message.startswith(f"{name}=") or f" and {name}=" in message:
+            return name
+    return prompt_field
+
+
+def completion_generation(llm: AsyncLLM, request: CompletionRequest) -> Generation:
+    return Generation(llm, request.prompts(), request.to_sampling_params(), "cmpl", "prompt")
+
+
+def chat_generation(llm: AsyncLLM, request: ChatCompletionRequest) -> Generation:
+    """Render the conversation with the model's chat template; its special tokens are
+    written by the template, so the text is tokenized without adding any."""
+    tokenizer = llm.engine.tokenizer
+    if tokenizer is None:
+        raise RequestError("the model has no tokenizer, so it cannot chat", "messages")
+    try:
+        text = tokenizer.apply_chat_template(request.conversation(),
+                                             request.add_generation_prompt)
+    except ValueError as exc:
+        raise RequestError(f"messages: {exc}", "messages") from None
+    prompt = tokenizer.encode(text, add_special_tokens=False)
+    return Generation(llm, [prompt], request.to_sampling_params(), "chatcmpl", "messages")
+
+
+def usage(outputs: list[RequestOutput]) -> dict:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+Decode = Callable[[int], str]
+
+
+def completion_logprobs(completion: CompletionOutput, decode: Decode, start: int = 0) -> dict:
+    """OpenAI's legacy logprobs object for the tokens from `start` on."""
+    tokens, sampled, top = [], [], []
+    for token, alternatives in zip(completion.token_ids[start:], completion.logprobs[start:]):
+        tokens.append(decode(token))
+        sampled.append(alternatives.get(token))
+        top.append({decode(t): lp for t, lp in _ranked(alternatives)})
+    return {"tokens": tokens, "token_logprobs": sampled, "top_logprobs": top}
+
+
+def chat_logprobs(completion: CompletionOutput, decode: Decode, top_n: int,
+                  start: int = 0) -> dict:
+    """OpenAI's chat logprobs object (`content`, one entry per token) from `start` on."""
+    content = []
+    for token, alternatives in zip(completion.token_ids[start:], completion.logprobs[start:]):
+        text = decode(token)
+        content.append({"token": text, "logprob": alternatives.get(token),
+                        "bytes": list(text.encode()),
+                        "top_logprobs": [{"token": decode(t), "logprob": lp,
+                                          "bytes": list(decode(t).encode())}
+                                         for t, lp in _ranked(alternatives)[:top_n]]})
+    return {"content": content}
+
+
+def _ranked(alternatives: dict[int, float]) -> list[tuple[int, float]]:
+    return sorted(alternatives.items(), key=lambda item: -item[1])
+
+
+def completion_response(generation: Generation, outputs: list[RequestOutput], model: str,
+                        decode: Decode) -> dict:
+    n = generation.params.n
+    choices = []
+    for i, output in enumerate(outputs):
+        for completion in output.outputs:
+            logprobs = (completion_logprobs(completion, decode)
+                        if completion.logprobs is not None else None)
+            choices.append({"index": i * n + completion.index, "text": completion.text,
+                            "logprobs": logprobs, "finish_reason": completion.finish_reason})
+    return {"id": generation.id, "object": "text_completion", "created": generation.created,
+            "model": model, "choices": choices, "usage": usage(outputs)}
+
+
+def chat_response(generation: Generation, outputs: list[RequestOutput], model: str,
+                  decode: Decode, top_n: int) -> dict:
+    choices = []
+    for completion in outputs[0].outputs:
+        logprobs = (chat_logprobs(completion, decode, top_n)
+                    if completion.logprobs is not None else None)
+        choices.append({"index": completion.index,
+                        "message": {"role": "assistant", "content": completion.text},
+                        "logprobs": logprobs, "finish_reason": completion.finish_reason})
+    return {"id": generation.id, "object": "chat.completion", "created": generation.created,
+            "model": model, "choices": choices, "usage": usage(outputs)}
+
+
+async def stream_events(generation: Generation, model: str, chat: bool, decode: Decode,
+                        top_n: int, include_usage: bool) -> AsyncIterator[str]:
+    """The response as server-sent events: a chunk per choice that gained text (the chat
+    role first), a usage chunk if asked, then [DONE]. An engine error mid-stream ends it
+    with an error event, since the 200 status line is already sent."""
+    n = generation.params.n
+    holdback = max((len(s) for s in generation.params.stop), default=1) - 1
+    sent_text: dict[int, int] = {}
+    sent_tokens: dict[int, int] = {}
+    closed: set[int] = set()
+    finals: dict[int, RequestOutput] = {}
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    head = {"id": generation.id, "object": kind, "created": generation.created, "model": model}
+    if chat:
+        yield _event({**head, "choices": [
+            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+             "finish_reason": None} for i in range(n)]})
+    try:
+        async for index, output in generation.stream():
+            if output.finished:
+                finals[index] = output
+            choices = []
+            for completion in output.outputs:
+                key = index * n + completion.index
+                if key in closed:
+                    continue
+                done_text, done_tokens = sent_text.get(key, 0), sent_tokens.get(key, 0)
+                end = (len(completion.text) if completion.finished
+                       else max(done_text, len(completion.text) - holdback))
+                text = completion.text[done_text:end]
+                if not text and not completion.finished:
+                    continue
+                sent_text[key], sent_tokens[key] = end, len(completion.token_ids)
+                if completion.finished:
+                    closed.add(key)
+                logprobs = None
+                if completion.logprobs is not None:
+                    logprobs = (chat_logprobs(completion, decode, top_n, done_tokens) if chat
+                                else completion_logprobs(completion, decode, done_tokens))
+                choice = ({"index": key, "delta": {"content": text}} if chat
+                          else {"index": key, "text": text})
+                choices.append({**choice, "logprobs": logprobs,
+                                "finish_reason": completion.finish_reason})
+            if choices:
+                yield _event({**head, "choices": choices})
+    except Exception as exc:
+        yield _event({"error": {"message": str(exc), "type": "server_error", "param": None,
+                                "code": None}})
+        return
+    if include_usage:
+        yield _event({**head, "choices": [], "usage": usage(list(finals.values()))})
+    yield "data: [DONE]\n\n"
+
+
+def _event(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"

@@ -1,0 +1,326 @@
+"""`shardline serve` end to end: the official openai client against the server, started
+here in a thread on a free local port over tiny-llama (with a chat template added).
+
+Expected tokens come from the same AsyncLLM called directly, so the server must hand the
+engine exactly the prompt and sampling settings the request asked for. Every wait is
+bounded; the server and the engine are always shut down.
+"""
+
+import asyncio
+import json
+import math
+import os
+import random
+import re
+import shutil
+import threading
+import time
+
+import pytest
+
+fastapi = pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
+uvicorn = pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
+openai = pytest.importorskip("openai", reason="the openai client (test extra) is not installed")
+httpx = pytest.importorskip("httpx", reason="httpx (test extra) is not installed")
+
+from shardline.engine.async_llm import AsyncLLM  # noqa: E402
+from shardline.entrypoints.app import build_app  # noqa: E402
+from shardline.presets import build_preset  # noqa: E402
+from shardline.sampling_params import SamplingParams  # noqa: E402
+
+MODEL = "tiny-chat"
+TIMEOUT = 30.0
+TEMPLATE = ("{% for m in messages %}<s>{{ m.role }}: {{ m.content }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """tiny-llama with a chat template in its tokenizer_config.json."""
+    preset = build_preset("tiny-llama")
+    target = tmp_path_factory.mktemp("tiny-chat")
+    for name in os.listdir(preset):
+        if name != "tokenizer_config.json":
+            os.symlink(os.path.join(preset, name), target / name)
+    with open(os.path.join(preset, "tokenizer_config.json")) as f:
+        config = json.load(f)
+    (target / "tokenizer_config.json").write_text(json.dumps({**config,
+                                                             "chat_template": TEMPLATE}))
+    yield str(target)
+    shutil.rmtree(target, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    """(AsyncLLM, base URL) of a server running in a thread; shut down after the module."""
+    # The kernels are not under test here: the torch reference keeps the steps fast.
+    previous = os.environ.get("SHARDLINE_DISABLE_TRITON")
+    os.environ["SHARDLINE_DISABLE_TRITON"] = "1"
+    llm = AsyncLLM(model_dir, block_size=4, num_kv_blocks=256, max_model_len=512)
+    config = uvicorn.Config(build_app(llm, MODEL), host="127.0.0.1", port=0, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not srv.started:
+            assert thread.is_alive(), "the server thread ended during startup"
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        port = srv.servers[0].sockets[0].getsockname()[1]
+        yield llm, f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(TIMEOUT)
+        llm.shutdown()
+        if previous is None:
+            os.environ.pop("SHARDLINE_DISABLE_TRITON", None)
+        else:
+            os.environ["SHARDLINE_DISABLE_TRITON"] = previous
+    assert not thread.is_alive(), "the server thread did not stop"
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key="unused", timeout=TIMEOUT,
+                         max_retries=0)
+
+
+@pytest.fixture
+def rng(fresh_seed):
+    return random.Random(fresh_seed)
+
+
+def random_text(rng, low=3, high=20):
+    return "".join(rng.choice("abcdefghij klmnop") for _ in range(rng.randint(low, high)))
+
+
+def direct(llm, prompt, params):
+    """The engine's own final output for `prompt`, bypassing HTTP."""
+    async def run():
+        final = None
+        async for output in llm.generate(prompt, params, f"direct-{random.random()}"):
+            final = output
+        return final
+    return asyncio.run(asyncio.wait_for(run(), TIMEOUT))
+
+
+def wait_until(condition, what):
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def engine_idle(llm):
+    engine = llm.engine
+    return (not engine.has_unfinished_requests()
+            and engine.kv.num_free_blocks == engine.kv.num_blocks)
+
+
+def test_completion_greedy_equals_engine_and_streams_the_same_text(server, client, rng):
+    llm, _ = server
+    prompt = random_text(rng)
+    expected = direct(llm, prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    choice = reply.choices[0]
+    assert choice.text == expected.outputs[0].text
+    assert choice.finish_reason == "length"
+    assert reply.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert reply.usage.completion_tokens == 8
+
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=8,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == choice.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 8
+
+
+def test_completion_n_and_batched_prompts_with_seed(server, client, rng):
+    llm, _ = server
+    prompts = [random_text(rng), random_text(rng)]
+    seed = rng.randrange(2**30)
+    params = SamplingParams(n=3, temperature=1.0, seed=seed, max_tokens=5, ignore_eos=True)
+    expected = [[c.text for c in direct(llm, p, params).outputs] for p in prompts]
+    reply = client.completions.create(model=MODEL, prompt=prompts, n=3, seed=seed,
+                                      max_tokens=5, temperature=1.0,
+                                      extra_body={"ignore_eos": True})
+    by_index = {c.index: c.text for c in reply.choices}
+    assert sorted(by_index) == list(range(6))
+    assert [[by_index[i * 3 + j] for j in range(3)] for i in range(2)] == expected
+
+
+def test_stop_string_cuts_text_whole_and_streamed(server, client, rng):
+    llm, _ = server
+    for _ in range(20):  # find a prompt whose greedy text holds a usable stop string
+        prompt = random_text(rng)
+        text = direct(llm, prompt, SamplingParams(temperature=0, max_tokens=12,
+                                                  ignore_eos=True)).outputs[0].text
+        stop = text[4:6]
+        if len(text) > 6 and text.find(stop) > 0 and stop.strip() == stop:
+            break
+    else:
+        pytest.skip("no greedy output with a usable stop string in 20 prompts")
+    expected = text[:text.find(stop)]
+    reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                      stop=[stop], extra_body={"ignore_eos": True})
+    assert reply.choices[0].text == expected
+    assert reply.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
+                                         temperature=0, stop=stop, stream=True,
+                                         extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in streamed) == expected
+
+
+def test_chat_uses_the_template_whole_and_streamed(server, client, rng):
+    llm, _ = server
+    messages = [{"role": "system", "content": random_text(rng)},
+                {"role": "user", "content": random_text(rng)}]
+    tokenizer = llm.engine.tokenizer
+    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(messages, True),
+                                  add_special_tokens=False)
+    assert prompt_ids.count(1) == 3  # the template's <s> markers, no extra BOS
+    expected = direct(llm, prompt_ids, SamplingParams(temperature=0, max_tokens=6,
+                                                      ignore_eos=True))
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
+                                           temperature=0, extra_body={"ignore_eos": True})
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == expected.outputs[0].text
+    assert reply.usage.prompt_tokens == len(prompt_ids)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
+                                                 temperature=0, stream=True,
+                                                 extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == \
+        expected.outputs[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_logprobs(server, client, rng):
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": random_text(rng)}], max_tokens=4,
+        temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = reply.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        assert len(entry.top_logprobs) == 2
+        # Greedy: the sampled token is the most likely one.
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+        assert entry.logprob <= 0
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=2.0), "top_p"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(extra_body={"logit_bias": {"5": 1}}), "logit_bias"),
+    (dict(extra_body={"prompt": "x" * 600}), "prompt"),
+    (dict(model="nope"), "model"),
+    (dict(n="many"), "n"),
+])
+def test_bad_request_is_400_naming_the_field_and_the_server_keeps_serving(
+        server, client, kwargs, param):
+    args = dict(model=MODEL, prompt="hello", max_tokens=2) | kwargs
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(**args)
+    assert caught.value.status_code == 400
+    assert caught.value.body["param"] == param, caught.value.body
+    assert param in caught.value.body["message"]
+    assert client.completions.create(model=MODEL, prompt="hello", max_tokens=2).choices
+    assert engine_idle(server[0])
+
+
+def test_bad_json_and_bad_chat_messages_are_400(server):
+    url = server[1]
+    reply = httpx.post(url + "/v1/completions", content=b"{not json", timeout=TIMEOUT)
+    assert reply.status_code == 400 and "JSON" in reply.json()["error"]["message"]
+    reply = httpx.post(url + "/v1/chat/completions", timeout=TIMEOUT,
+                       json={"model": MODEL, "messages": [{"role": "user"}]})
+    assert reply.status_code == 400
+    assert reply.json()["error"]["param"].startswith("messages")
+    reply = httpx.post(url + "/v1/chat/completions", timeout=TIMEOUT,
+                       json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                             "tools": []})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "tools"
+
+
+def aborts(llm):
+    return llm.engine.step_metrics.finished["abort"]
+
+
+def test_streaming_client_that_disconnects_aborts_its_request(server):
+    llm, url = server
+    before = aborts(llm)
+    body = {"model": MODEL, "prompt": "disconnect me", "max_tokens": 400, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=TIMEOUT) as reply:
+        assert reply.status_code == 200
+        lines = reply.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        assert llm.engine.has_unfinished_requests()
+    wait_until(lambda: aborts(llm) == before + 1 and engine_idle(llm), "the abort")
+    llm.engine.kv.check_invariants()
+
+
+def test_waiting_client_that_disconnects_aborts_its_request(server):
+    llm, url = server
+    before = aborts(llm)
+    body = {"model": MODEL, "prompt": "disconnect me too", "max_tokens": 400,
+            "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json=body,
+                   timeout=httpx.Timeout(TIMEOUT, read=0.5))
+    wait_until(lambda: aborts(llm) == before + 1 and engine_idle(llm), "the abort")
+
+
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$')
+
+
+def parse_prometheus(text):
+    """{(name, labels): value}; fails on any line that is not a comment or a sample."""
+    samples, types = {}, {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            types[name] = kind
+            continue
+        if line.startswith("# HELP ") or not line:
+            continue
+        match = SAMPLE.match(line)
+        assert match, f"not a Prometheus sample line: {line!r}"
+        samples[(match.group(1), match.group(2) or "")] = float(match.group(3))
+    for name, _ in samples:
+        base = re.sub(r"_(sum|count)$", "", name)
+        assert name in types or base in types, f"{name} has no TYPE line"
+    return samples, types
+
+
+def test_metrics_endpoint_is_prometheus_text(server, client):
+    llm, url = server
+    client.completions.create(model=MODEL, prompt="count me", max_tokens=3)
+    reply = httpx.get(url + "/metrics", timeout=TIMEOUT)
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/plain")
+    samples, types = parse_prometheus(reply.text)
+    metrics = asyncio.run(llm.metrics())
+    assert samples[("shardline_kv_blocks_total", "")] == llm.engine.kv.num_blocks
+    assert samples[("shardline_num_requests_running", "")] == 0
+    assert samples[("shardline_steps_total", "")] == metrics["num_steps"] > 0
+    assert samples[("shardline_generation_tokens_total", "")] == \
+        metrics["generation_tokens_total"] >= 3
+    assert samples[("shardline_step_time_seconds_count", "")] == metrics["num_steps"]
+    assert types["shardline_step_time_seconds"] == "summary"
+    p50 = samples[("shardline_step_time_seconds", '{quantile="0.5"}')]
+    assert 0 < p50 <= samples[("shardline_step_time_seconds", '{quantile="0.99"}')]
+    assert not math.isnan(samples[("shardline_prefix_cache_hit_rate", "")])
+
+
+def test_models_and_health(server, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    reply = httpx.get(server[1] + "/health", timeout=TIMEOUT)
+    assert reply.status_code == 200 and reply.json() == {"status": "ok"}
