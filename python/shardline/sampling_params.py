@@ -21,7 +21,8 @@ class SamplingParams:
     reproducible regardless of which other requests share the batch. `max_tokens=None`
     generates until a stop condition or until the sequence (prompt included) holds
     max_model_len tokens, or as many as the KV cache can hold if that is fewer; it then
-    ends with finish_reason "length".
+    ends with finish_reason "length". `skip_special_tokens` leaves special tokens (such as
+    a chat model's <|im_start|>) out of the output text; their ids stay in token_ids.
     """
 
     n: int = 1
@@ -38,6 +39,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -66,6 +68,8 @@ class SamplingParams:
                "logprobs", self.logprobs, "None or an integer >= 0")
         _check(self.seed is None or isinstance(self.seed, int), "seed", self.seed,
                "None or an integer")
+        _check(isinstance(self.skip_special_tokens, bool), "skip_special_tokens",
+               self.skip_special_tokens, "True or False")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
                "a list of non-empty strings")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",

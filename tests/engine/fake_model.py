@@ -30,7 +30,7 @@ class LetterTokenizer:
     def encode(self, text: str) -> list[int]:
         return [ord(c) - 97 for c in text]
 
-    def decode(self, token_ids: list[int]) -> str:
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join(chr(97 + t % 26) for t in token_ids)
 
 

@@ -111,10 +111,34 @@ def test_every_type_dequantizes_as_the_gguf_package_does(tmp_path, fresh_seed):
             kind = name.split(".")[-2]
             if kind in ("attn_q", "attn_k"):
                 continue   # un-permuted on load: checked against transformers below
-            got = checkpoint.get_slice(hf_tensor_name(name))
+            got = checkpoint.get_slice(hf_tensor_name(name))[...]
             expected = reference(data, TYPES[kind]).reshape(got.shape)
             assert got.dtype == torch.float32
             assert torch.equal(got, torch.from_numpy(expected)), name
+    finally:
+        checkpoint.close()
+
+
+def test_slices_equal_the_slices_of_the_whole_tensor(tmp_path, fresh_seed):
+    """A rank reads only its rows (whole heads of q/k, reordered per head); other slices
+    are cut from whole rows."""
+    rng = np.random.default_rng(fresh_seed)
+    path = str(tmp_path / "tiny.gguf")
+    stored = write_tiny_llama(path, rng)
+    head_dim = TINY["hidden"] // TINY["heads"]
+    checkpoint = GGUFCheckpoint(gguf_model_dir(path))
+    try:
+        for name in stored:
+            tensor = checkpoint.get_slice(hf_tensor_name(name))
+            whole = tensor[...]
+            rows = whole.shape[0]
+            cuts = [(0, rows), (head_dim, min(rows, 3 * head_dim))]
+            cuts.append(tuple(sorted(int(x) for x in rng.choice(rows + 1, 2, replace=False))))
+            for start, stop in cuts:
+                assert torch.equal(tensor[start:stop], whole[start:stop]), (name, start, stop)
+            if whole.dim() == 2:
+                cols = whole.shape[1]
+                assert torch.equal(tensor[:, cols // 4:cols // 2], whole[:, cols // 4:cols // 2])
     finally:
         checkpoint.close()
 

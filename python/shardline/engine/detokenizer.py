@@ -16,14 +16,17 @@ _INCOMPLETE = "\ufffd"
 
 
 class Decoder(Protocol):
-    def decode(self, token_ids: list[int]) -> str: ...
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
 
 class IncrementalDetokenizer:
-    """Accumulates a sequence's output text, token by token."""
+    """Accumulates a sequence's output text, token by token; special tokens are left out
+    of it when `skip_special_tokens`."""
 
-    def __init__(self, tokenizer: Decoder, prompt_token_ids: list[int]) -> None:
+    def __init__(self, tokenizer: Decoder, prompt_token_ids: list[int],
+                 skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.token_ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.token_ids)
@@ -39,8 +42,10 @@ class IncrementalDetokenizer:
         return self._emit(final=True)
 
     def _emit(self, final: bool) -> str:
-        prefix = self.tokenizer.decode(self.token_ids[self.prefix_offset:self.read_offset])
-        full = self.tokenizer.decode(self.token_ids[self.prefix_offset:])
+        skip = self.skip_special_tokens
+        prefix = self.tokenizer.decode(self.token_ids[self.prefix_offset:self.read_offset],
+                                       skip_special_tokens=skip)
+        full = self.tokenizer.decode(self.token_ids[self.prefix_offset:], skip_special_tokens=skip)
         if len(full) <= len(prefix) or (full.endswith(_INCOMPLETE) and not final):
             return ""
         delta = full[len(prefix):]

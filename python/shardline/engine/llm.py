@@ -2,6 +2,7 @@
 
     llm = LLM("tiny-llama", max_num_seqs=16)
     outputs = llm.generate(["Hello", "The sky is"], SamplingParams(temperature=0))
+    answers = llm.chat([{"role": "user", "content": "Hi!"}])   # a chat model's template
 
 For serving, the incremental API (`add_request`, `step`, `abort_request`) exposes the same
 engine one step at a time.
@@ -14,6 +15,7 @@ import sys
 from typing import Sequence as Seq
 
 from shardline.engine.data_parallel import DataParallelEngine, create_engine
+from shardline.engine.chat_template import Message, check_conversation
 from shardline.engine.engine_args import EngineArgs
 from shardline.engine.llm_engine import LLMEngine, PromptType, is_sequence
 from shardline.engine.metrics import engine_metrics
@@ -53,12 +55,48 @@ class LLM:
         """
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
+        return self._run(prompt_list, params_list, self._encode(prompt_list, params_list),
+                         use_tqdm)
+
+    def chat(self, messages: Seq[Message] | Seq[Seq[Message]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             add_generation_prompt: bool = True, use_tqdm: bool = False
+             ) -> list[RequestOutput]:
+        """Answer one conversation (a list of {"role", "content"} dicts) or a list of them;
+        outputs come back in input order, each with the rendered prompt as `prompt`.
+
+        Each conversation is rendered with the model's chat template (ending with the
+        assistant's turn when `add_generation_prompt`) and tokenized as is: the template
+        writes the special tokens itself. `sampling_params` as in `generate`.
+        """
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("chat needs a tokenizer, and the model has no tokenizer.json")
+        one = not is_sequence(messages) or not messages or not is_sequence(messages[0])
+        conversations = [messages] if one else list(messages)
+        texts = []
+        for i, conversation in enumerate(conversations):
+            where = "messages" if one else f"messages[{i}]"
+            texts.append(tokenizer.apply_chat_template(check_conversation(conversation, where),
+                                                       add_generation_prompt))
+        params_list = _as_params_list(sampling_params, len(texts))
+        token_ids = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+        return self._run(texts, params_list, self._encode(token_ids, params_list), use_tqdm)
+
+    def _encode(self, prompts: list[PromptType], params_list: list[SamplingParams]
+                ) -> list[list[int]]:
+        """Validate and tokenize every prompt before any runs; ValueError naming the index."""
         encoded = []
-        for i, (prompt, params) in enumerate(zip(prompt_list, params_list)):
+        for i, (prompt, params) in enumerate(zip(prompts, params_list)):
             try:
                 encoded.append(self.engine.encode_prompt(prompt, params)[1])
             except ValueError as exc:
                 raise ValueError(f"prompt {i}: {exc}") from exc
+        return encoded
+
+    def _run(self, prompt_list: list[PromptType], params_list: list[SamplingParams],
+             encoded: list[list[int]], use_tqdm: bool) -> list[RequestOutput]:
+        """Queue the validated prompts (token ids `encoded`), step until all finish."""
         ids = []
         for prompt, params, prompt_token_ids in zip(prompt_list, params_list, encoded):
             ids.append(f"gen-{self._next_id}")

@@ -19,8 +19,9 @@ class RequestState:
         self.prompt_token_ids = prompt_token_ids
         self.seqs = seqs
         self.detokenizers = [None if tokenizer is None
-                             else IncrementalDetokenizer(tokenizer, prompt_token_ids)
-                             for _ in seqs]
+                             else IncrementalDetokenizer(tokenizer, prompt_token_ids,
+                                                         seq.params.skip_special_tokens)
+                             for seq in seqs]
 
     @property
     def finished(self) -> bool:

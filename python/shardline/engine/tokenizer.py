@@ -1,35 +1,65 @@
 """Text <-> token ids, from a model directory's tokenizer.json (Hugging Face `tokenizers`).
 
 A checkpoint without tokenizer.json can still be served, but then prompts must be token-id
-lists and outputs carry token ids only (their text stays empty).
+lists and outputs carry token ids only (their text stays empty). The chat template, if
+any, comes from tokenizer_config.json ("chat_template") or chat_template.jinja.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from shardline.engine.chat_template import Message, render_chat
+
 
 class Tokenizer:
-    """Thin wrapper so the engine depends on two calls, not on a library's whole API."""
+    """Thin wrapper so the engine depends on a few calls, not on a library's whole API."""
 
-    def __init__(self, tokenizer: _HFTokenizer) -> None:
+    def __init__(self, tokenizer: _HFTokenizer, chat_template: str | None = None,
+                 special_tokens: dict[str, str] | None = None) -> None:
         self._tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.special_tokens = special_tokens or {}
 
     @classmethod
     def from_model_dir(cls, model_dir: str) -> "Tokenizer | None":
         path = os.path.join(model_dir, "tokenizer.json")
         if not os.path.exists(path):
             return None
-        return cls(_HFTokenizer.from_file(path))
+        config_path = os.path.join(model_dir, "tokenizer_config.json")
+        config = {}
+        if os.path.isfile(config_path):
+            with open(config_path) as f:
+                config = json.load(f)
+        template = config.get("chat_template")
+        jinja_path = os.path.join(model_dir, "chat_template.jinja")
+        if template is None and os.path.isfile(jinja_path):
+            with open(jinja_path) as f:
+                template = f.read()
+        special = {k: v for k, v in config.items()
+                   if k in ("bos_token", "eos_token") and isinstance(v, str)}
+        return cls(_HFTokenizer.from_file(path), template, special)
 
     @property
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; `add_special_tokens` adds what the tokenizer's post-processor
+        adds (e.g. a BOS), which a rendered chat template already holds."""
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[Message],
+                            add_generation_prompt: bool = True) -> str:
+        """The prompt text of a conversation; ValueError if the model has no chat template."""
+        if self.chat_template is None:
+            raise ValueError("the model has no chat template (tokenizer_config.json has no "
+                             "chat_template): use generate() with a plain prompt")
+        return render_chat(self.chat_template, messages, add_generation_prompt,
+                           **self.special_tokens)

@@ -31,7 +31,7 @@ from shardline.presets import cache_root, write_directory_once
 log = logging.getLogger("shardline")
 
 GGUF_INDEX = "gguf_tensors.json"
-INDEX_VERSION = 1   # part of the cache key: bump when what the index holds changes
+INDEX_VERSION = 2   # part of the cache key: bump when what the index holds changes
 ARCHITECTURES = {"llama": "LlamaForCausalLM"}
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                  "output": "lm_head"}
@@ -94,11 +94,9 @@ def _write_companion(path: str, out_dir: str) -> None:
             gguf_name=t.name, type=t.tensor_type.name, shape=list(shape),
             offset=int(t.data_offset), nbytes=tensor_nbytes(t.tensor_type.name, shape))
     config = model_config(meta, tensors)
-    for proj, heads in (("q_proj", config["num_attention_heads"]),
-                        ("k_proj", config["num_key_value_heads"])):
-        for name, entry in tensors.items():
-            if f".self_attn.{proj}." in name:
-                entry["rotary_heads"] = heads
+    for name, entry in tensors.items():
+        if ".self_attn.q_proj." in name or ".self_attn.k_proj." in name:
+            entry["rotary_head_dim"] = config["head_dim"]
     _write_json(os.path.join(out_dir, GGUF_INDEX),
                 {"file": path, "size": os.path.getsize(path), "tensors": tensors})
     _write_json(os.path.join(out_dir, "config.json"), config)
@@ -177,12 +175,14 @@ def unpermute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class GGUFCheckpoint:
-    """The tensors of a GGUF file under their Hugging Face names, read as the loader asks.
+    """The tensors of a GGUF file under their Hugging Face names, read as the loader asks:
+    `get_slice(name)[index]` reads and dequantizes only the rows that `index` selects.
 
-    `get_slice` reads and dequantizes the whole tensor, in float32, and hands it to the
-    layer's weight_loader, which then takes its rank's slice: under tensor parallelism a
-    rank briefly holds one whole tensor, never more than one. That is fine for the small
-    models GGUF serves here; reading only a rank's rows would save it.
+    A tensor parallel rank thus dequantizes only its rows of a column-parallel matrix
+    (q/k/v, gate/up, the vocabulary of the embedding and LM head). A slice of columns (o
+    and down projections) dequantizes whole rows, then keeps its columns: such a rank
+    briefly holds one whole tensor in float32, fine for the small models served from
+    GGUF here.
     """
 
     def __init__(self, model_dir: str):
@@ -199,21 +199,51 @@ class GGUFCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def get_slice(self, name: str) -> torch.Tensor:
-        entry = self.tensors[name]
-        raw = torch.empty(entry["nbytes"], dtype=torch.uint8)
+    def get_slice(self, name: str) -> "GGUFTensor":
+        return GGUFTensor(self, self.tensors[name])
+
+    def read(self, entry: dict, offset: int, nbytes: int) -> torch.Tensor:
+        """`nbytes` bytes of a tensor's data from `offset` into it, as a uint8 tensor."""
+        raw = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(raw.numpy())
-        for done in range(0, entry["nbytes"], _CHUNK):
+        for done in range(0, nbytes, _CHUNK):
             part = view[done:done + _CHUNK]
-            if os.preadv(self._fd, [part], entry["offset"] + done) != len(part):
+            if os.preadv(self._fd, [part], entry["offset"] + offset + done) != len(part):
                 raise OSError(f"{self.path}: tensor {entry['gguf_name']!r} is cut short "
                               "(was the file truncated?)")
-        value = dequantize(raw, entry["type"], tuple(entry["shape"]))
-        if "rotary_heads" in entry:
-            value = unpermute_rotary(value, entry["rotary_heads"])
-        return value
+        return raw
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+class GGUFTensor:
+    """One tensor of a GGUFCheckpoint: `get_shape()`, and indexing with basic slices as
+    for TensorSlice, which returns the selected values in float32."""
+
+    def __init__(self, checkpoint: GGUFCheckpoint, entry: dict):
+        self.checkpoint, self.entry = checkpoint, entry
+        self.shape = tuple(entry["shape"])
+
+    def get_shape(self) -> list[int]:
+        return list(self.shape)
+
+    def __getitem__(self, index: object) -> torch.Tensor:
+        index = () if index is Ellipsis else index if isinstance(index, tuple) else (index,)
+        rows = index[0] if index else slice(None)
+        start, stop, step = rows.indices(self.shape[0])
+        head_dim = self.entry.get("rotary_head_dim")
+        # Rows are read alone only in whole heads of q/k, whose rows are reordered per head.
+        if len(self.shape) == 1 or step != 1 or (head_dim and (start % head_dim
+                                                               or stop % head_dim)):
+            start, stop, rest = 0, self.shape[0], index
+        else:
+            rest = (slice(None), *index[1:])
+        row_bytes = self.entry["nbytes"] // self.shape[0]
+        raw = self.checkpoint.read(self.entry, start * row_bytes, (stop - start) * row_bytes)
+        value = dequantize(raw, self.entry["type"], (stop - start, *self.shape[1:]))
+        if head_dim:
+            value = unpermute_rotary(value, (stop - start) // head_dim)
+        return value[rest]

@@ -1,0 +1,96 @@
+"""LLM.chat on a preset given a chat template: conversations rendered and tokenized as the
+template writes them, outputs in order, bad conversations refused by index; special
+tokens left out of the output text unless skip_special_tokens=False."""
+
+import random
+
+import pytest
+
+from shardline import LLM, SamplingParams
+from shardline.engine.chat_template import render_chat
+from shardline.engine.detokenizer import IncrementalDetokenizer
+from shardline.engine.tokenizer import Tokenizer
+from shardline.presets import BOS_ID, byte_tokenizer
+
+TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}")
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+def conversation(rng: random.Random) -> list[dict]:
+    words = ["sky", "blue", "why", "is", "the", "sea", "green", "hello"]
+    turns = [{"role": role, "content": " ".join(rng.choices(words, k=rng.randint(1, 5)))}
+             for role in ("user", "assistant", "user")[:rng.choice((1, 3))]]
+    return turns
+
+
+@pytest.fixture(scope="module")
+def llm():
+    engine = LLM("tiny-llama", block_size=4, num_kv_blocks=128)
+    engine.engine.tokenizer.chat_template = TEMPLATE
+    yield engine
+    engine.shutdown()
+
+
+def test_chat_renders_each_conversation_and_answers_in_order(llm):
+    rng = random.Random()
+    conversations = [conversation(rng) for _ in range(3)]
+    outputs = llm.chat(conversations, GREEDY)
+    tokenizer = llm.engine.tokenizer
+    texts = [render_chat(TEMPLATE, c) for c in conversations]
+    assert [o.prompt for o in outputs] == texts
+    ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    assert [list(o.prompt_token_ids) for o in outputs] == ids
+    assert all(o.prompt_token_ids[0] == BOS_ID for o in outputs)  # "<s>" is the BOS token
+    expected = llm.generate(ids, GREEDY)
+    assert [o.outputs[0].token_ids for o in outputs] == [e.outputs[0].token_ids
+                                                         for e in expected]
+    single, = llm.chat(conversations[0], GREEDY)
+    assert single.outputs[0].token_ids == outputs[0].outputs[0].token_ids
+
+
+def test_generation_prompt_is_optional(llm):
+    messages = [{"role": "user", "content": "hi"}]
+    assert llm.chat(messages, GREEDY)[0].prompt.endswith("assistant:")
+    assert llm.chat(messages, GREEDY, add_generation_prompt=False)[0].prompt == "<s>user: hi\n"
+
+
+@pytest.mark.parametrize("messages, error", [
+    ([], "messages is empty"),
+    ("hello", "messages='hello' is not a conversation"),
+    ([{"role": "user"}], r"messages\[0\]=.* is not a message"),
+    ([[{"role": "user", "content": "a"}], [{"role": "user", "content": 3}]],
+     r"messages\[1\]\[0\]=.* is not a message"),
+])
+def test_bad_conversation_is_refused_by_index(llm, messages, error):
+    with pytest.raises(ValueError, match=error):
+        llm.chat(messages, GREEDY)
+    assert not llm.has_unfinished_requests()
+
+
+def test_model_without_chat_template_is_refused(llm, monkeypatch):
+    monkeypatch.setattr(llm.engine.tokenizer, "chat_template", None)
+    with pytest.raises(ValueError, match="no chat template"):
+        llm.chat([{"role": "user", "content": "hi"}])
+
+
+def test_template_exceptions_and_json():
+    template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}"
+                "{% endif %}{{ messages | tojson }}")
+    with pytest.raises(ValueError, match="refused the conversation: user first"):
+        render_chat(template, [{"role": "system", "content": "x"}])
+    assert render_chat(template, [{"role": "user", "content": "é漢"}]) == \
+        '[{"role": "user", "content": "é漢"}]'
+
+
+def test_special_tokens_are_skipped_in_text_by_default():
+    tokenizer = Tokenizer(byte_tokenizer())
+    ids = tokenizer.encode("ab") + [BOS_ID] + tokenizer.encode("c")
+    texts = {}
+    for skip in (True, False):
+        detokenizer = IncrementalDetokenizer(tokenizer, tokenizer.encode("hi"), skip)
+        texts[skip] = "".join(detokenizer.append(t) for t in ids) + detokenizer.flush()
+    assert texts == {True: "abc", False: "ab<s>c"}
+    assert SamplingParams().skip_special_tokens is True
+    with pytest.raises(ValueError, match="skip_special_tokens"):
+        SamplingParams(skip_special_tokens="no")
