@@ -113,3 +113,10 @@ def test_invalid_ep_layout_refused_before_spawning(preset, overrides, parallel, 
         check_layout(config)
     with pytest.raises(ValueError, match=message):
         MultiProcExecutor(config)
+
+
+def test_unknown_dispatch_path_refused():
+    with pytest.raises(ValueError, match=r"expert_dispatch='ring' is invalid: must be one of "
+                                         r"\('all_to_all', 'all_gather'\)"):
+        ParallelConfig(tensor_parallel_size=2, enable_expert_parallel=True,
+                       expert_dispatch="ring")
