@@ -9,6 +9,7 @@ import pytest
 
 from fake_model import VOCAB, make_engine
 from shardline.engine.async_llm import AsyncLLM
+from shardline.engine.data_parallel import DataParallelEngine
 from shardline.engine.llm import LLM
 from shardline.engine.metrics import RATE_WINDOW_S, EngineMetrics
 from shardline.engine.outputs import CompletionOutput, RequestOutput
@@ -138,3 +139,19 @@ def test_multiprocess_executor_reports_each_ranks_step_times(rng):
         # Every rank runs every step (warm-up and profiling may add their own).
         assert rank["count"] >= metrics["num_steps"] > 0
         assert 0 < rank["p50"] <= rank["p99"] <= rank["max"]
+
+
+def test_data_parallel_metrics_add_up_the_cores(rng):
+    cores = [make_engine(num_blocks=32), make_engine(num_blocks=32)]
+    llm = LLM.from_engine(DataParallelEngine(cores))
+    for i, prompt in enumerate(prompts(rng, 4)):
+        llm.add_request(f"r{i}", prompt, SamplingParams(max_tokens=30))
+    llm.step()
+    metrics = llm.metrics()
+    assert all(core.scheduler.running for core in cores)  # both cores got work
+    assert metrics["num_requests_running"] == 4
+    assert metrics["kv_blocks_total"] == 64
+    assert metrics["kv_blocks_used"] == sum(c.kv.num_blocks - c.kv.num_free_blocks
+                                            for c in cores)
+    assert metrics["num_steps"] == metrics["step_time_s"]["count"] == 2  # one per core
+    assert metrics["generation_tokens_total"] == 4

@@ -324,3 +324,20 @@ def test_models_and_health(server, client):
     assert [m.id for m in models.data] == [MODEL]
     reply = httpx.get(server[1] + "/health", timeout=TIMEOUT)
     assert reply.status_code == 200 and reply.json() == {"status": "ok"}
+
+
+def test_a_stopped_engine_fails_health_and_requests_with_its_reason():
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    stub = SimpleNamespace(tokenizer=None, max_model_len=64, shutdown=lambda: None,
+                           encode_prompt=lambda prompt, params: (None, [1]))
+    llm = AsyncLLM.from_engine(stub)
+    llm.shutdown()
+    with TestClient(build_app(llm, MODEL)) as http:
+        health = http.get("/health")
+        assert health.status_code == 503 and "shut down" in health.json()["message"]
+        reply = http.post("/v1/completions", json={"model": MODEL, "prompt": [5]})
+        assert reply.status_code == 500
+        assert "shut down" in reply.json()["error"]["message"]

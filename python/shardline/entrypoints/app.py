@@ -58,6 +58,11 @@ def build_app(llm: AsyncLLM, model_name: str) -> FastAPI:
     async def bad_request(_: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse(error_body(str(exc), exc.param), status_code=400)
 
+    @app.exception_handler(RuntimeError)
+    async def engine_error(_: Request, exc: RuntimeError) -> JSONResponse:
+        """The engine failed (a dead worker) or was shut down: /health says so as well."""
+        return JSONResponse(error_body(str(exc), None, "server_error"), status_code=500)
+
     async def body_of(request: Request, model: type) -> Any:
         try:
             body = json.loads(await request.body())

@@ -34,10 +34,11 @@ class Generation:
         self.params = params
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.prompts = prompts
+        # Token ids, so that the engine does not tokenize the prompts a second time.
+        self.prompts: list[list[int]] = []
         for i, prompt in enumerate(prompts):
             try:
-                llm.engine.encode_prompt(prompt, params)
+                self.prompts.append(llm.engine.encode_prompt(prompt, params)[1])
             except ValueError as exc:
                 where = prompt_field if len(prompts) == 1 else f"{prompt_field}[{i}]"
                 raise RequestError(f"{where}: {exc}", _param(str(exc), prompt_field)) from None
@@ -46,7 +47,7 @@ class Generation:
         """(prompt index, cumulative output) as any of the prompts gains tokens."""
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(index: int, prompt: str | list[int]) -> None:
+        async def pump(index: int, prompt: list[int]) -> None:
             try:
                 async for output in self.llm.generate(prompt, self.params,
                                                       f"{self.id}-{index}"):
