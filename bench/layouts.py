@@ -155,7 +155,7 @@ def measure(model: str, layouts: dict[str, tuple], num_prompts: int, prompt_len:
     first is the reference whose tokens the others must match."""
     from shardline.models.loader import read_model_info
     from shardline.presets import resolve_model
-    from shardline.workload import make_workload
+    from shardline.benchmark.workload import make_workload
 
     model_dir = resolve_model(model)
     info = read_model_info(model_dir)

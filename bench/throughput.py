@@ -25,7 +25,8 @@ import torch
 
 from shardline import LLM
 from shardline.presets import resolve_model
-from shardline.workload import Workload, make_workload, run_offline
+from shardline.benchmark.offline import run_offline
+from shardline.benchmark.workload import Workload, make_workload
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

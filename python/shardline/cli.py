@@ -2,7 +2,7 @@
 
     shardline demo                 ask a small real model (SmolLM2-135M-Instruct) a few questions
     shardline generate -m MODEL -p "prompt" [--temperature ...]
-    shardline bench -m MODEL --num-prompts 64
+    shardline bench -m MODEL --num-prompts 64 [--mode online --request-rate 1,2,4]
     shardline serve MODEL --port 8000    an OpenAI-compatible HTTP server (the serve extra)
     shardline plan -m MODEL --nodes 2 --gpu h100   rank parallel layouts for a cluster
 
@@ -20,6 +20,7 @@ import os
 import sys
 import time
 
+from shardline.benchmark.command import add_bench_arguments
 from shardline.presets import preset_names
 
 DEFAULT_MODEL = "small-llama"
@@ -121,7 +122,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     generate from built-in prompts; without the real model, fall back to small-llama."""
     from shardline.presets import ModelUnavailableError
     from shardline.sampling_params import SamplingParams
-    from shardline.workload import demo_prompts
+    from shardline.benchmark.workload import demo_prompts
 
     try:
         llm = _build_llm(args)
@@ -168,14 +169,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from shardline.workload import make_workload, run_offline
+    from shardline.benchmark.command import run_bench
 
-    llm = _build_llm(args)
-    vocab_size = llm.engine.vocab_size
-    workload = make_workload(args.num_prompts, vocab_size, seed=args.seed)
-    stats = run_offline(llm, workload, progress=True)
-    print(json.dumps(stats.summary(), indent=2))
-    return 0
+    return run_bench(args, _build_llm)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -236,13 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-n", type=int, default=1, help="completions per prompt")
     gen.set_defaults(func=cmd_generate)
 
-    bench = sub.add_parser("bench", help="offline throughput on a synthetic mixed workload")
+    bench = sub.add_parser("bench", help="offline or online (Poisson arrivals, rate sweeps) "
+                                         "benchmark of a model or a server; JSON records "
+                                         "and a plot")
     _add_engine_args(bench, DEFAULT_MODEL)
-    bench.add_argument("--num-prompts", type=int, default=64,
-                       help="synthetic requests, of mixed prompt and output lengths "
-                            "(default: %(default)s)")
-    bench.add_argument("--seed", type=int, default=0,
-                       help="seed of the synthetic workload (default: %(default)s)")
+    add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, "
