@@ -1,0 +1,76 @@
+"""The offline run: every request submitted at once, the engine stepped until all finish."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from shardline.benchmark.progress import ProgressBar
+from shardline.benchmark.results import RequestRecord, summarize
+from shardline.benchmark.workload import Workload
+from shardline.engine.llm import LLM
+from shardline.engine.metrics import engine_metrics
+from shardline.sampling_params import SamplingParams
+
+KV_SAMPLE_INTERVAL_S = 0.05   # reading the metrics costs about a step of a tiny model
+
+
+@dataclass
+class RunResult:
+    """What a run measured: its requests, wall time, peak KV-cache use (a share of the
+    blocks, sampled every step; None when the target does not expose it), preemptions,
+    and whether Ctrl-C cut it short."""
+
+    records: list[RequestRecord]
+    elapsed_s: float
+    peak_kv_usage: float | None = None
+    preemptions: int | None = None
+    interrupted: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {**summarize(self.records, self.elapsed_s), "peak_kv_usage": self.peak_kv_usage,
+                "preemptions": self.preemptions, "interrupted": self.interrupted, **self.extra}
+
+
+def run_offline(llm: LLM, workload: Workload, progress: bool = False) -> RunResult:
+    """Submit every request, step until all finish, and time each one. Greedy with
+    ignore_eos, so each request produces exactly its max_tokens. Ctrl-C stops the run
+    and keeps what was measured (the unfinished requests are aborted)."""
+    engine = llm.engine
+    preempted_before = engine.stats.num_preemptions
+    start = time.perf_counter()
+    records: dict[str, RequestRecord] = {}
+    for i, (prompt, max_tokens) in enumerate(zip(workload.prompts, workload.max_tokens)):
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        _, ids = engine.encode_prompt(prompt, params)
+        llm.add_request(f"bench-{i}", ids, params)
+        records[f"bench-{i}"] = RequestRecord(arrival=0.0, prompt_tokens=len(ids))
+    bar = ProgressBar(len(records), "requests", enabled=progress)
+    peak, sampled = 0.0, float("-inf")
+    interrupted = False
+    try:
+        while llm.has_unfinished_requests():
+            outputs = llm.step()
+            now = time.perf_counter() - start
+            if now - sampled >= KV_SAMPLE_INTERVAL_S:
+                peak = max(peak, engine_metrics(engine, per_rank=False)["kv_usage"])
+                sampled = now
+            for out in outputs:
+                record = records[out.request_id]
+                record.output_tokens = len(out.outputs[0].token_ids)
+                if record.first_token is None and record.output_tokens:
+                    record.first_token = now
+                if out.finished:
+                    record.done = now
+                    bar.update()
+    except KeyboardInterrupt:
+        interrupted = True
+        for request_id, record in records.items():
+            if record.done is None:
+                llm.abort_request(request_id)
+    elapsed = time.perf_counter() - start
+    bar.close()
+    return RunResult(list(records.values()), elapsed, peak_kv_usage=peak,
+                     preemptions=engine.stats.num_preemptions - preempted_before,
+                     interrupted=interrupted)

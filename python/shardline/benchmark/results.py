@@ -1,0 +1,57 @@
+"""Per-request measurements and what a run reports from them.
+
+Times are seconds from the run's start. TTFT is from a request's arrival (its submission)
+to its first output token, TPOT the mean time per output token after the first, and
+end-to-end latency from arrival to the last token. Rates are over the run's wall time.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+
+@dataclass
+class RequestRecord:
+    """One request of a run; `first_token` and `done` stay None until they happen."""
+
+    arrival: float
+    prompt_tokens: int
+    output_tokens: int = 0
+    first_token: float | None = None
+    done: float | None = None
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50 (the median), p90, p99 (nearest rank) and mean; {} for no values."""
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {"p50": statistics.median(ordered), "p90": pick(0.9), "p99": pick(0.99),
+            "mean": statistics.fmean(ordered)}
+
+
+def summarize(records: list[RequestRecord], elapsed_s: float) -> dict:
+    """The run's rates and latency percentiles over its finished requests (an interrupted
+    run reports what finished; output tokens count every request's)."""
+    finished = [r for r in records if r.done is not None]
+    output_tokens = sum(r.output_tokens for r in records)
+    return {
+        "elapsed_s": elapsed_s,
+        "requests": len(records),
+        "finished_requests": len(finished),
+        "input_tokens": sum(r.prompt_tokens for r in finished),
+        "output_tokens": output_tokens,
+        "requests_per_s": len(finished) / elapsed_s,
+        "input_tokens_per_s": sum(r.prompt_tokens for r in finished) / elapsed_s,
+        "output_tokens_per_s": output_tokens / elapsed_s,
+        "ttft_s": percentiles([r.first_token - r.arrival for r in records
+                               if r.first_token is not None]),
+        "tpot_s": percentiles([(r.done - r.first_token) / (r.output_tokens - 1)
+                               for r in finished if r.output_tokens > 1]),
+        "e2e_latency_s": percentiles([r.done - r.arrival for r in finished]),
+    }

@@ -1,0 +1,121 @@
+"""`shardline bench` end to end on tiny-llama (offline and online, records and plot), and
+the online runner's arrivals and Ctrl-C on a fake target."""
+
+import asyncio
+import json
+import random
+import statistics
+
+import pytest
+
+from shardline.benchmark.online import arrival_times, run_online
+from shardline.benchmark.workload import Workload
+from shardline.cli import main
+
+COMMON = ["-m", "tiny-llama", "--device", "cpu", "--num-prompts", "6", "--prompt-len", "4,12",
+          "--output-len", "2,6", "--no-progress", "--max-num-seqs", "8"]
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def check_results(results, num_prompts):
+    assert results["finished_requests"] == results["requests"] == num_prompts
+    assert not results["interrupted"]
+    assert results["output_tokens_per_s"] == pytest.approx(
+        results["output_tokens"] / results["elapsed_s"])
+    for key in ("ttft_s", "e2e_latency_s"):
+        p = results[key]
+        assert 0 <= p["p50"] <= p["p90"] <= p["p99"] <= results["elapsed_s"]
+    assert results["ttft_s"]["p50"] <= results["e2e_latency_s"]["p99"]
+    assert 0 < results["peak_kv_usage"] <= 1
+    assert results["preemptions"] == 0
+
+
+def test_offline_run_appends_a_record_and_draws_the_plot(tmp_path, capsys):
+    out = tmp_path / "runs.jsonl"
+    assert main(["bench", *COMMON, "--seed", "3", "--out", str(out)]) == 0
+    [record] = records(out)
+    assert record["mode"] == "offline" and record["target"] == "tiny-llama"
+    assert record["layout"]["tensor_parallel_size"] == 1
+    assert record["workload"]["num_prompts"] == 6 and record["workload"]["seed"] == 3
+    assert {"torch", "python", "device", "git_revision"} <= set(record)
+    results = record["results"]
+    check_results(results, 6)
+    assert results["output_tokens"] == record["workload"]["total_output_tokens"]
+    assert out.with_suffix(".png").stat().st_size > 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["output_tokens"] == results["output_tokens"]
+
+
+def test_online_rate_sweep_records_one_run_per_rate(tmp_path):
+    out = tmp_path / "runs.jsonl"
+    assert main(["bench", *COMMON, "--mode", "online", "--request-rate", "inf,40",
+                 "--out", str(out)]) == 0
+    runs = records(out)
+    assert [r["results"]["request_rate"] for r in runs] == [float("inf"), 40.0]
+    for run in runs:
+        assert run["mode"] == "online"
+        check_results(run["results"], 6)
+        assert run["results"]["output_tokens"] == run["workload"]["total_output_tokens"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--request-rate", "0"], "every rate must be > 0"),
+    (["--request-rate", "fast"], "is not a rate or a comma-separated list of rates"),
+    (["--prompt-len", "9,3"], "need 1 <= LOW <= HIGH"),
+])
+def test_bad_bench_values_exit_2_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", *COMMON, *argv])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_url_without_online_mode_is_refused_in_one_line(capsys):
+    assert main(["bench", *COMMON, "--url", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["shardline bench: error: --url needs --mode online: an offline run steps "
+                   "an engine in this process"]
+
+
+def test_poisson_arrivals_have_the_asked_rate():
+    seed = random.randrange(1 << 30)
+    times = arrival_times(4000, 25.0, seed)
+    gaps = [b - a for a, b in zip([0.0] + times, times)]
+    assert all(g > 0 for g in gaps)
+    assert statistics.fmean(gaps) == pytest.approx(1 / 25.0, rel=0.1), seed
+    assert arrival_times(3, float("inf"), seed) == [0.0, 0.0, 0.0]
+
+
+class SlowTarget:
+    """Each request yields one token per 10 ms; the first two finish fast."""
+
+    def prompt_tokens(self, prompt, max_tokens):
+        return len(prompt)
+
+    async def stream(self, request_id, prompt, max_tokens):
+        slow = not request_id.endswith(("-0", "-1"))
+        for count in range(1, max_tokens + 1):
+            await asyncio.sleep(0.01 if slow else 0)
+            yield count
+
+    def kv_usage(self):
+        return None
+
+
+def test_cancelling_an_online_run_keeps_what_was_measured():
+    workload = Workload([[1, 2, 3]] * 6, [2, 2, 500, 500, 500, 500])
+
+    async def cut_short():
+        run = asyncio.ensure_future(run_online(SlowTarget(), workload, float("inf")))
+        await asyncio.sleep(0.3)
+        run.cancel()
+        return await run
+
+    result = asyncio.run(cut_short())
+    summary = result.summary()
+    assert summary["interrupted"] and summary["finished_requests"] == 2
+    assert summary["requests"] == 6 and summary["input_tokens"] == 6
+    assert 4 <= summary["output_tokens"] < 4 + 4 * 500
