@@ -60,8 +60,10 @@ class EngineTarget:
 
 class ServerTarget:
     """Requests to an OpenAI-compatible server: POST {url}/v1/completions with stream=True,
-    temperature 0; prompts that are token ids go as token ids. Output tokens are counted
-    from the stream's `usage` when the server sends it, else one per content chunk."""
+    temperature 0 and ignore_eos (an extension that shardline serve and vLLM accept), so
+    each request generates its max_tokens; prompts that are token ids go as token ids.
+    Output tokens are counted from the stream's `usage` when the server sends it, else
+    one per content chunk."""
 
     def __init__(self, url: str, model: str, client) -> None:
         self.url = url.rstrip("/")
@@ -74,7 +76,8 @@ class ServerTarget:
     async def stream(self, request_id: str, prompt: list[int] | str,
                      max_tokens: int) -> AsyncIterator[int]:
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens,
-                "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+                "temperature": 0.0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
         count = 0
         async with self.client.stream("POST", f"{self.url}/v1/completions", json=body) as reply:
             if reply.status_code != 200:
