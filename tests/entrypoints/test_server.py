@@ -234,6 +234,19 @@ def test_bad_request_is_400_naming_the_field_and_the_server_keeps_serving(
     assert engine_idle(server[0])
 
 
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(max_completion_tokens=0), "max_completion_tokens"),
+    (dict(top_logprobs=2), "top_logprobs"),
+    (dict(logprobs=True, top_logprobs=99), "top_logprobs"),
+    (dict(extra_body={"response_format": {"type": "json_object"}}), "response_format"),
+])
+def test_bad_chat_request_is_400_naming_the_field(server, client, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, max_tokens=2,
+                                       messages=[{"role": "user", "content": "hi"}], **kwargs)
+    assert caught.value.body["param"] == param, caught.value.body
+
+
 def test_bad_json_and_bad_chat_messages_are_400(server):
     url = server[1]
     reply = httpx.post(url + "/v1/completions", content=b"{not json", timeout=TIMEOUT)
@@ -341,3 +354,24 @@ def test_a_stopped_engine_fails_health_and_requests_with_its_reason():
         reply = http.post("/v1/completions", json={"model": MODEL, "prompt": [5]})
         assert reply.status_code == 500
         assert "shut down" in reply.json()["error"]["message"]
+
+
+def test_per_rank_step_times_render_as_one_labelled_summary():
+    from shardline.entrypoints.prometheus import render
+
+    stats = {"count": 7, "sum": 0.7, "mean": 0.1, "p50": 0.1, "p90": 0.2, "p99": 0.3,
+             "max": 0.3}
+    metrics = {"num_requests_running": 1, "num_requests_waiting": 0, "kv_blocks_used": 3,
+               "kv_blocks_total": 8, "kv_usage": 0.375, "prefix_cache_hit_rate": None,
+               "generation_tokens_per_s": 1.5, "computed_tokens_per_s": 2.5,
+               "num_preemptions": 0, "num_steps": 7, "generation_tokens_total": 7,
+               "computed_tokens_total": 20,
+               "finished_completions": {"stop": 1, "length": 2, "abort": 3},
+               "step_time_s": stats,
+               "step_time_per_rank_s": [dict(stats, rank=0), dict(stats, rank=1, p99=0.5)]}
+    samples, types = parse_prometheus(render(metrics))
+    assert types["shardline_rank_step_time_seconds"] == "summary"
+    assert samples[("shardline_rank_step_time_seconds", '{rank="1",quantile="0.99"}')] == 0.5
+    assert samples[("shardline_rank_step_time_seconds_count", '{rank="0"}')] == 7
+    assert samples[("shardline_finished_completions_total", '{reason="abort"}')] == 3
+    assert math.isnan(samples[("shardline_prefix_cache_hit_rate", "")])
