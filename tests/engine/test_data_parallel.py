@@ -253,8 +253,8 @@ INVALID = {
             r"tensor_parallel_size=1 x sequence_parallel_size=3 = 3 does not divide the "
             r"model's 4 attention heads: use a product in \[1, 2, 4\]"),
     "sp4-tp2": (dict(sequence_parallel_size=4, tensor_parallel_size=2),
-                       r"tensor_parallel_size=2 x sequence_parallel_size=4 = 8 does not "
-                       r"divide the model's 4 attention heads"),
+                r"tensor_parallel_size=2 x sequence_parallel_size=4 = 8 does not "
+                r"divide the model's 4 attention heads"),
     "sp0": (dict(sequence_parallel_size=0),
             r"sequence_parallel_size=0 is invalid: must be an integer >= 1"),
     "dp0": (dict(data_parallel_size=0), r"data_parallel_size=0 is invalid: must be an integer"),
