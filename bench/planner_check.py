@@ -6,12 +6,13 @@ layout of a bench/layouts.py result for the same model and workload, and prints 
 ratio predicted / measured per layout (the target is within 1.5x either way).
 
     python bench/planner_check.py                  # profile now, compare with bench/results/layouts.json
-    python bench/planner_check.py --run-layouts    # also rerun bench/layouts.py first, so both see the same load
+    python bench/planner_check.py --run-layouts    # rerun bench/layouts.py first (same load)
     python bench/planner_check.py --profile-file P # use a profile written earlier
 
 The measured step is the engine's median llm.step() (a decode step; with PP, one of the
 microbatches kept in flight); the predicted one is the planner's decode step of the
-busiest stage. Writes bench/results/planner_check.json.
+busiest stage. Writes bench/results/planner_check.json (and, with --run-layouts, the
+layouts it measured in bench/results/planner_check_layouts/).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def predict(measured: dict, profile_path: str) -> list[dict]:
                         output_len=measured["max_tokens"])
     rows = []
     for r in measured["results"]:
-        layout = Layout(tp=r["tp"], pp=r["pp"])
+        layout = Layout(tp=r["tp"], pp=r["pp"], dp=r.get("dp", 1),
+                        expert_parallel=r.get("expert_dispatch") is not None)
         cluster = profile_cluster(profile_path, nodes=1, devices_per_node=layout.world_size)
         e = estimate(model, layout, cluster, workload)
         step_ms = e.decode.time_s * 1e3
@@ -74,9 +76,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         layouts_json = args.layouts_json
         if args.run_layouts:
-            subprocess.run([sys.executable, str(BENCH / "layouts.py"), "--out-dir", tmp],
-                           check=True, timeout=1800)
-            layouts_json = Path(tmp) / "layouts.json"
+            layouts_dir = args.out_dir / "planner_check_layouts"
+            subprocess.run([sys.executable, str(BENCH / "layouts.py"), "--out-dir",
+                            str(layouts_dir)], check=True, timeout=1800)
+            layouts_json = layouts_dir / "layouts.json"
         measured = json.loads(layouts_json.read_text())
         profile_path = args.profile_file or os.path.join(tmp, "profile.json")
         if not args.profile_file:
@@ -85,7 +88,7 @@ def main() -> int:
         rows = predict(measured, profile_path)
     result = {"bench": "planner_check", "model": measured["model"],
               "workload": {k: measured[k] for k in ("num_prompts", "prompt_len", "max_tokens")},
-              "layouts_measured_with": measured["command"],
+              "layouts_json": str(layouts_json), "layouts_measured_with": measured["command"],
               "layouts_load_avg": [measured["machine"]["load_avg_before"],
                                    measured["machine"]["load_avg_after"]],
               "profile": profile, "target_ratio": TARGET,

@@ -100,6 +100,10 @@ def test_two_rank_fit_recovers_alpha_and_beta():
     link = profile._fit_two_rank_all_reduce(2 * alpha + small / beta, 2 * alpha + large / beta,
                                             "x")
     assert link.latency_s == pytest.approx(alpha) and link.bandwidth == pytest.approx(beta)
+    in_layer = profile._fit_two_rank_all_reduce(2 * alpha + small / beta,
+                                                2 * alpha + large / beta, "x", 2 * 1e-3)
+    assert in_layer.latency_s == pytest.approx(1e-3 - small / beta / 2)
+    assert in_layer.bandwidth == pytest.approx(beta)
 
 
 def test_default_profile_path_is_in_the_cache(monkeypatch, tmp_path):

@@ -94,6 +94,7 @@ def _rank_main(rank: int, init_method: str, results: multiprocessing.Queue) -> N
                 comm.barrier()
                 times[f"{backend}/{nbytes}"] = _median_time(lambda: comm.all_reduce(x),
                                                             iters=20)
+            times[f"{backend}/in_layer"] = _in_layer_latency(torch, comm)
         comm.shm = segment
         if rank == 0:
             results.put(("ok", times))
@@ -104,11 +105,35 @@ def _rank_main(rank: int, init_method: str, results: multiprocessing.Queue) -> N
             ps.destroy_distributed()
 
 
-def _fit_two_rank_all_reduce(t_small: float, t_large: float, name: str) -> Link:
+def _in_layer_latency(torch, comm, iters: int = 100) -> float:
+    """Time a small all-reduce adds to a layer's matmul, as the model calls it: each rank
+    computes, then waits for the other, so the cost includes the peers' skew and the
+    wake-up of a rank that went to sleep waiting (back-to-back calls see neither).
+    Layers with and without the all-reduce alternate, so that a change of the machine's
+    load hits both; the difference of their medians is the cost."""
+    a, b = torch.randn(16, 512), torch.randn(512, 1536)
+    x = torch.randn(SIZES[0] // 4)
+    with_reduce, alone = [], []
+    comm.barrier()
+    for _ in range(iters):
+        start = time.perf_counter()
+        a @ b
+        comm.all_reduce(x)
+        middle = time.perf_counter()
+        a @ b
+        alone.append(time.perf_counter() - middle)
+        with_reduce.append(middle - start)
+    return max(0.0, statistics.median(with_reduce) - statistics.median(alone))
+
+
+def _fit_two_rank_all_reduce(t_small: float, t_large: float, name: str,
+                             t_in_layer: float | None = None) -> Link:
     """alpha and beta of a link from two all-reduce times at 2 ranks (ring: 2 alpha +
-    B / beta)."""
+    B / beta); alpha from the in-layer time of the small size when given, since that is
+    what a step pays per collective."""
     small, large = SIZES
     beta = (large - small) / max(t_large - t_small, 1e-9)
+    t_small = t_small if t_in_layer is None else max(t_small, t_in_layer)
     alpha = max(0.0, (t_small - small / beta) / 2)
     return Link(latency_s=alpha, bandwidth=beta, name=name)
 
@@ -135,7 +160,7 @@ def measure_links() -> tuple[Link, Link]:
         raise RuntimeError(f"measuring the collectives failed: {payload}")
     small, large = SIZES
     return tuple(_fit_two_rank_all_reduce(payload[f"{b}/{small}"], payload[f"{b}/{large}"],
-                                          name)
+                                          name, payload[f"{b}/in_layer"])
                  for b, name in (("shm", "shared memory"), ("gloo", "gloo")))
 
 
