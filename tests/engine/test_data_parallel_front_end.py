@@ -1,7 +1,7 @@
 """The data-parallel front end over cores of the checking fake worker (fake_model.py), in
 process: routing to the least-loaded core, outputs in request order with the tokens of one
-core, aborts and request ids across cores, dummy steps that keep the cores in step, and a
-failed core stopping the engine. The same engine over real worker processes is tested in
+core, aborts and request ids across cores, dummy steps that keep the cores in step, a
+failed core stopping the engine, and steps sent to every core before any is awaited. The same engine over real worker processes is tested in
 test_data_parallel.py."""
 
 import random
@@ -125,3 +125,24 @@ def test_a_failed_core_stops_the_engine(rng, monkeypatch):
         with pytest.raises(EngineDeadError) as raised:
             engine.step()
         assert raised.value is dead
+
+
+def test_a_step_sends_to_every_core_before_waiting_for_any(rng):
+    """The cores compute at once: each front-end step sends every core's work first and
+    only then waits for the cores' results, core by core."""
+    engine = make_dp(num_cores=3)
+    events = []
+    for i, core in enumerate(engine.cores):
+        for name in ("send_steps", "collect_step"):
+            method = getattr(core, name)
+
+            def logged(method=method, event=(name, i)):
+                events.append(event)
+                return method()
+
+            setattr(core, name, logged)
+    for i in range(3):
+        engine.add_request(f"r{i}", random_prompt(rng), GREEDY)
+    engine.step()
+    assert events == [("send_steps", 0), ("send_steps", 1), ("send_steps", 2),
+                      ("collect_step", 0), ("collect_step", 1), ("collect_step", 2)]
