@@ -1,0 +1,48 @@
+"""bench/planner_check.py end to end on a given profile and layouts result (no
+measurement): one row per measured layout, ratios that are predicted over measured."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def test_planner_check_compares_every_layout(tmp_path, fresh_seed):
+    import random
+
+    rng = random.Random(fresh_seed)
+    profile = {"device": {"name": "CPU", "memory_bytes": 8e9, "flops": 1e10,
+                          "memory_bandwidth": 5e9, "op_overhead_s": 2e-5,
+                          "shared_by_ranks": True, "cores": 2, "flops_per_core": 8e9},
+               "intranode": {"latency_s": 1e-3, "bandwidth": 1e9, "name": "shared memory"},
+               "internode": {"latency_s": 2e-3, "bandwidth": 5e8, "name": "gloo"},
+               "devices_per_node": 2}
+    shapes = {"uni": (1, 1, 1), "tp2": (2, 1, 1), "pp2": (1, 2, 1), "dp2xtp2": (2, 1, 2)}
+    results = [{"layout": name, "tp": tp, "pp": pp, "dp": dp, "expert_dispatch": None,
+                "step_ms": rng.uniform(10, 200), "tokens_per_s": rng.uniform(10, 200)}
+               for name, (tp, pp, dp) in shapes.items()]
+    layouts = {"model": "small-llama", "dtype": "float32", "num_prompts": 16,
+               "prompt_len": 64, "max_tokens": 32, "command": "layouts.py",
+               "machine": {"load_avg_before": [1, 1, 1], "load_avg_after": [1, 1, 1]},
+               "results": results}
+    (tmp_path / "profile.json").write_text(json.dumps(profile))
+    (tmp_path / "layouts.json").write_text(json.dumps(layouts))
+    done = subprocess.run([sys.executable, str(BENCH / "planner_check.py"), "--profile-file",
+                           str(tmp_path / "profile.json"), "--layouts-json",
+                           str(tmp_path / "layouts.json"), "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "planner_check.json").read_text())["results"]
+    assert [r["layout"] for r in rows] == list(shapes)
+    for row, measured in zip(rows, results):
+        assert row["measured_step_ms"] == measured["step_ms"]
+        assert row["step_ratio"] == pytest.approx(row["predicted_step_ms"] / measured["step_ms"])
+        assert row["predicted_step_ms"] == pytest.approx(row["predicted_compute_ms"]
+                                                         + row["predicted_comm_ms"])
+    by_name = {r["layout"]: r for r in rows}
+    assert by_name["uni"]["predicted_comm_ms"] == 0 < by_name["tp2"]["predicted_comm_ms"]
+    assert f"{len(rows)} layouts" in done.stdout
