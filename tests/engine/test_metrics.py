@@ -4,6 +4,8 @@ times."""
 
 import asyncio
 import random
+import threading
+import time
 
 import pytest
 
@@ -107,19 +109,31 @@ def test_running_waiting_and_blocks_mid_flight_and_aborts(rng):
 
 
 def test_async_llm_metrics_while_streaming_and_after_shutdown(rng):
-    llm = AsyncLLM.from_engine(make_engine())
+    engine = make_engine()
+    # Steps are slow until the metrics are read, so the request is still running then.
+    read = threading.Event()
+    step = engine.step
+
+    def slow_step():
+        if not read.is_set():
+            time.sleep(0.02)
+        return step()
+
+    engine.step = slow_step
+    llm = AsyncLLM.from_engine(engine)
     prompt = prompts(rng, 1)[0]
 
     async def run():
         seen = None
-        async for output in llm.generate(prompt, SamplingParams(max_tokens=8), "a"):
+        async for output in llm.generate(prompt, SamplingParams(max_tokens=200), "a"):
             if seen is None:
                 seen = await llm.metrics()
+                read.set()
         return seen, await llm.metrics()
 
     during, after = asyncio.run(asyncio.wait_for(run(), TIMEOUT))
     assert during["num_requests_running"] == 1 and during["kv_blocks_used"] > 0
-    assert after["generation_tokens_total"] == 8 and after["kv_blocks_used"] == 0
+    assert after["generation_tokens_total"] == 200 and after["kv_blocks_used"] == 0
     llm.shutdown()
     assert asyncio.run(asyncio.wait_for(llm.metrics(), TIMEOUT))["num_steps"] == \
         after["num_steps"]
