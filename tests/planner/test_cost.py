@@ -63,6 +63,17 @@ def test_tp_step_traffic_by_hand():
     assert step.comm.time_s == pytest.approx(expected)
 
 
+def test_sequence_parallel_traffic_by_hand():
+    step = step_cost(MODEL, Layout(sp=2), cluster(1, 2), sequences=8, tokens_per_seq=1,
+                     context=16, sampled=8)
+    # Each rank holds 4 of the 8 tokens; per layer it sends the other rank half of its
+    # Q, K, V (4 + 2 + 2 heads of 16 bf16) and half of the attention output (4 heads);
+    # at the end it sends its 4 rows of hidden state to be gathered.
+    per_layer = 4 * (4 + 2 + 2 + 4) * 16 * 2 // 2
+    assert step.comm.intranode_bytes == 4 * per_layer + 4 * 64 * 2
+    assert step.comm.internode_bytes == 0
+
+
 def test_pipeline_send_across_nodes_is_internode():
     step = step_cost(MODEL, Layout(pp=2), cluster(2, 1), sequences=8, tokens_per_seq=1,
                      context=16, sampled=8)

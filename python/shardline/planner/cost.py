@@ -8,7 +8,8 @@ interval and a token of one sequence takes PP intervals; prefill pushes the prom
 through in chunks of the token budget. Traffic follows shardline's layers: TP all-reduces
 the hidden state after attention and after the MLP and once after the vocab-parallel
 embedding, and gathers the logits to its first rank; PP sends hidden state and residual;
-SP (Ulysses) swaps token shards for head shards around attention with two all-to-alls;
+SP (Ulysses) swaps token shards for head shards around attention with two all-to-alls
+and gathers the final hidden states;
 EP sends each token to the ranks owning its experts and back (layers/expert_parallel.py).
 """
 
@@ -242,6 +243,7 @@ def _step_comm(model: ModelSpec, layout: Layout, cluster: ClusterSpec, tokens: f
         width = heads * model.head_dim / layout.tp * model.dtype_bytes
         sent = tokens * width * (layout.sp - 1) / layout.sp
         total += collective_cost("all_to_all", sp, sent, cluster).scaled(dense + moe)
+        total += collective_cost("all_gather", sp, tokens * row, cluster)
     if layout.pp > 1:
         total += collective_cost("send", _pp_pair(layout, cluster), 2 * tokens * row, cluster)
     if moe and layout.expert_parallel and layout.ep > 1:
