@@ -97,3 +97,22 @@ def test_traceback_flag_lets_the_error_through(monkeypatch):
     monkeypatch.setattr(llm_module, "LLM", fail)
     with pytest.raises(RuntimeError, match="boom"):
         main(["--traceback", "demo", "--model", "tiny-llama"])
+
+
+def test_layout_flags_reach_the_engine(monkeypatch):
+    seen = {}
+
+    def record(model, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("recorded")
+    monkeypatch.setattr(llm_module, "LLM", record)
+    assert main(["generate", "--model", "tiny-llama", "-p", "x", "-dp", "2", "-tp", "2",
+                 "-pp", "3", "-sp", "4", "--enable-expert-parallel"]) == 2
+    assert {k: seen[k] for k in ("data_parallel_size", "tensor_parallel_size",
+                                 "pipeline_parallel_size", "sequence_parallel_size",
+                                 "enable_expert_parallel")} == {
+        "data_parallel_size": 2, "tensor_parallel_size": 2, "pipeline_parallel_size": 3,
+        "sequence_parallel_size": 4, "enable_expert_parallel": True}
+    main(["generate", "--model", "tiny-llama", "-p", "x"])
+    assert (seen["data_parallel_size"], seen["sequence_parallel_size"],
+            seen["enable_expert_parallel"]) == (1, 1, False)
