@@ -375,3 +375,27 @@ def test_per_rank_step_times_render_as_one_labelled_summary():
     assert samples[("shardline_rank_step_time_seconds_count", '{rank="0"}')] == 7
     assert samples[("shardline_finished_completions_total", '{reason="abort"}')] == 3
     assert math.isnan(samples[("shardline_prefix_cache_hit_rate", "")])
+
+
+def test_bench_harness_online_against_the_server(server, tmp_path, rng):
+    """`shardline bench --mode online --url` streams from this server: every request
+    finishes with exactly its max_tokens (ignore_eos), at each rate of the sweep."""
+    from shardline.cli import main
+
+    dataset = tmp_path / "prompts.jsonl"
+    max_tokens = [rng.randint(2, 6) for _ in range(5)]
+    dataset.write_text("".join(
+        json.dumps({"prompt": [rng.randrange(3, 250) for _ in range(rng.randint(3, 9))],
+                    "max_tokens": n}) + "\n" for n in max_tokens))
+    out = tmp_path / "runs.jsonl"
+    assert main(["bench", "--mode", "online", "--url", server[1], "-m", MODEL,
+                 "--dataset", str(dataset), "--request-rate", "inf,30", "--no-progress",
+                 "--out", str(out)]) == 0
+    runs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["results"]["request_rate"] for r in runs] == [math.inf, 30.0]
+    for run in runs:
+        results = run["results"]
+        assert run["target"] == server[1] and run["mode"] == "online"
+        assert results["finished_requests"] == 5 and not results["interrupted"]
+        assert results["output_tokens"] == sum(max_tokens)
+        assert 0 < results["ttft_s"]["p50"] <= results["e2e_latency_s"]["p99"]
