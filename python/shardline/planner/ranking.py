@@ -119,10 +119,10 @@ def _placement(layout: Layout, cluster: ClusterSpec) -> str:
 
 
 def _reason(best: Estimate, cluster: ClusterSpec) -> str:
+    """What makes the pick cheap: where its traffic runs, or what bounds its step."""
     layout = best.layout
     crossing = [k.upper() for k in ("tp", "sp", "pp", "ep")
-                if getattr(layout, k) > 1
-                and _spans_nodes(layout, cluster, k)]
+                if getattr(layout, k) > 1 and _spans_nodes(layout, cluster, k)]
     intra = cluster.intranode.name
     if layout.tp > 1 and cluster.nodes > 1 and "TP" not in crossing:
         rest = f"only {'/'.join(crossing)} traffic crosses nodes" if crossing else (
@@ -133,7 +133,7 @@ def _reason(best: Estimate, cluster: ClusterSpec) -> str:
     if layout.expert_parallel and not crossing:
         return (f"the experts spread over {layout.ep} devices of one node, their all-to-all "
                 f"stays on {intra}")
-    if layout.dp > 1 and not crossing and not layout.expert_parallel:
+    if layout.dp > 1 and not crossing:
         return (f"each replica's {layout.world_size // layout.dp} devices hold the model, "
                 "the replicas exchange nothing")
     comm = best.decode.comm.time_s / best.decode.time_s
