@@ -48,3 +48,13 @@ def test_package_face_still_exports_the_engine():
         capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.strip() == str(list(names))
+
+
+def test_every_public_name_resolves_and_the_package_is_typed():
+    import pathlib
+
+    import shardline
+
+    for name in shardline.__all__:
+        assert getattr(shardline, name).__name__ == name
+    assert (pathlib.Path(shardline.__file__).parent / "py.typed").is_file()

@@ -15,14 +15,18 @@ _EXPORTS = {
     "SamplingParams": "shardline.sampling_params",
     "RequestOutput": "shardline.engine.outputs",
     "CompletionOutput": "shardline.engine.outputs",
+    "EngineArgs": "shardline.engine.engine_args",
+    "EngineDeadError": "shardline.executor.base",
 }
 
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
     from shardline.engine.async_llm import AsyncLLM
+    from shardline.engine.engine_args import EngineArgs
     from shardline.engine.llm import LLM
     from shardline.engine.outputs import CompletionOutput, RequestOutput
+    from shardline.executor.base import EngineDeadError
     from shardline.sampling_params import SamplingParams
 
 
