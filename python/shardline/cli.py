@@ -25,9 +25,9 @@ from shardline.presets import preset_names
 
 DEFAULT_MODEL = "small-llama"
 DEMO_MODEL = "smollm2-135m-instruct"
-DEMO_QUESTIONS = ("What is the capital of France?",
-                  "Which planet is the largest in our solar system?",
+DEMO_QUESTIONS = ("What is the capital of France?", "What is the largest ocean on Earth?",
                   "What is 2 + 2?")
+DEMO_CONTEXT = 1024   # the demo's default max_model_len
 
 
 def _add_engine_args(parser: argparse.ArgumentParser, default_model: str | None) -> None:
@@ -117,6 +117,17 @@ def _build_llm(args: argparse.Namespace):
                device=args.device)
 
 
+def _demo_llm(args: argparse.Namespace):
+    from shardline.models.loader import read_model_info
+    from shardline.presets import resolve_model
+
+    _check_model(args.model)
+    if args.max_model_len is None:
+        limit = read_model_info(resolve_model(args.model)).max_position_embeddings
+        args.max_model_len = min(DEMO_CONTEXT, limit)
+    return _build_llm(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Chat with the model when it has a chat template (the default, a real model), else
     generate from built-in prompts; without the real model, fall back to small-llama."""
@@ -125,12 +136,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from shardline.benchmark.workload import demo_prompts
 
     try:
-        llm = _build_llm(args)
+        llm = _demo_llm(args)
     except ModelUnavailableError as exc:
         print(f"shardline demo: {exc}\nshardline demo: falling back to {DEFAULT_MODEL}, whose "
               "weights are random: its text is noise", file=sys.stderr, flush=True)
         args.model = DEFAULT_MODEL
-        llm = _build_llm(args)
+        llm = _demo_llm(args)
     with llm:
         tokenizer = llm.engine.tokenizer
         start = time.perf_counter()
@@ -210,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: %(default)s)")
     demo.add_argument("--max-tokens", type=int, default=32,
                       help="most tokens to generate per answer (default: %(default)s)")
+    demo.set_defaults(max_num_seqs=8)
+    demo.description = ("Ask the model a few questions (or, for a model without a chat "
+                        "template, complete built-in prompts), print the answers and the "
+                        f"speed. Here --max-num-seqs defaults to 8 and --max-model-len to "
+                        f"{DEMO_CONTEXT} (or the model's limit if lower): a KV cache for a "
+                        "few short answers.")
     demo.set_defaults(func=cmd_demo)
 
     gen = sub.add_parser("generate", help="generate from prompts given on the command line")

@@ -16,6 +16,8 @@ from shardline.engine.llm import LLM
 from shardline.presets import ModelUnavailableError, fetch_model_preset
 from shardline.sampling_params import SamplingParams
 
+pytestmark = pytest.mark.timeout(600)   # fixtures load the model in shardline and transformers
+
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "user", "content": "Name one primary color."}],
@@ -24,6 +26,9 @@ CONVERSATIONS = [
 ]
 MAX_TOKENS = 8
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+TRANSFORMERS_PROMPT_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308,
+                           34519, 28, 7018, 411, 407, 19712, 8182, 2, 198, 1, 4093, 198, 1780,
+                           314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
 ENGINE = dict(dtype="float32", max_model_len=512, num_kv_blocks=48, device="cpu")
 
 
@@ -36,18 +41,25 @@ def gguf_file() -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(gguf_file) -> tuple[list[list[int]], list[list[int]]]:
-    """transformers' prompt ids (its chat template and tokenizer) and greedy answers."""
+def llm(gguf_file):
+    with LLM(gguf_file, **ENGINE) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def reference(gguf_file, llm) -> tuple[list[list[int]], list[list[int]]]:
+    """The prompt ids of CONVERSATIONS (shardline's template and tokenizer, checked against
+    transformers' below) and transformers' greedy answers to them."""
     folder, name = os.path.split(gguf_file)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = transformers.AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=name, dtype=torch.float32).eval()
+    tokenizer = llm.engine.tokenizer
     prompts, answers = [], []
     for conversation in CONVERSATIONS:
-        ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
-        ids = list(ids["input_ids"] if "input_ids" in ids else ids)
+        ids = tokenizer.encode(tokenizer.apply_chat_template(conversation),
+                               add_special_tokens=False)
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS,
                                  do_sample=False)
@@ -56,10 +68,11 @@ def reference(gguf_file) -> tuple[list[list[int]], list[list[int]]]:
     return prompts, answers
 
 
-@pytest.fixture(scope="module")
-def llm(gguf_file):
-    with LLM(gguf_file, **ENGINE) as engine:
-        yield engine
+def test_chat_prompt_tokens_match_transformers(reference):
+    """transformers' apply_chat_template gives these ids for the first conversation from
+    this file (AutoTokenizer.from_pretrained(folder, gguf_file=...), transformers 5.24)."""
+    prompts, _ = reference
+    assert prompts[0] == TRANSFORMERS_PROMPT_IDS
 
 
 def test_one_rank_matches_transformers(llm, reference):
@@ -72,10 +85,9 @@ def test_one_rank_matches_transformers(llm, reference):
 
 
 def test_special_tokens_are_left_out_of_the_text_unless_asked(llm):
-    question = CONVERSATIONS[0]
-    params = dict(temperature=0.0, max_tokens=10, ignore_eos=True)
-    plain, = llm.chat(question, SamplingParams(**params))
-    raw, = llm.chat(question, SamplingParams(**params, skip_special_tokens=False))
+    params = dict(temperature=0.0, max_tokens=MAX_TOKENS + 1, ignore_eos=True)
+    plain, raw = llm.chat([CONVERSATIONS[0]] * 2, [
+        SamplingParams(**params), SamplingParams(**params, skip_special_tokens=False)])
     assert plain.outputs[0].token_ids == raw.outputs[0].token_ids
     assert 2 in plain.outputs[0].token_ids     # <|im_end|>, generated past with ignore_eos
     assert "<|im_end|>" in raw.outputs[0].text

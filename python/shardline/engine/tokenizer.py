@@ -35,6 +35,9 @@ class Tokenizer:
             with open(config_path) as f:
                 config = json.load(f)
         template = config.get("chat_template")
+        if isinstance(template, list):   # named templates: the default one serves chat
+            template = next((t["template"] for t in template if t.get("name") == "default"),
+                            None)
         jinja_path = os.path.join(model_dir, "chat_template.jinja")
         if template is None and os.path.isfile(jinja_path):
             with open(jinja_path) as f:

@@ -131,11 +131,12 @@ def model_config(meta: dict, tensors: dict[str, dict]) -> dict:
                          "shardline loads GGUF files with plain RoPE")
     hidden, heads = get("embedding_length"), get("attention.head_count")
     head_dim = get("attention.key_length", hidden // heads)
+    embed = tensors.get("model.embed_tokens.weight")
     eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
            if meta.get(k) is not None]
     config = dict(
         architectures=[ARCHITECTURES[arch]], model_type=arch,
-        vocab_size=get("vocab_size", tensors["model.embed_tokens.weight"]["shape"][0]),
+        vocab_size=get("vocab_size", embed["shape"][0] if embed else KeyError),
         hidden_size=hidden, intermediate_size=get("feed_forward_length"),
         num_hidden_layers=get("block_count"), num_attention_heads=heads,
         num_key_value_heads=get("attention.head_count_kv", heads), head_dim=head_dim,
