@@ -14,6 +14,7 @@ import transformers
 
 from shardline.models.gguf import GGUFCheckpoint, gguf_model_dir, hf_tensor_name
 from shardline.models.gguf_quants import SUPPORTED_TYPES
+from shardline.models.gguf_tokenizer import build_tokenizer
 from shardline.presets import resolve_model
 from worker_driver import WorkerDriver, make_worker
 
@@ -182,3 +183,25 @@ def test_unknown_tensor_is_named(tmp_path, fresh_seed):
                      extra={"rope_freqs.weight": np.ones(8, np.float32)})
     with pytest.raises(ValueError, match="'rope_freqs.weight' has no counterpart"):
         resolve_model(path)
+
+
+def _vocab_meta(pre: str) -> dict:
+    tokens = ["<s>", "<|im_end|>", "1", "2", "12", "Ġ", "a", "b", "ab", "<tool>"]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+            "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [3, 3] + [1] * 7 + [4],
+            "tokenizer.ggml.merges": ["a b", "1 2"], "tokenizer.ggml.bos_token_id": 0,
+            "tokenizer.ggml.add_bos_token": True}
+
+
+def test_tokenizer_from_metadata():
+    """Control tokens are special (whole, skipped in decoding), user-defined ones whole but
+    kept; 'smollm' splits digits one by one as SmolLM's tokenizer does; BOS as asked."""
+    text = "12 ab<|im_end|><tool>"
+    smollm = build_tokenizer(_vocab_meta("smollm"))
+    ids = smollm.encode(text).ids
+    assert ids == [0, 2, 3, 5, 8, 1, 9]
+    assert smollm.decode(ids) == "12 ab<tool>"
+    assert smollm.decode(ids, skip_special_tokens=False) == "<s>" + text
+    assert build_tokenizer(_vocab_meta("gpt2")).encode(text).ids == [0, 4, 5, 8, 1, 9]
+    with pytest.raises(ValueError, match="tokenizer.ggml.model='llama' is not supported"):
+        build_tokenizer({**_vocab_meta("gpt2"), "tokenizer.ggml.model": "llama"})
