@@ -156,6 +156,8 @@ class ParallelConfig:
     (one layer count per stage). `device` is "cpu", "cuda" or None (the SHARDLINE_DEVICE
     environment variable if set, else CUDA when present). `worker_cls` is the dotted path
     of the class each rank runs (the model worker unless a tool swaps in another).
+    `ray_address` is the Ray cluster the "ray" backend joins (None: RAY_ADDRESS if set,
+    else a local cluster it starts).
     """
 
     tensor_parallel_size: int = 1
@@ -168,6 +170,7 @@ class ParallelConfig:
     pipeline_stage_layers: list[int] | None = None
     device: str | None = None
     worker_cls: str = "shardline.worker.worker.Worker"
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
@@ -194,6 +197,13 @@ class ParallelConfig:
             self.pipeline_stage_layers = layers
         _require(isinstance(self.worker_cls, str) and "." in self.worker_cls, "worker_cls",
                  self.worker_cls, "a dotted path such as 'shardline.worker.worker.Worker'")
+        _require(self.ray_address is None or (isinstance(self.ray_address, str)
+                                              and self.ray_address), "ray_address",
+                 self.ray_address, "None or a Ray cluster address such as 'auto' or "
+                 "'ray://head:10001'")
+        _require(self.ray_address is None or self.distributed_executor_backend == "ray",
+                 "ray_address", self.ray_address, "None unless distributed_executor_backend="
+                 f"'ray' (it is {self.distributed_executor_backend!r})")
 
     @property
     def world_size(self) -> int:

@@ -350,9 +350,6 @@ INVALID = {
     "uni-tp2": (MODEL, dict(tensor_parallel_size=2, distributed_executor_backend="uni"),
                 r"distributed_executor_backend='uni' runs one rank, but the layout has "
                 r"world_size=2: use 'mp'"),
-    "ray-tp2": (MODEL, dict(tensor_parallel_size=2, distributed_executor_backend="ray"),
-                r"distributed_executor_backend='ray' is not available in this build: use "
-                r"None, 'uni' or 'mp'"),
 }
 
 

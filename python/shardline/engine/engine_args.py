@@ -17,7 +17,8 @@ class EngineArgs:
     each worker sizes its cache from `kv_cache_memory_bytes` if set, else from the memory
     free after loading the model (`gpu_memory_utilization` of a GPU; see CacheConfig).
     `dtype` "auto" is float32 on the CPU and the checkpoint's dtype on a GPU. `device` and
-    `pipeline_stage_layers` are ParallelConfig's (the device of every rank; layers per stage).
+    `pipeline_stage_layers` are ParallelConfig's (the device of every rank; layers per stage),
+    as is `ray_address` (the cluster of distributed_executor_backend="ray").
     """
 
     model: str
@@ -41,6 +42,7 @@ class EngineArgs:
     distributed_executor_backend: str | None = None
     pipeline_stage_layers: list[int] | None = None
     device: str | None = None
+    ray_address: str | None = None
 
     def to_config(self) -> EngineConfig:
         """The EngineConfig of these options (each config checks its own values)."""
@@ -62,5 +64,5 @@ class EngineArgs:
                                     enable_expert_parallel=self.enable_expert_parallel,
                                     distributed_executor_backend=self.distributed_executor_backend,
                                     pipeline_stage_layers=self.pipeline_stage_layers,
-                                    device=self.device),
+                                    device=self.device, ray_address=self.ray_address),
         )

@@ -84,10 +84,14 @@ class Executor(ABC):
         self.ranks_per_core = config.parallel.world_size // dp
         self.first_rank = dp_rank * self.ranks_per_core
         self.distributed_init_method = distributed_init_method
-        check_layout(config)
+        self._check_layout()
         self._guarded(self._start_workers)
         if initialize:
             self._guarded(lambda: self.allocate_kv_cache(self.load()))
+
+    def _check_layout(self) -> None:
+        """Refuse a layout this executor cannot run, before any worker starts."""
+        check_layout(self.config)
 
     @abstractmethod
     def _start_workers(self) -> None:
@@ -148,10 +152,11 @@ class Executor(ABC):
         self.shutdown()
 
 
-def check_layout(config: EngineConfig) -> None:
+def check_layout(config: EngineConfig, gpus: int | None = None) -> None:
     """Refuse, before any worker starts, a layout the model or the machine cannot take: a
     GPU device where torch sees none, or a split of the model (several ranks, or a list of
-    layers per stage) that the model or the GPU count does not allow."""
+    layers per stage) that the model or the GPU count does not allow. `gpus` is the number
+    of GPUs the ranks can use where that is not this machine's (a cluster's)."""
     import torch
 
     from shardline.models.loader import read_model_info
@@ -159,19 +164,20 @@ def check_layout(config: EngineConfig) -> None:
     from shardline.worker.worker import pick_device
 
     parallel = config.parallel
-    device = pick_device(0, parallel.device)
-    gpus = torch.cuda.device_count() if device.type == "cuda" else None
-    if gpus == 0:
-        raise ValueError(f"device={parallel.device!r} (SHARDLINE_DEVICE="
-                         f"{os.environ.get('SHARDLINE_DEVICE')!r}) asks for {device}, but torch "
-                         "sees no GPU on this machine: use device='cpu'")
+    if gpus is None:
+        device = pick_device(0, parallel.device)
+        gpus = torch.cuda.device_count() if device.type == "cuda" else None
+        if gpus == 0:
+            raise ValueError(f"device={parallel.device!r} (SHARDLINE_DEVICE="
+                             f"{os.environ.get('SHARDLINE_DEVICE')!r}) asks for {device}, but "
+                             "torch sees no GPU on this machine: use device='cpu'")
     if parallel.world_size > 1 or parallel.pipeline_stage_layers is not None:
         check_partition(parallel, read_model_info(config.model.model), gpus)
 
 
 def executor_class(parallel: ParallelConfig) -> type[Executor]:
     """The executor for a layout: in process at world size 1 (unless "mp" is asked for),
-    one process per rank on this machine otherwise."""
+    one process per rank on this machine otherwise, Ray actors on a cluster for "ray"."""
     backend = parallel.distributed_executor_backend
     if backend is None:
         backend = "uni" if parallel.world_size == 1 else "mp"
@@ -187,8 +193,9 @@ def executor_class(parallel: ParallelConfig) -> type[Executor]:
         from shardline.executor.multiproc import MultiProcExecutor
 
         return MultiProcExecutor
-    raise ValueError(f"distributed_executor_backend={backend!r} is not available in this "
-                     "build: use None, 'uni' or 'mp'")
+    from shardline.executor.ray import RayExecutor
+
+    return RayExecutor
 
 
 def create_executor(config: EngineConfig) -> Executor:

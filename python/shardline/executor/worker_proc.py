@@ -73,15 +73,33 @@ def run_worker(args: WorkerArgs, handle_conn: Connection, log_queue: Any) -> Non
     broadcast = MessageQueue.attach(args.broadcast, args.index)
     response.wait_attached(ATTACH_TIMEOUT_S, reader_pids=[os.getppid()])
 
+    exit_code = serve_rank(args.config, args.rank, args.index, args.distributed_init_method,
+                           args.worker_cls, broadcast, response)
+    log_queue.close()
+    log_queue.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip the interpreter's teardown: with torch loaded its final garbage collection
+    # takes seconds, and everything this process owns is released in serve_rank.
+    os._exit(exit_code)
+
+
+def serve_rank(config: dict, rank: int, index: int, distributed_init_method: str,
+               worker_cls: str, broadcast: MessageQueue, response: MessageQueue) -> int:
+    """Build rank `rank`'s worker and answer the calls read from `broadcast` on `response`
+    until shutdown or the executor's end; the process's exit code (1 after a failure).
+    `index` is the rank's place in its executor's slice, which calls address replies to.
+    Shared by every executor that feeds its workers through the rings (multi-process, Ray).
+    """
     from shardline.config import EngineConfig
 
-    config = EngineConfig.from_dict(args.config)
     worker = None
     exit_code = 0
     try:
-        worker = import_worker_class(args.worker_cls)(
-            config, rank=args.rank, distributed_init_method=args.distributed_init_method)
-        exit_code = _serve(worker, args.index, broadcast, response)
+        worker = import_worker_class(worker_cls)(
+            EngineConfig.from_dict(config), rank=rank,
+            distributed_init_method=distributed_init_method)
+        exit_code = _serve(worker, index, broadcast, response)
     except (PeerDied, RingClosed):
         pass  # the executor is gone or shut us down: nothing left to answer
     except BaseException:
@@ -94,13 +112,7 @@ def run_worker(args: WorkerArgs, handle_conn: Connection, log_queue: Any) -> Non
         # it would close it for every rank, so a failing worker would stop the healthy ones
         # too, perhaps before the executor sees which worker failed first.
         response.close()
-        log_queue.close()
-        log_queue.join_thread()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Skip the interpreter's teardown: with torch loaded its final garbage collection
-        # takes seconds, and everything this process owns is released above.
-        os._exit(exit_code)
+    return exit_code
 
 
 def _serve(worker: Any, index: int, broadcast: MessageQueue, response: MessageQueue) -> int:

@@ -1,0 +1,133 @@
+"""The Ray executor's actors: one RankActor per rank, one NodeAgent per node.
+
+A node's agent owns the node's broadcast ring: each call reaches it once over Ray and it
+writes the call into the ring, which every rank of the node reads, exactly as the
+multi-process executor's workers read theirs; each rank answers on its own response
+ring, which the agent reads and returns over Ray (for `execute_model`, only the output
+rank answers). So a step's input crosses the network once per node and never goes
+through TCP inside a node.
+
+The agent is a threaded actor: calls may arrive in any order and several wait at once
+(steps in flight, a call abandoned after a timeout), so each call carries the executor's
+call id, is written into the ring in id order, and reads its replies in the same order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from typing import Any
+
+from shardline.executor.worker_proc import ATTACH_TIMEOUT_S, serve_rank
+from shardline.ipc import MessageQueue, MessageQueueHandle
+
+AGENT_CONCURRENCY = 64
+"""Threads of a node agent: calls waiting for their turn or their replies, plus one
+`run_until_closed`."""
+
+
+class RankActor:
+    """One rank: creates its response ring, then serves the node's broadcast ring in
+    `run` (through worker_proc.serve_rank, the multi-process workers' loop) until told to
+    stop; the executor kills the actor after that."""
+
+    def __init__(self, rank: int, log_level: int) -> None:
+        logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
+                            format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("shardline").setLevel(log_level)
+        self.response = MessageQueue.create(1)
+
+    def describe(self) -> dict:
+        """What the executor needs to wire this rank up: its response ring's handle and
+        its process id."""
+        return {"response": self.response.handle(), "pid": os.getpid()}
+
+    def run(self, config: dict, rank: int, index: int, reader_index: int,
+            distributed_init_method: str, worker_cls: str, broadcast: MessageQueueHandle,
+            agent_pid: int) -> int:
+        """Attach to the node's broadcast ring as reader `reader_index` and serve calls
+        until shutdown; the exit code (0, or 1 after a failure). `index` is the rank's
+        place in its executor's slice."""
+        ring = MessageQueue.attach(broadcast, reader_index)
+        self.response.wait_attached(ATTACH_TIMEOUT_S, reader_pids=[agent_pid])
+        return serve_rank(config, rank, index, distributed_init_method, worker_cls, ring,
+                          self.response)
+
+
+class NodeAgent:
+    """Relays the executor's calls to the ranks of one node through shared memory."""
+
+    def __init__(self) -> None:
+        self.broadcast: MessageQueue | None = None
+        self.responses: list[MessageQueue] = []
+        self.sending = threading.Condition()
+        self.reading = threading.Condition()
+        self.next_call = 1
+        self.next_ticket = 0
+        self.reading_ticket = 0
+        self.closed = threading.Event()
+
+    def connect(self, responses: list[MessageQueueHandle]) -> tuple[MessageQueueHandle, int]:
+        """Attach to the ranks' response rings (in the node's rank order) and create the
+        broadcast ring they read; its handle and this process's id."""
+        self.responses = [MessageQueue.attach(handle, 0) for handle in responses]
+        self.broadcast = MessageQueue.create(len(responses))
+        return self.broadcast.handle(), os.getpid()
+
+    def wait_attached(self, timeout: float, reader_pids: list[int]) -> None:
+        self.broadcast.wait_attached(timeout, reader_pids=reader_pids)
+
+    def call(self, call_id: int, message: list, reply_indices: list[int]) -> list[Any]:
+        """Write call `call_id` into the ring once the calls before it are in; then read
+        the replies [ok, payload] of the ranks at `reply_indices` (in the node's order)."""
+        with self.sending:
+            self.sending.wait_for(lambda: self.next_call == call_id or self.closed.is_set())
+            try:
+                self._check_open()
+                self.broadcast.enqueue(message)
+            finally:
+                self.next_call += 1
+                self.sending.notify_all()
+            ticket = self.next_ticket
+            if reply_indices:
+                self.next_ticket += 1
+        if not reply_indices:
+            return []
+        with self.reading:
+            self.reading.wait_for(lambda: self.reading_ticket == ticket or self.closed.is_set())
+            self._check_open()
+        try:
+            return [self._reply(self.responses[i], call_id) for i in reply_indices]
+        finally:
+            with self.reading:
+                self.reading_ticket += 1
+                self.reading.notify_all()
+
+    @staticmethod
+    def _reply(response: MessageQueue, call_id: int) -> list:
+        """The reply to `call_id`, skipping stray ones (a rank that failed a step it did
+        not have to answer sends its error anyway)."""
+        while True:
+            reply_id, ok, payload = response.dequeue()
+            if reply_id == call_id:
+                return [ok, payload]
+
+    def _check_open(self) -> None:
+        if self.closed.is_set():
+            raise RuntimeError("the node agent has been closed")
+
+    def run_until_closed(self) -> None:
+        """Returns when the agent closes; the executor watches it to notice the agent's
+        (or its node's) death."""
+        self.closed.wait()
+
+    def close(self) -> None:
+        """Close the rings, waking every waiting call."""
+        self.closed.set()
+        for condition in (self.sending, self.reading):
+            with condition:
+                condition.notify_all()
+        for mq in ([self.broadcast] if self.broadcast else []) + self.responses:
+            mq.close()

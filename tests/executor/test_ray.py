@@ -1,0 +1,192 @@
+"""The Ray executor on a two-node Ray cluster on this machine (ray.cluster_utils.Cluster;
+each node its own Ray node, with its own node agent and shared-memory broadcast ring):
+
+- plumbing with model-free stub workers at TP2 x PP2, one stage per node: one reply per
+  rank in rank order, the output rank, steps in flight, a failing call, a timeout;
+- the engine at TP2 x PP2 (tiny-llama) and DP2 (tiny-qwen2), one stage or one replica
+  per node, gives the greedy tokens of the one-rank in-process engine (fp32, CPU);
+- a rank actor killed while serving fails the engine with EngineDeadError within 10 s,
+  and shutdown leaves no actor process and no shared-memory segment behind.
+
+The cluster starts once per module and every node has 2 (fake) CPUs, one per rank, so a
+block of TP ranks fills a node and the placement group must use both.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import psutil
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'shardline[ray]'")
+
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from shardline import LLM, SamplingParams  # noqa: E402
+from shardline.executor import EngineDeadError, StepFuture  # noqa: E402
+from shardline.executor.base import executor_class  # noqa: E402
+from shardline.config import ParallelConfig  # noqa: E402
+from shardline.executor import ray_placement  # noqa: E402
+from shardline.executor.ray import RayExecutor  # noqa: E402
+from process_hygiene import leaked_segments, shm_segments  # noqa: E402
+from stub_workers import NUM_KV_BLOCKS  # noqa: E402
+from test_multiproc import make_config, step  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENGINE = dict(block_size=4, num_kv_blocks=24, max_num_batched_tokens=16, max_num_seqs=8,
+              device="cpu")
+NODE_CPUS = 2
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node that runs nothing and two worker nodes, each labelled by a custom
+    resource so that tests can tell which node a rank landed on."""
+    before = shm_segments()
+    cluster = Cluster(initialize_head=True,
+                      head_node_args=dict(num_cpus=0, include_dashboard=False))
+    nodes = {cluster.add_node(num_cpus=NODE_CPUS, resources={f"test-node-{i}": 1}).node_id: i
+             for i in range(2)}
+    # The stub workers' module must be importable in the actors, as in the spawned workers.
+    ray.init(address=cluster.address, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
+                 [HERE, os.path.dirname(HERE)])}})
+    try:
+        yield nodes
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert not leaked_segments(before)
+
+
+def wait_gone(pids: list[int], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(psutil.pid_exists(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = [pid for pid in pids if psutil.pid_exists(pid)]
+    assert not alive, f"actor processes {alive} are still running"
+
+
+def random_prompts(seed: int, n: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 259) for _ in range(rng.randint(3, 30))] for _ in range(n)]
+
+
+def greedy_tokens(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+def test_the_ray_backend_gets_the_ray_executor():
+    assert executor_class(ParallelConfig(distributed_executor_backend="ray")) is RayExecutor
+    with pytest.raises(ValueError, match=r"ray_address=''.*a Ray cluster address"):
+        ParallelConfig(distributed_executor_backend="ray", ray_address="")
+    with pytest.raises(ValueError, match=r"ray_address='auto'.*unless distributed_executor_"
+                                         r"backend='ray' \(it is 'mp'\)"):
+        ParallelConfig(distributed_executor_backend="mp", ray_address="auto")
+
+
+def test_plumbing_over_two_nodes_with_stub_workers(cluster):
+    config = make_config(tensor_parallel_size=2, pipeline_parallel_size=2)
+    config.parallel.distributed_executor_backend = "ray"
+    executor = RayExecutor(config)
+    try:
+        # One pipeline stage (a TP block) per node, each node fed by its own agent.
+        assert executor.rank_nodes[0] == executor.rank_nodes[1]
+        assert executor.rank_nodes[2] == executor.rank_nodes[3]
+        assert {cluster[node] for node in executor.rank_nodes} == {0, 1}
+        assert executor.num_kv_blocks == NUM_KV_BLOCKS
+        ids = executor.collective_rpc("identity")
+        assert [i[0] for i in ids] == [0, 1, 2, 3]
+        assert [i[1] for i in ids] == executor.worker_pids[:4]
+        assert executor.collective_rpc("echo", args=([1, "x"],), kwargs={"scale": 2}) == \
+            [[1, "x", 1, "x"]] * 4
+        # Answered by the first TP rank of the last stage; several steps in flight.
+        futures = [executor.execute_model(step(f"r{i}"), non_block=True) for i in range(5)]
+        assert all(isinstance(f, StepFuture) for f in futures)
+        assert futures[2].result(timeout=10).sampled_token_ids == [1002]
+        assert [f.result(timeout=10).req_ids for f in futures] == [[f"r{i}"] for i in range(5)]
+        with pytest.raises(RuntimeError, match=r"fail failed on worker rank 0: ValueError: no"):
+            executor.collective_rpc("fail", args=("no",))
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"collective_rpc\('sleep'\).*ranks \[0, 1, 2, 3\]"):
+            executor.collective_rpc("sleep", args=(1.5,), timeout=0.3)
+        assert time.monotonic() - start < 1.0
+        assert executor.collective_rpc("echo", args=(7,), timeout=10) == [7] * 4
+    finally:
+        pids = executor.worker_pids
+        executor.shutdown()
+        executor.shutdown()
+    wait_gone(pids)
+    with pytest.raises(EngineDeadError, match="shut down"):
+        executor.collective_rpc("identity")
+
+
+def test_a_tp_group_larger_than_any_node_is_refused_not_split(cluster, monkeypatch):
+    monkeypatch.setattr(ray_placement, "PLACEMENT_TIMEOUT_S", 3.0)
+    config = make_config(tensor_parallel_size=2 * NODE_CPUS)
+    config.parallel.distributed_executor_backend = "ray"
+    with pytest.raises(RuntimeError, match=r"could not reserve 1 bundles of \{'CPU': 4.0\} "
+                                           r"\(one per TP x SP block of 4 ranks\) within 3 s"):
+        RayExecutor(config)
+    assert not [pg for pg in ray.util.placement_group_table().values()
+                if pg["state"] not in ("REMOVED",)]
+
+
+@pytest.fixture(scope="module")
+def reference_tokens():
+    """The one-rank in-process engine's greedy tokens, per model and seed."""
+    made: dict[tuple[str, int], list[list[int]]] = {}
+
+    def tokens(model: str, seed: int) -> list[list[int]]:
+        if (model, seed) not in made:
+            with LLM(model, **ENGINE) as llm:
+                made[model, seed] = greedy_tokens(llm, random_prompts(seed, 6))
+        return made[model, seed]
+
+    return tokens
+
+
+def test_tp2_pp2_one_stage_per_node_matches_one_rank_and_dies_cleanly(cluster,
+                                                                       reference_tokens,
+                                                                       fresh_seed):
+    llm = LLM("tiny-llama", distributed_executor_backend="ray", tensor_parallel_size=2,
+              pipeline_parallel_size=2, **ENGINE)
+    executor = llm.engine.executor
+    pids = executor.worker_pids
+    try:
+        assert isinstance(executor, RayExecutor)
+        assert [cluster[node] for node in executor.rank_nodes] in ([0, 0, 1, 1], [1, 1, 0, 0])
+        prompts = random_prompts(fresh_seed, 6)
+        assert greedy_tokens(llm, prompts) == reference_tokens("tiny-llama", fresh_seed)
+
+        # A rank of the second stage dies while the engine serves.
+        params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+        for i, prompt in enumerate(prompts):
+            llm.engine.add_request(f"long-{i}", prompt, params)
+        llm.engine.step()
+        os.kill(pids[3], signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(EngineDeadError, match=r"worker rank 3 \(pid \d+\) died"):
+            while time.monotonic() - start < 30:
+                llm.engine.step()
+        assert time.monotonic() - start < 10.0
+    finally:
+        llm.shutdown()
+    wait_gone(pids)
+
+
+def test_dp2_one_replica_per_node_matches_one_rank(cluster, reference_tokens, fresh_seed):
+    with LLM("tiny-qwen2", distributed_executor_backend="ray", data_parallel_size=2,
+             **ENGINE) as llm:
+        cores = llm.engine.cores
+        pids = [pid for core in cores for pid in core.executor.worker_pids]
+        assert {cluster[core.executor.rank_nodes[0]] for core in cores} == {0, 1}
+        prompts = random_prompts(fresh_seed, 6)
+        assert greedy_tokens(llm, prompts) == reference_tokens("tiny-qwen2", fresh_seed)
+        assert all(core.stats.num_steps > 0 for core in cores)
+    wait_gone(pids)
