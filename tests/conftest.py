@@ -88,3 +88,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if str(item.path).startswith(KERNEL_TESTS) and item.path.name != "test_interpreted.py" \
                 and not runs_kernels_in_process(item):
             item.add_marker(skip)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> str:
+    """tiny-llama with a chat template in its tokenizer_config.json (its weights are
+    random, so its answers are noise, but every chat code path runs)."""
+    import json
+
+    from shardline.presets import build_preset
+
+    preset = build_preset("tiny-llama")
+    target = tmp_path_factory.mktemp("tiny-chat")
+    for name in os.listdir(preset):
+        if name != "tokenizer_config.json":
+            os.symlink(os.path.join(preset, name), target / name)
+    with open(os.path.join(preset, "tokenizer_config.json")) as f:
+        config = json.load(f)
+    (target / "tokenizer_config.json").write_text(
+        json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
+    return str(target)

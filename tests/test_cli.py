@@ -116,3 +116,32 @@ def test_layout_flags_reach_the_engine(monkeypatch):
     main(["generate", "--model", "tiny-llama", "-p", "x"])
     assert (seen["data_parallel_size"], seen["sequence_parallel_size"],
             seen["enable_expert_parallel"]) == (1, 1, False)
+
+
+def test_chat_answers_one_message(tiny_chat_model, capsys):
+    assert main(["chat", "-m", tiny_chat_model, "--device", "cpu", "--message", "Hi there",
+                 "--max-tokens", "4"]) == 0
+    answer = capsys.readouterr().out.strip()
+    assert answer and "\n" not in answer
+
+
+def test_chat_keeps_the_conversation_across_turns(tiny_chat_model, monkeypatch, capsys):
+    seen = []
+    real_chat = llm_module.LLM.chat
+
+    def spy(self, messages, *args, **kwargs):
+        seen.append([dict(m) for m in messages])
+        return real_chat(self, messages, *args, **kwargs)
+    monkeypatch.setattr(llm_module.LLM, "chat", spy)
+    turns = iter(["first question", "second question", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(turns))
+    assert main(["chat", "-m", tiny_chat_model, "--device", "cpu", "--system", "Be brief",
+                 "--max-tokens", "3"]) == 0
+    assert [m["role"] for m in seen[1]] == ["system", "user", "assistant", "user"]
+    assert seen[1][1]["content"] == "first question" and seen[1][3]["content"] == "second question"
+    assert capsys.readouterr().out.count("assistant: ") == 2
+
+
+def test_chat_without_a_template_is_one_clear_line(capsys):
+    assert main(["chat", "-m", "tiny-llama", "--device", "cpu", "--message", "hi"]) == 2
+    assert "has no chat template" in capsys.readouterr().err

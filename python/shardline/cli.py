@@ -1,7 +1,8 @@
-"""`shardline` command line: demo, generate, bench, serve and plan.
+"""`shardline` command line: demo, generate, chat, bench, serve and plan.
 
     shardline demo                 ask a small real model (SmolLM2-135M-Instruct) a few questions
     shardline generate -m MODEL -p "prompt" [--temperature ...]
+    shardline chat [-m MODEL] [--message TEXT]   talk with a chat model (default: SmolLM2)
     shardline bench -m MODEL --num-prompts 64 [--mode online --request-rate 1,2,4]
     shardline serve MODEL --port 8000    an OpenAI-compatible HTTP server (the serve extra)
     shardline plan -m MODEL --nodes 2 --gpu h100   rank parallel layouts for a cluster
@@ -179,6 +180,44 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A conversation with a chat model: each line read is the user's turn, answered with
+    the whole conversation so far; `--message` asks once and exits."""
+    from shardline.sampling_params import SamplingParams
+
+    llm = _demo_llm(args)
+    with llm:
+        tokenizer = llm.engine.tokenizer
+        if tokenizer is None or tokenizer.chat_template is None:
+            raise ValueError(f"--model {args.model!r} has no chat template (in "
+                             "tokenizer_config.json or its GGUF metadata): use shardline "
+                             "generate for plain completion")
+        params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
+                                seed=args.seed)
+        conversation = [{"role": "system", "content": args.system}] if args.system else []
+        interactive = args.message is None
+        if interactive:
+            print("chatting with " + args.model + "; an empty line or Ctrl-D ends",
+                  file=sys.stderr, flush=True)
+        while True:
+            text = args.message if not interactive else _read_turn()
+            if not text:
+                return 0
+            conversation.append({"role": "user", "content": text})
+            answer = llm.chat(conversation, params)[0].outputs[0].text.strip()
+            conversation.append({"role": "assistant", "content": answer})
+            print(answer if not interactive else f"assistant: {answer}", flush=True)
+            if not interactive:
+                return 0
+
+
+def _read_turn() -> str:
+    try:
+        return input("you: ").strip()
+    except EOFError:
+        return ""
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from shardline.benchmark.command import run_bench
 
@@ -248,6 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: a fresh draw)")
     gen.add_argument("-n", type=int, default=1, help="completions per prompt")
     gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="talk with a chat model in the terminal (default: "
+                                       f"{DEMO_MODEL}), or ask it one --message")
+    _add_engine_args(chat, DEMO_MODEL)
+    chat.add_argument("--message", default=None,
+                      help="ask this one question, print the answer and exit (default: read "
+                           "turns from the terminal until an empty line)")
+    chat.add_argument("--system", default=None, help="a system prompt opening the conversation")
+    chat.add_argument("--max-tokens", type=int, default=256,
+                      help="most tokens per answer (default: %(default)s)")
+    chat.add_argument("--temperature", type=float, default=0.0,
+                      help="sampling temperature; 0 is greedy (default: %(default)s)")
+    chat.add_argument("--seed", type=int, default=None,
+                      help="seed of the sampling noise (default: a fresh draw)")
+    chat.set_defaults(func=cmd_chat)
 
     bench = sub.add_parser("bench", help="offline or online (Poisson arrivals, rate sweeps) "
                                          "benchmark of a model or a server; JSON records "

@@ -12,7 +12,6 @@ import math
 import os
 import random
 import re
-import shutil
 import threading
 import time
 
@@ -25,38 +24,17 @@ httpx = pytest.importorskip("httpx", reason="httpx (test extra) is not installed
 
 from shardline.engine.async_llm import AsyncLLM  # noqa: E402
 from shardline.entrypoints.app import build_app  # noqa: E402
-from shardline.presets import build_preset  # noqa: E402
 from shardline.sampling_params import SamplingParams  # noqa: E402
 
 MODEL = "tiny-chat"
 TIMEOUT = 30.0
-TEMPLATE = ("{% for m in messages %}<s>{{ m.role }}: {{ m.content }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<s>assistant:{% endif %}")
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """tiny-llama with a chat template in its tokenizer_config.json."""
-    preset = build_preset("tiny-llama")
-    target = tmp_path_factory.mktemp("tiny-chat")
-    for name in os.listdir(preset):
-        if name != "tokenizer_config.json":
-            os.symlink(os.path.join(preset, name), target / name)
-    with open(os.path.join(preset, "tokenizer_config.json")) as f:
-        config = json.load(f)
-    (target / "tokenizer_config.json").write_text(json.dumps({**config,
-                                                             "chat_template": TEMPLATE}))
-    yield str(target)
-    shutil.rmtree(target, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):
+def server(tiny_chat_model):
     """(AsyncLLM, base URL) of a server running in a thread; shut down after the module."""
     # The kernels are not under test here: the torch reference keeps the steps fast.
     previous = os.environ.get("SHARDLINE_DISABLE_TRITON")
     os.environ["SHARDLINE_DISABLE_TRITON"] = "1"
-    llm = AsyncLLM(model_dir, block_size=4, num_kv_blocks=256, max_model_len=512)
+    llm = AsyncLLM(tiny_chat_model, block_size=4, num_kv_blocks=256, max_model_len=512)
     config = uvicorn.Config(build_app(llm, MODEL), host="127.0.0.1", port=0, log_level="warning")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
