@@ -337,8 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = logging.getLogger("shardline")
+    # The command's progress goes to stderr while it runs; an embedding program that set
+    # up its own handlers keeps them, and none is left behind holding this stderr.
+    handler = None
     if not log.handlers:
-        log.addHandler(logging.StreamHandler(sys.stderr))
+        handler = logging.StreamHandler(sys.stderr)
+        log.addHandler(handler)
         log.setLevel(logging.INFO)
     try:
         return args.func(args)
@@ -353,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         kind = "" if bad_input else f"{type(exc).__name__}: "
         print(f"shardline {args.command}: error: {kind}{message}", file=sys.stderr)
         return 2 if bad_input else 1
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
 
 
 if __name__ == "__main__":

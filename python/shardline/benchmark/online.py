@@ -19,8 +19,6 @@ from shardline.benchmark.results import RequestRecord
 from shardline.benchmark.workload import Workload
 from shardline.sampling_params import SamplingParams
 
-KV_SAMPLE_INTERVAL_S = 0.05
-
 
 class Target(Protocol):
     def prompt_tokens(self, prompt: list[int] | str, max_tokens: int) -> int: ...
@@ -30,7 +28,9 @@ class Target(Protocol):
         """Yields the request's output token count each time it grows."""
         ...
 
-    def kv_usage(self) -> float | None: ...
+    def kv_usage(self) -> float | None:
+        """The share of the KV cache in use now, or None if the target cannot tell."""
+        ...
 
 
 class EngineTarget:
@@ -124,10 +124,11 @@ async def run_online(target: Target, workload: Workload, rate: float, seed: int 
     records = [RequestRecord(arrival=at, prompt_tokens=target.prompt_tokens(prompt, n))
                for at, prompt, n in zip(arrivals, workload.prompts, workload.max_tokens)]
     bar = ProgressBar(len(records), f"rate {rate:g}/s", enabled=progress)
-    peak: list[float] = []
+    peak_kv: float | None = None   # the largest KV-cache use seen while a request streamed
     start = time.perf_counter()
 
     async def one(index: int) -> None:
+        nonlocal peak_kv
         record = records[index]
         await asyncio.sleep(max(0.0, start + record.arrival - time.perf_counter()))
         record.arrival = time.perf_counter() - start
@@ -136,18 +137,12 @@ async def run_online(target: Target, workload: Workload, rate: float, seed: int 
             if record.first_token is None and count:
                 record.first_token = time.perf_counter() - start
             record.output_tokens = count
+            usage = target.kv_usage()
+            if usage is not None:
+                peak_kv = usage if peak_kv is None else max(peak_kv, usage)
         record.done = time.perf_counter() - start
         bar.update()
 
-    async def sample_kv() -> None:
-        while True:
-            usage = target.kv_usage()
-            if usage is None:
-                return
-            peak.append(usage)
-            await asyncio.sleep(KV_SAMPLE_INTERVAL_S)
-
-    sampler = asyncio.ensure_future(sample_kv())
     tasks = [asyncio.ensure_future(one(i)) for i in range(len(records))]
     interrupted = False
     try:
@@ -158,8 +153,7 @@ async def run_online(target: Target, workload: Workload, rate: float, seed: int 
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     finally:
-        sampler.cancel()
         bar.close()
     elapsed = time.perf_counter() - start
-    return RunResult(records, elapsed, peak_kv_usage=max(peak) if peak else None,
+    return RunResult(records, elapsed, peak_kv_usage=peak_kv,
                      interrupted=interrupted, extra={"request_rate": rate})
