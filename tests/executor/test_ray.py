@@ -99,6 +99,7 @@ def test_plumbing_over_two_nodes_with_stub_workers(cluster):
         assert executor.rank_nodes[0] == executor.rank_nodes[1]
         assert executor.rank_nodes[2] == executor.rank_nodes[3]
         assert {cluster[node] for node in executor.rank_nodes} == {0, 1}
+        assert executor.node_ranks == [[0, 1], [2, 3]]
         assert executor.num_kv_blocks == NUM_KV_BLOCKS
         ids = executor.collective_rpc("identity")
         assert [i[0] for i in ids] == [0, 1, 2, 3]
@@ -186,6 +187,7 @@ def test_dp2_one_replica_per_node_matches_one_rank(cluster, reference_tokens, fr
         cores = llm.engine.cores
         pids = [pid for core in cores for pid in core.executor.worker_pids]
         assert {cluster[core.executor.rank_nodes[0]] for core in cores} == {0, 1}
+        assert [core.executor.node_ranks for core in cores] == [[[0]], [[1]]]
         prompts = random_prompts(fresh_seed, 6)
         assert greedy_tokens(llm, prompts) == reference_tokens("tiny-qwen2", fresh_seed)
         assert all(core.stats.num_steps > 0 for core in cores)

@@ -70,6 +70,7 @@ class _Actors:
         self.ranks: list[Any] = []  # RankActor handles, in slice order
         self.agents: list[Any] = []  # NodeAgent handles, one per node
         self.watched: dict[Any, str] = {}  # long-running call -> what it is
+        self.serving: list[Any] = []  # the ranks' serving loops (also in `watched`)
         self.pids: list[int] = []
         self.call_ids = itertools.count(1)
         self.dead: EngineDeadError | None = None
@@ -133,9 +134,8 @@ class _Actors:
         try:
             if self.agents and self.dead is None and self.watched:
                 self.send(SHUTDOWN, [], {}, ALL_RANKS, [[] for _ in self.agents])
-                ranks_done = [ref for ref, what in self.watched.items()
-                              if what.startswith("worker")]
-                ray.wait(ranks_done, num_returns=len(ranks_done), timeout=SHUTDOWN_GRACE_S)
+                ray.wait(self.serving, num_returns=len(self.serving),
+                         timeout=SHUTDOWN_GRACE_S)
             for actor in self.ranks + self.agents:
                 ray.kill(actor, no_restart=True)
             if self.watched:
@@ -213,6 +213,7 @@ class RayExecutor(Executor):
                     config, self.first_rank + i, i, reader_index, world.address,
                     parallel.worker_cls, broadcast, agent_pid)
                 actors.watched[ref] = f"worker rank {self.first_rank + i} (pid {infos[i]['pid']})"
+                actors.serving.append(ref)
         self._get([agent.wait_attached.remote(STARTUP_TIMEOUT_S,
                                               [infos[i]["pid"] for i in indices])
                    for agent, indices in zip(actors.agents, self._node_indices)], "attach")
@@ -259,18 +260,18 @@ class RayExecutor(Executor):
     def _wait(self, refs: list[Any], deadline: float | None) -> list[Any]:
         """The agents' replies to one call; TimeoutError past `deadline`, EngineDeadError
         as soon as the watcher sees an actor die."""
-        pending = list(refs)
-        while pending:
+        while True:
             self._check_alive()
             timeout = _POLL_S if deadline is None else \
                 max(0.0, min(_POLL_S, deadline - time.monotonic()))
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=timeout)
-            if pending and deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError([refs.index(ref) for ref in pending])
-        try:
-            return ray.get(refs)
-        except RayError as exc:
-            raise self._dead_error(exc) from None
+            try:
+                return ray.get(refs, timeout=timeout)
+            except GetTimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    _, pending = ray.wait(refs, num_returns=len(refs), timeout=0)
+                    raise TimeoutError([refs.index(ref) for ref in pending]) from None
+            except RayError as exc:
+                raise self._dead_error(exc) from None
 
     def _send(self, method: str, args: list, kwargs: dict, reply_rank: int) -> list[Any]:
         self._check_alive()
@@ -319,7 +320,8 @@ class RayExecutor(Executor):
             try:
                 per_node = self._wait(refs, deadline)
             except TimeoutError:
-                raise TimeoutError("the step did not come back in time") from None
+                raise TimeoutError("execute_model: the output rank's reply did not come "
+                                   "back in time") from None
             ok, payload = next(replies[0] for replies in per_node if replies)
             if not ok:
                 raise self._step_failure(payload)
@@ -340,6 +342,11 @@ class RayExecutor(Executor):
         if dead is not self._actors.dead:
             return EngineDeadError(failed)
         return EngineDeadError(f"{dead}; {failed}")
+
+    @property
+    def node_ranks(self) -> list[list[int]]:
+        """The ranks each node agent feeds through its node's ring, one list per node."""
+        return [[self.first_rank + i for i in indices] for indices in self._node_indices]
 
     @property
     def worker_pids(self) -> list[int]:
