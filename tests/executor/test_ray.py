@@ -2,7 +2,8 @@
 each node its own Ray node, with its own node agent and shared-memory broadcast ring):
 
 - plumbing with model-free stub workers at TP2 x PP2, one stage per node: one reply per
-  rank in rank order, the output rank, steps in flight, a failing call, a timeout;
+  rank in rank order, the output rank, steps in flight, a failing call, a timeout, and a
+  node agent killed under a call; a TP group larger than any node is refused, not split;
 - the engine at TP2 x PP2 (tiny-llama) and DP2 (tiny-qwen2), one stage or one replica
   per node, gives the greedy tokens of the one-rank in-process engine (fp32, CPU);
 - a rank actor killed while serving fails the engine with EngineDeadError within 10 s,
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 import time
 
 import psutil
@@ -118,13 +120,21 @@ def test_plumbing_over_two_nodes_with_stub_workers(cluster):
             executor.collective_rpc("sleep", args=(1.5,), timeout=0.3)
         assert time.monotonic() - start < 1.0
         assert executor.collective_rpc("echo", args=(7,), timeout=10) == [7] * 4
+
+        # The second node's agent dies while its ranks are busy with a call.
+        threading.Timer(0.3, os.kill, (executor.worker_pids[5], signal.SIGKILL)).start()
+        start = time.monotonic()
+        with pytest.raises(EngineDeadError, match=r"node agent of ranks \[2, 3\] \(pid \d+\) "
+                                                  r"died"):
+            executor.collective_rpc("sleep", args=(30,))
+        assert time.monotonic() - start < 5.0
+        with pytest.raises(EngineDeadError, match=r"node agent of ranks \[2, 3\]"):
+            executor.execute_model(step("after"), non_block=True)
     finally:
         pids = executor.worker_pids
         executor.shutdown()
         executor.shutdown()
     wait_gone(pids)
-    with pytest.raises(EngineDeadError, match="shut down"):
-        executor.collective_rpc("identity")
 
 
 def test_a_tp_group_larger_than_any_node_is_refused_not_split(cluster, monkeypatch):
@@ -192,3 +202,5 @@ def test_dp2_one_replica_per_node_matches_one_rank(cluster, reference_tokens, fr
         assert greedy_tokens(llm, prompts) == reference_tokens("tiny-qwen2", fresh_seed)
         assert all(core.stats.num_steps > 0 for core in cores)
     wait_gone(pids)
+    with pytest.raises(EngineDeadError, match="shut down"):
+        cores[0].executor.collective_rpc("identity")
