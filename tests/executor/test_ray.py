@@ -6,8 +6,9 @@ each node its own Ray node, with its own node agent and shared-memory broadcast 
   node agent killed under a call; a TP group larger than any node is refused, not split;
 - the engine at TP2 x PP2 (tiny-llama) and DP2 (tiny-qwen2), one stage or one replica
   per node, gives the greedy tokens of the one-rank in-process engine (fp32, CPU);
-- a rank actor killed while serving fails the engine with EngineDeadError within 10 s,
-  and shutdown leaves no actor process and no shared-memory segment behind.
+- a rank actor killed while serving fails the engine (under DP2, every core) with
+  EngineDeadError within 10 s, and shutdown leaves no actor process and no
+  shared-memory segment behind.
 
 The cluster starts once per module and every node has 2 (fake) CPUs, one per rank, so a
 block of TP ranks fills a node and the placement group must use both.
@@ -18,6 +19,8 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -148,6 +151,31 @@ def test_a_tp_group_larger_than_any_node_is_refused_not_split(cluster, monkeypat
                 if pg["state"] not in ("REMOVED",)]
 
 
+_EXIT_SCRIPT = """
+import os, sys
+sys.path[:0] = [{here!r}, {tests!r}]
+import ray
+ray.init(address={address!r}, log_to_driver=False,
+         runtime_env={{"env_vars": {{"PYTHONPATH": os.pathsep.join(sys.path[:2])}}}})
+from test_multiproc import make_config
+from shardline.executor.ray import RayExecutor
+config = make_config(tensor_parallel_size=2)
+config.parallel.distributed_executor_backend = "ray"
+executor = RayExecutor(config)
+print(" ".join(map(str, executor.worker_pids)), flush=True)
+"""
+
+
+def test_a_driver_that_exits_without_shutdown_leaves_no_actor(cluster):
+    script = _EXIT_SCRIPT.format(here=HERE, tests=os.path.dirname(HERE),
+                                 address=ray.get_runtime_context().gcs_address)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    pids = [int(pid) for pid in proc.stdout.split()]
+    assert proc.returncode == 0 and len(pids) == 3, proc.stderr[-2000:]
+    wait_gone(pids)
+
+
 @pytest.fixture(scope="module")
 def reference_tokens():
     """The one-rank in-process engine's greedy tokens, per model and seed."""
@@ -191,7 +219,9 @@ def test_tp2_pp2_one_stage_per_node_matches_one_rank_and_dies_cleanly(cluster,
     wait_gone(pids)
 
 
-def test_dp2_one_replica_per_node_matches_one_rank(cluster, reference_tokens, fresh_seed):
+def test_dp2_one_replica_per_node_matches_one_rank_and_fails_together(cluster,
+                                                                      reference_tokens,
+                                                                      fresh_seed):
     with LLM("tiny-qwen2", distributed_executor_backend="ray", data_parallel_size=2,
              **ENGINE) as llm:
         cores = llm.engine.cores
@@ -201,6 +231,13 @@ def test_dp2_one_replica_per_node_matches_one_rank(cluster, reference_tokens, fr
         prompts = random_prompts(fresh_seed, 6)
         assert greedy_tokens(llm, prompts) == reference_tokens("tiny-qwen2", fresh_seed)
         assert all(core.stats.num_steps > 0 for core in cores)
+
+        # The second replica's rank dies: the first core stops with it.
+        os.kill(cores[1].executor.worker_pids[0], signal.SIGKILL)
+        start = time.monotonic()
+        for core in cores:
+            with pytest.raises(EngineDeadError, match=r"worker rank 1 \(pid \d+\) died"):
+                while time.monotonic() - start < 30:
+                    core.executor.collective_rpc("determine_num_kv_blocks", timeout=10)
+        assert time.monotonic() - start < 10.0
     wait_gone(pids)
-    with pytest.raises(EngineDeadError, match="shut down"):
-        cores[0].executor.collective_rpc("identity")
