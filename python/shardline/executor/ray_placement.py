@@ -56,7 +56,8 @@ def connect(address: str | None, num_cpus: int) -> None:
 
 
 def disconnect() -> None:
-    """Undo one `connect`; the last one stops Ray if this process started it."""
+    """Undo one `connect`; the last one calls ray.shutdown if `connect` called ray.init
+    (closing the connection, and stopping a local Ray it started)."""
     with _lock:
         _session["users"] -= 1
         if _session["users"] == 0 and _session["started_here"]:
