@@ -115,7 +115,10 @@ def test_layout_flags_reach_the_engine(monkeypatch):
         "sequence_parallel_size": 4, "enable_expert_parallel": True}
     main(["generate", "--model", "tiny-llama", "-p", "x"])
     assert (seen["data_parallel_size"], seen["sequence_parallel_size"],
-            seen["enable_expert_parallel"]) == (1, 1, False)
+            seen["enable_expert_parallel"], seen["ray_address"]) == (1, 1, False, None)
+    main(["generate", "--model", "tiny-llama", "-p", "x", "--distributed-executor-backend",
+          "ray", "--ray-address", "auto"])
+    assert (seen["distributed_executor_backend"], seen["ray_address"]) == ("ray", "auto")
 
 
 def test_chat_answers_one_message(tiny_chat_model, capsys):

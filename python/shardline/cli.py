@@ -73,9 +73,15 @@ def _add_engine_args(parser: argparse.ArgumentParser, default_model: str | None)
     parser.add_argument("--pipeline-stage-layers", type=_int_list, default=None,
                         help="layers per pipeline stage, comma-separated, e.g. 3,2 "
                              "(default: as even as possible)")
-    parser.add_argument("--distributed-executor-backend", choices=("uni", "mp"), default=None,
-                        help="uni: one rank in this process; mp: one process per rank "
-                             "(default: uni for one rank, mp for more)")
+    parser.add_argument("--distributed-executor-backend", choices=("uni", "mp", "ray"),
+                        default=None,
+                        help="uni: one rank in this process; mp: one process per rank on this "
+                             "machine; ray: one Ray actor per rank, over the nodes of a Ray "
+                             "cluster (the ray extra) (default: uni for one rank, mp for more)")
+    parser.add_argument("--ray-address", default=None,
+                        help="with --distributed-executor-backend ray: the cluster to join, "
+                             "e.g. auto or ray://head:10001 (default: $RAY_ADDRESS, else a "
+                             "local Ray)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="where every rank runs (default: $SHARDLINE_DEVICE, else CUDA "
                              "when present)")
@@ -115,6 +121,7 @@ def _build_llm(args: argparse.Namespace):
                sequence_parallel_size=args.sequence_parallel_size,
                pipeline_stage_layers=args.pipeline_stage_layers,
                distributed_executor_backend=args.distributed_executor_backend,
+               ray_address=args.ray_address,
                device=args.device)
 
 
