@@ -112,3 +112,41 @@ def tiny_chat_model(tmp_path_factory) -> str:
     (target / "tokenizer_config.json").write_text(
         json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
     return str(target)
+
+
+@pytest.fixture
+def no_spawn(monkeypatch):
+    """Fails a test that starts a process (and refuses the start), or leaves one running:
+    for checks that must happen before any worker is spawned."""
+    import multiprocessing.process
+
+    from process_hygiene import live_children
+
+    started = []
+
+    def refuse(process):
+        started.append(process.name)
+        raise AssertionError(f"process {process.name} was started")
+
+    before = live_children()
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+    yield
+    assert not started
+    assert set(live_children()) <= set(before)
+
+
+@pytest.fixture(scope="module")
+def no_process_left_behind():
+    """Fails a module that leaves a child process running 10 s after its last test (use
+    it with `pytestmark = pytest.mark.usefixtures("no_process_left_behind")`)."""
+    import time
+
+    from process_hygiene import live_children
+
+    before = live_children()
+    yield
+    deadline = time.monotonic() + 10
+    while set(live_children()) - set(before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = {pid: cmd for pid, cmd in live_children().items() if pid not in before}
+    assert not left, f"the module left processes behind: {left}"

@@ -58,3 +58,38 @@ def _running(pid: int) -> bool:
 def assert_gone(pids: list[int]) -> None:
     alive = [pid for pid in pids if _running(pid)]
     assert not alive, f"processes {alive} are still running"
+
+
+def kill_while_stepping(llm, pid: int, dead: str, timeout: float = 60.0) -> float:
+    """SIGKILL `pid` 0.2 s into stepping `llm`, whose requests must outlast that, and step
+    until EngineDeadError matching `dead` ends it. Returns the seconds from the kill to
+    the error."""
+    import re
+    import signal
+    import threading
+    import time
+
+    from shardline.executor import EngineDeadError
+
+    killed_at = []
+
+    def kill() -> None:
+        time.sleep(0.2)
+        os.kill(pid, signal.SIGKILL)
+        killed_at.append(time.monotonic())
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            assert llm.has_unfinished_requests(), "generation ended before the kill"
+            llm.step()
+    except EngineDeadError as exc:
+        assert re.search(dead, str(exc)), f"{exc!r} does not match {dead!r}"
+        raised_at = time.monotonic()
+    else:
+        raise AssertionError(f"no EngineDeadError within {timeout} s of the kill")
+    finally:
+        killer.join()
+    return raised_at - killed_at[0]

@@ -14,10 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import multiprocessing.process
-import os
 import random
-import signal
 import threading
 import time
 
@@ -30,7 +27,8 @@ from shardline.engine.engine_args import EngineArgs
 from shardline.executor import EngineDeadError
 from shardline.worker.worker import Worker
 
-from process_hygiene import assert_gone, leaked_segments, live_children, shm_segments
+from process_hygiene import (assert_gone, kill_while_stepping, leaked_segments, live_children,
+                             shm_segments)
 
 MODEL = "tiny-llama"  # 4 heads, 2 KV heads, 2 layers
 ENGINE = dict(block_size=4, num_kv_blocks=32, max_num_batched_tokens=16, max_num_seqs=8,
@@ -38,17 +36,7 @@ ENGINE = dict(block_size=4, num_kv_blocks=32, max_num_batched_tokens=16, max_num
 LAYOUTS = {"dp2": dict(data_parallel_size=2),
            "dp2xtp2": dict(data_parallel_size=2, tensor_parallel_size=2)}
 TIMEOUT_S = 60.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_process_left_behind():
-    before = live_children()
-    yield
-    deadline = time.monotonic() + 10
-    while set(live_children()) - set(before) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    left = {pid: cmd for pid, cmd in live_children().items() if pid not in before}
-    assert not left, f"the module left processes behind: {left}"
+pytestmark = pytest.mark.usefixtures("no_process_left_behind")
 
 
 @pytest.fixture(scope="module")
@@ -232,22 +220,6 @@ def test_expert_parallel_over_two_cores_matches_one_rank_with_a_core_idle(rng):
         assert calls[0] == calls[1] > 0
 
 
-@pytest.fixture
-def no_spawn(monkeypatch):
-    """Fails a test that starts a process (and refuses the start), or leaves one running."""
-    started = []
-
-    def refuse(process):
-        started.append(process.name)
-        raise AssertionError(f"process {process.name} was started")
-
-    before = live_children()
-    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
-    yield
-    assert not started
-    assert set(live_children()) <= set(before)
-
-
 INVALID = {
     "sp3": (dict(sequence_parallel_size=3),
             r"tensor_parallel_size=1 x sequence_parallel_size=3 = 3 does not divide the "
@@ -318,23 +290,7 @@ def test_a_killed_worker_of_either_core_raises_engine_dead_and_leaves_nothing(rn
             llm.add_request(f"r{i}", random_prompt(rng, 4, 8), params)
         for _ in range(3):
             assert llm.step()
-        killed_at = []
-
-        def kill() -> None:
-            time.sleep(0.2)
-            os.kill(pids[1], signal.SIGKILL)
-            killed_at.append(time.monotonic())
-
-        killer = threading.Thread(target=kill)
-        killer.start()
-        deadline = time.monotonic() + TIMEOUT_S
-        with pytest.raises(EngineDeadError, match=dead):
-            while time.monotonic() < deadline:
-                assert llm.has_unfinished_requests(), "generation ended before the kill"
-                llm.step()
-        raised_at = time.monotonic()
-        killer.join()
-        assert raised_at - killed_at[0] < 5.0
+        assert kill_while_stepping(llm, pids[1], dead, TIMEOUT_S) < 5.0
         with pytest.raises(EngineDeadError, match=dead):
             llm.step()
     finally:

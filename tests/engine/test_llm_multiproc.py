@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import multiprocessing.process
 import os
 import random
 import signal
@@ -35,7 +34,7 @@ from shardline.models.loader import read_model_info
 from shardline.models.partition import check_partition
 from shardline.presets import build_variant
 
-from process_hygiene import assert_gone, leaked_segments, live_children, shm_segments
+from process_hygiene import assert_gone, kill_while_stepping, leaked_segments, shm_segments
 
 MODEL = "tiny-llama"  # 4 heads, 2 KV heads, 2 layers
 # A cache of 24 blocks of 4 tokens forces preemption; a budget of 16 tokens a step
@@ -48,17 +47,7 @@ LAYOUTS = {
     "pp2": dict(pipeline_parallel_size=2),
 }
 TIMEOUT_S = 60.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_process_left_behind():
-    before = live_children()
-    yield
-    deadline = time.monotonic() + 10
-    while set(live_children()) - set(before) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    left = {pid: cmd for pid, cmd in live_children().items() if pid not in before}
-    assert not left, f"the module left processes behind: {left}"
+pytestmark = pytest.mark.usefixtures("no_process_left_behind")
 
 
 @dataclass
@@ -307,22 +296,6 @@ def test_kv_head_rule_replicates_or_splits_but_never_straddles():
         check_partition(ParallelConfig(tensor_parallel_size=2), info)
 
 
-@pytest.fixture
-def no_spawn(monkeypatch):
-    """Fails a test that starts a process (and refuses the start), or leaves one running."""
-    started = []
-
-    def refuse(process):
-        started.append(process.name)
-        raise AssertionError(f"process {process.name} was started")
-
-    before = live_children()
-    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
-    yield
-    assert not started
-    assert set(live_children()) <= set(before)
-
-
 INVALID = {
     "heads-tp3": (MODEL, dict(tensor_parallel_size=3),
                   r"tensor_parallel_size=3 does not divide the model's 4 attention heads: "
@@ -406,23 +379,7 @@ def test_a_killed_worker_raises_engine_dead_and_leaves_nothing(when, rng):
         for _ in range(3):
             assert llm.step()  # generation is under way
         if when == "mid-step":
-            killed_at = []
-
-            def kill() -> None:
-                time.sleep(0.2)
-                os.kill(pids[1], signal.SIGKILL)
-                killed_at.append(time.monotonic())
-
-            killer = threading.Thread(target=kill)
-            killer.start()
-            deadline = time.monotonic() + TIMEOUT_S
-            with pytest.raises(EngineDeadError, match=dead):
-                while time.monotonic() < deadline:
-                    assert llm.has_unfinished_requests(), "generation ended before the kill"
-                    llm.step()
-            raised_at = time.monotonic()
-            killer.join()
-            elapsed = raised_at - killed_at[0]
+            elapsed = kill_while_stepping(llm, pids[1], dead, TIMEOUT_S)
             print(f"EngineDeadError {elapsed:.3f} s after SIGKILL of worker rank 1 mid-step")
             assert elapsed < 5.0
         else:

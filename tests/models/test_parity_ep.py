@@ -15,17 +15,14 @@ from __future__ import annotations
 import multiprocessing
 
 import pytest
-import torch
-from test_parity_parallel import BLOCK_SIZE, NUM_BLOCKS, ExecutorWorker, _prompts
+from layout_parity import BLOCK_SIZE, NUM_BLOCKS, matching_layout, random_prompts
 
 from shardline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from shardline.executor.base import check_layout
 from shardline.executor.multiproc import MultiProcExecutor
 from shardline.models.loader import read_config
 from shardline.presets import build_variant, resolve_model
-from shardline.sampling_params import SamplingParams
 from shardline.worker.worker import Worker
-from worker_driver import WorkerDriver, make_worker
 
 # id: (preset, config overrides, TP (= EP), PP, dispatch path)
 LAYOUTS = {
@@ -55,27 +52,11 @@ def _engine_config(model: str, **parallel: object) -> EngineConfig:
 def test_ep_layout_matches_one_rank_and_transformers(layout, hf_model, fresh_seed):
     preset, overrides, tp, pp, dispatch = LAYOUTS[layout]
     model = build_variant(preset, **overrides) if overrides else resolve_model(preset)
-    config = _engine_config(model, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-                            enable_expert_parallel=True, expert_dispatch=dispatch,
-                            worker_cls="test_parity_ep.ExpertShapesWorker")
-    prompts = _prompts(4, (3, 40))
-    params = SamplingParams(temperature=0.0, max_tokens=12)
-    expected, _ = WorkerDriver(make_worker(model, block_size=BLOCK_SIZE)).generate(
-        prompts, params, token_budget=48)
-    executor = MultiProcExecutor(config)
-    try:
-        driver = WorkerDriver(ExecutorWorker(executor))
-        tokens, _ = driver.generate(prompts, params, token_budget=48)
-        assert tokens == expected
+    parallel = ParallelConfig(device="cpu", tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                              enable_expert_parallel=True, expert_dispatch=dispatch,
+                              worker_cls="test_parity_ep.ExpertShapesWorker")
+    with matching_layout(model, parallel, random_prompts(4, (3, 40)), hf_model) as executor:
         _check_expert_layout(executor, read_config(model), tp, dispatch)
-        hf = hf_model(model)
-        for prompt, logits in zip(prompts, driver.prompt_logits(prompts)):
-            with torch.no_grad():
-                ref = hf(torch.tensor([prompt])).logits[0]
-            rel = (logits - ref).abs().max() / ref.abs().max()
-            assert rel < 1e-4, f"{layout}: relative error {rel:.2e}"
-    finally:
-        executor.shutdown()
 
 
 def _check_expert_layout(executor: MultiProcExecutor, hf: dict, ep: int, dispatch: str) -> None:

@@ -5,15 +5,10 @@ within 1e-4 relative of the reference."""
 from __future__ import annotations
 
 import pytest
-import torch
 
-from shardline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from shardline.executor.multiproc import MultiProcExecutor
+from layout_parity import assert_layout_matches, random_prompts
+from shardline.config import ParallelConfig
 from shardline.presets import build_variant, resolve_model
-from shardline.sampling_params import SamplingParams
-from worker_driver import WorkerDriver, make_worker
-
-BLOCK_SIZE, NUM_BLOCKS = 4, 256
 
 # id: (preset, config overrides, TP, PP, layers per stage or None for the balanced split)
 LAYOUTS = {
@@ -30,53 +25,10 @@ LAYOUTS = {
 }
 
 
-class ExecutorWorker:
-    """The part of the Worker interface WorkerDriver uses, served by an executor."""
-
-    def __init__(self, executor: MultiProcExecutor) -> None:
-        self.executor = executor
-        self.config = executor.config
-        self.model_runner = self
-
-    def determine_num_kv_blocks(self) -> int:
-        return self.executor.num_kv_blocks
-
-    def execute_model(self, scheduler_output):
-        return self.executor.execute_model(scheduler_output)
-
-    def score(self, scheduler_output) -> dict[str, torch.Tensor]:
-        replies = self.executor.collective_rpc("score", (scheduler_output.to_dict(),))
-        return replies[self.config.parallel.output_rank]
-
-
-def _prompts(count: int, lengths: tuple[int, int]) -> list[list[int]]:
-    return [torch.randint(3, 259, (int(torch.randint(*lengths, (1,))),)).tolist()
-            for _ in range(count)]
-
-
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_one_rank_and_transformers(layout, hf_model, fresh_seed):
     preset, overrides, tp, pp, stages = LAYOUTS[layout]
     model = build_variant(preset, **overrides) if overrides else resolve_model(preset)
-    config = EngineConfig(ModelConfig(model, dtype="float32"),
-                          CacheConfig(block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS),
-                          SchedulerConfig(),
-                          ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp,
-                                         pipeline_stage_layers=stages, device="cpu"))
-    prompts = _prompts(4, (3, 40))
-    params = SamplingParams(temperature=0.0, max_tokens=12)
-    expected, _ = WorkerDriver(make_worker(model, block_size=BLOCK_SIZE)).generate(
-        prompts, params, token_budget=48)
-    executor = MultiProcExecutor(config)
-    try:
-        driver = WorkerDriver(ExecutorWorker(executor))
-        tokens, _ = driver.generate(prompts, params, token_budget=48)
-        assert tokens == expected
-        hf = hf_model(model)
-        for prompt, logits in zip(prompts, driver.prompt_logits(prompts)):
-            with torch.no_grad():
-                ref = hf(torch.tensor([prompt])).logits[0]
-            rel = (logits - ref).abs().max() / ref.abs().max()
-            assert rel < 1e-4, f"{layout}: relative error {rel:.2e}"
-    finally:
-        executor.shutdown()
+    parallel = ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                              pipeline_stage_layers=stages, device="cpu")
+    assert_layout_matches(model, parallel, random_prompts(4, (3, 40)), hf_model)
