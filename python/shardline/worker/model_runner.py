@@ -13,7 +13,8 @@ from shardline.step import ModelRunnerOutput, SchedulerOutput
 from shardline.kernels.dispatch import triton_enabled
 from shardline.layers.attention import AttentionMetadata
 from shardline.layers.sampler import Sampler, SamplingBatch
-from shardline.distributed.parallel_state import get_pp_group
+from shardline.distributed.parallel_state import get_pp_group, get_sp_group
+from shardline.layers.sequence_parallel import local_num_tokens
 from shardline.models.llama import IntermediateTensors
 from shardline.models.loader import load_model, read_config, read_model_info
 from shardline.models.partition import stage_layer_range
@@ -76,9 +77,10 @@ class ModelRunner:
     def warm_up(self) -> None:
         """On CUDA: autotune the Triton kernels for every prefill and logits shape bucket,
         then (unless enforce_eager) capture the decode graphs. Nothing to do on CPU, nor
-        under pipeline parallelism, whose stages run eagerly: a stage's throwaway forward
-        would need its neighbours' activations."""
-        if self.device.type != "cuda" or get_pp_group().size > 1:
+        under pipeline or sequence parallelism, which run eagerly: a stage's throwaway
+        forward would need its neighbours' activations, and an SP rank's hidden states are
+        only its share of the tokens."""
+        if self.device.type != "cuda" or get_pp_group().size > 1 or get_sp_group().size > 1:
             return
         if triton_enabled(self.device):
             scheduler = self.config.scheduler
@@ -146,7 +148,7 @@ class ModelRunner:
         pp = get_pp_group()
         intermediate = None
         if not self.model.is_first_stage:
-            shape = (input_ids.shape[0], self.info.hidden_size)
+            shape = (local_num_tokens(input_ids.shape[0]), self.info.hidden_size)
             intermediate = IntermediateTensors(*pp.recv_from_prev([shape, shape], self.dtype))
         out = self.model(input_ids, positions, meta, intermediate)
         if not self.model.is_last_stage:
