@@ -235,6 +235,9 @@ INVALID = {
                 r"world_size=2: use 'mp'"),
     "dp2-tp3": (dict(data_parallel_size=2, tensor_parallel_size=3),
                 r"tensor_parallel_size=3 does not divide the model's 4 attention heads"),
+    "ep-dense-one-rank": (dict(enable_expert_parallel=True),
+                          r"enable_expert_parallel=True, but LlamaForCausalLM is a dense model "
+                          r"with no experts to split"),
     "ep-not-bool": (dict(enable_expert_parallel="yes"),
                     r"enable_expert_parallel='yes' is invalid: must be True or False"),
 }

@@ -1,4 +1,5 @@
 import json
+import logging
 import shutil
 
 import pytest
@@ -75,3 +76,18 @@ def test_sliding_window_caps_served_length(tmp_path):
     config["architectures"], config["use_sliding_window"] = ["Qwen2ForCausalLM"], False
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert read_model_info(str(tmp_path)).max_position_embeddings == 512
+
+
+def test_a_long_load_reports_its_progress(monkeypatch, caplog):
+    """With the report interval at zero every parameter is a report: the counts climb to
+    the total, and the last line says how many were loaded."""
+    from shardline.models import loader
+
+    monkeypatch.setattr(loader, "PROGRESS_INTERVAL_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="shardline.models.loader"):
+        model = loader.load_model(resolve_model("tiny-llama"), torch.float32, "cpu")
+    total = len(model.weight_sources())
+    lines = [r.getMessage() for r in caplog.records]
+    counts = [int(line.split()[2]) for line in lines[:-1]]
+    assert counts == list(range(total)) and f"of {total} parameters" in lines[0]
+    assert lines[-1].startswith(f"loaded {total} parameters in ")

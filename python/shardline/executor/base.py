@@ -171,7 +171,8 @@ def check_layout(config: EngineConfig, gpus: int | None = None) -> None:
             raise ValueError(f"device={parallel.device!r} (SHARDLINE_DEVICE="
                              f"{os.environ.get('SHARDLINE_DEVICE')!r}) asks for {device}, but "
                              "torch sees no GPU on this machine: use device='cpu'")
-    if parallel.world_size > 1 or parallel.pipeline_stage_layers is not None:
+    if (parallel.world_size > 1 or parallel.pipeline_stage_layers is not None
+            or parallel.enable_expert_parallel):
         check_partition(parallel, read_model_info(config.model.model), gpus)
 
 

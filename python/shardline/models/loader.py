@@ -9,7 +9,9 @@ error that names it.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +21,9 @@ from shardline.models.gguf import GGUFCheckpoint, is_gguf_dir
 from shardline.models.hf_config import head_dim, max_positions, num_experts, num_kv_heads
 from shardline.models.registry import get_model_class, resolve_architecture
 from shardline.models.safetensors_slices import SafetensorsFile, TensorSlice
+
+logger = logging.getLogger(__name__)
+PROGRESS_INTERVAL_S = 2.0   # how often a long load reports how far it is
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -126,9 +131,17 @@ class CheckpointReader:
 
 
 def load_weights(model: nn.Module, reader: CheckpointReader) -> None:
-    """Fill every parameter through its module's weight_loader from the checkpoint."""
+    """Fill every parameter through its module's weight_loader from the checkpoint,
+    logging the progress of a load that takes more than a few seconds."""
     params = dict(model.named_parameters())
-    for param_name, alternatives in model.weight_sources().items():
+    sources = model.weight_sources()
+    started = reported = time.monotonic()
+    for done, (param_name, alternatives) in enumerate(sources.items()):
+        now = time.monotonic()
+        if now - reported >= PROGRESS_INTERVAL_S:
+            logger.info("loading weights: %d of %d parameters (%.0f%%), %.1f s", done,
+                        len(sources), 100 * done / len(sources), now - started)
+            reported = now
         best = max(alternatives, key=lambda alt: sum(name in reader for name, _, _ in alt))
         missing = [name for name, _, _ in best if name not in reader]
         if missing:
@@ -140,6 +153,8 @@ def load_weights(model: nn.Module, reader: CheckpointReader) -> None:
             extra = {} if expert_id is None else {"expert_id": expert_id}
             module.weight_loader(params[param_name], reader.get_slice(name), name, shard_id,
                                  **extra)
+    if reported != started:
+        logger.info("loaded %d parameters in %.1f s", len(sources), time.monotonic() - started)
 
 
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
