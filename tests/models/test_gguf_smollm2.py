@@ -96,7 +96,8 @@ def test_special_tokens_are_left_out_of_the_text_unless_asked(llm):
 
 
 @pytest.mark.parametrize("layout", [dict(tensor_parallel_size=3),
-                                    dict(pipeline_parallel_size=2)], ids=["tp3", "pp2"])
+                                    dict(pipeline_parallel_size=2),
+                                    dict(sequence_parallel_size=3)], ids=["tp3", "pp2", "sp3"])
 def test_layout_matches_transformers(gguf_file, reference, layout):
     _, answers = reference
     with LLM(gguf_file, distributed_executor_backend="mp", **ENGINE, **layout) as engine:
