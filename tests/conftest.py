@@ -21,6 +21,12 @@ def fresh_seed() -> int:
     return seed
 
 
+@pytest.fixture
+def rng(fresh_seed) -> random.Random:
+    """A Python RNG seeded with the test's printed seed."""
+    return random.Random(fresh_seed)
+
+
 @pytest.fixture(autouse=True)
 def _kernel_choice_per_test():
     """The kernels read SHARDLINE_DISABLE_TRITON / SHARDLINE_FORCE_TRITON once per process;

@@ -23,11 +23,6 @@ def random_prompt(rng: random.Random, low: int = 3, high: int = 20) -> list[int]
     return [rng.randrange(VOCAB) for _ in range(rng.randint(low, high))]
 
 
-@pytest.fixture
-def rng(fresh_seed) -> random.Random:
-    return random.Random(fresh_seed)
-
-
 def reference_tokens(prompt: list[int], params: SamplingParams) -> list[int]:
     return LLM.from_engine(make_engine()).generate([prompt], params)[0].outputs[0].token_ids
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import random
 import threading
 import time
 
@@ -27,6 +26,7 @@ from shardline.engine.engine_args import EngineArgs
 from shardline.executor import EngineDeadError
 from shardline.worker.worker import Worker
 
+from engine_prompts import random_prompt, token_ids
 from process_hygiene import (assert_gone, kill_while_stepping, leaked_segments, live_children,
                              shm_segments)
 
@@ -54,19 +54,6 @@ def dp_llm(request) -> LLM:
         assert [len(p) for p in pids] == [LAYOUTS[request.param].get("tensor_parallel_size",
                                                                        1)] * 2
         yield llm
-
-
-@pytest.fixture
-def rng(fresh_seed) -> random.Random:
-    return random.Random(fresh_seed)
-
-
-def random_prompt(rng: random.Random, low: int, high: int) -> list[int]:
-    return [rng.randrange(3, 259) for _ in range(rng.randint(low, high))]
-
-
-def token_ids(outputs) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in outputs]
 
 
 def steps_per_core(llm: LLM) -> list[int]:

@@ -17,11 +17,6 @@ from shardline.sampling_params import SamplingParams
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 
-@pytest.fixture
-def rng(fresh_seed) -> random.Random:
-    return random.Random(fresh_seed)
-
-
 def random_prompt(rng: random.Random, low: int = 1, high: int = 40) -> list[int]:
     return [rng.randrange(VOCAB) for _ in range(rng.randint(low, high))]
 

@@ -34,6 +34,7 @@ from shardline.models.loader import read_model_info
 from shardline.models.partition import check_partition
 from shardline.presets import build_variant
 
+from engine_prompts import random_prompt, token_ids
 from process_hygiene import assert_gone, kill_while_stepping, leaked_segments, shm_segments
 
 MODEL = "tiny-llama"  # 4 heads, 2 KV heads, 2 layers
@@ -81,19 +82,6 @@ def pair(request) -> Pair:
     finally:
         llm.shutdown()
         reference.shutdown()
-
-
-@pytest.fixture
-def rng(fresh_seed) -> random.Random:
-    return random.Random(fresh_seed)
-
-
-def random_prompt(rng: random.Random, low: int, high: int) -> list[int]:
-    return [rng.randrange(3, 259) for _ in range(rng.randint(low, high))]
-
-
-def token_ids(outputs) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in outputs]
 
 
 def assert_all_free(llm: LLM) -> None:

@@ -3,7 +3,6 @@ token rates follow a controlled clock, and the multi-process executor adds per-r
 times."""
 
 import asyncio
-import random
 import threading
 import time
 
@@ -18,11 +17,6 @@ from shardline.engine.outputs import CompletionOutput, RequestOutput
 from shardline.sampling_params import SamplingParams
 
 TIMEOUT = 30.0
-
-
-@pytest.fixture
-def rng(fresh_seed) -> random.Random:
-    return random.Random(fresh_seed)
 
 
 def prompts(rng, count, low=5, high=20):

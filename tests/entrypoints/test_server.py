@@ -64,11 +64,6 @@ def client(server):
                          max_retries=0)
 
 
-@pytest.fixture
-def rng(fresh_seed):
-    return random.Random(fresh_seed)
-
-
 def random_text(rng, low=3, high=20):
     return "".join(rng.choice("abcdefghij klmnop") for _ in range(rng.randint(low, high)))
 
