@@ -63,7 +63,7 @@ class ModelFreeExecutor:
         for cached in so.cached_requests:
             self.lengths[cached.req_id] += len(cached.new_token_ids)
         out = ModelRunnerOutput()
-        for req in so.new_requests + so.cached_requests:
+        for req in [*so.new_requests, *so.cached_requests]:
             done = req.num_computed_tokens + so.num_scheduled_tokens[req.req_id]
             if done != self.lengths[req.req_id]:
                 continue

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shardline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from shardline.step import CachedRequestData, NewRequestData, SchedulerOutput
+from shardline.step import NewRequestData, SchedulerOutput
 from shardline.sampling_params import SamplingParams
 from shardline.worker.worker import Worker
 
@@ -69,8 +69,8 @@ class WorkerDriver:
                     r.req_id, list(r.prompt), list(r.outputs), r.params.to_dict(),
                     list(r.blocks), r.computed))
             else:
-                out.cached_requests.append(CachedRequestData(
-                    r.req_id, r.tokens[r.sent_tokens:], r.blocks[r.sent_blocks:], r.computed))
+                out.cached_requests.append(r.req_id, r.tokens[r.sent_tokens:],
+                                           r.blocks[r.sent_blocks:], r.computed)
             r.sent_tokens, r.sent_blocks = len(r.tokens), len(r.blocks)
         return out
 

@@ -2,15 +2,19 @@
 
 These cross process boundaries (the shm rings) every step, so they are plain data: lists,
 ints, strings and dicts, with `to_dict` / `from_dict` for msgpack. No tensors of the
-engine's own. The per-request records are NamedTuples: msgpack packs a tuple as an array
-with no Python call per record, and the receiver rebuilds each with `tuple.__new__`, so a
-step's conversion costs the same few microseconds at 1 request or 256 (a dataclass per
-record cost about half a microsecond each way, `dataclasses.asdict` far more).
+engine's own. Each step's cost on the wire grows with the objects in it, and in steady
+decode nearly all of a step is its cached requests: they travel as columns (one list per
+field, `CachedRequests`), which the worker uses as they arrive. Building one record per
+request on the receiving side cost about half a microsecond each, as much as the rest of
+the step's decoding together. The rarer per-request records (new requests, logprobs) are
+NamedTuples, which msgpack packs as arrays with no Python call per record.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -44,6 +48,38 @@ class CachedRequestData(NamedTuple):
 
 
 @dataclass
+class CachedRequests:
+    """A step's cached requests, one list per CachedRequestData field, in step order.
+
+    Iterating yields one CachedRequestData per request, for readers that want records.
+    """
+
+    req_ids: list[str] = field(default_factory=list)
+    new_token_ids: list[list[int]] = field(default_factory=list)
+    new_block_ids: list[list[int]] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, records: Iterable[CachedRequestData]) -> "CachedRequests":
+        columns = [list(column) for column in zip(*records)]
+        return cls(*columns) if columns else cls()
+
+    def append(self, req_id: str, new_token_ids: list[int], new_block_ids: list[int],
+               num_computed_tokens: int) -> None:
+        self.req_ids.append(req_id)
+        self.new_token_ids.append(new_token_ids)
+        self.new_block_ids.append(new_block_ids)
+        self.num_computed_tokens.append(num_computed_tokens)
+
+    def __len__(self) -> int:
+        return len(self.req_ids)
+
+    def __iter__(self) -> Iterator[CachedRequestData]:
+        return map(_cached_request, zip(self.req_ids, self.new_token_ids, self.new_block_ids,
+                                        self.num_computed_tokens))
+
+
+@dataclass
 class SchedulerOutput:
     """One step's work: for each scheduled request, how many tokens to compute.
 
@@ -52,7 +88,7 @@ class SchedulerOutput:
     """
 
     new_requests: list[NewRequestData] = field(default_factory=list)
-    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    cached_requests: CachedRequests = field(default_factory=CachedRequests)
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     finished_req_ids: list[str] = field(default_factory=list)
 
@@ -64,20 +100,29 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.num_scheduled_tokens
 
+    @property
+    def req_ids(self) -> list[str]:
+        """The ids of the new requests, then of the cached ones: the workers' batch order."""
+        return [r.req_id for r in self.new_requests] + self.cached_requests.req_ids
+
     def to_dict(self) -> dict:
+        """The wire form: cached requests as columns, and the scheduled token counts as one
+        list in `req_ids` order (0 for a request the step does not schedule)."""
+        cached = self.cached_requests
+        counts = list(map(self.num_scheduled_tokens.get, self.req_ids, itertools.repeat(0)))
         return {"new_requests": self.new_requests,
-                "cached_requests": self.cached_requests,
-                "num_scheduled_tokens": self.num_scheduled_tokens,
+                "cached_requests": [cached.req_ids, cached.new_token_ids, cached.new_block_ids,
+                                    cached.num_computed_tokens],
+                "num_scheduled_tokens": counts,
                 "finished_req_ids": self.finished_req_ids}
 
     @classmethod
     def from_dict(cls, data: dict) -> "SchedulerOutput":
-        return cls(
-            new_requests=list(map(_new_request, data["new_requests"])),
-            cached_requests=list(map(_cached_request, data["cached_requests"])),
-            num_scheduled_tokens=dict(data["num_scheduled_tokens"]),
-            finished_req_ids=list(data["finished_req_ids"]),
-        )
+        out = cls(new_requests=list(map(_new_request, data["new_requests"])),
+                  cached_requests=CachedRequests(*data["cached_requests"]),
+                  finished_req_ids=data["finished_req_ids"])
+        out.num_scheduled_tokens = dict(zip(out.req_ids, data["num_scheduled_tokens"]))
+        return out
 
 
 class TokenLogprobs(NamedTuple):
@@ -97,15 +142,18 @@ class ModelRunnerOutput:
     logprobs: list[TokenLogprobs | None] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        """The wire form; `logprobs` is None when no request of the step asked for them."""
         return {"req_ids": self.req_ids, "sampled_token_ids": self.sampled_token_ids,
-                "logprobs": self.logprobs}
+                "logprobs": self.logprobs if any(self.logprobs) else None}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelRunnerOutput":
+        logprobs = data["logprobs"]
         return cls(
-            req_ids=list(data["req_ids"]),
-            sampled_token_ids=list(data["sampled_token_ids"]),
-            logprobs=[lp if lp is None else _token_logprobs(lp) for lp in data["logprobs"]],
+            req_ids=data["req_ids"],
+            sampled_token_ids=data["sampled_token_ids"],
+            logprobs=[None] * len(data["req_ids"]) if logprobs is None else
+            [lp if lp is None else _token_logprobs(lp) for lp in logprobs],
         )
 
 

@@ -72,7 +72,7 @@ class FakeModelExecutor:
             state["num_outputs"] += len(cached.new_token_ids)
             state["blocks"] += cached.new_block_ids
         out = ModelRunnerOutput()
-        for req in so.new_requests + so.cached_requests:
+        for req in [*so.new_requests, *so.cached_requests]:
             state = self.states[req.req_id]
             token = self._run(state, so.num_scheduled_tokens[req.req_id])
             if token is not None:

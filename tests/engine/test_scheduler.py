@@ -39,7 +39,7 @@ def step(sched):
     """Schedule, pretend to run (token 1 for each sequence that completes), record."""
     out = sched.schedule()
     result = ModelRunnerOutput()
-    for req in out.new_requests + out.cached_requests:
+    for req in [*out.new_requests, *out.cached_requests]:
         seq = sched.seqs[req.req_id]
         if seq.num_computed_tokens + out.num_scheduled_tokens[req.req_id] == seq.num_tokens:
             result.req_ids.append(req.req_id)

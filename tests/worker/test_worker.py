@@ -4,8 +4,8 @@ import msgpack
 import pytest
 import torch
 
-from shardline.step import (CachedRequestData, ModelRunnerOutput, NewRequestData,
-                                    SchedulerOutput)
+from shardline.step import (CachedRequestData, CachedRequests, ModelRunnerOutput,
+                            NewRequestData, SchedulerOutput)
 from shardline.sampling_params import SamplingParams
 from worker_driver import WorkerDriver, make_worker
 
@@ -43,7 +43,7 @@ def test_seeded_sampling_ignores_batch_mates(worker):
 
 
 def _step(worker, new=(), cached=(), scheduled=None, finished=()) -> ModelRunnerOutput:
-    so = SchedulerOutput(list(new), list(cached), scheduled or {}, list(finished))
+    so = SchedulerOutput(list(new), CachedRequests.of(cached), scheduled or {}, list(finished))
     return worker.execute_model(SchedulerOutput.from_dict(
         msgpack.unpackb(msgpack.packb(so.to_dict()))))
 

@@ -28,8 +28,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from shardline.config import SchedulerConfig
-from shardline.step import (CachedRequestData, ModelRunnerOutput, NewRequestData,
-                                    SchedulerOutput)
+from shardline.step import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from shardline.engine.kv_blocks import KVBlockManager
 from shardline.engine.sequence import Sequence, SequenceStatus
 
@@ -155,12 +154,8 @@ class Scheduler:
             if allocated is None:
                 continue
             table = self.kv.block_table(seq.seq_id)
-            out.cached_requests.append(CachedRequestData(
-                req_id=seq.seq_id,
-                new_token_ids=seq.token_ids[seq.num_tokens_sent:],
-                new_block_ids=table[seq.num_blocks_sent:],
-                num_computed_tokens=seq.num_computed_tokens,
-            ))
+            out.cached_requests.append(seq.seq_id, seq.token_ids[seq.num_tokens_sent:],
+                                       table[seq.num_blocks_sent:], seq.num_computed_tokens)
             self._mark_sent(seq, num_new, out)
             budget -= num_new
         return budget, preempted

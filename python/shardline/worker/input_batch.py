@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from shardline.step import CachedRequestData, NewRequestData
+from shardline.step import NewRequestData
 from shardline.sampling_params import SamplingParams
 from shardline.layers.attention import AttentionMetadata
 
@@ -35,10 +35,12 @@ class RequestState:
                    SamplingParams.from_dict(data.sampling_params), list(data.block_ids),
                    data.num_computed_tokens)
 
-    def update(self, data: CachedRequestData) -> None:
-        self.output_token_ids.extend(data.new_token_ids)
-        self.block_ids.extend(data.new_block_ids)
-        self.num_computed_tokens = data.num_computed_tokens
+    def update(self, new_token_ids: list[int], new_block_ids: list[int],
+               num_computed_tokens: int) -> None:
+        """Apply one step's CachedRequestData fields."""
+        self.output_token_ids.extend(new_token_ids)
+        self.block_ids.extend(new_block_ids)
+        self.num_computed_tokens = num_computed_tokens
 
     @property
     def num_tokens(self) -> int:

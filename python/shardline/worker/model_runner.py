@@ -108,14 +108,16 @@ class ModelRunner:
             self.requests.pop(req_id, None)
         for new in scheduler_output.new_requests:
             self.requests[new.req_id] = RequestState.from_new(new)
-        for cached in scheduler_output.cached_requests:
-            if cached.req_id not in self.requests:
-                raise KeyError(f"cached request {cached.req_id!r} is unknown to this worker")
-            self.requests[cached.req_id].update(cached)
-        order = [r.req_id for r in scheduler_output.new_requests] + \
-                [r.req_id for r in scheduler_output.cached_requests]
-        return [self.requests[r] for r in order
-                if scheduler_output.num_scheduled_tokens.get(r, 0) > 0]
+        cached = scheduler_output.cached_requests
+        for req_id, new_token_ids, new_block_ids, num_computed in zip(
+                cached.req_ids, cached.new_token_ids, cached.new_block_ids,
+                cached.num_computed_tokens):
+            state = self.requests.get(req_id)
+            if state is None:
+                raise KeyError(f"cached request {req_id!r} is unknown to this worker")
+            state.update(new_token_ids, new_block_ids, num_computed)
+        scheduled = scheduler_output.num_scheduled_tokens
+        return [self.requests[r] for r in scheduler_output.req_ids if scheduled.get(r, 0) > 0]
 
     def _forward(self, scheduler_output: SchedulerOutput
                  ) -> tuple[StepInputs, torch.Tensor | None]:

@@ -1,0 +1,61 @@
+"""The step records on the wire: what the engine sends arrives whole through the rings'
+serializer, cached requests as columns and logprobs only when a request asked for them."""
+
+from shardline.ipc.serializer import Decoder, Encoder
+from shardline.step import (CachedRequestData, CachedRequests, ModelRunnerOutput,
+                            NewRequestData, SchedulerOutput, TokenLogprobs)
+
+
+def over_the_wire(message: dict) -> dict:
+    parts = Encoder().encode(message)
+    return Decoder().decode(bytearray(b"".join(bytes(part) for part in parts)))
+
+
+def random_step(rng) -> SchedulerOutput:
+    def tokens(lo: int, hi: int) -> list[int]:
+        return [rng.randrange(50_000) for _ in range(rng.randint(lo, hi))]
+
+    new = [NewRequestData(f"new-{i}", tokens(1, 30), tokens(0, 3), {"temperature": 0.5},
+                          tokens(1, 4), rng.randrange(8)) for i in range(rng.randint(0, 4))]
+    cached = CachedRequests.of(
+        CachedRequestData(f"cached-{i}", tokens(0, 2), tokens(0, 1), rng.randrange(4096))
+        for i in range(rng.randint(0, 40)))
+    ids = [r.req_id for r in new] + cached.req_ids
+    rng.shuffle(ids)  # the engine's dict order need not be the batch order
+    return SchedulerOutput(new, cached, {r: rng.randint(1, 64) for r in ids},
+                           [f"done-{i}" for i in range(rng.randint(0, 3))])
+
+
+def test_scheduler_output_arrives_whole(rng):
+    for _ in range(50):
+        sent = random_step(rng)
+        got = SchedulerOutput.from_dict(over_the_wire(sent.to_dict()))
+        assert got.new_requests == sent.new_requests
+        assert list(got.cached_requests) == list(sent.cached_requests)
+        assert got.num_scheduled_tokens == sent.num_scheduled_tokens
+        assert got.finished_req_ids == sent.finished_req_ids
+        assert got.req_ids == [r.req_id for r in sent.new_requests] + sent.cached_requests.req_ids
+
+
+def test_cached_requests_keep_their_records_in_order(rng):
+    records = [CachedRequestData(f"r{i}", [rng.randrange(100)], [], i) for i in range(5)]
+    cached = CachedRequests.of(records)
+    assert list(cached) == records and len(cached) == 5
+    cached.append("late", [7, 8], [3], 9)
+    assert list(cached)[-1] == CachedRequestData("late", [7, 8], [3], 9)
+    assert list(CachedRequests.of([])) == [] and len(CachedRequests()) == 0
+
+
+def test_model_runner_output_arrives_whole_with_or_without_logprobs(rng):
+    n = rng.randint(1, 20)
+    ids = [f"r{i}" for i in range(n)]
+    tokens = [rng.randrange(50_000) for _ in range(n)]
+    plain = ModelRunnerOutput(ids, tokens, [None] * n)
+    assert over_the_wire(plain.to_dict())["logprobs"] is None
+    assert ModelRunnerOutput.from_dict(over_the_wire(plain.to_dict())) == plain
+    logprobs = [TokenLogprobs(-rng.random(), [rng.randrange(99)], [-rng.random()])
+                if rng.random() < 0.5 else None for _ in range(n)]
+    logprobs[rng.randrange(n)] = TokenLogprobs(-0.25, [1, 2], [-0.5, -1.5])
+    mixed = ModelRunnerOutput(ids, tokens, logprobs)
+    got = ModelRunnerOutput.from_dict(over_the_wire(mixed.to_dict()))
+    assert got == mixed and all(type(lp) in (TokenLogprobs, type(None)) for lp in got.logprobs)
