@@ -11,25 +11,32 @@ def over_the_wire(message: dict) -> dict:
     return Decoder().decode(bytearray(b"".join(bytes(part) for part in parts)))
 
 
-def random_step(rng) -> SchedulerOutput:
+def random_step(rng, decode_only: bool = False) -> SchedulerOutput:
     def tokens(lo: int, hi: int) -> list[int]:
         return [rng.randrange(50_000) for _ in range(rng.randint(lo, hi))]
 
     new = [NewRequestData(f"new-{i}", tokens(1, 30), tokens(0, 3), {"temperature": 0.5},
                           tokens(1, 4), rng.randrange(8)) for i in range(rng.randint(0, 4))]
+    if decode_only:
+        new = []
     cached = CachedRequests.of(
-        CachedRequestData(f"cached-{i}", tokens(0, 2), tokens(0, 1), rng.randrange(4096))
+        CachedRequestData(f"cached-{i}", tokens(1, 1) if decode_only else tokens(0, 3),
+                          tokens(0, 1), rng.randrange(4096))
         for i in range(rng.randint(0, 40)))
     ids = [r.req_id for r in new] + cached.req_ids
     rng.shuffle(ids)  # the engine's dict order need not be the batch order
-    return SchedulerOutput(new, cached, {r: rng.randint(1, 64) for r in ids},
+    return SchedulerOutput(new, cached, {r: 1 if decode_only else rng.randint(1, 64)
+                                         for r in ids},
                            [f"done-{i}" for i in range(rng.randint(0, 3))])
 
 
 def test_scheduler_output_arrives_whole(rng):
-    for _ in range(50):
-        sent = random_step(rng)
-        got = SchedulerOutput.from_dict(over_the_wire(sent.to_dict()))
+    for i in range(100):
+        sent = random_step(rng, decode_only=i % 2 == 0)
+        wire = sent.to_dict()
+        if i % 2 == 0:  # one token each: neither counts travel
+            assert wire["num_scheduled_tokens"] is None and wire["cached_requests"][2] is None
+        got = SchedulerOutput.from_dict(over_the_wire(wire))
         assert got.new_requests == sent.new_requests
         assert list(got.cached_requests) == list(sent.cached_requests)
         assert got.num_scheduled_tokens == sent.num_scheduled_tokens
@@ -41,8 +48,15 @@ def test_cached_requests_keep_their_records_in_order(rng):
     records = [CachedRequestData(f"r{i}", [rng.randrange(100)], [], i) for i in range(5)]
     cached = CachedRequests.of(records)
     assert list(cached) == records and len(cached) == 5
+    assert cached.num_new_tokens is None and cached.new_block_ids == []
     cached.append("late", [7, 8], [3], 9)
-    assert list(cached)[-1] == CachedRequestData("late", [7, 8], [3], 9)
+    cached.append("chunk", [], [], 4)
+    assert cached.num_new_tokens == [1, 1, 1, 1, 1, 2, 0]
+    assert cached.new_block_ids == [[5, [3]]]
+    assert [list(run) for run in cached.token_runs()] == [[r.new_token_ids[0]] for r in records] \
+        + [[7, 8], []]
+    assert list(cached)[5:] == [CachedRequestData("late", [7, 8], [3], 9),
+                                CachedRequestData("chunk", [], [], 4)]
     assert list(CachedRequests.of([])) == [] and len(CachedRequests()) == 0
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -49,34 +49,56 @@ class CachedRequestData(NamedTuple):
 
 @dataclass
 class CachedRequests:
-    """A step's cached requests, one list per CachedRequestData field, in step order.
+    """A step's cached requests as columns, in step order.
 
+    In steady decode a cached request brings one new token and no new block, so the
+    columns hold what the common case needs and no more: `new_token_ids` is one flat list,
+    split by `num_new_tokens` (None when every request brings exactly one), and
+    `new_block_ids` lists [position, block ids] only for the requests that got blocks.
     Iterating yields one CachedRequestData per request, for readers that want records.
     """
 
     req_ids: list[str] = field(default_factory=list)
-    new_token_ids: list[list[int]] = field(default_factory=list)
-    new_block_ids: list[list[int]] = field(default_factory=list)
+    new_token_ids: list[int] = field(default_factory=list)
+    num_new_tokens: list[int] | None = None
+    new_block_ids: list[list] = field(default_factory=list)
     num_computed_tokens: list[int] = field(default_factory=list)
 
     @classmethod
     def of(cls, records: Iterable[CachedRequestData]) -> "CachedRequests":
-        columns = [list(column) for column in zip(*records)]
-        return cls(*columns) if columns else cls()
+        cached = cls()
+        for record in records:
+            cached.append(*record)
+        return cached
 
     def append(self, req_id: str, new_token_ids: list[int], new_block_ids: list[int],
                num_computed_tokens: int) -> None:
+        if len(new_token_ids) != 1 and self.num_new_tokens is None:
+            self.num_new_tokens = [1] * len(self.req_ids)
+        if self.num_new_tokens is not None:
+            self.num_new_tokens.append(len(new_token_ids))
+        if new_block_ids:
+            self.new_block_ids.append([len(self.req_ids), new_block_ids])
         self.req_ids.append(req_id)
-        self.new_token_ids.append(new_token_ids)
-        self.new_block_ids.append(new_block_ids)
+        self.new_token_ids += new_token_ids
         self.num_computed_tokens.append(num_computed_tokens)
+
+    def token_runs(self) -> Iterable[Sequence[int]]:
+        """Each request's new token ids, in step order."""
+        if self.num_new_tokens is None:
+            return zip(self.new_token_ids)
+        ends = list(itertools.accumulate(self.num_new_tokens))
+        return [self.new_token_ids[end - n:end] for n, end in zip(self.num_new_tokens, ends)]
 
     def __len__(self) -> int:
         return len(self.req_ids)
 
     def __iter__(self) -> Iterator[CachedRequestData]:
-        return map(_cached_request, zip(self.req_ids, self.new_token_ids, self.new_block_ids,
-                                        self.num_computed_tokens))
+        blocks = [[] for _ in self.req_ids]
+        for position, block_ids in self.new_block_ids:
+            blocks[position] = list(block_ids)
+        return map(CachedRequestData, self.req_ids, map(list, self.token_runs()), blocks,
+                   self.num_computed_tokens)
 
 
 @dataclass
@@ -84,7 +106,8 @@ class SchedulerOutput:
     """One step's work: for each scheduled request, how many tokens to compute.
 
     A request samples a token in this step exactly when, after this step, all of its
-    known tokens have been computed (its prefill is complete, or it is decoding).
+    known tokens have been computed (its prefill is complete, or it is decoding). Every
+    request in `num_scheduled_tokens` is one of `new_requests` or `cached_requests`.
     """
 
     new_requests: list[NewRequestData] = field(default_factory=list)
@@ -107,13 +130,14 @@ class SchedulerOutput:
 
     def to_dict(self) -> dict:
         """The wire form: cached requests as columns, and the scheduled token counts as one
-        list in `req_ids` order (0 for a request the step does not schedule)."""
+        list in `req_ids` order (0 for a request the step does not schedule), or None when
+        every request is scheduled one token (a decode step)."""
         cached = self.cached_requests
         counts = list(map(self.num_scheduled_tokens.get, self.req_ids, itertools.repeat(0)))
         return {"new_requests": self.new_requests,
-                "cached_requests": [cached.req_ids, cached.new_token_ids, cached.new_block_ids,
-                                    cached.num_computed_tokens],
-                "num_scheduled_tokens": counts,
+                "cached_requests": [cached.req_ids, cached.new_token_ids, cached.num_new_tokens,
+                                    cached.new_block_ids, cached.num_computed_tokens],
+                "num_scheduled_tokens": None if counts.count(1) == len(counts) else counts,
                 "finished_req_ids": self.finished_req_ids}
 
     @classmethod
@@ -121,7 +145,9 @@ class SchedulerOutput:
         out = cls(new_requests=list(map(_new_request, data["new_requests"])),
                   cached_requests=CachedRequests(*data["cached_requests"]),
                   finished_req_ids=data["finished_req_ids"])
-        out.num_scheduled_tokens = dict(zip(out.req_ids, data["num_scheduled_tokens"]))
+        counts = data["num_scheduled_tokens"]
+        out.num_scheduled_tokens = (dict.fromkeys(out.req_ids, 1) if counts is None
+                                    else dict(zip(out.req_ids, counts)))
         return out
 
 
@@ -159,5 +185,4 @@ class ModelRunnerOutput:
 
 # Each builds its record from the wire list without a Python-level call.
 _new_request = functools.partial(tuple.__new__, NewRequestData)
-_cached_request = functools.partial(tuple.__new__, CachedRequestData)
 _token_logprobs = functools.partial(tuple.__new__, TokenLogprobs)

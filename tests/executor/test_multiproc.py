@@ -21,7 +21,7 @@ from shardline.config import CacheConfig, EngineConfig, ModelConfig, ParallelCon
 from shardline.executor import EngineDeadError, StepFuture
 from shardline.executor.multiproc import MultiProcExecutor
 from shardline.presets import resolve_model
-from shardline.step import CachedRequests, SchedulerOutput
+from shardline.step import CachedRequestData, CachedRequests, SchedulerOutput
 from process_hygiene import assert_gone, leaked_segments, shm_segments
 from stub_workers import NUM_KV_BLOCKS
 
@@ -35,10 +35,9 @@ def make_config(worker: str = "StubWorker", **parallel) -> EngineConfig:
 
 def step(*req_ids: str) -> SchedulerOutput:
     """A decode step of `req_ids`, one token each."""
-    n = len(req_ids)
-    return SchedulerOutput(cached_requests=CachedRequests(list(req_ids), [[1]] * n, [[]] * n,
-                                                          [0] * n),
-                           num_scheduled_tokens={r: 1 for r in req_ids})
+    return SchedulerOutput(
+        cached_requests=CachedRequests.of(CachedRequestData(r, [1], [], 0) for r in req_ids),
+        num_scheduled_tokens={r: 1 for r in req_ids})
 
 
 @pytest.fixture

@@ -35,13 +35,6 @@ class RequestState:
                    SamplingParams.from_dict(data.sampling_params), list(data.block_ids),
                    data.num_computed_tokens)
 
-    def update(self, new_token_ids: list[int], new_block_ids: list[int],
-               num_computed_tokens: int) -> None:
-        """Apply one step's CachedRequestData fields."""
-        self.output_token_ids.extend(new_token_ids)
-        self.block_ids.extend(new_block_ids)
-        self.num_computed_tokens = num_computed_tokens
-
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)

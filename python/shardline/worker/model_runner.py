@@ -109,13 +109,16 @@ class ModelRunner:
         for new in scheduler_output.new_requests:
             self.requests[new.req_id] = RequestState.from_new(new)
         cached = scheduler_output.cached_requests
-        for req_id, new_token_ids, new_block_ids, num_computed in zip(
-                cached.req_ids, cached.new_token_ids, cached.new_block_ids,
-                cached.num_computed_tokens):
-            state = self.requests.get(req_id)
-            if state is None:
-                raise KeyError(f"cached request {req_id!r} is unknown to this worker")
-            state.update(new_token_ids, new_block_ids, num_computed)
+        try:
+            states = list(map(self.requests.__getitem__, cached.req_ids))
+        except KeyError as exc:
+            raise KeyError(f"cached request {exc.args[0]!r} is unknown to this worker") from None
+        for state, new_token_ids, num_computed in zip(states, cached.token_runs(),
+                                                      cached.num_computed_tokens):
+            state.output_token_ids += new_token_ids
+            state.num_computed_tokens = num_computed
+        for position, new_block_ids in cached.new_block_ids:
+            states[position].block_ids += new_block_ids
         scheduled = scheduler_output.num_scheduled_tokens
         return [self.requests[r] for r in scheduler_output.req_ids if scheduled.get(r, 0) > 0]
 
