@@ -27,10 +27,8 @@ class StepFuture:
     order they were sent.
     """
 
-    def __init__(self, wait: Callable[[float | None], None] | None = None,
-                 call_id: int = 0) -> None:
+    def __init__(self, wait: Callable[[float | None], None] | None = None) -> None:
         self._wait = wait
-        self.call_id = call_id
         self._value: ModelRunnerOutput | None = None
         self._error: BaseException | None = None
         self._done = False

@@ -19,17 +19,14 @@ import logging
 import logging.handlers
 import multiprocessing
 import socket
-import threading
 import time
-import weakref
-from collections import deque
 from multiprocessing.connection import wait as wait_for_sentinels
-from typing import Any, Callable
+from typing import Any, Iterator
 
-from shardline.executor.base import EngineDeadError, Executor, StepFuture
+from shardline.executor.base import EngineDeadError
+from shardline.executor.worker_group import RanksTimedOut, WorkerGroup, WorkerGroupExecutor
 from shardline.executor.worker_proc import ALL_RANKS, SHUTDOWN, WorkerArgs, run_worker
 from shardline.ipc import MessageQueue, PeerDied, RingClosed
-from shardline.step import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger("shardline")
 
@@ -53,65 +50,44 @@ class _RankLogs(logging.Handler):
             target.handle(record)
 
 
-class _Workers:
-    """The processes, rings and helper threads of one executor: everything `shutdown`
-    releases. Kept apart from the executor so the finalizer holds no reference to it."""
+class _Workers(WorkerGroup):
+    """The processes, rings and log relay of one multi-process executor."""
+
+    watcher_name = "shardline-worker-watch"
 
     def __init__(self, first_rank: int) -> None:
-        self.first_rank = first_rank
+        super().__init__(first_rank)
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.broadcast: MessageQueue | None = None
         self.responses: list[MessageQueue] = []
         self.log_queue = _SPAWN.Queue()
         self.log_listener = logging.handlers.QueueListener(self.log_queue, _RankLogs())
-        self.dead: EngineDeadError | None = None
-        self.dead_lock = threading.Lock()
-        self.on_death: list[Callable[[EngineDeadError], None]] = []
         self.started = False
-        self.stopping = False
-        self.stopped = False
 
     def close_rings(self) -> None:
         for mq in ([self.broadcast] if self.broadcast else []) + self.responses:
             mq.close()
 
-    def set_dead(self, error: EngineDeadError) -> bool:
-        """Record why the executor stopped and close the rings, so that every waiting and
-        later call raises `error`; False (and nothing done) if it had stopped already."""
-        with self.dead_lock:
-            if self.dead is not None or self.stopped:
-                return False
-            self.dead = error
+    def interrupt(self) -> None:
+        """Close the rings: every call waiting on one raises at once."""
         self.close_rings()
-        return True
 
-    def watch(self) -> None:
-        """The watcher thread: on a worker's death, record it and close the rings, so that
-        every waiting and later call raises EngineDeadError; then tell `on_death`."""
+    def wait_ended(self, timeout: float) -> list[int]:
         sentinels = {proc.sentinel: i for i, proc in enumerate(self.procs)}
-        while not self.stopping and self.dead is None:
-            ready = wait_for_sentinels(list(sentinels), timeout=0.5)
-            if ready and not self.stopping and self.dead is None:
-                # Every worker found dead is named: a peer's death makes the survivors' steps
-                # fail, and they may exit before this thread runs.
-                deaths = []
-                for i in sorted(sentinels[sentinel] for sentinel in ready):
-                    proc = self.procs[i]
-                    proc.join(1.0)
-                    deaths.append(f"worker rank {self.first_rank + i} (pid {proc.pid}) died "
-                                  f"with exit code {proc.exitcode}")
-                error = EngineDeadError("; ".join(deaths))
-                if self.set_dead(error):
-                    logger.error("%s", error)
-                    for callback in self.on_death:
-                        callback(error)
-                return
+        return sorted(sentinels[s] for s in wait_for_sentinels(list(sentinels), timeout))
 
-    def shutdown(self) -> None:
-        """Ask the workers to stop, kill those that do not, release the rings. Idempotent."""
-        if self.stopped:
-            return
-        self.stopping = True
+    def describe_ended(self, ended: list[int]) -> str:
+        # Every worker found dead is named: a peer's death makes the survivors' steps fail,
+        # and they may exit before the watcher runs.
+        deaths = []
+        for i in ended:
+            proc = self.procs[i]
+            proc.join(1.0)
+            deaths.append(f"worker rank {self.first_rank + i} (pid {proc.pid}) died "
+                          f"with exit code {proc.exitcode}")
+        return "; ".join(deaths)
+
+    def stop_workers(self) -> None:
         if self.started and self.dead is None:
             try:
                 self.broadcast.enqueue([0, SHUTDOWN, [], {}, ALL_RANKS], timeout=1.0)
@@ -124,25 +100,25 @@ class _Workers:
             if proc.is_alive():
                 proc.kill()
                 proc.join(SHUTDOWN_GRACE_S)
-        with self.dead_lock:
-            self.stopped = True
+
+    def release(self) -> None:
         self.close_rings()
         self.log_listener.stop()
         self.log_queue.close()
         self.log_queue.join_thread()
 
 
-class MultiProcExecutor(Executor):
+class MultiProcExecutor(WorkerGroupExecutor):
     """Spawns one worker process per rank on this machine and drives them over the rings."""
 
-    def _start_workers(self) -> None:
-        parallel = self.config.parallel
-        self.num_workers = self.ranks_per_core
-        self.output_rank = parallel.output_rank  # within the slice, as the rings count
+    _group: _Workers
+
+    def _new_group(self) -> _Workers:
+        return _Workers(self.first_rank)
+
+    def _launch(self) -> None:
         self._call_ids = itertools.count(1)
-        self._pending: deque[StepFuture] = deque()
-        self._workers = workers = _Workers(self.first_rank)
-        self._finalizer = weakref.finalize(self, workers.shutdown)
+        workers = self._group
         workers.log_listener.start()
         workers.broadcast = MessageQueue.create(self.num_workers)
         init_method = (self.distributed_init_method
@@ -153,38 +129,31 @@ class MultiProcExecutor(Executor):
             rank = self.first_rank + i
             parent_conn, child_conn = _SPAWN.Pipe(duplex=False)
             args = WorkerArgs(config, rank, i, init_method, workers.broadcast.handle(),
-                              parallel.worker_cls, logger.getEffectiveLevel())
+                              self.config.parallel.worker_cls, logger.getEffectiveLevel())
             proc = _SPAWN.Process(target=run_worker, args=(args, child_conn, workers.log_queue),
                                   name=f"shardline-worker-{rank}", daemon=True)
             proc.start()
             child_conn.close()
             workers.procs.append(proc)
             conns.append(parent_conn)
-        try:
-            deadline = time.monotonic() + STARTUP_TIMEOUT_S
-            for i, (proc, conn) in enumerate(zip(workers.procs, conns)):
-                ready = wait_for_sentinels([conn, proc.sentinel],
-                                           max(0.0, deadline - time.monotonic()))
-                try:
-                    handle = conn.recv() if conn in ready else None
-                except EOFError:
-                    handle = None
-                if handle is None:
-                    raise self._startup_failure(i)
-                workers.responses.append(MessageQueue.attach(handle, 0))
-                conn.close()
-            workers.broadcast.wait_attached(max(0.0, deadline - time.monotonic()),
-                                            reader_pids=[p.pid for p in workers.procs])
-            workers.started = True
-        except BaseException:
-            workers.shutdown()
-            raise
-        # The thread holds only `workers`, so garbage collection can still reach the executor.
-        threading.Thread(target=workers.watch, name="shardline-worker-watch",
-                         daemon=True).start()
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        for i, (proc, conn) in enumerate(zip(workers.procs, conns)):
+            ready = wait_for_sentinels([conn, proc.sentinel],
+                                       max(0.0, deadline - time.monotonic()))
+            try:
+                handle = conn.recv() if conn in ready else None
+            except EOFError:
+                handle = None
+            if handle is None:
+                raise self._startup_failure(i)
+            workers.responses.append(MessageQueue.attach(handle, 0))
+            conn.close()
+        workers.broadcast.wait_attached(max(0.0, deadline - time.monotonic()),
+                                        reader_pids=[p.pid for p in workers.procs])
+        workers.started = True
 
     def _startup_failure(self, index: int) -> EngineDeadError:
-        proc = self._workers.procs[index]
+        proc = self._group.procs[index]
         rank = self.first_rank + index
         proc.join(1.0)
         if proc.is_alive():
@@ -193,42 +162,18 @@ class MultiProcExecutor(Executor):
         return EngineDeadError(f"worker rank {rank} (pid {proc.pid}) exited with code "
                                f"{proc.exitcode} while starting")
 
-    def _check_alive(self) -> None:
-        if self._workers.dead is not None:
-            raise self._workers.dead
-        if self._workers.stopped:
-            raise EngineDeadError("the executor has been shut down")
-
-    def _dead_error(self, exc: BaseException) -> EngineDeadError:
-        """The EngineDeadError behind a ring that closed or lost its peer under a call."""
-        deadline = time.monotonic() + 2.0
-        while self._workers.dead is None and not self._workers.stopped \
-                and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if self._workers.dead is not None:
-            return self._workers.dead
-        return EngineDeadError(f"the executor's rings closed: {exc}")
-
-    def _step_failure(self, error: str) -> EngineDeadError:
-        """The output rank failed a step and is exiting. Its error is often only that a peer
-        died (its collectives see that before the watcher does), so the error names the
-        workers the watcher finds dead, then the output rank's own error."""
-        failed = (f"worker rank {self.first_rank + self.output_rank} failed in execute_model "
-                  f"and stopped: {error}")
-        dead = self._dead_error(RuntimeError(failed))
-        if dead is not self._workers.dead:  # no worker exited within the wait
-            return EngineDeadError(failed)
-        return EngineDeadError(f"{dead}; {failed}")
+    def _rings_closed(self, exc: BaseException) -> EngineDeadError:
+        return self._group.dead_error(f"the executor's rings closed: {exc}")
 
     def _send(self, method: str, args: list, kwargs: dict, reply_rank: int,
               deadline: float | None) -> int:
-        self._check_alive()
+        self._group.check_alive()
         call_id = next(self._call_ids)
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            self._workers.broadcast.enqueue([call_id, method, args, kwargs, reply_rank], timeout)
+            self._group.broadcast.enqueue([call_id, method, args, kwargs, reply_rank], timeout)
         except (RingClosed, PeerDied) as exc:
-            raise self._dead_error(exc) from None
+            raise self._rings_closed(exc) from None
         return call_id
 
     def _receive(self, index: int, call_id: int, deadline: float | None) -> tuple[bool, Any]:
@@ -237,69 +182,30 @@ class MultiProcExecutor(Executor):
         while True:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                reply_id, ok, payload = self._workers.responses[index].dequeue(timeout)
+                reply_id, ok, payload = self._group.responses[index].dequeue(timeout)
             except (RingClosed, PeerDied) as exc:
-                raise self._dead_error(exc) from None
+                raise self._rings_closed(exc) from None
             if reply_id == call_id:
                 return ok, payload
 
-    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
-                       timeout: float | None = None) -> list[Any]:
-        """Call `method` on every worker; one reply per rank, in rank order. Steps still in
-        flight are collected first. TimeoutError names the ranks that did not answer."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._pending:
-            self._collect_step(deadline)
-        call_id = self._send(method, list(args), kwargs or {}, ALL_RANKS, deadline)
-        replies = []
+    def _call_all(self, method: str, args: list, kwargs: dict, deadline: float | None
+                  ) -> Iterator[tuple[int, bool, Any]]:
+        call_id = self._send(method, args, kwargs, ALL_RANKS, deadline)
         for i in range(self.num_workers):
             try:
                 ok, payload = self._receive(i, call_id, deadline)
             except TimeoutError:
-                waiting = list(range(self.first_rank + i, self.first_rank + self.num_workers))
-                raise TimeoutError(f"collective_rpc({method!r}) timed out after {timeout} s "
-                                   f"waiting for ranks {waiting}") from None
-            if not ok:
-                raise RuntimeError(f"{method} failed on worker rank {self.first_rank + i}: "
-                                   f"{payload}")
-            replies.append(payload)
-        return replies
+                raise RanksTimedOut(list(range(self.first_rank + i,
+                                               self.first_rank + self.num_workers))) from None
+            yield i, ok, payload
 
-    def execute_model(self, scheduler_output: SchedulerOutput, non_block: bool = False
-                      ) -> ModelRunnerOutput | StepFuture:
-        call_id = self._send("execute_model", [scheduler_output.to_dict()], {},
-                             self.output_rank, None)
-        future = StepFuture(self._collect_step, call_id)
-        self._pending.append(future)
-        return future if non_block else future.result()
+    def _send_step(self, step: dict) -> int:
+        return self._send("execute_model", [step], {}, self.output_rank, None)
 
-    def _collect_step(self, deadline: float | None) -> None:
-        """Read the output rank's reply to the oldest step in flight."""
-        future = self._pending[0]
-        try:
-            ok, payload = self._receive(self.output_rank, future.call_id, deadline)
-            if not ok:
-                raise self._step_failure(payload)
-        except EngineDeadError as exc:
-            for pending in self._pending:
-                pending.set_exception(exc)
-            self._pending.clear()
-            raise
-        self._pending.popleft()
-        future.set_result(ModelRunnerOutput.from_dict(payload))
+    def _read_step(self, call_id: int, deadline: float | None) -> tuple[bool, Any]:
+        return self._receive(self.output_rank, call_id, deadline)
 
     @property
     def worker_pids(self) -> list[int]:
         """The process ids of this executor's workers, in rank order."""
-        return [proc.pid for proc in self._workers.procs]
-
-    def add_death_callback(self, callback: Callable[[EngineDeadError], None]) -> None:
-        """Call `callback(error)` from the watcher thread when one of the workers dies."""
-        self._workers.on_death.append(callback)
-
-    def fail(self, error: EngineDeadError) -> None:
-        self._workers.set_dead(error)
-
-    def shutdown(self) -> None:
-        self._finalizer()
-
+        return [proc.pid for proc in self._group.procs]

@@ -5,12 +5,13 @@
 TP and SP group inside one node (see ray_placement). Calls reach each node once over Ray,
 through that node's agent, and the node's ranks read them from a shared-memory broadcast
 ring, as under the multi-process executor (see ray_worker); replies come back over Ray.
-The contract is MultiProcExecutor's: one reply per rank from `collective_rpc`, with a
-timeout that names the ranks that did not answer; `execute_model` answered by the output
-rank, blocking or as a StepFuture; and EngineDeadError for every pending and later call
-once an actor, or a whole node, dies. A watcher thread waits on every actor's
-long-running call (a rank's serving loop, an agent's `run_until_closed`), which Ray ends
-with an error when the actor's process or node dies.
+The contract is MultiProcExecutor's (both are WorkerGroupExecutors, see worker_group):
+one reply per rank from `collective_rpc`, with a timeout that names the ranks that did
+not answer; `execute_model` answered by the output rank, blocking or as a StepFuture; and
+EngineDeadError for every pending and later call once an actor, or a whole node, dies. A
+watcher thread waits on every actor's long-running call (a rank's serving loop, an
+agent's `run_until_closed`), which Ray ends with an error when the actor's process or
+node dies.
 
 The ranks talk NCCL (CUDA) or gloo (CPU) over torch.distributed, rendezvousing at rank
 0's node; docs/ray.md lists the network settings that matter across nodes.
@@ -21,11 +22,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import threading
 import time
-import weakref
-from collections import deque
-from typing import Any, Callable
+from typing import Any, Iterator
 
 try:
     import ray
@@ -36,11 +34,11 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
                       "pip install 'shardline[ray]'") from exc
 
 from shardline.config import EngineConfig
-from shardline.executor.base import EngineDeadError, Executor, StepFuture, check_layout
+from shardline.executor.base import EngineDeadError, check_layout
 from shardline.executor.ray_placement import RayWorld, connect, disconnect, forwarded_env
 from shardline.executor.ray_worker import AGENT_CONCURRENCY, NodeAgent, RankActor
+from shardline.executor.worker_group import RanksTimedOut, WorkerGroup, WorkerGroupExecutor
 from shardline.executor.worker_proc import ALL_RANKS, SHUTDOWN
-from shardline.step import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger("shardline")
 
@@ -60,12 +58,15 @@ def _ray_device(parallel_device: str | None) -> str:
     return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
 
 
-class _Actors:
-    """The actors, placement and helper thread of one executor: everything `shutdown`
-    releases. Kept apart from the executor so the finalizer holds no reference to it."""
+class _Actors(WorkerGroup):
+    """The actors and placement of one Ray executor: a watched long-running call per
+    actor (a rank's serving loop, an agent's `run_until_closed`) that Ray ends with an
+    error when the actor's process or node dies."""
+
+    watcher_name = "shardline-ray-watch"
 
     def __init__(self, first_rank: int) -> None:
-        self.first_rank = first_rank
+        super().__init__(first_rank)
         self.world: RayWorld | None = None
         self.ranks: list[Any] = []  # RankActor handles, in slice order
         self.agents: list[Any] = []  # NodeAgent handles, one per node
@@ -73,21 +74,7 @@ class _Actors:
         self.serving: list[Any] = []  # the ranks' serving loops (also in `watched`)
         self.pids: list[int] = []
         self.call_ids = itertools.count(1)
-        self.dead: EngineDeadError | None = None
-        self.lock = threading.Lock()
-        self.on_death: list[Callable[[EngineDeadError], None]] = []
-        self.stopping = False
-        self.stopped = False
-        self.connected = False
-
-    def set_dead(self, error: EngineDeadError) -> bool:
-        """Record why the executor stopped, so that every waiting and later call raises
-        `error`; False if it had stopped already."""
-        with self.lock:
-            if self.dead is not None or self.stopped:
-                return False
-            self.dead = error
-        return True
+        self.connected = True  # the executor's layout check connected to Ray
 
     def describe_end(self, ref: Any) -> str:
         try:
@@ -99,23 +86,18 @@ class _Actors:
             reason = str(exc).strip().splitlines()[0]
             return f"{self.watched[ref]} died ({type(exc).__name__}: {reason})"
 
-    def watch(self) -> None:
-        """The watcher thread: when any actor's long-running call ends, the executor is
-        dead; every pending and later call raises, and `on_death` is told."""
+    def wait_ended(self, timeout: float) -> list[Any] | None:
         refs = list(self.watched)
-        while not self.stopping and self.dead is None:
-            try:
-                ended, _ = ray.wait(refs, num_returns=1, timeout=0.5)
-            except Exception:  # Ray shut down under us (interpreter exit)
-                return
-            if ended and not self.stopping and self.dead is None:
+        try:
+            ended, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+            if ended:
                 ended, _ = ray.wait(refs, num_returns=len(refs), timeout=0.2)
-                error = EngineDeadError("; ".join(self.describe_end(ref) for ref in ended))
-                if self.set_dead(error):
-                    logger.error("%s", error)
-                    for callback in self.on_death:
-                        callback(error)
-                return
+        except Exception:  # Ray shut down under us (interpreter exit)
+            return None
+        return ended
+
+    def describe_ended(self, ended: list[Any]) -> str:
+        return "; ".join(self.describe_end(ref) for ref in ended)
 
     def send(self, method: str, args: list, kwargs: dict, reply_rank: int,
              reply_indices: list[list[int]]) -> list[Any]:
@@ -125,12 +107,8 @@ class _Actors:
         return [agent.call.remote(call_id, message, indices)
                 for agent, indices in zip(self.agents, reply_indices)]
 
-    def shutdown(self) -> None:
-        """Ask the ranks to stop, kill the actors, give back the placement group (and
-        Ray, if this process started it). Idempotent."""
-        if self.stopped:
-            return
-        self.stopping = True
+    def stop_workers(self) -> None:
+        """Ask the ranks to stop, then kill every actor."""
         try:
             if self.agents and self.dead is None and self.watched:
                 self.send(SHUTDOWN, [], {}, ALL_RANKS, [[] for _ in self.agents])
@@ -143,16 +121,19 @@ class _Actors:
                          timeout=SHUTDOWN_GRACE_S)
         except Exception as exc:  # Ray already shut down (interpreter exit)
             logger.debug("stopping the Ray actors failed: %s", exc)
-        with self.lock:
-            self.stopped = True
+
+    def release(self) -> None:
+        """Give back the placement group, and Ray if this process started it."""
         if self.world is not None:
             self.world.release()
         if self.connected:
             disconnect()
 
 
-class RayExecutor(Executor):
+class RayExecutor(WorkerGroupExecutor):
     """Runs one actor per rank on a Ray cluster and drives them through node agents."""
+
+    _group: _Actors
 
     def _check_layout(self) -> None:
         parallel = self.config.parallel
@@ -173,14 +154,12 @@ class RayExecutor(Executor):
             disconnect()
             raise
 
-    def _start_workers(self) -> None:
+    def _new_group(self) -> _Actors:
+        return _Actors(self.first_rank)
+
+    def _launch(self) -> None:
         parallel = self.config.parallel
-        self.num_workers = self.ranks_per_core
-        self.output_rank = parallel.output_rank  # within the slice
-        self._pending: deque[tuple[StepFuture, list[Any]]] = deque()
-        self._actors = actors = _Actors(self.first_rank)
-        actors.connected = True
-        self._finalizer = weakref.finalize(self, actors.shutdown)
+        actors = self._group
         actors.world = world = RayWorld.acquire(parallel, self.device_type,
                                                 self.distributed_init_method)
         config = self.config.to_dict()
@@ -220,18 +199,16 @@ class RayExecutor(Executor):
         for agent, indices, (_, agent_pid) in zip(actors.agents, self._node_indices, wired):
             actors.watched[agent.run_until_closed.remote()] = (
                 f"node agent of ranks {[self.first_rank + i for i in indices]} (pid {agent_pid})")
-        # The thread holds only `actors`, so garbage collection can still reach the executor.
-        threading.Thread(target=actors.watch, name="shardline-ray-watch", daemon=True).start()
 
     def _get(self, refs: list[Any], phase: str) -> list[Any]:
         """Results of startup calls; EngineDeadError if one fails, a rank's serving loop
         ends, or they take longer than STARTUP_TIMEOUT_S."""
-        ranks = list(self._actors.watched)
+        ranks = list(self._group.watched)
         ready, pending = ray.wait(refs + ranks, num_returns=len(refs), timeout=STARTUP_TIMEOUT_S)
         ended = [ref for ref in ranks if ref in ready]
         if ended:
             raise EngineDeadError(f"while starting ({phase}): "
-                                  + "; ".join(self._actors.describe_end(ref) for ref in ended))
+                                  + "; ".join(self._group.describe_end(ref) for ref in ended))
         if any(ref in pending for ref in refs):
             raise EngineDeadError(f"the Ray actors did not {phase} within "
                                   f"{STARTUP_TIMEOUT_S:.0f} s")
@@ -240,28 +217,11 @@ class RayExecutor(Executor):
         except RayError as exc:
             raise EngineDeadError(f"a Ray actor failed to {phase}: {exc}") from None
 
-    def _check_alive(self) -> None:
-        if self._actors.dead is not None:
-            raise self._actors.dead
-        if self._actors.stopped:
-            raise EngineDeadError("the executor has been shut down")
-
-    def _dead_error(self, exc: BaseException) -> EngineDeadError:
-        """The EngineDeadError behind a call that failed in an agent (its ring closed or
-        lost a rank): the watcher's, once it has seen the death."""
-        deadline = time.monotonic() + 2.0
-        while self._actors.dead is None and not self._actors.stopped \
-                and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if self._actors.dead is not None:
-            return self._actors.dead
-        return EngineDeadError(f"a node agent failed: {exc}")
-
     def _wait(self, refs: list[Any], deadline: float | None) -> list[Any]:
-        """The agents' replies to one call; TimeoutError past `deadline`, EngineDeadError
+        """The agents' replies to one call; RanksTimedOut past `deadline`, EngineDeadError
         as soon as the watcher sees an actor die."""
         while True:
-            self._check_alive()
+            self._group.check_alive()
             timeout = _POLL_S if deadline is None else \
                 max(0.0, min(_POLL_S, deadline - time.monotonic()))
             try:
@@ -269,79 +229,40 @@ class RayExecutor(Executor):
             except GetTimeoutError:
                 if deadline is not None and time.monotonic() >= deadline:
                     _, pending = ray.wait(refs, num_returns=len(refs), timeout=0)
-                    raise TimeoutError([refs.index(ref) for ref in pending]) from None
+                    nodes = [refs.index(ref) for ref in pending]
+                    raise RanksTimedOut(sorted(self.first_rank + i for node in nodes
+                                               for i in self._node_indices[node])) from None
             except RayError as exc:
-                raise self._dead_error(exc) from None
+                # An agent's ring closed or lost a rank: the watcher names the death.
+                raise self._group.dead_error(f"a node agent failed: {exc}") from None
 
     def _send(self, method: str, args: list, kwargs: dict, reply_rank: int) -> list[Any]:
-        self._check_alive()
+        self._group.check_alive()
         if reply_rank == ALL_RANKS:
             reply = [list(range(len(indices))) for indices in self._node_indices]
         else:
             reply = [[pos for pos, i in enumerate(indices) if i == reply_rank]
                      for indices in self._node_indices]
-        return self._actors.send(method, args, kwargs, reply_rank, reply)
+        return self._group.send(method, args, kwargs, reply_rank, reply)
 
-    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
-                       timeout: float | None = None) -> list[Any]:
-        """Call `method` on every worker; one reply per rank, in rank order. Steps still in
-        flight are collected first. TimeoutError names the ranks that did not answer."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._pending:
-            self._collect_step(deadline)
-        refs = self._send(method, list(args), kwargs or {}, ALL_RANKS)
-        try:
-            per_node = self._wait(refs, deadline)
-        except TimeoutError as exc:
-            waiting = sorted(self.first_rank + i for node in exc.args[0]
-                             for i in self._node_indices[node])
-            raise TimeoutError(f"collective_rpc({method!r}) timed out after {timeout} s "
-                               f"waiting for ranks {waiting}") from None
-        replies: list[Any] = [None] * self.num_workers
+    def _call_all(self, method: str, args: list, kwargs: dict, deadline: float | None
+                  ) -> Iterator[tuple[int, bool, Any]]:
+        per_node = self._wait(self._send(method, args, kwargs, ALL_RANKS), deadline)
         for indices, node_replies in zip(self._node_indices, per_node):
             for i, (ok, payload) in zip(indices, node_replies):
-                if not ok:
-                    raise RuntimeError(f"{method} failed on worker rank {self.first_rank + i}: "
-                                       f"{payload}")
-                replies[i] = payload
-        return replies
+                yield i, ok, payload
 
-    def execute_model(self, scheduler_output: SchedulerOutput, non_block: bool = False
-                      ) -> ModelRunnerOutput | StepFuture:
-        refs = self._send("execute_model", [scheduler_output.to_dict()], {}, self.output_rank)
-        future = StepFuture(self._collect_step)
-        self._pending.append((future, refs))
-        return future if non_block else future.result()
+    def _send_step(self, step: dict) -> list[Any]:
+        return self._send("execute_model", [step], {}, self.output_rank)
 
-    def _collect_step(self, deadline: float | None) -> None:
-        """Wait for the oldest step in flight: the output rank's reply."""
-        future, refs = self._pending[0]
+    def _read_step(self, refs: list[Any], deadline: float | None) -> tuple[bool, Any]:
         try:
-            try:
-                per_node = self._wait(refs, deadline)
-            except TimeoutError:
-                raise TimeoutError("execute_model: the output rank's reply did not come "
-                                   "back in time") from None
-            ok, payload = next(replies[0] for replies in per_node if replies)
-            if not ok:
-                raise self._step_failure(payload)
-        except EngineDeadError as exc:
-            for pending, _ in self._pending:
-                pending.set_exception(exc)
-            self._pending.clear()
-            raise
-        self._pending.popleft()
-        future.set_result(ModelRunnerOutput.from_dict(payload))
-
-    def _step_failure(self, error: str) -> EngineDeadError:
-        """The output rank failed a step and stopped; the error also names any actor the
-        watcher finds dead (often the cause: a peer's death fails the collectives)."""
-        failed = (f"worker rank {self.first_rank + self.output_rank} failed in execute_model "
-                  f"and stopped: {error}")
-        dead = self._dead_error(RuntimeError(failed))
-        if dead is not self._actors.dead:
-            return EngineDeadError(failed)
-        return EngineDeadError(f"{dead}; {failed}")
+            per_node = self._wait(refs, deadline)
+        except RanksTimedOut:
+            raise TimeoutError("execute_model: the output rank's reply did not come "
+                               "back in time") from None
+        ok, payload = next(replies[0] for replies in per_node if replies)
+        return ok, payload
 
     @property
     def node_ranks(self) -> list[list[int]]:
@@ -352,14 +273,4 @@ class RayExecutor(Executor):
     def worker_pids(self) -> list[int]:
         """The process ids of this executor's rank actors, in rank order, then its node
         agents'."""
-        return list(self._actors.pids)
-
-    def add_death_callback(self, callback: Callable[[EngineDeadError], None]) -> None:
-        """Call `callback(error)` from the watcher thread when one of the actors dies."""
-        self._actors.on_death.append(callback)
-
-    def fail(self, error: EngineDeadError) -> None:
-        self._actors.set_dead(error)
-
-    def shutdown(self) -> None:
-        self._finalizer()
+        return list(self._group.pids)

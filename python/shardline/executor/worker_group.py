@@ -1,0 +1,243 @@
+"""What the multi-process and Ray executors share: their workers as one group that serves
+or dies as a whole, and the executor contract built on that group.
+
+A `WorkerGroup` holds everything `shutdown` releases and knows whether the workers still
+serve. A watcher thread waits for any worker to end; it then records the executor dead,
+so that every waiting and later call raises the same EngineDeadError, and tells the death
+callbacks (data-parallel cores fail together through them). `WorkerGroupExecutor` gives
+`collective_rpc` (one reply per rank, in rank order, and a timeout that names the ranks
+that did not answer) and `execute_model` (answered by the output rank, blocking or as a
+StepFuture; once the group is dead, every step in flight fails with its error). A
+subclass says only how a call reaches the workers and how their replies come back:
+shared-memory rings to spawned processes, or Ray calls to node agents.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from abc import ABC, abstractmethod
+from collections import deque
+from typing import Any, Callable, Iterator
+
+from shardline.executor.base import EngineDeadError, Executor, StepFuture
+from shardline.step import ModelRunnerOutput, SchedulerOutput
+
+logger = logging.getLogger("shardline")
+
+WATCH_POLL_S = 0.5
+DEATH_WAIT_S = 2.0
+
+
+class RanksTimedOut(TimeoutError):
+    """A call's replies did not all come back in time: `ranks` (global) did not answer."""
+
+    def __init__(self, ranks: list[int]) -> None:
+        super().__init__(f"ranks {ranks} did not answer in time")
+        self.ranks = ranks
+
+
+class WorkerGroup(ABC):
+    """The workers of one executor, alive or dead together, and what they hold.
+
+    Kept apart from the executor so that the executor's finalizer and watcher thread hold
+    no reference to it, and garbage collection can still reach an executor nobody shut
+    down. `dead` is the error every call raises once a worker has died (or `fail` was
+    called); `stopped` is set when `shutdown` has run.
+    """
+
+    watcher_name = "shardline-watch"
+
+    def __init__(self, first_rank: int) -> None:
+        self.first_rank = first_rank
+        self.dead: EngineDeadError | None = None
+        self.lock = threading.Lock()
+        self.on_death: list[Callable[[EngineDeadError], None]] = []
+        self.stopping = False
+        self.stopped = False
+
+    @abstractmethod
+    def wait_ended(self, timeout: float) -> list[Any] | None:
+        """The workers found ended within `timeout` seconds (empty if none); None when
+        they can no longer be watched."""
+
+    @abstractmethod
+    def describe_ended(self, ended: list[Any]) -> str:
+        """Which workers ended and how, for the EngineDeadError."""
+
+    @abstractmethod
+    def stop_workers(self) -> None:
+        """Ask the workers to stop and end those that do not."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Give back what the stopped workers held (rings, placement, connections)."""
+
+    def interrupt(self) -> None:
+        """Wake the calls waiting on the workers now, once the group is dead. Nothing to
+        do where waiting calls check `dead` on their own."""
+
+    def set_dead(self, error: EngineDeadError) -> bool:
+        """Record why the executor stopped, so that every waiting and later call raises
+        `error`; False (and nothing done) if it had stopped already."""
+        with self.lock:
+            if self.dead is not None or self.stopped:
+                return False
+            self.dead = error
+        self.interrupt()
+        return True
+
+    def _watching(self) -> bool:
+        return not self.stopping and self.dead is None
+
+    def watch(self) -> None:
+        """The watcher thread: when a worker ends, the executor is dead; every pending and
+        later call raises, and `on_death` is told."""
+        while self._watching():
+            ended = self.wait_ended(WATCH_POLL_S)
+            if ended is None:
+                return
+            if ended and self._watching():
+                error = EngineDeadError(self.describe_ended(ended))
+                if self.set_dead(error):
+                    logger.error("%s", error)
+                    for callback in self.on_death:
+                        callback(error)
+                return
+
+    def start_watching(self) -> None:
+        threading.Thread(target=self.watch, name=self.watcher_name, daemon=True).start()
+
+    def check_alive(self) -> None:
+        """Raise the error every call gets once the workers died or were shut down."""
+        if self.dead is not None:
+            raise self.dead
+        if self.stopped:
+            raise EngineDeadError("the executor has been shut down")
+
+    def dead_error(self, cause: str) -> EngineDeadError:
+        """The EngineDeadError behind a call whose transport failed under it: the
+        watcher's, once it has seen the death (within DEATH_WAIT_S), else one saying
+        `cause`."""
+        dead = self._watched_death()
+        return EngineDeadError(cause) if dead is None else dead
+
+    def step_failure(self, rank: int, error: str) -> EngineDeadError:
+        """The output rank (global `rank`) failed a step and is exiting. Its error is often
+        only that a peer died (its collectives see that before the watcher does), so the
+        error names the workers the watcher finds dead, then the output rank's own error."""
+        failed = f"worker rank {rank} failed in execute_model and stopped: {error}"
+        dead = self._watched_death()
+        return EngineDeadError(failed if dead is None else f"{dead}; {failed}")
+
+    def _watched_death(self) -> EngineDeadError | None:
+        deadline = time.monotonic() + DEATH_WAIT_S
+        while self.dead is None and not self.stopped and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.dead
+
+    def shutdown(self) -> None:
+        """Stop the workers and release what they held. Idempotent."""
+        if self.stopped:
+            return
+        self.stopping = True
+        self.stop_workers()
+        with self.lock:
+            self.stopped = True
+        self.release()
+
+
+class WorkerGroupExecutor(Executor):
+    """An executor whose workers run outside the engine's process, as one WorkerGroup.
+
+    `execute_model` sends a step and queues a ticket for its reply (whatever
+    `_read_step` needs to find it); steps resolve in the order they were sent.
+    """
+
+    _group: WorkerGroup
+
+    @abstractmethod
+    def _new_group(self) -> WorkerGroup:
+        """An empty group for this executor's slice of ranks."""
+
+    @abstractmethod
+    def _launch(self) -> None:
+        """Start the workers into `self._group` and wait until they serve."""
+
+    @abstractmethod
+    def _send_step(self, step: dict) -> Any:
+        """Send one step (SchedulerOutput.to_dict) to every worker; the ticket for its
+        reply."""
+
+    @abstractmethod
+    def _read_step(self, ticket: Any, deadline: float | None) -> tuple[bool, Any]:
+        """(ok, payload) of the output rank's reply to the step behind `ticket`."""
+
+    @abstractmethod
+    def _call_all(self, method: str, args: list, kwargs: dict, deadline: float | None
+                  ) -> Iterator[tuple[int, bool, Any]]:
+        """Send one call to every worker and yield (index in the slice, ok, payload) as
+        replies come; RanksTimedOut past `deadline`."""
+
+    def _start_workers(self) -> None:
+        self.num_workers = self.ranks_per_core
+        self.output_rank = self.config.parallel.output_rank  # within the slice
+        self._pending: deque[tuple[StepFuture, Any]] = deque()
+        self._group = group = self._new_group()
+        self._finalizer = weakref.finalize(self, group.shutdown)
+        self._launch()
+        group.start_watching()
+
+    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
+                       timeout: float | None = None) -> list[Any]:
+        """Call `method` on every worker; one reply per rank, in rank order. Steps still in
+        flight are collected first. TimeoutError names the ranks that did not answer."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._pending:
+            self._collect_step(deadline)
+        replies: list[Any] = [None] * self.num_workers
+        try:
+            for i, ok, payload in self._call_all(method, list(args), kwargs or {}, deadline):
+                if not ok:
+                    raise RuntimeError(f"{method} failed on worker rank {self.first_rank + i}: "
+                                       f"{payload}")
+                replies[i] = payload
+        except RanksTimedOut as exc:
+            raise TimeoutError(f"collective_rpc({method!r}) timed out after {timeout} s "
+                               f"waiting for ranks {exc.ranks}") from None
+        return replies
+
+    def execute_model(self, scheduler_output: SchedulerOutput, non_block: bool = False
+                      ) -> ModelRunnerOutput | StepFuture:
+        ticket = self._send_step(scheduler_output.to_dict())
+        future = StepFuture(self._collect_step)
+        self._pending.append((future, ticket))
+        return future if non_block else future.result()
+
+    def _collect_step(self, deadline: float | None) -> None:
+        """Read the output rank's reply to the oldest step in flight. If the workers are
+        dead, every step in flight fails with the error."""
+        future, ticket = self._pending[0]
+        try:
+            ok, payload = self._read_step(ticket, deadline)
+            if not ok:
+                raise self._group.step_failure(self.first_rank + self.output_rank, payload)
+        except EngineDeadError as exc:
+            for pending, _ in self._pending:
+                pending.set_exception(exc)
+            self._pending.clear()
+            raise
+        self._pending.popleft()
+        future.set_result(ModelRunnerOutput.from_dict(payload))
+
+    def add_death_callback(self, callback: Callable[[EngineDeadError], None]) -> None:
+        """Call `callback(error)` from the watcher thread when one of the workers dies."""
+        self._group.on_death.append(callback)
+
+    def fail(self, error: EngineDeadError) -> None:
+        self._group.set_dead(error)
+
+    def shutdown(self) -> None:
+        self._finalizer()
