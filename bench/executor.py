@@ -65,8 +65,9 @@ def decode_step(batch: int, step: int) -> SchedulerOutput:
                            num_scheduled_tokens={r: 1 for r in reqs.req_ids})
 
 
-def make_executor(workers: int | None):
-    """UniProc when `workers` is None, else MultiProc with that many TP ranks."""
+def make_executor(workers: int | None, backend: str = "mp"):
+    """UniProc when `workers` is None, else `backend` ("mp" or "ray") with that many TP
+    ranks."""
     from shardline.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig,
                                   SchedulerConfig)
     from shardline.executor import create_executor
@@ -74,7 +75,7 @@ def make_executor(workers: int | None):
 
     parallel = ParallelConfig(worker_cls="executor.NoOpWorker", device="cpu",
                               tensor_parallel_size=workers or 1,
-                              distributed_executor_backend="uni" if workers is None else "mp")
+                              distributed_executor_backend="uni" if workers is None else backend)
     # A real checkpoint only for the layout check: tiny-llama's 4 heads take TP 1, 2 and 4.
     return create_executor(EngineConfig(ModelConfig(resolve_model("tiny-llama")),
                                         CacheConfig(), SchedulerConfig(), parallel))
@@ -93,6 +94,16 @@ def time_steps(executor, batch: int, steps: int, runs: int) -> list[float]:
         if run:
             per_run.append(elapsed / steps * 1e6)
     return per_run
+
+
+def time_executor(workers: int | None, batch: int, steps: int, runs: int,
+                  backend: str = "mp") -> list[float]:
+    """`time_steps` on a new executor from `make_executor`, shut down afterwards."""
+    executor = make_executor(workers, backend)
+    try:
+        return time_steps(executor, batch, steps, runs)
+    finally:
+        executor.shutdown()
 
 
 def codec_us(batch: int, repeats: int = 2000) -> dict:
@@ -130,19 +141,11 @@ def codec_us(batch: int, repeats: int = 2000) -> dict:
 
 
 def measure(worker_counts: list[int], batch: int, steps: int, runs: int) -> dict:
-    baseline_exec = make_executor(None)
-    try:
-        uni = time_steps(baseline_exec, batch, steps, runs)
-    finally:
-        baseline_exec.shutdown()
+    uni = time_executor(None, batch, steps, runs)
     rows = [{"executor": "uniproc", "workers": 1, "us_per_step": statistics.median(uni),
              "runs_us": uni}]
     for n in worker_counts:
-        executor = make_executor(n)
-        try:
-            times = time_steps(executor, batch, steps, runs)
-        finally:
-            executor.shutdown()
+        times = time_executor(n, batch, steps, runs)
         median = statistics.median(times)
         rows.append({"executor": "multiproc", "workers": n, "us_per_step": median,
                      "added_us": median - rows[0]["us_per_step"], "runs_us": times})
@@ -178,12 +181,18 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer workers, runs and steps")
+def parse_args(doc: str, quick: str) -> argparse.Namespace:
+    """The options of the executor benches: --quick (`quick` says what it cuts), --batch
+    and --out-dir; the description is the first paragraph of `doc`."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--batch", type=int, default=32, help="requests per decode step")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args(__doc__, "fewer workers, runs and steps")
     workers, steps, runs = ([1, 2], 300, 3) if args.quick else ([1, 2, 4], 2000, 5)
     print("uniproc baseline ...", file=sys.stderr, flush=True)
     result = measure(workers, args.batch, steps, runs)

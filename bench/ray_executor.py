@@ -15,7 +15,6 @@ the mean time per step, for each executor, measured in the same process.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -26,30 +25,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from executor import time_steps  # noqa: E402  (bench/executor.py)
-
-RESULTS = HERE / "results"
-
-
-def make_executor(backend: str, workers: int):
-    from shardline.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig,
-                                  SchedulerConfig)
-    from shardline.executor import create_executor
-    from shardline.presets import resolve_model
-
-    parallel = ParallelConfig(worker_cls="executor.NoOpWorker", device="cpu",
-                              tensor_parallel_size=workers,
-                              distributed_executor_backend=backend)
-    return create_executor(EngineConfig(ModelConfig(resolve_model("tiny-llama")),
-                                        CacheConfig(), SchedulerConfig(), parallel))
+from executor import parse_args, time_executor  # noqa: E402  (bench/executor.py)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer runs and steps")
-    parser.add_argument("--batch", type=int, default=32, help="requests per decode step")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    args = parse_args(__doc__, "fewer runs and steps")
     steps, runs = (100, 3) if args.quick else (500, 5)
 
     import ray
@@ -61,11 +41,7 @@ def main() -> int:
     try:
         for workers in (1, 2):
             for backend in ("mp", "ray"):
-                executor = make_executor(backend, workers)
-                try:
-                    times = time_steps(executor, args.batch, steps, runs)
-                finally:
-                    executor.shutdown()
+                times = time_executor(workers, args.batch, steps, runs, backend)
                 median = statistics.median(times)
                 rows.append({"executor": backend, "workers": workers, "us_per_step": median,
                              "runs_us": times})
