@@ -58,9 +58,12 @@ class NoOpWorker:
 
 
 def decode_step(batch: int, step: int) -> SchedulerOutput:
+    """Step `step` of steady decode: every request brings its last sampled token, and the
+    one in 16 whose sequence crosses a 16-token block boundary brings a new block."""
     reqs = CachedRequests()
     for i in range(batch):
-        reqs.append(f"req-{i}", [100 + step], [] if step % 16 else [i * 64 + step], 200 + step)
+        reqs.append(f"req-{i}", [100 + step], [] if (step + i) % 16 else [i * 64 + step],
+                    200 + step)
     return SchedulerOutput(cached_requests=reqs,
                            num_scheduled_tokens={r: 1 for r in reqs.req_ids})
 
