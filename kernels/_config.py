@@ -1,8 +1,10 @@
-"""Launch configs of the Triton kernels: autotuned on GPU, fixed in the interpreter.
+"""Launch configs of the Triton kernels: tuned on GPU, fixed in the interpreter.
 
-`triton.autotune` fails under TRITON_INTERPRET=1, so there each kernel runs with one
-fixed config instead; callers launch both the same way, `kernel[grid](...)`, with a grid
-that reads the config's block sizes from its `meta` dict.
+On a GPU each kernel launches with the config the shipped tuned table names for its key,
+else the one triton.autotune picks (see shardline.kernels._tuned). `triton.autotune`
+fails under TRITON_INTERPRET=1, so there each kernel runs with one fixed config instead;
+callers launch all of them the same way, `kernel[grid](...)`, with a grid that reads the
+config's block sizes from its `meta` dict.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from typing import Callable
 
 import triton
 
+from shardline.kernels._tuned import TunedKernel
+
+SMALLEST_BUCKET = 16
 
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter rather than compiled."""
@@ -19,8 +24,10 @@ def interpreting() -> bool:
 
 
 def shape_bucket(n: int, cap: int = 4096) -> int:
-    """The autotune key of a size: its next power of two, capped, so tuning runs per bucket."""
-    return min(triton.next_power_of_2(max(n, 1)), cap)
+    """The autotune key of a size: its next power of two, at least SMALLEST_BUCKET and at
+    most `cap`, so tuning runs per bucket. Every kernel's row tiles are at least 16 rows
+    (tl.dot's smallest), so sizes under 16 choose among the same tiles: one bucket."""
+    return min(triton.next_power_of_2(max(n, SMALLEST_BUCKET)), cap)
 
 
 class _FixedConfig:
@@ -42,10 +49,12 @@ class _FixedConfig:
 def autotune(configs: list[triton.Config], key: list[str], fixed: triton.Config,
              prune: Callable[..., list[triton.Config]] | None = None
              ) -> Callable[[triton.JITFunction], object]:
-    """triton.autotune over `configs` keyed on `key`; `fixed` alone in the interpreter.
+    """A TunedKernel over `configs` keyed on `key`; `fixed` alone in the interpreter.
 
-    Each tuning's timings are kept in triton's on-disk cache, so a restarted engine reloads
-    the winners instead of timing every config again.
+    `configs` are listed best-first: where autotuning is off, a key missing from the tuned
+    table runs the first config the prune keeps. Timings of triton.autotune are kept in
+    triton's on-disk cache, so a restarted engine reloads the winners instead of timing
+    every config again.
 
     `prune(configs, named_args, **kwargs)` may drop configs that cannot win for a call's
     shape before any of them is timed.
@@ -53,9 +62,7 @@ def autotune(configs: list[triton.Config], key: list[str], fixed: triton.Config,
     def decorate(kernel: triton.JITFunction) -> object:
         if interpreting():
             return _FixedConfig(kernel, fixed)
-        prune_by = {"early_config_prune": prune} if prune is not None else None
-        return triton.autotune(configs=configs, key=key, prune_configs_by=prune_by,
-                               cache_results=True)(kernel)
+        return TunedKernel(kernel, configs, key, prune)
     return decorate
 
 

@@ -1,7 +1,8 @@
 """The one place that chooses, per call, between a Triton kernel and its torch reference.
 
 The choice depends on the tensor's device and on two environment variables that are read
-once per process (see `triton_enabled`)."""
+once per process (see `triton_enabled`); for a linear on CUDA, also on the GPU's tuned
+table (see shardline.kernels._tuned)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import torch
 
 from shardline.kernels import reference
+from shardline.kernels._tuned import linear_prefers_torch
 
 
 _choice: tuple[bool, bool] | None = None
@@ -48,8 +50,9 @@ def use_triton(t: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x[M, K] @ weight[N, K]^T (+ bias) (+ residual), split-K for decode shapes."""
-    if use_triton(x):
+    """x[M, K] @ weight[N, K]^T (+ bias) (+ residual), split-K for decode shapes; on CUDA,
+    torch.matmul (cuBLAS) where this GPU's tuned table found it faster for the shape."""
+    if use_triton(x) and not (x.is_cuda and linear_prefers_torch(x, weight, silu_mul=False)):
         from shardline.kernels.matmul import linear as triton_op
         return triton_op(x, weight, bias, residual)
     return reference.linear(x, weight, bias, residual)
@@ -57,8 +60,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    """SiLU(gate) * up of a merged gate_up weight[2N, K] -> [M, N]."""
-    if use_triton(x):
+    """SiLU(gate) * up of a merged gate_up weight[2N, K] -> [M, N] (cuBLAS as `linear`)."""
+    if use_triton(x) and not (x.is_cuda and linear_prefers_torch(x, weight, silu_mul=True)):
         from shardline.kernels.matmul import linear_silu_mul as triton_op
         return triton_op(x, weight, bias)
     return reference.linear_silu_mul(x, weight, bias)

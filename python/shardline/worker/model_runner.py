@@ -10,6 +10,7 @@ import torch
 
 from shardline.config import EngineConfig
 from shardline.step import ModelRunnerOutput, SchedulerOutput
+from shardline.kernels._tuned import set_autotuning
 from shardline.kernels.dispatch import triton_enabled
 from shardline.layers.attention import AttentionMetadata
 from shardline.layers.sampler import Sampler, SamplingBatch
@@ -41,6 +42,9 @@ class ModelRunner:
         self.config = config
         self.device = device
         self.model_dir = resolve_model(config.model.model)
+        # Eager mode starts in seconds: a kernel shape the tuned table lacks runs a default
+        # config instead of timing every candidate.
+        set_autotuning(not config.model.enforce_eager)
         self.info = read_model_info(self.model_dir)
         checkpoint = read_config(self.model_dir)
         self.dtype = config.model.resolve_torch_dtype(

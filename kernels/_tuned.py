@@ -1,0 +1,323 @@
+"""Launch configs tuned ahead of time, shipped per GPU, so a start times nothing.
+
+bench/tune.py times every candidate config of every Triton kernel at the shape buckets a
+model reaches, and writes the winners to `tuned/<gpu slug>.json` in this package. A launch
+whose autotune key is in the table of the GPU it runs on uses that config directly: one
+compile per shape and no timing. A miss falls back to triton.autotune, unless autotuning
+is off (eager mode, or SHARDLINE_AUTOTUNE=0), where it runs the first candidate config
+that the kernel's prune keeps. The table also says, per linear shape, whether the Triton
+GEMM or torch.matmul (cuBLAS) was faster there.
+
+SHARDLINE_TUNED_TABLE names a table file to use instead of the packaged one ("none": no
+table). Tables are read once per process; `reset` forgets what was read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import triton
+
+FORMAT_VERSION = 1
+TABLE_DIR = Path(__file__).resolve().with_name("tuned")
+TABLE_ENV = "SHARDLINE_TUNED_TABLE"
+AUTOTUNE_ENV = "SHARDLINE_AUTOTUNE"
+BACKENDS = ("triton", "torch")
+
+Prune = Callable[..., list[triton.Config]]
+
+
+class TunedTableError(ValueError):
+    """A tuned-table file that cannot be used, with the path and the entry at fault."""
+
+
+@dataclass
+class TunedTable:
+    """Per kernel, a key string -> its config; per linear key, the faster backend."""
+
+    device: str
+    kernels: dict[str, dict[str, triton.Config]] = field(default_factory=dict)
+    linear: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tuned_with: dict[str, str] = field(default_factory=dict)
+
+
+def device_slug(name: str) -> str:
+    """A file name for a GPU name: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def packaged_table_path(device_name: str) -> Path:
+    return TABLE_DIR / f"{device_slug(device_name)}.json"
+
+
+def key_string(names: list[str], values: tuple, dtype: torch.dtype) -> str:
+    """The table key of a launch: its autotune-key values and its first tensor's dtype."""
+    parts = [f"{name}={value}" for name, value in zip(names, values)]
+    return ",".join(parts + [f"dtype={str(dtype).removeprefix('torch.')}"])
+
+
+def linear_key(m: int, weight_rows: int, k: int, dtype: torch.dtype, silu_mul: bool) -> str:
+    """The table key of a linear shape, in the matmul kernel's bucketing of M."""
+    from shardline.kernels._config import shape_bucket
+    return key_string(["M_BUCKET", "N", "K", "SILU_MUL"],
+                      (shape_bucket(m), weight_rows, k, silu_mul), dtype)
+
+
+def config_to_json(config: triton.Config) -> dict[str, Any]:
+    return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps,
+            "num_stages": config.num_stages}
+
+
+def config_from_json(data: Any, where: str) -> triton.Config:
+    if not isinstance(data, dict) or set(data) != {"kwargs", "num_warps", "num_stages"}:
+        raise TunedTableError(f"{where}: a config is {{kwargs, num_warps, num_stages}}; "
+                              f"got {data!r}")
+    kwargs, warps, stages = data["kwargs"], data["num_warps"], data["num_stages"]
+    if not isinstance(kwargs, dict) or not all(
+            isinstance(v, (int, bool, str)) for v in kwargs.values()):
+        raise TunedTableError(f"{where}: kwargs must map names to ints, bools or strings; "
+                              f"got {kwargs!r}")
+    if not isinstance(warps, int) or warps < 1 or warps & (warps - 1):
+        raise TunedTableError(f"{where}: num_warps must be a power of two; got {warps!r}")
+    if not isinstance(stages, int) or stages < 1:
+        raise TunedTableError(f"{where}: num_stages must be an int >= 1; got {stages!r}")
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
+
+
+def _mapping(data: Any, where: str) -> dict:
+    if not isinstance(data, dict):
+        raise TunedTableError(f"{where} must be a JSON object; got {type(data).__name__}")
+    return data
+
+
+def table_from_json(data: Any, where: str) -> TunedTable:
+    """The table a JSON document describes; TunedTableError names what is wrong."""
+    data = _mapping(data, where)
+    if data.get("format") != FORMAT_VERSION:
+        raise TunedTableError(f"{where}: format must be {FORMAT_VERSION}; got "
+                              f"{data.get('format')!r}")
+    if not isinstance(data.get("device"), str):
+        raise TunedTableError(f"{where}: device must be the GPU's name; got "
+                              f"{data.get('device')!r}")
+    kernels = {name: {key: config_from_json(config, f"{where}: kernels.{name}[{key}]")
+                      for key, config in _mapping(entries, f"{where}: kernels.{name}").items()}
+               for name, entries in _mapping(data.get("kernels", {}), f"{where}: kernels").items()}
+    linear = _mapping(data.get("linear", {}), f"{where}: linear")
+    for key, entry in linear.items():
+        if not isinstance(entry, dict) or entry.get("backend") not in BACKENDS:
+            raise TunedTableError(f"{where}: linear[{key}] must name a backend in "
+                                  f"{BACKENDS}; got {entry!r}")
+    return TunedTable(data["device"], kernels, linear,
+                      dict(_mapping(data.get("tuned_with", {}), f"{where}: tuned_with")))
+
+
+def table_to_json(table: TunedTable) -> dict[str, Any]:
+    return {"format": FORMAT_VERSION, "device": table.device, "tuned_with": table.tuned_with,
+            "kernels": {name: {key: config_to_json(c) for key, c in sorted(entries.items())}
+                        for name, entries in sorted(table.kernels.items())},
+            "linear": dict(sorted(table.linear.items()))}
+
+
+def read_table(path: str | os.PathLike) -> TunedTable:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise TunedTableError(f"{path}: not valid JSON ({e})") from None
+    return table_from_json(data, str(path))
+
+
+def write_table(table: TunedTable, path: str | os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(table_to_json(table), f, indent=1)
+        f.write("\n")
+
+
+_tables: dict[str, TunedTable | None] = {}
+_linear_choice: dict[tuple, bool] = {}
+_autotuning: bool | None = None
+_compiling_ahead = False
+
+
+def device_name() -> str | None:
+    """The current CUDA device's name, None without CUDA."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def current_table() -> TunedTable | None:
+    """The table of the current GPU: SHARDLINE_TUNED_TABLE's file if set (None if it says
+    "none"), else the packaged file for this GPU's name, if there is one."""
+    override = os.environ.get(TABLE_ENV)
+    name = device_name()
+    cache_key = f"{override}|{name}"
+    if cache_key not in _tables:
+        if override:
+            path = None if override.lower() == "none" else Path(override)
+        else:
+            path = packaged_table_path(name) if name else None
+            path = path if path is not None and path.is_file() else None
+        _tables[cache_key] = read_table(path) if path is not None else None
+    return _tables[cache_key]
+
+
+def set_autotuning(enabled: bool) -> None:
+    """Whether a table miss may time candidate configs in this process (the engine turns
+    it off in eager mode); SHARDLINE_AUTOTUNE=0 turns it off regardless."""
+    global _autotuning
+    _autotuning = enabled
+
+
+def autotuning_allowed() -> bool:
+    return os.environ.get(AUTOTUNE_ENV) != "0" and _autotuning is not False
+
+
+def reset() -> None:
+    """Forget the tables read and the choices made (for code that changes the settings)."""
+    global _autotuning
+    _tables.clear()
+    _linear_choice.clear()
+    _autotuning = None
+    for kernel in KERNELS.values():
+        kernel.forget()
+
+
+def linear_prefers_torch(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool) -> bool:
+    """True where the table of this GPU found torch.matmul faster for this linear shape."""
+    shape = (x.shape[0], weight.shape[0], weight.shape[1], x.dtype, silu_mul)
+    choice = _linear_choice.get(shape)
+    if choice is None:
+        table = current_table()
+        entry = table.linear.get(linear_key(*shape)) if table is not None else None
+        choice = _linear_choice[shape] = entry is not None and entry["backend"] == "torch"
+    return choice
+
+
+def linear_shapes() -> list[tuple[int, int, int, torch.dtype, bool]]:
+    """(M, weight rows, K, dtype, silu_mul) of every linear this process ran on CUDA: the
+    shapes bench/tune.py times against torch.matmul."""
+    return list(_linear_choice)
+
+
+@contextlib.contextmanager
+def compile_ahead(device: torch.device, workers: int | None = None) -> Iterator[bool]:
+    """Within it, tuned-kernel launches only compile their configs, on `workers` threads
+    at once (triton's compiler releases the GIL), and launch nothing; leaving it waits for
+    every compile. Yields False, compiling nothing ahead, off CUDA, in the interpreter and
+    where this triton lacks AsyncCompileMode."""
+    global _compiling_ahead
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        AsyncCompileMode = None
+    if (AsyncCompileMode is None or device.type != "cuda"
+            or os.environ.get("TRITON_INTERPRET") == "1"):
+        yield False
+        return
+    workers = workers or max(1, min(32, len(os.sched_getaffinity(0))))
+    with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
+        _compiling_ahead = True
+        try:
+            yield True
+        finally:
+            _compiling_ahead = False
+
+
+@dataclass
+class Reached:
+    """A key a tuned kernel met in this process: how many candidate configs its prune
+    kept, where its config came from ("table", "tuned", "default" or "single") and,
+    once known, the config."""
+
+    candidates: int
+    source: str
+    config: triton.Config | None
+
+
+_AUTOTUNE = object()
+KERNELS: dict[str, "TunedKernel"] = {}
+
+
+class TunedKernel(triton.runtime.Autotuner):
+    """triton.autotune over `configs`, except that a key the GPU's tuned table holds
+    launches the table's config at once, and a miss where autotuning is off launches the
+    first candidate config; launched as `kernel[grid](...)` like any Triton kernel."""
+
+    def __init__(self, kernel: triton.JITFunction, configs: list[triton.Config],
+                 key: list[str], prune: Prune | None) -> None:
+        if kernel.__name__ in KERNELS:
+            raise ValueError(f"a tuned kernel named {kernel.__name__!r} already exists")
+        super().__init__(kernel, kernel.arg_names, configs, key, None, None,
+                         prune_configs_by={"early_config_prune": prune} if prune else None,
+                         cache_results=True)
+        self.name = kernel.__name__
+        self._positions = {name: kernel.arg_names.index(name) for name in key}
+        self._chosen: dict[tuple, object] = {}
+        self.reached: dict[str, Reached] = {}
+        KERNELS[self.name] = self
+
+    def forget(self) -> None:
+        """Drop the configs chosen so far: the next launch of each key chooses again."""
+        self._chosen.clear()
+        self.reached.clear()
+
+    def candidates(self, args: tuple, kwargs: dict) -> list[triton.Config]:
+        """The configs the prune keeps for this launch, best-first as listed."""
+        if self.early_config_prune is None:
+            return list(self.configs)
+        named = dict(zip(self.arg_names, args))
+        return self.early_config_prune(self.configs, named, **kwargs)
+
+    def table_key(self, args: tuple, kwargs: dict) -> str:
+        return key_string(self.keys, self._values(args, kwargs), args[0].dtype)
+
+    def _values(self, args: tuple, kwargs: dict) -> tuple:
+        return tuple(kwargs[name] if name in kwargs else args[i]
+                     for name, i in self._positions.items())
+
+    def _choose(self, args: tuple, kwargs: dict) -> object:
+        key = self.table_key(args, kwargs)
+        candidates = self.candidates(args, kwargs)
+        table = current_table()
+        config = table.kernels.get(self.name, {}).get(key) if table is not None else None
+        if config is not None and config in candidates:
+            source = "table"
+        elif len(candidates) == 1 or not autotuning_allowed():
+            config, source = candidates[0], "single" if len(candidates) == 1 else "default"
+        else:
+            config, source = _AUTOTUNE, "tuned"
+        self.reached[key] = Reached(len(candidates), source,
+                                    None if config is _AUTOTUNE else config)
+        return config
+
+    def run(self, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
+        values = (*self._values(args, kwargs), args[0].dtype)
+        config = self._chosen.get(values)
+        if config is None:
+            config = self._chosen[values] = self._choose(args, kwargs)
+        if _compiling_ahead:
+            configs = self.candidates(args, kwargs) if config is _AUTOTUNE else [config]
+            for c in configs:
+                self.fn.warmup(*args, grid=grid, **kwargs, **c.all_kwargs())
+            return None
+        if config is _AUTOTUNE:
+            result = self._autotune(args, grid, warmup, kwargs)
+            self._chosen[values] = self.reached[self.table_key(args, kwargs)].config = \
+                self.best_config
+            return result
+        return self._launch(args, grid, warmup, kwargs, config)
+
+    def _launch(self, args: tuple, grid: Any, warmup: bool, kwargs: dict,
+                config: triton.Config) -> Any:
+        return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs, **config.all_kwargs())
+
+    def _autotune(self, args: tuple, grid: Any, warmup: bool, kwargs: dict) -> Any:
+        return super().run(*args, grid=grid, warmup=warmup, **kwargs)

@@ -1,0 +1,252 @@
+"""Tuned tables: which config a launch takes (table hit, autotune, default), the table
+file's format and its errors, and the linear choice between Triton and torch.matmul."""
+
+import json
+import random
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from shardline.kernels import _tuned, dispatch, matmul, reference
+
+FAKE_GPU = "NVIDIA Fake GPU 9000"
+
+
+@triton.jit
+def _probe_kernel(x_ptr, out_ptr, n, N_BUCKET, SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) * SCALE + BLOCK, mask=mask)
+
+
+CONFIGS = [triton.Config({"BLOCK": 64}, num_warps=4, num_stages=2),
+           triton.Config({"BLOCK": 32}, num_warps=2, num_stages=1),
+           triton.Config({"BLOCK": 16}, num_warps=1, num_stages=1)]
+
+
+def _fit(configs, named_args, **kwargs):
+    return [c for c in configs if c.kwargs["BLOCK"] <= named_args["N_BUCKET"]]
+
+
+@pytest.fixture(autouse=True)
+def fresh_settings(monkeypatch):
+    for name in (_tuned.TABLE_ENV, _tuned.AUTOTUNE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    _tuned.reset()
+    yield
+    _tuned.KERNELS.pop("_probe_kernel", None)
+    _tuned.reset()
+
+
+class Probe:
+    """_probe_kernel as a TunedKernel whose launches and autotunings are recorded."""
+
+    def __init__(self, monkeypatch, autotune_picks: triton.Config = CONFIGS[1]):
+        self.kernel = _tuned.TunedKernel(_probe_kernel, CONFIGS, ["N_BUCKET", "SCALE"], _fit)
+        self.launched: list[triton.Config] = []
+        self.autotuned = 0
+
+        def autotune(args, grid, warmup, kwargs):
+            self.autotuned += 1
+            self.kernel.best_config = autotune_picks
+        monkeypatch.setattr(self.kernel, "_launch",
+                            lambda args, grid, warmup, kwargs, c: self.launched.append(c))
+        monkeypatch.setattr(self.kernel, "_autotune", autotune)
+
+    def __call__(self, n: int, scale: int = 2) -> None:
+        x = torch.randn(n)
+        self.kernel[(1,)](x, torch.empty_like(x), n, triton.next_power_of_2(n), SCALE=scale)
+
+    def key(self, n: int, scale: int = 2) -> str:
+        return f"N_BUCKET={triton.next_power_of_2(n)},SCALE={scale},dtype=float32"
+
+
+def write_fake_table(path, kernels=None, linear=None, device=FAKE_GPU):
+    table = _tuned.TunedTable(device, kernels or {}, linear or {}, {"triton": "test"})
+    _tuned.write_table(table, path)
+    return path
+
+
+def use_table(monkeypatch, path):
+    monkeypatch.setenv(_tuned.TABLE_ENV, str(path))
+    _tuned.reset()
+
+
+def test_a_key_in_the_table_launches_its_config_without_timing(monkeypatch, tmp_path):
+    probe = Probe(monkeypatch)
+    n = random.randint(33, 64)
+    use_table(monkeypatch, write_fake_table(tmp_path / "t.json",
+                                            {"_probe_kernel": {probe.key(n): CONFIGS[2]}}))
+    probe(n)
+    probe(n)
+    assert probe.launched == [CONFIGS[2], CONFIGS[2]] and probe.autotuned == 0
+    assert probe.kernel.reached[probe.key(n)].source == "table"
+
+
+def test_the_packaged_table_of_the_gpu_by_its_name(monkeypatch, tmp_path):
+    probe = Probe(monkeypatch)
+    monkeypatch.setattr(_tuned, "device_name", lambda: FAKE_GPU)
+    monkeypatch.setattr(_tuned, "TABLE_DIR", tmp_path)
+    write_fake_table(tmp_path / "nvidia-fake-gpu-9000.json",
+                     {"_probe_kernel": {probe.key(40): CONFIGS[1]}})
+    probe(40)
+    monkeypatch.setattr(_tuned, "device_name", lambda: "NVIDIA Other GPU")
+    _tuned.reset()
+    probe(40)
+    assert probe.launched == [CONFIGS[1]] and probe.autotuned == 1
+
+
+def test_a_miss_autotunes_once_then_launches_the_winner(monkeypatch, tmp_path):
+    probe = Probe(monkeypatch, autotune_picks=CONFIGS[1])
+    use_table(monkeypatch, write_fake_table(tmp_path / "t.json",
+                                            {"_probe_kernel": {probe.key(64, 3): CONFIGS[0]}}))
+    probe(64)
+    probe(64)
+    probe(60)
+    assert probe.autotuned == 1 and probe.launched == [CONFIGS[1], CONFIGS[1]]
+    reached = probe.kernel.reached[probe.key(64)]
+    assert (reached.source, reached.config, reached.candidates) == ("tuned", CONFIGS[1], 3)
+
+
+@pytest.mark.parametrize("switch", ["eager", "environment"])
+def test_without_autotuning_a_miss_runs_the_first_candidate_untimed(switch, monkeypatch):
+    probe = Probe(monkeypatch)
+    if switch == "eager":
+        _tuned.set_autotuning(False)
+    else:
+        monkeypatch.setenv(_tuned.AUTOTUNE_ENV, "0")
+    probe(64)
+    probe(10)   # the prune keeps only the 16-wide config
+    probe(20)
+    assert probe.autotuned == 0
+    assert probe.launched == [CONFIGS[0], CONFIGS[2], CONFIGS[1]]
+    assert [r.source for r in probe.kernel.reached.values()] == ["default", "single", "default"]
+
+
+def test_a_table_config_the_prune_rejects_counts_as_a_miss(monkeypatch, tmp_path):
+    probe = Probe(monkeypatch)
+    use_table(monkeypatch, write_fake_table(tmp_path / "t.json",
+                                            {"_probe_kernel": {probe.key(20): CONFIGS[0]}}))
+    _tuned.set_autotuning(False)
+    probe(20)
+    assert probe.launched == [CONFIGS[1]]
+
+
+def test_eager_mode_turns_autotuning_off():
+    from shardline.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig,
+                                  SchedulerConfig)
+    from shardline.worker.model_runner import ModelRunner
+    for eager in (True, False):
+        config = EngineConfig(ModelConfig("tiny-llama", enforce_eager=eager), CacheConfig(),
+                              SchedulerConfig(), ParallelConfig())
+        ModelRunner(config, torch.device("cpu"))
+        assert _tuned.autotuning_allowed() is not eager
+
+
+def test_compiling_ahead_compiles_and_launches_nothing(monkeypatch, tmp_path):
+    probe = Probe(monkeypatch)
+    compiled = []
+    monkeypatch.setattr(probe.kernel.fn, "warmup",
+                        lambda *args, grid, **kwargs: compiled.append(kwargs["BLOCK"]))
+    use_table(monkeypatch, write_fake_table(tmp_path / "t.json",
+                                            {"_probe_kernel": {probe.key(20): CONFIGS[1]}}))
+    monkeypatch.setattr(_tuned, "_compiling_ahead", True)
+    probe(20)    # in the table: its config alone
+    probe(64)    # a miss to autotune: every candidate
+    assert compiled == [32, 64, 32, 16]
+    assert probe.launched == [] and probe.autotuned == 0
+    with _tuned.compile_ahead(torch.device("cpu")) as ahead:
+        assert ahead is False
+
+
+def test_a_table_config_reaches_the_kernel(monkeypatch, tmp_path, fresh_seed):
+    kernel = _tuned.TunedKernel(_probe_kernel, CONFIGS, ["N_BUCKET", "SCALE"], _fit)
+    n = random.randint(17, 64)
+    key = f"N_BUCKET={triton.next_power_of_2(n)},SCALE=3,dtype=float32"
+    use_table(monkeypatch, write_fake_table(tmp_path / "t.json",
+                                            {"_probe_kernel": {key: CONFIGS[2]}}))
+    x = torch.randn(n)
+    out = torch.full_like(x, float("nan"))
+    kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, out, n, triton.next_power_of_2(n),
+                                                           SCALE=3)
+    assert torch.equal(out, x * 3 + 16)
+
+
+def test_the_table_file_round_trips(tmp_path):
+    configs = {"_matmul_kernel": {"M_BUCKET=16,N=64,K=32,SILU_MUL=True,dtype=bfloat16":
+                                  random.choice(matmul._TILED_CONFIGS)},
+               "_probe_kernel": {"N_BUCKET=64,SCALE=2,dtype=float32": CONFIGS[1]}}
+    linear = {"M_BUCKET=16,N=64,K=32,SILU_MUL=False,dtype=bfloat16":
+              {"backend": "torch", "triton_ms": 0.02, "torch_ms": 0.01}}
+    path = write_fake_table(tmp_path / "sub" / "t.json", configs, linear)
+    table = _tuned.read_table(path)
+    assert (table.device, table.kernels, table.linear) == (FAKE_GPU, configs, linear)
+    for entries in table.kernels.values():
+        for config in entries.values():
+            assert config.num_ctas == 1 and config.maxnreg is None and config.pre_hook is None
+    assert json.loads(path.read_text())["format"] == _tuned.FORMAT_VERSION
+
+
+@pytest.mark.parametrize("change, complaint", [
+    (lambda d: d.pop("format"), "format must be 1"),
+    (lambda d: d.update(device=None), "device must be"),
+    (lambda d: d["kernels"]["k"]["K=1,dtype=float32"].update(num_warps=3),
+     "kernels.k[K=1,dtype=float32]: num_warps must be a power of two; got 3"),
+    (lambda d: d["kernels"]["k"]["K=1,dtype=float32"].update(num_stages=0), "num_stages"),
+    (lambda d: d["kernels"]["k"]["K=1,dtype=float32"].update(kwargs=[1]), "kwargs must map"),
+    (lambda d: d["kernels"]["k"]["K=1,dtype=float32"].pop("num_stages"), "a config is"),
+    (lambda d: d["kernels"].update(k=[]), "kernels.k must be a JSON object"),
+    (lambda d: d["linear"]["K=1"].update(backend="cublas"), "linear[K=1] must name a backend"),
+])
+def test_a_malformed_table_says_what_is_wrong(change, complaint, tmp_path):
+    good = _tuned.table_to_json(_tuned.TunedTable(
+        FAKE_GPU, {"k": {"K=1,dtype=float32": CONFIGS[0]}},
+        {"K=1": {"backend": "torch"}}))
+    change(good)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(good))
+    with pytest.raises(_tuned.TunedTableError, match=r"bad\.json") as err:
+        _tuned.read_table(path)
+    assert complaint in str(err.value)
+
+
+def test_a_table_that_is_not_json_names_its_file(tmp_path, monkeypatch):
+    path = tmp_path / "broken.json"
+    path.write_text('{"format": 1,')
+    use_table(monkeypatch, path)
+    with pytest.raises(_tuned.TunedTableError, match="broken.json: not valid JSON"):
+        _tuned.current_table()
+
+
+class FakeCuda(torch.Tensor):
+    """A CPU tensor that says it lives on CUDA, for the dispatch rule alone."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("silu_mul", [False, True])
+def test_linear_takes_torch_matmul_where_the_table_says_so(silu_mul, monkeypatch, tmp_path):
+    m, k = random.randint(1, 40), 32
+    rows = 48
+    faster = {_tuned.linear_key(m, rows, k, torch.float32, silu_mul): {"backend": "torch"},
+              _tuned.linear_key(m, 2 * rows, k, torch.float32, silu_mul): {"backend": "triton"}}
+    use_table(monkeypatch, write_fake_table(tmp_path / "t.json", linear=faster))
+    calls = []
+    name = "linear_silu_mul" if silu_mul else "linear"
+    for module, label in ((matmul, "triton"), (reference, "torch")):
+        monkeypatch.setattr(module, name, lambda *a, label=label: calls.append(label))
+    op = getattr(dispatch, name)
+    x = torch.randn(m, k).as_subclass(FakeCuda)
+    for weight_rows in (rows, 2 * rows, 3 * rows):   # torch, triton, not in the table
+        op(x, torch.randn(weight_rows, k))
+    op(torch.randn(m, k), torch.randn(rows, k))        # a CPU tensor: the reference
+    assert calls == ["torch", "triton", "triton", "torch"]
+
+
+def test_device_slug_is_a_file_name():
+    assert _tuned.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert _tuned.device_slug(" NVIDIA H200 ") == "nvidia-h200"
