@@ -5,17 +5,20 @@ import pytest
 import torch
 
 from shardline.kernels import dispatch
+from shardline.kernels._config import shape_bucket
 from shardline.worker import model_runner
 from shardline.worker.warmup import token_buckets, warm_up_prefill
 from worker_driver import make_worker
 
 
-@pytest.mark.parametrize("limit", [1, 2, 7, 64, 2048, 3000])
-def test_token_buckets_reach_every_power_of_two_bucket(limit):
+@pytest.mark.parametrize("limit", [1, 2, 7, 9, 16, 64, 2048, 3000])
+def test_token_buckets_reach_every_kernel_bucket(limit):
     counts = token_buckets(limit)
     assert counts[-1] == limit and counts == sorted(set(counts))
-    needed = {1 << k for k in range(limit.bit_length()) if 1 << k <= limit} | {limit}
-    assert set(counts) == needed
+    assert {shape_bucket(n) for n in counts} == {shape_bucket(n) for n in range(1, limit + 1)}
+    # triton compiles separately for a size of 1, a multiple of 16 and any other size
+    assert counts[0] == 1 and (limit < 3 or any(n % 16 and n > 1 for n in counts))
+    assert len(counts) <= 3 + max(0, (limit - 1).bit_length() - 4)
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-mixtral"])
@@ -36,7 +39,7 @@ def test_warm_up_runs_every_bucket_and_leaves_the_cache_untouched(model, monkeyp
     warm_up_prefill(runner.model, max_num_batched_tokens=50, max_num_seqs=5, block_size=4,
                     max_position=max_position, vocab_size=runner.info.vocab_size,
                     device=runner.device)
-    assert forwards == [1, 2, 4, 8, 16, 32, 50] and logits == [1, 2, 4, 5]
+    assert forwards == [1, 8, 16, 32, 50] and logits == [1, 5]
     after = [t for a in layers for t in (a.k_cache, a.v_cache)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 

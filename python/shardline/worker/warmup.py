@@ -1,10 +1,11 @@
 """Kernel warm-up at startup: one throwaway forward per shape bucket.
 
-Triton autotunes a kernel the first time it meets a new shape bucket, which takes from
-a fraction of a second to seconds. Left to serving, that stall lands on whichever request
-first brings a new prompt size. Running every bucket once at startup moves it there; the
-timings are also cached on disk (see shardline.kernels._config), so a restart mostly
-reloads them.
+A Triton kernel compiles (and, where the GPU's tuned table lacks its key, autotunes) the
+first time it meets a new shape bucket, which takes from a fraction of a second to
+seconds. Left to serving, that stall lands on whichever request first brings a new prompt
+size. Running every bucket once at startup moves it there. A first pass only compiles,
+every kernel at once on the CPU cores (see shardline.kernels._tuned.compile_ahead); the
+second runs. Compiled kernels and timings are cached on disk, so a restart reloads them.
 
 The throwaway batches write no KV (every slot is -1), so the cache is left as it was.
 """
@@ -17,14 +18,22 @@ import time
 import torch
 from torch import nn
 
+from shardline.kernels._config import SMALLEST_BUCKET
+from shardline.kernels._tuned import compile_ahead
 from shardline.layers.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
 
 def token_buckets(limit: int) -> list[int]:
-    """Token counts that reach every power-of-two bucket up to `limit`, and `limit`'s own."""
-    counts, n = [], 1
+    """Token counts that reach every kernel shape bucket up to `limit`, and `limit`'s own.
+
+    Sizes under SMALLEST_BUCKET share one bucket, so below it only 1 (a decode) and one
+    count under it remain: triton compiles a kernel separately for a size of 1, a multiple
+    of 16 and any other size, so each of those is met once.
+    """
+    counts = [n for n in (1, SMALLEST_BUCKET // 2) if n < limit]
+    n = SMALLEST_BUCKET
     while n < limit:
         counts.append(n)
         n *= 2
@@ -56,12 +65,20 @@ def warm_up_prefill(model: nn.Module, max_num_batched_tokens: int, max_num_seqs:
     every sampled-row bucket up to max_num_seqs."""
     started = time.perf_counter()
     buckets = token_buckets(max_num_batched_tokens)
-    for i, num_tokens in enumerate(buckets):
-        input_ids, positions, meta = dummy_prefill(num_tokens, block_size, max_position,
-                                                   vocab_size, device)
+    batches = [dummy_prefill(n, block_size, max_position, vocab_size, device) for n in buckets]
+    with compile_ahead(device) as ahead:
+        if ahead:
+            _run_buckets(model, batches, max_num_seqs)
+    if ahead:
+        logger.info("kernel warm-up: compiled in %.1f s", time.perf_counter() - started)
+    _run_buckets(model, batches, max_num_seqs)
+    logger.info("kernel warm-up done in %.1f s", time.perf_counter() - started)
+
+
+def _run_buckets(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor,
+                                                        AttentionMetadata]],
+                 max_num_seqs: int) -> None:
+    for input_ids, positions, meta in batches:
         hidden = model(input_ids, positions, meta)
-        logger.info("kernel warm-up: token bucket %d/%d (%d tokens), %.1f s", i + 1,
-                    len(buckets), num_tokens, time.perf_counter() - started)
     for rows in token_buckets(min(max_num_seqs, hidden.shape[0])):
         model.compute_logits(hidden[:rows])
-    logger.info("kernel warm-up done in %.1f s", time.perf_counter() - started)
