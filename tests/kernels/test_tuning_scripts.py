@@ -148,3 +148,21 @@ def test_tune_stops_at_its_time_limit(tmp_path):
                         .splitlines()[-1])
     assert result["kernels"] == {} and result["linear"] == {}
     assert sum(result["reached"].values()) > 0
+
+
+@pytest.mark.timeout(600)
+def test_startup_times_each_case_in_a_fresh_process(tmp_path):
+    out = tmp_path / "startup.json"
+    run(str(BENCH / "startup.py"), "--device", "cpu", "--models", "tiny-llama",
+        "--timeout", "300", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["device"] == "CPU" and result["targets_s"] == {
+        "first": 20.0, "restart": 10.0, "eager": 10.0}
+    rows = result["results"]
+    assert [(r["model"], r["case"]) for r in rows] == [
+        ("tiny-llama", case) for case in ("first", "restart", "eager")]
+    for r in rows:
+        assert not r["timed_out"] and "error" not in r, r
+        assert 0 < r["ready_s"] < r["process_s"] and r["first_request_s"] > 0
+        assert r["met"] == (r["ready_s"] <= r["target_s"])
+
