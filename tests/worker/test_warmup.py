@@ -1,12 +1,14 @@
 """Startup warm-up: one throwaway forward per shape bucket, the KV cache left as it was,
 and the runner's choice of what to warm up on which device."""
 
+import contextlib
+
 import pytest
 import torch
 
 from shardline.kernels import dispatch
 from shardline.kernels._config import shape_bucket
-from shardline.worker import model_runner
+from shardline.worker import model_runner, warmup
 from shardline.worker.warmup import token_buckets, warm_up_prefill
 from worker_driver import make_worker
 
@@ -21,8 +23,19 @@ def test_token_buckets_reach_every_kernel_bucket(limit):
     assert len(counts) <= 3 + max(0, (limit - 1).bit_length() - 4)
 
 
-@pytest.mark.parametrize("model", ["tiny-llama", "tiny-mixtral"])
-def test_warm_up_runs_every_bucket_and_leaves_the_cache_untouched(model, monkeypatch):
+@pytest.mark.parametrize("model, ahead", [("tiny-llama", False), ("tiny-mixtral", False),
+                                          ("tiny-llama", True)])
+def test_warm_up_runs_every_bucket_and_leaves_the_cache_untouched(model, ahead, monkeypatch):
+    """Where kernels can compile ahead (CUDA), a first pass inside compile_ahead only
+    compiles; the buckets then run again."""
+    passes = []
+
+    @contextlib.contextmanager
+    def compile_ahead(device):
+        passes.append(len(forwards))
+        yield ahead
+        passes.append(len(forwards))
+    monkeypatch.setattr(warmup, "compile_ahead", compile_ahead)
     runner = make_worker(model).model_runner
     layers = runner.model.attention_layers()
     for attn in layers:
@@ -39,7 +52,9 @@ def test_warm_up_runs_every_bucket_and_leaves_the_cache_untouched(model, monkeyp
     warm_up_prefill(runner.model, max_num_batched_tokens=50, max_num_seqs=5, block_size=4,
                     max_position=max_position, vocab_size=runner.info.vocab_size,
                     device=runner.device)
-    assert forwards == [1, 8, 16, 32, 50] and logits == [1, 5]
+    runs = 2 if ahead else 1
+    assert forwards == [1, 8, 16, 32, 50] * runs and logits == [1, 5] * runs
+    assert passes == [0, 5 if ahead else 0]
     after = [t for a in layers for t in (a.k_cache, a.v_cache)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
