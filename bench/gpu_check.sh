@@ -45,7 +45,7 @@ tuned_table() {  # the table the tune stage wrote, else "packaged"
 stage install 120 pip install --no-build-isolation --no-deps -e .
 stage tests-cuda 150 python -m pytest -q -x tests/kernels tests/models/test_parity_kernels.py \
     tests/worker tests/engine/test_llm_e2e.py --deselect tests/kernels/test_interpreted.py
-stage tune 150 python bench/tune.py --out-dir "$OUT" --time-limit 110
+stage tune 150 python bench/tune.py --out-dir "$OUT" --time-limit 90
 stage startup 150 python bench/startup.py --table "$(tuned_table)" --timeout 60 \
     --out "$OUT/startup.json"
 stage mp-nccl 60 python bench/gpu_mp_check.py --out-dir "$OUT"

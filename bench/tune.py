@@ -2,14 +2,16 @@
 
 For each model given, the launches of an engine start are run (bench/start_shapes.py:
 the prefill warm-up of every token bucket, then a decode forward per graph batch size)
-on random weights, each new kernel key recorded with its arguments. Then every candidate
-config of every key is compiled (in parallel on the CPU cores) and timed, and the fastest
-written to the tuned table of this GPU (shardline.kernels._tuned). Last, each linear shape
+on random weights, each new kernel key recorded with its arguments. Then, a chunk of keys
+at a time, every candidate config is compiled (in parallel on the CPU cores) and timed,
+and the fastest written to the tuned table of this GPU (shardline.kernels._tuned), the
+file rewritten after each chunk so that a run cut short keeps what it measured. Last, each
+linear shape
 is timed through the Triton GEMM (now with its tuned configs) and through torch.matmul
 (cuBLAS), every M the start met in the bucket summed, and the faster recorded: the
 engine's linear then takes that backend there.
 
-    python bench/tune.py                                  # small-llama and the 1B model
+    python bench/tune.py                                  # the 1B model and small-llama
     python bench/tune.py --models small-llama --time-limit 120 --out-dir /tmp/tables
 
 The table goes to kernels/tuned/<gpu>.json (or --out-dir/<gpu>.json); keys already in
@@ -36,7 +38,7 @@ import torch
 from start_shapes import (E2E_1B, add_limit_args, build_model, config_dtype, import_kernels,
                           limits_from, model_config, walk_start)
 
-MODELS = ("small-llama", E2E_1B)
+MODELS = (E2E_1B, "small-llama")
 
 
 @dataclass
@@ -126,25 +128,34 @@ def describe(config) -> str:
     return f"{tiles} w{config.num_warps} s{config.num_stages}".strip()
 
 
-def tune_kernels(launches: list[Launch], table, deadline: Deadline, warmup_ms: int,
-                 rep_ms: int) -> None:
-    for i, launch in enumerate(launches, 1):
+def tune_kernels(launches: list[Launch], table, path: Path, device: torch.device,
+                 deadline: Deadline, warmup_ms: int, rep_ms: int) -> None:
+    """Compile a chunk of keys' candidates at once, time them, keep the winners and write
+    the table; chunk after chunk until every key is done or the time limit passes."""
+    from shardline.kernels._tuned import write_table
+    chunk = 2 * len(os.sched_getaffinity(0))
+    for start in range(0, len(launches), chunk):
         if deadline.passed():
-            print(f"time limit reached: {len(launches) - i + 1} keys left untuned", flush=True)
+            print(f"time limit reached: {len(launches) - start} keys left untuned",
+                  flush=True)
             return
-        started = time.perf_counter()
-        timings = time_candidates(launch, warmup_ms, rep_ms)
-        best = min(timings, key=timings.get)
-        if math.isinf(timings[best]):
-            print(f"[{i}/{len(launches)}] {launch.kernel.name} {launch.key}: no config "
-                  "launches here; left out", flush=True)
-            continue
-        table.kernels.setdefault(launch.kernel.name, {})[launch.key] = best
-        first = next(iter(timings))
-        print(f"[{i}/{len(launches)}] {launch.kernel.name} {launch.key}: {len(timings)} "
-              f"configs, best {describe(best)} {timings[best] * 1e3:.1f} us (first listed "
-              f"{timings[first] * 1e3:.1f} us), {time.perf_counter() - started:.1f} s",
-              flush=True)
+        batch = launches[start:start + chunk]
+        print(f"compiled every candidate of keys {start + 1}-{start + len(batch)} in "
+              f"{compile_candidates(batch, device):.1f} s", flush=True)
+        for i, launch in enumerate(batch, start + 1):
+            started = time.perf_counter()
+            timings = time_candidates(launch, warmup_ms, rep_ms)
+            best = min(timings, key=timings.get)
+            head = f"[{i}/{len(launches)}] {launch.kernel.name} {launch.key}:"
+            if math.isinf(timings[best]):
+                print(f"{head} no config launches here; left out", flush=True)
+                continue
+            table.kernels.setdefault(launch.kernel.name, {})[launch.key] = best
+            first = next(iter(timings))
+            print(f"{head} {len(timings)} configs, best {describe(best)} "
+                  f"{timings[best] * 1e3:.1f} us (first listed {timings[first] * 1e3:.1f} "
+                  f"us), {time.perf_counter() - started:.1f} s", flush=True)
+        write_table(table, path)
 
 
 def tune_linear(table, shapes: list[tuple], device: torch.device, deadline: Deadline,
@@ -214,10 +225,8 @@ def tune(args: argparse.Namespace, device: torch.device, gpu: str) -> Path:
         record_launches(model, config, limits_from(args), device, launches)
         print(f"{model_name}: {len(launches) - before} new kernel keys in "
               f"{time.perf_counter() - started:.1f} s", flush=True)
-    todo = list(launches.values())
-    print(f"compiled every candidate of {len(todo)} keys in "
-          f"{compile_candidates(todo, device):.1f} s", flush=True)
-    tune_kernels(todo, table, deadline, args.warmup_ms, args.rep_ms)
+    tune_kernels(list(launches.values()), table, path, device, deadline, args.warmup_ms,
+                 args.rep_ms)
     _tuned.write_table(table, path)
     os.environ["SHARDLINE_TUNED_TABLE"] = str(path)   # linears time with the tuned configs
     linear_shapes = _tuned.linear_shapes()
