@@ -18,6 +18,7 @@ from shardline.kernels._tuned import TunedKernel
 
 SMALLEST_BUCKET = 16
 
+
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter rather than compiled."""
     return os.environ.get("TRITON_INTERPRET") == "1"
