@@ -189,6 +189,15 @@ def test_the_table_file_round_trips(tmp_path):
     assert json.loads(path.read_text())["format"] == _tuned.FORMAT_VERSION
 
 
+def test_every_kernel_config_survives_the_file_so_a_table_hit_matches_it():
+    from shardline.kernels import attention_decode, attention_prefill, moe
+    configs = (matmul._TILED_CONFIGS + matmul._SPLIT_CONFIGS + attention_decode._CONFIGS
+               + attention_prefill._CONFIGS + moe._CONFIGS)
+    for config in configs:
+        text = json.dumps(_tuned.config_to_json(config))
+        assert _tuned.config_from_json(json.loads(text), "test") == config
+
+
 @pytest.mark.parametrize("change, complaint", [
     (lambda d: d.pop("format"), "format must be 1"),
     (lambda d: d.update(device=None), "device must be"),
