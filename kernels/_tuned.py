@@ -208,9 +208,9 @@ def linear_shapes() -> list[tuple[int, int, int, torch.dtype, bool]]:
 
 
 @contextlib.contextmanager
-def compile_ahead(device: torch.device, workers: int | None = None) -> Iterator[bool]:
-    """Within it, tuned-kernel launches only compile their configs, on `workers` threads
-    at once (triton's compiler releases the GIL), and launch nothing; leaving it waits for
+def compile_ahead(device: torch.device) -> Iterator[bool]:
+    """Within it, tuned-kernel launches only compile their configs, on a thread per CPU
+    core (triton's compiler releases the GIL), and launch nothing; leaving it waits for
     every compile. Yields False, compiling nothing ahead, off CUDA, in the interpreter and
     where this triton lacks AsyncCompileMode."""
     global _compiling_ahead
@@ -222,7 +222,7 @@ def compile_ahead(device: torch.device, workers: int | None = None) -> Iterator[
             or os.environ.get("TRITON_INTERPRET") == "1"):
         yield False
         return
-    workers = workers or max(1, min(32, len(os.sched_getaffinity(0))))
+    workers = max(1, min(32, len(os.sched_getaffinity(0))))
     with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
         _compiling_ahead = True
         try:
