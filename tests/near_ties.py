@@ -1,0 +1,108 @@
+"""Comparing two runs whose arithmetic differs: a batch against each prompt alone, a layout
+against one rank, shardline against transformers. fp32 rounding then moves logits by about
+1e-6, which flips an argmax where the two best tokens are closer than that (measured on
+the presets: about once in 3 x 10^5 greedy tokens), and in an MoE layer flips a router's
+choice where two experts' scores are that close, changing everything after it.
+
+So greedy tokens may part only at a near tie, after which a sequence is compared no
+further; and prompt logits are compared up to the first near-tied routing decision.
+A bug gives partings that are no ties, or logits that differ before any near tie.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# A parting at a dense model's near tie: the two tokens' logprobs within this of each
+# other in both runs (rounding moves them by about 1e-5 at most).
+NEAR_TIE = 1e-3
+# A routing decision within this of flipping (gap between the k-th and the next expert's
+# router logit): rounding moves router logits by about 1e-6.
+ROUTER_TIE = 1e-4
+# For MoE models a parting is allowed where both runs ranked the two tokens in their top
+# MOE_TOP: after a flipped routing decision the logits differ by more than rounding.
+MOE_TOP = 3
+
+Run = list[tuple[list[int], list[dict[int, float]]]]
+
+
+def outputs_run(outputs) -> Run:
+    """An engine's RequestOutputs (generated with logprobs) as a Run."""
+    return [(list(o.outputs[0].token_ids), list(o.outputs[0].logprobs)) for o in outputs]
+
+
+def driver_run(tokens: list[list[int]], logprobs: list[list]) -> Run:
+    """WorkerDriver.generate's tokens and TokenLogprobs as a Run."""
+    return [(list(t), [dict(zip(lp.top_token_ids, lp.top_logprobs)) for lp in lps])
+            for t, lps in zip(tokens, logprobs, strict=True)]
+
+
+def assert_greedy_match(expected: Run, actual: Run, moe: bool = False) -> None:
+    """Equal greedy tokens, except that one sequence at most may part at a near tie:
+    dense models where both runs had the two tokens within NEAR_TIE of each other, MoE
+    models where both runs ranked them in their top MOE_TOP (logprobs must hold as many).
+    Two independent near ties in one comparison would be a 10^-8 coincidence."""
+    parted = []
+    for i, ((exp, exp_lps), (act, act_lps)) in enumerate(zip(expected, actual, strict=True)):
+        pos = next((p for p, (e, a) in enumerate(zip(exp, act)) if e != a), None)
+        if pos is None:
+            assert len(exp) == len(act), f"sequence {i}: {exp} against {act}"
+            continue
+        e, a = exp[pos], act[pos]
+        assert _near_tie(exp_lps[pos], e, a, moe) and _near_tie(act_lps[pos], a, e, moe), \
+            f"sequence {i} parts at token {pos}: {exp} against {act}, beyond a near tie " \
+            f"(logprobs {exp_lps[pos]} against {act_lps[pos]})"
+        parted.append(i)
+    assert len(parted) <= 1, f"sequences {parted} part from the expected tokens"
+
+
+def _near_tie(logprobs: dict[int, float], chosen: int, other: int, moe: bool) -> bool:
+    if other not in logprobs:
+        return False
+    if moe:
+        return sorted(logprobs.values(), reverse=True).index(logprobs[other]) < MOE_TOP
+    return logprobs[chosen] - logprobs[other] <= NEAR_TIE
+
+
+def hf_greedy(model, prompt: list[int], max_new: int, top: int = MOE_TOP
+              ) -> tuple[list[int], list[dict[int, float]]]:
+    """transformers' max_new greedy tokens (EOS off, as in the worker) and the top
+    logprobs at each, as one sequence of a Run."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                             max_new_tokens=max_new, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+    logprobs = []
+    for logits in out.logits:
+        values, ids = logits[0].float().log_softmax(-1).topk(top)
+        logprobs.append(dict(zip(ids.tolist(), values.tolist())))
+    return out.sequences[0, len(prompt):].tolist(), logprobs
+
+
+def hf_prompt_logits(model, prompt: list[int]) -> torch.Tensor:
+    """transformers' logits at each prompt position, up to the first position where an MoE
+    layer's router was within ROUTER_TIE of choosing other experts (rounding may route
+    that token elsewhere, which changes its logits and every later position's)."""
+    top_k = getattr(model.config, "num_experts_per_tok", None)
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), output_router_logits=top_k is not None)
+    logits = out.logits[0]
+    if top_k is None:
+        return logits
+    for router in out.router_logits:
+        scores = router.float().sort(-1, descending=True).values
+        tied = (scores[:, top_k - 1] - scores[:, top_k] < ROUTER_TIE).nonzero()
+        if len(tied):
+            logits = logits[:int(tied[0])]
+    return logits
+
+
+def assert_logits_close(ours: torch.Tensor, reference: torch.Tensor, what: str,
+                        tolerance: float = 1e-4) -> None:
+    """`ours` within `tolerance` of `reference` relative to its largest magnitude, over the
+    positions `reference` has (hf_prompt_logits may stop early)."""
+    assert ours.shape[0] >= reference.shape[0], what
+    if reference.numel() == 0:
+        return
+    rel = (ours[:reference.shape[0]] - reference).abs().max() / reference.abs().max()
+    assert rel < tolerance, f"{what}: relative error {rel:.2e} against transformers"
