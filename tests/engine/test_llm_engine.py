@@ -1,6 +1,7 @@
 """The engine end to end over the checking fake worker (tests/engine/fake_model.py)."""
 
 import asyncio
+import contextlib
 import random
 import statistics
 import time
@@ -332,9 +333,13 @@ def test_async_llm_streams_and_cancels():
         return seen
 
     async def cancelled():
-        async for output in llm.generate(prompts[0], SamplingParams(max_tokens=100), "c"):
-            if len(output.outputs[0].token_ids) == 3:
-                break
+        # Closed on the way out: after a bare break the garbage collector closes the stream,
+        # and its abort can come after asyncio.run has returned.
+        async with contextlib.aclosing(llm.generate(prompts[0], SamplingParams(max_tokens=100),
+                                                    "c")) as stream:
+            async for output in stream:
+                if len(output.outputs[0].token_ids) == 3:
+                    break
 
     async def main():
         return await asyncio.gather(*(collect(i) for i in range(3)), cancelled())
@@ -345,6 +350,7 @@ def test_async_llm_streams_and_cancels():
         assert lengths == list(range(1, 13))
         assert stream[-1].finished and not any(o.finished for o in stream[:-1])
         assert stream[-1].outputs[0].token_ids == ref.outputs[0].token_ids
+    assert engine.step_metrics.finished["abort"] == 1
     assert_all_free(engine)
 
 
