@@ -238,7 +238,20 @@ def aborts(llm):
     return llm.engine.step_metrics.finished["abort"]
 
 
-def test_streaming_client_that_disconnects_aborts_its_request(server):
+@pytest.fixture
+def slow_steps(server, monkeypatch):
+    """Engine steps of at least 20 ms, so that a request of 400 tokens outlasts its client
+    (8 s at the least) however fast this machine computes them."""
+    engine = server[0].engine
+    step = engine.step
+
+    def slow_step():
+        time.sleep(0.02)
+        return step()
+    monkeypatch.setattr(engine, "step", slow_step)
+
+
+def test_streaming_client_that_disconnects_aborts_its_request(server, slow_steps):
     llm, url = server
     before = aborts(llm)
     body = {"model": MODEL, "prompt": "disconnect me", "max_tokens": 400, "stream": True,
@@ -252,7 +265,7 @@ def test_streaming_client_that_disconnects_aborts_its_request(server):
     llm.engine.kv.check_invariants()
 
 
-def test_waiting_client_that_disconnects_aborts_its_request(server):
+def test_waiting_client_that_disconnects_aborts_its_request(server, slow_steps):
     llm, url = server
     before = aborts(llm)
     body = {"model": MODEL, "prompt": "disconnect me too", "max_tokens": 400,
