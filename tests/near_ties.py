@@ -79,16 +79,21 @@ def hf_greedy(model, prompt: list[int], max_new: int, top: int = MOE_TOP
     return out.sequences[0, len(prompt):].tolist(), logprobs
 
 
+def is_moe(model) -> bool:
+    """Whether a transformers model routes tokens to experts."""
+    return getattr(model.config, "num_experts_per_tok", None) is not None
+
+
 def hf_prompt_logits(model, prompt: list[int]) -> torch.Tensor:
     """transformers' logits at each prompt position, up to the first position where an MoE
     layer's router was within ROUTER_TIE of choosing other experts (rounding may route
     that token elsewhere, which changes its logits and every later position's)."""
-    top_k = getattr(model.config, "num_experts_per_tok", None)
     with torch.no_grad():
-        out = model(torch.tensor([prompt]), output_router_logits=top_k is not None)
+        out = model(torch.tensor([prompt]), output_router_logits=is_moe(model))
     logits = out.logits[0]
-    if top_k is None:
+    if not is_moe(model):
         return logits
+    top_k = model.config.num_experts_per_tok
     for router in out.router_logits:
         scores = router.float().sort(-1, descending=True).values
         tied = (scores[:, top_k - 1] - scores[:, top_k] < ROUTER_TIE).nonzero()

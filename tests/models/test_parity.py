@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from near_ties import (MOE_TOP, assert_greedy_match, assert_logits_close, driver_run,
+                       hf_greedy, hf_prompt_logits, is_moe)
 from shardline.sampling_params import SamplingParams
 from worker_driver import WorkerDriver, make_worker
 
@@ -16,32 +18,22 @@ def _prompts(count: int, lengths: tuple[int, int]) -> list[list[int]]:
             for _ in range(count)]
 
 
-def _hf_greedy(model, prompt: list[int], max_new: int) -> list[int]:
-    """Exactly max_new greedy tokens (EOS stopping is off, as in the worker)."""
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
-                         max_new_tokens=max_new, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
 @pytest.mark.parametrize("name", ARCHITECTURES)
-def test_prompt_logits_match_transformers(name, hf_model):
+def test_prompt_logits_match_transformers(name, hf_model, fresh_seed):
     hf = hf_model(name)
     driver = WorkerDriver(make_worker(name, block_size=4))
     prompts = _prompts(4, (5, 60))
     ours = driver.prompt_logits(prompts)
-    for prompt, logits in zip(prompts, ours):
-        with torch.no_grad():
-            ref = hf(torch.tensor([prompt])).logits[0]
-        rel = (logits - ref).abs().max() / ref.abs().max()
-        assert rel < 1e-4, f"{name}: relative error {rel:.2e}"
+    for i, (prompt, logits) in enumerate(zip(prompts, ours)):
+        assert_logits_close(logits, hf_prompt_logits(hf, prompt), f"{name}, prompt {i}")
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
-def test_greedy_tokens_match_transformers(name, hf_model):
+def test_greedy_tokens_match_transformers(name, hf_model, fresh_seed):
     hf = hf_model(name)
     driver = WorkerDriver(make_worker(name, block_size=4))
     prompts = _prompts(5, (3, 40))
-    ours, _ = driver.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32),
-                              token_budget=48)
-    for prompt, tokens in zip(prompts, ours):
-        assert tokens == _hf_greedy(hf, prompt, 32)
+    ours = driver.generate(prompts, SamplingParams(temperature=0.0, max_tokens=32,
+                                                   logprobs=MOE_TOP), token_budget=48)
+    assert_greedy_match([hf_greedy(hf, prompt, 32) for prompt in prompts], driver_run(*ours),
+                        moe=is_moe(hf))

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import shardline.kernels
+from near_ties import (MOE_TOP, assert_greedy_match, assert_logits_close, driver_run,
+                       hf_greedy, hf_prompt_logits, is_moe)
 from shardline.sampling_params import SamplingParams
 from shardline.kernels import attention_decode, attention_prefill, kv_cache, matmul, moe, norm
 from shardline.kernels import dispatch, reference, rotary
@@ -68,12 +70,6 @@ def _random_prompts(lengths: list[tuple[int, int]]) -> list[list[int]]:
             for low, high in lengths]
 
 
-def _hf_greedy(model, prompt: list[int], max_new: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
-                         max_new_tokens=max_new, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", [DENSE, MOE])
 def test_prompt_logits_match_transformers(name, hf_model, kernel_calls, fresh_seed):
@@ -84,10 +80,8 @@ def test_prompt_logits_match_transformers(name, hf_model, kernel_calls, fresh_se
     ours = driver.prompt_logits(prompts)
     _assert_triton_ran(kernel_calls, PREFILL_KERNELS | ({"fused_moe"} if name == MOE else set()))
     for prompt, logits in zip(prompts, ours):
-        with torch.no_grad():
-            ref = hf(torch.tensor([prompt])).logits[0]
-        rel = (logits - ref).abs().max() / ref.abs().max()
-        assert rel < 1e-4, f"{name}, prompt of {len(prompt)} tokens: relative error {rel:.2e}"
+        assert_logits_close(logits, hf_prompt_logits(hf, prompt),
+                            f"{name}, prompt of {len(prompt)} tokens")
 
 
 @pytest.mark.timeout(120)
@@ -98,8 +92,8 @@ def test_greedy_tokens_match_transformers(name, hf_model, kernel_calls, fresh_se
     hf = hf_model(name)
     driver = WorkerDriver(make_worker(name, block_size=4, num_blocks=32))
     prompts = _random_prompts([(2, 6), (6, 11), (14, 20)])
-    ours, _ = driver.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4),
-                              token_budget=12)
+    ours = driver.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4,
+                                                   logprobs=MOE_TOP), token_budget=12)
     _assert_triton_ran(kernel_calls, DECODE_KERNELS | ({"fused_moe"} if name == MOE else set()))
-    for prompt, tokens in zip(prompts, ours):
-        assert tokens == _hf_greedy(hf, prompt, 4), f"{name}, prompt of {len(prompt)} tokens"
+    assert_greedy_match([hf_greedy(hf, prompt, 4) for prompt in prompts], driver_run(*ours),
+                        moe=is_moe(hf))
