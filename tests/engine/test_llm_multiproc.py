@@ -35,6 +35,7 @@ from shardline.models.partition import check_partition
 from shardline.presets import build_variant
 
 from engine_prompts import random_prompt, token_ids
+from near_ties import assert_greedy_match, outputs_run
 from process_hygiene import assert_gone, kill_while_stepping, leaked_segments, shm_segments
 
 MODEL = "tiny-llama"  # 4 heads, 2 KV heads, 2 layers
@@ -161,7 +162,7 @@ def batching_workload(rng: random.Random) -> list[Scripted]:
     """Requests that join a running batch at different steps, two long prompts that take
     several steps to prefill at 16 tokens a step, one request aborted while prefilling and
     one while decoding."""
-    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2)
     return [
         Scripted("long", random_prompt(rng, 33, 40), greedy, join=0),
         Scripted("short", random_prompt(rng, 3, 6), greedy, join=0),
@@ -180,16 +181,18 @@ def test_continuous_batching_chunked_prefill_and_aborts_match_one_rank(pair, rng
     # The script does what it says on the one-rank engine (16 prompt tokens a step).
     assert 0 < ref_computed["abort-prefill"] < len(script[3].prompt)
     assert ref_computed["abort-decode"] > len(script[2].prompt)
+    wanted, outs = [], []
     for req in script:
-        want, out = expected[req.req_id].outputs[0], got[req.req_id].outputs[0]
-        if req.abort is None:
-            assert out.token_ids == want.token_ids, req.req_id
-            assert out.finish_reason == "length"
-        else:
+        (want,), (out,) = outputs_run([expected[req.req_id]]), outputs_run([got[req.req_id]])
+        reason = got[req.req_id].outputs[0].finish_reason
+        assert reason == ("length" if req.abort is None else "abort"), req.req_id
+        if req.abort is not None:
             # How far an aborted request got depends on the steps in flight at the abort.
-            shorter, longer = sorted([out.token_ids, want.token_ids], key=len)
-            assert longer[:len(shorter)] == shorter, req.req_id
-            assert out.finish_reason == "abort"
+            n = min(len(want[0]), len(out[0]))
+            want, out = (want[0][:n], want[1][:n]), (out[0][:n], out[1][:n])
+        wanted.append(want)
+        outs.append(out)
+    assert_greedy_match(wanted, outs)
     assert got["abort-prefill"].outputs[0].token_ids == []
     assert first_token_step["long"] >= 2  # 33+ prompt tokens at 16 a step
     if pair.one_step_in_flight:
@@ -201,9 +204,9 @@ def test_continuous_batching_chunked_prefill_and_aborts_match_one_rank(pair, rng
 def test_preemption_gives_the_one_rank_tokens(pair, rng):
     # Five sequences of 24 to 29 tokens need 6 to 8 blocks each, and the cache holds 24.
     prompts = [random_prompt(rng, 14, 19) for _ in range(5)]
-    params = SamplingParams(temperature=0.0, max_tokens=11, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=11, ignore_eos=True, logprobs=2)
     expected, got, ref_stats, stats = run_both(pair, prompts, params)
-    assert token_ids(got) == token_ids(expected)
+    assert_greedy_match(outputs_run(expected), outputs_run(got))
     assert stats["num_preemptions"] > 0
     assert_same_schedule(pair, ref_stats, stats)
     assert_all_free(pair.llm)
@@ -213,10 +216,10 @@ def test_prefix_cache_hits_give_the_one_rank_tokens(pair, rng):
     shared = random_prompt(rng, 28, 28)  # 7 blocks
     tails = rng.sample(range(3, 259), 3)
     prompts = [shared + [tail] + random_prompt(rng, 1, 4) for tail in tails]
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)
     expected, got, ref_stats, stats = run_both(pair, prompts[:1], params)
     more_expected, more, more_ref_stats, more_stats = run_both(pair, prompts[1:], params)
-    assert token_ids(got + more) == token_ids(expected + more_expected)
+    assert_greedy_match(outputs_run(expected + more_expected), outputs_run(got + more))
     assert [o.num_cached_tokens for o in more] == [28, 28]
     assert more_stats["num_cached_tokens"] == 56
     assert_same_schedule(pair, ref_stats, stats)
@@ -241,8 +244,8 @@ def test_async_llm_streams_the_one_rank_tokens(pair, rng):
     """Three streams at once over the multi-process engine; one consumer stops early, which
     aborts its request, and the others still stream every token of the one-rank run."""
     prompts = [random_prompt(rng, 4, 20) for _ in range(3)]
-    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-    expected = token_ids(pair.reference.generate(prompts, params))
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2)
+    expected = outputs_run(pair.reference.generate(prompts, params))
     async_llm = AsyncLLM.from_engine(pair.llm.engine)
 
     async def stream(i: int, stop_after: int | None) -> list:
@@ -260,10 +263,13 @@ def test_async_llm_streams_the_one_rank_tokens(pair, rng):
             asyncio.gather(stream(0, None), stream(1, 3), stream(2, None)), TIMEOUT_S)
 
     streams = asyncio.run(main())
-    for i in (0, 2):
-        assert [len(o.outputs[0].token_ids) for o in streams[i]] == list(range(1, 11))
-        assert streams[i][-1].finished and streams[i][-1].outputs[0].token_ids == expected[i]
-    assert [o.outputs[0].token_ids for o in streams[1]] == [expected[1][:n] for n in (1, 2, 3)]
+    for i, stream in enumerate(streams):   # one output per token, each a prefix of the last
+        last = stream[-1].outputs[0].token_ids
+        assert len(last) == (3 if i == 1 else 10) and stream[-1].finished == (i != 1)
+        assert [o.outputs[0].token_ids for o in stream] == [last[:n] for n in range(1, 11)
+                                                            if n <= len(last)]
+    expected[1] = (expected[1][0][:3], expected[1][1][:3])
+    assert_greedy_match(expected, outputs_run([stream[-1] for stream in streams]))
     for thread in threading.enumerate():
         if thread.name == "shardline-engine":
             thread.join(TIMEOUT_S)
