@@ -31,6 +31,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'shar
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from near_ties import Run, assert_greedy_match, outputs_run  # noqa: E402
 from shardline import LLM, SamplingParams  # noqa: E402
 from shardline.executor import EngineDeadError, StepFuture  # noqa: E402
 from shardline.executor.base import executor_class  # noqa: E402
@@ -81,9 +82,10 @@ def random_prompts(seed: int, n: int) -> list[list[int]]:
     return [[rng.randrange(3, 259) for _ in range(rng.randint(3, 30))] for _ in range(n)]
 
 
-def greedy_tokens(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+def greedy_tokens(llm: LLM, prompts: list[list[int]]) -> Run:
+    """Greedy tokens with their top-2 logprobs, for tests/near_ties.py."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)
+    return outputs_run(llm.generate(prompts, params))
 
 
 def test_the_ray_backend_gets_the_ray_executor():
@@ -179,9 +181,9 @@ def test_a_driver_that_exits_without_shutdown_leaves_no_actor(cluster):
 @pytest.fixture(scope="module")
 def reference_tokens():
     """The one-rank in-process engine's greedy tokens, per model and seed."""
-    made: dict[tuple[str, int], list[list[int]]] = {}
+    made: dict[tuple[str, int], Run] = {}
 
-    def tokens(model: str, seed: int) -> list[list[int]]:
+    def tokens(model: str, seed: int) -> Run:
         if (model, seed) not in made:
             with LLM(model, **ENGINE) as llm:
                 made[model, seed] = greedy_tokens(llm, random_prompts(seed, 6))
@@ -201,7 +203,7 @@ def test_tp2_pp2_one_stage_per_node_matches_one_rank_and_dies_cleanly(cluster,
         assert isinstance(executor, RayExecutor)
         assert [cluster[node] for node in executor.rank_nodes] in ([0, 0, 1, 1], [1, 1, 0, 0])
         prompts = random_prompts(fresh_seed, 6)
-        assert greedy_tokens(llm, prompts) == reference_tokens("tiny-llama", fresh_seed)
+        assert_greedy_match(reference_tokens("tiny-llama", fresh_seed), greedy_tokens(llm, prompts))
 
         # A rank of the second stage dies while the engine serves.
         params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
@@ -229,7 +231,7 @@ def test_dp2_one_replica_per_node_matches_one_rank_and_fails_together(cluster,
         assert {cluster[core.executor.rank_nodes[0]] for core in cores} == {0, 1}
         assert [core.executor.node_ranks for core in cores] == [[[0]], [[1]]]
         prompts = random_prompts(fresh_seed, 6)
-        assert greedy_tokens(llm, prompts) == reference_tokens("tiny-qwen2", fresh_seed)
+        assert_greedy_match(reference_tokens("tiny-qwen2", fresh_seed), greedy_tokens(llm, prompts))
         assert all(core.stats.num_steps > 0 for core in cores)
 
         # The second replica's rank dies: the first core stops with it.
