@@ -61,9 +61,10 @@ def assert_gone(pids: list[int]) -> None:
 
 
 def kill_while_stepping(llm, pid: int, dead: str, timeout: float = 60.0) -> float:
-    """SIGKILL `pid` 0.2 s into stepping `llm`, whose requests must outlast that, and step
-    until EngineDeadError matching `dead` ends it. Returns the seconds from the kill to
-    the error."""
+    """SIGKILL `pid` from another thread while `llm` runs its fifth step from here (its
+    requests must outlast that), and step until EngineDeadError matching `dead` ends it.
+    Returns the seconds from the kill to the error."""
+    import itertools
     import re
     import signal
     import threading
@@ -71,25 +72,32 @@ def kill_while_stepping(llm, pid: int, dead: str, timeout: float = 60.0) -> floa
 
     from shardline.executor import EngineDeadError
 
-    killed_at = []
+    go, killed_at = threading.Event(), []
 
     def kill() -> None:
-        time.sleep(0.2)
-        os.kill(pid, signal.SIGKILL)
+        go.wait()
+        if killed_at == [None]:
+            return  # stepping ended before the kill was due
         killed_at.append(time.monotonic())
+        os.kill(pid, signal.SIGKILL)
 
     killer = threading.Thread(target=kill)
     killer.start()
     deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < deadline:
+        for step in itertools.count(1):
+            assert time.monotonic() < deadline, f"no EngineDeadError within {timeout} s"
             assert llm.has_unfinished_requests(), "generation ended before the kill"
+            if step == 5:
+                go.set()   # the killer runs once this thread waits inside the step
             llm.step()
     except EngineDeadError as exc:
+        assert killed_at, f"{exc!r} came before the kill"
         assert re.search(dead, str(exc)), f"{exc!r} does not match {dead!r}"
         raised_at = time.monotonic()
-    else:
-        raise AssertionError(f"no EngineDeadError within {timeout} s of the kill")
     finally:
+        if not go.is_set():
+            killed_at.append(None)
+            go.set()
         killer.join()
     return raised_at - killed_at[0]

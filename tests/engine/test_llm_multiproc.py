@@ -377,8 +377,10 @@ def test_a_killed_worker_raises_engine_dead_and_leaves_nothing(when, rng):
             print(f"EngineDeadError {elapsed:.3f} s after SIGKILL of worker rank 1 mid-step")
             assert elapsed < 5.0
         else:
+            seen = threading.Event()
+            llm.engine.executor.add_death_callback(lambda error: seen.set())
             os.kill(pids[1], signal.SIGKILL)
-            time.sleep(1.0)  # the executor sees the death before the next step is sent
+            assert seen.wait(TIMEOUT_S), "the executor never saw the death"
             with pytest.raises(EngineDeadError, match=dead):
                 llm.step()
         with pytest.raises(EngineDeadError, match=dead):
