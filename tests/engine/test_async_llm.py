@@ -153,8 +153,11 @@ def test_cancel_while_a_step_runs_drops_its_result_and_frees_its_blocks(rng, mon
             dropped.append(output)
 
     async def main():
-        keep = asyncio.create_task(collect(llm.generate(keep_prompt, params, "keep")))
+        # "drop" first: its add starts the engine thread, so it is in every step from the
+        # first. Added second, it could miss the held step: the new thread may run up to
+        # it before this loop gets the GIL back (6 runs in 1000 did).
         drop = asyncio.create_task(consume_drop())
+        keep = asyncio.create_task(collect(llm.generate(keep_prompt, params, "keep")))
         await gate.held()
         drop.cancel()
         await asyncio.sleep(0.01)
