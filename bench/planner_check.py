@@ -1,7 +1,8 @@
 """The planner's predictions against measured CPU layouts: step time and tokens/s.
 
-Measures this machine's profile (shardline plan --profile: matmul rate, memory
-bandwidth, per-call overhead, shared-memory and gloo all-reduce), then predicts each
+Measures this machine's profile (shardline plan --profile: matmul rate, the rate
+decode matmuls stream weights at, the engine's host time per step and per layer and the
+reference attention's rate, shared-memory and gloo all-reduce), then predicts each
 layout of a bench/layouts.py result for the same model and workload, and prints the
 ratio predicted / measured per layout (the target is within 1.5x either way).
 
@@ -52,6 +53,7 @@ def predict(measured: dict, profile_path: str) -> list[dict]:
                      "predicted_step_ms": step_ms, "measured_step_ms": r["step_ms"],
                      "step_ratio": step_ms / r["step_ms"],
                      "predicted_compute_ms": e.decode.compute_s * 1e3,
+                     "predicted_host_ms": e.decode.host_s * 1e3,
                      "predicted_comm_ms": e.decode.comm.time_s * 1e3,
                      "predicted_tokens_per_s": e.throughput,
                      "measured_tokens_per_s": r["tokens_per_s"],
@@ -95,10 +97,12 @@ def main() -> int:
               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "results": rows}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "planner_check.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'layout':>8} {'pred ms':>8} {'meas ms':>8} {'ratio':>6} {'pred tok/s':>10} "
-          f"{'meas tok/s':>10} {'ratio':>6}")
+    print(f"{'layout':>8} {'pred ms':>8} {'compute':>8} {'host':>6} {'comm':>6} "
+          f"{'meas ms':>8} {'ratio':>6} {'pred tok/s':>10} {'meas tok/s':>10} {'ratio':>6}")
     for r in rows:
-        print(f"{r['layout']:>8} {r['predicted_step_ms']:8.1f} {r['measured_step_ms']:8.1f} "
+        print(f"{r['layout']:>8} {r['predicted_step_ms']:8.1f} {r['predicted_compute_ms']:8.1f} "
+              f"{r['predicted_host_ms']:6.1f} {r['predicted_comm_ms']:6.1f} "
+              f"{r['measured_step_ms']:8.1f} "
               f"{r['step_ratio']:6.2f} {r['predicted_tokens_per_s']:10.1f} "
               f"{r['measured_tokens_per_s']:10.1f} {r['tokens_per_s_ratio']:6.2f}")
     inside = sum(within(r["step_ratio"]) for r in rows)

@@ -1,6 +1,7 @@
 """The cost model's formulas against hand-computed cases."""
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -16,8 +17,7 @@ INTER = Link(20e-6, 10e9, "slow")
 
 
 def cluster(nodes: int, per_node: int, memory_bytes: float = 1e9) -> ClusterSpec:
-    device = DeviceSpec("test", memory_bytes, flops=1e12, memory_bandwidth=1e11,
-                        op_overhead_s=0.0)
+    device = DeviceSpec("test", memory_bytes, flops=1e12, memory_bandwidth=1e11)
     return ClusterSpec(nodes, per_node, device, INTRA, INTER)
 
 
@@ -134,13 +134,19 @@ def test_decode_of_a_large_model_is_memory_bound_and_prefill_compute_bound():
 
 
 def test_cpu_ranks_share_the_cores():
-    cpu = DeviceSpec("CPU", 8e9, flops=30e9, memory_bandwidth=8e9, op_overhead_s=1e-5,
-                     shared_by_ranks=True, cores=2, flops_per_core=20e9)
-    assert cpu.rank_rates(1) == (30e9, 8e9)
-    assert cpu.rank_rates(2) == (20e9, 4e9)
-    assert cpu.rank_rates(4) == (10e9, 2e9)
-    gpu = DeviceSpec("GPU", 8e9, flops=30e9, memory_bandwidth=8e9, op_overhead_s=1e-5)
-    assert gpu.rank_rates(8) == (30e9, 8e9)
+    cpu = DeviceSpec("CPU", 8e9, flops=30e9, memory_bandwidth=8e9, shared_by_ranks=True,
+                     cores=2, flops_per_core=20e9, attention_bandwidth=2e9)
+    assert cpu.rank_rates(1) == (30e9, 8e9, 2e9)
+    assert cpu.rank_rates(2) == (20e9, 4e9, 1e9)
+    assert cpu.rank_rates(4) == (10e9, 2e9, 0.5e9)
+    assert [cpu.host_slowdown(n) for n in (1, 2, 4)] == [1, 1, 2]
+    # With a measured single-threaded bandwidth, ranks stream at it, as they compute.
+    streams = replace(cpu, bandwidth_per_core=6e9)
+    assert streams.rank_rates(2) == (20e9, 6e9, 1.5e9)
+    assert streams.rank_rates(4) == (10e9, 3e9, 0.75e9)
+    gpu = DeviceSpec("GPU", 8e9, flops=30e9, memory_bandwidth=8e9)
+    assert gpu.rank_rates(8) == (30e9, 8e9, 0.0)
+    assert gpu.host_slowdown(8) == 1
 
 
 def test_pipeline_prefill_runs_at_least_one_chunk_per_stage():
@@ -151,3 +157,39 @@ def test_pipeline_prefill_runs_at_least_one_chunk_per_stage():
     assert e.ttft_s == pytest.approx(3 * e.prefill.time_s)
     one = estimate(MODEL, Layout(), cluster(1, 1), workload)
     assert one.ttft_s == pytest.approx(one.prefill.time_s)
+
+
+def test_host_time_and_cpu_attention_by_hand():
+    cpu = DeviceSpec("CPU", 1e9, flops=1e12, memory_bandwidth=1e11, shared_by_ranks=True,
+                     cores=2, flops_per_core=4e11, bandwidth_per_core=4e10,
+                     attention_bandwidth=1e10, step_host_s=1e-3, step_host_per_seq_s=1e-5,
+                     layer_host_s=2e-4, layer_host_per_seq_s=3e-6)
+    two = ClusterSpec(1, 2, cpu, INTRA, INTER)
+    step = step_cost(MODEL, Layout(pp=2), two, sequences=8, tokens_per_seq=1, context=16,
+                     sampled=8)
+    # A stage of 2 layers; 2 ranks on 2 cores: one core each, host time as measured.
+    assert step.host_s == pytest.approx(1e-3 + 8 * 1e-5 + 2 * (2e-4 + 8 * 3e-6))
+    # Weights (2 layers and the LM head) stream at the per-core rate, 4e10 B/s; the KV
+    # cache (2 layers x 2 heads x 16 x 2 bytes x K and V, 8 sequences of 17 tokens)
+    # at the attention's rate scaled as the rank's bandwidth: 1e10 x 4e10 / 1e11.
+    layer = 64 * (2 * 64 + 2 * 32) + 2 * 64 + 3 * 64 * 128
+    weights = (2 * layer + 100 * 64) * 2
+    kv = 2 * 2 * 2 * 16 * 2 * 8 * 17
+    assert step.memory_bound
+    assert step.compute_s == pytest.approx(weights / 4e10 + kv / 4e9)
+    assert step.time_s == pytest.approx(step.compute_s + step.host_s + step.comm.time_s)
+    # TP4 on 2 cores: every rank runs all 4 layers, at half a core.
+    four = ClusterSpec(1, 4, cpu, INTRA, INTER)
+    tp4 = step_cost(MODEL, Layout(tp=4), four, 8, 1, 16, 8)
+    assert tp4.host_s == pytest.approx(2 * (1e-3 + 8 * 1e-5 + 4 * (2e-4 + 8 * 3e-6)))
+
+
+def test_gpu_defaults_charge_little_host_time_and_read_the_kv_cache_from_hbm():
+    model = load_spec("llama-3-70b")
+    h100 = gpu_cluster("h100", 1, 8)
+    assert h100.device.attention_bandwidth == 0
+    step = step_cost(model, Layout(tp=8), h100, 64, 1, 1024, 64)
+    # 80 layers of 14 kernels at 4 us, the engine's Python for a step of 64 sequences
+    # and 12 kernels around the layers: less than the step's weight and KV reads.
+    assert step.host_s == pytest.approx(80 * 14 * 4e-6 + 208e-6 + 12 * 4e-6 + 64 * 18e-6)
+    assert step.host_s < step.compute_s

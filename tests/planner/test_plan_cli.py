@@ -6,7 +6,7 @@ import pytest
 
 from shardline.cli import main
 from shardline.planner import command, profile
-from shardline.planner.cluster import DeviceSpec, Link
+from shardline.planner.cluster import DeviceSpec, Link, profile_cluster
 
 
 def test_table_lists_layouts_and_explains_the_pick(capsys):
@@ -79,8 +79,8 @@ def test_missing_model_is_an_error(capsys):
 
 
 def test_profile_written_then_used(tmp_path, monkeypatch, capsys):
-    device = DeviceSpec("CPU", 8e9, flops=5e10, memory_bandwidth=1e10, op_overhead_s=1e-5,
-                        shared_by_ranks=True)
+    device = DeviceSpec("CPU", 8e9, flops=5e10, memory_bandwidth=1e10, shared_by_ranks=True,
+                        layer_host_s=1e-4)
     monkeypatch.setattr(profile, "measure_device", lambda: device)
     monkeypatch.setattr(profile, "measure_links", lambda: (Link(5e-6, 2e9, "shared memory"),
                                                            Link(2e-3, 5e8, "gloo")))
@@ -128,3 +128,16 @@ def test_model_from_a_config_json_or_a_gguf_file(tmp_path, monkeypatch, capsys):
         assert data["model"]["heads"] == 12
         names = {x["layout"] for x in data["layouts"]}
         assert "DP2xTP4" in names and names.isdisjoint({"TP8", "SP8"})
+
+
+def test_a_profile_without_the_host_constants_is_refused(tmp_path):
+    old = {"device": {"name": "CPU", "memory_bytes": 8e9, "flops": 1e10,
+                      "memory_bandwidth": 5e9, "op_overhead_s": 2e-5, "shared_by_ranks": True,
+                      "cores": 2, "flops_per_core": 8e9},
+           "intranode": {"latency_s": 1e-5, "bandwidth": 1e9, "name": "shared memory"},
+           "devices_per_node": 2}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"lacks the device constants bandwidth_per_core, "
+                       r"attention_bandwidth, step_host_s, .*shardline plan --profile"):
+        profile_cluster(str(path), nodes=1, devices_per_node=None)

@@ -4,9 +4,12 @@ measurement): one row per measured layout, ratios that are predicted over measur
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+
+from shardline.planner.cluster import DeviceSpec
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -15,9 +18,11 @@ def test_planner_check_compares_every_layout(tmp_path, fresh_seed):
     import random
 
     rng = random.Random(fresh_seed)
-    profile = {"device": {"name": "CPU", "memory_bytes": 8e9, "flops": 1e10,
-                          "memory_bandwidth": 5e9, "op_overhead_s": 2e-5,
-                          "shared_by_ranks": True, "cores": 2, "flops_per_core": 8e9},
+    device = DeviceSpec("CPU", 8e9, flops=1e10, memory_bandwidth=5e9, shared_by_ranks=True,
+                        cores=2, flops_per_core=8e9, bandwidth_per_core=4e9,
+                        attention_bandwidth=1e9, step_host_s=1e-3, step_host_per_seq_s=1e-5,
+                        layer_host_s=4e-4, layer_host_per_seq_s=2e-5)
+    profile = {"device": asdict(device),
                "intranode": {"latency_s": 1e-3, "bandwidth": 1e9, "name": "shared memory"},
                "internode": {"latency_s": 2e-3, "bandwidth": 5e8, "name": "gloo"},
                "devices_per_node": 2}
@@ -41,8 +46,9 @@ def test_planner_check_compares_every_layout(tmp_path, fresh_seed):
     for row, measured in zip(rows, results):
         assert row["measured_step_ms"] == measured["step_ms"]
         assert row["step_ratio"] == pytest.approx(row["predicted_step_ms"] / measured["step_ms"])
-        assert row["predicted_step_ms"] == pytest.approx(row["predicted_compute_ms"]
-                                                         + row["predicted_comm_ms"])
+        assert row["predicted_step_ms"] == pytest.approx(
+            row["predicted_compute_ms"] + row["predicted_host_ms"] + row["predicted_comm_ms"])
+        assert row["predicted_host_ms"] > 0
     by_name = {r["layout"]: r for r in rows}
     assert by_name["uni"]["predicted_comm_ms"] == 0 < by_name["tp2"]["predicted_comm_ms"]
     assert f"{len(rows)} layouts" in done.stdout

@@ -9,7 +9,8 @@ together, 450 GB/s each way; InfiniBand's 400 Gb/s per GPU is 50 GB/s each way.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
+from typing import NamedTuple
 
 GB = 1e9
 
@@ -29,34 +30,66 @@ class Link:
             raise ValueError(f"link bandwidth={self.bandwidth!r} B/s is invalid: must be > 0")
 
 
+class RankRates(NamedTuple):
+    """What one rank gets of its device: matmul flop rate, the bandwidth its weights
+    stream at, and the bandwidth attention reads the KV cache at (0: in the roofline)."""
+
+    flops: float
+    bandwidth: float
+    attention_bandwidth: float
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
-    """What one device does per second, and the fixed cost of each kernel it runs.
+    """What one device does per second, and the host time the engine spends per step.
 
-    `flops` and `memory_bandwidth` are achieved rates (not peaks). `shared_by_ranks` is
-    True for CPU "devices": the ranks of a node split its `cores` and memory bandwidth.
-    One rank alone runs at `flops` (every core's threads in one process); several run one
-    or more single-threaded cores each, `flops_per_core`, never more cores than the node
-    has (shardline's CPU ranks take an equal share of the cores).
+    `flops` and `memory_bandwidth` are achieved rates (not peaks); on a CPU the bandwidth
+    is the rate at which decode-shaped matmuls stream their weights. `shared_by_ranks` is
+    True for CPU "devices": the ranks of a node split its `cores`. One rank alone runs at
+    `flops` and `memory_bandwidth` (every core's threads in one process); several run one
+    or more single-threaded cores each, at `flops_per_core` and `bandwidth_per_core`,
+    never more cores than the node has (shardline's CPU ranks take an equal share).
+
+    `attention_bandwidth` is the rate at which attention reads the KV cache when it is
+    not the memory roofline's (the CPU's torch reference attention); 0 counts the KV
+    read in the roofline. Host time is what a step costs beyond its kernels' work:
+    `step_host_s` once per step (scheduling, inputs, sampler, outputs) and
+    `layer_host_s` per decoder layer call (Python, module calls, kernel launches), each
+    plus a cost per sequence in the step (`*_per_seq_s`).
     """
 
     name: str
     memory_bytes: float
     flops: float
     memory_bandwidth: float
-    op_overhead_s: float
     shared_by_ranks: bool = False
     cores: int = 1
     flops_per_core: float = 0.0
+    bandwidth_per_core: float = 0.0
+    attention_bandwidth: float = 0.0
+    step_host_s: float = 0.0
+    step_host_per_seq_s: float = 0.0
+    layer_host_s: float = 0.0
+    layer_host_per_seq_s: float = 0.0
 
-    def rank_rates(self, ranks: int) -> tuple[float, float]:
-        """(flops, memory bandwidth) of one of `ranks` ranks running on one node."""
+    def rank_rates(self, ranks: int) -> RankRates:
+        """The rates of one of `ranks` ranks running on one node."""
         if not self.shared_by_ranks:
-            return self.flops, self.memory_bandwidth
-        bandwidth = self.memory_bandwidth / ranks
-        if ranks == 1 or not self.flops_per_core:
-            return self.flops / ranks, bandwidth
-        return self.flops_per_core * min(self.cores, ranks) / ranks, bandwidth
+            return RankRates(self.flops, self.memory_bandwidth, self.attention_bandwidth)
+        if ranks == 1:
+            flops, bandwidth = self.flops, self.memory_bandwidth
+        else:
+            cores = min(self.cores, ranks) / ranks
+            flops = (self.flops_per_core * cores if self.flops_per_core
+                     else self.flops / ranks)
+            bandwidth = (self.bandwidth_per_core * cores if self.bandwidth_per_core
+                         else self.memory_bandwidth / ranks)
+        attention = self.attention_bandwidth * bandwidth / self.memory_bandwidth
+        return RankRates(flops, bandwidth, attention)
+
+    def host_slowdown(self, ranks: int) -> float:
+        """How much longer host work takes when `ranks` ranks share the node's cores."""
+        return max(1.0, ranks / self.cores) if self.shared_by_ranks else 1.0
 
 
 @dataclass(frozen=True)
@@ -98,7 +131,15 @@ GPU_DEFAULTS: dict[str, dict] = {
 """Dense bf16 peaks from the datasheets; NVLink and InfiniBand per GPU and direction."""
 INTRANODE_LATENCY_S = 3e-6
 INTERNODE_LATENCY_S = 10e-6
-KERNEL_OVERHEAD_S = 4e-6
+KERNEL_OVERHEAD_S = 4e-6  # launch cost per kernel
+KERNELS_PER_LAYER = 14
+KERNELS_PER_STEP = 12
+ENGINE_STEP_HOST_S = 208e-6
+ENGINE_SEQ_HOST_S = 18e-6
+"""The engine's host time per step around the forward: 208 us plus 18 us per sequence,
+the line through bench/host_overhead.py's greedy decode at batch 1 and 64
+(bench/results/host_overhead.json: 225 and 1336 us). That Python runs between a GPU's
+steps, not beside them, so it adds to each step as on a CPU."""
 
 
 def gpu_cluster(gpu: str, nodes: int, devices_per_node: int) -> ClusterSpec:
@@ -110,7 +151,9 @@ def gpu_cluster(gpu: str, nodes: int, devices_per_node: int) -> ClusterSpec:
     device = DeviceSpec(name=gpu.upper(), memory_bytes=d["memory_gb"] * GB,
                         flops=d["peak_tflops"] * 1e12 * _MFU,
                         memory_bandwidth=d["hbm_tbs"] * 1e12 * _MBU,
-                        op_overhead_s=KERNEL_OVERHEAD_S)
+                        step_host_s=ENGINE_STEP_HOST_S + KERNELS_PER_STEP * KERNEL_OVERHEAD_S,
+                        step_host_per_seq_s=ENGINE_SEQ_HOST_S,
+                        layer_host_s=KERNELS_PER_LAYER * KERNEL_OVERHEAD_S)
     return ClusterSpec(nodes=nodes, devices_per_node=devices_per_node, device=device,
                        intranode=Link(INTRANODE_LATENCY_S, d["nvlink_gbs"] * GB, "NVLink"),
                        internode=Link(INTERNODE_LATENCY_S, d["ib_gbs"] * GB, "InfiniBand"))
@@ -123,6 +166,7 @@ def profile_cluster(path: str, nodes: int, devices_per_node: int | None) -> Clus
     try:
         with open(path) as f:
             data = json.load(f)
+        _check_device_keys(path, data["device"])
         device = DeviceSpec(**data["device"])
         intranode = Link(**data["intranode"])
         internode = Link(**data.get("internode", data["intranode"]))
@@ -135,6 +179,16 @@ def profile_cluster(path: str, nodes: int, devices_per_node: int | None) -> Clus
                          f"({type(exc).__name__}: {exc})") from None
     return ClusterSpec(nodes=nodes, devices_per_node=per_node, device=device,
                        intranode=intranode, internode=internode)
+
+
+def _check_device_keys(path: str, device: dict) -> None:
+    """Refuse a profile that lacks measured constants (one written before shardline
+    measured them would predict CPU steps several times too fast)."""
+    missing = [f.name for f in fields(DeviceSpec) if f.name not in device]
+    if missing:
+        raise ValueError(f"profile file {path!r} lacks the device constants "
+                         f"{', '.join(missing)} (written by an older shardline): measure "
+                         "again with `shardline plan --profile`")
 
 
 def with_overrides(cluster: ClusterSpec, *, memory_bytes: float | None = None,

@@ -1,16 +1,18 @@
 """Memory and time of one layout serving one workload: the planner's cost model.
 
 Per rank and per pipeline stage (the busiest stage counts), a step costs its compute, a
-roofline max(flops / rate, bytes / bandwidth) plus a fixed cost per kernel, and then its
-collectives (collectives.py), with no overlap between the two. Decode runs the workload's
-sequences in PP microbatches kept in flight, so a stage's step is the pipeline's
-interval and a token of one sequence takes PP intervals; prefill pushes the prompts
-through in chunks of the token budget. Traffic follows shardline's layers: TP all-reduces
-the hidden state after attention and after the MLP and once after the vocab-parallel
-embedding, and gathers the logits to its first rank; PP sends hidden state and residual;
-SP (Ulysses) swaps token shards for head shards around attention with two all-to-alls
-and gathers the final hidden states;
-EP sends each token to the ranks owning its experts and back (layers/expert_parallel.py).
+roofline max(flops / rate, bytes / bandwidth) (on a CPU, plus the KV cache read at the
+reference attention's own rate), the engine's host time (per step and per layer call of
+the stage, each with a part per sequence; ranks beyond a CPU's cores share them), and
+then its collectives (collectives.py), with no overlap between them. Decode runs the
+workload's sequences in PP microbatches kept in flight, so a stage's step is the
+pipeline's interval and a token of one sequence takes PP intervals; prefill pushes the
+prompts through in chunks of the token budget. Traffic follows shardline's layers: TP
+all-reduces the hidden state after attention and after the MLP and once after the
+vocab-parallel embedding, and gathers the logits to its first rank; PP sends hidden
+state and residual; SP (Ulysses) swaps token shards for head shards around attention
+with two all-to-alls and gathers the final hidden states; EP sends each token to the
+ranks owning its experts and back (layers/expert_parallel.py).
 """
 
 from __future__ import annotations
@@ -24,8 +26,6 @@ from shardline.planner.cluster import ClusterSpec
 from shardline.planner.collectives import CommCost, collective_cost
 from shardline.planner.model_spec import ModelSpec
 
-KERNELS_PER_LAYER = 14
-KERNELS_PER_STEP = 12
 ACTIVATION_BYTES = 4  # activations and logits are sized as fp32
 
 
@@ -94,15 +94,17 @@ class Memory:
 
 @dataclass(frozen=True)
 class StepCost:
-    """One step of the busiest stage on one rank."""
+    """One step of the busiest stage on one rank: the kernels' work, the engine's host
+    time around them, and the collectives."""
 
     compute_s: float
     memory_bound: bool
     comm: CommCost
+    host_s: float = 0.0
 
     @property
     def time_s(self) -> float:
-        return self.compute_s + self.comm.time_s
+        return self.compute_s + self.host_s + self.comm.time_s
 
 
 def _stage_layers(model: ModelSpec, layout: Layout) -> list[tuple[int, int]]:
@@ -216,14 +218,21 @@ def step_cost(model: ModelSpec, layout: Layout, cluster: ClusterSpec, sequences:
     head = 2 * sampled * model.vocab * h / layout.tp
     kv_bytes = 2 * (dense + moe) * kv_heads * model.head_dim * dt * sequences * (
         context + tokens_per_seq)
-    rate, bandwidth = cluster.device.rank_rates(min(cluster.devices_per_node,
-                                                    layout.world_size))
-    read = weight_bytes + kv_bytes + model.vocab * h / layout.tp * dt
-    kernels = KERNELS_PER_LAYER * (dense + moe) + KERNELS_PER_STEP
-    compute = max((flops + head) / rate, read / bandwidth) + kernels * (
-        cluster.device.op_overhead_s)
+    device = cluster.device
+    ranks = min(cluster.devices_per_node, layout.world_size)
+    rate, bandwidth, attention_bandwidth = device.rank_rates(ranks)
+    read = weight_bytes + model.vocab * h / layout.tp * dt
+    attention = 0.0
+    if attention_bandwidth:
+        attention = kv_bytes / attention_bandwidth
+    else:
+        read += kv_bytes
+    compute = max((flops + head) / rate, read / bandwidth) + attention
+    host = device.host_slowdown(ranks) * (
+        device.step_host_s + device.step_host_per_seq_s * sequences
+        + (dense + moe) * (device.layer_host_s + device.layer_host_per_seq_s * sequences))
     comm = _step_comm(model, layout, cluster, tokens, sampled, dense, moe)
-    return StepCost(compute, read / bandwidth > (flops + head) / rate, comm)
+    return StepCost(compute, read / bandwidth > (flops + head) / rate, comm, host)
 
 
 def _step_comm(model: ModelSpec, layout: Layout, cluster: ClusterSpec, tokens: float,

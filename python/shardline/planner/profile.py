@@ -1,13 +1,13 @@
 """`shardline plan --profile`: this machine's constants for the cost model, measured.
 
-A CPU rank's device: the matmul rate of torch at small-model shapes with every core and
-with one thread (DeviceSpec.rank_rates: one rank uses all cores, several split them),
-the copy bandwidth of memory and the host time of one small layer call (the per-kernel
-overhead). The
-links: two ranks all-reduce 4 KiB and 1 MiB tensors through the shared-memory
-collectives (the intranode link) and through gloo (what ranks on different machines
-use: the internode link); alpha and beta come from the two sizes. Each number is the
-median of several runs.
+A CPU rank's device: the matmul rate of torch at small-model shapes, and the rate at
+which decode-shaped matmuls stream weights that no cache holds, each with every core and
+with one thread (DeviceSpec.rank_rates: one rank uses all cores, several split them);
+then the engine's own host time per step and per layer and the reference attention's
+rate, from the engine decoding on the CPU (host_profile.py). The links: two ranks
+all-reduce 4 KiB and 1 MiB tensors through the shared-memory collectives (the intranode
+link) and through gloo (what ranks on different machines use: the internode link);
+alpha and beta come from the two sizes. Each number is the median of several runs.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 
 from shardline.planner.cluster import DeviceSpec, Link
+from shardline.planner.host_profile import measure_host
 
 SIZES = (4096, 1 << 20)
 REPEATS = 5
@@ -40,28 +42,22 @@ def _median_time(call: Callable[[], object], iters: int, repeats: int = REPEATS)
 
 
 def measure_device() -> DeviceSpec:
-    """Matmul rate, memory bandwidth and per-call overhead of this machine's CPU."""
+    """Matmul rate, weight-streaming bandwidth and the engine's host time on this CPU."""
     import torch
 
     threads = torch.get_num_threads()
-    rates = _matmul_rate(torch)
+    rates, bandwidth = _matmul_rate(torch), _stream_bandwidth(torch)
     torch.set_num_threads(1)
     try:
-        per_core = _matmul_rate(torch)
+        per_core, bandwidth_per_core = _matmul_rate(torch), _stream_bandwidth(torch)
     finally:
         torch.set_num_threads(threads)
-    src = torch.randn(16 << 20)
-    dst = torch.empty_like(src)
-    copy_s = _median_time(lambda: dst.copy_(src), iters=5)
-    layer = torch.nn.Linear(8, 8)
-    x = torch.randn(1, 8)
-    with torch.inference_mode():
-        overhead = _median_time(lambda: layer(x), iters=2000)
+    host = measure_host()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return DeviceSpec(name="CPU", memory_bytes=float(memory), flops=rates,
-                      memory_bandwidth=2 * src.numel() * 4 / copy_s,
-                      op_overhead_s=overhead, shared_by_ranks=True, cores=threads,
-                      flops_per_core=per_core)
+                      memory_bandwidth=bandwidth, shared_by_ranks=True, cores=threads,
+                      flops_per_core=per_core, bandwidth_per_core=bandwidth_per_core,
+                      **asdict(host))
 
 
 def _matmul_rate(torch) -> float:
@@ -73,6 +69,23 @@ def _matmul_rate(torch) -> float:
         seconds = _median_time(lambda: a @ b, iters=max(3, int(2e8 / (m * k * n))))
         rates.append(2 * m * k * n / seconds)
     return statistics.median(rates)
+
+
+def _stream_bandwidth(torch, layers: int = 8) -> float:
+    """Weight bytes per second of decode steps' matmuls (16 tokens) through `layers`
+    layers of a small Llama's projections, about 100 MB, more than caches hold: the
+    rate a decode step reads its weights at (on CPUs far below a copy's bandwidth)."""
+    import torch.nn.functional as F
+
+    shapes = ((1536, 512), (512, 512), (3072, 512), (512, 1536))
+    weights = [torch.randn(shape) for _ in range(layers) for shape in shapes]
+    inputs = {k: torch.randn(16, k) for k in {shape[1] for shape in shapes}}
+
+    def step() -> None:
+        for w in weights:
+            F.linear(inputs[w.shape[1]], w)
+
+    return sum(w.numel() * 4 for w in weights) / _median_time(step, iters=2)
 
 
 def _rank_main(rank: int, init_method: str, results: multiprocessing.Queue) -> None:

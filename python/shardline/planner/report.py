@@ -20,12 +20,14 @@ def estimate_dict(e: Estimate) -> dict:
                               "kv_bytes_per_token": e.memory.kv_bytes_per_token,
                               "kv_capacity_tokens": e.memory.kv_capacity_tokens},
         "decode_step": {"time_s": e.decode.time_s, "compute_s": e.decode.compute_s,
+                        "host_s": e.decode.host_s,
                         "memory_bound": e.decode.memory_bound,
                         "intranode_bytes": comm.intranode_bytes,
                         "internode_bytes": comm.internode_bytes,
                         "intranode_time_s": comm.intranode_time_s,
                         "internode_time_s": comm.internode_time_s},
         "prefill_step": {"time_s": e.prefill.time_s, "compute_s": e.prefill.compute_s,
+                         "host_s": e.prefill.host_s,
                          "comm_time_s": e.prefill.comm.time_s},
     }
 
