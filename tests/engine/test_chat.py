@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from near_ties import assert_greedy_match, outputs_run
 from shardline import LLM, SamplingParams
 from shardline.engine.chat_template import render_chat
 from shardline.engine.detokenizer import IncrementalDetokenizer
@@ -14,7 +15,7 @@ from shardline.presets import BOS_ID, byte_tokenizer
 
 TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
-GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
 
 
 def conversation(rng: random.Random) -> list[dict]:
@@ -32,8 +33,7 @@ def llm():
     engine.shutdown()
 
 
-def test_chat_renders_each_conversation_and_answers_in_order(llm):
-    rng = random.Random()
+def test_chat_renders_each_conversation_and_answers_in_order(llm, rng):
     conversations = [conversation(rng) for _ in range(3)]
     outputs = llm.chat(conversations, GREEDY)
     tokenizer = llm.engine.tokenizer
@@ -42,11 +42,11 @@ def test_chat_renders_each_conversation_and_answers_in_order(llm):
     ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     assert [list(o.prompt_token_ids) for o in outputs] == ids
     assert all(o.prompt_token_ids[0] == BOS_ID for o in outputs)  # "<s>" is the BOS token
+    # These runs find the prompts in the prefix cache, so their arithmetic differs a little.
     expected = llm.generate(ids, GREEDY)
-    assert [o.outputs[0].token_ids for o in outputs] == [e.outputs[0].token_ids
-                                                         for e in expected]
+    assert_greedy_match(outputs_run(expected), outputs_run(outputs))
     single, = llm.chat(conversations[0], GREEDY)
-    assert single.outputs[0].token_ids == outputs[0].outputs[0].token_ids
+    assert_greedy_match(outputs_run(outputs[:1]), outputs_run([single]))
 
 
 def test_generation_prompt_is_optional(llm):
