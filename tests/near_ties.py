@@ -1,8 +1,9 @@
 """Comparing two runs whose arithmetic differs: a batch against each prompt alone, a layout
 against one rank, shardline against transformers. fp32 rounding then moves logits by about
-1e-6, which flips an argmax where the two best tokens are closer than that (measured on
-the presets: about once in 3 x 10^5 greedy tokens), and in an MoE layer flips a router's
-choice where two experts' scores are that close, changing everything after it.
+1e-6, which flips an argmax where the two best tokens are closer than that (on the
+presets, from the measured rounding and gap sizes: about once in 3 x 10^5 greedy tokens),
+and in an MoE layer flips a router's choice where two experts' scores are that close,
+changing everything after it.
 
 So greedy tokens may part only at a near tie, after which a sequence is compared no
 further; and prompt logits are compared up to the first near-tied routing decision.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 
 # A parting at a dense model's near tie: the two tokens' logprobs within this of each
-# other in both runs (rounding moves them by about 1e-5 at most).
+# other in both runs (rounding moved them by 1.3e-5 at most, measured batch against alone).
 NEAR_TIE = 1e-3
 # A routing decision within this of flipping (gap between the k-th and the next expert's
 # router logit): rounding moves router logits by about 1e-6.
@@ -41,7 +42,7 @@ def assert_greedy_match(expected: Run, actual: Run, moe: bool = False) -> None:
     """Equal greedy tokens, except that one sequence at most may part at a near tie:
     dense models where both runs had the two tokens within NEAR_TIE of each other, MoE
     models where both runs ranked them in their top MOE_TOP (logprobs must hold as many).
-    Two independent near ties in one comparison would be a 10^-8 coincidence."""
+    Two independent near ties in one comparison would be a one in 10^6 coincidence."""
     parted = []
     for i, ((exp, exp_lps), (act, act_lps)) in enumerate(zip(expected, actual, strict=True)):
         pos = next((p for p, (e, a) in enumerate(zip(exp, act)) if e != a), None)
