@@ -7,13 +7,15 @@ layout of a bench/layouts.py result for the same model and workload, and prints 
 ratio predicted / measured per layout (the target is within 1.5x either way).
 
     python bench/planner_check.py                  # profile now, compare with bench/results/layouts.json
-    python bench/planner_check.py --run-layouts    # rerun bench/layouts.py first (same load)
+    python bench/planner_check.py --run-layouts    # rerun bench/layouts.py, profile before and after
     python bench/planner_check.py --profile-file P # use a profile written earlier
 
 The measured step is the engine's median llm.step() (a decode step; with PP, one of the
 microbatches kept in flight); the predicted one is the planner's decode step of the
-busiest stage. Writes bench/results/planner_check.json (and, with --run-layouts, the
-layouts it measured in bench/results/planner_check_layouts/).
+busiest stage. With --run-layouts the profile is measured before and after the layouts
+and their means predict, so that a drift in the machine's speed meanwhile weighs on both
+sides. Writes bench/results/planner_check.json (and, with --run-layouts, the layouts it
+measured in bench/results/planner_check_layouts/).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,6 +64,16 @@ def predict(measured: dict, profile_path: str) -> list[dict]:
     return rows
 
 
+def mean_profile(profiles: list[dict]) -> dict:
+    """One profile whose measured constants (floats) are the means of `profiles`'."""
+    first = profiles[0]
+    mean = dict(first, measured=[p["measured"] for p in profiles])
+    for part in ("device", "intranode", "internode"):
+        mean[part] = {k: statistics.fmean(p[part][k] for p in profiles)
+                      if isinstance(v, float) else v for k, v in first[part].items()}
+    return mean
+
+
 def within(ratio: float) -> bool:
     return 1 / TARGET <= ratio <= TARGET
 
@@ -77,7 +90,10 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         layouts_json = args.layouts_json
+        profiles = []
         if args.run_layouts:
+            if not args.profile_file:
+                profiles.append(write_profile(os.path.join(tmp, "before.json")))
             layouts_dir = args.out_dir / "planner_check_layouts"
             subprocess.run([sys.executable, str(BENCH / "layouts.py"), "--out-dir",
                             str(layouts_dir)], check=True, timeout=1800)
@@ -85,7 +101,8 @@ def main() -> int:
         measured = json.loads(layouts_json.read_text())
         profile_path = args.profile_file or os.path.join(tmp, "profile.json")
         if not args.profile_file:
-            write_profile(profile_path)
+            profiles.append(write_profile(os.path.join(tmp, "after.json")))
+            Path(profile_path).write_text(json.dumps(mean_profile(profiles)))
         profile = json.loads(Path(profile_path).read_text())
         rows = predict(measured, profile_path)
     result = {"bench": "planner_check", "model": measured["model"],
@@ -93,7 +110,7 @@ def main() -> int:
               "layouts_json": str(layouts_json), "layouts_measured_with": measured["command"],
               "layouts_load_avg": [measured["machine"]["load_avg_before"],
                                    measured["machine"]["load_avg_after"]],
-              "profile": profile, "target_ratio": TARGET,
+              "profile": profile, "profiles_measured": profiles, "target_ratio": TARGET,
               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "results": rows}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "planner_check.json").write_text(json.dumps(result, indent=2) + "\n")

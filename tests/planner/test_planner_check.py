@@ -52,3 +52,29 @@ def test_planner_check_compares_every_layout(tmp_path, fresh_seed):
     by_name = {r["layout"]: r for r in rows}
     assert by_name["uni"]["predicted_comm_ms"] == 0 < by_name["tp2"]["predicted_comm_ms"]
     assert f"{len(rows)} layouts" in done.stdout
+
+
+def test_profiles_before_and_after_the_layouts_are_averaged(fresh_seed):
+    import importlib.util
+    import random
+
+    spec = importlib.util.spec_from_file_location("planner_check", BENCH / "planner_check.py")
+    planner_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(planner_check)
+    rng = random.Random(fresh_seed)
+    profiles = [{"device": asdict(DeviceSpec("CPU", 8e9, flops=rng.uniform(1e9, 1e11),
+                                             memory_bandwidth=rng.uniform(1e9, 5e9),
+                                             shared_by_ranks=True, cores=2)),
+                 "intranode": {"latency_s": rng.uniform(1e-5, 1e-3), "bandwidth": 1e9,
+                               "name": "shared memory"},
+                 "internode": {"latency_s": 1e-3, "bandwidth": 5e8, "name": "gloo"},
+                 "devices_per_node": 2, "measured": {"load_average": [i, i, i]}}
+                for i in range(2)]
+    mean = planner_check.mean_profile(profiles)
+    for part, key in (("device", "flops"), ("device", "memory_bandwidth"),
+                      ("intranode", "latency_s")):
+        assert mean[part][key] == pytest.approx((profiles[0][part][key]
+                                                 + profiles[1][part][key]) / 2)
+    assert (mean["device"]["cores"], mean["device"]["shared_by_ranks"]) == (2, True)
+    assert mean["intranode"]["name"] == "shared memory" and mean["devices_per_node"] == 2
+    assert mean["measured"] == [p["measured"] for p in profiles]

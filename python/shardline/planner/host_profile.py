@@ -25,7 +25,7 @@ BLOCK_SIZE = 16
 SHORT, LONG = 16, 496
 OUTPUT_LEN = 16
 LAYERS, BATCHES = (2, 10), (1, 16)
-RUNS = 3
+RUNS = 5
 
 
 @dataclass(frozen=True)
@@ -72,37 +72,50 @@ def fit(step_s: dict[tuple[int, int, int], float]) -> HostTimes:
                      layer_host_per_seq_s=layer_per_seq, attention_bandwidth=attention)
 
 
-def decode_step_s(layers: int, batch: int, prompt_len: int, runs: int = RUNS) -> float:
-    """Median decode step of the fit's model on the CPU (median over `runs` runs after
-    one warm-up run), greedy, every sequence `OUTPUT_LEN` tokens."""
-    from shardline import LLM, SamplingParams
+def _engine(layers: int, batch: int, prompt_len: int):
+    """An LLM on the CPU for one point of the fit, its KV cache sized for the point."""
+    from shardline import LLM
     from shardline.presets import build_variant
 
     path = build_variant("tiny-llama", num_hidden_layers=layers,
                          max_position_embeddings=LONG + OUTPUT_LEN, **SHAPE)
-    llm = LLM(path, device="cpu", block_size=BLOCK_SIZE, max_num_seqs=batch,
-              num_kv_blocks=batch * -(-(prompt_len + OUTPUT_LEN) // BLOCK_SIZE),
-              max_num_batched_tokens=max(2048, batch * prompt_len),
-              enable_prefix_caching=False)
+    return LLM(path, device="cpu", block_size=BLOCK_SIZE, max_num_seqs=batch,
+               num_kv_blocks=batch * -(-(prompt_len + OUTPUT_LEN) // BLOCK_SIZE),
+               max_num_batched_tokens=max(2048, batch * prompt_len),
+               enable_prefix_caching=False)
+
+
+def _median_decode_step(llm, batch: int, prompt_len: int, tag: str) -> float:
+    """Prefill `batch` prompts in one step, then decode `OUTPUT_LEN` tokens greedily;
+    the median decode step."""
+    from shardline import SamplingParams
+
     params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_LEN, ignore_eos=True)
-    medians = []
+    for i in range(batch):
+        llm.add_request(f"{tag}-{i}", [3 + (i + j) % 256 for j in range(prompt_len)], params)
+    steps = []
+    while llm.has_unfinished_requests():
+        start = time.perf_counter()
+        llm.step()
+        steps.append(time.perf_counter() - start)
+    return statistics.median(steps[1:])
+
+
+def measure_host(runs: int = RUNS) -> HostTimes:
+    """Start an engine for every point of the fit, run them in turns (a warm-up run
+    each, then `runs` rounds, so that a change in the machine's speed hits every point
+    alike) and fit the medians over the rounds."""
+    engines = {}
     try:
+        for point in points():
+            engines[point] = _engine(*point)
+        steps: dict[tuple[int, int, int], list[float]] = {point: [] for point in engines}
         for run in range(runs + 1):
-            for i in range(batch):
-                llm.add_request(f"{run}-{i}", [3 + (i + j) % 256 for j in range(prompt_len)],
-                                params)
-            steps = []
-            while llm.has_unfinished_requests():
-                start = time.perf_counter()
-                llm.step()
-                steps.append(time.perf_counter() - start)
-            if run:
-                medians.append(statistics.median(steps[1:]))  # the first step prefills
+            for (layers, batch, prompt_len), llm in engines.items():
+                step = _median_decode_step(llm, batch, prompt_len, str(run))
+                if run:
+                    steps[(layers, batch, prompt_len)].append(step)
     finally:
-        llm.shutdown()
-    return statistics.median(medians)
-
-
-def measure_host() -> HostTimes:
-    """Run every point of the fit on this machine and fit the constants."""
-    return fit({p: decode_step_s(*p) for p in points()})
+        for llm in engines.values():
+            llm.shutdown()
+    return fit({point: statistics.median(times) for point, times in steps.items()})

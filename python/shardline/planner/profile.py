@@ -1,8 +1,9 @@
 """`shardline plan --profile`: this machine's constants for the cost model, measured.
 
 A CPU rank's device: the matmul rate of torch at small-model shapes, and the rate at
-which decode-shaped matmuls stream weights that no cache holds, each with every core and
-with one thread (DeviceSpec.rank_rates: one rank uses all cores, several split them);
+which decode-shaped matmuls stream weights that no cache holds, each with every core's
+thread in one process and with one thread in each of one process per core, all at once
+(DeviceSpec.rank_rates: one rank uses all cores, several split them);
 then the engine's own host time per step and per layer and the reference attention's
 rate, from the engine decoding on the CPU (host_profile.py). The links: two ranks
 all-reduce 4 KiB and 1 MiB tensors through the shared-memory collectives (the intranode
@@ -47,11 +48,7 @@ def measure_device() -> DeviceSpec:
 
     threads = torch.get_num_threads()
     rates, bandwidth = _matmul_rate(torch), _stream_bandwidth(torch)
-    torch.set_num_threads(1)
-    try:
-        per_core, bandwidth_per_core = _matmul_rate(torch), _stream_bandwidth(torch)
-    finally:
-        torch.set_num_threads(threads)
+    per_core, bandwidth_per_core = _per_core_rates(threads)
     host = measure_host()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return DeviceSpec(name="CPU", memory_bytes=float(memory), flops=rates,
@@ -86,6 +83,53 @@ def _stream_bandwidth(torch, layers: int = 8) -> float:
             F.linear(inputs[w.shape[1]], w)
 
     return sum(w.numel() * 4 for w in weights) / _median_time(step, iters=2)
+
+
+def _core_main(index: int, barrier, results: multiprocessing.Queue) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        barrier.wait(timeout=TIMEOUT_S)
+        results.put(("ok", (_matmul_rate(torch), _stream_bandwidth(torch))))
+    except BaseException as exc:
+        results.put(("error", f"core {index}: {type(exc).__name__}: {exc}"))
+
+
+def _per_core_rates(cores: int) -> tuple[float, float]:
+    """(matmul rate, weight-streaming bandwidth) of one single-threaded process while
+    every core runs one, as CPU ranks do (medians over the processes)."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(cores)
+    payloads = _spawn(ctx, _core_main, cores, cores, (barrier,), "measuring the cores")
+    return (statistics.median(p[0] for p in payloads),
+            statistics.median(p[1] for p in payloads))
+
+
+def _spawn(ctx, target: Callable, count: int, replies: int, args: tuple,
+           what: str) -> list:
+    """Run `target(index, *args, results)` in `count` processes; the payloads of the
+    first `replies` results (RuntimeError naming `what` on an error or a timeout)."""
+    results = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(i, *args, results), daemon=True)
+             for i in range(count)]
+    for p in procs:
+        p.start()
+    payloads = []
+    try:
+        for _ in range(replies):
+            status, payload = results.get(timeout=TIMEOUT_S)
+            if status != "ok":
+                raise RuntimeError(f"{what} failed: {payload}")
+            payloads.append(payload)
+    except queue.Empty:
+        raise RuntimeError(f"{what} failed: no result within {TIMEOUT_S:g} s") from None
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return payloads
 
 
 def _rank_main(rank: int, init_method: str, results: multiprocessing.Queue) -> None:
@@ -154,23 +198,9 @@ def _fit_two_rank_all_reduce(t_small: float, t_large: float, name: str,
 def measure_links() -> tuple[Link, Link]:
     """(shared-memory link, gloo link) between two ranks of this machine."""
     ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_rank_main, args=(r, f"file://{tmp}/store", results),
-                             daemon=True) for r in range(2)]
-        for p in procs:
-            p.start()
-        try:
-            status, payload = results.get(timeout=TIMEOUT_S)
-        except queue.Empty:
-            status, payload = "error", f"no result within {TIMEOUT_S:g} s"
-        finally:
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
-    if status != "ok":
-        raise RuntimeError(f"measuring the collectives failed: {payload}")
+        payload, = _spawn(ctx, _rank_main, 2, 1, (f"file://{tmp}/store",),
+                          "measuring the collectives")
     small, large = SIZES
     return tuple(_fit_two_rank_all_reduce(payload[f"{b}/{small}"], payload[f"{b}/{large}"],
                                           name, payload[f"{b}/in_layer"])
