@@ -184,6 +184,33 @@ def test_host_time_and_cpu_attention_by_hand():
     assert tp4.host_s == pytest.approx(2 * (1e-3 + 8 * 1e-5 + 4 * (2e-4 + 8 * 3e-6)))
 
 
+def test_ranks_beyond_the_cores_wait_at_every_collective(rng):
+    wait = rng.uniform(1e-4, 2e-3)
+    cpu = DeviceSpec("CPU", 1e9, flops=1e12, memory_bandwidth=1e11, shared_by_ranks=True,
+                     cores=2, shared_core_collective_s=wait)
+    tp2 = step_cost(MODEL, Layout(tp=2), ClusterSpec(1, 2, cpu, INTRA, INTER), 8, 1, 16, 8)
+    # Two ranks on two cores: the links' time only; 4 layers x 2 all-reduces, one after
+    # the embedding and the logits' all-gather.
+    assert tp2.comm.calls == 2 * 4 + 1 + 1
+    assert tp2.comm == step_cost(MODEL, Layout(tp=2), ClusterSpec(
+        1, 2, replace(cpu, shared_core_collective_s=0.0), INTRA, INTER), 8, 1, 16, 8).comm
+    four = ClusterSpec(1, 4, cpu, INTRA, INTER)
+    tp4 = step_cost(MODEL, Layout(tp=4), four, 8, 1, 16, 8)
+    links = step_cost(MODEL, Layout(tp=4), ClusterSpec(
+        1, 4, replace(cpu, shared_core_collective_s=0.0), INTRA, INTER), 8, 1, 16, 8)
+    assert tp4.comm.calls == 10
+    assert tp4.comm.time_s == pytest.approx(links.comm.time_s + 10 * wait)
+    assert tp4.comm.intranode_time_s == pytest.approx(links.comm.intranode_time_s + 10 * wait)
+    # PP2 x TP2 on 2 cores: a stage's 2 layers, and the busiest stage is charged the
+    # embedding's all-reduce, the logits' all-gather and the send.
+    pp = step_cost(MODEL, Layout(tp=2, pp=2), four, 8, 1, 16, 8)
+    assert pp.comm.calls == 2 * 2 + 1 + 1 + 1
+    # A GPU's ranks never share.
+    gpu = replace(cpu, shared_by_ranks=False)
+    assert step_cost(MODEL, Layout(tp=4), ClusterSpec(1, 4, gpu, INTRA, INTER), 8, 1, 16,
+                     8).comm.time_s == pytest.approx(links.comm.time_s)
+
+
 def test_gpu_defaults_charge_little_host_time_and_read_the_kv_cache_from_hbm():
     model = load_spec("llama-3-70b")
     h100 = gpu_cluster("h100", 1, 8)

@@ -1,6 +1,9 @@
 """`shardline plan`: a table or JSON on stdout; bad values exit 2 with one line."""
 
 import json
+import multiprocessing
+import os
+import time
 
 import pytest
 
@@ -84,12 +87,14 @@ def test_profile_written_then_used(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(profile, "measure_device", lambda: device)
     monkeypatch.setattr(profile, "measure_links", lambda: (Link(5e-6, 2e9, "shared memory"),
                                                            Link(2e-3, 5e8, "gloo")))
+    monkeypatch.setattr(profile, "measure_core_sharing", lambda link: 7e-4)
     path = tmp_path / "profile.json"
     assert main(["plan", "--profile", "--profile-file", str(path)]) == 0
     assert str(path) in capsys.readouterr().out
     assert main(["plan", "-m", "small-llama", "--profile-file", str(path), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["cluster"]["device"]["flops"] == 5e10
+    assert data["cluster"]["device"]["shared_core_collective_s"] == 7e-4
     assert data["cluster"]["intranode"]["name"] == "shared memory"
     assert data["cluster"]["devices_per_node"] == profile.os.cpu_count()
 
@@ -104,6 +109,15 @@ def test_two_rank_fit_recovers_alpha_and_beta():
                                                 2 * alpha + large / beta, "x", 2 * 1e-3)
     assert in_layer.latency_s == pytest.approx(1e-3 - small / beta / 2)
     assert in_layer.bandwidth == pytest.approx(beta)
+
+
+def test_a_measuring_process_that_dies_fails_the_profile_at_once():
+    ctx = multiprocessing.get_context("fork")
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"measuring x failed: process 1 exited with code 3"):
+        profile._spawn(ctx, lambda i, results: os._exit(3) if i else time.sleep(60), 2, 1,
+                       (), "measuring x")
+    assert time.monotonic() - start < 15
 
 
 def test_default_profile_path_is_in_the_cache(monkeypatch, tmp_path):

@@ -56,6 +56,11 @@ class DeviceSpec:
     `step_host_s` once per step (scheduling, inputs, sampler, outputs) and
     `layer_host_s` per decoder layer call (Python, module calls, kernel launches), each
     plus a cost per sequence in the step (`*_per_seq_s`).
+
+    `shared_core_collective_s` is what each collective call adds, beyond its link's time,
+    on a CPU whose ranks outnumber its cores: the last rank to arrive goes on into its
+    next half layer, and the rank sharing its core, woken, gets the core back only when
+    that one blocks again.
     """
 
     name: str
@@ -71,6 +76,7 @@ class DeviceSpec:
     step_host_per_seq_s: float = 0.0
     layer_host_s: float = 0.0
     layer_host_per_seq_s: float = 0.0
+    shared_core_collective_s: float = 0.0
 
     def rank_rates(self, ranks: int) -> RankRates:
         """The rates of one of `ranks` ranks running on one node."""
@@ -90,6 +96,10 @@ class DeviceSpec:
     def host_slowdown(self, ranks: int) -> float:
         """How much longer host work takes when `ranks` ranks share the node's cores."""
         return max(1.0, ranks / self.cores) if self.shared_by_ranks else 1.0
+
+    def collective_wait_s(self, ranks: int) -> float:
+        """What each collective call adds when `ranks` ranks run on one node."""
+        return self.shared_core_collective_s if self.shared_by_ranks and ranks > self.cores else 0.0
 
 
 @dataclass(frozen=True)

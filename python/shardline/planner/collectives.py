@@ -30,13 +30,15 @@ OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send")
 
 @dataclass(frozen=True)
 class CommCost:
-    """Time of one rank's collective calls and the bytes it sends, by link."""
+    """Time of one rank's collective calls and the bytes it sends, by link; `calls`
+    counts the calls."""
 
     time_s: float = 0.0
     intranode_bytes: float = 0.0
     internode_bytes: float = 0.0
     intranode_time_s: float = 0.0
     internode_time_s: float = 0.0
+    calls: float = 0.0
 
     def __add__(self, other: CommCost) -> CommCost:
         return CommCost(*(a + b for a, b in zip(self._values(), other._values())))
@@ -46,7 +48,7 @@ class CommCost:
 
     def _values(self) -> tuple[float, ...]:
         return (self.time_s, self.intranode_bytes, self.internode_bytes,
-                self.intranode_time_s, self.internode_time_s)
+                self.intranode_time_s, self.internode_time_s, self.calls)
 
 
 def nodes_spanned(ranks: Sequence[int], cluster: ClusterSpec) -> int:
@@ -54,12 +56,12 @@ def nodes_spanned(ranks: Sequence[int], cluster: ClusterSpec) -> int:
 
 
 def _on_link(time_s: float, wire_bytes: float, crossing: float) -> CommCost:
-    """A cost whose wire bytes are `crossing` (0..1) internode, its time charged to the
+    """One call whose wire bytes are `crossing` (0..1) internode, its time charged to the
     slower link it touches."""
     inter = wire_bytes * crossing
     if crossing:
-        return CommCost(time_s, wire_bytes - inter, inter, 0.0, time_s)
-    return CommCost(time_s, wire_bytes, 0.0, time_s, 0.0)
+        return CommCost(time_s, wire_bytes - inter, inter, 0.0, time_s, 1.0)
+    return CommCost(time_s, wire_bytes, 0.0, time_s, 0.0, 1.0)
 
 
 def ring_all_reduce(n: int, nbytes: float, link: Link) -> float:
@@ -68,6 +70,11 @@ def ring_all_reduce(n: int, nbytes: float, link: Link) -> float:
 
 def tree_all_reduce(n: int, nbytes: float, link: Link) -> float:
     return 2 * math.ceil(math.log2(n)) * link.latency_s + 2 * nbytes / link.bandwidth
+
+
+def all_reduce_time(n: int, nbytes: float, link: Link) -> float:
+    """The cheaper of ring and tree, as NCCL picks."""
+    return min(ring_all_reduce(n, nbytes, link), tree_all_reduce(n, nbytes, link))
 
 
 def collective_cost(op: str, ranks: Sequence[int], nbytes: float,
@@ -84,8 +91,7 @@ def collective_cost(op: str, ranks: Sequence[int], nbytes: float,
     link = cluster.internode if m > 1 else cluster.intranode
     crossing = m / n if m > 1 else 0.0
     if op == "all_reduce":
-        time_s = min(ring_all_reduce(n, nbytes, link), tree_all_reduce(n, nbytes, link))
-        return _on_link(time_s, 2 * (n - 1) / n * nbytes, crossing)
+        return _on_link(all_reduce_time(n, nbytes, link), 2 * (n - 1) / n * nbytes, crossing)
     if op == "all_gather":
         return _on_link((n - 1) * (link.latency_s + nbytes / link.bandwidth),
                         (n - 1) * nbytes, crossing)
@@ -102,5 +108,5 @@ def collective_cost(op: str, ranks: Sequence[int], nbytes: float,
     inter_t = inter / cluster.internode.bandwidth
     time_s = (n - 1) * link.latency_s + max(intra_t, inter_t)
     if inter:
-        return CommCost(time_s, intra, inter, 0.0, time_s)
-    return CommCost(time_s, intra, 0.0, time_s, 0.0)
+        return CommCost(time_s, intra, inter, 0.0, time_s, 1.0)
+    return CommCost(time_s, intra, 0.0, time_s, 0.0, 1.0)

@@ -4,7 +4,8 @@ Per rank and per pipeline stage (the busiest stage counts), a step costs its com
 roofline max(flops / rate, bytes / bandwidth) (on a CPU, plus the KV cache read at the
 reference attention's own rate), the engine's host time (per step and per layer call of
 the stage, each with a part per sequence; ranks beyond a CPU's cores share them), and
-then its collectives (collectives.py), with no overlap between them. Decode runs the
+then its collectives (collectives.py; on a CPU whose ranks outnumber its cores each call
+also waits for a rank to get its core back), with no overlap between them. Decode runs the
 workload's sequences in PP microbatches kept in flight, so a stage's step is the
 pipeline's interval and a token of one sequence takes PP intervals; prefill pushes the
 prompts through in chunks of the token budget. Traffic follows shardline's layers: TP
@@ -232,6 +233,8 @@ def step_cost(model: ModelSpec, layout: Layout, cluster: ClusterSpec, sequences:
         device.step_host_s + device.step_host_per_seq_s * sequences
         + (dense + moe) * (device.layer_host_s + device.layer_host_per_seq_s * sequences))
     comm = _step_comm(model, layout, cluster, tokens, sampled, dense, moe)
+    if wait := comm.calls * device.collective_wait_s(ranks):
+        comm += CommCost(time_s=wait, intranode_time_s=wait)
     return StepCost(compute, read / bandwidth > (flops + head) / rate, comm, host)
 
 
