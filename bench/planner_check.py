@@ -74,6 +74,10 @@ def mean_profile(profiles: list[dict]) -> dict:
     return mean
 
 
+def say(stage: str) -> None:
+    print(f"profiling {stage} ...", file=sys.stderr, flush=True)
+
+
 def within(ratio: float) -> bool:
     return 1 / TARGET <= ratio <= TARGET
 
@@ -93,7 +97,7 @@ def main() -> int:
         profiles = []
         if args.run_layouts:
             if not args.profile_file:
-                profiles.append(write_profile(os.path.join(tmp, "before.json")))
+                profiles.append(write_profile(os.path.join(tmp, "before.json"), say))
             layouts_dir = args.out_dir / "planner_check_layouts"
             subprocess.run([sys.executable, str(BENCH / "layouts.py"), "--out-dir",
                             str(layouts_dir)], check=True, timeout=1800)
@@ -101,7 +105,7 @@ def main() -> int:
         measured = json.loads(layouts_json.read_text())
         profile_path = args.profile_file or os.path.join(tmp, "profile.json")
         if not args.profile_file:
-            profiles.append(write_profile(os.path.join(tmp, "after.json")))
+            profiles.append(write_profile(os.path.join(tmp, "after.json"), say))
             Path(profile_path).write_text(json.dumps(mean_profile(profiles)))
         profile = json.loads(Path(profile_path).read_text())
         rows = predict(measured, profile_path)

@@ -90,7 +90,9 @@ def test_profile_written_then_used(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(profile, "measure_core_sharing", lambda link: 7e-4)
     path = tmp_path / "profile.json"
     assert main(["plan", "--profile", "--profile-file", str(path)]) == 0
-    assert str(path) in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert str(path) in printed.out
+    assert [line.split(" ")[1] for line in printed.err.splitlines()] == ["1/3", "2/3", "3/3"]
     assert main(["plan", "-m", "small-llama", "--profile-file", str(path), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["cluster"]["device"]["flops"] == 5e10

@@ -115,7 +115,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from shardline.planner.profile import write_profile
 
         path = args.profile_file or default_profile_path()
-        data = write_profile(path)
+        data = write_profile(path, progress=lambda stage: print(f"profiling {stage} ...",
+                                                                file=sys.stderr, flush=True))
         print(json.dumps(data, indent=2) if args.json else f"profile written to {path}")
         return 0
     if not args.model:

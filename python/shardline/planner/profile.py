@@ -272,10 +272,16 @@ def measure_core_sharing(link: Link) -> float:
     return max(0.0, per_call - all_reduce_time(size, SIZES[0], link))
 
 
-def write_profile(path: str) -> dict:
-    """Measure and write the profile file; returns what it wrote."""
+def write_profile(path: str, progress: Callable[[str], None] | None = None) -> dict:
+    """Measure and write the profile file; returns what it wrote. `progress`, if given,
+    is told each stage as it starts (the whole takes about a minute)."""
+    say = progress or (lambda message: None)
+    say("1/3 the CPU: matmul and weight-streaming rates, the engine's host time per step "
+        "and per layer")
     device = measure_device()
+    say("2/3 the links: all-reduce through shared memory and through gloo, two ranks")
     shm, gloo = measure_links()
+    say("3/3 collectives of ranks that share cores, two per core")
     device = replace(device, shared_core_collective_s=measure_core_sharing(shm))
     data = {"device": device.__dict__, "intranode": shm.__dict__, "internode": gloo.__dict__,
             "devices_per_node": os.cpu_count() or 1,
