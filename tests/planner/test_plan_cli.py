@@ -122,6 +122,13 @@ def test_a_measuring_process_that_dies_fails_the_profile_at_once():
     assert time.monotonic() - start < 15
 
 
+def test_core_sharing_is_measured_by_two_ranks_per_core():
+    # The real measurement (a few seconds): ranks spawn, pin to the cores, all-reduce
+    # between half layers; what a call costs beyond a free link is a sane time.
+    cost = profile.measure_core_sharing(Link(0.0, 1e12, "free"))
+    assert 0.0 <= cost < 0.05
+
+
 def test_default_profile_path_is_in_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("SHARDLINE_CACHE", str(tmp_path))
     assert command.default_profile_path() == str(tmp_path / "profile.json")
