@@ -11,21 +11,19 @@ Each layout starts its worker processes once per module (they take seconds to st
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
-import threading
 import time
 
 import pytest
 import torch
 
-from shardline import LLM, AsyncLLM, SamplingParams
+from shardline import LLM, SamplingParams
 from shardline.engine.data_parallel import DataParallelEngine, create_engine
 from shardline.engine.engine_args import EngineArgs
 from shardline.executor import EngineDeadError
 from shardline.worker.worker import Worker
 
+from async_streams import assert_streams_match_one_rank
 from engine_prompts import random_prompt, token_ids
 from near_ties import MOE_TOP, assert_greedy_match, outputs_run
 from process_hygiene import (assert_gone, kill_while_stepping, leaked_segments, live_children,
@@ -135,35 +133,7 @@ def test_async_llm_streams_under_data_parallelism(dp_llm, reference, rng):
     """Four streams at once, two per core; one consumer stops early, which aborts its
     request, and the others stream every token of the one-rank run."""
     prompts = [random_prompt(rng, 4, 20) for _ in range(4)]
-    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2)
-    expected = outputs_run(reference.generate(prompts, params))
-    async_llm = AsyncLLM.from_engine(dp_llm.engine)
-
-    async def stream(i: int, stop_after: int | None) -> list:
-        outputs = []
-        async with contextlib.aclosing(async_llm.generate(prompts[i], params,
-                                                          f"stream-{i}")) as outputs_so_far:
-            async for output in outputs_so_far:
-                outputs.append(output)
-                if len(outputs) == stop_after:
-                    break
-        return outputs
-
-    async def main() -> list[list]:
-        return await asyncio.wait_for(asyncio.gather(
-            stream(0, None), stream(1, 3), stream(2, None), stream(3, None)), TIMEOUT_S)
-
-    streams = asyncio.run(main())
-    for i, stream in enumerate(streams):   # one output per token, each a prefix of the last
-        last = stream[-1].outputs[0].token_ids
-        assert len(last) == (3 if i == 1 else 10) and stream[-1].finished == (i != 1)
-        assert [o.outputs[0].token_ids for o in stream] == [last[:n] for n in range(1, 11)
-                                                            if n <= len(last)]
-    expected[1] = (expected[1][0][:3], expected[1][1][:3])
-    assert_greedy_match(expected, outputs_run([stream[-1] for stream in streams]))
-    for thread in threading.enumerate():
-        if thread.name == "shardline-engine":
-            thread.join(TIMEOUT_S)
+    assert_streams_match_one_rank(dp_llm, reference, prompts)
     assert_all_free(dp_llm)
 
 

@@ -8,9 +8,10 @@ then the engine's own host time per step and per layer and the reference attenti
 rate, from the engine decoding on the CPU (host_profile.py). The links: two ranks
 all-reduce 4 KiB and 1 MiB tensors through the shared-memory collectives (the intranode
 link) and through gloo (what ranks on different machines use: the internode link);
-alpha and beta come from the two sizes. Last, two ranks per core run a layer's matmul
-with and without a small all-reduce after it: what a collective costs when ranks
-outnumber cores. Each number is the median of several runs.
+alpha and beta come from the two sizes, except that alpha is taken from what a 4 KiB
+all-reduce after each half of a small model's layer adds, when that exceeds the
+back-to-back call's time. Last, the same half layers with two ranks per core: what a
+collective costs when ranks outnumber cores. Each number is the median of several runs.
 """
 
 from __future__ import annotations
