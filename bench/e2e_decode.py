@@ -243,7 +243,11 @@ def graph_step_ms(runner, req_ids: list[str]) -> float:
     a CUDA graph, for the last step of the running requests `req_ids` (the worker's state
     still describes that step, and rewriting its K/V stores the same values)."""
     from shardline.worker.input_batch import build_step_inputs
-    states = [runner.requests[r] for r in req_ids]
+    # Each request's last known token, decoded again: under async scheduling the worker's
+    # last step may have gone ahead of the tokens it was sent.
+    states = [dataclasses.replace(runner.requests[r],
+                                  num_computed_tokens=runner.requests[r].num_tokens - 1)
+              for r in req_ids]
     inputs = build_step_inputs(states, [1] * len(states), runner.block_size, runner.device)
     model = runner.model
 
@@ -289,7 +293,8 @@ def bench_batch(llm, batch: int, plan: Plan, shape: ModelShape, dtype: torch.dty
 
 def print_table(report: dict) -> None:
     print(f"device: {report['device']}  dtype: {report['dtype']}  engine decode: "
-          f"{report['engine_decode']}  weights: "
+          f"{report['engine_decode']}, async scheduling "
+          f"{'on' if report['async_scheduling'] else 'off'}  weights: "
           f"{report['weight_bytes'] / 1e9:.3f} GB  copy BW: "
           f"{report['copy_bandwidth_GBps']:.1f} GB/s"
           + ("  (TINY SMOKE RUN: numbers mean nothing)" if report["tiny"] else ""))
@@ -352,6 +357,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=None, help="timed runs per batch size")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="run the engine's decode op by op instead of from CUDA graphs")
+    parser.add_argument("--async-scheduling", choices=("on", "off"), default="on",
+                        help="schedule step N+1 while the GPU runs step N (the engine's "
+                             "default on a GPU) or one step at a time (default: %(default)s)")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where e2e_decode.json / .png go (default bench/results; a "
                              "temporary folder for --tiny)")
@@ -384,8 +392,10 @@ def main() -> None:
     max_len = plan.prompt_len + plan.warmup_tokens + plan.timed_tokens + 2 * max_batch + 2
     llm = LLM(model_dir, dtype=args.dtype, max_model_len=max_len, max_num_seqs=max_batch,
               block_size=BLOCK_SIZE, num_kv_blocks=max_batch * -(-max_len // BLOCK_SIZE) + 8,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager,
+              async_scheduling=args.async_scheduling == "on")
     engine_graphs = llm.engine.executor.worker.model_runner.decode_graphs is not None
+    schedule_ahead = llm.engine.scheduler.schedule_ahead
     weights = weight_bytes(llm.engine.executor.worker.model_runner.model)
     bandwidth = copy_bandwidth(device, 1 << (24 if args.tiny else 30))
     results = []
@@ -403,6 +413,7 @@ def main() -> None:
         "triton": triton.__version__,
         "triton_forced_on_cpu": os.environ.get("SHARDLINE_FORCE_TRITON") == "1",
         "engine_decode": "cuda graphs" if engine_graphs else "eager",
+        "async_scheduling": schedule_ahead,
         "model": "tiny Llama" if args.tiny else "Llama-3.2-1B shape, random weights",
         "shape": asdict(shape), "plan": asdict(plan), "weight_bytes": weights,
         "copy_bandwidth_GBps": bandwidth / 1e9,

@@ -44,12 +44,15 @@ tuned_table() {  # the table the tune stage wrote, else "packaged"
 
 stage install 120 pip install --no-build-isolation --no-deps -e .
 stage tests-cuda 150 python -m pytest -q -x tests/kernels tests/models/test_parity_kernels.py \
-    tests/worker tests/engine/test_llm_e2e.py --deselect tests/kernels/test_interpreted.py
+    tests/worker tests/engine/test_llm_e2e.py tests/engine/test_async_scheduling.py \
+    --deselect tests/kernels/test_interpreted.py
 stage tune 150 python bench/tune.py --out-dir "$OUT" --time-limit 90
 stage startup 150 python bench/startup.py --table "$(tuned_table)" --timeout 60 \
     --out "$OUT/startup.json"
 stage mp-nccl 60 python bench/gpu_mp_check.py --out-dir "$OUT"
 stage e2e-decode 120 python bench/e2e_decode.py --out-dir "$OUT"
+stage e2e-decode-in-order 90 python bench/e2e_decode.py --async-scheduling off --runs 3 \
+    --out-dir "$OUT/in_order"
 stage kernels 100 python bench/kernels.py --out-dir "$OUT"
 stage startup-untuned 100 python bench/startup.py --table none --models small-llama \
     --cases first --timeout 90 --out "$OUT/startup_untuned.json"

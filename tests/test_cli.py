@@ -148,3 +148,16 @@ def test_chat_keeps_the_conversation_across_turns(tiny_chat_model, monkeypatch, 
 def test_chat_without_a_template_is_one_clear_line(capsys):
     assert main(["chat", "-m", "tiny-llama", "--device", "cpu", "--message", "hi"]) == 2
     assert "has no chat template" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, expected", [([], None), (["--async-scheduling"], True),
+                                              (["--no-async-scheduling"], False)])
+def test_async_scheduling_flag_reaches_the_engine(flags, expected, monkeypatch):
+    seen = {}
+
+    def record(model, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("recorded")
+    monkeypatch.setattr(llm_module, "LLM", record)
+    assert main(["generate", "--model", "tiny-llama", "-p", "x", *flags]) == 2
+    assert seen["async_scheduling"] is expected

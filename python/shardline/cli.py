@@ -51,6 +51,11 @@ def _add_engine_args(parser: argparse.ArgumentParser, default_model: str | None)
                              "model's max_position_embeddings)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="on CUDA, run decode op by op instead of replaying CUDA graphs")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                        default=None,
+                        help="schedule step N+1 while the device runs step N; needs one rank "
+                             "per replica (default: on where it hides host time, a GPU or a "
+                             "worker process)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="share of each GPU's memory the weights, KV cache and "
                              "activations may fill; the KV cache takes what the weights leave "
@@ -112,7 +117,7 @@ def _build_llm(args: argparse.Namespace):
     return LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens,
                block_size=args.block_size, max_model_len=args.max_model_len,
-               enforce_eager=args.enforce_eager,
+               enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
                gpu_memory_utilization=args.gpu_memory_utilization,
                tensor_parallel_size=args.tensor_parallel_size,
                pipeline_parallel_size=args.pipeline_parallel_size,

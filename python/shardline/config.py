@@ -129,13 +129,21 @@ class SchedulerConfig:
     every running sequence and the latest ones would wait behind the others' tokens.
     With chunked prefill off, a prompt must fit the token budget in one step; a request
     resumed after preemption may still be recomputed in chunks.
+
+    `async_scheduling` lets the engine schedule step N+1 while the device runs step N (see
+    engine.scheduler). It needs one rank per replica: the rank that samples is the one that
+    reads the tokens back in. None turns it on where it hides host time: one rank per
+    replica that computes beside the engine (on a GPU, or in a worker process).
     """
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
+        _require(self.async_scheduling in (None, True, False), "async_scheduling",
+                 self.async_scheduling, "None (automatic), True or False")
         _require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
         _require(self.max_num_batched_tokens >= self.max_num_seqs, "max_num_batched_tokens",
                  self.max_num_batched_tokens, f">= max_num_seqs={self.max_num_seqs}, so that "
@@ -225,6 +233,18 @@ class EngineConfig:
     cache: CacheConfig
     scheduler: SchedulerConfig
     parallel: ParallelConfig
+
+    def __post_init__(self) -> None:
+        parallel = self.parallel
+        sizes = {"tensor_parallel_size": parallel.tensor_parallel_size,
+                 "pipeline_parallel_size": parallel.pipeline_parallel_size,
+                 "sequence_parallel_size": parallel.sequence_parallel_size}
+        split = {name: size for name, size in sizes.items() if size > 1}
+        if self.scheduler.async_scheduling and split:
+            layout = ", ".join(f"{name}={size}" for name, size in split.items())
+            raise ValueError(f"async_scheduling=True needs one rank per replica, but {layout}: "
+                             "the next step's tokens would have to reach ranks that did not "
+                             "sample them; use async_scheduling=None or False with this layout")
 
     def to_dict(self) -> dict:
         return asdict(self)

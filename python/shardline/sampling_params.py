@@ -79,6 +79,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def needs_token_history(self) -> bool:
+        """Whether sampling reads the tokens so far (penalties do), so each step needs every
+        earlier output token on the host first."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -24,6 +24,14 @@ from shardline.sampling_params import SamplingParams
 VOCAB = 97
 
 
+def random_prompts(count: int, low: int = 1, high: int = 40, seed: int | None = None
+                   ) -> list[list[int]]:
+    """`count` prompts of `low` to `high` token ids of the fake vocabulary, drawn from the
+    `random` module (which the tests seed) or from a generator seeded with `seed`."""
+    rng = random if seed is None else random.Random(seed)
+    return [[rng.randrange(VOCAB) for _ in range(rng.randint(low, high))] for _ in range(count)]
+
+
 class LetterTokenizer:
     """Token t is the letter chr(97 + t % 26); encodes only lowercase letters."""
 
@@ -36,11 +44,16 @@ class LetterTokenizer:
 
 class FakeModelExecutor:
     """Computes each step when it is sent; `pipeline_depth` > 1 makes the engine keep that
-    many steps in flight, as it does under pipeline parallelism."""
+    many steps in flight, as it does under pipeline parallelism. Like the model runner it
+    keeps its last step's sampled tokens, for a step that went ahead of the engine (async
+    scheduling) to read its requests' last token from."""
+
+    hides_host_time = False
 
     def __init__(self, num_blocks: int, block_size: int, seed: int = 0,
                  pipeline_depth: int = 1) -> None:
         self.max_concurrent_steps = pipeline_depth
+        self.earlier_samples: dict[str, int] = {}
         self.num_kv_blocks = num_blocks
         self.block_size = block_size
         self.cache = [[-1] * block_size for _ in range(num_blocks)]
@@ -74,18 +87,24 @@ class FakeModelExecutor:
         out = ModelRunnerOutput()
         for req in [*so.new_requests, *so.cached_requests]:
             state = self.states[req.req_id]
-            token = self._run(state, so.num_scheduled_tokens[req.req_id])
+            token = self._run(state, so.num_scheduled_tokens[req.req_id],
+                              self.earlier_samples.get(req.req_id))
             if token is not None:
                 out.req_ids.append(req.req_id)
                 out.sampled_token_ids.append(token)
                 logprobs = state["params"].logprobs
                 out.logprobs.append(None if logprobs is None else TokenLogprobs(
                     -0.5, list(range(logprobs)), [-1.0] * logprobs))
+        if out.req_ids:
+            self.earlier_samples = dict(zip(out.req_ids, out.sampled_token_ids))
         wire = msgpack.unpackb(msgpack.packb(out.to_dict()), strict_map_key=False)
         return ModelRunnerOutput.from_dict(wire)
 
-    def _run(self, state: dict, num_tokens: int) -> int | None:
-        start, tokens, blocks = state["computed"], state["tokens"], state["blocks"]
+    def _run(self, state: dict, num_tokens: int, earlier_sample: int | None) -> int | None:
+        start, blocks = state["computed"], state["blocks"]
+        ahead = start + num_tokens == len(state["tokens"]) + 1
+        assert earlier_sample is not None or not ahead, "went ahead of a step that did not sample"
+        tokens = state["tokens"] + [earlier_sample] if ahead else state["tokens"]
         assert 0 < num_tokens and start + num_tokens <= len(tokens)
         for pos in range(start, start + num_tokens):
             self.cache[blocks[pos // self.block_size]][pos % self.block_size] = tokens[pos]
@@ -95,7 +114,7 @@ class FakeModelExecutor:
         seen = [self.cache[blocks[p // self.block_size]][p % self.block_size]
                 for p in range(len(tokens))]
         assert seen == tokens, "KV cache read back through the block table is wrong"
-        return self._sample(seen, state["params"], state["num_outputs"])
+        return self._sample(seen, state["params"], state["num_outputs"] + ahead)
 
     def _sample(self, tokens: list[int], params: SamplingParams, index: int) -> int:
         digest = sum((i + 1) * (t + 1) for i, t in enumerate(tokens)) * 2654435761
@@ -112,14 +131,15 @@ def make_engine(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 1
                 max_num_batched_tokens: int = 64, max_model_len: int = 256,
                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                 eos_token_ids: tuple[int, ...] = (), tokenizer: object | None = None,
-                pipeline_depth: int = 1) -> LLMEngine:
+                pipeline_depth: int = 1, async_scheduling: bool | None = None) -> LLMEngine:
     config = EngineConfig(
         model=ModelConfig(model="fake", max_model_len=max_model_len),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens,
-                                  enable_chunked_prefill=enable_chunked_prefill),
+                                  enable_chunked_prefill=enable_chunked_prefill,
+                                  async_scheduling=async_scheduling),
         parallel=ParallelConfig(),
     )
     info = SimpleNamespace(vocab_size=VOCAB, max_position_embeddings=1024,

@@ -17,6 +17,9 @@ def test_options_reach_their_config_sections(tmp_path):
     assert not config.cache.enable_prefix_caching and config.model.seed == 5
     assert config.scheduler.max_num_seqs == seqs and config.model.enforce_eager
     assert not EngineArgs(str(tmp_path)).to_config().model.enforce_eager
+    for wanted in (None, True, False):
+        config = EngineArgs(str(tmp_path), async_scheduling=wanted).to_config()
+        assert config.scheduler.async_scheduling is wanted
 
 
 def test_bad_values_and_unknown_options_fail_clearly(tmp_path):

@@ -4,12 +4,13 @@ import asyncio
 import contextlib
 import random
 import statistics
+import threading
 import time
 import tracemalloc
 
 import pytest
 
-from fake_model import VOCAB, make_engine
+from fake_model import VOCAB, make_engine, random_prompts
 from shardline.engine.async_llm import AsyncLLM
 from shardline.engine.llm import LLM
 from shardline.sampling_params import SamplingParams
@@ -20,11 +21,6 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
 @pytest.fixture(autouse=True)
 def _seed_random(fresh_seed):
     random.seed(fresh_seed)
-
-
-def random_prompts(count: int, low: int = 1, high: int = 40, seed: int | None = None):
-    rng = random if seed is None else random.Random(seed)
-    return [[rng.randrange(VOCAB) for _ in range(rng.randint(low, high))] for _ in range(count)]
 
 
 def assert_all_free(engine) -> None:
@@ -325,6 +321,18 @@ def test_async_llm_streams_and_cancels():
     llm = AsyncLLM.from_engine(engine)
     prompts = random_prompts(3, 5, 15)
     expected = LLM.from_engine(make_engine()).generate(prompts, GREEDY)
+    # The fake model is so fast that the engine could finish the cancelled request (100
+    # tokens) before its consumer reads its third output: steps wait for that read.
+    cancelling = threading.Event()
+    send = engine.executor.execute_model
+
+    def paced(scheduled, non_block=False):
+        seq = engine.scheduler.seqs.get("c")
+        if seq is not None and seq.num_output_tokens >= 3:
+            cancelling.wait(10.0)
+        return send(scheduled, non_block)
+
+    engine.executor.execute_model = paced
 
     async def collect(i):
         seen = []
@@ -339,6 +347,7 @@ def test_async_llm_streams_and_cancels():
                                                     "c")) as stream:
             async for output in stream:
                 if len(output.outputs[0].token_ids) == 3:
+                    cancelling.set()
                     break
 
     async def main():

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from fake_model import VOCAB, make_engine
+from fake_model import make_engine, random_prompts
 from shardline.engine.llm import LLM
 from shardline.sampling_params import SamplingParams
 
@@ -14,11 +14,6 @@ from shardline.sampling_params import SamplingParams
 @pytest.fixture(autouse=True)
 def _seed_random(fresh_seed):
     random.seed(fresh_seed)
-
-
-def random_prompts(count: int, low: int = 1, high: int = 40):
-    return [[random.randrange(VOCAB) for _ in range(random.randint(low, high))]
-            for _ in range(count)]
 
 
 def token_ids(outputs):

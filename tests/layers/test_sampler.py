@@ -10,6 +10,11 @@ from shardline.layers.sampler import (Sampler, SamplingBatch, apply_filters, app
 V = 50
 
 
+def sample(logits, batch):
+    """The sampler's tokens and logprobs, read back to the host."""
+    return Sampler()(logits, batch).to_host()
+
+
 def _batch(params, prompts=None, outputs=None, seeds=None) -> SamplingBatch:
     n = len(params)
     gens = [torch.Generator().manual_seed(s) for s in (seeds or range(n))]
@@ -69,17 +74,17 @@ def test_greedy_takes_argmax_after_penalties():
     params = [SamplingParams(temperature=0.0),
               SamplingParams(temperature=0.0, frequency_penalty=2.0)]
     logits[1, best] = logits[1].max() + 1.0
-    tokens, _ = Sampler()(logits, _batch(params, outputs=[[], [best] * 3]))
+    tokens, _ = sample(logits, _batch(params, outputs=[[], [best] * 3]))
     assert tokens[0] == best
     assert tokens[1] != best
 
 
 def test_seeded_draw_ignores_batch_mates():
     logits = torch.randn(1, V)
-    alone, _ = Sampler()(logits, _batch([SamplingParams(seed=1)], seeds=[7]))
+    alone, _ = sample(logits, _batch([SamplingParams(seed=1)], seeds=[7]))
     mates = torch.randn(3, V)
     batch = _batch([SamplingParams()] * 3 + [SamplingParams(seed=1)], seeds=[1, 2, 3, 7])
-    together, _ = Sampler()(torch.cat([mates, logits]), batch)
+    together, _ = sample(torch.cat([mates, logits]), batch)
     assert together[3] == alone[0]
 
 
@@ -87,7 +92,7 @@ def test_sampling_follows_the_distribution():
     logits = torch.tensor([[0.0, math.log(3.0)] + [-1e9] * (V - 2)])
     gen = torch.Generator().manual_seed(0)
     batch = SamplingBatch([SamplingParams()], [[]], [[]], [gen])
-    draws = [Sampler()(logits, batch)[0][0] for _ in range(400)]
+    draws = [sample(logits, batch)[0][0] for _ in range(400)]
     assert set(draws) <= {0, 1}
     assert 0.65 < draws.count(1) / 400 < 0.85
 
@@ -98,24 +103,24 @@ def test_rows_sharing_a_generator_each_follow_their_own_distribution(fresh_seed)
     probs[:, 0], probs[:, 1] = 1 - p_one, p_one
     shared = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
     # 3000 draws put 0.07 at 7 sigma of p = 0.5 (with 800, at 4: a false alarm in 13000 runs)
-    draws = torch.tensor([draw(probs, [shared] * 3) for _ in range(3000)])
+    draws = torch.stack([draw(probs, [shared] * 3) for _ in range(3000)])
     assert set(draws.flatten().tolist()) <= {0, 1}
     assert torch.allclose(draws.float().mean(0), p_one, atol=0.07)
 
 
 def test_seeded_row_ignores_mates_that_share_the_engine_generator():
     logits = torch.randn(1, V)
-    alone, _ = Sampler()(logits, _batch([SamplingParams(seed=1)], seeds=[7]))
+    alone, _ = sample(logits, _batch([SamplingParams(seed=1)], seeds=[7]))
     engine_gen = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
     batch = _batch([SamplingParams()] * 3 + [SamplingParams(seed=1)], seeds=[0, 0, 0, 7])
     batch.generators[:3] = [engine_gen] * 3
-    together, _ = Sampler()(torch.cat([torch.randn(3, V), logits]), batch)
+    together, _ = sample(torch.cat([torch.randn(3, V), logits]), batch)
     assert together[3] == alone[0]
 
 
 def test_sampled_token_respects_filters():
     logits = torch.randn(8, V)
-    tokens, _ = Sampler()(logits, _batch([SamplingParams(top_k=3)] * 8))
+    tokens, _ = sample(logits, _batch([SamplingParams(top_k=3)] * 8))
     for row, tok in enumerate(tokens):
         assert tok in logits[row].topk(3).indices.tolist()
 
@@ -123,7 +128,7 @@ def test_sampled_token_respects_filters():
 def test_logprobs_top_n_and_sampled():
     logits = torch.randn(2, V)
     params = [SamplingParams(temperature=0.0, logprobs=3), SamplingParams(logprobs=0)]
-    tokens, logprobs = Sampler()(logits, _batch(params))
+    tokens, logprobs = sample(logits, _batch(params))
     ref = logits.log_softmax(-1)
     assert logprobs[0].top_token_ids == ref[0].topk(3).indices.tolist()
     assert logprobs[0].top_logprobs == pytest.approx(ref[0].topk(3).values.tolist(), abs=1e-5)
@@ -133,5 +138,5 @@ def test_logprobs_top_n_and_sampled():
 
 
 def test_no_logprobs_unless_asked():
-    _, logprobs = Sampler()(torch.randn(2, V), _batch([SamplingParams()] * 2))
+    _, logprobs = sample(torch.randn(2, V), _batch([SamplingParams()] * 2))
     assert logprobs == [None, None]

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from shardline.sampling_params import SamplingParams
-from shardline.worker.input_batch import RequestState, build_step_inputs
+from shardline.worker.input_batch import RequestState, build_step_inputs, fill_ahead_tokens
 
 
 def _state(req_id, prompt_len, outputs, blocks, computed):
@@ -51,3 +51,23 @@ def test_token_slice_spans_prompt_and_outputs():
     for start in range(len(everything) + 1):
         for end in range(start, len(everything) + 1):
             assert state.token_slice(start, end) == everything[start:end]
+
+
+def test_a_request_ahead_reads_its_last_token_from_the_previous_step():
+    """Under async scheduling "b" is one token past what the worker was sent: its input is
+    the token the previous step sampled for it (row 1 of that step's tokens)."""
+    cpu = torch.device("cpu")
+    known = _state("a", 5, [11], [3, 4], 5)           # an ordinary decode of token 11
+    ahead = _state("b", 3, [40, 41], [7, 1], 5)        # tokens 0..4 known, 5 sampled
+    inputs = build_step_inputs([known, ahead], [1, 1], 4, cpu, earlier_samples=["c", "b"])
+    earlier = torch.randint(3, 259, (2,))
+    assert inputs.input_ids.tolist() == [11, 0]
+    fill_ahead_tokens(inputs, earlier)
+    assert inputs.input_ids.tolist() == [11, int(earlier[1])]
+    assert inputs.positions.tolist() == [5, 5]
+    assert inputs.meta.slot_mapping.tolist() == [4 * 4 + 1, 1 * 4 + 1]
+    assert inputs.meta.seq_lens.tolist() == [6, 6]
+    assert inputs.sample_req_ids == ["a", "b"] and inputs.ahead_req_ids == ["b"]
+    with pytest.raises(ValueError, match="'b'.*exceeds its 5 tokens.*previous step sampled "
+                                         "no token for it"):
+        build_step_inputs([ahead], [1], 4, cpu, earlier_samples=["a"])

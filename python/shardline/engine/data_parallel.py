@@ -149,6 +149,20 @@ class DataParallelEngine:
             raise
         return outputs
 
+    def collect_idle_steps(self) -> None:
+        """Once no core has an unfinished request, wait for every core's steps in flight
+        (see LLMEngine.collect_idle_steps). Only then: the cores' steps stay in step."""
+        if self._failure is not None:
+            raise self._failure
+        if any(core.outputs.requests for core in self.cores):
+            return
+        try:
+            for core in self.cores:
+                core.collect_idle_steps()
+        except BaseException as exc:
+            self._failure = exc
+            raise
+
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
                        timeout: float | None = None) -> list:
         """Call a worker method on every rank of every core; one reply per rank, in global

@@ -109,6 +109,7 @@ class LLM:
                     final[output.request_id] = output
                     if use_tqdm:
                         print(f"\rfinished {len(final)}/{len(ids)}", end="", file=sys.stderr)
+        self.engine.collect_idle_steps()
         if use_tqdm:
             print(file=sys.stderr)
         return [final[i] for i in ids]

@@ -62,7 +62,8 @@ class LLMEngine:
         cache = config.cache
         self.kv = KVBlockManager(executor.num_kv_blocks, cache.block_size,
                                  cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, executor.max_concurrent_steps)
+        self.scheduler = Scheduler(config.scheduler, self.kv, executor.max_concurrent_steps,
+                                   schedule_ahead=uses_async_scheduling(config, executor))
         self._in_flight: collections.deque[tuple[SchedulerOutput, StepFuture]] = \
             collections.deque()
         self._failure: BaseException | None = None
@@ -200,7 +201,8 @@ class LLMEngine:
         """Run one scheduling step; return outputs of the requests that gained tokens.
 
         Steps are sent until one per pipeline stage is in flight (one in all without
-        pipeline parallelism) or nothing is left to schedule; then the oldest is awaited.
+        pipeline parallelism, two under async scheduling) or nothing is left to schedule;
+        then the oldest is awaited.
         A step that fails (a dead worker: EngineDeadError) leaves the engine stopped: this
         and every later call raise that error.
         """
@@ -213,10 +215,10 @@ class LLMEngine:
 
     def send_steps(self) -> None:
         """The first half of `step`: schedule and send steps, without waiting for any, until
-        one per pipeline stage is in flight or nothing is left to schedule. A data-parallel
+        as many as `step` keeps are in flight or nothing is left to schedule. A data-parallel
         front end sends on every core first, then collects, so the cores run at once."""
         with self._stop_on_failure():
-            while len(self._in_flight) < self.scheduler.pipeline_depth:
+            while len(self._in_flight) < self.scheduler.max_steps_in_flight:
                 scheduled = self.scheduler.schedule()
                 if scheduled.is_empty:
                     break
@@ -252,6 +254,13 @@ class LLMEngine:
         self.step_metrics.step_collected(scheduled.total_num_scheduled_tokens, outputs,
                                          len(sampled))
         return outputs
+
+    def collect_idle_steps(self) -> None:
+        """Once no request is unfinished, wait for the steps still in flight: under async
+        scheduling, steps sent ahead of the tokens that ended their sequences. Their KV
+        blocks come back, and the engine is idle again."""
+        while self._in_flight and not self.outputs.requests:
+            self.collect_step()
 
     @contextlib.contextmanager
     def _stop_on_failure(self) -> Iterator[None]:
@@ -298,6 +307,18 @@ class LLMEngine:
                                  f"[0, {self.vocab_size})")
             ids.append(token)
         return ids
+
+
+def uses_async_scheduling(config: EngineConfig, executor: Executor) -> bool:
+    """config.scheduler.async_scheduling, or where that is None: on when each replica is one
+    rank (no pipeline: its steps are already in flight together) and the executor computes
+    beside the engine (see Executor.hides_host_time)."""
+    wanted = config.scheduler.async_scheduling
+    if wanted is not None:
+        return wanted
+    parallel = config.parallel
+    one_rank = parallel.world_size == parallel.data_parallel_size
+    return one_rank and executor.hides_host_time
 
 
 def is_sequence(values: object) -> bool:

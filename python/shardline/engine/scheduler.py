@@ -19,12 +19,20 @@ a step skips the sequences still in flight, and takes at most 1/depth of the unf
 sequences so that the next step has work for the stages this one has left. A sequence in
 flight is never preempted; one that finishes or is aborted while in flight keeps its KV
 blocks until its step returns, and that step's token for it is dropped.
+
+With async scheduling (one rank per replica, no pipeline) the engine keeps two steps in
+flight, and a decoding sequence may be in both: the second step decodes the token the
+first one samples, which the worker still holds and the engine has not seen. The engine
+thus schedules step N+1 while the device runs step N. A sequence goes one step ahead
+only when the token it waits for cannot end it by length, and when its sampling needs
+no token history (penalties need every output token on the host). If the token ends it
+by a stop condition, the step ahead computes one token that is dropped.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from shardline.config import SchedulerConfig
@@ -50,16 +58,26 @@ class Scheduler:
     """Owns the waiting queue, the running set and the KV block manager's allocations."""
 
     def __init__(self, config: SchedulerConfig, kv: KVBlockManager,
-                 pipeline_depth: int = 1) -> None:
+                 pipeline_depth: int = 1, schedule_ahead: bool = False) -> None:
+        if schedule_ahead and pipeline_depth > 1:
+            raise ValueError(f"schedule_ahead needs pipeline_depth=1, got {pipeline_depth}: "
+                             "pipelined steps already keep the device busy")
         self.config = config
         self.kv = kv
         self.pipeline_depth = pipeline_depth
+        self.schedule_ahead = schedule_ahead
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.seqs: dict[str, Sequence] = {}
         self.stats = SchedulerStats()
         self._finished_ids: list[str] = []
-        self._in_flight: set[str] = set()   # sent in a step that has not returned
+        self._in_flight: Counter[str] = Counter()   # steps sent that have not returned
+
+    @property
+    def max_steps_in_flight(self) -> int:
+        """Steps the engine keeps in flight: one per pipeline stage, or two when scheduling
+        ahead (the device runs one while the engine prepares the next)."""
+        return 2 if self.schedule_ahead else self.pipeline_depth
 
     def holds(self, seq_id: str) -> bool:
         """Whether `seq_id` is scheduled, or its last step is still running."""
@@ -108,13 +126,17 @@ class Scheduler:
 
     def update(self, scheduled: SchedulerOutput, result: ModelRunnerOutput) -> list[Sequence]:
         """Record a finished step; return the sequences that received a token, in order."""
-        self._in_flight.difference_update(scheduled.num_scheduled_tokens)
         for seq_id, num_tokens in scheduled.num_scheduled_tokens.items():
+            self._in_flight[seq_id] -= 1
+            if not self._in_flight[seq_id]:
+                del self._in_flight[seq_id]
             seq = self.seqs.get(seq_id)
             if seq is None:  # finished or aborted while this step ran
-                self._release(seq_id, True)
+                if seq_id not in self._in_flight:  # else a step ahead still uses the blocks
+                    self._release(seq_id, True)
                 continue
             seq.num_computed_tokens += num_tokens
+            seq.num_tokens_in_flight -= num_tokens
             self.kv.cache_computed_blocks(seq_id, seq.token_ids, seq.num_computed_tokens)
         self.stats.num_steps += 1
         self.stats.num_computed_tokens += scheduled.total_num_scheduled_tokens
@@ -138,10 +160,15 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: (s.is_prefilling, s.arrival)):
             if budget == 0 or len(out.num_scheduled_tokens) >= self._step_seq_cap:
                 break
-            if seq.status is not SequenceStatus.RUNNING or seq.seq_id in self._in_flight:
-                continue  # preempted earlier in this loop, or still in a step
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            allocated = self.kv.allocate(seq.seq_id, seq.num_computed_tokens + num_new)
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            if seq.seq_id in self._in_flight and not self._can_go_ahead(seq):
+                continue
+            # Tokens known to the engine, plus the one a step in flight samples (if ahead).
+            num_tokens = seq.num_tokens + (seq.seq_id in self._in_flight)
+            start = seq.num_computed_tokens + seq.num_tokens_in_flight
+            num_new = min(num_tokens - start, budget)
+            allocated = self.kv.allocate(seq.seq_id, start + num_new)
             while allocated is None:
                 victim = self._preemption_victim(out)
                 if victim is None:
@@ -150,12 +177,12 @@ class Scheduler:
                 preempted = True
                 if victim is seq:
                     break
-                allocated = self.kv.allocate(seq.seq_id, seq.num_computed_tokens + num_new)
+                allocated = self.kv.allocate(seq.seq_id, start + num_new)
             if allocated is None:
                 continue
             table = self.kv.block_table(seq.seq_id)
             out.cached_requests.append(seq.seq_id, seq.token_ids[seq.num_tokens_sent:],
-                                       table[seq.num_blocks_sent:], seq.num_computed_tokens)
+                                       table[seq.num_blocks_sent:], start)
             self._mark_sent(seq, num_new, out)
             budget -= num_new
         return budget, preempted
@@ -205,6 +232,17 @@ class Scheduler:
             return self.config.max_num_seqs
         return max(1, -(-len(self.seqs) // self.pipeline_depth))
 
+    def _can_go_ahead(self, seq: Sequence) -> bool:
+        """Whether a sequence in flight may join the next step too: scheduling ahead is on,
+        its one step in flight samples its next token, that token cannot end it by length,
+        and its sampling needs no token history."""
+        params = seq.params
+        return (self.schedule_ahead and self._in_flight[seq.seq_id] == 1
+                and seq.num_computed_tokens + seq.num_tokens_in_flight == seq.num_tokens
+                and seq.num_tokens + 1 < seq.max_len
+                and (params.max_tokens is None or seq.num_output_tokens + 1 < params.max_tokens)
+                and not params.needs_token_history)
+
     def _preemption_victim(self, out: SchedulerOutput) -> Sequence | None:
         """The latest-arrived running sequence that is neither in this step nor in flight."""
         candidates = [s for s in self.running if s.seq_id not in out.num_scheduled_tokens
@@ -212,7 +250,8 @@ class Scheduler:
         return max(candidates, key=lambda s: s.arrival, default=None)
 
     def _mark_sent(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> None:
-        self._in_flight.add(seq.seq_id)
+        self._in_flight[seq.seq_id] += 1
+        seq.num_tokens_in_flight += num_new
         out.num_scheduled_tokens[seq.seq_id] = num_new
         seq.num_tokens_sent = seq.num_tokens
         seq.num_blocks_sent = len(self.kv.block_table(seq.seq_id))

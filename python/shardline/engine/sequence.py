@@ -46,8 +46,10 @@ class Sequence:
         self.prefix_leader = prefix_leader
         self.status = SequenceStatus.WAITING
         self.stop_reason: int | str | None = None
-        # Tokens whose KV is in the cache, and tokens the workers have been told about.
+        # Tokens whose KV is in the cache, tokens in steps that have not returned yet, and
+        # tokens the workers have been told about.
         self.num_computed_tokens = 0
+        self.num_tokens_in_flight = 0
         self.num_tokens_sent = 0
         self.num_blocks_sent = 0
         self.num_cached_tokens = 0

@@ -112,6 +112,14 @@ class Executor(ABC):
         """How many steps the engine should keep in flight: one per pipeline stage."""
         return self.config.parallel.pipeline_parallel_size
 
+    @property
+    def hides_host_time(self) -> bool:
+        """Whether the workers compute beside the engine's Python (in other processes, or
+        on a GPU), so that scheduling a step while another runs hides the engine's host
+        time: where it holds and each replica is one rank, async scheduling is on unless
+        the configuration turns it off."""
+        return True
+
     @abstractmethod
     def shutdown(self) -> None:
         """Release the workers; safe to call more than once."""

@@ -21,8 +21,17 @@ class UniProcExecutor(Executor):
 
     def execute_model(self, scheduler_output: SchedulerOutput, non_block: bool = False
                       ) -> ModelRunnerOutput | StepFuture:
-        output = self.worker.execute_model(scheduler_output)
-        return StepFuture.completed(output) if non_block else output
+        """Run the step; with `non_block`, return once its work is queued on the device
+        and read the tokens when the future is waited on."""
+        if not non_block:
+            return self.worker.execute_model(scheduler_output)
+        read = self.worker.queue_step(scheduler_output)
+        future = StepFuture(lambda deadline: future.set_result(read()))
+        return future
+
+    @property
+    def hides_host_time(self) -> bool:
+        return self.worker.device.type == "cuda"
 
     def shutdown(self) -> None:
         self.worker = None

@@ -5,6 +5,10 @@ temperature, top-k, top-p and min-p, then the draw. Each row draws its random nu
 from its own generator, so a seeded request samples the same tokens whatever its batch
 mates are. Reported logprobs are the log-softmax of the distribution the token was
 drawn from: the processed logits for sampled rows, the penalized logits for greedy rows.
+
+The sampler only queues device work and returns the tokens as a device tensor; reading
+them (and the logprobs) to the host is a separate call, so a step's host work can wait
+for a later moment (see SamplerOutput).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shardline.device_copy import to_device
 from shardline.step import TokenLogprobs
 from shardline.sampling_params import SamplingParams
 
@@ -41,15 +46,14 @@ def _token_counts(token_lists: list[list[int]], vocab_size: int,
 
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
+    return to_device(values, like.device, like.dtype)[:, None]
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Repetition penalty over prompt and output tokens (positive logits divided, negative
     multiplied); presence and frequency penalties over output tokens (OpenAI semantics)."""
     params = batch.params
-    if all(p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
-           and p.frequency_penalty == 0.0 for p in params):
+    if not any(p.needs_token_history for p in params):
         return logits
     vocab, device = logits.shape[1], logits.device
     out_counts = _token_counts(batch.output_token_ids, vocab, device)
@@ -71,7 +75,7 @@ def apply_filters(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=device)[None, :]
-        drop = rank >= torch.tensor(top_k, device=device)[:, None]
+        drop = rank >= to_device(top_k, device, torch.int64)[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         probs = sorted_logits.softmax(dim=-1)
         drop |= (probs.cumsum(dim=-1) - probs) > _column(top_p, logits)
@@ -85,10 +89,10 @@ def apply_filters(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     return logits
 
 
-def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
+def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """One token per row of probs [N, V]: the argmax of p / E with E ~ Exp(1), which picks
     token t with probability p[t]. Row i's noise comes from generators[i]; rows that share
-    a generator draw their noise in one call, and the device is read once for all rows."""
+    a generator draw their noise in one call."""
     noise = torch.empty_like(probs)
     rows_of: dict[int, list[int]] = {}
     for row, gen in enumerate(generators):
@@ -100,38 +104,59 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
         else:
             shared = torch.empty(len(rows), probs.shape[1], dtype=probs.dtype,
                                  device=probs.device).exponential_(generator=gen)
-            noise[torch.tensor(rows, device=probs.device)] = shared
-    return (probs / noise).argmax(dim=-1).tolist()
+            noise[to_device(rows, probs.device, torch.int64)] = shared
+    return (probs / noise).argmax(dim=-1)
 
 
-def _logprobs(logprobs: torch.Tensor, token: int, n: int) -> TokenLogprobs:
-    top_values, top_ids = logprobs.topk(min(n, logprobs.shape[0]))
-    return TokenLogprobs(sampled_logprob=float(logprobs[token]),
-                         top_token_ids=top_ids.tolist(), top_logprobs=top_values.tolist())
+@dataclass
+class SamplerOutput:
+    """One step's tokens [N] on the device and, for the rows that asked for logprobs, the
+    sampled token's logprob and the top-n alternatives (n = the largest asked for)."""
+
+    token_ids: torch.Tensor
+    logprobs_wanted: list[int | None]
+    sampled_logprobs: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+    top_token_ids: torch.Tensor | None = None
+
+    def to_host(self) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """The tokens and logprobs as Python values: waits for the device to compute them,
+        and reads them all in one transfer per tensor."""
+        tokens = self.token_ids.tolist()
+        logprobs: list[TokenLogprobs | None] = [None] * len(tokens)
+        if self.sampled_logprobs is not None:
+            sampled = self.sampled_logprobs.tolist()
+            top_values, top_ids = self.top_logprobs.tolist(), self.top_token_ids.tolist()
+            for i, n in enumerate(self.logprobs_wanted):
+                if n is not None:
+                    logprobs[i] = TokenLogprobs(sampled_logprob=sampled[i],
+                                                top_token_ids=top_ids[i][:n],
+                                                top_logprobs=top_values[i][:n])
+        return tokens, logprobs
 
 
 class Sampler:
     """Greedy, temperature and filtered sampling with optional top-n logprobs."""
 
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch
-                 ) -> tuple[list[int], list[TokenLogprobs | None]]:
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits [N, V] (one row per request in `batch`) -> N tokens and their logprobs."""
         logits = apply_penalties(logits.float(), batch)
         greedy = [p.greedy for p in batch.params]
-        tokens = logits.argmax(dim=-1).tolist()
+        tokens = logits.argmax(dim=-1)
         processed = logits
         if not all(greedy):
             processed = apply_filters(logits, batch.params)
             rows = [i for i, g in enumerate(greedy) if not g]
-            drawn = draw(processed[rows].softmax(dim=-1), [batch.generators[i] for i in rows])
-            for i, token in zip(rows, drawn):
-                tokens[i] = token
-        wanted = [p.logprobs is not None for p in batch.params]
-        logprobs: list[TokenLogprobs | None] = [None] * len(tokens)
-        if any(wanted):
-            rows = torch.where(torch.tensor(greedy, device=logits.device)[:, None],
-                               logits, processed).log_softmax(dim=-1)
-            for i, p in enumerate(batch.params):
-                if wanted[i]:
-                    logprobs[i] = _logprobs(rows[i], tokens[i], p.logprobs)
-        return tokens, logprobs
+            row_index = to_device(rows, tokens.device, torch.int64)
+            drawn = draw(processed[row_index].softmax(dim=-1),
+                         [batch.generators[i] for i in rows])
+            tokens[row_index] = drawn
+        wanted = [p.logprobs for p in batch.params]
+        out = SamplerOutput(token_ids=tokens, logprobs_wanted=wanted)
+        if any(n is not None for n in wanted):
+            is_greedy = to_device(greedy, logits.device, torch.bool)[:, None]
+            rows = torch.where(is_greedy, logits, processed).log_softmax(dim=-1)
+            out.sampled_logprobs = rows.gather(1, tokens[:, None])[:, 0]
+            top_n = min(max(n for n in wanted if n is not None), rows.shape[1])
+            out.top_logprobs, out.top_token_ids = rows.topk(top_n)
+        return out

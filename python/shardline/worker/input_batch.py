@@ -4,15 +4,21 @@ A step's scheduled tokens, from every request, are laid out back to back: token 
 positions and cache slots per token; query spans, lengths after the step and block
 tables per request. Requests that reach a sampling point this step are marked, so the
 model computes logits only at their last token.
+
+Under async scheduling a request's last token may be one the worker sampled in the step
+before and the engine has not sent yet (its step went ahead): that token's row is filled
+on the device from the earlier step's tokens, which the host need not wait for.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from shardline.device_copy import to_device
 from shardline.step import NewRequestData
 from shardline.sampling_params import SamplingParams
 from shardline.layers.attention import AttentionMetadata
@@ -56,12 +62,20 @@ class StepInputs:
     req_ids: list[str]                          # scheduled requests, in batch order
     sample_req_ids: list[str] = field(default_factory=list)
     logits_indices: torch.Tensor | None = None  # token rows of sample_req_ids
+    ahead_req_ids: list[str] = field(default_factory=list)  # last token from the step before
+    ahead_rows: torch.Tensor | None = None      # their last token's row in input_ids
+    ahead_sources: torch.Tensor | None = None   # its row in the previous step's tokens
 
 
 def build_step_inputs(requests: list[RequestState], num_scheduled: list[int],
-                      block_size: int, device: torch.device) -> StepInputs:
+                      block_size: int, device: torch.device,
+                      earlier_samples: Sequence[str] = ()) -> StepInputs:
     """Lay out the scheduled tokens of `requests` (num_scheduled[i] tokens each, starting
     at its num_computed_tokens) as one flat batch.
+
+    A request may end one token past its known tokens when that token is one the worker
+    sampled in its previous step: `earlier_samples` are the requests that step sampled for,
+    in the order of its tokens. Such rows hold 0 here until `fill_ahead_tokens`.
 
     The per-token and per-sequence arrays are packed into one int64 and one int32 buffer,
     so the step costs two host-to-device copies instead of one per array.
@@ -69,21 +83,33 @@ def build_step_inputs(requests: list[RequestState], num_scheduled: list[int],
     width = max(len(r.block_ids) for r in requests)
     token_ids: list[int] = []
     starts, padded_tables, sample_rows, sample_ids = [], [], [], []
+    ahead_rows, ahead_sources, ahead_ids = [], [], []
+    earlier_row: dict[str, int] | None = None
     for req, n in zip(requests, num_scheduled):
         start = req.num_computed_tokens
         if n < 1:
             raise ValueError(f"request {req.req_id!r}: num_scheduled_tokens={n} must be >= 1")
-        if start + n > req.num_tokens:
+        ahead = start + n == req.num_tokens + 1
+        if ahead and earlier_row is None:
+            earlier_row = {req_id: row for row, req_id in enumerate(earlier_samples)}
+        if start + n > req.num_tokens + ahead or (ahead and req.req_id not in earlier_row):
             raise ValueError(f"request {req.req_id!r}: num_computed_tokens={start} + "
-                             f"num_scheduled_tokens={n} exceeds its {req.num_tokens} tokens")
+                             f"num_scheduled_tokens={n} exceeds its {req.num_tokens} tokens"
+                             + (" (this worker's previous step sampled no token for it)"
+                                if ahead else ""))
         if -(-(start + n) // block_size) > len(req.block_ids):
             raise ValueError(f"request {req.req_id!r}: {start + n} tokens need more than its "
                              f"{len(req.block_ids)} blocks of {block_size}")
         token_ids += req.token_slice(start, start + n)
+        if ahead:
+            ahead_rows.append(len(token_ids))
+            ahead_sources.append(earlier_row[req.req_id])
+            ahead_ids.append(req.req_id)
+            token_ids.append(0)
         starts.append(start)
         padded_tables += req.block_ids
         padded_tables += [0] * (width - len(req.block_ids))
-        if start + n == req.num_tokens:
+        if start + n >= req.num_tokens:
             sample_rows.append(len(token_ids) - 1)
             sample_ids.append(req.req_id)
     num_reqs, num_tokens = len(requests), len(token_ids)
@@ -96,17 +122,21 @@ def build_step_inputs(requests: list[RequestState], num_scheduled: list[int],
     seq_lens[:] = starts_np + q_lens
     block_tables.reshape(-1)[:] = padded_tables
 
-    per_token = np.empty(3 * num_tokens + len(sample_rows), dtype=np.int64)
+    num_samples, num_ahead = len(sample_rows), len(ahead_rows)
+    per_token = np.empty(3 * num_tokens + num_samples + 2 * num_ahead, dtype=np.int64)
     per_token[:num_tokens] = token_ids
     positions = per_token[num_tokens:2 * num_tokens]
     row_of_token = np.repeat(np.arange(num_reqs), q_lens)
     positions[:] = np.arange(num_tokens) + np.repeat(starts_np - query_start_loc[:-1], q_lens)
     blocks = block_tables[row_of_token, positions // block_size].astype(np.int64)
     per_token[2 * num_tokens:3 * num_tokens] = blocks * block_size + positions % block_size
-    per_token[3 * num_tokens:] = sample_rows
+    samples_end = 3 * num_tokens + num_samples
+    per_token[3 * num_tokens:samples_end] = sample_rows
+    per_token[samples_end:samples_end + num_ahead] = ahead_rows
+    per_token[samples_end + num_ahead:] = ahead_sources
 
-    per_seq_t = torch.from_numpy(per_seq).to(device)
-    per_token_t = torch.from_numpy(per_token).to(device)
+    per_seq_t = to_device(per_seq, device)
+    per_token_t = to_device(per_token, device)
     meta = AttentionMetadata(
         slot_mapping=per_token_t[2 * num_tokens:3 * num_tokens],
         query_start_loc=per_seq_t[:num_reqs + 1],
@@ -120,5 +150,15 @@ def build_step_inputs(requests: list[RequestState], num_scheduled: list[int],
         meta=meta,
         req_ids=[r.req_id for r in requests],
         sample_req_ids=sample_ids,
-        logits_indices=per_token_t[3 * num_tokens:],
+        logits_indices=per_token_t[3 * num_tokens:samples_end],
+        ahead_req_ids=ahead_ids,
+        ahead_rows=per_token_t[samples_end:samples_end + num_ahead],
+        ahead_sources=per_token_t[samples_end + num_ahead:],
     )
+
+
+def fill_ahead_tokens(inputs: StepInputs, earlier_tokens: torch.Tensor | None) -> None:
+    """Put the tokens sampled in the previous step ([N] on the device) into the input rows
+    of the requests that went ahead of it."""
+    if inputs.ahead_req_ids:
+        inputs.input_ids[inputs.ahead_rows] = earlier_tokens[inputs.ahead_sources]

@@ -6,6 +6,8 @@ batch; logits are computed only where a request samples its next token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from shardline.config import EngineConfig
@@ -22,7 +24,8 @@ from shardline.models.partition import stage_layer_range
 from shardline.presets import resolve_model
 from shardline.worker.graph_runner import (CudaGraphRecorder, DecodeGraphRunner, GraphRecorder,
                                            graph_batch_sizes)
-from shardline.worker.input_batch import RequestState, StepInputs, build_step_inputs
+from shardline.worker.input_batch import (RequestState, StepInputs, build_step_inputs,
+                                          fill_ahead_tokens)
 from shardline.worker.warmup import warm_up_prefill
 
 TUNING_CONTEXT = 1024   # tokens per sequence while decode kernels autotune at capture
@@ -57,6 +60,10 @@ class ModelRunner:
         self.model: torch.nn.Module | None = None
         self.decode_graphs: DecodeGraphRunner | None = None
         self._dummy: tuple[torch.Tensor, torch.Tensor, AttentionMetadata] | None = None
+        # The last step that sampled: its requests and tokens (still on the device), which
+        # a step sent ahead of the engine's view reads its requests' last tokens from.
+        self._earlier_samples: list[str] = []
+        self._earlier_tokens: torch.Tensor | None = None
 
     def load_model(self) -> None:
         """Load this rank's slice of the weights, for its pipeline stage's layers only."""
@@ -132,7 +139,9 @@ class ModelRunner:
         pipeline stage; an earlier stage sends its activations on and returns None."""
         scheduled = self.update_states(scheduler_output)
         counts = [scheduler_output.num_scheduled_tokens[r.req_id] for r in scheduled]
-        inputs = build_step_inputs(scheduled, counts, self.block_size, self.device)
+        inputs = build_step_inputs(scheduled, counts, self.block_size, self.device,
+                                   self._earlier_samples)
+        fill_ahead_tokens(inputs, self._earlier_tokens)
         if self.decode_graphs is not None and self.decode_graphs.supports(inputs):
             return inputs, self.decode_graphs.run(inputs)
         return inputs, self._run_stage(inputs.input_ids, inputs.positions, inputs.meta)
@@ -165,26 +174,41 @@ class ModelRunner:
             return None
         return out
 
-    @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step and sample. An empty step is a dummy step: the engine sends one to
-        a data-parallel core with nothing to do while the other cores run a step, so that
-        collectives spanning the cores (expert parallelism's all-to-all in every MoE layer)
-        stay in step; it runs a one-token forward that writes no KV and samples nothing."""
+        """Run one step and sample (see queue_step); wait for its tokens."""
+        return self.queue_step(scheduler_output)()
+
+    @torch.inference_mode()
+    def queue_step(self, scheduler_output: SchedulerOutput
+                   ) -> Callable[[], ModelRunnerOutput]:
+        """Queue one step's forward and sampling on the device and return the call that
+        reads its tokens back: on a GPU the host is free until then (to prepare the next
+        step under async scheduling).
+
+        An empty step is a dummy step: the engine sends one to a data-parallel core with
+        nothing to do while the other cores run a step, so that collectives spanning the
+        cores (expert parallelism's all-to-all in every MoE layer) stay in step; it runs a
+        one-token forward that writes no KV and samples nothing."""
         if scheduler_output.is_empty:
             self.update_states(scheduler_output)
             self._run_stage(*self._dummy_inputs())
-            return ModelRunnerOutput()
+            return ModelRunnerOutput
         inputs, hidden = self._forward(scheduler_output)
         if hidden is None or not inputs.sample_req_ids:
-            return ModelRunnerOutput()
+            return ModelRunnerOutput
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         if logits is None:
-            return ModelRunnerOutput()  # another TP rank gathered the logits and samples
-        batch = self._sampling_batch(inputs.sample_req_ids)
-        tokens, logprobs = self.sampler(logits, batch)
-        return ModelRunnerOutput(req_ids=inputs.sample_req_ids, sampled_token_ids=tokens,
-                                 logprobs=logprobs)
+            return ModelRunnerOutput  # another TP rank gathered the logits and samples
+        batch = self._sampling_batch(inputs.sample_req_ids, inputs.ahead_req_ids)
+        sampled = self.sampler(logits, batch)
+        req_ids = self._earlier_samples = inputs.sample_req_ids
+        self._earlier_tokens = sampled.token_ids
+
+        def read() -> ModelRunnerOutput:
+            tokens, logprobs = sampled.to_host()
+            return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=tokens,
+                                     logprobs=logprobs)
+        return read
 
     @torch.inference_mode()
     def score(self, scheduler_output: SchedulerOutput) -> dict[str, torch.Tensor]:
@@ -198,15 +222,22 @@ class ModelRunner:
         starts = inputs.meta.query_start_loc.tolist()
         return {r: logits[starts[i]:starts[i + 1]] for i, r in enumerate(inputs.req_ids)}
 
-    def _sampling_batch(self, req_ids: list[str]) -> SamplingBatch:
+    def _sampling_batch(self, req_ids: list[str], ahead_req_ids: list[str]) -> SamplingBatch:
+        """The batch's sampling settings. A request that went ahead has one output token
+        more than this worker has been sent: its draw is for the output after that one."""
         states = [self.requests[r] for r in req_ids]
+        ahead = set(ahead_req_ids)
         generators = []
         for state in states:
+            is_ahead = state.req_id in ahead
+            if is_ahead and state.sampling_params.needs_token_history:
+                raise RuntimeError(f"request {state.req_id!r} went ahead of the engine, but its "
+                                   "penalties need every earlier output token")
             seed = state.sampling_params.seed
             if seed is None:
                 generators.append(self.generator)
             else:
-                index = len(state.output_token_ids)
+                index = len(state.output_token_ids) + is_ahead
                 generators.append(torch.Generator(self.device).manual_seed(
                     sampling_seed(seed, index)))
         return SamplingBatch(params=[s.sampling_params for s in states],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -106,10 +107,20 @@ class Worker:
         self.model_runner.warm_up()
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.queue_step(scheduler_output)()
+
+    def queue_step(self, scheduler_output: SchedulerOutput
+                   ) -> Callable[[], ModelRunnerOutput]:
+        """Queue the step on the device; the returned call waits for its output (see
+        ModelRunner.queue_step). The step's time runs from here to that wait's end."""
         start = time.perf_counter()
-        output = self.model_runner.execute_model(scheduler_output)
-        self.step_times.record(time.perf_counter() - start)
-        return output
+        read = self.model_runner.queue_step(scheduler_output)
+
+        def wait() -> ModelRunnerOutput:
+            output = read()
+            self.step_times.record(time.perf_counter() - start)
+            return output
+        return wait
 
     def step_time_stats(self) -> dict[str, float | int | None]:
         """This rank's `execute_model` times (see StepTimes.summary), waits on its peers
