@@ -282,8 +282,38 @@ def expert_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     return out.to(x.dtype)
 
 
+def grouped_mm_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                   topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """The strongest torch baseline where this torch has it: the routed rows sorted by
+    expert, and each of the two GEMMs one torch._grouped_mm over all experts."""
+    top_k = topk_ids.shape[1]
+    flat = topk_ids.flatten()
+    order = flat.argsort(stable=True)
+    token = order // top_k
+    offsets = torch.bincount(flat, minlength=w13.shape[0]).cumsum(0).to(torch.int32)
+    gate, up = torch._grouped_mm(x[token], w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offsets)
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    out.index_add_(0, token, y.float() * topk_weights.flatten()[order, None].float())
+    return out.to(x.dtype)
+
+
+def grouped_mm_runs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm exists and takes these operands on this device."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    ids = torch.zeros(x.shape[0], 1, dtype=torch.int64, device=x.device)
+    try:
+        grouped_mm_moe(x, w13, w2, torch.ones_like(ids, dtype=x.dtype), ids)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 def bench_fused_moe(b: Bench, s: Shapes) -> None:
-    """Fused MoE (grouped GEMMs, top-k weights in the epilogue) against the expert loop."""
+    """Fused MoE (grouped GEMMs, top-k weights in the epilogue) against the expert loop,
+    and against torch._grouped_mm where this torch runs it on this device (its ratio is
+    reported beside the verdict, which the issue sets against the loop)."""
     from shardline import kernels
     for tp in TP_SIZES:
         inter = s.intermediate // tp
@@ -303,9 +333,20 @@ def bench_fused_moe(b: Bench, s: Shapes) -> None:
         def loop(i: int) -> torch.Tensor:
             return expert_loop(x, *weights[i], topk_weights, topk_ids)
 
+        def grouped(i: int) -> torch.Tensor:
+            return grouped_mm_moe(x, *weights[i], topk_weights, topk_ids)
+
         ms, base_ms = b.timer(ours, copies), b.timer(loop, copies)
+        extra = {}
+        if grouped_mm_runs(x, *weights[0]):
+            expected = loop(0).float()
+            extra["grouped_mm_rel_err"] = ((grouped(0).float() - expected).abs().max()
+                                           / expected.abs().max().clamp_min(1e-6)).item()
+            extra["grouped_mm_ms"] = b.timer(grouped, copies)
+            extra["x_grouped_mm"] = extra["grouped_mm_ms"] / ms
         b.record("fused moe", f"TP{tp} {s.moe_tokens} tokens top-{s.top_k} of "
-                 f"{s.experts}, I={inter}", ms, base_ms, base_ms / ms, ours(0), loop(0))
+                 f"{s.experts}, I={inter}", ms, base_ms, base_ms / ms, ours(0), loop(0),
+                 **extra)
 
 
 def print_table(b: Bench) -> None:
@@ -320,8 +361,10 @@ def print_table(b: Bench) -> None:
         base = f"{r.baseline_ms:9.3f}" if r.baseline_ms is not None else f"{'-':>9}"
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[r.passed]
         target = f">= {r.target:g} {METRICS[r.bench]}"
+        grouped = (f"  ({r.extra['x_grouped_mm']:.2f}x torch._grouped_mm)"
+                   if "x_grouped_mm" in r.extra else "")
         print(f"{r.bench:<18} {r.case:<50} {r.ms:9.3f} {base} {r.value:7.2f} "
-              f"{target:>13} {r.rel_err:8.1e}  {verdict}")
+              f"{target:>13} {r.rel_err:8.1e}  {verdict}{grouped}")
 
 
 def plot(b: Bench, path: Path) -> None:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -74,13 +75,33 @@ def test_e2e_decode_tiny_runs_on_cpu(tmp_path):
         assert r["graph_step_ms"] is None and r["graph_fraction_of_roofline"] is None
     assert [r["bytes_per_step"] for r in rows] == sorted(r["bytes_per_step"] for r in rows)
     assert result["target"]["met"] is None   # judged on a GPU only
+    assert result["async_scheduling"] is True
     assert (tmp_path / "e2e_decode.png").stat().st_size > 0
+
+
+def test_async_scheduling_quick_compares_both_modes(tmp_path):
+    run_script("async_scheduling.py", "--quick", "--out-dir", str(tmp_path))
+    result = json.loads((tmp_path / "async_scheduling.json").read_text())
+    assert result["executor"] == "mp" and result["runs"] == 2
+    assert [r["batch"] for r in result["results"]] == [1, 16]
+    for row in result["results"]:
+        for mode in ("in order", "async"):
+            runs = row[mode]["runs"]
+            assert len(runs) == 2 and all(rate > 0 for rate in runs)
+            assert row[mode]["tokens_per_s"] == pytest.approx(statistics.median(runs), abs=0.1)
+        assert row["async_over_in_order"] == pytest.approx(
+            row["async"]["tokens_per_s"] / row["in order"]["tokens_per_s"])
+    assert (tmp_path / "async_scheduling.png").stat().st_size > 0
 
 
 # Cases of the dry run, each at TP 1, 2 and 8: 4 GEMMs of a Llama layer at M = 4, 16 (small)
 # and 64; one decode, one prefill and one MoE shape.
 KERNEL_CASES = {"matmul M<=16": 3 * 4 * 2, "matmul M>=512": 3 * 4 * 1, "decode attention": 3,
                 "prefill attention": 3, "fused moe": 3}
+
+
+# torch 2.13 runs torch._grouped_mm on the CPU (the dry run's device); older ones may not.
+GROUPED_MM_ON_CPU = tuple(map(int, torch.__version__.split("+")[0].split(".")[:2])) >= (2, 13)
 
 
 @pytest.mark.timeout(600)
@@ -104,6 +125,10 @@ def test_kernels_dry_run_covers_every_kernel(tmp_path):
         else:
             assert r["baseline_ms"] > 0
             assert r["value"] == pytest.approx(r["baseline_ms"] / r["ms"])
+        if r["bench"] == "fused moe" and ("x_grouped_mm" in r["extra"] or GROUPED_MM_ON_CPU):
+            grouped = r["extra"]
+            assert grouped["x_grouped_mm"] == pytest.approx(grouped["grouped_mm_ms"] / r["ms"])
+            assert 0 <= grouped["grouped_mm_rel_err"] < 1e-2, r
     assert len({r["case"] for r in result["results"]}) == len(result["results"])
     assert (tmp_path / "kernels.png").stat().st_size > 0
 
