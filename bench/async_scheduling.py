@@ -11,10 +11,11 @@ timed step a decode of every request) and reports tokens/s, the median of severa
 The ratio async / in-order compares the two modes on the same executor in the same run.
 
     python bench/async_scheduling.py                  # tiny-llama, batch 1/16/64, 5 runs
-    python bench/async_scheduling.py --model small-llama
+    python bench/async_scheduling.py --model small-llama -tp 2
     python bench/async_scheduling.py --quick          # batch 1 and 16, 2 short runs
 
-Results: bench/results/async_scheduling.json and .png (`--out-dir` elsewhere).
+Results: bench/results/async_scheduling.json and .png, async_scheduling_tp2.* for -tp 2
+(`--out-dir` elsewhere).
 """
 
 from __future__ import annotations
@@ -71,17 +72,17 @@ def decode_rate(llm: LLM, batch: int, steps: int, run: int) -> float:
     return batch * steps / seconds
 
 
-def bench(model: str, device: str, batches: tuple[int, ...], steps: int,
+def bench(model: str, device: str, tp: int, batches: tuple[int, ...], steps: int,
           runs: int) -> list[dict]:
     """Per batch size, the median tokens/s of each mode; both modes' engines stay up for
     the whole run and take turns, run by run, so that drift of the machine's speed
     falls on both alike."""
-    backend = executor_backend(device)
+    backend = executor_backend(device) if tp == 1 else "mp"
     max_len = PROMPT_LEN + WARMUP_STEPS + steps + max(batches) + 16
     llms = {}
     for mode, wanted in (("in order", False), ("async", True)):
         llms[mode] = LLM(model, device=device, distributed_executor_backend=backend,
-                         async_scheduling=wanted, max_num_seqs=max(batches),
+                         tensor_parallel_size=tp, async_scheduling=wanted, max_num_seqs=max(batches),
                          max_model_len=max_len, enable_prefix_caching=False)
         assert llms[mode].engine.scheduler.schedule_ahead == wanted
     rows = []
@@ -126,8 +127,8 @@ def plot(report: dict, path: Path) -> None:
     ax.set_xticks(list(x), labels)
     ax.set_xlabel("decode batch")
     ax.set_ylabel("tokens/s")
-    ax.set_title(f"async scheduling, {report['model']} on {report['device']} "
-                 f"({report['executor']} executor)")
+    ax.set_title(f"async scheduling, {report['model']} TP{report['tensor_parallel_size']} "
+                 f"on {report['device']} ({report['executor']} executor)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -139,25 +140,31 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-llama", help="a preset or model directory")
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="ranks of the replica; above 1 the sampled tokens of a step "
+                             "ahead are broadcast to them (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="batch 1 and 16, short runs")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
     batches, steps, runs = ((1, 16), 30, 2) if args.quick else ((1, 16, 64), 100, 5)
-    rows = bench(args.model, args.device, batches, steps, runs)
+    rows = bench(args.model, args.device, args.tensor_parallel_size, batches, steps, runs)
     report = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
               "device": (torch.cuda.get_device_name() if args.device == "cuda"
                          else platform.processor() or platform.machine()),
               "cpus": os.cpu_count(), "torch": torch.__version__, "model": args.model,
-              "executor": executor_backend(args.device), "prompt_len": PROMPT_LEN,
+              "executor": rows[0]["backend"], "tensor_parallel_size": args.tensor_parallel_size,
+              "prompt_len": PROMPT_LEN,
               "steps": steps, "runs": runs, "load_average": os.getloadavg(), "results": rows}
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "async_scheduling.json").write_text(json.dumps(report, indent=2))
-    plot(report, args.out_dir / "async_scheduling.png")
+    tp = args.tensor_parallel_size
+    stem = args.out_dir / ("async_scheduling" if tp == 1 else f"async_scheduling_tp{tp}")
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    plot(report, stem.with_suffix(".png"))
     print(f"{'batch':>5} {'in order tok/s':>15} {'async tok/s':>12} {'ratio':>6}")
     for r in rows:
         print(f"{r['batch']:5d} {r['in order']['tokens_per_s']:15.1f} "
               f"{r['async']['tokens_per_s']:12.1f} {r['async_over_in_order']:6.2f}")
-    print(f"wrote {args.out_dir / 'async_scheduling.json'} and .png")
+    print(f"wrote {stem.with_suffix('.json')} and .png")
 
 
 if __name__ == "__main__":

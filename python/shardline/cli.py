@@ -53,9 +53,9 @@ def _add_engine_args(parser: argparse.ArgumentParser, default_model: str | None)
                         help="on CUDA, run decode op by op instead of replaying CUDA graphs")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                         default=None,
-                        help="schedule step N+1 while the device runs step N; needs one rank "
-                             "per replica (default: on where it hides host time, a GPU or a "
-                             "worker process)")
+                        help="schedule step N+1 while the ranks run step N; needs one "
+                             "pipeline stage and no sequence parallelism (default: on where it "
+                             "hides host time, on a GPU or in worker processes)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="share of each GPU's memory the weights, KV cache and "
                              "activations may fill; the KV cache takes what the weights leave "

@@ -131,9 +131,9 @@ class SchedulerConfig:
     resumed after preemption may still be recomputed in chunks.
 
     `async_scheduling` lets the engine schedule step N+1 while the device runs step N (see
-    engine.scheduler). It needs one rank per replica: the rank that samples is the one that
-    reads the tokens back in. None turns it on where it hides host time: one rank per
-    replica that computes beside the engine (on a GPU, or in a worker process).
+    engine.scheduler). It needs one pipeline stage and no sequence parallelism. None turns
+    it on where it hides host time: where the ranks compute beside the engine (on a GPU, or
+    in worker processes).
     """
 
     max_num_seqs: int = 64
@@ -236,15 +236,15 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         parallel = self.parallel
-        sizes = {"tensor_parallel_size": parallel.tensor_parallel_size,
-                 "pipeline_parallel_size": parallel.pipeline_parallel_size,
+        sizes = {"pipeline_parallel_size": parallel.pipeline_parallel_size,
                  "sequence_parallel_size": parallel.sequence_parallel_size}
         split = {name: size for name, size in sizes.items() if size > 1}
         if self.scheduler.async_scheduling and split:
             layout = ", ".join(f"{name}={size}" for name, size in split.items())
-            raise ValueError(f"async_scheduling=True needs one rank per replica, but {layout}: "
-                             "the next step's tokens would have to reach ranks that did not "
-                             "sample them; use async_scheduling=None or False with this layout")
+            raise ValueError(f"async_scheduling=True needs one pipeline stage and no sequence "
+                             f"parallelism, but {layout}: a pipeline keeps its own steps in "
+                             "flight, and sequence-parallel ranks would each need the tokens "
+                             "of others; use async_scheduling=None or False with this layout")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -157,16 +157,17 @@ def test_abort_of_a_sequence_in_two_steps_frees_its_blocks_after_both():
     assert_all_free(engine)
 
 
-def test_async_scheduling_is_refused_where_other_ranks_would_need_the_tokens():
+def test_async_scheduling_is_refused_with_a_pipeline_or_sequence_parallelism():
     base = dict(model=ModelConfig(model="fake"), cache=CacheConfig(),
                 scheduler=SchedulerConfig(async_scheduling=True))
-    for layout, name in ((dict(tensor_parallel_size=2), "tensor_parallel_size=2"),
-                         (dict(pipeline_parallel_size=2), "pipeline_parallel_size=2"),
-                         (dict(sequence_parallel_size=2), "sequence_parallel_size=2")):
-        with pytest.raises(ValueError, match=f"async_scheduling=True needs one rank per "
-                                             f"replica, but {name}"):
+    for layout, name in ((dict(pipeline_parallel_size=2), "pipeline_parallel_size=2"),
+                         (dict(sequence_parallel_size=2, tensor_parallel_size=2),
+                          "sequence_parallel_size=2")):
+        with pytest.raises(ValueError, match=f"async_scheduling=True needs one pipeline stage "
+                                             f"and no sequence parallelism, but {name}"):
             EngineConfig(parallel=ParallelConfig(**layout), **base)
-    EngineConfig(parallel=ParallelConfig(data_parallel_size=2), **base)
+    for layout in (dict(data_parallel_size=2), dict(tensor_parallel_size=2)):
+        EngineConfig(parallel=ParallelConfig(**layout), **base)
     with pytest.raises(ValueError, match="async_scheduling"):
         SchedulerConfig(async_scheduling="yes")
 
@@ -174,15 +175,18 @@ def test_async_scheduling_is_refused_where_other_ranks_would_need_the_tokens():
 @pytest.mark.parametrize("wanted", [None, True, False])
 @pytest.mark.parametrize("hides", [True, False])
 @pytest.mark.parametrize("layout", [{}, {"data_parallel_size": 2},
-                                    {"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}])
+                                    {"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2},
+                                    {"sequence_parallel_size": 2}])
 def test_the_default_is_on_where_host_time_can_hide(wanted, hides, layout):
-    if wanted and layout.keys() - {"data_parallel_size"}:
+    allowed = not layout.keys() & {"pipeline_parallel_size", "sequence_parallel_size"}
+    if wanted and not allowed:
         return  # refused by the config (above)
     config = EngineConfig(model=ModelConfig(model="fake"), cache=CacheConfig(),
                           scheduler=SchedulerConfig(async_scheduling=wanted),
-                          parallel=ParallelConfig(**layout))
-    one_rank = not layout.keys() - {"data_parallel_size"}
-    expected = (one_rank and hides) if wanted is None else wanted
+                          parallel=ParallelConfig(device="cpu", **layout))
+    # On CPU ranks, tensor parallelism leaves it off unless asked for (see the docstring).
+    pays = allowed and hides and "tensor_parallel_size" not in layout
+    expected = pays if wanted is None else wanted
     executor = SimpleNamespace(hides_host_time=hides)
     assert uses_async_scheduling(config, executor) is expected
 

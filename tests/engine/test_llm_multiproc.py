@@ -45,11 +45,14 @@ ENGINE = dict(block_size=4, num_kv_blocks=24, max_num_batched_tokens=16, max_num
 LAYOUTS = {
     "tp2": dict(tensor_parallel_size=2),
     "mp-world1": dict(distributed_executor_backend="mp"),
+    "tp2-async": dict(tensor_parallel_size=2, async_scheduling=True),
     "pp2": dict(pipeline_parallel_size=2),
 }
 # One rank in a worker process schedules ahead (async scheduling is on by default there):
-# its reference does too, in process, so that both run the same steps.
-REFERENCE = {"mp-world1": dict(async_scheduling=True)}
+# its reference does too, in process, so that both run the same steps. TP2 on the CPU
+# does not by default; "tp2-async" asks for it (the sampled tokens then reach the other
+# rank by broadcast).
+REFERENCE = {"mp-world1": dict(async_scheduling=True), "tp2-async": dict(async_scheduling=True)}
 TIMEOUT_S = 60.0
 pytestmark = pytest.mark.usefixtures("no_process_left_behind")
 
@@ -85,8 +88,9 @@ def pair(request) -> Pair:
         executor = llm.engine.executor
         assert isinstance(executor, MultiProcExecutor)
         assert len(executor.worker_pids) == executor.config.parallel.world_size
-        # On by default for one rank in a worker process, off where other ranks need tokens.
-        assert llm.engine.scheduler.schedule_ahead == (request.param == "mp-world1")
+        # On by default for one CPU rank in a worker process, or when asked for.
+        ahead = request.param in ("mp-world1", "tp2-async")
+        assert llm.engine.scheduler.schedule_ahead == ahead
         yield Pair(request.param, reference, llm)
     finally:
         llm.shutdown()

@@ -20,7 +20,7 @@ sequences so that the next step has work for the stages this one has left. A seq
 flight is never preempted; one that finishes or is aborted while in flight keeps its KV
 blocks until its step returns, and that step's token for it is dropped.
 
-With async scheduling (one rank per replica, no pipeline) the engine keeps two steps in
+With async scheduling (no pipeline, no sequence parallelism) the engine keeps two steps in
 flight, and a decoding sequence may be in both: the second step decodes the token the
 first one samples, which the worker still holds and the engine has not seen. The engine
 thus schedules step N+1 while the device runs step N. A sequence goes one step ahead

@@ -116,8 +116,8 @@ class Executor(ABC):
     def hides_host_time(self) -> bool:
         """Whether the workers compute beside the engine's Python (in other processes, or
         on a GPU), so that scheduling a step while another runs hides the engine's host
-        time: where it holds and each replica is one rank, async scheduling is on unless
-        the configuration turns it off."""
+        time: where it holds (and the layout allows), async scheduling is on unless the
+        configuration turns it off."""
         return True
 
     @abstractmethod

@@ -157,8 +157,7 @@ def build_step_inputs(requests: list[RequestState], num_scheduled: list[int],
     )
 
 
-def fill_ahead_tokens(inputs: StepInputs, earlier_tokens: torch.Tensor | None) -> None:
+def fill_ahead_tokens(inputs: StepInputs, earlier_tokens: torch.Tensor) -> None:
     """Put the tokens sampled in the previous step ([N] on the device) into the input rows
     of the requests that went ahead of it."""
-    if inputs.ahead_req_ids:
-        inputs.input_ids[inputs.ahead_rows] = earlier_tokens[inputs.ahead_sources]
+    inputs.input_ids[inputs.ahead_rows] = earlier_tokens[inputs.ahead_sources]

@@ -16,7 +16,7 @@ from shardline.kernels._tuned import set_autotuning
 from shardline.kernels.dispatch import triton_enabled
 from shardline.layers.attention import AttentionMetadata
 from shardline.layers.sampler import Sampler, SamplingBatch
-from shardline.distributed.parallel_state import get_pp_group, get_sp_group
+from shardline.distributed.parallel_state import get_pp_group, get_sp_group, get_tp_group
 from shardline.layers.sequence_parallel import local_num_tokens
 from shardline.models.llama import IntermediateTensors
 from shardline.models.loader import load_model, read_config, read_model_info
@@ -141,10 +141,25 @@ class ModelRunner:
         counts = [scheduler_output.num_scheduled_tokens[r.req_id] for r in scheduled]
         inputs = build_step_inputs(scheduled, counts, self.block_size, self.device,
                                    self._earlier_samples)
-        fill_ahead_tokens(inputs, self._earlier_tokens)
+        if inputs.ahead_req_ids:
+            fill_ahead_tokens(inputs, self._earlier_step_tokens())
         if self.decode_graphs is not None and self.decode_graphs.supports(inputs):
             return inputs, self.decode_graphs.run(inputs)
         return inputs, self._run_stage(inputs.input_ids, inputs.positions, inputs.meta)
+
+    def _earlier_step_tokens(self) -> torch.Tensor:
+        """The tokens of the last step that sampled, for a step gone ahead of them. Only the
+        first tensor-parallel rank samples: it broadcasts them to the others, which need
+        the tokens for their slice of the embedding (every rank reaches this call, since
+        every rank sees the same steps)."""
+        tokens = self._earlier_tokens
+        tp = get_tp_group()
+        if tp.size == 1:
+            return tokens
+        if tokens is None:
+            tokens = torch.empty(len(self._earlier_samples), dtype=torch.int64,
+                                 device=self.device)
+        return tp.broadcast(tokens, src=0)
 
     def _dummy_inputs(self) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Token 0 at position 0 as a one-token prefill that writes no KV (slot -1) and
@@ -196,12 +211,13 @@ class ModelRunner:
         inputs, hidden = self._forward(scheduler_output)
         if hidden is None or not inputs.sample_req_ids:
             return ModelRunnerOutput
+        req_ids = self._earlier_samples = inputs.sample_req_ids
+        self._earlier_tokens = None
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         if logits is None:
             return ModelRunnerOutput  # another TP rank gathered the logits and samples
         batch = self._sampling_batch(inputs.sample_req_ids, inputs.ahead_req_ids)
         sampled = self.sampler(logits, batch)
-        req_ids = self._earlier_samples = inputs.sample_req_ids
         self._earlier_tokens = sampled.token_ids
 
         def read() -> ModelRunnerOutput:
