@@ -116,6 +116,34 @@ def test_a_step_ahead_of_a_stop_computes_one_token_that_is_dropped():
     assert_all_free(engine)
 
 
+@pytest.mark.parametrize("count", [2, 3])
+def test_prefills_that_outgrow_the_cache_together_still_finish(count):
+    """Chunked prefills whose sequences cannot all fit: one preempted while another is in
+    flight must not come back and take the blocks that one needs (they would preempt each
+    other forever). The outputs must still be those of one step at a time."""
+    limits = dict(num_blocks=24, block_size=1, max_num_seqs=count, max_num_batched_tokens=4,
+                  max_model_len=64, enable_prefix_caching=False)
+    # Each needs nearly the whole cache (at most 23 + 2 - 1 tokens of KV of 24).
+    prompts = random_prompts(count, 20, 23)
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    expected = LLM.from_engine(make_engine(async_scheduling=False, **limits)
+                               ).generate(prompts, params)
+    engine = make_engine(async_scheduling=True, **limits)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    finished = {}
+    for _ in range(400):
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+        if not engine.has_unfinished_requests():
+            break
+    assert len(finished) == count, f"no progress: {engine.stats}"
+    assert completions([finished[f"r{i}"] for i in range(count)]) == completions(expected)
+    assert engine.stats.num_preemptions > 0
+    assert_all_free(engine)
+
+
 def test_penalized_sequences_wait_for_their_tokens():
     engine = make_engine(async_scheduling=True)
     engine.add_request("p", random_prompts(1, 4, 8)[0],

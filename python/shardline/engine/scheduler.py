@@ -114,10 +114,14 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Pick this step's work: running sequences (decodes first), then waiting ones."""
         out = SchedulerOutput()
-        budget, preempted = self._schedule_running(out)
+        budget, preempted, held_back = self._schedule_running(out)
         # Blocks freed by a preemption go to the preempted sequences first, not to newcomers.
         if not preempted:
-            self._schedule_waiting(out, budget)
+            # Scheduling ahead, a preempted sequence comes back only in a step that takes
+            # every running sequence: admitted while one that outgrows the cache is in
+            # flight, it would take the blocks that one needs, be preempted by it again
+            # and again, and neither would finish.
+            self._schedule_waiting(out, budget, readmit=not (self.schedule_ahead and held_back))
         # An empty step is never run, so its retired ids wait for the next real one.
         if not out.is_empty:
             out.finished_req_ids = self._finished_ids
@@ -153,16 +157,18 @@ class Scheduler:
             sampled.append(seq)
         return sampled
 
-    def _schedule_running(self, out: SchedulerOutput) -> tuple[int, bool]:
-        """Schedule running sequences; return the budget left and whether any was preempted."""
+    def _schedule_running(self, out: SchedulerOutput) -> tuple[int, bool, bool]:
+        """Schedule running sequences; return the budget left, whether any was preempted,
+        and whether any was held back because it is in flight."""
         budget = self.config.max_num_batched_tokens
-        preempted = False
+        preempted = held_back = False
         for seq in sorted(self.running, key=lambda s: (s.is_prefilling, s.arrival)):
             if budget == 0 or len(out.num_scheduled_tokens) >= self._step_seq_cap:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             if seq.seq_id in self._in_flight and not self._can_go_ahead(seq):
+                held_back = True
                 continue
             # Tokens known to the engine, plus the one a step in flight samples (if ahead).
             num_tokens = seq.num_tokens + (seq.seq_id in self._in_flight)
@@ -185,13 +191,16 @@ class Scheduler:
                                        table[seq.num_blocks_sent:], start)
             self._mark_sent(seq, num_new, out)
             budget -= num_new
-        return budget, preempted
+        return budget, preempted, held_back
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, readmit: bool) -> None:
+        """Start waiting sequences in FCFS order; preempted ones only if `readmit`."""
         held: list[Sequence] = []   # siblings waiting for their leader's prompt blocks
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
                and len(out.num_scheduled_tokens) < self._step_seq_cap):
             seq = self.waiting[0]
+            if seq.num_preemptions and not readmit:
+                break
             leader = seq.prefix_leader
             if leader is not None and leader.status is SequenceStatus.RUNNING \
                     and leader.is_prefilling:
