@@ -142,7 +142,8 @@ class SchedulerConfig:
     async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
-        _require(self.async_scheduling in (None, True, False), "async_scheduling",
+        _require(self.async_scheduling is None or isinstance(self.async_scheduling, bool),
+                 "async_scheduling",
                  self.async_scheduling, "None (automatic), True or False")
         _require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
         _require(self.max_num_batched_tokens >= self.max_num_seqs, "max_num_batched_tokens",

@@ -196,8 +196,9 @@ def test_async_scheduling_is_refused_with_a_pipeline_or_sequence_parallelism():
             EngineConfig(parallel=ParallelConfig(**layout), **base)
     for layout in (dict(data_parallel_size=2), dict(tensor_parallel_size=2)):
         EngineConfig(parallel=ParallelConfig(**layout), **base)
-    with pytest.raises(ValueError, match="async_scheduling"):
-        SchedulerConfig(async_scheduling="yes")
+    for wrong in ("yes", 1, 0):
+        with pytest.raises(ValueError, match="async_scheduling"):
+            SchedulerConfig(async_scheduling=wrong)
 
 
 @pytest.mark.parametrize("wanted", [None, True, False])

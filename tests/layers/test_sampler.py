@@ -140,3 +140,23 @@ def test_logprobs_top_n_and_sampled():
 def test_no_logprobs_unless_asked():
     _, logprobs = sample(torch.randn(2, V), _batch([SamplingParams()] * 2))
     assert logprobs == [None, None]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_reading_the_tokens_does_not_wait_for_work_queued_after_them():
+    """Async scheduling queues step N+1 before it reads step N's tokens: that read must wait
+    for step N alone (its copy to the host was queued right behind the sampling)."""
+    import time
+
+    logits = torch.randn(4, V, device="cuda")
+    gens = [torch.Generator("cuda").manual_seed(i) for i in range(4)]
+    out = Sampler()(logits, SamplingBatch([SamplingParams(logprobs=2)] * 4, [[]] * 4,
+                                          [[]] * 4, gens))
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)   # about a second of device time, queued after them
+    start = time.perf_counter()
+    tokens, logprobs = out.to_host()
+    waited = time.perf_counter() - start
+    torch.cuda.synchronize()
+    assert waited < 0.2, f"the read waited {waited:.2f} s for later work"
+    assert tokens == out.token_ids.tolist() and all(lp is not None for lp in logprobs)

@@ -171,11 +171,13 @@ class Scheduler:
                 held_back = True
                 continue
             # Tokens known to the engine, plus the one a step in flight samples (if ahead).
-            num_tokens = seq.num_tokens + (seq.seq_id in self._in_flight)
+            ahead = seq.seq_id in self._in_flight
+            num_tokens = seq.num_tokens + ahead
             start = seq.num_computed_tokens + seq.num_tokens_in_flight
             num_new = min(num_tokens - start, budget)
             allocated = self.kv.allocate(seq.seq_id, start + num_new)
-            while allocated is None:
+            # Going ahead is optional: it takes free blocks only, never another's.
+            while allocated is None and not ahead:
                 victim = self._preemption_victim(out)
                 if victim is None:
                     break  # every other running sequence is in this step or in flight

@@ -13,7 +13,7 @@ for a later moment (see SamplerOutput).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -118,15 +118,37 @@ class SamplerOutput:
     sampled_logprobs: torch.Tensor | None = None
     top_logprobs: torch.Tensor | None = None
     top_token_ids: torch.Tensor | None = None
+    _host: dict[str, torch.Tensor] = field(default_factory=dict)
+    _copied: torch.cuda.Event | None = None
+
+    _RESULTS = ("token_ids", "sampled_logprobs", "top_logprobs", "top_token_ids")
+
+    def start_host_copy(self) -> None:
+        """On a GPU, queue the results' copies to pinned host memory right behind the
+        work that computes them, and mark where they end. A read of the device later,
+        once the next step is queued too, would wait for that step as well."""
+        if self.token_ids.device.type != "cuda":
+            return
+        for name in self._RESULTS:
+            value = getattr(self, name)
+            if value is not None:
+                self._host[name] = value.to("cpu", non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+
+    def _read(self, name: str) -> list:
+        return self._host.get(name, getattr(self, name)).tolist()
 
     def to_host(self) -> tuple[list[int], list[TokenLogprobs | None]]:
-        """The tokens and logprobs as Python values: waits for the device to compute them,
-        and reads them all in one transfer per tensor."""
-        tokens = self.token_ids.tolist()
+        """The tokens and logprobs as Python values: waits for the device to compute them
+        (only them, after start_host_copy), one transfer per tensor."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        tokens = self._read("token_ids")
         logprobs: list[TokenLogprobs | None] = [None] * len(tokens)
         if self.sampled_logprobs is not None:
-            sampled = self.sampled_logprobs.tolist()
-            top_values, top_ids = self.top_logprobs.tolist(), self.top_token_ids.tolist()
+            sampled = self._read("sampled_logprobs")
+            top_values, top_ids = self._read("top_logprobs"), self._read("top_token_ids")
             for i, n in enumerate(self.logprobs_wanted):
                 if n is not None:
                     logprobs[i] = TokenLogprobs(sampled_logprob=sampled[i],
@@ -159,4 +181,5 @@ class Sampler:
             out.sampled_logprobs = rows.gather(1, tokens[:, None])[:, 0]
             top_n = min(max(n for n in wanted if n is not None), rows.shape[1])
             out.top_logprobs, out.top_token_ids = rows.topk(top_n)
+        out.start_host_copy()
         return out
