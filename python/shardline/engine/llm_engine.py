@@ -315,7 +315,8 @@ def uses_async_scheduling(config: EngineConfig, executor: Executor) -> bool:
     computes beside the engine (see Executor.hides_host_time); with tensor parallelism on
     GPUs only. CPU ranks share the cores with the engine, and there the broadcast of each
     step's tokens to the tensor-parallel ranks cost more than the overlap hid
-    (bench/async_scheduling.py -tp 2: 0.72x the tokens/s at batch 1, 0.88x at 16)."""
+    (bench/async_scheduling.py -tp 2: 0.99x the tokens/s at batch 1, 0.81x at 16, 0.96x
+    at 64)."""
     from shardline.worker.worker import pick_device
 
     wanted = config.scheduler.async_scheduling

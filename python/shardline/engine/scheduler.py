@@ -25,8 +25,10 @@ flight, and a decoding sequence may be in both: the second step decodes the toke
 first one samples, which the worker still holds and the engine has not seen. The engine
 thus schedules step N+1 while the device runs step N. A sequence goes one step ahead
 only when the token it waits for cannot end it by length, and when its sampling needs
-no token history (penalties need every output token on the host). If the token ends it
-by a stop condition, the step ahead computes one token that is dropped.
+no token history (penalties need every output token on the host); going ahead takes
+free blocks only, never preempting. If the token ends it by a stop condition, the step
+ahead computes one token that is dropped. A preempted sequence comes back only in a
+step that takes every running sequence (see schedule).
 """
 
 from __future__ import annotations

@@ -118,8 +118,8 @@ class SamplerOutput:
     sampled_logprobs: torch.Tensor | None = None
     top_logprobs: torch.Tensor | None = None
     top_token_ids: torch.Tensor | None = None
-    _host: dict[str, torch.Tensor] = field(default_factory=dict)
-    _copied: torch.cuda.Event | None = None
+    _host: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+    _copied: torch.cuda.Event | None = field(default=None, init=False, repr=False)
 
     _RESULTS = ("token_ids", "sampled_logprobs", "top_logprobs", "top_token_ids")
 
