@@ -27,7 +27,7 @@ HEAD_DIMS = (64, 128, 256)
 GROUPS = (1, 4, 8)
 DIRECT_DECODE = (256, 2048)
 MODULES = ("attention_decode", "attention_prefill", "kv_cache", "matmul", "moe", "norm",
-           "rotary")
+           "rotary", "rotary_kv_cache")
 
 
 @dataclass
@@ -110,7 +110,8 @@ def _attention_layouts(quick: bool) -> list[tuple[str, int, int, int]]:
 
 def _attention_calls(dtype: torch.dtype, quick: bool
                      ) -> Iterator[tuple[str, Callable[[], object]]]:
-    from shardline.kernels import attention_decode, attention_prefill, kv_cache, rotary
+    from shardline.kernels import (attention_decode, attention_prefill, kv_cache, rotary,
+                                   rotary_kv_cache)
     block = kernel_bench.FULL.block_size
     decode_shapes = ((DIRECT_DECODE, kernel_bench.FULL.decode[0]) if quick
                      else (*kernel_bench.FULL.decode, DIRECT_DECODE))
@@ -142,6 +143,7 @@ def _attention_calls(dtype: torch.dtype, quick: bool
             yield (f"prefill {tag} {seqs} x {length}",
                    lambda q=q, k=k, c=cache, t=tables, st=starts, n=lens, sl=slots,
                    p=positions, cs=cos_sin: (
+                       rotary_kv_cache.rotary_and_write_kv_cache(p, q, k, k, cs, True, c, c, sl),
                        rotary.rotary_embedding(p, q, k, cs, True),
                        kv_cache.write_kv_cache(k, k, c, c, sl),
                        attention_prefill.paged_prefill_attention(q, c, c, t, st, n,

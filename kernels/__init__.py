@@ -13,6 +13,7 @@ from shardline.kernels.dispatch import (
     paged_decode_attention,
     paged_prefill_attention,
     rms_norm,
+    rotary_and_write_kv_cache,
     rotary_embedding,
     write_kv_cache,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "paged_decode_attention",
     "paged_prefill_attention",
     "rms_norm",
+    "rotary_and_write_kv_cache",
     "rotary_embedding",
     "write_kv_cache",
 ]

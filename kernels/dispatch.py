@@ -96,6 +96,20 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     return reference.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
 
 
+def rotary_and_write_kv_cache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                              v: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool,
+                              k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Rotate q and k, store the rotated k and v at their cache slots (one kernel on the
+    Triton path); returns the rotated q."""
+    if use_triton(q):
+        from shardline.kernels.rotary_kv_cache import rotary_and_write_kv_cache as triton_op
+        return triton_op(positions, q, k, v, cos_sin_cache, is_neox, k_cache, v_cache,
+                         slot_mapping)
+    return reference.rotary_and_write_kv_cache(positions, q, k, v, cos_sin_cache, is_neox,
+                                               k_cache, v_cache, slot_mapping)
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
                            scale: float) -> torch.Tensor:

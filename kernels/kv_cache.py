@@ -53,13 +53,9 @@ def _unit_last_dim(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store k, v [T, Hk, D] at their slots of k_cache, v_cache [blocks, block_size, Hk, D].
-
-    A slot of -1 (padding) is skipped. k and v may be strided views (e.g. slices of a
-    fused qkv projection); only their last dim must be contiguous.
-    """
+def check_kv_cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Refuse K/V, caches and slots whose shapes do not go together."""
     if k.shape != v.shape or k.dim() != 3:
         raise ValueError(f"k and v must both be [T, Hk, D]; got k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
@@ -71,6 +67,16 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                          f"{tuple(slot_mapping.shape)}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache must have a contiguous last dim")
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store k, v [T, Hk, D] at their slots of k_cache, v_cache [blocks, block_size, Hk, D].
+
+    A slot of -1 (padding) is skipped. k and v may be strided views (e.g. slices of a
+    fused qkv projection); only their last dim must be contiguous.
+    """
+    check_kv_cache_write(k, v, k_cache, v_cache, slot_mapping)
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return

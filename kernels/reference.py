@@ -76,6 +76,16 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
+def rotary_and_write_kv_cache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                              v: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool,
+                              k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              slot_mapping: torch.Tensor) -> torch.Tensor:
+    """rotary_embedding, then write_kv_cache of the rotated k and of v; returns rotated q."""
+    q, k = rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
+    write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
 def _context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """One sequence's first `length` cached rows as [Hk, length, D] in fp32.
 

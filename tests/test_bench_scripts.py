@@ -205,7 +205,7 @@ def test_kernel_resources_quick_check_passes(tmp_path):
     assert {"_decode_split_kernel", "_merge_splits_kernel", "_prefill_kernel",
             "_write_kv_cache_kernel", "_matmul_kernel", "_matmul_partial_kernel",
             "_splitk_reduce_kernel", "_moe_gemm_kernel", "_moe_align_kernel",
-            "_rms_norm_kernel", "_rotary_kernel"} <= compiled
+            "_rms_norm_kernel", "_rotary_kernel", "_rotary_kv_cache_kernel"} <= compiled
     assert run["check_failures"] == []
     assert all(row["registers"] > 0 for row in run["rows"])
 

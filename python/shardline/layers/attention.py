@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from shardline import kernels
+from shardline.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -38,9 +39,18 @@ class Attention(nn.Module):
         self.v_cache = torch.empty(0)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """q [T, Hq, D], k and v [T, Hk, D] of this step's tokens -> [T, Hq * D]."""
-        kernels.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+                meta: AttentionMetadata, rotary: RotaryEmbedding | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """q [T, Hq, D], k and v [T, Hk, D] of this step's tokens -> [T, Hq * D].
+
+        With `rotary`, q and k arrive unrotated and are rotated by `positions` in the same
+        kernel that stores K and V in the cache; without it they arrive rotated.
+        """
+        if rotary is None:
+            kernels.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        else:
+            q = rotary.rotate_into_cache(positions, q, k, v, self.k_cache, self.v_cache,
+                                         meta.slot_mapping)
         if meta.decode_only:
             out = kernels.paged_decode_attention(q, self.k_cache, self.v_cache,
                                                  meta.block_tables, meta.seq_lens, self.scale)

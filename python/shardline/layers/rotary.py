@@ -57,3 +57,11 @@ class RotaryEmbedding(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q [T, Hq, D] and k [T, Hk, D] by their token positions."""
         return kernels.rotary_embedding(positions, q, k, self.cos_sin_cache, True)
+
+    def rotate_into_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor) -> torch.Tensor:
+        """Rotate q and k, store the rotated k and v [T, Hk, D] at their cache slots, and
+        return the rotated q: attention reads K only from the cache."""
+        return kernels.rotary_and_write_kv_cache(positions, q, k, v, self.cos_sin_cache, True,
+                                                 k_cache, v_cache, slot_mapping)

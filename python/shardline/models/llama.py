@@ -51,11 +51,11 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(q.shape[0], -1, self.head_dim)
         k = k.reshape(k.shape[0], -1, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k)
         v = v.reshape(v.shape[0], -1, self.head_dim)
         if self.sp > 1:
+            q, k = self.rotary_emb(positions, q, k)
             return self.o_proj(ulysses_attention(self.attn, q, k, v, meta))
-        return self.o_proj(self.attn(q, k, v, meta))
+        return self.o_proj(self.attn(q, k, v, meta, self.rotary_emb, positions))
 
 
 class LlamaMLP(nn.Module):
