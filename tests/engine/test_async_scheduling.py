@@ -28,14 +28,19 @@ def completions(outputs):
 
 
 def watch_steps(engine) -> dict:
-    """Count the steps sent and those with a sequence already in a step in flight."""
-    seen = {"steps": 0, "ahead": 0, "max_in_flight": 0}
+    """Count the steps sent, those with a sequence already in a step in flight, and the
+    prompt chunks sent while the chunk before them was in flight."""
+    seen = {"steps": 0, "ahead": 0, "chunks_ahead": 0, "max_in_flight": 0}
     send = engine.executor.execute_model
 
     def watched(scheduled, non_block=False):
         busy = set().union(*(s.num_scheduled_tokens for s, _ in engine._in_flight))
+        ahead = [engine.scheduler.seqs[s] for s in busy & set(scheduled.num_scheduled_tokens)]
         seen["steps"] += 1
-        seen["ahead"] += bool(busy & set(scheduled.num_scheduled_tokens))
+        seen["ahead"] += bool(ahead)
+        # A chunk ahead ends within the known tokens, a decode ahead one token past them.
+        seen["chunks_ahead"] += sum(s.num_computed_tokens + s.num_tokens_in_flight
+                                    <= s.num_tokens for s in ahead)
         seen["max_in_flight"] = max(seen["max_in_flight"], len(engine._in_flight) + 1)
         return send(scheduled, non_block)
 
@@ -48,6 +53,18 @@ def assert_all_free(engine) -> None:
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
     assert not engine.has_unfinished_requests()
     assert not engine.scheduler._in_flight
+
+
+def run_both_ways(prompts, params, **limits):
+    """Generate one step at a time, then scheduling ahead; the outputs must be equal.
+    Returns the outputs, the engine that scheduled ahead, and what watch_steps saw."""
+    expected = LLM.from_engine(make_engine(async_scheduling=False, **limits)
+                               ).generate(prompts, params)
+    engine = make_engine(async_scheduling=True, **limits)
+    seen = watch_steps(engine)
+    outputs = LLM.from_engine(engine).generate(prompts, params)
+    assert completions(outputs) == completions(expected)
+    return outputs, engine, seen
 
 
 def mixed_params(count: int) -> list[SamplingParams]:
@@ -69,14 +86,48 @@ def test_async_scheduling_gives_the_same_outputs(pressure):
     params = mixed_params(len(prompts))
     limits = {"roomy": {}, "preempting": {"num_blocks": 40},
               "chunked": {"max_num_batched_tokens": 16, "max_num_seqs": 8}}[pressure]
-    common = dict(eos_token_ids=(0,), max_model_len=48, **limits)
-    reference = LLM.from_engine(make_engine(async_scheduling=False, **common)
-                                ).generate(prompts, params)
-    engine = make_engine(async_scheduling=True, **common)
-    seen = watch_steps(engine)
-    outputs = LLM.from_engine(engine).generate(prompts, params)
-    assert completions(outputs) == completions(reference)
+    _, engine, seen = run_both_ways(prompts, params, eos_token_ids=(0,), max_model_len=48,
+                                    **limits)
     assert seen["max_in_flight"] == 2 and seen["ahead"] > 0
+    assert seen["chunks_ahead"] > 0 or pressure != "chunked"
+    assert_all_free(engine)
+
+
+def test_a_prompt_sends_its_next_chunk_while_the_one_before_runs():
+    budget = random.randint(3, 8)
+    prompt = random_prompts(1, 5 * budget, 9 * budget)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    _, engine, seen = run_both_ways([prompt], params, max_num_batched_tokens=budget,
+                                    max_num_seqs=1, num_blocks=128,
+                                    block_size=random.choice([1, 4, 8]))
+    # Every chunk but the first is sent while the one before is in flight, in order.
+    num_chunks = -(-len(prompt) // budget)
+    chunks = engine.executor.steps[:num_chunks]
+    starts = [[*s.new_requests, *s.cached_requests][0].num_computed_tokens for s in chunks]
+    assert starts == list(range(0, len(prompt), budget))
+    assert seen["chunks_ahead"] == num_chunks - 1
+    assert_all_free(engine)
+
+
+@pytest.mark.parametrize("pressure", ["siblings", "preempting"])
+def test_chunks_going_ahead_give_the_same_outputs(pressure):
+    """Long prompts in small chunks, some sharing a prefix, n > 1 (siblings wait for the
+    leader's prompt blocks), or a cache too small for them all (preemption)."""
+    shared = random_prompts(1, 8, 20)[0]
+    prompts = [shared * (i % 2) + p for i, p in enumerate(random_prompts(8, 10, 40))]
+    params = mixed_params(len(prompts))
+    for i, p in enumerate(params):
+        p.n = 1 + i % 3 if pressure == "siblings" else 1
+    # 16 blocks of 4 hold two sequences of 32 tokens: the longest outgrow it together.
+    outputs, engine, seen = run_both_ways(
+        prompts, params, max_num_batched_tokens=random.randint(8, 12), max_num_seqs=8,
+        max_model_len=64, num_blocks=512 if pressure == "siblings" else 16, eos_token_ids=(0,))
+    assert seen["chunks_ahead"] > 0
+    if pressure == "siblings":  # each sibling reuses the leader's full prompt blocks
+        for prompt, p, out in zip(prompts, params, outputs):
+            assert out.num_cached_tokens >= (p.n - 1) * ((len(prompt) - 1) // 4 * 4)
+    else:
+        assert engine.stats.num_preemptions > 0
     assert_all_free(engine)
 
 
@@ -123,8 +174,9 @@ def test_prefills_that_outgrow_the_cache_together_still_finish(count):
     other forever). The outputs must still be those of one step at a time."""
     limits = dict(num_blocks=24, block_size=1, max_num_seqs=count, max_num_batched_tokens=4,
                   max_model_len=64, enable_prefix_caching=False)
-    # Each needs nearly the whole cache (at most 23 + 2 - 1 tokens of KV of 24).
-    prompts = random_prompts(count, 20, 23)
+    # Each needs nearly the whole cache (at most 23 + 2 - 1 tokens of KV of 24); the
+    # first always outgrows it beside the second chunk-sized prompt the budget admits.
+    prompts = random_prompts(count, 21, 23)
     params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
     expected = LLM.from_engine(make_engine(async_scheduling=False, **limits)
                                ).generate(prompts, params)
@@ -155,17 +207,28 @@ def test_penalized_sequences_wait_for_their_tokens():
     assert_all_free(engine)
 
 
-def test_abort_of_a_sequence_in_two_steps_frees_its_blocks_after_both():
-    engine = make_engine(async_scheduling=True)
-    prompts = random_prompts(3, 6, 12)
+@pytest.mark.parametrize("phase", ["decoding", "prefilling"])
+def test_abort_of_a_sequence_in_two_steps_frees_its_blocks_after_both(phase):
+    # Prefilling: a budget of 16 tokens computes the first prompt in chunks, two in flight.
+    engine = make_engine(async_scheduling=True, max_num_batched_tokens=16)
+    low, high = (6, 12) if phase == "decoding" else (40, 60)
+    prompts = random_prompts(3, low, high)
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     alone = [LLM.from_engine(make_engine()).generate([p], params)[0] for p in prompts]
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt, params)
     engine.send_steps()
-    while engine.scheduler._in_flight["r0"] < 2:
+    r0 = engine.scheduler.seqs["r0"]
+    for _ in range(50):
+        # Prefilling: both steps compute a chunk short of the prompt's end.
+        now = ("prefilling" if r0.num_computed_tokens + r0.num_tokens_in_flight < r0.num_tokens
+               else "decoding" if not r0.is_prefilling else "last chunk")
+        if engine.scheduler._in_flight["r0"] == 2 and now == phase:
+            break
         engine.collect_step()
         engine.send_steps()
+    else:
+        pytest.fail(f"r0 was never in two steps while {phase}")
     used = engine.kv.num_blocks - engine.kv.num_free_blocks
     assert engine.abort_request("r0").outputs[0].finish_reason == "abort"
     assert engine.kv.num_blocks - engine.kv.num_free_blocks == used
@@ -258,6 +321,24 @@ def test_the_model_gives_the_same_tokens_and_logprobs_when_steps_go_ahead(model_
             assert got.logprobs == expected.logprobs
             assert got.finish_reason == expected.finish_reason == "stop"
     assert seen["ahead"] > 0
+    assert_all_free(ahead.engine)
+
+
+def test_the_model_gives_the_same_tokens_when_prompt_chunks_go_ahead(model_pair):
+    """A prompt of several chunks of 32 tokens alone: each chunk after the first is sent
+    while the one before runs, in the same chunks as one step at a time, so every token
+    and logprob must be the same."""
+    in_order, ahead = model_pair
+    seen = watch_steps(ahead.engine)
+    prompts = [[random.randrange(3, 259) for _ in range(random.randint(70, 140))]
+               for _ in range(2)]
+    for prompt in prompts:
+        params = SamplingParams(temperature=0.8, seed=random.randrange(1 << 20), max_tokens=6,
+                                logprobs=2, ignore_eos=True)
+        expected = in_order.generate([prompt], params)[0].outputs[0]
+        got = ahead.generate([prompt], params)[0].outputs[0]
+        assert (got.token_ids, got.logprobs) == (expected.token_ids, expected.logprobs)
+    assert seen["chunks_ahead"] == sum(len(p) // 32 - (len(p) % 32 == 0) for p in prompts)
     assert_all_free(ahead.engine)
 
 

@@ -21,14 +21,16 @@ flight is never preempted; one that finishes or is aborted while in flight keeps
 blocks until its step returns, and that step's token for it is dropped.
 
 With async scheduling (no pipeline, no sequence parallelism) the engine keeps two steps in
-flight, and a decoding sequence may be in both: the second step decodes the token the
-first one samples, which the worker still holds and the engine has not seen. The engine
-thus schedules step N+1 while the device runs step N. A sequence goes one step ahead
-only when the token it waits for cannot end it by length, and when its sampling needs
-no token history (penalties need every output token on the host); going ahead takes
-free blocks only, never preempting. If the token ends it by a stop condition, the step
-ahead computes one token that is dropped. A preempted sequence comes back only in a
-step that takes every running sequence (see schedule).
+flight, and a sequence may be in both, so the engine schedules step N+1 while the device
+runs step N. A prompt computed in chunks sends its next chunk while the one before is in
+flight: its tokens are known, and the worker computes the chunks in order. A decoding
+sequence's second step decodes the token the first one samples, which the worker still
+holds and the engine has not seen. Decoding goes one step ahead only when the token it
+waits for cannot end it by length, and when its sampling needs no token history
+(penalties need every output token on the host); if the token ends it by a stop
+condition, the step ahead computes one token that is dropped. Going ahead takes free
+blocks only, never preempting, and a preempted sequence comes back only in a step that
+takes every running sequence (see schedule).
 """
 
 from __future__ import annotations
@@ -169,17 +171,18 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            if seq.seq_id in self._in_flight and not self._can_go_ahead(seq):
+            in_flight = seq.seq_id in self._in_flight
+            if in_flight and not self._can_go_ahead(seq):
                 held_back = True
                 continue
-            # Tokens known to the engine, plus the one a step in flight samples (if ahead).
-            ahead = seq.seq_id in self._in_flight
-            num_tokens = seq.num_tokens + ahead
             start = seq.num_computed_tokens + seq.num_tokens_in_flight
+            # Tokens known to the engine, plus the one a step in flight samples if this step
+            # decodes ahead of it (a prompt's next chunk needs no sampled token).
+            num_tokens = seq.num_tokens + (in_flight and start == seq.num_tokens)
             num_new = min(num_tokens - start, budget)
             allocated = self.kv.allocate(seq.seq_id, start + num_new)
             # Going ahead is optional: it takes free blocks only, never another's.
-            while allocated is None and not ahead:
+            while allocated is None and not in_flight:
                 victim = self._preemption_victim(out)
                 if victim is None:
                     break  # every other running sequence is in this step or in flight
@@ -189,6 +192,7 @@ class Scheduler:
                     break
                 allocated = self.kv.allocate(seq.seq_id, start + num_new)
             if allocated is None:
+                held_back |= in_flight
                 continue
             table = self.kv.block_table(seq.seq_id)
             out.cached_requests.append(seq.seq_id, seq.token_ids[seq.num_tokens_sent:],
@@ -247,12 +251,16 @@ class Scheduler:
 
     def _can_go_ahead(self, seq: Sequence) -> bool:
         """Whether a sequence in flight may join the next step too: scheduling ahead is on,
-        its one step in flight samples its next token, that token cannot end it by length,
-        and its sampling needs no token history."""
+        it is in one step only, and either that step computes a chunk of its prompt short
+        of the end (the next chunk's tokens are known), or it samples the next token, that
+        token cannot end it by length, and its sampling needs no token history."""
+        if not self.schedule_ahead or self._in_flight[seq.seq_id] != 1:
+            return False
+        unsent = seq.num_tokens - seq.num_computed_tokens - seq.num_tokens_in_flight
+        if unsent > 0:
+            return True
         params = seq.params
-        return (self.schedule_ahead and self._in_flight[seq.seq_id] == 1
-                and seq.num_computed_tokens + seq.num_tokens_in_flight == seq.num_tokens
-                and seq.num_tokens + 1 < seq.max_len
+        return (seq.num_tokens + 1 < seq.max_len
                 and (params.max_tokens is None or seq.num_output_tokens + 1 < params.max_tokens)
                 and not params.needs_token_history)
 
