@@ -8,8 +8,10 @@ from shardline import LLM, SamplingParams
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_queueing_a_decode_step_never_waits_for_the_gpu(temperature, rng):
+@pytest.mark.parametrize("sampling", ["greedy", "seeded", "penalized"])
+def test_queueing_a_decode_step_never_waits_for_the_gpu(sampling, rng):
+    """Penalized: one request of three has repetition, presence and frequency penalties
+    (it never goes ahead, but the steps that hold it are queued behind one in flight)."""
     llm = LLM("tiny-llama", device="cuda", async_scheduling=True, max_num_seqs=4)
     try:
         runner = llm.engine.executor.worker.model_runner
@@ -28,8 +30,13 @@ def test_queueing_a_decode_step_never_waits_for_the_gpu(temperature, rng):
 
         runner.queue_step = strict
         prompts = [[rng.randrange(3, 259) for _ in range(rng.randint(2, 20))] for _ in range(3)]
-        params = SamplingParams(temperature=temperature, seed=rng.randrange(1000),
-                                max_tokens=8, ignore_eos=True)
+        plain = SamplingParams(temperature=0.0 if sampling == "greedy" else 0.8,
+                               seed=rng.randrange(1000), max_tokens=8, ignore_eos=True)
+        penalized = SamplingParams(temperature=0.8, seed=rng.randrange(1000), max_tokens=8,
+                                   ignore_eos=True, repetition_penalty=1.3,
+                                   presence_penalty=0.5, frequency_penalty=0.4)
+        params = [penalized if sampling == "penalized" and i == 0 else plain
+                  for i in range(len(prompts))]
         outputs = llm.generate(prompts, params)
         assert all(len(o.outputs[0].token_ids) == 8 for o in outputs)
         assert checked and max(checked) == 3

@@ -34,12 +34,14 @@ class SamplingBatch:
 
 def _token_counts(token_lists: list[list[int]], vocab_size: int,
                   device: torch.device) -> torch.Tensor:
-    """[N, V] occurrence counts; out-of-vocabulary ids are ignored."""
+    """[N, V] occurrence counts; out-of-vocabulary ids are ignored. The ids reach the
+    device through pinned memory: a step holding a penalized request must not wait for
+    the step in flight before it."""
     width = max((len(t) for t in token_lists), default=0)
     ids = torch.full((len(token_lists), width), vocab_size, dtype=torch.long)
     for i, tokens in enumerate(token_lists):
         ids[i, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-    ids = ids.clamp(max=vocab_size).to(device)
+    ids = to_device(ids.clamp(max=vocab_size), device)
     counts = torch.zeros(len(token_lists), vocab_size + 1, device=device)
     counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
     return counts[:, :vocab_size]
