@@ -54,9 +54,23 @@ class _Recorder:
 
 
 @contextmanager
+def as_on_h100() -> Iterator[None]:
+    """Make matmul see an H100 whatever the device: its SM count (for the split-K choice)
+    and TMA (for which tile configs are candidates)."""
+    from shardline.kernels import matmul
+    saved = matmul._num_sms, matmul.tma_capable
+    matmul._num_sms = lambda device: H100_SMS
+    matmul.tma_capable = lambda device: True
+    try:
+        yield
+    finally:
+        matmul._num_sms, matmul.tma_capable = saved
+
+
+@contextmanager
 def _recording(sink: list[Launch]) -> Iterator[None]:
-    """Swap every kernel of the kernel modules for a recorder (and give matmul an H100's
-    SM count, which its split-K choice reads from the device); restore them after."""
+    """Swap every kernel of the kernel modules for a recorder, as on an H100 (see
+    as_on_h100); restore them after."""
     modules = {short: importlib.import_module(f"shardline.kernels.{short}") for short in MODULES}
     swapped = []
     for short, module in modules.items():
@@ -64,10 +78,9 @@ def _recording(sink: list[Launch]) -> Iterator[None]:
             if isinstance(value, (triton.runtime.JITFunction, triton.runtime.Autotuner)):
                 swapped.append((module, name, value))
                 setattr(module, name, _Recorder(short, name, sink))
-    swapped.append((modules["matmul"], "_num_sms", modules["matmul"]._num_sms))
-    modules["matmul"]._num_sms = lambda device: H100_SMS
     try:
-        yield
+        with as_on_h100():
+            yield
     finally:
         for module, name, value in swapped:
             setattr(module, name, value)

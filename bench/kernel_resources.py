@@ -180,7 +180,8 @@ def candidates(launch: Launch) -> list[Candidate]:
     kept = kernel.configs
     if kernel.early_config_prune is not None:
         positional = dict(zip(jit_function(kernel).arg_names, launch.args))
-        kept = kernel.early_config_prune(kernel.configs, positional, **launch.kwargs)
+        with kernel_launches.as_on_h100():
+            kept = kernel.early_config_prune(kernel.configs, positional, **launch.kwargs)
     found = []
     for config in kernel.configs:
         spec = specialize(kernel, launch.args, launch.kwargs | config.kwargs)

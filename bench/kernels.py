@@ -187,7 +187,23 @@ def bench_matmul(b: Bench, s: Shapes) -> None:
                 bench = "matmul M<=16" if m <= 16 else "matmul M>=512"
                 b.record(bench, f"TP{tp} {name} M={m} N={n} K={k}", ms, base_ms,
                          base_ms / ms, op(xs[0], ws[0]), expected,
-                         tflops=2 * m * n * k / ms / 1e9)
+                         tflops=2 * m * n * k / ms / 1e9,
+                         **tiled_config_flags(xs[0], n // 2 if name == "gate_up" else n, k,
+                                              name == "gate_up"))
+
+
+def tiled_config_flags(x: torch.Tensor, n: int, k: int, gated: bool) -> dict[str, float]:
+    """{"tma": 1.0 or 0.0}: whether the tiled GEMM ran this shape with a TMA config; {} where
+    it did not run (split-K, or a table that sent the shape to torch.matmul)."""
+    from shardline.kernels import _tuned
+    from shardline.kernels._config import shape_bucket
+    tiled = _tuned.KERNELS.get("_matmul_kernel")
+    key = _tuned.key_string(["M_BUCKET", "N", "K", "SILU_MUL"],
+                            (shape_bucket(x.shape[0]), n, k, gated), x.dtype)
+    reached = tiled.reached.get(key) if tiled is not None else None
+    if reached is None or reached.config is None:
+        return {}
+    return {"tma": float(bool(reached.config.kwargs.get("TMA")))}
 
 
 def paged_kv(b: Bench, batch: int, context: int, kv_heads: int, head_dim: int,
@@ -363,6 +379,7 @@ def print_table(b: Bench) -> None:
         target = f">= {r.target:g} {METRICS[r.bench]}"
         grouped = (f"  ({r.extra['x_grouped_mm']:.2f}x torch._grouped_mm)"
                    if "x_grouped_mm" in r.extra else "")
+        grouped += "  (TMA)" if r.extra.get("tma") else ""
         print(f"{r.bench:<18} {r.case:<50} {r.ms:9.3f} {base} {r.value:7.2f} "
               f"{target:>13} {r.rel_err:8.1e}  {verdict}{grouped}")
 

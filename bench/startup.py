@@ -16,9 +16,10 @@ targets: 20 s, 10 s and 10 s from LLM(...) to ready.
 recorded instead of compiled, and reports per kernel the compiles without a tuned table
 (each new key compiles every candidate config its prune keeps, to time them) and with
 one (one compile per key and specialization; --table FILE counts that table's hits only).
-It counts as on an H100 (132 SMs) for matmul's split-K choice; decode attention picks its
-context splits for one SM on the CPU, so its count misses the split variant a GPU start
-also compiles, and linear shapes a table sends to torch.matmul still count as compiles.
+It counts as on an H100 (132 SMs, TMA) for matmul's split-K choice and TMA configs;
+decode attention picks its context splits for one SM on the CPU, so its count misses the
+split variant a GPU start also compiles, and linear shapes a table sends to torch.matmul
+still count as compiles.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def recording_launches(sms: int) -> Iterator[dict[str, dict[str, set]]]:
     with mock.patch.dict(os.environ, env), \
             mock.patch.object(triton.runtime.JITFunction, "run", plain_run), \
             mock.patch.object(_tuned.TunedKernel, "_launch", tuned_launch), \
-            mock.patch.object(matmul, "_num_sms", lambda device: sms):
+            mock.patch.object(matmul, "_num_sms", lambda device: sms), \
+            mock.patch.object(matmul, "tma_capable", lambda device: True):
         dispatch.reset_triton_choice()
         _tuned.reset()
         _tuned.set_autotuning(False)

@@ -32,16 +32,17 @@ def shape_bucket(n: int, cap: int = 4096) -> int:
 
 
 class _FixedConfig:
-    """A kernel launched with one config, standing in for triton.autotune."""
+    """A kernel launched with one config, standing in for triton.autotune (its `fn`, as
+    an autotuner's, is the kernel)."""
 
     def __init__(self, kernel: triton.JITFunction, config: triton.Config) -> None:
-        self.kernel = kernel
+        self.fn = kernel
         self.config = config
 
     def __getitem__(self, grid: tuple | Callable[[dict], tuple]) -> Callable[..., None]:
         def launch(*args, **kwargs) -> None:
             meta = {**kwargs, **self.config.kwargs}
-            self.kernel[grid(meta) if callable(grid) else grid](
+            self.fn[grid(meta) if callable(grid) else grid](
                 *args, **meta, num_warps=self.config.num_warps,
                 num_stages=self.config.num_stages)
         return launch

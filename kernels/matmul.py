@@ -6,6 +6,12 @@ weight, so SiLU(gate) * up never leaves registers). Decode-shaped calls (few row
 K) leave most SMs idle with plain tiling, so they split K over extra programs that write
 fp32 partials, and a second pass sums them in a fixed order and applies the epilogue:
 deterministic, no atomics.
+
+On Hopper and newer GPUs the tiled kernel has a second way to load its tiles: TMA, the
+copy engine that moves a whole tile from global to shared memory from one descriptor,
+zero-filling what lies past the matrix edges. Its configs sit beside the pointer-load
+ones, so tuning times both and keeps the faster per shape (and torch.matmul where that
+beats both: see shardline.kernels._tuned).
 """
 
 from __future__ import annotations
@@ -23,28 +29,41 @@ _K_ALIGN = 32 if interpreting() else 256
 _MIN_K_PER_SPLIT = 2 * _K_ALIGN
 
 
-def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int, **flags: bool) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, **flags},
                          num_warps=warps, num_stages=stages)
+
+
+def _tile_config(bm: int, bn: int, bk: int, warps: int, stages: int, tma: bool = False
+                 ) -> triton.Config:
+    return _config(bm, bn, bk, warps, stages, TMA=tma)
 
 
 # SiLU(gate) * up keeps two accumulators live: these tiles spill registers (or outgrow a
 # block's shared memory) on sm_90 when gated, as bench/kernel_resources.py measures.
 _UNGATED_ONLY = [
-    _config(128, 256, 64, 8, 3),
-    _config(128, 128, 64, 4, 4),
-    _config(16, 32, 256, 4, 4),
+    _tile_config(128, 256, 64, 8, 3),
+    _tile_config(128, 128, 64, 4, 4),
+    _tile_config(16, 32, 256, 4, 4),
+    _tile_config(128, 256, 64, 8, 3, tma=True),
+    _tile_config(128, 128, 64, 4, 4, tma=True),
 ]
-_TILED_CONFIGS = _UNGATED_ONLY + [
-    _config(128, 128, 64, 8, 3),
-    _config(128, 64, 64, 4, 4),
-    _config(64, 128, 64, 4, 4),
-    _config(64, 64, 64, 4, 4),
-    _config(32, 64, 128, 4, 4),
-    _config(16, 64, 128, 4, 5),
-    _config(16, 128, 64, 4, 4),
-    _config(16, 64, 64, 4, 4),
+_TMA_CONFIGS = [c for c in _UNGATED_ONLY if c.kwargs["TMA"]] + [
+    _tile_config(128, 128, 64, 8, 3, tma=True),
+    _tile_config(128, 64, 64, 4, 4, tma=True),
+    _tile_config(64, 128, 64, 4, 4, tma=True),
+    _tile_config(64, 64, 64, 4, 4, tma=True),
 ]
+_TILED_CONFIGS = [c for c in _UNGATED_ONLY if not c.kwargs["TMA"]] + [
+    _tile_config(128, 128, 64, 8, 3),
+    _tile_config(128, 64, 64, 4, 4),
+    _tile_config(64, 128, 64, 4, 4),
+    _tile_config(64, 64, 64, 4, 4),
+    _tile_config(32, 64, 128, 4, 4),
+    _tile_config(16, 64, 128, 4, 5),
+    _tile_config(16, 128, 64, 4, 4),
+    _tile_config(16, 64, 64, 4, 4),
+] + _TMA_CONFIGS
 _SPLIT_CONFIGS = [
     _config(16, 32, 256, 4, 4),
     _config(16, 64, 64, 4, 4),
@@ -52,15 +71,35 @@ _SPLIT_CONFIGS = [
     _config(16, 128, 128, 8, 3),
     _config(16, 128, 64, 4, 5),
 ]
-_INTERPRETER_CONFIG = _config(32, 32, 32, 4, 1)
+_INTERPRETER_CONFIG = _tile_config(32, 32, 32, 4, 1)
+_INTERPRETER_SPLIT_CONFIG = _config(32, 32, 32, 4, 1)
+
+
+@functools.cache
+def tma_capable(device: torch.device) -> bool:
+    """Whether kernels on `device` may load through TMA descriptors: a compiled kernel (not
+    the interpreter) on a Hopper or newer GPU, with a triton that builds descriptors."""
+    return (device.type == "cuda" and not interpreting()
+            and hasattr(tl, "make_tensor_descriptor")
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def tma_eligible(x: torch.Tensor, k: int) -> bool:
+    """Whether this GEMM may take a TMA config: 16-bit inputs whose rows of K elements are
+    a multiple of 16 bytes (TMA's stride rule); the wrapper aligns the tensors."""
+    return (x.dtype in (torch.float16, torch.bfloat16) and (k * x.element_size()) % 16 == 0
+            and tma_capable(x.device))
 
 
 def _fit_rows(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Tiles taller than the (bucketed) row count only add wasted work, and gated calls
-    skip the tiles that spill with two accumulators: never time them."""
+    """Tiles taller than the (bucketed) row count only add wasted work, gated calls skip
+    the tiles that spill with two accumulators, and TMA tiles need a GPU and shape that
+    take them: never time those."""
     rows = max(16, named_args["M_BUCKET"])
     excluded = _UNGATED_ONLY if kwargs["SILU_MUL"] else []
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c not in excluded]
+    tma = tma_eligible(named_args["x_ptr"], named_args["K"])
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c not in excluded
+            and (tma or not c.kwargs.get("TMA"))]
 
 
 @triton.jit
@@ -85,6 +124,25 @@ def dot_over_k(a_ptrs, w_ptrs, k_len, stride_ak, stride_wk, up_offset,
     return acc, acc_up
 
 
+@triton.jit
+def dot_over_k_tma(x_desc, w_desc, row, col, up_col, k_len, GATED: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """dot_over_k with tiles loaded by TMA from descriptors of x and W: the tile at (row,
+    col) of the product, and with GATED the up tile `up_col` columns further. What lies
+    past an edge of x or W loads as zeros, so nothing is masked."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(k_len, BLOCK_K)):
+        a = x_desc.load([row, k * BLOCK_K])
+        b = w_desc.load([col, k * BLOCK_K])
+        acc = tl.dot(a, b.T, acc, input_precision=PRECISION)
+        if GATED:
+            b_up = w_desc.load([col + up_col, k * BLOCK_K])
+            acc_up = tl.dot(a, b_up.T, acc_up, input_precision=PRECISION)
+    return acc, acc_up
+
+
 # M only bounds rows (masks, wrapping), so its 16-divisibility buys nothing; specializing
 # on it would compile a third binary per shape bucket (M = 1, M % 16 == 0, other).
 @autotune(_TILED_CONFIGS, key=["M_BUCKET", "N", "K", "SILU_MUL"], fixed=_INTERPRETER_CONFIG,
@@ -96,7 +154,7 @@ def _matmul_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, M_BUCKET,
                    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                    SILU_MUL: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   GROUP_M: tl.constexpr):
+                   GROUP_M: tl.constexpr, TMA: tl.constexpr):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -109,16 +167,25 @@ def _matmul_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, M_BUCKET,
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    # Out-of-range rows and columns wrap to valid ones (their results are never stored),
-    # so only the K edge needs a load mask.
-    safe_m = offs_m % M
-    safe_n = offs_n % N
-    x_ptrs = x_ptr + safe_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + safe_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-
-    acc, acc_up = dot_over_k(x_ptrs, w_ptrs, K, stride_xk, stride_wk, N * stride_wn,
-                             SILU_MUL, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    if TMA:
+        # The wrapper made both row-major with 16-byte aligned rows, as TMA requires.
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[2 * N if SILU_MUL else N, K],
+                                           strides=[stride_wn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+        acc, acc_up = dot_over_k_tma(x_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, N, K,
+                                     SILU_MUL, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        # Out-of-range rows and columns wrap to valid ones (their results are never
+        # stored), so only the K edge needs a load mask.
+        safe_m = offs_m % M
+        safe_n = offs_n % N
+        x_ptrs = x_ptr + safe_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        w_ptrs = w_ptr + safe_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        acc, acc_up = dot_over_k(x_ptrs, w_ptrs, K, stride_xk, stride_wk, N * stride_wn,
+                                 SILU_MUL, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
     n_mask = offs_n < N
     if HAS_BIAS:
@@ -137,7 +204,7 @@ def _matmul_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, M_BUCKET,
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@autotune(_SPLIT_CONFIGS, key=["M_BUCKET", "N", "K", "K_SPLIT"], fixed=_INTERPRETER_CONFIG)
+@autotune(_SPLIT_CONFIGS, key=["M_BUCKET", "N", "K", "K_SPLIT"], fixed=_INTERPRETER_SPLIT_CONFIG)
 @triton.jit(do_not_specialize_on_alignment=["M"])
 def _matmul_partial_kernel(x_ptr, w_ptr, ws_ptr, M, N, K, M_BUCKET, K_SPLIT,
                            stride_xm, stride_xk, stride_wn, stride_wk,
@@ -227,10 +294,27 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         raise ValueError(f"bias must be [{rows}]; got {tuple(bias.shape)}")
 
 
+def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """`t` as TMA reads it: unit column stride, rows and base 16-byte aligned."""
+    if (t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+            and t.data_ptr() % 16 == 0):
+        return t
+    return torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
+
+
 def _tiled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            residual: torch.Tensor | None, out: torch.Tensor, silu_mul: bool) -> None:
     m, k = x.shape
     n = out.shape[1]
+    if tma_eligible(x, k):
+        x, weight = _tma_ready(x), _tma_ready(weight)
+        # A descriptor built in the kernel lives in scratch memory that triton asks its
+        # allocator for at each launch; the allocator is per context (thread, task).
+        triton.set_allocator(_tma_scratch)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     _matmul_kernel[grid](
         x, weight, out if bias is None else bias, out if residual is None else residual, out,

@@ -12,6 +12,11 @@ pytest.importorskip("triton")
 
 from shardline.kernels import matmul
 
+
+def describe(config) -> str:
+    return "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (
+        f"-w{config.num_warps}-s{config.num_stages}")
+
 pytestmark = pytest.mark.usefixtures("fresh_seed")
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -55,6 +60,52 @@ def test_linear_reads_strided_input():
     x = torch.randn(70, 21)[::2, 1:]
     w = torch.randn(30, 20)
     assert_close(matmul.linear(x, w), reference.linear(x, w), TOLERANCE)
+
+
+def tma_case(m: int, n: int, k: int, dtype: torch.dtype, device: str):
+    """Inputs whose x is a view one element past an aligned base, so the wrapper must copy
+    it for TMA, with bias, residual and a merged gate_up weight."""
+    x = torch.randn(m, k + 1, dtype=dtype, device=device)[:, 1:]
+    w = torch.randn(n, k, dtype=dtype, device=device) / k ** 0.5
+    gate_up = torch.randn(2 * n, k, dtype=dtype, device=device) / k ** 0.5
+    bias = torch.randn(n, dtype=dtype, device=device)
+    return x, w, gate_up, bias, torch.randn(m, n, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", matmul._TMA_CONFIGS, ids=lambda c: describe(c))
+def test_tma_configs_match_reference(device, config, monkeypatch):
+    """Each TMA tile, launched through the wrapper, at shapes with a row, column and K
+    edge inside a tile (TMA zero-fills past them) and an x TMA cannot read in place."""
+    from shardline.kernels._config import _FixedConfig
+    if device == "cpu":
+        monkeypatch.setattr(matmul, "tma_capable", lambda device: True)
+    elif not matmul.tma_capable(torch.device(device)):
+        pytest.skip("TMA needs a Hopper or newer GPU and a triton that builds descriptors")
+    monkeypatch.setattr(matmul, "_matmul_kernel",
+                        _FixedConfig(matmul._matmul_kernel.fn, config))
+    for dtype in [d for d in dtypes(device) if d != torch.float32]:
+        m, n, k = int(torch.randint(17, 150, ())), int(torch.randint(9, 200, ())), 8 * int(
+            torch.randint(9, 40, ()))
+        x, w, gate_up, bias, residual = tma_case(m, n, k, dtype, device)
+        out = poisoned((m, n), dtype, device)
+        matmul.linear(x, w, bias, residual, out=out)
+        assert_close(out, reference.linear(x, w, bias, residual), TOLERANCE)
+        out = poisoned((m, n), dtype, device)
+        matmul.linear_silu_mul(x, gate_up, None, out=out)
+        assert_close(out, reference.linear_silu_mul(x, gate_up), TOLERANCE)
+
+
+def test_tma_configs_are_candidates_only_where_tma_can_load(monkeypatch):
+    def kept(dtype: torch.dtype, k: int, gated: bool = False) -> set[bool]:
+        args = {"x_ptr": torch.empty(0, k, dtype=dtype), "K": k, "M_BUCKET": 4096}
+        return {c.kwargs["TMA"] for c in matmul._fit_rows(matmul._TILED_CONFIGS, args,
+                                                          SILU_MUL=gated)}
+    assert kept(torch.bfloat16, 4096) == {False}          # a CPU tensor
+    monkeypatch.setattr(matmul, "tma_capable", lambda device: True)
+    assert kept(torch.bfloat16, 4096) == kept(torch.float16, 4096, gated=True) == {False, True}
+    assert kept(torch.bfloat16, 4100) == {False}          # rows of 8200 bytes
+    assert kept(torch.float32, 4096) == {False}
 
 
 def test_split_k_chosen_for_decode_shapes_only():
@@ -111,10 +162,10 @@ def test_kernels_compile_for_h100(compile_for_h100):
     io = dict(x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", res_ptr="*bf16",
               out_ptr="*bf16", ws_ptr="*fp32")
     compile_for_h100("shardline.kernels.matmul", [
-        ("_matmul_kernel", io, dict(HAS_BIAS=True, HAS_RESIDUAL=True, SILU_MUL=False,
-                                    PRECISION="tf32", **tiles)),
-        ("_matmul_kernel", io, dict(HAS_BIAS=True, HAS_RESIDUAL=False, SILU_MUL=True,
-                                    PRECISION="tf32", **tiles)),
+        ("_matmul_kernel", io, dict(HAS_BIAS=True, HAS_RESIDUAL=residual, SILU_MUL=gated,
+                                    PRECISION="tf32", TMA=tma, **tiles))
+        for tma in (False, True) for gated, residual in ((False, True), (True, False))
+    ] + [
         ("_matmul_partial_kernel", io, dict(PRECISION="ieee", BLOCK_M=16, BLOCK_N=64,
                                             BLOCK_K=128, GROUP_M=8)),
         ("_splitk_reduce_kernel", io, dict(HAS_BIAS=True, HAS_RESIDUAL=True, SILU_MUL=True,

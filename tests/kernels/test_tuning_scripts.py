@@ -75,9 +75,9 @@ import tune
 from shardline.kernels import _tuned
 
 out_dir, limit = Path(sys.argv[2]), sys.argv[3]
-WINNERS = {"_matmul_kernel": "BLOCK_M=16 BLOCK_N=64 BLOCK_K=128 GROUP_M=8 w4 s5",
+WINNERS = {"_matmul_kernel": "BLOCK_M=16 BLOCK_N=64 BLOCK_K=128 GROUP_M=8 TMA=False w4 s5",
            "_decode_split_kernel": "BLOCK_N=32 w2 s4",
-           "_prefill_kernel": "BLOCK_M=32 BLOCK_N=32 w4 s2", "_write_kv_cache_kernel": "w2 s3"}
+           "_prefill_kernel": "BLOCK_M=32 BLOCK_N=32 w4 s2"}
 launched, phase, keys_seen = [], ["kernels"], {}
 real_launch, real_tune_kernels = _tuned.TunedKernel._launch, tune.tune_kernels
 
