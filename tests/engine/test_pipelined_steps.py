@@ -84,8 +84,6 @@ def test_abort_while_the_step_is_in_flight_is_applied_when_it_returns():
     assert aborted.finished and aborted.outputs[0].finish_reason == "abort"
     # The step in flight still reads the victim's KV blocks: they are not freed yet.
     assert engine.kv.num_blocks - engine.kv.num_free_blocks == used
-    with pytest.raises(ValueError, match="clashes with the running sequence"):
-        engine.add_request(victim, prompts[0], params)
     finished = {}
     while engine.has_unfinished_requests():
         for output in engine.step():

@@ -118,7 +118,10 @@ class LLMEngine:
             leader = seqs[0] if seqs and self.kv.enable_prefix_caching else None
             seqs.append(Sequence(seq_id, request_id, i, prompt_ids, child,
                                  next(self._arrival), max_len, leader))
-        taken = [seq.seq_id for seq in seqs if self.scheduler.holds(seq.seq_id)]
+        # A finished request's id is free at once, even while a step in flight still holds
+        # its sequence (the new one waits for it): only a sequence of another request,
+        # named like one of these, is in the way.
+        taken = [seq.seq_id for seq in seqs if seq.seq_id in self.scheduler.seqs]
         if taken:
             raise ValueError(f"request_id={request_id!r} clashes with the running sequence "
                              f"{taken[0]!r}: choose another id")

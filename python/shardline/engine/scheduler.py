@@ -4,9 +4,10 @@ Each step has a token budget (`max_num_batched_tokens`) and a cap on running seq
 (`max_num_seqs`). Running sequences that are decoding go first, in arrival order, then
 running sequences still prefilling, then waiting sequences in arrival order (FCFS: when
 the head of the queue cannot start, for want of blocks or budget, nothing behind it
-does). The one exception is a sibling of an n > 1 request whose leader is still
-prefilling the shared prompt: it waits, keeping its place at the front, until it can
-reuse the leader's prompt blocks, and the requests behind it go ahead meanwhile. A prompt
+does). Two kinds wait at the front while the requests behind them go ahead: a sibling
+of an n > 1 request whose leader is still prefilling the shared prompt, until it can
+reuse the leader's prompt blocks; and a sequence whose id is still held by a step in
+flight of a finished sequence of that id, until that step is back (see below). A prompt
 longer than the remaining budget is computed in chunks over several steps (chunked
 prefill). When the KV cache has no free block for a running sequence, the latest-arrived
 running sequence not yet scheduled in this step is preempted: its blocks are freed, it
@@ -18,7 +19,8 @@ sequence is in at most one of them (its next step needs the token this one sampl
 a step skips the sequences still in flight, and takes at most 1/depth of the unfinished
 sequences so that the next step has work for the stages this one has left. A sequence in
 flight is never preempted; one that finishes or is aborted while in flight keeps its KV
-blocks until its step returns, and that step's token for it is dropped.
+blocks until its step returns, and that step's token for it is dropped. A new sequence may
+take its id at once (it waits in the queue until that step is back).
 
 With async scheduling (no pipeline, no sequence parallelism) the engine keeps two steps in
 flight, and a sequence may be in both, so the engine schedules step N+1 while the device
@@ -76,6 +78,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._finished_ids: list[str] = []
         self._in_flight: Counter[str] = Counter()   # steps sent that have not returned
+        self._retired: set[str] = set()   # ids finished while steps in flight hold them
 
     @property
     def max_steps_in_flight(self) -> int:
@@ -83,14 +86,11 @@ class Scheduler:
         ahead (the device runs one while the engine prepares the next)."""
         return 2 if self.schedule_ahead else self.pipeline_depth
 
-    def holds(self, seq_id: str) -> bool:
-        """Whether `seq_id` is scheduled, or its last step is still running."""
-        return seq_id in self.seqs or seq_id in self._in_flight
-
     def add(self, seq: Sequence) -> None:
-        if self.holds(seq.seq_id):
-            raise ValueError(f"sequence id {seq.seq_id!r} is already scheduled (or its last "
-                             "step is still running)")
+        """Queue a sequence. Its id may be that of a finished one whose steps are still in
+        flight: it starts once they are back."""
+        if seq.seq_id in self.seqs:
+            raise ValueError(f"sequence id {seq.seq_id!r} is already scheduled")
         self.seqs[seq.seq_id] = seq
         self.waiting.append(seq)
 
@@ -107,7 +107,9 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = status
         del self.seqs[seq.seq_id]
-        if seq.seq_id not in self._in_flight:  # else its step still uses the blocks
+        if seq.seq_id in self._in_flight:  # its step still uses the blocks
+            self._retired.add(seq.seq_id)
+        else:
             self._release(seq.seq_id, seq.num_tokens_sent > 0)
 
     def _release(self, seq_id: str, workers_know_it: bool) -> None:
@@ -134,15 +136,18 @@ class Scheduler:
 
     def update(self, scheduled: SchedulerOutput, result: ModelRunnerOutput) -> list[Sequence]:
         """Record a finished step; return the sequences that received a token, in order."""
+        retired = set()   # finished or aborted while this step ran: their tokens are dropped
         for seq_id, num_tokens in scheduled.num_scheduled_tokens.items():
             self._in_flight[seq_id] -= 1
             if not self._in_flight[seq_id]:
                 del self._in_flight[seq_id]
-            seq = self.seqs.get(seq_id)
-            if seq is None:  # finished or aborted while this step ran
+            if seq_id in self._retired:
+                retired.add(seq_id)
                 if seq_id not in self._in_flight:  # else a step ahead still uses the blocks
+                    self._retired.remove(seq_id)
                     self._release(seq_id, True)
                 continue
+            seq = self.seqs[seq_id]
             seq.num_computed_tokens += num_tokens
             seq.num_tokens_in_flight -= num_tokens
             self.kv.cache_computed_blocks(seq_id, seq.token_ids, seq.num_computed_tokens)
@@ -151,9 +156,9 @@ class Scheduler:
         sampled = []
         for seq_id, token, logprobs in zip(result.req_ids, result.sampled_token_ids,
                                            result.logprobs):
-            seq = self.seqs.get(seq_id)
-            if seq is None:
+            if seq_id in retired:
                 continue
+            seq = self.seqs[seq_id]
             if seq.num_computed_tokens != seq.num_tokens:
                 raise RuntimeError(f"executor sampled for {seq_id!r} before its prefill ended "
                                    f"({seq.num_computed_tokens} of {seq.num_tokens} computed)")
@@ -203,15 +208,18 @@ class Scheduler:
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, readmit: bool) -> None:
         """Start waiting sequences in FCFS order; preempted ones only if `readmit`."""
-        held: list[Sequence] = []   # siblings waiting for their leader's prompt blocks
+        # Siblings waiting for their leader's prompt blocks, and sequences whose id a
+        # finished one's step in flight still holds.
+        held: list[Sequence] = []
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
                and len(out.num_scheduled_tokens) < self._step_seq_cap):
             seq = self.waiting[0]
             if seq.num_preemptions and not readmit:
                 break
             leader = seq.prefix_leader
-            if leader is not None and leader.status is SequenceStatus.RUNNING \
-                    and leader.is_prefilling:
+            if seq.seq_id in self._in_flight or (
+                    leader is not None and leader.status is SequenceStatus.RUNNING
+                    and leader.is_prefilling):
                 held.append(self.waiting.popleft())
                 continue
             prefix = self.kv.find_cached_prefix(seq.token_ids)
