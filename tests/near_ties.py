@@ -85,9 +85,9 @@ def is_moe(model) -> bool:
     return getattr(model.config, "num_experts_per_tok", None) is not None
 
 
-def hf_prompt_logits(model, prompt: list[int]) -> torch.Tensor:
+def hf_prompt_logits(model, prompt: list[int], router_tie: float = ROUTER_TIE) -> torch.Tensor:
     """transformers' logits at each prompt position, up to the first position where an MoE
-    layer's router was within ROUTER_TIE of choosing other experts (rounding may route
+    layer's router was within `router_tie` of choosing other experts (rounding may route
     that token elsewhere, which changes its logits and every later position's)."""
     with torch.no_grad():
         out = model(torch.tensor([prompt]), output_router_logits=is_moe(model))
@@ -97,7 +97,7 @@ def hf_prompt_logits(model, prompt: list[int]) -> torch.Tensor:
     top_k = model.config.num_experts_per_tok
     for router in out.router_logits:
         scores = router.float().sort(-1, descending=True).values
-        tied = (scores[:, top_k - 1] - scores[:, top_k] < ROUTER_TIE).nonzero()
+        tied = (scores[:, top_k - 1] - scores[:, top_k] < router_tie).nonzero()
         if len(tied):
             logits = logits[:int(tied[0])]
     return logits

@@ -100,6 +100,27 @@ class WorkerDriver:
                     self.free.extend(req.blocks)
         return [r.outputs for r in reqs], [logprobs[r.req_id] for r in reqs]
 
+    def forced_logits(self, prompts: list[list[int]], prefill: int) -> list[torch.Tensor]:
+        """Logits at every prompt position, as prompt_logits gives them, but only the first
+        `prefill` tokens of each prompt go in one prefill step: the rest follow one token
+        per decode step (teacher forcing), so the decode path computes their logits."""
+        reqs = [_Req(f"f{i}", list(p[:prefill]), SamplingParams()) for i, p in enumerate(prompts)]
+        pieces: dict[str, list[torch.Tensor]] = {r.req_id: [] for r in reqs}
+        active = reqs
+        while active:
+            so = self._schedule(active, sum(len(r.tokens) - r.computed for r in active), [])
+            for req_id, logits in self.worker.model_runner.score(so).items():
+                pieces[req_id].append(logits)
+            for r in active:
+                r.computed = len(r.tokens)
+            active = [r for r, p in zip(reqs, prompts) if len(r.tokens) < len(p)]
+            for r in active:
+                r.outputs.append(prompts[reqs.index(r)][len(r.tokens)])
+        self.worker.execute_model(SchedulerOutput(finished_req_ids=[r.req_id for r in reqs]))
+        for r in reqs:
+            self.free.extend(r.blocks)
+        return [torch.cat(pieces[r.req_id]) for r in reqs]
+
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         """Logits at every prompt position, all prompts in one step."""
         reqs = [_Req(f"s{i}", list(p), SamplingParams()) for i, p in enumerate(prompts)]

@@ -1,4 +1,5 @@
-"""Parity with Hugging Face transformers on the same checkpoints (fp32, CPU)."""
+"""Parity with Hugging Face transformers on the same checkpoints (fp32; on a GPU machine
+the worker runs on the GPU, with the Triton kernels)."""
 
 import pytest
 import torch
@@ -25,6 +26,17 @@ def test_prompt_logits_match_transformers(name, hf_model, fresh_seed):
     prompts = _prompts(4, (5, 60))
     ours = driver.prompt_logits(prompts)
     for i, (prompt, logits) in enumerate(zip(prompts, ours)):
+        assert_logits_close(logits, hf_prompt_logits(hf, prompt), f"{name}, prompt {i}")
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_decode_step_logits_match_transformers(name, hf_model, fresh_seed):
+    """Prompts prefilled up to 17 tokens, the rest fed one per decode step: the decode
+    path's logits (decode attention, split-K GEMMs) against transformers'."""
+    hf = hf_model(name)
+    driver = WorkerDriver(make_worker(name, block_size=4))
+    prompts = _prompts(4, (20, 50))
+    for i, (prompt, logits) in enumerate(zip(prompts, driver.forced_logits(prompts, 17))):
         assert_logits_close(logits, hf_prompt_logits(hf, prompt), f"{name}, prompt {i}")
 
 
