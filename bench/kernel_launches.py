@@ -54,17 +54,17 @@ class _Recorder:
 
 
 @contextmanager
-def as_on_h100() -> Iterator[None]:
-    """Make matmul see an H100 whatever the device: its SM count (for the split-K choice)
-    and TMA (for which tile configs are candidates)."""
-    from shardline.kernels import matmul
-    saved = matmul._num_sms, matmul.tma_capable
-    matmul._num_sms = lambda device: H100_SMS
+def as_on_h100(sms: int = H100_SMS) -> Iterator[None]:
+    """Make the kernels see an H100 whatever the device: its SM count (for matmul's split-K
+    and decode attention's context splits) and TMA (which GEMM tiles are candidates)."""
+    from shardline.kernels import attention_decode, matmul
+    saved = matmul._num_sms, matmul.tma_capable, attention_decode._num_sms
+    matmul._num_sms = attention_decode._num_sms = lambda device: sms
     matmul.tma_capable = lambda device: True
     try:
         yield
     finally:
-        matmul._num_sms, matmul.tma_capable = saved
+        matmul._num_sms, matmul.tma_capable, attention_decode._num_sms = saved
 
 
 @contextmanager

@@ -16,10 +16,9 @@ targets: 20 s, 10 s and 10 s from LLM(...) to ready.
 recorded instead of compiled, and reports per kernel the compiles without a tuned table
 (each new key compiles every candidate config its prune keeps, to time them) and with
 one (one compile per key and specialization; --table FILE counts that table's hits only).
-It counts as on an H100 (132 SMs, TMA) for matmul's split-K choice and TMA configs;
-decode attention picks its context splits for one SM on the CPU, so its count misses the
-split variant a GPU start also compiles, and linear shapes a table sends to torch.matmul
-still count as compiles.
+It counts as on an H100 (132 SMs, TMA: matmul's split-K choice and TMA configs, decode
+attention's context splits); linear shapes a table sends to torch.matmul still count as
+compiles.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # silences triton 3.9's
 
 import torch
 
+from kernel_launches import as_on_h100
 from start_shapes import (E2E_1B, Limits, add_limit_args, build_model, config_dtype,
                           import_kernels, limits_from, model_config, walk_start)
 
@@ -68,7 +68,7 @@ def recording_launches(sms: int) -> Iterator[dict[str, dict[str, set]]]:
     """Within it, Triton kernels on CPU tensors record their launches instead of running:
     kernel -> key ("" for an untuned kernel) -> launch signatures."""
     import triton
-    from shardline.kernels import _tuned, dispatch, matmul
+    from shardline.kernels import _tuned, dispatch
 
     seen: dict[str, dict[str, set]] = {}
 
@@ -84,8 +84,7 @@ def recording_launches(sms: int) -> Iterator[dict[str, dict[str, set]]]:
     with mock.patch.dict(os.environ, env), \
             mock.patch.object(triton.runtime.JITFunction, "run", plain_run), \
             mock.patch.object(_tuned.TunedKernel, "_launch", tuned_launch), \
-            mock.patch.object(matmul, "_num_sms", lambda device: sms), \
-            mock.patch.object(matmul, "tma_capable", lambda device: True):
+            as_on_h100(sms):
         dispatch.reset_triton_choice()
         _tuned.reset()
         _tuned.set_autotuning(False)
@@ -247,7 +246,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: a smoke run of the timing code (its numbers mean nothing)")
     parser.add_argument("--sms", type=int, default=H100_SMS,
-                        help="--count: the SM count matmul's split-K choice assumes")
+                        help="--count: the SM count that matmul's split-K and decode "
+                             "attention's context splits assume")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON output (default results/startup.json, or "
                              "results/startup_count.json with --count)")
