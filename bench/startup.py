@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
@@ -64,19 +65,25 @@ def _signature(fn: object, args: tuple, kwargs: dict, tile: dict) -> tuple:
 
 
 @contextlib.contextmanager
-def recording_launches(sms: int) -> Iterator[dict[str, dict[str, set]]]:
+def recording_launches(sms: int, counts: Counter | None = None
+                       ) -> Iterator[dict[str, dict[str, set]]]:
     """Within it, Triton kernels on CPU tensors record their launches instead of running:
-    kernel -> key ("" for an untuned kernel) -> launch signatures."""
+    kernel -> key ("" for an untuned kernel) -> launch signatures; `counts`, if given,
+    gains one per launch of each kernel."""
     import triton
     from shardline.kernels import _tuned, dispatch
 
     seen: dict[str, dict[str, set]] = {}
 
+    counts = Counter() if counts is None else counts
+
     def plain_run(fn, *args, grid, warmup, **kwargs):
+        counts[fn.__name__] += 1
         seen.setdefault(fn.__name__, {}).setdefault("", set()).add(
             _signature(fn, args, kwargs, {}))
 
     def tuned_launch(kernel, args, grid, warmup, kwargs, config):
+        counts[kernel.name] += 1
         seen.setdefault(kernel.name, {}).setdefault(kernel.table_key(args, kwargs), set()).add(
             _signature(kernel.fn, args, kwargs, config.kwargs))
 

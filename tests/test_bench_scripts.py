@@ -230,3 +230,21 @@ def test_sequence_parallel_quick_matches_one_rank(tmp_path):
     assert rows["uni"]["bytes_per_prompt_token_per_rank"] == [0]
     assert len(rows["sp2"]["bytes_per_prompt_token_per_rank"]) == 2
     assert min(rows["sp2"]["bytes_per_prompt_token_per_rank"]) > 0
+
+
+def test_launches_counts_one_decode_step(tmp_path):
+    """Per layer one fused rotary + KV-cache write (never the two kernels it replaced), one
+    decode attention, two norms (plus the final one); every launch counted once."""
+    out = tmp_path / "launches.json"
+    run_script("launches.py", "--model", "small-llama", "--batch", "1", "64", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 64]
+    for r in rows:
+        layers, kernels = r["layers"], r["kernels"]
+        assert kernels["_rotary_kv_cache_kernel"] == kernels["_decode_split_kernel"] == layers
+        assert "_rotary_kernel" not in kernels and "_write_kv_cache_kernel" not in kernels
+        assert kernels["_rms_norm_kernel"] == 2 * layers + 1
+        gemms = kernels.get("_matmul_kernel", 0) + kernels.get("_matmul_partial_kernel", 0)
+        assert gemms == 4 * layers
+        assert r["launches"] == sum(kernels.values())
+        assert r["per_layer"] == pytest.approx(r["launches"] / layers)
