@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from shardline.config import EngineConfig
+from shardline.config import EngineConfig, ParallelConfig
 from shardline.step import ModelRunnerOutput, SchedulerOutput
 from shardline.step_times import StepTimes
 from shardline.worker.kv_memory import kv_cache_budget
@@ -30,6 +30,23 @@ def pick_device(rank: int, requested: str | None = None) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def cpu_threads(parallel: ParallelConfig) -> int | None:
+    """The torch threads of a CPU rank: None (torch's default, every core) for the one rank
+    that runs in the engine's own process; else an equal share of the cores this process
+    may run on, less one core left to the engine's process, at least 1.
+
+    Every parallel region of torch's intra-op pool ends in a barrier of all its threads:
+    when they and the engine's process outnumber the cores, each barrier can wait a
+    scheduler slice for a preempted thread. On a busy 2-core machine a 4 ms step of
+    tiny-llama then took 200 ms (bench/async_scheduling.py, bench/README)."""
+    in_engine_process = (parallel.world_size == 1
+                         and parallel.distributed_executor_backend in (None, "uni"))
+    if in_engine_process:
+        return None
+    cores = len(os.sched_getaffinity(0))
+    return max(1, (cores - 1) // parallel.world_size)
 
 
 class Worker:
@@ -53,10 +70,8 @@ class Worker:
         world_size = self.config.parallel.world_size
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        elif world_size > 1:
-            # The ranks share this machine's cores: without a share each, every rank's
-            # torch threads contend for all of them and a step slows down many times.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        elif (threads := cpu_threads(self.config.parallel)) is not None:
+            torch.set_num_threads(threads)
         if world_size > 1:
             from shardline.distributed.parallel_state import init_distributed
 
