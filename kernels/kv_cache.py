@@ -49,7 +49,7 @@ def _write_kv_cache_kernel(
     tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def _unit_last_dim(t: torch.Tensor) -> torch.Tensor:
+def unit_last_dim(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -80,7 +80,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
-    k, v = _unit_last_dim(k), _unit_last_dim(v)
+    k, v = unit_last_dim(k), unit_last_dim(v)
     block_d = triton.next_power_of_2(head_dim)
     block_h = max(1, min(triton.next_power_of_2(num_kv_heads), 4096 // block_d))
     grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))

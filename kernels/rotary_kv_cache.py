@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shardline.kernels.kv_cache import check_kv_cache_write
+from shardline.kernels.kv_cache import check_kv_cache_write, unit_last_dim
 from shardline.kernels.rotary import check_rotary_inputs, load_cos_sin, rotary_meta, rotate_heads
 
 
@@ -62,7 +62,7 @@ def rotary_and_write_kv_cache(positions: torch.Tensor, q: torch.Tensor, k: torch
     reference.rotary_and_write_kv_cache. q, k and v may be views of a fused projection."""
     check_kv_cache_write(k, v, k_cache, v_cache, slot_mapping)
     q, k, cos_sin_cache = check_rotary_inputs(positions, q, k, cos_sin_cache)
-    v = v if v.stride(-1) == 1 else v.contiguous()
+    v = unit_last_dim(v)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     tokens = positions.shape[0]
     if tokens:
