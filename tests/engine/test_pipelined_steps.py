@@ -96,3 +96,53 @@ def test_abort_while_the_step_is_in_flight_is_applied_when_it_returns():
         assert finished[rid].outputs[0].token_ids == alone[int(rid[1:])].outputs[0].token_ids
     assert any(victim in s.finished_req_ids for s in engine.executor.steps)
     assert_all_free(engine)
+
+
+def run_to_the_end(engine, prompts, params) -> dict:
+    """Add the prompts, step until done (at most 400 steps); the finished outputs by id."""
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(f"r{i}", prompt, p)
+    finished = {}
+    for _ in range(400):
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+        if not engine.has_unfinished_requests():
+            break
+    assert not engine.has_unfinished_requests(), f"no progress: {engine.stats}"
+    return finished
+
+
+OUTGROWING = dict(num_blocks=24, block_size=1, max_num_seqs=2, max_num_batched_tokens=4,
+                  enable_prefix_caching=False)
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_prefills_that_outgrow_the_cache_together_still_finish(depth):
+    """Chunked prefills that each need nearly the whole cache, one per step: one that runs out
+    of blocks while the other is in flight must wait for it, not preempt itself (readmitted,
+    it took the blocks the other needed, and they preempted each other forever)."""
+    prompts = random_prompts(5, 20, 23)
+    params = [SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)] * len(prompts)
+    limits = dict(OUTGROWING, max_model_len=64)
+    expected = LLM.from_engine(make_engine(**limits)).generate(prompts, params)
+    engine = make_engine(pipeline_depth=depth, **limits)
+    finished = run_to_the_end(engine, prompts, params)
+    assert token_ids([finished[f"r{i}"] for i in range(len(prompts))]) == token_ids(expected)
+    assert engine.stats.num_preemptions > 0
+    assert_all_free(engine)
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_siblings_that_outgrow_the_cache_together_still_finish(depth):
+    """The fuzz case that livelocked: three siblings of a prompt that nearly fills the cache
+    and two of a shorter one, two running at a time."""
+    prompts = [random_prompts(1, 23, 23)[0], random_prompts(1, 18, 18)[0]]
+    params = [SamplingParams(n=3, temperature=0.0, max_tokens=2, ignore_eos=True),
+              SamplingParams(n=2, temperature=0.0, max_tokens=1, ignore_eos=True)]
+    limits = dict(OUTGROWING, max_model_len=32)
+    expected = LLM.from_engine(make_engine(**limits)).generate(prompts, params)
+    engine = make_engine(pipeline_depth=depth, **limits)
+    finished = run_to_the_end(engine, prompts, params)
+    assert token_ids([finished["r0"], finished["r1"]]) == token_ids(expected)
+    assert_all_free(engine)

@@ -18,8 +18,12 @@ Under pipeline parallelism the engine keeps up to `pipeline_depth` steps in flig
 sequence is in at most one of them (its next step needs the token this one samples), so
 a step skips the sequences still in flight, and takes at most 1/depth of the unfinished
 sequences so that the next step has work for the stages this one has left. A sequence in
-flight is never preempted; one that finishes or is aborted while in flight keeps its KV
-blocks until its step returns, and that step's token for it is dropped. A new sequence may
+flight is never preempted: when the latest-arrived running sequence not in this step is in
+flight, a sequence short of blocks waits for that step rather than preempting an earlier one
+(or itself), and no waiting sequence starts in this step; otherwise two that together
+outgrow the cache would preempt each other forever, each losing its progress while the
+other is in flight. One that finishes or is aborted while in flight keeps its KV blocks
+until its step returns, and that step's token for it is dropped. A new sequence may
 take its id at once (it waits in the queue until that step is back).
 
 With async scheduling (no pipeline, no sequence parallelism) the engine keeps two steps in
@@ -120,9 +124,10 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Pick this step's work: running sequences (decodes first), then waiting ones."""
         out = SchedulerOutput()
-        budget, preempted, held_back = self._schedule_running(out)
-        # Blocks freed by a preemption go to the preempted sequences first, not to newcomers.
-        if not preempted:
+        budget, short, held_back = self._schedule_running(out)
+        # Blocks freed by a preemption go to the preempted sequences first, and blocks that a
+        # running sequence waits for go to it, not to newcomers.
+        if not short:
             # Scheduling ahead, a preempted sequence comes back only in a step that takes
             # every running sequence: admitted while one that outgrows the cache is in
             # flight, it would take the blocks that one needs, be preempted by it again
@@ -167,10 +172,11 @@ class Scheduler:
         return sampled
 
     def _schedule_running(self, out: SchedulerOutput) -> tuple[int, bool, bool]:
-        """Schedule running sequences; return the budget left, whether any was preempted,
-        and whether any was held back because it is in flight."""
+        """Schedule running sequences; return the budget left, whether any lacked blocks
+        (and preempted one, or waits for one in flight), and whether any was held back
+        because it is in flight."""
         budget = self.config.max_num_batched_tokens
-        preempted = held_back = False
+        short = held_back = False
         for seq in sorted(self.running, key=lambda s: (s.is_prefilling, s.arrival)):
             if budget == 0 or len(out.num_scheduled_tokens) >= self._step_seq_cap:
                 break
@@ -188,11 +194,11 @@ class Scheduler:
             allocated = self.kv.allocate(seq.seq_id, start + num_new)
             # Going ahead is optional: it takes free blocks only, never another's.
             while allocated is None and not in_flight:
+                short = True
                 victim = self._preemption_victim(out)
                 if victim is None:
-                    break  # every other running sequence is in this step or in flight
+                    break  # the latest-arrived is in flight: wait for its step
                 self._preempt(victim)
-                preempted = True
                 if victim is seq:
                     break
                 allocated = self.kv.allocate(seq.seq_id, start + num_new)
@@ -204,7 +210,7 @@ class Scheduler:
                                        table[seq.num_blocks_sent:], start)
             self._mark_sent(seq, num_new, out)
             budget -= num_new
-        return budget, preempted, held_back
+        return budget, short, held_back
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, readmit: bool) -> None:
         """Start waiting sequences in FCFS order; preempted ones only if `readmit`."""
@@ -273,10 +279,13 @@ class Scheduler:
                 and not params.needs_token_history)
 
     def _preemption_victim(self, out: SchedulerOutput) -> Sequence | None:
-        """The latest-arrived running sequence that is neither in this step nor in flight."""
-        candidates = [s for s in self.running if s.seq_id not in out.num_scheduled_tokens
-                      and s.seq_id not in self._in_flight]
-        return max(candidates, key=lambda s: s.arrival, default=None)
+        """The latest-arrived running sequence not in this step, or None if that one is in
+        flight: preempting an earlier one (or the one that needs the blocks) instead would let
+        two sequences that together outgrow the cache preempt each other forever, each losing
+        its progress while the other is in flight."""
+        latest = max((s for s in self.running if s.seq_id not in out.num_scheduled_tokens),
+                     key=lambda s: s.arrival)
+        return None if latest.seq_id in self._in_flight else latest
 
     def _mark_sent(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> None:
         self._in_flight[seq.seq_id] += 1
