@@ -26,8 +26,8 @@ DTYPES = (torch.bfloat16, torch.float16)
 HEAD_DIMS = (64, 128, 256)
 GROUPS = (1, 4, 8)
 DIRECT_DECODE = (256, 2048)
-MODULES = ("attention_decode", "attention_prefill", "kv_cache", "matmul", "moe", "norm",
-           "rotary", "rotary_kv_cache")
+MODULES = ("attention_decode", "attention_prefill", "kv_cache", "matmul", "matmul_split_k",
+           "moe", "norm", "rotary", "rotary_kv_cache")
 
 
 @dataclass
@@ -57,14 +57,14 @@ class _Recorder:
 def as_on_h100(sms: int = H100_SMS) -> Iterator[None]:
     """Make the kernels see an H100 whatever the device: its SM count (for matmul's split-K
     and decode attention's context splits) and TMA (which GEMM tiles are candidates)."""
-    from shardline.kernels import attention_decode, matmul
-    saved = matmul._num_sms, matmul.tma_capable, attention_decode._num_sms
-    matmul._num_sms = attention_decode._num_sms = lambda device: sms
+    from shardline.kernels import attention_decode, matmul, matmul_split_k
+    saved = matmul_split_k._num_sms, matmul.tma_capable, attention_decode._num_sms
+    matmul_split_k._num_sms = attention_decode._num_sms = lambda device: sms
     matmul.tma_capable = lambda device: True
     try:
         yield
     finally:
-        matmul._num_sms, matmul.tma_capable, attention_decode._num_sms = saved
+        matmul_split_k._num_sms, matmul.tma_capable, attention_decode._num_sms = saved
 
 
 @contextmanager
@@ -102,9 +102,10 @@ def _matmul_calls(dtype: torch.dtype, tps: tuple[int, ...], ms: tuple[int, ...]
                     yield label, lambda x=x, w=w: matmul.linear_silu_mul(x, w)
                 elif name in ("o", "down") and tp == 1:
                     # Without a TP all-reduce after it, the row-parallel layer fuses the
-                    # residual add into its GEMM.
-                    r = _meta(m, n, dtype=dtype)
-                    yield f"{label} +residual", lambda x=x, w=w, r=r: matmul.linear(x, w, None, r)
+                    # residual add and the next RMSNorm into its GEMM.
+                    r, g = _meta(m, n, dtype=dtype), _meta(n, dtype=dtype)
+                    yield f"{label} +residual+norm", (
+                        lambda x=x, w=w, r=r, g=g: matmul.linear_rms_norm(x, w, None, r, g, 1e-6))
                 else:
                     yield label, lambda x=x, w=w: matmul.linear(x, w)
 

@@ -22,6 +22,7 @@ import argparse
 import json
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -32,13 +33,21 @@ RESULTS = Path(__file__).resolve().parent / "results" / "launches.json"
 
 
 class _RunOnce:
-    """A graph recorder that runs the decode forward once, counting its launches."""
+    """A graph recorder that runs the decode forward once, counting its launches, and
+    under `norms_fused` the RMSNorms that rode a split-K reduction instead of launching."""
 
     def __init__(self, counts: Counter) -> None:
         self.counts = counts
 
     def record(self, forward):
-        with recording_launches(H100_SMS, self.counts):
+        from shardline.kernels import matmul_split_k
+        gemm = matmul_split_k.split_k_gemm
+
+        def counted(*args, **kwargs):
+            self.counts["norms_fused"] += kwargs.get("norm") is not None
+            return gemm(*args, **kwargs)
+        with recording_launches(H100_SMS, self.counts), \
+                mock.patch.object(matmul_split_k, "split_k_gemm", counted):
             return (lambda: None), forward()
 
 
@@ -59,9 +68,11 @@ def count_decode(model_name: str, batch: int, context: int, block_size: int) -> 
                                block_size=block_size, device=torch.device("cpu"))
     runner.capture(_RunOnce(counts), tuning_context=context, vocab_size=config["vocab_size"])
     layers = config["num_hidden_layers"]
+    fused = counts.pop("norms_fused", 0)
     total = sum(counts.values())
     return {"model": model_name, "batch": batch, "context": context, "layers": layers,
-            "launches": total, "per_layer": total / layers, "kernels": dict(sorted(counts.items()))}
+            "launches": total, "per_layer": total / layers, "norms_fused": fused,
+            "kernels": dict(sorted(counts.items()))}
 
 
 def main() -> None:
@@ -81,7 +92,8 @@ def main() -> None:
     for row in rows:
         kernels = ", ".join(f"{k} {n}" for k, n in row["kernels"].items())
         print(f"{row['model']} batch {row['batch']}: {row['launches']} launches, "
-              f"{row['per_layer']:.2f} per layer ({kernels})")
+              f"{row['per_layer']:.2f} per layer ({kernels}); {row['norms_fused']} RMSNorms "
+              "fused into split-K reductions")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"command": "launches.py", "sms": H100_SMS, "rows": rows},
                                    indent=1) + "\n")

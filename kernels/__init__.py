@@ -9,6 +9,7 @@ TRITON_INTERPRET=1 is how the engine is tested with the kernels switched on.
 from shardline.kernels.dispatch import (
     fused_moe,
     linear,
+    linear_rms_norm,
     linear_silu_mul,
     paged_decode_attention,
     paged_prefill_attention,
@@ -21,6 +22,7 @@ from shardline.kernels.dispatch import (
 __all__ = [
     "fused_moe",
     "linear",
+    "linear_rms_norm",
     "linear_silu_mul",
     "paged_decode_attention",
     "paged_prefill_attention",

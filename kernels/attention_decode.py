@@ -17,6 +17,7 @@ import triton.language as tl
 
 from shardline.kernels._checks import check_paged_attention
 from shardline.kernels._config import autotune, interpreting, up_to_head_size
+from shardline.kernels._dot import dot_precision
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
@@ -185,11 +186,6 @@ def choose_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int)
     """
     wanted = triton.cdiv(4 * num_sms, batch * num_kv_heads)
     return max(1, min(wanted, triton.cdiv(max_context, 256), _MAX_SPLITS))
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """Exact fp32 products for fp32 inputs (no TF32), so fp32 matches the reference."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

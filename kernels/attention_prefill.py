@@ -17,7 +17,8 @@ import triton.language as tl
 
 from shardline.kernels._checks import check_paged_attention
 from shardline.kernels._config import autotune, shape_bucket, up_to_head_size
-from shardline.kernels.attention_decode import attend_tile, dot_precision
+from shardline.kernels._dot import dot_precision
+from shardline.kernels.attention_decode import attend_tile
 
 _LOG2E = 1.4426950408889634
 _MIN_DOT = 16

@@ -67,6 +67,19 @@ def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor,
     return reference.linear_silu_mul(x, weight, bias)
 
 
+def linear_rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    residual: torch.Tensor, norm_weight: torch.Tensor, eps: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(s), s) for s = x @ weight^T (+ bias) + residual: a row-parallel projection
+    with the residual add and the norm after it, one kernel fewer on the split-K path."""
+    if use_triton(x):
+        if x.is_cuda and linear_prefers_torch(x, weight, silu_mul=False):
+            return rms_norm(reference.linear(x, weight, bias), norm_weight, eps, residual)
+        from shardline.kernels.matmul import linear_rms_norm as triton_op
+        return triton_op(x, weight, bias, residual, norm_weight, eps)
+    return reference.linear_rms_norm(x, weight, bias, residual, norm_weight, eps)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None
              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

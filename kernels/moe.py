@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from shardline.kernels._config import autotune, shape_bucket
-from shardline.kernels.matmul import dot_over_k
+from shardline.kernels._dot import dot_over_k, dot_precision
 
 NOT_OWNED = tl.constexpr(-1)
 PAST_END = tl.constexpr(-2)
@@ -203,7 +203,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     block_m = _block_m(num_pairs, experts)
     sorted_pairs, block_experts = moe_align(topk_ids, block_m, expert_offset, experts)
     max_blocks = block_experts.shape[0]
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    precision = dot_precision(x.dtype)
     weights = topk_weights.reshape(-1).contiguous()
     bucket = shape_bucket(num_pairs)
 

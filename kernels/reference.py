@@ -40,6 +40,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return out if residual is None else (out, summed)
 
 
+def linear_rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    residual: torch.Tensor, norm_weight: torch.Tensor, eps: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(s), s) for s = x @ weight^T (+ bias) + residual."""
+    summed = linear(x, weight, bias, residual)
+    return rms_norm(summed, norm_weight, eps), summed
+
+
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                      cos_sin_cache: torch.Tensor, is_neox: bool
                      ) -> tuple[torch.Tensor, torch.Tensor]:

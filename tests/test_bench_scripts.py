@@ -234,7 +234,9 @@ def test_sequence_parallel_quick_matches_one_rank(tmp_path):
 
 def test_launches_counts_one_decode_step(tmp_path):
     """Per layer one fused rotary + KV-cache write (never the two kernels it replaced), one
-    decode attention, two norms (plus the final one); every launch counted once."""
+    decode attention, two norms (plus the first layer's input norm), each a launch of its
+    own or fused into a split-K reduction (only at batch 1 here, where the down projection
+    splits); every launch counted once."""
     out = tmp_path / "launches.json"
     run_script("launches.py", "--model", "small-llama", "--batch", "1", "64", "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
@@ -243,7 +245,8 @@ def test_launches_counts_one_decode_step(tmp_path):
         layers, kernels = r["layers"], r["kernels"]
         assert kernels["_rotary_kv_cache_kernel"] == kernels["_decode_split_kernel"] == layers
         assert "_rotary_kernel" not in kernels and "_write_kv_cache_kernel" not in kernels
-        assert kernels["_rms_norm_kernel"] == 2 * layers + 1
+        assert kernels["_rms_norm_kernel"] + r["norms_fused"] == 2 * layers + 1
+        assert r["norms_fused"] == (layers if r["batch"] == 1 else 0)
         gemms = kernels.get("_matmul_kernel", 0) + kernels.get("_matmul_partial_kernel", 0)
         assert gemms == 4 * layers
         assert r["launches"] == sum(kernels.values())

@@ -10,7 +10,7 @@ from shardline.kernels import reference
 
 pytest.importorskip("triton")
 
-from shardline.kernels import matmul
+from shardline.kernels import matmul, matmul_split_k
 
 
 def describe(config) -> str:
@@ -54,6 +54,45 @@ def test_linear_silu_mul_matches_reference(device, m, n, k, split_k):
             out = poisoned((m, n), dtype, device)
             matmul.linear_silu_mul(x, w, b, out=out, split_k=split_k)
             assert_close(out, reference.linear_silu_mul(x, w, b), TOLERANCE)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,n,k,split_k", [(37, 45, 70, None), (1, 48, 160, None),
+                                           (5, 33, 200, 3), (16, 40, 64, 2)])
+def test_linear_rms_norm_matches_reference(device, m, n, k, split_k, monkeypatch):
+    """Both results, and the norm fused into the split-K reduction: no separate norm
+    kernel runs there; the tiled path runs one."""
+    norms, norm = [], matmul.rms_norm
+    monkeypatch.setattr(matmul, "rms_norm",
+                        lambda *args, **kwargs: norms.append(1) or norm(*args, **kwargs))
+    split, _ = matmul._k_slices(torch.empty(m, k), torch.empty(n, k), split_k)
+    for dtype in dtypes(device):
+        x, w, bias, residual = inputs(m, n, k, dtype, device)
+        norm_weight = 1 + torch.randn(n, dtype=dtype, device=device) / 4
+        eps = float(torch.rand(()) * 1e-5)
+        for b in (None, bias):
+            norms.clear()
+            normed, summed = matmul.linear_rms_norm(x, w, b, residual, norm_weight, eps,
+                                                    split_k=split_k)
+            want_normed, want_summed = reference.linear_rms_norm(x, w, b, residual,
+                                                                 norm_weight, eps)
+            assert_close(summed, want_summed, TOLERANCE)
+            assert_close(normed, want_normed, TOLERANCE)
+            assert len(norms) == (split == 1)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(residual=(4, 5)), r"residual must be \[4, 6\]"),
+    (dict(norm_weight=(5,)), r"norm_weight must be \[6\]"),
+    (dict(split_k=0), "split_k must be"),
+])
+def test_linear_rms_norm_rejects_bad_arguments(bad, match):
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    residual = torch.randn(bad.get("residual", (4, 6)))
+    norm_weight = torch.randn(bad.get("norm_weight", (6,)))
+    with pytest.raises(ValueError, match=match):
+        matmul.linear_rms_norm(x, w, None, residual, norm_weight, 1e-6,
+                               split_k=bad.get("split_k"))
 
 
 def test_linear_reads_strided_input():
@@ -110,9 +149,9 @@ def test_tma_configs_are_candidates_only_where_tma_can_load(monkeypatch):
 
 def test_split_k_chosen_for_decode_shapes_only():
     cpu = torch.device("cpu")
-    assert matmul.choose_split_k(1, 64, 4096, cpu) > 1
-    assert matmul.choose_split_k(matmul.SPLIT_K_MAX_M + 1, 64, 4096, cpu) == 1
-    assert matmul.choose_split_k(1, 64, 32, cpu) == 1
+    assert matmul_split_k.choose_split_k(1, 64, 4096, cpu) > 1
+    assert matmul_split_k.choose_split_k(matmul_split_k.SPLIT_K_MAX_M + 1, 64, 4096, cpu) == 1
+    assert matmul_split_k.choose_split_k(1, 64, 32, cpu) == 1
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -148,26 +187,34 @@ def test_linear_silu_mul_rejects_odd_rows():
 def test_dispatch_routes_cpu_tensors_to_triton_only_when_forced(monkeypatch):
     monkeypatch.setattr(matmul, "linear", lambda *args: "triton linear")
     monkeypatch.setattr(matmul, "linear_silu_mul", lambda *args: "triton silu")
-    x, w = torch.randn(3, 8), torch.randn(6, 8)
+    monkeypatch.setattr(matmul, "linear_rms_norm", lambda *args: "triton linear norm")
+    x, w, r, g = torch.randn(3, 8), torch.randn(6, 8), torch.randn(3, 6), torch.randn(6)
     force_triton(monkeypatch, True)
     assert kernels.linear(x, w) == "triton linear"
     assert kernels.linear_silu_mul(x, w) == "triton silu"
+    assert kernels.linear_rms_norm(x, w, None, r, g, 1e-6) == "triton linear norm"
     force_triton(monkeypatch, False)
     assert torch.equal(kernels.linear(x, w), reference.linear(x, w))
     assert torch.equal(kernels.linear_silu_mul(x, w), reference.linear_silu_mul(x, w))
+    for got, want in zip(kernels.linear_rms_norm(x, w, None, r, g, 1e-6),
+                         reference.linear_rms_norm(x, w, None, r, g, 1e-6)):
+        assert torch.equal(got, want)
 
 
 def test_kernels_compile_for_h100(compile_for_h100):
     tiles = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
     io = dict(x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", res_ptr="*bf16",
-              out_ptr="*bf16", ws_ptr="*fp32")
+              out_ptr="*bf16", ws_ptr="*fp32", norm_w_ptr="*bf16", sum_ptr="*bf16")
     compile_for_h100("shardline.kernels.matmul", [
         ("_matmul_kernel", io, dict(HAS_BIAS=True, HAS_RESIDUAL=residual, SILU_MUL=gated,
                                     PRECISION="tf32", TMA=tma, **tiles))
         for tma in (False, True) for gated, residual in ((False, True), (True, False))
-    ] + [
+    ])
+    compile_for_h100("shardline.kernels.matmul_split_k", [
         ("_matmul_partial_kernel", io, dict(PRECISION="ieee", BLOCK_M=16, BLOCK_N=64,
-                                            BLOCK_K=128, GROUP_M=8)),
+                                            BLOCK_K=128)),
         ("_splitk_reduce_kernel", io, dict(HAS_BIAS=True, HAS_RESIDUAL=True, SILU_MUL=True,
-                                           BLOCK_N=1024)),
+                                           RMS_NORM=False, BLOCK_N=1024)),
+        ("_splitk_reduce_kernel", io, dict(HAS_BIAS=False, HAS_RESIDUAL=True, SILU_MUL=False,
+                                           RMS_NORM=True, BLOCK_N=4096)),
     ])

@@ -190,8 +190,8 @@ def test_the_table_file_round_trips(tmp_path):
 
 
 def test_every_kernel_config_survives_the_file_so_a_table_hit_matches_it():
-    from shardline.kernels import attention_decode, attention_prefill, moe
-    configs = (matmul._TILED_CONFIGS + matmul._SPLIT_CONFIGS + attention_decode._CONFIGS
+    from shardline.kernels import attention_decode, attention_prefill, matmul_split_k, moe
+    configs = (matmul._TILED_CONFIGS + matmul_split_k.SPLIT_CONFIGS + attention_decode._CONFIGS
                + attention_prefill._CONFIGS + moe._CONFIGS)
     for config in configs:
         text = json.dumps(_tuned.config_to_json(config))

@@ -149,3 +149,20 @@ def test_silu_mul_runs_the_fused_kernel_with_the_bias(monkeypatch, fresh_seed):
     tolerance = 1e-4 if device == "cpu" else 2e-2   # tf32 products on the GPU
     torch.testing.assert_close(out.cpu(), _gate_up_reference(x, gate, up, gate_bias, up_bias),
                                rtol=tolerance, atol=tolerance)
+
+
+def test_row_parallel_forward_and_norm_adds_the_residual_then_norms(fresh_seed):
+    """On one rank: (RMSNorm(x W^T + b + residual), x W^T + b + residual)."""
+    from shardline.layers.norm import RMSNorm
+
+    layer, norm = RowParallelLinear(8, 6, bias=True), RMSNorm(6, eps=1e-5)
+    w, b, g = torch.randn(6, 8), torch.randn(6), torch.randn(6)
+    layer.weight_loader(layer.weight, w, "w")
+    layer.weight_loader(layer.bias, b, "b")
+    norm.weight_loader(norm.weight, g, "g")
+    x, residual = torch.randn(5, 8), torch.randn(5, 6)
+    normed, summed = layer.forward_and_norm(x, residual, norm)
+    expected = x @ w.T + b + residual
+    torch.testing.assert_close(summed, expected)
+    rms = expected.pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt()
+    torch.testing.assert_close(normed, expected * rms * g)

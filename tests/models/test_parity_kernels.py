@@ -15,22 +15,24 @@ import shardline.kernels
 from near_ties import (MOE_TOP, assert_greedy_match, assert_logits_close, driver_run,
                        hf_greedy, hf_prompt_logits, is_moe)
 from shardline.sampling_params import SamplingParams
-from shardline.kernels import attention_decode, attention_prefill, kv_cache, matmul, moe, norm
+from shardline.kernels import (attention_decode, attention_prefill, kv_cache, matmul,
+                               matmul_split_k, moe, norm)
 from shardline.kernels import dispatch, reference, rotary, rotary_kv_cache
 from worker_driver import WorkerDriver, make_worker
 
 
 DENSE, MOE = "tiny-qwen2", "tiny-mixtral"
 TRITON_ENTRY_POINTS = [
-    (matmul, "_tiled"), (matmul, "_split_k"),
+    (matmul, "_tiled"), (matmul_split_k, "split_k_gemm"), (matmul, "linear_rms_norm"),
     (attention_decode, "paged_decode_attention"), (attention_prefill, "paged_prefill_attention"),
     (kv_cache, "write_kv_cache"), (moe, "fused_moe"), (norm, "rms_norm"),
     (rotary, "rotary_embedding"), (rotary_kv_cache, "rotary_and_write_kv_cache"),
 ]
 FALLBACKS = [(reference, op) for op in shardline.kernels.__all__]
 PREFILL_KERNELS = {"_tiled", "paged_prefill_attention", "rotary_and_write_kv_cache",
-                   "rms_norm"}
-DECODE_KERNELS = {"_split_k", "paged_decode_attention", "paged_prefill_attention"}
+                   "rms_norm", "linear_rms_norm"}
+DECODE_KERNELS = {"split_k_gemm", "linear_rms_norm", "paged_decode_attention",
+                  "paged_prefill_attention"}
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from torch import nn
 
 from shardline import kernels
 from shardline.distributed.parallel_state import get_tp_group
+from shardline.layers.norm import RMSNorm
 from shardline.layers.weights import Loaded, check_shape, copy_into, read_slice
 
 
@@ -166,3 +167,14 @@ class RowParallelLinear(LinearBase):
         if self.bias is not None:
             out = out + self.bias
         return out if residual is None else out + residual
+
+    def forward_and_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(self(x) + residual), self(x) + residual): a pre-norm block's output
+        projection and the next norm. Alone on its rank, the add and the norm ride the
+        product's reduction (kernels.linear_rms_norm); otherwise they follow the
+        all-reduce."""
+        if self.tp_size == 1:
+            return kernels.linear_rms_norm(x, self.weight, self.bias, residual, norm.weight,
+                                           norm.eps)
+        return norm(self(x), residual)

@@ -46,16 +46,20 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.qkv_proj.num_heads // self.sp, dim,
                               max(1, self.qkv_proj.num_kv_heads // self.sp), dim ** -0.5)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata,
+                residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(attention + residual), attention + residual), the attention block's output
+        added to the residual stream and normed for the MLP."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(q.shape[0], -1, self.head_dim)
         k = k.reshape(k.shape[0], -1, self.head_dim)
         v = v.reshape(v.shape[0], -1, self.head_dim)
         if self.sp > 1:
             q, k = self.rotary_emb(positions, q, k)
-            return self.o_proj(ulysses_attention(self.attn, q, k, v, meta))
-        return self.o_proj(self.attn(q, k, v, meta, self.rotary_emb, positions))
+            context = ulysses_attention(self.attn, q, k, v, meta)
+        else:
+            context = self.attn(q, k, v, meta, self.rotary_emb, positions)
+        return self.o_proj.forward_and_norm(context, residual, norm)
 
 
 class LlamaMLP(nn.Module):
@@ -73,9 +77,20 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.gate_up_proj.silu_mul(x))
 
+    def forward_and_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(mlp(x) + residual), mlp(x) + residual), the norm fused where it can be."""
+        return self.down_proj.forward_and_norm(self.gate_up_proj.silu_mul(x), residual, norm)
+
 
 class DecoderLayer(nn.Module):
-    """Attention and MLP blocks, each pre-normed, with the residual add fused into the norm."""
+    """Attention and MLP blocks, each pre-normed.
+
+    Each norm is applied at the end of the block before it, fused with that block's
+    output projection and residual add (see RowParallelLinear.forward_and_norm): so a layer
+    takes its input already normed by its `input_layernorm`, and normalizes its output
+    with the next layer's (or the final) norm when the caller passes it.
+    """
 
     def __init__(self, config: dict, dtype: torch.dtype, max_position: int, mlp: nn.Module,
                  mlp_name: str, qkv_bias: bool, o_bias: bool):
@@ -87,16 +102,25 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config["hidden_size"], eps, dtype)
         self.post_attention_layernorm = RMSNorm(config["hidden_size"], eps, dtype)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
-                residual: torch.Tensor | None, meta: AttentionMetadata
+    def forward(self, positions: torch.Tensor, normed: torch.Tensor, residual: torch.Tensor,
+                meta: AttentionMetadata, next_norm: RMSNorm | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`normed` = input_layernorm(`residual`) -> (next_norm(out), out) for the layer's
+        residual stream out; without `next_norm`, (MLP output, residual) not yet added."""
+        hidden, residual = self.self_attn(positions, normed, meta, residual,
+                                          self.post_attention_layernorm)
+        mlp = getattr(self, self.mlp_name)
+        if next_norm is None:
+            return mlp(hidden), residual
+        return mlp.forward_and_norm(hidden, residual, next_norm)
+
+    def norm_input(self, hidden: torch.Tensor, residual: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first layer of a stage: (input_layernorm(h), h) for h = hidden + residual,
+        from the embedding (no residual yet) or from the previous stage."""
         if residual is None:
-            hidden, residual = self.input_layernorm(hidden), hidden
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return getattr(self, self.mlp_name)(hidden), residual
+            return self.input_layernorm(hidden), hidden
+        return self.input_layernorm(hidden, residual)
 
 
 class IntermediateTensors(NamedTuple):
@@ -157,11 +181,14 @@ class CausalLM(nn.Module):
             hidden, residual = self.model.embed_tokens(split_tokens(input_ids)), None
         else:
             hidden, residual = intermediate
+        layers = self.model.layers
+        hidden, residual = layers[self.layer_range.start].norm_input(hidden, residual)
         for i in self.layer_range:
-            hidden, residual = self.model.layers[i](positions, hidden, residual, meta)
+            next_norm = (layers[i + 1].input_layernorm if i + 1 in self.layer_range
+                         else self.model.norm)
+            hidden, residual = layers[i](positions, hidden, residual, meta, next_norm)
         if not self.is_last_stage:
             return IntermediateTensors(hidden, residual)
-        hidden, _ = self.model.norm(hidden, residual)
         return gather_tokens(hidden, num_tokens)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

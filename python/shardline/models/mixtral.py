@@ -16,6 +16,7 @@ from torch import nn
 
 from shardline.layers.linear import ReplicatedLinear
 from shardline.layers.moe import FusedMoE
+from shardline.layers.norm import RMSNorm
 from shardline.models.llama import CausalLM, DecoderLayer, LlamaMLP
 
 
@@ -44,6 +45,11 @@ class SparseMoeBlock(nn.Module):
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
+
+    def forward_and_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(moe(x) + residual), moe(x) + residual), the DecoderLayer's MLP interface."""
+        return norm(self(x), residual)
 
 
 class MoECausalLM(CausalLM):
