@@ -1,6 +1,7 @@
 """The multi-process executor's plumbing, with model-free stub workers in spawned processes:
-replies per rank, the output rank, steps in flight, errors, timeouts, dead workers and
-a clean shutdown (no process and nothing in /dev/shm left behind)."""
+replies per rank, the output rank, steps in flight, errors, timeouts, dead workers, the
+ranks' rendezvous and a clean shutdown (no process, nothing in /dev/shm and no rendezvous
+file left behind)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import gc
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -19,7 +22,7 @@ import pytest
 
 from shardline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from shardline.executor import EngineDeadError, StepFuture
-from shardline.executor.multiproc import MultiProcExecutor
+from shardline.executor.multiproc import EXIT_STATUS_WAIT_S, MultiProcExecutor, _Workers
 from shardline.presets import resolve_model
 from shardline.step import CachedRequestData, CachedRequests, SchedulerOutput
 from process_hygiene import assert_gone, leaked_segments, shm_segments
@@ -186,20 +189,130 @@ def test_shutdown_and_garbage_collection_leave_nothing_behind(make_executor):
     assert not leaked_segments(before)
 
 
+def test_a_dead_workers_exit_code_is_read_without_waiting():
+    """The watcher names a dead worker's exit code at once when the kernel has it, and
+    waits (briefly) only in the moment between the sentinel and the exit status."""
+    class Reaped:
+        pid, exitcode = 4242, -9
+
+        def join(self, timeout=None):
+            raise AssertionError("joined a worker whose exit code was known")
+
+    class Dying:
+        pid, exitcode, waited = 4343, None, None
+
+        def join(self, timeout=None):
+            self.waited, self.exitcode = timeout, -9
+
+    workers = _Workers(first_rank=2)
+    try:
+        workers.procs = [Reaped(), Dying()]
+        assert workers.describe_ended([0, 1]) == (
+            "worker rank 2 (pid 4242) died with exit code -9; "
+            "worker rank 3 (pid 4343) died with exit code -9")
+        assert workers.procs[1].waited == EXIT_STATUS_WAIT_S <= 0.2
+    finally:
+        workers.log_queue.close()
+
+
+@pytest.fixture
+def rendezvous_dirs(monkeypatch) -> list[str]:
+    """The directories the executors of this test make with tempfile.mkdtemp."""
+    made: list[str] = []
+    mkdtemp = tempfile.mkdtemp
+
+    def recording(*args, **kwargs) -> str:
+        made.append(mkdtemp(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(tempfile, "mkdtemp", recording)
+    return made
+
+
+def check_rendezvous(executor: MultiProcExecutor, rng) -> str:
+    """The ranks met at a file store in a private directory and reduce over it; that
+    directory."""
+    urls = executor.collective_rpc("rendezvous", timeout=60)
+    assert len(set(urls)) == 1 and urls[0].startswith("file://"), urls
+    path = urls[0].removeprefix("file://")
+    assert os.path.exists(path)
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+    values = [rng.uniform(-100, 100) for _ in urls]
+    sums = executor.collective_rpc("all_reduce", args=(values,), timeout=60)
+    assert sums == pytest.approx([sum(values)] * len(values), rel=1e-12)
+    return os.path.dirname(path)
+
+
+@pytest.mark.parametrize("end", ["shutdown", "killed-worker", "garbage-collected"])
+def test_ranks_rendezvous_at_a_private_file_removed_with_the_executor(rendezvous_dirs, rng,
+                                                                      end):
+    executor = MultiProcExecutor(make_config("rendezvous_worker.RendezvousWorker",
+                                             tensor_parallel_size=2))
+    pids = executor.worker_pids
+    try:
+        where = check_rendezvous(executor, rng)
+        assert rendezvous_dirs == [where]
+        if end == "killed-worker":
+            os.kill(pids[1], signal.SIGKILL)
+            with pytest.raises(EngineDeadError, match=r"worker rank 1 .* exit code -9"):
+                executor.collective_rpc("sleep", args=(0,), timeout=30)
+        if end == "garbage-collected":
+            del executor
+            gc.collect()
+            assert not os.path.exists(where)
+    finally:
+        if end != "garbage-collected":
+            executor.shutdown()
+    assert_gone(pids)
+    assert not os.path.exists(where)
+
+
+def test_a_failed_start_leaves_no_rendezvous_file(rendezvous_dirs):
+    with pytest.raises(RuntimeError, match=r"init_device failed on worker rank 1: "
+                                           r"RuntimeError: init_device failed on purpose"):
+        MultiProcExecutor(make_config("rendezvous_worker.FailingRendezvousWorker",
+                                      tensor_parallel_size=2))
+    assert len(rendezvous_dirs) == 1 and not os.path.exists(rendezvous_dirs[0])
+
+
+def test_executors_started_at_once_each_meet_in_their_own_world(make_executor, rng):
+    """Two executors starting together rendezvous apart (each reduces only its own ranks'
+    values). No test forces the old TCP port race (a port probed free, closed, and taken
+    by another process before rank 0 binds it): it needs a third party in that window."""
+    executors: list[MultiProcExecutor] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            executors.append(make_executor("rendezvous_worker.RendezvousWorker",
+                                           tensor_parallel_size=2))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors and len(executors) == 2
+    assert len({check_rendezvous(executor, rng) for executor in executors}) == 2
+
+
 _EXIT_SCRIPT = """
 import os, signal, sys, time
 sys.path[:0] = [{stub_dir!r}, {tests_dir!r}]
 from test_multiproc import make_config
-from shardline.executor.multiproc import MultiProcExecutor
+from shardline.executor.multiproc import EXIT_STATUS_WAIT_S, MultiProcExecutor, _Workers
 executor = MultiProcExecutor(make_config(tensor_parallel_size=2))
 print(" ".join(map(str, executor.worker_pids)), flush=True)
+print(executor._group.rendezvous_dir, flush=True)
 if {interrupt}:
     executor.collective_rpc("sleep", args=(60,))
 """
 
 
 @pytest.mark.parametrize("interrupt", [False, True], ids=["interpreter-exit", "ctrl-c"])
-def test_interpreter_exit_and_ctrl_c_leave_no_worker(interrupt):
+def test_interpreter_exit_and_ctrl_c_leave_no_worker_and_no_rendezvous(interrupt):
     before = shm_segments()
     here = os.path.dirname(__file__)
     script = _EXIT_SCRIPT.format(stub_dir=here, tests_dir=os.path.dirname(here),
@@ -210,6 +323,8 @@ def test_interpreter_exit_and_ctrl_c_leave_no_worker(interrupt):
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
         assert len(pids) == 2, proc.stderr.read()
+        rendezvous_dir = proc.stdout.readline().strip()
+        assert os.path.isdir(rendezvous_dir)
         if interrupt:
             time.sleep(0.5)
             os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
@@ -221,6 +336,7 @@ def test_interpreter_exit_and_ctrl_c_leave_no_worker(interrupt):
     while any(psutil.pid_exists(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(psutil.pid_exists(p) for p in pids)
+    assert not os.path.exists(rendezvous_dir)
     if interrupt:
         assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr.read()
     assert not leaked_segments(before)

@@ -10,6 +10,13 @@ the rings, so that every pending and later call raises EngineDeadError instead o
 Under data parallelism an executor runs one engine core's slice of the rank grid: its
 workers hold global ranks (they join one torch.distributed world with every other
 core's), and read the rings under their index within the slice.
+
+The ranks rendezvous for torch.distributed (gloo or NCCL) at the `distributed_init_method`
+the caller gives (any torch.distributed URL, used as is: data-parallel cores share one),
+else at a file store in a private directory that this executor makes and removes at
+shutdown (explicit, after a worker's death or a failed start, on garbage collection or at
+interpreter exit). Unlike a TCP port probed free and bound later, nothing else can take
+the file in between.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import itertools
 import logging
 import logging.handlers
 import multiprocessing
-import socket
+import shutil
+import tempfile
 import time
 from multiprocessing.connection import wait as wait_for_sentinels
 from typing import Any, Iterator
@@ -32,13 +40,17 @@ logger = logging.getLogger("shardline")
 
 STARTUP_TIMEOUT_S = 120.0
 SHUTDOWN_GRACE_S = 5.0
+EXIT_STATUS_WAIT_S = 0.2
 _SPAWN = multiprocessing.get_context("spawn")
 
 
-def _free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _exit_code(proc: multiprocessing.process.BaseProcess) -> int | None:
+    """The exit code of a worker whose sentinel fired, read at once. A dying process
+    closes its files, and so fires the sentinel, a moment before the kernel reports its
+    exit status: only then is it waited for, briefly."""
+    if proc.exitcode is None:
+        proc.join(EXIT_STATUS_WAIT_S)
+    return proc.exitcode
 
 
 class _RankLogs(logging.Handler):
@@ -63,6 +75,13 @@ class _Workers(WorkerGroup):
         self.log_queue = _SPAWN.Queue()
         self.log_listener = logging.handlers.QueueListener(self.log_queue, _RankLogs())
         self.started = False
+        self.rendezvous_dir: str | None = None
+
+    def file_rendezvous(self) -> str:
+        """A torch.distributed URL of a file store that does not exist yet, in a directory
+        only this user can enter; `release` removes the directory."""
+        self.rendezvous_dir = tempfile.mkdtemp(prefix="shardline-rendezvous-")
+        return f"file://{self.rendezvous_dir}/store"
 
     def close_rings(self) -> None:
         for mq in ([self.broadcast] if self.broadcast else []) + self.responses:
@@ -82,9 +101,8 @@ class _Workers(WorkerGroup):
         deaths = []
         for i in ended:
             proc = self.procs[i]
-            proc.join(1.0)
             deaths.append(f"worker rank {self.first_rank + i} (pid {proc.pid}) died "
-                          f"with exit code {proc.exitcode}")
+                          f"with exit code {_exit_code(proc)}")
         return "; ".join(deaths)
 
     def stop_workers(self) -> None:
@@ -106,6 +124,8 @@ class _Workers(WorkerGroup):
         self.log_listener.stop()
         self.log_queue.close()
         self.log_queue.join_thread()
+        if self.rendezvous_dir is not None:
+            shutil.rmtree(self.rendezvous_dir, ignore_errors=True)
 
 
 class MultiProcExecutor(WorkerGroupExecutor):
@@ -121,8 +141,7 @@ class MultiProcExecutor(WorkerGroupExecutor):
         workers = self._group
         workers.log_listener.start()
         workers.broadcast = MessageQueue.create(self.num_workers)
-        init_method = (self.distributed_init_method
-                       or f"tcp://127.0.0.1:{_free_tcp_port()}")
+        init_method = self.distributed_init_method or workers.file_rendezvous()
         config = self.config.to_dict()
         conns = []
         for i in range(self.num_workers):
