@@ -49,6 +49,9 @@ class StubWorker:
         time.sleep(seconds)
         return self.rank
 
+    def environ(self, name: str) -> str | None:
+        return os.environ.get(name)
+
     def log(self, message: str) -> None:
         logging.getLogger("shardline.test").warning(message)
 

@@ -37,7 +37,8 @@ from shardline.executor import EngineDeadError, StepFuture  # noqa: E402
 from shardline.executor.base import executor_class  # noqa: E402
 from shardline.config import ParallelConfig  # noqa: E402
 from shardline.executor import ray_placement  # noqa: E402
-from shardline.executor.ray import RayExecutor  # noqa: E402
+from shardline.executor.ray import RayExecutor, ranks_sharing_node  # noqa: E402
+from shardline.worker.worker import RANKS_ON_NODE_ENV, cpu_threads  # noqa: E402
 from process_hygiene import leaked_segments, shm_segments  # noqa: E402
 from stub_workers import NUM_KV_BLOCKS  # noqa: E402
 from test_multiproc import make_config, step  # noqa: E402
@@ -97,6 +98,25 @@ def test_the_ray_backend_gets_the_ray_executor():
         ParallelConfig(distributed_executor_backend="mp", ray_address="auto")
 
 
+@pytest.mark.parametrize("nodes, threads", [
+    (["a", "a", "b", "b"], [7, 7, 3, 3]),
+    (["a", "b", "a", "b"], [7, 3, 7, 3]),
+    (["a", "a", "a", "b"], [5, 5, 5, 7]),
+], ids=["stage-per-node", "interleaved", "uneven"])
+def test_ranks_split_the_cores_of_their_own_node(monkeypatch, nodes, threads):
+    """4 ranks on 2 nodes (a: 16 cores, b: 8): each rank's torch threads are its node's
+    cores, less one, shared among that node's ranks, not among the 4 of the world."""
+    parallel = ParallelConfig(distributed_executor_backend="ray", device="cpu",
+                              tensor_parallel_size=4)
+    node_cores = {"a": 16, "b": 8}
+    got = []
+    for node, sharing in zip(nodes, ranks_sharing_node(nodes)):
+        monkeypatch.setenv(RANKS_ON_NODE_ENV, str(sharing))
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(node_cores[node])))
+        got.append(cpu_threads(parallel))
+    assert got == threads
+
+
 def test_plumbing_over_two_nodes_with_stub_workers(cluster):
     config = make_config(tensor_parallel_size=2, pipeline_parallel_size=2)
     config.parallel.distributed_executor_backend = "ray"
@@ -107,6 +127,7 @@ def test_plumbing_over_two_nodes_with_stub_workers(cluster):
         assert executor.rank_nodes[2] == executor.rank_nodes[3]
         assert {cluster[node] for node in executor.rank_nodes} == {0, 1}
         assert executor.node_ranks == [[0, 1], [2, 3]]
+        assert executor.collective_rpc("environ", args=(RANKS_ON_NODE_ENV,)) == ["2"] * 4
         assert executor.num_kv_blocks == NUM_KV_BLOCKS
         ids = executor.collective_rpc("identity")
         assert [i[0] for i in ids] == [0, 1, 2, 3]

@@ -23,6 +23,7 @@ import itertools
 import logging
 import os
 import time
+from collections import Counter
 from typing import Any, Iterator
 
 try:
@@ -39,6 +40,7 @@ from shardline.executor.ray_placement import RayWorld, connect, disconnect, forw
 from shardline.executor.ray_worker import AGENT_CONCURRENCY, NodeAgent, RankActor
 from shardline.executor.worker_group import RanksTimedOut, WorkerGroup, WorkerGroupExecutor
 from shardline.executor.worker_proc import ALL_RANKS, SHUTDOWN
+from shardline.worker.worker import RANKS_ON_NODE_ENV
 
 logger = logging.getLogger("shardline")
 
@@ -56,6 +58,13 @@ def _ray_device(parallel_device: str | None) -> str:
     if requested:
         return requested.split(":")[0]
     return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+
+
+def ranks_sharing_node(rank_nodes: list[str]) -> list[int]:
+    """For each rank of the world (`rank_nodes`: the node of each, in rank order), how
+    many ranks its node holds: the ranks that split that node's cores."""
+    per_node = Counter(rank_nodes)
+    return [per_node[node] for node in rank_nodes]
 
 
 class _Actors(WorkerGroup):
@@ -166,11 +175,13 @@ class RayExecutor(WorkerGroupExecutor):
         config["parallel"]["device"] = self.device_type
         env = forwarded_env()
         options = dict(num_cpus=1, num_gpus=1 if self.device_type == "cuda" else 0)
-        if env:
-            options["runtime_env"] = {"env_vars": env}
+        # Every core's ranks count (under data parallelism, other cores' share nodes too).
+        sharing = ranks_sharing_node([world.node_of(rank) for rank in range(parallel.world_size)])
         ranks = range(self.first_rank, self.first_rank + self.num_workers)
-        actors.ranks = [_RankActor.options(scheduling_strategy=world.strategy(rank), **options)
-                        .remote(rank, logger.getEffectiveLevel()) for rank in ranks]
+        actors.ranks = [_RankActor.options(
+            scheduling_strategy=world.strategy(rank),
+            runtime_env={"env_vars": {**env, RANKS_ON_NODE_ENV: str(sharing[rank])}}, **options)
+            .remote(rank, logger.getEffectiveLevel()) for rank in ranks]
         # One agent per node, in the order of each node's first rank, started meanwhile.
         self.rank_nodes = [world.node_of(rank) for rank in ranks]
         nodes = list(dict.fromkeys(self.rank_nodes))

@@ -32,10 +32,18 @@ def pick_device(rank: int, requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+RANKS_ON_NODE_ENV = "SHARDLINE_RANKS_ON_NODE"
+"""How many ranks share this rank's node, where that is not every rank of the world: set
+by the Ray executor for each rank actor (the multi-process executor runs every rank on
+one machine)."""
+
+
 def cpu_threads(parallel: ParallelConfig) -> int | None:
     """The torch threads of a CPU rank: None (torch's default, every core) for the one rank
     that runs in the engine's own process; else an equal share of the cores this process
-    may run on, less one core left to the engine's process, at least 1.
+    may run on among the ranks of its node (RANKS_ON_NODE_ENV, else the world size), less
+    one core left to the engine's process (or, on another Ray node, to its node agent),
+    at least 1.
 
     Every parallel region of torch's intra-op pool ends in a barrier of all its threads:
     when they and the engine's process outnumber the cores, each barrier can wait a
@@ -45,8 +53,12 @@ def cpu_threads(parallel: ParallelConfig) -> int | None:
                          and parallel.distributed_executor_backend in (None, "uni"))
     if in_engine_process:
         return None
+    ranks = os.environ.get(RANKS_ON_NODE_ENV, str(parallel.world_size))
+    if not ranks.isdigit() or not 1 <= int(ranks) <= parallel.world_size:
+        raise ValueError(f"{RANKS_ON_NODE_ENV}={ranks!r} is invalid: must be the number of "
+                         f"ranks on this node, an integer in [1, {parallel.world_size}]")
     cores = len(os.sched_getaffinity(0))
-    return max(1, (cores - 1) // parallel.world_size)
+    return max(1, (cores - 1) // int(ranks))
 
 
 class Worker:
