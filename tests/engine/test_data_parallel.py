@@ -4,7 +4,9 @@ with every core serving; AsyncLLM streams under DP2; aborts reach the right core
 steps run a forward on every rank of an idle core, and keep expert parallelism across two
 cores (tiny-mixtral) in step while one core idles; invalid flags are refused before any
 process starts; a worker that dies in one core, at startup or while serving, fails the
-whole engine with an error naming it, and leaves no process and no segment behind.
+whole engine with an error naming it, and leaves no process and no segment behind; every
+core's ranks meet at one private file store, gone once the engine is (shut down, failed to
+start, or a worker killed).
 
 Each layout starts its worker processes once per module (they take seconds to start).
 """
@@ -12,6 +14,9 @@ Each layout starts its worker processes once per module (they take seconds to st
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import stat
 import time
 
 import pytest
@@ -64,6 +69,20 @@ def assert_all_free(llm: LLM) -> None:
     for core in llm.engine.cores:
         core.kv.check_invariants()
         assert core.kv.num_free_blocks == core.kv.num_blocks
+
+
+def rendezvous_dir(llm: LLM) -> str:
+    """The private directory of the one file store where every core's ranks met."""
+    [rendezvous] = {core.executor._group.rendezvous for core in llm.engine.cores}
+    assert rendezvous.url == f"file://{rendezvous.directory}/store"
+    assert stat.S_IMODE(os.stat(rendezvous.directory).st_mode) == 0o700
+    return rendezvous.directory
+
+
+def test_the_cores_rendezvous_at_one_private_file_store_gone_with_the_engine():
+    with LLM(MODEL, data_parallel_size=2, **ENGINE) as llm:
+        where = rendezvous_dir(llm)
+    assert not os.path.exists(where)
 
 
 def test_greedy_tokens_match_one_rank_with_every_core_serving(dp_llm, reference, rng):
@@ -231,7 +250,7 @@ class FailsOnRank1(Worker):
 
     def init_device(self) -> None:
         if self.rank == 1:
-            raise RuntimeError("rank 1 cannot start")
+            raise RuntimeError(f"rank 1 cannot start at {self.distributed_init_method}")
         super().init_device()
 
 
@@ -241,9 +260,12 @@ def test_a_core_that_fails_to_start_stops_every_core():
     config = EngineArgs(MODEL, data_parallel_size=2, **ENGINE).to_config()
     config.parallel.worker_cls = "test_data_parallel.FailsOnRank1"
     with pytest.raises(RuntimeError, match=r"init_device failed on worker rank 1: "
-                                           r"RuntimeError: rank 1 cannot start"):
+                                           r"RuntimeError: rank 1 cannot start at file://"
+                                           ) as raised:
         create_engine(config)
     assert time.monotonic() - started < TIMEOUT_S
+    where = re.search(r"file://(\S+)/store", str(raised.value)).group(1)
+    assert not os.path.exists(where)
     assert set(live_children()) <= children_before
     assert not leaked_segments(segments_before)
 
@@ -255,6 +277,7 @@ def test_a_killed_worker_of_either_core_raises_engine_dead_and_leaves_nothing(rn
     segments_before = shm_segments()
     llm = LLM(MODEL, data_parallel_size=2, device="cpu", block_size=4, num_kv_blocks=256)
     pids = [pid for core in llm.engine.cores for pid in core.executor.worker_pids]
+    where = rendezvous_dir(llm)
     dead = rf"worker rank 1 \(pid {pids[1]}\) died with exit code -9"
     try:
         params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
@@ -269,3 +292,4 @@ def test_a_killed_worker_of_either_core_raises_engine_dead_and_leaves_nothing(rn
         llm.shutdown()
     assert_gone(pids)
     assert not leaked_segments(segments_before)
+    assert not os.path.exists(where)

@@ -1,7 +1,7 @@
 """The multi-process executor's plumbing, with model-free stub workers in spawned processes:
 replies per rank, the output rank, steps in flight, errors, timeouts, dead workers, the
-ranks' rendezvous and a clean shutdown (no process, nothing in /dev/shm and no rendezvous
-file left behind)."""
+ranks' rendezvous (one executor's, or data-parallel cores' shared one) and a clean
+shutdown (no process, nothing in /dev/shm and no rendezvous file left behind)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import pytest
 
 from shardline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from shardline.executor import EngineDeadError, StepFuture
+from shardline.executor.data_parallel import _on_every_core, create_data_parallel_executors
 from shardline.executor.multiproc import EXIT_STATUS_WAIT_S, MultiProcExecutor, _Workers
 from shardline.presets import resolve_model
 from shardline.step import CachedRequestData, CachedRequests, SchedulerOutput
@@ -35,6 +36,16 @@ def make_config(worker: str = "StubWorker", **parallel) -> EngineConfig:
                         ParallelConfig(distributed_executor_backend="mp", device="cpu",
                                        worker_cls=worker if "." in worker
                                        else f"stub_workers.{worker}", **parallel))
+
+
+WORLDS = {"tp2": dict(tensor_parallel_size=2), "dp2": dict(data_parallel_size=2)}
+
+
+def start_world(config: EngineConfig) -> list[MultiProcExecutor]:
+    """The started executors of `config`'s world of ranks: one per data-parallel core."""
+    if config.parallel.data_parallel_size > 1:
+        return create_data_parallel_executors(config)
+    return [MultiProcExecutor(config)]
 
 
 def step(*req_ids: str) -> SchedulerOutput:
@@ -229,17 +240,19 @@ def rendezvous_dirs(monkeypatch) -> list[str]:
     return made
 
 
-def check_rendezvous(executor: MultiProcExecutor, rng) -> str:
-    """The ranks met at a file store in a private directory and reduce over it; that
-    directory."""
-    urls = executor.collective_rpc("rendezvous", timeout=60)
+def check_rendezvous(executors: list[MultiProcExecutor], rng) -> str:
+    """The ranks of `executors` (one world) met at one file store in a private directory
+    and reduce over it together; that directory."""
+    urls = [url for executor in executors for url in executor.collective_rpc("rendezvous",
+                                                                              timeout=60)]
     assert len(set(urls)) == 1 and urls[0].startswith("file://"), urls
     path = urls[0].removeprefix("file://")
     assert os.path.exists(path)
     assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
     values = [rng.uniform(-100, 100) for _ in urls]
-    sums = executor.collective_rpc("all_reduce", args=(values,), timeout=60)
-    assert sums == pytest.approx([sum(values)] * len(values), rel=1e-12)
+    sums = _on_every_core(executors, lambda executor: executor.collective_rpc(
+        "all_reduce", args=(values,), timeout=60))
+    assert sum(sums, []) == pytest.approx([sum(values)] * len(values), rel=1e-12)
     return os.path.dirname(path)
 
 
@@ -250,7 +263,7 @@ def test_ranks_rendezvous_at_a_private_file_removed_with_the_executor(rendezvous
                                              tensor_parallel_size=2))
     pids = executor.worker_pids
     try:
-        where = check_rendezvous(executor, rng)
+        where = check_rendezvous([executor], rng)
         assert rendezvous_dirs == [where]
         if end == "killed-worker":
             os.kill(pids[1], signal.SIGKILL)
@@ -267,12 +280,54 @@ def test_ranks_rendezvous_at_a_private_file_removed_with_the_executor(rendezvous
     assert not os.path.exists(where)
 
 
-def test_a_failed_start_leaves_no_rendezvous_file(rendezvous_dirs):
+@pytest.mark.parametrize("end", ["shutdown", "killed-worker", "garbage-collected"])
+def test_data_parallel_cores_share_one_rendezvous_removed_by_the_last(rendezvous_dirs, rng,
+                                                                     end):
+    """DP2: both cores' ranks meet in one world at one private file store, which outlives
+    the first core to shut down (the dead one, after a kill) and goes with the last."""
+    config = make_config("rendezvous_worker.RendezvousWorker", data_parallel_size=2)
+    cores = list(create_data_parallel_executors(config))  # not the list the cores' links see
+    pids = [pid for core in cores for pid in core.worker_pids]
+    try:
+        where = check_rendezvous(cores, rng)
+        assert rendezvous_dirs == [where]
+        if end == "killed-worker":
+            os.kill(pids[1], signal.SIGKILL)
+            with pytest.raises(EngineDeadError, match=r"worker rank 1 .* exit code -9"):
+                cores[1].collective_rpc("sleep", args=(0,), timeout=30)
+            cores.reverse()
+        if end == "garbage-collected":
+            cores.clear()
+            gc.collect()
+        else:
+            cores[0].shutdown()
+            assert os.path.isdir(where)
+            cores[1].shutdown()
+    finally:
+        for core in cores:
+            core.shutdown()
+    assert not os.path.exists(where)
+    assert_gone(pids)
+
+
+@pytest.mark.parametrize("world", list(WORLDS))
+def test_a_failed_start_leaves_no_rendezvous_file(rendezvous_dirs, world):
     with pytest.raises(RuntimeError, match=r"init_device failed on worker rank 1: "
                                            r"RuntimeError: init_device failed on purpose"):
-        MultiProcExecutor(make_config("rendezvous_worker.FailingRendezvousWorker",
-                                      tensor_parallel_size=2))
+        start_world(make_config("rendezvous_worker.FailingRendezvousWorker", **WORLDS[world]))
     assert len(rendezvous_dirs) == 1 and not os.path.exists(rendezvous_dirs[0])
+
+
+def test_a_given_init_method_is_used_as_is_and_left_alone(rendezvous_dirs, tmp_path, rng):
+    url = f"file://{tmp_path}/store"
+    executor = MultiProcExecutor(make_config("rendezvous_worker.RendezvousWorker",
+                                             tensor_parallel_size=2),
+                                 distributed_init_method=url)
+    try:
+        assert check_rendezvous([executor], rng) == str(tmp_path)
+    finally:
+        executor.shutdown()
+    assert rendezvous_dirs == [] and tmp_path.is_dir()
 
 
 def test_executors_started_at_once_each_meet_in_their_own_world(make_executor, rng):
@@ -295,28 +350,28 @@ def test_executors_started_at_once_each_meet_in_their_own_world(make_executor, r
     for thread in threads:
         thread.join(120)
     assert not errors and len(executors) == 2
-    assert len({check_rendezvous(executor, rng) for executor in executors}) == 2
+    assert len({check_rendezvous([executor], rng) for executor in executors}) == 2
 
 
 _EXIT_SCRIPT = """
 import os, signal, sys, time
 sys.path[:0] = [{stub_dir!r}, {tests_dir!r}]
-from test_multiproc import make_config
-from shardline.executor.multiproc import EXIT_STATUS_WAIT_S, MultiProcExecutor, _Workers
-executor = MultiProcExecutor(make_config(tensor_parallel_size=2))
-print(" ".join(map(str, executor.worker_pids)), flush=True)
-print(executor._group.rendezvous_dir, flush=True)
+from test_multiproc import WORLDS, make_config, start_world
+executors = start_world(make_config(**WORLDS[{world!r}]))
+print(" ".join(str(pid) for executor in executors for pid in executor.worker_pids), flush=True)
+print(executors[0]._group.rendezvous.directory, flush=True)
 if {interrupt}:
-    executor.collective_rpc("sleep", args=(60,))
+    executors[0].collective_rpc("sleep", args=(60,))
 """
 
 
+@pytest.mark.parametrize("world", list(WORLDS))
 @pytest.mark.parametrize("interrupt", [False, True], ids=["interpreter-exit", "ctrl-c"])
-def test_interpreter_exit_and_ctrl_c_leave_no_worker_and_no_rendezvous(interrupt):
+def test_interpreter_exit_and_ctrl_c_leave_no_worker_and_no_rendezvous(interrupt, world):
     before = shm_segments()
     here = os.path.dirname(__file__)
     script = _EXIT_SCRIPT.format(stub_dir=here, tests_dir=os.path.dirname(here),
-                                 interrupt=interrupt)
+                                 world=world, interrupt=interrupt)
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

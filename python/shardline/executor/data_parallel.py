@@ -9,15 +9,21 @@ collectives. So the setup phases run on every core at once (one thread per core)
 cache is sized once for all cores (the tightest rank of any core), and a worker that dies
 in any core stops every core: the others' waiting calls raise the same EngineDeadError
 instead of hanging in a collective that will never complete.
+
+On this machine the cores' ranks meet at one file store in a private directory, which the
+last core to shut down removes (multiproc.FileRendezvous); on Ray the cores share one
+RayWorld, found by a key, which picks an address on rank 0's node.
 """
 
 from __future__ import annotations
 
-import socket
+import contextlib
 import threading
-from typing import Callable
+import uuid
+import weakref
+from typing import Callable, ContextManager
 
-from shardline.config import EngineConfig
+from shardline.config import EngineConfig, ParallelConfig
 from shardline.executor.base import EngineDeadError, Executor, executor_class
 
 
@@ -26,10 +32,15 @@ class PeerCoreFailed(EngineDeadError):
     what failed there."""
 
 
-def _rendezvous_address() -> str:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+def _world_rendezvous(parallel: ParallelConfig) -> ContextManager[str]:
+    """The `distributed_init_method` of every core, held while the cores start: a
+    FileRendezvous on this machine, which the cores keep after that; on Ray the key of
+    their RayWorld (unique, so that two engines never share one)."""
+    if parallel.distributed_executor_backend == "ray":
+        return contextlib.nullcontext(f"shardline-world-{uuid.uuid4().hex}")
+    from shardline.executor.multiproc import FileRendezvous
+
+    return FileRendezvous()
 
 
 def create_data_parallel_executors(config: EngineConfig) -> list[Executor]:
@@ -39,33 +50,38 @@ def create_data_parallel_executors(config: EngineConfig) -> list[Executor]:
     the error is raised."""
     parallel = config.parallel
     cls = executor_class(parallel)
-    address = _rendezvous_address()
     executors: list[Executor] = []
-    try:
-        for dp_rank in range(parallel.data_parallel_size):
-            executors.append(cls(config, dp_rank=dp_rank, distributed_init_method=address,
-                                 initialize=False))
-        link_failures(executors)
-        blocks = _on_every_core(executors, lambda executor: executor.load())
-        num_blocks = min(blocks)
-        _on_every_core(executors, lambda executor: executor.allocate_kv_cache(num_blocks))
-    except BaseException:
-        for executor in executors:
-            executor.shutdown()
-        raise
+    with _world_rendezvous(parallel) as init_method:
+        try:
+            for dp_rank in range(parallel.data_parallel_size):
+                executors.append(cls(config, dp_rank=dp_rank, initialize=False,
+                                     distributed_init_method=init_method))
+            link_failures(executors)
+            blocks = _on_every_core(executors, lambda executor: executor.load())
+            num_blocks = min(blocks)
+            _on_every_core(executors, lambda executor: executor.allocate_kv_cache(num_blocks))
+        except BaseException:
+            for executor in executors:
+                executor.shutdown()
+            raise
     return executors
 
 
 def link_failures(executors: list[Executor]) -> None:
     """When a worker of one executor dies, fail every other one with an error that names
     the dead worker and its data-parallel rank (executors that cannot see their workers
-    die, such as the in-process one, take no part)."""
+    die, such as the in-process one, take no part). The links hold the executors weakly: a
+    watcher thread holds its callbacks, and must not keep the other cores from garbage
+    collection."""
+    refs = [weakref.ref(executor) for executor in executors]
+
     def fail_others(dp_rank: int) -> Callable[[EngineDeadError], None]:
         def callback(error: EngineDeadError) -> None:
             linked = PeerCoreFailed(f"{error} (in data-parallel rank {dp_rank}; every engine "
                                      "core stops with it)")
-            for other, executor in enumerate(executors):
-                if other != dp_rank:
+            for other, ref in enumerate(refs):
+                executor = ref()
+                if other != dp_rank and executor is not None:
                     executor.fail(linked)
         return callback
 

@@ -11,12 +11,13 @@ Under data parallelism an executor runs one engine core's slice of the rank grid
 workers hold global ranks (they join one torch.distributed world with every other
 core's), and read the rings under their index within the slice.
 
-The ranks rendezvous for torch.distributed (gloo or NCCL) at the `distributed_init_method`
-the caller gives (any torch.distributed URL, used as is: data-parallel cores share one),
-else at a file store in a private directory that this executor makes and removes at
-shutdown (explicit, after a worker's death or a failed start, on garbage collection or at
-interpreter exit). Unlike a TCP port probed free and bound later, nothing else can take
-the file in between.
+The ranks rendezvous for torch.distributed (gloo or NCCL) at a FileRendezvous: a file store
+in a private directory, removed at shutdown (explicit, after a worker's death or a failed
+start, on garbage collection or at interpreter exit) by the last executor that uses it.
+Unlike a TCP port probed free and bound later, nothing else can take the file in between.
+An executor makes its own, unless the caller gives a `distributed_init_method`: the URL of
+one the caller made (data-parallel cores share one), or any other torch.distributed URL,
+used as is and left alone.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import logging.handlers
 import multiprocessing
 import shutil
 import tempfile
+import threading
 import time
 from multiprocessing.connection import wait as wait_for_sentinels
 from typing import Any, Iterator
@@ -53,6 +55,55 @@ def _exit_code(proc: multiprocessing.process.BaseProcess) -> int | None:
     return proc.exitcode
 
 
+class FileRendezvous:
+    """A torch.distributed URL of a file store that does not exist yet, in a directory only
+    this user can enter, which the last of its users removes.
+
+    Executors that share one (the data-parallel cores of one world) find it by its `url`,
+    given to each as `distributed_init_method`: each takes a use of it (`join`) and gives
+    it back at shutdown. Its maker holds the first use until the executors have started
+    (as a context manager: to the end of the block), so that a core failing to start
+    cannot remove it under the others.
+    """
+
+    _lock = threading.Lock()
+    _open: dict[str, "FileRendezvous"] = {}
+
+    def __init__(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="shardline-rendezvous-")
+        self.url = f"file://{self.directory}/store"
+        self.users = 1
+        with self._lock:
+            self._open[self.url] = self
+
+    @classmethod
+    def join(cls, url: str | None) -> "FileRendezvous | None":
+        """One more use of the rendezvous at `url`; a new one when `url` is None; None
+        when `url` was made elsewhere (the caller's own, used as is and left alone)."""
+        if url is None:
+            return cls()
+        with cls._lock:
+            rendezvous = cls._open.get(url)
+            if rendezvous is not None:
+                rendezvous.users += 1
+            return rendezvous
+
+    def release(self) -> None:
+        """Give back one use; the last removes the directory."""
+        with self._lock:
+            self.users -= 1
+            if self.users > 0:
+                return
+            del self._open[self.url]
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> str:
+        return self.url
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
 class _RankLogs(logging.Handler):
     """Re-emits a worker's log records through this process's logger of the same name."""
 
@@ -75,13 +126,7 @@ class _Workers(WorkerGroup):
         self.log_queue = _SPAWN.Queue()
         self.log_listener = logging.handlers.QueueListener(self.log_queue, _RankLogs())
         self.started = False
-        self.rendezvous_dir: str | None = None
-
-    def file_rendezvous(self) -> str:
-        """A torch.distributed URL of a file store that does not exist yet, in a directory
-        only this user can enter; `release` removes the directory."""
-        self.rendezvous_dir = tempfile.mkdtemp(prefix="shardline-rendezvous-")
-        return f"file://{self.rendezvous_dir}/store"
+        self.rendezvous: FileRendezvous | None = None
 
     def close_rings(self) -> None:
         for mq in ([self.broadcast] if self.broadcast else []) + self.responses:
@@ -124,8 +169,8 @@ class _Workers(WorkerGroup):
         self.log_listener.stop()
         self.log_queue.close()
         self.log_queue.join_thread()
-        if self.rendezvous_dir is not None:
-            shutil.rmtree(self.rendezvous_dir, ignore_errors=True)
+        if self.rendezvous is not None:
+            self.rendezvous.release()
 
 
 class MultiProcExecutor(WorkerGroupExecutor):
@@ -141,7 +186,8 @@ class MultiProcExecutor(WorkerGroupExecutor):
         workers = self._group
         workers.log_listener.start()
         workers.broadcast = MessageQueue.create(self.num_workers)
-        init_method = self.distributed_init_method or workers.file_rendezvous()
+        workers.rendezvous = FileRendezvous.join(self.distributed_init_method)
+        init_method = workers.rendezvous.url if workers.rendezvous else self.distributed_init_method
         config = self.config.to_dict()
         conns = []
         for i in range(self.num_workers):
