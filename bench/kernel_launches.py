@@ -92,13 +92,25 @@ def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
 
 def _matmul_calls(dtype: torch.dtype, tps: tuple[int, ...], ms: tuple[int, ...]
                   ) -> Iterator[tuple[str, Callable[[], object]]]:
-    from shardline.kernels import matmul
+    from shardline.kernels import matmul, rotary_kv_cache
+    s = kernel_bench.FULL
     for tp in tps:
-        for name, n, k in kernel_bench.llama_gemms(kernel_bench.FULL, tp):
+        for name, n, k in kernel_bench.llama_gemms(s, tp):
             for m in ms:
                 x, w = _meta(m, k, dtype=dtype), _meta(n, k, dtype=dtype)
                 label = f"matmul TP{tp} {name} M={m} N={n} K={k}"
-                if name == "gate_up":
+                if name == "qkv":
+                    # The attention layer projects, rotates and stores K and V in one op;
+                    # split-K, the rotary kernel sums the projection's partials.
+                    hq, hk = s.q_heads // tp, max(1, s.kv_heads // tp)
+                    cache = _meta(m, 16, hk, s.head_dim, dtype=dtype)
+                    p, sl = _meta(m, dtype=torch.int64), _meta(m, dtype=torch.int64)
+                    cs = _meta(8192, s.head_dim, dtype=torch.float32)
+                    yield f"{label} +rotary+kv-cache", (
+                        lambda x=x, w=w, c=cache, p=p, sl=sl, cs=cs, hq=hq:
+                        rotary_kv_cache.qkv_rotary_and_write_kv_cache(x, w, None, p, cs, True, c,
+                                                                      c, sl, hq))
+                elif name == "gate_up":
                     yield label, lambda x=x, w=w: matmul.linear_silu_mul(x, w)
                 elif name in ("o", "down") and tp == 1:
                     # Without a TP all-reduce after it, the row-parallel layer fuses the

@@ -1,4 +1,4 @@
-"""Shape checks the paged attention kernels share, so bad input fails before a launch."""
+"""Shape checks the attention kernels share, so bad input fails before a launch."""
 
 from __future__ import annotations
 
@@ -26,3 +26,19 @@ def check_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                          f"{tuple(seq_lens.shape)}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache must have a contiguous last dim")
+
+
+def check_qkv_weight(weight: torch.Tensor, num_heads: int, k_cache: torch.Tensor
+                     ) -> tuple[int, int]:
+    """(KV heads, head size) of a fused QKV weight [(Hq + 2 Hk) D, H] that feeds the cache
+    k_cache [blocks, block_size, Hk, D]."""
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be [blocks, block_size, Hk, D]; got "
+                         f"{tuple(k_cache.shape)}")
+    num_kv_heads, head_size = k_cache.shape[2], k_cache.shape[3]
+    rows = (num_heads + 2 * num_kv_heads) * head_size
+    if weight.dim() != 2 or weight.shape[0] != rows:
+        raise ValueError(f"weight must be [(num_heads {num_heads} + 2 x {num_kv_heads} KV heads "
+                         f"of the cache) x head size {head_size} = {rows}, hidden]; got "
+                         f"{tuple(weight.shape)}")
+    return num_kv_heads, head_size

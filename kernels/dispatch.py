@@ -123,6 +123,28 @@ def rotary_and_write_kv_cache(positions: torch.Tensor, q: torch.Tensor, k: torch
                                                k_cache, v_cache, slot_mapping)
 
 
+def qkv_rotary_and_write_kv_cache(x: torch.Tensor, weight: torch.Tensor,
+                                  bias: torch.Tensor | None, positions: torch.Tensor,
+                                  cos_sin_cache: torch.Tensor, is_neox: bool,
+                                  k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  slot_mapping: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The fused QKV projection of x [T, H], its q and k rotated, k and v stored at their
+    cache slots; returns the rotated q [T, Hq, D]. On the split-K path the rotary kernel
+    does the projection's reduction."""
+    if use_triton(x):
+        if x.is_cuda and linear_prefers_torch(x, weight, silu_mul=False):
+            q, k, v = reference.split_qkv(reference.linear(x, weight, bias), num_heads,
+                                          *k_cache.shape[2:])
+            return rotary_and_write_kv_cache(positions, q, k, v, cos_sin_cache, is_neox,
+                                             k_cache, v_cache, slot_mapping)
+        from shardline.kernels.rotary_kv_cache import qkv_rotary_and_write_kv_cache as op
+        return op(x, weight, bias, positions, cos_sin_cache, is_neox, k_cache, v_cache,
+                  slot_mapping, num_heads)
+    return reference.qkv_rotary_and_write_kv_cache(x, weight, bias, positions, cos_sin_cache,
+                                                   is_neox, k_cache, v_cache, slot_mapping,
+                                                   num_heads)
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
                            scale: float) -> torch.Tensor:

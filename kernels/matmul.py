@@ -149,8 +149,8 @@ def _matmul_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, M_BUCKET,
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           rows: int) -> None:
+def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Refuse an x, weight and bias whose shapes or dtypes do not go together."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x must be [M, K] and weight [N, K] with the same K; got x "
                          f"{tuple(x.shape)} and weight {tuple(weight.shape)}")
@@ -158,8 +158,8 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         raise ValueError(f"x must have K > 0; got {tuple(x.shape)}")
     if x.dtype != weight.dtype:
         raise ValueError(f"x and weight must share a dtype; got {x.dtype} and {weight.dtype}")
-    if bias is not None and bias.shape != (rows,):
-        raise ValueError(f"bias must be [{rows}]; got {tuple(bias.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must be [{weight.shape[0]}]; got {tuple(bias.shape)}")
 
 
 def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
@@ -202,24 +202,11 @@ def _output(x: torch.Tensor, out: torch.Tensor | None, n: int) -> torch.Tensor:
     return out
 
 
-def _k_slices(x: torch.Tensor, weight: torch.Tensor, split_k: int | None) -> tuple[int, int]:
-    """(slices, columns per slice) of K: `split_k` slices if given, else the shape's
-    choice, each a whole number of K_ALIGN columns."""
-    if split_k is not None and split_k < 1:
-        raise ValueError(f"split_k must be None or >= 1; got {split_k}")
-    m, k = x.shape
-    split = (matmul_split_k.choose_split_k(m, weight.shape[0], k, x.device)
-             if split_k is None else split_k)
-    align = matmul_split_k.K_ALIGN
-    k_split = triton.cdiv(triton.cdiv(k, split), align) * align
-    return triton.cdiv(k, k_split), k_split
-
-
 def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
           residual: torch.Tensor | None, out: torch.Tensor | None, n: int, silu_mul: bool,
           split_k: int | None) -> torch.Tensor:
     out = _output(x, out, n)
-    split, k_split = _k_slices(x, weight, split_k)
+    split, k_split = matmul_split_k.k_slices(x, weight, split_k)
     if x.shape[0] == 0:
         return out
     if split == 1:
@@ -236,7 +223,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     `split_k` forces the number of K slices (None: chosen from the shape).
     """
-    _check(x, weight, bias, weight.shape[0])
+    check_linear(x, weight, bias)
     shape = (x.shape[0], weight.shape[0])
     if residual is not None and residual.shape != shape:
         raise ValueError(f"residual must be {list(shape)}; got {tuple(residual.shape)}")
@@ -247,7 +234,7 @@ def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                     *, out: torch.Tensor | None = None,
                     split_k: int | None = None) -> torch.Tensor:
     """SiLU(gate) * up of a merged gate_up weight[2N, K] -> [M, N], as the reference."""
-    _check(x, weight, bias, weight.shape[0])
+    check_linear(x, weight, bias)
     if weight.shape[0] % 2:
         raise ValueError(f"weight must have an even row count (gate, then up); got "
                          f"{weight.shape[0]}")
@@ -264,7 +251,7 @@ def linear_rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     fewer than a GEMM followed by the norm. Tiled, the residual add rides the GEMM's
     epilogue and the norm follows.
     """
-    _check(x, weight, bias, weight.shape[0])
+    check_linear(x, weight, bias)
     n = weight.shape[0]
     if residual.shape != (x.shape[0], n):
         raise ValueError(f"residual must be [{x.shape[0]}, {n}]; got {tuple(residual.shape)}")
@@ -272,7 +259,7 @@ def linear_rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         raise ValueError(f"norm_weight must be [{n}] (weight's rows); got "
                          f"{tuple(norm_weight.shape)}")
     out, summed = _output(x, None, n), _output(x, None, n)
-    split, k_split = _k_slices(x, weight, split_k)
+    split, k_split = matmul_split_k.k_slices(x, weight, split_k)
     if x.shape[0] == 0:
         return out, summed
     if split == 1:

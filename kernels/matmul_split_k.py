@@ -132,12 +132,22 @@ def choose_split_k(m: int, n: int, k: int, device: torch.device) -> int:
     return max(1, min(2 * _num_sms(device) // n_tiles, k // _MIN_K_PER_SPLIT))
 
 
-def split_k_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 residual: torch.Tensor | None, out: torch.Tensor, silu_mul: bool,
-                 split: int, k_split: int, norm: NormEpilogue | None = None) -> None:
-    """out = epilogue(x @ weight^T) over `split` slices of `k_split` columns of K."""
+def k_slices(x: torch.Tensor, weight: torch.Tensor, split_k: int | None) -> tuple[int, int]:
+    """(slices, columns per slice) of K for x @ weight^T: `split_k` slices if given, else
+    choose_split_k's, each a whole number of K_ALIGN columns; (1, _) means no split."""
+    if split_k is not None and split_k < 1:
+        raise ValueError(f"split_k must be None or >= 1; got {split_k}")
     m, k = x.shape
-    n_rows, n = weight.shape[0], out.shape[1]
+    split = choose_split_k(m, weight.shape[0], k, x.device) if split_k is None else split_k
+    k_split = triton.cdiv(triton.cdiv(k, split), K_ALIGN) * K_ALIGN
+    return triton.cdiv(k, k_split), k_split
+
+
+def partials(x: torch.Tensor, weight: torch.Tensor, split: int, k_split: int) -> torch.Tensor:
+    """fp32 [split, M, N]: slice s holds x @ weight^T over K columns [s k_split, (s+1)
+    k_split), for a reduction pass to sum in order."""
+    m, k = x.shape
+    n_rows = weight.shape[0]
     ws = torch.empty(split, m, n_rows, dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_rows, meta["BLOCK_N"]),
                          split)
@@ -145,6 +155,15 @@ def split_k_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         x, weight, ws, m, n_rows, k, shape_bucket(m, SPLIT_K_MAX_M), k_split,
         *x.stride(), *weight.stride(), ws.stride(0), ws.stride(1),
         PRECISION=dot_precision(x.dtype))
+    return ws
+
+
+def split_k_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 residual: torch.Tensor | None, out: torch.Tensor, silu_mul: bool,
+                 split: int, k_split: int, norm: NormEpilogue | None = None) -> None:
+    """out = epilogue(x @ weight^T) over `split` slices of `k_split` columns of K."""
+    m, n = x.shape[0], out.shape[1]
+    ws = partials(x, weight, split, k_split)
     # The norm needs whole rows in one program; otherwise rows are cut in 1024-wide blocks.
     block_n = triton.next_power_of_2(n) if norm else min(1024, triton.next_power_of_2(n))
     summed = norm.summed if norm else out

@@ -94,6 +94,28 @@ def rotary_and_write_kv_cache(positions: torch.Tensor, q: torch.Tensor, k: torch
     return q
 
 
+def split_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_size: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views q [T, Hq, D], k and v [T, Hk, D] of a QKV projection's rows [T, (Hq+2Hk) D]."""
+    tokens = qkv.shape[0]
+    q, k, v = qkv.split([num_heads * head_size, num_kv_heads * head_size,
+                         num_kv_heads * head_size], dim=-1)
+    return (q.view(tokens, num_heads, head_size), k.view(tokens, num_kv_heads, head_size),
+            v.view(tokens, num_kv_heads, head_size))
+
+
+def qkv_rotary_and_write_kv_cache(x: torch.Tensor, weight: torch.Tensor,
+                                  bias: torch.Tensor | None, positions: torch.Tensor,
+                                  cos_sin_cache: torch.Tensor, is_neox: bool,
+                                  k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  slot_mapping: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """linear of x by the fused QKV weight, split into heads (KV heads and head size as the
+    cache's), then rotary_and_write_kv_cache; returns the rotated q [T, Hq, D]."""
+    q, k, v = split_qkv(linear(x, weight, bias), num_heads, *k_cache.shape[2:])
+    return rotary_and_write_kv_cache(positions, q, k, v, cos_sin_cache, is_neox, k_cache,
+                                     v_cache, slot_mapping)
+
+
 def _context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """One sequence's first `length` cached rows as [Hk, length, D] in fp32.
 

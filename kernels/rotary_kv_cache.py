@@ -1,9 +1,12 @@
-"""Rotary embedding fused with the KV-cache write: one kernel where there were two.
+"""Rotary embedding fused with the KV-cache write: one kernel where there were two, and on
+the split-K path of the QKV projection, with that projection's reduction too.
 
 Attention needs the rotated K only in the cache, so the rotation stores it straight into
 the token's slot, and V goes there in the same program. Per layer this saves a launch
 and a write and re-read of K; in a decode step, where each kernel moves a few kilobytes,
-the launch is most of the cost.
+the launch is most of the cost. A decode-shaped QKV projection splits K into fp32
+partials (shardline.kernels.matmul_split_k); this kernel can read those partials, sum
+them and add the bias as it loads each head, in place of the reduction pass.
 """
 
 from __future__ import annotations
@@ -12,26 +15,31 @@ import torch
 import triton
 import triton.language as tl
 
+from shardline.kernels import matmul, matmul_split_k
+from shardline.kernels._checks import check_qkv_weight
 from shardline.kernels.kv_cache import check_kv_cache_write, unit_last_dim
-from shardline.kernels.rotary import check_rotary_inputs, load_cos_sin, rotary_meta, rotate_heads
+from shardline.kernels.reference import split_qkv
+from shardline.kernels.rotary import (check_rotary_inputs, load_cos_sin, load_heads,
+                                      rotary_meta, rotate_heads)
 
 
 @triton.jit
 def _rotary_kv_cache_kernel(
-    pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
-    HQ, HK, HALF, D,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos_sin,
-    stride_qot, stride_qoh,
+    pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, bias_ptr, cos_sin_ptr, q_out_ptr, k_cache_ptr,
+    v_cache_ptr, HQ, HK, HALF, D, splits,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_split,
+    stride_cos_sin, stride_qot, stride_qoh,
     stride_kc_block, stride_kc_slot, stride_kc_head,
     stride_vc_block, stride_vc_slot, stride_vc_head,
-    KV_BLOCK_SIZE: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_HQ: tl.constexpr,
-    BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    KV_BLOCK_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, IS_NEOX: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_TAIL: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     cos, sin = load_cos_sin(pos_ptr, cos_sin_ptr, token, stride_cos_sin, HALF, BLOCK_HALF)
     rotate_heads(q_ptr + token * stride_qt, q_out_ptr + token * stride_qot, HQ, stride_qh,
-                 stride_qoh, cos, sin, HALF, D, IS_NEOX, BLOCK_HQ, BLOCK_HALF, BLOCK_TAIL)
+                 stride_qoh, cos, sin, HALF, D, bias_ptr, splits, stride_split, HAS_BIAS,
+                 IS_NEOX, BLOCK_HQ, BLOCK_HALF, BLOCK_TAIL)
 
     # A padding token (slot -1) still has its query rotated, but writes no K or V.
     slot = tl.load(slot_ptr + token).to(tl.int64)
@@ -40,17 +48,37 @@ def _rotary_kv_cache_kernel(
     offset = slot % KV_BLOCK_SIZE
     rotate_heads(k_ptr + token * stride_kt,
                  k_cache_ptr + block * stride_kc_block + offset * stride_kc_slot, kv_heads,
-                 stride_kh, stride_kc_head, cos, sin, HALF, D, IS_NEOX, BLOCK_HK, BLOCK_HALF,
-                 BLOCK_TAIL)
+                 stride_kh, stride_kc_head, cos, sin, HALF, D, bias_ptr + HQ * D, splits,
+                 stride_split, HAS_BIAS, IS_NEOX, BLOCK_HK, BLOCK_HALF, BLOCK_TAIL)
 
     heads = tl.arange(0, BLOCK_HK)
     dims = tl.arange(0, BLOCK_D)
     mask = (heads[:, None] < kv_heads) & (dims[None, :] < D)
-    v = tl.load(v_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :],
-                mask=mask)
+    v = load_heads(v_ptr + token * stride_vt, bias_ptr + (HQ + HK) * D, heads, dims, mask,
+                   stride_vh, D, splits, stride_split, HAS_BIAS)
     v_dst = (v_cache_ptr + block * stride_vc_block + offset * stride_vc_slot
              + heads[:, None] * stride_vc_head + dims[None, :])
     tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            cos_sin_cache: torch.Tensor, is_neox: bool, k_cache: torch.Tensor,
+            v_cache: torch.Tensor, slot_mapping: torch.Tensor, q_out: torch.Tensor,
+            bias: torch.Tensor | None = None, splits: int = 1, stride_split: int = 0) -> None:
+    tokens = positions.shape[0]
+    if not tokens:
+        return
+    _rotary_kv_cache_kernel[(tokens,)](
+        positions, slot_mapping.contiguous(), q, k, v, q if bias is None else bias,
+        cos_sin_cache, q_out, k_cache, v_cache, q.shape[1], k.shape[1],
+        cos_sin_cache.shape[-1] // 2, q.shape[-1], splits,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        stride_split, cos_sin_cache.stride(0), q_out.stride(0), q_out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        KV_BLOCK_SIZE=k_cache.shape[1], HAS_BIAS=bias is not None,
+        BLOCK_D=triton.next_power_of_2(q.shape[-1]),
+        **rotary_meta(q, k, cos_sin_cache, is_neox))
 
 
 def rotary_and_write_kv_cache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -62,17 +90,36 @@ def rotary_and_write_kv_cache(positions: torch.Tensor, q: torch.Tensor, k: torch
     reference.rotary_and_write_kv_cache. q, k and v may be views of a fused projection."""
     check_kv_cache_write(k, v, k_cache, v_cache, slot_mapping)
     q, k, cos_sin_cache = check_rotary_inputs(positions, q, k, cos_sin_cache)
-    v = unit_last_dim(v)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    tokens = positions.shape[0]
-    if tokens:
-        _rotary_kv_cache_kernel[(tokens,)](
-            positions, slot_mapping.contiguous(), q, k, v, cos_sin_cache, q_out, k_cache,
-            v_cache, q.shape[1], k.shape[1], cos_sin_cache.shape[-1] // 2, q.shape[-1],
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            cos_sin_cache.stride(0), q_out.stride(0), q_out.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            KV_BLOCK_SIZE=k_cache.shape[1], BLOCK_D=triton.next_power_of_2(q.shape[-1]),
-            **rotary_meta(q, k, cos_sin_cache, is_neox))
+    _launch(positions, q, k, unit_last_dim(v), cos_sin_cache, is_neox, k_cache, v_cache,
+            slot_mapping, q_out)
+    return q_out
+
+
+def qkv_rotary_and_write_kv_cache(x: torch.Tensor, weight: torch.Tensor,
+                                  bias: torch.Tensor | None, positions: torch.Tensor,
+                                  cos_sin_cache: torch.Tensor, is_neox: bool,
+                                  k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  slot_mapping: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """x [T, H] projected by the fused QKV weight [(Hq + 2 Hk) D, H] (+ bias), then as
+    rotary_and_write_kv_cache: returns the rotated q [T, Hq, D], as the reference.
+
+    Hk and D are the cache's. Where the projection splits K, its partials and this kernel
+    are the only launches: the kernel sums the partials as it loads each head, in place of
+    the reduction pass.
+    """
+    heads = (num_heads, *check_qkv_weight(weight, num_heads, k_cache))
+    split, k_split = matmul_split_k.k_slices(x, weight, None)
+    if split == 1 or x.shape[0] == 0:
+        q, k, v = split_qkv(matmul.linear(x, weight, bias), *heads)
+        return rotary_and_write_kv_cache(positions, q, k, v, cos_sin_cache, is_neox, k_cache,
+                                         v_cache, slot_mapping)
+    matmul.check_linear(x, weight, bias)
+    ws = matmul_split_k.partials(x, weight, split, k_split)
+    q, k, v = split_qkv(ws[0], *heads)
+    check_kv_cache_write(k, v, k_cache, v_cache, slot_mapping)
+    q, k, cos_sin_cache = check_rotary_inputs(positions, q, k, cos_sin_cache)
+    q_out = torch.empty(q.shape, dtype=x.dtype, device=x.device)
+    _launch(positions, q, k, v, cos_sin_cache, is_neox, k_cache, v_cache, slot_mapping, q_out,
+            None if bias is None else bias.contiguous(), split, ws.stride(0))
     return q_out

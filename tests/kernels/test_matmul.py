@@ -65,7 +65,7 @@ def test_linear_rms_norm_matches_reference(device, m, n, k, split_k, monkeypatch
     norms, norm = [], matmul.rms_norm
     monkeypatch.setattr(matmul, "rms_norm",
                         lambda *args, **kwargs: norms.append(1) or norm(*args, **kwargs))
-    split, _ = matmul._k_slices(torch.empty(m, k), torch.empty(n, k), split_k)
+    split, _ = matmul_split_k.k_slices(torch.empty(m, k), torch.empty(n, k), split_k)
     for dtype in dtypes(device):
         x, w, bias, residual = inputs(m, n, k, dtype, device)
         norm_weight = 1 + torch.randn(n, dtype=dtype, device=device) / 4

@@ -37,23 +37,32 @@ def assert_matches_reference(inputs: dict, is_neox: bool, cache_shape: tuple,
                              cache_dtype: torch.dtype) -> None:
     """The rotated q and every cache element (written or not) as the reference leaves them:
     rotated K within the dtype's tolerance, V copied exactly, the rest untouched."""
-    device = inputs["q"].device
+    def run(op, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        return op(**inputs, is_neox=is_neox, k_cache=k_cache, v_cache=v_cache)
+    compare_with_reference(
+        lambda *caches: run(rotary_kv_cache.rotary_and_write_kv_cache, *caches),
+        lambda *caches: run(reference.rotary_and_write_kv_cache, *caches),
+        inputs["slot_mapping"], cache_shape, cache_dtype, TOLERANCE, v_exact=True)
+
+
+def compare_with_reference(op, reference_op, slots: torch.Tensor, cache_shape: tuple,
+                           cache_dtype: torch.dtype, tolerance: dict, v_exact: bool) -> None:
+    """op(k_cache, v_cache) -> q and reference_op on copies of the same random caches: q,
+    and the written K and V slots within tolerance (V bit-exact if `v_exact`), every other
+    cache element untouched."""
+    device = slots.device
     caches = [torch.randn(cache_shape, device=device).to(cache_dtype) for _ in range(2)]
     expected_caches = [c.clone() for c in caches]
-    q = rotary_kv_cache.rotary_and_write_kv_cache(**inputs, is_neox=is_neox, k_cache=caches[0],
-                                                  v_cache=caches[1])
-    expected_q = reference.rotary_and_write_kv_cache(**inputs, is_neox=is_neox,
-                                                     k_cache=expected_caches[0],
-                                                     v_cache=expected_caches[1])
-    assert_close(q, expected_q, TOLERANCE)
+    assert_close(op(*caches), reference_op(*expected_caches), tolerance)
     written = torch.zeros(cache_shape[0] * cache_shape[1], dtype=torch.bool, device=device)
-    slots = inputs["slot_mapping"]
     written[slots[slots >= 0].long()] = True
-    k_cache, expected_k = (c.view(-1, *cache_shape[2:]) for c in (caches[0], expected_caches[0]))
-    assert torch.equal(k_cache[~written], expected_k[~written])
-    if written.any():
-        assert_close(k_cache[written], expected_k[written], TOLERANCE)
-    assert torch.equal(caches[1], expected_caches[1])
+    for index, (cache, expected) in enumerate(zip(caches, expected_caches)):
+        cache, expected = (c.view(-1, *cache_shape[2:]) for c in (cache, expected))
+        assert torch.equal(cache[~written], expected[~written])
+        if index == 1 and v_exact:
+            assert torch.equal(cache, expected)
+        elif written.any():
+            assert_close(cache[written], expected[written], tolerance)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -65,6 +74,59 @@ def test_matches_reference(device, is_neox, tokens, hq, hk, d, rot, block_size):
     for dtype in dtypes(device):
         inputs = random_inputs(tokens, hq, hk, d, rot, dtype, device, num_blocks * block_size)
         assert_matches_reference(inputs, is_neox, (num_blocks, block_size, hk, d), dtype)
+
+
+GEMM_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tokens,hidden,hq,hk,d,rot,split", [
+    (3, 160, 4, 2, 16, 16, True), (1, 192, 3, 1, 20, 8, True), (20, 48, 4, 2, 16, 12, False)])
+def test_qkv_projection_matches_reference(device, tokens, hidden, hq, hk, d, rot, split,
+                                          monkeypatch):
+    """Projection, rotation and cache writes as the reference, with and without bias; on
+    the split-K path the rotary kernel sums the partials: no reduction pass runs."""
+    from shardline.kernels import matmul_split_k
+    reduces = []
+    gemm = matmul_split_k.split_k_gemm
+    monkeypatch.setattr(matmul_split_k, "split_k_gemm",
+                        lambda *a, **kw: reduces.append(1) or gemm(*a, **kw))
+    block_size, num_blocks = 4, 8
+    for dtype in dtypes(device):
+        for is_neox, with_bias in ((True, True), (False, False)):
+            inputs = random_inputs(tokens, hq, hk, d, rot, dtype, device,
+                                   num_blocks * block_size)
+            x = torch.randn(tokens, hidden, dtype=dtype, device=device)
+            weight = torch.randn((hq + 2 * hk) * d, hidden, dtype=dtype,
+                                 device=device) / hidden ** 0.5
+            bias = (torch.randn(weight.shape[0], dtype=dtype, device=device) if with_bias
+                    else None)
+            assert (matmul_split_k.k_slices(x, weight, None)[0] > 1) == split
+            args = dict(x=x, weight=weight, bias=bias, positions=inputs["positions"],
+                        cos_sin_cache=inputs["cos_sin_cache"], is_neox=is_neox,
+                        slot_mapping=inputs["slot_mapping"], num_heads=hq)
+            compare_with_reference(
+                lambda k_cache, v_cache: rotary_kv_cache.qkv_rotary_and_write_kv_cache(
+                    **args, k_cache=k_cache, v_cache=v_cache),
+                lambda k_cache, v_cache: reference.qkv_rotary_and_write_kv_cache(
+                    **args, k_cache=k_cache, v_cache=v_cache),
+                inputs["slot_mapping"], (num_blocks, block_size, hk, d), dtype, GEMM_TOLERANCE,
+                v_exact=False)
+    assert not reduces
+
+
+def test_qkv_projection_rejects_a_weight_the_cache_does_not_fit():
+    inputs = random_inputs(3, 4, 2, 16, 16, torch.float32, "cpu", 16)
+    cache = torch.zeros(2, 8, 2, 16)
+    with pytest.raises(ValueError, match=r"weight must be \[\(num_heads 4 \+ 2 x 2 KV heads"):
+        rotary_kv_cache.qkv_rotary_and_write_kv_cache(
+            torch.randn(3, 32), torch.randn(7 * 16, 32), None, inputs["positions"],
+            inputs["cos_sin_cache"], True, cache, cache, inputs["slot_mapping"], 4)
+    with pytest.raises(ValueError, match="k_cache must be"):
+        rotary_kv_cache.qkv_rotary_and_write_kv_cache(
+            torch.randn(3, 32), torch.randn(8 * 16, 32), None, inputs["positions"],
+            inputs["cos_sin_cache"], True, torch.empty(0), torch.empty(0),
+            inputs["slot_mapping"], 4)
 
 
 def test_casts_to_the_cache_dtype():
@@ -120,13 +182,31 @@ def test_dispatch_routes_cpu_tensors_to_triton_only_when_forced(monkeypatch):
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
 
 
+def test_qkv_dispatch_routes_cpu_tensors_to_triton_only_when_forced(monkeypatch):
+    monkeypatch.setattr(rotary_kv_cache, "qkv_rotary_and_write_kv_cache", lambda *a: "triton")
+    inputs = random_inputs(3, 4, 2, 16, 16, torch.float32, "cpu", 16)
+    x, weight = torch.randn(3, 32), torch.randn(8 * 16, 32)
+    args = (x, weight, None, inputs["positions"], inputs["cos_sin_cache"], True)
+    tail = (inputs["slot_mapping"], 4)
+    force_triton(monkeypatch, True)
+    cache = torch.zeros(2, 8, 2, 16)
+    assert kernels.qkv_rotary_and_write_kv_cache(*args, cache, cache, *tail) == "triton"
+    force_triton(monkeypatch, False)
+    caches = [torch.zeros(2, 8, 2, 16) for _ in range(4)]
+    actual = kernels.qkv_rotary_and_write_kv_cache(*args, caches[0], caches[1], *tail)
+    expected = reference.qkv_rotary_and_write_kv_cache(*args, caches[2], caches[3], *tail)
+    assert torch.equal(actual, expected)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
 def test_kernel_compiles_for_h100(compile_for_h100):
     io = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "q_out_ptr", "k_cache_ptr",
                                      "v_cache_ptr")}
-    io.update(pos_ptr="*i64", slot_ptr="*i64", cos_sin_ptr="*fp32")
+    io.update(pos_ptr="*i64", slot_ptr="*i64", cos_sin_ptr="*fp32", bias_ptr="*bf16")
+    partials = {**io, "q_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*fp32"}
     compile_for_h100("shardline.kernels.rotary_kv_cache", [
-        ("_rotary_kv_cache_kernel", io,
-         dict(KV_BLOCK_SIZE=16, IS_NEOX=neox, BLOCK_HQ=32, BLOCK_HK=8, BLOCK_HALF=32,
-              BLOCK_TAIL=0 if neox else 64, BLOCK_D=128))
-        for neox in (True, False)
+        ("_rotary_kv_cache_kernel", types,
+         dict(KV_BLOCK_SIZE=16, HAS_BIAS=bias, IS_NEOX=neox, BLOCK_HQ=32, BLOCK_HK=8,
+              BLOCK_HALF=32, BLOCK_TAIL=0 if neox else 64, BLOCK_D=128))
+        for neox, bias, types in ((True, False, io), (False, False, io), (True, True, partials))
     ])

@@ -27,12 +27,13 @@ TRITON_ENTRY_POINTS = [
     (attention_decode, "paged_decode_attention"), (attention_prefill, "paged_prefill_attention"),
     (kv_cache, "write_kv_cache"), (moe, "fused_moe"), (norm, "rms_norm"),
     (rotary, "rotary_embedding"), (rotary_kv_cache, "rotary_and_write_kv_cache"),
+    (rotary_kv_cache, "qkv_rotary_and_write_kv_cache"),
 ]
 FALLBACKS = [(reference, op) for op in shardline.kernels.__all__]
 PREFILL_KERNELS = {"_tiled", "paged_prefill_attention", "rotary_and_write_kv_cache",
                    "rms_norm", "linear_rms_norm"}
-DECODE_KERNELS = {"split_k_gemm", "linear_rms_norm", "paged_decode_attention",
-                  "paged_prefill_attention"}
+DECODE_KERNELS = {"split_k_gemm", "linear_rms_norm", "qkv_rotary_and_write_kv_cache",
+                  "paged_decode_attention", "paged_prefill_attention"}
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from shardline import kernels
+from shardline.layers.linear import QKVParallelLinear
 from shardline.layers.rotary import RotaryEmbedding
 
 
@@ -39,18 +40,26 @@ class Attention(nn.Module):
         self.v_cache = torch.empty(0)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata, rotary: RotaryEmbedding | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """q [T, Hq, D], k and v [T, Hk, D] of this step's tokens -> [T, Hq * D].
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, Hq, D], k and v [T, Hk, D] of this step's tokens, q and k rotated ->
+        [T, Hq * D]."""
+        kernels.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return self.attend(q, meta)
 
-        With `rotary`, q and k arrive unrotated and are rotated by `positions` in the same
-        kernel that stores K and V in the cache; without it they arrive rotated.
-        """
-        if rotary is None:
-            kernels.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        else:
-            q = rotary.rotate_into_cache(positions, q, k, v, self.k_cache, self.v_cache,
-                                         meta.slot_mapping)
+    def forward_projected(self, x: torch.Tensor, qkv_proj: QKVParallelLinear,
+                          rotary: RotaryEmbedding, positions: torch.Tensor,
+                          meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states x [T, H] -> [T, Hq * D]: projected by `qkv_proj`, q and k rotated
+        by `positions`, K and V stored in the cache, in as few kernels as the path allows
+        (the rotary kernel stores K and V, and on the split-K path also reduces the
+        projection); attention reads K and V only from the cache."""
+        q = kernels.qkv_rotary_and_write_kv_cache(
+            x, qkv_proj.weight, qkv_proj.bias, positions, rotary.cos_sin_cache, rotary.is_neox,
+            self.k_cache, self.v_cache, meta.slot_mapping, self.num_heads)
+        return self.attend(q, meta)
+
+    def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, Hq, D] over the cache, K and V of this step already in it -> [T, Hq * D]."""
         if meta.decode_only:
             out = kernels.paged_decode_attention(q, self.k_cache, self.v_cache,
                                                  meta.block_tables, meta.seq_lens, self.scale)

@@ -36,6 +36,8 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding over the first rotary_dim dims of each head, from a
     cos/sin table built once (with Llama 3 frequency scaling when the config asks)."""
 
+    is_neox = True
+
     def __init__(self, head_dim: int, rotary_dim: int, max_position: int, base: float,
                  scaling: dict | None = None):
         super().__init__()
@@ -56,12 +58,4 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q [T, Hq, D] and k [T, Hk, D] by their token positions."""
-        return kernels.rotary_embedding(positions, q, k, self.cos_sin_cache, True)
-
-    def rotate_into_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                          v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          slot_mapping: torch.Tensor) -> torch.Tensor:
-        """Rotate q and k, store the rotated k and v [T, Hk, D] at their cache slots, and
-        return the rotated q: attention reads K only from the cache."""
-        return kernels.rotary_and_write_kv_cache(positions, q, k, v, self.cos_sin_cache, True,
-                                                 k_cache, v_cache, slot_mapping)
+        return kernels.rotary_embedding(positions, q, k, self.cos_sin_cache, self.is_neox)

@@ -50,15 +50,16 @@ class LlamaAttention(nn.Module):
                 residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(attention + residual), attention + residual), the attention block's output
         added to the residual stream and normed for the MLP."""
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(q.shape[0], -1, self.head_dim)
-        k = k.reshape(k.shape[0], -1, self.head_dim)
-        v = v.reshape(v.shape[0], -1, self.head_dim)
         if self.sp > 1:
+            q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.reshape(q.shape[0], -1, self.head_dim)
+            k = k.reshape(k.shape[0], -1, self.head_dim)
+            v = v.reshape(v.shape[0], -1, self.head_dim)
             q, k = self.rotary_emb(positions, q, k)
             context = ulysses_attention(self.attn, q, k, v, meta)
         else:
-            context = self.attn(q, k, v, meta, self.rotary_emb, positions)
+            context = self.attn.forward_projected(x, self.qkv_proj, self.rotary_emb, positions,
+                                                  meta)
         return self.o_proj.forward_and_norm(context, residual, norm)
 
 
