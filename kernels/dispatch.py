@@ -11,6 +11,7 @@ import os
 import torch
 
 from shardline.kernels import reference
+from shardline.kernels._checks import check_qkv_weight
 from shardline.kernels._tuned import linear_prefers_torch
 
 
@@ -133,6 +134,7 @@ def qkv_rotary_and_write_kv_cache(x: torch.Tensor, weight: torch.Tensor,
     does the projection's reduction."""
     if use_triton(x):
         if x.is_cuda and linear_prefers_torch(x, weight, silu_mul=False):
+            check_qkv_weight(weight, num_heads, k_cache)
             q, k, v = reference.split_qkv(reference.linear(x, weight, bias), num_heads,
                                           *k_cache.shape[2:])
             return rotary_and_write_kv_cache(positions, q, k, v, cos_sin_cache, is_neox,

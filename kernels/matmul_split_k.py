@@ -77,18 +77,19 @@ def _matmul_partial_kernel(x_ptr, w_ptr, ws_ptr, M, N, K, M_BUCKET, K_SPLIT,
 
 @triton.jit
 def _splitk_reduce_kernel(ws_ptr, bias_ptr, res_ptr, out_ptr, norm_w_ptr, sum_ptr, N,
-                          SPLIT_K, eps, stride_ws, stride_wm, stride_rm, stride_rn,
+                          eps, stride_ws, stride_wm, stride_rm, stride_rn,
                           stride_om, stride_on, stride_sm,
-                          HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                          SILU_MUL: tl.constexpr, RMS_NORM: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
+                          SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
+                          RMS_NORM: tl.constexpr, BLOCK_N: tl.constexpr):
     row = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     ws_ptrs = ws_ptr + row * stride_wm + offs_n
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for split in range(0, SPLIT_K):
+    # Unrolled, so the partials' loads are all in flight at once rather than one by one.
+    for split in tl.static_range(0, SPLIT_K):
         acc += tl.load(ws_ptrs + split * stride_ws, mask=n_mask, other=0.0)
         if SILU_MUL:
             acc_up += tl.load(ws_ptrs + split * stride_ws + N, mask=n_mask, other=0.0)
@@ -169,8 +170,8 @@ def split_k_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     summed = norm.summed if norm else out
     _splitk_reduce_kernel[(m, triton.cdiv(n, block_n))](
         ws, out if bias is None else bias, out if residual is None else residual, out,
-        norm.weight if norm else out, summed, n, split, norm.eps if norm else 0.0,
+        norm.weight if norm else out, summed, n, norm.eps if norm else 0.0,
         ws.stride(0), ws.stride(1), *(residual.stride() if residual is not None else (0, 0)),
-        *out.stride(), summed.stride(0), HAS_BIAS=bias is not None,
+        *out.stride(), summed.stride(0), SPLIT_K=split, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None, SILU_MUL=silu_mul, RMS_NORM=norm is not None,
         BLOCK_N=block_n, num_warps=min(16, max(4, block_n // 256)))

@@ -13,14 +13,15 @@ import triton.language as tl
 
 
 @triton.jit
-def load_heads(src, bias, heads, dims, mask, stride_sh, D, splits, stride_split,
-               HAS_BIAS: tl.constexpr):
-    """fp32 [heads, dims] of one token's row at `src`: the sum of `splits` slices
+def load_heads(src, bias, heads, dims, mask, stride_sh, D, stride_split,
+               SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """fp32 [heads, dims] of one token's row at `src`: the sum of SPLITS slices
     `stride_split` apart (split-K partials; one slice is a plain load), plus the heads'
     bias from `bias` (contiguous heads of D) with HAS_BIAS."""
     ptrs = src + heads[:, None] * stride_sh + dims[None, :]
     x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    for split in range(1, splits):
+    # Unrolled, so the slices' loads are all in flight at once rather than one by one.
+    for split in tl.static_range(1, SPLITS):
         x += tl.load(ptrs + split * stride_split, mask=mask, other=0.0)
     if HAS_BIAS:
         x += tl.load(bias + heads[:, None] * D + dims[None, :], mask=mask,
@@ -29,8 +30,8 @@ def load_heads(src, bias, heads, dims, mask, stride_sh, D, splits, stride_split,
 
 
 @triton.jit
-def rotate_heads(src, dst, H, stride_sh, stride_dh, cos, sin, HALF, D, bias, splits,
-                 stride_split, HAS_BIAS: tl.constexpr, IS_NEOX: tl.constexpr,
+def rotate_heads(src, dst, H, stride_sh, stride_dh, cos, sin, HALF, D, bias, stride_split,
+                 SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, IS_NEOX: tl.constexpr,
                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr):
     """Rotate the first H heads of one token's row at `src` (read as load_heads does) into
     `dst` (cast to its type)."""
@@ -44,16 +45,16 @@ def rotate_heads(src, dst, H, stride_sh, stride_dh, cos, sin, HALF, D, bias, spl
         dim_b = 2 * offs_i + 1
     mask = (offs_h[:, None] < H) & (offs_i[None, :] < HALF)
     dst_heads = dst + offs_h[:, None] * stride_dh
-    a = load_heads(src, bias, offs_h, dim_a, mask, stride_sh, D, splits, stride_split, HAS_BIAS)
-    b = load_heads(src, bias, offs_h, dim_b, mask, stride_sh, D, splits, stride_split, HAS_BIAS)
+    a = load_heads(src, bias, offs_h, dim_a, mask, stride_sh, D, stride_split, SPLITS, HAS_BIAS)
+    b = load_heads(src, bias, offs_h, dim_b, mask, stride_sh, D, stride_split, SPLITS, HAS_BIAS)
     out_ty = dst.dtype.element_ty
     tl.store(dst_heads + dim_a[None, :], (a * cos - b * sin).to(out_ty), mask=mask)
     tl.store(dst_heads + dim_b[None, :], (b * cos + a * sin).to(out_ty), mask=mask)
     if BLOCK_TAIL > 0:
         offs_t = 2 * HALF + tl.arange(0, BLOCK_TAIL)
         tail_mask = (offs_h[:, None] < H) & (offs_t[None, :] < D)
-        tail = load_heads(src, bias, offs_h, offs_t, tail_mask, stride_sh, D, splits,
-                          stride_split, HAS_BIAS)
+        tail = load_heads(src, bias, offs_h, offs_t, tail_mask, stride_sh, D, stride_split,
+                          SPLITS, HAS_BIAS)
         tl.store(dst_heads + offs_t[None, :], tail.to(out_ty), mask=tail_mask)
 
 
@@ -77,11 +78,13 @@ def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cache_ptr, q_out_ptr, k_out_ptr, HQ, H
     token = tl.program_id(0).to(tl.int64)
     cos, sin = load_cos_sin(pos_ptr, cache_ptr, token, stride_cache, HALF, BLOCK_HALF)
     rotate_heads(q_ptr + token * stride_qt, q_out_ptr + token * stride_qot, HQ, stride_qh,
-                 stride_qoh, cos, sin, HALF, D, q_ptr, 1, 0, False, IS_NEOX, BLOCK_HQ,
-                 BLOCK_HALF, BLOCK_TAIL)
+                 stride_qoh, cos, sin, HALF, D, bias=q_ptr, stride_split=0, SPLITS=1,
+                 HAS_BIAS=False, IS_NEOX=IS_NEOX, BLOCK_H=BLOCK_HQ, BLOCK_HALF=BLOCK_HALF,
+                 BLOCK_TAIL=BLOCK_TAIL)
     rotate_heads(k_ptr + token * stride_kt, k_out_ptr + token * stride_kot, HK, stride_kh,
-                 stride_koh, cos, sin, HALF, D, k_ptr, 1, 0, False, IS_NEOX, BLOCK_HK,
-                 BLOCK_HALF, BLOCK_TAIL)
+                 stride_koh, cos, sin, HALF, D, bias=k_ptr, stride_split=0, SPLITS=1,
+                 HAS_BIAS=False, IS_NEOX=IS_NEOX, BLOCK_H=BLOCK_HK, BLOCK_HALF=BLOCK_HALF,
+                 BLOCK_TAIL=BLOCK_TAIL)
 
 
 def _heads(t: torch.Tensor, name: str, tokens: int, d: int) -> torch.Tensor:

@@ -26,19 +26,20 @@ from shardline.kernels.rotary import (check_rotary_inputs, load_cos_sin, load_he
 @triton.jit
 def _rotary_kv_cache_kernel(
     pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, bias_ptr, cos_sin_ptr, q_out_ptr, k_cache_ptr,
-    v_cache_ptr, HQ, HK, HALF, D, splits,
+    v_cache_ptr, HQ, HK, HALF, D,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_split,
     stride_cos_sin, stride_qot, stride_qoh,
     stride_kc_block, stride_kc_slot, stride_kc_head,
     stride_vc_block, stride_vc_slot, stride_vc_head,
-    KV_BLOCK_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, IS_NEOX: tl.constexpr,
+    KV_BLOCK_SIZE: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IS_NEOX: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_TAIL: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     cos, sin = load_cos_sin(pos_ptr, cos_sin_ptr, token, stride_cos_sin, HALF, BLOCK_HALF)
     rotate_heads(q_ptr + token * stride_qt, q_out_ptr + token * stride_qot, HQ, stride_qh,
-                 stride_qoh, cos, sin, HALF, D, bias_ptr, splits, stride_split, HAS_BIAS,
+                 stride_qoh, cos, sin, HALF, D, bias_ptr, stride_split, SPLITS, HAS_BIAS,
                  IS_NEOX, BLOCK_HQ, BLOCK_HALF, BLOCK_TAIL)
 
     # A padding token (slot -1) still has its query rotated, but writes no K or V.
@@ -48,14 +49,14 @@ def _rotary_kv_cache_kernel(
     offset = slot % KV_BLOCK_SIZE
     rotate_heads(k_ptr + token * stride_kt,
                  k_cache_ptr + block * stride_kc_block + offset * stride_kc_slot, kv_heads,
-                 stride_kh, stride_kc_head, cos, sin, HALF, D, bias_ptr + HQ * D, splits,
-                 stride_split, HAS_BIAS, IS_NEOX, BLOCK_HK, BLOCK_HALF, BLOCK_TAIL)
+                 stride_kh, stride_kc_head, cos, sin, HALF, D, bias_ptr + HQ * D, stride_split,
+                 SPLITS, HAS_BIAS, IS_NEOX, BLOCK_HK, BLOCK_HALF, BLOCK_TAIL)
 
     heads = tl.arange(0, BLOCK_HK)
     dims = tl.arange(0, BLOCK_D)
     mask = (heads[:, None] < kv_heads) & (dims[None, :] < D)
     v = load_heads(v_ptr + token * stride_vt, bias_ptr + (HQ + HK) * D, heads, dims, mask,
-                   stride_vh, D, splits, stride_split, HAS_BIAS)
+                   stride_vh, D, stride_split, SPLITS, HAS_BIAS)
     v_dst = (v_cache_ptr + block * stride_vc_block + offset * stride_vc_slot
              + heads[:, None] * stride_vc_head + dims[None, :])
     tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
@@ -71,12 +72,12 @@ def _launch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     _rotary_kv_cache_kernel[(tokens,)](
         positions, slot_mapping.contiguous(), q, k, v, q if bias is None else bias,
         cos_sin_cache, q_out, k_cache, v_cache, q.shape[1], k.shape[1],
-        cos_sin_cache.shape[-1] // 2, q.shape[-1], splits,
+        cos_sin_cache.shape[-1] // 2, q.shape[-1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         stride_split, cos_sin_cache.stride(0), q_out.stride(0), q_out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        KV_BLOCK_SIZE=k_cache.shape[1], HAS_BIAS=bias is not None,
+        KV_BLOCK_SIZE=k_cache.shape[1], SPLITS=splits, HAS_BIAS=bias is not None,
         BLOCK_D=triton.next_power_of_2(q.shape[-1]),
         **rotary_meta(q, k, cos_sin_cache, is_neox))
 
@@ -108,13 +109,13 @@ def qkv_rotary_and_write_kv_cache(x: torch.Tensor, weight: torch.Tensor,
     are the only launches: the kernel sums the partials as it loads each head, in place of
     the reduction pass.
     """
+    matmul.check_linear(x, weight, bias)
     heads = (num_heads, *check_qkv_weight(weight, num_heads, k_cache))
     split, k_split = matmul_split_k.k_slices(x, weight, None)
     if split == 1 or x.shape[0] == 0:
         q, k, v = split_qkv(matmul.linear(x, weight, bias), *heads)
         return rotary_and_write_kv_cache(positions, q, k, v, cos_sin_cache, is_neox, k_cache,
                                          v_cache, slot_mapping)
-    matmul.check_linear(x, weight, bias)
     ws = matmul_split_k.partials(x, weight, split, k_split)
     q, k, v = split_qkv(ws[0], *heads)
     check_kv_cache_write(k, v, k_cache, v_cache, slot_mapping)

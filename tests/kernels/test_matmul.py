@@ -213,8 +213,8 @@ def test_kernels_compile_for_h100(compile_for_h100):
     compile_for_h100("shardline.kernels.matmul_split_k", [
         ("_matmul_partial_kernel", io, dict(PRECISION="ieee", BLOCK_M=16, BLOCK_N=64,
                                             BLOCK_K=128)),
-        ("_splitk_reduce_kernel", io, dict(HAS_BIAS=True, HAS_RESIDUAL=True, SILU_MUL=True,
-                                           RMS_NORM=False, BLOCK_N=1024)),
-        ("_splitk_reduce_kernel", io, dict(HAS_BIAS=False, HAS_RESIDUAL=True, SILU_MUL=False,
-                                           RMS_NORM=True, BLOCK_N=4096)),
+        ("_splitk_reduce_kernel", io, dict(SPLIT_K=4, HAS_BIAS=True, HAS_RESIDUAL=True,
+                                           SILU_MUL=True, RMS_NORM=False, BLOCK_N=1024)),
+        ("_splitk_reduce_kernel", io, dict(SPLIT_K=8, HAS_BIAS=False, HAS_RESIDUAL=True,
+                                           SILU_MUL=False, RMS_NORM=True, BLOCK_N=8192)),
     ])

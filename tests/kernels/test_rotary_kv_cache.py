@@ -206,7 +206,8 @@ def test_kernel_compiles_for_h100(compile_for_h100):
     partials = {**io, "q_ptr": "*fp32", "k_ptr": "*fp32", "v_ptr": "*fp32"}
     compile_for_h100("shardline.kernels.rotary_kv_cache", [
         ("_rotary_kv_cache_kernel", types,
-         dict(KV_BLOCK_SIZE=16, HAS_BIAS=bias, IS_NEOX=neox, BLOCK_HQ=32, BLOCK_HK=8,
-              BLOCK_HALF=32, BLOCK_TAIL=0 if neox else 64, BLOCK_D=128))
-        for neox, bias, types in ((True, False, io), (False, False, io), (True, True, partials))
+         dict(KV_BLOCK_SIZE=16, SPLITS=splits, HAS_BIAS=bias, IS_NEOX=neox, BLOCK_HQ=32,
+              BLOCK_HK=8, BLOCK_HALF=32, BLOCK_TAIL=0 if neox else 64, BLOCK_D=128))
+        for neox, splits, bias, types in ((True, 1, False, io), (False, 1, False, io),
+                                          (True, 4, True, partials))
     ])
