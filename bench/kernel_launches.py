@@ -57,14 +57,14 @@ class _Recorder:
 def as_on_h100(sms: int = H100_SMS) -> Iterator[None]:
     """Make the kernels see an H100 whatever the device: its SM count (for matmul's split-K
     and decode attention's context splits) and TMA (which GEMM tiles are candidates)."""
-    from shardline.kernels import attention_decode, matmul, matmul_split_k
-    saved = matmul_split_k._num_sms, matmul.tma_capable, attention_decode._num_sms
-    matmul_split_k._num_sms = attention_decode._num_sms = lambda device: sms
+    from shardline.kernels import _config, matmul
+    saved = _config.num_sms, matmul.tma_capable
+    _config.num_sms = lambda device, on_cpu: sms
     matmul.tma_capable = lambda device: True
     try:
         yield
     finally:
-        matmul_split_k._num_sms, matmul.tma_capable, attention_decode._num_sms = saved
+        _config.num_sms, matmul.tma_capable = saved
 
 
 @contextmanager

@@ -9,9 +9,11 @@ config's block sizes from its `meta` dict.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable
 
+import torch
 import triton
 
 from shardline.kernels._tuned import TunedKernel
@@ -22,6 +24,15 @@ SMALLEST_BUCKET = 16
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter rather than compiled."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def num_sms(device: torch.device, on_cpu: int) -> int:
+    """The device's SM count, or `on_cpu` for the CPU (what a kernel's split choice should
+    assume there). One function, so bench/ can model a GPU's count by replacing it once."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return on_cpu
 
 
 def shape_bucket(n: int, cap: int = 4096) -> int:

@@ -9,12 +9,11 @@ log-sum-exp.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from shardline.kernels import _config
 from shardline.kernels._checks import check_paged_attention
 from shardline.kernels._config import autotune, interpreting, up_to_head_size
 from shardline.kernels._dot import dot_precision
@@ -170,14 +169,6 @@ def _merge_splits_kernel(
              out.to(out_ptr.dtype.element_ty), mask=dim_mask)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    """The device's SM count (one on the CPU, where splitting gains nothing)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def choose_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
     """Enough context splits that about four programs run per SM, none under 256 tokens.
 
@@ -217,7 +208,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     max_context = block_tables.shape[1] * kv_block_size
     if num_splits is None:
-        num_splits = choose_splits(batch, num_kv_heads, max_context, _num_sms(q.device))
+        num_splits = choose_splits(batch, num_kv_heads, max_context, _config.num_sms(q.device, on_cpu=1))
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1; got {num_splits}")
     align = 16 if interpreting() else 128

@@ -7,13 +7,13 @@ a row-parallel projection, since that pass already holds whole output rows.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from shardline.kernels import _config
 from shardline.kernels._config import autotune, interpreting, shape_bucket
 from shardline.kernels._dot import dot_over_k, dot_precision
 
@@ -22,19 +22,19 @@ K_ALIGN = 32 if interpreting() else 256
 _MIN_K_PER_SPLIT = 2 * K_ALIGN
 
 
-def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+def _split_config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
                          num_warps=warps, num_stages=stages)
 
 
 SPLIT_CONFIGS = [
-    _config(16, 32, 256, 4, 4),
-    _config(16, 64, 64, 4, 4),
-    _config(16, 64, 256, 4, 3),
-    _config(16, 128, 128, 8, 3),
-    _config(16, 128, 64, 4, 5),
+    _split_config(16, 32, 256, 4, 4),
+    _split_config(16, 64, 64, 4, 4),
+    _split_config(16, 64, 256, 4, 3),
+    _split_config(16, 128, 128, 8, 3),
+    _split_config(16, 128, 64, 4, 5),
 ]
-_INTERPRETER_CONFIG = _config(32, 32, 32, 4, 1)
+_INTERPRETER_CONFIG = _split_config(32, 32, 32, 4, 1)
 
 
 class NormEpilogue(NamedTuple):
@@ -114,13 +114,6 @@ def _splitk_reduce_kernel(ws_ptr, bias_ptr, res_ptr, out_ptr, norm_w_ptr, sum_pt
              acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def choose_split_k(m: int, n: int, k: int, device: torch.device) -> int:
     """How many K slices to run for an [m, k] x [k, n] product: 1 means no split.
 
@@ -130,7 +123,7 @@ def choose_split_k(m: int, n: int, k: int, device: torch.device) -> int:
     if m > SPLIT_K_MAX_M:
         return 1
     n_tiles = triton.cdiv(n, 64)
-    return max(1, min(2 * _num_sms(device) // n_tiles, k // _MIN_K_PER_SPLIT))
+    return max(1, min(2 * _config.num_sms(device, on_cpu=4) // n_tiles, k // _MIN_K_PER_SPLIT))
 
 
 def k_slices(x: torch.Tensor, weight: torch.Tensor, split_k: int | None) -> tuple[int, int]:

@@ -146,3 +146,20 @@ def make_engine(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 1
                            eos_token_ids=list(eos_token_ids))
     executor = FakeModelExecutor(num_blocks, block_size, pipeline_depth=pipeline_depth)
     return LLMEngine(config, executor, info, tokenizer or LetterTokenizer())
+
+
+def run_to_the_end(engine: LLMEngine, prompts: list[list[int]],
+                   params: list[SamplingParams]) -> dict:
+    """Add the prompts as r0, r1, ..., step until done (at most 400 steps, then fail:
+    the engine stopped making progress); the finished outputs by request id."""
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(f"r{i}", prompt, p)
+    finished = {}
+    for _ in range(400):
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+        if not engine.has_unfinished_requests():
+            break
+    assert not engine.has_unfinished_requests(), f"no progress: {engine.stats}"
+    return finished

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fake_model import VOCAB, make_engine, random_prompts
+from fake_model import VOCAB, make_engine, random_prompts, run_to_the_end
 from shardline.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig,
                               SchedulerConfig)
 from shardline.engine.llm import LLM
@@ -181,16 +181,8 @@ def test_prefills_that_outgrow_the_cache_together_still_finish(count):
     expected = LLM.from_engine(make_engine(async_scheduling=False, **limits)
                                ).generate(prompts, params)
     engine = make_engine(async_scheduling=True, **limits)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", prompt, params)
-    finished = {}
-    for _ in range(400):
-        for output in engine.step():
-            if output.finished:
-                finished[output.request_id] = output
-        if not engine.has_unfinished_requests():
-            break
-    assert len(finished) == count, f"no progress: {engine.stats}"
+    finished = run_to_the_end(engine, prompts, [params] * count)
+    assert len(finished) == count
     assert completions([finished[f"r{i}"] for i in range(count)]) == completions(expected)
     assert engine.stats.num_preemptions > 0
     assert_all_free(engine)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from fake_model import make_engine, random_prompts
+from fake_model import make_engine, random_prompts, run_to_the_end
 from shardline.engine.llm import LLM
 from shardline.sampling_params import SamplingParams
 
@@ -96,21 +96,6 @@ def test_abort_while_the_step_is_in_flight_is_applied_when_it_returns():
         assert finished[rid].outputs[0].token_ids == alone[int(rid[1:])].outputs[0].token_ids
     assert any(victim in s.finished_req_ids for s in engine.executor.steps)
     assert_all_free(engine)
-
-
-def run_to_the_end(engine, prompts, params) -> dict:
-    """Add the prompts, step until done (at most 400 steps); the finished outputs by id."""
-    for i, (prompt, p) in enumerate(zip(prompts, params)):
-        engine.add_request(f"r{i}", prompt, p)
-    finished = {}
-    for _ in range(400):
-        for output in engine.step():
-            if output.finished:
-                finished[output.request_id] = output
-        if not engine.has_unfinished_requests():
-            break
-    assert not engine.has_unfinished_requests(), f"no progress: {engine.stats}"
-    return finished
 
 
 OUTGROWING = dict(num_blocks=24, block_size=1, max_num_seqs=2, max_num_batched_tokens=4,
