@@ -6,10 +6,10 @@ on random weights, each new kernel key recorded with its arguments. Then, a chun
 at a time, every candidate config is compiled (in parallel on the CPU cores) and timed,
 and the fastest written to the tuned table of this GPU (shardline.kernels._tuned), the
 file rewritten after each chunk so that a run cut short keeps what it measured. Last, each
-linear shape
-is timed through the Triton GEMM (now with its tuned configs) and through torch.matmul
-(cuBLAS), every M the start met in the bucket summed, and the faster recorded: the
-engine's linear then takes that backend there.
+linear shape is timed together with the op its GEMM feeds (SiLU * up, the residual add and
+RMSNorm, the rotary + KV-cache write) in its Triton form (the fused kernels, now with
+their tuned configs) and in its torch.matmul (cuBLAS) form, every M the start met in the
+bucket summed, and the faster recorded: the engine then takes that form there.
 
     python bench/tune.py                                  # the 1B model and small-llama
     python bench/tune.py --models small-llama --time-limit 120 --out-dir /tmp/tables
@@ -158,25 +158,47 @@ def tune_kernels(launches: list[Launch], table, path: Path, device: torch.device
         write_table(table, path)
 
 
+def linear_args(m: int, rows: int, k: int, dtype: torch.dtype, op: str,
+                heads: tuple[int, int, int] | None, device: torch.device) -> tuple:
+    """Random arguments of the linear `op` (one of _tuned.LINEAR_OPS) at this shape, for
+    both of its forms (dispatch.linear_forms)."""
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, dtype=dtype, device=device) * scale
+
+    x, weight = randn(m, k), randn(rows, k, scale=k ** -0.5)
+    if op in ("linear", "silu_mul"):
+        return x, weight
+    if op == "rms_norm":
+        return x, weight, None, randn(m, rows), randn(rows), 1e-6
+    num_heads, kv_heads, head_size = heads
+    block_size = 16
+    blocks = -(-m // block_size)
+    angles = torch.rand(m, head_size // 2, device=device) * math.tau
+    cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1).to(dtype)
+    k_cache, v_cache = (randn(blocks, block_size, kv_heads, head_size) for _ in range(2))
+    slots = torch.randperm(blocks * block_size, device=device)[:m]
+    return (x, weight, None, torch.arange(m, device=device), cos_sin, True, k_cache,
+            v_cache, slots, num_heads)
+
+
 def tune_linear(table, shapes: list[tuple], device: torch.device, deadline: Deadline,
                 warmup_ms: int, rep_ms: int) -> None:
-    """Per linear key, the Triton GEMM against torch.matmul over every M met in it."""
-    from shardline.kernels import _tuned, matmul, reference
+    """Per linear key, the op its GEMM feeds in its Triton form (the fused kernels) against
+    its torch.matmul form, over every M met in the key."""
+    from shardline.kernels import _tuned, dispatch
     groups: dict[str, list[tuple]] = {}
     for shape in shapes:
-        groups.setdefault(_tuned.linear_key(*shape), []).append(shape)
+        groups.setdefault(_tuned.linear_key(*shape[:5]), []).append(shape)
     for i, (key, shapes) in enumerate(sorted(groups.items()), 1):
         if deadline.passed():
             print(f"time limit reached: {len(groups) - i + 1} linear keys left untimed")
             return
         triton_ms = torch_ms = 0.0
-        for m, rows, k, dtype, silu_mul in sorted(set(shapes), key=lambda s: s[0]):
-            x = torch.randn(m, k, dtype=dtype, device=device)
-            w = torch.randn(rows, k, dtype=dtype, device=device) * k ** -0.5
-            ours = matmul.linear_silu_mul if silu_mul else matmul.linear
-            theirs = reference.linear_silu_mul if silu_mul else reference.linear
-            triton_ms += median_ms(lambda: ours(x, w), warmup_ms, rep_ms)
-            torch_ms += median_ms(lambda: theirs(x, w), warmup_ms, rep_ms)
+        for shape in sorted(set(shapes), key=lambda s: s[0]):
+            ours, theirs = dispatch.linear_forms(shape[4])
+            args = linear_args(*shape, device)
+            triton_ms += median_ms(lambda: ours(*args), warmup_ms, rep_ms)
+            torch_ms += median_ms(lambda: theirs(*args), warmup_ms, rep_ms)
         backend = "torch" if torch_ms < triton_ms else "triton"
         table.linear[key] = {"backend": backend, "triton_ms": round(triton_ms, 5),
                              "torch_ms": round(torch_ms, 5)}

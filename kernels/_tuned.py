@@ -5,8 +5,8 @@ model reaches, and writes the winners to `tuned/<gpu slug>.json` in this package
 whose autotune key is in the table of the GPU it runs on uses that config directly: one
 compile per shape and no timing. A miss falls back to triton.autotune, unless autotuning
 is off (eager mode, or SHARDLINE_AUTOTUNE=0), where it runs the first candidate config
-that the kernel's prune keeps. The table also says, per linear shape, whether the Triton
-GEMM or torch.matmul (cuBLAS) was faster there.
+that the kernel's prune keeps. The table also says, per linear shape and the op its GEMM
+feeds, whether the Triton form or the torch.matmul (cuBLAS) form of that op was faster.
 
 SHARDLINE_TUNED_TABLE names a table file to use instead of the packaged one ("none": no
 table). Tables are read once per process; `reset` forgets what was read.
@@ -31,6 +31,12 @@ TABLE_DIR = Path(__file__).resolve().with_name("tuned")
 TABLE_ENV = "SHARDLINE_TUNED_TABLE"
 AUTOTUNE_ENV = "SHARDLINE_AUTOTUNE"
 BACKENDS = ("triton", "torch")
+LINEAR_OPS = ("linear", "silu_mul", "rms_norm", "qkv_rotary")
+"""What a linear's GEMM feeds, and so what tuning times as one whole against its cuBLAS
+form: nothing (the plain product), SiLU(gate) * up, the residual add and RMSNorm after a
+row-parallel projection, and the rotary + KV-cache write after the QKV projection. The
+Triton forms of the last two fold the split-K reduction into the op after it, so a GEMM
+that loses to cuBLAS alone may still win with its fusion."""
 
 Prune = Callable[..., list[triton.Config]]
 
@@ -64,11 +70,12 @@ def key_string(names: list[str], values: tuple, dtype: torch.dtype) -> str:
     return ",".join(parts + [f"dtype={str(dtype).removeprefix('torch.')}"])
 
 
-def linear_key(m: int, weight_rows: int, k: int, dtype: torch.dtype, silu_mul: bool) -> str:
-    """The table key of a linear shape, in the matmul kernel's bucketing of M."""
+def linear_key(m: int, weight_rows: int, k: int, dtype: torch.dtype, op: str) -> str:
+    """The table key of a linear shape and the op its GEMM feeds (one of LINEAR_OPS), in
+    the matmul kernel's bucketing of M."""
     from shardline.kernels._config import shape_bucket
-    return key_string(["M_BUCKET", "N", "K", "SILU_MUL"],
-                      (shape_bucket(m), weight_rows, k, silu_mul), dtype)
+    return key_string(["M_BUCKET", "N", "K", "OP"], (shape_bucket(m), weight_rows, k, op),
+                      dtype)
 
 
 def config_to_json(config: triton.Config) -> dict[str, Any]:
@@ -144,6 +151,7 @@ def write_table(table: TunedTable, path: str | os.PathLike) -> None:
 
 _tables: dict[str, TunedTable | None] = {}
 _linear_choice: dict[tuple, bool] = {}
+_qkv_heads: dict[tuple, tuple[int, int, int]] = {}
 _autotuning: bool | None = None
 _compiling_ahead = False
 
@@ -185,26 +193,32 @@ def reset() -> None:
     global _autotuning
     _tables.clear()
     _linear_choice.clear()
+    _qkv_heads.clear()
     _autotuning = None
     for kernel in KERNELS.values():
         kernel.forget()
 
 
-def linear_prefers_torch(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool) -> bool:
-    """True where the table of this GPU found torch.matmul faster for this linear shape."""
-    shape = (x.shape[0], weight.shape[0], weight.shape[1], x.dtype, silu_mul)
+def linear_prefers_torch(x: torch.Tensor, weight: torch.Tensor, op: str,
+                         heads: tuple[int, int, int] | None = None) -> bool:
+    """True where the table of this GPU found the torch.matmul form of `op` (one of
+    LINEAR_OPS) faster for this linear shape. `heads` (query heads, KV heads, head size)
+    comes with "qkv_rotary", for bench/tune.py to rebuild the op."""
+    shape = (x.shape[0], weight.shape[0], weight.shape[1], x.dtype, op)
     choice = _linear_choice.get(shape)
     if choice is None:
         table = current_table()
         entry = table.linear.get(linear_key(*shape)) if table is not None else None
         choice = _linear_choice[shape] = entry is not None and entry["backend"] == "torch"
+        if heads is not None:
+            _qkv_heads[shape] = heads
     return choice
 
 
-def linear_shapes() -> list[tuple[int, int, int, torch.dtype, bool]]:
-    """(M, weight rows, K, dtype, silu_mul) of every linear this process ran on CUDA: the
-    shapes bench/tune.py times against torch.matmul."""
-    return list(_linear_choice)
+def linear_shapes() -> list[tuple[int, int, int, torch.dtype, str, tuple | None]]:
+    """(M, weight rows, K, dtype, op, heads) of every linear this process ran on CUDA, heads
+    None but for "qkv_rotary": the shapes bench/tune.py times against torch.matmul."""
+    return [(*shape, _qkv_heads.get(shape)) for shape in _linear_choice]
 
 
 @contextlib.contextmanager

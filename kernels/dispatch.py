@@ -7,6 +7,7 @@ table (see shardline.kernels._tuned)."""
 from __future__ import annotations
 
 import os
+from typing import Any, Callable
 
 import torch
 
@@ -53,7 +54,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            residual: torch.Tensor | None = None) -> torch.Tensor:
     """x[M, K] @ weight[N, K]^T (+ bias) (+ residual), split-K for decode shapes; on CUDA,
     torch.matmul (cuBLAS) where this GPU's tuned table found it faster for the shape."""
-    if use_triton(x) and not (x.is_cuda and linear_prefers_torch(x, weight, silu_mul=False)):
+    if use_triton(x) and not (x.is_cuda and linear_prefers_torch(x, weight, "linear")):
         from shardline.kernels.matmul import linear as triton_op
         return triton_op(x, weight, bias, residual)
     return reference.linear(x, weight, bias, residual)
@@ -62,7 +63,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """SiLU(gate) * up of a merged gate_up weight[2N, K] -> [M, N] (cuBLAS as `linear`)."""
-    if use_triton(x) and not (x.is_cuda and linear_prefers_torch(x, weight, silu_mul=True)):
+    if use_triton(x) and not (x.is_cuda and linear_prefers_torch(x, weight, "silu_mul")):
         from shardline.kernels.matmul import linear_silu_mul as triton_op
         return triton_op(x, weight, bias)
     return reference.linear_silu_mul(x, weight, bias)
@@ -72,13 +73,70 @@ def linear_rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                     residual: torch.Tensor, norm_weight: torch.Tensor, eps: float
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(s), s) for s = x @ weight^T (+ bias) + residual: a row-parallel projection
-    with the residual add and the norm after it, one kernel fewer on the split-K path."""
+    with the residual add and the norm after it, one kernel fewer on the split-K path; on
+    CUDA, torch.matmul then the norm where the tuned table found that faster."""
     if use_triton(x):
-        if x.is_cuda and linear_prefers_torch(x, weight, silu_mul=False):
-            return rms_norm(reference.linear(x, weight, bias), norm_weight, eps, residual)
+        if x.is_cuda and linear_prefers_torch(x, weight, "rms_norm"):
+            return _cublas_linear_rms_norm(x, weight, bias, residual, norm_weight, eps)
         from shardline.kernels.matmul import linear_rms_norm as triton_op
         return triton_op(x, weight, bias, residual, norm_weight, eps)
     return reference.linear_rms_norm(x, weight, bias, residual, norm_weight, eps)
+
+
+def _cublas_linear_rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            residual: torch.Tensor, norm_weight: torch.Tensor, eps: float
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    return rms_norm(reference.linear(x, weight, bias), norm_weight, eps, residual)
+
+
+def qkv_rotary_and_write_kv_cache(x: torch.Tensor, weight: torch.Tensor,
+                                  bias: torch.Tensor | None, positions: torch.Tensor,
+                                  cos_sin_cache: torch.Tensor, is_neox: bool,
+                                  k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  slot_mapping: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The fused QKV projection of x [T, H], its q and k rotated, k and v stored at their
+    cache slots; returns the rotated q [T, Hq, D]. On the split-K path the rotary kernel
+    does the projection's reduction; on CUDA, torch.matmul then the rotary kernel where
+    the tuned table found that faster."""
+    if use_triton(x):
+        if x.is_cuda and linear_prefers_torch(x, weight, "qkv_rotary",
+                                              (num_heads, *k_cache.shape[2:])):
+            return _cublas_qkv_rotary_and_write_kv_cache(
+                x, weight, bias, positions, cos_sin_cache, is_neox, k_cache, v_cache,
+                slot_mapping, num_heads)
+        from shardline.kernels.rotary_kv_cache import qkv_rotary_and_write_kv_cache as op
+        return op(x, weight, bias, positions, cos_sin_cache, is_neox, k_cache, v_cache,
+                  slot_mapping, num_heads)
+    return reference.qkv_rotary_and_write_kv_cache(x, weight, bias, positions, cos_sin_cache,
+                                                   is_neox, k_cache, v_cache, slot_mapping,
+                                                   num_heads)
+
+
+def _cublas_qkv_rotary_and_write_kv_cache(x: torch.Tensor, weight: torch.Tensor,
+                                          bias: torch.Tensor | None, positions: torch.Tensor,
+                                          cos_sin_cache: torch.Tensor, is_neox: bool,
+                                          k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                          slot_mapping: torch.Tensor, num_heads: int
+                                          ) -> torch.Tensor:
+    check_qkv_weight(weight, num_heads, k_cache)
+    q, k, v = reference.split_qkv(reference.linear(x, weight, bias), num_heads,
+                                  *k_cache.shape[2:])
+    return rotary_and_write_kv_cache(positions, q, k, v, cos_sin_cache, is_neox, k_cache,
+                                     v_cache, slot_mapping)
+
+
+def linear_forms(op: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The Triton form and the torch.matmul form of a linear `op` (one of _tuned.LINEAR_OPS),
+    each taking that op's arguments: what bench/tune.py times against each other."""
+    from shardline.kernels import matmul, rotary_kv_cache
+    forms = {"linear": (matmul.linear, reference.linear),
+             "silu_mul": (matmul.linear_silu_mul, reference.linear_silu_mul),
+             "rms_norm": (matmul.linear_rms_norm, _cublas_linear_rms_norm),
+             "qkv_rotary": (rotary_kv_cache.qkv_rotary_and_write_kv_cache,
+                            _cublas_qkv_rotary_and_write_kv_cache)}
+    if op not in forms:
+        raise ValueError(f"op must be one of {sorted(forms)}, got {op!r}")
+    return forms[op]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -122,29 +180,6 @@ def rotary_and_write_kv_cache(positions: torch.Tensor, q: torch.Tensor, k: torch
                          slot_mapping)
     return reference.rotary_and_write_kv_cache(positions, q, k, v, cos_sin_cache, is_neox,
                                                k_cache, v_cache, slot_mapping)
-
-
-def qkv_rotary_and_write_kv_cache(x: torch.Tensor, weight: torch.Tensor,
-                                  bias: torch.Tensor | None, positions: torch.Tensor,
-                                  cos_sin_cache: torch.Tensor, is_neox: bool,
-                                  k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                  slot_mapping: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """The fused QKV projection of x [T, H], its q and k rotated, k and v stored at their
-    cache slots; returns the rotated q [T, Hq, D]. On the split-K path the rotary kernel
-    does the projection's reduction."""
-    if use_triton(x):
-        if x.is_cuda and linear_prefers_torch(x, weight, silu_mul=False):
-            check_qkv_weight(weight, num_heads, k_cache)
-            q, k, v = reference.split_qkv(reference.linear(x, weight, bias), num_heads,
-                                          *k_cache.shape[2:])
-            return rotary_and_write_kv_cache(positions, q, k, v, cos_sin_cache, is_neox,
-                                             k_cache, v_cache, slot_mapping)
-        from shardline.kernels.rotary_kv_cache import qkv_rotary_and_write_kv_cache as op
-        return op(x, weight, bias, positions, cos_sin_cache, is_neox, k_cache, v_cache,
-                  slot_mapping, num_heads)
-    return reference.qkv_rotary_and_write_kv_cache(x, weight, bias, positions, cos_sin_cache,
-                                                   is_neox, k_cache, v_cache, slot_mapping,
-                                                   num_heads)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shardline.kernels import _tuned, dispatch, matmul, reference
+from shardline.kernels import _tuned, dispatch, matmul, reference, rotary_kv_cache
 
 FAKE_GPU = "NVIDIA Fake GPU 9000"
 
@@ -237,23 +237,66 @@ class FakeCuda(torch.Tensor):
         return True
 
 
-@pytest.mark.parametrize("silu_mul", [False, True])
-def test_linear_takes_torch_matmul_where_the_table_says_so(silu_mul, monkeypatch, tmp_path):
-    m, k = random.randint(1, 40), 32
-    rows = 48
-    faster = {_tuned.linear_key(m, rows, k, torch.float32, silu_mul): {"backend": "torch"},
-              _tuned.linear_key(m, 2 * rows, k, torch.float32, silu_mul): {"backend": "triton"}}
+def op_arguments(op, x, weight):
+    """Arguments of dispatch's function for the linear `op` (only their shapes matter)."""
+    if op in ("linear", "silu_mul"):
+        return (x, weight)
+    if op == "rms_norm":
+        return (x, weight, None, None, None, 1e-6)
+    k_cache = torch.empty(2, 4, 1, 16)   # heads of 16: weight rows = (query heads + 2) * 16
+    return (x, weight, None, None, None, True, k_cache, k_cache, None,
+            weight.shape[0] // 16 - 2)
+
+
+# op -> dispatch's function, (module, name) of its Triton form and of its torch.matmul form
+LINEAR_OPS = {
+    "linear": ("linear", (matmul, "linear"), (reference, "linear")),
+    "silu_mul": ("linear_silu_mul", (matmul, "linear_silu_mul"),
+                 (reference, "linear_silu_mul")),
+    "rms_norm": ("linear_rms_norm", (matmul, "linear_rms_norm"),
+                 (dispatch, "_cublas_linear_rms_norm")),
+    "qkv_rotary": ("qkv_rotary_and_write_kv_cache",
+                   (rotary_kv_cache, "qkv_rotary_and_write_kv_cache"),
+                   (dispatch, "_cublas_qkv_rotary_and_write_kv_cache"))}
+
+
+@pytest.mark.parametrize("op", sorted(LINEAR_OPS))
+def test_a_linear_op_takes_its_torch_matmul_form_where_the_table_says_so(op, monkeypatch,
+                                                                         tmp_path):
+    m, k, rows = random.randint(1, 40), 32, 16 * random.randint(4, 8)
+    other_op = "silu_mul" if op == "linear" else "linear"
+    faster = {_tuned.linear_key(m, rows, k, torch.float32, op): {"backend": "torch"},
+              _tuned.linear_key(m, 2 * rows, k, torch.float32, op): {"backend": "triton"},
+              _tuned.linear_key(m, 3 * rows, k, torch.float32, other_op): {"backend": "torch"}}
     use_table(monkeypatch, write_fake_table(tmp_path / "t.json", linear=faster))
     calls = []
-    name = "linear_silu_mul" if silu_mul else "linear"
-    for module, label in ((matmul, "triton"), (reference, "torch")):
-        monkeypatch.setattr(module, name, lambda *a, label=label: calls.append(label))
-    op = getattr(dispatch, name)
+    name, *forms = LINEAR_OPS[op]
+    for (module, attribute), label in zip(forms, ("triton", "torch")):
+        monkeypatch.setattr(module, attribute, lambda *a, label=label: calls.append(label))
     x = torch.randn(m, k).as_subclass(FakeCuda)
-    for weight_rows in (rows, 2 * rows, 3 * rows):   # torch, triton, not in the table
-        op(x, torch.randn(weight_rows, k))
-    op(torch.randn(m, k), torch.randn(rows, k))        # a CPU tensor: the reference
-    assert calls == ["torch", "triton", "triton", "torch"]
+    # torch, triton, another op's key (Triton), not in the table (Triton)
+    for weight_rows in (rows, 2 * rows, 3 * rows, 4 * rows):
+        getattr(dispatch, name)(*op_arguments(op, x, torch.randn(weight_rows, k)))
+    assert calls == ["torch", "triton", "triton", "triton"]
+    assert dispatch.linear_forms(op) == tuple(getattr(module, attribute)
+                                              for module, attribute in forms)
+
+
+def test_tuning_learns_the_heads_of_a_qkv_projection(monkeypatch, tmp_path):
+    use_table(monkeypatch, write_fake_table(tmp_path / "t.json"))
+    monkeypatch.setattr(rotary_kv_cache, "qkv_rotary_and_write_kv_cache", lambda *a: None)
+    m, heads = random.randint(1, 40), random.randint(1, 4)
+    x, weight = torch.randn(m, 32).as_subclass(FakeCuda), torch.randn((heads + 2) * 16, 32)
+    dispatch.qkv_rotary_and_write_kv_cache(*op_arguments("qkv_rotary", x, weight))
+    dispatch.linear(x, weight)
+    assert sorted(_tuned.linear_shapes(), key=str) == sorted(
+        [(m, weight.shape[0], 32, torch.float32, "qkv_rotary", (heads, 1, 16)),
+         (m, weight.shape[0], 32, torch.float32, "linear", None)], key=str)
+
+
+def test_an_unknown_linear_op_is_named():
+    with pytest.raises(ValueError, match="op must be one of .*got 'gelu'"):
+        dispatch.linear_forms("gelu")
 
 
 def test_device_slug_is_a_file_name():

@@ -27,7 +27,7 @@ def run(*command: str) -> str:
 # splits. The warm-up's token counts reach the 8 buckets 16..2048 for the four layer GEMMs;
 # the logits' rows (1, 8, 16, 32, 64) reach 16, 32 and 64 for the LM head.
 TINY_LLAMA_MATMUL_KEYS = 4 * 8 + 3
-QKV_KEY = "M_BUCKET=16,N=256,K=128,SILU_MUL=False,dtype=float32"
+QKV_KEY = "M_BUCKET=16,N=256,K=128,SILU_MUL=False,dtype=float32"   # _matmul_kernel's key
 
 
 @pytest.mark.timeout(600)
@@ -78,7 +78,8 @@ out_dir, limit = Path(sys.argv[2]), sys.argv[3]
 WINNERS = {"_matmul_kernel": "BLOCK_M=16 BLOCK_N=64 BLOCK_K=128 GROUP_M=8 TMA=False w4 s5",
            "_decode_split_kernel": "BLOCK_N=32 w2 s4",
            "_prefill_kernel": "BLOCK_M=32 BLOCK_N=32 w4 s2"}
-launched, phase, keys_seen = [], ["kernels"], {}
+LINEAR_COSTS = {"_rms_norm_kernel": 0.25, "_rotary_kv_cache_kernel": 0.125}
+launched, ran, phase, keys_seen = [], [], ["kernels"], {}
 real_launch, real_tune_kernels = _tuned.TunedKernel._launch, tune.tune_kernels
 
 def spy(kernel, args, grid, warmup, kwargs, config):
@@ -87,9 +88,11 @@ def spy(kernel, args, grid, warmup, kwargs, config):
 
 def fake_ms(fn, warmup_ms, rep_ms):
     launched.clear()
+    ran.clear()
     fn()
-    if phase[0] == "linear":            # a whole linear: torch.matmul, or Triton's GEMM
-        return 1.0 if not launched else 2.0 if launched[-1][2]["SILU_MUL"] else 0.5
+    if phase[0] == "linear":   # torch.matmul or Triton's GEMM, then the op's other kernels
+        gemm = 2.0 if launched and launched[-1][2]["SILU_MUL"] else 0.5 if launched else 1.0
+        return gemm + sum(LINEAR_COSTS.get(name, 0.0) for name in ran)
     name, config, _ = launched[-1]
     described = tune.describe(config)
     if WINNERS.get(name) == described:
@@ -101,7 +104,7 @@ def counting(launches, *args):
         keys_seen[launch.kernel.name] = keys_seen.get(launch.kernel.name, 0) + 1
     return real_tune_kernels(launches, *args)
 
-no_run = lambda fn, *args, grid, warmup, **kwargs: None
+no_run = lambda fn, *args, grid, warmup, **kwargs: ran.append(fn.fn.__name__)
 with mock.patch.object(triton.runtime.JITFunction, "run", no_run), \\
         mock.patch.object(_tuned.TunedKernel, "_launch", spy), \\
         mock.patch.object(tune, "median_ms", fake_ms), \\
@@ -110,8 +113,11 @@ with mock.patch.object(triton.runtime.JITFunction, "run", no_run), \\
         ["--time-limit", limit] if limit != "none" else [])
     path = tune.tune(tune.parse_args(), torch.device("cpu"), "NVIDIA Fake GPU")
     table = _tuned.read_table(path)
-    shapes = [(1, 96, 64, torch.float32, False), (5, 96, 64, torch.float32, False),
-              (3, 64, 64, torch.float32, True)]
+    shapes = [(1, 96, 64, torch.float32, "linear", None),
+              (5, 96, 64, torch.float32, "linear", None),
+              (3, 64, 64, torch.float32, "silu_mul", None),
+              (4, 64, 64, torch.float32, "rms_norm", None),
+              (2, 96, 64, torch.float32, "qkv_rotary", (1, 1, 32))]
     phase[0] = "linear"
     if limit == "none":
         tune.tune_linear(table, shapes, torch.device("cpu"), tune.Deadline(None), 1, 1)
@@ -134,12 +140,20 @@ def test_tune_writes_the_fastest_config_of_every_key(tmp_path):
     for name, entries in kernels.items():
         assert len(entries) == result["reached"][name]
         assert set(entries.values()) == {result["winners"][name]}, name
-    linear = result["linear"]
-    assert {key: entry["backend"] for key, entry in linear.items()} == {
-        "M_BUCKET=16,N=96,K=64,SILU_MUL=False,dtype=float32": "triton",
-        "M_BUCKET=16,N=64,K=64,SILU_MUL=True,dtype=float32": "torch"}
-    triton_row = linear["M_BUCKET=16,N=96,K=64,SILU_MUL=False,dtype=float32"]
-    assert (triton_row["triton_ms"], triton_row["torch_ms"]) == (1.0, 2.0)   # two Ms summed
+    # Each op's Triton form (its GEMM's kernels, the fused ones) against its torch.matmul
+    # form (the op's own kernel after torch.matmul), two Ms summed for the plain linear; the
+    # same weight shape feeding another op is another key.
+    timed = {key.split(",OP=")[1].split(",")[0]: (entry["triton_ms"], entry["torch_ms"],
+                                                    entry["backend"])
+             for key, entry in result["linear"].items()}
+    assert timed == {"linear": (1.0, 2.0, "triton"), "silu_mul": (2.0, 1.0, "torch"),
+                     "rms_norm": (0.75, 1.25, "triton"),
+                     "qkv_rotary": (0.625, 1.125, "triton")}
+    assert set(result["linear"]) == {
+        "M_BUCKET=16,N=96,K=64,OP=linear,dtype=float32",
+        "M_BUCKET=16,N=64,K=64,OP=silu_mul,dtype=float32",
+        "M_BUCKET=16,N=64,K=64,OP=rms_norm,dtype=float32",
+        "M_BUCKET=16,N=96,K=64,OP=qkv_rotary,dtype=float32"}
 
 
 @pytest.mark.timeout(600)
