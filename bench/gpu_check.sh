@@ -59,5 +59,8 @@ stage e2e-decode-in-order 90 python bench/e2e_decode.py --async-scheduling off -
 stage kernels 100 python bench/kernels.py --out-dir "$OUT"
 stage startup-untuned 100 python bench/startup.py --table none --models small-llama \
     --cases first --timeout 90 --out "$OUT/startup_untuned.json"
+# Issue 8's executor target (under 50 us added per step at 2 workers) on a host with a
+# core per process; no GPU is used.
+stage executor 45 python bench/executor.py --quick --out-dir "$OUT/executor"
 stage tests-interpreted 150 python -m pytest -q tests/kernels/test_interpreted.py
 echo "done after ${SECONDS}s" >> "$OUT/stages.txt"
