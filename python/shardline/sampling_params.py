@@ -6,6 +6,7 @@ plain data: `to_dict` / `from_dict` give a msgpack-able form.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 MIN_TEMPERATURE = 1e-5
@@ -42,18 +43,19 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids)
+        self.stop = _as_list(self.stop, "stop", str)
+        self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids", int)
         self.validate()
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field (also after later mutation)."""
-        _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "an integer >= 1")
+        _check(_is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
+        for name in _REAL_FIELDS:
+            value = getattr(self, name)
+            _check(_is_real(value), name, value, "a finite number")
         _check(self.temperature == 0.0 or self.temperature >= MIN_TEMPERATURE, "temperature",
                self.temperature, f"0 (greedy) or >= {MIN_TEMPERATURE}")
-        _check(isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
+        _check(_is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1),
                "top_k", self.top_k, "-1 (disabled) or an integer >= 1")
         _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "in (0, 1]")
         _check(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "in [0, 1]")
@@ -64,12 +66,13 @@ class SamplingParams:
                self.frequency_penalty, "in [-2, 2]")
         _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
                "max_tokens", self.max_tokens, "None (up to max_model_len) or an integer >= 1")
-        _check(self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
+        _check(self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
                "logprobs", self.logprobs, "None or an integer >= 0")
-        _check(self.seed is None or isinstance(self.seed, int), "seed", self.seed,
+        _check(self.seed is None or _is_int(self.seed), "seed", self.seed,
                "None or an integer")
-        _check(isinstance(self.skip_special_tokens, bool), "skip_special_tokens",
-               self.skip_special_tokens, "True or False")
+        for name in ("ignore_eos", "skip_special_tokens"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name),
+                   "True or False")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
                "a list of non-empty strings")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
@@ -95,8 +98,29 @@ class SamplingParams:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+_REAL_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                "frequency_penalty")
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _as_list(value: object, name: str, item: type) -> list:
+    """`stop` or `stop_token_ids` as a list: None is an empty one, a lone item a list of
+    it; anything else must be a list or tuple (validate checks the items)."""
+    if value is None:
+        return []
+    if isinstance(value, item) and not isinstance(value, bool):
+        return [value]
+    _check(isinstance(value, (list, tuple)), name, value,
+           f"None, a {item.__name__} or a list of them")
+    return list(value)
 
 
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:

@@ -1,0 +1,63 @@
+"""SamplingParams validation: every bad value is a ValueError naming the field, the value
+and what is allowed, never a TypeError from a comparison deep inside."""
+
+import math
+import random
+
+import pytest
+
+from shardline.sampling_params import SamplingParams
+
+REAL_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+               "frequency_penalty")
+
+
+@pytest.mark.parametrize("field", REAL_FIELDS)
+@pytest.mark.parametrize("value", ["0.5", None, [1.0], True, math.inf, -math.inf, math.nan])
+def test_real_fields_refuse_non_numbers_by_name(field, value):
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{field}=.* is invalid: must be a "
+                                         "finite number"):
+        SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["n", "seed", "top_k", "logprobs", "max_tokens"])
+def test_integer_fields_refuse_bools(field):
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{field}=True is invalid"):
+        SamplingParams(**{field: True})
+
+
+@pytest.mark.parametrize("field", ["ignore_eos", "skip_special_tokens"])
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_flags_must_be_bools(field, value):
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{field}={value!r} is invalid: "
+                                         "must be True or False"):
+        SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("field,value", [("stop", 5), ("stop", {"a": 1}),
+                                         ("stop_token_ids", "7"), ("stop_token_ids", 2.0)])
+def test_stop_lists_of_the_wrong_type_are_named(field, value):
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{field}=.* is invalid: must be "
+                                         "None, a"):
+        SamplingParams(**{field: value})
+
+
+def test_stop_lists_take_none_a_lone_item_or_a_sequence(fresh_seed):
+    rng = random.Random(fresh_seed)
+    token = rng.randrange(1000)
+    assert SamplingParams(stop=None, stop_token_ids=None).stop == []
+    assert SamplingParams(stop_token_ids=None).stop_token_ids == []
+    assert SamplingParams(stop="x", stop_token_ids=token).stop_token_ids == [token]
+    assert SamplingParams(stop=("a", "b"), stop_token_ids=(token,)).stop == ["a", "b"]
+
+
+def test_valid_values_still_pass(fresh_seed):
+    rng = random.Random(fresh_seed)
+    params = SamplingParams(n=rng.randint(1, 8), temperature=rng.uniform(0.1, 2.0),
+                            top_p=rng.uniform(0.01, 1.0), top_k=rng.randint(1, 50),
+                            min_p=rng.uniform(0, 1), seed=rng.randrange(2**31),
+                            repetition_penalty=rng.uniform(0.5, 2),
+                            presence_penalty=rng.uniform(-2, 2), logprobs=rng.randint(0, 5),
+                            frequency_penalty=rng.uniform(-2, 2), max_tokens=rng.randint(1, 99))
+    assert SamplingParams.from_dict(params.to_dict()) == params
+    assert SamplingParams(temperature=0).greedy and SamplingParams(temperature=1).top_p == 1.0
