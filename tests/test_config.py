@@ -1,6 +1,8 @@
 """Config validation and resolution: dtype "auto", the KV cache settings, the token budget."""
 
+import pathlib
 import random
+import re
 
 import pytest
 import torch
@@ -52,3 +54,44 @@ def test_token_budget_must_cover_one_token_per_sequence():
     with pytest.raises(ValueError, match="max_num_batched_tokens=8 is invalid"):
         EngineArgs("tiny-llama", max_num_batched_tokens=8).to_config()
     assert SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=seqs).max_num_seqs == seqs
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("max_model_len", "512", "None (use the checkpoint's) or an integer >= 1"),
+    ("max_model_len", 512.0, "None (use the checkpoint's) or an integer >= 1"),
+    ("max_num_seqs", "4", "an integer >= 1"),
+    ("max_num_seqs", 4.5, "an integer >= 1"),
+    ("max_num_batched_tokens", "4096", ">= max_num_seqs=64"),
+    ("block_size", 16.0, "a power of two from 1 to 256"),
+    ("block_size", True, "a power of two from 1 to 256"),
+    ("num_kv_blocks", "8", "None (size the cache from memory) or an integer >= 1"),
+    ("num_kv_blocks", 0, "None (size the cache from memory) or an integer >= 1"),
+    ("kv_cache_memory_bytes", 1e6, "None (size the cache from free memory) or an integer"),
+    ("gpu_memory_utilization", True, "in (0, 1]"),
+    ("seed", "x", "an integer from -2**63 to 2**64 - 1"),
+    ("seed", 2**64, "an integer from -2**63 to 2**64 - 1"),
+    ("enforce_eager", "no", "True or False"),
+    ("enable_prefix_caching", "no", "True or False"),
+    ("enable_chunked_prefill", 0, "True or False"),
+    ("pipeline_stage_layers", 2, "None or a list of 1 layer counts"),
+])
+def test_engine_options_of_the_wrong_type_are_named(field, value, allowed):
+    message = f"{field}={value!r} is invalid: must be {allowed}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EngineArgs("tiny-llama", **{field: value}).to_config()
+
+
+@pytest.mark.parametrize("model", [None, 5, b"tiny-llama"])
+def test_a_model_that_is_not_a_name_or_path_is_named(model):
+    with pytest.raises(ValueError, match=f"model={model!r} \\({type(model).__name__}\\) is "
+                                         "invalid: must be a model directory"):
+        EngineArgs(model).to_config()
+
+
+def test_a_model_path_object_is_taken_as_its_string(tmp_path):
+    from shardline.presets import resolve_model
+
+    directory = resolve_model("tiny-llama")
+    assert EngineArgs(pathlib.Path(directory)).to_config().model.model == directory
+    seed = random.randrange(-2**63, 2**64)
+    assert EngineArgs("tiny-llama", seed=seed).to_config().model.seed == seed

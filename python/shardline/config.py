@@ -22,6 +22,7 @@ _DTYPES = {
 }
 
 EXPERT_DISPATCH_PATHS = ("all_to_all", "all_gather")
+BLOCK_SIZES = tuple(2**i for i in range(9))
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -41,6 +42,16 @@ def dtype_name(dtype: torch.dtype) -> str:
 def _require(ok: bool, name: str, value: object, allowed: str) -> None:
     if not ok:
         raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require_bools(config: object, *names: str) -> None:
+    for name in names:
+        _require(isinstance(getattr(config, name), bool), name, getattr(config, name),
+                 "True or False")
 
 
 @dataclass
@@ -69,8 +80,13 @@ class ModelConfig:
             except ValueError:
                 raise ValueError(f"dtype={self.dtype!r} is not supported: use auto, float32, "
                                  "bfloat16 or float16") from None
-        _require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len",
-                 self.max_model_len, "None (use the checkpoint's) or >= 1")
+        _require(self.max_model_len is None or (_is_int(self.max_model_len)
+                                                and self.max_model_len >= 1),
+                 "max_model_len", self.max_model_len,
+                 "None (use the checkpoint's) or an integer >= 1")
+        _require(_is_int(self.seed) and -2**63 <= self.seed < 2**64, "seed", self.seed,
+                 "an integer from -2**63 to 2**64 - 1")
+        _require_bools(self, "enforce_eager")
 
     def resolve_torch_dtype(self, device_type: str, checkpoint_dtype: str | None
                             ) -> torch.dtype:
@@ -98,7 +114,8 @@ class CacheConfig:
     for activations and CUDA graphs. On the CPU, half of MemAvailable shared by the ranks
     of the machine, at most 4 GiB per rank and at most what `max_num_seqs` sequences of
     `max_model_len` tokens fill. `kv_cache_memory_bytes` fixes the budget per rank
-    instead, and `num_blocks` the block count itself (it wins over both).
+    instead, and `num_blocks` the block count itself (it wins over both; LLM's
+    `num_kv_blocks`, the name its errors give).
     """
 
     block_size: int = 16
@@ -108,14 +125,18 @@ class CacheConfig:
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256), "block_size",
+        _require(_is_int(self.block_size) and self.block_size in BLOCK_SIZES, "block_size",
                  self.block_size, "a power of two from 1 to 256")
-        _require(self.num_blocks is None or self.num_blocks >= 1, "num_blocks",
-                 self.num_blocks, "None (size the cache from memory) or >= 1")
-        _require(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes >= 1,
+        _require(self.num_blocks is None or (_is_int(self.num_blocks) and self.num_blocks >= 1),
+                 "num_kv_blocks", self.num_blocks,
+                 "None (size the cache from memory) or an integer >= 1")
+        _require(self.kv_cache_memory_bytes is None or (_is_int(self.kv_cache_memory_bytes)
+                                                        and self.kv_cache_memory_bytes >= 1),
                  "kv_cache_memory_bytes", self.kv_cache_memory_bytes,
-                 "None (size the cache from free memory) or >= 1")
+                 "None (size the cache from free memory) or an integer >= 1")
+        _require_bools(self, "enable_prefix_caching")
         _require(isinstance(self.gpu_memory_utilization, (int, float))
+                 and not isinstance(self.gpu_memory_utilization, bool)
                  and 0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
                  self.gpu_memory_utilization, "in (0, 1]: the share of a GPU's memory this "
                  "process may fill")
@@ -145,8 +166,11 @@ class SchedulerConfig:
         _require(self.async_scheduling is None or isinstance(self.async_scheduling, bool),
                  "async_scheduling",
                  self.async_scheduling, "None (automatic), True or False")
-        _require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
-        _require(self.max_num_batched_tokens >= self.max_num_seqs, "max_num_batched_tokens",
+        _require_bools(self, "enable_chunked_prefill")
+        _require(_is_int(self.max_num_seqs) and self.max_num_seqs >= 1, "max_num_seqs",
+                 self.max_num_seqs, "an integer >= 1")
+        _require(_is_int(self.max_num_batched_tokens)
+                 and self.max_num_batched_tokens >= self.max_num_seqs, "max_num_batched_tokens",
                  self.max_num_batched_tokens, f">= max_num_seqs={self.max_num_seqs}, so that "
                  "every running sequence can decode its token in each step")
 
@@ -185,25 +209,24 @@ class ParallelConfig:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
                      "sequence_parallel_size"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                     name, value, "an integer >= 1")
+            _require(_is_int(value) and value >= 1, name, value, "an integer >= 1")
         _require(self.expert_dispatch in EXPERT_DISPATCH_PATHS, "expert_dispatch",
                  self.expert_dispatch, f"one of {EXPERT_DISPATCH_PATHS}")
-        _require(isinstance(self.enable_expert_parallel, bool), "enable_expert_parallel",
-                 self.enable_expert_parallel, "True or False")
+        _require_bools(self, "enable_expert_parallel")
         _require(self.distributed_executor_backend in (None, "uni", "mp", "ray"),
                  "distributed_executor_backend", self.distributed_executor_backend,
                  "None (automatic), 'uni', 'mp' or 'ray'")
         _require(self.device in (None, "cpu", "cuda"), "device", self.device,
                  "None (automatic), 'cpu' or 'cuda'")
         if self.pipeline_stage_layers is not None:
-            layers = list(self.pipeline_stage_layers)
-            _require(len(layers) == self.pipeline_parallel_size
-                     and all(isinstance(n, int) and n >= 1 for n in layers),
+            layers = self.pipeline_stage_layers
+            _require(isinstance(layers, (list, tuple))
+                     and len(layers) == self.pipeline_parallel_size
+                     and all(_is_int(n) and n >= 1 for n in layers),
                      "pipeline_stage_layers", self.pipeline_stage_layers,
                      f"None or a list of {self.pipeline_parallel_size} layer counts (one per "
                      "pipeline stage), each >= 1")
-            self.pipeline_stage_layers = layers
+            self.pipeline_stage_layers = list(layers)
         _require(isinstance(self.worker_cls, str) and "." in self.worker_cls, "worker_cls",
                  self.worker_cls, "a dotted path such as 'shardline.worker.worker.Worker'")
         _require(self.ray_address is None or (isinstance(self.ray_address, str)

@@ -29,3 +29,22 @@ def test_bad_values_and_unknown_options_fail_clearly(tmp_path):
         EngineArgs("not-a-model").to_config()
     with pytest.raises(TypeError, match="max_seqs"):
         EngineArgs(str(tmp_path), max_seqs=4)
+
+
+@pytest.mark.parametrize("data_parallel_size", [1, 2])
+def test_max_model_len_beyond_the_model_fails_before_any_worker_starts(data_parallel_size,
+                                                                       monkeypatch, fresh_seed):
+    from shardline.engine import data_parallel, llm_engine
+    from shardline.engine.llm import LLM
+    from shardline.presets import PRESETS
+
+    def start_workers(config):
+        raise AssertionError("workers started before max_model_len was checked")
+
+    monkeypatch.setattr(llm_engine, "create_executor", start_workers)
+    monkeypatch.setattr(data_parallel, "create_data_parallel_executors", start_workers)
+    limit = PRESETS["tiny-llama"]["max_position_embeddings"]
+    asked = limit + random.Random(fresh_seed).randint(1, 10**6)
+    with pytest.raises(ValueError, match=f"max_model_len={asked} is invalid: the model supports "
+                                         f"at most {limit} positions"):
+        LLM("tiny-llama", max_model_len=asked, data_parallel_size=data_parallel_size)

@@ -22,6 +22,7 @@ be trusted. `shutdown` ends open streams with an error as well.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from typing import AsyncIterator, Callable
 
@@ -103,7 +104,7 @@ class AsyncLLM:
     Keyword options are EngineArgs fields.
     """
 
-    def __init__(self, model: str, **kwargs) -> None:
+    def __init__(self, model: str | os.PathLike[str], **kwargs) -> None:
         self._attach(create_engine(EngineArgs(model, **kwargs).to_config()))
 
     @classmethod

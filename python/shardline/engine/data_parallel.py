@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 
 from shardline.config import EngineConfig
-from shardline.engine.llm_engine import LLMEngine, PromptType
+from shardline.engine.llm_engine import LLMEngine, PromptType, resolve_max_model_len
 from shardline.engine.outputs import RequestOutput
 from shardline.engine.scheduler import SchedulerStats
 from shardline.engine.tokenizer import Tokenizer
@@ -66,6 +66,7 @@ class DataParallelEngine:
         build one LLMEngine per core over them."""
         model_dir = config.model.model
         model_info = read_model_info(model_dir)
+        resolve_max_model_len(config, model_info)
         tokenizer = Tokenizer.from_model_dir(model_dir)
         executors = create_data_parallel_executors(config)
         try:

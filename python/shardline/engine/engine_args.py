@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from shardline.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig,
@@ -11,7 +12,8 @@ from shardline.presets import resolve_model
 
 @dataclass
 class EngineArgs:
-    """Every engine option in one flat list; `model` is a model directory or a preset name.
+    """Every engine option in one flat list; `model` is a model directory (a str or a path),
+    a .gguf file or a preset name.
 
     `num_kv_blocks` fixes the KV cache size (tests use it to force preemption); when None
     each worker sizes its cache from `kv_cache_memory_bytes` if set, else from the memory
@@ -21,7 +23,7 @@ class EngineArgs:
     as is `ray_address` (the cluster of distributed_executor_backend="ray").
     """
 
-    model: str
+    model: str | os.PathLike[str]
     dtype: str = "auto"
     max_model_len: int | None = None
     seed: int = 0
@@ -47,8 +49,11 @@ class EngineArgs:
 
     def to_config(self) -> EngineConfig:
         """The EngineConfig of these options (each config checks its own values)."""
+        if not isinstance(self.model, (str, os.PathLike)):
+            raise ValueError(f"model={self.model!r} ({type(self.model).__name__}) is invalid: "
+                             "must be a model directory, a .gguf file or a preset name")
         return EngineConfig(
-            model=ModelConfig(model=resolve_model(self.model), dtype=self.dtype,
+            model=ModelConfig(model=resolve_model(os.fspath(self.model)), dtype=self.dtype,
                               max_model_len=self.max_model_len, seed=self.seed,
                               enforce_eager=self.enforce_eager),
             cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_kv_blocks,

@@ -10,6 +10,7 @@ engine one step at a time.
 
 from __future__ import annotations
 
+import os
 import reprlib
 import sys
 from typing import Sequence as Seq
@@ -27,7 +28,7 @@ from shardline.engine.scheduler import SchedulerStats
 class LLM:
     """Offline batched generation over one engine; keyword options are EngineArgs fields."""
 
-    def __init__(self, model: str, **kwargs) -> None:
+    def __init__(self, model: str | os.PathLike[str], **kwargs) -> None:
         self.engine = create_engine(EngineArgs(model, **kwargs).to_config())
         self._next_id = 0
 

@@ -55,10 +55,7 @@ class LLMEngine:
         self.executor = executor
         self.tokenizer = tokenizer
         self.vocab_size = model_info.vocab_size
-        self.max_model_len = config.model.max_model_len or model_info.max_position_embeddings
-        if self.max_model_len > model_info.max_position_embeddings:
-            raise ValueError(f"max_model_len={self.max_model_len} is invalid: the model supports "
-                             f"at most {model_info.max_position_embeddings} positions")
+        self.max_model_len = resolve_max_model_len(config, model_info)
         cache = config.cache
         self.kv = KVBlockManager(executor.num_kv_blocks, cache.block_size,
                                  cache.enable_prefix_caching)
@@ -76,6 +73,7 @@ class LLMEngine:
         """Build the executor and workers for `config.model.model`, a model directory."""
         model_dir = config.model.model
         model_info = read_model_info(model_dir)
+        resolve_max_model_len(config, model_info)
         tokenizer = Tokenizer.from_model_dir(model_dir)
         return cls(config, create_executor(config), model_info, tokenizer)
 
@@ -310,6 +308,19 @@ class LLMEngine:
                                  f"[0, {self.vocab_size})")
             ids.append(token)
         return ids
+
+
+def resolve_max_model_len(config: EngineConfig, model_info: ModelLimits) -> int:
+    """config.model.max_model_len, or the model's max_position_embeddings where it is None;
+    a ValueError if it is more than the model's positions. Checked before any worker starts,
+    so that a bad length fails at once and not after loading the weights."""
+    limit = model_info.max_position_embeddings
+    length = config.model.max_model_len or limit
+    if length > limit:
+        raise ValueError(f"max_model_len={length} is invalid: the model supports at most "
+                         f"{limit} positions (its max_position_embeddings); pass at most "
+                         f"{limit}, or None for exactly that")
+    return length
 
 
 def uses_async_scheduling(config: EngineConfig, executor: Executor) -> bool:
