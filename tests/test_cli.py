@@ -161,3 +161,56 @@ def test_async_scheduling_flag_reaches_the_engine(flags, expected, monkeypatch):
     monkeypatch.setattr(llm_module, "LLM", record)
     assert main(["generate", "--model", "tiny-llama", "-p", "x", *flags]) == 2
     assert seen["async_scheduling"] is expected
+
+
+def _refuse_to_load(monkeypatch):
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+    monkeypatch.setattr(llm_module, "LLM", load)
+
+
+@pytest.mark.parametrize("command, flags, named", [
+    ("generate", ["--temperature", "-1"], "temperature=-1.0"),
+    ("generate", ["--top-k", "-5"], "top_k=-5"),
+    ("chat", ["--temperature", "-0.5"], "temperature=-0.5"),
+])
+def test_sampling_flags_are_checked_before_the_model_loads(command, flags, named, monkeypatch,
+                                                          capsys):
+    _refuse_to_load(monkeypatch)
+    model = ["-m", "tiny-llama"] + (["-p", "x"] if command == "generate" else ["--message", "x"])
+    assert main([command, *model, *flags]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "loading" not in err
+
+
+@pytest.mark.parametrize("command, flag", [("demo", "--num-prompts"), ("demo", "--max-tokens"),
+                                           ("generate", "--max-tokens"), ("generate", "-n"),
+                                           ("chat", "--max-tokens")])
+@pytest.mark.parametrize("value", ["0", "-3", "two"])
+def test_counts_below_one_are_refused_by_flag(command, flag, value, monkeypatch, capsys):
+    _refuse_to_load(monkeypatch)
+    extra = ["-p", "x"] if command == "generate" else []
+    with pytest.raises(SystemExit) as done:
+        main([command, "-m", "tiny-llama", *extra, flag, value])
+    assert done.value.code == 2
+    assert f"argument {flag}: {value!r} is invalid: must be an integer >= 1" in \
+        capsys.readouterr().err
+
+
+def test_version_flag_and_attribute_agree(capsys):
+    import importlib.metadata
+
+    import shardline
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.split() == ["shardline", shardline.__version__]
+    assert shardline.__version__ == importlib.metadata.version("shardline")
+
+
+def test_a_required_model_flag_shows_no_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(required)" in text and "(default: None)" not in text

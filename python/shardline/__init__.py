@@ -19,7 +19,7 @@ _EXPORTS = {
     "EngineDeadError": "shardline.executor.base",
 }
 
-__all__ = list(_EXPORTS)
+__all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
     from shardline.engine.async_llm import AsyncLLM
@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":   # the installed distribution's, read on first use
+        from importlib.metadata import version
+        globals()[name] = version("shardline")
+        return globals()[name]
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'shardline' has no attribute {name!r}")
@@ -40,4 +44,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(__all__))

