@@ -1,8 +1,47 @@
-"""Shape checks the attention kernels share, so bad input fails before a launch."""
+"""Input checks the kernels share, so bad input fails before a launch with a message that
+names the argument, and the layout fixes the kernels rely on (a unit last stride)."""
 
 from __future__ import annotations
 
 import torch
+
+
+def unit_last_dim(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself where its last dim is contiguous, else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def output_like(like: torch.Tensor, out: torch.Tensor | None, name: str = "out",
+                shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """`out` where given, refused unless it has `shape` (by default `like`'s), `like`'s
+    dtype and device and a unit last stride (the kernels store rows at out's strides);
+    else a new tensor."""
+    shape = tuple(like.shape) if shape is None else tuple(shape)
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if (tuple(out.shape) != shape or out.dtype != like.dtype or out.device != like.device
+            or (out.numel() and out.stride(-1) != 1)):
+        raise ValueError(f"{name} must be {list(shape)} {like.dtype} on {like.device} with a "
+                         f"contiguous last dim; got {list(out.shape)} {out.dtype} on "
+                         f"{out.device}")
+    return out
+
+
+def check_index(t: torch.Tensor, name: str, length: int, what: str) -> torch.Tensor:
+    """A 1-D integer tensor of `length` entries (`what` says what they count), returned
+    contiguous: the kernels read entry i at offset i."""
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{name} must be [{length}] ({what}); got {tuple(t.shape)}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integers; got {t.dtype}")
+    return t.contiguous()
+
+
+def check_same_dtype(x: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Each named tensor given (not None) has x's dtype: the kernels read them as such."""
+    for name, t in others.items():
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"{name} must have x's dtype {x.dtype}; got {t.dtype}")
 
 
 def check_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

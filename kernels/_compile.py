@@ -37,7 +37,8 @@ class Sm90Build:
 
 
 def cuda_backend_available() -> bool:
-    """Whether this triton can target CUDA (its nvidia backend and ptxas are installed)."""
+    """Whether this triton has its nvidia backend, so it can compile for CUDA (whether
+    ptxas runs shows at the compile itself)."""
     try:
         from triton.backends.compiler import GPUTarget
         import triton.backends.nvidia  # noqa: F401

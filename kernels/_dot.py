@@ -6,6 +6,11 @@ import torch
 import triton
 import triton.language as tl
 
+LOG2E = 1.4426950408889634
+"""log2(e): the attention kernels fold it into the softmax scale and use exp2."""
+MIN_DOT = 16
+"""The smallest side of a tl.dot operand; smaller tiles are padded up to it."""
+
 
 def dot_precision(dtype: torch.dtype) -> str:
     """Exact fp32 products for fp32 inputs (the parity tests hold fp32 to 1e-4), not TF32."""

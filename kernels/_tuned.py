@@ -15,6 +15,7 @@ table). Tables are read once per process; `reset` forgets what was read.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import re
@@ -153,7 +154,9 @@ _tables: dict[str, TunedTable | None] = {}
 _linear_choice: dict[tuple, bool] = {}
 _qkv_heads: dict[tuple, tuple[int, int, int]] = {}
 _autotuning: bool | None = None
-_compiling_ahead = False
+# Per thread (and task), as triton's AsyncCompileMode is: another thread's launches run.
+_compiling_ahead: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "shardline_compiling_ahead", default=False)
 
 
 def device_name() -> str | None:
@@ -170,6 +173,9 @@ def current_table() -> TunedTable | None:
     if cache_key not in _tables:
         if override:
             path = None if override.lower() == "none" else Path(override)
+            if path is not None and not path.is_file():
+                raise TunedTableError(f"{TABLE_ENV}={override}: no such file (name a table "
+                                      f"written by bench/tune.py, or 'none' for no table)")
         else:
             path = packaged_table_path(name) if name else None
             path = path if path is not None and path.is_file() else None
@@ -227,7 +233,6 @@ def compile_ahead(device: torch.device) -> Iterator[bool]:
     core (triton's compiler releases the GIL), and launch nothing; leaving it waits for
     every compile. Yields False, compiling nothing ahead, off CUDA, in the interpreter and
     where this triton lacks AsyncCompileMode."""
-    global _compiling_ahead
     try:
         from triton.runtime._async_compile import AsyncCompileMode
     except ImportError:
@@ -238,11 +243,11 @@ def compile_ahead(device: torch.device) -> Iterator[bool]:
         return
     workers = max(1, min(32, len(os.sched_getaffinity(0))))
     with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
-        _compiling_ahead = True
+        token = _compiling_ahead.set(True)
         try:
             yield True
         finally:
-            _compiling_ahead = False
+            _compiling_ahead.reset(token)
 
 
 @dataclass
@@ -317,7 +322,7 @@ class TunedKernel(triton.runtime.Autotuner):
         config = self._chosen.get(values)
         if config is None:
             config = self._chosen[values] = self._choose(args, kwargs)
-        if _compiling_ahead:
+        if _compiling_ahead.get():
             configs = self.candidates(args, kwargs) if config is _AUTOTUNE else [config]
             for c in configs:
                 self.fn.warmup(*args, grid=grid, **kwargs, **c.all_kwargs())

@@ -14,13 +14,11 @@ import triton
 import triton.language as tl
 
 from shardline.kernels import _config
-from shardline.kernels._checks import check_paged_attention
+from shardline.kernels._checks import check_paged_attention, output_like, unit_last_dim
 from shardline.kernels._config import autotune, interpreting, up_to_head_size
-from shardline.kernels._dot import dot_precision
+from shardline.kernels._dot import LOG2E, MIN_DOT, dot_precision
 
-_LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
-_MIN_DOT = 16
 
 
 @triton.jit
@@ -195,20 +193,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                          f"block_tables {block_tables.shape[0]} sequences")
     batch, num_q_heads, head_dim = q.shape
     _, kv_block_size, num_kv_heads, _ = k_cache.shape
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last "
-                         f"dim; got {tuple(out.shape)} {out.dtype}")
+    out = output_like(q, out)
     if batch == 0:
         return out
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    if block_tables.shape[1] == 0:   # no sequence holds a block: each attends to nothing
+        return out.zero_()
+    q = unit_last_dim(q)
     block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
 
     max_context = block_tables.shape[1] * kv_block_size
     if num_splits is None:
-        num_splits = choose_splits(batch, num_kv_heads, max_context, _config.num_sms(q.device, on_cpu=1))
+        num_splits = choose_splits(batch, num_kv_heads, max_context,
+                                   _config.num_sms(q.device, on_cpu=1))
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1; got {num_splits}")
     align = 16 if interpreting() else 128
@@ -217,7 +213,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     direct = num_splits == 1
 
     group = num_q_heads // num_kv_heads
-    block_d = max(_MIN_DOT, triton.next_power_of_2(head_dim))
+    block_d = max(MIN_DOT, triton.next_power_of_2(head_dim))
     if direct:
         part_out = part_lse = out
     else:
@@ -228,11 +224,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens,
         out, part_out, part_lse,
-        scale * _LOG2E, num_q_heads, group, head_dim, num_splits,
+        scale * LOG2E, num_q_heads, group, head_dim, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        KV_BLOCK_SIZE=kv_block_size, BLOCK_G=max(_MIN_DOT, triton.next_power_of_2(group)),
+        KV_BLOCK_SIZE=kv_block_size, BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)),
         BLOCK_D=block_d, DIRECT=direct, DOT_PRECISION=dot_precision(k_cache.dtype),
         SPLIT_ALIGN=align,
     )

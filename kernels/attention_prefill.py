@@ -15,13 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from shardline.kernels._checks import check_paged_attention
+from shardline.kernels._checks import check_paged_attention, output_like, unit_last_dim
 from shardline.kernels._config import autotune, shape_bucket, up_to_head_size
-from shardline.kernels._dot import dot_precision
+from shardline.kernels._dot import LOG2E, MIN_DOT, dot_precision
 from shardline.kernels.attention_decode import attend_tile
-
-_LOG2E = 1.4426950408889634
-_MIN_DOT = 16
 
 
 @triton.jit
@@ -142,15 +139,10 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     num_tokens, num_q_heads, head_dim = q.shape
     _, kv_block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = block_tables.shape[0]
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last "
-                         f"dim; got {tuple(out.shape)} {out.dtype}")
+    out = output_like(q, out)
     if num_tokens == 0 or num_seqs == 0:
         return out
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    q = unit_last_dim(q)
     block_tables = block_tables.contiguous()
 
     def grid(meta: dict) -> tuple[int, int]:
@@ -159,12 +151,12 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc.contiguous(),
         seq_lens.contiguous(), out,
-        scale * _LOG2E, num_seqs, num_q_heads // num_kv_heads, head_dim,
+        scale * LOG2E, num_seqs, num_q_heads // num_kv_heads, head_dim,
         shape_bucket(num_tokens, 1 << 16),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        KV_BLOCK_SIZE=kv_block_size, BLOCK_D=max(_MIN_DOT, triton.next_power_of_2(head_dim)),
+        KV_BLOCK_SIZE=kv_block_size, BLOCK_D=max(MIN_DOT, triton.next_power_of_2(head_dim)),
         DOT_PRECISION=dot_precision(k_cache.dtype),
     )
     return out

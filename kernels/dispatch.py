@@ -33,21 +33,22 @@ def reset_triton_choice() -> None:
     _choice = None
 
 
+def _triton_for(on_cuda: bool) -> bool:
+    disabled, forced = _choice or _read_environment()
+    return not disabled and (on_cuda or forced)
+
+
 def triton_enabled(device: torch.device) -> bool:
     """Triton on CUDA devices unless SHARDLINE_DISABLE_TRITON=1; on the CPU only when
     SHARDLINE_FORCE_TRITON=1. The variables are read on the first call, not on every
     kernel call (two environment reads cost about 3 us, hundreds per eager step)."""
-    disabled, forced = _choice or _read_environment()
-    if disabled:
-        return False
-    return device.type == "cuda" or forced
+    return _triton_for(device.type == "cuda")
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether the op on tensor `t` runs the Triton kernel rather than its reference (the
-    same rule as `triton_enabled`, without building a device object on the hot path)."""
-    disabled, forced = _choice or _read_environment()
-    return not disabled and (t.is_cuda or forced)
+    """Whether the op on tensor `t` runs the Triton kernel rather than its reference
+    (`triton_enabled`'s rule, without building a device object on the hot path)."""
+    return _triton_for(t.is_cuda)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

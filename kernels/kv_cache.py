@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from shardline.kernels._checks import check_index, unit_last_dim
 from shardline.kernels._config import autotune
 
 
@@ -27,7 +28,7 @@ def _write_kv_cache_kernel(
     stride_vc_block, stride_vc_slot, stride_vc_head,
     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     block = slot // BLOCK_SIZE
     offset = slot % BLOCK_SIZE
@@ -49,24 +50,20 @@ def _write_kv_cache_kernel(
     tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def unit_last_dim(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def check_kv_cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                         v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Refuse K/V, caches and slots whose shapes do not go together."""
+                         v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Refuse K/V, caches and slots whose shapes do not go together; returns slot_mapping
+    contiguous."""
     if k.shape != v.shape or k.dim() != 3:
         raise ValueError(f"k and v must both be [T, Hk, D]; got k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
     if k_cache.shape != v_cache.shape or k_cache.shape[2:] != k.shape[1:]:
         raise ValueError(f"k_cache and v_cache must be [blocks, block_size, {k.shape[1]}, "
                          f"{k.shape[2]}]; got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
-    if slot_mapping.shape != (k.shape[0],):
-        raise ValueError(f"slot_mapping must be [{k.shape[0]}] (one slot per token); got "
-                         f"{tuple(slot_mapping.shape)}")
+    slot_mapping = check_index(slot_mapping, "slot_mapping", k.shape[0], "one slot per token")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache must have a contiguous last dim")
+    return slot_mapping
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -76,7 +73,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     A slot of -1 (padding) is skipped. k and v may be strided views (e.g. slices of a
     fused qkv projection); only their last dim must be contiguous.
     """
-    check_kv_cache_write(k, v, k_cache, v_cache, slot_mapping)
+    slot_mapping = check_kv_cache_write(k, v, k_cache, v_cache, slot_mapping)
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
@@ -85,7 +82,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     block_h = max(1, min(triton.next_power_of_2(num_kv_heads), 4096 // block_d))
     grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))
     _write_kv_cache_kernel[grid](
-        k, v, k_cache, v_cache, slot_mapping.contiguous(),
+        k, v, k_cache, v_cache, slot_mapping,
         num_kv_heads, head_dim,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -16,12 +16,14 @@ beats both: see shardline.kernels._tuned).
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
 
 from shardline.kernels import matmul_split_k
+from shardline.kernels._checks import check_same_dtype, output_like
 from shardline.kernels._config import autotune, interpreting, shape_bucket
 from shardline.kernels._dot import dot_over_k, dot_over_k_tma, dot_precision
 from shardline.kernels.norm import rms_norm
@@ -125,8 +127,8 @@ def _matmul_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, M_BUCKET,
         offs_k = tl.arange(0, BLOCK_K)
         # Out-of-range rows and columns wrap to valid ones (their results are never
         # stored), so only the K edge needs a load mask.
-        safe_m = offs_m % M
-        safe_n = offs_n % N
+        safe_m = (offs_m % M).to(tl.int64)
+        safe_n = (offs_n % N).to(tl.int64)
         x_ptrs = x_ptr + safe_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
         w_ptrs = w_ptr + safe_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
         acc, acc_up = dot_over_k(x_ptrs, w_ptrs, K, stride_xk, stride_wk, N * stride_wn,
@@ -149,8 +151,10 @@ def _matmul_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, M_BUCKET,
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """Refuse an x, weight and bias whose shapes or dtypes do not go together."""
+def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                 ) -> torch.Tensor | None:
+    """Refuse an x, weight and bias whose shapes or dtypes do not go together; returns the
+    bias contiguous (the kernels read it at unit stride)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x must be [M, K] and weight [N, K] with the same K; got x "
                          f"{tuple(x.shape)} and weight {tuple(weight.shape)}")
@@ -158,12 +162,21 @@ def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         raise ValueError(f"x must have K > 0; got {tuple(x.shape)}")
     if x.dtype != weight.dtype:
         raise ValueError(f"x and weight must share a dtype; got {x.dtype} and {weight.dtype}")
-    if bias is not None and bias.shape != weight.shape[:1]:
+    if bias is None:
+        return None
+    if bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must be [{weight.shape[0]}]; got {tuple(bias.shape)}")
+    check_same_dtype(x, bias=bias)
+    return bias.contiguous()
 
 
-def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+@functools.cache
+def _tma_scratch_on(device: torch.device) -> Callable[[int, int, int | None], torch.Tensor]:
+    """Triton's allocator for descriptor scratch, on the device of the tensors described
+    (not the current one, which may differ where one process drives several GPUs)."""
+    def allocate(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int8, device=device)
+    return allocate
 
 
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
@@ -183,7 +196,7 @@ def _tiled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         x, weight = _tma_ready(x), _tma_ready(weight)
         # A descriptor built in the kernel lives in scratch memory that triton asks its
         # allocator for at each launch; the allocator is per context (thread, task).
-        triton.set_allocator(_tma_scratch)
+        triton.set_allocator(_tma_scratch_on(x.device))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     _matmul_kernel[grid](
         x, weight, out if bias is None else bias, out if residual is None else residual, out,
@@ -194,26 +207,36 @@ def _tiled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 def _output(x: torch.Tensor, out: torch.Tensor | None, n: int) -> torch.Tensor:
-    m = x.shape[0]
-    if out is None:
-        return torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if out.shape != (m, n):
-        raise ValueError(f"out must be [{m}, {n}]; got {tuple(out.shape)}")
-    return out
+    return output_like(x, out, shape=(x.shape[0], n))
 
 
 def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
           residual: torch.Tensor | None, out: torch.Tensor | None, n: int, silu_mul: bool,
-          split_k: int | None) -> torch.Tensor:
+          split_k: int | None, norm: matmul_split_k.NormEpilogue | None = None
+          ) -> torch.Tensor:
+    """The epilogue (bias, SiLU * up, residual) of x @ weight^T into `out`; with `norm`,
+    `out` gets the RMSNorm of that sum, which goes to norm.summed."""
     out = _output(x, out, n)
     split, k_split = matmul_split_k.k_slices(x, weight, split_k)
     if x.shape[0] == 0:
         return out
-    if split == 1:
+    if split > 1:
+        matmul_split_k.split_k_gemm(x, weight, bias, residual, out, silu_mul, split, k_split,
+                                    norm)
+    elif norm is None:
         _tiled(x, weight, bias, residual, out, silu_mul)
     else:
-        matmul_split_k.split_k_gemm(x, weight, bias, residual, out, silu_mul, split, k_split)
+        _tiled(x, weight, bias, residual, norm.summed, silu_mul)
+        rms_norm(norm.summed, norm.weight, norm.eps, out=out)
     return out
+
+
+def _check_residual(x: torch.Tensor, residual: torch.Tensor | None, n: int) -> None:
+    if residual is None:
+        return
+    if residual.shape != (x.shape[0], n):
+        raise ValueError(f"residual must be [{x.shape[0]}, {n}]; got {tuple(residual.shape)}")
+    check_same_dtype(x, residual=residual)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -223,18 +246,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     `split_k` forces the number of K slices (None: chosen from the shape).
     """
-    check_linear(x, weight, bias)
-    shape = (x.shape[0], weight.shape[0])
-    if residual is not None and residual.shape != shape:
-        raise ValueError(f"residual must be {list(shape)}; got {tuple(residual.shape)}")
-    return _gemm(x, weight, bias, residual, out, shape[1], silu_mul=False, split_k=split_k)
+    bias = check_linear(x, weight, bias)
+    _check_residual(x, residual, weight.shape[0])
+    return _gemm(x, weight, bias, residual, out, weight.shape[0], silu_mul=False,
+                 split_k=split_k)
 
 
 def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                     *, out: torch.Tensor | None = None,
                     split_k: int | None = None) -> torch.Tensor:
     """SiLU(gate) * up of a merged gate_up weight[2N, K] -> [M, N], as the reference."""
-    check_linear(x, weight, bias)
+    bias = check_linear(x, weight, bias)
     if weight.shape[0] % 2:
         raise ValueError(f"weight must have an even row count (gate, then up); got "
                          f"{weight.shape[0]}")
@@ -251,22 +273,11 @@ def linear_rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     fewer than a GEMM followed by the norm. Tiled, the residual add rides the GEMM's
     epilogue and the norm follows.
     """
-    check_linear(x, weight, bias)
+    bias = check_linear(x, weight, bias)
     n = weight.shape[0]
-    if residual.shape != (x.shape[0], n):
-        raise ValueError(f"residual must be [{x.shape[0]}, {n}]; got {tuple(residual.shape)}")
+    _check_residual(x, residual, n)
     if norm_weight.shape != (n,):
         raise ValueError(f"norm_weight must be [{n}] (weight's rows); got "
                          f"{tuple(norm_weight.shape)}")
-    out, summed = _output(x, None, n), _output(x, None, n)
-    split, k_split = matmul_split_k.k_slices(x, weight, split_k)
-    if x.shape[0] == 0:
-        return out, summed
-    if split == 1:
-        _tiled(x, weight, bias, residual, summed, silu_mul=False)
-        rms_norm(summed, norm_weight, eps, out=out)
-    else:
-        matmul_split_k.split_k_gemm(
-            x, weight, bias, residual, out, False, split, k_split,
-            norm=matmul_split_k.NormEpilogue(norm_weight, eps, summed))
-    return out, summed
+    norm = matmul_split_k.NormEpilogue(norm_weight.contiguous(), eps, _output(x, None, n))
+    return _gemm(x, weight, bias, residual, None, n, False, split_k, norm), norm.summed

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from shardline.kernels import _config
-from shardline.kernels._config import autotune, interpreting, shape_bucket
+from shardline.kernels._config import autotune, interpreting
 from shardline.kernels._dot import dot_over_k, dot_precision
 
 SPLIT_K_MAX_M = 16
@@ -46,9 +46,10 @@ class NormEpilogue(NamedTuple):
     summed: torch.Tensor
 
 
-@autotune(SPLIT_CONFIGS, key=["M_BUCKET", "N", "K", "K_SPLIT"], fixed=_INTERPRETER_CONFIG)
+# Only decode-shaped products split (M <= SPLIT_K_MAX_M, one row tile), so M is no key.
+@autotune(SPLIT_CONFIGS, key=["N", "K", "K_SPLIT"], fixed=_INTERPRETER_CONFIG)
 @triton.jit(do_not_specialize_on_alignment=["M"])
-def _matmul_partial_kernel(x_ptr, w_ptr, ws_ptr, M, N, K, M_BUCKET, K_SPLIT,
+def _matmul_partial_kernel(x_ptr, w_ptr, ws_ptr, M, N, K, K_SPLIT,
                            stride_xm, stride_xk, stride_wn, stride_wk,
                            stride_ws, stride_wm,
                            PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -64,8 +65,9 @@ def _matmul_partial_kernel(x_ptr, w_ptr, ws_ptr, M, N, K, M_BUCKET, K_SPLIT,
     k_start = split * K_SPLIT
     offs_k = k_start + tl.arange(0, BLOCK_K)
     k_end = tl.minimum(K, k_start + K_SPLIT)
-    x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + (offs_n % N)[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    rows, cols = (offs_m % M).to(tl.int64), (offs_n % N).to(tl.int64)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
 
     acc, _ = dot_over_k(x_ptrs, w_ptrs, k_end - k_start, stride_xk, stride_wk, 0,
                         False, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -146,7 +148,7 @@ def partials(x: torch.Tensor, weight: torch.Tensor, split: int, k_split: int) ->
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_rows, meta["BLOCK_N"]),
                          split)
     _matmul_partial_kernel[grid](
-        x, weight, ws, m, n_rows, k, shape_bucket(m, SPLIT_K_MAX_M), k_split,
+        x, weight, ws, m, n_rows, k, k_split,
         *x.stride(), *weight.stride(), ws.stride(0), ws.stride(1),
         PRECISION=dot_precision(x.dtype))
     return ws

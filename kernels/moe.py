@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from shardline.kernels._checks import output_like
 from shardline.kernels._config import autotune, shape_bucket
 from shardline.kernels._dot import dot_over_k, dot_precision
 
@@ -197,9 +198,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     experts, inter = w13.shape[0], w13.shape[1] // 2
     topk = topk_ids.shape[1]
     num_pairs = tokens * topk
-    out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device) if out is None else out
-    if num_pairs == 0:
-        return out
+    out = output_like(x, out)
+    if num_pairs == 0:   # no tokens, or no expert chosen per token: nothing to add up
+        return out.zero_()
     block_m = _block_m(num_pairs, experts)
     sorted_pairs, block_experts = moe_align(topk_ids, block_m, expert_offset, experts)
     max_blocks = block_experts.shape[0]

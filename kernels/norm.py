@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from shardline.kernels._checks import check_same_dtype, output_like, unit_last_dim
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, H, eps,
@@ -31,8 +33,7 @@ def _rows(t: torch.Tensor, name: str, h: int) -> torch.Tensor:
     """t viewed as [rows, h] with unit stride along h (copied only if it must be)."""
     if t.shape[-1] != h:
         raise ValueError(f"{name} must end in the hidden size {h}; got {tuple(t.shape)}")
-    t2 = t.reshape(-1, h)
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+    return unit_last_dim(t.reshape(-1, h))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -50,12 +51,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual must have the shape of x {tuple(x.shape)}; got "
                          f"{tuple(residual.shape)}")
-    out = x.new_empty(x.shape) if out is None else out
+    check_same_dtype(x, residual=residual)
+    weight = weight.contiguous()
+    out = output_like(x, out)
     rows = _rows(x, "x", h)
     out_rows = out.view(-1, h)
     res_rows = _rows(residual, "residual", h) if residual is not None else rows
     if residual is not None:
-        residual_out = x.new_empty(x.shape) if residual_out is None else residual_out
+        residual_out = output_like(x, residual_out, "residual_out")
     sum_rows = residual_out.view(-1, h) if residual is not None else out_rows
     block = triton.next_power_of_2(h)
     if rows.shape[0]:

@@ -169,7 +169,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     Sequence b's queries are q[query_start_loc[b]:query_start_loc[b+1]], the last q_len
     of its seq_lens[b] tokens; each attends to the cached prefix and to new tokens up to
-    itself, as chunked prefill needs. Rows of q past query_start_loc[-1] are left as zeros.
+    itself, as chunked prefill needs. Rows of q past query_start_loc[-1] are padding: what
+    the result holds there is unspecified (zeros here; the Triton kernel leaves them).
     """
     out = torch.zeros_like(q)
     starts = query_start_loc.tolist()

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from shardline.kernels._checks import check_index, output_like, unit_last_dim
+
 
 @triton.jit
 def load_heads(src, bias, heads, dims, mask, stride_sh, D, stride_split,
@@ -91,24 +93,25 @@ def _heads(t: torch.Tensor, name: str, tokens: int, d: int) -> torch.Tensor:
     if t.dim() != 3 or t.shape[0] != tokens or t.shape[2] != d:
         raise ValueError(f"{name} must be [{tokens}, heads, {d}] (tokens of positions, head "
                          f"size of q); got {tuple(t.shape)}")
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return unit_last_dim(t)
 
 
 def check_rotary_inputs(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                         cos_sin_cache: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Refuse bad shapes; return q, k and the table with a unit last stride."""
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Refuse bad shapes; return positions contiguous, and q, k and the table with a unit
+    last stride."""
     if positions.dim() != 1:
         raise ValueError(f"positions must be [T]; got {tuple(positions.shape)}")
     tokens, d = positions.shape[0], q.shape[-1]
+    positions = check_index(positions, "positions", tokens, "one position per token")
     q, k = _heads(q, "q", tokens, d), _heads(k, "k", tokens, d)
-    if cos_sin_cache.stride(-1) != 1:
-        cos_sin_cache = cos_sin_cache.contiguous()
+    cos_sin_cache = unit_last_dim(cos_sin_cache)
     rot = cos_sin_cache.shape[-1]
     if cos_sin_cache.dim() != 2 or rot % 2 or not 0 < rot <= d:
         raise ValueError(f"cos_sin_cache must be [positions, R] with R even, 0 < R <= head size "
                          f"{d}; got {tuple(cos_sin_cache.shape)}")
-    return q, k, cos_sin_cache
+    return positions, q, k, cos_sin_cache
 
 
 def rotary_meta(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
@@ -130,9 +133,9 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
     `out` is an optional (q_out, k_out) destination pair shaped like q and k.
     """
-    q, k, cos_sin_cache = check_rotary_inputs(positions, q, k, cos_sin_cache)
-    q_out, k_out = (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-                    torch.empty(k.shape, dtype=k.dtype, device=k.device)) if out is None else out
+    positions, q, k, cos_sin_cache = check_rotary_inputs(positions, q, k, cos_sin_cache)
+    q_out, k_out = (None, None) if out is None else out
+    q_out, k_out = output_like(q, q_out, "out[0]"), output_like(k, k_out, "out[1]")
     tokens = positions.shape[0]
     if tokens:
         _rotary_kernel[(tokens,)](

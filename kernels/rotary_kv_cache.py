@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from shardline.kernels import matmul, matmul_split_k
-from shardline.kernels._checks import check_qkv_weight
-from shardline.kernels.kv_cache import check_kv_cache_write, unit_last_dim
+from shardline.kernels._checks import check_index, check_qkv_weight, unit_last_dim
+from shardline.kernels.kv_cache import check_kv_cache_write
 from shardline.kernels.reference import split_qkv
 from shardline.kernels.rotary import (check_rotary_inputs, load_cos_sin, load_heads,
                                       rotary_meta, rotate_heads)
@@ -62,15 +62,22 @@ def _rotary_kv_cache_kernel(
     tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            cos_sin_cache: torch.Tensor, is_neox: bool, k_cache: torch.Tensor,
-            v_cache: torch.Tensor, slot_mapping: torch.Tensor, q_out: torch.Tensor,
-            bias: torch.Tensor | None = None, splits: int = 1, stride_split: int = 0) -> None:
+def _rotate_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  cos_sin_cache: torch.Tensor, is_neox: bool, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor, out_dtype: torch.dtype,
+                  bias: torch.Tensor | None = None, splits: int = 1,
+                  stride_split: int = 0) -> torch.Tensor:
+    """Check the inputs, then rotate q and k (each head the sum of `splits` partials
+    `stride_split` apart, plus `bias`), store k and v at their slots; returns q rotated."""
+    slot_mapping = check_kv_cache_write(k, v, k_cache, v_cache, slot_mapping)
+    positions, q, k, cos_sin_cache = check_rotary_inputs(positions, q, k, cos_sin_cache)
+    v = unit_last_dim(v)
+    q_out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
     tokens = positions.shape[0]
     if not tokens:
-        return
+        return q_out
     _rotary_kv_cache_kernel[(tokens,)](
-        positions, slot_mapping.contiguous(), q, k, v, q if bias is None else bias,
+        positions, slot_mapping, q, k, v, q if bias is None else bias,
         cos_sin_cache, q_out, k_cache, v_cache, q.shape[1], k.shape[1],
         cos_sin_cache.shape[-1] // 2, q.shape[-1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -80,6 +87,7 @@ def _launch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         KV_BLOCK_SIZE=k_cache.shape[1], SPLITS=splits, HAS_BIAS=bias is not None,
         BLOCK_D=triton.next_power_of_2(q.shape[-1]),
         **rotary_meta(q, k, cos_sin_cache, is_neox))
+    return q_out
 
 
 def rotary_and_write_kv_cache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -89,12 +97,8 @@ def rotary_and_write_kv_cache(positions: torch.Tensor, q: torch.Tensor, k: torch
     """Rotate q[T, Hq, D] and k[T, Hk, D] by position, store the rotated k and v[T, Hk, D]
     at their cache slots (-1: skipped) and return the rotated q, as
     reference.rotary_and_write_kv_cache. q, k and v may be views of a fused projection."""
-    check_kv_cache_write(k, v, k_cache, v_cache, slot_mapping)
-    q, k, cos_sin_cache = check_rotary_inputs(positions, q, k, cos_sin_cache)
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    _launch(positions, q, k, unit_last_dim(v), cos_sin_cache, is_neox, k_cache, v_cache,
-            slot_mapping, q_out)
-    return q_out
+    return _rotate_store(positions, q, k, v, cos_sin_cache, is_neox, k_cache, v_cache,
+                         slot_mapping, q.dtype)
 
 
 def qkv_rotary_and_write_kv_cache(x: torch.Tensor, weight: torch.Tensor,
@@ -109,18 +113,19 @@ def qkv_rotary_and_write_kv_cache(x: torch.Tensor, weight: torch.Tensor,
     are the only launches: the kernel sums the partials as it loads each head, in place of
     the reduction pass.
     """
-    matmul.check_linear(x, weight, bias)
+    bias = matmul.check_linear(x, weight, bias)
     heads = (num_heads, *check_qkv_weight(weight, num_heads, k_cache))
+    # Per-token inputs are checked before the projection runs, so that their errors name
+    # them rather than the projection's q, k and v.
+    tokens = x.shape[0]
+    check_index(positions, "positions", tokens, "one position per row of x")
+    check_index(slot_mapping, "slot_mapping", tokens, "one slot per row of x")
     split, k_split = matmul_split_k.k_slices(x, weight, None)
-    if split == 1 or x.shape[0] == 0:
+    if split == 1 or tokens == 0:
         q, k, v = split_qkv(matmul.linear(x, weight, bias), *heads)
-        return rotary_and_write_kv_cache(positions, q, k, v, cos_sin_cache, is_neox, k_cache,
-                                         v_cache, slot_mapping)
+        return _rotate_store(positions, q, k, v, cos_sin_cache, is_neox, k_cache, v_cache,
+                             slot_mapping, x.dtype)
     ws = matmul_split_k.partials(x, weight, split, k_split)
     q, k, v = split_qkv(ws[0], *heads)
-    check_kv_cache_write(k, v, k_cache, v_cache, slot_mapping)
-    q, k, cos_sin_cache = check_rotary_inputs(positions, q, k, cos_sin_cache)
-    q_out = torch.empty(q.shape, dtype=x.dtype, device=x.device)
-    _launch(positions, q, k, v, cos_sin_cache, is_neox, k_cache, v_cache, slot_mapping, q_out,
-            None if bias is None else bias.contiguous(), split, ws.stride(0))
-    return q_out
+    return _rotate_store(positions, q, k, v, cos_sin_cache, is_neox, k_cache, v_cache,
+                         slot_mapping, x.dtype, bias, split, ws.stride(0))

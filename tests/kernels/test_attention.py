@@ -110,6 +110,15 @@ def test_decode_of_an_empty_sequence_is_zero():
         assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 
+def test_decode_with_a_block_table_of_no_columns_is_zero():
+    k_cache, v_cache, _ = paged_cache([5], 1, 64, 16, torch.float32, "cpu")
+    q = torch.randn(3, 2, 64)
+    out = torch.full_like(q, float("nan"))
+    decode.paged_decode_attention(q, k_cache, v_cache, torch.zeros(3, 0, dtype=torch.int32),
+                                  torch.zeros(3, dtype=torch.int32), 0.1, out=out)
+    assert torch.equal(out, torch.zeros_like(q))
+
+
 def prefill_inputs(chunks: list[tuple[int, int]], device: str):
     """query_start_loc and seq_lens of sequences given as (cached prefix, new tokens)."""
     q_lens = [new for _, new in chunks]

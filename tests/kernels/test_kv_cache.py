@@ -70,6 +70,13 @@ def test_write_kv_cache_rejects_a_short_slot_mapping():
         kv_cache.write_kv_cache(k, v, cache, cache.clone(), torch.arange(3))
 
 
+def test_write_kv_cache_refuses_float_slots():
+    k = v = torch.randn(4, 2, 64)
+    cache = torch.zeros(2, 16, 2, 64)
+    with pytest.raises(ValueError, match="slot_mapping must hold integers"):
+        kv_cache.write_kv_cache(k, v, cache, cache.clone(), torch.arange(4.0))
+
+
 def test_dispatch_routes_cpu_tensors_to_triton_only_when_forced(monkeypatch):
     calls = []
     monkeypatch.setattr(kv_cache, "write_kv_cache", lambda *args: calls.append(args))

@@ -184,6 +184,31 @@ def test_linear_silu_mul_rejects_odd_rows():
         matmul.linear_silu_mul(torch.randn(2, 8), torch.randn(7, 8))
 
 
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_linear_and_its_norm_read_strided_bias_and_norm_weight(split_k):
+    x, w = torch.randn(3, 160), torch.randn(24, 160) / 160 ** 0.5
+    bias, norm_weight = torch.randn(48)[::2], torch.randn(72)[::3]
+    residual = torch.randn(3, 24)
+    assert_close(matmul.linear(x, w, bias, split_k=split_k), reference.linear(x, w, bias),
+                 TOLERANCE)
+    normed, summed = matmul.linear_rms_norm(x, w, bias, residual, norm_weight, 1e-6,
+                                            split_k=split_k)
+    want_normed, want_summed = reference.linear_rms_norm(x, w, bias, residual, norm_weight,
+                                                         1e-6)
+    assert_close(summed, want_summed, TOLERANCE)
+    assert_close(normed, want_normed, TOLERANCE)
+
+
+@pytest.mark.parametrize("name", ["bias", "residual", "out"])
+def test_linear_refuses_a_tensor_of_another_dtype_than_x(name):
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    other = {"bias": torch.randn(6, dtype=torch.float16),
+             "residual": torch.randn(4, 6, dtype=torch.float16),
+             "out": torch.empty(4, 6, dtype=torch.float16)}[name]
+    with pytest.raises(ValueError, match=f"{name} must .*float32.*got .*torch.float16"):
+        matmul.linear(x, w, **{name: other})
+
+
 def test_dispatch_routes_cpu_tensors_to_triton_only_when_forced(monkeypatch):
     monkeypatch.setattr(matmul, "linear", lambda *args: "triton linear")
     monkeypatch.setattr(matmul, "linear_silu_mul", lambda *args: "triton silu")

@@ -68,6 +68,13 @@ def test_fused_moe_with_no_owned_choices_is_zero(nan_empty):
                        torch.zeros_like(x))
 
 
+def test_fused_moe_with_no_expert_per_token_is_zero(nan_empty):
+    x, w13, w2, weights, ids = moe_inputs(5, 16, 16, 2, 2, 1, torch.float32, "cpu")
+    out = torch.full_like(x, float("nan"))
+    moe.fused_moe(x, w13, w2, weights[:, :0], ids[:, :0], out=out)
+    assert torch.equal(out, torch.zeros_like(x))
+
+
 @pytest.mark.parametrize("experts,tokens,topk", [(5, 11, 2), (300, 70, 3)])
 def test_moe_align_pads_each_expert_to_the_block(experts, tokens, topk):
     block_m, offset = 4, 2

@@ -56,6 +56,22 @@ def test_rms_norm_rejects_mismatched_weight_and_residual():
         norm.rms_norm(x, torch.randn(16), 1e-6, torch.randn(4, 8))
 
 
+def test_rms_norm_reads_a_strided_weight():
+    x, residual, weight = torch.randn(5, 32), torch.randn(5, 32), torch.randn(96)[::3]
+    out, summed = norm.rms_norm(x, weight, 1e-6, residual)
+    expected_out, expected_sum = reference.rms_norm(x, weight, 1e-6, residual)
+    assert torch.equal(summed, expected_sum)
+    assert_close(out, expected_out, TOLERANCE)
+
+
+def test_rms_norm_refuses_a_residual_or_out_unlike_x():
+    x, weight = torch.randn(4, 16), torch.randn(16)
+    with pytest.raises(ValueError, match="residual must have x's dtype torch.float32"):
+        norm.rms_norm(x, weight, 1e-6, torch.randn(4, 16, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"out must be \[4, 16\] torch.float32"):
+        norm.rms_norm(x, weight, 1e-6, out=torch.empty(2, 32))
+
+
 def test_dispatch_routes_cpu_tensors_to_triton_only_when_forced(monkeypatch):
     monkeypatch.setattr(norm, "rms_norm", lambda *args: "triton rms_norm")
     x, weight = torch.randn(3, 8), torch.randn(8)

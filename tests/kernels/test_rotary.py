@@ -82,3 +82,15 @@ def test_kernel_compiles_for_h100(compile_for_h100):
                                     BLOCK_TAIL=0 if neox else 64))
         for neox in (True, False)
     ])
+
+
+def test_rotary_reads_strided_positions_and_refuses_float_ones():
+    tokens, d = 5, 16
+    positions = torch.randint(0, 30, (tokens, 2))[:, 1]
+    q, k, cache = torch.randn(tokens, 2, d), torch.randn(tokens, 1, d), random_cache(30, d, "cpu")
+    actual = rotary.rotary_embedding(positions, q, k, cache, True)
+    expected = reference.rotary_embedding(positions, q, k, cache, True)
+    assert_close(actual[0], expected[0], TOLERANCE)
+    assert_close(actual[1], expected[1], TOLERANCE)
+    with pytest.raises(ValueError, match="positions must hold integers; got torch.float32"):
+        rotary.rotary_embedding(positions.float(), q, k, cache, True)

@@ -129,6 +129,42 @@ def test_qkv_projection_rejects_a_weight_the_cache_does_not_fit():
             inputs["slot_mapping"], 4)
 
 
+@pytest.mark.parametrize("hidden", [32, 160])   # tiled and split-K projections
+def test_both_ops_read_strided_positions_slots_and_bias(hidden):
+    tokens, hq, hk, d, block_size, num_blocks = 3, 4, 2, 16, 4, 8
+    inputs = random_inputs(tokens, hq, hk, d, d, torch.float32, "cpu", num_blocks * block_size)
+    inputs["positions"] = torch.stack((inputs["positions"], inputs["positions"]), 1)[:, 1]
+    inputs["slot_mapping"] = inputs["slot_mapping"].repeat_interleave(2)[::2]
+    assert not inputs["positions"].is_contiguous()
+    assert_matches_reference(inputs, True, (num_blocks, block_size, hk, d), torch.float32)
+    x = torch.randn(tokens, hidden)
+    weight = torch.randn((hq + 2 * hk) * d, hidden) / hidden ** 0.5
+    args = dict(x=x, weight=weight, bias=torch.randn(2 * weight.shape[0])[::2],
+                positions=inputs["positions"], cos_sin_cache=inputs["cos_sin_cache"],
+                is_neox=True, slot_mapping=inputs["slot_mapping"], num_heads=hq)
+    compare_with_reference(
+        lambda k_cache, v_cache: rotary_kv_cache.qkv_rotary_and_write_kv_cache(
+            **args, k_cache=k_cache, v_cache=v_cache),
+        lambda k_cache, v_cache: reference.qkv_rotary_and_write_kv_cache(
+            **args, k_cache=k_cache, v_cache=v_cache),
+        inputs["slot_mapping"], (num_blocks, block_size, hk, d), torch.float32, GEMM_TOLERANCE,
+        v_exact=False)
+
+
+@pytest.mark.parametrize("name", ["positions", "slot_mapping"])
+def test_qkv_projection_names_a_short_per_token_input_before_projecting(name, monkeypatch):
+    from shardline.kernels import matmul, matmul_split_k
+    for module, op in ((matmul, "linear"), (matmul_split_k, "partials")):
+        monkeypatch.setattr(module, op, lambda *a, **kw: pytest.fail("projected first"))
+    inputs = random_inputs(3, 4, 2, 16, 16, torch.float32, "cpu", 16)
+    inputs[name] = inputs[name][:2]
+    cache = torch.zeros(2, 8, 2, 16)
+    with pytest.raises(ValueError, match=rf"{name} must be \[3\] \(one .* per row of x\)"):
+        rotary_kv_cache.qkv_rotary_and_write_kv_cache(
+            torch.randn(3, 32), torch.randn(8 * 16, 32), None, inputs["positions"],
+            inputs["cos_sin_cache"], True, cache, cache, inputs["slot_mapping"], 4)
+
+
 def test_casts_to_the_cache_dtype():
     inputs = random_inputs(6, 4, 2, 16, 16, torch.float32, "cpu", 32)
     assert_matches_reference(inputs, True, (4, 8, 2, 16), torch.float16)

@@ -3,6 +3,7 @@ file's format and its errors, and the linear choice between Triton and torch.mat
 
 import json
 import random
+import threading
 
 import pytest
 import torch
@@ -152,11 +153,19 @@ def test_compiling_ahead_compiles_and_launches_nothing(monkeypatch, tmp_path):
                         lambda *args, grid, **kwargs: compiled.append(kwargs["BLOCK"]))
     use_table(monkeypatch, write_fake_table(tmp_path / "t.json",
                                             {"_probe_kernel": {probe.key(20): CONFIGS[1]}}))
-    monkeypatch.setattr(_tuned, "_compiling_ahead", True)
-    probe(20)    # in the table: its config alone
-    probe(64)    # a miss to autotune: every candidate
-    assert compiled == [32, 64, 32, 16]
-    assert probe.launched == [] and probe.autotuned == 0
+    token = _tuned._compiling_ahead.set(True)
+    try:
+        probe(20)    # in the table: its config alone
+        probe(64)    # a miss to autotune: every candidate
+        assert compiled == [32, 64, 32, 16]
+        assert probe.launched == [] and probe.autotuned == 0
+        # Compiling ahead is this thread's state: another thread's launch runs meanwhile.
+        other = threading.Thread(target=probe, args=(20,))
+        other.start()
+        other.join()
+    finally:
+        _tuned._compiling_ahead.reset(token)
+    assert compiled == [32, 64, 32, 16] and probe.launched == [CONFIGS[1]]
     with _tuned.compile_ahead(torch.device("cpu")) as ahead:
         assert ahead is False
 
@@ -226,6 +235,13 @@ def test_a_table_that_is_not_json_names_its_file(tmp_path, monkeypatch):
     path.write_text('{"format": 1,')
     use_table(monkeypatch, path)
     with pytest.raises(_tuned.TunedTableError, match="broken.json: not valid JSON"):
+        _tuned.current_table()
+
+
+def test_a_missing_table_file_is_named_with_its_variable(monkeypatch, tmp_path):
+    use_table(monkeypatch, tmp_path / "absent.json")
+    with pytest.raises(_tuned.TunedTableError, match="SHARDLINE_TUNED_TABLE=.*absent.json: "
+                                                     "no such file"):
         _tuned.current_table()
 
 

@@ -30,7 +30,7 @@ TRITON_ENTRY_POINTS = [
     (rotary_kv_cache, "qkv_rotary_and_write_kv_cache"),
 ]
 FALLBACKS = [(reference, op) for op in shardline.kernels.__all__]
-PREFILL_KERNELS = {"_tiled", "paged_prefill_attention", "rotary_and_write_kv_cache",
+PREFILL_KERNELS = {"_tiled", "paged_prefill_attention", "qkv_rotary_and_write_kv_cache",
                    "rms_norm", "linear_rms_norm"}
 DECODE_KERNELS = {"split_k_gemm", "linear_rms_norm", "qkv_rotary_and_write_kv_cache",
                   "paged_decode_attention", "paged_prefill_attention"}
