@@ -342,6 +342,23 @@ def test_a_stopped_engine_fails_health_and_requests_with_its_reason():
         assert "shut down" in reply.json()["error"]["message"]
 
 
+def test_chat_with_a_model_without_a_template_points_to_completions():
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    tokenizer = SimpleNamespace(chat_template=None)
+    stub = SimpleNamespace(tokenizer=tokenizer, max_model_len=64, shutdown=lambda: None)
+    llm = AsyncLLM.from_engine(stub)
+    with TestClient(build_app(llm, MODEL)) as http:
+        reply = http.post("/v1/chat/completions",
+                          json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    llm.shutdown()
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages"
+    message = reply.json()["error"]["message"]
+    assert "has no chat template" in message and "/v1/completions" in message
+
+
 def test_per_rank_step_times_render_as_one_labelled_summary():
     from shardline.entrypoints.prometheus import render
 

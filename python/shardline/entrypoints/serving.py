@@ -99,6 +99,9 @@ def chat_generation(llm: AsyncLLM, request: ChatCompletionRequest) -> Generation
     tokenizer = llm.engine.tokenizer
     if tokenizer is None:
         raise RequestError("the model has no tokenizer, so it cannot chat", "messages")
+    if tokenizer.chat_template is None:
+        raise RequestError("messages: the model has no chat template, so it cannot chat: "
+                           "send a plain prompt to /v1/completions", "messages")
     try:
         text = tokenizer.apply_chat_template(request.conversation(),
                                              request.add_generation_prompt)
