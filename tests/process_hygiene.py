@@ -60,6 +60,19 @@ def assert_gone(pids: list[int]) -> None:
     assert not alive, f"processes {alive} are still running"
 
 
+def wait_gone(pids: list[int], timeout: float) -> float:
+    """Seconds until none of `pids` runs, polled every 5 ms; `timeout` if some still do
+    then (check with assert_gone)."""
+    import time
+
+    start = time.monotonic()
+    while any(_running(pid) for pid in pids):
+        if time.monotonic() - start >= timeout:
+            return timeout
+        time.sleep(0.005)
+    return time.monotonic() - start
+
+
 def kill_while_stepping(llm, pid: int, dead: str, timeout: float = 60.0) -> float:
     """SIGKILL `pid` from another thread while `llm` runs its fifth step from here (its
     requests must outlast that), and step until EngineDeadError matching `dead` ends it.

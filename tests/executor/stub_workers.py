@@ -49,6 +49,12 @@ class StubWorker:
         time.sleep(seconds)
         return self.rank
 
+    def hold(self, directory: str, seconds: float) -> int:
+        """`sleep`, after leaving a file named after this rank in `directory`: a sign
+        that the rank is inside the call."""
+        open(os.path.join(directory, str(self.rank)), "w").close()
+        return self.sleep(seconds)
+
     def environ(self, name: str) -> str | None:
         return os.environ.get(name)
 

@@ -13,7 +13,8 @@ core's), and read the rings under their index within the slice.
 
 The ranks rendezvous for torch.distributed (gloo or NCCL) at a FileRendezvous: a file store
 in a private directory, removed at shutdown (explicit, after a worker's death or a failed
-start, on garbage collection or at interpreter exit) by the last executor that uses it.
+start, on garbage collection or at interpreter exit) by the last executor that uses it,
+or, when the engine's process is killed, by the workers as they exit (worker_proc.EngineWatch).
 Unlike a TCP port probed free and bound later, nothing else can take the file in between.
 An executor makes its own, unless the caller gives a `distributed_init_method`: the URL of
 one the caller made (data-parallel cores share one), or any other torch.distributed URL,
@@ -26,6 +27,7 @@ import itertools
 import logging
 import logging.handlers
 import multiprocessing
+import os
 import shutil
 import tempfile
 import threading
@@ -57,7 +59,8 @@ def _exit_code(proc: multiprocessing.process.BaseProcess) -> int | None:
 
 class FileRendezvous:
     """A torch.distributed URL of a file store that does not exist yet, in a directory only
-    this user can enter, which the last of its users removes.
+    this user can enter, which the last of its users removes (or, if this process is
+    killed, the workers that were given it: worker_proc.EngineWatch).
 
     Executors that share one (the data-parallel cores of one world) find it by its `url`,
     given to each as `distributed_init_method`: each takes a use of it (`join`) and gives
@@ -188,13 +191,15 @@ class MultiProcExecutor(WorkerGroupExecutor):
         workers.broadcast = MessageQueue.create(self.num_workers)
         workers.rendezvous = FileRendezvous.join(self.distributed_init_method)
         init_method = workers.rendezvous.url if workers.rendezvous else self.distributed_init_method
+        rendezvous_dir = workers.rendezvous.directory if workers.rendezvous else None
         config = self.config.to_dict()
         conns = []
         for i in range(self.num_workers):
             rank = self.first_rank + i
             parent_conn, child_conn = _SPAWN.Pipe(duplex=False)
             args = WorkerArgs(config, rank, i, init_method, workers.broadcast.handle(),
-                              self.config.parallel.worker_cls, logger.getEffectiveLevel())
+                              self.config.parallel.worker_cls, logger.getEffectiveLevel(),
+                              os.getpid(), rendezvous_dir)
             proc = _SPAWN.Process(target=run_worker, args=(args, child_conn, workers.log_queue),
                                   name=f"shardline-worker-{rank}", daemon=True)
             proc.start()

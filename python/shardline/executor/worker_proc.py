@@ -7,6 +7,12 @@ response queue, and then serves calls until told to stop: each call names a meth
 Worker, and the worker replies when the call is addressed to it (every rank, or only the
 output rank for `execute_model`). Plain data crosses the rings; the scheduler output and
 model runner output travel as dicts.
+
+A worker ends with the engine's process (its parent) even when that is killed: an idle
+worker learns of it from the rings (PeerDied), and an EngineWatch thread ends one that is
+inside a call, which might never return (a collective waiting for ranks the dead engine
+never reached). The killed engine cannot remove its world's rendezvous directory, so the
+workers do: the world ended with the engine, which alone used it.
 """
 
 from __future__ import annotations
@@ -14,12 +20,16 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import select
+import shutil
 import signal
 import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NoReturn
 
 from shardline.ipc import MessageQueue, MessageQueueHandle, PeerDied, RingClosed
 from shardline.worker.worker_class import import_worker_class
@@ -27,11 +37,14 @@ from shardline.worker.worker_class import import_worker_class
 SHUTDOWN = "__shutdown__"
 ALL_RANKS = -1
 ATTACH_TIMEOUT_S = 60.0
+ENGINE_POLL_S = 0.1
 
 
 @dataclass(frozen=True)
 class WorkerArgs:
-    """What the executor hands a worker process at spawn (picklable)."""
+    """What the executor hands a worker process at spawn (picklable). `engine_pid` is the
+    executor's process, which the worker ends with; `rendezvous_dir` the directory of
+    the FileRendezvous the executor made or joined, None where it was the caller's."""
 
     config: dict
     rank: int
@@ -40,6 +53,8 @@ class WorkerArgs:
     broadcast: MessageQueueHandle
     worker_cls: str
     log_level: int
+    engine_pid: int
+    rendezvous_dir: str | None
 
 
 def error_text(exc: BaseException) -> str:
@@ -62,8 +77,77 @@ def _forward_logs(log_queue: Any, rank: int, level: int) -> None:
     logging.getLogger("shardline").setLevel(level)
 
 
+class EngineWatch:
+    """Ends this worker process once the engine's process `engine_pid` (its parent) has
+    ended, from a thread of its own, whatever the worker is doing; `exit` ends it too.
+    Either way, once the engine is gone, the world's private `rendezvous_dir` (None where
+    the engine did not make one) is removed first: every worker of the world tries."""
+
+    def __init__(self, engine_pid: int, rendezvous_dir: str | None) -> None:
+        self._engine_pid = engine_pid
+        self._rendezvous_dir = rendezvous_dir
+        self._lock = threading.Lock()
+        try:
+            pidfd: int | None = os.pidfd_open(engine_pid)
+        except OSError:  # no pidfd on this kernel, or the engine is already gone
+            pidfd = None
+        # While this process is its child, the pid cannot name a later process.
+        self._pidfd = pidfd if os.getppid() == engine_pid else None
+        threading.Thread(target=self._watch, name="shardline-engine-watch", daemon=True).start()
+
+    def engine_gone(self, wait: float | None = 0.0) -> bool:
+        """Whether the engine's process has ended, waiting up to `wait` seconds for it
+        (None: until it has). Its main thread's end counts, as it does for the rings: a
+        killed process's other threads end a moment later."""
+        if self._pidfd is None:
+            time.sleep(ENGINE_POLL_S if wait is None else wait)
+            if os.getppid() != self._engine_pid:  # an orphan is adopted at once
+                return True
+        else:
+            ended = select.poll()  # one per call: a poll object refuses concurrent waits
+            ended.register(self._pidfd, select.POLLIN)
+            if ended.poll(None if wait is None else wait * 1000):
+                return True
+        return self._main_thread_ended()
+
+    def _main_thread_ended(self) -> bool:
+        try:
+            with open(f"/proc/{self._engine_pid}/stat") as stat:
+                fields = stat.read()
+        except OSError:
+            return True
+        return fields[fields.rindex(")") + 2] in "ZXx"  # zombie or dead
+
+    def _watch(self) -> None:
+        while not self.engine_gone(None):
+            pass
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.exit(0)
+
+    def exit(self, code: int) -> NoReturn:
+        """End this process with `code` (os._exit), removing the rendezvous directory
+        first if the engine is gone. The engine is the directory's only user, and removes
+        it itself on every path but its own sudden death."""
+        if self._rendezvous_dir is not None and self.engine_gone():
+            with self._lock:
+                self._remove_rendezvous()
+        os._exit(code)
+
+    def _remove_rendezvous(self) -> None:
+        # Renamed first: a rank still in torch.distributed's teardown could otherwise
+        # create the store file again between the removal of the file and of the directory.
+        removing = f"{self._rendezvous_dir}.removed-by-{os.getpid()}"
+        try:
+            os.rename(self._rendezvous_dir, removing)
+        except OSError:
+            return  # another rank of the world took it
+        shutil.rmtree(removing, ignore_errors=True)
+
+
 def run_worker(args: WorkerArgs, handle_conn: Connection, log_queue: Any) -> None:
     """Process entry point: connect, then serve calls until shutdown or the executor dies."""
+    watch = EngineWatch(args.engine_pid, args.rendezvous_dir)
     # Ctrl-C goes to the whole process group; the executor decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _forward_logs(log_queue, args.rank, args.log_level)
@@ -81,7 +165,7 @@ def run_worker(args: WorkerArgs, handle_conn: Connection, log_queue: Any) -> Non
     sys.stderr.flush()
     # Skip the interpreter's teardown: with torch loaded its final garbage collection
     # takes seconds, and everything this process owns is released in serve_rank.
-    os._exit(exit_code)
+    watch.exit(exit_code)
 
 
 def serve_rank(config: dict, rank: int, index: int, distributed_init_method: str,
