@@ -80,6 +80,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
+        """Whether the next token is always the most likely one (temperature 0)."""
         return self.temperature == 0.0
 
     @property
@@ -90,10 +91,12 @@ class SamplingParams:
                 or self.frequency_penalty != 0.0)
 
     def to_dict(self) -> dict:
+        """The fields as plain data, for the rings' msgpack serializer."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "SamplingParams":
+        """The params `to_dict` gave (validated again); unknown keys are ignored."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 

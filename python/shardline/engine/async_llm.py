@@ -109,6 +109,7 @@ class AsyncLLM:
 
     @classmethod
     def from_engine(cls, engine: LLMEngine | DataParallelEngine) -> "AsyncLLM":
+        """An AsyncLLM over an engine built elsewhere (the server builds one this way)."""
         llm = cls.__new__(cls)
         llm._attach(engine)
         return llm

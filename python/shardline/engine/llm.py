@@ -26,7 +26,13 @@ from shardline.engine.scheduler import SchedulerStats
 
 
 class LLM:
-    """Offline batched generation over one engine; keyword options are EngineArgs fields."""
+    """Offline batched generation over one engine.
+
+    `model` is a Hugging Face checkpoint directory, a .gguf file or a preset name; the
+    keyword options are EngineArgs fields (dtype, max_model_len, max_num_seqs, block_size,
+    tensor_parallel_size, ...). A bad option, or a layout the model cannot take, raises
+    ValueError naming it before any worker starts.
+    """
 
     def __init__(self, model: str | os.PathLike[str], **kwargs) -> None:
         self.engine = create_engine(EngineArgs(model, **kwargs).to_config())
@@ -34,6 +40,7 @@ class LLM:
 
     @classmethod
     def from_engine(cls, engine: LLMEngine | DataParallelEngine) -> "LLM":
+        """An LLM over an engine built elsewhere (e.g. shared with an AsyncLLM)."""
         llm = cls.__new__(cls)
         llm.engine = engine
         llm._next_id = 0
@@ -41,6 +48,8 @@ class LLM:
 
     @property
     def stats(self) -> SchedulerStats:
+        """Running totals: steps, computed and prefix-cached tokens, preemptions (all data-
+        parallel cores added up)."""
         return self.engine.stats
 
     def generate(self, prompts: PromptType | Seq[PromptType],

@@ -83,6 +83,7 @@ class CompletionOutput:
 
     @property
     def finished(self) -> bool:
+        """Whether the completion has ended (its finish_reason is set)."""
         return self.finish_reason is not None
 
 
