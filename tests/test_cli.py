@@ -214,3 +214,10 @@ def test_a_required_model_flag_shows_no_default(capsys):
         main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(required)" in text and "(default: None)" not in text
+
+
+def test_a_model_directory_without_a_config_is_bad_input(tmp_path, capsys):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert main(["generate", "-m", str(tmp_path), "-p", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"shardline generate: error: model directory '{tmp_path}' has no config.json"
