@@ -58,7 +58,8 @@ def _add_engine_args(parser: argparse.ArgumentParser, default_model: str | None)
                         default=None,
                         help="schedule step N+1 while the ranks run step N; needs one "
                              "pipeline stage and no sequence parallelism (default: on where it "
-                             "hides host time, on a GPU or in worker processes)")
+                             "hides host time: on a GPU, or in worker processes without tensor "
+                             "parallelism on the CPU)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="share of each GPU's memory the weights, KV cache and "
                              "activations may fill; the KV cache takes what the weights leave "

@@ -154,7 +154,8 @@ class SchedulerConfig:
     `async_scheduling` lets the engine schedule step N+1 while the device runs step N (see
     engine.scheduler). It needs one pipeline stage and no sequence parallelism. None turns
     it on where it hides host time: where the ranks compute beside the engine (on a GPU, or
-    in worker processes).
+    in worker processes), except for tensor-parallel ranks on the CPU (see
+    engine.llm_engine.uses_async_scheduling).
     """
 
     max_num_seqs: int = 64
