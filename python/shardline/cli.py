@@ -53,7 +53,9 @@ def _add_engine_args(parser: argparse.ArgumentParser, default_model: str | None)
                         help="longest prompt plus output, in tokens (default: the "
                              "model's max_position_embeddings)")
     parser.add_argument("--enforce-eager", action="store_true",
-                        help="on CUDA, run decode op by op instead of replaying CUDA graphs")
+                        help="on CUDA, run decode op by op instead of replaying CUDA graphs, "
+                             "and autotune nothing at startup (a shape missing from the GPU's "
+                             "tuned table runs a default kernel config)")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                         default=None,
                         help="schedule step N+1 while the ranks run step N; needs one "
