@@ -1,7 +1,7 @@
 """Collectives bench: shardline's shared-memory all-reduce and all-gather against gloo's,
 fp32 CPU tensors of 4 KiB to 1 MiB per rank, at 2 and 4 ranks.
 
-    python bench/collectives.py            full run, about 3 minutes on 2 cores
+    python bench/collectives.py            full run, about 6 minutes on 2 cores
     python bench/collectives.py --quick    4 KiB and 1 MiB only, under a minute
 
 Each world of ranks joins one TP group through init_distributed (as the workers do) and
@@ -21,7 +21,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import queue
 import statistics
 import sys
@@ -29,6 +28,8 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+
+from _machine import machine_info
 
 from shardline.distributed.shm import DEFAULT_BUFFER_BYTES
 
@@ -192,21 +193,11 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def machine_info() -> dict:
+def collectives_machine_info() -> dict:
     import torch
-
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
-    return {
-        "cpu": models[0] if models else platform.processor(),
-        "cores_available": len(os.sched_getaffinity(0)),
-        "cores_note": "ranks share these cores with each other and with any other work on "
-                      "the machine; 4 ranks on 2 cores oversubscribe them",
-        "load_average_at_start": os.getloadavg(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
+    return machine_info("ranks share these cores with each other and with any other work on "
+                        "the machine; 4 ranks on 2 cores oversubscribe them",
+                        {"torch": torch.__version__})
 
 
 def main() -> None:
@@ -221,7 +212,7 @@ def main() -> None:
     settings = SETTINGS[mode]
     report = {"command": " ".join(["python", *sys.argv]), "mode": mode,
               "settings": {**settings, "shm_buffer_bytes": args.shm_buffer_bytes},
-              "machine": machine_info(), "results": []}
+              "machine": collectives_machine_info(), "results": []}
     print(f"{'op':<11} {'ranks':>5} {'bytes':>8} | {'shm us':>9} {'gloo us':>9} {'speedup':>8}")
     for world in WORLDS:
         rows = summarize(measure_world(world, settings, args.shm_buffer_bytes), world)

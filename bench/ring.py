@@ -22,7 +22,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ import msgpack
 import numpy as np
 import psutil
 import zmq
+from _machine import machine_info
 from ring_transports import TRANSPORTS, Transport
 
 from shardline import _shm
@@ -162,23 +162,13 @@ def raw_handoff(settings: dict) -> list[dict]:
     return results
 
 
-def machine_info() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
-    return {
-        "cpu": models[0] if models else platform.processor(),
-        "cores_available": len(os.sched_getaffinity(0)),
-        "cores_note": "the writer and all readers share these cores with any other work on "
-                      "the machine; see the load averages",
-        "load_average_at_start": os.getloadavg(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "msgpack": ".".join(map(str, msgpack.version)),
-        "pyzmq": zmq.__version__,
-        "vllm": optional_version("vllm"),
-        "shm_extension": _shm.__file__,
-    }
+def ring_machine_info() -> dict:
+    return machine_info(
+        "the writer and all readers share these cores with any other work on the machine; "
+        "see the load averages",
+        {"numpy": np.__version__, "msgpack": ".".join(map(str, msgpack.version)),
+         "pyzmq": zmq.__version__, "vllm": optional_version("vllm"),
+         "shm_extension": _shm.__file__})
 
 
 def optional_version(package: str) -> str | None:
@@ -275,7 +265,7 @@ def main() -> None:
         "command": " ".join([*pythonpath, "python", *sys.argv]),
         "mode": mode,
         "settings": SETTINGS[mode],
-        "machine": machine_info(),
+        "machine": ring_machine_info(),
         "results": [],
         "idle_reader_cpu_percent": {},
         "idle_reader_cpu_note": f"psutil counts CPU time in 10 ms ticks: one tick over "
