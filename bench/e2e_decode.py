@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import statistics
@@ -33,72 +32,15 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
+from _models import LLAMA_3_2_1B, TINY, ModelShape, checkpoint_dir
+from _timing import Timer, copy_bandwidth
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TARGET_FRACTION = 0.6   # of the roofline, at batch 1 (issue 4)
 BLOCK_SIZE = 16
 GRAPH_REPS = 50
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The hyperparameters of a Llama-3 model with tied embeddings."""
-
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    max_position: int
-
-    def hf_config(self, dtype: torch.dtype) -> dict:
-        return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "hidden_size": self.hidden, "intermediate_size": self.intermediate,
-            "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
-            "num_key_value_heads": self.kv_heads, "head_dim": self.head_dim,
-            "vocab_size": self.vocab, "max_position_embeddings": self.max_position,
-            "rms_norm_eps": 1e-5, "hidden_act": "silu", "attention_bias": False,
-            "tie_word_embeddings": True, "rope_theta": 500000.0,
-            "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-            "bos_token_id": 1, "eos_token_id": 2,
-            "torch_dtype": str(dtype).removeprefix("torch."),
-        }
-
-    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Checkpoint tensors as Hugging Face's Llama names them (no lm_head: tied)."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        shapes = {"model.embed_tokens.weight": (self.vocab, self.hidden),
-                  "model.norm.weight": (self.hidden,)}
-        for i in range(self.layers):
-            p = f"model.layers.{i}"
-            shapes.update({
-                f"{p}.self_attn.q_proj.weight": (q, self.hidden),
-                f"{p}.self_attn.k_proj.weight": (kv, self.hidden),
-                f"{p}.self_attn.v_proj.weight": (kv, self.hidden),
-                f"{p}.self_attn.o_proj.weight": (self.hidden, q),
-                f"{p}.mlp.gate_proj.weight": (self.intermediate, self.hidden),
-                f"{p}.mlp.up_proj.weight": (self.intermediate, self.hidden),
-                f"{p}.mlp.down_proj.weight": (self.hidden, self.intermediate),
-                f"{p}.input_layernorm.weight": (self.hidden,),
-                f"{p}.post_attention_layernorm.weight": (self.hidden,),
-            })
-        return shapes
-
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return self.layers * 2 * self.kv_heads * self.head_dim * dtype.itemsize
-
-
-LLAMA_3_2_1B = ModelShape(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8,
-                          head_dim=64, vocab=128256, max_position=131072)
-TINY = ModelShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16,
-                  vocab=512, max_position=1024)
 
 
 @dataclass(frozen=True)
@@ -132,67 +74,9 @@ class BatchResult:
     graph_fraction_of_roofline: float | None
 
 
-def checkpoint_dir(shape: ModelShape, dtype: torch.dtype, device: torch.device) -> str:
-    """A model directory with seeded random weights, written once and cached."""
-    from shardline.presets import cache_root, write_directory_once
-
-    config = shape.hf_config(dtype)
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-    target = os.path.join(cache_root(), "bench", f"llama-{shape.hidden}x{shape.layers}-{digest}")
-    return write_directory_once(target, lambda out: write_checkpoint(shape, dtype, device, out))
-
-
-def write_checkpoint(shape: ModelShape, dtype: torch.dtype, device: torch.device,
-                     out_dir: str) -> None:
-    """config.json and model.safetensors; weights ~ N(0, 1/fan_in), norms at 1, drawn on
-    `device` (fast on a GPU) and stored in `dtype`."""
-    from safetensors.torch import save_file
-    gen = torch.Generator(device).manual_seed(0)
-    tensors = {}
-    for name, dims in shape.tensor_shapes().items():
-        if len(dims) == 1:
-            value = torch.ones(dims, device=device)
-        else:
-            value = torch.randn(dims, generator=gen, device=device) / dims[-1] ** 0.5
-        tensors[name] = value.to(dtype).cpu()
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(shape.hf_config(dtype), f, indent=2)
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
-    """Median time of fn() after warm-up: CUDA events on a GPU, the wall clock on CPU."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    if device.type != "cuda":
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(reps)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    sync(device)
-    return statistics.median(start.elapsed_time(end) for start, end in events)
-
-
-def copy_bandwidth(device: torch.device, num_bytes: int) -> float:
-    """Bytes/s of a large device-to-device copy, counting the read and the write."""
-    src = torch.empty(num_bytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), device, warmup=3, reps=20)
-    return 2 * num_bytes / (ms / 1e3)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -264,7 +148,7 @@ def graph_step_ms(runner, req_ids: list[str]) -> float:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             forward()
-        return median_ms(graph.replay, runner.device, warmup=3, reps=GRAPH_REPS)
+        return Timer(runner.device, warmup=3, reps=GRAPH_REPS)(lambda i: graph.replay())
 
 
 def bench_batch(llm, batch: int, plan: Plan, shape: ModelShape, dtype: torch.dtype,
@@ -397,7 +281,8 @@ def main() -> None:
     engine_graphs = llm.engine.executor.worker.model_runner.decode_graphs is not None
     schedule_ahead = llm.engine.scheduler.schedule_ahead
     weights = weight_bytes(llm.engine.executor.worker.model_runner.model)
-    bandwidth = copy_bandwidth(device, 1 << (24 if args.tiny else 30))
+    bandwidth = copy_bandwidth(Timer(device, warmup=3, reps=20),
+                               1 << (24 if args.tiny else 30))
     results = []
     for batch in plan.batches:
         results.append(bench_batch(llm, batch, plan, shape, dtype, device, weights, bandwidth))

@@ -17,154 +17,30 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import tempfile
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from _kernel_results import TARGETS, Bench, plot, print_table
+from _kernel_shapes import FULL, TINY, TP_SIZES, Shapes, llama_gemms
+from _timing import Timer, copy_bandwidth
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-TP_SIZES = (1, 2, 8)
-TARGETS = {"matmul M<=16": 1.0, "matmul M>=512": 0.9, "decode attention": 0.8,
-           "prefill attention": 0.7, "fused moe": 2.0}
-METRICS = {"matmul M<=16": "x cuBLAS", "matmul M>=512": "x cuBLAS",
-           "decode attention": "of copy BW", "prefill attention": "x flash SDPA",
-           "fused moe": "x expert loop"}
 SLEEP_CYCLES = 300_000
-
-
-@dataclass(frozen=True)
-class Shapes:
-    """Model and batch shapes of one bench run."""
-
-    hidden: int
-    intermediate: int
-    q_heads: int
-    kv_heads: int
-    head_dim: int
-    experts: int
-    top_k: int
-    block_size: int
-    matmul_m: tuple[int, ...]
-    decode: tuple[tuple[int, int], ...]
-    prefill: tuple[tuple[int, int], ...]
-    moe_tokens: int
-
-
-FULL = Shapes(hidden=4096, intermediate=14336, q_heads=32, kv_heads=8, head_dim=128,
-              experts=8, top_k=2, block_size=16, matmul_m=(1, 16, 512, 4096),
-              decode=((64, 2048), (8, 32768)), prefill=((4, 2048), (1, 8192)),
-              moe_tokens=64)
-TINY = Shapes(hidden=128, intermediate=256, q_heads=16, kv_heads=8, head_dim=32,
-              experts=8, top_k=2, block_size=16, matmul_m=(4, 16, 64),
-              decode=((2, 40),), prefill=((2, 24),), moe_tokens=8)
-
-
-@dataclass
-class Result:
-    """One measured case: our kernel's median time, the baseline's, and the verdict."""
-
-    bench: str
-    case: str
-    ms: float
-    baseline_ms: float | None
-    value: float
-    target: float
-    rel_err: float
-    passed: bool | None
-    extra: dict
-
-
-class Timer:
-    """Median time of a call over many runs after warm-up, cycling over input copies.
-
-    On CUDA each run is timed with events, behind a short GPU sleep so that the host's
-    launch overhead (which the engine hides with CUDA graphs) is not counted.
-    """
-
-    def __init__(self, device: torch.device, warmup: int, reps: int) -> None:
-        self.device, self.warmup, self.reps = device, warmup, reps
-
-    def __call__(self, fn: Callable[[int], object], copies: int) -> float:
-        for i in range(self.warmup):
-            fn(i % copies)
-        if self.device.type != "cuda":
-            times = []
-            for i in range(self.reps):
-                start = time.perf_counter()
-                fn(i % copies)
-                times.append((time.perf_counter() - start) * 1e3)
-            return statistics.median(times)
-        torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(self.reps)]
-        for i, (start, end) in enumerate(events):
-            torch.cuda._sleep(SLEEP_CYCLES)
-            start.record()
-            fn(i % copies)
-            end.record()
-        torch.cuda.synchronize()
-        return statistics.median(start.elapsed_time(end) for start, end in events)
-
-
-class Bench:
-    """The shared state of a run: device, dtype, timer, ceilings and collected results."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype, timer: Timer,
-                 dry_run: bool) -> None:
-        self.device, self.dtype, self.timer, self.dry_run = device, dtype, timer, dry_run
-        self.device_name = ("CPU (Triton interpreter)" if dry_run
-                            else torch.cuda.get_device_name(device))
-        self.max_rel_err = 3e-2 if dtype == torch.bfloat16 else 1e-3
-        self.results: list[Result] = []
-        self.ceilings: dict[str, float] = {}
-
-    def randn(self, *shape: int, scale: float = 1.0) -> torch.Tensor:
-        return torch.randn(*shape, device=self.device, dtype=self.dtype) * scale
-
-    def copies(self, set_bytes: int) -> int:
-        """How many input copies, cycled, keep the working set beyond four times L2."""
-        if self.device.type != "cuda":
-            return 2
-        props = torch.cuda.get_device_properties(self.device)
-        l2_bytes = getattr(props, "L2_cache_size", 50 << 20)
-        return max(1, min(64, math.ceil(4 * l2_bytes / set_bytes)))
-
-    def record(self, bench: str, case: str, ms: float, baseline_ms: float | None,
-               value: float, actual: torch.Tensor, expected: torch.Tensor,
-               **extra: float) -> None:
-        error = ((actual.float() - expected.float()).abs().max()
-                 / expected.float().abs().max().clamp_min(1e-6)).item()
-        target = TARGETS[bench]
-        passed = None if self.dry_run else bool(value >= target and error <= self.max_rel_err)
-        self.results.append(Result(bench, case, ms, baseline_ms, value, target, error, passed,
-                                   extra))
 
 
 def measure_ceilings(b: Bench, tiny: bool) -> None:
     """The device's copy bandwidth (read + write bytes) and dense matmul FLOP/s."""
-    num_bytes = 1 << (22 if tiny else 30)
-    src = torch.empty(num_bytes, dtype=torch.uint8, device=b.device)
-    dst = torch.empty_like(src)
-    copy_ms = b.timer(lambda i: dst.copy_(src), 1)
+    copy_bytes_per_s = copy_bandwidth(b.timer, 1 << (22 if tiny else 30))
     size = 256 if tiny else 8192
     lhs, rhs = b.randn(size, size), b.randn(size, size)
     matmul_ms = b.timer(lambda i: torch.matmul(lhs, rhs), 1)
-    b.ceilings = {"copy_GBps": 2 * num_bytes / copy_ms / 1e6,
+    b.ceilings = {"copy_GBps": copy_bytes_per_s / 1e9,
                   "matmul_TFLOPs": 2 * size ** 3 / matmul_ms / 1e9}
-
-
-def llama_gemms(s: Shapes, tp: int) -> list[tuple[str, int, int]]:
-    """(name, N, K) of the four GEMMs of a Llama layer on one of `tp` ranks."""
-    return [("qkv", (s.q_heads + 2 * s.kv_heads) * s.head_dim // tp, s.hidden),
-            ("o", s.hidden, s.q_heads * s.head_dim // tp),
-            ("gate_up", 2 * s.intermediate // tp, s.hidden),
-            ("down", s.hidden, s.intermediate // tp)]
 
 
 def bench_matmul(b: Bench, s: Shapes) -> None:
@@ -194,13 +70,17 @@ def bench_matmul(b: Bench, s: Shapes) -> None:
 
 def tiled_config_flags(x: torch.Tensor, n: int, k: int, gated: bool) -> dict[str, float]:
     """{"tma": 1.0 or 0.0}: whether the tiled GEMM ran this shape with a TMA config; {} where
-    it did not run (split-K, or a table that sent the shape to torch.matmul)."""
+    it did not run (split-K, or a table that sent the shape to torch.matmul). The table key
+    follows the kernel's own key names (its table_key wants the launch's arguments, which
+    only the wrapper computes)."""
     from shardline.kernels import _tuned
     from shardline.kernels._config import shape_bucket
     tiled = _tuned.KERNELS.get("_matmul_kernel")
-    key = _tuned.key_string(["M_BUCKET", "N", "K", "SILU_MUL"],
-                            (shape_bucket(x.shape[0]), n, k, gated), x.dtype)
-    reached = tiled.reached.get(key) if tiled is not None else None
+    if tiled is None:
+        return {}
+    values = {"M_BUCKET": shape_bucket(x.shape[0]), "N": n, "K": k, "SILU_MUL": gated}
+    key = _tuned.key_string(tiled.keys, tuple(values[name] for name in tiled.keys), x.dtype)
+    reached = tiled.reached.get(key)
     if reached is None or reached.config is None:
         return {}
     return {"tma": float(bool(reached.config.kwargs.get("TMA")))}
@@ -365,47 +245,6 @@ def bench_fused_moe(b: Bench, s: Shapes) -> None:
                  **extra)
 
 
-def print_table(b: Bench) -> None:
-    print(f"device: {b.device_name}  dtype: {b.dtype}  copy BW: "
-          f"{b.ceilings['copy_GBps']:.1f} GB/s  matmul: {b.ceilings['matmul_TFLOPs']:.3g} "
-          f"TFLOP/s" + ("  (DRY RUN: numbers mean nothing)" if b.dry_run else ""))
-    header = (f"{'bench':<18} {'case':<50} {'ms':>9} {'base ms':>9} {'value':>7} "
-              f"{'target':>13} {'rel err':>8}  verdict")
-    print(header)
-    print("-" * len(header))
-    for r in b.results:
-        base = f"{r.baseline_ms:9.3f}" if r.baseline_ms is not None else f"{'-':>9}"
-        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[r.passed]
-        target = f">= {r.target:g} {METRICS[r.bench]}"
-        grouped = (f"  ({r.extra['x_grouped_mm']:.2f}x torch._grouped_mm)"
-                   if "x_grouped_mm" in r.extra else "")
-        grouped += "  (TMA)" if r.extra.get("tma") else ""
-        print(f"{r.bench:<18} {r.case:<50} {r.ms:9.3f} {base} {r.value:7.2f} "
-              f"{target:>13} {r.rel_err:8.1e}  {verdict}{grouped}")
-
-
-def plot(b: Bench, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(TARGETS), 1, figsize=(14, 4 * len(TARGETS)))
-    for ax, (bench, target) in zip(axes, TARGETS.items()):
-        rows = [r for r in b.results if r.bench == bench]
-        colors = ["tab:green" if r.passed else "tab:gray" if r.passed is None else "tab:red"
-                  for r in rows]
-        ax.bar(range(len(rows)), [r.value for r in rows], color=colors)
-        ax.axhline(target, color="black", linestyle="--", label=f"target {target:g}")
-        ax.set_xticks(range(len(rows)), [r.case for r in rows], rotation=30, ha="right",
-                      fontsize=7)
-        ax.set_title(f"{bench} ({METRICS[bench]})")
-        ax.legend(loc="upper right")
-    fig.suptitle(f"shardline kernels on {b.device_name}, {b.dtype}"
-                 + (" (dry run)" if b.dry_run else ""))
-    fig.tight_layout(rect=(0, 0, 1, 0.98))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true",
@@ -434,7 +273,8 @@ def main() -> None:
 
     device = torch.device("cpu" if args.dry_run else "cuda")
     dtype = torch.float32 if args.dry_run else torch.bfloat16
-    timer = Timer(device, 1, 1) if args.dry_run else Timer(device, args.warmup, args.reps)
+    timer = (Timer(device, 1, 1) if args.dry_run
+             else Timer(device, args.warmup, args.reps, sleep_cycles=SLEEP_CYCLES))
     b = Bench(device, dtype, timer, args.dry_run)
     shapes = TINY if args.dry_run else FULL
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))

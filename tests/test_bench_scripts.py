@@ -251,3 +251,21 @@ def test_launches_counts_one_decode_step(tmp_path):
         assert gemms == 4 * layers
         assert r["launches"] == sum(kernels.values())
         assert r["per_layer"] == pytest.approx(r["launches"] / layers)
+
+
+def test_bench_checkpoints_drawn_on_another_device_are_kept_apart(tmp_path, monkeypatch):
+    """The CPU's and CUDA's generators draw different weights from one seed, so a
+    checkpoint written on one is not the other's."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setenv("SHARDLINE_CACHE", str(tmp_path))
+    import _models
+    cpu_dir = _models.checkpoint_dir(_models.TINY, torch.float32, torch.device("cpu"))
+    drawn_on = []
+    monkeypatch.setattr(_models, "write_checkpoint",
+                        lambda shape, dtype, device, out: drawn_on.append(device))
+    cuda = torch.device("cuda", 0)
+    assert _models.checkpoint_dir(_models.TINY, torch.float32, cuda) != cpu_dir
+    assert drawn_on == [cuda]
+    assert _models.checkpoint_dir(_models.TINY, torch.float32, torch.device("cpu")) == cpu_dir
+    assert (_models.checkpoint_path(_models.TINY, torch.float32, torch.device("cuda", 1))
+            == _models.checkpoint_path(_models.TINY, torch.float32, cuda))
