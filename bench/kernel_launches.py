@@ -19,9 +19,9 @@ from typing import Any, Callable, Iterator
 import torch
 import triton
 
-import kernels as kernel_bench
+from _h100 import H100_SMS, as_on_h100
+from _kernel_shapes import FULL, TP_SIZES, llama_gemms
 
-H100_SMS = 132
 DTYPES = (torch.bfloat16, torch.float16)
 HEAD_DIMS = (64, 128, 256)
 GROUPS = (1, 4, 8)
@@ -54,20 +54,6 @@ class _Recorder:
 
 
 @contextmanager
-def as_on_h100(sms: int = H100_SMS) -> Iterator[None]:
-    """Make the kernels see an H100 whatever the device: its SM count (for matmul's split-K
-    and decode attention's context splits) and TMA (which GEMM tiles are candidates)."""
-    from shardline.kernels import _config, matmul
-    saved = _config.num_sms, matmul.tma_capable
-    _config.num_sms = lambda device, on_cpu: sms
-    matmul.tma_capable = lambda device: True
-    try:
-        yield
-    finally:
-        _config.num_sms, matmul.tma_capable = saved
-
-
-@contextmanager
 def _recording(sink: list[Launch]) -> Iterator[None]:
     """Swap every kernel of the kernel modules for a recorder, as on an H100 (see
     as_on_h100); restore them after."""
@@ -93,9 +79,9 @@ def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
 def _matmul_calls(dtype: torch.dtype, tps: tuple[int, ...], ms: tuple[int, ...]
                   ) -> Iterator[tuple[str, Callable[[], object]]]:
     from shardline.kernels import matmul, rotary_kv_cache
-    s = kernel_bench.FULL
+    s = FULL
     for tp in tps:
-        for name, n, k in kernel_bench.llama_gemms(s, tp):
+        for name, n, k in llama_gemms(s, tp):
             for m in ms:
                 x, w = _meta(m, k, dtype=dtype), _meta(n, k, dtype=dtype)
                 label = f"matmul TP{tp} {name} M={m} N={n} K={k}"
@@ -124,11 +110,11 @@ def _matmul_calls(dtype: torch.dtype, tps: tuple[int, ...], ms: tuple[int, ...]
 
 def _attention_layouts(quick: bool) -> list[tuple[str, int, int, int]]:
     """(label, query heads, KV heads, head size) per rank."""
-    s = kernel_bench.FULL
+    s = FULL
     if quick:
         return [("TP1", s.q_heads, s.kv_heads, d) for d in (s.head_dim, 256)]
     layouts = [(f"TP{tp}", s.q_heads // tp, s.kv_heads // tp, s.head_dim)
-               for tp in kernel_bench.TP_SIZES]
+               for tp in TP_SIZES]
     layouts += [(f"G{g}", 8 * g, 8, d) for d in HEAD_DIMS for g in GROUPS
                 if (d, g) != (s.head_dim, s.q_heads // s.kv_heads)]
     return layouts
@@ -138,10 +124,10 @@ def _attention_calls(dtype: torch.dtype, quick: bool
                      ) -> Iterator[tuple[str, Callable[[], object]]]:
     from shardline.kernels import (attention_decode, attention_prefill, kv_cache, rotary,
                                    rotary_kv_cache)
-    block = kernel_bench.FULL.block_size
-    decode_shapes = ((DIRECT_DECODE, kernel_bench.FULL.decode[0]) if quick
-                     else (*kernel_bench.FULL.decode, DIRECT_DECODE))
-    prefill_shapes = kernel_bench.FULL.prefill[:1] if quick else kernel_bench.FULL.prefill
+    block = FULL.block_size
+    decode_shapes = ((DIRECT_DECODE, FULL.decode[0]) if quick
+                     else (*FULL.decode, DIRECT_DECODE))
+    prefill_shapes = FULL.prefill[:1] if quick else FULL.prefill
     for layout, hq, hk, d in _attention_layouts(quick):
         tag = f"{layout} Hq={hq} Hk={hk} D={d}"
         for batch, context in decode_shapes:
@@ -179,8 +165,8 @@ def _attention_calls(dtype: torch.dtype, quick: bool
 def _moe_and_norm_calls(dtype: torch.dtype, quick: bool
                         ) -> Iterator[tuple[str, Callable[[], object]]]:
     from shardline.kernels import moe, norm
-    s = kernel_bench.FULL
-    tps = (1,) if quick else kernel_bench.TP_SIZES
+    s = FULL
+    tps = (1,) if quick else TP_SIZES
     token_counts = (s.moe_tokens,) if quick else (s.moe_tokens, 512, 4096)
     for tp in tps:
         inter = s.intermediate // tp
@@ -204,8 +190,8 @@ def capture(quick: bool = False) -> list[Launch]:
     launches: list[Launch] = []
     with _recording(launches):
         for dtype in dtypes:
-            calls = [*_matmul_calls(dtype, (1,) if quick else kernel_bench.TP_SIZES,
-                                    (16, 512) if quick else kernel_bench.FULL.matmul_m),
+            calls = [*_matmul_calls(dtype, (1,) if quick else TP_SIZES,
+                                    (16, 512) if quick else FULL.matmul_m),
                      *_attention_calls(dtype, quick), *_moe_and_norm_calls(dtype, quick)]
             for label, call in calls:
                 first = len(launches)

@@ -42,6 +42,8 @@ from shardline.kernels._compile import (SM90, Specialization, compile_sm90,
                                         cuda_backend_available, jit_function, specialize)
 
 import kernel_launches
+from _configs import describe
+from _h100 import as_on_h100
 from kernel_launches import Launch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernel_resources.json"
@@ -160,12 +162,6 @@ class Candidate:
     choosable: bool
 
 
-def _describe(kwargs: dict, warps: int, stages: int) -> str:
-    blocks = " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in kwargs.items()
-                      if k != "GROUP_M")
-    return f"{blocks} w{warps} s{stages}".strip()
-
-
 def candidates(launch: Launch) -> list[Candidate]:
     """The configs a launch may compile with: each of its autotune table (marked by
     whether the table's prune keeps it for this launch), or its own launch options."""
@@ -176,19 +172,19 @@ def candidates(launch: Launch) -> list[Candidate]:
         warps, stages = kwargs.pop("num_warps", 4), kwargs.pop("num_stages", 3)
         job = Job(launch.module, launch.kernel, specialize(kernel, launch.args, kwargs),
                   warps, stages)
-        return [Candidate(job, _describe({}, warps, stages), frozenset(), True)]
+        described = describe(triton.Config({}, num_warps=warps, num_stages=stages), short=True)
+        return [Candidate(job, described, frozenset(), True)]
     kept = kernel.configs
     if kernel.early_config_prune is not None:
         positional = dict(zip(jit_function(kernel).arg_names, launch.args))
-        with kernel_launches.as_on_h100():
+        with as_on_h100():
             kept = kernel.early_config_prune(kernel.configs, positional, **launch.kwargs)
     found = []
     for config in kernel.configs:
         spec = specialize(kernel, launch.args, launch.kwargs | config.kwargs)
         job = Job(launch.module, launch.kernel, spec, config.num_warps, config.num_stages)
-        found.append(Candidate(job, _describe(config.kwargs, config.num_warps,
-                                              config.num_stages),
-                               frozenset(config.kwargs), config in kept))
+        found.append(Candidate(job, describe(config, short=True), frozenset(config.kwargs),
+                               config in kept))
     return found
 
 

@@ -35,6 +35,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # silences triton 3.9's
 
 import torch
 
+from _configs import describe
 from start_shapes import (E2E_1B, add_limit_args, build_model, config_dtype, import_kernels,
                           limits_from, model_config, walk_start)
 
@@ -121,11 +122,6 @@ def time_candidates(launch: Launch, warmup_ms: int, rep_ms: int) -> dict:
         except (OutOfResources, PTXASError, CompileTimeAssertionFailure):
             timings[config] = math.inf
     return timings
-
-
-def describe(config) -> str:
-    tiles = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
-    return f"{tiles} w{config.num_warps} s{config.num_stages}".strip()
 
 
 def tune_kernels(launches: list[Launch], table, path: Path, device: torch.device,
