@@ -1,4 +1,4 @@
-"""Decode (or chunked prefill) throughput with and without async scheduling, on one rank.
+r"""Decode (or chunked prefill) throughput with and without async scheduling, on one rank.
 
 With async scheduling the engine schedules step N+1, and processes step N's outputs, while
 the worker computes: the engine's host time hides behind the model's. That needs the
