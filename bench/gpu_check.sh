@@ -50,7 +50,7 @@ stage tests-cuda 150 env SHARDLINE_AUTOTUNE=0 python -m pytest -q -rf --timeout 
     tests/worker tests/engine/test_llm_e2e.py tests/engine/test_async_scheduling.py \
     --deselect tests/kernels/test_interpreted.py
 stage tune 150 python bench/tune.py --out-dir "$OUT" --time-limit 90
-stage startup 150 python bench/startup.py --table "$(tuned_table)" --timeout 60 \
+stage startup 150 python bench/startup.py --table "$(tuned_table)" --runs 1 --timeout 60 \
     --out "$OUT/startup.json"
 stage mp-nccl 60 python bench/gpu_mp_check.py --out-dir "$OUT"
 stage e2e-decode 120 python bench/e2e_decode.py --out-dir "$OUT"
@@ -58,7 +58,7 @@ stage e2e-decode-in-order 90 python bench/e2e_decode.py --async-scheduling off -
     --out-dir "$OUT/in_order"
 stage kernels 100 python bench/kernels.py --out-dir "$OUT"
 stage startup-untuned 100 python bench/startup.py --table none --models small-llama \
-    --cases first --timeout 90 --out "$OUT/startup_untuned.json"
+    --cases first --runs 1 --timeout 90 --out "$OUT/startup_untuned.json"
 # Issue 8's executor target (under 50 us added per step at 2 workers) on a host with a
 # core per process; no GPU is used.
 stage executor 45 python bench/executor.py --quick --out-dir "$OUT/executor"

@@ -19,36 +19,37 @@ import os
 os.environ.pop("TRITON_INTERPRET", None)
 
 import argparse
+import contextlib
+import inspect
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 from unittest import mock
 
 import torch
 
-from start_shapes import E2E_1B, build_model, import_kernels, model_config
-from startup import H100_SMS, recording_launches
+from _h100 import H100_SMS, recording_launches
+from start_shapes import E2E_1B, RunOnce, build_model, import_kernels, model_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "launches.json"
 
 
-class _RunOnce:
-    """A graph recorder that runs the decode forward once, counting its launches, and
-    under `norms_fused` the RMSNorms that rode a split-K reduction instead of launching."""
+@contextlib.contextmanager
+def counting_launches(counts: Counter) -> Iterator[None]:
+    """Within it, Triton launches are counted in `counts` instead of run, as on an H100,
+    and so (under `norms_fused`) are the RMSNorms that ride a split-K reduction instead
+    of launching."""
+    from shardline.kernels import matmul_split_k
+    gemm = matmul_split_k.split_k_gemm
 
-    def __init__(self, counts: Counter) -> None:
-        self.counts = counts
-
-    def record(self, forward):
-        from shardline.kernels import matmul_split_k
-        gemm = matmul_split_k.split_k_gemm
-
-        def counted(*args, **kwargs):
-            self.counts["norms_fused"] += kwargs.get("norm") is not None
-            return gemm(*args, **kwargs)
-        with recording_launches(H100_SMS, self.counts), \
-                mock.patch.object(matmul_split_k, "split_k_gemm", counted):
-            return (lambda: None), forward()
+    def counted(*args, **kwargs):
+        norm = inspect.signature(gemm).bind(*args, **kwargs).arguments.get("norm")
+        counts["norms_fused"] += norm is not None
+        return gemm(*args, **kwargs)
+    with recording_launches(H100_SMS, counts), \
+            mock.patch.object(matmul_split_k, "split_k_gemm", counted):
+        yield
 
 
 @torch.inference_mode()
@@ -66,7 +67,8 @@ def count_decode(model_name: str, batch: int, context: int, block_size: int) -> 
     counts: Counter = Counter()
     runner = DecodeGraphRunner(model, [batch], max_blocks_per_seq=blocks,
                                block_size=block_size, device=torch.device("cpu"))
-    runner.capture(_RunOnce(counts), tuning_context=context, vocab_size=config["vocab_size"])
+    runner.capture(RunOnce(lambda: counting_launches(counts)), tuning_context=context,
+                   vocab_size=config["vocab_size"])
     layers = config["num_hidden_layers"]
     fused = counts.pop("norms_fused", 0)
     total = sum(counts.values())

@@ -10,14 +10,15 @@ bucket a start reaches is reached here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
 
-E2E_1B = "e2e-1b"   # the Llama-3.2-1B shape of bench/e2e_decode.py
+E2E_1B = "e2e-1b"   # the Llama-3.2-1B shape of bench/_models.py, which e2e_decode.py runs
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def limits_from(args: argparse.Namespace) -> Limits:
 def model_config(model: str, dtype: torch.dtype) -> dict:
     """The config.json of a preset name, a model directory, or E2E_1B."""
     if model == E2E_1B:
-        from e2e_decode import LLAMA_3_2_1B
+        from _models import LLAMA_3_2_1B
         return LLAMA_3_2_1B.hf_config(dtype)
     from shardline.models.loader import read_config
     from shardline.presets import PRESETS, resolve_model
@@ -84,11 +85,16 @@ def build_model(config: dict, dtype: torch.dtype, device: torch.device,
 
 
 class RunOnce:
-    """A GraphRecorder that runs the forward once instead of recording a graph."""
+    """A GraphRecorder that runs the forward once, within `context()` if given, instead of
+    recording a graph."""
+
+    def __init__(self, context: Callable[[], ContextManager] = contextlib.nullcontext) -> None:
+        self.context = context
 
     def record(self, forward: Callable[[], torch.Tensor]) -> tuple[Callable[[], None],
                                                                    torch.Tensor]:
-        return (lambda: None), forward()
+        with self.context():
+            return (lambda: None), forward()
 
 
 def max_model_len(config: dict, limits: Limits) -> int:

@@ -8,14 +8,18 @@ which kernel keys came from the tuned table, were autotuned or ran a default. Is
 targets: 20 s, 10 s and 10 s from LLM(...) to ready.
 
     python bench/startup.py                                # GPU: small-llama and the 1B model
-    python bench/startup.py --table none --models small-llama --cases first
+    python bench/startup.py --table none --models small-llama --cases first --runs 1
     python bench/startup.py --count                        # CPU: compiles a start would do
-    python bench/startup.py --device cpu --models tiny-llama   # smoke run of the timing code
+    python bench/startup.py --device cpu --models tiny-llama --runs 1   # smoke run
+
+Each case runs --runs times (a fresh pair of Triton caches per run) and reports the
+median of its runs.
 
 --count runs the start's warm-up (bench/start_shapes.py) with every Triton launch
 recorded instead of compiled, and reports per kernel the compiles without a tuned table
 (each new key compiles every candidate config its prune keeps, to time them) and with
-one (one compile per key and specialization; --table FILE counts that table's hits only).
+one: by default a table that holds every key (one compile per key and specialization);
+--table FILE counts that table's hits only, --table none no table at all.
 It counts as on an H100 (132 SMs, TMA: matmul's split-K choice and TMA configs, decode
 attention's context splits); linear shapes a table sends to torch.matmul still count as
 compiles.
@@ -24,24 +28,21 @@ compiles.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
-from unittest import mock
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # silences triton 3.9's warning
 
 import torch
 
-from kernel_launches import as_on_h100
+from _h100 import H100_SMS, recording_launches
 from start_shapes import (E2E_1B, Limits, add_limit_args, build_model, config_dtype,
                           import_kernels, limits_from, model_config, walk_start)
 
@@ -49,67 +50,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("small-llama", E2E_1B)
 CASES = ("first", "restart", "eager")
 TARGETS_S = {"first": 20.0, "restart": 10.0, "eager": 10.0}
-H100_SMS = 132
 PROMPT_LEN = 37
 
 
-def _signature(fn: object, args: tuple, kwargs: dict, tile: dict) -> tuple:
-    """What makes two launches one compiled kernel: argument specialization and launch
-    options, leaving out the tile config `tile` (counted separately)."""
-    from shardline.kernels._compile import specialize
-    spec = specialize(fn, args, {**kwargs, **tile})
-    constexprs = sorted((k, repr(v)) for k, v in spec.constexprs.items() if k not in tile)
-    options = (kwargs.get("num_warps", 4), kwargs.get("num_stages", 3))
-    return tuple(sorted(spec.types.items())), tuple(constexprs), tuple(sorted(spec.aligned)), \
-        options
-
-
-@contextlib.contextmanager
-def recording_launches(sms: int, counts: Counter | None = None
-                       ) -> Iterator[dict[str, dict[str, set]]]:
-    """Within it, Triton kernels on CPU tensors record their launches instead of running:
-    kernel -> key ("" for an untuned kernel) -> launch signatures; `counts`, if given,
-    gains one per launch of each kernel."""
-    import triton
-    from shardline.kernels import _tuned, dispatch
-
-    seen: dict[str, dict[str, set]] = {}
-
-    counts = Counter() if counts is None else counts
-
-    def plain_run(fn, *args, grid, warmup, **kwargs):
-        counts[fn.__name__] += 1
-        seen.setdefault(fn.__name__, {}).setdefault("", set()).add(
-            _signature(fn, args, kwargs, {}))
-
-    def tuned_launch(kernel, args, grid, warmup, kwargs, config):
-        counts[kernel.name] += 1
-        seen.setdefault(kernel.name, {}).setdefault(kernel.table_key(args, kwargs), set()).add(
-            _signature(kernel.fn, args, kwargs, config.kwargs))
-
-    env = {"SHARDLINE_FORCE_TRITON": "1", _tuned.TABLE_ENV: "none"}
-    with mock.patch.dict(os.environ, env), \
-            mock.patch.object(triton.runtime.JITFunction, "run", plain_run), \
-            mock.patch.object(_tuned.TunedKernel, "_launch", tuned_launch), \
-            as_on_h100(sms):
-        dispatch.reset_triton_choice()
-        _tuned.reset()
-        _tuned.set_autotuning(False)
-        try:
-            yield seen
-        finally:
-            dispatch.reset_triton_choice()
-            _tuned.reset()
-
-
-def count_compiles(model: str, dtype_name: str, limits: Limits, table_path: str | None,
-                   sms: int) -> dict:
-    """Per kernel: keys, specializations and compiles without and with a tuned table."""
+def count_compiles(model: str, dtype_name: str, limits: Limits, table, sms: int) -> dict:
+    """Per kernel: keys, specializations and compiles without and with the tuned table
+    `table` (None: a table that holds every key)."""
     from shardline.kernels import _tuned
     import_kernels()
     config = model_config(model, torch.bfloat16)
     dtype = config_dtype(config, dtype_name)
-    table = _tuned.read_table(table_path) if table_path else None
     net = build_model(config, dtype, torch.device("cpu"), random_weights=False)
     with recording_launches(sms) as seen:
         walk_start(net, config, limits, torch.device("cpu"))
@@ -201,37 +151,56 @@ def run_start(model: str, directory: str, case: str, cache: str,
             command += ["--" + name.replace("_", "-"), str(value)]
     if case == "eager":
         command.append("--eager")
-    row = {"model": model, "case": case, "target_s": TARGETS_S[case]}
     started = time.perf_counter()
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True,
                               timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return row | {"ready_s": None, "timed_out": True, "met": False,
-                      "error": f"no start within {args.timeout:.0f} s"}
+        return {"ready_s": None, "timed_out": True,
+                "error": f"no start within {args.timeout:.0f} s"}
     if done.returncode != 0:
-        return row | {"ready_s": None, "timed_out": False, "met": False,
-                      "error": done.stderr[-2000:]}
+        return {"ready_s": None, "timed_out": False, "error": done.stderr[-2000:]}
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    return row | result | {"process_s": time.perf_counter() - started, "timed_out": False,
-                           "met": result["ready_s"] <= TARGETS_S[case]}
+    return result | {"process_s": time.perf_counter() - started, "timed_out": False}
+
+
+def summarize(model: str, case: str, starts: list[dict]) -> dict:
+    """One case's row: the median of each time over the runs that started, the target met
+    only if every run started and the median is within it; each run under "runs"."""
+    row = {"model": model, "case": case, "target_s": TARGETS_S[case]}
+    done = [s for s in starts if s["ready_s"] is not None]
+    failed = [s for s in starts if s["ready_s"] is None]
+    if not done:
+        return row | {"ready_s": None, "timed_out": failed[0]["timed_out"], "met": False,
+                      "error": failed[0]["error"], "runs": starts}
+    medians = {name: statistics.median(s[name] for s in done)
+               for name in ("import_s", "ready_s", "first_request_s", "process_s")}
+    row |= medians | {"key_sources": done[-1]["key_sources"], "timed_out": False,
+                      "met": not failed and medians["ready_s"] <= TARGETS_S[case]}
+    if failed:
+        row["error"] = f"{len(failed)} of {len(starts)} runs failed: {failed[0]['error']}"
+    return row | {"runs": starts}
 
 
 def time_starts(args: argparse.Namespace) -> dict:
     rows = []
     for model in args.models:
         directory = model_dir(model)
-        with tempfile.TemporaryDirectory() as warm, tempfile.TemporaryDirectory() as cold:
-            for case in args.cases:
-                cache = cold if case == "eager" else warm
-                row = run_start(model, directory, case, cache, args)
-                rows.append(row)
-                shown = "timed out" if row["timed_out"] else (
-                    "failed" if row["ready_s"] is None else f"{row['ready_s']:.1f} s")
-                print(f"{model:12} {case:8} ready {shown} (target {row['target_s']:.0f} s)",
-                      flush=True)
+        starts: dict[str, list[dict]] = {case: [] for case in args.cases}
+        for _ in range(args.runs):
+            with tempfile.TemporaryDirectory() as warm, tempfile.TemporaryDirectory() as cold:
+                for case in args.cases:
+                    cache = cold if case == "eager" else warm
+                    starts[case].append(run_start(model, directory, case, cache, args))
+        for case in args.cases:
+            row = summarize(model, case, starts[case])
+            rows.append(row)
+            shown = "timed out" if row["timed_out"] else (
+                "failed" if row["ready_s"] is None else f"{row['ready_s']:.1f} s")
+            print(f"{model:12} {case:8} ready {shown} (target {row['target_s']:.0f} s, "
+                  f"median of {len(starts[case])} runs)", flush=True)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    return {"device": device, "table": args.table,
+    return {"device": device, "table": args.table, "runs": args.runs,
             "limits": asdict(limits_from(args)),
             "torch": torch.__version__, "triton": __import__("triton").__version__,
             "targets_s": TARGETS_S, "results": rows}
@@ -245,10 +214,14 @@ def parse_args() -> argparse.Namespace:
                         help=f"presets, model directories or {E2E_1B}")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--dtype", default="auto", help="as LLM(dtype=...)")
-    parser.add_argument("--table", default="packaged",
-                        help="tuned table: 'packaged' (this GPU's shipped one), 'none', or a "
-                             "file; with --count, a file or 'none' (then every key counts "
-                             "as in the table)")
+    parser.add_argument("--table", default=None,
+                        help="tuned table: 'packaged' (this GPU's shipped one; the default), "
+                             "'none' (no table) or a file; with --count: 'every' (a table "
+                             "holding every key the start reaches; the default), 'none' or "
+                             "a file")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="starts per case; each case reports the median "
+                             "(default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per start")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: a smoke run of the timing code (its numbers mean nothing)")
@@ -261,7 +234,24 @@ def parse_args() -> argparse.Namespace:
     add_limit_args(parser)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.runs < 1:
+        parser.error(f"--runs must be at least 1; got {args.runs}")
+    return args
+
+
+def count_table(name: str):
+    """The tuned table --count counts hits against: None for 'every' (every key a hit), an
+    empty table for 'none', else the table in file `name`."""
+    from shardline.kernels import _tuned
+    if name == "every":
+        return None
+    if name == "none":
+        return _tuned.TunedTable("none")
+    if name == "packaged":
+        sys.exit("--count --table packaged: the CPU has no packaged table; use 'every', "
+                 "'none' or a table file")
+    return _tuned.read_table(name)
 
 
 def main() -> None:
@@ -270,11 +260,14 @@ def main() -> None:
         child(args)
         return
     if args.count:
-        table = None if args.table in ("none", "packaged") else args.table
+        # Launches are counted, never run: under the interpreter triton would run them.
+        os.environ.pop("TRITON_INTERPRET", None)
+        table_name = args.table or "every"
+        table = count_table(table_name)
         reports = []
         for model in args.models:
             report = count_compiles(model, args.dtype, limits_from(args), table, args.sms)
-            report["table"] = table or "every key in it"
+            report["table"] = "every key in it" if table_name == "every" else table_name
             print_counts(report)
             reports.append(report)
         result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -282,6 +275,10 @@ def main() -> None:
                   "models": reports}
         out = args.out or RESULTS / "startup_count.json"
     else:
+        args.table = args.table or "packaged"
+        if args.table == "every":
+            sys.exit("--table every is for --count only: a start needs a real table "
+                     "('packaged', 'none' or a file)")
         if args.device == "cuda" and not torch.cuda.is_available():
             sys.exit("bench/startup.py times engine starts on a CUDA GPU and none is "
                      "visible; `--count` reports the compiles of a start on the CPU, "

@@ -9,6 +9,7 @@ with the raw ones they come from.
 import ast
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -20,9 +21,9 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def run_script(name: str, *args: str) -> None:
+def run_script(name: str, *args: str, env: dict[str, str] | None = None) -> None:
     done = subprocess.run([sys.executable, str(BENCH / name), *args], capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
 
@@ -284,3 +285,35 @@ def test_bench_checkpoints_drawn_on_another_device_are_kept_apart(tmp_path, monk
     assert _models.checkpoint_dir(_models.TINY, torch.float32, torch.device("cpu")) == cpu_dir
     assert (_models.checkpoint_path(_models.TINY, torch.float32, torch.device("cuda", 1))
             == _models.checkpoint_path(_models.TINY, torch.float32, cuda))
+
+
+@pytest.mark.timeout(600)
+def test_startup_count_without_a_table_under_the_interpreter(tmp_path):
+    """--count records launches instead of running them even where TRITON_INTERPRET=1 is
+    set (the interpreter would run the whole warm-up), and --table none counts no table,
+    as it means when timing starts."""
+    out = tmp_path / "count.json"
+    run_script("startup.py", "--count", "--models", "tiny-llama", "--table", "none",
+               "--out", str(out), env=dict(os.environ, TRITON_INTERPRET="1"))
+    [report] = json.loads(out.read_text())["models"]
+    assert report["table"] == "none"
+    rows = {r["kernel"]: r for r in report["kernels"]}
+    assert rows["_matmul_kernel"]["without_table"] > rows["_matmul_kernel"]["specializations"]
+    assert all(r["with_table"] == r["without_table"] and r["table_hits"] == 0
+               for r in rows.values())
+    assert report["total_with_table"] == report["total_without_table"]
+
+
+@pytest.mark.timeout(600)
+def test_startup_reports_the_median_of_its_runs(tmp_path):
+    out = tmp_path / "startup.json"
+    run_script("startup.py", "--device", "cpu", "--models", "tiny-llama", "--cases", "first",
+               "--runs", "2", "--timeout", "300", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["runs"] == 2
+    [row] = result["results"]
+    assert (row["model"], row["case"], len(row["runs"])) == ("tiny-llama", "first", 2)
+    for name in ("import_s", "ready_s", "first_request_s", "process_s"):
+        assert all(run[name] > 0 for run in row["runs"])
+        assert row[name] == pytest.approx(statistics.median(run[name] for run in row["runs"]))
+    assert row["met"] == (row["ready_s"] <= row["target_s"])

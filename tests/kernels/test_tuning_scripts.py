@@ -41,13 +41,13 @@ def test_count_reports_the_compiles_of_a_start(tmp_path):
             _tuned.config_from_json({"kwargs": {}, "num_warps": 4, "num_stages": 1}, "test")}}),
         one_key)
     reports = {}
-    for table in ("none", str(one_key)):
+    for table in ("every", str(one_key)):
         out = tmp_path / f"count-{len(reports)}.json"
         printed = run(str(BENCH / "startup.py"), "--count", "--models", "tiny-llama",
                       "--table", table, "--out", str(out))
         assert "_matmul_kernel" in printed and "total" in printed
         [reports[table]] = json.loads(out.read_text())["models"]
-    complete, partial = reports["none"], reports[str(one_key)]
+    complete, partial = reports["every"], reports[str(one_key)]
     rows = {r["kernel"]: r for r in complete["kernels"]}
     assert rows["_matmul_kernel"]["keys"] == TINY_LLAMA_MATMUL_KEYS
     assert rows["_prefill_kernel"]["keys"] == 8 and rows["_decode_split_kernel"]["keys"] >= 1
