@@ -3,8 +3,12 @@ loop) and against the device's own ceilings, measured in the same run.
 
 Shapes are those of a Llama-3-8B-like layer sharded TP=1/2/8 and of a Mixtral-like MoE
 layer, in bf16. The kernels are called through the `shardline.kernels` dispatch points,
-so the bench measures what the engine runs. Each result carries its target from issue 4
-and whether it met it; results go to bench/results/kernels.json and kernels.png.
+so a tuned table that sends a shape to cuBLAS shows here as it does in the engine. The
+linears are timed as plain GEMMs (gate_up with its SiLU), the comparison with cuBLAS the
+targets name; at TP=1 the engine fuses the QKV, o and down projections' split-K reductions
+into the rotary and norm kernels, which bench/tune.py times against their cuBLAS forms.
+Each result carries its target from issue 4 and whether it met it; results go to
+bench/results/kernels.json and kernels.png.
 
     python bench/kernels.py            # on a CUDA GPU (H100 / H200)
     python bench/kernels.py --dry-run  # CPU, Triton interpreter, tiny shapes: runs every

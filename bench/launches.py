@@ -5,7 +5,9 @@ Decode is memory bound and its kernels are small, so each launch costs a sizeabl
 the step (issue 10 asks for fewer, larger kernels per layer). This counts them without a
 GPU: the engine's decode forward (the one its CUDA graphs record) runs on CPU tensors with
 every Triton launch counted instead of run, on a model built from its config alone, with
-an H100's SM count and TMA deciding split-K and attention's context splits.
+an H100's SM count and TMA deciding split-K and attention's context splits. The LM head
+and sampling run after the graph, on the sampled rows only, and are not counted: a step
+launches one GEMM more than reported, plus sampling's torch ops.
 
     python bench/launches.py                           # the 1B bench model, batch 1/16/64
     python bench/launches.py --model small-llama --batch 1 --out /tmp/launches.json

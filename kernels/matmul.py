@@ -125,12 +125,15 @@ def _matmul_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, M_BUCKET,
                                      SILU_MUL, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         offs_k = tl.arange(0, BLOCK_K)
-        # Out-of-range rows and columns wrap to valid ones (their results are never
-        # stored), so only the K edge needs a load mask.
-        safe_m = (offs_m % M).to(tl.int64)
-        safe_n = (offs_n % N).to(tl.int64)
-        x_ptrs = x_ptr + safe_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-        w_ptrs = w_ptr + safe_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        # The weight tile's first row is offset in int64 (a weight may pass 2^31 elements),
+        # the rest in int32; x's offsets fit int32 (the wrapper splits larger x). Rows of x
+        # past the edge wrap and columns clamp to valid ones (neither is stored), so only
+        # the K edge needs a load mask.
+        col0 = pid_n * BLOCK_N
+        in_n = tl.minimum(offs_n, N - 1) - col0
+        x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        w_ptrs = (w_ptr + col0.to(tl.int64) * stride_wn + in_n[None, :] * stride_wn
+                  + offs_k[:, None] * stride_wk)
         acc, acc_up = dot_over_k(x_ptrs, w_ptrs, K, stride_xk, stride_wk, N * stride_wn,
                                  SILU_MUL, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
@@ -170,6 +173,9 @@ def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return bias.contiguous()
 
 
+_INT32_MAX = 2**31 - 1
+
+
 @functools.cache
 def _tma_scratch_on(device: torch.device) -> Callable[[int, int, int | None], torch.Tensor]:
     """Triton's allocator for descriptor scratch, on the device of the tensors described
@@ -192,6 +198,13 @@ def _tiled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            residual: torch.Tensor | None, out: torch.Tensor, silu_mul: bool) -> None:
     m, k = x.shape
     n = out.shape[1]
+    rows = max(1, _INT32_MAX // max(1, x.stride(0)))
+    if m > rows:   # the kernel offsets x's rows in int32: launch slices of x that fit
+        for start in range(0, m, rows):
+            part = slice(start, start + rows)
+            _tiled(x[part], weight, bias, None if residual is None else residual[part],
+                   out[part], silu_mul)
+        return
     if tma_eligible(x, k):
         x, weight = _tma_ready(x), _tma_ready(weight)
         # A descriptor built in the kernel lives in scratch memory that triton asks its

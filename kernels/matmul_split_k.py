@@ -65,9 +65,13 @@ def _matmul_partial_kernel(x_ptr, w_ptr, ws_ptr, M, N, K, K_SPLIT,
     k_start = split * K_SPLIT
     offs_k = k_start + tl.arange(0, BLOCK_K)
     k_end = tl.minimum(K, k_start + K_SPLIT)
-    rows, cols = (offs_m % M).to(tl.int64), (offs_n % N).to(tl.int64)
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    # As in the tiled kernel: the weight tile's offset in int64, the rest in int32 (x has
+    # at most SPLIT_K_MAX_M rows), edges wrapped or clamped to valid rows and columns.
+    col0 = pid_n * BLOCK_N
+    in_n = tl.minimum(offs_n, N - 1) - col0
+    x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = (w_ptr + col0.to(tl.int64) * stride_wn + in_n[None, :] * stride_wn
+              + offs_k[:, None] * stride_wk)
 
     acc, _ = dot_over_k(x_ptrs, w_ptrs, k_end - k_start, stride_xk, stride_wk, 0,
                         False, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)

@@ -199,6 +199,19 @@ def test_linear_and_its_norm_read_strided_bias_and_norm_weight(split_k):
     assert_close(normed, want_normed, TOLERANCE)
 
 
+def test_linear_launches_row_slices_where_x_offsets_would_pass_int32(monkeypatch):
+    x, w = torch.randn(37, 40), torch.randn(24, 40)
+    residual, bias = torch.randn(37, 24), torch.randn(24)
+    launches = []
+    kernel = matmul._matmul_kernel
+    monkeypatch.setattr(matmul, "_matmul_kernel", type(
+        "Counted", (), {"__getitem__": lambda self, grid: launches.append(1) or kernel[grid]})())
+    monkeypatch.setattr(matmul, "_INT32_MAX", 10 * x.stride(0))   # 10 rows per launch
+    assert_close(matmul.linear(x, w, bias, residual, split_k=1),
+                 reference.linear(x, w, bias, residual), TOLERANCE)
+    assert len(launches) == 4
+
+
 @pytest.mark.parametrize("name", ["bias", "residual", "out"])
 def test_linear_refuses_a_tensor_of_another_dtype_than_x(name):
     x, w = torch.randn(4, 8), torch.randn(6, 8)
