@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -221,3 +223,40 @@ def test_a_model_directory_without_a_config_is_bad_input(tmp_path, capsys):
     assert main(["generate", "-m", str(tmp_path), "-p", "x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"shardline generate: error: model directory '{tmp_path}' has no config.json"
+
+
+_PARSE_ONLY = """
+import contextlib, io, json, sys
+from shardline.cli import main
+runs = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+            code = "returned"
+        except SystemExit as done:
+            code = done.code
+    runs.append([code, out.getvalue(), err.getvalue()])
+heavy = sorted(name for name in sys.modules if name.split(".")[0] == "torch")
+print(json.dumps([runs, heavy]))
+"""
+SUBCOMMANDS = ("demo", "generate", "chat", "bench", "serve", "plan")
+
+
+def test_help_and_bad_flags_answer_without_importing_torch():
+    """--help and argparse errors need only the parsers, and building them imports no
+    torch: it alone takes seconds to load, which the user would wait for every time."""
+    helps = [["--help"]] + [[command, "--help"] for command in SUBCOMMANDS]
+    bad = [["generate", "--no-such-flag"], ["plan", "--nodes", "0"], ["no-such-command"]]
+    done = subprocess.run([sys.executable, "-c", _PARSE_ONLY, json.dumps(helps + bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-4000:]
+    runs, heavy = json.loads(done.stdout.strip().splitlines()[-1])
+    assert heavy == []
+    assert [code for code, _, _ in runs] == [0] * len(helps) + [2] * len(bad)
+    top_help = runs[0][1]
+    assert all(command in top_help for command in SUBCOMMANDS)
+    assert all(f"usage: shardline {command}" in out
+               for (_, out, _), command in zip(runs[1:], SUBCOMMANDS))
+    assert all(err.strip() for _, _, err in runs[len(helps):])

@@ -7,18 +7,21 @@ fails at construction and not deep inside a worker.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+# Names, not torch dtypes: the CLI and the planner read these configs without loading torch.
 _DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
 }
 
 EXPERT_DISPATCH_PATHS = ("all_to_all", "all_gather")
@@ -27,11 +30,13 @@ BLOCK_SIZES = tuple(2**i for i in range(9))
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """Map a dtype name (or torch dtype) to one of the supported torch dtypes."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
-        if dtype in _DTYPES.values():
+        if dtype_name(dtype) in _DTYPES.values():
             return dtype
     elif isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
+        return getattr(torch, _DTYPES[dtype.lower()])
     raise ValueError(f"dtype={dtype!r} is not supported: use one of float32, bfloat16, float16")
 
 
@@ -95,7 +100,7 @@ class ModelConfig:
         if self.dtype != "auto":
             return resolve_dtype(self.dtype)
         if device_type == "cpu" or checkpoint_dtype is None:
-            return torch.float32
+            return resolve_dtype("float32")
         try:
             return resolve_dtype(checkpoint_dtype)
         except ValueError:

@@ -26,11 +26,12 @@ import time
 import zipfile
 import zlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("shardline")
 
@@ -141,6 +142,8 @@ def tensor_shapes(name: str, config: dict | None = None) -> dict[str, tuple[int,
 def _random_tensor(name: str, shape: tuple[int, ...], hidden: int, gen: torch.Generator
                    ) -> torch.Tensor:
     """Unit-scale activations: weights ~ N(0, 1/fan_in); norms near 1; logits with std ~3."""
+    import torch
+
     if name.endswith("norm.weight"):
         return 1.0 + 0.1 * torch.randn(shape, generator=gen)
     if name.endswith(".bias"):
@@ -177,6 +180,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _write_preset(name: str, out_dir: str, config: dict | None = None) -> None:
+    # torch only here and in _random_tensor: the CLI reads the preset names at startup.
+    import torch
+    from safetensors.torch import save_file
+
     config = PRESETS[name] if config is None else config
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     tensors = {t: _random_tensor(t, shape, config["hidden_size"], gen).contiguous()

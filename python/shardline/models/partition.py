@@ -7,9 +7,13 @@ model cannot take fails at once, with the value, the rule and what would work.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from shardline.config import ParallelConfig
 from shardline.distributed.grid import RankGrid
-from shardline.models.loader import ModelInfo
+
+if TYPE_CHECKING:
+    from shardline.models.loader import ModelInfo
 
 
 def stage_layer_counts(num_layers: int, num_stages: int,

@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from shardline.models import hf_config
-from shardline.models.loader import ModelInfo
 from shardline.planner.references import REFERENCE_MODELS
+
+if TYPE_CHECKING:
+    from shardline.models.loader import ModelInfo
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
 
@@ -73,6 +76,8 @@ class ModelSpec:
 
     def model_info(self) -> ModelInfo:
         """The engine's description of the model, for its partition checks."""
+        from shardline.models.loader import ModelInfo   # torch: only once a plan runs
+
         return ModelInfo(architecture=self.name, vocab_size=self.vocab,
                          max_position_embeddings=0, eos_token_ids=[], bos_token_id=None,
                          num_hidden_layers=self.num_layers, num_attention_heads=self.heads,
