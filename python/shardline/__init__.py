@@ -19,7 +19,7 @@ _EXPORTS = {
     "EngineDeadError": "shardline.executor.base",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
     from shardline.engine.async_llm import AsyncLLM
