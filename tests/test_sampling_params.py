@@ -61,3 +61,19 @@ def test_valid_values_still_pass(fresh_seed):
                             frequency_penalty=rng.uniform(-2, 2), max_tokens=rng.randint(1, 99))
     assert SamplingParams.from_dict(params.to_dict()) == params
     assert SamplingParams(temperature=0).greedy and SamplingParams(temperature=1).top_p == 1.0
+
+
+def test_numpy_scalars_and_sets_are_taken_as_python_values(fresh_seed):
+    np = pytest.importorskip("numpy")
+    temperature, seed = random.uniform(0.1, 2.0), random.randrange(2**31)
+    params = SamplingParams(temperature=np.float32(temperature), top_p=np.float16(0.5),
+                            n=np.int32(2), max_tokens=np.int64(7), seed=np.int64(seed),
+                            stop_token_ids={np.int64(3), 5})
+    assert type(params.temperature) is float
+    assert params.temperature == float(np.float32(temperature))
+    assert (params.n, params.max_tokens, params.seed) == (2, 7, seed)
+    assert all(type(v) is int for v in (params.n, params.max_tokens, params.seed))
+    assert sorted(params.stop_token_ids) == [3, 5]
+    assert SamplingParams.from_dict(params.to_dict()) == params
+    with pytest.raises(ValueError, match=r"max_tokens=.*5\.0.* is invalid"):
+        SamplingParams(max_tokens=np.float64(5.0))

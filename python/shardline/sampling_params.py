@@ -7,6 +7,7 @@ plain data: `to_dict` / `from_dict` give a msgpack-able form.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 
 MIN_TEMPERATURE = 1e-5
@@ -43,8 +44,11 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
+        for name in (*_INT_FIELDS, *_REAL_FIELDS):
+            setattr(self, name, _python_number(getattr(self, name)))
         self.stop = _as_list(self.stop, "stop", str)
-        self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids", int)
+        self.stop_token_ids = [_python_number(t) for t in
+                               _as_list(self.stop_token_ids, "stop_token_ids", int)]
         self.validate()
 
     def validate(self) -> None:
@@ -103,6 +107,19 @@ class SamplingParams:
 
 _REAL_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                 "frequency_penalty")
+_INT_FIELDS = ("n", "top_k", "max_tokens", "logprobs", "seed")
+
+
+def _python_number(value: object) -> object:
+    """A numpy (or other registered) integer or real scalar as the Python int or float it
+    holds, so that values computed with numpy are taken; anything else as it is."""
+    if isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def _is_int(value: object) -> bool:
@@ -116,12 +133,12 @@ def _is_real(value: object) -> bool:
 
 def _as_list(value: object, name: str, item: type) -> list:
     """`stop` or `stop_token_ids` as a list: None is an empty one, a lone item a list of
-    it; anything else must be a list or tuple (validate checks the items)."""
+    it; anything else must be a list, tuple or set (validate checks the items)."""
     if value is None:
         return []
     if isinstance(value, item) and not isinstance(value, bool):
         return [value]
-    _check(isinstance(value, (list, tuple)), name, value,
+    _check(isinstance(value, (list, tuple, set, frozenset)), name, value,
            f"None, a {item.__name__} or a list of them")
     return list(value)
 

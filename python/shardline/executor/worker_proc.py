@@ -81,7 +81,8 @@ class EngineWatch:
     """Ends this worker process once the engine's process `engine_pid` (its parent) has
     ended, from a thread of its own, whatever the worker is doing; `exit` ends it too.
     Either way, once the engine is gone, the world's private `rendezvous_dir` (None where
-    the engine did not make one) is removed first: every worker of the world tries."""
+    the engine did not make one) is removed first: every worker of the world tries. (Ray
+    rank actors do not run this: Ray ends a driver's actors when the driver dies.)"""
 
     def __init__(self, engine_pid: int, rendezvous_dir: str | None) -> None:
         self._engine_pid = engine_pid
@@ -92,7 +93,10 @@ class EngineWatch:
         except OSError:  # no pidfd on this kernel, or the engine is already gone
             pidfd = None
         # While this process is its child, the pid cannot name a later process.
-        self._pidfd = pidfd if os.getppid() == engine_pid else None
+        if pidfd is not None and os.getppid() != engine_pid:
+            os.close(pidfd)
+            pidfd = None
+        self._pidfd = pidfd
         threading.Thread(target=self._watch, name="shardline-engine-watch", daemon=True).start()
 
     def engine_gone(self, wait: float | None = 0.0) -> bool:
