@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from _machine import machine_info
 
 from shardline.step import CachedRequests, ModelRunnerOutput, SchedulerOutput
 
@@ -159,7 +160,8 @@ def measure(worker_counts: list[int], batch: int, steps: int, runs: int) -> dict
           flush=True)
     return {"bench": "executor", "batch": batch, "steps_per_run": steps, "runs": runs,
             "target_added_us_at_2_workers": TARGET_ADDED_US_AT_2, "codec_us": codec,
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "machine": {**machine_info("the engine and every worker share these cores with "
+                                       "any other work on the machine", {}),
                         "load_average_at_end": os.getloadavg()},
             "rows": rows}
 
