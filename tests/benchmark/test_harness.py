@@ -11,6 +11,7 @@ import pytest
 from shardline.benchmark.online import arrival_times, run_online
 from shardline.benchmark.workload import Workload
 from shardline.cli import main
+from shardline.engine import llm as llm_module
 
 COMMON = ["-m", "tiny-llama", "--device", "cpu", "--num-prompts", "6", "--prompt-len", "4,12",
           "--output-len", "2,6", "--no-progress", "--max-num-seqs", "8"]
@@ -71,6 +72,84 @@ def test_bad_bench_values_exit_2_naming_the_flag(argv, message, capsys):
         main(["bench", *COMMON, *argv])
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def _bad_flag_cases(tmp_path):
+    """(extra argv, the message's start) for each bench flag value that is wrong whatever
+    the model; the files the cases need are written under tmp_path."""
+    a_file = tmp_path / "a-file.txt"
+    a_file.write_text("not a directory\n")
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_text("{not json\n")
+    bad_dataset = tmp_path / "bad.jsonl"
+    bad_dataset.write_text('{"prompt": "x", "max_tokens": 0}\n')
+    good_dataset = tmp_path / "good.jsonl"
+    good_dataset.write_text('{"prompt": [5, 6, 7], "max_tokens": 2}\n')
+    return [
+        (["--dataset", str(tmp_path / "missing.jsonl")],
+         f"--dataset '{tmp_path / 'missing.jsonl'}' is not a file"),
+        (["--dataset", str(bad_dataset)], f"{bad_dataset}:1: \"max_tokens\"=0"),
+        (["--dataset", str(good_dataset), "--num-prompts", "5"],
+         "--num-prompts shapes the synthetic workload"),
+        (["--dataset", str(good_dataset), "--prompt-len", "2,3", "--output-len", "2,3"],
+         "--prompt-len, --output-len shape the synthetic workload"),
+        (["--out", str(tmp_path)], f"--out '{tmp_path}' is a directory"),
+        (["--out", str(a_file / "runs.jsonl")], f"--out '{a_file / 'runs.jsonl'}' cannot be "
+                                                f"written: '{a_file}' is not a writable"),
+        (["--out", str(garbage)], f"--out '{garbage}' holds a line that is not a JSON record"),
+        (["--plot", str(tmp_path / "plot.txt")], "--plot '%s' is invalid: must be a .png"
+                                                 % (tmp_path / "plot.txt")),
+        (["--plot", str(tmp_path)], "--plot '%s' is invalid: must be a .png" % tmp_path),
+        (["--mode", "offline", "--request-rate", "2"], "--request-rate 2.0 applies to --mode "
+                                                       "online only"),
+        (["--mode", "online", "--url", "127.0.0.1:8000"], "--url '127.0.0.1:8000' is invalid: "
+                                                          "must be an http:// or https://"),
+        (["--mode", "online", "--url", "ftp://host/x"], "--url 'ftp://host/x' is invalid"),
+    ]
+
+
+@pytest.fixture
+def refuse_to_load(monkeypatch):
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bench flags were checked")
+    monkeypatch.setattr(llm_module, "LLM", load)
+
+
+def test_every_bad_bench_flag_fails_before_the_model_loads(tmp_path, refuse_to_load, capsys):
+    """Each value is refused in one line naming the flag, with exit status 2, before any
+    model or worker loads (the load raises if reached); nothing is written to --out."""
+    out = tmp_path / "runs.jsonl"
+    for argv, message in _bad_flag_cases(tmp_path):
+        capsys.readouterr()
+        args = ["bench", "-m", "tiny-llama", "--no-progress", "--out", str(out), *argv]
+        assert main(args) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"shardline bench: error: {message}"), \
+            (argv, err)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("max_model_len", [None, 40])
+def test_synthetic_lengths_beyond_the_model_length_fail_before_loading(
+        max_model_len, rng, refuse_to_load, capsys):
+    limit = max_model_len or 512   # tiny-llama's max_position_embeddings
+    prompt_high = rng.randrange(1, limit)
+    output_high = limit - prompt_high + rng.randint(1, 8)
+    where = "--max-model-len" if max_model_len else "the positions of --model 'tiny-llama'"
+    argv = [*COMMON, "--prompt-len", f"1,{prompt_high}", "--output-len", f"1,{output_high}"]
+    argv += [] if max_model_len is None else ["--max-model-len", str(max_model_len)]
+    assert main(["bench", *argv]) == 2
+    assert (f"makes requests of up to {prompt_high + output_high} tokens, more than "
+            f"{where}={limit}") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--num-prompts", "--max-num-seqs", "--max-num-batched-tokens",
+                                  "--block-size", "--max-model-len", "-tp", "-pp", "-dp", "-sp"])
+def test_bench_counts_below_one_are_argparse_errors(flag, refuse_to_load, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", *COMMON, flag, "0"])
+    assert exited.value.code == 2
+    assert "'0' is invalid: must be an integer >= 1" in capsys.readouterr().err
 
 
 def test_url_without_online_mode_is_refused_in_one_line(capsys):

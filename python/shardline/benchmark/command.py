@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
+import urllib.parse
 from pathlib import Path
 
 from shardline.benchmark.workload import Workload, load_jsonl, make_workload
 
 DEFAULT_OUT = Path("shardline-bench.jsonl")
+DEFAULT_RATES = [4.0]
+DEFAULT_NUM_PROMPTS = 64
+DEFAULT_PROMPT_LEN = (16, 256)
+DEFAULT_OUTPUT_LEN = (16, 128)
+SYNTHETIC_FLAGS = (("--num-prompts", "num_prompts"), ("--prompt-len", "prompt_len"),
+                   ("--output-len", "output_len"))
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +27,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="offline: every request at once, the engine stepped to the end; "
                              "online: Poisson arrivals at --request-rate, each request "
                              "streamed (default: %(default)s)")
-    parser.add_argument("--request-rate", type=_rates, default=[4.0],
+    parser.add_argument("--request-rate", type=_rates, default=None,
                         help="online: requests per second, or a comma-separated sweep such "
                              "as 1,2,4,inf (inf sends all at once) (default: 4)")
     parser.add_argument("--url", default=None,
@@ -29,20 +37,34 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", type=Path, default=None,
                         help='prompts from a JSONL file, one {"prompt": text or token ids, '
                              '"max_tokens": n} per line, instead of the synthetic workload')
-    parser.add_argument("--num-prompts", type=int, default=64,
-                        help="synthetic requests (default: %(default)s)")
-    parser.add_argument("--prompt-len", type=_range, default=(16, 256),
-                        help="synthetic prompt lengths in tokens, LOW,HIGH (default: 16,256)")
-    parser.add_argument("--output-len", type=_range, default=(16, 128),
-                        help="synthetic output lengths in tokens, LOW,HIGH (default: 16,128)")
+    parser.add_argument("--num-prompts", type=positive_int, default=None,
+                        help=f"synthetic requests (default: {DEFAULT_NUM_PROMPTS})")
+    parser.add_argument("--prompt-len", type=_range, default=None,
+                        help="synthetic prompt lengths in tokens, LOW,HIGH (default: "
+                             "%d,%d)" % DEFAULT_PROMPT_LEN)
+    parser.add_argument("--output-len", type=_range, default=None,
+                        help="synthetic output lengths in tokens, LOW,HIGH (default: "
+                             "%d,%d)" % DEFAULT_OUTPUT_LEN)
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the synthetic workload and of the arrivals "
                              "(default: %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="JSONL file each run appends its record to (default: %(default)s)")
     parser.add_argument("--plot", type=Path, default=None,
-                        help="PNG drawn from every record in --out (default: --out with .png)")
+                        help="PNG drawn from every record in --out, a .png path (default: "
+                             "--out with .png)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be an integer >= 1")
+    return value
 
 
 def _rates(text: str) -> list[float]:
@@ -66,9 +88,93 @@ def _range(text: str) -> tuple[int, int]:
     return low, high
 
 
-def _workload(args: argparse.Namespace, vocab_size: int | None) -> Workload:
+def check_bench_args(args: argparse.Namespace) -> Workload | None:
+    """Refuse, before any model or worker loads, every bench flag value that is wrong
+    whatever the model: combinations the run would ignore, a --url that is no HTTP URL,
+    a --dataset that does not parse, --out/--plot paths that could not be written at the
+    end, synthetic lengths beyond --max-model-len (or the model's positions). Fills in the
+    defaults of the flags that apply; returns the --dataset workload, or None."""
+    if args.url is not None:
+        if args.mode != "online":
+            raise ValueError("--url needs --mode online: an offline run steps an engine in "
+                             "this process")
+        url = urllib.parse.urlsplit(args.url)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise ValueError(f"--url {args.url!r} is invalid: must be an http:// or https:// "
+                             "URL with a host, e.g. http://127.0.0.1:8000")
+    if args.mode == "offline" and args.request_rate is not None:
+        raise ValueError(f"--request-rate {','.join(map(str, args.request_rate))} applies to "
+                         "--mode online only: an offline run submits every request at once")
+    args.request_rate = args.request_rate or DEFAULT_RATES
+    from shardline.benchmark.report import read_records
+
+    _check_output_path("--out", args.out)
+    if args.out.is_file():
+        try:
+            read_records(args.out)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--out {str(args.out)!r} holds a line that is not a JSON record "
+                             f"({exc}): the plot reads every record in it; name another "
+                             "file") from None
+    if args.plot is not None:
+        _check_output_path("--plot", args.plot, ".png")
     if args.dataset is not None:
+        given = [flag for flag, key in SYNTHETIC_FLAGS if getattr(args, key) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} {'shapes' if len(given) == 1 else 'shape'} "
+                             f"the synthetic workload, which --dataset {str(args.dataset)!r} "
+                             "replaces: drop one or the other")
+        if not args.dataset.is_file():
+            raise FileNotFoundError(f"--dataset {str(args.dataset)!r} is not a file: must be "
+                                    "a JSONL file of prompts")
         return load_jsonl(args.dataset)
+    args.num_prompts = args.num_prompts or DEFAULT_NUM_PROMPTS
+    args.prompt_len = args.prompt_len or DEFAULT_PROMPT_LEN
+    args.output_len = args.output_len or DEFAULT_OUTPUT_LEN
+    if args.url is None:
+        _check_lengths_fit(args)
+    return None
+
+
+def _check_output_path(flag: str, path: Path, suffix: str | None = None) -> None:
+    """`path` can be created or appended to: not a directory, below a writable directory
+    (the nearest one that exists: the missing ones are made), with `suffix` if given."""
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise ValueError(f"{flag} {str(path)!r} is invalid: must be a {suffix} file path")
+    if path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a directory: must be a file path")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{flag} {str(path)!r} is not writable")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {str(path)!r} cannot be written: {str(parent)!r} is not a "
+                         "writable directory")
+
+
+def _check_lengths_fit(args: argparse.Namespace) -> None:
+    """Each synthetic request's prompt plus output must fit in --max-model-len (or, without
+    it, the model's positions): a longer prompt is refused by the engine, a longer output
+    cut short, and the run would not measure the workload it records."""
+    limit, where = args.max_model_len, "--max-model-len"
+    if limit is None:
+        info = _model_info(args.model)
+        if info is None:
+            return
+        limit, where = info.max_position_embeddings, f"the positions of --model {args.model!r}"
+    longest = args.prompt_len[1] + args.output_len[1]
+    if longest > limit:
+        raise ValueError(f"--prompt-len {args.prompt_len[0]},{args.prompt_len[1]} with "
+                         f"--output-len {args.output_len[0]},{args.output_len[1]} makes "
+                         f"requests of up to {longest} tokens, more than {where}={limit}: "
+                         "lower their HIGH values")
+
+
+def _workload(args: argparse.Namespace, dataset: Workload | None,
+              vocab_size: int | None) -> Workload:
+    if dataset is not None:
+        return dataset
     if vocab_size is None:
         raise ValueError(f"--model {args.model!r} is not a preset or local checkpoint, so "
                          "its vocabulary for synthetic prompts is unknown: pass --dataset "
@@ -78,30 +184,31 @@ def _workload(args: argparse.Namespace, vocab_size: int | None) -> Workload:
 
 
 def _workload_settings(args: argparse.Namespace, workload: Workload) -> dict:
-    return {"source": str(args.dataset) if args.dataset else "synthetic",
+    synthetic = args.dataset is None
+    return {"source": "synthetic" if synthetic else str(args.dataset),
             "num_prompts": len(workload.prompts), "seed": args.seed,
-            "prompt_len": list(args.prompt_len), "output_len": list(args.output_len),
+            "prompt_len": list(args.prompt_len) if synthetic else None,
+            "output_len": list(args.output_len) if synthetic else None,
             "total_output_tokens": workload.total_output_tokens}
 
 
 def run_bench(args: argparse.Namespace, build_llm) -> int:
-    """Run what the flags ask, append one record per run to --out, draw --plot, and print
-    each run's summary. Ctrl-C keeps the runs (and the part of a run) measured so far."""
+    """Check the flags, run what they ask, append one record per run to --out, draw --plot,
+    and print each run's summary. Ctrl-C keeps the runs (and the part of a run) measured
+    so far."""
     from shardline.benchmark.report import (LAYOUT_KEYS, append_record, make_record, plot,
                                             read_records)
 
-    if args.url is not None and args.mode != "online":
-        raise ValueError("--url needs --mode online: an offline run steps an engine in this "
-                         "process")
+    dataset = check_bench_args(args)
     progress = not args.no_progress
     layout = {key: getattr(args, key) for key in LAYOUT_KEYS}
     if args.url is not None:
-        runs = _online_server(args, progress)
+        runs = _online_server(args, dataset, progress)
         target = args.url
     else:
         llm = build_llm(args)
         try:
-            workload = _workload(args, llm.engine.vocab_size)
+            workload = _workload(args, dataset, llm.engine.vocab_size)
             runs = (_offline(llm, workload, progress) if args.mode == "offline"
                     else _online_engine(llm, workload, args, progress))
         finally:
@@ -143,24 +250,25 @@ def _online_engine(llm, workload: Workload, args: argparse.Namespace, progress: 
     return runs
 
 
-def _served_vocab_size(model: str) -> int | None:
-    """The vocabulary of --model when it names a preset or a local checkpoint (so that
-    synthetic token-id prompts can be sent to a server of that model), else None."""
+def _model_info(model: str):
+    """The ModelInfo (vocabulary, positions) of --model when it names a preset or a local
+    checkpoint, read from its config without loading weights; else None."""
     from shardline.models.loader import read_model_info
     from shardline.presets import resolve_model
 
     try:
-        return read_model_info(resolve_model(model)).vocab_size
-    except (OSError, ValueError):
+        return read_model_info(resolve_model(model))
+    except (OSError, ValueError, KeyError):
         return None
 
 
-def _online_server(args: argparse.Namespace, progress: bool) -> list:
+def _online_server(args: argparse.Namespace, dataset: Workload | None, progress: bool) -> list:
     import httpx
 
     from shardline.benchmark.online import ServerTarget, run_online
 
-    workload = _workload(args, _served_vocab_size(args.model))
+    info = _model_info(args.model) if dataset is None else None
+    workload = _workload(args, dataset, None if info is None else info.vocab_size)
     runs = []
 
     async def sweep() -> None:
