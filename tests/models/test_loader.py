@@ -1,11 +1,14 @@
 import json
 import logging
+import os
+import re
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from shardline import LLM
 from shardline.models.loader import load_model, read_model_info
 from shardline.models.registry import MODEL_REGISTRY
 from shardline.presets import resolve_model
@@ -43,6 +46,81 @@ def test_unknown_architecture_lists_supported(tmp_path):
     with pytest.raises(ValueError, match="GPT2LMHeadModel.*not supported.*" +
                        ".*".join(MODEL_REGISTRY)):
         read_model_info(str(tmp_path))
+
+
+def _config_with(tmp_path, preset: str, **changes) -> str:
+    """A copy of `preset`'s config.json with `changes` (None removes a field)."""
+    config = json.load(open(f"{resolve_model(preset)}/config.json"))
+    for field, value in changes.items():
+        if value is None:
+            config.pop(field, None)
+        else:
+            config[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return str(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("preset, changes, error", [
+    ("tiny-llama", {"hidden_size": None}, "hidden_size is missing"),
+    ("tiny-llama", {"intermediate_size": None}, "intermediate_size is missing"),
+    ("tiny-llama", {"hidden_size": "128"}, "hidden_size='128' is invalid: it must be an integer >= 1"),
+    ("tiny-llama", {"num_hidden_layers": 0}, "num_hidden_layers=0 is invalid"),
+    ("tiny-llama", {"num_hidden_layers": True}, "num_hidden_layers=True is invalid"),
+    ("tiny-llama", {"vocab_size": -3}, "vocab_size=-3 is invalid"),
+    ("tiny-llama", {"max_position_embeddings": 0}, "max_position_embeddings=0 is invalid"),
+    ("tiny-llama", {"num_key_value_heads": 3}, "num_key_value_heads=3 is invalid: it must "
+                                               "divide num_attention_heads=4"),
+    ("tiny-llama", {"num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": None},
+     "hidden_size=128 is invalid: without head_dim it must be a multiple of "
+     "num_attention_heads=3"),
+    ("tiny-llama", {"head_dim": 31}, "head_dim=31 is invalid: the head size 31 must be even"),
+    ("tiny-llama", {"rope_theta": -1.0}, "rope_theta=-1.0 is invalid: it must be a positive "
+                                         "finite number"),
+    ("tiny-llama", {"rms_norm_eps": 0}, "rms_norm_eps=0 is invalid"),
+    ("tiny-llama", {"partial_rotary_factor": 1.5}, "partial_rotary_factor=1.5 is invalid: it "
+                                                   "must be at most 1"),
+    ("tiny-llama", {"eos_token_id": "2"}, "eos_token_id='2' is invalid: it must be a token id"),
+    ("tiny-llama", {"eos_token_id": [2, -1]}, r"eos_token_id=\[2, -1\] is invalid"),
+    ("tiny-llama", {"bos_token_id": [1]}, r"bos_token_id=\[1\] is invalid"),
+    ("tiny-mixtral", {"num_local_experts": None}, "num_local_experts is missing"),
+    ("tiny-mixtral", {"num_local_experts": 0}, "num_local_experts=0 is invalid"),
+    ("tiny-qwen2-moe", {"num_experts": -1}, "num_experts=-1 is invalid: it must be an integer "
+                                             ">= 0"),
+    ("tiny-qwen2-moe", {"moe_intermediate_size": None}, "moe_intermediate_size is missing"),
+    ("tiny-mixtral", {"num_experts_per_tok": 9}, "num_experts_per_tok=9 is invalid: it must be "
+                                                 "at most the 4 experts"),
+])
+def test_a_config_the_model_cannot_be_built_from_is_named(tmp_path, preset, changes, error):
+    path = _config_with(tmp_path, preset, **changes)
+    with pytest.raises(ValueError, match=f"{re.escape(path)}: {error}"):
+        read_model_info(str(tmp_path))
+
+
+@pytest.mark.parametrize("text, error", [("{not json", "is not valid JSON"),
+                                         ("[1, 2]", "holds a JSON list, not an object")])
+def test_a_config_that_is_not_a_json_object_is_named(tmp_path, text, error):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=error):
+        read_model_info(str(tmp_path))
+
+
+def test_a_bad_config_is_refused_before_any_worker_starts(tmp_path, no_spawn):
+    for name in os.listdir(resolve_model("tiny-llama")):
+        os.symlink(f"{resolve_model('tiny-llama')}/{name}", tmp_path / name)
+    (tmp_path / "config.json").unlink()
+    _config_with(tmp_path, "tiny-llama", rope_theta=0)
+    with pytest.raises(ValueError, match="rope_theta=0 is invalid"):
+        LLM(str(tmp_path), tensor_parallel_size=2)
+
+
+def test_an_index_naming_an_absent_shard_is_named(tmp_path):
+    src = resolve_model("tiny-llama")
+    for name in os.listdir(src):
+        if name != "model-00002-of-00002.safetensors":
+            shutil.copy(f"{src}/{name}", tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="names 'model-00002-of-00002.safetensors', "
+                                                "which is not in"):
+        load_model(str(tmp_path), torch.float32, "cpu")
 
 
 def test_model_info_of_sharded_preset():

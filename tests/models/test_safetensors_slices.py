@@ -4,6 +4,7 @@ slice alone, not by the tensor it is cut from."""
 
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -107,6 +108,26 @@ def test_truncated_and_foreign_files_are_named(tmp_path):
         SafetensorsFile(str(path))
     path.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ValueError, match="not a safetensors file"):
+        SafetensorsFile(str(path))
+
+
+def _with_header(header: bytes) -> bytes:
+    return len(header).to_bytes(8, "little") + header + bytes(64)
+
+
+@pytest.mark.parametrize("header, error", [
+    (b"{garbage", "its header is not JSON"),
+    (b"\xff\xfe{}", "its header is not JSON"),
+    (b"[1, 2]", "its header is a JSON list"),
+    (b'{"w": {"dtype": "F32", "shape": [4]}}', "tensor 'w' has no valid dtype, shape"),
+    (b'{"w": {"dtype": "F32", "shape": ["4"], "data_offsets": [0, 16]}}', "tensor 'w' has no"),
+    (b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0]}}', "tensor 'w' has no"),
+    (b'{"w": [0, 16]}', "tensor 'w' has no"),
+])
+def test_a_malformed_header_is_named(tmp_path, header, error):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(_with_header(header))
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))}: .*{error}"):
         SafetensorsFile(str(path))
 
 

@@ -76,6 +76,23 @@ def _exit_code(argv: list[str]) -> int:
         return exc.code
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("{oops", "is not valid JSON"),
+    (json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+                 "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100}),
+     "intermediate_size is missing"),
+    (json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "num_key_value_heads": 3, "vocab_size": 100}),
+     "num_key_value_heads=3 is invalid: it must divide num_attention_heads=4"),
+])
+def test_a_bad_config_file_exits_2_naming_it(tmp_path, capsys, text, expected):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    assert _exit_code(["plan", "-m", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and expected in err, err
+
+
 def test_missing_model_is_an_error(capsys):
     assert main(["plan"]) == 2
     assert "--model is required" in capsys.readouterr().err

@@ -7,7 +7,80 @@ accept both.
 
 from __future__ import annotations
 
+import json
+import math
+
 SUPPORTED_ACTIVATIONS = ("silu",)
+
+# Sizes every supported architecture reads, and those its MoE layers add.
+REQUIRED_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "intermediate_size")
+MOE_SIZES = {"MixtralForCausalLM": ("num_local_experts", "num_experts_per_tok"),
+             "Qwen2MoeForCausalLM": ("num_experts", "num_experts_per_tok",
+                                     "moe_intermediate_size")}
+OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings",
+                  "sliding_window")
+COUNTS = ("num_experts", "shared_expert_intermediate_size")  # 0: a dense layer, no shared expert
+POSITIVE_REALS = ("rope_theta", "rms_norm_eps", "partial_rotary_factor")
+
+
+def read_json_object(path: str) -> dict:
+    """The JSON object in the file `path`; a ValueError naming the file if it holds
+    anything else."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def check_config(config: dict, source: str, architecture: str) -> None:
+    """Raise a ValueError naming `source` (the config file), the field, its value and the
+    rule, for a config.json whose sizes could not build the model: a missing or
+    non-integer size, a head count that does not divide, a non-positive RoPE base. Checked
+    when the config is read, so a bad file fails before any worker starts, not deep inside
+    a layer's constructor."""
+    def fail(field: str, rule: str) -> None:
+        raise ValueError(f"{source}: {field}={config.get(field)!r} is invalid: {rule}")
+
+    def is_int(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    for field in REQUIRED_SIZES + MOE_SIZES.get(architecture, ()):
+        if field not in config:
+            raise ValueError(f"{source}: {field} is missing ({architecture} needs it)")
+    for field in REQUIRED_SIZES + MOE_SIZES.get(architecture, ()) + OPTIONAL_SIZES + COUNTS:
+        value, least = config.get(field), 0 if field in COUNTS else 1
+        if value is not None and not (is_int(value) and value >= least):
+            fail(field, f"it must be an integer >= {least}")
+    for field in POSITIVE_REALS:
+        value = config.get(field)
+        real = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and not (real and math.isfinite(value) and value > 0):
+            fail(field, "it must be a positive finite number")
+    if (config.get("partial_rotary_factor") or 1) > 1:
+        fail("partial_rotary_factor", "it must be at most 1")
+    heads, kv_heads = config["num_attention_heads"], num_kv_heads(config)
+    if heads % kv_heads:
+        fail("num_key_value_heads", f"it must divide num_attention_heads={heads}")
+    if config.get("head_dim") is None and config["hidden_size"] % heads:
+        fail("hidden_size", f"without head_dim it must be a multiple of "
+                            f"num_attention_heads={heads}")
+    if head_dim(config) % 2:
+        fail("head_dim" if config.get("head_dim") else "hidden_size",
+             f"the head size {head_dim(config)} must be even for rotary embeddings")
+    experts = num_experts(config)
+    if architecture in MOE_SIZES and experts and config["num_experts_per_tok"] > experts:
+        fail("num_experts_per_tok", f"it must be at most the {experts} experts")
+    for field in ("eos_token_id", "bos_token_id"):
+        value = config.get(field)
+        ids = value if isinstance(value, list) and field == "eos_token_id" else [value]
+        if value is not None and not all(is_int(v) and v >= 0 for v in ids):
+            fail(field, "it must be a token id (an integer >= 0)"
+                        + (" or a list of them" if field == "eos_token_id" else ""))
 
 
 def head_dim(config: dict) -> int:

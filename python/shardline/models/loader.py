@@ -8,7 +8,6 @@ error that names it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -18,7 +17,8 @@ import torch
 from torch import nn
 
 from shardline.models.gguf import GGUFCheckpoint, is_gguf_dir
-from shardline.models.hf_config import head_dim, max_positions, num_experts, num_kv_heads
+from shardline.models.hf_config import (check_config, head_dim, max_positions, num_experts,
+                                        num_kv_heads, read_json_object)
 from shardline.models.registry import get_model_class, resolve_architecture
 from shardline.models.safetensors_slices import SafetensorsFile, TensorSlice
 
@@ -48,16 +48,15 @@ class ModelInfo:
     num_experts: int = 0
 
 
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
 def read_config(model_dir: str) -> dict:
+    """config.json of `model_dir`, checked: a ValueError names the file and the field of a
+    config the model could not be built from."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model directory {model_dir!r} has no config.json")
-    return _read_json(path)
+    config = read_json_object(path)
+    check_config(config, path, resolve_architecture(config))
+    return config
 
 
 def _as_list(value: int | list[int] | None) -> list[int]:
@@ -74,7 +73,7 @@ def read_model_info(model_dir: str) -> ModelInfo:
     bos = config.get("bos_token_id")
     gen_path = os.path.join(model_dir, "generation_config.json")
     if os.path.isfile(gen_path):
-        generation = _read_json(gen_path)
+        generation = read_json_object(gen_path)
         eos += [t for t in _as_list(generation.get("eos_token_id")) if t not in eos]
         bos = generation.get("bos_token_id", bos)
     return ModelInfo(
@@ -99,8 +98,15 @@ class CheckpointReader:
         self._handles: dict[str, SafetensorsFile] = {}
         index = os.path.join(model_dir, INDEX_FILE)
         if os.path.isfile(index):
-            weight_map = _read_json(index)["weight_map"]
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index} has no weight_map object (tensor name -> file)")
             self.file_of = {name: os.path.join(model_dir, f) for name, f in weight_map.items()}
+            absent = sorted({f for f in weight_map.values()
+                             if not os.path.isfile(os.path.join(model_dir, f))})
+            if absent:
+                raise FileNotFoundError(f"{index} names {absent[0]!r}, which is not in "
+                                        f"{model_dir!r} ({len(absent)} file(s) missing)")
         else:
             files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
             if not files:

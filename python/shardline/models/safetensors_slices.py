@@ -48,12 +48,22 @@ class SafetensorsFile:
         if 8 + header_len > size:
             raise ValueError(f"{self.path}: not a safetensors file (header of {header_len} "
                              f"bytes in a file of {size})")
-        header = json.loads(os.pread(self._fd, header_len, 8))
+        try:
+            header = json.loads(os.pread(self._fd, header_len, 8))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{self.path}: not a safetensors file (its header is not JSON: "
+                             f"{exc})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{self.path}: not a safetensors file (its header is a JSON "
+                             f"{type(header).__name__}, not an object)")
         data_start = 8 + header_len
         entries = {}
         for name, info in header.items():
             if name == "__metadata__":
                 continue
+            if not _well_formed(info):
+                raise ValueError(f"{self.path}: tensor {name!r} has no valid dtype, shape and "
+                                 f"data_offsets in the header: {info!r:.200}")
             if info["dtype"] not in DTYPES:
                 raise ValueError(f"{self.path}: tensor {name!r} has dtype {info['dtype']}, "
                                  f"not one of {', '.join(DTYPES)}")
@@ -118,6 +128,17 @@ class SafetensorsFile:
         if done != total:
             raise OSError(f"{self.path}: read {done} of {total} bytes at offset {offset} "
                           "(was the file truncated while loading?)")
+
+
+def _well_formed(info: object) -> bool:
+    """A header entry with a dtype name, a shape and two data offsets, all integers >= 0."""
+    def counts(values: object) -> bool:
+        return isinstance(values, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+
+    return (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+            and counts(info.get("shape")) and counts(info.get("data_offsets"))
+            and len(info["data_offsets"]) == 2)
 
 
 class TensorSlice:

@@ -8,7 +8,6 @@ but the config: the planner never touches weights.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -138,12 +137,7 @@ def load_spec(source: str, dtype: str | None = None) -> ModelSpec:
                          "file, a directory with config.json or a .json file: reference "
                          f"models are {', '.join(REFERENCE_MODELS)}; presets are "
                          f"{', '.join(PRESETS)}")
-    with open(path) as f:
-        config = json.load(f)
-    try:
-        return spec_from_config(config, os.path.basename(os.path.dirname(os.path.abspath(path))),
-                                dtype)
-    except KeyError as exc:
-        raise ValueError(f"{path} lacks {exc.args[0]!r}: the planner needs hidden_size, "
-                         "intermediate_size, num_hidden_layers, num_attention_heads and "
-                         "vocab_size") from None
+    config = hf_config.read_json_object(path)
+    hf_config.check_config(config, path, next(iter(config.get("architectures") or []), ""))
+    return spec_from_config(config, os.path.basename(os.path.dirname(os.path.abspath(path))),
+                            dtype)
