@@ -3,12 +3,13 @@ template writes them, outputs in order, bad conversations refused by index; spec
 tokens left out of the output text unless skip_special_tokens=False."""
 
 import random
+import re
 
 import pytest
 
 from near_ties import assert_greedy_match, outputs_run
 from shardline import LLM, SamplingParams
-from shardline.engine.chat_template import render_chat
+from shardline.engine.chat_template import ROLES, render_chat
 from shardline.engine.detokenizer import IncrementalDetokenizer
 from shardline.engine.tokenizer import Tokenizer
 from shardline.presets import BOS_ID, byte_tokenizer
@@ -94,3 +95,61 @@ def test_special_tokens_are_skipped_in_text_by_default():
     assert SamplingParams().skip_special_tokens is True
     with pytest.raises(ValueError, match="skip_special_tokens"):
         SamplingParams(skip_special_tokens="no")
+
+
+BAD_ROLES = ("sytem", "robot", "User", "ipython", "", "function")
+
+
+def test_unknown_role_is_refused_by_index_and_the_engine_keeps_serving(llm, rng):
+    conversations = [conversation(rng) for _ in range(3)]
+    which = rng.randrange(len(conversations))
+    index = rng.randrange(len(conversations[which]))
+    role = rng.choice(BAD_ROLES)
+    conversations[which][index] = {"role": role, "content": "hi"}
+    expected = (f"messages[{which}][{index}] has role={role!r}, which chat templates do not "
+                "know: use one of system, user, assistant, tool")
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        llm.chat(conversations, GREEDY)
+    assert not llm.has_unfinished_requests()
+    with pytest.raises(ValueError, match=re.escape(f"messages[0] has role={role!r}")):
+        render_chat(TEMPLATE, [{"role": role, "content": "hi"}])
+    good = conversation(rng)
+    assert llm.chat(good, GREEDY)[0].prompt == render_chat(TEMPLATE, good)
+
+
+@pytest.mark.parametrize("role, rendered", [(r, r) for r in ROLES] + [("developer", "system")])
+def test_each_known_role_renders(role, rendered, rng):
+    content = " ".join(rng.choices(["a", "b", "c"], k=rng.randint(1, 4)))
+    assert render_chat(TEMPLATE, [{"role": role, "content": content}], False) == \
+        f"<s>{rendered}: {content}\n"
+
+
+def test_server_answers_an_unknown_role_with_400_naming_messages(tiny_chat_model):
+    """Through /v1/chat/completions a bad role is the client's error (400, param naming
+    messages), never a 500; developer is accepted as system."""
+    testclient = pytest.importorskip("fastapi.testclient", reason="the serve extra")
+    from shardline.engine.async_llm import AsyncLLM
+    from shardline.entrypoints.app import build_app
+
+    llm = AsyncLLM(tiny_chat_model, block_size=4, num_kv_blocks=64, max_model_len=128)
+    try:
+        with testclient.TestClient(build_app(llm, "tiny-chat")) as http:
+            for role in BAD_ROLES:
+                reply = http.post("/v1/chat/completions", json={
+                    "model": "tiny-chat", "max_tokens": 2,
+                    "messages": [{"role": "user", "content": "hi"},
+                                 {"role": role, "content": "there"}]})
+                assert reply.status_code == 400, (role, reply.text)
+                assert reply.json()["error"]["param"].startswith("messages"), reply.text
+            turns = [{"role": "developer", "content": "be brief"},
+                     {"role": "user", "content": "hi"}]
+            reply = http.post("/v1/chat/completions", json={
+                "model": "tiny-chat", "max_tokens": 2, "messages": turns})
+            assert reply.status_code == 200, reply.text
+            tokenizer = llm.engine.tokenizer
+            as_system = tokenizer.apply_chat_template([{**turns[0], "role": "system"},
+                                                       turns[1]])
+            assert reply.json()["usage"]["prompt_tokens"] == len(
+                tokenizer.encode(as_system, add_special_tokens=False))
+    finally:
+        llm.shutdown()

@@ -4,6 +4,11 @@ Chat templates are Jinja2 programs written for Hugging Face's renderer: blocks t
 (`trim_blocks`, `lstrip_blocks`), a `raise_exception` function, a `tojson` filter that
 keeps non-ASCII text, and the variables `messages`, `add_generation_prompt`, `bos_token`
 and `eos_token`. They run sandboxed, since a template comes with the checkpoint.
+
+A message's role must be one templates are written for (`ROLES`); a template writes an
+unknown one into the prompt as is (ChatML's `<|im_start|>robot`), a turn the model never
+learned, so a misspelt role would go unnoticed. "developer", OpenAI's newer name for the
+system role, is rendered as "system".
 """
 
 from __future__ import annotations
@@ -15,21 +20,33 @@ from typing import Mapping, Sequence
 
 Message = Mapping[str, str]
 
+# "tool" carries a tool's answer, which the templates of tool-using models (Llama 3.1,
+# Qwen2.5) render; the others write it as they write any turn.
+ROLES = ("system", "user", "assistant", "tool")
+ROLE_ALIASES = {"developer": "system"}
+
 
 def check_conversation(conversation: object, where: str) -> list[Message]:
-    """`conversation` as a list of messages, each a dict with a str "role" and "content",
-    or a ValueError naming the first bad one."""
+    """`conversation` as a list of messages, each a dict with a str "role" (one of ROLES,
+    aliases replaced) and "content", or a ValueError naming the first bad one."""
     if not isinstance(conversation, Sequence) or isinstance(conversation, (str, bytes)):
         raise ValueError(f"{where}={reprlib.repr(conversation)} is not a conversation: pass a "
                          'list of {"role": ..., "content": ...} dicts')
     if not conversation:
         raise ValueError(f"{where} is empty: a conversation needs at least one message")
+    checked = []
     for i, message in enumerate(conversation):
         if not (isinstance(message, Mapping) and isinstance(message.get("role"), str)
                 and isinstance(message.get("content"), str)):
             raise ValueError(f"{where}[{i}]={reprlib.repr(message)} is not a message: pass a "
                              'dict with str "role" and "content"')
-    return list(conversation)
+        role = ROLE_ALIASES.get(message["role"], message["role"])
+        if role not in ROLES:
+            raise ValueError(f"{where}[{i}] has role={message['role']!r}, which chat templates "
+                             f"do not know: use one of {', '.join(ROLES)} (or developer, "
+                             "OpenAI's name for system)")
+        checked.append(message if role == message["role"] else {**message, "role": role})
+    return checked
 
 
 @functools.lru_cache(maxsize=8)
@@ -48,7 +65,8 @@ def _compile(template: str):
 
 def render_chat(template: str, messages: list[Message], add_generation_prompt: bool = True,
                 **variables: object) -> str:
-    """The prompt text of `messages` under `template`; `variables` (bos_token, eos_token,
-    ...) are passed to the template as well."""
+    """The prompt text of `messages` under `template` (checked by `check_conversation`);
+    `variables` (bos_token, eos_token, ...) are passed to the template as well."""
+    messages = check_conversation(messages, "messages")
     return _compile(template).render(messages=messages,
                                      add_generation_prompt=add_generation_prompt, **variables)
