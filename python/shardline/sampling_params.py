@@ -25,6 +25,9 @@ class SamplingParams:
     max_model_len tokens, or as many as the KV cache can hold if that is fewer; it then
     ends with finish_reason "length". `skip_special_tokens` leaves special tokens (such as
     a chat model's <|im_start|>) out of the output text; their ids stay in token_ids.
+    `logprobs` asks for each token's log-probability and its n most likely alternatives;
+    the engine refuses n above the model's vocabulary size (the only limit it knows here),
+    and the HTTP server caps it at OpenAI's 20.
     """
 
     n: int = 1

@@ -202,6 +202,9 @@ def test_max_tokens_and_max_model_len_limit_length():
     ([1, 2.5], None, r"prompt\[1\]=2.5 is not a token id"),
     ([1, "7"], None, r"prompt\[1\]='7' is not a token id"),
     ([1, 2], dict(temperature=1e-30), "temperature"),
+    ([1, 2], dict(logprobs=VOCAB + 1), f"logprobs={VOCAB + 1} is invalid: must be None or at "
+                                       f"most {VOCAB}"),
+    ([1, 2], dict(logprobs=10**9), "logprobs=1000000000"),
 ])
 def test_bad_request_fails_alone(prompt, params, message):
     engine = make_engine()
@@ -314,6 +317,33 @@ def test_logprobs_are_reported_when_asked():
     assert len(out.logprobs) == 4
     assert all(set(lp) >= {0, 1, tok} for lp, tok in zip(out.logprobs, out.token_ids))
     assert out.cumulative_logprob == pytest.approx(-2.0)
+
+
+def test_logprobs_beyond_the_vocabulary_are_refused_and_the_engine_keeps_serving():
+    engine = make_engine()
+    llm = LLM.from_engine(engine)
+    prompt, other = random_prompts(2, 3, 10)
+    engine.add_request("running", other, GREEDY)
+    engine.step()
+    too_many = VOCAB + random.choice([1, random.randint(2, 10**12)])
+    params = SamplingParams(temperature=0.0, max_tokens=3, logprobs=too_many)
+    with pytest.raises(ValueError, match=f"logprobs={too_many} is invalid: must be None or "
+                                         f"at most {VOCAB}, the model's vocabulary size"):
+        llm.generate([prompt], params)
+    # Params changed after encode_prompt are checked again when the ids come with them.
+    params.logprobs = VOCAB
+    _, ids = engine.encode_prompt(prompt, params)
+    params.logprobs = too_many
+    with pytest.raises(ValueError, match=f"logprobs={too_many}"):
+        engine.add_request("late", prompt, params, prompt_token_ids=ids)
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o for o in engine.step() if o.finished]
+    assert [(o.request_id, len(o.outputs[0].token_ids)) for o in finished] == [("running", 12)]
+    params.logprobs = VOCAB
+    whole, = llm.generate([prompt], params)
+    assert [len(lp) for lp in whole.outputs[0].logprobs] == [VOCAB] * 3
+    assert_all_free(engine)
 
 
 def test_async_llm_streams_and_cancels():

@@ -105,6 +105,7 @@ class LLMEngine:
         if prompt_token_ids is None:
             prompt_text, prompt_ids = self.encode_prompt(prompt, params)
         else:
+            self._check_logprobs(params)
             prompt_text = prompt if isinstance(prompt, str) else None
             prompt_ids = prompt_token_ids
         max_len = min(self.max_model_len, self.kv_capacity_tokens + 1)
@@ -160,6 +161,7 @@ class LLMEngine:
             raise ValueError(f"prompt={reprlib.repr(prompt)} ({type(prompt).__name__}) is "
                              "not a prompt: pass a string or a list of token ids")
         params.validate()
+        self._check_logprobs(params)
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop={params.stop!r} needs a tokenizer, and the model has no "
                              "tokenizer.json: use stop_token_ids instead")
@@ -283,6 +285,14 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+    def _check_logprobs(self, params: SamplingParams) -> None:
+        """Refuse top-n logprobs beyond the vocabulary: the sampler would cut n to it, and
+        each token would still carry the whole distribution to the host (tens of thousands
+        of entries for a real model, growing the engine's memory with every token)."""
+        if params.logprobs is not None and params.logprobs > self.vocab_size:
+            raise ValueError(f"SamplingParams.logprobs={params.logprobs} is invalid: must be "
+                             f"None or at most {self.vocab_size}, the model's vocabulary size")
 
     def _token_ids(self, values: object, where: str) -> list[int]:
         """`values` as plain ints, each an id of this model's vocabulary, or a ValueError.
