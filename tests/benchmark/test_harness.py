@@ -127,6 +127,14 @@ def test_every_bad_bench_flag_fails_before_the_model_loads(tmp_path, refuse_to_l
         assert len(err) == 1 and err[0].startswith(f"shardline bench: error: {message}"), \
             (argv, err)
     assert not out.exists()
+    # The same flags with good values get as far as the load.
+    good = tmp_path / "good.jsonl"
+    for argv in (["--dataset", str(good), "--plot", str(tmp_path / "new" / "plot.png")],
+                 ["--mode", "online", "--request-rate", "2,inf", "--prompt-len", "1,400",
+                  "--output-len", "1,112"]):
+        assert main(["bench", "-m", "tiny-llama", "--out", str(out), *argv]) == 1
+        assert "the model was loaded before the bench flags were checked" in \
+            capsys.readouterr().err
 
 
 @pytest.mark.parametrize("max_model_len", [None, 40])

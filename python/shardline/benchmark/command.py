@@ -94,6 +94,8 @@ def check_bench_args(args: argparse.Namespace) -> Workload | None:
     a --dataset that does not parse, --out/--plot paths that could not be written at the
     end, synthetic lengths beyond --max-model-len (or the model's positions). Fills in the
     defaults of the flags that apply; returns the --dataset workload, or None."""
+    from shardline.benchmark.report import read_records
+
     if args.url is not None:
         if args.mode != "online":
             raise ValueError("--url needs --mode online: an offline run steps an engine in "
@@ -106,8 +108,6 @@ def check_bench_args(args: argparse.Namespace) -> Workload | None:
         raise ValueError(f"--request-rate {','.join(map(str, args.request_rate))} applies to "
                          "--mode online only: an offline run submits every request at once")
     args.request_rate = args.request_rate or DEFAULT_RATES
-    from shardline.benchmark.report import read_records
-
     _check_output_path("--out", args.out)
     if args.out.is_file():
         try:
