@@ -220,6 +220,28 @@ def test_bad_chat_request_is_400_naming_the_field(server, client, kwargs, param)
     assert caught.value.body["param"] == param, caught.value.body
 
 
+@pytest.mark.parametrize("field, wrong_type", [
+    ("max_tokens", lambda r: True), ("max_tokens", lambda r: str(r.randint(1, 9))),
+    ("max_tokens", lambda r: float(r.randint(1, 9))), ("n", lambda r: str(r.randint(1, 3))),
+    ("seed", lambda r: str(r.randrange(2**30))), ("logprobs", lambda r: True),
+    ("temperature", lambda r: str(r.random())), ("stream", lambda r: r.choice(["yes", 1])),
+    ("ignore_eos", lambda r: r.choice(["false", 0])),
+    ("prompt", lambda r: [True] + [r.randrange(3, 250) for _ in range(r.randint(1, 5))]),
+])
+def test_a_value_of_the_wrong_type_is_refused_not_converted(server, rng, field, wrong_type):
+    """`"max_tokens": true` is not 1 and `"stream": "yes"` is not true: each is a 400 naming
+    the field, and the server keeps serving."""
+    llm, url = server
+    body = {"model": MODEL, "prompt": random_text(rng), "max_tokens": 2, field: wrong_type(rng)}
+    reply = httpx.post(url + "/v1/completions", json=body, timeout=TIMEOUT)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == field, reply.json()
+    assert engine_idle(llm)
+    body[field] = {"max_tokens": 2, "n": 1, "seed": 1, "logprobs": 1, "temperature": 1,
+                   "stream": False, "ignore_eos": False, "prompt": [5, 6]}[field]
+    assert httpx.post(url + "/v1/completions", json=body, timeout=TIMEOUT).status_code == 200
+
+
 def test_bad_json_and_bad_chat_messages_are_400(server):
     url = server[1]
     reply = httpx.post(url + "/v1/completions", content=b"{not json", timeout=TIMEOUT)

@@ -2,9 +2,11 @@
 
 Bodies are validated with pydantic; a field this server does not know, or knows but does
 not support (logit_bias, tools, response_format, ...), is refused rather than ignored, so
-a client never gets an answer that silently disregarded what it asked for. Every refusal
-is a RequestError naming the field, which the server returns as a 400 in OpenAI's error
-format.
+a client never gets an answer that silently disregarded what it asked for. Types are
+strict: a string, a bool or 5.0 where an integer belongs (`"max_tokens": true` would be
+1, `"prompt": [true, 7]` token ids 1 and 7) is refused rather than converted; only an
+integer is taken where a number belongs. Every refusal is a RequestError naming the
+field, which the server returns as a 400 in OpenAI's error format.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def error_body(message: str, param: str | None, kind: str = "invalid_request_err
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Body):
