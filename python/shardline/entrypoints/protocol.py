@@ -75,7 +75,7 @@ class _SamplingFields(_Body):
                                   ignore_eos=self.ignore_eos,
                                   skip_special_tokens=self.skip_special_tokens)
         except ValueError as exc:
-            raise RequestError(str(exc), _field_of(str(exc))) from None
+            raise RequestError(str(exc), field_of(str(exc))) from None
 
 
 class CompletionRequest(_SamplingFields):
@@ -169,8 +169,8 @@ def parse(model: type[_Body], body: Any) -> Any:
                            location[0] if location else None) from None
 
 
-def _field_of(message: str) -> str | None:
+def field_of(message: str) -> str | None:
     """The field a SamplingParams or engine error names ("SamplingParams.top_p=2 ...",
-    "stop=[...] needs ...")."""
-    match = re.match(r"(?:SamplingParams\.)?(\w+)\s*=", message)
+    "stop=[...] needs ...", "stop_token_ids[1]=999 is outside ...")."""
+    match = re.match(r"(?:SamplingParams\.)?(\w+)(?:\[\d+\])?\s*=", message)
     return match.group(1) if match else None

@@ -19,7 +19,7 @@ from typing import AsyncIterator, Callable
 from shardline.engine.async_llm import AsyncLLM
 from shardline.engine.outputs import CompletionOutput, RequestOutput
 from shardline.entrypoints.protocol import (ChatCompletionRequest, CompletionRequest,
-                                            RequestError)
+                                            RequestError, field_of)
 from shardline.sampling_params import SamplingParams
 
 _DONE = object()
@@ -40,8 +40,10 @@ class Generation:
             try:
                 self.prompts.append(llm.engine.encode_prompt(prompt, params)[1])
             except ValueError as exc:
+                param = _param(str(exc), prompt_field)
                 where = prompt_field if len(prompts) == 1 else f"{prompt_field}[{i}]"
-                raise RequestError(f"{where}: {exc}", _param(str(exc), prompt_field)) from None
+                message = f"{where}: {exc}" if param in (prompt_field, "max_tokens") else str(exc)
+                raise RequestError(message, param) from None
 
     async def stream(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, cumulative output) as any of the prompts gains tokens."""
@@ -81,12 +83,13 @@ class Generation:
 
 
 def _param(message: str, prompt_field: str) -> str:
-    """The request field an engine error is about: stop or stop_token_ids, else the prompt
-    (its length, its tokens, or its length with max_tokens)."""
-    for name in ("stop_token_ids", "stop", "max_tokens"):
-        if message.startswith(f"{name}=") or f" and {name}=" in message:
-            return name
-    return prompt_field
+    """The request field an engine error is about: max_tokens if the prompt does not fit
+    with it, else the field the message starts with (stop, stop_token_ids[i]), else the
+    prompt (its length or its tokens)."""
+    if " and max_tokens=" in message:
+        return "max_tokens"
+    field = field_of(message)
+    return prompt_field if field in (None, "prompt") else field
 
 
 def completion_generation(llm: AsyncLLM, request: CompletionRequest) -> Generation:
