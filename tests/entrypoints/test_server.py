@@ -259,6 +259,34 @@ def test_bad_json_and_bad_chat_messages_are_400(server):
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "tools"
 
 
+def test_a_lone_surrogate_or_deep_nesting_is_a_400_not_a_500(server, rng):
+    """JSON can spell a lone UTF-16 surrogate, which is no text a tokenizer takes, and can
+    nest past Python's recursion limit: both are bad bodies, refused before the engine."""
+    llm, url = server
+    text = random_text(rng)
+    cut = rng.randint(0, len(text))
+    lone = text[:cut] + chr(rng.randrange(0xD800, 0xE000)) + text[cut:]
+    pair = text[:cut] + chr(rng.randrange(0x1F600, 0x1F650)) + text[cut:]
+    depth = rng.randint(20_000, 40_000)
+    bodies = [
+        ("/v1/completions", {"model": MODEL, "prompt": lone, "max_tokens": 2}),
+        ("/v1/chat/completions", {"model": MODEL, "max_tokens": 2,
+                                  "messages": [{"role": "user", "content": lone}]}),
+        ("/v1/completions", "[" * depth + "]" * depth),
+    ]
+    for path, body in bodies:
+        content = body if isinstance(body, str) else json.dumps(body)
+        reply = httpx.post(url + path, content=content.encode(), timeout=TIMEOUT)
+        assert reply.status_code == 400, reply.text
+        assert reply.json()["error"]["type"] == "invalid_request_error"
+        assert "not valid JSON" in reply.json()["error"]["message"]
+    assert engine_idle(llm)
+    reply = httpx.post(url + "/v1/completions", timeout=TIMEOUT, content=json.dumps(
+        {"model": MODEL, "prompt": pair, "max_tokens": 2}).encode())
+    assert reply.status_code == 200
+    assert reply.json()["usage"]["prompt_tokens"] == len(llm.engine.tokenizer.encode(pair))
+
+
 def aborts(llm):
     return llm.engine.step_metrics.finished["abort"]
 

@@ -2,21 +2,25 @@
 /metrics, over one AsyncLLM (FastAPI, served by uvicorn; `pip install shardline[serve]`).
 
 A bad request gets a 400 in OpenAI's error format with the field named in `param`, and
-touches no engine state. A client that disconnects aborts its requests: a streaming
-response closes its stream however it ends, and a whole response races the generation
-against the connection's disconnect message.
+touches no engine state. The body is read by pydantic's JSON parser, which refuses what
+Python's would pass on to fail deeper as a 500: a lone UTF-16 surrogate ("\\ud800", not
+text any tokenizer takes) and nesting deep enough to exhaust the recursion limit.
+
+A client that disconnects aborts its requests: a streaming response closes its stream
+however it ends, and a whole response races the generation against the connection's
+disconnect message.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic_core import from_json
 
 from shardline.engine.async_llm import AsyncLLM
 from shardline.entrypoints import prometheus
@@ -65,7 +69,7 @@ def build_app(llm: AsyncLLM, model_name: str) -> FastAPI:
 
     async def body_of(request: Request, model: type) -> Any:
         try:
-            body = json.loads(await request.body())
+            body = from_json(await request.body())
         except ValueError as exc:
             raise RequestError(f"the body is not valid JSON: {exc}", None) from None
         parsed = parse(model, body)
