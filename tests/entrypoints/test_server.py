@@ -390,9 +390,11 @@ def test_a_stopped_engine_fails_health_and_requests_with_its_reason():
     with TestClient(build_app(llm, MODEL)) as http:
         health = http.get("/health")
         assert health.status_code == 503 and "shut down" in health.json()["message"]
-        reply = http.post("/v1/completions", json={"model": MODEL, "prompt": [5]})
-        assert reply.status_code == 500
-        assert "shut down" in reply.json()["error"]["message"]
+        for stream in (False, True):
+            reply = http.post("/v1/completions",
+                              json={"model": MODEL, "prompt": [5], "stream": stream})
+            assert reply.status_code == 500
+            assert "shut down" in reply.json()["error"]["message"]
 
 
 def test_chat_with_a_model_without_a_template_points_to_completions():

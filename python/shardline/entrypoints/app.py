@@ -81,6 +81,8 @@ def build_app(llm: AsyncLLM, model_name: str) -> FastAPI:
     async def respond(request: Request, body: Any, generation: Generation, chat: bool,
                       top_n: int) -> Response:
         if body.stream:
+            # Once the 200 is sent an error can only be an event: a stopped engine is a 500.
+            llm.check_health()
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return _EventStream(stream_events(generation, model_name, chat, decode, top_n,
                                               usage))
