@@ -38,3 +38,20 @@ def test_flush_emits_an_unfinished_character_at_the_end():
     assert "".join(detokenizer.append(t) for t in partial) == "ok"
     assert detokenizer.flush() == tokenizer.decode(partial)[2:] != ""
     assert detokenizer.text == tokenizer.decode(partial)
+
+
+def test_streamed_text_equals_full_decode_for_any_token_ids(rng):
+    """Outputs cut inside a character, or of random byte tokens (invalid UTF-8): the
+    streamed text plus the final flush is exactly the whole output decoded at once."""
+    tokenizer = Tokenizer(byte_tokenizer())
+    for _ in range(200):
+        prompt_ids = tokenizer.encode("".join(rng.choice(ALPHABET)
+                                              for _ in range(rng.randint(1, 6))))
+        output_ids = tokenizer.encode("".join(rng.choice(ALPHABET)
+                                              for _ in range(rng.randint(1, 12))))
+        output_ids = output_ids[:rng.randint(1, len(output_ids))]
+        if rng.random() < 0.5:
+            output_ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randint(1, 12))]
+        detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+        streamed = "".join(detokenizer.append(t) for t in output_ids) + detokenizer.flush()
+        assert streamed == detokenizer.text == tokenizer.decode(output_ids), output_ids

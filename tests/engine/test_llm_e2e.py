@@ -96,6 +96,22 @@ def test_preemption_gives_the_same_tokens(reference_llm):
     assert_all_free(small)
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_preemption_prefix_caching_and_chunks_together_give_the_same_tokens(reference_llm,
+                                                                           async_scheduling):
+    """A cache for two or three of eight sequences, prompts that share prefixes, a budget
+    of 8 tokens: sequences are preempted, resume from cached blocks, and prefill in chunks."""
+    shared = random_prompts(2, 8, 16)
+    prompts = [random.choice(shared) + tail for tail in random_prompts(8, 1, 12)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=2)
+    expected = [reference_llm.generate([p], params)[0] for p in prompts]
+    small = LLM(MODEL, block_size=4, num_kv_blocks=24, max_num_batched_tokens=8,
+                max_num_seqs=8, async_scheduling=async_scheduling)
+    assert_greedy_match(outputs_run(expected), outputs_run(small.generate(prompts, params)))
+    assert small.stats.num_preemptions > 0 and small.stats.num_cached_tokens > 0
+    assert_all_free(small)
+
+
 def test_seeded_sampling_is_reproducible_across_batches(reference_llm, llm):
     prompts = random_prompts(5)
     seeds = random.sample(range(10**6), 5)
