@@ -378,6 +378,20 @@ def test_models_and_health(server, client):
     assert reply.status_code == 200 and reply.json() == {"status": "ok"}
 
 
+@pytest.mark.parametrize("method, path, status", [
+    ("GET", "/v1/nope", 404), ("POST", "/v1/completion", 404), ("GET", "/v1/completions", 405),
+    ("POST", "/v1/models", 405), ("DELETE", "/health", 405), ("PUT", "/metrics", 405),
+])
+def test_an_unknown_route_or_method_is_an_openai_error(server, method, path, status):
+    reply = httpx.request(method, server[1] + path, timeout=TIMEOUT)
+    assert reply.status_code == status
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] is None
+    assert error["message"].startswith(f"{method} {path}: ")
+    if status == 405:
+        assert reply.headers["allow"] in error["message"]
+
+
 def test_a_stopped_engine_fails_health_and_requests_with_its_reason():
     from types import SimpleNamespace
 

@@ -2,9 +2,10 @@
 /metrics, over one AsyncLLM (FastAPI, served by uvicorn; `pip install shardline[serve]`).
 
 A bad request gets a 400 in OpenAI's error format with the field named in `param`, and
-touches no engine state. The body is read by pydantic's JSON parser, which refuses what
-Python's would pass on to fail deeper as a 500: a lone UTF-16 surrogate ("\\ud800", not
-text any tokenizer takes) and nesting deep enough to exhaust the recursion limit.
+touches no engine state; an unknown path or method is a 404 or 405 in the same format.
+The body is read by pydantic's JSON parser, which refuses what Python's would pass on to
+fail deeper as a 500: a lone UTF-16 surrogate ("\\ud800", not text any tokenizer takes)
+and nesting deep enough to exhaust the recursion limit.
 
 A client that disconnects aborts its requests: a streaming response closes its stream
 however it ends, and a whole response races the generation against the connection's
@@ -21,6 +22,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic_core import from_json
+from starlette.exceptions import HTTPException
 
 from shardline.engine.async_llm import AsyncLLM
 from shardline.entrypoints import prometheus
@@ -61,6 +63,15 @@ def build_app(llm: AsyncLLM, model_name: str) -> FastAPI:
     @app.exception_handler(RequestError)
     async def bad_request(_: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse(error_body(str(exc), exc.param), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def no_such_route(request: Request, exc: HTTPException) -> JSONResponse:
+        """An unknown path (404) or method (405, with its Allow header), in OpenAI's format."""
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        if exc.headers and "Allow" in exc.headers:
+            message += f"; this path allows {exc.headers['Allow']}"
+        return JSONResponse(error_body(message, None), status_code=exc.status_code,
+                            headers=exc.headers)
 
     @app.exception_handler(RuntimeError)
     async def engine_error(_: Request, exc: RuntimeError) -> JSONResponse:
