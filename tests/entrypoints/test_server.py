@@ -194,6 +194,7 @@ def test_chat_logprobs(server, client, rng):
     (dict(extra_body={"prompt": "x" * 600}), "prompt"),
     (dict(extra_body={"prompt": [[5, 6], [7, 10**6]]}), "prompt"),
     (dict(extra_body={"stop_token_ids": [2, 10**6]}), "stop_token_ids"),
+    (dict(extra_body={"stream_options": {"include_usage": True}}), "stream_options"),
     (dict(model="nope"), "model"),
     (dict(n="many"), "n"),
 ])
@@ -215,6 +216,7 @@ def test_bad_request_is_400_naming_the_field_and_the_server_keeps_serving(
     (dict(logprobs=True, top_logprobs=99), "top_logprobs"),
     (dict(extra_body={"response_format": {"type": "json_object"}}), "response_format"),
     (dict(extra_body={"stop_token_ids": [10**6]}), "stop_token_ids"),
+    (dict(extra_body={"stream_options": {"include_usage": False}}), "stream_options"),
 ])
 def test_bad_chat_request_is_400_naming_the_field(server, client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as caught:

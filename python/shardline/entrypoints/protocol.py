@@ -65,6 +65,9 @@ class _SamplingFields(_Body):
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The SamplingParams this request asks for; RequestError naming a bad field."""
+        if self.stream_options is not None and not self.stream:
+            raise RequestError("stream_options is only allowed with stream=true: a whole "
+                               "response always carries its usage", "stream_options")
         given = {name: getattr(self, name) for name in
                  ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed",
                   "top_k", "min_p", "repetition_penalty", "stop_token_ids")
