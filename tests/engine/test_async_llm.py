@@ -392,11 +392,19 @@ def test_unexpected_error_while_adding_fails_every_stream_instead_of_hanging(rng
     asyncio.run(main())
 
 
-def test_many_streams_with_cancels_and_reused_ids(rng):
+@pytest.mark.parametrize("engine_kind", ["roomy", "preempting_ahead", "preempting_pipelined"])
+def test_many_streams_with_cancels_and_reused_ids(rng, engine_kind):
     """Streams draw ids from a small pool, so ids are reused (and sometimes still in use);
     some are cancelled, some read slowly or stop before their last output. Every stream
-    that is neither cancelled nor refused gets exactly its prompt's tokens."""
-    engine = make_engine(num_blocks=256, max_num_seqs=16, max_num_batched_tokens=64)
+    that is neither cancelled nor refused gets exactly its prompt's tokens, also when the
+    KV cache is tight (preemption), prompts go in 16-token chunks and steps are in flight
+    (scheduled ahead, or two pipelined)."""
+    limits = {"roomy": dict(num_blocks=256, max_num_seqs=16, max_num_batched_tokens=64),
+              "preempting_ahead": dict(num_blocks=12, max_num_seqs=16,
+                                       max_num_batched_tokens=16, async_scheduling=True),
+              "preempting_pipelined": dict(num_blocks=12, max_num_seqs=16,
+                                           max_num_batched_tokens=16, pipeline_depth=2)}
+    engine = make_engine(**limits[engine_kind])
     llm = AsyncLLM.from_engine(engine)
     jobs = []
     for i in range(80):
@@ -443,7 +451,8 @@ def test_many_streams_with_cancels_and_reused_ids(rng):
             assert outputs[-1].finished
             assert outputs[-1].outputs[0].token_ids == reference_tokens(job["prompt"],
                                                                        job["params"])
-    print({outcome: outcomes.count(outcome) for outcome in set(outcomes)})
+    print({outcome: outcomes.count(outcome) for outcome in set(outcomes)}, engine.stats)
     assert outcomes.count("done") >= 10
+    assert engine.stats.num_preemptions > 0 or engine_kind == "roomy"
     wait_idle(engine)
     assert_all_free(engine)

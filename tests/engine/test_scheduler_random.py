@@ -143,6 +143,10 @@ class StepChecker:
             start = (req.num_computed_tokens if req in scheduled.new_requests
                      else states[req.req_id]["computed"])
             count = scheduled.num_scheduled_tokens[req.req_id]
+            seq = sched.seqs[req.req_id]
+            if not config.enable_chunked_prefill and not seq.num_preemptions:
+                # Unchunked, a prompt is computed whole (after its cached prefix).
+                assert start + count >= seq.num_tokens, (seq, start, count)
             table = kv.block_table(req.req_id)
             assert len(table) * kv.block_size >= start + count, (req.req_id, table)
             for block in table[start // kv.block_size:(start + count - 1) // kv.block_size + 1]:
