@@ -201,6 +201,7 @@ def run_workload(limits, requests, rng):
     checker = StepChecker(engine)
     finished: dict[int, list] = {}
     live: dict[str, int] = {}
+    streamed: dict[str, list] = {}
     aborted = set()
     pending = sorted(range(len(requests)), key=lambda i: requests[i][0])
     step = 0
@@ -220,19 +221,37 @@ def run_workload(limits, requests, rng):
             assert output.request_id == request_id and output.finished
             assert "abort" in [c.finish_reason for c in output.outputs]
             aborted.add(live.pop(request_id))
+            streamed.pop(request_id, None)
             if pending and rng.random() < 0.5:  # the next request takes the id at once
                 i = pending.pop(0)
                 engine.add_request(request_id, requests[i][2], requests[i][3])
                 live[request_id] = i
             checker.check()
         for output in engine.step():
+            check_growth(streamed.get(output.request_id), output)
+            streamed[output.request_id] = completions(output)
             if output.finished:
-                finished[live.pop(output.request_id)] = completions(output)
+                finished[live.pop(output.request_id)] = streamed.pop(output.request_id)
         checker.check()
         step += 1
     assert not live
     assert kv_all_free(engine)
     return finished, aborted, engine
+
+
+def check_growth(before: list | None, output) -> None:
+    """A request's next output extends its last one: more tokens (and their logprobs), more
+    text, unless a stop string cut it at the end; a finished completion stays as it was."""
+    for i, (token_ids, text, reason, stop_reason, logprobs) in enumerate(completions(output)):
+        assert logprobs is None or len(logprobs) == len(token_ids)
+        if before is None:
+            continue
+        old_ids, old_text, old_reason = before[i][:3]
+        if old_reason is not None:
+            assert before[i] == completions(output)[i]
+            continue
+        assert list(token_ids[:len(old_ids)]) == list(old_ids) and len(token_ids) >= len(old_ids)
+        assert text.startswith(old_text) or isinstance(stop_reason, str), (old_text, text)
 
 
 def kv_all_free(engine) -> bool:
