@@ -210,6 +210,22 @@ def test_bad_request_is_400_naming_the_field_and_the_server_keeps_serving(
     assert engine_idle(server[0])
 
 
+def test_n_beyond_the_limit_is_refused_and_the_limit_is_served(server, client, rng):
+    """An n of 1e30 made the engine build sequences until the host ran out of memory; n is
+    bounded by OpenAI's 128, which is served in full."""
+    from shardline.entrypoints.protocol import MAX_N
+
+    llm, _ = server
+    for n in (rng.randint(MAX_N + 1, 4 * MAX_N), 10**30):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model=MODEL, prompt=random_text(rng), n=n, max_tokens=1)
+        assert caught.value.body["param"] == "n" and str(MAX_N) in caught.value.body["message"]
+    assert engine_idle(llm)
+    reply = client.completions.create(model=MODEL, prompt=random_text(rng), n=MAX_N,
+                                      max_tokens=1)
+    assert sorted(c.index for c in reply.choices) == list(range(MAX_N))
+
+
 @pytest.mark.parametrize("kwargs, param", [
     (dict(max_completion_tokens=0), "max_completion_tokens"),
     (dict(top_logprobs=2), "top_logprobs"),

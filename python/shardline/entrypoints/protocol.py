@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from shardline.sampling_params import SamplingParams
 
 MAX_LOGPROBS = 20
+# OpenAI's limit. The engine makes n sequences at once, so an unbounded n from one small
+# body (1e30) would fill the host's memory and stall every other request.
+MAX_N = 128
 
 
 class RequestError(ValueError):
@@ -46,7 +49,7 @@ class _SamplingFields(_Body):
     """Fields common to both endpoints; those after `seed` are extensions to OpenAI's API."""
 
     model: str
-    n: int = 1
+    n: int = Field(default=1, le=MAX_N)
     temperature: float | None = None
     top_p: float | None = None
     stop: Union[str, list[str], None] = None
