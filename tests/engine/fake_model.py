@@ -42,6 +42,16 @@ class LetterTokenizer:
         return "".join(chr(97 + t % 26) for t in token_ids)
 
 
+class PieceTokenizer:
+    """Token t decodes to one of a few pieces of one to three letters of "abc" (or to
+    nothing), so stop strings made of those letters end inside tokens and span them."""
+
+    PIECES = ["a", "b", "c", "ab", "ba", "cab", "bb", "ca", "abc", "", "cc"]
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(self.PIECES[t % len(self.PIECES)] for t in token_ids)
+
+
 class FakeModelExecutor:
     """Computes each step when it is sent; `pipeline_depth` > 1 makes the engine keep that
     many steps in flight, as it does under pipeline parallelism. Like the model runner it

@@ -219,6 +219,39 @@ def test_async_llm_streams_and_finishes():
     llm.shutdown()
 
 
+def test_async_llm_never_streams_text_that_a_stop_string_takes_back():
+    """Stop strings of two or three characters from a greedy output (random weights emit
+    one byte per token, so each spans tokens): every streamed text extends the one before
+    and begins the final one, which is the output without stop cut before the stop."""
+    llm = AsyncLLM(MODEL, block_size=4, num_kv_blocks=64)
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+    async def stream(prompt, params, request_id):
+        return [o.outputs[0] async for o in llm.generate(prompt, params, request_id)]
+
+    async def main():
+        cases = []
+        for i, prompt in enumerate(random_prompts(8, 4, 12)):
+            text = (await stream(prompt, greedy, f"free{i}"))[-1].text
+            starts = [j for j in range(len(text) - 2) if "\ufffd" not in text[j:j + 3]]
+            if starts:
+                start = random.choice(starts)
+                stop = text[start:start + random.choice([2, 3])]
+                stopped = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
+                                         stop=[stop])
+                cases.append((text, stop, await stream(prompt, stopped, f"stop{i}")))
+        return cases
+
+    cases = asyncio.run(main())
+    llm.shutdown()
+    assert cases, "no greedy output had three complete characters in a row"
+    for text, stop, streamed in cases:
+        final = streamed[-1]
+        assert (final.text, final.stop_reason) == (text[:text.index(stop)], stop)
+        for before, after in zip(streamed, streamed[1:]):
+            assert after.text.startswith(before.text), (stop, before.text, after.text)
+
+
 def test_logprobs_of_greedy_tokens_are_the_top_ones(llm):
     params = SamplingParams(temperature=0.0, max_tokens=5, logprobs=3, ignore_eos=True)
     out = llm.generate(random_prompts(1)[0], params)[0].outputs[0]

@@ -1,5 +1,9 @@
 """Turns sampled tokens into RequestOutputs: detokenizes, applies stop conditions, and
-retires sequences that are done."""
+retires sequences that are done.
+
+A stop string is cut from the final text, so an unfinished sequence's output leaves out
+the trailing characters that could still begin one: text once shown is never taken back,
+whoever streams it."""
 
 from __future__ import annotations
 
@@ -28,8 +32,15 @@ class RequestState:
         return all(seq.finished for seq in self.seqs)
 
     def text(self, seq: Sequence) -> str:
+        """The sequence's text that is final: all of it once finished, else all but the
+        end that could still begin a stop string."""
         detokenizer = self.detokenizers[seq.index]
-        return "" if detokenizer is None else detokenizer.text
+        if detokenizer is None:
+            return ""
+        text = detokenizer.text
+        if seq.finished or not seq.params.stop:
+            return text
+        return text[:stop_prefix_start(text, seq.params.stop)]
 
     def make_output(self) -> RequestOutput:
         """A snapshot of the request; every output of it shares one prompt_token_ids list."""
@@ -117,6 +128,20 @@ class OutputProcessor:
         seq.stop_reason = stop
         self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)
         return True
+
+
+def stop_prefix_start(text: str, stops: list[str]) -> int:
+    """Where the longest end of `text` that begins some stop string starts; len(text) if
+    no end does. Only the last len(stop) - 1 characters can, so the cost is independent of
+    the text's length."""
+    start = len(text)
+    for stop in stops:
+        pos = text.find(stop[0], max(len(text) - len(stop) + 1, 0), start)
+        while pos >= 0 and not stop.startswith(text[pos:]):
+            pos = text.find(stop[0], pos + 1, start)
+        if pos >= 0:
+            start = pos
+    return start
 
 
 def _completion(seq: Sequence, text: str) -> CompletionOutput:
