@@ -429,6 +429,29 @@ def test_a_stopped_engine_fails_health_and_requests_with_its_reason():
             assert "shut down" in reply.json()["error"]["message"]
 
 
+def test_an_unexpected_engine_error_is_a_500_in_openai_format(rng):
+    """An exception the server does not expect (a defect) is still an error body an OpenAI
+    client reads, naming the exception, not a bare 'Internal Server Error'."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    detail = random_text(rng)
+
+    def encode_prompt(prompt, params):
+        raise TypeError(detail)
+
+    stub = SimpleNamespace(tokenizer=None, max_model_len=64, shutdown=lambda: None,
+                           encode_prompt=encode_prompt)
+    llm = AsyncLLM.from_engine(stub)
+    with TestClient(build_app(llm, MODEL), raise_server_exceptions=False) as http:
+        reply = http.post("/v1/completions", json={"model": MODEL, "prompt": [5]})
+    llm.shutdown()
+    assert reply.status_code == 500
+    assert reply.json()["error"] == {"message": f"TypeError: {detail}", "type": "server_error",
+                                     "param": None, "code": None}
+
+
 def test_chat_with_a_model_without_a_template_points_to_completions():
     from types import SimpleNamespace
 

@@ -78,6 +78,13 @@ def build_app(llm: AsyncLLM, model_name: str) -> FastAPI:
         """The engine failed (a dead worker) or was shut down: /health says so as well."""
         return JSONResponse(error_body(str(exc), None, "server_error"), status_code=500)
 
+    @app.exception_handler(Exception)
+    async def server_bug(_: Request, exc: Exception) -> JSONResponse:
+        """Any other error is a defect here or in the engine: a 500 an OpenAI client can
+        read (the traceback goes to the log)."""
+        return JSONResponse(error_body(f"{type(exc).__name__}: {exc}", None, "server_error"),
+                            status_code=500)
+
     async def body_of(request: Request, model: type) -> Any:
         try:
             body = from_json(await request.body())
