@@ -66,11 +66,12 @@ class CompletionOutput:
     `token_ids` include a stop or eos token that ended the sequence; `text` does not, and a
     stop string and everything after it are cut from `text`. So that a later output never
     takes text back, an unfinished completion's `text` leaves out its last characters while
-    they could still begin a stop string (they show once they cannot, or when it finishes);
-    `token_ids` are never held back, so they may be ahead of `text`. `finish_reason` is "stop",
-    "length" or "abort" once finished; `stop_reason` is the stop string or stop token id
-    that matched (None for eos or length). `logprobs` (when requested) maps, per generated
-    token, token id -> log-probability for the top alternatives and the sampled token.
+    they could still begin a stop string (they show once they cannot, or when it
+    finishes); `token_ids` are never held back, so they may be ahead of `text`.
+    `finish_reason` is "stop", "length" or "abort" once finished; `stop_reason` is the stop
+    string or stop token id that matched (None for eos or length). `logprobs` (when
+    requested) maps, per generated token, token id -> log-probability for the top
+    alternatives and the sampled token.
     `token_ids` and `logprobs` are read-only ListSnapshots of lists the engine keeps
     growing, so a step's output costs the same however long the sequence is; `list(...)`
     copies one.
