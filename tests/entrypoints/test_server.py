@@ -186,6 +186,49 @@ def test_chat_logprobs(server, client, rng):
         assert entry.logprob <= 0
 
 
+def strict_json(text):
+    """JSON as the standard has it: no NaN or Infinity (Python's json takes both)."""
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_logprobs_of_tokens_that_top_k_rules_out_are_finite_json(server, rng):
+    """top_k gives every other token a logprob of -inf, which JSON cannot hold: a whole
+    response was a 500 and a streamed one sent -Infinity. They are reported at the floor."""
+    from shardline.entrypoints.serving import EXCLUDED_LOGPROB
+
+    _, url = server
+    top_k, wanted = rng.randint(1, 3), rng.randint(6, 20)
+    common = {"model": MODEL, "max_tokens": rng.randint(2, 5), "top_k": top_k,
+              "seed": rng.randrange(2**30)}
+    requests = [
+        ("/v1/completions", {**common, "prompt": random_text(rng), "logprobs": wanted}),
+        ("/v1/chat/completions", {**common, "logprobs": True, "top_logprobs": wanted,
+                                  "messages": [{"role": "user", "content": random_text(rng)}]}),
+    ]
+    for path, body in requests:
+        whole = httpx.post(url + path, json=body, timeout=TIMEOUT)
+        assert whole.status_code == 200, whole.text
+        choices = [strict_json(whole.text)["choices"]]
+        with httpx.stream("POST", url + path, json={**body, "stream": True},
+                          timeout=TIMEOUT) as reply:
+            choices += [strict_json(line[6:])["choices"] for line in reply.iter_lines()
+                        if line.startswith("data: {")]
+        for choice in (c for chunk in choices for c in chunk if c["logprobs"]):
+            if "content" in choice["logprobs"]:
+                entries = choice["logprobs"]["content"]
+                sampled = [e["logprob"] for e in entries]
+                tops = [[t["logprob"] for t in e["top_logprobs"]] for e in entries]
+            else:
+                sampled = choice["logprobs"]["token_logprobs"]
+                tops = [list(t.values()) for t in choice["logprobs"]["top_logprobs"]]
+            assert all(EXCLUDED_LOGPROB < lp <= 0 for lp in sampled)
+            for top in tops:
+                assert sum(lp > EXCLUDED_LOGPROB for lp in top) <= top_k
+                assert EXCLUDED_LOGPROB in top
+
+
 @pytest.mark.parametrize("kwargs, param", [
     (dict(temperature=-1.0), "temperature"),
     (dict(top_p=2.0), "top_p"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from typing import AsyncIterator, Callable
@@ -129,7 +130,7 @@ def completion_logprobs(completion: CompletionOutput, decode: Decode, start: int
     tokens, sampled, top = [], [], []
     for token, alternatives in zip(completion.token_ids[start:], completion.logprobs[start:]):
         tokens.append(decode(token))
-        sampled.append(alternatives.get(token))
+        sampled.append(_finite(alternatives.get(token)))
         top.append({decode(t): lp for t, lp in _ranked(alternatives)})
     return {"tokens": tokens, "token_logprobs": sampled, "top_logprobs": top}
 
@@ -140,7 +141,7 @@ def chat_logprobs(completion: CompletionOutput, decode: Decode, top_n: int,
     content = []
     for token, alternatives in zip(completion.token_ids[start:], completion.logprobs[start:]):
         text = decode(token)
-        content.append({"token": text, "logprob": alternatives.get(token),
+        content.append({"token": text, "logprob": _finite(alternatives.get(token)),
                         "bytes": list(text.encode()),
                         "top_logprobs": [{"token": decode(t), "logprob": lp,
                                           "bytes": list(decode(t).encode())}
@@ -149,7 +150,18 @@ def chat_logprobs(completion: CompletionOutput, decode: Decode, top_n: int,
 
 
 def _ranked(alternatives: dict[int, float]) -> list[tuple[int, float]]:
-    return sorted(alternatives.items(), key=lambda item: -item[1])
+    """(token, logprob) from the most likely down, every logprob finite."""
+    return [(token, _finite(logprob))
+            for token, logprob in sorted(alternatives.items(), key=lambda item: -item[1])]
+
+
+# The logprob reported for a token the sampling settings rule out (top_k, top_p, min_p give
+# it -inf): JSON has no -Infinity, and this floor is the one vLLM reports.
+EXCLUDED_LOGPROB = -9999.0
+
+
+def _finite(logprob: float | None) -> float | None:
+    return EXCLUDED_LOGPROB if logprob == -math.inf else logprob
 
 
 def completion_response(generation: Generation, outputs: list[RequestOutput], model: str,
@@ -234,4 +246,4 @@ async def stream_events(generation: Generation, model: str, chat: bool, decode: 
 
 
 def _event(data: dict) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(data, ensure_ascii=False, allow_nan=False)}\n\n"
