@@ -229,6 +229,20 @@ def test_logprobs_of_tokens_that_top_k_rules_out_are_finite_json(server, rng):
                 assert EXCLUDED_LOGPROB in top
 
 
+def test_legacy_top_logprobs_keep_the_most_likely_of_tokens_with_the_same_text(server, rng):
+    """Byte tokens of tiny-llama all read U+FFFD: the key they share holds the most likely
+    one's logprob, so the sampled token's text is never shown as less likely than it was."""
+    _, url = server
+    body = {"model": MODEL, "prompt": random_text(rng), "max_tokens": 12, "logprobs": 20,
+            "seed": rng.randrange(2**30), "ignore_eos": True}
+    reply = httpx.post(url + "/v1/completions", json=body, timeout=TIMEOUT).json()
+    logprobs = reply["choices"][0]["logprobs"]
+    for text, sampled, top in zip(logprobs["tokens"], logprobs["token_logprobs"],
+                                  logprobs["top_logprobs"]):
+        assert top[text] >= sampled
+        assert list(top.values()) == sorted(top.values(), reverse=True)
+
+
 @pytest.mark.parametrize("kwargs, param", [
     (dict(temperature=-1.0), "temperature"),
     (dict(top_p=2.0), "top_p"),

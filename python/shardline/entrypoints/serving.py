@@ -126,12 +126,17 @@ Decode = Callable[[int], str]
 
 
 def completion_logprobs(completion: CompletionOutput, decode: Decode, start: int = 0) -> dict:
-    """OpenAI's legacy logprobs object for the tokens from `start` on."""
+    """OpenAI's legacy logprobs object for the tokens from `start` on. Its alternatives are
+    keyed by text, and tokens can share one (bytes of a split character all read U+FFFD):
+    the most likely of them keeps the key."""
     tokens, sampled, top = [], [], []
     for token, alternatives in zip(completion.token_ids[start:], completion.logprobs[start:]):
         tokens.append(decode(token))
         sampled.append(_finite(alternatives.get(token)))
-        top.append({decode(t): lp for t, lp in _ranked(alternatives)})
+        ranked: dict[str, float] = {}
+        for t, lp in _ranked(alternatives):
+            ranked.setdefault(decode(t), lp)
+        top.append(ranked)
     return {"tokens": tokens, "token_logprobs": sampled, "top_logprobs": top}
 
 
