@@ -449,9 +449,14 @@ def test_metrics_endpoint_is_prometheus_text(server, client):
     assert not math.isnan(samples[("shardline_prefix_cache_hit_rate", "")])
 
 
-def test_models_and_health(server, client):
+def test_models_and_health(server, client, rng):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
+    assert client.models.retrieve(MODEL) == models.data[0]
+    other = MODEL + "-" + random_text(rng).replace(" ", "")
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve(other)
+    assert caught.value.body["param"] == "model" and other in caught.value.body["message"]
     reply = httpx.get(server[1] + "/health", timeout=TIMEOUT)
     assert reply.status_code == 200 and reply.json() == {"status": "ok"}
 

@@ -122,11 +122,20 @@ def build_app(llm: AsyncLLM, model_name: str) -> FastAPI:
         return await respond(request, body, chat_generation(llm, body), True,
                              body.top_logprobs or 0)
 
+    card = {"id": model_name, "object": "model", "created": created, "owned_by": "shardline",
+            "max_model_len": llm.engine.max_model_len}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{
-            "id": model_name, "object": "model", "created": created, "owned_by": "shardline",
-            "max_model_len": llm.engine.max_model_len}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> JSONResponse:
+        """OpenAI's model retrieval (`client.models.retrieve`): the card, or a 404."""
+        if model != model_name:
+            return JSONResponse(error_body(f"model {model!r} is not served here; this server "
+                                           f"serves {model_name!r}", "model"), status_code=404)
+        return JSONResponse(card)
 
     @app.get("/health")
     async def health() -> Response:
