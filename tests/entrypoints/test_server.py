@@ -28,6 +28,19 @@ from shardline.sampling_params import SamplingParams  # noqa: E402
 
 MODEL = "tiny-chat"
 TIMEOUT = 30.0
+def serve_in_thread(app):
+    """Start uvicorn on a free local port in a thread; returns (server, thread, base URL)."""
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + TIMEOUT
+    while not srv.started:
+        assert thread.is_alive(), "the server thread ended during startup"
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    return srv, thread, f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
+
+
 @pytest.fixture(scope="module")
 def server(tiny_chat_model):
     """(AsyncLLM, base URL) of a server running in a thread; shut down after the module."""
@@ -35,18 +48,9 @@ def server(tiny_chat_model):
     previous = os.environ.get("SHARDLINE_DISABLE_TRITON")
     os.environ["SHARDLINE_DISABLE_TRITON"] = "1"
     llm = AsyncLLM(tiny_chat_model, block_size=4, num_kv_blocks=256, max_model_len=512)
-    config = uvicorn.Config(build_app(llm, MODEL), host="127.0.0.1", port=0, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
+    srv, thread, url = serve_in_thread(build_app(llm, MODEL))
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not srv.started:
-            assert thread.is_alive(), "the server thread ended during startup"
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        port = srv.servers[0].sockets[0].getsockname()[1]
-        yield llm, f"http://127.0.0.1:{port}"
+        yield llm, url
     finally:
         srv.should_exit = True
         thread.join(TIMEOUT)
@@ -515,6 +519,39 @@ def test_an_unexpected_engine_error_is_a_500_in_openai_format(rng):
     assert reply.status_code == 500
     assert reply.json()["error"] == {"message": f"TypeError: {detail}", "type": "server_error",
                                      "param": None, "code": None}
+
+
+def test_tokenizing_a_request_does_not_hold_up_the_server():
+    """While one request's prompts are being tokenized (here: until /health has answered)
+    the server answers others; tokenizing on the event loop stalled every stream."""
+    from types import SimpleNamespace
+
+    tokenizing, answered = threading.Event(), threading.Event()
+
+    def encode_prompt(prompt, params):
+        tokenizing.set()
+        answered.wait(TIMEOUT)
+        return None, list(prompt)
+
+    stub = SimpleNamespace(tokenizer=None, max_model_len=64, shutdown=lambda: None,
+                           encode_prompt=encode_prompt)
+    llm = AsyncLLM.from_engine(stub)
+    llm.shutdown()  # the request fails once tokenized: only the wait is under test
+    srv, thread, url = serve_in_thread(build_app(llm, MODEL))
+    try:
+        slow = threading.Thread(target=httpx.post, args=(url + "/v1/completions",),
+                                kwargs={"json": {"model": MODEL, "prompt": [5]},
+                                        "timeout": TIMEOUT})
+        slow.start()
+        assert tokenizing.wait(TIMEOUT)
+        assert httpx.get(url + "/health", timeout=5).status_code == 503
+        answered.set()
+        slow.join(TIMEOUT)
+    finally:
+        answered.set()
+        srv.should_exit = True
+        thread.join(TIMEOUT)
+    assert not thread.is_alive()
 
 
 def test_chat_with_a_model_without_a_template_points_to_completions():

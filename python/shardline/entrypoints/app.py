@@ -7,6 +7,10 @@ The body is read by pydantic's JSON parser, which refuses what Python's would pa
 fail deeper as a 500: a lone UTF-16 surrogate ("\\ud800", not text any tokenizer takes)
 and nesting deep enough to exhaust the recursion limit.
 
+A request's prompts are rendered and tokenized in a worker thread, so that a large batch
+does not hold up the streams of others (3000 prompts of 440 characters stalled every
+other response for 0.76 s).
+
 A client that disconnects aborts its requests: a streaming response closes its stream
 however it ends, and a whole response races the generation against the connection's
 disconnect message.
@@ -114,13 +118,14 @@ def build_app(llm: AsyncLLM, model_name: str) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await body_of(request, CompletionRequest)
-        return await respond(request, body, completion_generation(llm, body), False, 0)
+        generation = await asyncio.to_thread(completion_generation, llm, body)
+        return await respond(request, body, generation, False, 0)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await body_of(request, ChatCompletionRequest)
-        return await respond(request, body, chat_generation(llm, body), True,
-                             body.top_logprobs or 0)
+        generation = await asyncio.to_thread(chat_generation, llm, body)
+        return await respond(request, body, generation, True, body.top_logprobs or 0)
 
     card = {"id": model_name, "object": "model", "created": created, "owned_by": "shardline",
             "max_model_len": llm.engine.max_model_len}
