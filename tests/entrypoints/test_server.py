@@ -117,6 +117,34 @@ def test_completion_greedy_equals_engine_and_streams_the_same_text(server, clien
     assert chunks[-1].usage.completion_tokens == 8
 
 
+def test_streamed_text_keeps_pace_with_the_engine(server, rng):
+    """The engine holds back only an end that could begin a stop string; the stream shows
+    each text the engine shows, when it shows it (it held back len(stop) - 1 more)."""
+    llm, url = server
+    prompt = random_text(rng)
+    stop = random_text(rng, 4, 8)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, stop=[stop])
+
+    async def engine_texts():
+        texts = []
+        async for output in llm.generate(prompt, params, f"pace-{random.random()}"):
+            texts.append(output.outputs[0].text)
+        return texts
+    expected = asyncio.run(asyncio.wait_for(engine_texts(), TIMEOUT))
+
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 10, "temperature": 0,
+            "ignore_eos": True, "stop": [stop], "stream": True}
+    streamed = [""]
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=TIMEOUT) as reply:
+        for line in reply.iter_lines():
+            if line.startswith("data: {"):
+                streamed.append(streamed[-1] + json.loads(line[6:])["choices"][0]["text"])
+
+    def distinct(texts):
+        return [t for i, t in enumerate(texts) if t and (i == 0 or t != texts[i - 1])]
+    assert distinct(streamed) == distinct(expected)
+
+
 def test_completion_n_and_batched_prompts_with_seed(server, client, rng):
     llm, _ = server
     prompts = [random_text(rng), random_text(rng)]

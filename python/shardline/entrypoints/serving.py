@@ -4,8 +4,9 @@ the outputs as OpenAI's response objects, whole or as server-sent-event chunks.
 Every prompt of a request is one engine request (its `n` completions are the engine's
 sequences); their streams are merged as they produce. Closing the merged stream (the
 client went away) cancels every engine stream, which aborts its request and frees its KV
-blocks. Streamed text holds back the last characters that could still begin a stop
-string, since the engine cuts a stop string, and what follows it, out of the final text.
+blocks. A chunk carries the text a completion gained since the last: the engine never
+takes text back (it holds back an end that could still begin a stop string), so the
+chunks add up to the final text.
 """
 
 from __future__ import annotations
@@ -202,7 +203,6 @@ async def stream_events(generation: Generation, model: str, chat: bool, decode: 
     role first), a usage chunk if asked, then [DONE]. An engine error mid-stream ends it
     with an error event, since the 200 status line is already sent."""
     n = generation.params.n
-    holdback = max((len(s) for s in generation.params.stop), default=1) - 1
     sent_text: dict[int, int] = {}
     sent_tokens: dict[int, int] = {}
     closed: set[int] = set()
@@ -223,12 +223,10 @@ async def stream_events(generation: Generation, model: str, chat: bool, decode: 
                 if key in closed:
                     continue
                 done_text, done_tokens = sent_text.get(key, 0), sent_tokens.get(key, 0)
-                end = (len(completion.text) if completion.finished
-                       else max(done_text, len(completion.text) - holdback))
-                text = completion.text[done_text:end]
+                text = completion.text[done_text:]
                 if not text and not completion.finished:
                     continue
-                sent_text[key], sent_tokens[key] = end, len(completion.token_ids)
+                sent_text[key], sent_tokens[key] = len(completion.text), len(completion.token_ids)
                 if completion.finished:
                     closed.add(key)
                 logprobs = None
