@@ -77,3 +77,15 @@ def test_numpy_scalars_and_sets_are_taken_as_python_values(fresh_seed):
     assert SamplingParams.from_dict(params.to_dict()) == params
     with pytest.raises(ValueError, match=r"max_tokens=.*5\.0.* is invalid"):
         SamplingParams(max_tokens=np.float64(5.0))
+
+
+def test_n_beyond_its_limit_is_refused_at_once(fresh_seed):
+    """n=10**30 made the engine build sequences until the host ran out of memory."""
+    from shardline.sampling_params import MAX_N
+
+    rng = random.Random(fresh_seed)
+    for n in (0, -rng.randint(1, 100), MAX_N + 1, rng.randint(MAX_N + 2, 10**30)):
+        with pytest.raises(ValueError, match=rf"SamplingParams\.n={n} is invalid: must be an "
+                                             f"integer from 1 to {MAX_N}"):
+            SamplingParams(n=n)
+    assert SamplingParams(n=MAX_N).n == MAX_N

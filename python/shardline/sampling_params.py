@@ -11,6 +11,9 @@ import numbers
 from dataclasses import asdict, dataclass, field, fields
 
 MIN_TEMPERATURE = 1e-5
+# Samples of one prompt. Far above any real use; it stops a mistaken huge n, for which the
+# engine would build sequences until the host ran out of memory.
+MAX_N = 4096
 
 
 @dataclass
@@ -56,7 +59,8 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field (also after later mutation)."""
-        _check(_is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
+        _check(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", self.n,
+               f"an integer from 1 to {MAX_N}")
         for name in _REAL_FIELDS:
             value = getattr(self, name)
             _check(_is_real(value), name, value, "a finite number")

@@ -346,6 +346,17 @@ def test_logprobs_beyond_the_vocabulary_are_refused_and_the_engine_keeps_serving
     assert_all_free(engine)
 
 
+def test_a_prompt_with_a_lone_surrogate_is_refused_naming_it(tiny_chat_model):
+    llm = LLM(tiny_chat_model)
+    at = random.randint(0, 5)
+    text = "hello!"[:at] + chr(random.randint(0xD800, 0xDFFF)) + "hello!"[at:]
+    with pytest.raises(ValueError, match=f"prompt holds .* at index {at}, a lone UTF-16 "
+                                         "surrogate"):
+        llm.generate([text], SamplingParams(max_tokens=2))
+    assert len(llm.generate(["hello"], SamplingParams(max_tokens=2))[0].outputs[0].token_ids) == 2
+    llm.shutdown()
+
+
 def test_async_llm_streams_and_cancels():
     engine = make_engine()
     llm = AsyncLLM.from_engine(engine)

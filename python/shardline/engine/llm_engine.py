@@ -170,6 +170,12 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("prompt is text, but the model has no tokenizer.json: pass "
                                  "token ids")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"prompt holds {prompt[exc.start]!r} at index {exc.start}, a "
+                                 "lone UTF-16 surrogate, which is not text and cannot be "
+                                 "tokenized") from None
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, ids = None, self._token_ids(prompt, "prompt")
