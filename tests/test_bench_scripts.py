@@ -317,3 +317,17 @@ def test_startup_reports_the_median_of_its_runs(tmp_path):
         assert all(run[name] > 0 for run in row["runs"])
         assert row[name] == pytest.approx(statistics.median(run[name] for run in row["runs"]))
     assert row["met"] == (row["ready_s"] <= row["target_s"])
+
+
+def test_omp_wait_policy_runs_every_variant(tmp_path):
+    run_script("omp_wait_policy.py", "--busy", "0,1", "--rounds", "1", "--model", "tiny-llama",
+               "--max-tokens", "4", "--workloads", "demo", "--out-dir", str(tmp_path))
+    result = json.loads((tmp_path / "omp_wait_policy.json").read_text())
+    assert [load["busy_processes"] for load in result["loads"]] == [0, 1]
+    for load in result["loads"]:
+        medians = load["median_tokens_per_s"]
+        assert set(medians) == {"spinning", "short spin", "sleeping", "one thread"}
+        for name, runs in load["runs_tokens_per_s"].items():
+            assert len(runs) == 1 and medians[name] == statistics.median(runs) > 0
+            assert math.isclose(load["ratio_to_spinning"][name],
+                                medians[name] / medians["spinning"])

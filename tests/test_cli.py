@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -260,3 +261,27 @@ def test_help_and_bad_flags_answer_without_importing_torch():
     assert all(f"usage: shardline {command}" in out
                for (_, out, _), command in zip(runs[1:], SUBCOMMANDS))
     assert all(err.strip() for _, _, err in runs[len(helps):])
+
+
+_OPENMP = """
+import os, sys
+from shardline import cli
+try:
+    cli.main(["plan", "--help"])
+except SystemExit:
+    pass
+print(os.environ.get("GOMP_SPINCOUNT"), os.environ.get("OMP_WAIT_POLICY"), "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("chosen, expected", [
+    ({}, ["10000", "None"]), ({"GOMP_SPINCOUNT": "5"}, ["5", "None"]),
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, ["None", "ACTIVE"])])
+def test_commands_shorten_openmp_spinning_unless_the_user_chose(chosen, expected):
+    """The spin count must be in the environment before torch loads OpenMP, and a user's
+    own spin count or wait policy stays as it is."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    done = subprocess.run([sys.executable, "-c", _OPENMP], env={**env, **chosen},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.split()[-3:] == [*expected, "False"]

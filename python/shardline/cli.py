@@ -363,7 +363,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def limit_openmp_spinning() -> None:
+    """Make torch's OpenMP threads spin briefly after each op before they sleep, unless the
+    user chose a spin count or a wait policy. A CPU rank runs in the engine's process with
+    a thread per core; libgomp's threads spin about 300000 rounds after each op, taking the
+    cores that the next op's threads, the engine and any other work on the machine need.
+    With 10000, beside two busy processes on 2 cores, the demo and a batch of 32 ran about
+    1.5x faster, and idle runs lost nothing; sleeping at once gained more under load but
+    cost 9-19% idle (bench/omp_wait_policy.py). OpenMP reads this when torch loads it, so
+    it runs before anything imports torch; the worker processes inherit it."""
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = "10000"
+
+
 def main(argv: list[str] | None = None) -> int:
+    limit_openmp_spinning()
     args = build_parser().parse_args(argv)
     log = logging.getLogger("shardline")
     # The command's progress goes to stderr while it runs; an embedding program that set
