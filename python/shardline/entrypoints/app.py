@@ -190,6 +190,9 @@ def run_server(llm: AsyncLLM, model_name: str, host: str = "127.0.0.1", port: in
     import uvicorn
 
     try:
-        uvicorn.run(build_app(llm, model_name), host=host, port=port, log_level=log_level)
+        # No lifespan events: the app has none, and a second Ctrl-C while the engine shut
+        # down cancelled uvicorn's lifespan task, which it logged as an error, twice traced.
+        uvicorn.run(build_app(llm, model_name), host=host, port=port, log_level=log_level,
+                    lifespan="off")
     finally:
         llm.shutdown()
