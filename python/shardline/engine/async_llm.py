@@ -127,19 +127,23 @@ class AsyncLLM:
         self._streams: dict[str, _Stream] = {}
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str, prompt_token_ids: list[int] | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they grow; raises ValueError for a bad request.
 
         Leaving the loop early (break, cancel, close) aborts the request and frees its KV
         blocks. The id is free again once the request finishes, even if its stream has
-        not read the last output yet.
+        not read the last output yet. `prompt_token_ids`, when given, must be what
+        `engine.encode_prompt(prompt, sampling_params)` returned (a server does that off the
+        event loop): the prompt is then neither validated nor tokenized again here.
         """
         self._raise_if_stopped()
         if not isinstance(request_id, str):
             raise ValueError(f"request_id={request_id!r} ({type(request_id).__name__}) is not "
                              "a string")
         params = SamplingParams() if sampling_params is None else sampling_params
-        _, prompt_token_ids = self.engine.encode_prompt(prompt, params)
+        if prompt_token_ids is None:
+            _, prompt_token_ids = self.engine.encode_prompt(prompt, params)
         stream = _Stream(request_id)
         self._post(_Add(stream, prompt, prompt_token_ids, params), refuse=True)
         finished = False

@@ -36,11 +36,12 @@ class Generation:
         self.params = params
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        # Token ids, so that the engine does not tokenize the prompts a second time.
-        self.prompts: list[list[int]] = []
+        # Each prompt with its token ids, so that the engine neither validates nor tokenizes
+        # it again on the event loop.
+        self.prompts: list[tuple[str | list[int], list[int]]] = []
         for i, prompt in enumerate(prompts):
             try:
-                self.prompts.append(llm.engine.encode_prompt(prompt, params)[1])
+                self.prompts.append((prompt, llm.engine.encode_prompt(prompt, params)[1]))
             except ValueError as exc:
                 param = _param(str(exc), prompt_field)
                 where = prompt_field if len(prompts) == 1 else f"{prompt_field}[{i}]"
@@ -51,16 +52,17 @@ class Generation:
         """(prompt index, cumulative output) as any of the prompts gains tokens."""
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(index: int, prompt: list[int]) -> None:
+        async def pump(index: int, prompt: str | list[int], token_ids: list[int]) -> None:
             try:
                 async for output in self.llm.generate(prompt, self.params,
-                                                      f"{self.id}-{index}"):
+                                                      f"{self.id}-{index}", token_ids):
                     queue.put_nowait((index, output))
                 queue.put_nowait((index, _DONE))
             except Exception as exc:
                 queue.put_nowait((index, exc))
 
-        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(self.prompts)]
+        tasks = [asyncio.create_task(pump(i, prompt, ids))
+                 for i, (prompt, ids) in enumerate(self.prompts)]
         try:
             remaining = len(tasks)
             while remaining:
