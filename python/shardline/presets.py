@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Callable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from shardline.engine.tokenizer import byte_level_alphabet
+
 if TYPE_CHECKING:
     import torch
 
@@ -155,7 +157,7 @@ def _random_tensor(name: str, shape: tuple[int, ...], hidden: int, gen: torch.Ge
 
 def byte_tokenizer() -> Tokenizer:
     """Byte-level BPE without merges: the specials, then one token per byte value."""
-    alphabet = _bytes_to_unicode()
+    alphabet = byte_level_alphabet()
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     vocab.update({alphabet[b]: len(SPECIAL_TOKENS) + b for b in range(256)})
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -163,20 +165,6 @@ def byte_tokenizer() -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
     return tokenizer
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """The GPT-2 byte -> printable character table that byte-level BPE uses."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
 
 
 def _write_preset(name: str, out_dir: str, config: dict | None = None) -> None:

@@ -661,3 +661,23 @@ def test_each_prompt_is_validated_and_tokenized_once(server, client, rng, monkey
     reply = client.completions.create(model=MODEL, prompt=prompts, max_tokens=2)
     assert len(reply.choices) == len(prompts)
     assert calls == prompts
+
+
+def test_chat_logprobs_bytes_are_the_tokens_own(rng):
+    """A character split over byte tokens: each token's text is U+FFFD, and OpenAI's bytes
+    field is what lets a client rebuild the character; it held the bytes of U+FFFD."""
+    from shardline.engine.outputs import CompletionOutput
+    from shardline.engine.tokenizer import Tokenizer
+    from shardline.entrypoints.serving import Decode, chat_logprobs
+    from shardline.presets import byte_tokenizer
+
+    tokenizer = Tokenizer(byte_tokenizer())
+    char = rng.choice("éß中字🙂🚀")
+    ids = tokenizer.encode(char, add_special_tokens=False)
+    completion = CompletionOutput(index=0, text=char, token_ids=ids,
+                                  logprobs=[{t: -0.5} for t in ids])
+    content = chat_logprobs(completion, Decode(tokenizer), top_n=1)["content"]
+    assert [entry["token"] for entry in content] == ["\ufffd"] * len(ids)
+    assert bytes(b for entry in content for b in entry["bytes"]) == char.encode()
+    assert [entry["top_logprobs"][0]["bytes"] for entry in content] == \
+        [entry["bytes"] for entry in content]

@@ -7,12 +7,34 @@ any, comes from tokenizer_config.json ("chat_template") or chat_template.jinja.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 
 from tokenizers import Tokenizer as _HFTokenizer
 
 from shardline.engine.chat_template import Message, render_chat
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")   # SentencePiece's byte tokens
+
+
+def byte_level_alphabet() -> dict[int, str]:
+    """The GPT-2 byte -> printable character table that byte-level BPE spells tokens in."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_OF_CHAR = {char: byte for byte, char in byte_level_alphabet().items()}
 
 
 class Tokenizer:
@@ -57,6 +79,24 @@ class Tokenizer:
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes token `token_id` stands for, which its decoded text can hide: a token
+        holding part of a multi-byte character decodes to U+FFFD alone. Exact for
+        byte-level BPE and SentencePiece byte tokens; other tokens give their text's bytes."""
+        piece = self._tokenizer.id_to_token(token_id)
+        if piece is not None and self._byte_level and all(c in _BYTE_OF_CHAR for c in piece):
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        if piece is not None and (byte := _BYTE_FALLBACK.fullmatch(piece)):
+            return bytes([int(byte.group(1), 16)])
+        return self.decode([token_id], skip_special_tokens=False).encode()
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        """Whether tokens are spelled in byte_level_alphabet (GPT-2 style byte-level BPE)."""
+        decoder = json.loads(self._tokenizer.to_str()).get("decoder") or {}
+        kinds = [d.get("type") for d in decoder.get("decoders", [decoder])]
+        return "ByteLevel" in kinds
 
     def apply_chat_template(self, messages: list[Message],
                             add_generation_prompt: bool = True) -> str:

@@ -32,9 +32,9 @@ from shardline.engine.async_llm import AsyncLLM
 from shardline.entrypoints import prometheus
 from shardline.entrypoints.protocol import (ChatCompletionRequest, CompletionRequest,
                                             RequestError, error_body, parse)
-from shardline.entrypoints.serving import (Generation, chat_generation, chat_response,
-                                           completion_generation, completion_response,
-                                           stream_events)
+from shardline.entrypoints.serving import (Decode, Generation, chat_generation,
+                                           chat_response, completion_generation,
+                                           completion_response, stream_events)
 
 logger = logging.getLogger("shardline")
 
@@ -57,12 +57,7 @@ def build_app(llm: AsyncLLM, model_name: str) -> FastAPI:
     requests must name)."""
     app = FastAPI(title="shardline", description="OpenAI-compatible server over shardline")
     created = int(time.time())
-    tokenizer = llm.engine.tokenizer
-
-    def decode(token: int) -> str:
-        if tokenizer is None:
-            return str(token)
-        return tokenizer.decode([token], skip_special_tokens=False)
+    decode = Decode(llm.engine.tokenizer)
 
     @app.exception_handler(RequestError)
     async def bad_request(_: Request, exc: RequestError) -> JSONResponse:

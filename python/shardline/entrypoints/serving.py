@@ -16,10 +16,11 @@ import json
 import math
 import time
 import uuid
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 from shardline.engine.async_llm import AsyncLLM
 from shardline.engine.outputs import CompletionOutput, RequestOutput
+from shardline.engine.tokenizer import Tokenizer
 from shardline.entrypoints.protocol import (ChatCompletionRequest, CompletionRequest,
                                             RequestError, field_of)
 from shardline.sampling_params import SamplingParams
@@ -125,7 +126,22 @@ def usage(outputs: list[RequestOutput]) -> dict:
             "total_tokens": prompt + completion}
 
 
-Decode = Callable[[int], str]
+class Decode:
+    """A token's text and bytes for the logprobs objects; without a tokenizer, its id as
+    text."""
+
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, token: int) -> str:
+        if self.tokenizer is None:
+            return str(token)
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def bytes(self, token: int) -> bytes:
+        if self.tokenizer is None:
+            return str(token).encode()
+        return self.tokenizer.token_bytes(token)
 
 
 def completion_logprobs(completion: CompletionOutput, decode: Decode, start: int = 0) -> dict:
@@ -150,9 +166,9 @@ def chat_logprobs(completion: CompletionOutput, decode: Decode, top_n: int,
     for token, alternatives in zip(completion.token_ids[start:], completion.logprobs[start:]):
         text = decode(token)
         content.append({"token": text, "logprob": _finite(alternatives.get(token)),
-                        "bytes": list(text.encode()),
+                        "bytes": list(decode.bytes(token)),
                         "top_logprobs": [{"token": decode(t), "logprob": lp,
-                                          "bytes": list(decode(t).encode())}
+                                          "bytes": list(decode.bytes(t))}
                                          for t, lp in _ranked(alternatives)[:top_n]]})
     return {"content": content}
 
