@@ -58,9 +58,9 @@ def spin() -> None:
 
 def workload_argv(workload: str, model: str, max_tokens: int, scratch: Path) -> list[str]:
     if workload == "demo":
-        return ["demo", "--model", model, "--max-tokens", str(max_tokens)]
+        return ["demo", "--model", model, "--max-tokens", str(max_tokens), "--device", "cpu"]
     return ["bench", "--model", "small-llama", "--num-prompts", "32", "--no-progress",
-            "--out", str(scratch / "bench.jsonl")]
+            "--device", "cpu", "--out", str(scratch / "bench.jsonl")]
 
 
 def tokens_per_s(workload: str, argv: list[str], variant: dict[str, str]) -> float:

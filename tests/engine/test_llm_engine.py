@@ -347,7 +347,7 @@ def test_logprobs_beyond_the_vocabulary_are_refused_and_the_engine_keeps_serving
 
 
 def test_a_prompt_with_a_lone_surrogate_is_refused_naming_it(tiny_chat_model):
-    llm = LLM(tiny_chat_model)
+    llm = LLM(tiny_chat_model, device="cpu")
     at = random.randint(0, 5)
     text = "hello!"[:at] + chr(random.randint(0xD800, 0xDFFF)) + "hello!"[at:]
     with pytest.raises(ValueError, match=f"prompt holds .* at index {at}, a lone UTF-16 "
