@@ -491,6 +491,8 @@ def test_models_and_health(server, client, rng):
     assert caught.value.body["param"] == "model" and other in caught.value.body["message"]
     reply = httpx.get(server[1] + "/health", timeout=TIMEOUT)
     assert reply.status_code == 200 and reply.json() == {"status": "ok"}
+    probe = httpx.head(server[1] + "/health", timeout=TIMEOUT)
+    assert probe.status_code == 200 and probe.content == b""
 
 
 @pytest.mark.parametrize("method, path, status", [
@@ -519,6 +521,7 @@ def test_a_stopped_engine_fails_health_and_requests_with_its_reason():
     with TestClient(build_app(llm, MODEL)) as http:
         health = http.get("/health")
         assert health.status_code == 503 and "shut down" in health.json()["message"]
+        assert http.head("/health").status_code == 503
         for stream in (False, True):
             reply = http.post("/v1/completions",
                               json={"model": MODEL, "prompt": [5], "stream": stream})

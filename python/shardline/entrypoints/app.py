@@ -137,7 +137,7 @@ def build_app(llm: AsyncLLM, model_name: str) -> FastAPI:
                                            f"serves {model_name!r}", "model"), status_code=404)
         return JSONResponse(card)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' probes
     async def health() -> Response:
         """200 while the engine accepts requests; 503 once it failed or was shut down."""
         try:
