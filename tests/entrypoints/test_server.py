@@ -684,3 +684,18 @@ def test_chat_logprobs_bytes_are_the_tokens_own(rng):
     assert bytes(b for entry in content for b in entry["bytes"]) == char.encode()
     assert [entry["top_logprobs"][0]["bytes"] for entry in content] == \
         [entry["bytes"] for entry in content]
+
+
+def test_a_message_name_reaches_the_chat_template(rng):
+    """OpenAI's `name` of a message's participant was dropped before the template."""
+    from shardline.engine.chat_template import render_chat
+    from shardline.entrypoints.protocol import ChatCompletionRequest
+
+    name = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 8)))
+    request = ChatCompletionRequest(model=MODEL, messages=[
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi", "name": name}])
+    template = ("{% for m in messages %}{{ m.role }}{% if m.name %} ({{ m.name }}){% endif %}: "
+                "{{ m.content }}\n{% endfor %}")
+    assert render_chat(template, request.conversation(), False) == \
+        f"system: be brief\nuser ({name}): hi\n"

@@ -138,7 +138,10 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
 
     def conversation(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        """The messages for the chat template, each with its participant's `name` when
+        given (templates that know names render them)."""
+        return [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                for m in self.messages]
 
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
