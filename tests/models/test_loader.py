@@ -110,7 +110,7 @@ def test_a_bad_config_is_refused_before_any_worker_starts(tmp_path, no_spawn):
     (tmp_path / "config.json").unlink()
     _config_with(tmp_path, "tiny-llama", rope_theta=0)
     with pytest.raises(ValueError, match="rope_theta=0 is invalid"):
-        LLM(str(tmp_path), tensor_parallel_size=2)
+        LLM(str(tmp_path), tensor_parallel_size=2, device="cpu")
 
 
 def test_an_index_naming_an_absent_shard_is_named(tmp_path):
