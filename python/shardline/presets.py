@@ -30,8 +30,6 @@ from typing import TYPE_CHECKING, Callable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from shardline.engine.tokenizer import byte_level_alphabet
-
 if TYPE_CHECKING:
     import torch
 
@@ -165,6 +163,20 @@ def byte_tokenizer() -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
     return tokenizer
+
+
+def byte_level_alphabet() -> dict[int, str]:
+    """The GPT-2 byte -> printable character table that byte-level BPE spells tokens in."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
 
 
 def _write_preset(name: str, out_dir: str, config: dict | None = None) -> None:

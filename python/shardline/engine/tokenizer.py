@@ -15,25 +15,10 @@ import re
 from tokenizers import Tokenizer as _HFTokenizer
 
 from shardline.engine.chat_template import Message, render_chat
+from shardline.presets import byte_level_alphabet
 
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")   # SentencePiece's byte tokens
-
-
-def byte_level_alphabet() -> dict[int, str]:
-    """The GPT-2 byte -> printable character table that byte-level BPE spells tokens in."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 _BYTE_OF_CHAR = {char: byte for byte, char in byte_level_alphabet().items()}
 
 
