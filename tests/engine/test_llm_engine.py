@@ -408,21 +408,39 @@ def test_async_llm_cancelled_consumer_aborts_its_request():
     engine = make_engine()
     llm = AsyncLLM.from_engine(engine)
     seen = []
+    # The fake model is so fast that the request could finish, and its consumer read every
+    # output without yielding, before the cancel (the test failed about 1 run in 10): once
+    # the request has 3 tokens, steps wait for the cancel, then take 20 ms each, so that its
+    # abort (posted when the event loop next runs the stream) arrives long before the last.
+    cancelled = threading.Event()
+    send = engine.executor.execute_model
+
+    def paced(scheduled, non_block=False):
+        seq = engine.scheduler.seqs.get("c")
+        if seq is not None and seq.num_output_tokens >= 3:
+            cancelled.wait(10.0)
+            time.sleep(0.02)
+        return send(scheduled, non_block)
+
+    engine.executor.execute_model = paced
 
     async def consume():
-        async for output in llm.generate([5, 6, 7], SamplingParams(max_tokens=500), "c"):
+        async for output in llm.generate([5, 6, 7], SamplingParams(max_tokens=100), "c"):
             seen.append(output)
 
     async def main():
         task = asyncio.create_task(consume())
         while len(seen) < 3:
             await asyncio.sleep(0)
+        assert not seen[-1].finished
         task.cancel()
+        cancelled.set()
         with pytest.raises(asyncio.CancelledError):
             await task
         assert not engine.has_unfinished_requests()
 
     asyncio.run(main())
+    assert engine.step_metrics.finished["abort"] == 1
     assert_all_free(engine)
 
 
