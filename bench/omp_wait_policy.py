@@ -20,7 +20,7 @@ throughput-bound). `--busy N` runs N processes that spin on a core each beside t
 (other work on the machine); the variants alternate within each round, so they meet the
 same conditions.
 
-    python bench/omp_wait_policy.py                   # busy 0 and 2, 3 rounds (about 8 min)
+    python bench/omp_wait_policy.py                   # busy 0 and 2, 3 rounds (about 10 min)
     python bench/omp_wait_policy.py --busy 0,1,2 --rounds 5 --workloads demo
 
 Results: bench/results/omp_wait_policy.json (`--out-dir` elsewhere): output tokens/s per

@@ -357,6 +357,24 @@ def test_a_prompt_with_a_lone_surrogate_is_refused_naming_it(tiny_chat_model):
     llm.shutdown()
 
 
+def pace_steps(engine, request_id: str, step_s: float = 0.0) -> threading.Event:
+    """Hold the engine's steps once `request_id` has 3 output tokens until the returned
+    event is set (at most 10 s), then let each take `step_s`: the fake model is fast enough
+    to finish a request before an asyncio consumer gets to act on it."""
+    released = threading.Event()
+    send = engine.executor.execute_model
+
+    def paced(scheduled, non_block=False):
+        seq = engine.scheduler.seqs.get(request_id)
+        if seq is not None and seq.num_output_tokens >= 3:
+            released.wait(10.0)
+            time.sleep(step_s)
+        return send(scheduled, non_block)
+
+    engine.executor.execute_model = paced
+    return released
+
+
 def test_async_llm_streams_and_cancels():
     engine = make_engine()
     llm = AsyncLLM.from_engine(engine)
@@ -364,16 +382,7 @@ def test_async_llm_streams_and_cancels():
     expected = LLM.from_engine(make_engine()).generate(prompts, GREEDY)
     # The fake model is so fast that the engine could finish the cancelled request (100
     # tokens) before its consumer reads its third output: steps wait for that read.
-    cancelling = threading.Event()
-    send = engine.executor.execute_model
-
-    def paced(scheduled, non_block=False):
-        seq = engine.scheduler.seqs.get("c")
-        if seq is not None and seq.num_output_tokens >= 3:
-            cancelling.wait(10.0)
-        return send(scheduled, non_block)
-
-    engine.executor.execute_model = paced
+    cancelling = pace_steps(engine, "c")
 
     async def collect(i):
         seen = []
@@ -409,20 +418,10 @@ def test_async_llm_cancelled_consumer_aborts_its_request():
     llm = AsyncLLM.from_engine(engine)
     seen = []
     # The fake model is so fast that the request could finish, and its consumer read every
-    # output without yielding, before the cancel (the test failed about 1 run in 10): once
+    # output without yielding, before the cancel (the test failed about 1 run in 25): once
     # the request has 3 tokens, steps wait for the cancel, then take 20 ms each, so that its
     # abort (posted when the event loop next runs the stream) arrives long before the last.
-    cancelled = threading.Event()
-    send = engine.executor.execute_model
-
-    def paced(scheduled, non_block=False):
-        seq = engine.scheduler.seqs.get("c")
-        if seq is not None and seq.num_output_tokens >= 3:
-            cancelled.wait(10.0)
-            time.sleep(0.02)
-        return send(scheduled, non_block)
-
-    engine.executor.execute_model = paced
+    cancelled = pace_steps(engine, "c", step_s=0.02)
 
     async def consume():
         async for output in llm.generate([5, 6, 7], SamplingParams(max_tokens=100), "c"):
