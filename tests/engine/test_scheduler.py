@@ -150,6 +150,22 @@ def test_prefix_cache_hit_skips_computed_tokens():
     assert sched.stats.num_cached_tokens == 12
 
 
+def test_cached_tokens_reported_are_the_first_admissions_not_a_resumes():
+    """A preempted sequence resumes from its own cached blocks; that hit is counted in the
+    cache statistics but is not the request's prefix-cache hit."""
+    sched = make_scheduler(num_blocks=7, block_size=4, budget=64, caching=True)
+    prompt_len = random.randint(5, 8)
+    a, b, c = (add(sched, name, prompt_len, i) for i, name in enumerate("abc"))
+    while c.num_preemptions == 0:
+        step(sched)
+    sched.finish(a, SequenceStatus.FINISHED_STOPPED)
+    hits_before = sched.stats.num_cached_tokens
+    out = step(sched)
+    assert out.new_requests[0].req_id == "c" and out.new_requests[0].num_computed_tokens > 0
+    assert sched.stats.num_cached_tokens > hits_before
+    assert c.num_cached_tokens == 0
+
+
 def test_siblings_waiting_for_their_leader_do_not_stall_the_queue():
     sched = make_scheduler(num_blocks=64, block_size=4, budget=16, caching=True)
     leader, sibling = add(sched, "a", 40, 0, n=2)

@@ -240,7 +240,8 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             seq.num_computed_tokens = num_cached
-            seq.num_cached_tokens = num_cached
+            if not seq.num_preemptions:
+                seq.num_cached_tokens = num_cached
             self.stats.num_cached_tokens += num_cached
             self.stats.num_lookup_tokens += seq.num_tokens
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
