@@ -16,15 +16,22 @@ def tp_rank(monkeypatch):
     return set_rank
 
 
-def test_qkv_loader_takes_this_ranks_heads(tp_rank):
-    heads, kv_heads, dim, hidden = 4, 2, 3, 5
+@pytest.mark.parametrize("tp,kv_heads", [(2, 2), (2, 4), (4, 2), (8, 2)])
+def test_qkv_loader_takes_this_ranks_heads(tp_rank, tp, kv_heads):
+    """Each rank takes its query heads; KV heads are split when TP divides them, else
+    replicated: rank r holds KV head r // (tp / kv_heads), as its query heads need."""
+    heads, dim, hidden = 8, 3, 5
     q, k, v = (torch.randn(n * dim, hidden) for n in (heads, kv_heads, kv_heads))
-    for rank in range(2):
-        tp_rank(rank, 2)
+    replicas = max(1, tp // kv_heads)
+    for rank in range(tp):
+        tp_rank(rank, tp)
         layer = QKVParallelLinear(hidden, dim, heads, kv_heads)
+        assert layer.num_kv_heads == max(1, kv_heads // tp)
         for name, w in zip("qkv", (q, k, v)):
             layer.weight_loader(layer.weight, w, f"{name}_proj.weight", name)
-        q_part, k_part, v_part = q.chunk(2)[rank], k.chunk(2)[rank], v.chunk(2)[rank]
+        kv_part = rank // replicas
+        q_part = q.chunk(tp)[rank]
+        k_part, v_part = k.chunk(tp // replicas)[kv_part], v.chunk(tp // replicas)[kv_part]
         assert torch.equal(layer.weight, torch.cat([q_part, k_part, v_part]))
 
 

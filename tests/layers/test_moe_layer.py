@@ -1,5 +1,8 @@
+import pytest
 import torch
 
+from shardline.distributed import parallel_state
+from shardline.distributed.parallel_state import GroupCoordinate
 from shardline.layers.moe import FusedMoE, select_experts
 
 
@@ -35,3 +38,35 @@ def test_per_expert_and_fused_checkpoints_load_the_same():
             h = torch.nn.functional.silu(gate[e] @ x[t]) * (up[e] @ x[t])
             expected[t] += w[t, slot] * (down[e] @ h)
     torch.testing.assert_close(fused(x, router), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_under_tp_each_rank_holds_its_slice_of_every_experts_intermediate(monkeypatch, tp):
+    """Each TP rank holds intermediate/tp rows of every expert's gate and up, and the same
+    columns of its down (from per-expert and from fused checkpoints alike), and the ranks'
+    partial outputs add up to the whole layer's."""
+    experts, hidden, inter = 4, 6, 8
+    gate, up = torch.randn(experts, inter, hidden), torch.randn(experts, inter, hidden)
+    down = torch.randn(experts, hidden, inter)
+    x, router = torch.randn(9, hidden), torch.randn(9, experts)
+    w, ids = select_experts(router, 2, renormalize=False)
+    whole = FusedMoE(experts, 2, hidden, inter, renormalize=False)
+    whole.weight_loader(whole.w13, torch.cat([gate, up], dim=1), "gate_up_proj", "gate_up")
+    whole.weight_loader(whole.w2, down, "down_proj", "down_all")
+    part, total = inter // tp, torch.zeros(9, hidden)
+    for rank in range(tp):
+        monkeypatch.setattr(parallel_state, "_tp", GroupCoordinate(rank, tp))
+        rows = slice(rank * part, (rank + 1) * part)
+        per_expert = FusedMoE(experts, 2, hidden, inter, renormalize=False)
+        for e in range(experts):
+            per_expert.weight_loader(per_expert.w13, gate[e], f"{e}.w1", "gate", expert_id=e)
+            per_expert.weight_loader(per_expert.w13, up[e], f"{e}.w3", "up", expert_id=e)
+            per_expert.weight_loader(per_expert.w2, down[e], f"{e}.w2", "down", expert_id=e)
+        fused = FusedMoE(experts, 2, hidden, inter, renormalize=False)
+        fused.weight_loader(fused.w13, torch.cat([gate, up], dim=1), "gate_up_proj", "gate_up")
+        fused.weight_loader(fused.w2, down, "down_proj", "down_all")
+        for layer in (per_expert, fused):
+            assert torch.equal(layer.w13, torch.cat([gate[:, rows], up[:, rows]], dim=1))
+            assert torch.equal(layer.w2, down[:, :, rows])
+        total += fused.local_forward(x, w, ids)
+    torch.testing.assert_close(total, whole.local_forward(x, w, ids), rtol=1e-5, atol=1e-5)
