@@ -260,6 +260,29 @@ def test_async_llm_streams_the_one_rank_tokens(pair, rng):
     assert_all_free(pair.llm)
 
 
+def test_the_engine_keeps_one_step_in_flight_per_stage(pair, rng):
+    """PP2 keeps two steps in flight through the executor, each holding other sequences
+    than the other (a sequence in a step not yet returned is not scheduled again); one
+    stage keeps one, or two when it schedules ahead."""
+    engine = pair.llm.engine
+    depth = 2 if pair.layout == "pp2" or engine.scheduler.schedule_ahead else 1
+    assert engine.scheduler.max_steps_in_flight == depth
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    for i in range(4):
+        pair.llm.add_request(f"depth-{i}", random_prompt(rng, 3, 12), params)
+    peak, deadline = 0, time.monotonic() + TIMEOUT_S
+    while pair.llm.has_unfinished_requests():
+        assert time.monotonic() < deadline, f"the requests did not finish in {TIMEOUT_S} s"
+        engine.send_steps()
+        peak = max(peak, engine.num_steps_in_flight)
+        if not engine.scheduler.schedule_ahead:
+            ids = [set(step.num_scheduled_tokens) for step, _ in engine._in_flight]
+            assert all(not (a & b) for i, a in enumerate(ids) for b in ids[i + 1:]), ids
+        engine.collect_step()
+    assert peak == depth
+    assert_all_free(pair.llm)
+
+
 def _kv3_variant() -> str:
     return build_variant(MODEL, num_attention_heads=6, num_key_value_heads=3)
 
