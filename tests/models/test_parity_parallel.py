@@ -13,6 +13,7 @@ from shardline.presets import build_variant, resolve_model
 # id: (preset, config overrides, TP, PP, layers per stage or None for the balanced split)
 LAYOUTS = {
     "tp2": ("tiny-llama", {}, 2, 1, None),
+    "tp4": ("tiny-llama", {"num_key_value_heads": 4}, 4, 1, None),  # one KV head a rank
     "tp4-replicated-kv-heads": ("tiny-llama", {}, 4, 1, None),  # 2 KV heads over 4 ranks
     "tp2-odd-vocab": ("tiny-llama", {"vocab_size": 321}, 2, 1, None),
     "pp2-tied-embeddings": ("tiny-llama3", {}, 1, 2, None),
