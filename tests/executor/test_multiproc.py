@@ -183,7 +183,7 @@ def test_worker_processes_leave_a_core_to_the_engine(make_executor, tp):
     assert threads == [max(1, (cores - 1) // tp)] * tp
 
 
-def test_shutdown_and_garbage_collection_leave_nothing_behind(make_executor):
+def test_shutdown_garbage_collection_and_a_with_block_leave_nothing_behind(make_executor):
     before = shm_segments()
     executor = make_executor(tensor_parallel_size=2)
     pids = executor.worker_pids
@@ -197,6 +197,14 @@ def test_shutdown_and_garbage_collection_leave_nothing_behind(make_executor):
     del dropped
     gc.collect()
     assert_gone(pids)
+    with pytest.raises(KeyError, match="leaves the block"):
+        with MultiProcExecutor(make_config(tensor_parallel_size=2)) as scoped:
+            pids = scoped.worker_pids
+            assert scoped.collective_rpc("echo", args=(1,)) == [1, 1]
+            raise KeyError("leaves the block")
+    assert_gone(pids)
+    with pytest.raises(EngineDeadError, match="shut down"):
+        scoped.collective_rpc("identity")
     assert not leaked_segments(before)
 
 
