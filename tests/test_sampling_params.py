@@ -89,3 +89,45 @@ def test_n_beyond_its_limit_is_refused_at_once(fresh_seed):
                                              f"integer from 1 to {MAX_N}"):
             SamplingParams(n=n)
     assert SamplingParams(n=MAX_N).n == MAX_N
+
+
+@pytest.mark.parametrize("field,lowest,highest", [("top_k", 1, 2**63 - 1),
+                                                  ("max_tokens", 1, 2**63 - 1),
+                                                  ("logprobs", 0, 2**63 - 1)])
+def test_integers_beyond_64_bits_are_refused_by_name(field, lowest, highest, fresh_seed):
+    """The params cross the rings to the workers, whose msgpack carries 64-bit integers:
+    top_k=2**70 was accepted, then failed the multi-process engine's next step for good."""
+    rng = random.Random(fresh_seed)
+    too_big = highest + rng.randint(1, 2**80)
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{field}={too_big} is invalid: "
+                                         rf"must be .*{lowest} to 2\*\*63 - 1"):
+        SamplingParams(**{field: too_big})
+    _assert_crosses_the_rings(SamplingParams(**{field: highest}))
+
+
+def test_seed_of_every_sample_fits_in_64_bits(fresh_seed):
+    """Sample i of n draws with seed + i; each must travel to the workers."""
+    rng = random.Random(fresh_seed)
+    n = rng.randint(1, 64)
+    for seed in (-2**63, 2**64 - n):
+        _assert_crosses_the_rings(SamplingParams(n=n, seed=seed))
+    for seed in (-2**63 - rng.randint(1, 2**70), 2**64 - n + rng.randint(1, 2**70)):
+        with pytest.raises(ValueError, match=rf"SamplingParams\.seed={seed} is invalid: must "
+                                             rf"be None or an integer from -2\*\*63 to "
+                                             rf"2\*\*64 - {n} \(sample i of n={n}"):
+            SamplingParams(n=n, seed=seed)
+
+
+def test_stop_token_ids_beyond_64_bits_are_refused(fresh_seed):
+    rng = random.Random(fresh_seed)
+    ids = [rng.randrange(1000) for _ in range(rng.randint(0, 4))]
+    with pytest.raises(ValueError, match=r"SamplingParams\.stop_token_ids=.* is invalid"):
+        SamplingParams(stop_token_ids=ids + [2**63 + rng.randint(0, 2**70)])
+    _assert_crosses_the_rings(SamplingParams(stop_token_ids=ids + [2**63 - 1]))
+
+
+def _assert_crosses_the_rings(params: SamplingParams) -> None:
+    from shardline.ipc.serializer import Decoder, Encoder
+
+    frame = b"".join(bytes(part) for part in Encoder().encode(params.to_dict()))
+    assert SamplingParams.from_dict(Decoder().decode(frame)) == params

@@ -14,6 +14,11 @@ MIN_TEMPERATURE = 1e-5
 # Samples of one prompt. Far above any real use; it stops a mistaken huge n, for which the
 # engine would build sequences until the host ran out of memory.
 MAX_N = 4096
+# The integers the rings' msgpack serializer carries: every valid SamplingParams reaches
+# the workers, whose executor would otherwise fail the step, and with it the engine.
+MIN_INT = -2**63
+MAX_INT = 2**63 - 1
+MAX_SEED = 2**64 - 1
 
 
 @dataclass
@@ -66,8 +71,8 @@ class SamplingParams:
             _check(_is_real(value), name, value, "a finite number")
         _check(self.temperature == 0.0 or self.temperature >= MIN_TEMPERATURE, "temperature",
                self.temperature, f"0 (greedy) or >= {MIN_TEMPERATURE}")
-        _check(_is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1),
-               "top_k", self.top_k, "-1 (disabled) or an integer >= 1")
+        _check(_is_int(self.top_k) and (self.top_k == -1 or 1 <= self.top_k <= MAX_INT),
+               "top_k", self.top_k, "-1 (disabled) or an integer from 1 to 2**63 - 1")
         _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "in (0, 1]")
         _check(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "in [0, 1]")
         _check(self.repetition_penalty > 0.0, "repetition_penalty", self.repetition_penalty, "> 0")
@@ -75,19 +80,26 @@ class SamplingParams:
                "in [-2, 2]")
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
                self.frequency_penalty, "in [-2, 2]")
-        _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
-               "max_tokens", self.max_tokens, "None (up to max_model_len) or an integer >= 1")
-        _check(self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
-               "logprobs", self.logprobs, "None or an integer >= 0")
-        _check(self.seed is None or _is_int(self.seed), "seed", self.seed,
-               "None or an integer")
+        _check(self.max_tokens is None or (_is_int(self.max_tokens)
+                                           and 1 <= self.max_tokens <= MAX_INT),
+               "max_tokens", self.max_tokens,
+               "None (up to max_model_len) or an integer from 1 to 2**63 - 1")
+        _check(self.logprobs is None or (_is_int(self.logprobs)
+                                         and 0 <= self.logprobs <= MAX_INT),
+               "logprobs", self.logprobs, "None or an integer from 0 to 2**63 - 1")
+        # Sample i of n draws with seed + i.
+        _check(self.seed is None or (_is_int(self.seed)
+                                     and MIN_INT <= self.seed <= MAX_SEED - (self.n - 1)),
+               "seed", self.seed, f"None or an integer from -2**63 to 2**64 - {self.n} "
+               f"(sample i of n={self.n} draws with seed + i)")
         for name in ("ignore_eos", "skip_special_tokens"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name),
                    "True or False")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
                "a list of non-empty strings")
-        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-               self.stop_token_ids, "a list of token ids (integers >= 0)")
+        _check(all(_is_int(t) and 0 <= t <= MAX_INT for t in self.stop_token_ids),
+               "stop_token_ids", self.stop_token_ids,
+               "a list of token ids (integers from 0 to 2**63 - 1)")
 
     @property
     def greedy(self) -> bool:
