@@ -261,11 +261,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is invalid: must be in [0, 65535]")
+    if not 0 <= args.shutdown_timeout < float("inf"):
+        raise ValueError(f"--shutdown-timeout {args.shutdown_timeout} is invalid: must be a "
+                         "finite number of seconds, 0 or more")
     args.model = args.model_arg or args.model
     llm = AsyncLLM.from_engine(_build_llm(args).engine)
     name = args.served_model_name or args.model
     _say(f"serving {name!r} on http://{args.host}:{args.port}/v1")
-    run_server(llm, name, args.host, args.port, args.log_level)
+    run_server(llm, name, args.host, args.port, args.log_level, args.shutdown_timeout)
     return 0
 
 
@@ -355,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info",
                        choices=("critical", "error", "warning", "info", "debug"),
                        help="the HTTP server's log level (default: %(default)s)")
+    serve.add_argument("--shutdown-timeout", type=float, default=10.0,
+                       help="on Ctrl-C or SIGTERM, seconds that running requests get to "
+                            "finish before they are cancelled (default: %(default)s)")
     serve.set_defaults(func=cmd_serve)
 
     from shardline.planner.command import add_plan_command

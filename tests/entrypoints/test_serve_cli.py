@@ -1,5 +1,8 @@
 """`shardline serve` from the command line: it serves, answers, and stops on Ctrl-C."""
 
+import concurrent.futures
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -24,20 +27,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_bad_port_is_one_line_and_exit_2(capsys):
-    assert main(["serve", "tiny-llama", "--port", "70000"]) == 2
+@pytest.mark.parametrize("flag, value, rule", [
+    ("--port", "70000", "must be in [0, 65535]"),
+    ("--shutdown-timeout", "-1.0", "must be a finite number of seconds, 0 or more"),
+    ("--shutdown-timeout", "nan", "must be a finite number of seconds, 0 or more")])
+def test_bad_flag_is_one_line_and_exit_2(capsys, flag, value, rule):
+    assert main(["serve", "tiny-llama", flag, value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["shardline serve: error: --port 70000 is invalid: must be in [0, 65535]"]
+    assert err == [f"shardline serve: error: {flag} {value} is invalid: {rule}"]
 
 
-@pytest.mark.parametrize("layout, presses", [([], 1), (["-tp", "2"], 2)],
-                         ids=["one-rank", "tp2-pressed-twice"])
-def test_serve_answers_and_stops_on_ctrl_c(layout, presses):
+@contextlib.contextmanager
+def serving(*flags: str):
+    """`shardline serve tiny-llama` in a subprocess, up and answering /health; yields the
+    process and its URL, and kills it if the test left it running."""
     port = free_port()
     env = dict(os.environ, SHARDLINE_DISABLE_TRITON="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "shardline.cli", "serve", "tiny-llama", "--port", str(port),
-         "--device", "cpu", "--served-model-name", "tiny", *layout],
+         "--device", "cpu", "--served-model-name", "tiny", *flags],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -50,6 +58,17 @@ def test_serve_answers_and_stops_on_ctrl_c(layout, presses):
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("layout, presses", [([], 1), (["-tp", "2"], 2)],
+                         ids=["one-rank", "tp2-pressed-twice"])
+def test_serve_answers_and_stops_on_ctrl_c(layout, presses):
+    with serving(*layout) as (proc, url):
         reply = httpx.post(url + "/v1/completions", timeout=60,
                            json={"model": "tiny", "prompt": "hi", "max_tokens": 3,
                                  "ignore_eos": True})
@@ -64,7 +83,30 @@ def test_serve_answers_and_stops_on_ctrl_c(layout, presses):
         # logged as an ERROR with two tracebacks.
         output = proc.stdout.read()
         assert "Traceback" not in output and "ERROR" not in output, output
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
+
+
+def test_ctrl_c_cancels_running_requests_after_the_shutdown_timeout():
+    """Two long requests (each about a minute of steps: 128 completions, one sequence a
+    step) are running when Ctrl-C comes; after the 1 s timeout both end, each telling its
+    client why, and the server exits, instead of waiting for them."""
+    long = {"model": "tiny", "prompt": "hi", "max_tokens": 400, "n": 128, "ignore_eos": True}
+    with serving("--max-num-seqs", "1", "--shutdown-timeout", "1") as (proc, url):
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            whole = pool.submit(httpx.post, url + "/v1/completions", json=long, timeout=120)
+            streamed = pool.submit(httpx.post, url + "/v1/completions", timeout=120,
+                                   json={**long, "stream": True})
+            deadline = time.monotonic() + 30
+            while "shardline_num_requests_waiting 1" not in httpx.get(url + "/metrics").text:
+                assert time.monotonic() < deadline, "the two requests did not both arrive"
+                time.sleep(0.1)
+            stopped_at = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=60) == 0
+            assert time.monotonic() - stopped_at < 15
+            whole, streamed = whole.result(), streamed.result()
+        assert whole.status_code == 503
+        assert "shutting down" in whole.json()["error"]["message"]
+        assert streamed.status_code == 200
+        last = streamed.text.strip().split("\n\n")[-1]
+        assert "shutting down" in json.loads(last.removeprefix("data: "))["error"]["message"]
+        assert "Traceback" not in proc.stdout.read()

@@ -34,14 +34,24 @@ from shardline.entrypoints.protocol import (ChatCompletionRequest, CompletionReq
                                             RequestError, error_body, parse)
 from shardline.entrypoints.serving import (Decode, Generation, chat_generation,
                                            chat_response, completion_generation,
-                                           completion_response, stream_events)
+                                           completion_response, error_event,
+                                           stream_events)
 
 logger = logging.getLogger("shardline")
 
 
+SHUTTING_DOWN = "the server is shutting down: the request was cancelled before it finished"
+
+
+def _shutting_down() -> JSONResponse:
+    return JSONResponse(error_body(SHUTTING_DOWN, None, "server_error"), status_code=503)
+
+
 class _EventStream(StreamingResponse):
     """Closes its event stream however the response ends (a client that disconnects
-    included), so the requests behind it are aborted at once, not when it is collected."""
+    included), so the requests behind it are aborted at once, not when it is collected.
+    When the server's shutdown timeout cancels it, the stream ends with an error event
+    (or, before its first byte, a 503) instead of a cut connection and a traceback."""
 
     media_type = "text/event-stream"
 
@@ -50,6 +60,23 @@ class _EventStream(StreamingResponse):
             await super().stream_response(send)
         finally:
             await self.body_iterator.aclose()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        started = False
+
+        async def send_tracked(message: dict) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await super().__call__(scope, receive, send_tracked)
+        except asyncio.CancelledError:
+            if not started:
+                await _shutting_down()(scope, receive, send)
+                return
+            await send({"type": "http.response.body", "more_body": False,
+                        "body": error_event(SHUTTING_DOWN).encode()})
 
 
 def build_app(llm: AsyncLLM, model_name: str) -> FastAPI:
@@ -103,7 +130,12 @@ def build_app(llm: AsyncLLM, model_name: str) -> FastAPI:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return _EventStream(stream_events(generation, model_name, chat, decode, top_n,
                                               usage))
-        outputs = await _unless_disconnected(request, generation.final())
+        try:
+            outputs = await _unless_disconnected(request, generation.final())
+        except asyncio.CancelledError:
+            # The server stopped and its shutdown timeout ran out: the generation is
+            # aborted, and the client learns why instead of getting a bare 500.
+            return _shutting_down()
         if outputs is None:
             return Response(status_code=499)  # nobody is there to read it
         if chat:
@@ -180,14 +212,16 @@ async def _disconnected(request: Request) -> None:
 
 
 def run_server(llm: AsyncLLM, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-               log_level: str = "info") -> None:
-    """Serve `llm` until interrupted (Ctrl-C or SIGTERM), then shut the engine down."""
+               log_level: str = "info", shutdown_timeout: float = 10.0) -> None:
+    """Serve `llm` until interrupted (Ctrl-C or SIGTERM), then shut the engine down. Requests
+    still running then get `shutdown_timeout` seconds to finish before they are cancelled
+    (and aborted in the engine), so that a stop never waits for a long generation."""
     import uvicorn
 
     try:
         # No lifespan events: the app has none, and a second Ctrl-C while the engine shut
         # down cancelled uvicorn's lifespan task, which it logged as an error, twice traced.
         uvicorn.run(build_app(llm, model_name), host=host, port=port, log_level=log_level,
-                    lifespan="off")
+                    lifespan="off", timeout_graceful_shutdown=shutdown_timeout)
     finally:
         llm.shutdown()

@@ -22,7 +22,7 @@ from shardline.engine.async_llm import AsyncLLM
 from shardline.engine.outputs import CompletionOutput, RequestOutput
 from shardline.engine.tokenizer import Tokenizer
 from shardline.entrypoints.protocol import (ChatCompletionRequest, CompletionRequest,
-                                            RequestError, field_of)
+                                            RequestError, error_body, field_of)
 from shardline.sampling_params import SamplingParams
 
 _DONE = object()
@@ -258,12 +258,16 @@ async def stream_events(generation: Generation, model: str, chat: bool, decode: 
             if choices:
                 yield _event({**head, "choices": choices})
     except Exception as exc:
-        yield _event({"error": {"message": str(exc), "type": "server_error", "param": None,
-                                "code": None}})
+        yield error_event(str(exc))
         return
     if include_usage:
         yield _event({**head, "choices": [], "usage": usage(list(finals.values()))})
     yield "data: [DONE]\n\n"
+
+
+def error_event(message: str) -> str:
+    """The event that ends a stream which cannot finish (its 200 is already sent)."""
+    return _event(error_body(message, None, "server_error"))
 
 
 def _event(data: dict) -> str:
