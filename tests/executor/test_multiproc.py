@@ -24,6 +24,7 @@ from shardline.config import CacheConfig, EngineConfig, ModelConfig, ParallelCon
 from shardline.executor import EngineDeadError, StepFuture
 from shardline.executor.data_parallel import _on_every_core, create_data_parallel_executors
 from shardline.executor.multiproc import EXIT_STATUS_WAIT_S, MultiProcExecutor, _Workers
+from shardline.models.partition import stage_layer_range
 from shardline.presets import resolve_model
 from shardline.step import CachedRequestData, CachedRequests, SchedulerOutput
 from process_hygiene import assert_gone, leaked_segments, shm_segments
@@ -181,6 +182,19 @@ def test_worker_processes_leave_a_core_to_the_engine(make_executor, tp):
     cores = len(os.sched_getaffinity(0))
     threads = executor.collective_rpc("torch_threads", timeout=60)
     assert threads == [max(1, (cores - 1) // tp)] * tp
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2), (4, 1)])
+def test_each_rank_caches_only_its_own_kv_heads_for_its_stages_layers(make_executor, tp, pp):
+    """tiny-llama (2 layers, 2 KV heads of 32): a rank's cache has one tensor pair per
+    layer of its stage, each holding 2 // TP KV heads (one when TP4 replicates them)."""
+    executor = make_executor("threads_worker.CacheShapesWorker", tensor_parallel_size=tp,
+                             pipeline_parallel_size=pp)
+    block = executor.config.cache.block_size
+    for rank, shapes in enumerate(executor.collective_rpc("kv_cache_shapes", timeout=60)):
+        layers = stage_layer_range(2, pp, rank // tp)
+        shape = [executor.num_kv_blocks, block, max(1, 2 // tp), 32]
+        assert shapes == {i: [shape, shape] for i in layers}, rank
 
 
 def test_shutdown_garbage_collection_and_a_with_block_leave_nothing_behind(make_executor):

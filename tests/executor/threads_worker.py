@@ -13,3 +13,13 @@ class TorchThreadsWorker(Worker):
 
     def torch_threads(self) -> int:
         return torch.get_num_threads()
+
+
+class CacheShapesWorker(Worker):
+    """The model worker, which also lists the KV cache it allocated, per layer."""
+
+    def kv_cache_shapes(self) -> dict[int, list[list[int]]]:
+        model = self.model_runner.model
+        layers = model.attention_layers()
+        return {i: [list(a.k_cache.shape), list(a.v_cache.shape)]
+                for i, a in zip(model.layer_range, layers)}
