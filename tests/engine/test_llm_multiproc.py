@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from shardline import LLM, SamplingParams
+from shardline import LLM, AsyncLLM, SamplingParams
 from shardline.config import ParallelConfig
 from shardline.executor import EngineDeadError
 from shardline.executor.multiproc import MultiProcExecutor
@@ -327,12 +327,13 @@ INVALID = {
 }
 
 
+@pytest.mark.parametrize("entry", [LLM, AsyncLLM], ids=["LLM", "AsyncLLM"])
 @pytest.mark.parametrize("case", list(INVALID))
-def test_invalid_layout_raises_before_any_process_starts(case, no_spawn):
+def test_invalid_layout_raises_before_any_process_starts(case, entry, no_spawn):
     model, options, message = INVALID[case]
     model = _kv3_variant() if model == "kv3" else model
     with pytest.raises(ValueError, match=message):
-        LLM(model, **options)
+        entry(model, **options)
 
 
 def _layout_beyond(gpus: int) -> dict | None:
