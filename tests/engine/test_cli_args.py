@@ -1,0 +1,35 @@
+"""The engine flags: each reaches its EngineArgs field, and nothing else does."""
+
+import argparse
+import random
+
+import pytest
+
+from shardline.engine.cli_args import add_engine_args, engine_kwargs
+from shardline.engine.engine_args import EngineArgs
+
+
+@pytest.fixture(autouse=True)
+def _seed_random(fresh_seed):
+    random.seed(fresh_seed)
+
+
+def test_every_flag_reaches_its_engine_args_field_and_command_flags_do_not():
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser, "tiny-llama")
+    parser.add_argument("--seed", type=int)  # a command's sampling seed, not the engine's
+    counts = {name: random.randint(1, 99) for name in
+              ("max-num-seqs", "max-num-batched-tokens", "block-size", "max-model-len",
+               "tensor-parallel-size", "pipeline-parallel-size", "data-parallel-size",
+               "sequence-parallel-size")}
+    argv = [f"--{name}={value}" for name, value in counts.items()]
+    argv += ["--seed", str(random.randint(1, 99)), "--pipeline-stage-layers", "3,2",
+             "--dtype", "bfloat16", "--device", "cpu", "--enforce-eager",
+             "--no-async-scheduling"]
+    kwargs = engine_kwargs(parser.parse_args(argv))
+    args = EngineArgs(**kwargs)
+    for name, value in counts.items():
+        assert getattr(args, name.replace("-", "_")) == value
+    assert args.pipeline_stage_layers == [3, 2] and args.dtype == "bfloat16"
+    assert args.enforce_eager and args.async_scheduling is False and args.device == "cpu"
+    assert "seed" not in kwargs and args.seed == EngineArgs("x").seed
