@@ -6,14 +6,19 @@
 
 For serving, the incremental API (`add_request`, `step`, `abort_request`) exposes the same
 engine one step at a time.
+
+An LLM may be shared by threads: its calls run one at a time (a `generate` waits for
+another thread's to finish). For requests that overlap in time, use AsyncLLM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import reprlib
 import sys
-from typing import Sequence as Seq
+import threading
+from typing import Iterator, Sequence as Seq
 
 from shardline.engine.data_parallel import DataParallelEngine, create_engine
 from shardline.engine.chat_template import Message, check_conversation
@@ -23,6 +28,7 @@ from shardline.engine.metrics import engine_metrics
 from shardline.engine.outputs import RequestOutput
 from shardline.sampling_params import SamplingParams
 from shardline.engine.scheduler import SchedulerStats
+from shardline.executor.base import EngineDeadError
 
 
 class LLM:
@@ -32,19 +38,30 @@ class LLM:
     keyword options are EngineArgs fields (dtype, max_model_len, max_num_seqs, block_size,
     tensor_parallel_size, ...). A bad option, or a layout the model cannot take, raises
     ValueError naming it before any worker starts.
+
+    After `shutdown`, or once a step was interrupted (KeyboardInterrupt), every call that
+    would run the engine raises EngineDeadError.
     """
 
     def __init__(self, model: str | os.PathLike[str], **kwargs) -> None:
-        self.engine = create_engine(EngineArgs(model, **kwargs).to_config())
-        self._next_id = 0
+        self._attach(create_engine(EngineArgs(model, **kwargs).to_config()))
 
     @classmethod
     def from_engine(cls, engine: LLMEngine | DataParallelEngine) -> "LLM":
         """An LLM over an engine built elsewhere (e.g. shared with an AsyncLLM)."""
         llm = cls.__new__(cls)
-        llm.engine = engine
-        llm._next_id = 0
+        llm._attach(engine)
         return llm
+
+    def _attach(self, engine: LLMEngine | DataParallelEngine) -> None:
+        self.engine = engine
+        self._next_id = 0
+        # Held by every call that reads or runs the engine, which is not thread-safe.
+        self._lock = threading.RLock()
+        self._closed = False
+        # What interrupted a step: the engine keeps it as its failure (that step's tokens
+        # are lost), so it can run no more.
+        self._interrupted: BaseException | None = None
 
     @property
     def stats(self) -> SchedulerStats:
@@ -60,13 +77,16 @@ class LLM:
         `prompts` is a string, a token-id list, or a list of either; `sampling_params` is
         one SamplingParams for all, a list with one per prompt, or None for the defaults.
         Every prompt is validated (and tokenized, once) before any runs: a bad one raises
-        ValueError naming its index. Requests added with `add_request` keep running
-        meanwhile, but their outputs from these steps are not returned.
+        ValueError naming its index, and none runs. Requests added with `add_request` keep
+        running meanwhile, but their outputs from these steps are not returned. If the
+        call ends by an exception (a KeyboardInterrupt, `shutdown` from another thread),
+        its requests are aborted.
         """
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
-        return self._run(prompt_list, params_list, self._encode(prompt_list, params_list),
-                         use_tqdm)
+        with self._running():
+            return self._run(prompt_list, params_list, self._encode(prompt_list, params_list),
+                             use_tqdm)
 
     def chat(self, messages: Seq[Message] | Seq[Seq[Message]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -91,7 +111,32 @@ class LLM:
                                                        add_generation_prompt))
         params_list = _as_params_list(sampling_params, len(texts))
         token_ids = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
-        return self._run(texts, params_list, self._encode(token_ids, params_list), use_tqdm)
+        with self._running():
+            return self._run(texts, params_list, self._encode(token_ids, params_list),
+                             use_tqdm)
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        """Hold the engine for one call; EngineDeadError if it can run no more."""
+        with self._lock:
+            if self._closed:
+                raise EngineDeadError("the LLM was shut down: build a new one")
+            if self._interrupted is not None:
+                raise EngineDeadError(
+                    f"a step of this LLM was interrupted ({type(self._interrupted).__name__}),"
+                    " so its results are lost and the engine runs no more: build a new "
+                    "LLM") from self._interrupted
+            yield
+
+    @contextlib.contextmanager
+    def _stepping(self) -> Iterator[None]:
+        """Run the engine's steps; note an interrupt (not an Exception) inside them."""
+        try:
+            yield
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                self._interrupted = exc
+            raise
 
     def _encode(self, prompts: list[PromptType], params_list: list[SamplingParams]
                 ) -> list[list[int]]:
@@ -106,20 +151,34 @@ class LLM:
 
     def _run(self, prompt_list: list[PromptType], params_list: list[SamplingParams],
              encoded: list[list[int]], use_tqdm: bool) -> list[RequestOutput]:
-        """Queue the validated prompts (token ids `encoded`), step until all finish."""
-        ids = []
-        for prompt, params, prompt_token_ids in zip(prompt_list, params_list, encoded):
-            ids.append(f"gen-{self._next_id}")
-            self._next_id += 1
-            self.engine.add_request(ids[-1], prompt, params, prompt_token_ids=prompt_token_ids)
+        """Queue the validated prompts (token ids `encoded`), step until all finish; abort
+        the unfinished ones if that ends by an exception."""
+        ids: list[str] = []
         final: dict[str, RequestOutput] = {}
-        while len(final) < len(ids):
-            for output in self.engine.step():
-                if output.finished:
-                    final[output.request_id] = output
-                    if use_tqdm:
-                        print(f"\rfinished {len(final)}/{len(ids)}", end="", file=sys.stderr)
-        self.engine.collect_idle_steps()
+        try:
+            for prompt, params, prompt_token_ids in zip(prompt_list, params_list, encoded):
+                ids.append(f"gen-{self._next_id}")
+                self._next_id += 1
+                self.engine.add_request(ids[-1], prompt, params,
+                                        prompt_token_ids=prompt_token_ids)
+            while len(final) < len(ids):
+                if self._closed:
+                    raise EngineDeadError("the LLM was shut down during generate")
+                with self._stepping():
+                    outputs = self.engine.step()
+                for output in outputs:
+                    if output.finished:
+                        final[output.request_id] = output
+                        if use_tqdm:
+                            print(f"\rfinished {len(final)}/{len(ids)}", end="",
+                                  file=sys.stderr)
+        except BaseException:
+            for request_id in ids:
+                if request_id not in final:
+                    self.engine.abort_request(request_id)
+            raise
+        with self._stepping():
+            self.engine.collect_idle_steps()
         if use_tqdm:
             print(file=sys.stderr)
         return [final[i] for i in ids]
@@ -127,29 +186,38 @@ class LLM:
     def add_request(self, request_id: str, prompt: PromptType,
                     params: SamplingParams | None = None) -> None:
         """Queue one request; a bad prompt or params raise ValueError for it alone."""
-        self.engine.add_request(request_id, prompt, params)
+        with self._running():
+            self.engine.add_request(request_id, prompt, params)
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step; return the outputs of the requests that gained tokens."""
-        return self.engine.step()
+        with self._running(), self._stepping():
+            return self.engine.step()
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its KV blocks; its final output, or None if unknown."""
-        return self.engine.abort_request(request_id)
+        with self._running():
+            return self.engine.abort_request(request_id)
 
     def metrics(self) -> dict:
         """Running and waiting requests, KV blocks used, prefix-cache hit rate, preemptions,
         token rates, step-time percentiles and, under the multi-process executor, each
         rank's step times, as a plain dict (keys: see engine.metrics.engine_metrics)."""
-        return engine_metrics(self.engine)
+        with self._lock:
+            return engine_metrics(self.engine, per_rank=not self._closed)
 
     def has_unfinished_requests(self) -> bool:
         """Whether any request is still waiting or running."""
-        return self.engine.has_unfinished_requests()
+        with self._lock:
+            return self.engine.has_unfinished_requests()
 
     def shutdown(self) -> None:
-        """Stop the workers (their processes, under several ranks); idempotent."""
-        self.engine.shutdown()
+        """Stop the workers (their processes, under several ranks); idempotent. A
+        `generate` running in another thread ends after its current step, raising
+        EngineDeadError; shutdown waits for that."""
+        self._closed = True
+        with self._lock:
+            self.engine.shutdown()
 
     def __enter__(self) -> "LLM":
         return self
