@@ -14,6 +14,7 @@ import pytest
 from fake_model import VOCAB, make_engine
 from shardline.engine.async_llm import AsyncLLM
 from shardline.engine.llm import LLM
+from shardline.executor.base import EngineDeadError
 from shardline.sampling_params import SamplingParams
 
 TIMEOUT = 10.0
@@ -321,6 +322,8 @@ def test_public_abort_ends_the_stream_with_an_aborted_output(rng, monkeypatch):
 
 
 def test_shutdown_ends_open_streams_and_refuses_new_ones(rng, monkeypatch):
+    """With EngineDeadError, which a stack that restarts a stopped engine catches (it was a
+    plain RuntimeError)."""
     engine = make_engine()
     gate = StepGate(engine, monkeypatch)
     llm = AsyncLLM.from_engine(engine)
@@ -332,12 +335,14 @@ def test_shutdown_ends_open_streams_and_refuses_new_ones(rng, monkeypatch):
         await gate.held()
         threading.Timer(0.05, gate.release.set).start()
         llm.shutdown()  # waits for the held step to end
-        with pytest.raises(RuntimeError, match="shut down"):
+        with pytest.raises(EngineDeadError, match="shut down"):
             await asyncio.wait_for(collect(stream), TIMEOUT)
-        with pytest.raises(RuntimeError, match="shut down"):
+        with pytest.raises(EngineDeadError, match="shut down"):
             await asyncio.wait_for(collect(llm.generate([1, 2], None, "t")), TIMEOUT)
 
     asyncio.run(main())
+    with pytest.raises(EngineDeadError, match="shut down"):
+        llm.check_health()
     assert len(engine.executor.steps) == 2
 
 
@@ -388,6 +393,38 @@ def test_unexpected_error_while_adding_fails_every_stream_instead_of_hanging(rng
             await asyncio.wait_for(collect(running), TIMEOUT)
         with pytest.raises(RuntimeError, match="accepts no more requests"):
             await asyncio.wait_for(collect(llm.generate([1, 2], None, "later")), TIMEOUT)
+
+    asyncio.run(main())
+
+
+def test_a_stopped_engine_raises_engine_dead_error_for_a_supervisor_to_catch(rng, monkeypatch):
+    """A dead worker's EngineDeadError reached open streams, but new requests and
+    check_health raised a plain RuntimeError, as did everything after shutdown: a stack
+    that restarts on EngineDeadError missed them."""
+    engine = make_engine()
+    llm = AsyncLLM.from_engine(engine)
+    death = EngineDeadError(f"worker rank {rng.randint(1, 7)} died with exit code -9")
+    real_step = engine.step
+    steps = rng.randint(1, 4)
+
+    def step():
+        if len(engine.executor.steps) == steps:
+            raise death
+        return real_step()
+    monkeypatch.setattr(engine, "step", step)
+
+    async def main():
+        with pytest.raises(EngineDeadError) as raised:
+            await asyncio.wait_for(collect(llm.generate(random_prompt(rng), greedy(50), "a")),
+                                   TIMEOUT)
+        assert raised.value is death
+        for call in (lambda: collect(llm.generate(random_prompt(rng), None, "b")),
+                     llm.check_health):
+            with pytest.raises(EngineDeadError, match="failed in an earlier step") as raised:
+                result = call()
+                if asyncio.iscoroutine(result):
+                    await asyncio.wait_for(result, TIMEOUT)
+            assert raised.value.__cause__ is death
 
     asyncio.run(main())
 

@@ -15,8 +15,9 @@ it (at most one step), so a cancelled consumer ends with its KV blocks free; a s
 cuts only that wait short, never the abort.
 
 If a step fails (or adding a request fails other than as a bad request), every open
-stream raises the error and the engine refuses new requests, since its state can no longer
-be trusted. `shutdown` ends open streams with an error as well.
+stream raises the error and the engine refuses new requests with EngineDeadError, since its
+state can no longer be trusted. `shutdown` ends open streams with EngineDeadError as well,
+so a supervisor that restarts a dead engine catches that one error.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from shardline.engine.engine_args import EngineArgs
 from shardline.engine.llm_engine import LLMEngine, PromptType
 from shardline.engine.metrics import engine_metrics
 from shardline.engine.outputs import RequestOutput
+from shardline.executor.base import EngineDeadError
 from shardline.sampling_params import SamplingParams
 
 _ACK = object()  # the engine thread's reply to an abort
@@ -195,20 +197,20 @@ class AsyncLLM:
             worker.join()
         with self._mutex:
             commands, self._commands = self._commands, []
-        self._end_streams(RuntimeError("the AsyncLLM was shut down"), commands)
+        self._end_streams(EngineDeadError("the AsyncLLM was shut down"), commands)
         self.engine.shutdown()
 
     def check_health(self) -> None:
-        """Raise RuntimeError, saying why, if the engine accepts no more requests (it failed
-        or was shut down)."""
+        """Raise EngineDeadError, saying why, if the engine accepts no more requests (it
+        failed or was shut down)."""
         self._raise_if_stopped()
 
     def _raise_if_stopped(self) -> None:
         if self._failure is not None:
-            raise RuntimeError("the engine failed in an earlier step and accepts no more "
-                               "requests") from self._failure
+            raise EngineDeadError("the engine failed in an earlier step and accepts no more "
+                                  f"requests: {self._failure!r}") from self._failure
         if self._closed:
-            raise RuntimeError("the AsyncLLM was shut down and accepts no more requests")
+            raise EngineDeadError("the AsyncLLM was shut down and accepts no more requests")
 
     def _post(self, command: _Command, refuse: bool) -> bool:
         """Queue a command for the engine thread, starting that thread if it is idle.
