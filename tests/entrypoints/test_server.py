@@ -318,6 +318,25 @@ def test_n_beyond_the_limit_is_refused_and_the_limit_is_served(server, client, r
     assert sorted(c.index for c in reply.choices) == list(range(MAX_N))
 
 
+def test_prompts_times_n_beyond_the_limit_is_refused_and_the_limit_is_served(server, client,
+                                                                             rng):
+    """A small body listing many prompts, each with n completions, built sequences on the
+    event loop without bound; prompts x n is bounded, and the bound is served in full."""
+    from shardline.entrypoints.protocol import MAX_COMPLETIONS
+
+    llm, _ = server
+    n = rng.choice([1, 2, 4, 8])
+    over = [[rng.randrange(3, 200)] for _ in range(MAX_COMPLETIONS // n + rng.randint(1, 99))]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt=over, n=n, max_tokens=1)
+    assert caught.value.body["param"] == "prompt"
+    assert f"{len(over) * n} completions" in caught.value.body["message"]
+    assert engine_idle(llm)
+    reply = client.completions.create(model=MODEL, prompt=over[:MAX_COMPLETIONS // n], n=n,
+                                      max_tokens=1)
+    assert len(reply.choices) == MAX_COMPLETIONS
+
+
 @pytest.mark.parametrize("kwargs, param", [
     (dict(max_completion_tokens=0), "max_completion_tokens"),
     (dict(top_logprobs=2), "top_logprobs"),
