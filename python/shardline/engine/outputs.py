@@ -19,7 +19,9 @@ class ListSnapshot(SequenceABC, Generic[T]):
     snapshot per step, so building a step's output costs the same at token 2000 as at
     token 2, and an output kept from an earlier step still shows only the tokens it had.
     It reads like a list (len, indexing, slicing, iteration, `==` with a list or tuple);
-    `list(snapshot)` gives a copy for anything else.
+    `list(snapshot)` gives a copy for anything else. Pickled or copied (copy.deepcopy,
+    dataclasses.asdict) it becomes a list of its own items: a copy must copy them anyway,
+    and it then neither carries the tokens added after the snapshot nor stops json.dumps.
     """
 
     __slots__ = ("_items", "_length")
@@ -58,6 +60,9 @@ class ListSnapshot(SequenceABC, Generic[T]):
     def __repr__(self) -> str:
         return repr(list(self))
 
+    def __reduce__(self) -> tuple[type[list], tuple[list[T]]]:
+        return list, (list(self),)
+
 
 @dataclass
 class CompletionOutput:
@@ -74,7 +79,7 @@ class CompletionOutput:
     alternatives and the sampled token.
     `token_ids` and `logprobs` are read-only ListSnapshots of lists the engine keeps
     growing, so a step's output costs the same however long the sequence is; `list(...)`
-    copies one.
+    copies one, and a pickled or copied output holds plain lists.
     """
 
     index: int
