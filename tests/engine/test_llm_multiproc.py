@@ -13,11 +13,13 @@ the feature tests share one multi-process LLM per layout and one in-process refe
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import random
 import signal
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import pytest
@@ -35,7 +37,8 @@ from shardline.presets import build_variant
 from async_streams import assert_streams_match_one_rank
 from engine_prompts import random_prompt, token_ids
 from near_ties import assert_greedy_match, outputs_run
-from process_hygiene import assert_gone, kill_while_stepping, leaked_segments, shm_segments
+from process_hygiene import (assert_gone, kill_while_stepping, leaked_segments, shm_segments,
+                             wait_gone)
 
 MODEL = "tiny-llama"  # 4 heads, 2 KV heads, 2 layers
 # A cache of 24 blocks of 4 tokens forces preemption; a budget of 16 tokens a step
@@ -363,6 +366,24 @@ def test_cuda_without_a_gpu_raises_before_any_process_starts(backend, no_spawn):
     with pytest.raises(ValueError, match=r"device='cuda' .* but torch sees no GPU.*"
                                          r"use device='cpu'"):
         LLM(MODEL, device="cuda", distributed_executor_backend=backend)
+
+
+def test_a_dropped_llm_is_collected_and_its_workers_exit(rng):
+    """An LLM nobody shuts down: once the last reference goes, the garbage collector
+    reaches its executor (nothing the engine registered with it keeps it alive), whose
+    workers exit and leave no segment behind."""
+    segments_before = shm_segments()
+    llm = LLM(MODEL, tensor_parallel_size=2, device="cpu", block_size=4, num_kv_blocks=64)
+    pids = llm.engine.executor.worker_pids
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    assert len(llm.generate([random_prompt(rng, 3, 8)], params)[0].outputs[0].token_ids) == 4
+    executor = weakref.ref(llm.engine.executor)
+    del llm
+    gc.collect()
+    assert executor() is None, "the dropped LLM's executor is still referenced"
+    wait_gone(pids, 10.0)
+    assert_gone(pids)
+    assert not leaked_segments(segments_before)
 
 
 @pytest.mark.parametrize("when", ["mid-step", "between-steps"])
