@@ -48,3 +48,29 @@ def test_max_model_len_beyond_the_model_fails_before_any_worker_starts(data_para
     with pytest.raises(ValueError, match=f"max_model_len={asked} is invalid: the model supports "
                                          f"at most {limit} positions"):
         LLM("tiny-llama", max_model_len=asked, data_parallel_size=data_parallel_size)
+
+
+@pytest.mark.parametrize("owner", ["LLM", "AsyncLLM"])
+def test_an_unknown_option_names_the_class_and_the_option_meant(owner, monkeypatch, fresh_seed):
+    """A typo gave "EngineArgs.__init__() got an unexpected keyword argument", naming a
+    class the caller never used and no option it could have meant."""
+    import dataclasses
+
+    import shardline
+
+    def start_engine(config):
+        raise AssertionError("the engine started despite an unknown option")
+
+    for module in ("llm", "async_llm"):
+        monkeypatch.setattr(f"shardline.engine.{module}.create_engine", start_engine)
+    rng = random.Random(fresh_seed)
+    meant = rng.choice([f.name for f in dataclasses.fields(EngineArgs) if len(f.name) > 5])
+    cut = rng.randrange(1, len(meant) - 1)
+    typo = meant[:cut] + meant[cut + 1:]   # one letter left out
+    with pytest.raises(TypeError, match=rf"^{owner}\(\) got an unknown option '{typo}': did "
+                                        rf"you mean .*'{meant}'"):
+        getattr(shardline, owner)("tiny-llama", **{typo: 1})
+    stranger = "".join(rng.choice("qxzjw") for _ in range(12))
+    with pytest.raises(TypeError, match=rf"unknown option '{stranger}': the options are dtype, "
+                                        "max_model_len, .*, ray_address$"):
+        getattr(shardline, owner)("tiny-llama", dtype="auto", **{stranger: True})

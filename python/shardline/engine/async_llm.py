@@ -107,7 +107,8 @@ class AsyncLLM:
     """
 
     def __init__(self, model: str | os.PathLike[str], **kwargs) -> None:
-        self._attach(create_engine(EngineArgs(model, **kwargs).to_config()))
+        args = EngineArgs.from_options("AsyncLLM", model, kwargs)
+        self._attach(create_engine(args.to_config()))
 
     @classmethod
     def from_engine(cls, engine: LLMEngine | DataParallelEngine) -> "AsyncLLM":

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from shardline.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig,
                               SchedulerConfig)
@@ -46,6 +47,21 @@ class EngineArgs:
     pipeline_stage_layers: list[int] | None = None
     device: str | None = None
     ray_address: str | None = None
+
+    @classmethod
+    def from_options(cls, owner: str, model: str | os.PathLike[str], options: dict
+                     ) -> "EngineArgs":
+        """EngineArgs(model, **options) for `owner` (LLM, AsyncLLM): an unknown option is a
+        TypeError naming the owner and the option, with the options close to it (a typo)
+        or, failing those, all of them."""
+        known = [f.name for f in fields(cls) if f.name != "model"]
+        for name in options:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=3)
+                hint = (f"did you mean {' or '.join(map(repr, close))}?" if close
+                        else f"the options are {', '.join(known)}")
+                raise TypeError(f"{owner}() got an unknown option {name!r}: {hint}")
+        return cls(model, **options)
 
     def to_config(self) -> EngineConfig:
         """The EngineConfig of these options (each config checks its own values)."""

@@ -44,7 +44,8 @@ class LLM:
     """
 
     def __init__(self, model: str | os.PathLike[str], **kwargs) -> None:
-        self._attach(create_engine(EngineArgs(model, **kwargs).to_config()))
+        args = EngineArgs.from_options("LLM", model, kwargs)
+        self._attach(create_engine(args.to_config()))
 
     @classmethod
     def from_engine(cls, engine: LLMEngine | DataParallelEngine) -> "LLM":
