@@ -151,6 +151,25 @@ def test_synthetic_lengths_beyond_the_model_length_fail_before_loading(
             f"{where}={limit}") in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("as_text", [False, True], ids=["token-ids", "text"])
+def test_dataset_requests_beyond_the_model_length_fail_before_loading(
+        as_text, tmp_path, rng, refuse_to_load, capsys):
+    """Counted like the synthetic ones; text with the model's tokenizer (tiny-llama's: a
+    token per byte)."""
+    limit = rng.randint(20, 60)
+    max_tokens = rng.randint(1, 10)
+    length = limit - max_tokens + rng.randint(1, 5)   # prompt tokens, one over at least
+    long = "x" * length if as_text else [rng.randrange(8, 200) for _ in range(length)]
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text(json.dumps({"prompt": "fine", "max_tokens": 2}) + "\n\n"
+                       + json.dumps({"prompt": long, "max_tokens": max_tokens}) + "\n")
+    assert main(["bench", "-m", "tiny-llama", "--dataset", str(dataset), "--max-model-len",
+                 str(limit), "--out", str(tmp_path / "runs.jsonl")]) == 2
+    assert (f"{dataset}:3: its prompt of {length} tokens and max_tokens={max_tokens} make "
+            f"{length + max_tokens} tokens, more than --max-model-len={limit}") in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", ["--num-prompts", "--max-num-seqs", "--max-num-batched-tokens",
                                   "--block-size", "--max-model-len", "-tp", "-pp", "-dp", "-sp"])
 def test_bench_counts_below_one_are_argparse_errors(flag, refuse_to_load, capsys):

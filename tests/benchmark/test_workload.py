@@ -46,6 +46,7 @@ def test_jsonl_prompts_text_or_ids_with_default_max_tokens(tmp_path):
     workload = load_jsonl(path, default_max_tokens=9)
     assert workload.prompts == ["Hello there", [11, 12, 13]]
     assert workload.max_tokens == [5, 9]
+    assert workload.origins == [f"{path}:1", f"{path}:3"]
 
 
 @pytest.mark.parametrize("line, match", [
@@ -53,6 +54,9 @@ def test_jsonl_prompts_text_or_ids_with_default_max_tokens(tmp_path):
     (json.dumps({"prompt": ""}), r'prompts.jsonl:2: "prompt" must be a non-empty string'),
     (json.dumps({"prompt": [1, "x"]}), r'"prompt" must be a non-empty string or list of token'),
     (json.dumps({"prompt": "hi", "max_tokens": 0}), r'"max_tokens"=0 must be an integer >= 1'),
+    (json.dumps({"prompt": "hi", "output_len": 9}),
+     r"prompts.jsonl:2: unknown key\(s\) \['output_len'\]: a request takes only "
+     r"\['max_tokens', 'prompt'\]"),
 ])
 def test_bad_jsonl_lines_are_named(tmp_path, line, match):
     path = tmp_path / "prompts.jsonl"

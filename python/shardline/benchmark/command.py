@@ -117,7 +117,10 @@ def check_bench_args(args: argparse.Namespace) -> Workload | None:
         if not args.dataset.is_file():
             raise FileNotFoundError(f"--dataset {str(args.dataset)!r} is not a file: must be "
                                     "a JSONL file of prompts")
-        return load_jsonl(args.dataset)
+        dataset = load_jsonl(args.dataset)
+        if args.url is None:
+            _check_dataset_fits(args, dataset)
+        return dataset
     args.num_prompts = args.num_prompts or DEFAULT_NUM_PROMPTS
     args.prompt_len = args.prompt_len or DEFAULT_PROMPT_LEN
     args.output_len = args.output_len or DEFAULT_OUTPUT_LEN
@@ -143,22 +146,56 @@ def _check_output_path(flag: str, path: Path, suffix: str | None = None) -> None
                          "writable directory")
 
 
+def _length_limit(args: argparse.Namespace) -> tuple[int, str] | None:
+    """The most tokens a request may hold, and what sets it: --max-model-len, else the
+    model's positions (None when --model is not a preset or local checkpoint)."""
+    if args.max_model_len is not None:
+        return args.max_model_len, "--max-model-len"
+    info = _model_info(args.model)
+    if info is None:
+        return None
+    return info.max_position_embeddings, f"the positions of --model {args.model!r}"
+
+
 def _check_lengths_fit(args: argparse.Namespace) -> None:
     """Each synthetic request's prompt plus output must fit in --max-model-len (or, without
     it, the model's positions): a longer prompt is refused by the engine, a longer output
     cut short, and the run would not measure the workload it records."""
-    limit, where = args.max_model_len, "--max-model-len"
+    limit = _length_limit(args)
     if limit is None:
-        info = _model_info(args.model)
-        if info is None:
-            return
-        limit, where = info.max_position_embeddings, f"the positions of --model {args.model!r}"
+        return
+    limit, where = limit
     longest = args.prompt_len[1] + args.output_len[1]
     if longest > limit:
         raise ValueError(f"--prompt-len {args.prompt_len[0]},{args.prompt_len[1]} with "
                          f"--output-len {args.output_len[0]},{args.output_len[1]} makes "
                          f"requests of up to {longest} tokens, more than {where}={limit}: "
                          "lower their HIGH values")
+
+
+def _check_dataset_fits(args: argparse.Namespace, dataset: Workload) -> None:
+    """Each --dataset request's prompt plus max_tokens must fit too, as synthetic ones must;
+    text prompts are counted with the model's tokenizer, which loads without the weights."""
+    from shardline.engine.tokenizer import Tokenizer
+    from shardline.presets import resolve_model
+
+    limit = _length_limit(args)
+    if limit is None:
+        return
+    limit, where = limit
+    tokenizer = None
+    if any(isinstance(prompt, str) for prompt in dataset.prompts):
+        tokenizer = Tokenizer.from_model_dir(resolve_model(args.model))
+    for prompt, max_tokens, origin in zip(dataset.prompts, dataset.max_tokens,
+                                          dataset.origins):
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                continue
+            prompt = tokenizer.encode(prompt)
+        if len(prompt) + max_tokens > limit:
+            raise ValueError(f"{origin}: its prompt of {len(prompt)} tokens and max_tokens="
+                             f"{max_tokens} make {len(prompt) + max_tokens} tokens, more than "
+                             f"{where}={limit}: shorten the prompt or lower max_tokens")
 
 
 def _workload(args: argparse.Namespace, dataset: Workload | None,

@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+_JSONL_KEYS = frozenset({"prompt", "max_tokens"})
 _WORDS = ("the model splits each layer across ranks while the scheduler keeps every "
           "request moving through prefill and decode with paged blocks of cache").split()
 
@@ -22,6 +23,8 @@ class Workload:
 
     prompts: list[list[int] | str]
     max_tokens: list[int]
+    # Where each request was read ("file:line"), for errors that name it; None if made.
+    origins: list[str] | None = None
 
     @property
     def total_output_tokens(self) -> int:
@@ -54,9 +57,12 @@ def demo_prompts(count: int) -> list[str]:
 
 
 def load_jsonl(path: str | Path, default_max_tokens: int = 128) -> Workload:
-    """One request per line: {"prompt": text or token ids, "max_tokens": n (optional)}."""
+    """One request per line: {"prompt": text or token ids, "max_tokens": n (optional)}.
+    Other keys are refused, so that a misspelt or foreign one (e.g. "output_len") is not
+    silently replaced by the default."""
     prompts: list[list[int] | str] = []
     max_tokens: list[int] = []
+    origins: list[str] = []
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -66,6 +72,9 @@ def load_jsonl(path: str | Path, default_max_tokens: int = 128) -> Workload:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{where} is not valid JSON: {exc.msg}") from None
+            if isinstance(record, dict) and record.keys() - _JSONL_KEYS:
+                raise ValueError(f"{where}: unknown key(s) {sorted(record.keys() - _JSONL_KEYS)}"
+                                 f": a request takes only {sorted(_JSONL_KEYS)}")
             prompt = record.get("prompt") if isinstance(record, dict) else None
             is_ids = isinstance(prompt, list) and prompt and all(
                 isinstance(t, int) and not isinstance(t, bool) for t in prompt)
@@ -77,7 +86,8 @@ def load_jsonl(path: str | Path, default_max_tokens: int = 128) -> Workload:
                 raise ValueError(f"{where}: \"max_tokens\"={n!r} must be an integer >= 1")
             prompts.append(prompt)
             max_tokens.append(n)
+            origins.append(where)
     if not prompts:
         raise ValueError(f"{path} holds no requests: write one JSON object per line, e.g. "
                          '{"prompt": "Hello", "max_tokens": 32}')
-    return Workload(prompts, max_tokens)
+    return Workload(prompts, max_tokens, origins)
