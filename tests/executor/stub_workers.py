@@ -75,3 +75,12 @@ class CrashOnStepWorker(StubWorker):
         if self.rank == 1:
             raise RuntimeError("forward failed on purpose")
         return super().execute_model(scheduler_output)
+
+
+class SlowStepWorker(StubWorker):
+    """Takes 3 s over every step, so that steps are still in flight when a test kills a
+    worker."""
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        time.sleep(3.0)
+        return super().execute_model(scheduler_output)

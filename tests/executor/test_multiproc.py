@@ -136,6 +136,25 @@ def test_a_killed_worker_makes_every_call_raise_engine_dead(make_executor, busy)
         executor.execute_model(step("after"), non_block=True)
 
 
+def test_steps_in_flight_when_a_worker_dies_all_raise_engine_dead(make_executor, rng):
+    """PP2 with four 3-second steps sent at once: SIGKILL of a random rank while the
+    first runs makes every one of them raise EngineDeadError naming it, within 5 s
+    (target 2)."""
+    executor = make_executor("SlowStepWorker", pipeline_parallel_size=2)
+    victim = rng.randrange(2)
+    futures = [executor.execute_model(step(f"r{i}"), non_block=True) for i in range(4)]
+    time.sleep(rng.uniform(0.1, 0.5))
+    os.kill(executor.worker_pids[victim], signal.SIGKILL)
+    killed = time.monotonic()
+    dead = rf"worker rank {victim} \(pid {executor.worker_pids[victim]}\) died with exit code -9"
+    for future in futures:
+        with pytest.raises(EngineDeadError, match=dead):
+            future.result(timeout=10)
+    elapsed = time.monotonic() - killed
+    print(f"every step in flight raised EngineDeadError {elapsed:.3f} s after the SIGKILL")
+    assert elapsed < 5.0
+
+
 def test_a_worker_failing_in_execute_model_kills_the_engine_with_its_error(make_executor,
                                                                           caplog):
     executor = make_executor("CrashOnStepWorker", tensor_parallel_size=2)
