@@ -131,3 +131,22 @@ def _assert_crosses_the_rings(params: SamplingParams) -> None:
 
     frame = b"".join(bytes(part) for part in Encoder().encode(params.to_dict()))
     assert SamplingParams.from_dict(Decoder().decode(frame)) == params
+
+
+@pytest.mark.parametrize("field", REAL_FIELDS)
+def test_numpy_float64_is_taken_as_a_python_float(field, fresh_seed):
+    """numpy.float64 subclasses float, so it was kept as is (and shown as np.float64(...))."""
+    np = pytest.importorskip("numpy")
+    value = {"temperature": 0.5, "top_p": 0.5, "min_p": 0.5, "repetition_penalty": 1.5,
+             "presence_penalty": 1.0, "frequency_penalty": -1.0}[field]
+    value *= random.Random(fresh_seed).uniform(0.5, 1.0)
+    params = SamplingParams(**{field: np.float64(value)})
+    assert type(getattr(params, field)) is float and getattr(params, field) == value
+    assert "np." not in repr(params)
+
+
+@pytest.mark.parametrize("field,kind", [("stop", "a string"), ("stop_token_ids", "an integer")])
+def test_stop_lists_name_their_item_type(field, kind):
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{field}=.* is invalid: must be "
+                                         rf"None, {kind} or a list of them"):
+        SamplingParams(**{field: 2.5})

@@ -132,7 +132,7 @@ _INT_FIELDS = ("n", "top_k", "max_tokens", "logprobs", "seed")
 def _python_number(value: object) -> object:
     """A numpy (or other registered) integer or real scalar as the Python int or float it
     holds, so that values computed with numpy are taken; anything else as it is."""
-    if isinstance(value, (bool, int, float)):
+    if type(value) in (bool, int, float):   # not a subclass such as numpy.float64
         return value
     if isinstance(value, numbers.Integral):
         return int(value)
@@ -150,6 +150,9 @@ def _is_real(value: object) -> bool:
             and math.isfinite(value))
 
 
+_KIND = {str: "a string", int: "an integer"}
+
+
 def _as_list(value: object, name: str, item: type) -> list:
     """`stop` or `stop_token_ids` as a list: None is an empty one, a lone item a list of
     it; anything else must be a list, tuple or set (validate checks the items)."""
@@ -158,7 +161,7 @@ def _as_list(value: object, name: str, item: type) -> list:
     if isinstance(value, item) and not isinstance(value, bool):
         return [value]
     _check(isinstance(value, (list, tuple, set, frozenset)), name, value,
-           f"None, a {item.__name__} or a list of them")
+           f"None, {_KIND[item]} or a list of them")
     return list(value)
 
 
