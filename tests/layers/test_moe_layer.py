@@ -16,18 +16,32 @@ def test_select_experts_top_k_and_renormalize():
     torch.testing.assert_close(w_norm.sum(-1), torch.ones(5))
 
 
+def per_expert_layer(gate, up, down, renormalize: bool) -> FusedMoE:
+    """A layer loaded from one gate, up and down matrix per expert (Mixtral's layout)."""
+    experts, inter, hidden = gate.shape
+    layer = FusedMoE(experts, 2, hidden, inter, renormalize=renormalize)
+    for e in range(experts):
+        layer.weight_loader(layer.w13, gate[e], f"{e}.w1", "gate", expert_id=e)
+        layer.weight_loader(layer.w13, up[e], f"{e}.w3", "up", expert_id=e)
+        layer.weight_loader(layer.w2, down[e], f"{e}.w2", "down", expert_id=e)
+    return layer
+
+
+def fused_layer(gate, up, down, renormalize: bool) -> FusedMoE:
+    """A layer loaded from all experts' gate_up and down stacked (Qwen2-MoE's layout)."""
+    experts, inter, hidden = gate.shape
+    layer = FusedMoE(experts, 2, hidden, inter, renormalize=renormalize)
+    layer.weight_loader(layer.w13, torch.cat([gate, up], dim=1), "gate_up_proj", "gate_up")
+    layer.weight_loader(layer.w2, down, "down_proj", "down_all")
+    return layer
+
+
 def test_per_expert_and_fused_checkpoints_load_the_same():
     experts, hidden, inter = 3, 4, 6
     gate, up = torch.randn(experts, inter, hidden), torch.randn(experts, inter, hidden)
     down = torch.randn(experts, hidden, inter)
-    per_expert = FusedMoE(experts, 2, hidden, inter, renormalize=True)
-    for e in range(experts):
-        per_expert.weight_loader(per_expert.w13, gate[e], f"{e}.w1", "gate", expert_id=e)
-        per_expert.weight_loader(per_expert.w13, up[e], f"{e}.w3", "up", expert_id=e)
-        per_expert.weight_loader(per_expert.w2, down[e], f"{e}.w2", "down", expert_id=e)
-    fused = FusedMoE(experts, 2, hidden, inter, renormalize=True)
-    fused.weight_loader(fused.w13, torch.cat([gate, up], dim=1), "gate_up_proj", "gate_up")
-    fused.weight_loader(fused.w2, down, "down_proj", "down_all")
+    per_expert = per_expert_layer(gate, up, down, renormalize=True)
+    fused = fused_layer(gate, up, down, renormalize=True)
     assert torch.equal(per_expert.w13, fused.w13) and torch.equal(per_expert.w2, fused.w2)
     x, router = torch.randn(7, hidden), torch.randn(7, experts)
     w, ids = select_experts(router, 2, renormalize=True)
@@ -50,22 +64,13 @@ def test_under_tp_each_rank_holds_its_slice_of_every_experts_intermediate(monkey
     down = torch.randn(experts, hidden, inter)
     x, router = torch.randn(9, hidden), torch.randn(9, experts)
     w, ids = select_experts(router, 2, renormalize=False)
-    whole = FusedMoE(experts, 2, hidden, inter, renormalize=False)
-    whole.weight_loader(whole.w13, torch.cat([gate, up], dim=1), "gate_up_proj", "gate_up")
-    whole.weight_loader(whole.w2, down, "down_proj", "down_all")
+    whole = fused_layer(gate, up, down, renormalize=False)
     part, total = inter // tp, torch.zeros(9, hidden)
     for rank in range(tp):
         monkeypatch.setattr(parallel_state, "_tp", GroupCoordinate(rank, tp))
         rows = slice(rank * part, (rank + 1) * part)
-        per_expert = FusedMoE(experts, 2, hidden, inter, renormalize=False)
-        for e in range(experts):
-            per_expert.weight_loader(per_expert.w13, gate[e], f"{e}.w1", "gate", expert_id=e)
-            per_expert.weight_loader(per_expert.w13, up[e], f"{e}.w3", "up", expert_id=e)
-            per_expert.weight_loader(per_expert.w2, down[e], f"{e}.w2", "down", expert_id=e)
-        fused = FusedMoE(experts, 2, hidden, inter, renormalize=False)
-        fused.weight_loader(fused.w13, torch.cat([gate, up], dim=1), "gate_up_proj", "gate_up")
-        fused.weight_loader(fused.w2, down, "down_proj", "down_all")
-        for layer in (per_expert, fused):
+        fused = fused_layer(gate, up, down, renormalize=False)
+        for layer in (per_expert_layer(gate, up, down, renormalize=False), fused):
             assert torch.equal(layer.w13, torch.cat([gate[:, rows], up[:, rows]], dim=1))
             assert torch.equal(layer.w2, down[:, :, rows])
         total += fused.local_forward(x, w, ids)
