@@ -49,3 +49,21 @@ def test_public_names_have_docstrings_and_type_hints(name):
                 if n not in ("self", "cls") and p.kind not in plain):
             unhinted.append(where)
     assert (undocumented, unhinted) == ([], [])
+
+
+def test_version_is_the_installed_one_and_optional_from_a_source_tree(monkeypatch):
+    """Outside an installed distribution __version__ raised PackageNotFoundError, so even
+    getattr(shardline, "__version__", None), as tools ask every module, raised."""
+    import importlib.metadata
+
+    monkeypatch.delitem(vars(shardline), "__version__", raising=False)
+    assert shardline.__version__ == importlib.metadata.version("shardline")
+    assert "__version__" in dir(shardline)
+    monkeypatch.delitem(vars(shardline), "__version__")
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert getattr(shardline, "__version__", None) is None
+    with pytest.raises(AttributeError, match="not installed"):
+        shardline.__version__

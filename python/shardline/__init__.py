@@ -19,7 +19,8 @@ _EXPORTS = {
     "EngineDeadError": "shardline.executor.base",
 }
 
-__all__ = list(_EXPORTS)
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineArgs",
+           "EngineDeadError"]
 
 if TYPE_CHECKING:
     from shardline.engine.async_llm import AsyncLLM
@@ -32,8 +33,13 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     if name == "__version__":   # the installed distribution's, read on first use
-        from importlib.metadata import version
-        globals()[name] = version("shardline")
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            globals()[name] = version("shardline")
+        except PackageNotFoundError:
+            # An AttributeError, so that getattr(shardline, "__version__", None) works.
+            raise AttributeError("shardline.__version__ is unknown: this shardline is a "
+                                 "source tree that is not installed (pip install -e .)") from None
         return globals()[name]
     module = _EXPORTS.get(name)
     if module is None:
@@ -44,4 +50,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | {"__version__"})
