@@ -168,3 +168,18 @@ def test_calls_after_shutdown_raise_engine_dead_error(rng):
         with pytest.raises(EngineDeadError, match="the LLM was shut down"):
             call()
     assert llm.metrics()["num_requests_running"] == 0
+
+
+def test_generate_beside_added_requests_returns_its_own_outputs(rng):
+    """generate counted every finished output: a request queued with add_request that
+    finished first ended the loop early, and generate raised KeyError('gen-0')."""
+    llm = LLM.from_engine(make_engine())
+    prompts = random_prompts(rng, rng.randint(1, 4))
+    params = SamplingParams(temperature=0.0, max_tokens=rng.randint(8, 20), ignore_eos=True)
+    expected = token_ids(LLM.from_engine(make_engine()).generate(prompts, params))
+    added = {f"mine-{i}": rng.randint(1, 4) for i in range(rng.randint(1, 4))}
+    for request_id, max_tokens in added.items():
+        llm.add_request(request_id, random_prompts(rng, 1)[0],
+                        SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+    assert token_ids(llm.generate(prompts, params)) == expected
+    assert_all_free(llm)

@@ -162,13 +162,14 @@ class LLM:
                 self._next_id += 1
                 self.engine.add_request(ids[-1], prompt, params,
                                         prompt_token_ids=prompt_token_ids)
+            own = set(ids)
             while len(final) < len(ids):
                 if self._closed:
                     raise EngineDeadError("the LLM was shut down during generate")
                 with self._stepping():
                     outputs = self.engine.step()
                 for output in outputs:
-                    if output.finished:
+                    if output.finished and output.request_id in own:
                         final[output.request_id] = output
                         if use_tqdm:
                             print(f"\rfinished {len(final)}/{len(ids)}", end="",
