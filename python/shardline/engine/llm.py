@@ -49,7 +49,8 @@ class LLM:
 
     @classmethod
     def from_engine(cls, engine: LLMEngine | DataParallelEngine) -> "LLM":
-        """An LLM over an engine built elsewhere (e.g. shared with an AsyncLLM)."""
+        """An LLM over an engine built elsewhere. Nothing else may step that engine
+        meanwhile: an AsyncLLM over it steps it from its own thread."""
         llm = cls.__new__(cls)
         llm._attach(engine)
         return llm

@@ -100,8 +100,13 @@ class CompletionOutput:
 class RequestOutput:
     """A request's prompt and its `n` completions; `finished` once all of them are.
 
+    `request_id` is the caller's (LLM.generate names its requests "gen-N"); `prompt` is the
+    prompt text (chat's rendered conversation), None for a prompt given as token ids;
+    `outputs` holds one CompletionOutput per sample, in `index` order; `num_cached_tokens`
+    counts the prompt tokens its samples found in the prefix cache (summed over them).
     Every output of one request shares the same `prompt_token_ids` list (it is not copied
-    per step): treat it as read-only.
+    per step): treat it as read-only. Outputs pickle, and copy (dataclasses.asdict then
+    json.dumps included), with plain lists.
     """
 
     request_id: str
