@@ -2,6 +2,7 @@
 serializer, cached requests as columns and logprobs only when a request asked for them."""
 
 from shardline.ipc.serializer import Decoder, Encoder
+from shardline.sampling_params import SamplingParams
 from shardline.step import (CachedRequestData, CachedRequests, ModelRunnerOutput,
                             NewRequestData, SchedulerOutput, TokenLogprobs)
 
@@ -11,11 +12,30 @@ def over_the_wire(message: dict) -> dict:
     return Decoder().decode(bytearray(b"".join(bytes(part) for part in parts)))
 
 
+def random_text(rng) -> str:
+    """What a client may send as a stop string: any code points, lone surrogates included
+    (JSON's "\\ud800" escape decodes to one)."""
+    ranges = [(0x20, 0x7E), (0x80, 0xFFFF), (0xD800, 0xDFFF), (0x10000, 0x10FFFF)]
+    return "".join(chr(rng.randint(*rng.choice(ranges))) for _ in range(rng.randint(1, 6)))
+
+
+def random_sampling_params(rng) -> dict:
+    return SamplingParams(
+        n=rng.randint(1, 4), temperature=rng.choice([0.0, rng.uniform(0.1, 2.0)]),
+        top_k=rng.choice([-1, rng.randint(1, 2**63 - 1)]), top_p=rng.uniform(0.1, 1.0),
+        seed=rng.choice([None, rng.randint(-(2**63), 2**64 - 5)]),
+        max_tokens=rng.choice([None, rng.randint(1, 2**63 - 1)]),
+        stop_token_ids=[rng.randrange(2**63) for _ in range(rng.randint(0, 3))],
+        stop=[random_text(rng) for _ in range(rng.randint(0, 3))],
+        logprobs=rng.choice([None, rng.randint(0, 20)]),
+    ).to_dict()
+
+
 def random_step(rng, decode_only: bool = False) -> SchedulerOutput:
     def tokens(lo: int, hi: int) -> list[int]:
         return [rng.randrange(50_000) for _ in range(rng.randint(lo, hi))]
 
-    new = [NewRequestData(f"new-{i}", tokens(1, 30), tokens(0, 3), {"temperature": 0.5},
+    new = [NewRequestData(f"new-{i}", tokens(1, 30), tokens(0, 3), random_sampling_params(rng),
                           tokens(1, 4), rng.randrange(8)) for i in range(rng.randint(0, 4))]
     if decode_only:
         new = []

@@ -127,6 +127,23 @@ def test_numpy_scalars_keep_their_type():
         assert type(got) is type(expected) and got == expected
 
 
+def random_text(rng, max_len: int = 12) -> str:
+    """Code points of every kind: ASCII, the rest of the BMP, other planes, and surrogates,
+    lone or paired (Python keeps a pair as two code points, as JSON's "\\ud83d\\ude00" gives)."""
+    ranges = [(0, 0x7F), (0x80, 0xD7FF), (0xD800, 0xDFFF), (0xE000, 0xFFFF), (0x10000, 0x10FFFF)]
+    return "".join(chr(rng.randint(*rng.choice(ranges))) for _ in range(rng.randint(0, max_len)))
+
+
+def test_every_str_round_trips_lone_surrogates_included(rng):
+    texts = [random_text(rng) for _ in range(200)]
+    texts += ["\ud800", "a\udfffb", "\udc00\ud800", "\U0001F600", ""]
+    encoder, decoder = Encoder(), Decoder()
+    for text in texts:
+        message = {text: [text, {"stop": [text]}], "n": rng.randrange(2**63)}
+        assert decoder.decode(bytearray(b"".join(encoder.encode(message)))) == message
+    assert round_trip([np.arange(3), "\ud800"])[1] == "\ud800"
+
+
 def test_tuples_arrive_as_lists_and_bytearray_as_bytes():
     got = round_trip({"shape": (2, (3, 4)), "raw": bytearray(b"ab")})
     assert got == {"shape": [2, [3, 4]], "raw": b"ab"}

@@ -17,7 +17,8 @@ What round-trips: None, bool, int (64-bit range), float, str, bytes, list, dict,
 numpy arrays and scalars, CPU torch tensors (any dtype incl. bfloat16 and bool; shape kept,
 non-contiguous inputs arrive contiguous). Tuples arrive as lists and bytearrays as bytes,
 as msgpack has no distinct types for them; subclasses of the above (IntEnum, OrderedDict)
-arrive as their base type.
+arrive as their base type. Any str arrives equal, lone surrogates (from JSON "\\ud800" escapes,
+say) included.
 
 torch is imported only once a tensor is decoded, so processes that exchange plain data
 and numpy arrays start without paying for it.
@@ -68,6 +69,11 @@ class Encoder:
 
     def __init__(self) -> None:
         self._packer = msgpack.Packer(default=self._encode_ext, use_bin_type=True)
+        # For the rare str that holds a lone surrogate, which strict UTF-8 cannot encode;
+        # the strict packer stays the default, as this one is slower on every str.
+        self._surrogate_packer = msgpack.Packer(
+            default=self._encode_ext, use_bin_type=True, unicode_errors="surrogatepass"
+        )
         self._ext_packer = msgpack.Packer(use_bin_type=True)
         self._buffers: list[np.ndarray] = []
 
@@ -80,6 +86,9 @@ class Encoder:
         """
         try:
             meta = self._packer.pack(obj)
+        except UnicodeEncodeError:
+            self._buffers = []
+            meta = self._surrogate_packer.pack(obj)
         finally:
             buffers, self._buffers = self._buffers, []
         if not buffers:
@@ -170,7 +179,7 @@ class Decoder:
         meta = memoryview(frame)[_HEADER.size : meta_end]
         self._frame_len, self._cursor = frame_len, meta_end
         if meta_end == frame_len:  # no out-of-band buffers: the common small message
-            return msgpack.unpackb(meta, ext_hook=self._decode_ext, strict_map_key=False)
+            return self._unpack(meta)
         if meta_end > frame_len:
             raise ValueError(
                 f"frame of {frame_len} bytes is truncated: "
@@ -178,13 +187,19 @@ class Decoder:
             )
         self._frame = frame
         try:
-            obj = msgpack.unpackb(meta, ext_hook=self._decode_ext, strict_map_key=False)
+            obj = self._unpack(meta)
         finally:
             self._frame = None
         if self._cursor != frame_len:
             extra = frame_len - self._cursor
             raise ValueError(f"frame of {frame_len} bytes has {extra} bytes past its last buffer")
         return obj
+
+    def _unpack(self, meta: memoryview) -> object:
+        # surrogatepass costs nothing on valid UTF-8; it only lets lone surrogates through.
+        return msgpack.unpackb(
+            meta, ext_hook=self._decode_ext, strict_map_key=False, unicode_errors="surrogatepass"
+        )
 
     def _decode_ext(self, code: int, data: bytes) -> object:
         if code == _EXT_NDARRAY:
