@@ -4,7 +4,7 @@ Each rank should read only its own slices of the checkpoint, so that its memory 
 loading is about its share of the weights, never a whole tensor. Every rank here runs
 `LoadMemoryWorker`, the model worker with its `load_model` measured: just before loading
 it resets the process's peak RSS to the current RSS (`/proc/self/clear_refs`), and after
-loading it reads the peak (`getrusage(RUSAGE_SELF).ru_maxrss`), so "peak over start" is
+loading it reads the peak (VmHWM in `/proc/self/status`), so "peak over start" is
 the most memory the load itself added at any moment. It is compared with the bytes of
 the rank's parameters. Both layouts run one worker process per rank (the multi-process
 executor, also at TP=1), each executor started afresh per run.
@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -41,9 +40,21 @@ def current_rss_bytes() -> int:
 
 
 def reset_peak_rss() -> None:
-    """Make the process's peak RSS (VmHWM, ru_maxrss) its current RSS (Linux >= 4.0)."""
+    """Make the process's peak RSS (VmHWM) its current RSS (Linux >= 4.0)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak RSS since reset_peak_rss (VmHWM). Not getrusage's ru_maxrss: a
+    spawned process's starts at its parent's RSS (the kernel carries the peak of the
+    address space it replaced at exec), which no reset clears, so a worker of a large
+    engine process would report the engine's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line")
 
 
 class LoadMemoryWorker(Worker):
@@ -55,7 +66,7 @@ class LoadMemoryWorker(Worker):
         began = time.perf_counter()
         super().load_model()
         elapsed = time.perf_counter() - began
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_rss_bytes()
         params = self.model_runner.model.parameters()
         self._load_report = {"rank": self.rank, "start_rss_bytes": start_rss,
                              "peak_rss_bytes": peak, "peak_over_start_bytes": peak - start_rss,

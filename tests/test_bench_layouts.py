@@ -6,6 +6,7 @@ and that the ranks' communication counters and load reports are where the layout
 """
 
 import json
+import multiprocessing
 import statistics
 import subprocess
 import sys
@@ -86,3 +87,32 @@ def test_load_memory_quick_reports_every_rank(tmp_path):
     # A quarter of every split weight each; the norms (and KV heads beyond the model's
     # two) are held by every rank, so the sum is a little over the whole.
     assert len(set(quarters)) == 1 and whole <= sum(quarters) < 1.5 * whole
+
+
+def report_peak_over_start(results) -> None:
+    """In a spawned process: what load_memory's worker would measure for a load that
+    allocates nothing."""
+    import load_memory
+
+    load_memory.reset_peak_rss()
+    start = load_memory.current_rss_bytes()
+    results.put(load_memory.peak_rss_bytes() - start)
+
+
+def test_load_memory_measures_the_workers_own_peak_not_its_parents(monkeypatch, rng):
+    """A worker spawned by a large engine process reports what it added itself: the
+    peak over start of a load that allocates nothing stays near zero while the parent
+    holds 768-1024 MiB, more than a worker that imported torch (getrusage's ru_maxrss
+    began at the parent's size)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    held = bytearray(rng.randint(768, 1024) << 20)
+    held[::4096] = b"\x01" * len(held[::4096])  # resident, page by page
+    spawn = multiprocessing.get_context("spawn")
+    results = spawn.Queue()
+    child = spawn.Process(target=report_peak_over_start, args=(results,))
+    child.start()
+    try:
+        added = results.get(timeout=120)
+    finally:
+        child.join(30)
+    assert added < 32 << 20, f"peak over start {added / 2**20:.0f} MiB for an empty load"
