@@ -360,6 +360,22 @@ def test_cuda_with_more_ranks_than_gpus_raises_before_any_process_starts(no_spaw
         LLM(MODEL, device="cuda", **layout)
 
 
+@pytest.mark.parametrize("gpus", [1, 2, 3])
+def test_more_ranks_than_a_machines_gpus_raises_before_any_process_starts(gpus, monkeypatch,
+                                                                          no_spawn):
+    """The rule itself, on any host: torch is made to report `gpus` GPUs."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    layout = _layout_beyond(gpus)
+    parallel = ParallelConfig(**layout)
+    with pytest.raises(ValueError, match=(
+            rf"the layout needs {parallel.world_size} ranks \(tensor_parallel_size="
+            rf"{parallel.tensor_parallel_size} x pipeline_parallel_size="
+            rf"{parallel.pipeline_parallel_size} x data_parallel_size=1 x "
+            rf"sequence_parallel_size=1\) but this machine has {gpus} GPUs: use at most "
+            rf"{gpus} ranks, or device='cpu'")):
+        LLM(MODEL, device="cuda", **layout)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() > 0, reason="this machine has a GPU")
 @pytest.mark.parametrize("backend", [None, "mp"])
 def test_cuda_without_a_gpu_raises_before_any_process_starts(backend, no_spawn):
