@@ -22,6 +22,7 @@ import time
 import weakref
 from dataclasses import dataclass
 
+import psutil
 import pytest
 import torch
 
@@ -284,6 +285,19 @@ def test_the_engine_keeps_one_step_in_flight_per_stage(pair, rng):
         engine.collect_step()
     assert peak == depth
     assert_all_free(pair.llm)
+
+
+def test_idle_workers_use_no_cpu_between_requests(pair, rng):
+    """After a generate, the model workers (torch, the process groups, the shared-memory
+    collectives) sleep until the next step: under 0.05 s of CPU each in a second."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    pair.llm.generate([random_prompt(rng, 4, 20) for _ in range(3)], params)
+    time.sleep(0.3)
+    procs = [psutil.Process(pid) for pid in pair.llm.engine.executor.worker_pids]
+    before = [sum(p.cpu_times()[:2]) for p in procs]
+    time.sleep(1.0)
+    used = [sum(p.cpu_times()[:2]) - b for p, b in zip(procs, before)]
+    assert max(used) < 0.05, f"idle workers used {used} s of CPU in 1 s"
 
 
 def _kv3_variant() -> str:
