@@ -429,6 +429,43 @@ def test_a_stopped_engine_raises_engine_dead_error_for_a_supervisor_to_catch(rng
     asyncio.run(main())
 
 
+def test_bad_prompt_token_ids_fail_their_stream_alone(rng):
+    """The ids a caller passes with its prompt went to the workers unchecked: one out of
+    the vocabulary failed the step (IndexError in the embedding) and stopped the engine
+    for every stream; so did a prompt longer than max_model_len, or params of the wrong
+    type."""
+    engine = make_engine(max_model_len=64)
+    llm = AsyncLLM.from_engine(engine)
+    good = random_prompt(rng)
+    spot = rng.randrange(len(good))
+    bad_cases = [
+        (good[:spot] + [VOCAB + rng.randint(0, 10**9)] + good[spot:], None,
+         rf"prompt_token_ids\[{spot}\]=\d+ is outside the vocabulary"),
+        (good[:spot] + [-rng.randint(1, 10**9)] + good[spot:], None, "outside the vocabulary"),
+        (good[:spot] + [True] + good[spot:], None, rf"prompt_token_ids\[{spot}\]=True is not"),
+        (good[:spot] + [1.0] + good[spot:], None, rf"prompt_token_ids\[{spot}\]=1.0 is not"),
+        ([], None, "prompt is empty"),
+        ("abc", None, "not a list of token ids"),
+        ([rng.randrange(VOCAB) for _ in range(rng.randint(65, 200))], None,
+         "longer than max_model_len=64"),
+        (good, {"temperature": 0}, r"sampling_params=\{'temperature': 0\} \(dict\) is not a "
+                                   "SamplingParams"),
+    ]
+
+    async def main():
+        for ids, params, message in rng.sample(bad_cases, len(bad_cases)):
+            with pytest.raises(ValueError, match=message):
+                await asyncio.wait_for(collect(llm.generate("", params, "bad",
+                                                            prompt_token_ids=ids)), TIMEOUT)
+        outputs = await asyncio.wait_for(collect(llm.generate(
+            "", greedy(8), "good", prompt_token_ids=tuple(good))), TIMEOUT)
+        assert outputs[-1].outputs[0].token_ids == reference_tokens(good, greedy(8))
+
+    asyncio.run(main())
+    wait_idle(engine)
+    assert_all_free(engine)
+
+
 @pytest.mark.parametrize("engine_kind", ["roomy", "preempting_ahead", "preempting_pipelined"])
 def test_many_streams_with_cancels_and_reused_ids(rng, engine_kind):
     """Streams draw ids from a small pool, so ids are reused (and sometimes still in use);

@@ -136,9 +136,11 @@ class AsyncLLM:
 
         Leaving the loop early (break, cancel, close) aborts the request and frees its KV
         blocks. The id is free again once the request finishes, even if its stream has
-        not read the last output yet. `prompt_token_ids`, when given, must be what
-        `engine.encode_prompt(prompt, sampling_params)` returned (a server does that off the
-        event loop): the prompt is then neither validated nor tokenized again here.
+        not read the last output yet. `prompt_token_ids`, when given, are the prompt's
+        tokens, as `engine.encode_prompt(prompt, sampling_params)` returns them (a server
+        calls that off the event loop): the prompt is then not tokenized again, and the ids
+        are checked on the engine thread, where a bad one fails this stream alone with
+        ValueError.
         """
         self._raise_if_stopped()
         if not isinstance(request_id, str):
