@@ -143,8 +143,8 @@ def test_shutdown_from_another_thread_ends_a_running_generate(rng, monkeypatch):
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + TIMEOUT
-    while llm.engine.stats.num_steps < rng.randint(1, 5):
+    deadline, steps = time.monotonic() + TIMEOUT, rng.randint(1, 5)
+    while llm.engine.stats.num_steps < steps:
         assert time.monotonic() < deadline, "generate never stepped"
         time.sleep(0.001)
     llm.shutdown()
