@@ -103,7 +103,8 @@ class RequestOutput:
     `request_id` is the caller's (LLM.generate names its requests "gen-N"); `prompt` is the
     prompt text (chat's rendered conversation), None for a prompt given as token ids;
     `outputs` holds one CompletionOutput per sample, in `index` order; `num_cached_tokens`
-    counts the prompt tokens its samples found in the prefix cache (summed over them).
+    counts the prompt tokens its samples found in the prefix cache when first scheduled
+    (summed over them; a resume after preemption does not count).
     Every output of one request shares the same `prompt_token_ids` list (it is not copied
     per step): treat it as read-only. Outputs pickle, and copy (dataclasses.asdict then
     json.dumps included), with plain lists.
