@@ -221,6 +221,9 @@ def test_gpu_mp_check_smoke_runs_on_cpu(tmp_path):
     assert result["device"] == "CPU" and result["requests"] == 16
     assert result["share_of_requests_equal"] == 1.0   # fp32: the same tokens either way
     assert result["uni_wall_s"] > 0 and result["mp_wall_s"] > 0
+    collectives = result["collectives_at_world_size_1"]
+    assert collectives.pop("backend") == "gloo" and len(collectives) == 10
+    assert all(ok is True for ok in collectives.values()), collectives
 
 
 def test_sequence_parallel_quick_matches_one_rank(tmp_path):
