@@ -241,6 +241,19 @@ def test_shutdown_garbage_collection_and_a_with_block_leave_nothing_behind(make_
     assert not leaked_segments(before)
 
 
+def test_shutdown_frees_the_log_queues_semaphores_at_once(make_executor):
+    """The log relay's queue holds three named semaphores in /dev/shm; they stayed there
+    after shutdown until the executor itself was collected."""
+    executor = make_executor(tensor_parallel_size=2)
+    queue = executor._group.log_queue
+    names = [f"sem.{lock._semlock.name.lstrip('/')}"
+             for lock in (queue._rlock, queue._wlock, queue._sem)]
+    assert all(os.path.exists(f"/dev/shm/{name}") for name in names)
+    del queue
+    executor.shutdown()
+    assert not [name for name in names if os.path.exists(f"/dev/shm/{name}")]
+
+
 def test_a_dead_workers_exit_code_is_read_without_waiting():
     """The watcher names a dead worker's exit code at once when the kernel has it, and
     waits (briefly) only in the moment between the sentinel and the exit status."""

@@ -172,6 +172,10 @@ class _Workers(WorkerGroup):
         self.log_listener.stop()
         self.log_queue.close()
         self.log_queue.join_thread()
+        # The queue's three locks are named semaphores in /dev/shm (spawned workers open
+        # them by name), unlinked only when the queue is freed: dropping it here frees
+        # them now, not when the executor is collected.
+        self.log_listener = self.log_queue = None
         if self.rendezvous is not None:
             self.rendezvous.release()
 
