@@ -16,8 +16,9 @@ in the order their arrays appear in the msgpack stream.
 What round-trips: None, bool, int (64-bit range), float, str, bytes, list, dict,
 numpy arrays and scalars, CPU torch tensors (any dtype incl. bfloat16 and bool; shape kept,
 non-contiguous inputs arrive contiguous). Tuples arrive as lists and bytearrays as bytes,
-as msgpack has no distinct types for them; subclasses of the above (IntEnum, OrderedDict)
-arrive as their base type. Any str arrives equal, lone surrogates (from JSON "\\ud800" escapes,
+as msgpack has no distinct types for them, except that a dict key that is a tuple arrives
+as a tuple (a list cannot be a key); subclasses of the above (IntEnum, OrderedDict) arrive
+as their base type. Any str arrives equal, lone surrogates (from JSON "\\ud800" escapes,
 say) included.
 
 torch is imported only once a tensor is decoded, so processes that exchange plain data
@@ -179,7 +180,7 @@ class Decoder:
         meta = memoryview(frame)[_HEADER.size : meta_end]
         self._frame_len, self._cursor = frame_len, meta_end
         if meta_end == frame_len:  # no out-of-band buffers: the common small message
-            return self._unpack(meta)
+            return self._unpack(meta, meta_end)
         if meta_end > frame_len:
             raise ValueError(
                 f"frame of {frame_len} bytes is truncated: "
@@ -187,7 +188,7 @@ class Decoder:
             )
         self._frame = frame
         try:
-            obj = self._unpack(meta)
+            obj = self._unpack(meta, meta_end)
         finally:
             self._frame = None
         if self._cursor != frame_len:
@@ -195,11 +196,17 @@ class Decoder:
             raise ValueError(f"frame of {frame_len} bytes has {extra} bytes past its last buffer")
         return obj
 
-    def _unpack(self, meta: memoryview) -> object:
+    def _unpack(self, meta: memoryview, meta_end: int) -> object:
         # surrogatepass costs nothing on valid UTF-8; it only lets lone surrogates through.
-        return msgpack.unpackb(
-            meta, ext_hook=self._decode_ext, strict_map_key=False, unicode_errors="surrogatepass"
-        )
+        options = dict(ext_hook=self._decode_ext, strict_map_key=False,
+                       unicode_errors="surrogatepass")
+        try:
+            return msgpack.unpackb(meta, **options)
+        except TypeError:
+            # A tuple key arrives as an unhashable list: decode again, with keys as tuples
+            # (only on this rare path, as a pairs hook costs a Python call per dict).
+            self._cursor = meta_end
+            return msgpack.unpackb(meta, object_pairs_hook=_dict_with_tuple_keys, **options)
 
     def _decode_ext(self, code: int, data: bytes) -> object:
         if code == _EXT_NDARRAY:
@@ -283,6 +290,14 @@ def _numpy_dtype_name(dtype: np.dtype) -> str:
 def _numpy_dtype(name: str) -> np.dtype:
     """The numpy dtype of a wire name (a cached `np.dtype(name)`)."""
     return np.dtype(name)
+
+
+def _dict_with_tuple_keys(pairs: list[tuple[object, object]]) -> dict:
+    return {_as_tuple(key): value for key, value in pairs}
+
+
+def _as_tuple(key: object) -> object:
+    return tuple(map(_as_tuple, key)) if isinstance(key, list) else key
 
 
 def _type_name(obj: object) -> str:
