@@ -1,4 +1,5 @@
 import math
+import re
 import struct
 
 import msgpack
@@ -196,9 +197,11 @@ def random_wire_tensor(rng) -> torch.Tensor:
     if dtype == torch.bool:
         tensor = torch.rand(shape) < 0.5
     else:
-        raw = torch.frombuffer(bytearray(rng.randbytes(count * dtype.itemsize + 1)), dtype=torch.uint8)
-        tensor = raw[: count * dtype.itemsize].view(dtype).reshape(shape)
-    view = rng.choice(["whole", "transposed", "strided", "expanded", "offset"]) if copyable else "whole"
+        nbytes = count * dtype.itemsize  # frombuffer refuses an empty buffer: one byte more
+        raw = torch.frombuffer(bytearray(rng.randbytes(nbytes + 1)), dtype=torch.uint8)
+        tensor = raw[:nbytes].view(dtype).reshape(shape)
+    views = ["whole", "transposed", "strided", "expanded", "offset"]
+    view = rng.choice(views) if copyable else "whole"
     if view == "transposed":
         return tensor.mT if tensor.dim() >= 2 else tensor
     if view == "strided" and tensor.dim():
@@ -369,6 +372,59 @@ class Opaque:
 def test_unsupported_objects_raise_type_error(obj, message):
     with pytest.raises(TypeError, match=message):
         Encoder().encode(obj)
+
+
+def random_unsupported(rng) -> tuple[object, str]:
+    """A value the serializer refuses, and a pattern its error message must match."""
+    bits = rng.randint(65, 20_000)  # past 4300 digits str() of the int itself raises
+    big = rng.choice([1, -1]) * (2**64 + rng.getrandbits(bits))
+    strided = torch.zeros(4, 8, dtype=torch.uint8).view(rng.choice(UNCOPYABLE_TORCH_DTYPES))
+    return rng.choice([
+        (Opaque(), "test_serializer.Opaque"),
+        ({rng.randrange(9)}, "type set"),
+        (complex(rng.random(), 1), "type complex"),
+        (big, f"int {big}:" if abs(big).bit_length() <= 128 else f"{abs(big).bit_length()} bits"),
+        (-(2**63) - 1 - rng.randrange(2**62), "64 bits"),
+        (torch.empty(rng.randint(0, 3), device="meta"), "device meta"),
+        (np.array([None, rng.random()]), "dtype object"),
+        (strided[:, ::2], f"non-contiguous torch.Tensor of dtype {strided.dtype}"),
+    ])
+
+
+def nest_at_random_path(rng, leaf: object) -> tuple[object, str]:
+    """`leaf` placed at a random depth among supported siblings, and its path as the
+    encoder's error names it."""
+    obj, path = leaf, ""
+    for _ in range(rng.randint(0, 4)):
+        before = [random_value(rng, depth=4) for _ in range(rng.randint(0, 3))]
+        after = [random_value(rng, depth=4) for _ in range(rng.randint(0, 3))]
+        if rng.random() < 0.5:
+            obj, path = (before + [obj] + after), f"[{len(before)}]{path}"
+        else:
+            key = rng.choice([rng.randrange(-99, 99), "".join(rng.choices("abcxyz_", k=5))])
+            siblings = {f"s{i}": value for i, value in enumerate(before + after)}
+            obj, path = {**siblings, key: obj}, f"[{key!r}]{path}"
+    return obj, "message" + path
+
+
+def test_unsupported_value_is_refused_by_its_path_and_the_encoder_goes_on(rng):
+    encoder, decoder = Encoder(), Decoder()
+    for _ in range(100):
+        bad, message = random_unsupported(rng)
+        obj, path = nest_at_random_path(rng, bad)
+        with pytest.raises(TypeError) as error:
+            encoder.encode(obj)
+        assert str(error.value).startswith(f"{path}: cannot serialize ")
+        assert re.search(re.escape(message), str(error.value))
+        good = random_value(rng)
+        assert_identical(decoder.decode(bytearray(b"".join(encoder.encode(good)))),
+                         as_received(good))
+
+
+def test_unsupported_dict_key_is_named():
+    with pytest.raises(TypeError, match=r"^message\['a'\], the key \(1, <object .*: cannot "
+                                         "serialize an object of type object"):
+        Encoder().encode({"a": {"ok": 1, (1, object()): 2}})
 
 
 def test_encoder_is_reusable_after_an_error():

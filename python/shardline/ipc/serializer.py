@@ -28,6 +28,7 @@ and numpy arrays start without paying for it.
 from __future__ import annotations
 
 import functools
+import reprlib
 import struct
 import sys
 from typing import TYPE_CHECKING
@@ -83,13 +84,16 @@ class Encoder:
 
         Array parts are the arrays themselves (or a contiguous copy when an input is not
         C-contiguous): keep `obj` unchanged until the parts are written.
-        Raises TypeError for anything outside SUPPORTED_TYPES.
+        Raises TypeError for anything outside SUPPORTED_TYPES, naming where in `obj` it is
+        (e.g. `message[2][0]['new_requests']`).
         """
         try:
-            meta = self._packer.pack(obj)
-        except UnicodeEncodeError:
-            self._buffers = []
-            meta = self._surrogate_packer.pack(obj)
+            meta = self._pack(obj)
+        except TypeError as exc:
+            where = self._first_refused(obj, "message")
+            if where is None:
+                raise
+            raise TypeError(f"{where}: {exc}") from None
         finally:
             buffers, self._buffers = self._buffers, []
         if not buffers:
@@ -104,6 +108,36 @@ class Encoder:
             offset += pad + buf.nbytes
         return parts
 
+    def _pack(self, obj: object) -> bytes:
+        try:
+            return self._packer.pack(obj)
+        except UnicodeEncodeError:
+            self._buffers = []
+            return self._surrogate_packer.pack(obj)
+
+    def _first_refused(self, obj: object, path: str) -> str | None:
+        """The path of the first value in `obj` that cannot be packed on its own (None if
+        there is none): walked only after packing failed, to say where."""
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                if self._first_refused(key, "") is not None:
+                    return f"{path}, the key {reprlib.repr(key)}"
+                where = self._first_refused(value, f"{path}[{reprlib.repr(key)}]")
+                if where is not None:
+                    return where
+            return None
+        if isinstance(obj, (list, tuple)):
+            for index, item in enumerate(obj):
+                where = self._first_refused(item, f"{path}[{index}]")
+                if where is not None:
+                    return where
+            return None
+        try:
+            self._pack(obj)
+        except TypeError:
+            return path
+        return None
+
     def _encode_ext(self, obj: object) -> msgpack.ExtType:
         # Exact type: subclasses (masked arrays, memmaps) carry state that would be lost.
         if type(obj) is np.ndarray:
@@ -115,7 +149,13 @@ class Encoder:
             meta = (_numpy_dtype_name(obj.dtype), obj.tobytes())
             return _ext_type((_EXT_NUMPY_SCALAR, self._ext_packer.pack(meta)))
         if isinstance(obj, int):
-            raise TypeError(f"cannot serialize the int {obj}: ints must fit in (un)signed 64 bits")
+            # Past 4300 digits str(int) itself raises; past a few dozen the digits say nothing.
+            bits = obj.bit_length()
+            what = f"the int {obj}" if bits <= 128 else f"an int of {bits} bits"
+            raise TypeError(
+                f"cannot serialize {what}: ints must fit in (un)signed 64 bits, "
+                "[-2**63, 2**64 - 1]"
+            )
         raise TypeError(
             f"cannot serialize an object of type {_type_name(obj)}; supported: {SUPPORTED_TYPES}"
         )
@@ -145,7 +185,13 @@ class Encoder:
         if tensor.is_conj() or tensor.is_neg():
             tensor = tensor.resolve_conj().resolve_neg()
         if not tensor.is_contiguous():
-            tensor = tensor.contiguous()
+            try:
+                tensor = tensor.contiguous()
+            except RuntimeError as exc:  # torch copies neither sub-byte nor quantized dtypes
+                raise TypeError(
+                    f"cannot serialize a non-contiguous torch.Tensor of dtype {tensor.dtype}: "
+                    f"torch cannot copy it to a contiguous one ({exc})"
+                ) from None
         name, carrier = _tensor_codec(tensor.dtype)
         array = (tensor if carrier is None else tensor.view(carrier)).numpy()
         self._add_buffer(array)
