@@ -448,3 +448,17 @@ def test_a_killed_worker_raises_engine_dead_and_leaves_nothing(when, rng):
         llm.shutdown()
     assert_gone(pids)
     assert not leaked_segments(segments_before)
+
+
+def test_a_workers_input_error_is_the_same_error_as_in_process():
+    """A budget too small for one KV block is a ValueError naming it with one rank in
+    process; under TP2 it was a RuntimeError holding the worker's traceback."""
+    budget = random.randint(1, 4000)
+    with pytest.raises(ValueError) as in_process:
+        LLM("tiny-llama", kv_cache_memory_bytes=budget, device="cpu")
+    with pytest.raises(ValueError) as in_workers:
+        LLM("tiny-llama", tensor_parallel_size=2, kv_cache_memory_bytes=budget, device="cpu")
+    message = str(in_workers.value)
+    assert message.startswith("determine_num_kv_blocks failed on worker rank ")
+    assert "\n" not in message and f"kv_cache_memory_bytes={budget} is too small" in message
+    assert str(in_process.value).split(":")[0] in message

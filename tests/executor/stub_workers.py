@@ -45,6 +45,9 @@ class StubWorker:
     def fail(self, message: str) -> None:
         raise ValueError(message)
 
+    def crash(self) -> float:
+        return 1 / 0
+
     def sleep(self, seconds: float) -> int:
         time.sleep(seconds)
         return self.rank

@@ -104,9 +104,15 @@ def test_steps_in_flight_come_back_in_order(make_executor):
 
 
 def test_a_failing_call_names_the_rank_and_the_executor_carries_on(make_executor):
+    """An input error (ValueError) comes back as itself in one line, as one rank in process
+    would raise it; a defect as a RuntimeError carrying the worker's traceback."""
     executor = make_executor(tensor_parallel_size=2)
-    with pytest.raises(RuntimeError, match=r"fail failed on worker rank 0: ValueError: bad input"):
+    with pytest.raises(ValueError) as raised:
         executor.collective_rpc("fail", args=("bad input",))
+    assert str(raised.value) == "fail failed on worker rank 0: bad input"
+    with pytest.raises(RuntimeError, match=r"(?s)^crash failed on worker rank 0: ZeroDivisionError"
+                                           r": division by zero\nTraceback .*in crash"):
+        executor.collective_rpc("crash")
     assert executor.collective_rpc("echo", args=(3,)) == [3, 3]
 
 

@@ -14,6 +14,7 @@ shared-memory rings to spawned processes, or Ray calls to node agents.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import threading
 import time
@@ -26,6 +27,23 @@ from shardline.executor.base import EngineDeadError, Executor, StepFuture
 from shardline.step import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger("shardline")
+
+# A worker's errors of these kinds are about the caller's input (a configuration the
+# model cannot take, a missing file), and are re-raised as themselves.
+_INPUT_ERRORS = (ValueError, TypeError, OSError)
+
+
+def worker_error(context: str, reply: list[str]) -> Exception:
+    """The exception a worker's call raised (its reply [type name, message, traceback]),
+    re-made here: a built-in input error as the same type with a one-line message, so the
+    caller sees what one rank in process would raise (its traceback goes to the debug
+    log); anything else, a defect, as a RuntimeError that carries the traceback."""
+    name, message, trace = reply
+    kind = getattr(builtins, name, None)
+    if isinstance(kind, type) and issubclass(kind, _INPUT_ERRORS):
+        logger.debug("%s: %s", context, trace)
+        return kind(f"{context}: {message}")
+    return RuntimeError(f"{context}: {name}: {message}\n{trace}")
 
 WATCH_POLL_S = 0.5
 DEATH_WAIT_S = 2.0
@@ -124,11 +142,13 @@ class WorkerGroup(ABC):
         dead = self._watched_death()
         return EngineDeadError(cause) if dead is None else dead
 
-    def step_failure(self, rank: int, error: str) -> EngineDeadError:
+    def step_failure(self, rank: int, error: list[str]) -> EngineDeadError:
         """The output rank (global `rank`) failed a step and is exiting. Its error is often
         only that a peer died (its collectives see that before the watcher does), so the
         error names the workers the watcher finds dead, then the output rank's own error."""
-        failed = f"worker rank {rank} failed in execute_model and stopped: {error}"
+        name, message, trace = error
+        failed = (f"worker rank {rank} failed in execute_model and stopped: {name}: "
+                  f"{message}\n{trace}")
         dead = self._watched_death()
         return EngineDeadError(failed if dead is None else f"{dead}; {failed}")
 
@@ -201,8 +221,8 @@ class WorkerGroupExecutor(Executor):
         try:
             for i, ok, payload in self._call_all(method, list(args), kwargs or {}, deadline):
                 if not ok:
-                    raise RuntimeError(f"{method} failed on worker rank {self.first_rank + i}: "
-                                       f"{payload}")
+                    raise worker_error(f"{method} failed on worker rank {self.first_rank + i}",
+                                       payload)
                 replies[i] = payload
         except RanksTimedOut as exc:
             raise TimeoutError(f"collective_rpc({method!r}) timed out after {timeout} s "

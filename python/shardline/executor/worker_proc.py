@@ -57,10 +57,10 @@ class WorkerArgs:
     rendezvous_dir: str | None
 
 
-def error_text(exc: BaseException) -> str:
-    """An exception as the one-line summary first, then its traceback."""
-    summary = f"{type(exc).__name__}: {exc}"
-    return summary + "\n" + "".join(traceback.format_exception(exc))
+def error_reply(exc: BaseException) -> list[str]:
+    """A failed call's reply payload: the exception's type name, message and traceback,
+    from which the executor re-raises it (see worker_group.worker_error)."""
+    return [type(exc).__name__, str(exc), "".join(traceback.format_exception(exc))]
 
 
 def _forward_logs(log_queue: Any, rank: int, level: int) -> None:
@@ -220,7 +220,7 @@ def _serve(worker: Any, index: int, broadcast: MessageQueue, response: MessageQu
             else:
                 result = getattr(worker, method)(*call_args, **kwargs)
         except Exception as exc:
-            response.enqueue([call_id, False, error_text(exc)])
+            response.enqueue([call_id, False, error_reply(exc)])
             if method == "execute_model":
                 # The ranks are now out of step in their collectives: this worker stops, and
                 # the executor reports the engine dead with this error.
