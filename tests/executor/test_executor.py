@@ -1,6 +1,9 @@
 """Executor factory and the in-process executor's worker lifecycle (with a stub Worker)."""
 
+import gc
+import random
 import sys
+import weakref
 
 import pytest
 
@@ -29,6 +32,9 @@ class StubWorker:
 
     def warm_up(self):
         self.calls.append("warm_up")
+
+    def queue_step(self, scheduler_output):
+        return lambda: self.execute_model(scheduler_output)
 
     def execute_model(self, scheduler_output):
         return ModelRunnerOutput(req_ids=list(scheduler_output.num_scheduled_tokens),
@@ -76,6 +82,22 @@ def test_uniproc_brings_the_worker_up_and_relays_steps():
     assert out.req_ids == ["a", "b"] and out.sampled_token_ids == [5, 5]
     executor.shutdown()
     executor.shutdown()
+
+
+def test_a_dropped_executor_frees_its_worker_without_a_gc_pass():
+    """A non-blocking step's future and its wait referred to each other, so the worker
+    (and, in the engine, its model and KV cache) stayed until the next gc pass."""
+    executor = create_executor(config())
+    futures = [executor.execute_model(SchedulerOutput(num_scheduled_tokens={f"r{i}": 1}),
+                                      non_block=True) for i in range(random.randint(1, 4))]
+    assert [f.result().req_ids for f in futures] == [[f"r{i}"] for i in range(len(futures))]
+    worker = weakref.ref(executor.worker)
+    gc.disable()
+    try:
+        del executor, futures
+        assert worker() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("path, named", [

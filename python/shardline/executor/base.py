@@ -44,9 +44,12 @@ class StepFuture:
 
     def set_result(self, value: ModelRunnerOutput) -> None:
         self._value, self._done = value, True
+        # The wait often refers to this future (and through it to the worker and its
+        # model): dropped once done, so the cycle does not hold them until a gc pass.
+        self._wait = None
 
     def set_exception(self, error: BaseException) -> None:
-        self._error, self._done = error, True
+        self._error, self._done, self._wait = error, True, None
 
     def result(self, timeout: float | None = None) -> ModelRunnerOutput:
         """The step's output; TimeoutError if it is not back within `timeout` seconds."""
