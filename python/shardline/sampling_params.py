@@ -48,8 +48,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     max_tokens: int | None = 16
-    stop_token_ids: list[int] = field(default_factory=list)
-    stop: list[str] = field(default_factory=list)
+    # One item, a list or None when given; always a list once built.
+    stop_token_ids: int | list[int] | None = field(default_factory=list)
+    stop: str | list[str] | None = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
