@@ -163,8 +163,9 @@ def targets(ratios: list[dict]) -> dict:
             worst = min(r["speedup"] for r in ratios if r["op"] == op and r["world"] == world)
             out[f"{op}_{world}_ranks_min_speedup"] = worst
     out["target_min_speedup"] = TARGET_SPEEDUP
-    out["all_reduce_target_met"] = all(out[f"all_reduce_{w}_ranks_min_speedup"] >= TARGET_SPEEDUP
-                                       for w in WORLDS)
+    for op in OPS:
+        out[f"{op}_target_met"] = all(out[f"{op}_{w}_ranks_min_speedup"] >= TARGET_SPEEDUP
+                                      for w in WORLDS)
     return out
 
 

@@ -31,4 +31,7 @@ def test_collectives_quick_reports_every_op_size_and_world(tmp_path):
     for key in ("all_reduce_2_ranks_min_speedup", "all_reduce_4_ranks_min_speedup",
                 "all_gather_2_ranks_min_speedup", "all_gather_4_ranks_min_speedup"):
         assert report["targets"][key] > 0
+    for op in ("all_reduce", "all_gather"):
+        worst = min(report["targets"][f"{op}_{w}_ranks_min_speedup"] for w in (2, 4))
+        assert report["targets"][f"{op}_target_met"] == (worst >= 5.0)
     assert out.with_suffix(".png").stat().st_size > 0
