@@ -1,7 +1,7 @@
 """One worker process per rank, reached through the shared-memory rings.
 
 The executor writes every call once into `rpc_broadcast_mq` (one ring, read by every
-worker) and reads the replies from `worker_response_mq[rank]` (one ring per worker).
+worker) and reads the replies from `worker_response_mqs[rank]` (one ring per worker).
 `execute_model` is answered by the output rank alone (the first TP rank of the last
 pipeline stage); its non-blocking form returns a StepFuture, so the engine can keep
 several steps in flight. A watcher thread notices a worker's death at once and closes
@@ -124,15 +124,16 @@ class _Workers(WorkerGroup):
     def __init__(self, first_rank: int) -> None:
         super().__init__(first_rank)
         self.procs: list[multiprocessing.process.BaseProcess] = []
-        self.broadcast: MessageQueue | None = None
-        self.responses: list[MessageQueue] = []
+        self.rpc_broadcast_mq: MessageQueue | None = None
+        self.worker_response_mqs: list[MessageQueue] = []
         self.log_queue = _SPAWN.Queue()
         self.log_listener = logging.handlers.QueueListener(self.log_queue, _RankLogs())
         self.started = False
         self.rendezvous: FileRendezvous | None = None
 
     def close_rings(self) -> None:
-        for mq in ([self.broadcast] if self.broadcast else []) + self.responses:
+        broadcast = [self.rpc_broadcast_mq] if self.rpc_broadcast_mq else []
+        for mq in broadcast + self.worker_response_mqs:
             mq.close()
 
     def interrupt(self) -> None:
@@ -156,7 +157,7 @@ class _Workers(WorkerGroup):
     def stop_workers(self) -> None:
         if self.started and self.dead is None:
             try:
-                self.broadcast.enqueue([0, SHUTDOWN, [], {}, ALL_RANKS], timeout=1.0)
+                self.rpc_broadcast_mq.enqueue([0, SHUTDOWN, [], {}, ALL_RANKS], timeout=1.0)
             except (TimeoutError, RingClosed, PeerDied):
                 pass
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
@@ -192,7 +193,7 @@ class MultiProcExecutor(WorkerGroupExecutor):
         self._call_ids = itertools.count(1)
         workers = self._group
         workers.log_listener.start()
-        workers.broadcast = MessageQueue.create(self.num_workers)
+        workers.rpc_broadcast_mq = MessageQueue.create(self.num_workers)
         workers.rendezvous = FileRendezvous.join(self.distributed_init_method)
         init_method = workers.rendezvous.url if workers.rendezvous else self.distributed_init_method
         rendezvous_dir = workers.rendezvous.directory if workers.rendezvous else None
@@ -201,7 +202,7 @@ class MultiProcExecutor(WorkerGroupExecutor):
         for i in range(self.num_workers):
             rank = self.first_rank + i
             parent_conn, child_conn = _SPAWN.Pipe(duplex=False)
-            args = WorkerArgs(config, rank, i, init_method, workers.broadcast.handle(),
+            args = WorkerArgs(config, rank, i, init_method, workers.rpc_broadcast_mq.handle(),
                               self.config.parallel.worker_cls, logger.getEffectiveLevel(),
                               os.getpid(), rendezvous_dir)
             proc = _SPAWN.Process(target=run_worker, args=(args, child_conn, workers.log_queue),
@@ -220,9 +221,9 @@ class MultiProcExecutor(WorkerGroupExecutor):
                 handle = None
             if handle is None:
                 raise self._startup_failure(i)
-            workers.responses.append(MessageQueue.attach(handle, 0))
+            workers.worker_response_mqs.append(MessageQueue.attach(handle, 0))
             conn.close()
-        workers.broadcast.wait_attached(max(0.0, deadline - time.monotonic()),
+        workers.rpc_broadcast_mq.wait_attached(max(0.0, deadline - time.monotonic()),
                                         reader_pids=[p.pid for p in workers.procs])
         workers.started = True
 
@@ -245,7 +246,8 @@ class MultiProcExecutor(WorkerGroupExecutor):
         call_id = next(self._call_ids)
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            self._group.broadcast.enqueue([call_id, method, args, kwargs, reply_rank], timeout)
+            self._group.rpc_broadcast_mq.enqueue([call_id, method, args, kwargs, reply_rank],
+                                                 timeout)
         except (RingClosed, PeerDied) as exc:
             raise self._rings_closed(exc) from None
         return call_id
@@ -256,7 +258,7 @@ class MultiProcExecutor(WorkerGroupExecutor):
         while True:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                reply_id, ok, payload = self._group.responses[index].dequeue(timeout)
+                reply_id, ok, payload = self._group.worker_response_mqs[index].dequeue(timeout)
             except (RingClosed, PeerDied) as exc:
                 raise self._rings_closed(exc) from None
             if reply_id == call_id:

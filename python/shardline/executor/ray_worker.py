@@ -60,8 +60,8 @@ class NodeAgent:
     """Relays the executor's calls to the ranks of one node through shared memory."""
 
     def __init__(self) -> None:
-        self.broadcast: MessageQueue | None = None
-        self.responses: list[MessageQueue] = []
+        self.rpc_broadcast_mq: MessageQueue | None = None
+        self.worker_response_mqs: list[MessageQueue] = []
         self.sending = threading.Condition()
         self.reading = threading.Condition()
         self.next_call = 1
@@ -72,12 +72,12 @@ class NodeAgent:
     def connect(self, responses: list[MessageQueueHandle]) -> tuple[MessageQueueHandle, int]:
         """Attach to the ranks' response rings (in the node's rank order) and create the
         broadcast ring they read; its handle and this process's id."""
-        self.responses = [MessageQueue.attach(handle, 0) for handle in responses]
-        self.broadcast = MessageQueue.create(len(responses))
-        return self.broadcast.handle(), os.getpid()
+        self.worker_response_mqs = [MessageQueue.attach(handle, 0) for handle in responses]
+        self.rpc_broadcast_mq = MessageQueue.create(len(responses))
+        return self.rpc_broadcast_mq.handle(), os.getpid()
 
     def wait_attached(self, timeout: float, reader_pids: list[int]) -> None:
-        self.broadcast.wait_attached(timeout, reader_pids=reader_pids)
+        self.rpc_broadcast_mq.wait_attached(timeout, reader_pids=reader_pids)
 
     def call(self, call_id: int, message: list, reply_indices: list[int]) -> list[Any]:
         """Write call `call_id` into the ring once the calls before it are in; then read
@@ -86,7 +86,7 @@ class NodeAgent:
             self.sending.wait_for(lambda: self.next_call == call_id or self.closed.is_set())
             try:
                 self._check_open()
-                self.broadcast.enqueue(message)
+                self.rpc_broadcast_mq.enqueue(message)
             finally:
                 self.next_call += 1
                 self.sending.notify_all()
@@ -99,7 +99,7 @@ class NodeAgent:
             self.reading.wait_for(lambda: self.reading_ticket == ticket or self.closed.is_set())
             self._check_open()
         try:
-            return [self._reply(self.responses[i], call_id) for i in reply_indices]
+            return [self._reply(self.worker_response_mqs[i], call_id) for i in reply_indices]
         finally:
             with self.reading:
                 self.reading_ticket += 1
@@ -129,5 +129,6 @@ class NodeAgent:
         for condition in (self.sending, self.reading):
             with condition:
                 condition.notify_all()
-        for mq in ([self.broadcast] if self.broadcast else []) + self.responses:
+        broadcast = [self.rpc_broadcast_mq] if self.rpc_broadcast_mq else []
+        for mq in broadcast + self.worker_response_mqs:
             mq.close()
