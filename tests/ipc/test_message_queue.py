@@ -1,5 +1,7 @@
 import hashlib
+import os
 import pickle
+import signal
 import threading
 import time
 
@@ -7,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 from launcher import SPAWN, join_all, spawn
+from queue_children import read_one_then_idle
+from wire_values import as_received, assert_identical, random_value
 
 from shardline import _shm
-from shardline.ipc import MessageQueue, MessageQueueHandle, PeerDied, RingClosed
+from shardline.ipc import Encoder, MessageQueue, MessageQueueHandle, PeerDied, RingClosed
 
 TIMEOUT = 30.0
 
@@ -244,3 +248,153 @@ def test_each_end_does_only_its_own_job():
 
 def test_exceptions_are_the_ring_exceptions():
     assert RingClosed is _shm.RingClosed and PeerDied is _shm.PeerDied
+
+
+def frame_bytes(obj: object) -> int:
+    return sum(memoryview(part).nbytes for part in Encoder().encode(obj))
+
+
+def bytes_framed_in(rng, total: int) -> bytes:
+    """Random bytes whose frame (length header + msgpack) is exactly `total` bytes long."""
+    for bin_header in (2, 3, 5):
+        payload = rng.randbytes(max(0, total - 4 - bin_header))
+        if frame_bytes(payload) == total:
+            return payload
+    raise AssertionError(f"no bytes object frames to {total} bytes")
+
+
+def read_in_thread(queue: MessageQueue, count: int, pause=None,
+                   poll: bool = False) -> tuple[threading.Thread, list]:
+    """Starts a thread that dequeues `count` messages into the returned list, calling
+    `pause(i)` before message i. With poll=True each dequeue waits 1 ms and is retried
+    after its TimeoutError, which resumes a message whose read timed out midway."""
+    received: list = []
+
+    def run() -> None:
+        for i in range(count):
+            if pause is not None:
+                pause(i)
+            while True:
+                try:
+                    received.append(queue.dequeue(0.001 if poll else TIMEOUT))
+                    break
+                except TimeoutError:
+                    if not poll:
+                        raise
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, received
+
+
+def joined(thread: threading.Thread) -> None:
+    thread.join(TIMEOUT)
+    assert not thread.is_alive(), "the reader thread did not finish"
+
+
+def test_frames_at_the_edges_of_a_slot_and_of_the_ring_arrive_whole(rng):
+    slot, n_slots = rng.randint(300, 700), rng.randint(1, 4)
+    ring = slot * n_slots
+    sizes = [slot - 1, slot, slot + 1, 2 * slot, ring - 1, ring, ring + 1,
+             rng.randint(10 * ring, 40 * ring), rng.randint(8, slot)]
+    messages = [bytes_framed_in(rng, size) for size in sizes]
+    # Arrays put part boundaries (meta, padding, buffer) anywhere within a slot.
+    messages += [[np.frombuffer(rng.randbytes(n), np.uint8), rng.randbytes(rng.randrange(9))]
+                 for n in (slot - 70, slot, ring - 70, ring, rng.randint(ring, 5 * ring))]
+    messages += [random_value(rng) for _ in range(30)]
+    rng.shuffle(messages)
+    with MessageQueue.create(1, n_slots=n_slots, slot_size=slot) as writer:
+        name = writer.handle().name
+        with MessageQueue.attach(writer.handle(), 0) as reader:
+            assert not os.path.exists("/dev/shm" + name)
+            thread, received = read_in_thread(reader, len(messages))
+            for message in messages:
+                writer.enqueue(message, TIMEOUT)
+            joined(thread)
+    assert len(received) == len(messages)
+    for got, sent in zip(received, messages):
+        assert_identical(got, as_received(sent))
+    assert not os.path.exists("/dev/shm" + name)
+
+
+def test_many_small_messages_back_to_back_arrive_in_order(rng):
+    messages = [[i, rng.randrange(2**64), "x" * rng.randrange(40), rng.random()]
+                for i in range(3000)]
+    with MessageQueue.create(1, n_slots=8, slot_size=64) as writer, \
+            MessageQueue.attach(writer.handle(), 0) as reader:
+        thread, received = read_in_thread(reader, len(messages))
+        for message in messages:
+            writer.enqueue(message, TIMEOUT)
+        joined(thread)
+    assert received == messages
+
+
+def test_a_full_ring_makes_the_writer_wait_and_never_overwrites(rng):
+    """With the reader not reading, the writer fills the ring and then times out; the
+    reader then gets every message sent before, intact, but not the one that timed out
+    (part of it may have been published), and the queue carries the next one."""
+    slot, n_slots = 128, rng.randint(2, 6)
+    with MessageQueue.create(1, n_slots=n_slots, slot_size=slot) as writer, \
+            MessageQueue.attach(writer.handle(), 0) as reader:
+        sent = []
+        while True:
+            message = bytes_framed_in(rng, rng.randint(8, 2 * slot))
+            try:
+                writer.enqueue(message, timeout=0.02)
+            except TimeoutError:
+                break
+            sent.append(message)
+            assert len(sent) <= n_slots, "the writer wrote more slots than the ring holds"
+        assert [reader.dequeue(TIMEOUT) for _ in sent] == sent
+        with pytest.raises(TimeoutError):
+            reader.dequeue(0.02)
+        for _ in range(2 * n_slots):  # one slot each: with the timed out one's abort mark
+            message = bytes_framed_in(rng, rng.randint(8, slot))
+            writer.enqueue(message, TIMEOUT)
+            assert reader.dequeue(TIMEOUT) == message
+
+
+def test_readers_of_different_speeds_each_get_every_message(rng):
+    """One broadcast ring, four readers: one at full speed, one slower than the writer,
+    one that stalls now and then, one that polls with 1 ms timeouts; messages span slots
+    and the whole ring."""
+    messages = [[random_value(rng), np.frombuffer(rng.randbytes(rng.randrange(3000)), np.uint8)]
+                for _ in range(120)]
+    stalls = {i: rng.uniform(0.01, 0.05) for i in rng.sample(range(len(messages)), 4)}
+    pauses = [None, lambda i: time.sleep(0.001), lambda i: time.sleep(stalls.get(i, 0))]
+    with MessageQueue.create(4, n_slots=4, slot_size=256) as writer:
+        readers = [MessageQueue.attach(writer.handle(), i) for i in range(4)]
+        writer.wait_attached(TIMEOUT)
+        threads = [read_in_thread(reader, len(messages), pause) for reader, pause
+                   in zip(readers, pauses)]
+        threads.append(read_in_thread(readers[3], len(messages), poll=True))
+        for message in messages:
+            writer.enqueue(message, TIMEOUT)
+        for thread, _ in threads:
+            joined(thread)
+    for _, received in threads:
+        assert len(received) == len(messages)
+        for got, sent in zip(received, messages):
+            assert_identical(got, as_received(sent))
+
+
+def test_a_reader_killed_mid_message_ends_the_writers_wait_with_peer_died(rng):
+    receiver, sender = SPAWN.Pipe(duplex=False)
+    with MessageQueue.create(1, n_slots=4, slot_size=256) as writer:
+        name = writer.handle().name
+        child = spawn(read_one_then_idle, writer.handle(), sender)
+        try:
+            writer.wait_attached(TIMEOUT, reader_pids=[child.pid])
+            first = random_value(rng)
+            writer.enqueue(first, TIMEOUT)
+            assert receiver.poll(TIMEOUT) and receiver.recv() == child.pid
+            assert_identical(receiver.recv(), as_received(first))
+            threading.Timer(0.2, os.kill, (child.pid, signal.SIGKILL)).start()
+            start = time.monotonic()
+            with pytest.raises(PeerDied, match=f"reader 0 \\(pid {child.pid}\\)"):
+                writer.enqueue(np.frombuffer(rng.randbytes(40 * 1024), np.uint8), TIMEOUT)
+            assert time.monotonic() - start < 5.0
+        finally:
+            child.kill()
+            child.join(TIMEOUT)
+    assert not os.path.exists("/dev/shm" + name)
