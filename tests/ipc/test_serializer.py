@@ -1,5 +1,6 @@
 import re
 import struct
+import sys
 
 import msgpack
 import numpy as np
@@ -260,6 +261,15 @@ def test_unsupported_dict_key_is_named():
     with pytest.raises(TypeError, match=r"^message\['a'\], the key \(1, <object .*: cannot "
                                          "serialize an object of type object"):
         Encoder().encode({"a": {"ok": 1, (1, object()): 2}})
+
+
+def test_unsupported_value_nested_past_the_python_recursion_limit_is_still_a_type_error():
+    depth = sys.getrecursionlimit() + 10  # msgpack itself nests up to 1024
+    message = {"bad": set()}
+    for _ in range(depth):
+        message = [message]
+    with pytest.raises(TypeError, match="cannot serialize an object of type set"):
+        Encoder().encode(message)
 
 
 def test_encoder_is_reusable_after_an_error():

@@ -90,7 +90,10 @@ class Encoder:
         try:
             meta = self._pack(obj)
         except TypeError as exc:
-            where = self._first_refused(obj, "message")
+            try:
+                where = self._first_refused(obj, "message")
+            except RecursionError:  # msgpack nests 1024 deep, Python's own limit is lower
+                where = None
             if where is None:
                 raise
             raise TypeError(f"{where}: {exc}") from None
