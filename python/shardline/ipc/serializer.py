@@ -216,6 +216,9 @@ class Decoder:
         self._frame: bytes | bytearray | None = None
         self._frame_len = 0
         self._cursor = 0
+        # surrogatepass costs nothing on valid UTF-8; it only lets lone surrogates through.
+        self._options = dict(ext_hook=self._decode_ext, strict_map_key=False,
+                             unicode_errors="surrogatepass")
 
     def decode(self, frame: bytes | bytearray) -> object:
         """The object encoded in `frame`. Raises ValueError if the frame is malformed."""
@@ -246,16 +249,13 @@ class Decoder:
         return obj
 
     def _unpack(self, meta: memoryview, meta_end: int) -> object:
-        # surrogatepass costs nothing on valid UTF-8; it only lets lone surrogates through.
-        options = dict(ext_hook=self._decode_ext, strict_map_key=False,
-                       unicode_errors="surrogatepass")
         try:
-            return msgpack.unpackb(meta, **options)
+            return msgpack.unpackb(meta, **self._options)
         except TypeError:
             # A tuple key arrives as an unhashable list: decode again, with keys as tuples
             # (only on this rare path, as a pairs hook costs a Python call per dict).
             self._cursor = meta_end
-            return msgpack.unpackb(meta, object_pairs_hook=_dict_with_tuple_keys, **options)
+            return msgpack.unpackb(meta, object_pairs_hook=_dict_with_tuple_keys, **self._options)
 
     def _decode_ext(self, code: int, data: bytes) -> object:
         if code == _EXT_NDARRAY:
