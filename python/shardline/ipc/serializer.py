@@ -14,11 +14,13 @@ so that arrays decoded in place are aligned; empty buffers take no space. Buffer
 in the order their arrays appear in the msgpack stream.
 
 What round-trips: None, bool, int (64-bit range), float, str, bytes, list, dict,
-numpy arrays and scalars, CPU torch tensors (any dtype incl. bfloat16 and bool; shape kept,
-non-contiguous inputs arrive contiguous). Tuples arrive as lists and bytearrays as bytes,
-as msgpack has no distinct types for them, except that a dict key that is a tuple arrives
-as a tuple (a list cannot be a key); subclasses of the above (IntEnum, OrderedDict) arrive
-as their base type. Any str arrives equal, lone surrogates (from JSON "\\ud800" escapes,
+numpy arrays and scalars, CPU torch tensors (any dtype incl. bfloat16, float8 and bool;
+shape kept, non-contiguous inputs arrive contiguous, except that torch cannot copy a
+non-contiguous tensor of a sub-byte or quantized dtype, so those are refused). Tuples
+arrive as lists and bytearrays as bytes, as msgpack has no distinct types for them, except
+that a dict key that is a tuple arrives as a tuple (a list cannot be a key); subclasses of
+the above (IntEnum, OrderedDict, and numpy's float64, str_ and bytes_ scalars) arrive as
+their base type. Any str arrives equal, lone surrogates (from JSON "\\ud800" escapes,
 say) included.
 
 torch is imported only once a tensor is decoded, so processes that exchange plain data
