@@ -27,12 +27,17 @@ def alone(prompt, params):
     return LLM.from_engine(make_engine()).generate([prompt], params)[0].outputs[0].token_ids
 
 
-def stopping_params(prompt):
-    """Greedy params that stop on the prompt's 4th generated token: the step ahead of that
-    token (under async scheduling) then still holds the sequence when it finishes."""
-    free_run = alone(prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
-    return SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True,
-                          stop_token_ids=[free_run[3]])
+def stopping_request():
+    """A prompt, and greedy params that stop on its 4th generated token: the step ahead of
+    that token (under async scheduling) then still holds the sequence when it finishes. A
+    prompt whose 4th token comes earlier too (the fake model may repeat one) is redrawn."""
+    while True:
+        prompt = random_prompts(1, 4, 10)[0]
+        free_run = alone(prompt, SamplingParams(temperature=0.0, max_tokens=8,
+                                                ignore_eos=True))
+        if free_run[3] not in free_run[:3]:
+            return prompt, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True,
+                                          stop_token_ids=[free_run[3]])
 
 
 def assert_all_free(engine) -> None:
@@ -45,8 +50,8 @@ def assert_all_free(engine) -> None:
                                              ("pipelined", "abort")])
 def test_an_id_held_by_a_step_in_flight_can_be_reused_at_once(steps, ended_by):
     engine = make_engine(**STEPS[steps])
-    old, new, other = random_prompts(3, 4, 10)
-    params = stopping_params(old)
+    old, params = stopping_request()
+    new, other = random_prompts(2, 4, 10)
     other_params = SamplingParams(temperature=0.9, seed=random.randrange(1000), max_tokens=20)
     engine.add_request("x", other, other_params)
     engine.add_request("a", old, params)
@@ -80,8 +85,8 @@ def test_async_llm_reuses_an_id_right_after_its_final_output(monkeypatch):
     sent ahead of the first one's stop token (it waits for the add after delivering)."""
     engine = make_engine(async_scheduling=True)
     llm = AsyncLLM.from_engine(engine)
-    old, new = random_prompts(2, 4, 10)
-    params = stopping_params(old)
+    old, params = stopping_request()
+    new = random_prompts(1, 4, 10)[0]
     held_when_added = []
     route = llm._route
 
