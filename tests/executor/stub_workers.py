@@ -48,6 +48,9 @@ class StubWorker:
     def crash(self) -> float:
         return 1 / 0
 
+    def unsendable(self) -> object:
+        return {self.rank, object()}
+
     def sleep(self, seconds: float) -> int:
         time.sleep(seconds)
         return self.rank

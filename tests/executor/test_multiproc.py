@@ -113,6 +113,9 @@ def test_a_failing_call_names_the_rank_and_the_executor_carries_on(make_executor
     with pytest.raises(RuntimeError, match=r"(?s)^crash failed on worker rank 0: ZeroDivisionError"
                                            r": division by zero\nTraceback .*in crash"):
         executor.collective_rpc("crash")
+    # A result the rings cannot carry is the caller's error; it killed the worker before.
+    with pytest.raises(TypeError, match=r"^unsendable failed on worker rank 0: .*set"):
+        executor.collective_rpc("unsendable")
     assert executor.collective_rpc("echo", args=(3,)) == [3, 3]
 
 

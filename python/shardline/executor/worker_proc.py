@@ -227,5 +227,14 @@ def _serve(worker: Any, index: int, broadcast: MessageQueue, response: MessageQu
                 logging.getLogger("shardline").error("execute_model failed: %s", exc)
                 return 1
             continue
-        if replies:
+        if not replies:
+            continue
+        try:
             response.enqueue([call_id, True, result])
+        except TypeError as exc:
+            # The result holds a type the rings cannot carry, refused before anything was
+            # sent: the caller gets the error and this worker serves on (unless it was a
+            # step's output, which stops it as a failed step does).
+            response.enqueue([call_id, False, error_reply(exc)])
+            if method == "execute_model":
+                return 1
