@@ -55,6 +55,7 @@ def test_every_public_name_resolves_and_the_package_is_typed():
 
     import shardline
 
+    assert sorted(shardline.__all__) == sorted(shardline._EXPORTS)
     for name in shardline.__all__:
         assert getattr(shardline, name).__name__ == name
     assert (pathlib.Path(shardline.__file__).parent / "py.typed").is_file()

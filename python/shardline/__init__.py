@@ -19,8 +19,10 @@ _EXPORTS = {
     "EngineDeadError": "shardline.executor.base",
 }
 
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineArgs",
-           "EngineDeadError"]
+# Spelled out, not list(_EXPORTS), so that type checkers see the re-exports; a test keeps
+# the two equal.
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput",
+           "EngineArgs", "EngineDeadError"]
 
 if TYPE_CHECKING:
     from shardline.engine.async_llm import AsyncLLM
