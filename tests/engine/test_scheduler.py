@@ -1,6 +1,7 @@
 """Scheduler policy, driven directly: budget, chunking, decode priority, preemption, FCFS."""
 
 import random
+from collections import deque
 
 import pytest
 
@@ -35,9 +36,9 @@ def add(sched, name, prompt_len, arrival, n=1):
     return seqs[0] if n == 1 else seqs
 
 
-def step(sched):
-    """Schedule, pretend to run (token 1 for each sequence that completes), record."""
-    out = sched.schedule()
+def sampled_for(sched, out):
+    """What running `out` gives: token 1 for each sequence whose prompt it completes or
+    that it decodes (each sequence is in one step at a time)."""
     result = ModelRunnerOutput()
     for req in [*out.new_requests, *out.cached_requests]:
         seq = sched.seqs[req.req_id]
@@ -45,7 +46,13 @@ def step(sched):
             result.req_ids.append(req.req_id)
             result.sampled_token_ids.append(1)
             result.logprobs.append(None)
-    sched.update(out, result)
+    return result
+
+
+def step(sched):
+    """Schedule, pretend to run, record."""
+    out = sched.schedule()
+    sched.update(out, sampled_for(sched, out))
     return out
 
 
@@ -182,3 +189,38 @@ def test_siblings_waiting_for_their_leader_do_not_stall_the_queue():
     assert sibling.num_cached_tokens == 36 and out.num_scheduled_tokens["a#1"] == 4
     assert b.status is later.status is SequenceStatus.RUNNING
     sched.kv.check_invariants()
+
+
+
+
+def test_a_long_prompt_is_never_preempted_for_later_short_requests():
+    """Two pipelined steps: while a long prompt's chunk is in flight, the next step admits
+    short requests that arrived after it, and they then decode ahead of its next chunk.
+    Short of blocks, the long prompt waits for them rather than start over, and they (being
+    later) make room by preempting one another, so it is never preempted."""
+    preemptions = 0
+    for _ in range(20):
+        sched = Scheduler(SchedulerConfig(8, 16, True), KVBlockManager(18, 4, False),
+                          pipeline_depth=2)
+        long = add(sched, "long", random.randint(48, 60), 0)
+        wanted = {}
+        in_flight = deque()
+        for now in range(1, 100):
+            if long.output_token_ids:
+                break
+            wanted[f"s{now}"] = random.randint(4, 10)
+            add(sched, f"s{now}", random.randint(2, 6), now)
+            out = sched.schedule()
+            if not out.is_empty:
+                in_flight.append((out, sampled_for(sched, out)))
+            if len(in_flight) == 2 or (out.is_empty and in_flight):
+                sched.update(*in_flight.popleft())
+            for seq in list(sched.running):
+                if (seq is not long and len(seq.output_token_ids) >= wanted[seq.seq_id]
+                        and seq.seq_id not in sched._in_flight):
+                    sched.finish(seq, SequenceStatus.FINISHED_LENGTH)
+            sched.kv.check_invariants()
+        assert long.output_token_ids, "the long prompt did not finish in 100 steps"
+        assert long.num_preemptions == 0
+        preemptions += sched.stats.num_preemptions
+    assert preemptions > 0  # the cache was tight enough to preempt

@@ -118,6 +118,19 @@ class StepChecker:
         executor = engine.executor
         self._send = executor.execute_model
         executor.execute_model = self.execute_model
+        self._schedule = engine.scheduler.schedule
+        engine.scheduler.schedule = self.schedule
+
+    def schedule(self):
+        """A sequence preempted in a step arrived after every sequence in that step."""
+        sched = self.engine.scheduler
+        before = {seq.seq_id: seq.num_preemptions for seq in sched.running}
+        scheduled = self._schedule()
+        arrivals = [sched.seqs[seq_id].arrival for seq_id in scheduled.num_scheduled_tokens]
+        for seq in sched.waiting:
+            if seq.num_preemptions > before.get(seq.seq_id, seq.num_preemptions):
+                assert seq.arrival > max(arrivals, default=seq.arrival - 1), seq
+        return scheduled
 
     def execute_model(self, scheduled, non_block=False):
         engine, sched, kv = self.engine, self.engine.scheduler, self.engine.kv

@@ -12,7 +12,9 @@ longer than the remaining budget is computed in chunks over several steps (chunk
 prefill). When the KV cache has no free block for a running sequence, the latest-arrived
 running sequence not yet scheduled in this step is preempted: its blocks are freed, it
 goes back to the front of the queue, and on resume its prompt and outputs so far are
-recomputed.
+recomputed. A sequence is never preempted for one that arrived later: when a sequence in
+this step arrived after that latest one (a decoder ahead of an earlier prompt still in
+chunks), the one short of blocks keeps what it has and waits for a later step.
 
 Under pipeline parallelism the engine keeps up to `pipeline_depth` steps in flight. A
 sequence is in at most one of them (its next step needs the token this one samples), so
@@ -280,13 +282,20 @@ class Scheduler:
                 and not params.needs_token_history)
 
     def _preemption_victim(self, out: SchedulerOutput) -> Sequence | None:
-        """The latest-arrived running sequence not in this step, or None if that one is in
-        flight: preempting an earlier one (or the one that needs the blocks) instead would let
-        two sequences that together outgrow the cache preempt each other forever, each losing
-        its progress while the other is in flight."""
+        """The latest-arrived running sequence not in this step, or None (the one short of
+        blocks waits for a later step) if that one is in flight or arrived before one in this
+        step. Preempting an earlier one instead of one in flight would let two sequences that
+        together outgrow the cache preempt each other forever, each losing its progress while
+        the other is in flight. And decodes go first, so a prompt in chunks comes after the
+        later-arrived decoders in the step: preempting it (often itself) for them would make
+        a long prompt start over again and again under a stream of short requests."""
         latest = max((s for s in self.running if s.seq_id not in out.num_scheduled_tokens),
                      key=lambda s: s.arrival)
-        return None if latest.seq_id in self._in_flight else latest
+        if latest.seq_id in self._in_flight or any(
+                self.seqs[seq_id].arrival > latest.arrival
+                for seq_id in out.num_scheduled_tokens):
+            return None
+        return latest
 
     def _mark_sent(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> None:
         self._in_flight[seq.seq_id] += 1
