@@ -49,7 +49,7 @@ def recording_launches(sms: int = H100_SMS, counts: Counter | None = None
     as on an H100 with `sms` SMs: kernel -> key ("" for an untuned kernel) -> launch
     signatures; `counts`, if given, gains one per launch of each kernel."""
     import triton
-    from shardline.kernels import _tuned, dispatch
+    from shardline.kernels import _config, _tuned, dispatch
 
     seen: dict[str, dict[str, set]] = {}
 
@@ -68,7 +68,7 @@ def recording_launches(sms: int = H100_SMS, counts: Counter | None = None
     env = {"SHARDLINE_FORCE_TRITON": "1", _tuned.TABLE_ENV: "none"}
     with mock.patch.dict(os.environ, env), \
             mock.patch.object(triton.runtime.JITFunction, "run", plain_run), \
-            mock.patch.object(_tuned.TunedKernel, "_launch", tuned_launch), \
+            mock.patch.object(_config.TunedKernel, "_launch", tuned_launch), \
             as_on_h100(sms):
         dispatch.reset_triton_choice()
         _tuned.reset()

@@ -78,7 +78,7 @@ def tiled_config_flags(x: torch.Tensor, n: int, k: int, gated: bool) -> dict[str
     follows the kernel's own key names (its table_key wants the launch's arguments, which
     only the wrapper computes)."""
     from shardline.kernels import _tuned
-    from shardline.kernels._config import shape_bucket
+    from shardline.kernels._tuned import shape_bucket
     tiled = _tuned.KERNELS.get("_matmul_kernel")
     if tiled is None:
         return {}

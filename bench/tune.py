@@ -72,7 +72,7 @@ def _keep(value: Any, persistent: set[int]) -> Any:
 def record_launches(model: torch.nn.Module, config: dict, limits, device: torch.device,
                     launches: dict[tuple[str, str], Launch]) -> None:
     """Run a start's launches with default configs, keeping each new key's first launch."""
-    from shardline.kernels._tuned import TunedKernel
+    from shardline.kernels._config import TunedKernel
     original = TunedKernel._launch
     persistent = {p.untyped_storage().data_ptr() for p in model.parameters()}
 

@@ -1,7 +1,9 @@
 """Launch configs of the Triton kernels: tuned on GPU, fixed in the interpreter.
 
-On a GPU each kernel launches with the config the shipped tuned table names for its key,
-else the one triton.autotune picks (see shardline.kernels._tuned). `triton.autotune`
+On a GPU each kernel is a TunedKernel: it launches with the config the shipped tuned table
+names for its key, else the one triton.autotune picks (the table and its settings are
+shardline.kernels._tuned, which imports no Triton, so that a model on the CPU never
+loads it). `triton.autotune`
 fails under TRITON_INTERPRET=1, so there each kernel runs with one fixed config instead;
 callers launch all of them the same way, `kernel[grid](...)`, with a grid that reads the
 config's block sizes from its `meta` dict.
@@ -11,14 +13,16 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import triton
 
-from shardline.kernels._tuned import TunedKernel
+from shardline.kernels._tuned import (KERNELS, autotuning_allowed, compiling_ahead,
+                                      current_table, key_string)
 
-SMALLEST_BUCKET = 16
+Prune = Callable[..., list[triton.Config]]
 
 
 def interpreting() -> bool:
@@ -33,13 +37,6 @@ def num_sms(device: torch.device, on_cpu: int) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return on_cpu
-
-
-def shape_bucket(n: int, cap: int = 4096) -> int:
-    """The autotune key of a size: its next power of two, at least SMALLEST_BUCKET and at
-    most `cap`, so tuning runs per bucket. Every kernel's row tiles are at least 16 rows
-    (tl.dot's smallest), so sizes under 16 choose among the same tiles: one bucket."""
-    return min(triton.next_power_of_2(max(n, SMALLEST_BUCKET)), cap)
 
 
 class _FixedConfig:
@@ -60,8 +57,7 @@ class _FixedConfig:
 
 
 def autotune(configs: list[triton.Config], key: list[str], fixed: triton.Config,
-             prune: Callable[..., list[triton.Config]] | None = None
-             ) -> Callable[[triton.JITFunction], object]:
+             prune: Prune | None = None) -> Callable[[triton.JITFunction], object]:
     """A TunedKernel over `configs` keyed on `key`; `fixed` alone in the interpreter.
 
     `configs` are listed best-first: where autotuning is off, a key missing from the tuned
@@ -80,7 +76,7 @@ def autotune(configs: list[triton.Config], key: list[str], fixed: triton.Config,
 
 
 def up_to_head_size(table: list[tuple[triton.Config, int]]
-                    ) -> tuple[list[triton.Config], Callable[..., list[triton.Config]]]:
+                    ) -> tuple[list[triton.Config], Prune]:
     """Attention configs, each paired with the largest BLOCK_D it runs at, and the prune
     that keeps, per call, the configs whose limit covers the call's BLOCK_D.
 
@@ -93,3 +89,94 @@ def up_to_head_size(table: list[tuple[triton.Config, int]]
         block_d = kwargs["BLOCK_D"] if "BLOCK_D" in kwargs else named_args["BLOCK_D"]
         return [config for config in configs if limits[id(config)] >= block_d]
     return [config for config, _ in table], prune
+
+
+@dataclass
+class Reached:
+    """A key a tuned kernel met in this process: how many candidate configs its prune
+    kept, where its config came from ("table", "tuned", "default" or "single") and,
+    once known, the config."""
+
+    candidates: int
+    source: str
+    config: triton.Config | None
+
+
+_AUTOTUNE = object()
+
+
+class TunedKernel(triton.runtime.Autotuner):
+    """triton.autotune over `configs`, except that a key the GPU's tuned table holds
+    launches the table's config at once, and a miss where autotuning is off launches the
+    first candidate config; launched as `kernel[grid](...)` like any Triton kernel."""
+
+    def __init__(self, kernel: triton.JITFunction, configs: list[triton.Config],
+                 key: list[str], prune: Prune | None) -> None:
+        if kernel.__name__ in KERNELS:
+            raise ValueError(f"a tuned kernel named {kernel.__name__!r} already exists")
+        super().__init__(kernel, kernel.arg_names, configs, key, None, None,
+                         prune_configs_by={"early_config_prune": prune} if prune else None,
+                         cache_results=True)
+        self.name = kernel.__name__
+        self._positions = {name: kernel.arg_names.index(name) for name in key}
+        self._chosen: dict[tuple, object] = {}
+        self.reached: dict[str, Reached] = {}
+        KERNELS[self.name] = self
+
+    def forget(self) -> None:
+        """Drop the configs chosen so far: the next launch of each key chooses again."""
+        self._chosen.clear()
+        self.reached.clear()
+
+    def candidates(self, args: tuple, kwargs: dict) -> list[triton.Config]:
+        """The configs the prune keeps for this launch, best-first as listed."""
+        if self.early_config_prune is None:
+            return list(self.configs)
+        named = dict(zip(self.arg_names, args))
+        return self.early_config_prune(self.configs, named, **kwargs)
+
+    def table_key(self, args: tuple, kwargs: dict) -> str:
+        return key_string(self.keys, self._values(args, kwargs), args[0].dtype)
+
+    def _values(self, args: tuple, kwargs: dict) -> tuple:
+        return tuple(kwargs[name] if name in kwargs else args[i]
+                     for name, i in self._positions.items())
+
+    def _choose(self, args: tuple, kwargs: dict) -> object:
+        key = self.table_key(args, kwargs)
+        candidates = self.candidates(args, kwargs)
+        table = current_table()
+        config = table.kernels.get(self.name, {}).get(key) if table is not None else None
+        if config is not None and config in candidates:
+            source = "table"
+        elif len(candidates) == 1 or not autotuning_allowed():
+            config, source = candidates[0], "single" if len(candidates) == 1 else "default"
+        else:
+            config, source = _AUTOTUNE, "tuned"
+        self.reached[key] = Reached(len(candidates), source,
+                                    None if config is _AUTOTUNE else config)
+        return config
+
+    def run(self, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
+        values = (*self._values(args, kwargs), args[0].dtype)
+        config = self._chosen.get(values)
+        if config is None:
+            config = self._chosen[values] = self._choose(args, kwargs)
+        if compiling_ahead():
+            configs = self.candidates(args, kwargs) if config is _AUTOTUNE else [config]
+            for c in configs:
+                self.fn.warmup(*args, grid=grid, **kwargs, **c.all_kwargs())
+            return None
+        if config is _AUTOTUNE:
+            result = self._autotune(args, grid, warmup, kwargs)
+            self._chosen[values] = self.reached[self.table_key(args, kwargs)].config = \
+                self.best_config
+            return result
+        return self._launch(args, grid, warmup, kwargs, config)
+
+    def _launch(self, args: tuple, grid: Any, warmup: bool, kwargs: dict,
+                config: triton.Config) -> Any:
+        return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs, **config.all_kwargs())
+
+    def _autotune(self, args: tuple, grid: Any, warmup: bool, kwargs: dict) -> Any:
+        return super().run(*args, grid=grid, warmup=warmup, **kwargs)

@@ -10,6 +10,10 @@ feeds, whether the Triton form or the torch.matmul (cuBLAS) form of that op was 
 
 SHARDLINE_TUNED_TABLE names a table file to use instead of the packaged one ("none": no
 table). Tables are read once per process; `reset` forgets what was read.
+
+The kernels that read the table are shardline.kernels._config's TunedKernels. This module
+itself imports no Triton: the engine reaches it on every device, and a model on the CPU
+never loads Triton.
 """
 
 from __future__ import annotations
@@ -22,25 +26,27 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
-import triton
+
+if TYPE_CHECKING:
+    import triton
+
+    from shardline.kernels._config import TunedKernel
 
 FORMAT_VERSION = 1
 TABLE_DIR = Path(__file__).resolve().with_name("tuned")
 TABLE_ENV = "SHARDLINE_TUNED_TABLE"
 AUTOTUNE_ENV = "SHARDLINE_AUTOTUNE"
 BACKENDS = ("triton", "torch")
+SMALLEST_BUCKET = 16
 LINEAR_OPS = ("linear", "silu_mul", "rms_norm", "qkv_rotary")
 """What a linear's GEMM feeds, and so what tuning times as one whole against its cuBLAS
 form: nothing (the plain product), SiLU(gate) * up, the residual add and RMSNorm after a
 row-parallel projection, and the rotary + KV-cache write after the QKV projection. The
 Triton forms of the last two fold the split-K reduction into the op after it, so a GEMM
 that loses to cuBLAS alone may still win with its fusion."""
-
-Prune = Callable[..., list[triton.Config]]
-
 
 class TunedTableError(ValueError):
     """A tuned-table file that cannot be used, with the path and the entry at fault."""
@@ -71,10 +77,16 @@ def key_string(names: list[str], values: tuple, dtype: torch.dtype) -> str:
     return ",".join(parts + [f"dtype={str(dtype).removeprefix('torch.')}"])
 
 
+def shape_bucket(n: int, cap: int = 4096) -> int:
+    """The autotune key of a size: its next power of two, at least SMALLEST_BUCKET and at
+    most `cap`, so tuning runs per bucket. Every kernel's row tiles are at least 16 rows
+    (tl.dot's smallest), so sizes under 16 choose among the same tiles: one bucket."""
+    return min(1 << (max(n, SMALLEST_BUCKET) - 1).bit_length(), cap)
+
+
 def linear_key(m: int, weight_rows: int, k: int, dtype: torch.dtype, op: str) -> str:
     """The table key of a linear shape and the op its GEMM feeds (one of LINEAR_OPS), in
     the matmul kernel's bucketing of M."""
-    from shardline.kernels._config import shape_bucket
     return key_string(["M_BUCKET", "N", "K", "OP"], (shape_bucket(m), weight_rows, k, op),
                       dtype)
 
@@ -97,6 +109,7 @@ def config_from_json(data: Any, where: str) -> triton.Config:
         raise TunedTableError(f"{where}: num_warps must be a power of two; got {warps!r}")
     if not isinstance(stages, int) or stages < 1:
         raise TunedTableError(f"{where}: num_stages must be an int >= 1; got {stages!r}")
+    import triton
     return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
 
@@ -150,6 +163,8 @@ def write_table(table: TunedTable, path: str | os.PathLike) -> None:
         f.write("\n")
 
 
+KERNELS: dict[str, TunedKernel] = {}
+"""Every tuned kernel defined in this process, by name (shardline.kernels._config)."""
 _tables: dict[str, TunedTable | None] = {}
 _linear_choice: dict[tuple, bool] = {}
 _qkv_heads: dict[tuple, tuple[int, int, int]] = {}
@@ -181,6 +196,11 @@ def current_table() -> TunedTable | None:
             path = path if path is not None and path.is_file() else None
         _tables[cache_key] = read_table(path) if path is not None else None
     return _tables[cache_key]
+
+
+def compiling_ahead() -> bool:
+    """Whether tuned-kernel launches here only compile (within `compile_ahead`)."""
+    return _compiling_ahead.get()
 
 
 def set_autotuning(enabled: bool) -> None:
@@ -248,95 +268,3 @@ def compile_ahead(device: torch.device) -> Iterator[bool]:
             yield True
         finally:
             _compiling_ahead.reset(token)
-
-
-@dataclass
-class Reached:
-    """A key a tuned kernel met in this process: how many candidate configs its prune
-    kept, where its config came from ("table", "tuned", "default" or "single") and,
-    once known, the config."""
-
-    candidates: int
-    source: str
-    config: triton.Config | None
-
-
-_AUTOTUNE = object()
-KERNELS: dict[str, "TunedKernel"] = {}
-
-
-class TunedKernel(triton.runtime.Autotuner):
-    """triton.autotune over `configs`, except that a key the GPU's tuned table holds
-    launches the table's config at once, and a miss where autotuning is off launches the
-    first candidate config; launched as `kernel[grid](...)` like any Triton kernel."""
-
-    def __init__(self, kernel: triton.JITFunction, configs: list[triton.Config],
-                 key: list[str], prune: Prune | None) -> None:
-        if kernel.__name__ in KERNELS:
-            raise ValueError(f"a tuned kernel named {kernel.__name__!r} already exists")
-        super().__init__(kernel, kernel.arg_names, configs, key, None, None,
-                         prune_configs_by={"early_config_prune": prune} if prune else None,
-                         cache_results=True)
-        self.name = kernel.__name__
-        self._positions = {name: kernel.arg_names.index(name) for name in key}
-        self._chosen: dict[tuple, object] = {}
-        self.reached: dict[str, Reached] = {}
-        KERNELS[self.name] = self
-
-    def forget(self) -> None:
-        """Drop the configs chosen so far: the next launch of each key chooses again."""
-        self._chosen.clear()
-        self.reached.clear()
-
-    def candidates(self, args: tuple, kwargs: dict) -> list[triton.Config]:
-        """The configs the prune keeps for this launch, best-first as listed."""
-        if self.early_config_prune is None:
-            return list(self.configs)
-        named = dict(zip(self.arg_names, args))
-        return self.early_config_prune(self.configs, named, **kwargs)
-
-    def table_key(self, args: tuple, kwargs: dict) -> str:
-        return key_string(self.keys, self._values(args, kwargs), args[0].dtype)
-
-    def _values(self, args: tuple, kwargs: dict) -> tuple:
-        return tuple(kwargs[name] if name in kwargs else args[i]
-                     for name, i in self._positions.items())
-
-    def _choose(self, args: tuple, kwargs: dict) -> object:
-        key = self.table_key(args, kwargs)
-        candidates = self.candidates(args, kwargs)
-        table = current_table()
-        config = table.kernels.get(self.name, {}).get(key) if table is not None else None
-        if config is not None and config in candidates:
-            source = "table"
-        elif len(candidates) == 1 or not autotuning_allowed():
-            config, source = candidates[0], "single" if len(candidates) == 1 else "default"
-        else:
-            config, source = _AUTOTUNE, "tuned"
-        self.reached[key] = Reached(len(candidates), source,
-                                    None if config is _AUTOTUNE else config)
-        return config
-
-    def run(self, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
-        values = (*self._values(args, kwargs), args[0].dtype)
-        config = self._chosen.get(values)
-        if config is None:
-            config = self._chosen[values] = self._choose(args, kwargs)
-        if _compiling_ahead.get():
-            configs = self.candidates(args, kwargs) if config is _AUTOTUNE else [config]
-            for c in configs:
-                self.fn.warmup(*args, grid=grid, **kwargs, **c.all_kwargs())
-            return None
-        if config is _AUTOTUNE:
-            result = self._autotune(args, grid, warmup, kwargs)
-            self._chosen[values] = self.reached[self.table_key(args, kwargs)].config = \
-                self.best_config
-            return result
-        return self._launch(args, grid, warmup, kwargs, config)
-
-    def _launch(self, args: tuple, grid: Any, warmup: bool, kwargs: dict,
-                config: triton.Config) -> Any:
-        return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs, **config.all_kwargs())
-
-    def _autotune(self, args: tuple, grid: Any, warmup: bool, kwargs: dict) -> Any:
-        return super().run(*args, grid=grid, warmup=warmup, **kwargs)

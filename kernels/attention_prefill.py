@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from shardline.kernels._checks import check_paged_attention, output_like, unit_last_dim
-from shardline.kernels._config import autotune, shape_bucket, up_to_head_size
+from shardline.kernels._config import autotune, up_to_head_size
+from shardline.kernels._tuned import shape_bucket
 from shardline.kernels._dot import LOG2E, MIN_DOT, dot_precision
 from shardline.kernels.attention_decode import attend_tile
 

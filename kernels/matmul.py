@@ -24,7 +24,8 @@ import triton.language as tl
 
 from shardline.kernels import matmul_split_k
 from shardline.kernels._checks import check_same_dtype, output_like
-from shardline.kernels._config import autotune, interpreting, shape_bucket
+from shardline.kernels._config import autotune, interpreting
+from shardline.kernels._tuned import shape_bucket
 from shardline.kernels._dot import dot_over_k, dot_over_k_tma, dot_precision
 from shardline.kernels.norm import rms_norm
 

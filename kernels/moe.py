@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from shardline.kernels._checks import output_like
-from shardline.kernels._config import autotune, shape_bucket
+from shardline.kernels._config import autotune
+from shardline.kernels._tuned import shape_bucket
 from shardline.kernels._dot import dot_over_k, dot_precision
 
 NOT_OWNED = tl.constexpr(-1)

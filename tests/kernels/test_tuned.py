@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shardline.kernels import _tuned, dispatch, matmul, reference, rotary_kv_cache
+from shardline.kernels import _config, _tuned, dispatch, matmul, reference, rotary_kv_cache
 
 FAKE_GPU = "NVIDIA Fake GPU 9000"
 
@@ -45,7 +45,7 @@ class Probe:
     """_probe_kernel as a TunedKernel whose launches and autotunings are recorded."""
 
     def __init__(self, monkeypatch, autotune_picks: triton.Config = CONFIGS[1]):
-        self.kernel = _tuned.TunedKernel(_probe_kernel, CONFIGS, ["N_BUCKET", "SCALE"], _fit)
+        self.kernel = _config.TunedKernel(_probe_kernel, CONFIGS, ["N_BUCKET", "SCALE"], _fit)
         self.launched: list[triton.Config] = []
         self.autotuned = 0
 
@@ -171,7 +171,7 @@ def test_compiling_ahead_compiles_and_launches_nothing(monkeypatch, tmp_path):
 
 
 def test_a_table_config_reaches_the_kernel(monkeypatch, tmp_path, fresh_seed):
-    kernel = _tuned.TunedKernel(_probe_kernel, CONFIGS, ["N_BUCKET", "SCALE"], _fit)
+    kernel = _config.TunedKernel(_probe_kernel, CONFIGS, ["N_BUCKET", "SCALE"], _fit)
     n = random.randint(17, 64)
     key = f"N_BUCKET={triton.next_power_of_2(n)},SCALE=3,dtype=float32"
     use_table(monkeypatch, write_fake_table(tmp_path / "t.json",

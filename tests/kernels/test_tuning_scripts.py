@@ -72,7 +72,7 @@ from unittest import mock
 import torch, triton
 sys.path.insert(0, sys.argv[1])
 import tune
-from shardline.kernels import _tuned
+from shardline.kernels import _config, _tuned
 
 out_dir, limit = Path(sys.argv[2]), sys.argv[3]
 WINNERS = {"_matmul_kernel": "BLOCK_M=16 BLOCK_N=64 BLOCK_K=128 GROUP_M=8 TMA=False w4 s5",
@@ -80,7 +80,7 @@ WINNERS = {"_matmul_kernel": "BLOCK_M=16 BLOCK_N=64 BLOCK_K=128 GROUP_M=8 TMA=Fa
            "_prefill_kernel": "BLOCK_M=32 BLOCK_N=32 w4 s2"}
 LINEAR_COSTS = {"_rms_norm_kernel": 0.25, "_rotary_kv_cache_kernel": 0.125}
 launched, ran, phase, keys_seen = [], [], ["kernels"], {}
-real_launch, real_tune_kernels = _tuned.TunedKernel._launch, tune.tune_kernels
+real_launch, real_tune_kernels = _config.TunedKernel._launch, tune.tune_kernels
 
 def spy(kernel, args, grid, warmup, kwargs, config):
     launched.append((kernel.name, config, kwargs))
@@ -106,7 +106,7 @@ def counting(launches, *args):
 
 no_run = lambda fn, *args, grid, warmup, **kwargs: ran.append(fn.fn.__name__)
 with mock.patch.object(triton.runtime.JITFunction, "run", no_run), \\
-        mock.patch.object(_tuned.TunedKernel, "_launch", spy), \\
+        mock.patch.object(_config.TunedKernel, "_launch", spy), \\
         mock.patch.object(tune, "median_ms", fake_ms), \\
         mock.patch.object(tune, "tune_kernels", counting):
     sys.argv = ["tune.py", "--models", "tiny-llama", "--out-dir", str(out_dir)] + (

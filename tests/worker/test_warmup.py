@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from shardline.kernels import dispatch
-from shardline.kernels._config import shape_bucket
+from shardline.kernels._tuned import shape_bucket
 from shardline.worker import model_runner, warmup
 from shardline.worker.warmup import token_buckets, warm_up_prefill
 from worker_driver import make_worker

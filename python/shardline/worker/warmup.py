@@ -18,7 +18,7 @@ import time
 import torch
 from torch import nn
 
-from shardline.kernels._config import SMALLEST_BUCKET
+from shardline.kernels._tuned import SMALLEST_BUCKET
 from shardline.kernels._tuned import compile_ahead
 from shardline.layers.attention import AttentionMetadata
 
