@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import triton
 
@@ -28,6 +29,34 @@ Prune = Callable[..., list[triton.Config]]
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter rather than compiled."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _mend_interpreter() -> None:
+    """Give the interpreter's scalars an __index__ that numpy 2.4 and later accept.
+
+    A loop bound read at run time, as in `range(0, tl.cdiv(k, BLOCK_K))`, goes through a
+    scalar tensor's __index__. Triton 3.6's interpreter computes it as int() of the
+    scalar's one-element array, which numpy 2.4 refuses; later tritons squeeze the array
+    first, and so does this, for any triton whose interpreter patches its tensors as 3.6
+    through 3.9 do (a call-scoped `_patch_lang_tensor`)."""
+    try:
+        int(np.ones(1))
+        return
+    except TypeError:
+        pass
+    from triton.runtime import interpreter
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None:
+        return
+
+    def patch_with_index(tensor: type, scope: object) -> None:
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+    interpreter._patch_lang_tensor = patch_with_index
+
+
+if interpreting():
+    _mend_interpreter()
 
 
 @functools.cache
