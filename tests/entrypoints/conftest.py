@@ -1,0 +1,39 @@
+"""Fixtures of the entrypoint tests: a served engine per test module, and its client."""
+
+import os
+
+import pytest
+
+from server_helpers import MODEL, TIMEOUT, serve_in_thread
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat_model):
+    """(AsyncLLM, base URL) of a server running in a thread; shut down after the module."""
+    # The kernels are not under test here: the torch reference keeps the steps fast.
+    from shardline.engine.async_llm import AsyncLLM
+    from shardline.entrypoints.app import build_app
+
+    previous = os.environ.get("SHARDLINE_DISABLE_TRITON")
+    os.environ["SHARDLINE_DISABLE_TRITON"] = "1"
+    llm = AsyncLLM(tiny_chat_model, block_size=4, num_kv_blocks=256, max_model_len=512)
+    srv, thread, url = serve_in_thread(build_app(llm, MODEL))
+    try:
+        yield llm, url
+    finally:
+        srv.should_exit = True
+        thread.join(TIMEOUT)
+        llm.shutdown()
+        if previous is None:
+            os.environ.pop("SHARDLINE_DISABLE_TRITON", None)
+        else:
+            os.environ["SHARDLINE_DISABLE_TRITON"] = previous
+    assert not thread.is_alive(), "the server thread did not stop"
+
+
+@pytest.fixture
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key="unused", timeout=TIMEOUT,
+                         max_retries=0)
