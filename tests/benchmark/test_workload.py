@@ -4,6 +4,7 @@ the percentiles runs report."""
 import json
 import random
 
+import numpy
 import pytest
 
 from shardline.benchmark.results import percentiles
@@ -31,11 +32,14 @@ def test_bad_workload_arguments(kwargs, match):
         make_workload(vocab_size=100, **kwargs)
 
 
-def test_percentiles_of_known_values():
-    values = [float(v) for v in range(1, 101)]
-    random.shuffle(values)
-    p = percentiles(values)
-    assert p["p50"] == 50.5 and p["p90"] == 91.0 and p["p99"] == 100.0
+def test_percentiles_match_numpy_linear_interpolation(rng):
+    """p90/p99 were the value at rank int(q*n) (p90 of ten values was the largest)."""
+    for n in (1, 2, 3, 10, rng.randint(4, 500)):
+        values = [rng.expovariate(1.0) for _ in range(n)]
+        p = percentiles(values)
+        for key, q in (("p50", 50), ("p90", 90), ("p99", 99)):
+            assert p[key] == pytest.approx(float(numpy.percentile(values, q))), (n, key)
+        assert p["mean"] == pytest.approx(float(numpy.mean(values)))
     assert percentiles([]) == {}
 
 
