@@ -225,3 +225,16 @@ def test_cancelling_an_online_run_keeps_what_was_measured():
     assert summary["interrupted"] and summary["finished_requests"] == 2
     assert summary["requests"] == 6 and summary["input_tokens"] == 6
     assert 4 <= summary["output_tokens"] < 4 + 4 * 500
+
+
+def test_dataset_token_ids_outside_the_vocabulary_fail_before_loading(
+        tmp_path, rng, refuse_to_load, capsys):
+    """They reached the engine, whose error named neither the file nor the line."""
+    bad = rng.randint(320, 5000)   # tiny-llama's vocabulary is 320 tokens
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text(json.dumps({"prompt": [5, 6], "max_tokens": 2}) + "\n"
+                       + json.dumps({"prompt": [7, bad], "max_tokens": 2}) + "\n")
+    assert main(["bench", "-m", "tiny-llama", "--dataset", str(dataset),
+                 "--out", str(tmp_path / "runs.jsonl")]) == 2
+    assert (f"{dataset}:2: token id {bad} is outside the vocabulary [0, 320) of --model "
+            "'tiny-llama'") in capsys.readouterr().err
