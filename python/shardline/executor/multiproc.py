@@ -170,7 +170,12 @@ class _Workers(WorkerGroup):
 
     def release(self) -> None:
         self.close_rings()
-        self.log_listener.stop()
+        try:
+            self.log_listener.stop()
+        except RuntimeError:
+            # At interpreter exit Python 3.12 starts no thread, and the stop sentinel's put
+            # would start the queue's feeder thread: the listener (a daemon) ends with us.
+            pass
         self.log_queue.close()
         self.log_queue.join_thread()
         # The queue's three locks are named semaphores in /dev/shm (spawned workers open
