@@ -2,11 +2,10 @@
 
 On a GPU each kernel is a TunedKernel: it launches with the config the shipped tuned table
 names for its key, else the one triton.autotune picks (the table and its settings are
-shardline.kernels._tuned, which imports no Triton, so that a model on the CPU never
-loads it). `triton.autotune`
-fails under TRITON_INTERPRET=1, so there each kernel runs with one fixed config instead;
-callers launch all of them the same way, `kernel[grid](...)`, with a grid that reads the
-config's block sizes from its `meta` dict.
+shardline.kernels._tuned, which imports no Triton, so that a model on the CPU never loads
+it). `triton.autotune` fails under TRITON_INTERPRET=1, so there each kernel runs with one
+fixed config instead; callers launch all of them the same way, `kernel[grid](...)`, with
+a grid that reads the config's block sizes from its `meta` dict.
 """
 
 from __future__ import annotations

@@ -175,16 +175,17 @@ def _check_lengths_fit(args: argparse.Namespace) -> None:
 
 def _check_dataset_fits(args: argparse.Namespace, dataset: Workload) -> None:
     """Each --dataset request's token ids must be in the vocabulary, and its prompt plus
-    max_tokens must fit, as synthetic ones must;
-    text prompts are counted with the model's tokenizer, which loads without the weights."""
+    max_tokens must fit, as synthetic ones must; text prompts are counted with the model's
+    tokenizer, which loads without the weights."""
     from shardline.engine.tokenizer import Tokenizer
     from shardline.presets import resolve_model
 
     info = _model_info(args.model)
     if info is not None:
         for prompt, origin in zip(dataset.prompts, dataset.origins):
-            bad = [t for t in prompt if not 0 <= t < info.vocab_size] if isinstance(
-                prompt, list) else []
+            if isinstance(prompt, str):
+                continue
+            bad = [t for t in prompt if not 0 <= t < info.vocab_size]
             if bad:
                 raise ValueError(f"{origin}: token id {bad[0]} is outside the vocabulary "
                                  f"[0, {info.vocab_size}) of --model {args.model!r}")
