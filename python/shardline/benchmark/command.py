@@ -232,7 +232,8 @@ def _workload_settings(args: argparse.Namespace, workload: Workload) -> dict:
 def run_bench(args: argparse.Namespace, build_llm) -> int:
     """Check the flags, run what they ask, append one record per run to --out, draw --plot,
     and print each run's summary. Ctrl-C keeps the runs (and the part of a run) measured
-    so far."""
+    so far. A run whose every request failed is not recorded: its first error is printed,
+    a sweep stops there, and the exit status is 1."""
     from shardline.benchmark.report import (LAYOUT_KEYS, append_record, make_record, plot,
                                             read_records)
 
@@ -251,16 +252,36 @@ def run_bench(args: argparse.Namespace, build_llm) -> int:
         finally:
             llm.shutdown()
         target = args.model
+    failed_runs = []
     for mode, summary, workload in runs:
+        if summary["failed_requests"] == summary["requests"]:
+            failed_runs.append(summary)
+            continue
         record = make_record(mode, target, layout, _workload_settings(args, workload), summary)
         append_record(args.out, record)
         print(json.dumps({"mode": mode, **summary}, indent=2))
-    png = args.plot or args.out.with_suffix(".png")
-    drawn = plot(read_records(args.out), png)
-    print(f"records appended to {args.out}" + (f"; plot in {png}" if drawn else
-                                               " (no plot: matplotlib is not installed)"),
-          file=sys.stderr)
+        if summary["failed_requests"]:
+            print(f"shardline bench: {_run_name(summary)}: {summary['failed_requests']} of "
+                  f"{summary['requests']} requests failed (their errors under \"errors\"); "
+                  "the tokens, rates and latencies are those of the others", file=sys.stderr)
+    if len(failed_runs) < len(runs):
+        png = args.plot or args.out.with_suffix(".png")
+        drawn = plot(read_records(args.out), png)
+        print(f"records appended to {args.out}" + (f"; plot in {png}" if drawn else
+                                                   " (no plot: matplotlib is not installed)"),
+              file=sys.stderr)
+    for summary in failed_runs:
+        print(f"shardline bench: error: {_run_name(summary)}: every one of its "
+              f"{summary['requests']} requests failed, so it is not recorded; the first "
+              f"error: {summary['errors'][0]['error']}", file=sys.stderr)
+    if failed_runs:
+        return 1
     return 130 if any(summary["interrupted"] for _, summary, _ in runs) else 0
+
+
+def _run_name(summary: dict) -> str:
+    rate = summary.get("request_rate")
+    return "the offline run" if rate is None else f"the online run at {rate:g} requests/s"
 
 
 def _offline(llm, workload: Workload, progress: bool) -> list:
@@ -282,7 +303,7 @@ def _online_engine(llm, workload: Workload, args: argparse.Namespace, progress: 
         result = asyncio.run(run_online(target, workload, rate, args.seed, progress))
         result.preemptions = engine.stats.num_preemptions - before
         runs.append(("online", result.summary(), workload))
-        if result.interrupted:
+        if result.interrupted or result.all_failed:
             break
     return runs
 
@@ -314,7 +335,7 @@ def _online_server(args: argparse.Namespace, dataset: Workload | None, progress:
             for rate in args.request_rate:
                 result = await run_online(target, workload, rate, args.seed, progress)
                 runs.append(("online", result.summary(), workload))
-                if result.interrupted:
+                if result.interrupted or result.all_failed:
                     return
 
     try:

@@ -28,6 +28,11 @@ class RunResult:
     interrupted: bool = False
     extra: dict = field(default_factory=dict)
 
+    @property
+    def all_failed(self) -> bool:
+        """Every request failed: the run measured nothing."""
+        return all(record.error is not None for record in self.records)
+
     def summary(self) -> dict:
         return {**summarize(self.records, self.elapsed_s), "peak_kv_usage": self.peak_kv_usage,
                 "preemptions": self.preemptions, "interrupted": self.interrupted, **self.extra}

@@ -115,13 +115,14 @@ def arrival_times(count: int, rate: float, seed: int) -> list[float]:
 
 async def run_online(target: Target, workload: Workload, rate: float, seed: int = 0,
                      progress: bool = False) -> RunResult:
-    """Send the workload at `rate` requests/s and wait for every answer. Cancelling the
-    run (Ctrl-C) keeps what was measured; the requests still open are abandoned, which
+    """Send the workload at `rate` requests/s and wait for every answer. A request that
+    fails (the target raises) is recorded with its error and the others go on. Cancelling
+    the run (Ctrl-C) keeps what was measured; the requests still open are abandoned, which
     aborts them."""
     if not rate > 0:
         raise ValueError(f"request rate {rate!r} is invalid: must be > 0 (inf: all at once)")
     arrivals = arrival_times(len(workload.prompts), rate, seed)
-    records = [RequestRecord(arrival=at, prompt_tokens=target.prompt_tokens(prompt, n))
+    records = [_record(target, at, prompt, n)
                for at, prompt, n in zip(arrivals, workload.prompts, workload.max_tokens)]
     bar = ProgressBar(len(records), f"rate {rate:g}/s", enabled=progress)
     peak_kv: float | None = None   # the largest KV-cache use seen while a request streamed
@@ -132,15 +133,21 @@ async def run_online(target: Target, workload: Workload, rate: float, seed: int 
         record = records[index]
         await asyncio.sleep(max(0.0, start + record.arrival - time.perf_counter()))
         record.arrival = time.perf_counter() - start
-        async for count in target.stream(f"bench-{seed}-{index}", workload.prompts[index],
-                                         workload.max_tokens[index]):
-            if record.first_token is None and count:
-                record.first_token = time.perf_counter() - start
-            record.output_tokens = count
-            usage = target.kv_usage()
-            if usage is not None:
-                peak_kv = usage if peak_kv is None else max(peak_kv, usage)
-        record.done = time.perf_counter() - start
+        if record.error is None:
+            try:
+                async for count in target.stream(f"bench-{seed}-{index}",
+                                                 workload.prompts[index],
+                                                 workload.max_tokens[index]):
+                    if record.first_token is None and count:
+                        record.first_token = time.perf_counter() - start
+                    record.output_tokens = count
+                    usage = target.kv_usage()
+                    if usage is not None:
+                        peak_kv = usage if peak_kv is None else max(peak_kv, usage)
+            except Exception as exc:
+                record.error = describe(exc)
+            else:
+                record.done = time.perf_counter() - start
         bar.update()
 
     tasks = [asyncio.ensure_future(one(i)) for i in range(len(records))]
@@ -157,3 +164,19 @@ async def run_online(target: Target, workload: Workload, rate: float, seed: int 
     elapsed = time.perf_counter() - start
     return RunResult(records, elapsed, peak_kv_usage=peak_kv,
                      interrupted=interrupted, extra={"request_rate": rate})
+
+
+def _record(target: Target, arrival: float, prompt: list[int] | str,
+            max_tokens: int) -> RequestRecord:
+    """The request's record, failed already if the target refuses to count its prompt."""
+    try:
+        return RequestRecord(arrival=arrival, prompt_tokens=target.prompt_tokens(prompt,
+                                                                                  max_tokens))
+    except Exception as exc:
+        return RequestRecord(arrival=arrival, prompt_tokens=0, error=describe(exc))
+
+
+def describe(exc: BaseException) -> str:
+    """A failed request's error on one line: the exception's type and message."""
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

@@ -3,6 +3,8 @@
 Times are seconds from the run's start. TTFT is from a request's arrival (its submission)
 to its first output token, TPOT the mean time per output token after the first, and
 end-to-end latency from arrival to the last token. Rates are over the run's wall time.
+A request that failed (an HTTP error, an engine error) is counted and its error kept, but
+it adds nothing to the tokens, rates or latencies, which describe the requests served.
 """
 
 from __future__ import annotations
@@ -13,13 +15,17 @@ from dataclasses import dataclass
 
 @dataclass
 class RequestRecord:
-    """One request of a run; `first_token` and `done` stay None until they happen."""
+    """One request of a run; `first_token` and `done` stay None until they happen, `error`
+    unless the request fails (then `done` stays None)."""
 
     arrival: float
     prompt_tokens: int
     output_tokens: int = 0
     first_token: float | None = None
     done: float | None = None
+    error: str | None = None
+
+ERRORS_SHOWN = 5   # distinct error messages a summary lists, in the order first seen
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -40,22 +46,36 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 def summarize(records: list[RequestRecord], elapsed_s: float) -> dict:
-    """The run's rates and latency percentiles over its finished requests (an interrupted
-    run reports what finished; output tokens count every request's)."""
-    finished = [r for r in records if r.done is not None]
-    output_tokens = sum(r.output_tokens for r in records)
+    """The run's rates and latency percentiles over its requests that did not fail (an
+    interrupted run reports what finished; output tokens count every such request's), the
+    number that failed and their first distinct errors."""
+    failed = [r for r in records if r.error is not None]
+    served = [r for r in records if r.error is None]
+    finished = [r for r in served if r.done is not None]
+    output_tokens = sum(r.output_tokens for r in served)
     return {
         "elapsed_s": elapsed_s,
         "requests": len(records),
         "finished_requests": len(finished),
+        "failed_requests": len(failed),
+        "errors": distinct_errors(failed),
         "input_tokens": sum(r.prompt_tokens for r in finished),
         "output_tokens": output_tokens,
         "requests_per_s": len(finished) / elapsed_s,
         "input_tokens_per_s": sum(r.prompt_tokens for r in finished) / elapsed_s,
         "output_tokens_per_s": output_tokens / elapsed_s,
-        "ttft_s": percentiles([r.first_token - r.arrival for r in records
+        "ttft_s": percentiles([r.first_token - r.arrival for r in served
                                if r.first_token is not None]),
         "tpot_s": percentiles([(r.done - r.first_token) / (r.output_tokens - 1)
                                for r in finished if r.output_tokens > 1]),
         "e2e_latency_s": percentiles([r.done - r.arrival for r in finished]),
     }
+
+
+def distinct_errors(failed: list[RequestRecord]) -> list[dict]:
+    """The first ERRORS_SHOWN distinct messages of the failed requests, each with the
+    number of requests that failed with it."""
+    counts: dict[str, int] = {}
+    for record in failed:
+        counts[record.error] = counts.get(record.error, 0) + 1
+    return [{"error": error, "requests": n} for error, n in list(counts.items())[:ERRORS_SHOWN]]

@@ -1,0 +1,151 @@
+"""The online runner's failed requests: each is recorded with its error while the others go
+on, the metrics describe the requests served, and a run where every request failed is
+an error, not a report of zeros. Fake targets keep these fast; the engine's own refusal
+runs on tiny-llama."""
+
+import asyncio
+import json
+import socket
+
+import pytest
+
+from shardline.benchmark.online import EngineTarget, run_online
+from shardline.benchmark.workload import Workload
+from shardline.cli import main
+
+SLOW_FAILURE_S = 0.2   # how long a failing fake request takes to fail
+
+
+class FlakyTarget:
+    """Request i yields one token per chunk, or, if i is in `failures`, its first token
+    after SLOW_FAILURE_S and then raises RuntimeError(failures[i])."""
+
+    def __init__(self, failures: dict[int, str]) -> None:
+        self.failures = failures
+
+    def prompt_tokens(self, prompt, max_tokens):
+        return len(prompt)
+
+    async def stream(self, request_id, prompt, max_tokens):
+        index = int(request_id.rsplit("-", 1)[1])
+        if index in self.failures:
+            await asyncio.sleep(SLOW_FAILURE_S)
+            yield 1
+            raise RuntimeError(self.failures[index])
+        for count in range(1, max_tokens + 1):
+            yield count
+
+    def kv_usage(self):
+        return None
+
+
+def random_workload(rng, count):
+    prompts = [[rng.randrange(8, 300) for _ in range(rng.randint(1, 9))] for _ in range(count)]
+    return Workload(prompts, [rng.randint(2, 9) for _ in range(count)])
+
+
+def test_a_failed_request_is_recorded_and_the_others_go_on(rng):
+    count = rng.randint(8, 20)
+    workload = random_workload(rng, count)
+    failing = rng.sample(range(count), rng.randint(1, count - 2))
+    messages = [f"boom {i}" for i in range(rng.randint(1, 8))]
+    failures = {i: rng.choice(messages) for i in failing}
+    result = asyncio.run(run_online(FlakyTarget(failures), workload, float("inf"),
+                                    rng.randrange(1000)))
+    summary = result.summary()
+    served = [i for i in range(count) if i not in failures]
+    assert summary["requests"] == count and not summary["interrupted"]
+    assert summary["failed_requests"] == len(failures)
+    assert summary["finished_requests"] == len(served)
+    assert summary["input_tokens"] == sum(len(workload.prompts[i]) for i in served)
+    assert summary["output_tokens"] == sum(workload.max_tokens[i] for i in served)
+    # The failed requests' late first tokens are not in the TTFT.
+    assert summary["ttft_s"]["p99"] < SLOW_FAILURE_S
+    first_seen = list(dict.fromkeys(failures[i] for i in sorted(failures)))
+    assert summary["errors"] == [
+        {"error": f"RuntimeError: {message}",
+         "requests": sum(m == message for m in failures.values())}
+        for message in first_seen[:5]]
+    assert not result.all_failed
+
+
+def test_requests_refused_by_the_engine_fail_alone(tiny_chat_model, rng):
+    """A prompt longer than max_model_len raised out of the run, ending it unrecorded."""
+    from shardline.engine.async_llm import AsyncLLM
+
+    limit = 32
+    count = rng.randint(4, 8)
+    too_long = rng.sample(range(count), rng.randint(1, count - 1))
+    lengths = [rng.randint(limit + 1, 2 * limit) if i in too_long else rng.randint(1, 20)
+               for i in range(count)]
+    workload = Workload([[rng.randrange(8, 300) for _ in range(n)] for n in lengths],
+                        [rng.randint(1, 4) for _ in range(count)])
+    llm = AsyncLLM(tiny_chat_model, block_size=4, num_kv_blocks=64, max_model_len=limit)
+    try:
+        summary = asyncio.run(run_online(EngineTarget(llm), workload, float("inf"))).summary()
+    finally:
+        llm.shutdown()
+    assert summary["failed_requests"] == len(too_long)
+    assert summary["finished_requests"] == count - len(too_long)
+    assert summary["output_tokens"] == sum(workload.max_tokens[i] for i in range(count)
+                                           if i not in too_long)
+    expected = [f"ValueError: prompt has {lengths[i]} tokens, longer than max_model_len={limit}"
+                for i in sorted(too_long)]
+    assert [e["error"] for e in summary["errors"]] == list(dict.fromkeys(expected))[:5]
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_run_where_every_request_fails_exits_1_with_the_first_error(tmp_path, capsys):
+    """Against a port nobody listens on: no record of zeros, the sweep stops, the error
+    is said in one line."""
+    out = tmp_path / "runs.jsonl"
+    url = f"http://127.0.0.1:{closed_port()}"
+    status = main(["bench", "-m", "tiny-llama", "--mode", "online", "--url", url,
+                   "--num-prompts", "5", "--prompt-len", "2,4", "--output-len", "1,3",
+                   "--request-rate", "inf,3", "--no-progress", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert status == 1
+    assert not out.exists() and captured.out == ""
+    [line] = captured.err.strip().splitlines()
+    assert line.startswith("shardline bench: error: the online run at inf requests/s: every "
+                           "one of its 5 requests failed, so it is not recorded; the first "
+                           "error: ConnectError: "), line
+
+
+def test_partly_failed_runs_are_recorded_with_their_failures(tmp_path, capsys, monkeypatch,
+                                                              rng):
+    """The record and the printed report carry the failed count and errors; a warning
+    says the metrics are the others'."""
+    import shardline.benchmark.online as online
+
+    count = 6
+    failures = {i: f"refused {rng.randrange(1000)}" for i in rng.sample(range(count), 2)}
+    monkeypatch.setattr(online, "EngineTarget", lambda llm: FlakyTarget(failures))
+    out = tmp_path / "runs.jsonl"
+    capsys.readouterr()
+    assert main(["bench", "-m", "tiny-llama", "--device", "cpu", "--mode", "online",
+                 "--request-rate", "inf", "--num-prompts", str(count), "--prompt-len", "2,6",
+                 "--output-len", "2,4", "--no-progress", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    [record] = [json.loads(line) for line in out.read_text().splitlines()]
+    results = record["results"]
+    assert results["failed_requests"] == 2 and results["finished_requests"] == count - 2
+    assert {e["error"] for e in results["errors"]} == {f"RuntimeError: {m}"
+                                                       for m in failures.values()}
+    assert json.loads(captured.out)["errors"] == results["errors"]
+    assert "2 of 6 requests failed" in captured.err
+
+
+@pytest.mark.parametrize("rate", [float("inf"), 50.0])
+def test_the_engine_failing_every_request_is_not_a_report(rate, rng):
+    count = rng.randint(2, 6)
+    failures = {i: "engine stopped" for i in range(count)}
+    result = asyncio.run(run_online(FlakyTarget(failures), random_workload(rng, count), rate))
+    assert result.all_failed
+    assert result.summary()["errors"] == [{"error": "RuntimeError: engine stopped",
+                                           "requests": count}]
