@@ -63,7 +63,9 @@ class ServerTarget:
     temperature 0 and ignore_eos (an extension that shardline serve and vLLM accept), so
     each request generates its max_tokens; prompts that are token ids go as token ids.
     Output tokens are counted from the stream's `usage` when the server sends it, else
-    one per content chunk."""
+    one per content chunk. A request fails on an HTTP error, on an error event in the
+    stream (shardline serve ends a stream so when the engine fails the request after its
+    200 was sent), and on a stream that ends without `data: [DONE]`."""
 
     def __init__(self, url: str, model: str, client) -> None:
         self.url = url.rstrip("/")
@@ -79,15 +81,24 @@ class ServerTarget:
                 "temperature": 0.0, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
         count = 0
-        async with self.client.stream("POST", f"{self.url}/v1/completions", json=body) as reply:
+        endpoint = f"{self.url}/v1/completions"
+        async with self.client.stream("POST", endpoint, json=body) as reply:
             if reply.status_code != 200:
                 text = (await reply.aread()).decode(errors="replace")
-                raise RuntimeError(f"{self.url}/v1/completions answered {reply.status_code}: "
-                                   f"{text[:300]}")
+                raise RuntimeError(f"{endpoint} answered {reply.status_code}: {text[:300]}")
+            done = False
             async for line in reply.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+                if not line.startswith("data: "):
                     continue
+                if line == "data: [DONE]":
+                    done = True
+                    break
                 chunk = json.loads(line[len("data: "):])
+                if "error" in chunk:
+                    error = chunk["error"]
+                    message = error.get("message") if isinstance(error, dict) else error
+                    raise RuntimeError(f"{endpoint} ended the stream with an error: "
+                                       f"{str(message)[:300]}")
                 usage = chunk.get("usage")
                 if usage and usage.get("completion_tokens") is not None:
                     count = usage["completion_tokens"]
@@ -95,6 +106,9 @@ class ServerTarget:
                 elif chunk.get("choices") and chunk["choices"][0].get("text"):
                     count += 1
                     yield count
+            if not done:
+                raise RuntimeError(f"{endpoint}'s stream ended without its final "
+                                   "'data: [DONE]'")
 
     def kv_usage(self) -> float | None:
         return None

@@ -1,0 +1,124 @@
+"""The online runner against `shardline serve`'s app on tiny-llama (run by uvicorn in a
+thread, as the entrypoint tests run it): what the server refuses or fails mid-stream is
+a failed request, and the counts come from its usage chunk."""
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx", reason="httpx (test extra) is not installed")
+pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
+pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "entrypoints"))
+from server_helpers import MODEL, TIMEOUT, serve_in_thread  # noqa: E402
+
+from shardline.benchmark.online import ServerTarget, run_online  # noqa: E402
+from shardline.benchmark.workload import Workload  # noqa: E402
+
+MAX_MODEL_LEN = 64
+FAIL_MARK = 7   # a prompt holding this token id fails after its first output
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat_model):
+    """(AsyncLLM, base URL); the engine's generate fails any request whose prompt holds
+    FAIL_MARK once it has produced its first output, as an engine error mid-stream."""
+    from shardline.engine.async_llm import AsyncLLM
+    from shardline.entrypoints.app import build_app
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SHARDLINE_DISABLE_TRITON", "1")   # the torch reference: fast steps
+        llm = AsyncLLM(tiny_chat_model, block_size=4, num_kv_blocks=256,
+                       max_model_len=MAX_MODEL_LEN)
+        generate = llm.generate
+
+        async def failing_generate(prompt, params, request_id, prompt_token_ids=None):
+            outputs = generate(prompt, params, request_id, prompt_token_ids)
+            try:
+                async for output in outputs:
+                    yield output
+                    if FAIL_MARK in output.prompt_token_ids:
+                        raise RuntimeError(f"step failed for {request_id}")
+            finally:
+                await outputs.aclose()
+
+        patch.setattr(llm, "generate", failing_generate)
+        srv, thread, url = serve_in_thread(build_app(llm, MODEL))
+        try:
+            yield llm, url
+        finally:
+            srv.should_exit = True
+            thread.join(TIMEOUT)
+            llm.shutdown()
+    assert not thread.is_alive(), "the server thread did not stop"
+
+
+def run(url, workload, rate=float("inf")):
+    async def go():
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            return await run_online(ServerTarget(url, MODEL, client), workload, rate)
+    return asyncio.run(go()).summary()
+
+
+def ids(rng, length):
+    return [rng.randrange(8, 300) for _ in range(length)]
+
+
+def test_an_error_event_mid_stream_is_a_failed_request(server, rng):
+    """shardline serve ends a stream whose request the engine failed with an error event
+    (its 200 already sent); the run counted it a success."""
+    count = rng.randint(3, 6)
+    failing = set(rng.sample(range(count), rng.randint(1, count - 1)))
+    prompts = [ids(rng, rng.randint(2, 10)) for _ in range(count)]
+    for i in failing:
+        prompts[i][rng.randrange(len(prompts[i]))] = FAIL_MARK
+    workload = Workload(prompts, [rng.randint(3, 8) for _ in range(count)])
+    summary = run(server[1], workload)
+    assert summary["failed_requests"] == len(failing)
+    assert summary["finished_requests"] == count - len(failing)
+    assert summary["output_tokens"] == sum(workload.max_tokens[i] for i in range(count)
+                                           if i not in failing)
+    prefix = (f"RuntimeError: {server[1]}/v1/completions ended the stream with an error: "
+              "step failed for ")
+    assert len(summary["errors"]) == min(len(failing), 5)
+    for error in summary["errors"]:
+        assert error["error"].startswith(prefix) and error["requests"] == 1, error
+
+
+def test_a_refused_request_is_a_failed_request_naming_the_status(server, rng):
+    count = rng.randint(3, 6)
+    too_long = rng.randrange(count)
+    prompts = [ids(rng, MAX_MODEL_LEN + rng.randint(1, 20) if i == too_long
+                   else rng.randint(2, 10)) for i in range(count)]
+    workload = Workload(prompts, [rng.randint(2, 6) for _ in range(count)])
+    summary = run(server[1], workload)
+    assert summary["failed_requests"] == 1 and summary["finished_requests"] == count - 1
+    [error] = summary["errors"]
+    assert error["error"].startswith(f"RuntimeError: {server[1]}/v1/completions answered "
+                                     "400: "), error
+    assert f"prompt has {len(prompts[too_long])} tokens" in error["error"]
+
+
+@pytest.mark.parametrize("body", [
+    b'data: {"choices": [{"index": 0, "text": "a"}]}\n\n',
+    b'data: {"choices": [{"index": 0, "text": "a"}]}\n\ndata: {"choices": [{"index": 0, '
+    b'"text": "b"}]}\n\n',
+], ids=["one-chunk", "two-chunks"])
+def test_a_stream_cut_before_done_is_a_failed_request(body):
+    """A server that stops mid-stream without an error event (it died, a proxy cut it)."""
+    def answer(request):
+        return httpx.Response(200, content=body,
+                              headers={"content-type": "text/event-stream"})
+
+    async def go():
+        transport = httpx.MockTransport(answer)
+        async with httpx.AsyncClient(transport=transport) as client:
+            target = ServerTarget("http://bench.test", MODEL, client)
+            return await run_online(target, Workload([[9, 10]], [4]), float("inf"))
+    summary = asyncio.run(go()).summary()
+    assert summary["failed_requests"] == 1 and summary["finished_requests"] == 0
+    assert summary["errors"][0]["error"] == ("RuntimeError: http://bench.test/v1/completions's "
+                                             "stream ended without its final 'data: [DONE]'")
