@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from shardline.benchmark.online import arrival_times, run_online
+from shardline.benchmark.online import Counts, arrival_times, run_online
 from shardline.benchmark.workload import Workload
 from shardline.cli import main
 from shardline.engine import llm as llm_module
@@ -198,14 +198,11 @@ def test_poisson_arrivals_have_the_asked_rate():
 class SlowTarget:
     """Each request yields one token per 10 ms; the first two finish fast."""
 
-    def prompt_tokens(self, prompt, max_tokens):
-        return len(prompt)
-
     async def stream(self, request_id, prompt, max_tokens):
         slow = not request_id.endswith(("-0", "-1"))
         for count in range(1, max_tokens + 1):
             await asyncio.sleep(0.01 if slow else 0)
-            yield count
+            yield Counts(count, len(prompt))
 
     def kv_usage(self):
         return None

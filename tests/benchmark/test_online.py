@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from shardline.benchmark.online import EngineTarget, run_online
+from shardline.benchmark.online import Counts, EngineTarget, run_online
 from shardline.benchmark.workload import Workload
 from shardline.cli import main
 
@@ -23,17 +23,14 @@ class FlakyTarget:
     def __init__(self, failures: dict[int, str]) -> None:
         self.failures = failures
 
-    def prompt_tokens(self, prompt, max_tokens):
-        return len(prompt)
-
     async def stream(self, request_id, prompt, max_tokens):
         index = int(request_id.rsplit("-", 1)[1])
         if index in self.failures:
             await asyncio.sleep(SLOW_FAILURE_S)
-            yield 1
+            yield Counts(1, len(prompt))
             raise RuntimeError(self.failures[index])
         for count in range(1, max_tokens + 1):
-            yield count
+            yield Counts(count, len(prompt))
 
     def kv_usage(self):
         return None

@@ -13,10 +13,11 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installe
 pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "entrypoints"))
-from server_helpers import MODEL, TIMEOUT, serve_in_thread  # noqa: E402
+from server_helpers import MODEL, TIMEOUT, random_text, serve_in_thread  # noqa: E402
 
 from shardline.benchmark.online import ServerTarget, run_online  # noqa: E402
 from shardline.benchmark.workload import Workload  # noqa: E402
+from shardline.sampling_params import SamplingParams  # noqa: E402
 
 MAX_MODEL_LEN = 64
 FAIL_MARK = 7   # a prompt holding this token id fails after its first output
@@ -122,3 +123,40 @@ def test_a_stream_cut_before_done_is_a_failed_request(body):
     assert summary["failed_requests"] == 1 and summary["finished_requests"] == 0
     assert summary["errors"][0]["error"] == ("RuntimeError: http://bench.test/v1/completions's "
                                              "stream ended without its final 'data: [DONE]'")
+
+
+def test_counts_come_from_the_usage_chunk(server, rng):
+    """Text prompts counted 0 input tokens against a server; the server's usage says how
+    many the engine read."""
+    llm, url = server
+    count = rng.randint(2, 6)
+    prompts = [random_text(rng) for _ in range(count)]
+    workload = Workload(prompts, [rng.randint(1, 6) for _ in range(count)])
+    lengths = [len(llm.engine.encode_prompt(p, SamplingParams(max_tokens=n))[1])
+               for p, n in zip(prompts, workload.max_tokens)]
+    summary = run(url, workload)
+    assert summary["failed_requests"] == 0 and summary["estimated_output_counts"] == 0
+    assert summary["input_tokens"] == sum(lengths)
+    assert summary["output_tokens"] == workload.total_output_tokens
+
+
+def test_without_usage_output_tokens_are_text_chunks_and_text_prompts_unknown(rng):
+    texts = [random_text(rng, 1, 3) if rng.random() < 0.7 else "" for _ in range(12)]
+    chunks = "".join(f'data: {{"choices": [{{"index": 0, "text": "{t}"}}]}}\n\n'
+                     for t in texts)
+    body = (chunks + "data: [DONE]\n\n").encode()
+
+    async def go(prompts):
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+        async with httpx.AsyncClient(transport=transport) as client:
+            target = ServerTarget("http://bench.test", MODEL, client)
+            workload = Workload(prompts, [len(texts)] * len(prompts))
+            return (await run_online(target, workload, float("inf"))).summary()
+
+    text_chunks = sum(bool(t) for t in texts)
+    summary = asyncio.run(go(["some text", [9, 10, 11]]))
+    assert summary["output_tokens"] == 2 * text_chunks
+    assert summary["estimated_output_counts"] == 2
+    assert summary["input_tokens"] is None and summary["input_tokens_per_s"] is None
+    ids_only = asyncio.run(go([[9, 10, 11], [12]]))
+    assert ids_only["input_tokens"] == 4

@@ -2,7 +2,9 @@
 
 A target is what the requests go to: an in-process AsyncLLM (`EngineTarget`) or an
 OpenAI-compatible server's /v1/completions (`ServerTarget`, shardline serve or any
-other). Both stream, so time to first token is measured where the client sees it.
+other). Both stream, so time to first token is measured where the client sees it: in
+process, when the engine's output first holds a token; from a server, when the first
+chunk carrying text arrives.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import asyncio
 import json
 import random
 import time
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, NamedTuple, Protocol
 
 from shardline.benchmark.offline import RunResult
 from shardline.benchmark.progress import ProgressBar
@@ -20,12 +22,19 @@ from shardline.benchmark.workload import Workload
 from shardline.sampling_params import SamplingParams
 
 
-class Target(Protocol):
-    def prompt_tokens(self, prompt: list[int] | str, max_tokens: int) -> int: ...
+class Counts(NamedTuple):
+    """A streaming request's tokens so far: its output, its prompt (None until the target
+    knows it), and whether the output count is an estimate rather than the target's own."""
 
+    output_tokens: int
+    prompt_tokens: int | None = None
+    estimated: bool = False
+
+
+class Target(Protocol):
     def stream(self, request_id: str, prompt: list[int] | str,
-               max_tokens: int) -> AsyncIterator[int]:
-        """Yields the request's output token count each time it grows."""
+               max_tokens: int) -> AsyncIterator[Counts]:
+        """Yields the request's counts each time its output grows; raises if it fails."""
         ...
 
     def kv_usage(self) -> float | None:
@@ -34,21 +43,17 @@ class Target(Protocol):
 
 
 class EngineTarget:
-    """Requests into an AsyncLLM in this process (greedy, ignore_eos)."""
+    """Requests into an AsyncLLM in this process (greedy, ignore_eos); the counts are the
+    engine's token ids."""
 
     def __init__(self, llm) -> None:
         self.llm = llm
 
-    def _params(self, max_tokens: int) -> SamplingParams:
-        return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-
-    def prompt_tokens(self, prompt: list[int] | str, max_tokens: int) -> int:
-        return len(self.llm.engine.encode_prompt(prompt, self._params(max_tokens))[1])
-
     async def stream(self, request_id: str, prompt: list[int] | str,
-                     max_tokens: int) -> AsyncIterator[int]:
-        async for output in self.llm.generate(prompt, self._params(max_tokens), request_id):
-            yield len(output.outputs[0].token_ids)
+                     max_tokens: int) -> AsyncIterator[Counts]:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        async for output in self.llm.generate(prompt, params, request_id):
+            yield Counts(len(output.outputs[0].token_ids), len(output.prompt_token_ids))
 
     def kv_usage(self) -> float | None:
         """The share of KV blocks in use, read without stopping the engine thread (a
@@ -62,25 +67,31 @@ class ServerTarget:
     """Requests to an OpenAI-compatible server: POST {url}/v1/completions with stream=True,
     temperature 0 and ignore_eos (an extension that shardline serve and vLLM accept), so
     each request generates its max_tokens; prompts that are token ids go as token ids.
-    Output tokens are counted from the stream's `usage` when the server sends it, else
-    one per content chunk. A request fails on an HTTP error, on an error event in the
-    stream (shardline serve ends a stream so when the engine fails the request after its
-    200 was sent), and on a stream that ends without `data: [DONE]`."""
+
+    The counts are the stream's final `usage` chunk (asked for with stream_options, sent
+    by shardline serve and vLLM): prompt_tokens and completion_tokens. A server that sends
+    no usage leaves a text prompt's tokens unknown, and its output tokens are estimated
+    as one per chunk carrying text: low when a chunk holds several tokens, or a token has
+    no text of its own (part of a multi-byte character, a special token), shardline
+    serve sending a chunk only when the text grows. Time to first token is the time to
+    the first chunk carrying text.
+
+    A request fails on an HTTP error, on an error event in the stream (shardline serve
+    ends a stream so when the engine fails the request after its 200 was sent), and on a
+    stream that ends without `data: [DONE]`."""
 
     def __init__(self, url: str, model: str, client) -> None:
         self.url = url.rstrip("/")
         self.model = model
         self.client = client
 
-    def prompt_tokens(self, prompt: list[int] | str, max_tokens: int) -> int:
-        return len(prompt) if isinstance(prompt, list) else 0
-
     async def stream(self, request_id: str, prompt: list[int] | str,
-                     max_tokens: int) -> AsyncIterator[int]:
+                     max_tokens: int) -> AsyncIterator[Counts]:
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens,
                 "temperature": 0.0, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
-        count = 0
+        prompt_tokens = len(prompt) if isinstance(prompt, list) else None
+        chunks = 0
         endpoint = f"{self.url}/v1/completions"
         async with self.client.stream("POST", endpoint, json=body) as reply:
             if reply.status_code != 200:
@@ -101,11 +112,11 @@ class ServerTarget:
                                        f"{str(message)[:300]}")
                 usage = chunk.get("usage")
                 if usage and usage.get("completion_tokens") is not None:
-                    count = usage["completion_tokens"]
-                    yield count
+                    yield Counts(usage["completion_tokens"],
+                                 usage.get("prompt_tokens", prompt_tokens))
                 elif chunk.get("choices") and chunk["choices"][0].get("text"):
-                    count += 1
-                    yield count
+                    chunks += 1
+                    yield Counts(chunks, prompt_tokens, estimated=True)
             if not done:
                 raise RuntimeError(f"{endpoint}'s stream ended without its final "
                                    "'data: [DONE]'")
@@ -136,8 +147,7 @@ async def run_online(target: Target, workload: Workload, rate: float, seed: int 
     if not rate > 0:
         raise ValueError(f"request rate {rate!r} is invalid: must be > 0 (inf: all at once)")
     arrivals = arrival_times(len(workload.prompts), rate, seed)
-    records = [_record(target, at, prompt, n)
-               for at, prompt, n in zip(arrivals, workload.prompts, workload.max_tokens)]
+    records = [RequestRecord(arrival=at) for at in arrivals]
     bar = ProgressBar(len(records), f"rate {rate:g}/s", enabled=progress)
     peak_kv: float | None = None   # the largest KV-cache use seen while a request streamed
     start = time.perf_counter()
@@ -147,21 +157,22 @@ async def run_online(target: Target, workload: Workload, rate: float, seed: int 
         record = records[index]
         await asyncio.sleep(max(0.0, start + record.arrival - time.perf_counter()))
         record.arrival = time.perf_counter() - start
-        if record.error is None:
-            try:
-                async for count in target.stream(f"bench-{seed}-{index}",
-                                                 workload.prompts[index],
-                                                 workload.max_tokens[index]):
-                    if record.first_token is None and count:
-                        record.first_token = time.perf_counter() - start
-                    record.output_tokens = count
-                    usage = target.kv_usage()
-                    if usage is not None:
-                        peak_kv = usage if peak_kv is None else max(peak_kv, usage)
-            except Exception as exc:
-                record.error = describe(exc)
-            else:
-                record.done = time.perf_counter() - start
+        try:
+            async for counts in target.stream(f"bench-{seed}-{index}", workload.prompts[index],
+                                              workload.max_tokens[index]):
+                if record.first_token is None and counts.output_tokens:
+                    record.first_token = time.perf_counter() - start
+                record.output_tokens = counts.output_tokens
+                record.output_estimated = counts.estimated
+                if counts.prompt_tokens is not None:
+                    record.prompt_tokens = counts.prompt_tokens
+                usage = target.kv_usage()
+                if usage is not None:
+                    peak_kv = usage if peak_kv is None else max(peak_kv, usage)
+        except Exception as exc:
+            record.error = describe(exc)
+        else:
+            record.done = time.perf_counter() - start
         bar.update()
 
     tasks = [asyncio.ensure_future(one(i)) for i in range(len(records))]
@@ -178,16 +189,6 @@ async def run_online(target: Target, workload: Workload, rate: float, seed: int 
     elapsed = time.perf_counter() - start
     return RunResult(records, elapsed, peak_kv_usage=peak_kv,
                      interrupted=interrupted, extra={"request_rate": rate})
-
-
-def _record(target: Target, arrival: float, prompt: list[int] | str,
-            max_tokens: int) -> RequestRecord:
-    """The request's record, failed already if the target refuses to count its prompt."""
-    try:
-        return RequestRecord(arrival=arrival, prompt_tokens=target.prompt_tokens(prompt,
-                                                                                  max_tokens))
-    except Exception as exc:
-        return RequestRecord(arrival=arrival, prompt_tokens=0, error=describe(exc))
 
 
 def describe(exc: BaseException) -> str:

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 @dataclass
 class RequestRecord:
     """One request of a run; `first_token` and `done` stay None until they happen, `error`
-    unless the request fails (then `done` stays None)."""
+    unless the request fails (then `done` stays None), `prompt_tokens` until the target
+    tells it. `output_estimated`: the output count is an estimate (see ServerTarget)."""
 
     arrival: float
-    prompt_tokens: int
+    prompt_tokens: int | None = None
     output_tokens: int = 0
+    output_estimated: bool = False
     first_token: float | None = None
     done: float | None = None
     error: str | None = None
@@ -48,21 +50,26 @@ def percentiles(values: list[float]) -> dict[str, float]:
 def summarize(records: list[RequestRecord], elapsed_s: float) -> dict:
     """The run's rates and latency percentiles over its requests that did not fail (an
     interrupted run reports what finished; output tokens count every such request's), the
-    number that failed and their first distinct errors."""
+    number that failed and their first distinct errors. Input tokens are None when a
+    finished request's prompt was never counted; `estimated_output_counts` is the number
+    of requests whose output tokens were estimated."""
     failed = [r for r in records if r.error is not None]
     served = [r for r in records if r.error is None]
     finished = [r for r in served if r.done is not None]
     output_tokens = sum(r.output_tokens for r in served)
+    input_tokens = (None if any(r.prompt_tokens is None for r in finished)
+                    else sum(r.prompt_tokens for r in finished))
     return {
         "elapsed_s": elapsed_s,
         "requests": len(records),
         "finished_requests": len(finished),
         "failed_requests": len(failed),
         "errors": distinct_errors(failed),
-        "input_tokens": sum(r.prompt_tokens for r in finished),
+        "input_tokens": input_tokens,
         "output_tokens": output_tokens,
+        "estimated_output_counts": sum(r.output_estimated for r in served),
         "requests_per_s": len(finished) / elapsed_s,
-        "input_tokens_per_s": sum(r.prompt_tokens for r in finished) / elapsed_s,
+        "input_tokens_per_s": None if input_tokens is None else input_tokens / elapsed_s,
         "output_tokens_per_s": output_tokens / elapsed_s,
         "ttft_s": percentiles([r.first_token - r.arrival for r in served
                                if r.first_token is not None]),
