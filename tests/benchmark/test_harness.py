@@ -50,12 +50,38 @@ def test_offline_run_appends_a_record_and_draws_the_plot(tmp_path, capsys):
     assert printed["output_tokens"] == results["output_tokens"]
 
 
-def test_online_rate_sweep_records_one_run_per_rate(tmp_path):
+def refuse_constant(name):
+    raise AssertionError(f"{name} is not strict JSON")
+
+
+def printed_reports(text):
+    """The JSON documents printed one after another, read strictly."""
+    decoder = json.JSONDecoder(parse_constant=refuse_constant)
+    reports, at = [], 0
+    while text[at:].strip():
+        report, at = decoder.raw_decode(text, at + len(text[at:]) - len(text[at:].lstrip()))
+        reports.append(report)
+    return reports
+
+
+def test_online_rate_sweep_records_one_run_per_rate(tmp_path, capsys):
+    """In strict JSON: the rate inf was written as Infinity. A file of such records (as
+    older runs wrote them) is still read and plotted."""
     out = tmp_path / "runs.jsonl"
+    old = {"mode": "online", "target": "older", "layout": {"tensor_parallel_size": 1},
+           "results": {"request_rate": float("inf"), "output_tokens_per_s": 5.0,
+                       "e2e_latency_s": {"p50": 0.5}}}
+    out.write_text(json.dumps(old) + "\n")
+    capsys.readouterr()
     assert main(["bench", *COMMON, "--mode", "online", "--request-rate", "inf,40",
                  "--out", str(out)]) == 0
-    runs = records(out)
-    assert [r["results"]["request_rate"] for r in runs] == [float("inf"), 40.0]
+    printed = capsys.readouterr().out
+    lines = out.read_text().splitlines()
+    assert json.loads(lines[0]) == old
+    runs = [json.loads(line, parse_constant=refuse_constant) for line in lines[1:]]
+    assert [r["results"]["request_rate"] for r in runs] == ["inf", 40.0]
+    assert printed_reports(printed) == [{"mode": "online", **run["results"]} for run in runs]
+    assert out.with_suffix(".png").stat().st_size > 0
     for run in runs:
         assert run["mode"] == "online"
         check_results(run["results"], 6)

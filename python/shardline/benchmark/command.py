@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import urllib.parse
@@ -235,7 +234,7 @@ def run_bench(args: argparse.Namespace, build_llm) -> int:
     so far. A run whose every request failed is not recorded: its first error is printed,
     a sweep stops there, and the exit status is 1."""
     from shardline.benchmark.report import (LAYOUT_KEYS, append_record, make_record, plot,
-                                            read_records)
+                                            read_records, to_json)
 
     dataset = check_bench_args(args)
     progress = not args.no_progress
@@ -259,7 +258,7 @@ def run_bench(args: argparse.Namespace, build_llm) -> int:
             continue
         record = make_record(mode, target, layout, _workload_settings(args, workload), summary)
         append_record(args.out, record)
-        print(json.dumps({"mode": mode, **summary}, indent=2))
+        print(to_json({"mode": mode, **summary}, indent=2))
         if summary["failed_requests"]:
             print(f"shardline bench: {_run_name(summary)}: {summary['failed_requests']} of "
                   f"{summary['requests']} requests failed (their errors under \"errors\"); "

@@ -7,6 +7,7 @@ the workload, the package versions, the device and the git revision of the check
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -54,13 +55,31 @@ def make_record(mode: str, target: str, layout: dict, workload: dict, summary: d
             "results": summary}
 
 
+def strict_json(value):
+    """`value` with every float that is not finite written as a string ("inf", "-inf",
+    "nan"), which strict JSON parsers read: they refuse Python's Infinity and NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
+
+
+def to_json(value, indent: int | None = None) -> str:
+    """Strict JSON text of `value` (see strict_json)."""
+    return json.dumps(strict_json(value), indent=indent, allow_nan=False)
+
+
 def append_record(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as out:
-        out.write(json.dumps(record) + "\n")
+        out.write(to_json(record) + "\n")
 
 
 def read_records(path: Path) -> list[dict]:
+    """Every record in the file, those written before strict_json (with Infinity) too."""
     with open(path, encoding="utf-8") as lines:
         return [json.loads(line) for line in lines if line.strip()]
 
