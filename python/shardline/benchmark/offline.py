@@ -9,17 +9,15 @@ from shardline.benchmark.progress import ProgressBar
 from shardline.benchmark.results import RequestRecord, summarize
 from shardline.benchmark.workload import Workload
 from shardline.engine.llm import LLM
-from shardline.engine.metrics import engine_metrics
 from shardline.sampling_params import SamplingParams
-
-KV_SAMPLE_INTERVAL_S = 0.05   # reading the metrics costs about a step of a tiny model
 
 
 @dataclass
 class RunResult:
     """What a run measured: its requests, wall time, peak KV-cache use (a share of the
-    blocks, sampled every step; None when the target does not expose it), preemptions,
-    and whether Ctrl-C cut it short."""
+    blocks, read after every step, or in an online run whenever a request's output grows;
+    None when the target does not expose it), preemptions, and whether Ctrl-C cut it
+    short."""
 
     records: list[RequestRecord]
     elapsed_s: float
@@ -52,15 +50,13 @@ def run_offline(llm: LLM, workload: Workload, progress: bool = False) -> RunResu
         llm.add_request(f"bench-{i}", ids, params)
         records[f"bench-{i}"] = RequestRecord(arrival=0.0, prompt_tokens=len(ids))
     bar = ProgressBar(len(records), "requests", enabled=progress)
-    peak, sampled = 0.0, float("-inf")
+    peak = 0.0
     interrupted = False
     try:
         while llm.has_unfinished_requests():
             outputs = llm.step()
             now = time.perf_counter() - start
-            if now - sampled >= KV_SAMPLE_INTERVAL_S:
-                peak = max(peak, engine_metrics(engine, per_rank=False)["kv_usage"])
-                sampled = now
+            peak = max(peak, kv_share_in_use(engine))
             for out in outputs:
                 record = records[out.request_id]
                 record.output_tokens = len(out.outputs[0].token_ids)
@@ -79,3 +75,12 @@ def run_offline(llm: LLM, workload: Workload, progress: bool = False) -> RunResu
     return RunResult(list(records.values()), elapsed, peak_kv_usage=peak,
                      preemptions=engine.stats.num_preemptions - preempted_before,
                      interrupted=interrupted)
+
+
+def kv_share_in_use(engine) -> float:
+    """The share of the engine's KV blocks in use (of all its cores, if data-parallel):
+    a few integer reads, cheap enough for every step, and safe from another thread
+    under the GIL."""
+    cores = getattr(engine, "cores", [engine])
+    total = sum(core.kv.num_blocks for core in cores)
+    return sum(core.kv.num_blocks - core.kv.num_free_blocks for core in cores) / total

@@ -15,7 +15,7 @@ import random
 import time
 from typing import AsyncIterator, NamedTuple, Protocol
 
-from shardline.benchmark.offline import RunResult
+from shardline.benchmark.offline import RunResult, kv_share_in_use
 from shardline.benchmark.progress import ProgressBar
 from shardline.benchmark.results import RequestRecord
 from shardline.benchmark.workload import Workload
@@ -56,11 +56,8 @@ class EngineTarget:
             yield Counts(len(output.outputs[0].token_ids), len(output.prompt_token_ids))
 
     def kv_usage(self) -> float | None:
-        """The share of KV blocks in use, read without stopping the engine thread (a
-        length read, safe under the GIL)."""
-        cores = getattr(self.llm.engine, "cores", [self.llm.engine])
-        total = sum(core.kv.num_blocks for core in cores)
-        return sum(core.kv.num_blocks - core.kv.num_free_blocks for core in cores) / total
+        """Read without stopping the engine thread."""
+        return kv_share_in_use(self.llm.engine)
 
 
 class ServerTarget:
