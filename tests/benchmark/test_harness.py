@@ -100,6 +100,20 @@ def test_bad_bench_values_exit_2_naming_the_flag(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--prompt-len", "--output-len", "--request-rate"])
+def test_negative_bench_values_are_named_not_taken_for_flags(flag, rng, capsys):
+    """argparse took "-1,5" for an unknown option: "expected one argument"."""
+    low, high = -rng.randint(1, 500), rng.randint(1, 500)
+    value = f"{low},{high}" if rng.random() < 0.5 else f"{high},{low}"
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", *COMMON, "--mode", "online", flag, value])
+    assert exited.value.code == 2
+    allowed = ("every rate must be > 0" if flag == "--request-rate"
+               else "need 1 <= LOW <= HIGH")
+    err = capsys.readouterr().err
+    assert f"argument {flag}: '{value}' is invalid: " in err and allowed in err, err
+
+
 def _bad_flag_cases(tmp_path):
     """(extra argv, the message's start) for each bench flag value that is wrong whatever
     the model; the files the cases need are written under tmp_path."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 import urllib.parse
 from pathlib import Path
@@ -23,6 +24,11 @@ SYNTHETIC_FLAGS = (("--num-prompts", "num_prompts"), ("--prompt-len", "prompt_le
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The harness's own flags (the engine and layout flags are the CLI's shared ones)."""
+    # argparse reads "-1" or "-1.5" as a value but "-1,5" or "-inf" as an unknown option,
+    # so `--prompt-len -1,5` failed with "expected one argument"; reading every such word
+    # as a value lets the flag's own check say what is wrong with it. (No bench option
+    # looks like a negative number, so none is shadowed.)
+    parser._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
     parser.add_argument("--mode", choices=("offline", "online"), default="offline",
                         help="offline: every request at once, the engine stepped to the end; "
                              "online: Poisson arrivals at --request-rate, each request "
@@ -62,8 +68,10 @@ def _rates(text: str) -> list[float]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a rate or a comma-separated list of rates, e.g. 1,2,4,inf") from None
-    if not all(rate > 0 for rate in rates):
-        raise argparse.ArgumentTypeError(f"{text!r}: every rate must be > 0 (or inf)")
+    bad = [rate for rate in rates if not rate > 0]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: holds {bad[0]:g}, and every "
+                                         "rate must be > 0 (or inf: all at once)")
     return rates
 
 
@@ -73,7 +81,8 @@ def _range(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not LOW,HIGH, e.g. 16,256") from None
     if not 1 <= low <= high:
-        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= LOW <= HIGH")
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: need 1 <= LOW <= HIGH "
+                                         "(tokens), e.g. 16,256")
     return low, high
 
 
