@@ -186,10 +186,15 @@ def rotary_and_write_kv_cache(positions: torch.Tensor, q: torch.Tensor, k: torch
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
                            scale: float) -> torch.Tensor:
-    """One query token per sequence over its paged KV cache."""
+    """One query token per sequence over its paged KV cache; on the CPU, the C++ kernel
+    where it takes the dtype (see cpu_attention), else the torch reference."""
     if use_triton(q):
         from shardline.kernels.attention_decode import paged_decode_attention as triton_op
         return triton_op(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    from shardline.kernels import cpu_attention
+    if cpu_attention.supports(q, k_cache, v_cache):
+        return cpu_attention.paged_decode_attention(q, k_cache, v_cache, block_tables,
+                                                    seq_lens, scale)
     return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
 
 

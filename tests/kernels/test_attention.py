@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from checks import DEVICES, assert_close, dtypes, force_triton
+from checks import DEVICES, assert_close, dtypes, force_triton, paged_cache
 
 from shardline import kernels
 from shardline.kernels import reference
@@ -23,34 +23,6 @@ pytestmark = pytest.mark.usefixtures("fresh_seed")
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 # (KV heads, query heads per KV head, head size, cache block size)
 LAYOUTS = [(2, 1, 64, 16), (1, 2, 80, 32), (2, 4, 64, 16), (1, 8, 96, 16), (1, 4, 64, 1)]
-
-
-def paged_cache(seq_lens: list[int], num_kv_heads: int, head_dim: int, block_size: int,
-                dtype: torch.dtype, device: str):
-    """Random K/V caches holding each sequence in shuffled blocks, and its block tables.
-
-    Slots no sequence owns hold NaN and unused block-table entries hold -1, so a kernel
-    that reads past a sequence's end fails. The decode reference reads (and masks) such
-    slots, so its expected values come from a NaN-free copy of the cache.
-    """
-    needed = [-(-length // block_size) for length in seq_lens]
-    num_blocks = sum(needed) + 2
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=device)
-    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=device)
-    block_tables = torch.full((len(seq_lens), max(needed) + 1), -1, dtype=torch.int32)
-    ids = torch.randperm(num_blocks)
-    taken = 0
-    for b, (length, count) in enumerate(zip(seq_lens, needed)):
-        blocks = ids[taken:taken + count]
-        taken += count
-        block_tables[b, :count] = blocks.int()
-        for i, block in enumerate(blocks.tolist()):
-            filled = min(block_size, length - i * block_size)
-            for cache in (k_cache, v_cache):
-                cache[block, :filled] = torch.randn(filled, num_kv_heads, head_dim,
-                                                    dtype=dtype, device=device)
-    return k_cache, v_cache, block_tables.to(device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

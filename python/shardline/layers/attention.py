@@ -2,7 +2,7 @@
 
 All scheduled tokens of a step form one flat batch; `AttentionMetadata` says which tokens
 belong to which sequence and where their K/V live. The math is `shardline.kernels`':
-Triton on CUDA, the batched torch reference on CPU.
+Triton on CUDA; on the CPU, a C++ kernel for decode and the torch reference for prefill.
 """
 
 from __future__ import annotations

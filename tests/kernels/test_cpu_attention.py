@@ -1,0 +1,115 @@
+"""The C++ paged decode attention (the CPU path) against the torch reference."""
+
+import pytest
+import torch
+
+from checks import assert_close, paged_cache
+
+from shardline import kernels
+from shardline.kernels import cpu_attention, reference
+
+pytestmark = pytest.mark.usefixtures("fresh_seed")
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# (KV heads, query heads per KV head, head size, cache block size)
+LAYOUTS = [(2, 1, 64, 16), (1, 2, 80, 32), (4, 2, 64, 16), (1, 8, 96, 16), (2, 4, 64, 1),
+           (3, 3, 40, 8)]
+
+
+def expected_output(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    """The reference in fp32 over the NaN-free cache, rounded to q's dtype once."""
+    out = reference.paged_decode_attention(q.float(), k_cache.nan_to_num().float(),
+                                           v_cache.nan_to_num().float(), block_tables,
+                                           seq_lens, scale)
+    return out.to(q.dtype)
+
+
+@pytest.mark.parametrize("dtype", cpu_attention.DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matches_reference_on_any_thread_count(rng, layout, dtype):
+    num_kv_heads, group, head_dim, block_size = layout
+    lengths = [0, 1, block_size, block_size * 3] + [rng.randint(2, 300) for _ in range(4)]
+    rng.shuffle(lengths)
+    k_cache, v_cache, block_tables = paged_cache(lengths, num_kv_heads, head_dim, block_size,
+                                                 dtype, "cpu")
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    q = torch.randn(len(lengths), num_kv_heads * group, head_dim, dtype=dtype)
+    scale = head_dim ** -0.5
+    expected = expected_output(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    for threads in (1, 2, 3, 64):
+        out = cpu_attention.paged_decode_attention(q, k_cache, v_cache, block_tables,
+                                                   seq_lens, scale, threads=threads)
+        assert_close(out, expected, TOLERANCE)
+        assert out[lengths.index(0)].eq(0).all(), "a sequence of length 0 gets zeros"
+
+
+def test_one_sequence_splits_its_heads_across_threads(rng):
+    """Fewer sequences than threads: the heads are split; every head is still written."""
+    length = rng.randint(100, 400)
+    k_cache, v_cache, block_tables = paged_cache([length], 4, 64, 16, torch.float32, "cpu")
+    q = torch.randn(1, 8, 64)
+    seq_lens = torch.tensor([length], dtype=torch.int32)
+    expected = expected_output(q, k_cache, v_cache, block_tables, seq_lens, 0.125)
+    for threads in (2, 3, 4, 8):
+        out = cpu_attention.paged_decode_attention(q, k_cache, v_cache, block_tables,
+                                                   seq_lens, 0.125, threads=threads)
+        assert_close(out, expected, TOLERANCE)
+
+
+def test_reads_queries_and_tables_through_views(rng):
+    """A non-contiguous q and a block table that is a column slice of a wider one."""
+    lengths = [rng.randint(1, 90) for _ in range(5)]
+    k_cache, v_cache, block_tables = paged_cache(lengths, 2, 64, 16, torch.float32, "cpu")
+    wide = torch.full((5, block_tables.shape[1] + 7), -1, dtype=torch.int32)
+    wide[:, :block_tables.shape[1]] = block_tables
+    q = torch.randn(4, 5, 64).transpose(0, 1)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    expected = expected_output(q, k_cache, v_cache, block_tables, seq_lens, 0.125)
+    out = cpu_attention.paged_decode_attention(q, k_cache, v_cache,
+                                               wide[:, :block_tables.shape[1]], seq_lens, 0.125)
+    assert_close(out, expected, TOLERANCE)
+
+
+def test_the_dispatcher_takes_it_on_the_cpu():
+    """kernels.paged_decode_attention on CPU tensors never reads a slot past a sequence's
+    end (the reference's padded SDPA does, and turns the NaN poison into NaN output)."""
+    lengths = [7, 40, 1]
+    k_cache, v_cache, block_tables = paged_cache(lengths, 2, 64, 16, torch.float32, "cpu")
+    q = torch.randn(3, 4, 64)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    expected = expected_output(q, k_cache, v_cache, block_tables, seq_lens, 0.125)
+    out = kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 0.125)
+    assert_close(out, expected, TOLERANCE)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (lambda a: a.update(block_tables=a["block_tables"].index_fill(1, torch.tensor([0]), 99)),
+     IndexError, r"block_tables\[0, 0\] = 99 is outside \[0, \d+\)"),
+    (lambda a: a["block_tables"].__setitem__((1, 0), -3),
+     IndexError, r"block_tables\[1, 0\] = -3 is outside"),
+    (lambda a: a["seq_lens"].__setitem__(1, 10_000),
+     ValueError, r"seq_lens\[1\] = 10000 is outside \[0, \d+\]"),
+    (lambda a: a["seq_lens"].__setitem__(0, -1), ValueError, r"seq_lens\[0\] = -1"),
+    (lambda a: a.update(q=a["q"][:, :, :32]), ValueError, "head_dim 32 differs"),
+    (lambda a: a.update(q=a["q"][:, :3]), ValueError, "num_heads 3 is not a multiple"),
+    (lambda a: a.update(v_cache=a["v_cache"][:-1]), ValueError, "v_cache shape"),
+    (lambda a: a.update(seq_lens=a["seq_lens"][:1]), ValueError, r"seq_lens \(1,\)"),
+])
+def test_bad_input_is_refused_naming_it(change, error, message):
+    k_cache, v_cache, block_tables = paged_cache([5, 20], 2, 64, 16, torch.float32, "cpu")
+    args = dict(q=torch.randn(2, 4, 64), k_cache=k_cache, v_cache=v_cache,
+                block_tables=block_tables, seq_lens=torch.tensor([5, 20], dtype=torch.int32),
+                scale=0.125)
+    change(args)
+    with pytest.raises(error, match=message):
+        cpu_attention.paged_decode_attention(**args)
+
+
+def test_supports_only_cpu_tensors_of_one_supported_dtype():
+    cache = torch.zeros(2, 16, 1, 64)
+    assert cpu_attention.supports(torch.zeros(1, 1, 64), cache, cache)
+    assert not cpu_attention.supports(torch.zeros(1, 1, 64, dtype=torch.float64),
+                                      cache.double(), cache.double())
+    assert not cpu_attention.supports(torch.zeros(1, 1, 64, dtype=torch.bfloat16), cache, cache)
+    strided = torch.zeros(2, 2, 16, 64).transpose(1, 2)
+    assert not cpu_attention.supports(torch.zeros(1, 2, 64), strided, strided.contiguous())
