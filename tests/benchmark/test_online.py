@@ -7,10 +7,11 @@ import asyncio
 import json
 import socket
 
+import numpy
 import pytest
 
-from shardline.benchmark.online import Counts, EngineTarget, run_online
-from shardline.benchmark.workload import Workload
+from shardline.benchmark.online import Counts, EngineTarget, arrival_times, run_online
+from shardline.benchmark.workload import Workload, make_workload
 from shardline.cli import main
 
 SLOW_FAILURE_S = 0.2   # how long a failing fake request takes to fail
@@ -146,3 +147,26 @@ def test_the_engine_failing_every_request_is_not_a_report(rate, rng):
     assert result.all_failed
     assert result.summary()["errors"] == [{"error": "RuntimeError: engine stopped",
                                            "requests": count}]
+
+
+def ranks(values):
+    order = sorted(range(len(values)), key=values.__getitem__)
+    result = [0] * len(values)
+    for rank, index in enumerate(order):
+        result[index] = rank
+    return result
+
+
+def test_arrivals_are_independent_of_the_workload_of_their_seed(rng):
+    """Both came from random.Random(seed): the first gap and the first prompt's length
+    were drawn from the same number, rank-correlated at 1.0 across seeds."""
+    seeds = rng.sample(range(1 << 30), 400)
+    lengths = [len(make_workload(1, 300, seed=s, prompt_len=(1, 1000)).prompts[0])
+               for s in seeds]
+    first_gaps = [arrival_times(1, 2.0, s)[0] for s in seeds]
+    correlation = numpy.corrcoef(ranks(lengths), ranks(first_gaps))[0, 1]
+    assert abs(correlation) < 0.3, correlation   # 6 standard errors of independent draws
+    # Still reproducible from the seed.
+    seed = seeds[0]
+    assert arrival_times(5, 3.0, seed) == arrival_times(5, 3.0, seed)
+    assert arrival_times(5, 3.0, seed) != arrival_times(5, 3.0, seed + 1)

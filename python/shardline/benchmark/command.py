@@ -52,8 +52,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="synthetic output lengths in tokens, LOW,HIGH (default: "
                              "%d,%d)" % DEFAULT_OUTPUT_LEN)
     parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the synthetic workload and of the arrivals "
-                             "(default: %(default)s)")
+                        help="seed of the synthetic workload and, through a stream of "
+                             "their own, of the online arrivals: the same seed sends the "
+                             "same prompts at every --request-rate, and the arrivals are "
+                             "independent of them (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="JSONL file each run appends its record to (default: %(default)s)")
     parser.add_argument("--plot", type=Path, default=None,

@@ -124,10 +124,15 @@ class ServerTarget:
 
 def arrival_times(count: int, rate: float, seed: int) -> list[float]:
     """Seconds from the start at which each request arrives: a Poisson process of `rate`
-    requests per second (exponential gaps), or all at 0 when rate is infinite."""
+    requests per second (exponential gaps), or all at 0 when rate is infinite.
+
+    The gaps come from a stream of their own derived from `seed`, not from the one that
+    makes the synthetic workload of that seed (random.Random(seed)), whose first draws
+    they would repeat: a long first prompt would then arrive after a long first gap.
+    Every rate uses the same draws, scaled by 1/rate."""
     if rate == float("inf"):
         return [0.0] * count
-    rng = random.Random(seed)
+    rng = random.Random(f"arrivals-{seed}")
     times, now = [], 0.0
     for _ in range(count):
         now += rng.expovariate(rate)
