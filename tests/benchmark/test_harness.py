@@ -26,6 +26,8 @@ def check_results(results, num_prompts):
     assert not results["interrupted"]
     assert results["output_tokens_per_s"] == pytest.approx(
         results["output_tokens"] / results["elapsed_s"])
+    assert results["total_tokens_per_s"] == pytest.approx(
+        (results["input_tokens"] + results["output_tokens"]) / results["elapsed_s"])
     for key in ("ttft_s", "e2e_latency_s"):
         p = results[key]
         assert 0 <= p["p50"] <= p["p90"] <= p["p99"] <= results["elapsed_s"]

@@ -71,6 +71,8 @@ def summarize(records: list[RequestRecord], elapsed_s: float) -> dict:
         "requests_per_s": len(finished) / elapsed_s,
         "input_tokens_per_s": None if input_tokens is None else input_tokens / elapsed_s,
         "output_tokens_per_s": output_tokens / elapsed_s,
+        "total_tokens_per_s": (None if input_tokens is None
+                               else (input_tokens + output_tokens) / elapsed_s),
         "ttft_s": percentiles([r.first_token - r.arrival for r in served
                                if r.first_token is not None]),
         "tpot_s": percentiles([(r.done - r.first_token) / (r.output_tokens - 1)
