@@ -76,12 +76,13 @@ def test_online_rate_sweep_records_one_run_per_rate(tmp_path, capsys):
     out.write_text(json.dumps(old) + "\n")
     capsys.readouterr()
     assert main(["bench", *COMMON, "--mode", "online", "--request-rate", "inf,40",
-                 "--out", str(out)]) == 0
+                 "--max-concurrency", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     lines = out.read_text().splitlines()
     assert json.loads(lines[0]) == old
     runs = [json.loads(line, parse_constant=refuse_constant) for line in lines[1:]]
     assert [r["results"]["request_rate"] for r in runs] == ["inf", 40.0]
+    assert [r["results"]["max_concurrency"] for r in runs] == [2, 2]
     assert printed_reports(printed) == [{"mode": "online", **run["results"]} for run in runs]
     assert out.with_suffix(".png").stat().st_size > 0
     for run in runs:
@@ -144,6 +145,7 @@ def _bad_flag_cases(tmp_path):
         (["--plot", str(tmp_path)], "--plot '%s' is invalid: must be a .png" % tmp_path),
         (["--mode", "offline", "--request-rate", "2"], "--request-rate 2.0 applies to --mode "
                                                        "online only"),
+        (["--max-concurrency", "3"], "--max-concurrency 3 applies to --mode online only"),
         (["--mode", "online", "--url", "127.0.0.1:8000"], "--url '127.0.0.1:8000' is invalid: "
                                                           "must be an http:// or https://"),
         (["--mode", "online", "--url", "ftp://host/x"], "--url 'ftp://host/x' is invalid"),
@@ -213,7 +215,8 @@ def test_dataset_requests_beyond_the_model_length_fail_before_loading(
 
 
 @pytest.mark.parametrize("flag", ["--num-prompts", "--max-num-seqs", "--max-num-batched-tokens",
-                                  "--block-size", "--max-model-len", "-tp", "-pp", "-dp", "-sp"])
+                                  "--block-size", "--max-model-len", "-tp", "-pp", "-dp", "-sp",
+                                  "--max-concurrency"])
 def test_bench_counts_below_one_are_argparse_errors(flag, refuse_to_load, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["bench", *COMMON, flag, "0"])

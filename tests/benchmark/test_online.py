@@ -170,3 +170,45 @@ def test_arrivals_are_independent_of_the_workload_of_their_seed(rng):
     seed = seeds[0]
     assert arrival_times(5, 3.0, seed) == arrival_times(5, 3.0, seed)
     assert arrival_times(5, 3.0, seed) != arrival_times(5, 3.0, seed + 1)
+
+
+class CountingTarget:
+    """Counts the requests in flight; each yields a token per 5 ms."""
+
+    def __init__(self) -> None:
+        self.in_flight = self.most_in_flight = 0
+
+    async def stream(self, request_id, prompt, max_tokens):
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            for count in range(1, max_tokens + 1):
+                await asyncio.sleep(0.005)
+                yield Counts(count, len(prompt))
+        finally:
+            self.in_flight -= 1
+
+    def kv_usage(self):
+        return None
+
+
+def test_max_concurrency_bounds_the_requests_in_flight(rng):
+    count = rng.randint(6, 12)
+    limit = rng.randint(1, count - 2)
+    target = CountingTarget()
+    workload = random_workload(rng, count)
+    result = asyncio.run(run_online(target, workload, float("inf"), max_concurrency=limit))
+    summary = result.summary()
+    assert target.most_in_flight == limit and summary["max_concurrency"] == limit
+    assert summary["finished_requests"] == count
+    # A request's arrival, from which its latencies count, is when it is sent, once fewer
+    # than `limit` others are in flight, not when it started waiting for a slot.
+    for record in result.records:
+        in_flight = [other for other in result.records
+                     if other is not record and other.arrival <= record.arrival < other.done]
+        assert len(in_flight) < limit
+    unlimited = CountingTarget()
+    asyncio.run(run_online(unlimited, workload, float("inf")))
+    assert unlimited.most_in_flight == count
+    with pytest.raises(ValueError, match="max_concurrency=0 is invalid: must be >= 1"):
+        asyncio.run(run_online(target, workload, 1.0, max_concurrency=0))

@@ -36,6 +36,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-rate", type=_rates, default=None,
                         help="online: requests per second, or a comma-separated sweep such "
                              "as 1,2,4,inf (inf sends all at once) (default: 4)")
+    parser.add_argument("--max-concurrency", type=positive_int, default=None,
+                        help="online: at most N requests in flight; a request that arrives "
+                             "when N are waits for one to finish, and its latencies count "
+                             "from when it is sent (default: no limit)")
     parser.add_argument("--url", default=None,
                         help="online: an OpenAI-compatible server (e.g. http://127.0.0.1:8000, "
                              "from shardline serve) instead of an engine in this process; "
@@ -107,6 +111,9 @@ def check_bench_args(args: argparse.Namespace) -> Workload | None:
     if args.mode == "offline" and args.request_rate is not None:
         raise ValueError(f"--request-rate {','.join(map(str, args.request_rate))} applies to "
                          "--mode online only: an offline run submits every request at once")
+    if args.mode == "offline" and args.max_concurrency is not None:
+        raise ValueError(f"--max-concurrency {args.max_concurrency} applies to --mode online "
+                         "only: an offline run submits every request at once")
     args.request_rate = args.request_rate or DEFAULT_RATES
     _check_output_path("--out", args.out)
     if args.out.is_file():
@@ -310,7 +317,8 @@ def _online_engine(llm, workload: Workload, args: argparse.Namespace, progress: 
     runs = []
     for rate in args.request_rate:
         before = engine.stats.num_preemptions
-        result = asyncio.run(run_online(target, workload, rate, args.seed, progress))
+        result = asyncio.run(run_online(target, workload, rate, args.seed, progress,
+                                        args.max_concurrency))
         result.preemptions = engine.stats.num_preemptions - before
         runs.append(("online", result.summary(), workload))
         if result.interrupted or result.all_failed:
@@ -343,7 +351,8 @@ def _online_server(args: argparse.Namespace, dataset: Workload | None, progress:
         async with httpx.AsyncClient(timeout=None) as client:
             target = ServerTarget(args.url, args.model, client)
             for rate in args.request_rate:
-                result = await run_online(target, workload, rate, args.seed, progress)
+                result = await run_online(target, workload, rate, args.seed, progress,
+                                          args.max_concurrency)
                 runs.append(("online", result.summary(), workload))
                 if result.interrupted or result.all_failed:
                     return

@@ -10,6 +10,7 @@ chunk carrying text arrives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -141,13 +142,20 @@ def arrival_times(count: int, rate: float, seed: int) -> list[float]:
 
 
 async def run_online(target: Target, workload: Workload, rate: float, seed: int = 0,
-                     progress: bool = False) -> RunResult:
-    """Send the workload at `rate` requests/s and wait for every answer. A request that
-    fails (the target raises) is recorded with its error and the others go on. Cancelling
-    the run (Ctrl-C) keeps what was measured; the requests still open are abandoned, which
-    aborts them."""
+                     progress: bool = False, max_concurrency: int | None = None) -> RunResult:
+    """Send the workload at `rate` requests/s and wait for every answer. With
+    `max_concurrency`, a request that arrives while that many are in flight waits for one
+    to end, and its arrival (from which its latencies count) is when it is sent. A request
+    that fails (the target raises) is recorded with its error and the others go on.
+    Cancelling the run (Ctrl-C) keeps what was measured; the requests still open are
+    abandoned, which aborts them."""
     if not rate > 0:
         raise ValueError(f"request rate {rate!r} is invalid: must be > 0 (inf: all at once)")
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ValueError(f"max_concurrency={max_concurrency!r} is invalid: must be >= 1 (or "
+                         "None: no limit)")
+    slots = (contextlib.nullcontext() if max_concurrency is None
+             else asyncio.Semaphore(max_concurrency))
     arrivals = arrival_times(len(workload.prompts), rate, seed)
     records = [RequestRecord(arrival=at) for at in arrivals]
     bar = ProgressBar(len(records), f"rate {rate:g}/s", enabled=progress)
@@ -158,23 +166,25 @@ async def run_online(target: Target, workload: Workload, rate: float, seed: int 
         nonlocal peak_kv
         record = records[index]
         await asyncio.sleep(max(0.0, start + record.arrival - time.perf_counter()))
-        record.arrival = time.perf_counter() - start
-        try:
-            async for counts in target.stream(f"bench-{seed}-{index}", workload.prompts[index],
-                                              workload.max_tokens[index]):
-                if record.first_token is None and counts.output_tokens:
-                    record.first_token = time.perf_counter() - start
-                record.output_tokens = counts.output_tokens
-                record.output_estimated = counts.estimated
-                if counts.prompt_tokens is not None:
-                    record.prompt_tokens = counts.prompt_tokens
-                usage = target.kv_usage()
-                if usage is not None:
-                    peak_kv = usage if peak_kv is None else max(peak_kv, usage)
-        except Exception as exc:
-            record.error = describe(exc)
-        else:
-            record.done = time.perf_counter() - start
+        async with slots:
+            record.arrival = time.perf_counter() - start
+            try:
+                async for counts in target.stream(f"bench-{seed}-{index}",
+                                                  workload.prompts[index],
+                                                  workload.max_tokens[index]):
+                    if record.first_token is None and counts.output_tokens:
+                        record.first_token = time.perf_counter() - start
+                    record.output_tokens = counts.output_tokens
+                    record.output_estimated = counts.estimated
+                    if counts.prompt_tokens is not None:
+                        record.prompt_tokens = counts.prompt_tokens
+                    usage = target.kv_usage()
+                    if usage is not None:
+                        peak_kv = usage if peak_kv is None else max(peak_kv, usage)
+            except Exception as exc:
+                record.error = describe(exc)
+            else:
+                record.done = time.perf_counter() - start
         bar.update()
 
     tasks = [asyncio.ensure_future(one(i)) for i in range(len(records))]
@@ -189,8 +199,8 @@ async def run_online(target: Target, workload: Workload, rate: float, seed: int 
     finally:
         bar.close()
     elapsed = time.perf_counter() - start
-    return RunResult(records, elapsed, peak_kv_usage=peak_kv,
-                     interrupted=interrupted, extra={"request_rate": rate})
+    return RunResult(records, elapsed, peak_kv_usage=peak_kv, interrupted=interrupted,
+                     extra={"request_rate": rate, "max_concurrency": max_concurrency})
 
 
 def describe(exc: BaseException) -> str:
