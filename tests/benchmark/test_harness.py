@@ -124,6 +124,8 @@ def _bad_flag_cases(tmp_path):
     a_file.write_text("not a directory\n")
     garbage = tmp_path / "garbage.jsonl"
     garbage.write_text("{not json\n")
+    prompts = tmp_path / "prompts.jsonl"   # a --dataset file given as --out
+    prompts.write_text('{"prompt": "hi"}\n')
     bad_dataset = tmp_path / "bad.jsonl"
     bad_dataset.write_text('{"prompt": "x", "max_tokens": 0}\n')
     good_dataset = tmp_path / "good.jsonl"
@@ -140,6 +142,8 @@ def _bad_flag_cases(tmp_path):
         (["--out", str(a_file / "runs.jsonl")], f"--out '{a_file / 'runs.jsonl'}' cannot be "
                                                 f"written: '{a_file}' is not a writable"),
         (["--out", str(garbage)], f"--out '{garbage}' holds a line that is not a JSON record"),
+        (["--out", str(prompts)], f"--out '{prompts}' holds a line that is not a JSON record "
+                                  '(line 1 has no "mode" of "online" or "offline")'),
         (["--plot", str(tmp_path / "plot.txt")], "--plot '%s' is invalid: must be a .png"
                                                  % (tmp_path / "plot.txt")),
         (["--plot", str(tmp_path)], "--plot '%s' is invalid: must be a .png" % tmp_path),

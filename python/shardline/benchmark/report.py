@@ -79,9 +79,34 @@ def append_record(path: Path, record: dict) -> None:
 
 
 def read_records(path: Path) -> list[dict]:
-    """Every record in the file, those written before strict_json (with Infinity) too."""
+    """Every record in the file, those written before strict_json (with Infinity) too; a
+    ValueError names the first line that is not JSON or not a record the plot can draw."""
+    records = []
     with open(path, encoding="utf-8") as lines:
-        return [json.loads(line) for line in lines if line.strip()]
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"line {number}: {exc}") from None
+            wrong = _not_a_record(record)
+            if wrong is not None:
+                raise ValueError(f"line {number} {wrong}")
+            records.append(record)
+    return records
+
+
+def _not_a_record(record) -> str | None:
+    """What keeps `record` from being a run's record, or None."""
+    if not isinstance(record, dict):
+        return f"is a JSON {type(record).__name__}, not an object"
+    if record.get("mode") not in ("online", "offline"):
+        return 'has no "mode" of "online" or "offline"'
+    for key, kind in (("target", str), ("layout", dict), ("results", dict)):
+        if not isinstance(record.get(key), kind):
+            return f'has no "{key}" ({"text" if kind is str else "an object"})'
+    return None
 
 
 def layout_name(layout: dict) -> str:
