@@ -27,6 +27,7 @@ class RequestRecord:
     done: float | None = None
     error: str | None = None
 
+
 ERRORS_SHOWN = 5   # distinct error messages a summary lists, in the order first seen
 
 
