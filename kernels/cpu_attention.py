@@ -1,4 +1,4 @@
-"""Paged decode attention on the CPU, in C++ (shardline._cpu_kernels).
+"""Paged attention on the CPU: decode in C++ (shardline._cpu_kernels).
 
 The torch reference gathers every sequence's blocks into a padded copy and then runs one
 masked SDPA over it: on the CPU that copy, not the arithmetic, took most of a decode
@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from shardline import _cpu_kernels
+from shardline.kernels import reference
 
 DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 if "float16" in _cpu_kernels.SUPPORTED_DTYPES:
@@ -53,4 +54,30 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         tables.data_ptr(), lens.data_ptr(), out.data_ptr(), batch, num_heads, num_kv_heads,
         head_dim, block_size, num_blocks, tables.shape[1], tables.stride(0), float(scale),
         threads or torch.get_num_threads())
+    return out
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                            seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal varlen attention as the reference's: a step that mixes prompt chunks with
+    decodes sends every one-token query through the decode kernel together, and each
+    longer chunk through the reference's SDPA (whose blocked matmuls win there)."""
+    starts = query_start_loc.tolist()
+    q_lens = [end - start for start, end in zip(starts, starts[1:])]
+    singles = [b for b, n in enumerate(q_lens) if n == 1]
+    if len(singles) < 2:
+        return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables,
+                                                 query_start_loc, seq_lens, scale)
+    out = torch.zeros_like(q)
+    index = torch.tensor(singles)
+    rows = query_start_loc[index].long()
+    out[rows] = paged_decode_attention(q[rows], k_cache, v_cache, block_tables[index],
+                                       seq_lens[index], scale)
+    lengths = seq_lens.tolist()
+    for b, n in enumerate(q_lens):
+        if n > 1:
+            start = starts[b]
+            out[start:start + n] = reference.sequence_attention(
+                q[start:start + n], k_cache, v_cache, block_tables[b], lengths[b], scale)
     return out

@@ -201,10 +201,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                             seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal varlen attention of query chunks over their paged KV cache."""
+    """Causal varlen attention of query chunks over their paged KV cache; on the CPU, its
+    one-token queries through the C++ decode kernel (see cpu_attention)."""
     if use_triton(q):
         from shardline.kernels.attention_prefill import paged_prefill_attention as triton_op
         return triton_op(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
+    from shardline.kernels import cpu_attention
+    if cpu_attention.supports(q, k_cache, v_cache):
+        return cpu_attention.paged_prefill_attention(q, k_cache, v_cache, block_tables,
+                                                     query_start_loc, seq_lens, scale)
     return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables,
                                              query_start_loc, seq_lens, scale)
 

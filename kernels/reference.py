@@ -122,12 +122,12 @@ def _context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> tor
     Only those rows are read: slots past a sequence's end may hold anything, even NaN.
     """
     n_blocks = -(-length // cache.shape[1])
-    rows = cache[block_table[:n_blocks].long()].flatten(0, 1)[:length]
+    rows = cache.index_select(0, block_table[:n_blocks]).flatten(0, 1)[:length]
     return rows.transpose(0, 1).float()
 
 
-def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            block_table: torch.Tensor, length: int, scale: float) -> torch.Tensor:
+def sequence_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       block_table: torch.Tensor, length: int, scale: float) -> torch.Tensor:
     """The last q.shape[0] tokens of a length-long sequence, causally over its cache."""
     q_len = q.shape[0]
     k = _context(k_cache, block_table, length)
@@ -177,8 +177,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     for b, length in enumerate(seq_lens.tolist()):
         start, end = starts[b], starts[b + 1]
         if end > start:
-            out[start:end] = _attend(q[start:end], k_cache, v_cache, block_tables[b], length,
-                                     scale)
+            out[start:end] = sequence_attention(q[start:end], k_cache, v_cache,
+                                                block_tables[b], length, scale)
     return out
 
 

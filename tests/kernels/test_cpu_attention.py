@@ -82,6 +82,25 @@ def test_the_dispatcher_takes_it_on_the_cpu():
     assert_close(out, expected, TOLERANCE)
 
 
+@pytest.mark.parametrize("dtype", cpu_attention.DTYPES)
+def test_mixed_step_matches_reference(rng, dtype):
+    """Prompt chunks, one-token decodes and empty spans in one step, padding rows after
+    them: the decodes go through the kernel together, the chunks through SDPA."""
+    q_lens = [1, 1, rng.randint(2, 40), 1, 0, rng.randint(2, 70), 1]
+    rng.shuffle(q_lens)
+    lengths = [n + rng.randint(0, 120) for n in q_lens]
+    k_cache, v_cache, block_tables = paged_cache(lengths, 2, 64, 16, dtype, "cpu")
+    starts = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    q = torch.randn(int(starts[-1]) + 3, 4, 64, dtype=dtype)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    expected = reference.paged_prefill_attention(
+        q.float(), k_cache.nan_to_num().float(), v_cache.nan_to_num().float(), block_tables,
+        starts, seq_lens, 0.125).to(dtype)
+    out = kernels.paged_prefill_attention(q, k_cache, v_cache, block_tables, starts,
+                                          seq_lens, 0.125)
+    assert_close(out, expected, TOLERANCE)
+
+
 @pytest.mark.parametrize("change, error, message", [
     (lambda a: a.update(block_tables=a["block_tables"].index_fill(1, torch.tensor([0]), 99)),
      IndexError, r"block_tables\[0, 0\] = 99 is outside \[0, \d+\)"),
