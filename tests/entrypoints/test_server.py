@@ -8,7 +8,6 @@ bounded; the server and the engine are always shut down.
 
 import asyncio
 import json
-import math
 import random
 import threading
 
@@ -256,7 +255,7 @@ def test_bench_harness_online_against_the_server(server, tmp_path, rng):
                  "--dataset", str(dataset), "--request-rate", "inf,30", "--no-progress",
                  "--out", str(out)]) == 0
     runs = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["results"]["request_rate"] for r in runs] == [math.inf, 30.0]
+    assert [r["results"]["request_rate"] for r in runs] == ["inf", 30.0]
     for run in runs:
         results = run["results"]
         assert run["target"] == server[1] and run["mode"] == "online"
