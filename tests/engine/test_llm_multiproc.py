@@ -1,10 +1,9 @@
 """The engine through the multi-process executor (CPU, gloo and shared-memory collectives,
 fp32, tiny-llama at TP2, PP2 and world size 1): continuous batching, chunked prefill,
 prefix caching, preemption, seeded sampling, aborts and AsyncLLM streaming give the tokens
-of the one-rank in-process engine run on the same workload with the same options; every
-invalid layout is refused with a ValueError before any process starts; a worker killed
-during generation stops the engine with EngineDeadError, and shutdown leaves no process
-and no shared-memory segment behind.
+of the one-rank in-process engine run on the same workload with the same options, with
+one step in flight per stage and idle workers that sleep. Invalid layouts are in
+test_llm_multiproc_layouts.py, dead workers and shutdown in test_llm_multiproc_failures.py.
 
 Each layout starts its worker processes once per module (they take seconds to start), so
 the feature tests share one multi-process LLM per layout and one in-process reference.
@@ -13,33 +12,20 @@ the feature tests share one multi-process LLM per layout and one in-process refe
 from __future__ import annotations
 
 import dataclasses
-import gc
-import os
 import random
-import signal
-import threading
 import time
-import weakref
 from dataclasses import dataclass
 
 import psutil
 import pytest
-import torch
 
-from shardline import LLM, AsyncLLM, SamplingParams
-from shardline.config import ParallelConfig
-from shardline.executor import EngineDeadError
+from shardline import LLM, SamplingParams
 from shardline.executor.multiproc import MultiProcExecutor
 from shardline.executor.uniproc import UniProcExecutor
-from shardline.models.loader import read_model_info
-from shardline.models.partition import check_partition
-from shardline.presets import build_variant
 
 from async_streams import assert_streams_match_one_rank
 from engine_prompts import random_prompt, token_ids
 from near_ties import assert_greedy_match, outputs_run
-from process_hygiene import (assert_gone, kill_while_stepping, leaked_segments, shm_segments,
-                             wait_gone)
 
 MODEL = "tiny-llama"  # 4 heads, 2 KV heads, 2 layers
 # A cache of 24 blocks of 4 tokens forces preemption; a budget of 16 tokens a step
@@ -298,167 +284,3 @@ def test_idle_workers_use_no_cpu_between_requests(pair, rng):
     time.sleep(1.0)
     used = [sum(p.cpu_times()[:2]) - b for p, b in zip(procs, before)]
     assert max(used) < 0.05, f"idle workers used {used} s of CPU in 1 s"
-
-
-def _kv3_variant() -> str:
-    return build_variant(MODEL, num_attention_heads=6, num_key_value_heads=3)
-
-
-def test_kv_head_rule_replicates_or_splits_but_never_straddles():
-    """6 heads, 3 KV heads: TP 3 splits the KV heads, TP 6 replicates each on 2 ranks;
-    TP 2 would put one and a half KV heads on a rank."""
-    info = read_model_info(_kv3_variant())
-    for tp in (1, 3, 6):
-        check_partition(ParallelConfig(tensor_parallel_size=tp), info)
-    with pytest.raises(ValueError, match="3 KV heads"):
-        check_partition(ParallelConfig(tensor_parallel_size=2), info)
-
-
-INVALID = {
-    "heads-tp3": (MODEL, dict(tensor_parallel_size=3),
-                  r"tensor_parallel_size=3 does not divide the model's 4 attention heads: "
-                  r"use one of \[1, 2, 4\]"),
-    "kv-heads-tp2": ("kv3", dict(tensor_parallel_size=2),
-                     r"tensor_parallel_size=2 and the model's 3 KV heads: the heads' split "
-                     r"must divide the KV heads, or be a multiple of them .*use one of "
-                     r"\[1, 3, 6\]"),
-    "kv-heads-sp2": ("kv3", dict(sequence_parallel_size=2),
-                     r"tensor_parallel_size=1 x sequence_parallel_size=2 = 2 and the model's 3 "
-                     r"KV heads: the heads' split must divide the KV heads, or be a multiple "
-                     r"of them .*use a product in \[1, 3, 6\]"),
-    "layers-pp3": (MODEL, dict(pipeline_parallel_size=3),
-                   r"pipeline_parallel_size=3 is larger than the model's 2 layers: use at "
-                   r"most 2 stages"),
-    "stages-sum": (MODEL, dict(pipeline_parallel_size=2, pipeline_stage_layers=[1, 2]),
-                   r"pipeline_stage_layers=\[1, 2\] adds up to 3 layers, but the model has 2"),
-    "stages-count": (MODEL, dict(pipeline_parallel_size=2, pipeline_stage_layers=[2]),
-                     r"pipeline_stage_layers=\[2\] is invalid: must be None or a list of 2 "
-                     r"layer counts"),
-    "stages-sum-mp-world1": (MODEL, dict(pipeline_stage_layers=[3],
-                                         distributed_executor_backend="mp"),
-                             r"pipeline_stage_layers=\[3\] adds up to 3 layers, but the model "
-                             r"has 2"),
-    "uni-tp2": (MODEL, dict(tensor_parallel_size=2, distributed_executor_backend="uni"),
-                r"distributed_executor_backend='uni' runs one rank, but the layout has "
-                r"world_size=2: use 'mp'"),
-}
-
-
-@pytest.mark.parametrize("entry", [LLM, AsyncLLM], ids=["LLM", "AsyncLLM"])
-@pytest.mark.parametrize("case", list(INVALID))
-def test_invalid_layout_raises_before_any_process_starts(case, entry, no_spawn):
-    model, options, message = INVALID[case]
-    model = _kv3_variant() if model == "kv3" else model
-    with pytest.raises(ValueError, match=message):
-        entry(model, **options)
-
-
-def _layout_beyond(gpus: int) -> dict | None:
-    """The smallest tiny-llama layout with more ranks than `gpus`."""
-    for layout in (dict(tensor_parallel_size=2), dict(tensor_parallel_size=4),
-                   dict(tensor_parallel_size=4, pipeline_parallel_size=2)):
-        if ParallelConfig(**layout).world_size > gpus:
-            return layout
-    return None
-
-
-def test_cuda_with_more_ranks_than_gpus_raises_before_any_process_starts(no_spawn):
-    gpus = torch.cuda.device_count()
-    layout = _layout_beyond(gpus)
-    if layout is None:
-        pytest.skip(f"{gpus} GPUs hold every tiny-llama layout")
-    world = ParallelConfig(**layout).world_size
-    message = (r"device='cuda' .* but torch sees no GPU.*use device='cpu'" if gpus == 0
-               else rf"the layout needs {world} ranks .* this machine has {gpus} GPUs")
-    with pytest.raises(ValueError, match=message):
-        LLM(MODEL, device="cuda", **layout)
-
-
-@pytest.mark.parametrize("gpus", [1, 2, 3])
-def test_more_ranks_than_a_machines_gpus_raises_before_any_process_starts(gpus, monkeypatch,
-                                                                          no_spawn):
-    """The rule itself, on any host: torch is made to report `gpus` GPUs."""
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
-    layout = _layout_beyond(gpus)
-    parallel = ParallelConfig(**layout)
-    with pytest.raises(ValueError, match=(
-            rf"the layout needs {parallel.world_size} ranks \(tensor_parallel_size="
-            rf"{parallel.tensor_parallel_size} x pipeline_parallel_size="
-            rf"{parallel.pipeline_parallel_size} x data_parallel_size=1 x "
-            rf"sequence_parallel_size=1\) but this machine has {gpus} GPUs: use at most "
-            rf"{gpus} ranks, or device='cpu'")):
-        LLM(MODEL, device="cuda", **layout)
-
-
-@pytest.mark.skipif(torch.cuda.device_count() > 0, reason="this machine has a GPU")
-@pytest.mark.parametrize("backend", [None, "mp"])
-def test_cuda_without_a_gpu_raises_before_any_process_starts(backend, no_spawn):
-    with pytest.raises(ValueError, match=r"device='cuda' .* but torch sees no GPU.*"
-                                         r"use device='cpu'"):
-        LLM(MODEL, device="cuda", distributed_executor_backend=backend)
-
-
-def test_a_dropped_llm_is_collected_and_its_workers_exit(rng):
-    """An LLM nobody shuts down: once the last reference goes, the garbage collector
-    reaches its executor (nothing the engine registered with it keeps it alive), whose
-    workers exit and leave no segment behind."""
-    segments_before = shm_segments()
-    llm = LLM(MODEL, tensor_parallel_size=2, device="cpu", block_size=4, num_kv_blocks=64)
-    pids = llm.engine.executor.worker_pids
-    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    assert len(llm.generate([random_prompt(rng, 3, 8)], params)[0].outputs[0].token_ids) == 4
-    executor = weakref.ref(llm.engine.executor)
-    del llm
-    gc.collect()
-    assert executor() is None, "the dropped LLM's executor is still referenced"
-    wait_gone(pids, 10.0)
-    assert_gone(pids)
-    assert not leaked_segments(segments_before)
-
-
-@pytest.mark.parametrize("when", ["mid-step", "between-steps"])
-def test_a_killed_worker_raises_engine_dead_and_leaves_nothing(when, rng):
-    """SIGKILL of TP rank 1 while a step runs, or while the engine waits between steps:
-    that step (within 5 s of the kill) and every later one raise EngineDeadError naming the
-    rank and its exit code, and shutdown leaves no process and no segment behind."""
-    segments_before = shm_segments()
-    llm = LLM(MODEL, tensor_parallel_size=2, device="cpu", block_size=4, num_kv_blocks=256)
-    pids = llm.engine.executor.worker_pids
-    dead = rf"worker rank 1 \(pid {pids[1]}\) died with exit code -9"
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
-        for i in range(2):
-            llm.add_request(f"r{i}", random_prompt(rng, 4, 8), params)
-        for _ in range(3):
-            assert llm.step()  # generation is under way
-        if when == "mid-step":
-            elapsed = kill_while_stepping(llm, pids[1], dead, TIMEOUT_S)
-            print(f"EngineDeadError {elapsed:.3f} s after SIGKILL of worker rank 1 mid-step")
-            assert elapsed < 5.0
-        else:
-            seen = threading.Event()
-            llm.engine.executor.add_death_callback(lambda error: seen.set())
-            os.kill(pids[1], signal.SIGKILL)
-            assert seen.wait(TIMEOUT_S), "the executor never saw the death"
-            with pytest.raises(EngineDeadError, match=dead):
-                llm.step()
-        with pytest.raises(EngineDeadError, match=dead):
-            llm.step()
-    finally:
-        llm.shutdown()
-    assert_gone(pids)
-    assert not leaked_segments(segments_before)
-
-
-def test_a_workers_input_error_is_the_same_error_as_in_process():
-    """A budget too small for one KV block is a ValueError naming it with one rank in
-    process; under TP2 it was a RuntimeError holding the worker's traceback."""
-    budget = random.randint(1, 4000)
-    with pytest.raises(ValueError) as in_process:
-        LLM("tiny-llama", kv_cache_memory_bytes=budget, device="cpu")
-    with pytest.raises(ValueError) as in_workers:
-        LLM("tiny-llama", tensor_parallel_size=2, kv_cache_memory_bytes=budget, device="cpu")
-    message = str(in_workers.value)
-    assert message.startswith("determine_num_kv_blocks failed on worker rank ")
-    assert "\n" not in message and f"kv_cache_memory_bytes={budget} is too small" in message
-    assert str(in_process.value).split(":")[0] in message
