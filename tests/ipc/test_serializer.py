@@ -9,7 +9,7 @@ import torch
 from wire_values import (UNCOPYABLE_TORCH_DTYPES, as_received, assert_identical, random_key,
                          random_text, random_value)
 
-from shardline.ipc.serializer import Decoder, Encoder
+from shardline.ipc.serializer import Decoder, Encoder, FrameError
 
 NUMPY_DTYPES = [
     np.float32, np.float64, np.float16, np.int64, np.int8, np.uint8, np.bool_, np.complex64,
@@ -286,13 +286,13 @@ def test_truncated_frame_raises_value_error(where):
     frame = b"".join(parts)
     meta_end = len(parts[0]) + len(parts[1])
     cut = {"header": 2, "meta": 5, "all_buffers": meta_end, "last_buffer_byte": -1}[where]
-    with pytest.raises(ValueError, match="truncated|too short"):
+    with pytest.raises(FrameError, match="truncated|too short"):
         Decoder().decode(bytearray(frame[:cut]))
 
 
 def test_trailing_bytes_raise_value_error():
     frame = b"".join(Encoder().encode([1, 2]))
-    with pytest.raises(ValueError, match="past its last buffer"):
+    with pytest.raises(FrameError, match="past its last buffer"):
         Decoder().decode(bytearray(frame + b"\x00"))
 
 
@@ -301,5 +301,5 @@ def test_array_header_that_does_not_match_its_buffer_raises_value_error():
     meta = msgpack.packb(msgpack.ExtType(1, msgpack.packb(("<i8", [nbytes], nbytes))))
     padding = bytes(-(4 + len(meta)) % 64)
     frame = bytearray(struct.pack("<I", len(meta)) + meta + padding + bytes(nbytes))
-    with pytest.raises(ValueError, match="does not hold an array"):
+    with pytest.raises(FrameError, match="declares shape"):
         Decoder().decode(frame)

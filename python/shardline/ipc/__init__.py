@@ -2,7 +2,7 @@
 
 from shardline._shm import PeerDied, RingClosed, sweep_orphans
 from shardline.ipc.message_queue import MessageQueue, MessageQueueHandle
-from shardline.ipc.serializer import Decoder, Encoder
+from shardline.ipc.serializer import Decoder, Encoder, FrameError
 
-__all__ = ["Decoder", "Encoder", "MessageQueue", "MessageQueueHandle", "PeerDied", "RingClosed",
-           "sweep_orphans"]
+__all__ = ["Decoder", "Encoder", "FrameError", "MessageQueue", "MessageQueueHandle", "PeerDied",
+           "RingClosed", "sweep_orphans"]

@@ -111,6 +111,8 @@ class MessageQueue:
         """Reader: the next object. Tuples arrive as lists (see serializer).
 
         Arrays and tensors in it share one fresh buffer per message and are writable.
+        Raises FrameError (a ValueError) when the message read is not a frame an Encoder
+        made (corrupt shared memory); the queue stays usable for the next message.
         """
         if self._decoder is None:
             raise RuntimeError(

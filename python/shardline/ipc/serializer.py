@@ -23,6 +23,13 @@ the above (IntEnum, OrderedDict, and numpy's float64, str_ and bytes_ scalars) a
 their base type. Any str arrives equal, lone surrogates (from JSON "\\ud800" escapes,
 say) included.
 
+A frame that is not one an Encoder made (corrupt bytes, a truncated or extended buffer)
+raises FrameError, a ValueError whose message says what is wrong and where, or decodes to
+whatever value its bytes now hold: a changed byte inside a str or a buffer changes the data,
+not the structure. Every length, shape and size it declares is checked against the frame
+before anything is allocated, so no declared size makes the decoder allocate more than
+an empty array.
+
 torch is imported only once a tensor is decoded, so processes that exchange plain data
 and numpy arrays start without paying for it.
 """
@@ -30,6 +37,7 @@ and numpy arrays start without paying for it.
 from __future__ import annotations
 
 import functools
+import math
 import reprlib
 import struct
 import sys
@@ -53,6 +61,11 @@ _EXT_NUMPY_SCALAR = 3
 
 # numpy kinds whose `dtype.str` names the dtype completely (no objects, no structured records)
 _NUMPY_KINDS = frozenset("biufcmMSU")
+# numpy's limit on dimensions, and the bound that sizes and strides must stay under
+_MAX_NDIM = 64
+_MAX_SIZE = 2**63
+_EXT_NAMES = {_EXT_NDARRAY: "numpy array", _EXT_TENSOR: "torch tensor",
+              _EXT_NUMPY_SCALAR: "numpy scalar"}
 
 # msgpack.ExtType checks its fields in Python on every construction; the encoder only
 # builds valid ones, and this skips the check on the hot path.
@@ -63,6 +76,11 @@ SUPPORTED_TYPES = (
     "numpy arrays (np.ndarray itself, not subclasses: use np.asarray) and scalars of numeric, "
     "bool, datetime or string dtype, CPU torch tensors"
 )
+
+
+class FrameError(ValueError):
+    """A frame read from a ring is not one an Encoder makes: the message says what is
+    wrong (a length, an array header, the msgpack bytes) and where in the frame."""
 
 
 class Encoder:
@@ -223,10 +241,12 @@ class Decoder:
                              unicode_errors="surrogatepass")
 
     def decode(self, frame: bytes | bytearray) -> object:
-        """The object encoded in `frame`. Raises ValueError if the frame is malformed."""
+        """The object encoded in `frame`. Raises FrameError (a ValueError) if the frame is
+        not one an Encoder makes; a frame corrupted only inside its data decodes to the
+        changed data."""
         frame_len = len(frame)
         if frame_len < _HEADER.size:
-            raise ValueError(
+            raise FrameError(
                 f"frame of {frame_len} bytes is too short: a frame has at least {_HEADER.size}"
             )
         (meta_len,) = _HEADER.unpack_from(frame)
@@ -236,7 +256,7 @@ class Decoder:
         if meta_end == frame_len:  # no out-of-band buffers: the common small message
             return self._unpack(meta, meta_end)
         if meta_end > frame_len:
-            raise ValueError(
+            raise FrameError(
                 f"frame of {frame_len} bytes is truncated: "
                 f"its header announces {meta_len} bytes of msgpack"
             )
@@ -247,56 +267,108 @@ class Decoder:
             self._frame = None
         if self._cursor != frame_len:
             extra = frame_len - self._cursor
-            raise ValueError(f"frame of {frame_len} bytes has {extra} bytes past its last buffer")
+            raise FrameError(f"frame of {frame_len} bytes has {extra} bytes past its last buffer")
         return obj
 
     def _unpack(self, meta: memoryview, meta_end: int) -> object:
         try:
-            return msgpack.unpackb(meta, **self._options)
-        except TypeError:
-            # A tuple key arrives as an unhashable list: decode again, with keys as tuples
-            # (only on this rare path, as a pairs hook costs a Python call per dict).
-            self._cursor = meta_end
-            return msgpack.unpackb(meta, object_pairs_hook=_dict_with_tuple_keys, **self._options)
+            try:
+                return msgpack.unpackb(meta, **self._options)
+            except TypeError:
+                # A tuple key arrives as an unhashable list: decode again, with keys as
+                # tuples (only on this rare path, as a pairs hook costs a Python call per
+                # dict). Any other unhashable key is corruption, refused below.
+                self._cursor = meta_end
+                return msgpack.unpackb(meta, object_pairs_hook=_dict_with_tuple_keys,
+                                       **self._options)
+        except FrameError:
+            raise
+        except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
+            # msgpack's own errors (bad type bytes, missing or extra data, too deep nesting,
+            # invalid UTF-8) and keys no dict can hold (an array, a map, nested past Python's
+            # recursion limit): none is in a frame an Encoder makes.
+            raise FrameError(
+                f"frame of {self._frame_len} bytes: its msgpack part (bytes {_HEADER.size} to "
+                f"{meta_end}) is malformed: {type(exc).__name__}: {exc}"
+            ) from None
 
     def _decode_ext(self, code: int, data: bytes) -> object:
         if code == _EXT_NDARRAY:
-            dtype_str, shape, nbytes = msgpack.unpackb(data)
-            return self._array(shape, _numpy_dtype(dtype_str), nbytes)
+            dtype_str, shape, nbytes = _ext_fields(code, data, (str, list, int))
+            return self._array(code, shape, _numpy_dtype(dtype_str), nbytes)
         if code == _EXT_TENSOR:
             import torch
 
-            name, shape, nbytes = msgpack.unpackb(data)
+            name, shape, nbytes = _ext_fields(code, data, (str, list, int))
             dtype, carrier = _tensor_dtype(name)
             if not nbytes:
+                _check_layout(code, shape, carrier.itemsize, nbytes)
                 return torch.empty(shape, dtype=dtype)
-            tensor = torch.from_numpy(self._array(shape, carrier, nbytes))
+            tensor = torch.from_numpy(self._array(code, shape, carrier, nbytes))
             return tensor if tensor.dtype == dtype else tensor.view(dtype)
         if code == _EXT_NUMPY_SCALAR:
-            dtype_str, raw = msgpack.unpackb(data)
-            return np.frombuffer(raw, _numpy_dtype(dtype_str))[0]
-        raise ValueError(f"unknown msgpack extension code {code}: this decoder knows codes 1 to 3")
+            dtype_str, raw = _ext_fields(code, data, (str, bytes))
+            dtype = _numpy_dtype(dtype_str)
+            _check_scalar_bytes(dtype, raw)
+            return np.frombuffer(raw, dtype)[0]
+        raise FrameError(f"unknown msgpack extension code {code}: this decoder knows codes 1 to 3")
 
-    def _array(self, shape: list[int], dtype: np.dtype, nbytes: int) -> np.ndarray:
+    def _array(self, code: int, shape: list[int], dtype: np.dtype, nbytes: int) -> np.ndarray:
+        _check_layout(code, shape, dtype.itemsize, nbytes)
         if not nbytes:
             return np.empty(shape, dtype)
         offset = self._cursor + (-self._cursor % _ALIGN)
         end = offset + nbytes
         if end > self._frame_len:
-            raise ValueError(
+            raise FrameError(
                 f"frame of {self._frame_len} bytes is truncated: "
                 f"a buffer needs bytes {offset} to {end}"
             )
-        try:
-            array = np.ndarray(shape, dtype, self._frame, offset)
-        except TypeError:
-            array = None
-        if array is None or array.nbytes != nbytes:
-            raise ValueError(
-                f"buffer of {nbytes} bytes does not hold an array of shape {shape}, dtype {dtype}"
-            )
+        array = np.ndarray(shape, dtype, self._frame, offset)
         self._cursor = end
         return array
+
+
+def _ext_fields(code: int, data: bytes, types: tuple[type, ...]) -> list:
+    """The fields of an extension's header (its msgpack payload), checked to be one value
+    of each of `types`."""
+    what = _EXT_NAMES[code]
+    try:
+        fields = msgpack.unpackb(data)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise FrameError(f"the header of a {what} in the frame is malformed: "
+                         f"{type(exc).__name__}: {exc}") from None
+    if (not isinstance(fields, list) or len(fields) != len(types)
+            or any(type(field) is not kind for field, kind in zip(fields, types))):
+        expected = ", ".join(kind.__name__ for kind in types)
+        raise FrameError(f"the header of a {what} in the frame is {reprlib.repr(fields)}, "
+                         f"not [{expected}]")
+    return fields
+
+
+def _check_layout(code: int, shape: list, itemsize: int, nbytes: int) -> None:
+    """Refuse an array header whose shape, item size and byte count disagree, or whose
+    shape numpy and torch cannot make (too many dimensions, sizes or strides past 64 bits),
+    before anything is allocated for it."""
+    if (len(shape) > _MAX_NDIM or any(type(n) is not int or n < 0 for n in shape)
+            or math.prod(shape) * itemsize != nbytes
+            or math.prod(max(n, 1) for n in shape) * max(itemsize, 1) >= _MAX_SIZE):
+        raise FrameError(
+            f"the header of a {_EXT_NAMES[code]} in the frame declares shape "
+            f"{reprlib.repr(shape)} of {itemsize}-byte items in {nbytes} bytes: "
+            f"not a shape of at most {_MAX_NDIM} sizes >= 0 that fills exactly those bytes"
+        )
+
+
+def _check_scalar_bytes(dtype: np.dtype, raw: bytes) -> None:
+    if len(raw) != dtype.itemsize or not raw:
+        raise FrameError(f"a numpy scalar of dtype {dtype} in the frame has {len(raw)} bytes, "
+                         f"not {dtype.itemsize}")
+    if dtype.kind == "U":  # numpy cannot make a str of a code point past U+10FFFF
+        code_points = np.frombuffer(raw, dtype.byteorder.replace("|", "=") + "u4")
+        if code_points.max() > sys.maxunicode:
+            raise FrameError(f"a numpy scalar of dtype {dtype} in the frame holds code point "
+                             f"{int(code_points.max())}, past U+10FFFF")
 
 
 @functools.cache
@@ -319,9 +391,10 @@ def _tensor_dtype(name: str) -> tuple[torch.dtype, np.dtype]:
     """The torch dtype of a wire name, and the numpy dtype that carries its bytes."""
     import torch
 
-    dtype = getattr(torch, name, None)
+    # vars, not getattr: torch's module __getattr__ would import a submodule by its name
+    dtype = vars(torch).get(name)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown torch dtype {name!r} in frame")
+        raise FrameError(f"unknown torch dtype {name!r} in frame")
     _, carrier = _tensor_codec(dtype)
     return dtype, torch.empty(0, dtype=carrier or dtype).numpy().dtype
 
@@ -337,10 +410,18 @@ def _numpy_dtype_name(dtype: np.dtype) -> str:
     return dtype.str
 
 
-@functools.cache
+@functools.lru_cache(maxsize=256)  # bounded: a corrupt frame can name endless dtypes
 def _numpy_dtype(name: str) -> np.dtype:
-    """The numpy dtype of a wire name (a cached `np.dtype(name)`)."""
-    return np.dtype(name)
+    """The numpy dtype of a wire name (a cached `np.dtype(name)`), refused unless the
+    encoder could have sent it."""
+    try:
+        dtype = np.dtype(name)
+    except (TypeError, ValueError, SyntaxError) as exc:
+        raise FrameError(f"unknown numpy dtype {name!r} in frame: {exc}") from None
+    if dtype.kind not in _NUMPY_KINDS or dtype.fields is not None or dtype.str != name:
+        raise FrameError(f"numpy dtype {name!r} in frame is not one the encoder sends "
+                         f"(it sends dtype.str of kinds {''.join(sorted(_NUMPY_KINDS))})")
+    return dtype
 
 
 def _dict_with_tuple_keys(pairs: list[tuple[object, object]]) -> dict:
