@@ -1,5 +1,5 @@
 """Child-process bodies, the seeded message stream and the test-side helpers of
-tests/test_shm.py and tests/test_shm_hygiene.py.
+tests/test_shm*.py (the rings) and tests/test_shm_hygiene.py.
 
 Spawned children import this module by name, so everything here is module-level.
 """
