@@ -21,8 +21,8 @@ if "float16" in _cpu_kernels.SUPPORTED_DTYPES:
 def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether the C++ kernel takes these operands: CPU tensors of one supported dtype, the
     caches contiguous (the engine's always are)."""
-    return (q.device.type == "cpu" and q.dtype in DTYPES and k_cache.dtype == q.dtype
-            and v_cache.dtype == q.dtype and k_cache.device.type == "cpu"
+    return (q.is_cpu and q.dtype in DTYPES and k_cache.dtype == q.dtype
+            and v_cache.dtype == q.dtype and k_cache.is_cpu and v_cache.is_cpu
             and k_cache.is_contiguous() and v_cache.is_contiguous())
 
 
