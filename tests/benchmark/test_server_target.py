@@ -140,11 +140,14 @@ def test_counts_come_from_the_usage_chunk(server, rng):
     assert summary["output_tokens"] == workload.total_output_tokens
 
 
-def test_without_usage_output_tokens_are_text_chunks_and_text_prompts_unknown(rng):
+def test_without_usage_output_tokens_are_choice_chunks_and_text_prompts_unknown(rng):
+    """A chunk whose text is empty still carries a token (shardline serve and vLLM send one
+    per step that makes tokens, a partial multi-byte character among them): it counted
+    none."""
     texts = [random_text(rng, 1, 3) if rng.random() < 0.7 else "" for _ in range(12)]
     chunks = "".join(f'data: {{"choices": [{{"index": 0, "text": "{t}"}}]}}\n\n'
                      for t in texts)
-    body = (chunks + "data: [DONE]\n\n").encode()
+    body = (chunks + 'data: {"choices": []}\n\ndata: [DONE]\n\n').encode()
 
     async def go(prompts):
         transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))
@@ -153,10 +156,29 @@ def test_without_usage_output_tokens_are_text_chunks_and_text_prompts_unknown(rn
             workload = Workload(prompts, [len(texts)] * len(prompts))
             return (await run_online(target, workload, float("inf"))).summary()
 
-    text_chunks = sum(bool(t) for t in texts)
     summary = asyncio.run(go(["some text", [9, 10, 11]]))
-    assert summary["output_tokens"] == 2 * text_chunks
+    assert summary["output_tokens"] == 2 * len(texts)
     assert summary["estimated_output_counts"] == 2
     assert summary["input_tokens"] is None and summary["input_tokens_per_s"] is None
     ids_only = asyncio.run(go([[9, 10, 11], [12]]))
     assert ids_only["input_tokens"] == 4
+
+
+def test_the_first_token_is_the_first_chunk_with_a_choice_even_without_text(rng):
+    """A first token that completes no text comes in a chunk of empty text; time to first
+    token waited for the next chunk with text."""
+    gap = rng.uniform(0.5, 1.0)
+
+    async def stream():
+        yield b'data: {"choices": [{"index": 0, "text": ""}]}\n\n'
+        await asyncio.sleep(gap)
+        yield b'data: {"choices": [{"index": 0, "text": "\xc3\xa9"}]}\n\ndata: [DONE]\n\n'
+
+    async def go():
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, content=stream()))
+        async with httpx.AsyncClient(transport=transport) as client:
+            target = ServerTarget("http://bench.test", MODEL, client)
+            return await run_online(target, Workload([[9, 10]], [2]), float("inf"))
+    [record] = asyncio.run(go()).records
+    assert record.error is None and record.output_tokens == 2
+    assert record.first_token - record.arrival < gap <= record.done - record.arrival

@@ -4,7 +4,7 @@ A target is what the requests go to: an in-process AsyncLLM (`EngineTarget`) or 
 OpenAI-compatible server's /v1/completions (`ServerTarget`, shardline serve or any
 other). Both stream, so time to first token is measured where the client sees it: in
 process, when the engine's output first holds a token; from a server, when the first
-chunk carrying text arrives.
+chunk carrying a choice arrives.
 """
 
 from __future__ import annotations
@@ -69,10 +69,11 @@ class ServerTarget:
     The counts are the stream's final `usage` chunk (asked for with stream_options, sent
     by shardline serve and vLLM): prompt_tokens and completion_tokens. A server that sends
     no usage leaves a text prompt's tokens unknown, and its output tokens are estimated
-    as one per chunk carrying text: low when a chunk holds several tokens, or a token has
-    no text of its own (part of a multi-byte character, a special token), shardline
-    serve sending a chunk only when the text grows. Time to first token is the time to
-    the first chunk carrying text.
+    as one per chunk carrying a choice: shardline serve and vLLM send one per engine
+    step that gave the completion tokens, even when they complete no text (part of a
+    multi-byte character, a special token), so the estimate is low only when a step
+    makes several tokens or a server merges steps. Time to first token is the time to
+    the first chunk carrying a choice, its text possibly empty.
 
     A request fails on an HTTP error, on an error event in the stream (shardline serve
     ends a stream so when the engine fails the request after its 200 was sent), and on a
@@ -112,7 +113,7 @@ class ServerTarget:
                 if usage and usage.get("completion_tokens") is not None:
                     yield Counts(usage["completion_tokens"],
                                  usage.get("prompt_tokens", prompt_tokens))
-                elif chunk.get("choices") and chunk["choices"][0].get("text"):
+                elif chunk.get("choices"):
                     chunks += 1
                     yield Counts(chunks, prompt_tokens, estimated=True)
             if not done:

@@ -4,9 +4,11 @@ the outputs as OpenAI's response objects, whole or as server-sent-event chunks.
 Every prompt of a request is one engine request (its `n` completions are the engine's
 sequences); their streams are merged as they produce. Closing the merged stream (the
 client went away) cancels every engine stream, which aborts its request and frees its KV
-blocks. A chunk carries the text a completion gained since the last: the engine never
-takes text back (it holds back an end that could still begin a stop string), so the
-chunks add up to the final text.
+blocks. A chunk carries the tokens a completion gained since the last and the text they
+completed, which may be empty (a token that is part of a multi-byte character, or text
+held back while it could still begin a stop string): a client sees each token when the
+engine makes it, as vLLM streams them. The engine never takes text back, so the chunks
+add up to the final text.
 """
 
 from __future__ import annotations
@@ -217,9 +219,10 @@ def chat_response(generation: Generation, outputs: list[RequestOutput], model: s
 
 async def stream_events(generation: Generation, model: str, chat: bool, decode: Decode,
                         top_n: int, include_usage: bool) -> AsyncIterator[str]:
-    """The response as server-sent events: a chunk per choice that gained text (the chat
-    role first), a usage chunk if asked, then [DONE]. An engine error mid-stream ends it
-    with an error event, since the 200 status line is already sent."""
+    """The response as server-sent events: a chunk per engine output that gave choices new
+    tokens, with a choice for each (the chat role first), a usage chunk if asked, then
+    [DONE]. An engine error mid-stream ends it with an error event, since the 200 status
+    line is already sent."""
     n = generation.params.n
     sent_text: dict[int, int] = {}
     sent_tokens: dict[int, int] = {}
@@ -241,9 +244,9 @@ async def stream_events(generation: Generation, model: str, chat: bool, decode: 
                 if key in closed:
                     continue
                 done_text, done_tokens = sent_text.get(key, 0), sent_tokens.get(key, 0)
-                text = completion.text[done_text:]
-                if not text and not completion.finished:
+                if len(completion.token_ids) == done_tokens and not completion.finished:
                     continue
+                text = completion.text[done_text:]
                 sent_text[key], sent_tokens[key] = len(completion.text), len(completion.token_ids)
                 if completion.finished:
                     closed.add(key)
