@@ -95,6 +95,11 @@ def test_online_rate_sweep_records_one_run_per_rate(tmp_path, capsys):
     (["--request-rate", "0"], "every rate must be > 0"),
     (["--request-rate", "fast"], "is not a rate or a comma-separated list of rates"),
     (["--prompt-len", "9,3"], "need 1 <= LOW <= HIGH"),
+    (["--request-timeout", "0"], "argument --request-timeout: '0' is invalid: must be a "
+                                 "finite number of seconds > 0"),
+    (["--request-timeout", "-2.5"], "'-2.5' is invalid: must be a finite number of seconds"),
+    (["--request-timeout", "inf"], "'inf' is invalid: must be a finite number of seconds"),
+    (["--request-timeout", "soon"], "'soon' is not a number of seconds"),
 ])
 def test_bad_bench_values_exit_2_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit) as exited:
@@ -150,6 +155,8 @@ def _bad_flag_cases(tmp_path):
         (["--mode", "offline", "--request-rate", "2"], "--request-rate 2.0 applies to --mode "
                                                        "online only"),
         (["--max-concurrency", "3"], "--max-concurrency 3 applies to --mode online only"),
+        (["--mode", "online", "--request-timeout", "7.5"], "--request-timeout 7.5 applies to "
+                                                           "--url only"),
         (["--mode", "online", "--url", "127.0.0.1:8000"], "--url '127.0.0.1:8000' is invalid: "
                                                           "must be an http:// or https://"),
         (["--mode", "online", "--url", "ftp://host/x"], "--url 'ftp://host/x' is invalid"),

@@ -3,7 +3,9 @@ thread, as the entrypoint tests run it): what the server refuses or fails mid-st
 a failed request, and the counts come from its usage chunk."""
 
 import asyncio
+import socket
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -60,7 +62,7 @@ def server(tiny_chat_model):
 def run(url, workload, rate=float("inf")):
     async def go():
         async with httpx.AsyncClient(timeout=TIMEOUT) as client:
-            return await run_online(ServerTarget(url, MODEL, client), workload, rate)
+            return await run_online(ServerTarget(url, MODEL, client, TIMEOUT), workload, rate)
     return asyncio.run(go()).summary()
 
 
@@ -117,7 +119,7 @@ def test_a_stream_cut_before_done_is_a_failed_request(body):
     async def go():
         transport = httpx.MockTransport(answer)
         async with httpx.AsyncClient(transport=transport) as client:
-            target = ServerTarget("http://bench.test", MODEL, client)
+            target = ServerTarget("http://bench.test", MODEL, client, TIMEOUT)
             return await run_online(target, Workload([[9, 10]], [4]), float("inf"))
     summary = asyncio.run(go()).summary()
     assert summary["failed_requests"] == 1 and summary["finished_requests"] == 0
@@ -152,7 +154,7 @@ def test_without_usage_output_tokens_are_choice_chunks_and_text_prompts_unknown(
     async def go(prompts):
         transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))
         async with httpx.AsyncClient(transport=transport) as client:
-            target = ServerTarget("http://bench.test", MODEL, client)
+            target = ServerTarget("http://bench.test", MODEL, client, TIMEOUT)
             workload = Workload(prompts, [len(texts)] * len(prompts))
             return (await run_online(target, workload, float("inf"))).summary()
 
@@ -177,8 +179,95 @@ def test_the_first_token_is_the_first_chunk_with_a_choice_even_without_text(rng)
     async def go():
         transport = httpx.MockTransport(lambda request: httpx.Response(200, content=stream()))
         async with httpx.AsyncClient(transport=transport) as client:
-            target = ServerTarget("http://bench.test", MODEL, client)
+            target = ServerTarget("http://bench.test", MODEL, client, TIMEOUT)
             return await run_online(target, Workload([[9, 10]], [2]), float("inf"))
     [record] = asyncio.run(go()).records
     assert record.error is None and record.output_tokens == 2
     assert record.first_token - record.arrival < gap <= record.done - record.arrival
+
+
+class SilentServer:
+    """A local HTTP server that accepts every connection, reads the request and then
+    sends nothing more than `reply` (bytes, maybe empty), keeping the connection open
+    until closed: a server that hung."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections = []
+        self.closing = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        while not self.closing.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            self.connections.append(connection)
+            connection.settimeout(TIMEOUT)
+            connection.recv(65536)
+            connection.sendall(self.reply)
+
+    def close(self) -> None:
+        self.closing.set()
+        self.thread.join(TIMEOUT)
+        for connection in [*self.connections, self.listener]:
+            connection.close()
+        assert not self.thread.is_alive()
+
+
+FIRST_CHUNK = b'data: {"choices": [{"index": 0, "text": "a"}]}\n\n'
+
+
+@pytest.mark.parametrize("reply", [
+    b"",
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    + b"%x\r\n%s\r\n" % (len(FIRST_CHUNK), FIRST_CHUNK),
+], ids=["no-answer", "hung-mid-stream"])
+def test_a_server_that_hangs_fails_its_requests_after_the_timeout(reply, rng):
+    """The harness's client had no timeout: a server that accepted a request and never
+    answered (or stopped between chunks) hung the run until Ctrl-C."""
+    server = SilentServer(reply)
+    timeout = round(rng.uniform(0.2, 0.5), 2)
+    count = rng.randint(1, 3)
+
+    async def go():
+        async with httpx.AsyncClient() as client:
+            target = ServerTarget(server.url, MODEL, client, timeout)
+            workload = Workload([ids(rng, rng.randint(2, 6)) for _ in range(count)],
+                                [rng.randint(2, 5) for _ in range(count)])
+            return await asyncio.wait_for(run_online(target, workload, float("inf")),
+                                          TIMEOUT)
+    try:
+        summary = asyncio.run(go()).summary()
+    finally:
+        server.close()
+    assert summary["failed_requests"] == count and summary["finished_requests"] == 0
+    assert summary["errors"] == [{
+        "error": f"TimeoutError: {server.url}/v1/completions timed out after {timeout:g} s "
+                 "waiting for the server's next data", "requests": count}]
+    assert timeout <= summary["elapsed_s"] < TIMEOUT
+
+
+def test_bench_request_timeout_reaches_the_server_target(tmp_path, rng, capsys):
+    """`shardline bench --url ... --request-timeout S` against a server that never answers
+    ends with every request failed on the timeout (exit 1, nothing recorded)."""
+    from shardline.cli import main
+
+    server = SilentServer(b"")
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text('{"prompt": [5, 6, 7], "max_tokens": 2}\n')
+    timeout = rng.choice(["0.2", "0.35", "0.5"])
+    out = tmp_path / "runs.jsonl"
+    try:
+        status = main(["bench", "--mode", "online", "--url", server.url, "-m", MODEL,
+                       "--dataset", str(dataset), "--request-timeout", timeout,
+                       "--no-progress", "--out", str(out)])
+    finally:
+        server.close()
+    assert status == 1 and not out.exists()
+    assert f"/v1/completions timed out after {float(timeout):g} s" in capsys.readouterr().err

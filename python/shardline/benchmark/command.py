@@ -18,6 +18,7 @@ DEFAULT_RATES = [4.0]
 DEFAULT_NUM_PROMPTS = 64
 DEFAULT_PROMPT_LEN = (16, 256)
 DEFAULT_OUTPUT_LEN = (16, 128)
+DEFAULT_REQUEST_TIMEOUT = 600.0
 SYNTHETIC_FLAGS = (("--num-prompts", "num_prompts"), ("--prompt-len", "prompt_len"),
                    ("--output-len", "output_len"))
 
@@ -44,6 +45,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="online: an OpenAI-compatible server (e.g. http://127.0.0.1:8000, "
                              "from shardline serve) instead of an engine in this process; "
                              "--model is then the served model's name")
+    parser.add_argument("--request-timeout", type=_seconds, default=None, metavar="SECONDS",
+                        help="--url: seconds the server may take to accept a connection or "
+                             "to send its next data (the reply's headers, the next chunk) "
+                             "before the request is recorded as failed (default: "
+                             f"{DEFAULT_REQUEST_TIMEOUT:g})")
     parser.add_argument("--dataset", type=Path, default=None,
                         help='prompts from a JSONL file, one {"prompt": text or token ids, '
                              '"max_tokens": n} per line, instead of the synthetic workload')
@@ -81,6 +87,17 @@ def _rates(text: str) -> list[float]:
     return rates
 
 
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be a finite number of "
+                                         "seconds > 0")
+    return seconds
+
+
 def _range(text: str) -> tuple[int, int]:
     try:
         low, high = (int(part) for part in text.split(","))
@@ -108,6 +125,9 @@ def check_bench_args(args: argparse.Namespace) -> Workload | None:
         if url.scheme not in ("http", "https") or not url.netloc:
             raise ValueError(f"--url {args.url!r} is invalid: must be an http:// or https:// "
                              "URL with a host, e.g. http://127.0.0.1:8000")
+    elif args.request_timeout is not None:
+        raise ValueError(f"--request-timeout {args.request_timeout:g} applies to --url only: "
+                         "it bounds the waits for a server's answer")
     if args.mode == "offline" and args.request_rate is not None:
         raise ValueError(f"--request-rate {','.join(map(str, args.request_rate))} applies to "
                          "--mode online only: an offline run submits every request at once")
@@ -348,8 +368,9 @@ def _online_server(args: argparse.Namespace, dataset: Workload | None, progress:
     runs = []
 
     async def sweep() -> None:
-        async with httpx.AsyncClient(timeout=None) as client:
-            target = ServerTarget(args.url, args.model, client)
+        async with httpx.AsyncClient() as client:
+            target = ServerTarget(args.url, args.model, client,
+                                  args.request_timeout or DEFAULT_REQUEST_TIMEOUT)
             for rate in args.request_rate:
                 result = await run_online(target, workload, rate, args.seed, progress,
                                           args.max_concurrency)

@@ -76,23 +76,46 @@ class ServerTarget:
     the first chunk carrying a choice, its text possibly empty.
 
     A request fails on an HTTP error, on an error event in the stream (shardline serve
-    ends a stream so when the engine fails the request after its 200 was sent), and on a
-    stream that ends without `data: [DONE]`."""
+    ends a stream so when the engine fails the request after its 200 was sent), on a
+    stream that ends without `data: [DONE]`, and with TimeoutError when connecting,
+    sending it, or any wait for the server's next data (its headers, the next chunk)
+    takes more than `request_timeout` seconds: a hung server fails its requests rather
+    than hanging the run. Waiting for one of the client's connections is not timed: that
+    queue is the client's own."""
 
-    def __init__(self, url: str, model: str, client) -> None:
+    def __init__(self, url: str, model: str, client, request_timeout: float) -> None:
+        if not 0 < request_timeout < float("inf"):
+            raise ValueError(f"request_timeout={request_timeout!r} is invalid: must be a "
+                             "finite number of seconds > 0")
         self.url = url.rstrip("/")
         self.model = model
         self.client = client
+        self.request_timeout = request_timeout
 
     async def stream(self, request_id: str, prompt: list[int] | str,
                      max_tokens: int) -> AsyncIterator[Counts]:
+        import httpx
+
+        endpoint = f"{self.url}/v1/completions"
+        timeout = httpx.Timeout(self.request_timeout, pool=None)
+        try:
+            async for counts in self._stream(endpoint, timeout, prompt, max_tokens):
+                yield counts
+        except httpx.TimeoutException as exc:
+            waiting = ("connecting" if isinstance(exc, httpx.ConnectTimeout) else
+                       "sending the request" if isinstance(exc, httpx.WriteTimeout) else
+                       "waiting for the server's next data")
+            raise TimeoutError(f"{endpoint} timed out after {self.request_timeout:g} s "
+                               f"{waiting}") from None
+
+    async def _stream(self, endpoint: str, timeout, prompt: list[int] | str,
+                      max_tokens: int) -> AsyncIterator[Counts]:
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens,
                 "temperature": 0.0, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
         prompt_tokens = len(prompt) if isinstance(prompt, list) else None
         chunks = 0
-        endpoint = f"{self.url}/v1/completions"
-        async with self.client.stream("POST", endpoint, json=body) as reply:
+        async with self.client.stream("POST", endpoint, json=body, timeout=timeout) as reply:
             if reply.status_code != 200:
                 text = (await reply.aread()).decode(errors="replace")
                 raise RuntimeError(f"{endpoint} answered {reply.status_code}: {text[:300]}")
