@@ -3,9 +3,11 @@ thread, as the entrypoint tests run it): what the server refuses or fails mid-st
 a failed request, and the counts come from its usage chunk."""
 
 import asyncio
+import json
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -197,6 +199,7 @@ class SilentServer:
         self.listener.settimeout(0.05)
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.connections = []
+        self.accepted_at = []
         self.closing = threading.Event()
         self.thread = threading.Thread(target=self.serve, daemon=True)
         self.thread.start()
@@ -208,6 +211,7 @@ class SilentServer:
             except socket.timeout:
                 continue
             self.connections.append(connection)
+            self.accepted_at.append(time.monotonic())
             connection.settimeout(TIMEOUT)
             connection.recv(65536)
             connection.sendall(self.reply)
@@ -271,3 +275,27 @@ def test_bench_request_timeout_reaches_the_server_target(tmp_path, rng, capsys):
         server.close()
     assert status == 1 and not out.exists()
     assert f"/v1/completions timed out after {float(timeout):g} s" in capsys.readouterr().err
+
+
+def test_bench_sends_more_than_a_hundred_requests_at_once(tmp_path, rng):
+    """httpx caps a client at 100 connections by default: the bench's requests past the
+    hundredth, sent all at once, waited inside the client (their wait counted as server
+    latency) and reached the server only after earlier ones ended."""
+    from shardline.cli import main
+
+    server = SilentServer(b"")
+    count = rng.randint(105, 130)
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text("".join(
+        json.dumps({"prompt": ids(rng, rng.randint(2, 6)), "max_tokens": 2}) + "\n"
+        for _ in range(count)))
+    try:
+        status = main(["bench", "--mode", "online", "--url", server.url, "-m", MODEL,
+                       "--dataset", str(dataset), "--request-timeout", "1",
+                       "--request-rate", "inf",
+                       "--no-progress", "--out", str(tmp_path / "runs.jsonl")])
+    finally:
+        server.close()
+    assert status == 1 and len(server.accepted_at) == count
+    spread = max(server.accepted_at) - min(server.accepted_at)
+    assert spread < 1, f"a request waited {spread:.2f} s for a connection"

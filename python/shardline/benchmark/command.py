@@ -368,7 +368,10 @@ def _online_server(args: argparse.Namespace, dataset: Workload | None, progress:
     runs = []
 
     async def sweep() -> None:
-        async with httpx.AsyncClient() as client:
+        # No connection cap (httpx's default is 100): past it, requests sent all at once
+        # would wait inside the client, and that wait would count as server latency.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(limits=limits) as client:
             target = ServerTarget(args.url, args.model, client,
                                   args.request_timeout or DEFAULT_REQUEST_TIMEOUT)
             for rate in args.request_rate:
