@@ -6,10 +6,13 @@ module of their own that the spawned processes can import.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import struct
 import time
 
+from shardline.ipc.serializer import Decoder, Encoder
 from shardline.step import ModelRunnerOutput, SchedulerOutput
 
 NUM_KV_BLOCKS = 8
@@ -90,3 +93,55 @@ class SlowStepWorker(StubWorker):
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         time.sleep(3.0)
         return super().execute_model(scheduler_output)
+
+
+def corrupt_frame(frame: bytes, kind: str) -> bytes:
+    """`frame` made unreadable in one of three ways (`kind`): "msgpack", a byte msgpack
+    never uses where the msgpack part starts; "length", a header announcing more bytes
+    than the frame holds; "not_a_message", a sound frame of a bare int."""
+    if kind == "msgpack":
+        return frame[:4] + b"\xc1" + frame[5:]
+    if kind == "length":
+        return struct.pack("<I", len(frame)) + frame[4:]
+    return b"".join(Encoder().encode(7))
+
+
+def corrupting_encode(kind: str):
+    """A replacement for Encoder.encode whose frame is corrupt_frame(kind) of the real one."""
+    encode = Encoder.encode
+
+    def encode_corrupt(self, obj):
+        parts = encode(self, obj)
+        frame = b"".join(p.tobytes() if hasattr(p, "tobytes") else bytes(p) for p in parts)
+        return [corrupt_frame(frame, kind)]
+    return encode_corrupt
+
+
+def patch_once(cls: type, name: str, replacement, skip: int = 0) -> None:
+    """Make `cls.name` run `replacement` once, after `skip` calls of the original."""
+    original = getattr(cls, name)
+    calls = itertools.count()
+
+    def once(self, value):
+        if next(calls) < skip:
+            return original(self, value)
+        setattr(cls, name, original)
+        return replacement(self, value)
+    setattr(cls, name, once)
+
+
+class CorruptingWorker(StubWorker):
+    """Corrupts, on one rank, a frame it writes to its response ring or one it reads from
+    the broadcast ring, as damaged shared memory would."""
+
+    def corrupt_reply(self, rank: int, kind: str, skip: int) -> None:
+        """On `rank`: corrupt the reply frame to this call (`skip` 0) or a later one."""
+        if self.rank == rank:
+            patch_once(Encoder, "encode", corrupting_encode(kind), skip)
+
+    def corrupt_next_call(self, rank: int, kind: str) -> None:
+        """On `rank`: corrupt the next call frame read from the broadcast ring."""
+        if self.rank == rank:
+            decode = Decoder.decode
+            patch_once(Decoder, "decode",
+                       lambda decoder, frame: decode(decoder, corrupt_frame(bytes(frame), kind)))

@@ -18,7 +18,7 @@ from shardline.step import (CachedRequestData, CachedRequests, ModelRunnerOutput
 
 def frame_of(obj: object) -> bytes:
     parts = Encoder().encode(obj)
-    return b"".join(part.tobytes() if isinstance(part, np.ndarray) else bytes(part) for part in parts)
+    return b"".join(p.tobytes() if isinstance(p, np.ndarray) else bytes(p) for p in parts)
 
 
 def step_call(rng) -> list:
@@ -28,9 +28,9 @@ def step_call(rng) -> list:
                           list(range(rng.randint(1, 6))), 0) for i in range(rng.randint(0, 3))]
     cached = [CachedRequestData(f"old-{i}", [rng.randrange(32000)], [rng.randrange(500)],
                                 rng.randrange(4000)) for i in range(rng.randint(0, 6))]
+    req_ids = [n.req_id for n in new] + [c.req_id for c in cached]
     step = SchedulerOutput(new_requests=new, cached_requests=CachedRequests.of(cached),
-                           num_scheduled_tokens={r: rng.randint(1, 40) for r in
-                                                 [n.req_id for n in new] + [c.req_id for c in cached]},
+                           num_scheduled_tokens={r: rng.randint(1, 40) for r in req_ids},
                            finished_req_ids=[f"done-{i}" for i in range(rng.randint(0, 2))])
     return [rng.randrange(1, 10**6), "execute_model", [step.to_dict()], {}, rng.choice([-1, 0, 3])]
 

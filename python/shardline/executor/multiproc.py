@@ -28,6 +28,7 @@ import logging
 import logging.handlers
 import multiprocessing
 import os
+import reprlib
 import shutil
 import tempfile
 import threading
@@ -37,8 +38,9 @@ from typing import Any, Iterator
 
 from shardline.executor.base import EngineDeadError
 from shardline.executor.worker_group import RanksTimedOut, WorkerGroup, WorkerGroupExecutor
-from shardline.executor.worker_proc import ALL_RANKS, SHUTDOWN, WorkerArgs, run_worker
-from shardline.ipc import MessageQueue, PeerDied, RingClosed
+from shardline.executor.worker_proc import (ALL_RANKS, SHUTDOWN, UNREADABLE_CALL,
+                                            UNREADABLE_CALL_EXIT, WorkerArgs, run_worker)
+from shardline.ipc import FrameError, MessageQueue, PeerDied, RingClosed
 
 logger = logging.getLogger("shardline")
 
@@ -55,6 +57,11 @@ def _exit_code(proc: multiprocessing.process.BaseProcess) -> int | None:
     if proc.exitcode is None:
         proc.join(EXIT_STATUS_WAIT_S)
     return proc.exitcode
+
+
+def _is_error_reply(payload: object) -> bool:
+    """Whether a failed call's payload is what worker_proc.error_reply makes."""
+    return type(payload) is list and len(payload) == 3 and all(type(p) is str for p in payload)
 
 
 class FileRendezvous:
@@ -150,8 +157,13 @@ class _Workers(WorkerGroup):
         deaths = []
         for i in ended:
             proc = self.procs[i]
-            deaths.append(f"worker rank {self.first_rank + i} (pid {proc.pid}) died "
-                          f"with exit code {_exit_code(proc)}")
+            code = _exit_code(proc)
+            death = (f"worker rank {self.first_rank + i} (pid {proc.pid}) died with exit "
+                     f"code {code}")
+            if code == UNREADABLE_CALL_EXIT:
+                death += (f": it could not read a call from the broadcast ring "
+                          f"{self.rpc_broadcast_mq.handle().name!r} (its log says why)")
+            deaths.append(death)
         return "; ".join(deaths)
 
     def stop_workers(self) -> None:
@@ -245,6 +257,10 @@ class MultiProcExecutor(WorkerGroupExecutor):
     def _rings_closed(self, exc: BaseException) -> EngineDeadError:
         return self._group.dead_error(f"the executor's rings closed: {exc}")
 
+    def _unreadable_call(self, index: int) -> str:
+        return (f"worker rank {self.first_rank + index} could not read a call from the "
+                f"broadcast ring {self._group.rpc_broadcast_mq.handle().name!r} and stopped")
+
     def _send(self, method: str, args: list, kwargs: dict, reply_rank: int,
               deadline: float | None) -> int:
         self._group.check_alive()
@@ -263,11 +279,33 @@ class MultiProcExecutor(WorkerGroupExecutor):
         while True:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                reply_id, ok, payload = self._group.worker_response_mqs[index].dequeue(timeout)
+                reply_id, ok, payload = self._read_reply(index, timeout)
             except (RingClosed, PeerDied) as exc:
                 raise self._rings_closed(exc) from None
             if reply_id == call_id:
                 return ok, payload
+            if reply_id == UNREADABLE_CALL:
+                raise self._group.rank_failure(self._unreadable_call(index), payload)
+
+    def _read_reply(self, index: int, timeout: float | None) -> list:
+        """The next [reply_id, ok, payload] on the response ring of the worker at `index`.
+        A frame that is corrupt, or no reply, kills the executor: the reply it stood for
+        is lost and the ranks are out of step."""
+        ring = self._group.worker_response_mqs[index]
+        try:
+            reply = ring.dequeue(timeout)
+            if (type(reply) is not list or len(reply) != 3 or type(reply[0]) is not int
+                    or type(reply[1]) is not bool
+                    or not (reply[1] or _is_error_reply(reply[2]))):
+                raise FrameError(f"the ring holds {reprlib.repr(reply)}, not a reply "
+                                 "[call_id, ok, payload]")
+        except FrameError as exc:
+            error = EngineDeadError(
+                f"could not read a reply of worker rank {self.first_rank + index} from its "
+                f"response ring {ring.handle().name!r}: {exc}")
+            self._group.set_dead(error)
+            raise self._group.dead or error from None
+        return reply
 
     def _call_all(self, method: str, args: list, kwargs: dict, deadline: float | None
                   ) -> Iterator[tuple[int, bool, Any]]:

@@ -146,9 +146,15 @@ class WorkerGroup(ABC):
         """The output rank (global `rank`) failed a step and is exiting. Its error is often
         only that a peer died (its collectives see that before the watcher does), so the
         error names the workers the watcher finds dead, then the output rank's own error."""
+        return self.rank_failure(f"worker rank {rank} failed in execute_model and stopped",
+                                 error)
+
+    def rank_failure(self, what: str, error: list[str]) -> EngineDeadError:
+        """The EngineDeadError of a worker that reported `error` (its [type name, message,
+        traceback]) and is exiting, as `what` says; the workers the watcher finds dead,
+        if any, come first, as in `step_failure`."""
         name, message, trace = error
-        failed = (f"worker rank {rank} failed in execute_model and stopped: {name}: "
-                  f"{message}\n{trace}")
+        failed = f"{what}: {name}: {message}\n{trace}"
         dead = self._watched_death()
         return EngineDeadError(failed if dead is None else f"{dead}; {failed}")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import reprlib
 import select
 import shutil
 import signal
@@ -31,11 +32,16 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, NoReturn
 
-from shardline.ipc import MessageQueue, MessageQueueHandle, PeerDied, RingClosed
+from shardline.ipc import FrameError, MessageQueue, MessageQueueHandle, PeerDied, RingClosed
 from shardline.worker.worker_class import import_worker_class
 
 SHUTDOWN = "__shutdown__"
 ALL_RANKS = -1
+# The reply id (call ids start at 1) and the exit code of a worker that could not read a
+# call from the broadcast ring and stops: the executor fails on the reply, whichever call
+# it waits for, and names the cause when it sees the exit first.
+UNREADABLE_CALL = 0
+UNREADABLE_CALL_EXIT = 3
 ATTACH_TIMEOUT_S = 60.0
 ENGINE_POLL_S = 0.1
 
@@ -175,7 +181,8 @@ def run_worker(args: WorkerArgs, handle_conn: Connection, log_queue: Any) -> Non
 def serve_rank(config: dict, rank: int, index: int, distributed_init_method: str,
                worker_cls: str, broadcast: MessageQueue, response: MessageQueue) -> int:
     """Build rank `rank`'s worker and answer the calls read from `broadcast` on `response`
-    until shutdown or the executor's end; the process's exit code (1 after a failure).
+    until shutdown or the executor's end; the process's exit code (1 after a failure,
+    UNREADABLE_CALL_EXIT after a corrupt frame on the broadcast ring).
     `index` is the rank's place in its executor's slice, which calls address replies to.
     Shared by every executor that feeds its workers through the rings (multi-process, Ray).
     """
@@ -204,12 +211,22 @@ def serve_rank(config: dict, rank: int, index: int, distributed_init_method: str
 
 
 def _serve(worker: Any, index: int, broadcast: MessageQueue, response: MessageQueue) -> int:
-    """Answer calls until shutdown (exit code 0) or a failed step (exit code 1); `index`
-    is this worker's place in its executor's slice, which calls address replies to."""
+    """Answer calls until shutdown (exit code 0), a failed step (exit code 1) or a call
+    that cannot be read (UNREADABLE_CALL_EXIT); `index` is this worker's place in its
+    executor's slice, which calls address replies to."""
     from shardline.step import SchedulerOutput
 
     while True:
-        call_id, method, call_args, kwargs, reply_rank = broadcast.dequeue()
+        try:
+            call_id, method, call_args, kwargs, reply_rank = _next_call(broadcast)
+        except FrameError as exc:
+            # The call, whatever it was, is lost, and the ranks would be out of step: this
+            # worker reports the error and stops, as after a failed step.
+            logging.getLogger("shardline").error(
+                "could not read a call from the broadcast ring %r: %s",
+                broadcast.handle().name, exc)
+            response.enqueue([UNREADABLE_CALL, False, error_reply(exc)])
+            return UNREADABLE_CALL_EXIT
         if method == SHUTDOWN:
             return 0
         replies = reply_rank in (ALL_RANKS, index)
@@ -238,3 +255,13 @@ def _serve(worker: Any, index: int, broadcast: MessageQueue, response: MessageQu
             response.enqueue([call_id, False, error_reply(exc)])
             if method == "execute_model":
                 return 1
+
+
+def _next_call(broadcast: MessageQueue) -> list:
+    """The next call on the broadcast ring, [call_id, method, args, kwargs, reply_rank].
+    FrameError when its frame is corrupt, or decodes to something else than a call."""
+    call = broadcast.dequeue()
+    if type(call) is not list or len(call) != 5:
+        raise FrameError(f"the broadcast ring holds {reprlib.repr(call)}, not a call "
+                         "[call_id, method, args, kwargs, reply_rank]")
+    return call
