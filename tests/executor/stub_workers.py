@@ -96,9 +96,12 @@ class SlowStepWorker(StubWorker):
 
 
 def corrupt_frame(frame: bytes, kind: str) -> bytes:
-    """`frame` made unreadable in one of three ways (`kind`): "msgpack", a byte msgpack
+    """`frame` made unreadable in one of four ways (`kind`): "msgpack", a byte msgpack
     never uses where the msgpack part starts; "length", a header announcing more bytes
-    than the frame holds; "not_a_message", a sound frame of a bare int."""
+    than the frame holds; "not_a_message", a sound frame of a bare int; "renamed_key",
+    the sound frame with the key "req_ids" misspelt (a flipped bit in a str)."""
+    if kind == "renamed_key":
+        return frame.replace(b"req_ids", b"req_ide")
     if kind == "msgpack":
         return frame[:4] + b"\xc1" + frame[5:]
     if kind == "length":

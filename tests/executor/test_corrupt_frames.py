@@ -68,6 +68,23 @@ def test_a_corrupt_reply_kills_the_engine_naming_the_rank_and_its_ring(kind, cal
     check_dead_and_clean(executor, before)
 
 
+def test_a_step_reply_corrupted_into_other_data_kills_the_engine_naming_the_rank(rng):
+    """A flipped byte in a key of a step's reply leaves a sound frame of other data: the
+    step fails with EngineDeadError, as do the steps in flight behind it."""
+    before = shm_segments()
+    executor = start()
+    rank = executor.output_rank
+    executor.collective_rpc("corrupt_reply", args=(rank, "renamed_key", 1),
+                            timeout=CALL_TIMEOUT_S)
+    futures = [executor.execute_model(step(f"r{i}"), non_block=True)
+               for i in range(rng.randint(1, 4))]
+    for future in futures:
+        with pytest.raises(EngineDeadError, match=f"reply of worker rank {rank} to a step is "
+                                                  "not a ModelRunnerOutput .*KeyError"):
+            future.result(timeout=CALL_TIMEOUT_S)
+    check_dead_and_clean(executor, before)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_corrupt_call_on_the_broadcast_ring_fails_every_worker_with_its_error(kind, rng,
                                                                                  caplog):

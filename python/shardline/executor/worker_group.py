@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import reprlib
 import threading
 import time
 import weakref
@@ -250,13 +251,27 @@ class WorkerGroupExecutor(Executor):
             ok, payload = self._read_step(ticket, deadline)
             if not ok:
                 raise self._group.step_failure(self.first_rank + self.output_rank, payload)
+            output = self._step_output(payload)
         except EngineDeadError as exc:
             for pending, _ in self._pending:
                 pending.set_exception(exc)
             self._pending.clear()
             raise
         self._pending.popleft()
-        future.set_result(ModelRunnerOutput.from_dict(payload))
+        future.set_result(output)
+
+    def _step_output(self, payload: Any) -> ModelRunnerOutput:
+        """The step's output from the output rank's reply. A reply that is no
+        ModelRunnerOutput (a frame corrupted into other data) kills the engine: the
+        step's tokens are lost."""
+        try:
+            return ModelRunnerOutput.from_dict(payload)
+        except (KeyError, TypeError, ValueError) as exc:
+            error = EngineDeadError(
+                f"the reply of worker rank {self.first_rank + self.output_rank} to a step is "
+                f"not a ModelRunnerOutput ({type(exc).__name__}: {exc}): {reprlib.repr(payload)}")
+            self._group.set_dead(error)
+            raise self._group.dead or error from None
 
     def add_death_callback(self, callback: Callable[[EngineDeadError], None]) -> None:
         """Call `callback(error)` from the watcher thread when one of the workers dies."""
