@@ -27,8 +27,8 @@ A frame that is not one an Encoder made (corrupt bytes, a truncated or extended 
 raises FrameError, a ValueError whose message says what is wrong and where, or decodes to
 whatever value its bytes now hold: a changed byte inside a str or a buffer changes the data,
 not the structure. Every length, shape and size it declares is checked against the frame
-before anything is allocated, so no declared size makes the decoder allocate more than
-an empty array.
+before anything is allocated (frame_checks), so no declared size makes the decoder
+allocate more than an empty array.
 
 torch is imported only once a tensor is decoded, so processes that exchange plain data
 and numpy arrays start without paying for it.
@@ -37,7 +37,6 @@ and numpy arrays start without paying for it.
 from __future__ import annotations
 
 import functools
-import math
 import reprlib
 import struct
 import sys
@@ -45,6 +44,10 @@ from typing import TYPE_CHECKING
 
 import msgpack
 import numpy as np
+
+from shardline.ipc.frame_checks import (EXT_NDARRAY, EXT_NUMPY_SCALAR, EXT_TENSOR,
+                                        NUMPY_KINDS, FrameError, check_layout,
+                                        check_scalar_bytes, ext_fields, numpy_dtype)
 
 if TYPE_CHECKING:
     import torch
@@ -55,18 +58,6 @@ _HEADER = struct.Struct("<I")
 _ALIGN = 64
 _PADDING = [bytes(n) for n in range(_ALIGN)]
 
-_EXT_NDARRAY = 1
-_EXT_TENSOR = 2
-_EXT_NUMPY_SCALAR = 3
-
-# numpy kinds whose `dtype.str` names the dtype completely (no objects, no structured records)
-_NUMPY_KINDS = frozenset("biufcmMSU")
-# numpy's limit on dimensions, and the bound that sizes and strides must stay under
-_MAX_NDIM = 64
-_MAX_SIZE = 2**63
-_EXT_NAMES = {_EXT_NDARRAY: "numpy array", _EXT_TENSOR: "torch tensor",
-              _EXT_NUMPY_SCALAR: "numpy scalar"}
-
 # msgpack.ExtType checks its fields in Python on every construction; the encoder only
 # builds valid ones, and this skips the check on the hot path.
 _ext_type = functools.partial(tuple.__new__, msgpack.ExtType)
@@ -76,11 +67,6 @@ SUPPORTED_TYPES = (
     "numpy arrays (np.ndarray itself, not subclasses: use np.asarray) and scalars of numeric, "
     "bool, datetime or string dtype, CPU torch tensors"
 )
-
-
-class FrameError(ValueError):
-    """A frame read from a ring is not one an Encoder makes: the message says what is
-    wrong (a length, an array header, the msgpack bytes) and where in the frame."""
 
 
 class Encoder:
@@ -170,7 +156,7 @@ class Encoder:
             return self._encode_tensor(obj)
         if isinstance(obj, np.generic):
             meta = (_numpy_dtype_name(obj.dtype), obj.tobytes())
-            return _ext_type((_EXT_NUMPY_SCALAR, self._ext_packer.pack(meta)))
+            return _ext_type((EXT_NUMPY_SCALAR, self._ext_packer.pack(meta)))
         if isinstance(obj, int):
             # Past 4300 digits str(int) itself raises; past a few dozen the digits say nothing.
             bits = obj.bit_length()
@@ -188,7 +174,7 @@ class Encoder:
         if not array.flags.c_contiguous:
             array = array.copy(order="C")
         self._add_buffer(array)
-        return _ext_type((_EXT_NDARRAY, self._ext_packer.pack((name, array.shape, array.nbytes))))
+        return _ext_type((EXT_NDARRAY, self._ext_packer.pack((name, array.shape, array.nbytes))))
 
     def _encode_tensor(self, tensor: torch.Tensor) -> msgpack.ExtType:
         import torch
@@ -218,7 +204,7 @@ class Encoder:
         name, carrier = _tensor_codec(tensor.dtype)
         array = (tensor if carrier is None else tensor.view(carrier)).numpy()
         self._add_buffer(array)
-        return _ext_type((_EXT_TENSOR, self._ext_packer.pack((name, array.shape, array.nbytes))))
+        return _ext_type((EXT_TENSOR, self._ext_packer.pack((name, array.shape, array.nbytes))))
 
     def _add_buffer(self, array: np.ndarray) -> None:
         if array.nbytes:
@@ -293,28 +279,28 @@ class Decoder:
             ) from None
 
     def _decode_ext(self, code: int, data: bytes) -> object:
-        if code == _EXT_NDARRAY:
-            dtype_str, shape, nbytes = _ext_fields(code, data, (str, list, int))
-            return self._array(code, shape, _numpy_dtype(dtype_str), nbytes)
-        if code == _EXT_TENSOR:
+        if code == EXT_NDARRAY:
+            dtype_str, shape, nbytes = ext_fields(code, data, (str, list, int))
+            return self._array(code, shape, numpy_dtype(dtype_str), nbytes)
+        if code == EXT_TENSOR:
             import torch
 
-            name, shape, nbytes = _ext_fields(code, data, (str, list, int))
+            name, shape, nbytes = ext_fields(code, data, (str, list, int))
             dtype, carrier = _tensor_dtype(name)
             if not nbytes:
-                _check_layout(code, shape, carrier.itemsize, nbytes)
+                check_layout(code, shape, carrier.itemsize, nbytes)
                 return torch.empty(shape, dtype=dtype)
             tensor = torch.from_numpy(self._array(code, shape, carrier, nbytes))
             return tensor if tensor.dtype == dtype else tensor.view(dtype)
-        if code == _EXT_NUMPY_SCALAR:
-            dtype_str, raw = _ext_fields(code, data, (str, bytes))
-            dtype = _numpy_dtype(dtype_str)
-            _check_scalar_bytes(dtype, raw)
+        if code == EXT_NUMPY_SCALAR:
+            dtype_str, raw = ext_fields(code, data, (str, bytes))
+            dtype = numpy_dtype(dtype_str)
+            check_scalar_bytes(dtype, raw)
             return np.frombuffer(raw, dtype)[0]
         raise FrameError(f"unknown msgpack extension code {code}: this decoder knows codes 1 to 3")
 
     def _array(self, code: int, shape: list[int], dtype: np.dtype, nbytes: int) -> np.ndarray:
-        _check_layout(code, shape, dtype.itemsize, nbytes)
+        check_layout(code, shape, dtype.itemsize, nbytes)
         if not nbytes:
             return np.empty(shape, dtype)
         offset = self._cursor + (-self._cursor % _ALIGN)
@@ -327,48 +313,6 @@ class Decoder:
         array = np.ndarray(shape, dtype, self._frame, offset)
         self._cursor = end
         return array
-
-
-def _ext_fields(code: int, data: bytes, types: tuple[type, ...]) -> list:
-    """The fields of an extension's header (its msgpack payload), checked to be one value
-    of each of `types`."""
-    what = _EXT_NAMES[code]
-    try:
-        fields = msgpack.unpackb(data)
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise FrameError(f"the header of a {what} in the frame is malformed: "
-                         f"{type(exc).__name__}: {exc}") from None
-    if (not isinstance(fields, list) or len(fields) != len(types)
-            or any(type(field) is not kind for field, kind in zip(fields, types))):
-        expected = ", ".join(kind.__name__ for kind in types)
-        raise FrameError(f"the header of a {what} in the frame is {reprlib.repr(fields)}, "
-                         f"not [{expected}]")
-    return fields
-
-
-def _check_layout(code: int, shape: list, itemsize: int, nbytes: int) -> None:
-    """Refuse an array header whose shape, item size and byte count disagree, or whose
-    shape numpy and torch cannot make (too many dimensions, sizes or strides past 64 bits),
-    before anything is allocated for it."""
-    if (len(shape) > _MAX_NDIM or any(type(n) is not int or n < 0 for n in shape)
-            or math.prod(shape) * itemsize != nbytes
-            or math.prod(max(n, 1) for n in shape) * max(itemsize, 1) >= _MAX_SIZE):
-        raise FrameError(
-            f"the header of a {_EXT_NAMES[code]} in the frame declares shape "
-            f"{reprlib.repr(shape)} of {itemsize}-byte items in {nbytes} bytes: "
-            f"not a shape of at most {_MAX_NDIM} sizes >= 0 that fills exactly those bytes"
-        )
-
-
-def _check_scalar_bytes(dtype: np.dtype, raw: bytes) -> None:
-    if len(raw) != dtype.itemsize or not raw:
-        raise FrameError(f"a numpy scalar of dtype {dtype} in the frame has {len(raw)} bytes, "
-                         f"not {dtype.itemsize}")
-    if dtype.kind == "U":  # numpy cannot make a str of a code point past U+10FFFF
-        code_points = np.frombuffer(raw, dtype.byteorder.replace("|", "=") + "u4")
-        if code_points.max() > sys.maxunicode:
-            raise FrameError(f"a numpy scalar of dtype {dtype} in the frame holds code point "
-                             f"{int(code_points.max())}, past U+10FFFF")
 
 
 @functools.cache
@@ -402,26 +346,12 @@ def _tensor_dtype(name: str) -> tuple[torch.dtype, np.dtype]:
 @functools.cache
 def _numpy_dtype_name(dtype: np.dtype) -> str:
     """The wire name of a numpy dtype: `dtype.str`, which keeps byte order and units."""
-    if dtype.kind not in _NUMPY_KINDS or dtype.fields is not None:
+    if dtype.kind not in NUMPY_KINDS or dtype.fields is not None:
         raise TypeError(
             f"cannot serialize a numpy array or scalar of dtype {dtype}: supported dtype kinds "
             "are bool, integer, float, complex, datetime, timedelta, bytes and str"
         )
     return dtype.str
-
-
-@functools.lru_cache(maxsize=256)  # bounded: a corrupt frame can name endless dtypes
-def _numpy_dtype(name: str) -> np.dtype:
-    """The numpy dtype of a wire name (a cached `np.dtype(name)`), refused unless the
-    encoder could have sent it."""
-    try:
-        dtype = np.dtype(name)
-    except (TypeError, ValueError, SyntaxError) as exc:
-        raise FrameError(f"unknown numpy dtype {name!r} in frame: {exc}") from None
-    if dtype.kind not in _NUMPY_KINDS or dtype.fields is not None or dtype.str != name:
-        raise FrameError(f"numpy dtype {name!r} in frame is not one the encoder sends "
-                         f"(it sends dtype.str of kinds {''.join(sorted(_NUMPY_KINDS))})")
-    return dtype
 
 
 def _dict_with_tuple_keys(pairs: list[tuple[object, object]]) -> dict:
