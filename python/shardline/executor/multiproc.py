@@ -64,6 +64,42 @@ def _is_error_reply(payload: object) -> bool:
     return type(payload) is list and len(payload) == 3 and all(type(p) is str for p in payload)
 
 
+def read_reply(ring: MessageQueue, timeout: float | None = None) -> list:
+    """The next [reply_id, ok, payload] on a worker's response ring (payload an error
+    triple when not ok); FrameError when the frame is corrupt or holds no reply. Shared
+    with the Ray executor's node agents, which read their ranks' rings."""
+    reply = ring.dequeue(timeout)
+    if (type(reply) is not list or len(reply) != 3 or type(reply[0]) is not int
+            or type(reply[1]) is not bool or not (reply[1] or _is_error_reply(reply[2]))):
+        raise FrameError(f"the ring holds {reprlib.repr(reply)}, not a reply "
+                         "[call_id, ok, payload]")
+    return reply
+
+
+def unreadable_reply(rank: int, ring: str, error: str) -> EngineDeadError:
+    """The engine's death when the response ring `ring` of worker rank `rank` held a
+    frame that is no reply (`error`, read_reply's FrameError): the reply it stood for is
+    lost and the ranks are out of step."""
+    return EngineDeadError(f"could not read a reply of worker rank {rank} from its "
+                           f"response ring {ring!r}: {error}")
+
+
+def unreadable_call(rank: int, broadcast: str) -> str:
+    """What worker rank `rank` did when it replied UNREADABLE_CALL, for
+    WorkerGroup.rank_failure: it could not read a call from the ring `broadcast`."""
+    return (f"worker rank {rank} could not read a call from the broadcast ring "
+            f"{broadcast!r} and stopped")
+
+
+def exit_cause(code: int | None, broadcast: str | None) -> str:
+    """What follows "died with exit code CODE" for a worker fed by the ring `broadcast`
+    (None before there is one): the cause that code stands for, if it stands for one."""
+    if code == UNREADABLE_CALL_EXIT and broadcast is not None:
+        return (f": it could not read a call from the broadcast ring {broadcast!r} "
+                "(its log says why)")
+    return ""
+
+
 class FileRendezvous:
     """A torch.distributed URL of a file store that does not exist yet, in a directory only
     this user can enter, which the last of its users removes (or, if this process is
@@ -155,15 +191,12 @@ class _Workers(WorkerGroup):
         # Every worker found dead is named: a peer's death makes the survivors' steps fail,
         # and they may exit before the watcher runs.
         deaths = []
+        broadcast = self.rpc_broadcast_mq.handle().name if self.rpc_broadcast_mq else None
         for i in ended:
             proc = self.procs[i]
             code = _exit_code(proc)
-            death = (f"worker rank {self.first_rank + i} (pid {proc.pid}) died with exit "
-                     f"code {code}")
-            if code == UNREADABLE_CALL_EXIT:
-                death += (f": it could not read a call from the broadcast ring "
-                          f"{self.rpc_broadcast_mq.handle().name!r} (its log says why)")
-            deaths.append(death)
+            deaths.append(f"worker rank {self.first_rank + i} (pid {proc.pid}) died with "
+                          f"exit code {code}" + exit_cause(code, broadcast))
         return "; ".join(deaths)
 
     def stop_workers(self) -> None:
@@ -257,10 +290,6 @@ class MultiProcExecutor(WorkerGroupExecutor):
     def _rings_closed(self, exc: BaseException) -> EngineDeadError:
         return self._group.dead_error(f"the executor's rings closed: {exc}")
 
-    def _unreadable_call(self, index: int) -> str:
-        return (f"worker rank {self.first_rank + index} could not read a call from the "
-                f"broadcast ring {self._group.rpc_broadcast_mq.handle().name!r} and stopped")
-
     def _send(self, method: str, args: list, kwargs: dict, reply_rank: int,
               deadline: float | None) -> int:
         self._group.check_alive()
@@ -285,7 +314,9 @@ class MultiProcExecutor(WorkerGroupExecutor):
             if reply_id == call_id:
                 return ok, payload
             if reply_id == UNREADABLE_CALL:
-                raise self._group.rank_failure(self._unreadable_call(index), payload)
+                raise self._group.rank_failure(
+                    unreadable_call(self.first_rank + index,
+                                    self._group.rpc_broadcast_mq.handle().name), payload)
 
     def _read_reply(self, index: int, timeout: float | None) -> list:
         """The next [reply_id, ok, payload] on the response ring of the worker at `index`.
@@ -293,19 +324,11 @@ class MultiProcExecutor(WorkerGroupExecutor):
         is lost and the ranks are out of step."""
         ring = self._group.worker_response_mqs[index]
         try:
-            reply = ring.dequeue(timeout)
-            if (type(reply) is not list or len(reply) != 3 or type(reply[0]) is not int
-                    or type(reply[1]) is not bool
-                    or not (reply[1] or _is_error_reply(reply[2]))):
-                raise FrameError(f"the ring holds {reprlib.repr(reply)}, not a reply "
-                                 "[call_id, ok, payload]")
+            return read_reply(ring, timeout)
         except FrameError as exc:
-            error = EngineDeadError(
-                f"could not read a reply of worker rank {self.first_rank + index} from its "
-                f"response ring {ring.handle().name!r}: {exc}")
+            error = unreadable_reply(self.first_rank + index, ring.handle().name, str(exc))
             self._group.set_dead(error)
             raise self._group.dead or error from None
-        return reply
 
     def _call_all(self, method: str, args: list, kwargs: dict, deadline: float | None
                   ) -> Iterator[tuple[int, bool, Any]]:

@@ -36,8 +36,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from shardline.config import EngineConfig
 from shardline.executor.base import EngineDeadError, check_layout
+from shardline.executor.multiproc import exit_cause, unreadable_call, unreadable_reply
 from shardline.executor.ray_placement import RayWorld, connect, disconnect, forwarded_env
-from shardline.executor.ray_worker import AGENT_CONCURRENCY, NodeAgent, RankActor
+from shardline.executor.ray_worker import (AGENT_CONCURRENCY, NodeAgent, RankActor,
+                                           UnreadableCall, UnreadableReply)
 from shardline.executor.worker_group import RanksTimedOut, WorkerGroup, WorkerGroupExecutor
 from shardline.executor.worker_proc import ALL_RANKS, SHUTDOWN
 from shardline.worker.worker import RANKS_ON_NODE_ENV
@@ -81,6 +83,7 @@ class _Actors(WorkerGroup):
         self.agents: list[Any] = []  # NodeAgent handles, one per node
         self.watched: dict[Any, str] = {}  # long-running call -> what it is
         self.serving: list[Any] = []  # the ranks' serving loops (also in `watched`)
+        self.broadcast_of: dict[Any, str] = {}  # serving loop -> the ring it reads
         self.pids: list[int] = []
         self.call_ids = itertools.count(1)
         self.connected = True  # the executor's layout check connected to Ray
@@ -88,7 +91,8 @@ class _Actors(WorkerGroup):
     def describe_end(self, ref: Any) -> str:
         try:
             code = ray.get(ref, timeout=1.0)
-            return f"{self.watched[ref]} stopped with exit code {code}"
+            return (f"{self.watched[ref]} stopped with exit code {code}"
+                    + exit_cause(code, self.broadcast_of.get(ref)))
         except GetTimeoutError:
             return f"{self.watched[ref]} stopped"
         except RayError as exc:
@@ -204,6 +208,7 @@ class RayExecutor(WorkerGroupExecutor):
                     parallel.worker_cls, broadcast, agent_pid)
                 actors.watched[ref] = f"worker rank {self.first_rank + i} (pid {infos[i]['pid']})"
                 actors.serving.append(ref)
+                actors.broadcast_of[ref] = broadcast.name
         self._get([agent.wait_attached.remote(STARTUP_TIMEOUT_S,
                                               [infos[i]["pid"] for i in indices])
                    for agent, indices in zip(actors.agents, self._node_indices)], "attach")
@@ -260,8 +265,8 @@ class RayExecutor(WorkerGroupExecutor):
                   ) -> Iterator[tuple[int, bool, Any]]:
         per_node = self._wait(self._send(method, args, kwargs, ALL_RANKS), deadline)
         for indices, node_replies in zip(self._node_indices, per_node):
-            for i, (ok, payload) in zip(indices, node_replies):
-                yield i, ok, payload
+            for i, reply in zip(indices, node_replies):
+                yield i, *self._checked(i, reply)
 
     def _send_step(self, step: dict) -> list[Any]:
         return self._send("execute_model", [step], {}, self.output_rank)
@@ -272,7 +277,22 @@ class RayExecutor(WorkerGroupExecutor):
         except RanksTimedOut:
             raise TimeoutError("execute_model: the output rank's reply did not come "
                                "back in time") from None
-        ok, payload = next(replies[0] for replies in per_node if replies)
+        return self._checked(self.output_rank,
+                             next(replies[0] for replies in per_node if replies))
+
+    def _checked(self, index: int, reply: list | UnreadableReply | UnreadableCall
+                 ) -> tuple[bool, Any]:
+        """(ok, payload) of the reply of the rank at `index` in the slice, as a node agent
+        returned it; EngineDeadError, worded as by the multi-process executor, where the
+        agent found no readable reply on the rank's ring or the rank could not read a call."""
+        rank = self.first_rank + index
+        if isinstance(reply, UnreadableReply):
+            error = unreadable_reply(rank, reply.ring, reply.error)
+            self._group.set_dead(error)
+            raise self._group.dead or error
+        if isinstance(reply, UnreadableCall):
+            raise self._group.rank_failure(unreadable_call(rank, reply.ring), reply.error)
+        ok, payload = reply
         return ok, payload
 
     @property

@@ -10,6 +10,9 @@ through TCP inside a node.
 The agent is a threaded actor: calls may arrive in any order and several wait at once
 (steps in flight, a call abandoned after a timeout), so each call carries the executor's
 call id, is written into the ring in id order, and reads its replies in the same order.
+Where a rank's ring holds no reply the agent can read (a corrupt frame), or the rank
+reports that it could not read a call, the agent returns that fact in place of the reply,
+and the executor fails as the multi-process executor does.
 """
 
 from __future__ import annotations
@@ -18,14 +21,34 @@ import logging
 import os
 import sys
 import threading
+from dataclasses import dataclass
 from typing import Any
 
-from shardline.executor.worker_proc import ATTACH_TIMEOUT_S, serve_rank
-from shardline.ipc import MessageQueue, MessageQueueHandle
+from shardline.executor.multiproc import read_reply
+from shardline.executor.worker_proc import ATTACH_TIMEOUT_S, UNREADABLE_CALL, serve_rank
+from shardline.ipc import FrameError, MessageQueue, MessageQueueHandle
 
 AGENT_CONCURRENCY = 64
 """Threads of a node agent: calls waiting for their turn or their replies, plus one
 `run_until_closed`."""
+
+
+@dataclass(frozen=True)
+class UnreadableReply:
+    """In place of a rank's reply: its response ring `ring` held a frame that is no reply
+    (`error`, the FrameError's message)."""
+
+    ring: str
+    error: str
+
+
+@dataclass(frozen=True)
+class UnreadableCall:
+    """In place of a rank's reply: the rank could not read a call from the broadcast ring
+    `ring` and stopped; `error` is its report, [type name, message, traceback]."""
+
+    ring: str
+    error: list[str]
 
 
 class RankActor:
@@ -48,8 +71,8 @@ class RankActor:
             distributed_init_method: str, worker_cls: str, broadcast: MessageQueueHandle,
             agent_pid: int) -> int:
         """Attach to the node's broadcast ring as reader `reader_index` and serve calls
-        until shutdown; the exit code (0, or 1 after a failure). `index` is the rank's
-        place in its executor's slice."""
+        until shutdown; the exit code (0, 1 after a failure, UNREADABLE_CALL_EXIT after a
+        call it could not read). `index` is the rank's place in its executor's slice."""
         ring = MessageQueue.attach(broadcast, reader_index)
         self.response.wait_attached(ATTACH_TIMEOUT_S, reader_pids=[agent_pid])
         return serve_rank(config, rank, index, distributed_init_method, worker_cls, ring,
@@ -81,7 +104,8 @@ class NodeAgent:
 
     def call(self, call_id: int, message: list, reply_indices: list[int]) -> list[Any]:
         """Write call `call_id` into the ring once the calls before it are in; then read
-        the replies [ok, payload] of the ranks at `reply_indices` (in the node's order)."""
+        the replies [ok, payload] of the ranks at `reply_indices` (in the node's order),
+        an UnreadableReply or UnreadableCall in place of the reply a rank's ring lost."""
         with self.sending:
             self.sending.wait_for(lambda: self.next_call == call_id or self.closed.is_set())
             try:
@@ -105,14 +129,20 @@ class NodeAgent:
                 self.reading_ticket += 1
                 self.reading.notify_all()
 
-    @staticmethod
-    def _reply(response: MessageQueue, call_id: int) -> list:
+    def _reply(self, response: MessageQueue, call_id: int
+               ) -> list | UnreadableReply | UnreadableCall:
         """The reply to `call_id`, skipping stray ones (a rank that failed a step it did
-        not have to answer sends its error anyway)."""
+        not have to answer sends its error anyway); what stands in its place when the
+        ring holds no readable reply or the rank could not read a call."""
         while True:
-            reply_id, ok, payload = response.dequeue()
+            try:
+                reply_id, ok, payload = read_reply(response)
+            except FrameError as exc:
+                return UnreadableReply(response.handle().name, str(exc))
             if reply_id == call_id:
                 return [ok, payload]
+            if reply_id == UNREADABLE_CALL:
+                return UnreadableCall(self.rpc_broadcast_mq.handle().name, payload)
 
     def _check_open(self) -> None:
         if self.closed.is_set():
