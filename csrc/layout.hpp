@@ -18,6 +18,10 @@ inline constexpr uint32_t kMaxReaders = 64;
 inline constexpr uint64_t kMaxSlots = 1u << 20;
 inline constexpr uint64_t kMaxSlotSize = 64ull << 20;
 inline constexpr uint64_t kMaxSegmentBytes = 16ull << 30;
+// The largest message a ring carries. A reader allocates a message's bytes as soon as
+// its first slot names the size, so a size read from (possibly corrupt) shared memory
+// must be bounded before it is believed; writers refuse larger messages.
+inline constexpr uint64_t kMaxMessageBytes = 4ull << 30;
 inline constexpr size_t kCacheLine = 64;
 
 // Geometry and lifecycle state, written once at creation except for the atomics.

@@ -102,6 +102,20 @@ const SlotHeader* Ring::checked_slot(uint64_t seq) const {
     return s;
 }
 
+void Ring::check_first_slot(const SlotHeader* s) const {
+    // The size sizes the reader's buffer: it must be one a writer could have sent, and
+    // agree with the first slot's own payload and flags, before anything is allocated.
+    uint64_t first_bytes = std::min(slot_size_, s->message_bytes);
+    bool last = s->message_bytes <= slot_size_;
+    if (s->message_bytes > kMaxMessageBytes || s->bytes != first_bytes || last != ((s->flags & kLast) != 0)) {
+        throw std::runtime_error("ring '" + name_ + "' is corrupted: the first slot of the message at sequence " +
+                                 std::to_string(s->seq) + " announces " + std::to_string(s->message_bytes) +
+                                 " bytes (at most " + std::to_string(kMaxMessageBytes) + ") but holds " +
+                                 std::to_string(s->bytes) + (s->flags & kLast ? " as the last slot" : "") +
+                                 " in slots of " + std::to_string(slot_size_));
+    }
+}
+
 void Ring::check_peers() {
     if (is_writer()) {
         for (uint32_t i = 0; i < n_readers_; ++i) {
@@ -230,6 +244,10 @@ void Ring::write(const Part* parts, size_t n_parts, Deadline deadline) {
     }
     uint64_t total = 0;
     for (size_t i = 0; i < n_parts; ++i) total += parts[i].bytes;
+    if (total > kMaxMessageBytes) {
+        throw std::invalid_argument("write: a message of " + std::to_string(total) + " bytes is larger than a ring " +
+                                    "carries (at most " + std::to_string(kMaxMessageBytes) + " bytes)");
+    }
     uint64_t n_slots = slots_for(total);
     size_t part = 0;
     size_t part_offset = 0;
@@ -296,6 +314,7 @@ std::optional<uint64_t> Ring::poll_message() {
             throw std::runtime_error("ring '" + name_ + "' is corrupted: sequence " + std::to_string(read_seq_) +
                                      " continues a message that never started");
         }
+        check_first_slot(s);
         in_message_ = true;
         message_bytes_ = s->message_bytes;
         message_slots_ = slots_for(message_bytes_);
@@ -330,7 +349,7 @@ bool Ring::read_body(char* dst, Deadline deadline) {
         }
         bool last = slots_done_ + 1 == message_slots_;
         if ((slots_done_ > 0 && (s->flags & kFirst)) || last != ((s->flags & kLast) != 0) ||
-            bytes_done_ + s->bytes > message_bytes_) {
+            s->message_bytes != message_bytes_ || bytes_done_ + s->bytes > message_bytes_) {
             throw std::runtime_error("ring '" + name_ + "' is corrupted at sequence " + std::to_string(read_seq_) +
                                      ": slot does not continue the current message");
         }

@@ -3,9 +3,11 @@
 // The writer publishes slots by advancing one sequence cursor; each reader owns a
 // cursor of its own and the writer reuses a slot only once every reader's cursor
 // has passed it. Messages span as many consecutive slots as they need, so a
-// message may be larger than the whole ring: the writer streams it as the
-// readers drain. One Ring object is one side (the writer or one reader) and is
-// not meant to be used by two threads at the same time.
+// message may be larger than the whole ring (up to kMaxMessageBytes, 4 GiB): the
+// writer streams it as the readers drain. A reader checks the size a message's first
+// slot announces before it allocates for it, and raises on a corrupt one. One Ring
+// object is one side (the writer or one reader) and is not meant to be used by two
+// threads at the same time.
 #pragma once
 
 #include <atomic>
@@ -112,6 +114,7 @@ private:
     void publish_slot(uint64_t message_bytes, uint32_t bytes, uint32_t flags);
     void consume_slot();
     const SlotHeader* checked_slot(uint64_t seq) const;
+    void check_first_slot(const SlotHeader* s) const;
     void notify(WaitLine& line);
     template <class Ready>
     void wait(WaitLine& line, Deadline deadline, Ready ready, const char* what) {
