@@ -70,6 +70,22 @@ def cluster():
     assert not leaked_segments(before)
 
 
+@pytest.fixture(autouse=True)
+def _cluster_idle(request):
+    """Before a test on the cluster, wait until the previous test's actors and placement
+    group have given their CPUs back (Ray frees them asynchronously): SPREAD is best
+    effort, and with one node still busy it packs every bundle on the other."""
+    if "cluster" not in request.fixturenames:
+        return
+    request.getfixturevalue("cluster")
+    total = 2 * NODE_CPUS
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < total:
+        assert time.monotonic() < deadline, (
+            f"the cluster still holds CPUs 30 s after the last test: {ray.available_resources()}")
+        time.sleep(0.05)
+
+
 def wait_gone(pids: list[int], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while any(psutil.pid_exists(pid) for pid in pids) and time.monotonic() < deadline:
