@@ -13,6 +13,10 @@ import torch
 from shardline import _cpu_kernels
 from shardline.kernels import reference
 
+# A thread takes about 0.1 ms to start and join: with less K and V than this to read per
+# thread, starting one costs more than the share of the work it takes.
+MIN_BYTES_PER_THREAD = 512 << 10
+
 DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 if "float16" in _cpu_kernels.SUPPORTED_DTYPES:
     DTYPES[torch.float16] = "float16"
@@ -31,8 +35,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            scale: float, threads: int | None = None) -> torch.Tensor:
     """q[B, Hq, D] over each sequence's first seq_lens[b] cached tokens -> [B, Hq, D], as
     the reference computes it (fp32 arithmetic), without reading slots past a sequence's
-    end, on `threads` threads (default: torch's intra-op count). Errors name the argument:
-    a shape, a length past the table, a block id past the cache."""
+    end. By default on torch's intra-op thread count, fewer for a small read; `threads`
+    sets the count exactly. Errors name the argument: a shape, a length past the table, a
+    block id past the cache."""
     batch, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, cache_dim = k_cache.shape
     if v_cache.shape != k_cache.shape:
@@ -53,7 +58,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         DTYPES[q.dtype], q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         tables.data_ptr(), lens.data_ptr(), out.data_ptr(), batch, num_heads, num_kv_heads,
         head_dim, block_size, num_blocks, tables.shape[1], tables.stride(0), float(scale),
-        threads or torch.get_num_threads())
+        threads or torch.get_num_threads(), 0 if threads else MIN_BYTES_PER_THREAD)
     return out
 
 

@@ -190,6 +190,12 @@ void run_typed(const T* q, const T* k_cache, const T* v_cache, const int32_t* bl
     for (std::thread& helper : helpers) helper.join();
 }
 
+int64_t kv_bytes(ElementType type, const DecodeShape& s, const int32_t* seq_lens) {
+    int64_t tokens = 0;
+    for (int64_t b = 0; b < s.batch; ++b) tokens += seq_lens[b];
+    return 2 * tokens * s.num_kv_heads * s.head_dim * (type == ElementType::kFloat32 ? 4 : 2);
+}
+
 }  // namespace
 
 std::string supported_dtypes() {
@@ -203,10 +209,14 @@ std::string supported_dtypes() {
 void paged_decode_attention(ElementType type, const void* q, const void* k_cache,
                             const void* v_cache, const int32_t* block_tables,
                             const int32_t* seq_lens, void* out, const DecodeShape& shape,
-                            float scale, int threads) {
+                            float scale, int threads, int64_t min_bytes_per_thread) {
     check(shape, block_tables, seq_lens);
     if (shape.batch == 0) return;
     threads = std::max(threads, 1);
+    if (min_bytes_per_thread > 0) {
+        threads = static_cast<int>(std::min<int64_t>(
+            threads, std::max<int64_t>(1, kv_bytes(type, shape, seq_lens) / min_bytes_per_thread)));
+    }
     switch (type) {
         case ElementType::kFloat32:
             return run_typed(static_cast<const float*>(q), static_cast<const float*>(k_cache),
