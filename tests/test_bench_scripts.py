@@ -83,6 +83,23 @@ def test_e2e_decode_tiny_runs_on_cpu(tmp_path):
     assert (tmp_path / "e2e_decode.png").stat().st_size > 0
 
 
+def test_cpu_attention_quick_compares_both_paths(tmp_path):
+    out = tmp_path / "cpu_attention.json"
+    run_script("cpu_attention.py", "--quick", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["copy_gb_per_s"] > 0 and len(result["per_call"]) == 4
+    for row in result["per_call"]:
+        assert row["cpp_ms"] > 0 and row["reference_ms"] > 0
+        assert math.isclose(row["speedup"], row["reference_ms"] / row["cpp_ms"])
+        assert math.isclose(row["cpp_gb_per_s"], row["kv_bytes"] / row["cpp_ms"] / 1e6)
+    e2e = result["end_to_end"]
+    for path, runs in e2e["runs"].items():
+        assert len(runs) == e2e["rounds"] and e2e["median_tokens_per_s"][path] == \
+            statistics.median(runs) > 0
+    assert math.isclose(e2e["speedup"], e2e["median_tokens_per_s"]["cpp"]
+                        / e2e["median_tokens_per_s"]["reference"])
+
+
 def test_async_scheduling_quick_compares_both_modes(tmp_path):
     run_script("async_scheduling.py", "--quick", "--out-dir", str(tmp_path))
     result = json.loads((tmp_path / "async_scheduling.json").read_text())
