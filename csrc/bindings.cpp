@@ -1,4 +1,5 @@
-// Python bindings: shardline._shm.Ring, RingClosed, PeerDied, sweep_orphans, raw_handoff_latency.
+// Python bindings: shardline._shm.Ring, RingClosed, PeerDied, RingCorrupted, sweep_orphans,
+// raw_handoff_latency.
 // Every wait releases the GIL; small transfers that need no wait keep it, since
 // releasing and re-taking it would cost more than the copy.
 #include <cmath>
@@ -157,6 +158,7 @@ PYBIND11_MODULE(_shm, m) {
 
     py::register_exception<RingClosedError>(m, "RingClosed");
     py::register_exception<PeerDiedError>(m, "PeerDied");
+    py::register_exception<RingCorruptedError>(m, "RingCorrupted", PyExc_RuntimeError);
     py::register_exception_translator([](std::exception_ptr error) {
         try {
             if (error) std::rethrow_exception(error);

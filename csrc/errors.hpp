@@ -16,6 +16,12 @@ struct PeerDiedError : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
+// The ring's shared memory holds what no writer wrote (a slot header out of sequence or
+// announcing an impossible size): a reader stops before allocating or copying anything.
+struct RingCorruptedError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
 // A wait reached its deadline.
 struct TimeoutError : std::runtime_error {
     using std::runtime_error::runtime_error;

@@ -95,7 +95,7 @@ void Ring::consume_slot() {
 const SlotHeader* Ring::checked_slot(uint64_t seq) const {
     const SlotHeader* s = slot(seq);
     if (s->seq != seq || s->bytes > slot_size_) {
-        throw std::runtime_error("ring '" + name_ + "' is corrupted: slot for sequence " + std::to_string(seq) +
+        throw RingCorruptedError("ring '" + name_ + "' is corrupted: slot for sequence " + std::to_string(seq) +
                                  " holds sequence " + std::to_string(s->seq) + " with " +
                                  std::to_string(s->bytes) + " bytes");
     }
@@ -108,7 +108,7 @@ void Ring::check_first_slot(const SlotHeader* s) const {
     uint64_t first_bytes = std::min(slot_size_, s->message_bytes);
     bool last = s->message_bytes <= slot_size_;
     if (s->message_bytes > kMaxMessageBytes || s->bytes != first_bytes || last != ((s->flags & kLast) != 0)) {
-        throw std::runtime_error("ring '" + name_ + "' is corrupted: the first slot of the message at sequence " +
+        throw RingCorruptedError("ring '" + name_ + "' is corrupted: the first slot of the message at sequence " +
                                  std::to_string(s->seq) + " announces " + std::to_string(s->message_bytes) +
                                  " bytes (at most " + std::to_string(kMaxMessageBytes) + ") but holds " +
                                  std::to_string(s->bytes) + (s->flags & kLast ? " as the last slot" : "") +
@@ -311,7 +311,7 @@ std::optional<uint64_t> Ring::poll_message() {
             continue;
         }
         if (!(s->flags & kFirst)) {
-            throw std::runtime_error("ring '" + name_ + "' is corrupted: sequence " + std::to_string(read_seq_) +
+            throw RingCorruptedError("ring '" + name_ + "' is corrupted: sequence " + std::to_string(read_seq_) +
                                      " continues a message that never started");
         }
         check_first_slot(s);
@@ -350,7 +350,7 @@ bool Ring::read_body(char* dst, Deadline deadline) {
         bool last = slots_done_ + 1 == message_slots_;
         if ((slots_done_ > 0 && (s->flags & kFirst)) || last != ((s->flags & kLast) != 0) ||
             s->message_bytes != message_bytes_ || bytes_done_ + s->bytes > message_bytes_) {
-            throw std::runtime_error("ring '" + name_ + "' is corrupted at sequence " + std::to_string(read_seq_) +
+            throw RingCorruptedError("ring '" + name_ + "' is corrupted at sequence " + std::to_string(read_seq_) +
                                      ": slot does not continue the current message");
         }
         std::memcpy(dst + bytes_done_, payload(s), s->bytes);

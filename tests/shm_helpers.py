@@ -1,13 +1,16 @@
 """Child-process bodies, the seeded message stream and the test-side helpers of
-tests/test_shm*.py (the rings) and tests/test_shm_hygiene.py.
+tests/test_shm*.py (the rings) and tests/test_shm_hygiene.py; a ring with its segment
+mapped, for the tests that corrupt it.
 
 Spawned children import this module by name, so everything here is module-level.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +27,31 @@ TIMEOUT = 30.0
 
 def shm_path(name: str) -> str:
     return "/dev/shm" + name
+
+
+MAX_MESSAGE_BYTES = 4 << 30  # csrc/layout.hpp kMaxMessageBytes
+# SegmentHeader: magic u64, version u32, n_readers u32, n_slots u64, slot_size u64,
+# slot_stride u64, segment_bytes u64 (csrc/layout.hpp); SlotHeader: seq u64,
+# message_bytes u64, bytes u32, flags u32.
+GEOMETRY = struct.Struct("<16xQQQQ")
+MESSAGE_BYTES = struct.Struct("<Q")
+
+
+def ring_with_segment(n_slots: int, slot_size: int) -> tuple[Ring, Ring, mmap.mmap]:
+    """A writer, its one reader, and a mapping of their segment (made before the reader
+    attaches, as the last attacher unlinks the name)."""
+    writer = Ring.create(1, n_slots, slot_size)
+    with open(shm_path(writer.name), "r+b") as segment:
+        mapping = mmap.mmap(segment.fileno(), 0)
+    reader = Ring.attach(writer.name, 0)
+    writer.wait_attached(5.0)
+    return writer, reader, mapping
+
+
+def message_bytes_offset(mapping: mmap.mmap, seq: int) -> int:
+    """Where in the segment the slot of sequence `seq` keeps its message's size."""
+    n_slots, _, stride, segment_bytes = GEOMETRY.unpack_from(mapping)
+    return segment_bytes - n_slots * stride + (seq % n_slots) * stride + 8
 
 
 def expect_event(events: Queue, kind: str) -> object:

@@ -8,8 +8,10 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from shm_helpers import MAX_MESSAGE_BYTES, MESSAGE_BYTES, message_bytes_offset, ring_with_segment
 from wire_values import as_received, random_value
 
+from shardline._shm import RingCorrupted
 from shardline.ipc import FrameError, MessageQueue
 from shardline.ipc.serializer import Decoder, Encoder
 from shardline.step import (CachedRequestData, CachedRequests, ModelRunnerOutput,
@@ -174,3 +176,22 @@ def test_a_corrupt_frame_on_a_queue_raises_frame_error_and_the_next_message_arri
         with pytest.raises(FrameError, match="malformed: FormatError"):
             reader.dequeue(5)
         assert reader.dequeue(5) == as_received(value)
+
+
+def test_a_corrupted_ring_raises_frame_error_naming_it(rng):
+    """A slot header no writer wrote (here a message size past the ring's limit) makes the
+    ring raise RingCorrupted, a RuntimeError the executors did not expect from a queue:
+    the queue raises it as FrameError, which they turn into a dead engine naming the ring."""
+    writer, reader, mapping = ring_with_segment(4, 64)
+    try:
+        MessageQueue(writer).enqueue(step_call(rng), 5)
+        claimed = rng.randrange(MAX_MESSAGE_BYTES + 1, 2**64)
+        MESSAGE_BYTES.pack_into(mapping, message_bytes_offset(mapping, 0), claimed)
+        with pytest.raises(FrameError, match=rf"ring '{writer.name}' is corrupted: .* "
+                                             rf"announces {claimed} bytes") as caught:
+            MessageQueue(reader).dequeue(5)
+        assert isinstance(caught.value.__cause__, RingCorrupted)
+    finally:
+        reader.close()
+        writer.close()
+        mapping.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shardline import _shm
+from shardline.ipc.frame_checks import FrameError
 from shardline.ipc.serializer import Decoder, Encoder
 
 DEFAULT_N_SLOTS = 64
@@ -112,13 +113,19 @@ class MessageQueue:
 
         Arrays and tensors in it share one fresh buffer per message and are writable.
         Raises FrameError (a ValueError) when the message read is not a frame an Encoder
-        made (corrupt shared memory); the queue stays usable for the next message.
+        made (corrupt shared memory), after which the queue stays usable for the next
+        message; also when the ring itself is corrupted (a slot header no writer wrote),
+        after which it is not.
         """
         if self._decoder is None:
             raise RuntimeError(
                 f"dequeue on the writer of queue {self._ring.name!r}: only readers dequeue"
             )
-        return self._decoder.decode(self._ring.read(timeout))
+        try:
+            frame = self._ring.read(timeout)
+        except _shm.RingCorrupted as exc:
+            raise FrameError(str(exc)) from exc
+        return self._decoder.decode(frame)
 
     def close(self) -> None:
         """Close the queue for every end: waiters here and in the peer processes wake and,
