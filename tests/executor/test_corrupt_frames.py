@@ -14,7 +14,7 @@ from shardline.executor import EngineDeadError
 from shardline.executor.multiproc import MultiProcExecutor
 from process_hygiene import assert_gone, leaked_segments, shm_segments
 from stub_workers import corrupting_encode, patch_once
-from test_multiproc import make_config, step
+from multiproc_helpers import make_config, step
 
 # How each kind of corrupt frame (stub_workers.corrupt_frame) is described
 KINDS = {"msgpack": "is malformed: FormatError", "length": "is truncated",

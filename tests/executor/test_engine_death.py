@@ -20,7 +20,7 @@ import pytest
 
 from launcher import SPAWN
 from process_hygiene import assert_gone, leaked_segments, shm_segments, wait_gone
-from test_multiproc import WORLDS, make_config, start_world, step
+from multiproc_helpers import WORLDS, make_config, start_world, step
 
 from shardline.executor.data_parallel import _on_every_core
 

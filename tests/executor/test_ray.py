@@ -41,7 +41,7 @@ from shardline.executor.ray import RayExecutor, ranks_sharing_node  # noqa: E402
 from shardline.worker.worker import RANKS_ON_NODE_ENV, cpu_threads  # noqa: E402
 from process_hygiene import leaked_segments, shm_segments  # noqa: E402
 from stub_workers import NUM_KV_BLOCKS  # noqa: E402
-from test_multiproc import make_config, step  # noqa: E402
+from multiproc_helpers import make_config, step  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENGINE = dict(block_size=4, num_kv_blocks=24, max_num_batched_tokens=16, max_num_seqs=8,
@@ -196,7 +196,7 @@ sys.path[:0] = [{here!r}, {tests!r}]
 import ray
 ray.init(address={address!r}, log_to_driver=False,
          runtime_env={{"env_vars": {{"PYTHONPATH": os.pathsep.join(sys.path[:2])}}}})
-from test_multiproc import make_config
+from multiproc_helpers import make_config
 from shardline.executor.ray import RayExecutor
 config = make_config(tensor_parallel_size=2)
 config.parallel.distributed_executor_backend = "ray"

@@ -21,7 +21,7 @@ from shardline.executor import EngineDeadError  # noqa: E402
 from shardline.executor.ray import RayExecutor  # noqa: E402
 from process_hygiene import leaked_segments, shm_segments  # noqa: E402
 from test_corrupt_frames import CALL_TIMEOUT_S, KINDS  # noqa: E402
-from test_multiproc import make_config, step  # noqa: E402
+from multiproc_helpers import make_config, step  # noqa: E402
 from test_ray import wait_gone  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
