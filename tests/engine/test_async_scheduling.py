@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from fake_engine_checks import assert_all_free
 from fake_model import VOCAB, make_engine, random_prompts, run_to_the_end
 from shardline.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig,
                               SchedulerConfig)
@@ -17,9 +18,7 @@ from shardline.engine.llm_engine import uses_async_scheduling
 from shardline.sampling_params import SamplingParams
 
 
-@pytest.fixture(autouse=True)
-def _seed_random(fresh_seed):
-    random.seed(fresh_seed)
+pytestmark = pytest.mark.usefixtures("seeded_random")
 
 
 def completions(outputs):
@@ -46,13 +45,6 @@ def watch_steps(engine) -> dict:
 
     engine.executor.execute_model = watched
     return seen
-
-
-def assert_all_free(engine) -> None:
-    engine.kv.check_invariants()
-    assert engine.kv.num_free_blocks == engine.kv.num_blocks
-    assert not engine.has_unfinished_requests()
-    assert not engine.scheduler._in_flight
 
 
 def run_both_ways(prompts, params, **limits):

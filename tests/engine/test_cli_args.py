@@ -9,9 +9,7 @@ from shardline.engine.cli_args import add_engine_args, engine_kwargs
 from shardline.engine.engine_args import EngineArgs
 
 
-@pytest.fixture(autouse=True)
-def _seed_random(fresh_seed):
-    random.seed(fresh_seed)
+pytestmark = pytest.mark.usefixtures("seeded_random")
 
 
 def test_every_flag_reaches_its_engine_args_field_and_command_flags_do_not():

@@ -7,9 +7,7 @@ import pytest
 from shardline.engine.kv_blocks import KVBlockManager
 
 
-@pytest.fixture(autouse=True)
-def _seed_random(fresh_seed):
-    random.seed(fresh_seed)
+pytestmark = pytest.mark.usefixtures("seeded_random")
 
 
 def tokens(n):

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from fake_engine_checks import assert_all_free
 from fake_model import VOCAB, make_engine
 from shardline import LLM, EngineDeadError, SamplingParams
 
@@ -22,14 +23,6 @@ def random_prompts(rng: random.Random, count: int) -> list[list[int]]:
 
 def token_ids(outputs) -> list[list[int]]:
     return [list(output.outputs[0].token_ids) for output in outputs]
-
-
-def assert_all_free(llm: LLM) -> None:
-    engine = llm.engine
-    engine.kv.check_invariants()
-    assert engine.kv.num_free_blocks == engine.kv.num_blocks
-    assert not engine.has_unfinished_requests()
-    assert not engine.scheduler.seqs
 
 
 def slow_steps(llm: LLM, monkeypatch, seconds: float = 0.002) -> None:
@@ -71,7 +64,7 @@ def test_generate_from_several_threads_gives_each_its_own_outputs(rng, monkeypat
         thread.join(TIMEOUT)
     assert not any(thread.is_alive() for thread in threads), "a generate never returned"
     assert [results[i] for i in range(len(jobs))] == expected
-    assert_all_free(llm)
+    assert_all_free(llm.engine)
 
 
 def test_interrupt_between_steps_aborts_the_requests_and_the_llm_goes_on(rng, monkeypatch):
@@ -98,7 +91,7 @@ def test_interrupt_between_steps_aborts_the_requests_and_the_llm_goes_on(rng, mo
         llm.generate(prompts, params, use_tqdm=True)
     monkeypatch.undo()
     llm.engine.collect_idle_steps()
-    assert_all_free(llm)
+    assert_all_free(llm.engine)
     assert token_ids(llm.generate(prompts, params)) == expected
 
 
@@ -182,4 +175,4 @@ def test_generate_beside_added_requests_returns_its_own_outputs(rng):
         llm.add_request(request_id, random_prompts(rng, 1)[0],
                         SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
     assert token_ids(llm.generate(prompts, params)) == expected
-    assert_all_free(llm)
+    assert_all_free(llm.engine)

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from fake_engine_checks import assert_all_free, token_ids
 from near_ties import assert_greedy_match, outputs_run
 from shardline import LLM, AsyncLLM, SamplingParams
 
@@ -15,25 +16,12 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 GREEDY_TOP2 = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
 
 
-@pytest.fixture(autouse=True)
-def _seed_random(fresh_seed):
-    random.seed(fresh_seed)
+pytestmark = pytest.mark.usefixtures("seeded_random")
 
 
 def random_prompts(count, low=2, high=40):
     return [[random.randrange(3, 259) for _ in range(random.randint(low, high))]
             for _ in range(count)]
-
-
-def token_ids(outputs):
-    return [[c.token_ids for c in o.outputs] for o in outputs]
-
-
-def assert_all_free(llm):
-    engine = llm.engine
-    engine.kv.check_invariants()
-    assert engine.kv.num_free_blocks == engine.kv.num_blocks
-    assert not engine.has_unfinished_requests()
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +43,7 @@ def test_greedy_batch_of_16_matches_each_prompt_alone(reference_llm, llm):
     batched = llm.generate(prompts, GREEDY_TOP2)
     assert_greedy_match(outputs_run(alone), outputs_run(batched))
     assert llm.stats.num_steps - steps_before > 12  # chunked: the budget forced extra steps
-    assert_all_free(llm)
+    assert_all_free(llm.engine)
 
 
 @pytest.mark.parametrize("model", ["tiny-qwen2-moe", "tiny-mixtral"])
@@ -68,7 +56,7 @@ def test_moe_greedy_batch_matches_each_prompt_alone(model):
                       max_num_seqs=16)
     assert_greedy_match(outputs_run(alone), outputs_run(batched_llm.generate(prompts, params)),
                         moe=True)
-    assert_all_free(batched_llm)
+    assert_all_free(batched_llm.engine)
 
 
 def test_prefix_cache_hit_matches_and_computes_less(reference_llm, llm):
@@ -82,7 +70,7 @@ def test_prefix_cache_hit_matches_and_computes_less(reference_llm, llm):
     assert llm.stats.num_computed_tokens - computed_before == len(second) - 28 + 11
     assert_greedy_match(outputs_run(expected),
                         outputs_run([llm.generate([first], GREEDY_TOP2)[0], out]))
-    assert_all_free(llm)
+    assert_all_free(llm.engine)
 
 
 def test_preemption_gives_the_same_tokens(reference_llm):
@@ -93,7 +81,7 @@ def test_preemption_gives_the_same_tokens(reference_llm):
                 max_num_seqs=32)
     assert_greedy_match(outputs_run(expected), outputs_run(small.generate(prompts, params)))
     assert small.stats.num_preemptions > 0
-    assert_all_free(small)
+    assert_all_free(small.engine)
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
@@ -109,7 +97,7 @@ def test_preemption_prefix_caching_and_chunks_together_give_the_same_tokens(refe
                 max_num_seqs=8, async_scheduling=async_scheduling)
     assert_greedy_match(outputs_run(expected), outputs_run(small.generate(prompts, params)))
     assert small.stats.num_preemptions > 0 and small.stats.num_cached_tokens > 0
-    assert_all_free(small)
+    assert_all_free(small.engine)
 
 
 def test_seeded_sampling_is_reproducible_across_batches(reference_llm, llm):
@@ -136,7 +124,7 @@ def test_abort_frees_its_blocks(llm):
     while llm.has_unfinished_requests():
         finished += [o.request_id for o in llm.step() if o.finished]
     assert finished == ["keep"]
-    assert_all_free(llm)
+    assert_all_free(llm.engine)
 
 
 def test_stop_token_and_stop_string(llm):
@@ -172,7 +160,7 @@ def test_text_prompts_and_n_children(llm):
         single = llm.generate(out.prompt_token_ids, SamplingParams(temperature=1.0, seed=11 + i,
                                                                    max_tokens=6))[0]
         assert completion.token_ids == single.outputs[0].token_ids
-    assert_all_free(llm)
+    assert_all_free(llm.engine)
 
 
 @pytest.mark.parametrize("prompt, fields, message", [
@@ -199,7 +187,7 @@ def test_bad_request_raises_while_others_complete(llm, prompt, fields, message):
         outputs += [o for o in llm.step() if o.finished]
     assert [o.request_id for o in outputs] == ["good"]
     assert len(outputs[0].outputs[0].token_ids) == 12
-    assert_all_free(llm)
+    assert_all_free(llm.engine)
 
 
 def test_async_llm_streams_and_finishes():
@@ -292,7 +280,7 @@ def test_prompt_of_the_wrong_type_raises_value_error(llm, prompt, message):
         finished += [o for o in llm.step() if o.finished]
     assert [o.request_id for o in finished] == ["good"]
     assert len(finished[0].outputs[0].token_ids) == 12
-    assert_all_free(llm)
+    assert_all_free(llm.engine)
 
 
 @pytest.mark.parametrize("params, message", BAD_PARAMS)
@@ -304,7 +292,7 @@ def test_sampling_params_of_the_wrong_type_raise_value_error(llm, params, messag
         llm.engine.encode_prompt(prompt, params)
     with pytest.raises(ValueError, match="prompt 1: " + message):
         llm.generate([prompt, prompt], [GREEDY, params])
-    assert_all_free(llm)
+    assert_all_free(llm.engine)
 
 
 @pytest.mark.parametrize("prompts, params, message", [
@@ -318,7 +306,7 @@ def test_sampling_params_of_the_wrong_type_raise_value_error(llm, params, messag
 def test_generate_rejects_containers_of_the_wrong_type(llm, prompts, params, message):
     with pytest.raises(ValueError, match=message):
         llm.generate(prompts, params)
-    assert_all_free(llm)
+    assert_all_free(llm.engine)
 
 
 @pytest.mark.parametrize("values, message", [
@@ -347,7 +335,7 @@ def test_generate_tokenizes_each_text_prompt_once(llm, monkeypatch):
     assert calls == prompts
     assert [o.prompt for o in outputs] == prompts
     assert [o.prompt_token_ids for o in outputs] == [tokenizer.encode(p) for p in prompts]
-    assert_all_free(llm)
+    assert_all_free(llm.engine)
 
 
 def test_abort_between_steps_drops_the_request_and_leaves_the_others_exact(reference_llm, llm):
@@ -386,4 +374,4 @@ def test_abort_between_steps_drops_the_request_and_leaves_the_others_exact(refer
             assert output.request_id in ("keep0", "keep1")
             final[output.request_id] = output
     assert_greedy_match(outputs_run(expected), outputs_run([final["keep0"], final["keep1"]]))
-    assert_all_free(llm)
+    assert_all_free(llm.engine)

@@ -2,28 +2,15 @@
 as one step at a time, no sequence in two steps at once, and aborts that arrive while a
 sequence's step is in flight applied when it returns (its KV blocks held until then)."""
 
-import random
-
 import pytest
 
+from fake_engine_checks import assert_all_free, token_ids
 from fake_model import make_engine, random_prompts, run_to_the_end
 from shardline.engine.llm import LLM
 from shardline.sampling_params import SamplingParams
 
 
-@pytest.fixture(autouse=True)
-def _seed_random(fresh_seed):
-    random.seed(fresh_seed)
-
-
-def token_ids(outputs):
-    return [[c.token_ids for c in o.outputs] for o in outputs]
-
-
-def assert_all_free(engine) -> None:
-    engine.kv.check_invariants()
-    assert engine.kv.num_free_blocks == engine.kv.num_blocks
-    assert not engine.has_unfinished_requests()
+pytestmark = pytest.mark.usefixtures("seeded_random")
 
 
 @pytest.mark.parametrize("depth", [2, 3])

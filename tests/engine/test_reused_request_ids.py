@@ -9,15 +9,14 @@ import time
 
 import pytest
 
+from fake_engine_checks import assert_all_free
 from fake_model import make_engine, random_prompts
 from shardline.engine.async_llm import AsyncLLM
 from shardline.engine.llm import LLM
 from shardline.sampling_params import SamplingParams
 
 
-@pytest.fixture(autouse=True)
-def _seed_random(fresh_seed):
-    random.seed(fresh_seed)
+pytestmark = pytest.mark.usefixtures("seeded_random")
 
 
 STEPS = {"async": dict(async_scheduling=True), "pipelined": dict(pipeline_depth=2)}
@@ -38,12 +37,6 @@ def stopping_request():
         if free_run[3] not in free_run[:3]:
             return prompt, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True,
                                           stop_token_ids=[free_run[3]])
-
-
-def assert_all_free(engine) -> None:
-    engine.kv.check_invariants()
-    assert engine.kv.num_free_blocks == engine.kv.num_blocks
-    assert not engine.has_unfinished_requests() and not engine.scheduler._in_flight
 
 
 @pytest.mark.parametrize("steps, ended_by", [("async", "stop"), ("async", "abort"),
