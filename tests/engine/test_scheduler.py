@@ -13,9 +13,7 @@ from shardline.engine.scheduler import Scheduler
 from shardline.engine.sequence import Sequence, SequenceStatus
 
 
-@pytest.fixture(autouse=True)
-def _seed_random(fresh_seed):
-    random.seed(fresh_seed)
+pytestmark = pytest.mark.usefixtures("seeded_random")
 
 
 def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=32, chunked=True,
