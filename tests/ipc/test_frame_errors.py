@@ -182,9 +182,10 @@ def test_a_corrupted_ring_raises_frame_error_naming_it(rng):
     """A slot header no writer wrote (here a message size past the ring's limit) makes the
     ring raise RingCorrupted, a RuntimeError the executors did not expect from a queue:
     the queue raises it as FrameError, which they turn into a dead engine naming the ring."""
-    writer, reader, mapping = ring_with_segment(4, 64)
+    writer, reader, mapping = ring_with_segment(4, 4096)
     try:
-        MessageQueue(writer).enqueue(step_call(rng), 5)
+        # Small enough to fit the ring whole: nothing reads while it is written.
+        MessageQueue(writer).enqueue([rng.randrange(2**31), "execute_model", None], 5)
         claimed = rng.randrange(MAX_MESSAGE_BYTES + 1, 2**64)
         MESSAGE_BYTES.pack_into(mapping, message_bytes_offset(mapping, 0), claimed)
         with pytest.raises(FrameError, match=rf"ring '{writer.name}' is corrupted: .* "
