@@ -17,7 +17,7 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installe
 pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "entrypoints"))
-from server_helpers import MODEL, TIMEOUT, random_text, serve_in_thread  # noqa: E402
+from server_helpers import MODEL, TIMEOUT, random_text, running_app  # noqa: E402
 
 from shardline.benchmark.online import ServerTarget, run_online  # noqa: E402
 from shardline.benchmark.workload import Workload  # noqa: E402
@@ -51,14 +51,11 @@ def server(tiny_chat_model):
                 await outputs.aclose()
 
         patch.setattr(llm, "generate", failing_generate)
-        srv, thread, url = serve_in_thread(build_app(llm, MODEL))
         try:
-            yield llm, url
+            with running_app(build_app(llm, MODEL)) as url:
+                yield llm, url
         finally:
-            srv.should_exit = True
-            thread.join(TIMEOUT)
             llm.shutdown()
-    assert not thread.is_alive(), "the server thread did not stop"
 
 
 def run(url, workload, rate=float("inf")):

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from server_helpers import MODEL, TIMEOUT, serve_in_thread
+from server_helpers import MODEL, TIMEOUT, running_app
 
 
 @pytest.fixture(scope="module")
@@ -17,18 +17,15 @@ def server(tiny_chat_model):
     previous = os.environ.get("SHARDLINE_DISABLE_TRITON")
     os.environ["SHARDLINE_DISABLE_TRITON"] = "1"
     llm = AsyncLLM(tiny_chat_model, block_size=4, num_kv_blocks=256, max_model_len=512)
-    srv, thread, url = serve_in_thread(build_app(llm, MODEL))
     try:
-        yield llm, url
+        with running_app(build_app(llm, MODEL)) as url:
+            yield llm, url
     finally:
-        srv.should_exit = True
-        thread.join(TIMEOUT)
         llm.shutdown()
         if previous is None:
             os.environ.pop("SHARDLINE_DISABLE_TRITON", None)
         else:
             os.environ["SHARDLINE_DISABLE_TRITON"] = previous
-    assert not thread.is_alive(), "the server thread did not stop"
 
 
 @pytest.fixture

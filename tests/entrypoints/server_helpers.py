@@ -6,24 +6,32 @@ import asyncio
 import random
 import threading
 import time
+from contextlib import contextmanager
 
 MODEL = "tiny-chat"
 TIMEOUT = 30.0
 
 
-def serve_in_thread(app):
-    """Start uvicorn on a free local port in a thread; returns (server, thread, base URL)."""
+@contextmanager
+def running_app(app):
+    """Run the app under uvicorn on a free local port in a thread and yield its base URL;
+    on exit, stop the server and check that its thread ended."""
     import uvicorn
 
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + TIMEOUT
-    while not srv.started:
-        assert thread.is_alive(), "the server thread ended during startup"
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    return srv, thread, f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not srv.started:
+            assert thread.is_alive(), "the server thread ended during startup"
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join(TIMEOUT)
+    assert not thread.is_alive(), "the server thread did not stop"
 
 
 def random_text(rng, low=3, high=20):

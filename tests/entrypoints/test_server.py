@@ -21,7 +21,7 @@ httpx = pytest.importorskip("httpx", reason="httpx (test extra) is not installed
 from shardline.engine.async_llm import AsyncLLM  # noqa: E402
 from shardline.entrypoints.app import build_app  # noqa: E402
 from shardline.sampling_params import SamplingParams  # noqa: E402
-from server_helpers import MODEL, TIMEOUT, direct, random_text, serve_in_thread  # noqa: E402
+from server_helpers import MODEL, TIMEOUT, direct, random_text, running_app  # noqa: E402
 
 
 def test_completion_greedy_equals_engine_and_streams_the_same_text(server, client, rng):
@@ -223,21 +223,18 @@ def test_tokenizing_a_request_does_not_hold_up_the_server():
                            encode_prompt=encode_prompt)
     llm = AsyncLLM.from_engine(stub)
     llm.shutdown()  # the request fails once tokenized: only the wait is under test
-    srv, thread, url = serve_in_thread(build_app(llm, MODEL))
-    try:
-        slow = threading.Thread(target=httpx.post, args=(url + "/v1/completions",),
-                                kwargs={"json": {"model": MODEL, "prompt": [5]},
-                                        "timeout": TIMEOUT})
-        slow.start()
-        assert tokenizing.wait(TIMEOUT)
-        assert httpx.get(url + "/health", timeout=5).status_code == 503
-        answered.set()
-        slow.join(TIMEOUT)
-    finally:
-        answered.set()
-        srv.should_exit = True
-        thread.join(TIMEOUT)
-    assert not thread.is_alive()
+    with running_app(build_app(llm, MODEL)) as url:
+        try:
+            slow = threading.Thread(target=httpx.post, args=(url + "/v1/completions",),
+                                    kwargs={"json": {"model": MODEL, "prompt": [5]},
+                                            "timeout": TIMEOUT})
+            slow.start()
+            assert tokenizing.wait(TIMEOUT)
+            assert httpx.get(url + "/health", timeout=5).status_code == 503
+            answered.set()
+            slow.join(TIMEOUT)
+        finally:
+            answered.set()
 
 
 def test_bench_harness_online_against_the_server(server, tmp_path, rng):
