@@ -28,7 +28,6 @@ import logging
 import logging.handlers
 import multiprocessing
 import os
-import reprlib
 import shutil
 import tempfile
 import threading
@@ -39,7 +38,8 @@ from typing import Any, Iterator
 from shardline.executor.base import EngineDeadError
 from shardline.executor.worker_group import RanksTimedOut, WorkerGroup, WorkerGroupExecutor
 from shardline.executor.worker_proc import (ALL_RANKS, SHUTDOWN, UNREADABLE_CALL,
-                                            UNREADABLE_CALL_EXIT, WorkerArgs, run_worker)
+                                            UNREADABLE_CALL_EXIT, WorkerArgs, read_reply,
+                                            run_worker)
 from shardline.ipc import FrameError, MessageQueue, PeerDied, RingClosed
 
 logger = logging.getLogger("shardline")
@@ -57,23 +57,6 @@ def _exit_code(proc: multiprocessing.process.BaseProcess) -> int | None:
     if proc.exitcode is None:
         proc.join(EXIT_STATUS_WAIT_S)
     return proc.exitcode
-
-
-def _is_error_reply(payload: object) -> bool:
-    """Whether a failed call's payload is what worker_proc.error_reply makes."""
-    return type(payload) is list and len(payload) == 3 and all(type(p) is str for p in payload)
-
-
-def read_reply(ring: MessageQueue, timeout: float | None = None) -> list:
-    """The next [reply_id, ok, payload] on a worker's response ring (payload an error
-    triple when not ok); FrameError when the frame is corrupt or holds no reply. Shared
-    with the Ray executor's node agents, which read their ranks' rings."""
-    reply = ring.dequeue(timeout)
-    if (type(reply) is not list or len(reply) != 3 or type(reply[0]) is not int
-            or type(reply[1]) is not bool or not (reply[1] or _is_error_reply(reply[2]))):
-        raise FrameError(f"the ring holds {reprlib.repr(reply)}, not a reply "
-                         "[call_id, ok, payload]")
-    return reply
 
 
 def unreadable_reply(rank: int, ring: str, error: str) -> EngineDeadError:

@@ -24,8 +24,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from shardline.executor.multiproc import read_reply
-from shardline.executor.worker_proc import ATTACH_TIMEOUT_S, UNREADABLE_CALL, serve_rank
+from shardline.executor.worker_proc import (ATTACH_TIMEOUT_S, UNREADABLE_CALL, read_reply,
+                                            serve_rank)
 from shardline.ipc import FrameError, MessageQueue, MessageQueueHandle
 
 AGENT_CONCURRENCY = 64

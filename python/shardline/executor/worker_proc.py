@@ -69,6 +69,23 @@ def error_reply(exc: BaseException) -> list[str]:
     return [type(exc).__name__, str(exc), "".join(traceback.format_exception(exc))]
 
 
+def _is_error_reply(payload: object) -> bool:
+    """Whether a failed call's payload is what error_reply makes."""
+    return type(payload) is list and len(payload) == 3 and all(type(p) is str for p in payload)
+
+
+def read_reply(ring: MessageQueue, timeout: float | None = None) -> list:
+    """The next [reply_id, ok, payload] on a worker's response ring (payload an error
+    triple when not ok); FrameError when the frame is corrupt or holds no reply. Shared
+    by the multi-process executor and the Ray executor's node agents."""
+    reply = ring.dequeue(timeout)
+    if (type(reply) is not list or len(reply) != 3 or type(reply[0]) is not int
+            or type(reply[1]) is not bool or not (reply[1] or _is_error_reply(reply[2]))):
+        raise FrameError(f"the ring holds {reprlib.repr(reply)}, not a reply "
+                         "[call_id, ok, payload]")
+    return reply
+
+
 def _forward_logs(log_queue: Any, rank: int, level: int) -> None:
     """Send this process's log records to the executor, each message prefixed by the rank."""
     class RankPrefix(logging.Filter):
