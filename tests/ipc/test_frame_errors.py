@@ -3,6 +3,8 @@ FrameError, saying what is wrong and where; none crashes, hangs or allocates wha
 declared sizes ask for."""
 
 import struct
+import subprocess
+import sys
 
 import msgpack
 import numpy as np
@@ -134,6 +136,26 @@ def test_huge_declared_sizes_are_refused_before_anything_is_allocated(rng, monke
 def test_a_corrupt_array_header_names_what_is_wrong(code, header, buffer, message):
     with pytest.raises(FrameError, match=message):
         Decoder().decode(frame_with_ext(code, header, buffer))
+
+
+def test_tensors_round_trip_without_torch_warnings_from_the_codec(rng):
+    """The codec probes whether numpy takes a dtype with an empty tensor of it; for
+    complex32 and the quantized dtypes that probe made torch warn in the caller's process
+    (complex32 is experimental, quantized tensors are deprecated). torch warns once per
+    process, so the check runs in a fresh one."""
+    script = f"""
+import random, torch
+from shardline.ipc.serializer import Decoder, Encoder
+rng = random.Random({rng.randrange(2**32)})
+for dtype in (torch.complex32, torch.quint8, torch.qint32):
+    raw = torch.tensor(list(rng.randbytes(4 * rng.randint(1, 9))), dtype=torch.uint8)
+    frame = bytearray(b"".join(bytes(part) for part in Encoder().encode(raw.view(dtype))))
+    decoded = Decoder().decode(frame)
+    assert decoded.dtype == dtype and torch.equal(decoded.view(torch.uint8), raw), dtype
+"""
+    done = subprocess.run([sys.executable, "-W", "error", "-c", script],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("raw_header", [b"", b"\xc1", b"\x93\xa3<f8", b"\x92\x01\x02\x03"])

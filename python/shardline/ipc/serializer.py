@@ -40,6 +40,7 @@ import functools
 import reprlib
 import struct
 import sys
+import warnings
 from typing import TYPE_CHECKING
 
 import msgpack
@@ -323,7 +324,11 @@ def _tensor_codec(dtype: torch.dtype) -> tuple[str, torch.dtype | None]:
 
     name = str(dtype).removeprefix("torch.")
     try:
-        torch.empty(0, dtype=dtype).numpy()
+        # The probe tensor is ours: torch's warnings on making one (complex32 is
+        # experimental, quantized dtypes are deprecated) are not the caller's to see.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.empty(0, dtype=dtype).numpy()
     except TypeError:
         same_size_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
         return name, same_size_int[dtype.itemsize]
