@@ -224,6 +224,29 @@ class SilentServer:
 FIRST_CHUNK = b'data: {"choices": [{"index": 0, "text": "a"}]}\n\n'
 
 
+def run_timing_out(rng, url: str, timeout: float) -> tuple[dict, int]:
+    """A random online run of 1 to 3 requests against `url`: (summary, request count)."""
+    count = rng.randint(1, 3)
+
+    async def go():
+        async with httpx.AsyncClient() as client:
+            target = ServerTarget(url, MODEL, client, timeout)
+            workload = Workload([ids(rng, rng.randint(2, 6)) for _ in range(count)],
+                                [rng.randint(2, 5) for _ in range(count)])
+            return await asyncio.wait_for(run_online(target, workload, float("inf")),
+                                          TIMEOUT)
+    return asyncio.run(go()).summary(), count
+
+
+def assert_all_timed_out(summary: dict, count: int, url: str, timeout: float,
+                         waiting: str) -> None:
+    assert summary["failed_requests"] == count and summary["finished_requests"] == 0
+    assert summary["errors"] == [{
+        "error": f"TimeoutError: {url}/v1/completions timed out after {timeout:g} s {waiting}",
+        "requests": count}]
+    assert timeout <= summary["elapsed_s"] < TIMEOUT
+
+
 @pytest.mark.parametrize("reply", [
     b"",
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -236,24 +259,33 @@ def test_a_server_that_hangs_fails_its_requests_after_the_timeout(reply, rng):
     # Long enough that a busy 2-core machine still connects in time: the error then
     # names the read, which is the wait under test.
     timeout = round(rng.uniform(1.0, 2.0), 2)
-    count = rng.randint(1, 3)
-
-    async def go():
-        async with httpx.AsyncClient() as client:
-            target = ServerTarget(server.url, MODEL, client, timeout)
-            workload = Workload([ids(rng, rng.randint(2, 6)) for _ in range(count)],
-                                [rng.randint(2, 5) for _ in range(count)])
-            return await asyncio.wait_for(run_online(target, workload, float("inf")),
-                                          TIMEOUT)
     try:
-        summary = asyncio.run(go()).summary()
+        summary, count = run_timing_out(rng, server.url, timeout)
     finally:
         server.close()
-    assert summary["failed_requests"] == count and summary["finished_requests"] == 0
-    assert summary["errors"] == [{
-        "error": f"TimeoutError: {server.url}/v1/completions timed out after {timeout:g} s "
-                 "waiting for the server's next data", "requests": count}]
-    assert timeout <= summary["elapsed_s"] < TIMEOUT
+    assert_all_timed_out(summary, count, server.url, timeout,
+                         "waiting for the server's next data")
+
+
+def test_a_server_that_never_accepts_fails_its_requests_on_the_connect_timeout(rng):
+    """A listener whose accept queue is full: Linux drops further connection attempts, so
+    connecting hangs, and the timeout names the connect."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    queued = [socket.socket() for _ in range(4)]
+    for sock in queued:
+        sock.setblocking(False)
+        sock.connect_ex(address)
+    url = f"http://127.0.0.1:{address[1]}"
+    timeout = round(rng.uniform(0.2, 0.5), 2)
+    try:
+        summary, count = run_timing_out(rng, url, timeout)
+    finally:
+        for sock in [*queued, listener]:
+            sock.close()
+    assert_all_timed_out(summary, count, url, timeout, "connecting")
 
 
 def test_bench_request_timeout_reaches_the_server_target(tmp_path, rng, capsys):
