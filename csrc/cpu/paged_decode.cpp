@@ -11,7 +11,7 @@
 
 #include "numeric.hpp"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef SHARDLINE_HAVE_TARGET_CLONES  // set by CMakeLists.txt where the compiler builds them
 #define SHARDLINE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
 #else
 #define SHARDLINE_CPU_CLONES
