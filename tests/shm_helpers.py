@@ -30,6 +30,11 @@ def shm_path(name: str) -> str:
 
 
 MAX_MESSAGE_BYTES = 4 << 30  # csrc/layout.hpp kMaxMessageBytes
+# Byte offsets of the `sleepers` words of a segment's wait lines for data (readers sleep
+# there) and for space (the writer does): SegmentHeader and WriteCursor fill the first two
+# cache lines, each WaitLine one more (csrc/layout.hpp).
+DATA_WAIT_SLEEPERS = 196
+SPACE_WAIT_SLEEPERS = 260
 # SegmentHeader: magic u64, version u32, n_readers u32, n_slots u64, slot_size u64,
 # slot_stride u64, segment_bytes u64 (csrc/layout.hpp); SlotHeader: seq u64,
 # message_bytes u64, bytes u32, flags u32.
@@ -52,6 +57,30 @@ def message_bytes_offset(mapping: mmap.mmap, seq: int) -> int:
     """Where in the segment the slot of sequence `seq` keeps its message's size."""
     n_slots, _, stride, segment_bytes = GEOMETRY.unpack_from(mapping)
     return segment_bytes - n_slots * stride + (seq % n_slots) * stride + 8
+
+
+@contextmanager
+def mapped_head(name: str) -> Iterator[mmap.mmap]:
+    """The head of ring `name`'s segment (header and wait lines), mapped; open it before the
+    last attacher unlinks the name."""
+    with open(shm_path(name), "r+b") as segment, mmap.mmap(segment.fileno(), 4096) as head:
+        yield head
+
+
+def sleepers(head: mmap.mmap, offset: int) -> int:
+    """The `sleepers` word at `offset` of a mapped segment head: nonzero while a waiter
+    sleeps on that wait line."""
+    return int.from_bytes(head[offset : offset + 4], "little")
+
+
+def wait_asleep(head: mmap.mmap, offset: int) -> None:
+    """Returns once a waiter sleeps on the wait line whose `sleepers` word is at `offset`:
+    past its spin, inside the wait's loop, where a close, a signal or a death must end it.
+    Tests wait for this instead of sleeping a guessed time, which a busy machine outlasts."""
+    deadline = time.monotonic() + TIMEOUT
+    while sleepers(head, offset) == 0:
+        assert time.monotonic() < deadline, f"no waiter went to sleep within {TIMEOUT} s"
+        time.sleep(0.005)
 
 
 def expect_event(events: Queue, kind: str) -> object:
@@ -136,34 +165,34 @@ def echo_responder(request_name: str, names: Queue, count: int) -> None:
 
 
 def blocked_reader(name: str, events: Queue, timeout: float | None = TIMEOUT) -> None:
-    """Blocks in read() on an empty ring and reports what ended the wait and after how long
-    since it reported being ready."""
+    """Blocks in read() on an empty ring and reports what ended the wait and the monotonic
+    time it ended (one clock for every process on Linux, so the test compares it with its
+    own)."""
     ring = Ring.attach(name, 0)
     events.put(("ready", os.getpid()))
-    start = time.monotonic()
     try:
         ring.read(timeout=timeout)
         outcome = "message"
     except (RingClosed, PeerDied, TimeoutError, KeyboardInterrupt) as error:
         outcome = type(error).__name__
-    events.put((outcome, time.monotonic() - start))
+    events.put((outcome, time.monotonic()))
 
 
 def blocked_writer(n_slots: int, events: Queue) -> None:
-    """Creates a ring, fills it, then blocks in write() until something ends the wait."""
+    """Creates a ring, fills it, then blocks in write() until something ends the wait;
+    reports the outcome and the monotonic time the wait ended, like blocked_reader."""
     ring = Ring.create(1, n_slots, 64)
     events.put(("name", ring.name))
     ring.wait_attached(timeout=TIMEOUT)
     for _ in range(n_slots):
         ring.write(b"x", timeout=TIMEOUT)
     events.put(("ready", os.getpid()))
-    start = time.monotonic()
     try:
         ring.write(b"x", timeout=TIMEOUT)
         outcome = "written"
     except (RingClosed, PeerDied, TimeoutError) as error:
         outcome = type(error).__name__
-    events.put((outcome, time.monotonic() - start))
+    events.put((outcome, time.monotonic()))
 
 
 def idle_writer(events: Queue) -> None:

@@ -14,11 +14,15 @@ import time
 import pytest
 from launcher import SPAWN, join_all, spawn
 from shm_helpers import (
+    DATA_WAIT_SLEEPERS,
+    SPACE_WAIT_SLEEPERS,
     TIMEOUT,
     blocked_reader,
     blocked_writer,
     expect_event,
+    mapped_head,
     paused_after_spin,
+    wait_asleep,
     write_then_die,
 )
 
@@ -27,23 +31,26 @@ from shardline._shm import PeerDied, Ring, RingClosed
 
 def test_close_wakes_a_blocked_reader_in_another_process():
     events = SPAWN.Queue()
-    with Ring.create(1, 4, 64) as writer:
+    with Ring.create(1, 4, 64) as writer, mapped_head(writer.name) as head:
         child = spawn(blocked_reader, writer.name, events)
         expect_event(events, "ready")
-        time.sleep(0.3)
+        wait_asleep(head, DATA_WAIT_SLEEPERS)
+        closed_at = time.monotonic()
         writer.close()
-        assert expect_event(events, "RingClosed") < 1.5
+        assert expect_event(events, "RingClosed") - closed_at < 1.0
         join_all([child], TIMEOUT)
 
 
 def test_close_wakes_a_blocked_writer_in_another_process():
     events = SPAWN.Queue()
     child = spawn(blocked_writer, 4, events)
-    with Ring.attach(expect_event(events, "name"), 0) as reader:
+    name = expect_event(events, "name")
+    with mapped_head(name) as head, Ring.attach(name, 0) as reader:
         expect_event(events, "ready")
-        time.sleep(0.3)
+        wait_asleep(head, SPACE_WAIT_SLEEPERS)
+        closed_at = time.monotonic()
         reader.close()
-        assert expect_event(events, "RingClosed") < 1.5
+        assert expect_event(events, "RingClosed") - closed_at < 1.0
     join_all([child], TIMEOUT)
 
 

@@ -6,7 +6,6 @@ wait, and a blocked reader uses almost no CPU."""
 
 from __future__ import annotations
 
-import mmap
 import os
 import random
 import signal
@@ -18,6 +17,7 @@ import psutil
 import pytest
 from launcher import SPAWN, join_all, spawn
 from shm_helpers import (
+    DATA_WAIT_SLEEPERS,
     TIMEOUT,
     blocked_reader,
     expect_event,
@@ -25,14 +25,14 @@ from shm_helpers import (
     idle_writer,
     kill_after,
     late_reader,
+    mapped_head,
     never_attaching_reader,
     shm_path,
+    sleepers,
+    wait_asleep,
 )
 
 from shardline._shm import PeerDied, Ring
-
-# Byte offset of the data wait line's `sleepers` word in a ring segment (csrc/layout.hpp).
-DATA_WAIT_SLEEPERS = 196
 
 
 def test_write_before_every_reader_attached_raises_instead_of_waiting_forever():
@@ -49,12 +49,14 @@ def test_write_before_every_reader_attached_raises_instead_of_waiting_forever():
 
 def test_ctrl_c_interrupts_a_wait_without_timeout():
     events = SPAWN.Queue()
-    with Ring.create(1, 4, 64) as writer:
+    with Ring.create(1, 4, 64) as writer, mapped_head(writer.name) as head:
         child = spawn(blocked_reader, writer.name, events, None)
         child_pid = expect_event(events, "ready")
-        time.sleep(0.3)
+        # A SIGINT before the child is inside read() would end it outside the wait.
+        wait_asleep(head, DATA_WAIT_SLEEPERS)
+        interrupted_at = time.monotonic()
         os.kill(child_pid, signal.SIGINT)
-        assert expect_event(events, "KeyboardInterrupt") < 1.5
+        assert expect_event(events, "KeyboardInterrupt") - interrupted_at < 1.0
         join_all([child], TIMEOUT)
 
 
@@ -93,26 +95,18 @@ def test_a_reader_killed_asleep_costs_the_writer_one_wake_not_one_per_publish():
     """A reader SIGKILLed inside futex_wait cannot lower the word that makes every publish
     wake sleepers; the first publish after its death must clear it."""
     events = SPAWN.Queue()
-    with Ring.create(2, 4, 64) as writer:
-        with open(shm_path(writer.name), "r+b") as segment, mmap.mmap(segment.fileno(), 4096) as mapped:
-            child = spawn(blocked_reader, writer.name, events)
-            expect_event(events, "ready")
-            with Ring.attach(writer.name, 1) as live:
-
-                def sleepers() -> int:
-                    return int.from_bytes(mapped[DATA_WAIT_SLEEPERS : DATA_WAIT_SLEEPERS + 4], "little")
-
-                deadline = time.monotonic() + TIMEOUT
-                while sleepers() == 0 and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                assert sleepers() != 0, "the blocked reader never went to sleep"
-                os.kill(child.pid, signal.SIGKILL)
-                child.join(TIMEOUT)
-                messages = [os.urandom(random.randrange(0, 64)) for _ in range(3)]
-                for message in messages:
-                    writer.write(message, timeout=1)
-                    assert sleepers() == 0
-                assert [live.read(timeout=1) for _ in messages] == messages
+    with Ring.create(2, 4, 64) as writer, mapped_head(writer.name) as head:
+        child = spawn(blocked_reader, writer.name, events)
+        expect_event(events, "ready")
+        with Ring.attach(writer.name, 1) as live:
+            wait_asleep(head, DATA_WAIT_SLEEPERS)
+            os.kill(child.pid, signal.SIGKILL)
+            child.join(TIMEOUT)
+            messages = [os.urandom(random.randrange(0, 64)) for _ in range(3)]
+            for message in messages:
+                writer.write(message, timeout=1)
+                assert sleepers(head, DATA_WAIT_SLEEPERS) == 0
+            assert [live.read(timeout=1) for _ in messages] == messages
 
 
 @pytest.mark.parametrize("death", ["exit", "SIGKILL"])
@@ -155,11 +149,11 @@ def test_wait_attached_takes_any_int_pids_of_live_processes_and_still_times_out(
 
 def test_idle_blocked_reader_uses_almost_no_cpu():
     events = SPAWN.Queue()
-    with Ring.create(1, 4, 64) as writer:
+    with Ring.create(1, 4, 64) as writer, mapped_head(writer.name) as head:
         child = spawn(blocked_reader, writer.name, events)
         expect_event(events, "ready")
         process = psutil.Process(child.pid)
-        time.sleep(0.3)
+        wait_asleep(head, DATA_WAIT_SLEEPERS)
         before = process.cpu_times()
         time.sleep(2.0)
         after = process.cpu_times()
