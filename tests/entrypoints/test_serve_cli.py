@@ -4,11 +4,14 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import queue
+import re
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
+from typing import IO
 
 import pytest
 
@@ -21,10 +24,20 @@ from shardline.cli import main  # noqa: E402
 STARTUP_S = 120.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# What uvicorn prints once it listens; with --port 0 it names the port the kernel gave.
+LISTENING = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
+
+
+def read_until_listening(stdout: IO[str], found: queue.Queue) -> None:
+    """Puts (URL or None if the output ended first, the lines read) on `found`; stops
+    reading there, so that the test reads the rest."""
+    lines = []
+    for line in stdout:
+        lines.append(line)
+        if match := LISTENING.search(line):
+            found.put((match.group(1), "".join(lines)))
+            return
+    found.put((None, "".join(lines)))
 
 
 @pytest.mark.parametrize("flag, value, rule", [
@@ -39,26 +52,34 @@ def test_bad_flag_is_one_line_and_exit_2(capsys, flag, value, rule):
 
 @contextlib.contextmanager
 def serving(*flags: str):
-    """`shardline serve tiny-llama` in a subprocess, up and answering /health; yields the
-    process and its URL, and kills it if the test left it running."""
-    port = free_port()
+    """`shardline serve tiny-llama` in a subprocess on a port the kernel picks (one probed
+    free beforehand could be taken before the server binds it), up and answering /health;
+    yields the process, its URL and what it printed until it listened, and kills it if the
+    test left it running."""
     env = dict(os.environ, SHARDLINE_DISABLE_TRITON="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shardline.cli", "serve", "tiny-llama", "--port", str(port),
+        [sys.executable, "-m", "shardline.cli", "serve", "tiny-llama", "--port", "0",
          "--device", "cpu", "--served-model-name", "tiny", *flags],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
     try:
+        found: queue.Queue = queue.Queue()
+        threading.Thread(target=read_until_listening, args=(proc.stdout, found),
+                         daemon=True).start()
+        try:
+            url, startup = found.get(timeout=STARTUP_S)
+        except queue.Empty:
+            raise AssertionError(f"serve did not listen within {STARTUP_S} s") from None
+        assert url is not None, f"serve exited early: {startup}"
         deadline = time.monotonic() + STARTUP_S
         while True:
-            assert proc.poll() is None, f"serve exited early: {proc.stdout.read()}"
+            assert proc.poll() is None, f"serve exited early: {startup}{proc.stdout.read()}"
             assert time.monotonic() < deadline, "serve did not come up"
             try:
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        yield proc, url
+        yield proc, url, startup
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -68,7 +89,7 @@ def serving(*flags: str):
 @pytest.mark.parametrize("layout, presses", [([], 1), (["-tp", "2"], 2)],
                          ids=["one-rank", "tp2-pressed-twice"])
 def test_serve_answers_and_stops_on_ctrl_c(layout, presses):
-    with serving(*layout) as (proc, url):
+    with serving(*layout) as (proc, url, startup):
         reply = httpx.post(url + "/v1/completions", timeout=60,
                            json={"model": "tiny", "prompt": "hi", "max_tokens": 3,
                                  "ignore_eos": True})
@@ -81,7 +102,7 @@ def test_serve_answers_and_stops_on_ctrl_c(layout, presses):
         assert proc.wait(timeout=60) in ((0,) if presses == 1 else (0, -signal.SIGINT))
         # A second Ctrl-C while the engine shut down cancelled uvicorn's lifespan task,
         # logged as an ERROR with two tracebacks.
-        output = proc.stdout.read()
+        output = startup + proc.stdout.read()
         assert "Traceback" not in output and "ERROR" not in output, output
 
 
@@ -90,13 +111,14 @@ def test_ctrl_c_cancels_running_requests_after_the_shutdown_timeout():
     step) are running when Ctrl-C comes; after the 1 s timeout both end, each telling its
     client why, and the server exits, instead of waiting for them."""
     long = {"model": "tiny", "prompt": "hi", "max_tokens": 400, "n": 128, "ignore_eos": True}
-    with serving("--max-num-seqs", "1", "--shutdown-timeout", "1") as (proc, url):
+    with serving("--max-num-seqs", "1", "--shutdown-timeout", "1") as (proc, url, startup):
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             whole = pool.submit(httpx.post, url + "/v1/completions", json=long, timeout=120)
             streamed = pool.submit(httpx.post, url + "/v1/completions", timeout=120,
                                    json={**long, "stream": True})
             deadline = time.monotonic() + 30
-            while "shardline_num_requests_waiting 1" not in httpx.get(url + "/metrics").text:
+            while "shardline_num_requests_waiting 1" not in httpx.get(url + "/metrics",
+                                                                      timeout=30).text:
                 assert time.monotonic() < deadline, "the two requests did not both arrive"
                 time.sleep(0.1)
             stopped_at = time.monotonic()
@@ -109,4 +131,4 @@ def test_ctrl_c_cancels_running_requests_after_the_shutdown_timeout():
         assert streamed.status_code == 200
         last = streamed.text.strip().split("\n\n")[-1]
         assert "shutting down" in json.loads(last.removeprefix("data: "))["error"]["message"]
-        assert "Traceback" not in proc.stdout.read()
+        assert "Traceback" not in startup + proc.stdout.read()
