@@ -92,17 +92,22 @@ def test_requests_refused_by_the_engine_fail_alone(tiny_chat_model, rng):
     assert [e["error"] for e in summary["errors"]] == list(dict.fromkeys(expected))[:5]
 
 
-def closed_port() -> int:
+@pytest.fixture
+def closed_port():
+    """A local port bound but not listening for the whole test: connections to it are
+    refused, and nothing else can take it meanwhile (a port probed free and closed could
+    be given to another socket before the test connects)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        yield sock.getsockname()[1]
 
 
-def test_a_run_where_every_request_fails_exits_1_with_the_first_error(tmp_path, capsys):
+def test_a_run_where_every_request_fails_exits_1_with_the_first_error(tmp_path, capsys,
+                                                                       closed_port):
     """Against a port nobody listens on: no record of zeros, the sweep stops, the error
     is said in one line."""
     out = tmp_path / "runs.jsonl"
-    url = f"http://127.0.0.1:{closed_port()}"
+    url = f"http://127.0.0.1:{closed_port}"
     status = main(["bench", "-m", "tiny-llama", "--mode", "online", "--url", url,
                    "--num-prompts", "5", "--prompt-len", "2,4", "--output-len", "1,3",
                    "--request-rate", "inf,3", "--no-progress", "--out", str(out)])
