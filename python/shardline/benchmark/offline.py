@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -9,6 +10,7 @@ from shardline.benchmark.progress import ProgressBar
 from shardline.benchmark.results import RequestRecord, summarize
 from shardline.benchmark.workload import Workload
 from shardline.engine.llm import LLM
+from shardline.executor.base import EngineDeadError
 from shardline.sampling_params import SamplingParams
 
 
@@ -67,9 +69,11 @@ def run_offline(llm: LLM, workload: Workload, progress: bool = False) -> RunResu
                     bar.update()
     except KeyboardInterrupt:
         interrupted = True
-        for request_id, record in records.items():
-            if record.done is None:
-                llm.abort_request(request_id)
+        # Ctrl-C inside a step leaves the LLM dead, its requests with it: nothing to abort.
+        with contextlib.suppress(EngineDeadError):
+            for request_id, record in records.items():
+                if record.done is None:
+                    llm.abort_request(request_id)
     elapsed = time.perf_counter() - start
     bar.close()
     return RunResult(list(records.values()), elapsed, peak_kv_usage=peak,
