@@ -167,7 +167,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from shardline.entrypoints.app import run_server
+        from shardline.entrypoints.app import listen_socket, run_server, socket_url
     except ImportError as exc:
         print(f"shardline serve: error: {exc.name or exc} is not installed; install the serve "
               "extra: pip install 'shardline[serve]'", file=sys.stderr)
@@ -180,10 +180,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--shutdown-timeout {args.shutdown_timeout} is invalid: must be a "
                          "finite number of seconds, 0 or more")
     args.model = args.model_arg or args.model
-    llm = AsyncLLM.from_engine(_build_llm(args).engine)
+    _check_model(args.model)
+    sock = listen_socket(args.host, args.port)
+    try:
+        llm = AsyncLLM.from_engine(_build_llm(args).engine)
+    except BaseException:
+        sock.close()
+        raise
     name = args.served_model_name or args.model
-    _say(f"serving {name!r} on http://{args.host}:{args.port}/v1")
-    run_server(llm, name, args.host, args.port, args.log_level, args.shutdown_timeout)
+    _say(f"serving {name!r} on {socket_url(sock)}/v1")
+    run_server(llm, name, sock, args.log_level, args.shutdown_timeout)
     return 0
 
 

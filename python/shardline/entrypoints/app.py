@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import socket
+import threading
 import time
 from typing import Any
 
@@ -211,17 +214,73 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def run_server(llm: AsyncLLM, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-               log_level: str = "info", shutdown_timeout: float = 10.0) -> None:
-    """Serve `llm` until interrupted (Ctrl-C or SIGTERM), then shut the engine down. Requests
-    still running then get `shutdown_timeout` seconds to finish before they are cancelled
-    (and aborted in the engine), so that a stop never waits for a long generation."""
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to `host`:`port`, for `run_server`. `shardline serve` binds it
+    before the model loads, so that an address in use, a host this machine does not have
+    and a name that does not resolve fail at once with the flag named, instead of after the
+    load with uvicorn's log line and its exit status 3. ValueError for each."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ValueError(f"--host {host!r} is neither an address nor a name this machine "
+                         f"resolves ({exc.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"--host {host} --port {port}: cannot listen there "
+                         f"({exc.strerror}): choose another --port or --host") from None
+    return sock
+
+
+def socket_url(sock: socket.socket) -> str:
+    """The http URL of the address `sock` is bound to (an IPv6 host in brackets)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def run_server(llm: AsyncLLM, model_name: str, sock: socket.socket, log_level: str = "info",
+               shutdown_timeout: float = 10.0) -> None:
+    """Serve `llm` on the bound socket `sock` (see `listen_socket`) until interrupted
+    (Ctrl-C or SIGTERM), then shut the engine down. Requests still running then get
+    `shutdown_timeout` seconds to finish before they are cancelled (and aborted in the
+    engine), so that a stop never waits for a long generation."""
     import uvicorn
 
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            """uvicorn's startup, which names the address it listens on only when it binds
+            the socket itself: the line its users and scripts wait for."""
+            await super().startup(sockets)
+            if self.started:
+                logging.getLogger("uvicorn.error").info(
+                    "Uvicorn running on %s (Press CTRL+C to quit)", url)
+
+    url = socket_url(sock)
+    host, port = sock.getsockname()[:2]
+    # uvicorn stops on SIGTERM as on Ctrl-C, then raises the signal again for the handler
+    # it found; the default one killed the process before the engine shut down, leaving
+    # the workers to notice their parent's death and their semaphores to the tracker.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         # No lifespan events: the app has none, and a second Ctrl-C while the engine shut
         # down cancelled uvicorn's lifespan task, which it logged as an error, twice traced.
-        uvicorn.run(build_app(llm, model_name), host=host, port=port, log_level=log_level,
-                    lifespan="off", timeout_graceful_shutdown=shutdown_timeout)
+        config = uvicorn.Config(build_app(llm, model_name), host=host, port=port,
+                                log_level=log_level, lifespan="off",
+                                timeout_graceful_shutdown=shutdown_timeout)
+        Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        sock.close()
         llm.shutdown()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
