@@ -285,3 +285,50 @@ def test_commands_shorten_openmp_spinning_unless_the_user_chose(chosen, expected
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.split()[-3:] == [*expected, "False"]
+
+
+def test_chat_drops_a_turn_that_does_not_fit_and_goes_on(tiny_chat_model, rng, monkeypatch,
+                                                         capsys):
+    """A turn that made the conversation longer than --max-model-len ended the session
+    (exit 2), and the conversation with it."""
+    seen = []
+    real_chat = llm_module.LLM.chat
+
+    def spy(self, messages, *args, **kwargs):
+        seen.append([m["content"] for m in messages])
+        return real_chat(self, messages, *args, **kwargs)
+    monkeypatch.setattr(llm_module.LLM, "chat", spy)
+    limit = rng.randint(48, 128)
+    too_long = "".join(rng.choice("abcdefgh") for _ in range(3 * limit))
+    turns = iter(["first", too_long, "third", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(turns))
+    assert main(["chat", "-m", tiny_chat_model, "--device", "cpu", "--max-tokens", "2",
+                 "--max-model-len", str(limit)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("assistant: ") == 2
+    assert "this turn is dropped: prompt 0: prompt has" in captured.err
+    assert f"longer than max_model_len={limit}" in captured.err
+    assert seen[-1][0] == "first" and seen[-1][-1] == "third" and too_long not in seen[-1]
+
+
+@pytest.mark.parametrize("message", ["", "  "])
+def test_chat_refuses_an_empty_message_before_the_model_loads(message, monkeypatch, capsys):
+    """It loaded the model, asked nothing and exited 0."""
+    _refuse_to_load(monkeypatch)
+    assert main(["chat", "-m", "tiny-llama", "--message", message]) == 2
+    assert capsys.readouterr().err.startswith("shardline chat: error: --message is empty")
+
+
+@pytest.mark.parametrize("flags, seqs", [([], 1), (["--max-num-seqs", "3"], 3)])
+def test_chat_sizes_its_cache_for_one_conversation(flags, seqs, tiny_chat_model, monkeypatch):
+    """It kept the engine's 64 sequences: a 2.8 GiB KV cache for SmolLM2's one
+    conversation (3.9 GB resident, 4.3 s to the answer; with 1: 0.9 GB, 3.0 s)."""
+    seen = {}
+
+    def record(model, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("recorded")
+    monkeypatch.setattr(llm_module, "LLM", record)
+    assert main(["chat", "-m", tiny_chat_model, "--message", "hi", *flags]) == 2
+    assert seen["max_num_seqs"] == seqs
+    assert seen["max_model_len"] == 512   # tiny-llama's limit, below chat's 4096

@@ -32,6 +32,7 @@ DEMO_MODEL = "smollm2-135m-instruct"
 DEMO_QUESTIONS = ("What is the capital of France?", "What is the largest ocean on Earth?",
                   "What is 2 + 2?")
 DEMO_CONTEXT = 1024   # the demo's default max_model_len
+CHAT_CONTEXT = 4096   # chat's: one conversation of several turns
 
 
 def _check_model(model: str) -> None:
@@ -56,14 +57,17 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _demo_llm(args: argparse.Namespace):
+def _demo_llm(args: argparse.Namespace, context: int = DEMO_CONTEXT):
+    """The LLM of demo or chat: unless --max-model-len is given, `context` tokens (or the
+    model's limit if lower) instead of the model's limit, whose KV cache would be far
+    larger than a few answers need."""
     from shardline.models.loader import read_model_info
     from shardline.presets import resolve_model
 
     _check_model(args.model)
     if args.max_model_len is None:
         limit = read_model_info(resolve_model(args.model)).max_position_embeddings
-        args.max_model_len = min(DEMO_CONTEXT, limit)
+        args.max_model_len = min(context, limit)
     return _build_llm(args)
 
 
@@ -124,12 +128,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """A conversation with a chat model: each line read is the user's turn, answered with
-    the whole conversation so far; `--message` asks once and exits."""
+    the whole conversation so far; `--message` asks once and exits. In the terminal, a
+    turn the engine refuses (the conversation grown past --max-model-len) is dropped with
+    the reason, and the conversation goes on."""
     from shardline.sampling_params import SamplingParams
 
+    if args.message is not None and not args.message.strip():
+        raise ValueError("--message is empty: give a question, or leave --message out to "
+                         "chat in the terminal")
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
                             seed=args.seed)
-    with _demo_llm(args) as llm:
+    with _demo_llm(args, CHAT_CONTEXT) as llm:
         tokenizer = llm.engine.tokenizer
         if tokenizer is None or tokenizer.chat_template is None:
             raise ValueError(f"--model {args.model!r} has no chat template (in "
@@ -145,7 +154,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if not text:
                 return 0
             conversation.append({"role": "user", "content": text})
-            answer = llm.chat(conversation, params)[0].outputs[0].text.strip()
+            try:
+                answer = llm.chat(conversation, params)[0].outputs[0].text.strip()
+            except ValueError as exc:
+                if not interactive:
+                    raise
+                conversation.pop()
+                _say(f"shardline chat: this turn is dropped: {exc} (the conversation so far "
+                     "is kept; --max-model-len sets the limit)")
+                continue
             conversation.append({"role": "assistant", "content": answer})
             print(answer if not interactive else f"assistant: {answer}", flush=True)
             if not interactive:
@@ -254,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sampling temperature; 0 is greedy (default: %(default)s)")
     chat.add_argument("--seed", type=int, default=None,
                       help="seed of the sampling noise (default: a fresh draw)")
+    chat.set_defaults(max_num_seqs=1)
+    chat.description = ("Talk with a chat model: each line typed is a turn, answered with "
+                        "the whole conversation so far; --message asks once. Here "
+                        "--max-num-seqs defaults to 1 and --max-model-len to "
+                        f"{CHAT_CONTEXT} (or the model's limit if lower): a KV cache for "
+                        "one conversation.")
     chat.set_defaults(func=cmd_chat)
 
     bench = sub.add_parser("bench", help="offline or online (Poisson arrivals, rate sweeps) "
