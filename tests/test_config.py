@@ -95,3 +95,19 @@ def test_a_model_path_object_is_taken_as_its_string(tmp_path):
     assert EngineArgs(pathlib.Path(directory)).to_config().model.model == directory
     seed = random.randrange(-2**63, 2**64)
     assert EngineArgs("tiny-llama", seed=seed).to_config().model.seed == seed
+
+
+def test_a_bad_shardline_device_is_named_before_any_rank_starts(rng, monkeypatch):
+    """It reached torch.device in the rank, whose RuntimeError listed twenty device types
+    (exit 1 from the command line)."""
+    from shardline.config import ParallelConfig
+
+    bad = rng.choice(["gpu", "cuda0", "cuda:", "cpu:0x", "tpu", "CUDA:1"]) + "x" * rng.randint(0, 2)
+    monkeypatch.setenv("SHARDLINE_DEVICE", bad)
+    with pytest.raises(ValueError, match=re.escape(f"SHARDLINE_DEVICE={bad!r} is invalid: "
+                                                   "must be cpu, cuda or cuda:N")):
+        ParallelConfig()
+    ParallelConfig(device="cpu")   # an explicit device is what the ranks use
+    for good in ("cpu", "cuda", f"cuda:{rng.randint(0, 15)}"):
+        monkeypatch.setenv("SHARDLINE_DEVICE", good)
+        ParallelConfig()

@@ -6,6 +6,8 @@ fails at construction and not deep inside a worker.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -25,6 +27,9 @@ _DTYPES = {
 }
 
 EXPERT_DISPATCH_PATHS = ("all_to_all", "all_gather")
+# What SHARDLINE_DEVICE may say: the ranks parse it with torch.device, whose error for
+# anything else lists a score of device types shardline cannot run on.
+DEVICE_ENV = re.compile(r"cpu|cuda(:\d+)?")
 BLOCK_SIZES = tuple(2**i for i in range(9))
 
 
@@ -224,6 +229,11 @@ class ParallelConfig:
                  "None (automatic), 'uni', 'mp' or 'ray'")
         _require(self.device in (None, "cpu", "cuda"), "device", self.device,
                  "None (automatic), 'cpu' or 'cuda'")
+        env_device = os.environ.get("SHARDLINE_DEVICE")
+        if self.device is None and env_device and not DEVICE_ENV.fullmatch(env_device):
+            raise ValueError(f"SHARDLINE_DEVICE={env_device!r} is invalid: must be cpu, cuda "
+                             "or cuda:N (or unset, for the rank's GPU if there is one, else "
+                             "the CPU)")
         if self.pipeline_stage_layers is not None:
             layers = self.pipeline_stage_layers
             _require(isinstance(layers, (list, tuple))
