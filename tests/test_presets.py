@@ -1,5 +1,6 @@
 import multiprocessing as mp
 import os
+import re
 
 import pytest
 from safetensors import safe_open
@@ -60,3 +61,16 @@ def test_byte_tokenizer_round_trips_text():
 def test_cache_dir_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("SHARDLINE_CACHE", str(tmp_path))
     assert preset_dir("tiny-llama").startswith(str(tmp_path))
+
+
+@pytest.mark.parametrize("unusable", ["a-file", "under-a-file"])
+def test_an_unwritable_cache_names_shardline_cache(unusable, tmp_path, monkeypatch):
+    """It was the bare OSError of the folder it could not make (NotADirectoryError: exit 1
+    from the command line), naming neither the cache nor the variable that moves it."""
+    (tmp_path / "a-file").write_text("")
+    chosen = str(tmp_path / "a-file") if unusable == "a-file" else str(tmp_path / "a-file" / "x")
+    monkeypatch.setenv("SHARDLINE_CACHE", chosen)
+    with pytest.raises(ValueError, match=re.escape(
+            f"cannot write the cache folder {os.path.join(chosen, 'presets')!r} (Not a "
+            f"directory): set SHARDLINE_CACHE to a writable directory (it is {chosen!r})")):
+        resolve_model("tiny-llama")

@@ -237,8 +237,15 @@ def write_directory_once(target: str, write: Callable[[str], None]) -> str:
     """
     if os.path.isdir(target):
         return target
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}-", dir=os.path.dirname(target))
+    parent = os.path.dirname(target)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}-", dir=parent)
+    except OSError as exc:
+        chosen = os.environ.get("SHARDLINE_CACHE")
+        raise ValueError(f"cannot write the cache folder {parent!r} ({exc.strerror}): set "
+                         "SHARDLINE_CACHE to a writable directory (it is " +
+                         (f"{chosen!r})" if chosen else "unset: ~/.cache/shardline)")) from exc
     try:
         write(tmp)
         os.rename(tmp, target)
