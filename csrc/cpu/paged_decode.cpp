@@ -172,11 +172,17 @@ private:
     }
 
     // Scores become weights against the new running max; what was summed so far is rescaled.
+    // While every score so far is -inf, the weights are 0 (as in torch's softmax), not the
+    // NaN of exp(-inf - -inf).
     void update_softmax(int64_t n) {
         const int64_t d = s_.head_dim;
         for (int64_t h = 0; h < heads_; ++h) {
             float* sh = scores_.data() + h * s_.block_size;
             const float new_max = std::max(max_[h], *std::max_element(sh, sh + n));
+            if (new_max == -std::numeric_limits<float>::infinity()) {
+                std::fill_n(sh, n, 0.0f);
+                continue;
+            }
             const float correction = std::exp(max_[h] - new_max);  // exp(-inf) = 0 at the start
             float* ah = acc_.data() + h * d;
             for (int64_t i = 0; i < d; ++i) ah[i] *= correction;
