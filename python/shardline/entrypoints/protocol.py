@@ -12,9 +12,11 @@ field, which the server returns as a 400 in OpenAI's error format.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, WrapValidator,
+                      field_validator)
+from pydantic_core import PydanticCustomError
 
 from shardline.sampling_params import SamplingParams
 
@@ -45,6 +47,23 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _one_of(forms: str) -> WrapValidator:
+    """A union field's error as the forms it takes. pydantic reports the first member's
+    error alone ("prompt.str: Input should be a valid string" for token ids with a float
+    among them, or for a chat message with an image part), which misleads."""
+    def validate(value: Any, handler: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("union", f"must be {forms}") from None
+    return WrapValidator(validate)
+
+
+# OpenAI's API documents these as nullable, null meaning the default, and clients that
+# write every field send it so.
+_NULL_IS_DEFAULT = ("n", "stream", "logprobs", "echo")
+
+
 class StreamOptions(_Body):
     include_usage: bool = False
 
@@ -56,7 +75,8 @@ class _SamplingFields(_Body):
     n: int = Field(default=1, le=MAX_N)
     temperature: float | None = None
     top_p: float | None = None
-    stop: Union[str, list[str], None] = None
+    stop: Annotated[Union[str, list[str], None],
+                    _one_of("a string, a list of strings or null")] = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     stream: bool = False
@@ -69,6 +89,11 @@ class _SamplingFields(_Body):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+
+    @field_validator(*_NULL_IS_DEFAULT, mode="before", check_fields=False)
+    @classmethod
+    def _null_is_default(cls, value: Any, info: Any) -> Any:
+        return cls.model_fields[info.field_name].default if value is None else value
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The SamplingParams this request asks for; RequestError naming a bad field."""
@@ -92,7 +117,9 @@ class CompletionRequest(_SamplingFields):
     """POST /v1/completions: `prompt` is a string, a list of strings, a list of token ids
     or a list of such lists; each prompt gets `n` choices."""
 
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Annotated[Union[str, list[str], list[int], list[list[int]]],
+                      _one_of("a string, a list of strings, a list of token ids (integers) "
+                              "or a list of lists of token ids")]
     max_tokens: int | None = 16
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: Literal[False] = False
@@ -127,7 +154,9 @@ class TextPart(_Body):
 
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer"]
-    content: Union[str, list[TextPart]]
+    content: Annotated[Union[str, list[TextPart]],
+                       _one_of("a string or a list of text parts (type text, with its text); "
+                               "other parts, such as images, are not supported")]
     name: str | None = None
 
     def text(self) -> str:
