@@ -70,6 +70,25 @@ def test_reads_queries_and_tables_through_views(rng):
     assert_close(out, expected, TOLERANCE)
 
 
+@pytest.mark.parametrize("dtype", cpu_attention.DTYPES)
+def test_a_first_block_of_minus_inf_scores_weighs_nothing(rng, dtype):
+    """Keys scoring -inf against the query (an overflowed cache row) get weight 0, as in
+    torch's softmax, also when a whole block of them comes before any finite score."""
+    block_size = 8
+    lengths = [rng.randint(block_size + 1, 120) for _ in range(4)]
+    k_cache, v_cache, block_tables = paged_cache(lengths, 2, 64, block_size, dtype, "cpu")
+    first_blocks = block_tables[:, 0].long()
+    k_cache[first_blocks, :, :, rng.randrange(64)] = float("-inf")
+    q = torch.rand(len(lengths), 4, 64, dtype=dtype) + 0.1
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    expected = reference.paged_decode_attention(
+        q.float(), k_cache.float().nan_to_num(nan=0.0, neginf=float("-inf")),
+        v_cache.nan_to_num().float(), block_tables, seq_lens, 0.125).to(dtype)
+    out = cpu_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
+                                               0.125)
+    assert_close(out, expected, TOLERANCE)
+
+
 def test_the_dispatcher_takes_it_on_the_cpu():
     """kernels.paged_decode_attention on CPU tensors never reads a slot past a sequence's
     end (the reference's padded SDPA does, and turns the NaN poison into NaN output)."""
