@@ -36,23 +36,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """q[B, Hq, D] over each sequence's first seq_lens[b] cached tokens -> [B, Hq, D], as
     the reference computes it (fp32 arithmetic), without reading slots past a sequence's
     end. By default on torch's intra-op thread count, fewer for a small read; `threads`
-    sets the count exactly. Errors name the argument: a shape, a length past the table, a
-    block id past the cache."""
+    sets the count exactly. Errors name the argument: a shape, a device, a dtype, a
+    non-contiguous cache, a length past the table, a block id past the cache."""
+    _check_operands(q, k_cache, v_cache, block_tables, seq_lens)
     batch, num_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, cache_dim = k_cache.shape
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} differs from k_cache's "
-                         f"{tuple(k_cache.shape)}")
-    if cache_dim != head_dim:
-        raise ValueError(f"q's head_dim {head_dim} differs from the cache's {cache_dim}")
-    if block_tables.dim() != 2 or block_tables.shape[0] != batch or seq_lens.shape != (batch,):
-        raise ValueError(f"block_tables {tuple(block_tables.shape)} and seq_lens "
-                         f"{tuple(seq_lens.shape)} must be [{batch}, max_blocks] and [{batch}]")
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     q = q.contiguous()
-    tables = block_tables.to(torch.int32)
+    tables = _as_int32(block_tables, "block_tables")
     if tables.stride(1) != 1:
         tables = tables.contiguous()
-    lens = seq_lens.to(torch.int32).contiguous()
+    lens = _as_int32(seq_lens, "seq_lens").contiguous()
     out = torch.empty_like(q)
     _cpu_kernels.paged_decode_attention(
         DTYPES[q.dtype], q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
@@ -60,6 +53,54 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         head_dim, block_size, num_blocks, tables.shape[1], tables.stride(0), float(scale),
         threads or torch.get_num_threads(), 0 if threads else MIN_BYTES_PER_THREAD)
     return out
+
+
+def _check_operands(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    """Refuse what the kernel would read as something it is not: it takes addresses and
+    reads them as q's dtype in the documented layout, on the CPU."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be [batch, num_heads, head_dim]; got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be [num_blocks, block_size, num_kv_heads, head_dim]; "
+                         f"got shape {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} differs from k_cache's "
+                         f"{tuple(k_cache.shape)}")
+    batch, _, head_dim = q.shape
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"q's head_dim {head_dim} differs from the cache's {k_cache.shape[3]}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch or seq_lens.shape != (batch,):
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} and seq_lens "
+                         f"{tuple(seq_lens.shape)} must be [{batch}, max_blocks] and [{batch}]")
+    operands = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_tables": block_tables,
+                "seq_lens": seq_lens}
+    for name, t in operands.items():
+        if not t.is_cpu:
+            raise ValueError(f"{name} is on {t.device}; the kernel takes CPU tensors")
+    if q.dtype not in DTYPES:
+        raise ValueError(f"q's dtype {q.dtype} is not one the kernel takes: "
+                         f"{', '.join(map(str, DTYPES))}")
+    for name in ("k_cache", "v_cache"):
+        cache = operands[name]
+        if cache.dtype != q.dtype:
+            raise ValueError(f"{name}'s dtype {cache.dtype} differs from q's {q.dtype}")
+        if not cache.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (its blocks are read in place); got "
+                             f"strides {cache.stride()}")
+
+
+def _as_int32(t: torch.Tensor, name: str) -> torch.Tensor:
+    """`t` as int32, refused where it holds no integers or a value int32 cannot (the cast
+    would wrap it to another, valid-looking one)."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integers; got {t.dtype}")
+    if t.dtype != torch.int32 and t.numel():
+        limits = torch.iinfo(torch.int32)
+        low, high = int(t.min()), int(t.max())
+        if low < limits.min or high > limits.max:
+            raise ValueError(f"{name} holds {low if low < limits.min else high}, outside int32")
+    return t.to(torch.int32)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -132,8 +132,28 @@ def test_mixed_step_matches_reference(rng, dtype):
     (lambda a: a.update(q=a["q"][:, :3]), ValueError, "num_heads 3 is not a multiple"),
     (lambda a: a.update(v_cache=a["v_cache"][:-1]), ValueError, "v_cache shape"),
     (lambda a: a.update(seq_lens=a["seq_lens"][:1]), ValueError, r"seq_lens \(1,\)"),
+    (lambda a: a.update(q=a["q"][0]), ValueError, r"q must be \[batch, num_heads, head_dim\]"),
+    (lambda a: a.update(k_cache=a["k_cache"][0]), ValueError, r"k_cache must be \[num_blocks"),
+    (lambda a: a.update(q=a["q"].double()), ValueError, "q's dtype torch.float64 is not one"),
+    (lambda a: a.update(k_cache=a["k_cache"].bfloat16()), ValueError,
+     "k_cache's dtype torch.bfloat16 differs from q's torch.float32"),
+    (lambda a: a.update(v_cache=a["v_cache"].half()), ValueError, "v_cache's dtype"),
+    (lambda a: a.update(q=a["q"].to("meta")), ValueError, "q is on meta; the kernel takes"),
+    (lambda a: a.update(v_cache=a["v_cache"].transpose(1, 2).contiguous().transpose(1, 2)),
+     ValueError, "v_cache must be contiguous"),
+    (lambda a: a.update(block_tables=a["block_tables"].float()), ValueError,
+     "block_tables must hold integers; got torch.float32"),
+    (lambda a: a.update(block_tables=a["block_tables"].long().index_fill(1, torch.tensor([0]),
+                                                                          2 ** 32 + 1)),
+     ValueError, r"block_tables holds 4294967297, outside int32"),
+    (lambda a: a.update(seq_lens=a["seq_lens"].long().index_fill(0, torch.tensor([1]),
+                                                                 2 ** 32 + 5)),
+     ValueError, r"seq_lens holds 4294967301, outside int32"),
 ])
 def test_bad_input_is_refused_naming_it(change, error, message):
+    """Each before the kernel reads a byte: a cache of another dtype or layout, or a tensor
+    off the CPU, would be read as something it is not; an int64 id or length past int32
+    would wrap to another, valid-looking one."""
     k_cache, v_cache, block_tables = paged_cache([5, 20], 2, 64, 16, torch.float32, "cpu")
     args = dict(q=torch.randn(2, 4, 64), k_cache=k_cache, v_cache=v_cache,
                 block_tables=block_tables, seq_lens=torch.tensor([5, 20], dtype=torch.int32),
