@@ -14,8 +14,9 @@ std::string supported_dtypes();
 
 // Shapes of one call. q and out are [batch, num_heads, head_dim]; each cache is
 // [num_blocks, block_size, num_kv_heads, head_dim]; block_tables is [batch, max_blocks]
-// with rows table_stride elements apart; all contiguous otherwise. Query head h reads
-// KV head h / (num_heads / num_kv_heads).
+// with rows table_stride elements apart (rows may overlap: 0 shares one row among all
+// sequences); all contiguous otherwise. Query head h reads KV head
+// h / (num_heads / num_kv_heads).
 struct DecodeShape {
     int64_t batch;
     int64_t num_heads;

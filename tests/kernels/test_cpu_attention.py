@@ -89,6 +89,21 @@ def test_a_first_block_of_minus_inf_scores_weighs_nothing(rng, dtype):
     assert_close(out, expected, TOLERANCE)
 
 
+def test_sequences_sharing_one_block_table_row(rng):
+    """A table whose rows are one row expanded (stride 0), as for samples of one prompt,
+    and a single-row table of any row stride."""
+    length = rng.randint(20, 200)
+    k_cache, v_cache, block_tables = paged_cache([length], 2, 64, 16, torch.float32, "cpu")
+    for batch in (1, 3):
+        q = torch.randn(batch, 4, 64)
+        tables = block_tables[0].expand(batch, -1)
+        seq_lens = torch.full((batch,), length, dtype=torch.int32)
+        expected = expected_output(q, k_cache, v_cache, tables.contiguous(), seq_lens, 0.125)
+        out = cpu_attention.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens,
+                                                   0.125)
+        assert_close(out, expected, TOLERANCE)
+
+
 def test_the_dispatcher_takes_it_on_the_cpu():
     """kernels.paged_decode_attention on CPU tensors never reads a slot past a sequence's
     end (the reference's padded SDPA does, and turns the NaN poison into NaN output)."""
