@@ -51,7 +51,9 @@ def run_offline(llm: LLM, workload: Workload, progress: bool = False) -> RunResu
         _, ids = engine.encode_prompt(prompt, params)
         llm.add_request(f"bench-{i}", ids, params)
         records[f"bench-{i}"] = RequestRecord(arrival=0.0, prompt_tokens=len(ids))
-    bar = ProgressBar(len(records), "requests", enabled=progress)
+    # Tokens, not requests: requests of like lengths all finish near the end, and a bar of
+    # them sat at 0 for most of the run.
+    bar = ProgressBar(workload.total_output_tokens, "output tokens", enabled=progress)
     peak = 0.0
     interrupted = False
     try:
@@ -61,12 +63,13 @@ def run_offline(llm: LLM, workload: Workload, progress: bool = False) -> RunResu
             peak = max(peak, kv_share_in_use(engine))
             for out in outputs:
                 record = records[out.request_id]
-                record.output_tokens = len(out.outputs[0].token_ids)
+                made = len(out.outputs[0].token_ids)
+                bar.update(made - record.output_tokens)
+                record.output_tokens = made
                 if record.first_token is None and record.output_tokens:
                     record.first_token = now
                 if out.finished:
                     record.done = now
-                    bar.update()
     except KeyboardInterrupt:
         interrupted = True
         # Ctrl-C inside a step leaves the LLM dead, its requests with it: nothing to abort.

@@ -8,8 +8,9 @@ from typing import TextIO
 
 
 class ProgressBar:
-    """Redraws at most every `interval` seconds; `close` draws the last state and ends the
-    line. With `enabled=False` it draws nothing."""
+    """Draws at once (0 done), so a run shows it has started, then redraws at most every
+    `interval` seconds; `close` draws the last state and ends the line. With
+    `enabled=False` it draws nothing."""
 
     def __init__(self, total: int, label: str, enabled: bool = True,
                  stream: TextIO | None = None, interval: float = 0.2) -> None:
@@ -19,6 +20,7 @@ class ProgressBar:
         self.done = 0
         self._start = time.monotonic()
         self._drawn = float("-inf")
+        self._draw(self._start)
 
     def update(self, count: int = 1) -> None:
         self.done += count
