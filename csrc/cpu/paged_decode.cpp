@@ -95,7 +95,9 @@ public:
             accumulate_block(v, stride, n);
         }
         for (int64_t h = 0; h < heads_; ++h) {
-            const float inv = len > 0 ? 1.0f / sum_[h] : 0.0f;
+            // No weight at all (no tokens, or every score -inf) gives zeros, as the reference's
+            // SDPA does; a NaN sum comes with a NaN accumulator and stays NaN.
+            const float inv = sum_[h] > 0.0f ? 1.0f / sum_[h] : 0.0f;
             for (int64_t i = 0; i < d; ++i) out[h * d + i] = narrow<T, float>(acc_[h * d + i] * inv);
         }
     }
@@ -172,14 +174,17 @@ private:
 
     // Scores become weights against the new running max; what was summed so far is rescaled.
     // While every score so far is -inf, the weights are 0 (as in torch's softmax), not the
-    // NaN of exp(-inf - -inf).
+    // NaN of exp(-inf - -inf); a NaN score (which the max skips) stays NaN, as in torch.
     void update_softmax(int64_t n) {
         const int64_t d = s_.head_dim;
         for (int64_t h = 0; h < heads_; ++h) {
             float* sh = scores_.data() + h * s_.block_size;
             const float new_max = std::max(max_[h], *std::max_element(sh, sh + n));
             if (new_max == -std::numeric_limits<float>::infinity()) {
-                std::fill_n(sh, n, 0.0f);
+                for (int64_t t = 0; t < n; ++t) {
+                    sh[t] = std::isnan(sh[t]) ? sh[t] : 0.0f;
+                    sum_[h] += sh[t];
+                }
                 continue;
             }
             const float correction = std::exp(max_[h] - new_max);  // exp(-inf) = 0 at the start

@@ -89,6 +89,50 @@ def test_a_first_block_of_minus_inf_scores_weighs_nothing(rng, dtype):
     assert_close(out, expected, TOLERANCE)
 
 
+@pytest.mark.parametrize("dtype", cpu_attention.DTYPES)
+def test_a_nan_key_among_minus_inf_ones_still_gives_nan(rng, dtype):
+    """A NaN score makes its head's output NaN, as in torch's softmax, also in a block
+    whose other scores are all -inf."""
+    block_size = 8
+    lengths = [rng.randint(block_size + 1, 120) for _ in range(4)]
+    k_cache, v_cache, block_tables = paged_cache(lengths, 2, 64, block_size, dtype, "cpu")
+    k_cache[block_tables[:, 0].long(), :, :, rng.randrange(64)] = float("-inf")
+    k_clean = k_cache.nan_to_num(nan=0.0, neginf=float("-inf"))
+    seq, kv_head = rng.randrange(len(lengths)), rng.randrange(2)
+    for cache in (k_cache, k_clean):
+        cache[block_tables[seq, 0], rng.randrange(block_size), kv_head, rng.randrange(64)] = \
+            float("nan")
+    q = torch.rand(len(lengths), 4, 64, dtype=dtype) + 0.1
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    expected = reference.paged_decode_attention(q.float(), k_clean.float(),
+                                                v_cache.nan_to_num().float(), block_tables,
+                                                seq_lens, 0.125).to(dtype)
+    out = cpu_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
+                                               0.125)
+    assert expected[seq, 2 * kv_head:2 * kv_head + 2].isnan().all()
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert_close(out[~out.isnan()], expected[~expected.isnan()], TOLERANCE)
+
+
+@pytest.mark.parametrize("dtype", cpu_attention.DTYPES)
+def test_a_head_whose_keys_all_score_minus_inf_gets_zeros(rng, dtype):
+    """As the reference's SDPA gives a row with nothing to attend to: zeros, not NaN."""
+    lengths = [rng.randint(1, 100) for _ in range(4)]
+    k_cache, v_cache, block_tables = paged_cache(lengths, 2, 64, 8, dtype, "cpu")
+    seq, kv_head = rng.randrange(len(lengths)), rng.randrange(2)
+    blocks = block_tables[seq, :-(-lengths[seq] // 8)].long()
+    k_cache[blocks, :, kv_head, rng.randrange(64)] = float("-inf")
+    q = torch.rand(len(lengths), 4, 64, dtype=dtype) + 0.1
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    expected = reference.paged_decode_attention(
+        q.float(), k_cache.float().nan_to_num(nan=0.0, neginf=float("-inf")),
+        v_cache.nan_to_num().float(), block_tables, seq_lens, 0.125).to(dtype)
+    assert expected[seq, 2 * kv_head:2 * kv_head + 2].eq(0).all()
+    out = cpu_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
+                                               0.125)
+    assert_close(out, expected, TOLERANCE)
+
+
 def test_sequences_sharing_one_block_table_row(rng):
     """A table whose rows are one row expanded (stride 0), as for samples of one prompt,
     and a single-row table of any row stride."""
