@@ -184,7 +184,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from shardline.entrypoints.app import listen_socket, run_server, socket_url
+        from shardline.entrypoints.app import listen_sockets, run_server, socket_url
     except ImportError as exc:
         print(f"shardline serve: error: {exc.name or exc} is not installed; install the serve "
               "extra: pip install 'shardline[serve]'", file=sys.stderr)
@@ -198,15 +198,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "finite number of seconds, 0 or more")
     args.model = args.model_arg or args.model
     _check_model(args.model)
-    sock = listen_socket(args.host, args.port)
+    sockets = listen_sockets(args.host, args.port)
     try:
         llm = AsyncLLM.from_engine(_build_llm(args).engine)
     except BaseException:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         raise
     name = args.served_model_name or args.model
-    _say(f"serving {name!r} on {socket_url(sock)}/v1")
-    run_server(llm, name, sock, args.log_level, args.shutdown_timeout)
+    _say(f"serving {name!r} on {socket_url(sockets[0])}/v1")
+    run_server(llm, name, sockets, args.log_level, args.shutdown_timeout)
     return 0
 
 

@@ -9,6 +9,7 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installe
 pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
 
 from shardline import cli  # noqa: E402
+from shardline.entrypoints import app  # noqa: E402
 from test_serve_cli import serving  # noqa: E402
 
 
@@ -39,6 +40,29 @@ def test_a_host_that_does_not_resolve_fails_before_the_model_loads(refuse_to_loa
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"shardline serve: error: --host {host!r} is neither an address "
                            "nor a name this machine resolves (")
+
+
+def test_every_address_of_the_host_is_bound_on_one_port(monkeypatch):
+    """uvicorn binds every address a host resolves to ("localhost": 127.0.0.1 and ::1 on
+    many machines); the first pre-bound version bound the first alone, so a client of the
+    other got no answer. With port 0 the second address takes the port the first got."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    resolve = socket.getaddrinfo
+
+    def both(host, port, *args, **kwargs):
+        assert host == "either-host"
+        return [*resolve("127.0.0.1", port, *args, **kwargs),
+                *resolve("::1", port, *args, **kwargs)]
+    monkeypatch.setattr(app.socket, "getaddrinfo", both)
+    sockets = app.listen_sockets("either-host", 0)
+    try:
+        bound = [sock.getsockname()[:2] for sock in sockets]
+        assert [host for host, _ in bound] == ["127.0.0.1", "::1"]
+        assert bound[0][1] == bound[1][1] > 0
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def test_sigterm_shuts_the_engine_down_and_exits_0():

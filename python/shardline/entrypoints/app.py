@@ -214,26 +214,36 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to `host`:`port`, for `run_server`. `shardline serve` binds it
-    before the model loads, so that an address in use, a host this machine does not have
-    and a name that does not resolve fail at once with the flag named, instead of after the
-    load with uvicorn's log line and its exit status 3. ValueError for each."""
+def listen_sockets(host: str, port: int) -> list[socket.socket]:
+    """TCP sockets bound to `host`:`port`, one per address the host resolves to (as uvicorn
+    binds them: "localhost" may be 127.0.0.1 and ::1), for `run_server`. `shardline serve`
+    binds them before the model loads, so that an address in use, a host this machine does
+    not have and a name that does not resolve fail at once with the flag named, instead of
+    after the load with uvicorn's log line and its exit status 3. ValueError for each. With
+    port 0, every address gets the port the kernel picks for the first."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        addresses = dict.fromkeys(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                     flags=socket.AI_PASSIVE))
     except socket.gaierror as exc:
         raise ValueError(f"--host {host!r} is neither an address nor a name this machine "
                          f"resolves ({exc.strerror})") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    sockets: list[socket.socket] = []
     try:
-        sock.bind(address)
+        for family, kind, proto, _, address in addresses:
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            if family == socket.AF_INET6:   # so that :: leaves 0.0.0.0 to its own socket
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
     except OSError as exc:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         raise ValueError(f"--host {host} --port {port}: cannot listen there "
                          f"({exc.strerror}): choose another --port or --host") from None
-    return sock
+    return sockets
 
 
 def socket_url(sock: socket.socket) -> str:
@@ -242,25 +252,25 @@ def socket_url(sock: socket.socket) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-def run_server(llm: AsyncLLM, model_name: str, sock: socket.socket, log_level: str = "info",
-               shutdown_timeout: float = 10.0) -> None:
-    """Serve `llm` on the bound socket `sock` (see `listen_socket`) until interrupted
-    (Ctrl-C or SIGTERM), then shut the engine down. Requests still running then get
+def run_server(llm: AsyncLLM, model_name: str, sockets: list[socket.socket],
+               log_level: str = "info", shutdown_timeout: float = 10.0) -> None:
+    """Serve `llm` on the bound `sockets` (see `listen_sockets`) until interrupted (Ctrl-C
+    or SIGTERM), then shut the engine down. Requests still running then get
     `shutdown_timeout` seconds to finish before they are cancelled (and aborted in the
     engine), so that a stop never waits for a long generation."""
     import uvicorn
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            """uvicorn's startup, which names the address it listens on only when it binds
-            the socket itself: the line its users and scripts wait for."""
+            """uvicorn's startup, which names the addresses it listens on only when it
+            binds the sockets itself: the line its users and scripts wait for."""
             await super().startup(sockets)
             if self.started:
-                logging.getLogger("uvicorn.error").info(
-                    "Uvicorn running on %s (Press CTRL+C to quit)", url)
+                for sock in sockets or []:
+                    logging.getLogger("uvicorn.error").info(
+                        "Uvicorn running on %s (Press CTRL+C to quit)", socket_url(sock))
 
-    url = socket_url(sock)
-    host, port = sock.getsockname()[:2]
+    host, port = sockets[0].getsockname()[:2]
     # uvicorn stops on SIGTERM as on Ctrl-C, then raises the signal again for the handler
     # it found; the default one killed the process before the engine shut down, leaving
     # the workers to notice their parent's death and their semaphores to the tracker.
@@ -272,13 +282,14 @@ def run_server(llm: AsyncLLM, model_name: str, sock: socket.socket, log_level: s
         config = uvicorn.Config(build_app(llm, model_name), host=host, port=port,
                                 log_level=log_level, lifespan="off",
                                 timeout_graceful_shutdown=shutdown_timeout)
-        Server(config).run(sockets=[sock])
+        Server(config).run(sockets=sockets)
     except KeyboardInterrupt:
         pass
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-        sock.close()
+        for sock in sockets:
+            sock.close()
         llm.shutdown()
 
 
