@@ -37,7 +37,7 @@ def test_unknown_model_is_a_clear_error(capsys):
 
 def test_bad_sampling_flag_is_a_clear_error(capsys):
     assert main(["generate", "--model", "tiny-llama", "-p", "x", "--top-p", "1.5"]) == 2
-    assert "top_p" in capsys.readouterr().err
+    assert "--top-p 1.5 is invalid: must be in (0, 1]" in capsys.readouterr().err
 
 
 def _subparsers() -> dict:
@@ -173,17 +173,23 @@ def _refuse_to_load(monkeypatch):
 
 
 @pytest.mark.parametrize("command, flags, named", [
-    ("generate", ["--temperature", "-1"], "temperature=-1.0"),
-    ("generate", ["--top-k", "-5"], "top_k=-5"),
-    ("chat", ["--temperature", "-0.5"], "temperature=-0.5"),
+    ("generate", ["--temperature", "-1"], "--temperature -1.0 is invalid: must be 0 (greedy)"),
+    ("generate", ["--top-k", "-5"], "--top-k -5 is invalid: must be -1 (disabled) or"),
+    ("generate", ["--top-p", "1.5"], "--top-p 1.5 is invalid: must be in (0, 1]"),
+    ("generate", ["-n", "5000"], "-n 5000 is invalid: must be an integer from 1 to 4096"),
+    ("generate", ["-n", "3", "--seed", str(2**64 - 2)],
+     f"--seed {2**64 - 2} is invalid: must be None or an integer from -2**63 to 2**64 - 3"),
+    ("chat", ["--temperature", "-0.5"], "--temperature -0.5 is invalid: must be 0 (greedy)"),
 ])
 def test_sampling_flags_are_checked_before_the_model_loads(command, flags, named, monkeypatch,
                                                           capsys):
+    """Each is named by its flag; the error named the SamplingParams field
+    ("SamplingParams.top_p=1.5"), which the command line has no such name for."""
     _refuse_to_load(monkeypatch)
     model = ["-m", "tiny-llama"] + (["-p", "x"] if command == "generate" else ["--message", "x"])
     assert main([command, *model, *flags]) == 2
     err = capsys.readouterr().err
-    assert named in err and "loading" not in err
+    assert err.startswith(f"shardline {command}: error: {named}") and "loading" not in err
 
 
 @pytest.mark.parametrize("command, flag", [("demo", "--num-prompts"), ("demo", "--max-tokens"),

@@ -111,11 +111,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from shardline.sampling_params import SamplingParams
+def _sampling_params(args: argparse.Namespace, *flags: str):
+    """The SamplingParams of the command's sampling `flags` (their dest names, which are
+    the fields'); a bad value is named by its flag (--top-p 1.5), not by the field."""
+    from shardline.sampling_params import InvalidSamplingParam, SamplingParams
 
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_tokens, seed=args.seed, n=args.n)
+    try:
+        return SamplingParams(**{flag: getattr(args, flag) for flag in flags})
+    except InvalidSamplingParam as exc:
+        flag = "-n" if exc.name == "n" else "--" + exc.name.replace("_", "-")
+        raise ValueError(f"{flag} {exc.value} is invalid: must be {exc.allowed}") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = _sampling_params(args, "temperature", "top_p", "top_k", "max_tokens", "seed",
+                              "n")
     with _build_llm(args) as llm:
         outputs = llm.generate(args.prompt, params)
     for out in outputs:
@@ -131,13 +141,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     the whole conversation so far; `--message` asks once and exits. In the terminal, a
     turn the engine refuses (the conversation grown past --max-model-len) is dropped with
     the reason, and the conversation goes on."""
-    from shardline.sampling_params import SamplingParams
-
     if args.message is not None and not args.message.strip():
         raise ValueError("--message is empty: give a question, or leave --message out to "
                          "chat in the terminal")
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
-                            seed=args.seed)
+    params = _sampling_params(args, "temperature", "max_tokens", "seed")
     with _demo_llm(args, CHAT_CONTEXT) as llm:
         tokenizer = llm.engine.tokenizer
         if tokenizer is None or tokenizer.chat_template is None:

@@ -166,6 +166,16 @@ def _as_list(value: object, name: str, item: type) -> list:
     return list(value)
 
 
+class InvalidSamplingParam(ValueError):
+    """A SamplingParams field with a bad value: `name` the field, `value` what it got,
+    `allowed` what it may be, so that a front end can name the field its own way (a
+    command-line flag, a request's field)."""
+
+    def __init__(self, name: str, value: object, allowed: str) -> None:
+        super().__init__(f"SamplingParams.{name}={value!r} is invalid: must be {allowed}")
+        self.name, self.value, self.allowed = name, value, allowed
+
+
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"SamplingParams.{name}={value!r} is invalid: must be {allowed}")
+        raise InvalidSamplingParam(name, value, allowed)
