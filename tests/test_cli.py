@@ -338,3 +338,16 @@ def test_chat_sizes_its_cache_for_one_conversation(flags, seqs, tiny_chat_model,
     assert main(["chat", "-m", tiny_chat_model, "--message", "hi", *flags]) == 2
     assert seen["max_num_seqs"] == seqs
     assert seen["max_model_len"] == 512   # tiny-llama's limit, below chat's 4096
+
+
+def test_python_dash_m_shardline_is_the_command():
+    """`python -m shardline` said "No module named shardline.__main__", for users whose
+    console script is not on PATH (a venv not activated)."""
+    version = subprocess.run([sys.executable, "-m", "shardline", "--version"],
+                             capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.startswith("shardline ")
+    bad = subprocess.run([sys.executable, "-m", "shardline", "generate", "-m", "no/such/dir",
+                          "-p", "x"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("shardline generate: error: --model 'no/such/dir' is neither")
