@@ -126,6 +126,9 @@ def _sampling_params(args: argparse.Namespace, *flags: str):
 def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling_params(args, "temperature", "top_p", "top_k", "max_tokens", "seed",
                               "n")
+    # No step runs more sequences than the prompts ask for, and the KV cache is sized for
+    # max_num_seqs of them: 64 gave SmolLM2 4 GiB (8.3 s, 5.1 GB resident) for one prompt.
+    args.max_num_seqs = min(args.max_num_seqs, len(args.prompt) * args.n)
     with _build_llm(args) as llm:
         outputs = llm.generate(args.prompt, params)
     for out in outputs:
@@ -264,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: a fresh draw)")
     gen.add_argument("-n", type=positive_int, default=1,
                      help="completions per prompt (default: %(default)s)")
+    gen.description = ("Complete each --prompt and print one JSON line per completion. "
+                       "--max-num-seqs is at most the completions asked for (prompts x n), "
+                       "so that the KV cache holds only those.")
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="talk with a chat model in the terminal (default: "
