@@ -253,7 +253,7 @@ std::vector<WorkItem> work_items(const DecodeShape& s, int threads) {
 
 // Each thread takes a contiguous run of items holding about an equal share of the rows.
 std::vector<size_t> split_by_rows(const std::vector<WorkItem>& items, const int32_t* seq_lens, int threads) {
-    auto rows = [&](const WorkItem& item) { return (seq_lens[item.seq] + 1) * (item.last - item.first); };
+    auto rows = [&](const WorkItem& item) { return (static_cast<int64_t>(seq_lens[item.seq]) + 1) * (item.last - item.first); };
     int64_t total = 0;
     for (const WorkItem& item : items) total += rows(item);
     std::vector<size_t> bounds{0};
