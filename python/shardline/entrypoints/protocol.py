@@ -140,6 +140,11 @@ class CompletionRequest(_SamplingFields):
                                "requests", "prompt")
         return list(prompt)
 
+    def max_tokens_field(self) -> str | None:
+        """The field that asked for a number of tokens, None when the default (16) holds."""
+        return ("max_tokens" if "max_tokens" in self.model_fields_set
+                and self.max_tokens is not None else None)
+
     def to_sampling_params(self) -> SamplingParams:
         if self.best_of is not None and self.best_of != self.n:
             raise RequestError(f"best_of={self.best_of} is not supported: only best_of equal to "
@@ -180,6 +185,13 @@ class ChatCompletionRequest(_SamplingFields):
         given (templates that know names render them)."""
         return [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                 for m in self.messages]
+
+    def max_tokens_field(self) -> str | None:
+        """The field that asked for a number of tokens, None when neither did (the reply
+        then runs to the end of the context)."""
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        return "max_tokens" if self.max_tokens is not None else None
 
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:

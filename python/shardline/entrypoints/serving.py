@@ -31,10 +31,15 @@ _DONE = object()
 
 
 class Generation:
-    """One API request's engine requests, prepared (validated, tokenized) before any runs."""
+    """One API request's engine requests, prepared (validated, tokenized) before any runs.
+
+    A prompt whose length plus the tokens the request asked for (`max_tokens_field` names
+    the field, None when a default holds) passes the model's context is refused, as
+    OpenAI's API does; with a default the engine stops at the context ("length").
+    """
 
     def __init__(self, llm: AsyncLLM, prompts: list[str | list[int]], params: SamplingParams,
-                 prefix: str, prompt_field: str) -> None:
+                 prefix: str, prompt_field: str, max_tokens_field: str | None = None) -> None:
         self.llm = llm
         self.params = params
         self.id = f"{prefix}-{uuid.uuid4().hex}"
@@ -43,13 +48,22 @@ class Generation:
         # it again on the event loop.
         self.prompts: list[tuple[str | list[int], list[int]]] = []
         for i, prompt in enumerate(prompts):
+            where = prompt_field if len(prompts) == 1 else f"{prompt_field}[{i}]"
             try:
-                self.prompts.append((prompt, llm.engine.encode_prompt(prompt, params)[1]))
+                token_ids = llm.engine.encode_prompt(prompt, params)[1]
             except ValueError as exc:
                 param = _param(str(exc), prompt_field)
-                where = prompt_field if len(prompts) == 1 else f"{prompt_field}[{i}]"
                 message = f"{where}: {exc}" if param in (prompt_field, "max_tokens") else str(exc)
                 raise RequestError(message, param) from None
+            context = llm.engine.max_model_len
+            if max_tokens_field is not None and len(token_ids) + params.max_tokens > context:
+                raise RequestError(
+                    f"{where} has {len(token_ids)} tokens and {max_tokens_field}="
+                    f"{params.max_tokens} asks for {params.max_tokens} more, "
+                    f"{len(token_ids) + params.max_tokens} in all, past the model's context "
+                    f"of {context} tokens: ask for at most {context - len(token_ids)} or "
+                    "shorten the prompt", max_tokens_field)
+            self.prompts.append((prompt, token_ids))
 
     async def stream(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, cumulative output) as any of the prompts gains tokens."""
@@ -100,7 +114,8 @@ def _param(message: str, prompt_field: str) -> str:
 
 
 def completion_generation(llm: AsyncLLM, request: CompletionRequest) -> Generation:
-    return Generation(llm, request.prompts(), request.to_sampling_params(), "cmpl", "prompt")
+    return Generation(llm, request.prompts(), request.to_sampling_params(), "cmpl", "prompt",
+                      request.max_tokens_field())
 
 
 def chat_generation(llm: AsyncLLM, request: ChatCompletionRequest) -> Generation:
@@ -118,7 +133,8 @@ def chat_generation(llm: AsyncLLM, request: ChatCompletionRequest) -> Generation
     except ValueError as exc:
         raise RequestError(f"messages: {exc}", "messages") from None
     prompt = tokenizer.encode(text, add_special_tokens=False)
-    return Generation(llm, [prompt], request.to_sampling_params(), "chatcmpl", "messages")
+    return Generation(llm, [prompt], request.to_sampling_params(), "chatcmpl", "messages",
+                      request.max_tokens_field())
 
 
 def usage(outputs: list[RequestOutput]) -> dict:

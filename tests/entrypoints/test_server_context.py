@@ -1,0 +1,66 @@
+"""Requests at the edge of the model's context (the server's max_model_len is 512): a
+number of tokens asked for that cannot fit is a 400 naming its field, as OpenAI's API
+answers; one that just fits is served in full, and a default stops at the context."""
+
+import pytest
+
+openai = pytest.importorskip("openai", reason="the openai client (test extra) is not installed")
+pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
+
+from server_helpers import MODEL, engine_idle  # noqa: E402
+
+CONTEXT = 512
+
+
+def prompt_ids(rng, length: int) -> list[int]:
+    return [rng.randint(5, 100) for _ in range(length)]
+
+
+def test_max_tokens_past_the_context_is_400_and_one_that_fits_is_served(server, client, rng):
+    """max_tokens past the context was cut short silently (finish_reason "length")."""
+    length = rng.randint(CONTEXT - 40, CONTEXT - 2)
+    prompt = prompt_ids(rng, length)
+    room = CONTEXT - length
+    asked = room + rng.randint(1, 10**6)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=asked)
+    body = caught.value.body
+    assert body["param"] == "max_tokens", body
+    assert f"prompt has {length} tokens and max_tokens={asked}" in body["message"]
+    assert f"at most {room}" in body["message"]
+    assert engine_idle(server[0])
+
+    reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=room,
+                                      extra_body={"ignore_eos": True})
+    assert reply.usage.completion_tokens == room
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_a_list_of_prompts_names_the_one_that_does_not_fit(client, rng):
+    short, long = rng.randint(2, 20), rng.randint(CONTEXT - 20, CONTEXT - 2)
+    asked = CONTEXT - long + rng.randint(1, 5)
+    assert asked + short <= CONTEXT
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, max_tokens=asked,
+                                  prompt=[prompt_ids(rng, short), prompt_ids(rng, long)])
+    assert caught.value.body["message"].startswith(f"prompt[1] has {long} tokens")
+
+
+def test_the_default_max_tokens_stops_at_the_context(client, rng):
+    """Completions default to 16 tokens; a prompt with less room than that is served up to
+    the context, not refused: the client did not ask for a number."""
+    length = rng.randint(CONTEXT - 15, CONTEXT - 1)
+    reply = client.completions.create(model=MODEL, prompt=prompt_ids(rng, length),
+                                      extra_body={"ignore_eos": True})
+    assert reply.usage.completion_tokens == CONTEXT - length
+    assert reply.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_chat_tokens_past_the_context_are_400_naming_the_field(client, rng, field):
+    asked = rng.randint(CONTEXT, 10**6)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       **{field: asked})
+    assert caught.value.body["param"] == field
+    assert f"{field}={asked}" in caught.value.body["message"]
