@@ -368,3 +368,26 @@ def test_generate_sizes_its_cache_for_the_completions_it_asks_for(given, rng, mo
     assert main(["generate", "-m", "tiny-llama", *["-p", "x"] * prompts, "-n", str(n),
                  *flags]) == 2
     assert seen["max_num_seqs"] == min(64 if given is None else given, prompts * n)
+
+
+@pytest.mark.parametrize("command", ["demo", "generate", "chat", "bench"])
+def test_a_bad_dtype_is_refused_by_its_flag_before_the_model_loads(command, rng, monkeypatch,
+                                                                    capsys):
+    """--dtype took any string: the engine refused it after 'loading ...' was printed,
+    naming the EngineArgs field (dtype=...), not the flag."""
+    _refuse_to_load(monkeypatch)
+    bad = rng.choice(["float64", "int8", "fp8", "bfloat", "Auto32"]) + str(rng.randint(0, 9))
+    extra = {"generate": ["-p", "x"], "chat": ["--message", "x"]}.get(command, [])
+    with pytest.raises(SystemExit) as caught:
+        main([command, "-m", "tiny-llama", *extra, "--dtype", bad])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --dtype: {bad!r} is not a dtype: use auto, float32" in err
+    assert "loading" not in err
+
+
+@pytest.mark.parametrize("name", ["auto", "AUTO", "float32", "fp32", "BF16", "half"])
+def test_every_dtype_name_the_engine_takes_passes_the_flag(name):
+    from shardline.engine.cli_args import dtype_arg
+
+    assert dtype_arg(name) == name

@@ -45,6 +45,11 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise ValueError(f"dtype={dtype!r} is not supported: use one of float32, bfloat16, float16")
 
 
+def is_dtype_name(name: str) -> bool:
+    """Whether `name` is a dtype an engine takes: "auto" or a name resolve_dtype maps."""
+    return name.lower() == "auto" or name.lower() in _DTYPES
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

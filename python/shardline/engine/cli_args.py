@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from shardline.config import is_dtype_name
 from shardline.presets import preset_names
 
 
@@ -18,6 +19,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be an integer >= 1")
     return value
+
+
+def dtype_arg(text: str) -> str:
+    """An argparse type: a dtype name, checked before the model loads."""
+    if not is_dtype_name(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a dtype: use auto, float32, "
+                                         "bfloat16 or float16")
+    return text
 
 
 def add_engine_args(parser: argparse.ArgumentParser, default_model: str | None) -> None:
@@ -33,7 +42,7 @@ def add_engine_args(parser: argparse.ArgumentParser, default_model: str | None) 
          help="a local Hugging Face checkpoint directory (config.json, "
               "*.safetensors, tokenizer.json), a .gguf file or a preset: "
               f"{', '.join(preset_names())} ({default})")
-    flag("--dtype", default="auto",
+    flag("--dtype", type=dtype_arg, default="auto",
          help="auto (float32 on CPU, the checkpoint's dtype on GPU), float32, "
               "bfloat16 or float16 (default: %(default)s)")
     flag("--max-num-seqs", type=positive_int, default=64,
