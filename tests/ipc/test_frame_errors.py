@@ -141,17 +141,27 @@ def test_a_corrupt_array_header_names_what_is_wrong(code, header, buffer, messag
 def test_tensors_round_trip_without_torch_warnings_from_the_codec(rng):
     """The codec probes whether numpy takes a dtype with an empty tensor of it; for
     complex32 and the quantized dtypes that probe made torch warn in the caller's process
-    (complex32 is experimental, quantized tensors are deprecated). torch warns once per
+    (complex32 is experimental, quantized tensors are deprecated), as did the contiguous
+    copy of a strided complex32 tensor and an empty one decoded. torch warns once per
     process, so the check runs in a fresh one."""
     script = f"""
 import random, torch
 from shardline.ipc.serializer import Decoder, Encoder
 rng = random.Random({rng.randrange(2**32)})
+def round_trip(tensor):
+    frame = bytearray(b"".join(bytes(part) for part in Encoder().encode(tensor)))
+    return Decoder().decode(frame)
+# First, before anything else makes a complex32 tensor (torch warns once per process):
+# a strided one, which encoding copies contiguous.
+rows = rng.randint(2, 5)
+raw = torch.tensor(list(rng.randbytes(4 * rows * 3)), dtype=torch.uint8)
+strided = raw.view(torch.complex32).view(rows, 3).t()
+assert torch.equal(round_trip(strided).view(torch.int32), strided.contiguous().view(torch.int32))
 for dtype in (torch.complex32, torch.quint8, torch.qint32):
     raw = torch.tensor(list(rng.randbytes(4 * rng.randint(1, 9))), dtype=torch.uint8)
-    frame = bytearray(b"".join(bytes(part) for part in Encoder().encode(raw.view(dtype))))
-    decoded = Decoder().decode(frame)
+    decoded = round_trip(raw.view(dtype))
     assert decoded.dtype == dtype and torch.equal(decoded.view(torch.uint8), raw), dtype
+    assert round_trip(raw[:0].view(dtype)).dtype == dtype
 """
     done = subprocess.run([sys.executable, "-W", "error", "-c", script],
                           capture_output=True, text=True, timeout=120)

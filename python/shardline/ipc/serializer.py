@@ -36,6 +36,7 @@ and numpy arrays start without paying for it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import reprlib
 import struct
@@ -51,6 +52,8 @@ from shardline.ipc.frame_checks import (EXT_NDARRAY, EXT_NUMPY_SCALAR, EXT_TENSO
                                         check_scalar_bytes, ext_fields, numpy_dtype)
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import torch
 
 Part = bytes | memoryview | np.ndarray
@@ -196,7 +199,8 @@ class Encoder:
             tensor = tensor.resolve_conj().resolve_neg()
         if not tensor.is_contiguous():
             try:
-                tensor = tensor.contiguous()
+                with _quiet_dtype_warnings():
+                    tensor = tensor.contiguous()
             except RuntimeError as exc:  # torch copies neither sub-byte nor quantized dtypes
                 raise TypeError(
                     f"cannot serialize a non-contiguous torch.Tensor of dtype {tensor.dtype}: "
@@ -290,7 +294,8 @@ class Decoder:
             dtype, carrier = _tensor_dtype(name)
             if not nbytes:
                 check_layout(code, shape, carrier.itemsize, nbytes)
-                return torch.empty(shape, dtype=dtype)
+                with _quiet_dtype_warnings():
+                    return torch.empty(shape, dtype=dtype)
             tensor = torch.from_numpy(self._array(code, shape, carrier, nbytes))
             return tensor if tensor.dtype == dtype else tensor.view(dtype)
         if code == EXT_NUMPY_SCALAR:
@@ -316,6 +321,17 @@ class Decoder:
         return array
 
 
+@contextlib.contextmanager
+def _quiet_dtype_warnings() -> Iterator[None]:
+    """Around the tensors the codec itself makes (a probe, a contiguous copy, an empty
+    result): torch warns on making one of complex32 (experimental) or a quantized dtype
+    (deprecated), a warning about the caller's choice of dtype that the codec's copies
+    should not repeat in the caller's process."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
 @functools.cache
 def _tensor_codec(dtype: torch.dtype) -> tuple[str, torch.dtype | None]:
     """The wire name of a torch dtype, and the same-size int dtype to view it as when numpy
@@ -324,10 +340,7 @@ def _tensor_codec(dtype: torch.dtype) -> tuple[str, torch.dtype | None]:
 
     name = str(dtype).removeprefix("torch.")
     try:
-        # The probe tensor is ours: torch's warnings on making one (complex32 is
-        # experimental, quantized dtypes are deprecated) are not the caller's to see.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet_dtype_warnings():
             torch.empty(0, dtype=dtype).numpy()
     except TypeError:
         same_size_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
