@@ -245,7 +245,7 @@ def write_directory_once(target: str, write: Callable[[str], None]) -> str:
         chosen = os.environ.get("SHARDLINE_CACHE")
         raise ValueError(f"cannot write the cache folder {parent!r} ({exc.strerror}): set "
                          "SHARDLINE_CACHE to a writable directory (it is " +
-                         (f"{chosen!r})" if chosen else "unset: ~/.cache/shardline)")) from exc
+                         (f"{chosen!r})" if chosen else f"unset: {cache_root()})")) from exc
     try:
         write(tmp)
         os.rename(tmp, target)

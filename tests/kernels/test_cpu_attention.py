@@ -17,10 +17,12 @@ LAYOUTS = [(2, 1, 64, 16), (1, 2, 80, 32), (4, 2, 64, 16), (1, 8, 96, 16), (2, 4
 
 
 def expected_output(q, k_cache, v_cache, block_tables, seq_lens, scale):
-    """The reference in fp32 over the NaN-free cache, rounded to q's dtype once."""
-    out = reference.paged_decode_attention(q.float(), k_cache.nan_to_num().float(),
-                                           v_cache.nan_to_num().float(), block_tables,
-                                           seq_lens, scale)
+    """The reference in fp32 over the cache with its NaN poison zeroed (infinities a test
+    wrote stay), rounded to q's dtype once."""
+    def clean(cache):
+        return cache.float().nan_to_num(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+    out = reference.paged_decode_attention(q.float(), clean(k_cache), clean(v_cache),
+                                           block_tables, seq_lens, scale)
     return out.to(q.dtype)
 
 
@@ -81,9 +83,7 @@ def test_a_first_block_of_minus_inf_scores_weighs_nothing(rng, dtype):
     k_cache[first_blocks, :, :, rng.randrange(64)] = float("-inf")
     q = torch.rand(len(lengths), 4, 64, dtype=dtype) + 0.1
     seq_lens = torch.tensor(lengths, dtype=torch.int32)
-    expected = reference.paged_decode_attention(
-        q.float(), k_cache.float().nan_to_num(nan=0.0, neginf=float("-inf")),
-        v_cache.nan_to_num().float(), block_tables, seq_lens, 0.125).to(dtype)
+    expected = expected_output(q, k_cache, v_cache, block_tables, seq_lens, 0.125)
     out = cpu_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
                                                0.125)
     assert_close(out, expected, TOLERANCE)
@@ -124,9 +124,7 @@ def test_a_head_whose_keys_all_score_minus_inf_gets_zeros(rng, dtype):
     k_cache[blocks, :, kv_head, rng.randrange(64)] = float("-inf")
     q = torch.rand(len(lengths), 4, 64, dtype=dtype) + 0.1
     seq_lens = torch.tensor(lengths, dtype=torch.int32)
-    expected = reference.paged_decode_attention(
-        q.float(), k_cache.float().nan_to_num(nan=0.0, neginf=float("-inf")),
-        v_cache.nan_to_num().float(), block_tables, seq_lens, 0.125).to(dtype)
+    expected = expected_output(q, k_cache, v_cache, block_tables, seq_lens, 0.125)
     assert expected[seq, 2 * kv_head:2 * kv_head + 2].eq(0).all()
     out = cpu_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
                                                0.125)
