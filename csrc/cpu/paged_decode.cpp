@@ -1,6 +1,7 @@
 #include "paged_decode.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -48,11 +49,82 @@ void check(const DecodeShape& s, const int32_t* block_tables, const int32_t* seq
     }
 }
 
+// The blocks of a sequence lie anywhere in the cache, so the hardware cannot guess the
+// next one. Its K and V rows are asked for while the current block is computed, a few
+// cache lines per step of that work: asked for all at once, they fill the core's miss
+// buffers and the core waits on them.
+template <class T>
+class BlockPrefetch {
+public:
+    // The next block's n rows of K and V (row_bytes each, token_stride elements apart),
+    // spread over `steps` calls of step().
+    void start(const T* k, const T* v, int64_t token_stride, int64_t n, int64_t row_bytes, int64_t steps) {
+        row_ = reinterpret_cast<const char*>(k);
+        v_ = reinterpret_cast<const char*>(v);
+        token_bytes_ = token_stride * static_cast<int64_t>(sizeof(T));
+        row_bytes_ = row_bytes;
+        n_ = rows_left_ = n;
+        offset_ = 0;
+        per_step_ = (2 * n * ((row_bytes + 63) / 64) + steps - 1) / std::max<int64_t>(steps, 1);
+    }
+    void stop() { row_ = nullptr; }
+    void step() { issue(per_step_); }
+    // Whatever the steps left (a block's last tokens take no step).
+    void finish() { issue(std::numeric_limits<int64_t>::max()); }
+
+private:
+    // Into L2, not L1: the core can wait on many more L2 misses at once, and the current
+    // block's rows keep L1.
+    void issue(int64_t lines) {
+        for (; lines > 0 && row_ != nullptr; --lines) {
+            __builtin_prefetch(row_ + offset_, 0, 2);
+            offset_ += 64;
+            if (offset_ < row_bytes_) continue;
+            offset_ = 0;
+            row_ += token_bytes_;
+            if (--rows_left_ > 0) continue;
+            row_ = v_;  // K's rows are done: V's next, then nothing
+            v_ = nullptr;
+            rows_left_ = n_;
+        }
+    }
+
+    const char* row_ = nullptr;
+    const char* v_ = nullptr;
+    int64_t token_bytes_ = 0, row_bytes_ = 0, n_ = 0, rows_left_ = 0, offset_ = 0, per_step_ = 0;
+};
+
+// exp(x) for x <= 0, -inf or NaN (a score minus the running max), branch-free so that the
+// compiler vectorizes the loop that calls it (expf is a call per score): exp(x) = 2^n e^r
+// with n = round(x / ln 2) and |r| <= ln(2) / 2, e^r by its Taylor series to r^7
+// (relative error below 2e-7). Below about -87.7, where exp(x) is no longer a normal
+// float, n is -127 and 2^n is 0, so -inf gives 0 exactly; NaN stays NaN.
+inline float exp_nonpositive(float x) {
+    const float clamped = std::max(x, -88.0f);  // NaN passes
+    const float rounder = 12582912.0f;          // 1.5 * 2^23: adding it rounds to an integer
+    const float shifted = clamped * 1.44269504f + rounder;
+    const float n = shifted - rounder;
+    const float r = (clamped - n * 0.693145752f) - n * 1.42860677e-6f;  // ln 2 in two parts
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    // 2^n from n + 127 as the exponent bits; n is shifted's low mantissa bits less rounder's.
+    const uint32_t n_bits = std::bit_cast<uint32_t>(shifted) - std::bit_cast<uint32_t>(rounder);
+    const float scale = std::bit_cast<float>((n_bits + 127u) << 23);
+    return p * scale;
+}
+
 // One work item: a sequence's query heads of the KV heads [first, last), with a running
 // max and sum per query head, rescaled once per block rather than once per token. The
-// next block's rows are fetched while this one is computed, 16-bit rows are widened
-// once per block for all of the KV head's query heads, and both products step four
-// tokens at a time (what each gained: bench/README.md, cpu_attention.py).
+// next block's rows are fetched into L2 while this one is computed, 16-bit rows are
+// widened once per block for all of the KV head's query heads, both products step four
+// tokens at a time, and the block's exps are vectorized (what each gained:
+// bench/README.md, cpu_attention.py).
 template <class T>
 class HeadsAttention {
 public:
@@ -83,8 +155,11 @@ public:
             const int64_t base = block_base(start);
             const int64_t next = start + s_.block_size;
             if (next < len) {
-                prefetch_block(k_cache + block_base(next), v_cache + block_base(next), token_stride,
-                               std::min(s_.block_size, len - next), row_bytes);
+                prefetch_.start(k_cache + block_base(next), v_cache + block_base(next), token_stride,
+                                std::min(s_.block_size, len - next), row_bytes,
+                                2 * heads_ * ((n + 3) / 4));
+            } else {
+                prefetch_.stop();
             }
             int64_t stride = 0;
             const float* k = as_float(k_cache + base, token_stride, n, width, stride);
@@ -92,6 +167,7 @@ public:
             update_softmax(n);
             const float* v = as_float(v_cache + base, token_stride, n, width, stride);
             accumulate_block(v, stride, n);
+            prefetch_.finish();
         }
         for (int64_t h = 0; h < heads_; ++h) {
             // No weight at all (no tokens, or every score -inf) gives zeros, as the reference's
@@ -102,20 +178,6 @@ public:
     }
 
 private:
-    // The blocks of a sequence lie anywhere in the cache, so the hardware cannot guess the
-    // next one; asking for it a block ahead hides the memory latency that otherwise
-    // stalls every first read of a block.
-    static void prefetch_block(const T* k, const T* v, int64_t ts, int64_t n, int64_t row_bytes) {
-        for (int64_t t = 0; t < n; ++t) {
-            const char* kt = reinterpret_cast<const char*>(k + t * ts);
-            const char* vt = reinterpret_cast<const char*>(v + t * ts);
-            for (int64_t b = 0; b < row_bytes; b += 64) {
-                __builtin_prefetch(kt + b);
-                __builtin_prefetch(vt + b);
-            }
-        }
-    }
-
     // The block's rows of the item's KV heads in fp32, `stride` floats apart: the cache
     // itself for fp32, else a copy widened once (each of a KV head's query heads would
     // otherwise widen every element again).
@@ -146,6 +208,7 @@ private:
             float* sh = scores_.data() + h * s_.block_size;
             int64_t t = 0;
             for (; t + 4 <= n; t += 4) {
+                prefetch_.step();
                 const float *k0 = kh + t * ts, *k1 = k0 + ts, *k2 = k1 + ts, *k3 = k2 + ts;
                 float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
@@ -190,8 +253,9 @@ private:
             float* ah = acc_.data() + h * d;
             for (int64_t i = 0; i < d; ++i) ah[i] *= correction;
             float block_sum = 0.0f;
+#pragma omp simd reduction(+ : block_sum)
             for (int64_t t = 0; t < n; ++t) {
-                sh[t] = std::exp(sh[t] - new_max);
+                sh[t] = exp_nonpositive(sh[t] - new_max);
                 block_sum += sh[t];
             }
             sum_[h] = sum_[h] * correction + block_sum;
@@ -209,6 +273,7 @@ private:
             float* ah = acc_.data() + h * d;
             int64_t t = 0;
             for (; t + 4 <= n; t += 4) {
+                prefetch_.step();
                 const float *v0 = vh + t * ts, *v1 = v0 + ts, *v2 = v1 + ts, *v3 = v2 + ts;
                 const float p0 = p[t], p1 = p[t + 1], p2 = p[t + 2], p3 = p[t + 3];
 #pragma omp simd
@@ -226,6 +291,7 @@ private:
     }
 
     const DecodeShape& s_;
+    BlockPrefetch<T> prefetch_;
     const int64_t group_;
     const float scale_;
     int64_t heads_ = 0;

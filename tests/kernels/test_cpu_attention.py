@@ -72,6 +72,33 @@ def test_reads_queries_and_tables_through_views(rng):
     assert_close(out, expected, TOLERANCE)
 
 
+def test_every_weight_of_a_wide_softmax_matches_float64(rng):
+    """Scores spread over [-120, 0] below their max give weights across the whole float
+    range, read out one by one through one-hot value rows; each matches softmax in float64
+    (the kernel computes exp itself, not through libm). Query head h reads its scores from
+    key dimension h, exactly, so only the softmax's own rounding is measured."""
+    head_dim, block_size, heads = 64, 16, 2
+    length = rng.randint(block_size + 1, head_dim)
+    k_cache, v_cache, block_tables = paged_cache([length], 1, head_dim, block_size,
+                                                 torch.float32, "cpu")
+    scores = torch.tensor([[rng.randint(-120 * 64, 0) / 64 for _ in range(length)]
+                           for _ in range(heads)]) + rng.randint(-50, 50)
+    for t in range(length):
+        block, slot = block_tables[0, t // block_size], t % block_size
+        k_cache[block, slot, 0] = 0.0
+        k_cache[block, slot, 0, :heads] = scores[:, t]
+        v_cache[block, slot, 0] = torch.nn.functional.one_hot(torch.tensor(t), head_dim)
+    q = torch.eye(heads, head_dim).unsqueeze(0)
+    out = cpu_attention.paged_decode_attention(q, k_cache, v_cache, block_tables,
+                                               torch.tensor([length], dtype=torch.int32), 1.0)
+    expected = torch.softmax(scores.double(), dim=-1)
+    weights = out[0, :, :length].double()
+    normal = expected > 1.2e-38  # smaller ones are not normal floats: the kernel may give 0
+    assert torch.allclose(weights[normal], expected[normal], rtol=2e-6, atol=0)
+    assert weights[~normal].abs().lt(1.25e-38).all()
+    assert out[0, :, length:].eq(0).all()
+
+
 @pytest.mark.parametrize("dtype", cpu_attention.DTYPES)
 def test_a_first_block_of_minus_inf_scores_weighs_nothing(rng, dtype):
     """Keys scoring -inf against the query (an overflowed cache row) get weight 0, as in
