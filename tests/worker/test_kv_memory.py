@@ -1,6 +1,7 @@
 """KV cache sizing: from the memory free after loading (GPU share, CPU MemAvailable budget),
 explicit overrides, the capacity log line, and the dtype a worker runs in."""
 
+import gc
 import json
 import logging
 import random
@@ -128,3 +129,49 @@ def test_gpu_worker_takes_checkpoint_dtype_and_sizes_kv_from_free_memory(tmp_pat
     expected = (int(0.5 * total) - in_use) // worker.model_runner.kv_block_bytes()
     assert abs(blocks - expected) <= expected // 100 + 1
     assert f"= {blocks * worker.config.cache.block_size} tokens" in caplog.text
+
+
+def _huge_pages_allowed() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def _anon_huge_kib(address: int) -> int:
+    """AnonHugePages of the mapping of this process that holds `address`."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(part, 16) for part in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_cpu_kv_cache_is_zeroed_writable_and_outlives_its_maker(dtype):
+    shape = (random.randint(1, 300), 16, random.randint(1, 4), 64)
+    cache = kv_memory.allocate_kv_cache(shape, dtype, torch.device("cpu"))
+    assert cache.shape == shape and cache.dtype == dtype and cache.is_contiguous()
+    assert cache.eq(0).all()
+    values = torch.randn(shape).to(dtype)
+    cache.copy_(values)
+    gc.collect()  # the mapping lives as long as the tensor, not the function's locals
+    assert torch.equal(cache, values)
+    assert kv_memory.allocate_kv_cache((0, 16, 2, 64), dtype, torch.device("cpu")).numel() == 0
+
+
+@pytest.mark.skipif(not _huge_pages_allowed(), reason="transparent huge pages are off")
+def test_a_cpu_kv_cache_is_backed_by_huge_pages():
+    """Decode attention reads the cache in scattered blocks; on 2 MiB pages they rarely
+    miss the TLB."""
+    blocks = random.randint(64, 128)  # 16-32 MiB
+    cache = kv_memory.allocate_kv_cache((blocks, 16, 4, 1024), torch.float32,
+                                        torch.device("cpu"))
+    cache.fill_(1.0)
+    assert _anon_huge_kib(cache.data_ptr()) >= 8 * 1024

@@ -26,6 +26,7 @@ from shardline.worker.graph_runner import (CudaGraphRecorder, DecodeGraphRunner,
                                            graph_batch_sizes)
 from shardline.worker.input_batch import (RequestState, StepInputs, build_step_inputs,
                                           fill_ahead_tokens)
+from shardline.worker.kv_memory import allocate_kv_cache
 from shardline.worker.warmup import warm_up_prefill
 
 TUNING_CONTEXT = 1024   # tokens per sequence while decode kernels autotune at capture
@@ -82,8 +83,8 @@ class ModelRunner:
     def initialize_cache(self, num_blocks: int) -> None:
         for attn in self.model.attention_layers():
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
-            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.k_cache = allocate_kv_cache(shape, self.dtype, self.device)
+            attn.v_cache = allocate_kv_cache(shape, self.dtype, self.device)
 
     def warm_up(self) -> None:
         """On CUDA: autotune the Triton kernels for every prefill and logits shape bucket,
