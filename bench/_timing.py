@@ -47,6 +47,20 @@ class Timer:
         return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
+def alternating_medians(fns: dict[str, Callable[[], object]], warmup: int,
+                        reps: int) -> dict[str, float]:
+    """Median wall-clock milliseconds of each of several CPU calls, run in turn round after
+    round, so that a change in the machine's load meets every one of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for rep in range(warmup + reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if rep >= warmup:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def copy_bandwidth(timer: Timer, num_bytes: int) -> float:
     """Bytes/s of a copy of `num_bytes` on the timer's device, counting the read and the
     write: the ceiling a memory-bound kernel is judged against."""

@@ -10,6 +10,7 @@ import ast
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -83,21 +84,47 @@ def test_e2e_decode_tiny_runs_on_cpu(tmp_path):
     assert (tmp_path / "e2e_decode.png").stat().st_size > 0
 
 
-def test_cpu_attention_quick_compares_both_paths(tmp_path):
+def test_cpu_attention_quick_compares_every_path(tmp_path):
+    """With --baseline (here a copy of the installed build) each call also runs on it."""
+    import shardline._cpu_kernels
+    baseline = tmp_path / Path(shardline._cpu_kernels.__file__).name
+    shutil.copy(shardline._cpu_kernels.__file__, baseline)
     out = tmp_path / "cpu_attention.json"
-    run_script("cpu_attention.py", "--quick", "--out", str(out))
+    run_script("cpu_attention.py", "--quick", "--out", str(out), "--baseline", str(baseline))
     result = json.loads(out.read_text())
     assert result["copy_gb_per_s"] > 0 and len(result["per_call"]) == 4
     for row in result["per_call"]:
-        assert row["cpp_ms"] > 0 and row["reference_ms"] > 0
+        assert min(row["cpp_ms"], row["cpp_4k_pages_ms"], row["reference_ms"],
+                   row["baseline_ms"]) > 0
         assert math.isclose(row["speedup"], row["reference_ms"] / row["cpp_ms"])
         assert math.isclose(row["cpp_gb_per_s"], row["kv_bytes"] / row["cpp_ms"] / 1e6)
+        assert math.isclose(row["huge_pages_speedup"], row["cpp_4k_pages_ms"] / row["cpp_ms"])
+        assert math.isclose(row["speedup_over_baseline"], row["baseline_ms"] / row["cpp_ms"])
     e2e = result["end_to_end"]
+    assert set(e2e["runs"]) == {"cpp", "reference", "baseline"}
     for path, runs in e2e["runs"].items():
         assert len(runs) == e2e["rounds"] and e2e["median_tokens_per_s"][path] == \
             statistics.median(runs) > 0
-    assert math.isclose(e2e["speedup"], e2e["median_tokens_per_s"]["cpp"]
-                        / e2e["median_tokens_per_s"]["reference"])
+    medians = e2e["median_tokens_per_s"]
+    assert math.isclose(e2e["speedup"], medians["cpp"] / medians["reference"])
+    assert math.isclose(e2e["speedup_over_baseline"], medians["cpp"] / medians["baseline"])
+
+
+def test_cpu_attention_baseline_build_is_its_own_module(tmp_path, monkeypatch):
+    """A second build loaded under the installed one's name would be the installed module
+    again (CPython keeps one per name), and every A/B would compare a build with itself."""
+    import shardline._cpu_kernels
+    from shardline.kernels import cpu_attention
+    monkeypatch.syspath_prepend(str(BENCH))
+    bench = __import__("cpu_attention")
+    copy = tmp_path / Path(shardline._cpu_kernels.__file__).name
+    shutil.copy(shardline._cpu_kernels.__file__, copy)
+    build = bench.load_build(str(copy))
+    assert build is not shardline._cpu_kernels
+    assert build.paged_decode_attention is not shardline._cpu_kernels.paged_decode_attention
+    seen = []
+    assert bench.on_build(build, lambda: seen.append(cpu_attention._cpu_kernels) or 7)() == 7
+    assert seen == [build] and cpu_attention._cpu_kernels is shardline._cpu_kernels
 
 
 def test_async_scheduling_quick_compares_both_modes(tmp_path):
