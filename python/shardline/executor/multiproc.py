@@ -23,16 +23,19 @@ used as is and left alone.
 
 from __future__ import annotations
 
+import ast
 import itertools
 import logging
 import logging.handlers
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
 from multiprocessing.connection import wait as wait_for_sentinels
+from pathlib import Path
 from typing import Any, Iterator
 
 from shardline.executor.base import EngineDeadError
@@ -268,7 +271,7 @@ class MultiProcExecutor(WorkerGroupExecutor):
             return EngineDeadError(f"worker rank {rank} (pid {proc.pid}) did not start within "
                                    f"{STARTUP_TIMEOUT_S:.0f} s")
         return EngineDeadError(f"worker rank {rank} (pid {proc.pid}) exited with code "
-                               f"{proc.exitcode} while starting")
+                               f"{proc.exitcode} while starting{main_guard_hint()}")
 
     def _rings_closed(self, exc: BaseException) -> EngineDeadError:
         return self._group.dead_error(f"the executor's rings closed: {exc}")
@@ -334,3 +337,25 @@ class MultiProcExecutor(WorkerGroupExecutor):
     def worker_pids(self) -> list[int]:
         """The process ids of this executor's workers, in rank order."""
         return [proc.pid for proc in self._group.procs]
+
+
+def main_guard_hint() -> str:
+    """Why a worker may have died while starting, where the main script shows it: each
+    worker process imports that script again (multiprocessing's spawn), so a script with
+    no `if __name__ == "__main__":` at its top level starts an engine in every worker too,
+    which multiprocessing refuses. Empty where the script has a guard or there is none."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not path:
+        return ""
+    try:
+        tree = ast.parse(Path(path).read_text())
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return ""
+    for node in tree.body:
+        if isinstance(node, ast.If) and any(isinstance(name, ast.Name) and name.id == "__name__"
+                                            for name in ast.walk(node.test)):
+            return ""
+    return (f"; {path} has no `if __name__ == \"__main__\":` block: every worker process "
+            "imports that script again, and the code that made this engine ran in each "
+            "worker too. Put that code under such a block (multiprocessing's message is on "
+            "stderr above)")

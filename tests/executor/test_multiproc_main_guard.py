@@ -1,0 +1,61 @@
+"""A script that starts a multi-rank engine at import time, with no `if __name__ ==
+"__main__":`: every spawned worker imports it again and fails while starting; the error
+says why."""
+
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+from shardline.executor.multiproc import main_guard_hint
+
+UNGUARDED = 'from shardline import LLM\nllm = LLM("tiny-llama", tensor_parallel_size=2)\n'
+
+
+@pytest.fixture
+def main_script(tmp_path, monkeypatch):
+    """Make __main__ a module read from a script with the given text; returns its path."""
+    def use(text: str | None):
+        path = tmp_path / "script.py"
+        main = types.ModuleType("__main__")
+        if text is not None:
+            path.write_text(text)
+            main.__file__ = str(path)
+        monkeypatch.setitem(sys.modules, "__main__", main)
+        return path
+    return use
+
+
+def test_an_unguarded_script_is_named(main_script):
+    path = main_script(UNGUARDED)
+    hint = main_guard_hint()
+    assert str(path) in hint and 'if __name__ == "__main__":' in hint
+
+
+@pytest.mark.parametrize("guard", ['if __name__ == "__main__":', "if '__main__' == __name__:",
+                                   'if __name__ in ("__main__",):'])
+def test_a_guarded_script_gets_no_hint(main_script, guard):
+    main_script(f"import sys\n{guard}\n    " + UNGUARDED.replace("\n", "\n    "))
+    assert main_guard_hint() == ""
+
+
+@pytest.mark.parametrize("case", ["interactive", "does not parse", "gone"])
+def test_no_hint_without_a_readable_script(main_script, case):
+    path = main_script({"interactive": None, "does not parse": "def broken(:\n",
+                        "gone": UNGUARDED}[case])
+    if case == "gone":
+        path.unlink()
+    assert main_guard_hint() == ""
+
+
+def test_the_engines_error_names_the_missing_guard(tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED)
+    shm_before = set(os.listdir("/dev/shm"))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "while starting" in done.stderr and f"{script} has no `if __name__" in done.stderr
+    assert set(os.listdir("/dev/shm")) <= shm_before, "the failed start left shared memory"
