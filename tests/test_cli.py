@@ -391,3 +391,26 @@ def test_every_dtype_name_the_engine_takes_passes_the_flag(name):
     from shardline.engine.cli_args import dtype_arg
 
     assert dtype_arg(name) == name
+
+
+def test_a_layout_the_model_cannot_take_is_named_by_its_flag(capsys):
+    """The engine names its options as LLM's keyword arguments (tensor_parallel_size=3);
+    the command names them as the flags the user typed."""
+    assert main(["generate", "-m", "tiny-llama", "-p", "x", "-tp", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--tensor-parallel-size=3 does not divide" in err
+    assert "tensor_parallel_size" not in err
+
+
+def test_engine_errors_name_every_engine_flag_and_nothing_else(rng, monkeypatch, capsys):
+    size, layers = rng.randint(2, 9), [rng.randint(1, 5) for _ in range(rng.randint(2, 4))]
+    message = (f"pipeline_parallel_size={size} and pipeline_stage_layers={layers} disagree; "
+               f"SamplingParams.n={size} and top_p={size} are not engine options")
+
+    def fail(*args, **kwargs):
+        raise ValueError(message)
+    monkeypatch.setattr(llm_module, "LLM", fail)
+    assert main(["generate", "-m", "tiny-llama", "-p", "x"]) == 2
+    err = capsys.readouterr().err
+    assert (f"--pipeline-parallel-size={size} and --pipeline-stage-layers={layers} disagree; "
+            f"SamplingParams.n={size} and top_p={size} are not engine options") in err

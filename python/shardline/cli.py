@@ -24,7 +24,8 @@ import sys
 import time
 
 from shardline.benchmark.command import add_bench_arguments
-from shardline.engine.cli_args import add_engine_args, engine_kwargs, positive_int
+from shardline.engine.cli_args import (add_engine_args, engine_kwargs, name_by_flags,
+                                        positive_int)
 from shardline.presets import preset_names
 
 DEFAULT_MODEL = "small-llama"
@@ -49,7 +50,12 @@ def _build_llm(args: argparse.Namespace):
 
     _check_model(args.model)
     _say(f"loading {args.model} (dtype {args.dtype}) ...")
-    return LLM(**engine_kwargs(args))
+    try:
+        return LLM(**engine_kwargs(args))
+    except ValueError as exc:
+        if exc.args and isinstance(exc.args[0], str):
+            exc.args = (name_by_flags(exc.args[0], args.engine_flags), *exc.args[1:])
+        raise
 
 
 def _say(text: str) -> None:

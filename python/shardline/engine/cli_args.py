@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import re
+from collections.abc import Iterable
 from typing import Any
 
 from shardline.config import is_dtype_name
@@ -109,6 +111,14 @@ def int_list(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a comma-separated list of integers, e.g. 3,2") from None
+
+
+def name_by_flags(message: str, dests: Iterable[str]) -> str:
+    """An engine error with the options it names as `field=value` (LLM's keyword
+    arguments) named as the command's flags instead, `--field-name=value`."""
+    for dest in dests:
+        message = re.sub(rf"(?<![\w.]){dest}=", f"--{dest.replace('_', '-')}=", message)
+    return message
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
