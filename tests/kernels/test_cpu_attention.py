@@ -142,6 +142,29 @@ def test_a_nan_key_among_minus_inf_ones_still_gives_nan(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", cpu_attention.DTYPES)
+def test_a_nan_key_among_finite_ones_gives_nan(rng, dtype):
+    """A NaN score anywhere in a block of finite ones (the kernel's own exp must keep it)
+    makes the output of the query heads that read it NaN, as in torch's softmax; the other
+    heads are untouched."""
+    lengths = [rng.randint(2, 120) for _ in range(3)]
+    k_cache, v_cache, block_tables = paged_cache(lengths, 2, 64, 16, dtype, "cpu")
+    k_clean = k_cache.clone()
+    seq, kv_head = rng.randrange(len(lengths)), rng.randrange(2)
+    token = rng.randrange(lengths[seq])
+    k_cache[block_tables[seq, token // 16], token % 16, kv_head, rng.randrange(64)] = \
+        float("nan")
+    q = torch.randn(len(lengths), 4, 64, dtype=dtype)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    out = cpu_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
+                                               0.125)
+    poisoned = torch.zeros(out.shape[:2], dtype=torch.bool)
+    poisoned[seq, 2 * kv_head:2 * kv_head + 2] = True
+    assert out[poisoned].isnan().all() and not out[~poisoned].isnan().any()
+    expected = expected_output(q, k_clean, v_cache, block_tables, seq_lens, 0.125)
+    assert_close(out[~poisoned], expected[~poisoned], TOLERANCE)
+
+
+@pytest.mark.parametrize("dtype", cpu_attention.DTYPES)
 def test_a_head_whose_keys_all_score_minus_inf_gets_zeros(rng, dtype):
     """As the reference's SDPA gives a row with nothing to attend to: zeros, not NaN."""
     lengths = [rng.randint(1, 100) for _ in range(4)]
