@@ -1,5 +1,10 @@
 """The C++ paged decode attention (the CPU path) against the torch reference."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -278,3 +283,48 @@ def test_supports_only_cpu_tensors_of_one_supported_dtype():
     assert not cpu_attention.supports(torch.zeros(1, 1, 64, dtype=torch.bfloat16), cache, cache)
     strided = torch.zeros(2, 2, 16, 64).transpose(1, 2)
     assert not cpu_attention.supports(torch.zeros(1, 2, 64), strided, strided.contiguous())
+
+
+_SHORT_OF_MEMORY = """
+import resource, sys, torch
+from checks import paged_cache
+from shardline.kernels import cpu_attention, reference
+
+torch.manual_seed(int(sys.argv[1]))
+lengths = [300] * 8
+k_cache, v_cache, tables = paged_cache(lengths, 2, 64, 16, torch.float32, "cpu")
+q, seq_lens = torch.randn(8, 4, 64), torch.tensor(lengths, dtype=torch.int32)
+expected = reference.paged_decode_attention(q, k_cache.nan_to_num(), v_cache.nan_to_num(),
+                                            tables, seq_lens, 0.125)
+size = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+            if line.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (size + (2 << 20), resource.RLIM_INFINITY))
+out = cpu_attention.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.125,
+                                           threads=4)
+resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+assert (out - expected).abs().max() < 1e-5
+print("all right")
+"""
+
+
+def _thread_stacks_of_8_mib() -> None:
+    """glibc sizes a new thread's stack by RLIMIT_STACK as the process starts."""
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_STACK)[1]
+    soft = 8 << 20 if hard == resource.RLIM_INFINITY else min(8 << 20, hard)
+    resource.setrlimit(resource.RLIMIT_STACK, (soft, hard))
+
+
+def test_threads_it_cannot_start_leave_their_work_to_the_caller(tmp_path, fresh_seed):
+    """With 2 MiB of address space to spare, no thread's 8 MiB stack fits: the threads that
+    cannot start leave their share to the calling thread and the output is whole. The
+    call used to fail ('Resource temporarily unavailable'), and a failed start after a
+    first thread had started aborted the process (std::terminate). (That second case is
+    not tested: with so little memory a started thread may die in glibc itself, which
+    aborts when it cannot allocate thread-local storage.)"""
+    script = tmp_path / "short_of_memory.py"
+    script.write_text(_SHORT_OF_MEMORY)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    done = subprocess.run([sys.executable, str(script), str(fresh_seed)], capture_output=True,
+                          text=True, timeout=300, env=env, preexec_fn=_thread_stacks_of_8_mib)
+    assert done.returncode == 0 and "all right" in done.stdout, done.stderr[-2000:]
