@@ -41,6 +41,27 @@ def test_a_guarded_script_gets_no_hint(main_script, guard):
     assert main_guard_hint() == ""
 
 
+@pytest.mark.parametrize("script", [
+    "try:\n    if __name__ == '__main__':\n        {run}\nexcept KeyboardInterrupt:\n    pass\n",
+    "import sys\nif sys.version_info < (3, 9):\n    sys.exit(1)\nelse:\n"
+    "    if __name__ == '__main__':\n        {run}\n",
+    "import contextlib\nwith contextlib.suppress(KeyboardInterrupt):\n"
+    "    if __name__ == '__main__':\n        {run}\n",
+    "def main():\n    {run}\n\n__name__ == '__main__' and main()\n",
+])
+def test_a_guard_below_the_top_level_gets_no_hint(main_script, script):
+    """The guard still keeps the workers from running the engine's code: no hint."""
+    main_script(script.format(run="llm = LLM('tiny-llama', tensor_parallel_size=2)"))
+    assert main_guard_hint() == ""
+
+
+def test_a_guard_inside_a_function_is_no_guard(main_script):
+    """Where only a function tests __name__, the script's top level still runs anywhere."""
+    path = main_script(UNGUARDED + "def helper():\n    if __name__ == '__main__':\n"
+                       "        return 1\n")
+    assert str(path) in main_guard_hint()
+
+
 @pytest.mark.parametrize("case", ["interactive", "does not parse", "gone"])
 def test_no_hint_without_a_readable_script(main_script, case):
     path = main_script({"interactive": None, "does not parse": "def broken(:\n",

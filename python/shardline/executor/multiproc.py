@@ -351,11 +351,29 @@ def main_guard_hint() -> str:
         tree = ast.parse(Path(path).read_text())
     except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
         return ""
-    for node in tree.body:
-        if isinstance(node, ast.If) and any(isinstance(name, ast.Name) and name.id == "__name__"
-                                            for name in ast.walk(node.test)):
-            return ""
+    if _tests_name_at_import(tree):
+        return ""
     return (f"; {path} has no `if __name__ == \"__main__\":` block: every worker process "
             "imports that script again, and the code that made this engine ran in each "
             "worker too. Put that code under such a block (multiprocessing's message is on "
             "stderr above)")
+
+
+def _tests_name_at_import(tree: ast.Module) -> bool:
+    """Whether code the script runs when imported (anything outside a function's body)
+    tests `__name__`: a guard in any spelling and place, `if __name__ == "__main__":` at
+    the top level or under a try, a with or another if, or `__name__ == "__main__" and
+    main()`. A false hint on a guarded script would send its author after the wrong fix."""
+    pending: list[ast.AST] = [tree]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        test = (node.test if isinstance(node, (ast.If, ast.IfExp, ast.While))
+                else node.subject if isinstance(node, ast.Match)
+                else node if isinstance(node, ast.Compare) else None)
+        if test is not None and any(isinstance(name, ast.Name) and name.id == "__name__"
+                                    for name in ast.walk(test)):
+            return True
+        pending.extend(ast.iter_child_nodes(node))
+    return False
