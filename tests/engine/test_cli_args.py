@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from shardline.engine.cli_args import add_engine_args, engine_kwargs
+from shardline.engine.cli_args import add_engine_args, engine_kwargs, name_by_flags
 from shardline.engine.engine_args import EngineArgs
 
 
@@ -31,3 +31,21 @@ def test_every_flag_reaches_its_engine_args_field_and_command_flags_do_not():
     assert args.pipeline_stage_layers == [3, 2] and args.dtype == "bfloat16"
     assert args.enforce_eager and args.async_scheduling is False and args.device == "cpu"
     assert "seed" not in kwargs and args.seed == EngineArgs("x").seed
+
+
+def test_naming_by_flags_renames_each_option_once_whatever_the_order():
+    """A flag that ends in another option's flag (--kv-cache-dtype, --dtype) is not renamed
+    again by the shorter one, in either order, and a name already a flag stays as it is."""
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser, "tiny-llama")
+    dests = list(parser.parse_args([]).engine_flags)
+    short = random.choice([dest for dest in dests if "_" not in dest])  # its flag is --short
+    long = f"{random.choice(['kv_cache', 'draft', 'speculative'])}_{short}"
+    dests.insert(random.randrange(len(dests) + 1), long)
+    random.shuffle(dests)
+    value = random.randint(1, 99)
+    flag = lambda dest: "--" + dest.replace("_", "-")  # noqa: E731
+    message = f"{long}={value} conflicts with {short}={value + 1} ({flag(short)}={value})"
+    assert name_by_flags(message, dests) == (
+        f"{flag(long)}={value} conflicts with {flag(short)}={value + 1} "
+        f"({flag(short)}={value})")
