@@ -2,10 +2,13 @@
 "__main__":`: every spawned worker imports it again and fails while starting; the error
 says why."""
 
+import importlib.machinery
+import importlib.util
 import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +62,23 @@ def test_a_guard_inside_a_function_is_no_guard(main_script):
     """Where only a function tests __name__, the script's top level still runs anywhere."""
     path = main_script(UNGUARDED + "def helper():\n    if __name__ == '__main__':\n"
                        "        return 1\n")
+    assert str(path) in main_guard_hint()
+
+
+def test_a_packages_main_run_with_dash_m_gets_no_hint(monkeypatch):
+    """`python -m shardline`: its __main__.py has no guard, but spawn never imports a
+    package's __main__ again, so a worker that died while starting died of something else."""
+    package_main = types.ModuleType("__main__")
+    package_main.__spec__ = importlib.util.find_spec("shardline.__main__")
+    package_main.__file__ = package_main.__spec__.origin
+    monkeypatch.setitem(sys.modules, "__main__", package_main)
+    assert "if __name__" not in Path(package_main.__file__).read_text()
+    assert main_guard_hint() == ""
+
+
+def test_a_module_run_with_dash_m_is_imported_again_and_named(main_script):
+    path = main_script(UNGUARDED)
+    sys.modules["__main__"].__spec__ = importlib.machinery.ModuleSpec("tools.script", None)
     assert str(path) in main_guard_hint()
 
 

@@ -344,8 +344,11 @@ def main_guard_hint() -> str:
     worker process imports that script again (multiprocessing's spawn), so a script with
     no `if __name__ == "__main__":` at its top level starts an engine in every worker too,
     which multiprocessing refuses. Empty where the script has a guard or there is none."""
-    path = getattr(sys.modules.get("__main__"), "__file__", None)
-    if not path:
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    # A package's __main__ (`python -m package`) is the one script spawn does not import again.
+    spec_name = getattr(getattr(main, "__spec__", None), "name", "")
+    if not path or f".{spec_name}".endswith(".__main__"):
         return ""
     try:
         tree = ast.parse(Path(path).read_text())
