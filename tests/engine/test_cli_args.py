@@ -49,3 +49,16 @@ def test_naming_by_flags_renames_each_option_once_whatever_the_order():
     assert name_by_flags(message, dests) == (
         f"{flag(long)}={value} conflicts with {flag(short)}={value + 1} "
         f"({flag(short)}={value})")
+
+
+def test_naming_by_flags_leaves_the_values_alone():
+    """An option's value may hold `name=`, a model directory such as /models/dtype=bf16
+    or a repr'd string: it is the user's text and stays as it is."""
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser, "tiny-llama")
+    dests = parser.parse_args([]).engine_flags
+    inner = random.choice(dests)
+    path = f"/models/{inner}={random.randint(1, 99)}/weights"
+    message = f"model={path!r} has no config.json; model='{inner}=x' (model={path})"
+    assert name_by_flags(message, dests) == (
+        f"--model={path!r} has no config.json; --model='{inner}=x' (--model={path})")

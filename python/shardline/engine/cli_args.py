@@ -115,12 +115,13 @@ def int_list(text: str) -> list[int]:
 
 def name_by_flags(message: str, dests: Iterable[str]) -> str:
     """An engine error with the options it names as `field=value` (LLM's keyword
-    arguments) named as the command's flags instead, `--field-name=value`. A name
-    preceded by `-` is left alone: it is already a flag, or the end of one renamed
-    before it (`--kv-cache-dtype=` holds `dtype=`)."""
+    arguments) named as the command's flags instead, `--field-name=value`. Only a name
+    that starts a word (after a space, an opening bracket, , ; or :) is renamed: not the tail
+    of a longer name or flag (`--kv-cache-dtype=` holds `dtype=`), nor a piece of a value
+    such as the model's path (`/models/dtype=bf16`)."""
     for dest in dests:
-        message = re.sub(rf"(?<![\w.-]){re.escape(dest)}=", f"--{dest.replace('_', '-')}=",
-                         message)
+        message = re.sub(rf"(?<![^\s(\[{{,;:]){re.escape(dest)}=",
+                         f"--{dest.replace('_', '-')}=", message)
     return message
 
 
