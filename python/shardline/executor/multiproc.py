@@ -342,8 +342,9 @@ class MultiProcExecutor(WorkerGroupExecutor):
 def main_guard_hint() -> str:
     """Why a worker may have died while starting, where the main script shows it: each
     worker process imports that script again (multiprocessing's spawn), so a script with
-    no `if __name__ == "__main__":` at its top level starts an engine in every worker too,
-    which multiprocessing refuses. Empty where the script has a guard or there is none."""
+    no `if __name__ == "__main__":` anywhere it runs on import starts an engine in every
+    worker too, which multiprocessing refuses. Empty where the script has a guard, where
+    spawn does not import it again (a package's __main__) or where there is none."""
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
     # A package's __main__ (`python -m package`) is the one script spawn does not import again.
