@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstring>
 #include <exception>
 #include <limits>
 #include <stdexcept>
@@ -95,6 +96,19 @@ private:
     int64_t token_bytes_ = 0, row_bytes_ = 0, n_ = 0, rows_left_ = 0, offset_ = 0, per_step_ = 0;
 };
 
+// The bits of `from` read as a To (std::bit_cast, or a copy where the standard library
+// predates it: GCC 10 takes -std=c++20 without it).
+template <class To, class From>
+inline To bits_as(From from) {
+#ifdef __cpp_lib_bit_cast
+    return std::bit_cast<To>(from);
+#else
+    To to;
+    std::memcpy(&to, &from, sizeof(to));
+    return to;
+#endif
+}
+
 // exp(x) for x <= 0, -inf or NaN (a score minus the running max), branch-free so that the
 // compiler vectorizes the loop that calls it (expf is a call per score): exp(x) = 2^n e^r
 // with n = round(x / ln 2) and |r| <= ln(2) / 2, e^r by its Taylor series to r^7
@@ -115,8 +129,8 @@ inline float exp_nonpositive(float x) {
     p = p * r + 1.0f;
     p = p * r + 1.0f;
     // 2^n from n + 127 as the exponent bits; n is shifted's low mantissa bits less rounder's.
-    const uint32_t n_bits = std::bit_cast<uint32_t>(shifted) - std::bit_cast<uint32_t>(rounder);
-    const float scale = std::bit_cast<float>((n_bits + 127u) << 23);
+    const uint32_t n_bits = bits_as<uint32_t>(shifted) - bits_as<uint32_t>(rounder);
+    const float scale = bits_as<float>((n_bits + 127u) << 23);
     return p * scale;
 }
 

@@ -174,4 +174,5 @@ def test_a_cpu_kv_cache_is_backed_by_huge_pages():
     cache = kv_memory.allocate_kv_cache((blocks, 16, 4, 1024), torch.float32,
                                         torch.device("cpu"))
     cache.fill_(1.0)
-    assert _anon_huge_kib(cache.data_ptr()) >= 8 * 1024
+    # At least one: where memory is too fragmented for more, Linux falls back to 4 KiB pages.
+    assert _anon_huge_kib(cache.data_ptr()) >= 2048
