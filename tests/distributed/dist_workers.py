@@ -9,9 +9,13 @@ from __future__ import annotations
 import importlib
 import traceback
 from multiprocessing.queues import Queue
+from typing import TYPE_CHECKING
 
 from shardline.distributed import parallel_state as ps
 from shardline.distributed.grid import RankGrid
+
+if TYPE_CHECKING:
+    import torch
 
 TIMEOUT = 60.0
 
@@ -67,7 +71,7 @@ def _inputs(seed: int, n: int, shape: tuple[int, ...], dtype=None, salt: int = 0
     return [x.to(dtype) if dtype is not None else x for x in xs]
 
 
-def _fp32_bound(xs: list) -> "torch.Tensor":
+def _fp32_bound(xs: list) -> torch.Tensor:
     """How far an fp32 sum of xs, in any order, may be from the exact sum: each of the
     n - 1 additions rounds by at most half an ulp of a partial sum, which is at most
     sum(|x|); (n - 1) * eps * sum(|x|) covers it."""
@@ -160,7 +164,7 @@ def check_every_op(rank: int, seed: int) -> dict:
     return comm.stats.snapshot()
 
 
-def _rank_order_sum(xs: list) -> "torch.Tensor":
+def _rank_order_sum(xs: list) -> torch.Tensor:
     """What the shared-memory all-reduce computes: the ranks' inputs added in rank order,
     in fp32 for 16-bit floats (rounded once at the end), wrapping for integers."""
     import torch
