@@ -23,22 +23,20 @@ used as is and left alone.
 
 from __future__ import annotations
 
-import ast
 import itertools
 import logging
 import logging.handlers
 import multiprocessing
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
 from multiprocessing.connection import wait as wait_for_sentinels
-from pathlib import Path
 from typing import Any, Iterator
 
 from shardline.executor.base import EngineDeadError
+from shardline.executor.main_guard import main_guard_hint
 from shardline.executor.worker_group import RanksTimedOut, WorkerGroup, WorkerGroupExecutor
 from shardline.executor.worker_proc import (ALL_RANKS, SHUTDOWN, UNREADABLE_CALL,
                                             UNREADABLE_CALL_EXIT, WorkerArgs, read_reply,
@@ -338,46 +336,3 @@ class MultiProcExecutor(WorkerGroupExecutor):
         """The process ids of this executor's workers, in rank order."""
         return [proc.pid for proc in self._group.procs]
 
-
-def main_guard_hint() -> str:
-    """Why a worker may have died while starting, where the main script shows it: each
-    worker process imports that script again (multiprocessing's spawn), so a script with
-    no `if __name__ == "__main__":` anywhere it runs on import starts an engine in every
-    worker too, which multiprocessing refuses. Empty where the script has a guard, where
-    spawn does not import it again (a package's __main__) or where there is none."""
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    # A package's __main__ (`python -m package`) is the one script spawn does not import again.
-    spec_name = getattr(getattr(main, "__spec__", None), "name", "")
-    if not path or f".{spec_name}".endswith(".__main__"):
-        return ""
-    try:
-        tree = ast.parse(Path(path).read_text())
-    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
-        return ""
-    if _tests_name_at_import(tree):
-        return ""
-    return (f"; {path} has no `if __name__ == \"__main__\":` block: every worker process "
-            "imports that script again, and the code that made this engine ran in each "
-            "worker too. Put that code under such a block (multiprocessing's message is on "
-            "stderr above)")
-
-
-def _tests_name_at_import(tree: ast.Module) -> bool:
-    """Whether code the script runs when imported (anything outside a function's body)
-    tests `__name__`: a guard in any spelling and place, `if __name__ == "__main__":` at
-    the top level or under a try, a with or another if, or `__name__ == "__main__" and
-    main()`. A false hint on a guarded script would send its author after the wrong fix."""
-    pending: list[ast.AST] = [tree]
-    while pending:
-        node = pending.pop()
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-            continue
-        test = (node.test if isinstance(node, (ast.If, ast.IfExp, ast.While))
-                else node.subject if isinstance(node, ast.Match)
-                else node if isinstance(node, ast.Compare) else None)
-        if test is not None and any(isinstance(name, ast.Name) and name.id == "__name__"
-                                    for name in ast.walk(test)):
-            return True
-        pending.extend(ast.iter_child_nodes(node))
-    return False

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shardline.executor.multiproc import main_guard_hint
+from shardline.executor.main_guard import main_guard_hint
 
 UNGUARDED = 'from shardline import LLM\nllm = LLM("tiny-llama", tensor_parallel_size=2)\n'
 
