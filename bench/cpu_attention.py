@@ -7,7 +7,7 @@ reference's copy padded to the longest costs most), in blocks of 16 scattered ov
 cache as a running engine leaves them; the median of many calls, the bytes of K and V
 the kernel must read, and the machine's copy bandwidth for scale. The caches are
 allocated as the engine allocates them (on 2 MiB pages where Linux allows); the kernel is
-also timed on caches in torch's own allocation (4 KiB pages). With `--baseline`, another
+also timed on copies of the caches held on 4 KiB pages. With `--baseline`, another
 build of the module (an earlier commit's, say) runs the same calls, alternating with this
 one in the same process. End to end: offline throughput of small-llama on the 64-prompt
 workload of bench/throughput.py, a fresh LLM per run, the paths alternating within each
@@ -29,6 +29,7 @@ import argparse
 import importlib.machinery
 import importlib.util
 import json
+import mmap
 import random
 import statistics
 import sys
@@ -74,6 +75,16 @@ def decode_case(batch: int, context: int, lengths: str, heads: tuple[int, int, i
     return args, 2 * sum(seq_lens) * num_kv_heads * head_dim * 4
 
 
+def on_small_pages(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` in memory Linux may not back with huge pages (MADV_NOHUGEPAGE), as
+    even torch's own allocation gets them where transparent huge pages are 'always'."""
+    memory = mmap.mmap(-1, t.numel() * t.element_size(),
+                       flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        memory.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(memory, dtype=t.dtype).view(t.shape).copy_(t)
+
+
 def load_build(path: str):
     """Another build of shardline._cpu_kernels, loaded beside the installed one. It gets a
     module name of its own: CPython keeps one single-phase extension module per name, and
@@ -105,7 +116,7 @@ def per_call(cases: list[tuple], reps: tuple[int, int], rng: random.Random,
         for batch, context, lengths in cases:
             args, kv_bytes = decode_case(batch, context, lengths,
                                          (num_heads, num_kv_heads, head_dim), rng)
-            small_pages = (args[0], args[1].clone(), args[2].clone(), *args[3:])
+            small_pages = (args[0], on_small_pages(args[1]), on_small_pages(args[2]), *args[3:])
             calls = {"cpp": lambda: cpu_attention.paged_decode_attention(*args),
                      "cpp_4k_pages": lambda: cpu_attention.paged_decode_attention(*small_pages),
                      "reference": lambda: reference.paged_decode_attention(*args)}

@@ -125,6 +125,9 @@ def test_cpu_attention_baseline_build_is_its_own_module(tmp_path, monkeypatch):
     seen = []
     assert bench.on_build(build, lambda: seen.append(cpu_attention._cpu_kernels) or 7)() == 7
     assert seen == [build] and cpu_attention._cpu_kernels is shardline._cpu_kernels
+    cache = torch.randn(5, 16, 2, 64).to(torch.bfloat16)
+    copy = bench.on_small_pages(cache)
+    assert torch.equal(copy, cache) and copy.data_ptr() != cache.data_ptr()
 
 
 def test_async_scheduling_quick_compares_both_modes(tmp_path):
