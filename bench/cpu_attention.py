@@ -29,7 +29,6 @@ import argparse
 import importlib.machinery
 import importlib.util
 import json
-import mmap
 import random
 import statistics
 import sys
@@ -46,7 +45,7 @@ from shardline.benchmark.offline import run_offline  # noqa: E402
 from shardline.benchmark.workload import make_workload  # noqa: E402
 from shardline.kernels import cpu_attention, reference  # noqa: E402
 from shardline.presets import resolve_model  # noqa: E402
-from shardline.worker.kv_memory import allocate_kv_cache  # noqa: E402
+from shardline.worker.kv_memory import allocate_kv_cache, anonymous_tensor  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK = 16
@@ -78,11 +77,7 @@ def decode_case(batch: int, context: int, lengths: str, heads: tuple[int, int, i
 def on_small_pages(t: torch.Tensor) -> torch.Tensor:
     """A copy of `t` in memory Linux may not back with huge pages (MADV_NOHUGEPAGE), as
     even torch's own allocation gets them where transparent huge pages are 'always'."""
-    memory = mmap.mmap(-1, t.numel() * t.element_size(),
-                       flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):
-        memory.madvise(mmap.MADV_NOHUGEPAGE)
-    return torch.frombuffer(memory, dtype=t.dtype).view(t.shape).copy_(t)
+    return anonymous_tensor(tuple(t.shape), t.dtype, huge_pages=False).copy_(t)
 
 
 def load_build(path: str):

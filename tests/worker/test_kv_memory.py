@@ -176,3 +176,13 @@ def test_a_cpu_kv_cache_is_backed_by_huge_pages():
     cache.fill_(1.0)
     # At least one: where memory is too fragmented for more, Linux falls back to 4 KiB pages.
     assert _anon_huge_kib(cache.data_ptr()) >= 2048
+
+
+def test_anonymous_memory_asked_for_small_pages_gets_no_huge_ones():
+    """What the bench compares the cache against: 4 KiB pages even where transparent huge
+    pages are 'always'."""
+    blocks = random.randint(64, 128)  # 16-32 MiB
+    tensor = kv_memory.anonymous_tensor((blocks, 16, 4, 1024), torch.float32, huge_pages=False)
+    assert tensor.eq(0).all()
+    tensor.fill_(1.0)
+    assert _anon_huge_kib(tensor.data_ptr()) == 0

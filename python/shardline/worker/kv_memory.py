@@ -98,17 +98,29 @@ def allocate_kv_cache(shape: tuple[int, ...], dtype: torch.dtype,
     memory that Linux backs with 2 MiB pages where transparent huge pages allow it.
 
     Decode attention reads a sequence's blocks wherever they lie, a few KiB at a time: on
-    4 KiB pages nearly every block misses the TLB, and on 2 MiB pages few do (decode
-    attention 1.1-1.8x faster, bench/README.md). The pages are also only taken when first
-    written, where a torch.zeros cache took all of its memory at start.
+    4 KiB pages more of those reads miss the TLB (in small-llama's offline run decode
+    attention took 1.15 s on huge pages against 1.24 s; bench/README.md). The pages are
+    also only taken when first written, where a torch.zeros cache took all of its memory
+    at start.
     """
-    num_bytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-    if device.type != "cpu" or num_bytes == 0:
+    if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
+    return anonymous_tensor(shape, dtype, huge_pages=True)
+
+
+def anonymous_tensor(shape: tuple[int, ...], dtype: torch.dtype,
+                     huge_pages: bool) -> torch.Tensor:
+    """A zeroed CPU tensor in anonymous memory, whose pages are taken when first written,
+    with Linux asked to back it with 2 MiB pages or never to (where the kernel knows
+    transparent huge pages at all)."""
+    num_bytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    if num_bytes == 0:
+        return torch.zeros(shape, dtype=dtype)
     memory = mmap.mmap(-1, num_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+    advice = getattr(mmap, "MADV_HUGEPAGE" if huge_pages else "MADV_NOHUGEPAGE", None)
+    if advice is not None:
         with contextlib.suppress(OSError):  # a kernel built without huge pages
-            memory.madvise(mmap.MADV_HUGEPAGE)
+            memory.madvise(advice)
     return torch.frombuffer(memory, dtype=dtype).view(shape)
 
 
