@@ -150,3 +150,70 @@ def test_stop_lists_name_their_item_type(field, kind):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field}=.* is invalid: must be "
                                          rf"None, {kind} or a list of them"):
         SamplingParams(**{field: 2.5})
+
+
+def test_fields_changed_after_construction_are_taken_as_the_constructor_takes_them(
+        fresh_seed):
+    """validate, which the engine runs on every request's params, raised TypeError ('NoneType'
+    object is not iterable) for stop or stop_token_ids set to None or to a lone token id
+    after construction, values the constructor takes."""
+    np = pytest.importorskip("numpy")
+    rng = random.Random(fresh_seed)
+    token, text = rng.randrange(1000), "".join(rng.choices("abcxyz", k=rng.randint(1, 4)))
+    params = SamplingParams(stop=["q"], stop_token_ids=[rng.randrange(1000)])
+    params.stop, params.stop_token_ids = None, token
+    params.validate()
+    assert (params.stop, params.stop_token_ids) == ([], [token])
+    params.stop, params.stop_token_ids = text, np.int64(token)
+    params.validate()
+    assert (params.stop, params.stop_token_ids) == ([text], [token])
+    assert type(params.stop_token_ids[0]) is int
+    assert SamplingParams(stop_token_ids=np.int32(token)).stop_token_ids == [token]
+    for field, value, kind in [("stop", token, "a string"), ("stop_token_ids", text, "an integer")]:
+        params = SamplingParams()
+        setattr(params, field, value)
+        with pytest.raises(ValueError, match=rf"SamplingParams\.{field}={value!r} is invalid: "
+                                             rf"must be None, {kind} or a list of them"):
+            params.validate()
+
+
+@pytest.mark.parametrize("surrogate", ["\ud800", "\udfff"])
+def test_stop_strings_must_be_text_the_workers_can_receive(surrogate, fresh_seed):
+    """A stop string with a lone surrogate (JSON's "\\ud800" escape gives one) was taken;
+    the rings' msgpack could not encode it, and the multi-process engine's next step failed
+    for good."""
+    rng = random.Random(fresh_seed)
+    text = "".join(rng.choices("abc", k=rng.randint(0, 3)))
+    bad = text + surrogate + text
+    with pytest.raises(ValueError, match=r"SamplingParams\.stop=.* is invalid: must be a list "
+                                         r"of non-empty strings of text \(no lone UTF-16 "
+                                         r"surrogates\)"):
+        SamplingParams(stop=["ok", bad])
+    _assert_crosses_the_rings(SamplingParams(stop=[text + "\U0001F600" + text]))
+
+
+def test_repetition_penalty_too_small_for_float32_logits_is_refused(fresh_seed):
+    """repetition_penalty=1e-40 was taken: the seen tokens' logits overflowed to inf, the
+    logprobs came out NaN and sampling drew token 0 at every step."""
+    import torch
+
+    from shardline.layers.sampler import Sampler, SamplingBatch
+    from shardline.sampling_params import MIN_REPETITION_PENALTY
+
+    rng = random.Random(fresh_seed)
+    tiny = MIN_REPETITION_PENALTY * rng.uniform(1e-40, 0.99)
+    with pytest.raises(ValueError, match=rf"SamplingParams\.repetition_penalty={tiny!r} is "
+                                         rf"invalid: must be >= {MIN_REPETITION_PENALTY}"):
+        SamplingParams(repetition_penalty=tiny)
+    # At the limit, logits as large as a model's stay finite, and so do the logprobs.
+    vocab = rng.randint(8, 64)
+    logits = torch.randn(2, vocab) * 30
+    params = [SamplingParams(temperature=t, repetition_penalty=MIN_REPETITION_PENALTY,
+                             logprobs=vocab, seed=rng.randrange(2**31)) for t in (0.0, 1.0)]
+    batch = SamplingBatch(params=params, prompt_token_ids=[list(range(vocab))] * 2,
+                          output_token_ids=[[], []],
+                          generators=[torch.Generator().manual_seed(p.seed) for p in params])
+    tokens, logprobs = Sampler()(logits, batch).to_host()
+    for token, lp in zip(tokens, logprobs):
+        assert 0 <= token < vocab
+        assert all(math.isfinite(v) for v in (lp.sampled_logprob, *lp.top_logprobs)), lp

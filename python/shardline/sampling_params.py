@@ -11,6 +11,10 @@ import numbers
 from dataclasses import asdict, dataclass, field, fields
 
 MIN_TEMPERATURE = 1e-5
+# Seen tokens' positive logits are divided by the repetition penalty. At this value the
+# sampler already picks among seen tokens only; far below it the fp32 logits overflow to
+# inf, and the softmax of two infs gives NaN logprobs and draws token 0 every time.
+MIN_REPETITION_PENALTY = 1e-5
 # Samples of one prompt. Far above any real use; it stops a mistaken huge n, for which the
 # engine would build sequences until the host ran out of memory.
 MAX_N = 4096
@@ -27,7 +31,8 @@ class SamplingParams:
 
     temperature == 0 means greedy; otherwise it must be at least MIN_TEMPERATURE, below
     which dividing the logits overflows. top_k == -1, top_p == 1 and min_p == 0 disable
-    top-k, nucleus and min-p filtering. `seed` makes the sampled tokens
+    top-k, nucleus and min-p filtering. repetition_penalty must be at least
+    MIN_REPETITION_PENALTY, for the same reason as temperature. `seed` makes the sampled tokens
     reproducible regardless of which other requests share the batch. `max_tokens=None`
     generates until a stop condition or until the sequence (prompt included) holds
     max_model_len tokens, or as many as the KV cache can hold if that is fewer; it then
@@ -56,15 +61,18 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Take numpy numbers as Python ones and `stop` / `stop_token_ids` as lists, as on
+        construction; raise ValueError naming the first invalid field. Run again after the
+        fields were changed (the engine does), it takes what the constructor takes."""
         for name in (*_INT_FIELDS, *_REAL_FIELDS):
             setattr(self, name, _python_number(getattr(self, name)))
         self.stop = _as_list(self.stop, "stop", str)
         self.stop_token_ids = [_python_number(t) for t in
-                               _as_list(self.stop_token_ids, "stop_token_ids", int)]
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first invalid field (also after later mutation)."""
+                               _as_list(_python_number(self.stop_token_ids),
+                                        "stop_token_ids", int)]
         _check(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", self.n,
                f"an integer from 1 to {MAX_N}")
         for name in _REAL_FIELDS:
@@ -76,7 +84,8 @@ class SamplingParams:
                "top_k", self.top_k, "-1 (disabled) or an integer from 1 to 2**63 - 1")
         _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "in (0, 1]")
         _check(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "in [0, 1]")
-        _check(self.repetition_penalty > 0.0, "repetition_penalty", self.repetition_penalty, "> 0")
+        _check(self.repetition_penalty >= MIN_REPETITION_PENALTY, "repetition_penalty",
+               self.repetition_penalty, f">= {MIN_REPETITION_PENALTY}")
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", self.presence_penalty,
                "in [-2, 2]")
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
@@ -96,8 +105,9 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name),
                    "True or False")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
-               "a list of non-empty strings")
+        # The workers get the params through msgpack, which cannot encode a lone surrogate.
+        _check(all(isinstance(s, str) and s and _is_text(s) for s in self.stop), "stop",
+               self.stop, "a list of non-empty strings of text (no lone UTF-16 surrogates)")
         _check(all(_is_int(t) and 0 <= t <= MAX_INT for t in self.stop_token_ids),
                "stop_token_ids", self.stop_token_ids,
                "a list of token ids (integers from 0 to 2**63 - 1)")
@@ -144,6 +154,16 @@ def _python_number(value: object) -> object:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_text(value: str) -> bool:
+    """Whether the string encodes to UTF-8 (holds no lone surrogate, as a JSON "\\ud800"
+    escape gives)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_real(value: object) -> bool:
