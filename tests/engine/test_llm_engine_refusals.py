@@ -1,6 +1,7 @@
 """Requests the engine refuses, each with a ValueError naming what is wrong, while the other
 requests keep being served: bad prompts and sampling params, a request that can never fit
-the KV cache or the step budget, a duplicate request id, too many logprobs."""
+the KV cache or the step budget, a duplicate request id or one that is no string of text,
+too many logprobs."""
 
 import random
 
@@ -32,6 +33,12 @@ pytestmark = pytest.mark.usefixtures("seeded_random")
     ([1, 2], dict(logprobs=VOCAB + 1), f"logprobs={VOCAB + 1} is invalid: must be None or at "
                                        f"most {VOCAB}"),
     ([1, 2], dict(logprobs=10**9), "logprobs=1000000000"),
+    # Set after construction, these raised TypeError from inside validate.
+    ([1, 2], dict(stop=5), r"SamplingParams\.stop=5 is invalid"),
+    ([1, 2], dict(stop_token_ids=2.5), r"SamplingParams\.stop_token_ids=2\.5 is invalid"),
+    # Taken before: NaN logprobs; a step the rings' msgpack cannot encode.
+    ([1, 2], dict(repetition_penalty=1e-40), "repetition_penalty=1e-40"),
+    ([1, 2], dict(stop=["a\udc80"]), r"SamplingParams\.stop=.*\(no lone UTF-16 surrogates\)"),
 ])
 def test_bad_request_fails_alone(prompt, params, message):
     engine = make_engine()
@@ -88,6 +95,30 @@ def test_prompt_over_budget_without_chunked_prefill_is_refused():
     engine.add_request("short", list(range(1, 9)), GREEDY)
     while engine.has_unfinished_requests():
         engine.step()
+    assert_all_free(engine)
+
+
+@pytest.mark.parametrize("request_id, message", [
+    (("r",), r"request_id=\('r',\) \(tuple\) is invalid: must be a string"),
+    (7, r"request_id=7 \(int\) is invalid: must be a string"),
+    (None, r"request_id=None \(NoneType\) is invalid: must be a string"),
+    (b"r", r"request_id=b'r' \(bytes\) is invalid: must be a string"),
+    ("r\ud800", r"request_id='r\\ud800' is invalid: it holds '\\ud800' at index 1, a lone "
+                 "UTF-16 surrogate"),
+])
+def test_request_id_that_cannot_reach_the_workers_is_refused(request_id, message):
+    """The ids travel to the workers by msgpack: a tuple came back as a list, which the
+    engine could not look up (TypeError: unhashable), and a lone surrogate could not be
+    encoded. Either failed the step, and the engine with every request in it."""
+    engine = make_engine()
+    good = random_prompts(2, 5, 10)
+    engine.add_request("good0", good[0], GREEDY)
+    with pytest.raises(ValueError, match=message):
+        engine.add_request(request_id, good[1], GREEDY)
+    done = set()
+    while engine.has_unfinished_requests():
+        done |= {o.request_id for o in engine.step() if o.finished}
+    assert done == {"good0"}
     assert_all_free(engine)
 
 
