@@ -4,8 +4,9 @@ The executor writes every call once into `rpc_broadcast_mq` (one ring, read by e
 worker) and reads the replies from `worker_response_mqs[rank]` (one ring per worker).
 `execute_model` is answered by the output rank alone (the first TP rank of the last
 pipeline stage); its non-blocking form returns a StepFuture, so the engine can keep
-several steps in flight. A watcher thread notices a worker's death at once and closes
-the rings, so that every pending and later call raises EngineDeadError instead of waiting.
+several steps in flight. A watcher thread notices a worker's death at once (and a worker
+left stopped within seconds: executor.stopped_workers) and closes the rings, so that every
+pending and later call raises EngineDeadError instead of waiting.
 
 Under data parallelism an executor runs one engine core's slice of the rank grid: its
 workers hold global ranks (they join one torch.distributed world with every other
@@ -37,6 +38,7 @@ from typing import Any, Iterator
 
 from shardline.executor.base import EngineDeadError
 from shardline.executor.main_guard import main_guard_hint
+from shardline.executor.stopped_workers import StoppedWorkers
 from shardline.executor.worker_group import RanksTimedOut, WorkerGroup, WorkerGroupExecutor
 from shardline.executor.worker_proc import (ALL_RANKS, SHUTDOWN, UNREADABLE_CALL,
                                             UNREADABLE_CALL_EXIT, WorkerArgs, read_reply,
@@ -157,6 +159,7 @@ class _Workers(WorkerGroup):
         self.log_listener = logging.handlers.QueueListener(self.log_queue, _RankLogs())
         self.started = False
         self.rendezvous: FileRendezvous | None = None
+        self.stopped_workers = StoppedWorkers()
 
     def close_rings(self) -> None:
         broadcast = [self.rpc_broadcast_mq] if self.rpc_broadcast_mq else []
@@ -182,6 +185,13 @@ class _Workers(WorkerGroup):
             deaths.append(f"worker rank {self.first_rank + i} (pid {proc.pid}) died with "
                           f"exit code {code}" + exit_cause(code, broadcast))
         return "; ".join(deaths)
+
+    def stalled(self) -> str | None:
+        stalled = self.stopped_workers.poll([proc.pid for proc in self.procs])
+        return "; ".join(
+            f"worker rank {self.first_rank + i} (pid {self.procs[i].pid}) has been stopped "
+            f"(SIGSTOP, SIGTSTP or a terminal's job control) for {seconds:.1f} s, and the "
+            "engine cannot step without it" for i, seconds in stalled) or None
 
     def stop_workers(self) -> None:
         if self.started and self.dead is None:

@@ -2,7 +2,8 @@
 or dies as a whole, and the executor contract built on that group.
 
 A `WorkerGroup` holds everything `shutdown` releases and knows whether the workers still
-serve. A watcher thread waits for any worker to end; it then records the executor dead,
+serve. A watcher thread waits for any worker to end (or to stay stopped, where the group
+can tell); it then records the executor dead,
 so that every waiting and later call raises the same EngineDeadError, and tells the death
 callbacks (data-parallel cores fail together through them). `WorkerGroupExecutor` gives
 `collective_rpc` (one reply per rank, in rank order, and a timeout that names the ranks
@@ -94,6 +95,11 @@ class WorkerGroup(ABC):
     def release(self) -> None:
         """Give back what the stopped workers held (rings, placement, connections)."""
 
+    def stalled(self) -> str | None:
+        """Which workers live but can no longer serve (stopped processes), for the
+        EngineDeadError; None while every live worker can. Polled by the watcher."""
+        return None
+
     def interrupt(self) -> None:
         """Wake the calls waiting on the workers now, once the group is dead. Nothing to
         do where waiting calls check `dead` on their own."""
@@ -112,14 +118,16 @@ class WorkerGroup(ABC):
         return not self.stopping and self.dead is None
 
     def watch(self) -> None:
-        """The watcher thread: when a worker ends, the executor is dead; every pending and
-        later call raises, and `on_death` is told."""
+        """The watcher thread: when a worker ends (or `stalled` names one that cannot
+        serve), the executor is dead; every pending and later call raises, and `on_death`
+        is told."""
         while self._watching():
             ended = self.wait_ended(WATCH_POLL_S)
             if ended is None:
                 return
-            if ended and self._watching():
-                error = EngineDeadError(self.describe_ended(ended))
+            cause = self.describe_ended(ended) if ended else self.stalled()
+            if cause and self._watching():
+                error = EngineDeadError(cause)
                 if self.set_dead(error):
                     logger.error("%s", error)
                     for callback in self.on_death:

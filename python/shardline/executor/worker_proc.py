@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, NoReturn
 
+from shardline.executor.stopped_workers import process_state
 from shardline.ipc import FrameError, MessageQueue, MessageQueueHandle, PeerDied, RingClosed
 from shardline.worker.worker_class import import_worker_class
 
@@ -138,12 +139,8 @@ class EngineWatch:
         return self._main_thread_ended()
 
     def _main_thread_ended(self) -> bool:
-        try:
-            with open(f"/proc/{self._engine_pid}/stat") as stat:
-                fields = stat.read()
-        except OSError:
-            return True
-        return fields[fields.rindex(")") + 2] in "ZXx"  # zombie or dead
+        state = process_state(self._engine_pid)
+        return state is None or state in "ZXx"  # zombie or dead
 
     def _watch(self) -> None:
         while not self.engine_gone(None):
