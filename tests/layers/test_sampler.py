@@ -160,3 +160,25 @@ def test_reading_the_tokens_does_not_wait_for_work_queued_after_them():
     torch.cuda.synchronize()
     assert waited < 0.2, f"the read waited {waited:.2f} s for later work"
     assert tokens == out.token_ids.tolist() and all(lp is not None for lp in logprobs)
+
+
+def test_a_zero_noise_draw_never_picks_a_token_filtered_out(monkeypatch, fresh_seed):
+    """torch's CPU exponential_ can return 0 (pytorch#22557); where it did at a token that
+    top-k had filtered out, p / E was 0 / 0 = NaN, which argmax takes as the largest: the
+    row drew that token."""
+    rows, k = 4, 3
+    logits = torch.randn(rows, V)
+    real_exponential = torch.Tensor.exponential_
+
+    def exponential_with_zeros(self, *args, **kwargs):
+        real_exponential(self, *args, **kwargs)
+        flat = self.view(-1)
+        flat[torch.randperm(flat.numel())[:flat.numel() // 2]] = 0.0
+        return self
+    monkeypatch.setattr(torch.Tensor, "exponential_", exponential_with_zeros)
+    for batch in (_batch([SamplingParams(top_k=k, seed=s) for s in range(rows)]),
+                  SamplingBatch([SamplingParams(top_k=k)] * rows, [[]] * rows, [[]] * rows,
+                                [torch.Generator().manual_seed(fresh_seed)] * rows)):
+        tokens, _ = sample(logits, batch)
+        for row, tok in enumerate(tokens):
+            assert tok in logits[row].topk(k).indices.tolist()

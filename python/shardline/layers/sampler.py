@@ -93,7 +93,7 @@ def apply_filters(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
 
 def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """One token per row of probs [N, V]: the argmax of p / E with E ~ Exp(1), which picks
-    token t with probability p[t]. Row i's noise comes from generators[i]; rows that share
+    token t with probability p[t], never one of probability 0. Row i's noise comes from generators[i]; rows that share
     a generator draw their noise in one call."""
     noise = torch.empty_like(probs)
     rows_of: dict[int, list[int]] = {}
@@ -107,7 +107,9 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor
             shared = torch.empty(len(rows), probs.shape[1], dtype=probs.dtype,
                                  device=probs.device).exponential_(generator=gen)
             noise[to_device(rows, probs.device, torch.int64)] = shared
-    return (probs / noise).argmax(dim=-1)
+    # torch's CPU exponential_ can return 0 (-log(1 - u) at u = 0, pytorch#22557): 0 / 0
+    # would be NaN, which argmax takes as the largest, drawing a token filtered out.
+    return (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
 
 
 @dataclass
