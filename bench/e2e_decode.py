@@ -153,7 +153,7 @@ def graph_step_ms(runner, req_ids: list[str]) -> float:
 
 def bench_batch(llm, batch: int, plan: Plan, shape: ModelShape, dtype: torch.dtype,
                 device: torch.device, weights: int, bandwidth: float) -> BatchResult:
-    """One untimed run first (Triton autotunes and compiles for every shape the timed runs
+    """One untimed run first (Triton compiles, and autotunes if asked, every shape the timed runs
     meet), then `plan.runs` timed runs; the CUDA graph replays the last run's batch."""
     kv_per_token = shape.kv_bytes_per_token(dtype)
     runner = llm.engine.executor.worker.model_runner

@@ -13,6 +13,7 @@ set -u
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR}
 BUDGET=${GPU_CHECK_BUDGET:-540}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 
 stage() {  # stage NAME SECONDS COMMAND...
@@ -38,14 +39,20 @@ tuned_table() {  # the table the tune stage wrote, else "packaged"
     echo "${found:-packaged}"
 }
 
+table_env() {  # for `env`: the tune stage's table as SHARDLINE_TUNED_TABLE, if it wrote one
+    local table
+    table=$(tuned_table)
+    [ "$table" = packaged ] || echo "SHARDLINE_TUNED_TABLE=$table"
+}
+
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'triton', triton.__version__)"
   git rev-parse HEAD; } > "$OUT/env.txt" 2>&1
 
 stage install 120 pip install --no-build-isolation --no-deps -e .
-# Autotuning off: each kernel key runs its first candidate config instead of timing them
-# all, which keeps the stage within its limit (the tune stage times them).
-stage tests-cuda 150 env SHARDLINE_AUTOTUNE=0 python -m pytest -q -rf --timeout 120 \
+# No table yet and no autotuning: each kernel key runs its first candidate config, which
+# keeps the stage within its limit (the tune stage times them).
+stage tests-cuda 150 python -m pytest -q -rf --timeout 120 \
     tests/kernels tests/models/test_parity_kernels.py tests/models/test_parity_bf16.py \
     tests/worker tests/engine/test_llm_e2e.py tests/engine/test_async_scheduling.py \
     --deselect tests/kernels/test_interpreted.py
@@ -55,10 +62,10 @@ stage mp-nccl 60 python bench/gpu_mp_check.py --out-dir "$OUT"
 stage tune 150 python bench/tune.py --out-dir "$OUT" --time-limit 90
 stage startup 150 python bench/startup.py --table "$(tuned_table)" --runs 1 --timeout 60 \
     --out "$OUT/startup.json"
-stage e2e-decode 120 python bench/e2e_decode.py --out-dir "$OUT"
-stage e2e-decode-in-order 90 python bench/e2e_decode.py --async-scheduling off --runs 3 \
+stage e2e-decode 120 env $(table_env) python bench/e2e_decode.py --out-dir "$OUT"
+stage e2e-decode-in-order 90 env $(table_env) python bench/e2e_decode.py --async-scheduling off --runs 3 \
     --out-dir "$OUT/in_order"
-stage kernels 100 python bench/kernels.py --out-dir "$OUT"
+stage kernels 100 env $(table_env) python bench/kernels.py --out-dir "$OUT"
 stage startup-untuned 100 python bench/startup.py --table none --models small-llama \
     --cases first --runs 1 --timeout 90 --out "$OUT/startup_untuned.json"
 # Issue 8's executor target (under 50 us added per step at 2 workers) on a host with a

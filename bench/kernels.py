@@ -3,7 +3,9 @@ loop) and against the device's own ceilings, measured in the same run.
 
 Shapes are those of a Llama-3-8B-like layer sharded TP=1/2/8 and of a Mixtral-like MoE
 layer, in bf16. The kernels are called through the `shardline.kernels` dispatch points,
-so a tuned table that sends a shape to cuBLAS shows here as it does in the engine. The
+so a tuned table that sends a shape to cuBLAS shows here as it does in the engine; a shape
+the table lacks is autotuned (SHARDLINE_AUTOTUNE=1 unless set otherwise), where the engine
+would run a default config and its linears on cuBLAS. The
 linears are timed as plain GEMMs (gate_up with its SiLU), the comparison with cuBLAS the
 targets name; at TP=1 the engine fuses the QKV, o and down projections' split-K reductions
 into the rotary and norm kernels, which bench/tune.py times against their cuBLAS forms.
@@ -35,6 +37,7 @@ from _timing import Timer, copy_bandwidth
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SLEEP_CYCLES = 300_000
+os.environ.setdefault("SHARDLINE_AUTOTUNE", "1")   # the kernels at their best, not defaults
 
 
 def measure_ceilings(b: Bench, tiny: bool) -> None:

@@ -16,18 +16,21 @@ Each case runs --runs times (a fresh pair of Triton caches per run) and reports 
 median of its runs.
 
 --count runs the start's warm-up (bench/start_shapes.py) with every Triton launch
-recorded instead of compiled, and reports per kernel the compiles without a tuned table
-(each new key compiles every candidate config its prune keeps, to time them) and with
-one: by default a table that holds every key (one compile per key and specialization);
---table FILE counts that table's hits only, --table none no table at all.
-It counts as on an H100 (132 SMs, TMA: matmul's split-K choice and TMA configs, decode
-attention's context splits); linear shapes a table sends to torch.matmul still count as
-compiles.
+recorded instead of compiled, and reports per kernel the compiles of three starts:
+without a tuned table ("default": one config per key, the linears on torch.matmul, so
+their GEMM kernels never compile); without one under SHARDLINE_AUTOTUNE=1 ("autotuned":
+each key compiles every candidate config its prune keeps, to time them, and the linears
+stay in Triton); and with a table: by default one that holds every key (one compile per
+key and specialization); --table FILE counts that table's hits only, --table none no
+table at all. It counts as on an H100 (132 SMs, TMA: matmul's split-K choice and TMA
+configs, decode attention's context splits); with a table, linear shapes it sends to
+torch.matmul still count as compiles.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -37,6 +40,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # silences triton 3.9's warning
 
@@ -50,59 +54,76 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("small-llama", E2E_1B)
 CASES = ("first", "restart", "eager")
 TARGETS_S = {"first": 20.0, "restart": 10.0, "eager": 10.0}
+COLUMNS = ("default", "autotuned", "with_table")
 PROMPT_LEN = 37
 
 
+def walk_recorded(net, config: dict, limits: Limits, sms: int, triton_linears: bool
+                  ) -> tuple[dict, dict]:
+    """A start's launches recorded as on an H100: kernel -> key -> signatures, and each
+    tuned kernel's key -> Reached. `triton_linears` False sends every linear to its
+    torch.matmul form, as a GPU without a tuned table does."""
+    from shardline.kernels import _tuned, dispatch
+    linears = contextlib.nullcontext() if triton_linears else \
+        mock.patch.object(dispatch, "_triton_linear", lambda *args: False)
+    with recording_launches(sms) as seen, linears:
+        walk_start(net, config, limits, torch.device("cpu"))
+        reached = {name: dict(k.reached) for name, k in _tuned.KERNELS.items()}
+    return seen, reached
+
+
 def count_compiles(model: str, dtype_name: str, limits: Limits, table, sms: int) -> dict:
-    """Per kernel: keys, specializations and compiles without and with the tuned table
-    `table` (None: a table that holds every key)."""
-    from shardline.kernels import _tuned
+    """Per kernel: keys, specializations and compiles of a start without a tuned table
+    (one config per key, linears on torch.matmul), without one under SHARDLINE_AUTOTUNE=1
+    (every candidate of every key, linears in Triton) and with the tuned table `table`
+    (None: a table that holds every key)."""
     import_kernels()
     config = model_config(model, torch.bfloat16)
     dtype = config_dtype(config, dtype_name)
     net = build_model(config, dtype, torch.device("cpu"), random_weights=False)
-    with recording_launches(sms) as seen:
-        walk_start(net, config, limits, torch.device("cpu"))
-        reached = {name: dict(k.reached) for name, k in _tuned.KERNELS.items()}
+    seen, reached = walk_recorded(net, config, limits, sms, triton_linears=True)
+    untuned, _ = walk_recorded(net, config, limits, sms, triton_linears=False)
     rows = []
-    for name, keys in sorted(seen.items()):
+    for name in sorted(seen.keys() | untuned.keys()):
+        keys = seen.get(name, {})
+        default = sum(len(signatures) for signatures in untuned.get(name, {}).values())
+        specializations = sum(len(signatures) for signatures in keys.values())
         if name not in reached:
-            compiles = sum(len(signatures) for signatures in keys.values())
             rows.append({"kernel": name, "tuned": False, "keys": 0, "table_hits": 0,
-                         "specializations": compiles,
-                         "without_table": compiles, "with_table": compiles})
+                         "specializations": specializations, "default": default,
+                         "autotuned": specializations, "with_table": specializations})
             continue
         in_table = table.kernels.get(name, {}) if table is not None else None
-        without = with_table = hits = 0
+        autotuned = with_table = hits = 0
         binaries = set()
         for key, signatures in keys.items():
-            autotuned = reached[name][key].candidates + len(signatures) - 1
-            without += autotuned
+            key_autotuned = reached[name][key].candidates + len(signatures) - 1
+            autotuned += key_autotuned
             if in_table is None:
                 with_table += len(signatures)
             elif key in in_table:
                 hits += 1
                 binaries |= {(str(in_table[key]), s) for s in signatures}
             else:
-                with_table += autotuned
+                with_table += key_autotuned
         rows.append({"kernel": name, "tuned": True, "keys": len(keys), "table_hits": hits,
-                     "specializations": sum(len(s) for s in keys.values()),
-                     "without_table": without, "with_table": with_table + len(binaries)})
+                     "specializations": specializations, "default": default,
+                     "autotuned": autotuned, "with_table": with_table + len(binaries)})
     return {"model": model, "dtype": str(dtype).removeprefix("torch."),
             "limits": asdict(limits), "kernels": rows,
-            "total_without_table": sum(r["without_table"] for r in rows),
-            "total_with_table": sum(r["with_table"] for r in rows)}
+            **{f"total_{column}": sum(r[column] for r in rows) for column in COLUMNS}}
 
 
 def print_counts(report: dict) -> None:
-    print(f"{report['model']} ({report['dtype']}): compiles at start, without / with the "
-          f"tuned table ({report['table']})")
-    print(f"{'kernel':28} {'keys':>5} {'spec.':>6} {'without':>8} {'with':>6}")
+    print(f"{report['model']} ({report['dtype']}): compiles at start without a tuned table, "
+          f"without one under SHARDLINE_AUTOTUNE=1, and with the table ({report['table']})")
+    print(f"{'kernel':28} {'keys':>5} {'spec.':>6} {'default':>8} {'autotuned':>10} "
+          f"{'table':>6}")
     for r in report["kernels"]:
-        print(f"{r['kernel']:28} {r['keys']:5d} {r['specializations']:6d} "
-              f"{r['without_table']:8d} {r['with_table']:6d}")
-    print(f"{'total':28} {'':5} {'':6} {report['total_without_table']:8d} "
-          f"{report['total_with_table']:6d}")
+        print(f"{r['kernel']:28} {r['keys']:5d} {r['specializations']:6d} {r['default']:8d} "
+              f"{r['autotuned']:10d} {r['with_table']:6d}")
+    print(f"{'total':28} {'':5} {'':6} {report['total_default']:8d} "
+          f"{report['total_autotuned']:10d} {report['total_with_table']:6d}")
 
 
 def model_dir(model: str) -> str:

@@ -234,15 +234,20 @@ def tune(args: argparse.Namespace, device: torch.device, gpu: str) -> Path:
         sys.exit(f"{path} holds configs of a {table.device}, not of this {gpu}")
     table.tuned_with = {"triton": triton.__version__, "torch": torch.__version__}
     launches: dict[tuple[str, str], Launch] = {}
-    for model_name in args.models:
-        started = time.perf_counter()
-        config = model_config(model_name, torch.bfloat16)
-        model = build_model(config, config_dtype(config, args.dtype), device,
-                            random_weights=True)
-        before = len(launches)
-        record_launches(model, config, limits_from(args), device, launches)
-        print(f"{model_name}: {len(launches) - before} new kernel keys in "
-              f"{time.perf_counter() - started:.1f} s", flush=True)
+    # Forced: without a table every linear would take its torch.matmul form, and its
+    # Triton kernels' keys would go unrecorded.
+    with mock.patch.dict(os.environ, {"SHARDLINE_FORCE_TRITON": "1"}):
+        dispatch.reset_triton_choice()
+        for model_name in args.models:
+            started = time.perf_counter()
+            config = model_config(model_name, torch.bfloat16)
+            model = build_model(config, config_dtype(config, args.dtype), device,
+                                random_weights=True)
+            before = len(launches)
+            record_launches(model, config, limits_from(args), device, launches)
+            print(f"{model_name}: {len(launches) - before} new kernel keys in "
+                  f"{time.perf_counter() - started:.1f} s", flush=True)
+    dispatch.reset_triton_choice()
     tune_kernels(list(launches.values()), table, path, device, deadline, args.warmup_ms,
                  args.rep_ms)
     _tuned.write_table(table, path)

@@ -3,9 +3,10 @@
 Every op here is one dispatch point: the Triton kernel on CUDA tensors (unless
 SHARDLINE_DISABLE_TRITON=1), the torch reference in `reference.py` otherwise; for the
 linear ops on CUDA, their torch.matmul (cuBLAS) form where this GPU's tuned table found it
-faster; for paged decode attention on the CPU, the C++ kernel (`cpu_attention.py`).
-SHARDLINE_FORCE_TRITON=1 runs the Triton kernels on CPU tensors too, which with
-TRITON_INTERPRET=1 is how the engine is tested with the kernels switched on.
+faster or has no entry (see `_tuned`); for paged decode attention on the CPU, the C++
+kernel (`cpu_attention.py`). SHARDLINE_FORCE_TRITON=1 runs the Triton kernels everywhere:
+every linear on CUDA, and every op on CPU tensors too, which with TRITON_INTERPRET=1 is how
+the engine is tested with the kernels switched on.
 """
 
 from shardline.kernels.dispatch import (

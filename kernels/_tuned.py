@@ -3,10 +3,15 @@
 bench/tune.py times every candidate config of every Triton kernel at the shape buckets a
 model reaches, and writes the winners to `tuned/<gpu slug>.json` in this package. A launch
 whose autotune key is in the table of the GPU it runs on uses that config directly: one
-compile per shape and no timing. A miss falls back to triton.autotune, unless autotuning
-is off (eager mode, or SHARDLINE_AUTOTUNE=0), where it runs the first candidate config
-that the kernel's prune keeps. The table also says, per linear shape and the op its GEMM
+compile per shape and no timing. The table also says, per linear shape and the op its GEMM
 feeds, whether the Triton form or the torch.matmul (cuBLAS) form of that op was faster.
+
+A miss times nothing, as serving engines treat an untuned GPU: the kernel runs the first
+candidate config that its prune keeps, and a linear takes its torch.matmul form, since
+cuBLAS is the one GEMM known to be good on any GPU. So a start on a GPU without a table
+compiles one config per kernel shape, and its linears are never slower than cuBLAS.
+SHARDLINE_AUTOTUNE=1 autotunes a miss instead (triton.autotune over the candidates, a
+linear in its Triton form), except in eager mode.
 
 SHARDLINE_TUNED_TABLE names a table file to use instead of the packaged one ("none": no
 table). Tables are read once per process; `reset` forgets what was read.
@@ -204,14 +209,21 @@ def compiling_ahead() -> bool:
 
 
 def set_autotuning(enabled: bool) -> None:
-    """Whether a table miss may time candidate configs in this process (the engine turns
-    it off in eager mode); SHARDLINE_AUTOTUNE=0 turns it off regardless."""
+    """Whether a table miss may be autotuned in this process where SHARDLINE_AUTOTUNE=1
+    asks for it (the engine says no in eager mode)."""
     global _autotuning
     _autotuning = enabled
 
 
 def autotuning_allowed() -> bool:
-    return os.environ.get(AUTOTUNE_ENV) != "0" and _autotuning is not False
+    """Whether a table miss is autotuned: only under SHARDLINE_AUTOTUNE=1, never where
+    set_autotuning(False) said no."""
+    value = os.environ.get(AUTOTUNE_ENV, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{AUTOTUNE_ENV}={value!r} is invalid: 1 autotunes the kernel "
+                         "shapes missing from the GPU's tuned table, 0 or unset runs a "
+                         "default config for them")
+    return value == "1" and _autotuning is not False
 
 
 def reset() -> None:
@@ -228,14 +240,16 @@ def reset() -> None:
 def linear_prefers_torch(x: torch.Tensor, weight: torch.Tensor, op: str,
                          heads: tuple[int, int, int] | None = None) -> bool:
     """True where the table of this GPU found the torch.matmul form of `op` (one of
-    LINEAR_OPS) faster for this linear shape. `heads` (query heads, KV heads, head size)
-    comes with "qkv_rotary", for bench/tune.py to rebuild the op."""
+    LINEAR_OPS) faster for this linear shape, and for a shape it lacks unless autotuning
+    is on. `heads` (query heads, KV heads, head size) comes with "qkv_rotary", for
+    bench/tune.py to rebuild the op."""
     shape = (x.shape[0], weight.shape[0], weight.shape[1], x.dtype, op)
     choice = _linear_choice.get(shape)
     if choice is None:
         table = current_table()
         entry = table.linear.get(linear_key(*shape)) if table is not None else None
-        choice = _linear_choice[shape] = entry is not None and entry["backend"] == "torch"
+        choice = _linear_choice[shape] = (entry["backend"] == "torch" if entry is not None
+                                          else not autotuning_allowed())
         if heads is not None:
             _qkv_heads[shape] = heads
     return choice

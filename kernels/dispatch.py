@@ -2,7 +2,7 @@
 
 The choice depends on the tensor's device and on two environment variables that are read
 once per process (see `triton_enabled`); for a linear on CUDA, also on the GPU's tuned
-table (see shardline.kernels._tuned)."""
+table (see shardline.kernels._tuned and `_triton_linear`)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _triton_for(on_cuda: bool) -> bool:
 
 def triton_enabled(device: torch.device) -> bool:
     """Triton on CUDA devices unless SHARDLINE_DISABLE_TRITON=1; on the CPU only when
-    SHARDLINE_FORCE_TRITON=1. The variables are read on the first call, not on every
+    SHARDLINE_FORCE_TRITON=1 (which also keeps every CUDA linear in Triton). The variables are read on the first call, not on every
     kernel call (two environment reads cost about 3 us, hundreds per eager step)."""
     return _triton_for(device.type == "cuda")
 
@@ -51,11 +51,25 @@ def use_triton(t: torch.Tensor) -> bool:
     return _triton_for(t.is_cuda)
 
 
+def _triton_linear(x: torch.Tensor, weight: torch.Tensor, op: str,
+                   heads: tuple[int, int, int] | None = None) -> bool:
+    """Whether the linear `op` runs its Triton form: on the CPU where Triton is on at all;
+    on CUDA unless the tuned table sends the shape to torch.matmul (or lacks it, without
+    autotuning), and always under SHARDLINE_FORCE_TRITON=1."""
+    if not use_triton(x):
+        return False
+    if not x.is_cuda:
+        return True
+    # Asked even when forced: it records the shape for bench/tune.py.
+    prefers_torch = linear_prefers_torch(x, weight, op, heads)
+    return not prefers_torch or (_choice or _read_environment())[1]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None) -> torch.Tensor:
     """x[M, K] @ weight[N, K]^T (+ bias) (+ residual), split-K for decode shapes; on CUDA,
-    torch.matmul (cuBLAS) where this GPU's tuned table found it faster for the shape."""
-    if use_triton(x) and not (x.is_cuda and linear_prefers_torch(x, weight, "linear")):
+    torch.matmul (cuBLAS) where `_triton_linear` says so."""
+    if _triton_linear(x, weight, "linear"):
         from shardline.kernels.matmul import linear as triton_op
         return triton_op(x, weight, bias, residual)
     return reference.linear(x, weight, bias, residual)
@@ -64,7 +78,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """SiLU(gate) * up of a merged gate_up weight[2N, K] -> [M, N] (cuBLAS as `linear`)."""
-    if use_triton(x) and not (x.is_cuda and linear_prefers_torch(x, weight, "silu_mul")):
+    if _triton_linear(x, weight, "silu_mul"):
         from shardline.kernels.matmul import linear_silu_mul as triton_op
         return triton_op(x, weight, bias)
     return reference.linear_silu_mul(x, weight, bias)
@@ -75,12 +89,12 @@ def linear_rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(s), s) for s = x @ weight^T (+ bias) + residual: a row-parallel projection
     with the residual add and the norm after it, one kernel fewer on the split-K path; on
-    CUDA, torch.matmul then the norm where the tuned table found that faster."""
-    if use_triton(x):
-        if x.is_cuda and linear_prefers_torch(x, weight, "rms_norm"):
-            return _cublas_linear_rms_norm(x, weight, bias, residual, norm_weight, eps)
+    CUDA, torch.matmul then the norm where `_triton_linear` says so."""
+    if _triton_linear(x, weight, "rms_norm"):
         from shardline.kernels.matmul import linear_rms_norm as triton_op
         return triton_op(x, weight, bias, residual, norm_weight, eps)
+    if use_triton(x):
+        return _cublas_linear_rms_norm(x, weight, bias, residual, norm_weight, eps)
     return reference.linear_rms_norm(x, weight, bias, residual, norm_weight, eps)
 
 
@@ -98,16 +112,15 @@ def qkv_rotary_and_write_kv_cache(x: torch.Tensor, weight: torch.Tensor,
     """The fused QKV projection of x [T, H], its q and k rotated, k and v stored at their
     cache slots; returns the rotated q [T, Hq, D]. On the split-K path the rotary kernel
     does the projection's reduction; on CUDA, torch.matmul then the rotary kernel where
-    the tuned table found that faster."""
-    if use_triton(x):
-        if x.is_cuda and linear_prefers_torch(x, weight, "qkv_rotary",
-                                              (num_heads, *k_cache.shape[2:])):
-            return _cublas_qkv_rotary_and_write_kv_cache(
-                x, weight, bias, positions, cos_sin_cache, is_neox, k_cache, v_cache,
-                slot_mapping, num_heads)
+    `_triton_linear` says so."""
+    if _triton_linear(x, weight, "qkv_rotary", (num_heads, *k_cache.shape[2:])):
         from shardline.kernels.rotary_kv_cache import qkv_rotary_and_write_kv_cache as op
         return op(x, weight, bias, positions, cos_sin_cache, is_neox, k_cache, v_cache,
                   slot_mapping, num_heads)
+    if use_triton(x):
+        return _cublas_qkv_rotary_and_write_kv_cache(
+            x, weight, bias, positions, cos_sin_cache, is_neox, k_cache, v_cache,
+            slot_mapping, num_heads)
     return reference.qkv_rotary_and_write_kv_cache(x, weight, bias, positions, cos_sin_cache,
                                                    is_neox, k_cache, v_cache, slot_mapping,
                                                    num_heads)

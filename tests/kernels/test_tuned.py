@@ -75,6 +75,12 @@ def use_table(monkeypatch, path):
     _tuned.reset()
 
 
+@pytest.fixture
+def autotune(monkeypatch):
+    """SHARDLINE_AUTOTUNE=1: a table miss is autotuned."""
+    monkeypatch.setenv(_tuned.AUTOTUNE_ENV, "1")
+
+
 def test_a_key_in_the_table_launches_its_config_without_timing(monkeypatch, tmp_path):
     probe = Probe(monkeypatch)
     n = random.randint(33, 64)
@@ -86,7 +92,7 @@ def test_a_key_in_the_table_launches_its_config_without_timing(monkeypatch, tmp_
     assert probe.kernel.reached[probe.key(n)].source == "table"
 
 
-def test_the_packaged_table_of_the_gpu_by_its_name(monkeypatch, tmp_path):
+def test_the_packaged_table_of_the_gpu_by_its_name(monkeypatch, tmp_path, autotune):
     probe = Probe(monkeypatch)
     monkeypatch.setattr(_tuned, "device_name", lambda: FAKE_GPU)
     monkeypatch.setattr(_tuned, "TABLE_DIR", tmp_path)
@@ -99,7 +105,7 @@ def test_the_packaged_table_of_the_gpu_by_its_name(monkeypatch, tmp_path):
     assert probe.launched == [CONFIGS[1]] and probe.autotuned == 1
 
 
-def test_a_miss_autotunes_once_then_launches_the_winner(monkeypatch, tmp_path):
+def test_a_miss_autotunes_once_then_launches_the_winner(monkeypatch, tmp_path, autotune):
     probe = Probe(monkeypatch, autotune_picks=CONFIGS[1])
     use_table(monkeypatch, write_fake_table(tmp_path / "t.json",
                                             {"_probe_kernel": {probe.key(64, 3): CONFIGS[0]}}))
@@ -111,12 +117,14 @@ def test_a_miss_autotunes_once_then_launches_the_winner(monkeypatch, tmp_path):
     assert (reached.source, reached.config, reached.candidates) == ("tuned", CONFIGS[1], 3)
 
 
-@pytest.mark.parametrize("switch", ["eager", "environment"])
+@pytest.mark.parametrize("switch", ["default", "eager", "environment"])
 def test_without_autotuning_a_miss_runs_the_first_candidate_untimed(switch, monkeypatch):
     probe = Probe(monkeypatch)
     if switch == "eager":
+        monkeypatch.setenv(_tuned.AUTOTUNE_ENV, "1")
         _tuned.set_autotuning(False)
-    else:
+    elif switch == "environment":
+        _tuned.set_autotuning(True)
         monkeypatch.setenv(_tuned.AUTOTUNE_ENV, "0")
     probe(64)
     probe(10)   # the prune keeps only the 16-wide config
@@ -135,18 +143,30 @@ def test_a_table_config_the_prune_rejects_counts_as_a_miss(monkeypatch, tmp_path
     assert probe.launched == [CONFIGS[1]]
 
 
-def test_eager_mode_turns_autotuning_off():
+def engine_config(enforce_eager: bool):
     from shardline.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig,
                                   SchedulerConfig)
+    return EngineConfig(ModelConfig("tiny-llama", enforce_eager=enforce_eager), CacheConfig(),
+                        SchedulerConfig(), ParallelConfig())
+
+
+def test_eager_mode_turns_autotuning_off(autotune):
     from shardline.worker.model_runner import ModelRunner
     for eager in (True, False):
-        config = EngineConfig(ModelConfig("tiny-llama", enforce_eager=eager), CacheConfig(),
-                              SchedulerConfig(), ParallelConfig())
-        ModelRunner(config, torch.device("cpu"))
+        ModelRunner(engine_config(eager), torch.device("cpu"))
         assert _tuned.autotuning_allowed() is not eager
 
 
-def test_compiling_ahead_compiles_and_launches_nothing(monkeypatch, tmp_path):
+@pytest.mark.parametrize("value", ["yes", "true", " 1", "2"])
+def test_an_invalid_autotune_setting_is_refused_by_name(value, monkeypatch):
+    from shardline.worker.model_runner import ModelRunner
+    monkeypatch.setenv(_tuned.AUTOTUNE_ENV, value)
+    with pytest.raises(ValueError, match=f"SHARDLINE_AUTOTUNE={value!r} is invalid: 1 "
+                                         "autotunes"):
+        ModelRunner(engine_config(False), torch.device("cpu"))
+
+
+def test_compiling_ahead_compiles_and_launches_nothing(monkeypatch, tmp_path, autotune):
     probe = Probe(monkeypatch)
     compiled = []
     monkeypatch.setattr(probe.kernel.fn, "warmup",
@@ -276,29 +296,60 @@ LINEAR_OPS = {
                    (dispatch, "_cublas_qkv_rotary_and_write_kv_cache"))}
 
 
+def record_forms(monkeypatch, op: str) -> list[str]:
+    """Replaces both forms of the linear `op` with recorders; the list they append to."""
+    calls = []
+    name, *forms = LINEAR_OPS[op]
+    for (module, attribute), label in zip(forms, ("triton", "torch")):
+        monkeypatch.setattr(module, attribute, lambda *a, label=label: calls.append(label))
+    return calls
+
+
+@pytest.mark.parametrize("setting", ["default", "autotune", "eager", "forced"])
 @pytest.mark.parametrize("op", sorted(LINEAR_OPS))
-def test_a_linear_op_takes_its_torch_matmul_form_where_the_table_says_so(op, monkeypatch,
-                                                                         tmp_path):
+def test_a_linear_op_takes_its_torch_matmul_form_where_the_table_says_so(op, setting,
+                                                                         monkeypatch, tmp_path):
     m, k, rows = random.randint(1, 40), 32, 16 * random.randint(4, 8)
     other_op = "silu_mul" if op == "linear" else "linear"
     faster = {_tuned.linear_key(m, rows, k, torch.float32, op): {"backend": "torch"},
               _tuned.linear_key(m, 2 * rows, k, torch.float32, op): {"backend": "triton"},
               _tuned.linear_key(m, 3 * rows, k, torch.float32, other_op): {"backend": "torch"}}
     use_table(monkeypatch, write_fake_table(tmp_path / "t.json", linear=faster))
-    calls = []
-    name, *forms = LINEAR_OPS[op]
-    for (module, attribute), label in zip(forms, ("triton", "torch")):
-        monkeypatch.setattr(module, attribute, lambda *a, label=label: calls.append(label))
+    if setting != "default":
+        monkeypatch.setenv(_tuned.AUTOTUNE_ENV, "1")
+    if setting == "eager":
+        _tuned.set_autotuning(False)
+    if setting == "forced":
+        monkeypatch.setenv("SHARDLINE_FORCE_TRITON", "1")
+        dispatch.reset_triton_choice()
+    calls = record_forms(monkeypatch, op)
     x = torch.randn(m, k).as_subclass(FakeCuda)
-    # torch, triton, another op's key (Triton), not in the table (Triton)
+    # in the table as torch, as triton, another op's key, not in the table
     for weight_rows in (rows, 2 * rows, 3 * rows, 4 * rows):
-        getattr(dispatch, name)(*op_arguments(op, x, torch.randn(weight_rows, k)))
-    assert calls == ["torch", "triton", "triton", "triton"]
+        getattr(dispatch, LINEAR_OPS[op][0])(*op_arguments(op, x, torch.randn(weight_rows, k)))
+    # A miss is Triton only where it would be autotuned; forced, every linear is Triton.
+    miss = "triton" if setting in ("autotune", "forced") else "torch"
+    assert calls == ["triton" if setting == "forced" else "torch", "triton", miss, miss]
+    assert sorted(shape[1] for shape in _tuned.linear_shapes()) == [rows, 2 * rows, 3 * rows,
+                                                                    4 * rows]
     assert dispatch.linear_forms(op) == tuple(getattr(module, attribute)
-                                              for module, attribute in forms)
+                                              for module, attribute in LINEAR_OPS[op][1:])
 
 
-def test_tuning_learns_the_heads_of_a_qkv_projection(monkeypatch, tmp_path):
+@pytest.mark.parametrize("op", sorted(LINEAR_OPS))
+def test_without_a_table_a_linear_takes_cublas_unless_autotuned(op, monkeypatch):
+    monkeypatch.setenv(_tuned.TABLE_ENV, "none")
+    calls = record_forms(monkeypatch, op)
+    x = torch.randn(random.randint(1, 300), 32).as_subclass(FakeCuda)
+    weight = torch.randn(16 * random.randint(4, 8), 32)
+    for autotune in ("", "0", "1"):
+        monkeypatch.setenv(_tuned.AUTOTUNE_ENV, autotune)
+        _tuned.reset()
+        getattr(dispatch, LINEAR_OPS[op][0])(*op_arguments(op, x, weight))
+    assert calls == ["torch", "torch", "triton"]
+
+
+def test_tuning_learns_the_heads_of_a_qkv_projection(monkeypatch, tmp_path, autotune):
     use_table(monkeypatch, write_fake_table(tmp_path / "t.json"))
     monkeypatch.setattr(rotary_kv_cache, "qkv_rotary_and_write_kv_cache", lambda *a: None)
     m, heads = random.randint(1, 40), random.randint(1, 4)

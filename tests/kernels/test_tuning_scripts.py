@@ -53,15 +53,21 @@ def test_count_reports_the_compiles_of_a_start(tmp_path):
     assert rows["_prefill_kernel"]["keys"] == 8 and rows["_decode_split_kernel"]["keys"] >= 1
     for r in complete["kernels"]:
         assert r["with_table"] == r["specializations"] >= max(1, r["keys"])
-        assert r["without_table"] >= r["with_table"]
-    assert rows["_matmul_kernel"]["without_table"] > 3 * rows["_matmul_kernel"]["with_table"]
-    assert complete["total_without_table"] == sum(r["without_table"] for r in rows.values())
-    assert complete["total_with_table"] == sum(r["with_table"] for r in rows.values())
+        assert r["autotuned"] >= r["with_table"]
+    assert rows["_matmul_kernel"]["autotuned"] > 3 * rows["_matmul_kernel"]["with_table"]
+    # Without a table the linears run torch.matmul: no GEMM compiles, one config per key of
+    # the attention kernels, and the norms the GEMMs' epilogues no longer fold in.
+    assert rows["_matmul_kernel"]["default"] == 0
+    assert rows["_prefill_kernel"]["default"] == rows["_prefill_kernel"]["specializations"]
+    assert rows["_rms_norm_kernel"]["default"] >= rows["_rms_norm_kernel"]["specializations"]
+    for column in ("default", "autotuned", "with_table"):
+        assert complete[f"total_{column}"] == sum(r[column] for r in rows.values())
     partial_rows = {r["kernel"]: r for r in partial["kernels"]}
     assert partial_rows["_matmul_kernel"]["table_hits"] == 1
-    assert partial["total_without_table"] == complete["total_without_table"]
-    assert (complete["total_with_table"] < partial["total_with_table"]
-            < complete["total_without_table"])
+    assert partial["total_autotuned"] == complete["total_autotuned"]
+    assert partial["total_default"] == complete["total_default"]
+    assert (complete["total_default"] < complete["total_with_table"]
+            < partial["total_with_table"] < complete["total_autotuned"])
 
 
 TUNE_SCRIPT = """

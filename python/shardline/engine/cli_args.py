@@ -59,8 +59,7 @@ def add_engine_args(parser: argparse.ArgumentParser, default_model: str | None) 
               "model's max_position_embeddings)")
     flag("--enforce-eager", action="store_true",
          help="on CUDA, run decode op by op instead of replaying CUDA graphs, "
-              "and autotune nothing at startup (a shape missing from the GPU's "
-              "tuned table runs a default kernel config)")
+              "and autotune nothing at startup, even under SHARDLINE_AUTOTUNE=1")
     flag("--async-scheduling", action=argparse.BooleanOptionalAction,
          default=None,
          help="schedule step N+1 while the ranks run step N; needs one "

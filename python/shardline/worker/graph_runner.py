@@ -10,7 +10,7 @@ with rows that write no KV (slot -1) and attend to nothing (length 0); their out
 dropped.
 
 Capturing runs the forward a few times first, and Triton autotunes each kernel on that
-first run. So while a graph is recorded, its rows stand in for real sequences (distinct
+first run where asked to (SHARDLINE_AUTOTUNE=1, a shape the tuned table lacks). So while a graph is recorded, its rows stand in for real sequences (distinct
 tokens, a context of realistic length, read from block 0) rather than empty padding, on
 which every config would look equally fast. They still write no KV.
 """
@@ -45,8 +45,8 @@ class CudaGraphRecorder:
         self.warmup_runs = warmup_runs
 
     def record(self, forward: Callable[[], torch.Tensor]) -> tuple[Replay, torch.Tensor]:
-        # Warm-up runs on a side stream compile and autotune every Triton kernel of this
-        # shape, since autotuning (which synchronizes) cannot happen inside a capture.
+        # Warm-up runs on a side stream compile (and may autotune) every Triton kernel of
+        # this shape, since neither (autotuning synchronizes) can happen inside a capture.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -12,7 +12,7 @@ import torch
 
 from shardline.config import EngineConfig
 from shardline.step import ModelRunnerOutput, SchedulerOutput
-from shardline.kernels._tuned import set_autotuning
+from shardline.kernels._tuned import autotuning_allowed, set_autotuning
 from shardline.kernels.dispatch import triton_enabled
 from shardline.layers.attention import AttentionMetadata
 from shardline.layers.sampler import Sampler, SamplingBatch
@@ -46,9 +46,11 @@ class ModelRunner:
         self.config = config
         self.device = device
         self.model_dir = resolve_model(config.model.model)
-        # Eager mode starts in seconds: a kernel shape the tuned table lacks runs a default
-        # config instead of timing every candidate.
+        # Eager mode starts in seconds: it never times the candidate configs of a kernel
+        # shape the tuned table lacks, even where SHARDLINE_AUTOTUNE=1 asks for it. An
+        # invalid SHARDLINE_AUTOTUNE is refused here, on any device.
         set_autotuning(not config.model.enforce_eager)
+        autotuning_allowed()
         self.info = read_model_info(self.model_dir)
         checkpoint = read_config(self.model_dir)
         self.dtype = config.model.resolve_torch_dtype(
@@ -87,7 +89,7 @@ class ModelRunner:
             attn.v_cache = allocate_kv_cache(shape, self.dtype, self.device)
 
     def warm_up(self) -> None:
-        """On CUDA: autotune the Triton kernels for every prefill and logits shape bucket,
+        """On CUDA: compile the Triton kernels for every prefill and logits shape bucket,
         then (unless enforce_eager) capture the decode graphs. Nothing to do on CPU, nor
         under pipeline or sequence parallelism, which run eagerly: a stage's throwaway
         forward would need its neighbours' activations, and an SP rank's hidden states are
