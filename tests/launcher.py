@@ -10,7 +10,14 @@ import time
 from collections.abc import Callable, Iterable
 from multiprocessing.process import BaseProcess
 
+import pytest
+
 SPAWN = multiprocessing.get_context("spawn")
+
+FORKS_ON_PURPOSE = pytest.mark.filterwarnings(
+    "ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
+"""For the few tests that fork by design (a lambda target, a forked copy of a ring end):
+Python 3.12 warns on every fork of a process with threads, which pytest's are."""
 
 
 def spawn(target: Callable[..., object], *args: object) -> BaseProcess:

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from launcher import SPAWN, join_all, spawn
+from launcher import FORKS_ON_PURPOSE, SPAWN, join_all, spawn
 from shm_helpers import (
     DATA_WAIT_SLEEPERS,
     SPACE_WAIT_SLEEPERS,
@@ -169,6 +169,7 @@ def test_dropping_a_reader_closes_the_ring_for_a_blocked_writer():
     assert [readers[0].read(timeout=1) for _ in range(2)] == [b"x", b"x"]
 
 
+@FORKS_ON_PURPOSE
 def test_a_forked_copy_of_an_end_does_not_close_the_ring_when_dropped():
     writer = Ring.create(1, 4, 64)
     reader = Ring.attach(writer.name, 0)

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from launcher import FORKS_ON_PURPOSE
 from shardline.cli import main
 from shardline.planner import command, profile
 from shardline.planner.cluster import DeviceSpec, Link, profile_cluster
@@ -130,6 +131,7 @@ def test_two_rank_fit_recovers_alpha_and_beta():
     assert in_layer.bandwidth == pytest.approx(beta)
 
 
+@FORKS_ON_PURPOSE
 def test_a_measuring_process_that_dies_fails_the_profile_at_once():
     ctx = multiprocessing.get_context("fork")
     start = time.monotonic()
