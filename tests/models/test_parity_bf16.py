@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from near_ties import hf_prompt_logits
+from shardline.kernels.dispatch import reset_triton_choice
 from shardline.presets import PRESETS
 from worker_driver import WorkerDriver, make_worker
 
@@ -28,6 +29,15 @@ PREFILL = 17
 # flipping may go either way in either bf16 run, so positions from there on are not
 # compared (their error measures the flip, not the arithmetic).
 BF16_ROUTER_TIE = 3e-2
+
+
+@pytest.fixture(autouse=True)
+def triton_linears_on_a_gpu(monkeypatch):
+    """On a GPU every linear runs its Triton GEMM, which this test is there to hold: a GPU
+    without a tuned table would run them on cuBLAS."""
+    if torch.cuda.is_available():
+        monkeypatch.setenv("SHARDLINE_FORCE_TRITON", "1")
+        reset_triton_choice()
 
 
 @pytest.mark.timeout(300)
