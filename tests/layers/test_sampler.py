@@ -182,3 +182,19 @@ def test_a_zero_noise_draw_never_picks_a_token_filtered_out(monkeypatch, fresh_s
         tokens, _ = sample(logits, batch)
         for row, tok in enumerate(tokens):
             assert tok in logits[row].topk(k).indices.tolist()
+
+
+def test_top_k_keeps_all_k_and_unfiltered_mates_keep_everything(fresh_seed):
+    """With top_p = 1, the top-p mask still compared each token's preceding mass with 1,
+    and fp32 rounding of the cumulative sum takes it above 1 in the tail: a quarter of the
+    rows with top_k over a 1000-token vocabulary kept fewer than k tokens, and rows with no
+    filter lost tail tokens whenever a batch mate had one."""
+    vocab, rows = 1000, 16
+    logits = torch.randn(rows, vocab) * torch.rand(rows, 1) * 20
+    ks = torch.randint(2, vocab, (rows,)).tolist()
+    ks[::4] = [-1] * len(ks[::4])
+    out = apply_filters(logits, [SamplingParams(top_k=k) for k in ks])
+    for row, k in enumerate(ks):
+        kept = torch.isfinite(out[row]).nonzero().flatten()
+        expected = logits[row].topk(k if k > 0 else vocab).indices
+        assert set(kept.tolist()) == set(expected.tolist()), f"row {row}, top_k={k}"

@@ -13,6 +13,7 @@ for a later moment (see SamplerOutput).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -73,7 +74,10 @@ def apply_filters(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     temperatures = [p.temperature if p.temperature > 0 else 1.0 for p in params]
     logits = logits / _column(temperatures, logits)
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    top_p = [p.top_p for p in params]
+    # top_p = 1 keeps every token: compared with the mass before each token, which fp32
+    # rounding takes above 1 in the tail, it dropped some (of rows with top_k, or with no
+    # filter at all but batch mates that have one).
+    top_p = [p.top_p if p.top_p < 1.0 else math.inf for p in params]
     if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=device)[None, :]
