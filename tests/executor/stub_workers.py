@@ -148,3 +148,16 @@ class CorruptingWorker(StubWorker):
             decode = Decoder.decode
             patch_once(Decoder, "decode",
                        lambda decoder, frame: decode(decoder, corrupt_frame(bytes(frame), kind)))
+
+
+class DiesInInitWorker(StubWorker):
+    """Rank 1 dies in init_device (after writing the time of its death, time.monotonic, to
+    the file $STUB_DEATH_FILE); the other ranks wait there far longer than any test, as
+    torch.distributed's rendezvous waits for a rank that never comes."""
+
+    def init_device(self) -> None:
+        if self.rank == 1:
+            with open(os.environ["STUB_DEATH_FILE"], "w") as death:
+                death.write(repr(time.monotonic()))
+            os._exit(5)
+        time.sleep(60.0)

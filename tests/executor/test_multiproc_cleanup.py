@@ -21,9 +21,9 @@ import pytest
 
 from shardline.executor import EngineDeadError
 from shardline.executor.data_parallel import _on_every_core, create_data_parallel_executors
-from shardline.executor.multiproc import MultiProcExecutor
+from shardline.executor.multiproc import DEAD_GRACE_S, MultiProcExecutor
 from multiproc_helpers import WORLDS, make_config, start_world
-from process_hygiene import assert_gone, leaked_segments, shm_segments
+from process_hygiene import assert_gone, leaked_segments, live_children, shm_segments
 
 
 def test_shutdown_garbage_collection_and_a_with_block_leave_nothing_behind(make_executor):
@@ -154,6 +154,21 @@ def test_a_failed_start_leaves_no_rendezvous_file(rendezvous_dirs, world):
                                            r"RuntimeError: init_device failed on purpose"):
         start_world(make_config("rendezvous_worker.FailingRendezvousWorker", **WORLDS[world]))
     assert len(rendezvous_dirs) == 1 and not os.path.exists(rendezvous_dirs[0])
+
+
+def test_a_dead_ranks_survivors_stuck_in_a_call_are_not_waited_for(monkeypatch, tmp_path):
+    """Rank 1 dies in init_device while rank 0 waits there for it: the start fails with
+    EngineDeadError naming rank 1 about DEAD_GRACE_S after the death (rank 0, which no
+    call can reach any more, is killed then), not after the SHUTDOWN_GRACE_S (5 s) that a
+    serving worker gets to finish its call. Nothing is left running."""
+    death_file = tmp_path / "death"
+    monkeypatch.setenv("STUB_DEATH_FILE", str(death_file))
+    with pytest.raises(EngineDeadError, match=r"worker rank 1 \(pid \d+\) died with exit code 5"):
+        MultiProcExecutor(make_config("DiesInInitWorker", tensor_parallel_size=2))
+    elapsed = time.monotonic() - float(death_file.read_text())
+    print(f"the failed start raised {elapsed:.2f} s after rank 1 died")
+    assert elapsed < DEAD_GRACE_S + 2.0
+    assert not live_children()
 
 
 def test_a_given_init_method_is_used_as_is_and_left_alone(rendezvous_dirs, tmp_path, rng):

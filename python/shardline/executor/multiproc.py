@@ -49,6 +49,7 @@ logger = logging.getLogger("shardline")
 
 STARTUP_TIMEOUT_S = 120.0
 SHUTDOWN_GRACE_S = 5.0
+DEAD_GRACE_S = 1.0
 EXIT_STATUS_WAIT_S = 0.2
 _SPAWN = multiprocessing.get_context("spawn")
 
@@ -194,12 +195,18 @@ class _Workers(WorkerGroup):
             "engine cannot step without it" for i, seconds in stalled) or None
 
     def stop_workers(self) -> None:
+        # Told to stop, a serving worker ends its call and releases what it holds. The
+        # survivors of a dead group (or of a failed start) cannot be told: an idle one
+        # has seen the rings close, a busy one may wait in a collective for the dead
+        # rank until a gloo timeout of minutes, so they get a short grace.
+        grace = DEAD_GRACE_S
         if self.started and self.dead is None:
             try:
                 self.rpc_broadcast_mq.enqueue([0, SHUTDOWN, [], {}, ALL_RANKS], timeout=1.0)
+                grace = SHUTDOWN_GRACE_S
             except (TimeoutError, RingClosed, PeerDied):
                 pass
-        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        deadline = time.monotonic() + grace
         for proc in self.procs:
             proc.join(max(0.0, deadline - time.monotonic()))
         for proc in self.procs:
