@@ -103,3 +103,27 @@ def test_greedy_tokens_match_transformers(name, hf_model, kernel_calls, fresh_se
     _assert_triton_ran(kernel_calls, DECODE_KERNELS | ({"fused_moe"} if name == MOE else set()))
     assert_greedy_match([hf_greedy(hf, prompt, 4) for prompt in prompts], driver_run(*ours),
                         moe=is_moe(hf))
+
+
+@pytest.mark.timeout(INTERPRETED_TIMEOUT_S)
+def test_greedy_tokens_match_with_the_linears_on_torch_matmul(hf_model, kernel_calls,
+                                                              monkeypatch, fresh_seed):
+    """What a GPU without a tuned table runs: every linear in its torch.matmul (cuBLAS)
+    form, and so the residual add + RMSNorm and the rotary + KV-cache write as kernels of
+    their own, the rest in Triton."""
+    monkeypatch.setattr(dispatch, "_triton_linear", lambda *args: False)
+    hf = hf_model(DENSE)
+    driver = WorkerDriver(make_worker(DENSE, block_size=4, num_blocks=32))
+    prompts = _random_prompts([(2, 6), (6, 11), (14, 20)])
+    ours = driver.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4,
+                                                   logprobs=MOE_TOP), token_budget=12)
+    fallbacks = {k for k in kernel_calls if k.startswith("fallback:")}
+    assert fallbacks == {"fallback:shardline.kernels.reference.linear",
+                         "fallback:shardline.kernels.reference.linear_silu_mul"}, kernel_calls
+    triton = {"rms_norm", "rotary_and_write_kv_cache", "paged_decode_attention",
+              "paged_prefill_attention"}
+    assert all(kernel_calls[k] for k in triton) and not any(
+        kernel_calls[k] for k in ("_tiled", "split_k_gemm", "linear_rms_norm",
+                                  "qkv_rotary_and_write_kv_cache")), kernel_calls
+    assert_greedy_match([hf_greedy(hf, prompt, 4) for prompt in prompts], driver_run(*ours),
+                        moe=False)
