@@ -58,6 +58,12 @@ class StubWorker:
         time.sleep(seconds)
         return self.rank
 
+    def fail_on(self, rank: int, message: str, seconds: float) -> int:
+        """ValueError(message) on `rank`; `sleep(seconds)` on the others."""
+        if self.rank == rank:
+            raise ValueError(message)
+        return self.sleep(seconds)
+
     def hold(self, directory: str, seconds: float) -> int:
         """`sleep`, after leaving a file named after this rank in `directory`: a sign
         that the rank is inside the call."""
@@ -160,4 +166,14 @@ class DiesInInitWorker(StubWorker):
             with open(os.environ["STUB_DEATH_FILE"], "w") as death:
                 death.write(repr(time.monotonic()))
             os._exit(5)
+        time.sleep(60.0)
+
+
+class FailsInInitWorker(StubWorker):
+    """Rank 1's init_device raises at once; the other ranks wait there far longer than any
+    test, as torch.distributed's rendezvous waits for a rank that never comes."""
+
+    def init_device(self) -> None:
+        if self.rank == 1:
+            raise RuntimeError("init_device failed on purpose")
         time.sleep(60.0)

@@ -69,6 +69,24 @@ def test_a_failing_call_names_the_rank_and_the_executor_carries_on(make_executor
     assert executor.collective_rpc("echo", args=(3,)) == [3, 3]
 
 
+def test_a_later_ranks_error_is_raised_while_earlier_ranks_still_run(make_executor, rng):
+    """Replies were read in rank order: a rank's error waited for every rank before it,
+    for ever where those wait for it in a collective. It now comes within ANSWER_POLL_S
+    (0.5 s), and the executor serves on once the other ranks' late replies are skipped."""
+    executor = make_executor(tensor_parallel_size=2, pipeline_parallel_size=2)
+    failing = rng.randrange(1, executor.num_workers)
+    message = f"bad input {rng.randrange(10**6)}"
+    start = time.monotonic()
+    with pytest.raises(ValueError) as raised:
+        executor.collective_rpc("fail_on", args=(failing, message, 4.0))
+    elapsed = time.monotonic() - start
+    print(f"rank {failing}'s error came {elapsed:.2f} s after the call")
+    assert str(raised.value) == f"fail_on failed on worker rank {failing}: {message}"
+    assert elapsed < 2.5
+    value = rng.randrange(1000)
+    assert executor.collective_rpc("echo", args=(value,), timeout=30) == [value] * 4
+
+
 def test_collective_rpc_timeout_fires_and_late_replies_are_skipped(make_executor):
     executor = make_executor(tensor_parallel_size=2)
     start = time.monotonic()
