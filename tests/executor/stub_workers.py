@@ -156,24 +156,31 @@ class CorruptingWorker(StubWorker):
                        lambda decoder, frame: decode(decoder, corrupt_frame(bytes(frame), kind)))
 
 
+def note_time() -> None:
+    """Write the time (time.monotonic, the same clock in every process) to the file
+    $STUB_TIME_FILE, for a test that measures from an event in a worker."""
+    with open(os.environ["STUB_TIME_FILE"], "w") as note:
+        note.write(repr(time.monotonic()))
+
+
 class DiesInInitWorker(StubWorker):
-    """Rank 1 dies in init_device (after writing the time of its death, time.monotonic, to
-    the file $STUB_DEATH_FILE); the other ranks wait there far longer than any test, as
-    torch.distributed's rendezvous waits for a rank that never comes."""
+    """Rank 1 dies in init_device (noting the time first); the other ranks wait there far
+    longer than any test, as torch.distributed's rendezvous waits for a rank that never
+    comes."""
 
     def init_device(self) -> None:
         if self.rank == 1:
-            with open(os.environ["STUB_DEATH_FILE"], "w") as death:
-                death.write(repr(time.monotonic()))
+            note_time()
             os._exit(5)
         time.sleep(60.0)
 
 
 class FailsInInitWorker(StubWorker):
-    """Rank 1's init_device raises at once; the other ranks wait there far longer than any
-    test, as torch.distributed's rendezvous waits for a rank that never comes."""
+    """Rank 1's init_device raises (noting the time first); the other ranks wait there as
+    in DiesInInitWorker."""
 
     def init_device(self) -> None:
         if self.rank == 1:
+            note_time()
             raise RuntimeError("init_device failed on purpose")
         time.sleep(60.0)

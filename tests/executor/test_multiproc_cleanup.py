@@ -21,7 +21,7 @@ import pytest
 
 from shardline.executor import EngineDeadError
 from shardline.executor.data_parallel import _on_every_core, create_data_parallel_executors
-from shardline.executor.multiproc import DEAD_GRACE_S, MultiProcExecutor
+from shardline.executor.multiproc import ANSWER_POLL_S, DEAD_GRACE_S, MultiProcExecutor
 from multiproc_helpers import WORLDS, make_config, start_world
 from process_hygiene import assert_gone, leaked_segments, live_children, shm_segments
 
@@ -161,13 +161,29 @@ def test_a_dead_ranks_survivors_stuck_in_a_call_are_not_waited_for(monkeypatch, 
     EngineDeadError naming rank 1 about DEAD_GRACE_S after the death (rank 0, which no
     call can reach any more, is killed then), not after the SHUTDOWN_GRACE_S (5 s) that a
     serving worker gets to finish its call. Nothing is left running."""
-    death_file = tmp_path / "death"
-    monkeypatch.setenv("STUB_DEATH_FILE", str(death_file))
+    noted = tmp_path / "time"
+    monkeypatch.setenv("STUB_TIME_FILE", str(noted))
     with pytest.raises(EngineDeadError, match=r"worker rank 1 \(pid \d+\) died with exit code 5"):
         MultiProcExecutor(make_config("DiesInInitWorker", tensor_parallel_size=2))
-    elapsed = time.monotonic() - float(death_file.read_text())
+    elapsed = time.monotonic() - float(noted.read_text())
     print(f"the failed start raised {elapsed:.2f} s after rank 1 died")
     assert elapsed < DEAD_GRACE_S + 2.0
+    assert not live_children()
+
+
+def test_a_rank_failing_a_setup_call_fails_the_start_without_waiting(monkeypatch, tmp_path):
+    """Rank 1's init_device raises while rank 0 waits there for it: the executor gives its
+    workers up as dead, so the start fails with rank 1's error within ANSWER_POLL_S +
+    DEAD_GRACE_S, where shutting down a serving group gave rank 0 SHUTDOWN_GRACE_S (5 s)
+    to leave a call it cannot leave. Nothing is left running."""
+    noted = tmp_path / "time"
+    monkeypatch.setenv("STUB_TIME_FILE", str(noted))
+    with pytest.raises(RuntimeError, match=r"^init_device failed on worker rank 1: RuntimeError: "
+                                           r"init_device failed on purpose"):
+        MultiProcExecutor(make_config("FailsInInitWorker", tensor_parallel_size=2))
+    elapsed = time.monotonic() - float(noted.read_text())
+    print(f"the failed start raised {elapsed:.2f} s after rank 1 failed")
+    assert elapsed < ANSWER_POLL_S + DEAD_GRACE_S + 2.0
     assert not live_children()
 
 

@@ -129,7 +129,7 @@ class Executor(ABC):
 
     def fail(self, error: EngineDeadError) -> None:
         """Stop serving because of something outside this executor (another data-parallel
-        core died): calls waiting now and every later one raise `error`. The workers are
+        core died) or a failed start: calls waiting now and every later one raise `error`. The workers are
         released by `shutdown`. Nothing to do where no call can wait on another core."""
 
     def load(self) -> int:
@@ -147,10 +147,14 @@ class Executor(ABC):
         self.num_kv_blocks = num_blocks
 
     def _guarded(self, setup: Callable[[], None]) -> None:
-        """Run a setup phase; if it fails, release the workers before raising."""
+        """Run a setup phase; if it fails, fail the executor, then release the workers
+        before raising. Failed, it waits for no rank: after a rank's error the others may
+        wait in a collective for it (init_device's rendezvous) until a gloo timeout."""
         try:
             setup()
-        except BaseException:
+        except BaseException as exc:
+            self.fail(EngineDeadError(f"the executor failed to start: {type(exc).__name__}: "
+                                      f"{exc}"))
             self.shutdown()
             raise
 
