@@ -176,3 +176,30 @@ def test_generate_beside_added_requests_returns_its_own_outputs(rng):
                         SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
     assert token_ids(llm.generate(prompts, params)) == expected
     assert_all_free(llm.engine)
+
+
+def test_a_thousand_tiny_requests_leave_nothing_behind(rng):
+    """1000 one-token-prompt requests with random n, lengths, seeds and stop conditions, a
+    tenth of them aborted midway: afterwards no request, sequence or KV block is held, and
+    the worker keeps only the sequences whose drop the engine has yet to send it."""
+    llm = LLM.from_engine(make_engine(num_blocks=48, max_num_seqs=16))
+    engine = llm.engine
+    for batch in range(10):
+        ids = [f"b{batch}-{i}" for i in range(100)]
+        for request_id in ids:
+            llm.add_request(request_id, [rng.randrange(VOCAB)], SamplingParams(
+                n=rng.choice([1, 1, 2]), temperature=rng.choice([0.0, 1.0]),
+                seed=rng.choice([None, rng.randrange(2**31)]), max_tokens=rng.randint(1, 6),
+                stop_token_ids=[rng.randrange(VOCAB)], stop=rng.choice([[], ["ab"]])))
+        doomed = set(rng.sample(ids, 10))
+        while llm.has_unfinished_requests():
+            llm.step()
+            for request_id in list(doomed):
+                if rng.random() < 0.3:
+                    llm.abort_request(request_id)
+                    doomed.discard(request_id)
+    engine.collect_idle_steps()
+    assert_all_free(engine)
+    assert not engine.outputs.requests and not engine.scheduler._retired
+    assert set(engine.executor.states) == set(engine.scheduler._finished_ids)
+    assert len(engine.kv.tables) == 0
