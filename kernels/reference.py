@@ -136,9 +136,12 @@ def sequence_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     if q_len > 1:
         q_pos = torch.arange(length - q_len, length, device=q.device)
         mask = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]
-    out = F.scaled_dot_product_attention(q.float().transpose(0, 1), k, v, attn_mask=mask,
-                                         scale=scale, enable_gqa=q.shape[1] != k.shape[0])
-    return out.transpose(0, 1).to(q.dtype)
+    # A batch of one: on the CPU torch takes its flash kernel for 4-D inputs only, and 3-D
+    # ones fall to the math path, which builds the whole score matrix (about 2x slower).
+    out = F.scaled_dot_product_attention(q.float().transpose(0, 1)[None], k[None], v[None],
+                                         attn_mask=mask, scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[0])
+    return out[0].transpose(0, 1).to(q.dtype)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
