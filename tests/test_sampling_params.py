@@ -3,6 +3,7 @@ and what is allowed, never a TypeError from a comparison deep inside."""
 
 import math
 import random
+import re
 
 import pytest
 
@@ -192,24 +193,32 @@ def test_stop_strings_must_be_text_the_workers_can_receive(surrogate, fresh_seed
     _assert_crosses_the_rings(SamplingParams(stop=[text + "\U0001F600" + text]))
 
 
-def test_repetition_penalty_too_small_for_float32_logits_is_refused(fresh_seed):
-    """repetition_penalty=1e-40 was taken: the seen tokens' logits overflowed to inf, the
-    logprobs came out NaN and sampling drew token 0 at every step."""
+@pytest.mark.parametrize("side", ["low", "high"])
+def test_repetition_penalty_beyond_float32_logits_is_refused(side, fresh_seed):
+    """repetition_penalty=1e-40 was taken: the seen tokens' positive logits overflowed to
+    inf, the logprobs came out NaN and sampling drew token 0 at every step. 1e39 did the
+    same where every token was seen with a negative logit (all -inf)."""
     import torch
 
     from shardline.layers.sampler import Sampler, SamplingBatch
-    from shardline.sampling_params import MIN_REPETITION_PENALTY
+    from shardline.sampling_params import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
 
     rng = random.Random(fresh_seed)
-    tiny = MIN_REPETITION_PENALTY * rng.uniform(1e-40, 0.99)
-    with pytest.raises(ValueError, match=rf"SamplingParams\.repetition_penalty={tiny!r} is "
-                                         rf"invalid: must be >= {MIN_REPETITION_PENALTY}"):
-        SamplingParams(repetition_penalty=tiny)
-    # At the limit, logits as large as a model's stay finite, and so do the logprobs.
+    limit, beyond = ((MIN_REPETITION_PENALTY, MIN_REPETITION_PENALTY * rng.uniform(1e-40, 0.99))
+                     if side == "low" else
+                     (MAX_REPETITION_PENALTY, MAX_REPETITION_PENALTY * rng.uniform(1.01, 1e40)))
+    with pytest.raises(ValueError, match=rf"SamplingParams\.repetition_penalty="
+                                         rf"{re.escape(repr(beyond))} is invalid: must be "
+                                         r"from 1e-05 to 100000"):
+        SamplingParams(repetition_penalty=beyond)
+    # At the limit, every token seen and logits as large as a model's (all negative on the
+    # high side), the logprobs stay finite.
     vocab = rng.randint(8, 64)
     logits = torch.randn(2, vocab) * 30
-    params = [SamplingParams(temperature=t, repetition_penalty=MIN_REPETITION_PENALTY,
-                             logprobs=vocab, seed=rng.randrange(2**31)) for t in (0.0, 1.0)]
+    if side == "high":
+        logits = -logits.abs() - 1
+    params = [SamplingParams(temperature=t, repetition_penalty=limit, logprobs=vocab,
+                             seed=rng.randrange(2**31)) for t in (0.0, 1.0)]
     batch = SamplingBatch(params=params, prompt_token_ids=[list(range(vocab))] * 2,
                           output_token_ids=[[], []],
                           generators=[torch.Generator().manual_seed(p.seed) for p in params])

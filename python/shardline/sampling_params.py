@@ -11,10 +11,12 @@ import numbers
 from dataclasses import asdict, dataclass, field, fields
 
 MIN_TEMPERATURE = 1e-5
-# Seen tokens' positive logits are divided by the repetition penalty. At this value the
-# sampler already picks among seen tokens only; far below it the fp32 logits overflow to
-# inf, and the softmax of two infs gives NaN logprobs and draws token 0 every time.
+# Seen tokens' positive logits are divided by the repetition penalty, their negative ones
+# multiplied. At these bounds the sampler already picks among seen tokens only (or unseen
+# ones only, if any); far beyond them the fp32 logits overflow to inf or -inf, and the
+# softmax of two infs, or of nothing but -inf, gives NaN logprobs and draws token 0.
 MIN_REPETITION_PENALTY = 1e-5
+MAX_REPETITION_PENALTY = 1e5
 # Samples of one prompt. Far above any real use; it stops a mistaken huge n, for which the
 # engine would build sequences until the host ran out of memory.
 MAX_N = 4096
@@ -31,9 +33,9 @@ class SamplingParams:
 
     temperature == 0 means greedy; otherwise it must be at least MIN_TEMPERATURE, below
     which dividing the logits overflows. top_k == -1, top_p == 1 and min_p == 0 disable
-    top-k, nucleus and min-p filtering. repetition_penalty must be at least
-    MIN_REPETITION_PENALTY, for the same reason as temperature. `seed` makes the sampled tokens
-    reproducible regardless of which other requests share the batch. `max_tokens=None`
+    top-k, nucleus and min-p filtering. repetition_penalty must lie in
+    [MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY], for the same reason. `seed` makes
+    the sampled tokens reproducible regardless of which other requests share the batch. `max_tokens=None`
     generates until a stop condition or until the sequence (prompt included) holds
     max_model_len tokens, or as many as the KV cache can hold if that is fewer; it then
     ends with finish_reason "length". `skip_special_tokens` leaves special tokens (such as
@@ -84,8 +86,9 @@ class SamplingParams:
                "top_k", self.top_k, "-1 (disabled) or an integer from 1 to 2**63 - 1")
         _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "in (0, 1]")
         _check(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "in [0, 1]")
-        _check(self.repetition_penalty >= MIN_REPETITION_PENALTY, "repetition_penalty",
-               self.repetition_penalty, f">= {MIN_REPETITION_PENALTY}")
+        _check(MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+               "repetition_penalty", self.repetition_penalty,
+               f"from {MIN_REPETITION_PENALTY:g} to {MAX_REPETITION_PENALTY:g}")
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", self.presence_penalty,
                "in [-2, 2]")
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",

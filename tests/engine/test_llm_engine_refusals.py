@@ -38,6 +38,7 @@ pytestmark = pytest.mark.usefixtures("seeded_random")
     ([1, 2], dict(stop_token_ids=2.5), r"SamplingParams\.stop_token_ids=2\.5 is invalid"),
     # Taken before: NaN logprobs; a step the rings' msgpack cannot encode.
     ([1, 2], dict(repetition_penalty=1e-40), "repetition_penalty=1e-40"),
+    ([1, 2], dict(repetition_penalty=1e39), "repetition_penalty=1e\\+39"),
     ([1, 2], dict(stop=["a\udc80"]), r"SamplingParams\.stop=.*\(no lone UTF-16 surrogates\)"),
 ])
 def test_bad_request_fails_alone(prompt, params, message):
