@@ -42,3 +42,15 @@ def test_queueing_a_decode_step_never_waits_for_the_gpu(sampling, rng):
         assert checked and max(checked) == 3
     finally:
         llm.shutdown()
+
+
+def test_seeds_apart_by_2_to_the_63_draw_differently(rng):
+    """The mixing works mod 2**64, the width of torch's generator seeds (a seed and one
+    2**63 above it drew the same tokens when it worked mod 2**63)."""
+    from shardline.worker.model_runner import sampling_seed
+    for _ in range(100):
+        seed, index = rng.randrange(-2**63, 2**63), rng.randrange(1000)
+        mixed = sampling_seed(seed, index)
+        assert 0 <= mixed < 2**64
+        assert mixed != sampling_seed(seed + 2**63, index)
+        assert mixed == sampling_seed(seed + 2**64, index)

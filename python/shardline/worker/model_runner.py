@@ -35,8 +35,9 @@ _SEED_MIX, _INDEX_MIX = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9  # odd 64-bit mix
 
 def sampling_seed(seed: int, output_index: int) -> int:
     """Seed of the draw for output token `output_index` of a request seeded with `seed`:
-    independent of batch mates and unchanged by preemption."""
-    return ((seed * _SEED_MIX) ^ ((output_index + 1) * _INDEX_MIX)) % (1 << 63)
+    independent of batch mates and unchanged by preemption. Seeds that torch's generators
+    tell apart (equal mod 2**64 is equal there too) give different draws."""
+    return ((seed * _SEED_MIX) ^ ((output_index + 1) * _INDEX_MIX)) % (1 << 64)
 
 
 class ModelRunner:
