@@ -295,6 +295,15 @@ def test_sampling_params_of_the_wrong_type_raise_value_error(llm, params, messag
     assert_all_free(llm.engine)
 
 
+def test_a_flat_list_of_numpy_token_ids_is_one_prompt(llm):
+    import numpy as np
+    prompt = random_prompts(1)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    [ours] = llm.generate(list(np.array(prompt, dtype=np.int64)), params)
+    assert ours.prompt_token_ids == prompt
+    assert ours.outputs[0].token_ids == llm.generate(prompt, params)[0].outputs[0].token_ids
+
+
 @pytest.mark.parametrize("prompts, params, message", [
     (None, None, r"prompts=None \(NoneType\) is invalid"),
     (7, None, r"prompts=7 \(int\) is invalid"),

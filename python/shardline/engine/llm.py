@@ -14,6 +14,7 @@ another thread's to finish). For requests that overlap in time, use AsyncLLM.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import reprlib
 import sys
@@ -236,7 +237,8 @@ def _as_prompt_list(prompts: PromptType | Seq[PromptType]) -> list[PromptType]:
         raise ValueError(f"prompts={reprlib.repr(prompts)} ({type(prompts).__name__}) is "
                          "invalid: pass a string, a list of token ids, or a list of either")
     prompts = list(prompts)
-    if prompts and all(isinstance(p, int) for p in prompts):
+    # numbers.Integral: numpy's integers too, as token ids often come from an array.
+    if prompts and all(isinstance(p, numbers.Integral) for p in prompts):
         return [prompts]
     return prompts
 
