@@ -115,6 +115,13 @@ def test_seeded_sampling_gives_the_same_tokens_on_whichever_core(dp_llm, referen
     assert_all_free(dp_llm)
 
 
+@pytest.mark.parametrize("request_id", [("a", 1), ["b"], 7, "lone \ud800"])
+def test_an_id_that_is_no_string_of_text_is_refused_by_name(dp_llm, request_id):
+    with pytest.raises(ValueError, match=r"request_id=.* is invalid"):
+        dp_llm.add_request(request_id, [5, 6, 7], SamplingParams(max_tokens=2))
+    assert not dp_llm.has_unfinished_requests()
+
+
 def test_abort_stops_the_request_on_its_core(dp_llm, reference, rng):
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
     prompts = [random_prompt(rng, 4, 10) for _ in range(4)]

@@ -19,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 
 from shardline.config import EngineConfig
-from shardline.engine.llm_engine import LLMEngine, PromptType, resolve_max_model_len
+from shardline.engine.llm_engine import (LLMEngine, PromptType, check_request_id,
+                                          resolve_max_model_len)
 from shardline.engine.outputs import RequestOutput
 from shardline.engine.scheduler import SchedulerStats
 from shardline.engine.tokenizer import Tokenizer
@@ -99,6 +100,7 @@ class DataParallelEngine:
                     prompt_token_ids: list[int] | None = None) -> None:
         """Queue a request on the least-loaded core; raises ValueError (and queues nothing)
         as LLMEngine.add_request does, also when another core runs a request of that id."""
+        check_request_id(request_id)
         if self._owner(request_id) is not None:
             raise ValueError(f"request_id={request_id!r} is already in use by an unfinished "
                              "request")
