@@ -14,7 +14,7 @@ from async_llm_helpers import (TIMEOUT, StepGate, collect, greedy, random_prompt
                                reference_tokens, until, wait_idle)
 from fake_engine_checks import assert_all_free
 from fake_model import make_engine
-from shardline.engine.async_llm import AsyncLLM
+from shardline.engine.async_llm import MAX_UNREAD, AsyncLLM
 
 
 def test_reused_request_id_is_not_aborted_by_the_closing_stream(rng):
@@ -35,6 +35,33 @@ def test_reused_request_id_is_not_aborted_by_the_closing_stream(rng):
     outputs = asyncio.run(main())
     assert outputs[-1].finished and outputs[-1].outputs[0].finish_reason == "length"
     assert outputs[-1].outputs[0].token_ids == reference_tokens(second_prompt, params)
+    wait_idle(engine)
+    assert_all_free(engine)
+
+
+def test_a_stalled_consumer_holds_a_bounded_number_of_outputs(rng):
+    """A stream queued every step's output for a consumer that did not read, each with its
+    text so far (memory that grew with the square of the length). Past MAX_UNREAD unread
+    outputs, the newest replaces the last queued one: the consumer still gets every token
+    and the finished output, in fewer outputs; one that keeps up is shown elsewhere to get
+    one per step."""
+    engine = make_engine()
+    llm = AsyncLLM.from_engine(engine)
+    prompt = random_prompt(rng)
+    params = greedy(MAX_UNREAD + rng.randint(2, 40))
+
+    async def main():
+        stream = llm.generate(prompt, params, "stalled")
+        first = await asyncio.wait_for(stream.__anext__(), TIMEOUT)
+        await until(lambda: not engine.has_unfinished_requests(), "the request to finish")
+        return [first] + await asyncio.wait_for(collect(stream), TIMEOUT)
+
+    outputs = asyncio.run(main())
+    assert len(outputs) == 1 + MAX_UNREAD
+    lengths = [len(output.outputs[0].token_ids) for output in outputs]
+    assert lengths == sorted(set(lengths))
+    assert outputs[-1].finished and not any(output.finished for output in outputs[:-1])
+    assert outputs[-1].outputs[0].token_ids == reference_tokens(prompt, params)
     wait_idle(engine)
     assert_all_free(engine)
 

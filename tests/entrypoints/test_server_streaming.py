@@ -14,7 +14,7 @@ httpx = pytest.importorskip("httpx", reason="httpx (test extra) is not installed
 
 from shardline.entrypoints.serving import Decode  # noqa: E402
 from shardline.sampling_params import SamplingParams  # noqa: E402
-from server_helpers import MODEL, TIMEOUT, random_text  # noqa: E402
+from server_helpers import MODEL, TIMEOUT, engine_idle, random_text  # noqa: E402
 
 
 def engine_steps(llm, prompt, params):
@@ -82,3 +82,39 @@ def test_a_token_without_text_of_its_own_is_streamed_when_made(server, rng, chat
         carried = [c["logprobs"]["tokens"] for c in choices]
         assert carried == [[decode(t)] for t in final.token_ids]
     assert [c["finish_reason"] for c in choices] == [None] * (max_tokens - 1) + ["length"]
+
+
+def test_a_client_that_stops_reading_holds_a_bounded_number_of_outputs(server, rng):
+    """A request's merged stream queued every step's output of each prompt while its client
+    (the response being sent) did not read, each with the text so far. Past MAX_UNREAD
+    unread outputs of a prompt, its newest replaces the last queued one: each prompt still
+    ends with its finished output, its tokens those the engine makes for it alone."""
+    from shardline.engine.async_llm import MAX_UNREAD
+    from shardline.entrypoints.serving import Generation
+
+    llm, _ = server
+    prompts = [random_text(rng) for _ in range(rng.randint(1, 3))]
+    params = SamplingParams(temperature=0, max_tokens=MAX_UNREAD + rng.randint(2, 40),
+                            ignore_eos=True, n=rng.randint(1, 3))
+
+    async def run():
+        stream = Generation(llm, prompts, params, "cmpl", "prompt").stream()
+        first = await stream.__anext__()
+        await until_idle(llm)
+        return [first] + [item async for item in stream]
+
+    items = asyncio.run(asyncio.wait_for(run(), TIMEOUT))
+    for index, prompt in enumerate(prompts):
+        outputs = [output for i, output in items if i == index]
+        assert len(outputs) <= 1 + MAX_UNREAD
+        assert outputs[-1].finished and not any(output.finished for output in outputs[:-1])
+        alone = engine_steps(llm, prompt, params)[-1]
+        assert ([c.token_ids for c in outputs[-1].outputs]
+                == [c.token_ids for c in alone.outputs])
+
+
+async def until_idle(llm):
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while not engine_idle(llm):
+        assert asyncio.get_running_loop().time() < deadline, "the engine did not finish"
+        await asyncio.sleep(0.01)

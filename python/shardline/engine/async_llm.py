@@ -1,7 +1,9 @@
 """AsyncLLM: streaming generation for serving stacks.
 
 Each `generate` call registers a request and yields its cumulative RequestOutput every time
-it gains tokens, ending with the finished one. One engine thread owns the engine: it applies
+it gains tokens, ending with the finished one. A consumer that falls MAX_UNREAD outputs
+behind gets the newest in place of the last it has not read (see OutputQueue), so that a
+stalled one holds a bounded number of outputs, not one per step. One engine thread owns the engine: it applies
 the requests and aborts posted to it, in order, between steps, runs the steps, and hands
 each output to its stream's event loop; it runs while there is work and ends when idle.
 The event loop therefore never waits for a step, and no asyncio object is shared between
@@ -38,6 +40,49 @@ from shardline.sampling_params import SamplingParams
 _ACK = object()  # the engine thread's reply to an abort
 Item = object  # what a stream's queue holds: a RequestOutput, an exception to raise, or _ACK
 
+# Outputs a stream keeps for a consumer that has not read them. Each holds its completions'
+# text so far, so without a bound a stalled consumer held memory that grew with the square
+# of the length (10.6 MB for 64 completions of 480 one-byte tokens).
+MAX_UNREAD = 16
+
+
+class OutputQueue:
+    """Items for one consumer, in order: the cumulative outputs of one or more sources
+    (told apart by a key) and other items (an end marker, an exception). Once `limit`
+    outputs of a source wait unread, its next output replaces the newest of them rather
+    than queuing behind it: outputs are cumulative, so the consumer loses no tokens, only
+    the steps between (a chunk then carries several steps' tokens). A consumer that keeps
+    up sees every output."""
+
+    def __init__(self, limit: int = MAX_UNREAD) -> None:
+        self._limit = limit
+        self._queue: asyncio.Queue[tuple[object, list, bool]] = asyncio.Queue()
+        self._unread: dict[object, int] = {}
+        self._newest: dict[object, list] = {}  # each source's newest unread output, boxed
+
+    def put(self, key: object, item: object) -> None:
+        """Queue `item` from source `key`; call it on the consumer's event loop."""
+        if not isinstance(item, RequestOutput):
+            self._newest.pop(key, None)
+            self._queue.put_nowait((key, [item], False))
+            return
+        box = self._newest.get(key)
+        if box is not None and self._unread[key] >= self._limit:
+            box[0] = item
+            return
+        box = self._newest[key] = [item]
+        self._unread[key] = self._unread.get(key, 0) + 1
+        self._queue.put_nowait((key, box, True))
+
+    async def get(self) -> tuple[object, object]:
+        """(key, item) of the next item, waiting for one."""
+        key, box, is_output = await self._queue.get()
+        if is_output:
+            self._unread[key] -= 1
+            if self._newest.get(key) is box:
+                del self._newest[key]
+        return key, box[0]
+
 
 class _Stream:
     """One `generate` call (or one `abort` waiting for its answer): its request id and
@@ -48,7 +93,7 @@ class _Stream:
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[Item] = asyncio.Queue()
+        self.queue = OutputQueue()
 
 
 class _Add:
@@ -132,7 +177,8 @@ class AsyncLLM:
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None,
                        request_id: str, prompt_token_ids: list[int] | None = None
                        ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs as they grow; raises ValueError for a bad request.
+        """Yield the request's outputs as they grow (see OutputQueue for a consumer that
+        falls behind); raises ValueError for a bad request.
 
         Leaving the loop early (break, cancel, close) aborts the request and frees its KV
         blocks. The id is free again once the request finishes, even if its stream has
@@ -154,7 +200,7 @@ class AsyncLLM:
         finished = False
         try:
             while not finished:
-                item = await stream.queue.get()
+                _, item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -183,7 +229,7 @@ class AsyncLLM:
         they are read here, without the per-rank step times."""
         waiter = _Stream("metrics")
         if self._post(_Call(engine_metrics, waiter), refuse=False):
-            item = await waiter.queue.get()
+            _, item = await waiter.queue.get()
             if isinstance(item, BaseException):
                 raise item
             if isinstance(item, _Result):
@@ -349,13 +395,13 @@ class AsyncLLM:
 
 def _put_all(items: list[tuple[_Stream, Item]]) -> None:
     for stream, item in items:
-        stream.queue.put_nowait(item)
+        stream.queue.put(None, item)
 
 
 async def _acknowledged(waiter: _Stream) -> None:
     """Wait for the engine thread's _ACK; an error (the engine failed or was shut down)
     also ends the wait, since no answer follows it."""
     while True:
-        item = await waiter.queue.get()
+        _, item = await waiter.queue.get()
         if item is _ACK or isinstance(item, BaseException):
             return

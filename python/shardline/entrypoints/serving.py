@@ -7,7 +7,8 @@ client went away) cancels every engine stream, which aborts its request and free
 blocks. A chunk carries the tokens a completion gained since the last and the text they
 completed, which may be empty (a token that is part of a multi-byte character, or text
 held back while it could still begin a stop string): a client sees each token when the
-engine makes it, as vLLM streams them. The engine never takes text back, so the chunks
+engine makes it, as vLLM streams them (a client more than MAX_UNREAD chunks behind gets
+the tokens of several steps in one; see OutputQueue). The engine never takes text back, so the chunks
 add up to the final text.
 """
 
@@ -20,7 +21,7 @@ import time
 import uuid
 from typing import AsyncIterator
 
-from shardline.engine.async_llm import AsyncLLM
+from shardline.engine.async_llm import AsyncLLM, OutputQueue
 from shardline.engine.outputs import CompletionOutput, RequestOutput
 from shardline.engine.tokenizer import Tokenizer
 from shardline.entrypoints.protocol import (ChatCompletionRequest, CompletionRequest,
@@ -66,17 +67,19 @@ class Generation:
             self.prompts.append((prompt, token_ids))
 
     async def stream(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, cumulative output) as any of the prompts gains tokens."""
-        queue: asyncio.Queue = asyncio.Queue()
+        """(prompt index, cumulative output) as any of the prompts gains tokens; a prompt
+        whose outputs the consumer (the client) falls behind on skips steps, as in
+        AsyncLLM.generate, so that a client that stops reading holds little memory."""
+        queue = OutputQueue()
 
         async def pump(index: int, prompt: str | list[int], token_ids: list[int]) -> None:
             try:
                 async for output in self.llm.generate(prompt, self.params,
                                                       f"{self.id}-{index}", token_ids):
-                    queue.put_nowait((index, output))
-                queue.put_nowait((index, _DONE))
+                    queue.put(index, output)
+                queue.put(index, _DONE)
             except Exception as exc:
-                queue.put_nowait((index, exc))
+                queue.put(index, exc)
 
         tasks = [asyncio.create_task(pump(i, prompt, ids))
                  for i, (prompt, ids) in enumerate(self.prompts)]
