@@ -10,6 +10,7 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installe
 from server_helpers import MODEL, engine_idle  # noqa: E402
 
 CONTEXT = 512
+VOCAB = 320  # tiny-llama's byte-level vocabulary
 
 
 def prompt_ids(rng, length: int) -> list[int]:
@@ -64,3 +65,32 @@ def test_chat_tokens_past_the_context_are_400_naming_the_field(client, rng, fiel
                                        **{field: asked})
     assert caught.value.body["param"] == field
     assert f"{field}={asked}" in caught.value.body["message"]
+
+
+def test_an_engine_error_about_a_prompt_names_it_once_as_the_request_does(client, rng):
+    """The engine's message names the prompt "prompt", and the server put the request's
+    name in front: "prompt: prompt has 600 tokens", and for token 3 of prompt 1
+    "prompt[1]: prompt[3]=999 is outside the vocabulary". The request's name replaces it."""
+    long = rng.randint(CONTEXT + 1, 2 * CONTEXT)
+    bad_at, bad = rng.randint(0, 5), rng.randint(VOCAB, 10**6)
+    ids = prompt_ids(rng, 6)
+    ids[bad_at] = bad
+    cases = [(prompt_ids(rng, long), f"prompt has {long} tokens, longer than"),
+             ([prompt_ids(rng, 4), prompt_ids(rng, long)], f"prompt[1] has {long} tokens"),
+             (ids, f"prompt[{bad_at}]={bad} is outside the vocabulary"),
+             ([prompt_ids(rng, 4), ids], f"prompt[1][{bad_at}]={bad} is outside the vocabulary"),
+             ([prompt_ids(rng, 4), []], "prompt[1] is empty")]
+    for prompt, start in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=1)
+        assert caught.value.body["message"].startswith(start), caught.value.body
+        assert caught.value.body["param"] == "prompt"
+
+
+def test_a_conversation_past_the_context_is_named_messages(client, rng):
+    words = " ".join("ab" for _ in range(rng.randint(CONTEXT, 2 * CONTEXT)))
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, max_tokens=1,
+                                       messages=[{"role": "user", "content": words}])
+    assert caught.value.body["message"].startswith("messages has "), caught.value.body
+    assert caught.value.body["param"] == "messages"

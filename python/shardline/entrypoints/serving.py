@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import time
 import uuid
 from typing import AsyncIterator
@@ -54,8 +55,8 @@ class Generation:
                 token_ids = llm.engine.encode_prompt(prompt, params)[1]
             except ValueError as exc:
                 param = _param(str(exc), prompt_field)
-                message = f"{where}: {exc}" if param in (prompt_field, "max_tokens") else str(exc)
-                raise RequestError(message, param) from None
+                raise RequestError(_name_prompt(str(exc), param in (prompt_field, "max_tokens"),
+                                                where), param) from None
             context = llm.engine.max_model_len
             if max_tokens_field is not None and len(token_ids) + params.max_tokens > context:
                 raise RequestError(
@@ -114,6 +115,18 @@ def _param(message: str, prompt_field: str) -> str:
         return "max_tokens"
     field = field_of(message)
     return prompt_field if field in (None, "prompt") else field
+
+
+def _name_prompt(message: str, about_prompt: bool, where: str) -> str:
+    """The engine's error, naming the prompt as the request does (`where`: prompt,
+    prompt[1], messages) if it is `about_prompt`. The engine calls it "prompt" ("prompt
+    has 600 tokens", "prompt[2]=999 is outside ..."): that name is replaced, where a prefix
+    repeated it ("prompt: prompt has 600 tokens", "prompt[1]: prompt[2]=999")."""
+    if not about_prompt:
+        return message
+    if re.match(r"prompt\b", message):
+        return where + message[len("prompt"):]
+    return f"{where}: {message}"
 
 
 def completion_generation(llm: AsyncLLM, request: CompletionRequest) -> Generation:
