@@ -92,6 +92,40 @@ class CrashOnStepWorker(StubWorker):
         return super().execute_model(scheduler_output)
 
 
+class FailingRankWorker(StubWorker):
+    """Rank $STUB_FAIL_RANK raises RuntimeError($STUB_FAIL_MESSAGE) where $STUB_FAIL_IN
+    says: "step" (execute_model) or "constructor"."""
+
+    def __init__(self, config, rank: int = 0, distributed_init_method: str | None = None):
+        super().__init__(config, rank, distributed_init_method)
+        self._fail("constructor")
+
+    def _fail(self, where: str) -> None:
+        if os.environ["STUB_FAIL_IN"] == where and self.rank == int(os.environ["STUB_FAIL_RANK"]):
+            raise RuntimeError(os.environ["STUB_FAIL_MESSAGE"])
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self._fail("step")
+        return super().execute_model(scheduler_output)
+
+
+def run_worker_joining_late(args, handle_conn, log_queue) -> None:
+    """worker_proc.run_worker, except that rank 3 joins the broadcast ring 2 s late: the
+    other ranks are serving by then, and the executor still waits for rank 3 to join."""
+    from shardline.executor import worker_proc
+    from shardline.ipc import MessageQueue
+
+    if args.rank == 3:
+        attach = MessageQueue.attach
+
+        def attach_late(handle, reader_index):
+            time.sleep(2.0)
+            return attach(handle, reader_index)
+
+        MessageQueue.attach = attach_late
+    worker_proc.run_worker(args, handle_conn, log_queue)
+
+
 class SlowStepWorker(StubWorker):
     """Takes 3 s over every step, so that steps are still in flight when a test kills a
     worker."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -14,11 +15,11 @@ import time
 import psutil
 import pytest
 
-from shardline.executor import EngineDeadError, StepFuture
+from shardline.executor import EngineDeadError, StepFuture, multiproc
 from shardline.executor.multiproc import EXIT_STATUS_WAIT_S, _Workers
 from shardline.models.partition import stage_layer_range
 from multiproc_helpers import step
-from stub_workers import NUM_KV_BLOCKS
+from stub_workers import NUM_KV_BLOCKS, run_worker_joining_late
 
 
 def test_collective_rpc_answers_once_per_rank_in_rank_order(make_executor):
@@ -145,6 +146,50 @@ def test_a_worker_failing_in_execute_model_kills_the_engine_with_its_error(make_
         while logged not in caplog.text and time.monotonic() < deadline:
             time.sleep(0.02)
     assert logged in caplog.text
+
+
+@pytest.mark.parametrize("where", ["step", "constructor"])
+def test_a_failed_ranks_error_is_in_the_engine_dead_error_once(make_executor, monkeypatch,
+                                                               rng, where):
+    """A rank that fails and stops (in a step, or building its worker) says why as it
+    exits: the EngineDeadError names its exit code and its error, once, whichever rank it
+    is. Before, a rank other than the output rank was only "died with exit code 1"."""
+    failing = rng.randrange(4)
+    message = f"failed on purpose {rng.randrange(10**6)}"
+    monkeypatch.setenv("STUB_FAIL_IN", where)
+    monkeypatch.setenv("STUB_FAIL_RANK", str(failing))
+    monkeypatch.setenv("STUB_FAIL_MESSAGE", message)
+    if where == "constructor":
+        with pytest.raises(EngineDeadError) as raised:
+            make_executor("FailingRankWorker", tensor_parallel_size=2, pipeline_parallel_size=2)
+    else:
+        executor = make_executor("FailingRankWorker", tensor_parallel_size=2,
+                                 pipeline_parallel_size=2)
+        deadline = time.monotonic() + 30
+        with pytest.raises(EngineDeadError) as raised:
+            while time.monotonic() < deadline:  # the output rank answers until the death is seen
+                executor.execute_model(step("a"))
+    said = (rf"worker rank {failing} \(pid \d+\) died with exit code 1 after it failed: "
+            rf"RuntimeError: {message}\nTraceback ")
+    assert len(re.findall(said, str(raised.value))) == 1, str(raised.value)
+    assert str(raised.value).count(message) == 2  # in the line and the traceback's end
+
+
+def test_a_worker_failing_while_the_others_start_fails_the_start_by_name(make_executor,
+                                                                        monkeypatch, rng):
+    """Rank 3 joins the broadcast ring 2 s late, and an earlier rank fails building its
+    worker meanwhile: the executor's wait for every rank to join raised PeerDied; now
+    EngineDeadError names the rank and its error."""
+    failing = rng.randrange(3)
+    message = f"failed on purpose {rng.randrange(10**6)}"
+    monkeypatch.setenv("STUB_FAIL_IN", "constructor")
+    monkeypatch.setenv("STUB_FAIL_RANK", str(failing))
+    monkeypatch.setenv("STUB_FAIL_MESSAGE", message)
+    monkeypatch.setattr(multiproc, "run_worker", run_worker_joining_late)
+    with pytest.raises(EngineDeadError, match=rf"^the workers failed to start: worker rank "
+                                              rf"{failing} \(pid \d+\) died with exit code 1 "
+                                              rf"after it failed: RuntimeError: {message}\n"):
+        make_executor("FailingRankWorker", tensor_parallel_size=2, pipeline_parallel_size=2)
 
 
 def test_worker_logs_reach_the_parent_with_the_rank_in_front(make_executor, caplog):

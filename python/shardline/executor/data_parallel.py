@@ -11,7 +11,7 @@ in any core stops every core: the others' waiting calls raise the same EngineDea
 instead of hanging in a collective that will never complete.
 
 On this machine the cores' ranks meet at one file store in a private directory, which the
-last core to shut down removes (multiproc.FileRendezvous); on Ray the cores share one
+last core to shut down removes (rendezvous.FileRendezvous); on Ray the cores share one
 RayWorld, found by a key, which picks an address on rank 0's node.
 """
 
@@ -38,7 +38,7 @@ def _world_rendezvous(parallel: ParallelConfig) -> ContextManager[str]:
     their RayWorld (unique, so that two engines never share one)."""
     if parallel.distributed_executor_backend == "ray":
         return contextlib.nullcontext(f"shardline-world-{uuid.uuid4().hex}")
-    from shardline.executor.multiproc import FileRendezvous
+    from shardline.executor.rendezvous import FileRendezvous
 
     return FileRendezvous()
 

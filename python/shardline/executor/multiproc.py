@@ -6,13 +6,16 @@ worker) and reads the replies from `worker_response_mqs[rank]` (one ring per wor
 pipeline stage); its non-blocking form returns a StepFuture, so the engine can keep
 several steps in flight. A watcher thread notices a worker's death at once (and a worker
 left stopped within seconds: executor.stopped_workers) and closes the rings, so that every
-pending and later call raises EngineDeadError instead of waiting.
+pending and later call raises EngineDeadError instead of waiting. A worker that fails
+says why as it exits (worker_proc.last_words, on the pipe that brought its response
+ring's handle), and the error carries it, whichever rank failed.
 
 Under data parallelism an executor runs one engine core's slice of the rank grid: its
 workers hold global ranks (they join one torch.distributed world with every other
 core's), and read the rings under their index within the slice.
 
-The ranks rendezvous for torch.distributed (gloo or NCCL) at a FileRendezvous: a file store
+The ranks rendezvous for torch.distributed (gloo or NCCL) at a FileRendezvous
+(executor.rendezvous): a file store
 in a private directory, removed at shutdown (explicit, after a worker's death or a failed
 start, on garbage collection or at interpreter exit) by the last executor that uses it,
 or, when the engine's process is killed, by the workers as they exit (worker_proc.EngineWatch).
@@ -29,15 +32,14 @@ import logging
 import logging.handlers
 import multiprocessing
 import os
-import shutil
-import tempfile
-import threading
 import time
+from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_sentinels
 from typing import Any, Iterator
 
 from shardline.executor.base import EngineDeadError
 from shardline.executor.main_guard import main_guard_hint
+from shardline.executor.rendezvous import FileRendezvous
 from shardline.executor.stopped_workers import StoppedWorkers
 from shardline.executor.worker_group import RanksTimedOut, WorkerGroup, WorkerGroupExecutor
 from shardline.executor.worker_proc import (ALL_RANKS, SHUTDOWN, UNREADABLE_CALL,
@@ -88,56 +90,6 @@ def exit_cause(code: int | None, broadcast: str | None) -> str:
     return ""
 
 
-class FileRendezvous:
-    """A torch.distributed URL of a file store that does not exist yet, in a directory only
-    this user can enter, which the last of its users removes (or, if this process is
-    killed, the workers that were given it: worker_proc.EngineWatch).
-
-    Executors that share one (the data-parallel cores of one world) find it by its `url`,
-    given to each as `distributed_init_method`: each takes a use of it (`join`) and gives
-    it back at shutdown. Its maker holds the first use until the executors have started
-    (as a context manager: to the end of the block), so that a core failing to start
-    cannot remove it under the others.
-    """
-
-    _lock = threading.Lock()
-    _open: dict[str, "FileRendezvous"] = {}
-
-    def __init__(self) -> None:
-        self.directory = tempfile.mkdtemp(prefix="shardline-rendezvous-")
-        self.url = f"file://{self.directory}/store"
-        self.users = 1
-        with self._lock:
-            self._open[self.url] = self
-
-    @classmethod
-    def join(cls, url: str | None) -> "FileRendezvous | None":
-        """One more use of the rendezvous at `url`; a new one when `url` is None; None
-        when `url` was made elsewhere (the caller's own, used as is and left alone)."""
-        if url is None:
-            return cls()
-        with cls._lock:
-            rendezvous = cls._open.get(url)
-            if rendezvous is not None:
-                rendezvous.users += 1
-            return rendezvous
-
-    def release(self) -> None:
-        """Give back one use; the last removes the directory."""
-        with self._lock:
-            self.users -= 1
-            if self.users > 0:
-                return
-            del self._open[self.url]
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> str:
-        return self.url
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
-
-
 class _RankLogs(logging.Handler):
     """Re-emits a worker's log records through this process's logger of the same name."""
 
@@ -157,6 +109,7 @@ class _Workers(WorkerGroup):
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.rpc_broadcast_mq: MessageQueue | None = None
         self.worker_response_mqs: list[MessageQueue] = []
+        self.last_words: list[Connection] = []  # each worker's, once it has started
         self.log_queue = _SPAWN.Queue()
         self.log_listener = logging.handlers.QueueListener(self.log_queue, _RankLogs())
         self.started = False
@@ -185,8 +138,21 @@ class _Workers(WorkerGroup):
             proc = self.procs[i]
             code = _exit_code(proc)
             deaths.append(f"worker rank {self.first_rank + i} (pid {proc.pid}) died with "
-                          f"exit code {code}" + exit_cause(code, broadcast))
+                          f"exit code {code}" + exit_cause(code, broadcast)
+                          + self.heard_last(i))
         return "; ".join(deaths)
+
+    def heard_last(self, index: int) -> str:
+        """What the worker at `index` said as it failed (worker_proc.last_words), for
+        its line in the EngineDeadError; empty if it said nothing."""
+        if index >= len(self.last_words):
+            return ""
+        conn = self.last_words[index]
+        try:
+            name, message, trace = conn.recv() if conn.poll(0) else ("", "", "")
+        except (EOFError, OSError):
+            return ""
+        return f" after it failed: {name}: {message}\n{trace}" if name else ""
 
     def stalled(self) -> str | None:
         stalled = self.stopped_workers.poll([proc.pid for proc in self.procs])
@@ -217,6 +183,8 @@ class _Workers(WorkerGroup):
 
     def release(self) -> None:
         self.close_rings()
+        for conn in self.last_words:
+            conn.close()
         try:
             self.log_listener.stop()
         except RuntimeError:
@@ -273,11 +241,27 @@ class MultiProcExecutor(WorkerGroupExecutor):
                 handle = None
             if handle is None:
                 raise self._startup_failure(i)
-            workers.worker_response_mqs.append(MessageQueue.attach(handle, 0))
-            conn.close()
-        workers.rpc_broadcast_mq.wait_attached(max(0.0, deadline - time.monotonic()),
-                                        reader_pids=[p.pid for p in workers.procs])
+            workers.last_words.append(conn)
+            try:
+                workers.worker_response_mqs.append(MessageQueue.attach(handle, 0))
+            except OSError as exc:  # its ring went with it: the worker died
+                raise self._attach_failure(exc) from None
+        try:
+            workers.rpc_broadcast_mq.wait_attached(max(0.0, deadline - time.monotonic()),
+                                                   reader_pids=[p.pid for p in workers.procs])
+        except (PeerDied, TimeoutError) as exc:
+            raise self._attach_failure(exc) from None
         workers.started = True
+
+    def _attach_failure(self, exc: Exception) -> EngineDeadError:
+        """The error of a start whose rings the workers did not all join (`exc`): one
+        died (it may have failed building its worker already), or time ran out."""
+        ended = self._group.wait_ended(EXIT_STATUS_WAIT_S)
+        if ended:
+            return EngineDeadError("the workers failed to start: "
+                                   + self._group.describe_ended(ended))
+        return EngineDeadError(f"the workers did not all join the executor's rings within "
+                               f"{STARTUP_TIMEOUT_S:.0f} s: {exc}")
 
     def _startup_failure(self, index: int) -> EngineDeadError:
         proc = self._group.procs[index]

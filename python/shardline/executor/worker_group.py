@@ -161,11 +161,16 @@ class WorkerGroup(ABC):
     def rank_failure(self, what: str, error: list[str]) -> EngineDeadError:
         """The EngineDeadError of a worker that reported `error` (its [type name, message,
         traceback]) and is exiting, as `what` says; the workers the watcher finds dead,
-        if any, come first, as in `step_failure`."""
+        if any, come first, as in `step_failure` (alone, when they include this rank's
+        last words, the same error)."""
         name, message, trace = error
         failed = f"{what}: {name}: {message}\n{trace}"
         dead = self._watched_death()
-        return EngineDeadError(failed if dead is None else f"{dead}; {failed}")
+        if dead is None:
+            return EngineDeadError(failed)
+        if f"{name}: {message}" in str(dead):  # the watcher heard it as the rank's last words
+            return dead
+        return EngineDeadError(f"{dead}; {failed}")
 
     def _watched_death(self) -> EngineDeadError | None:
         deadline = time.monotonic() + DEATH_WAIT_S

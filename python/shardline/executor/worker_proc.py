@@ -30,7 +30,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 from shardline.executor.stopped_workers import process_state
 from shardline.ipc import FrameError, MessageQueue, MessageQueueHandle, PeerDied, RingClosed
@@ -62,6 +62,23 @@ class WorkerArgs:
     log_level: int
     engine_pid: int
     rendezvous_dir: str | None
+
+
+LAST_WORDS_LIMIT = 16 * 1024  # well under a pipe's buffer: the send never blocks
+
+
+class _StepFailed(Exception):
+    """A step failed on this rank (the error, its cause, is sent as the reply): the ranks
+    are out of step in their collectives, and this worker stops."""
+
+
+def last_words(exc: BaseException) -> list[str]:
+    """What a worker that stops on `exc` tells its executor as it exits (error_reply's
+    triple, the traceback cut to its end where the whole would not fit a pipe), so that
+    the executor's EngineDeadError says why the worker died, whichever rank it was."""
+    name, message, trace = error_reply(exc)
+    message = message[:LAST_WORDS_LIMIT // 4]
+    return [name, message, trace[-(LAST_WORDS_LIMIT // 2):]]
 
 
 def error_reply(exc: BaseException) -> list[str]:
@@ -170,19 +187,27 @@ class EngineWatch:
 
 
 def run_worker(args: WorkerArgs, handle_conn: Connection, log_queue: Any) -> None:
-    """Process entry point: connect, then serve calls until shutdown or the executor dies."""
+    """Process entry point: connect, then serve calls until shutdown or the executor dies.
+    `handle_conn` carries the response ring's handle to the executor, then this worker's
+    last words if it fails."""
     watch = EngineWatch(args.engine_pid, args.rendezvous_dir)
     # Ctrl-C goes to the whole process group; the executor decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _forward_logs(log_queue, args.rank, args.log_level)
     response = MessageQueue.create(1)
     handle_conn.send(response.handle())
-    handle_conn.close()
     broadcast = MessageQueue.attach(args.broadcast, args.index)
     response.wait_attached(ATTACH_TIMEOUT_S, reader_pids=[os.getppid()])
 
+    def tell(words: list[str]) -> None:
+        try:
+            handle_conn.send(words)
+        except OSError:
+            pass  # the executor is gone, and this process ends with it
+
     exit_code = serve_rank(args.config, args.rank, args.index, args.distributed_init_method,
-                           args.worker_cls, broadcast, response)
+                           args.worker_cls, broadcast, response, tell)
+    handle_conn.close()
     log_queue.close()
     log_queue.join_thread()
     sys.stdout.flush()
@@ -193,10 +218,12 @@ def run_worker(args: WorkerArgs, handle_conn: Connection, log_queue: Any) -> Non
 
 
 def serve_rank(config: dict, rank: int, index: int, distributed_init_method: str,
-               worker_cls: str, broadcast: MessageQueue, response: MessageQueue) -> int:
+               worker_cls: str, broadcast: MessageQueue, response: MessageQueue,
+               tell: Callable[[list[str]], None] | None = None) -> int:
     """Build rank `rank`'s worker and answer the calls read from `broadcast` on `response`
     until shutdown or the executor's end; the process's exit code (1 after a failure,
-    UNREADABLE_CALL_EXIT after a corrupt frame on the broadcast ring).
+    UNREADABLE_CALL_EXIT after a corrupt frame on the broadcast ring). On a failure,
+    `tell` (if given) gets its last_words before the worker is released.
     `index` is the rank's place in its executor's slice, which calls address replies to.
     Shared by every executor that feeds its workers through the rings (multi-process, Ray).
     """
@@ -204,6 +231,7 @@ def serve_rank(config: dict, rank: int, index: int, distributed_init_method: str
 
     worker = None
     exit_code = 0
+    failure: BaseException | None = None
     try:
         worker = import_worker_class(worker_cls)(
             EngineConfig.from_dict(config), rank=rank,
@@ -211,10 +239,17 @@ def serve_rank(config: dict, rank: int, index: int, distributed_init_method: str
         exit_code = _serve(worker, index, broadcast, response)
     except (PeerDied, RingClosed):
         pass  # the executor is gone or shut us down: nothing left to answer
-    except BaseException:
+    except _StepFailed as failed:
+        failure = failed.__cause__
+        logging.getLogger("shardline").error("execute_model failed: %s", failure)
+    except BaseException as exc:
         traceback.print_exc()
-        exit_code = 1
+        failure = exc
     finally:
+        if failure is not None:
+            exit_code = 1
+            if tell is not None:
+                tell(last_words(failure))
         if worker is not None and hasattr(worker, "shutdown"):
             worker.shutdown()
         # Only the response ring is closed: the broadcast ring is the executor's, and closing
@@ -225,9 +260,9 @@ def serve_rank(config: dict, rank: int, index: int, distributed_init_method: str
 
 
 def _serve(worker: Any, index: int, broadcast: MessageQueue, response: MessageQueue) -> int:
-    """Answer calls until shutdown (exit code 0), a failed step (exit code 1) or a call
-    that cannot be read (UNREADABLE_CALL_EXIT); `index` is this worker's place in its
-    executor's slice, which calls address replies to."""
+    """Answer calls until shutdown (exit code 0) or a call that cannot be read
+    (UNREADABLE_CALL_EXIT); _StepFailed after a failed step. `index` is this worker's
+    place in its executor's slice, which calls address replies to."""
     from shardline.step import SchedulerOutput
 
     while True:
@@ -253,10 +288,7 @@ def _serve(worker: Any, index: int, broadcast: MessageQueue, response: MessageQu
         except Exception as exc:
             response.enqueue([call_id, False, error_reply(exc)])
             if method == "execute_model":
-                # The ranks are now out of step in their collectives: this worker stops, and
-                # the executor reports the engine dead with this error.
-                logging.getLogger("shardline").error("execute_model failed: %s", exc)
-                return 1
+                raise _StepFailed from exc
             continue
         if not replies:
             continue
@@ -268,7 +300,7 @@ def _serve(worker: Any, index: int, broadcast: MessageQueue, response: MessageQu
             # step's output, which stops it as a failed step does).
             response.enqueue([call_id, False, error_reply(exc)])
             if method == "execute_model":
-                return 1
+                raise _StepFailed from exc
 
 
 def _next_call(broadcast: MessageQueue) -> list:
