@@ -55,3 +55,43 @@ def test_a_bad_stop_names_its_forms(rng):
     with pytest.raises(RequestError) as refused:
         parse(CompletionRequest, {"model": "m", "prompt": "hi", "stop": bad})
     assert str(refused.value) == f"stop: must be a string, a list of strings or null (got {bad!r})"
+
+
+OPENAI_ONLY = ("tools", "tool_choice", "logit_bias", "response_format", "parallel_tool_calls",
+               "functions", "function_call", "metadata", "store", "service_tier")
+MESSAGE_EXTRAS = ("refusal", "tool_calls", "function_call", "audio", "annotations")
+
+
+def test_a_field_the_server_does_not_take_set_to_null_is_dropped(rng):
+    """A null asks for nothing, but it was refused like a value: `"tools": null` from
+    clients that write every field of OpenAI's schema, and `"refusal": null` in each
+    assistant message of a history built from the openai client's `message.model_dump()`."""
+    top = rng.sample(OPENAI_ONLY, rng.randint(1, len(OPENAI_ONLY)))
+    in_message = rng.sample(MESSAGE_EXTRAS, rng.randint(1, len(MESSAGE_EXTRAS)))
+    reply = {"role": "assistant", "content": "hello", **dict.fromkeys(in_message)}
+    history = [*MESSAGES, reply, {"role": "user", "content": "more"}]
+    parsed = parse(ChatCompletionRequest, {"model": "m", "messages": history,
+                                           **dict.fromkeys(top)})
+    clean = [*MESSAGES, {"role": "assistant", "content": "hello"}, history[-1]]
+    assert parsed == parse(ChatCompletionRequest, {"model": "m", "messages": clean})
+    field = rng.choice(OPENAI_ONLY)
+    assert (parse(CompletionRequest, {"model": "m", "prompt": "hi", field: None})
+            == parse(CompletionRequest, {"model": "m", "prompt": "hi"}))
+
+
+def test_a_field_an_inner_object_does_not_take_is_answered_with_the_fields_it_does(rng):
+    """The refusal listed the request's fields (add_generation_prompt, ..., user) for a
+    field of a message or of stream_options, which take none of them."""
+    field = rng.choice(MESSAGE_EXTRAS)
+    message = {"role": "assistant", "content": "hi", field: rng.choice(["x", [], {}])}
+    with pytest.raises(RequestError) as refused:
+        parse(ChatCompletionRequest, {"model": "m", "messages": [*MESSAGES, message]})
+    assert str(refused.value) == (f"messages.1.{field} is not supported by this server; it "
+                                  "accepts content, name, role")
+    with pytest.raises(RequestError) as refused:
+        parse(CompletionRequest, {"model": "m", "prompt": "hi", "stream": True,
+                                  "stream_options": {"include_usage": True, field: 1}})
+    assert str(refused.value).endswith("it accepts include_usage")
+    with pytest.raises(RequestError) as refused:  # a value, not null, is still refused
+        parse(CompletionRequest, {"model": "m", "prompt": "hi", field: "x"})
+    assert refused.value.param == field

@@ -12,10 +12,10 @@ field, which the server returns as a 400 in OpenAI's error format.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, WrapValidator,
-                      field_validator)
+                      field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 from shardline.sampling_params import SamplingParams
@@ -45,6 +45,18 @@ def error_body(message: str, param: str | None, kind: str = "invalid_request_err
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_unknown_nulls(cls, data: Any) -> Any:
+        """A field this server does not know set to null asks for nothing, so it is dropped
+        rather than refused: clients that write every field of OpenAI's schema send
+        `"tools": null`, and the openai client's `message.model_dump()`, sent back as the
+        next turn's history, carries `"refusal": null` and `"tool_calls": null`."""
+        if not isinstance(data, dict):
+            return data
+        return {key: value for key, value in data.items()
+                if value is not None or key in cls.model_fields}
 
 
 def _one_of(forms: str) -> WrapValidator:
@@ -220,12 +232,33 @@ def parse(model: type[_Body], body: Any) -> Any:
         location = [str(part) for part in error["loc"]]
         param = ".".join(location) if location else None
         if error["type"] == "extra_forbidden":
+            owner = _body_at(model, error["loc"][:-1])
             raise RequestError(f"{param} is not supported by this server; it accepts "
-                               f"{', '.join(sorted(model.model_fields))}", param) from None
+                               f"{', '.join(sorted(owner.model_fields))}", param) from None
         if error["type"] == "missing":
             raise RequestError(f"{param} is required", param) from None
         raise RequestError(f"{param}: {error['msg']} (got {error.get('input')!r})",
                            location[0] if location else None) from None
+
+
+def _body_at(model: type[_Body], location: tuple) -> type[_Body]:
+    """The body type of the object at `location` in a `model` (messages.0 of a chat
+    request: a ChatMessage), so that a field it does not take is answered with the fields
+    it does, not the request's."""
+    for part in location:
+        if isinstance(part, str):
+            inner = _bodies_in(model.model_fields[part].annotation)
+            if not inner:
+                break
+            model = inner[0]
+    return model
+
+
+def _bodies_in(annotation: Any) -> list[type[_Body]]:
+    """The body types an annotation holds (list[ChatMessage], StreamOptions | None)."""
+    if isinstance(annotation, type) and issubclass(annotation, _Body):
+        return [annotation]
+    return [body for arg in get_args(annotation) for body in _bodies_in(arg)]
 
 
 def field_of(message: str) -> str | None:
