@@ -36,7 +36,7 @@ from shardline import LLM, SamplingParams  # noqa: E402
 from shardline.executor import EngineDeadError, StepFuture  # noqa: E402
 from shardline.executor.base import executor_class  # noqa: E402
 from shardline.config import ParallelConfig  # noqa: E402
-from shardline.executor import ray_placement  # noqa: E402
+from shardline.executor import ray_placement, stopped_workers  # noqa: E402
 from shardline.executor.ray import RayExecutor, ranks_sharing_node  # noqa: E402
 from shardline.worker.worker import RANKS_ON_NODE_ENV, cpu_threads  # noqa: E402
 from process_hygiene import leaked_segments, shm_segments  # noqa: E402
@@ -175,6 +175,29 @@ def test_plumbing_over_two_nodes_with_stub_workers(cluster):
     finally:
         pids = executor.worker_pids
         executor.shutdown()
+        executor.shutdown()
+    wait_gone(pids)
+
+
+def test_a_rank_left_stopped_fails_the_engine_naming_it(cluster, monkeypatch, rng):
+    """SIGSTOP of a rank actor: its node's agent sees it stay stopped and the engine fails
+    with EngineDeadError naming it (before, every call waited for ever)."""
+    monkeypatch.setattr(stopped_workers, "STOPPED_LIMIT_S", 1.0)
+    config = make_config(tensor_parallel_size=2, pipeline_parallel_size=2)
+    config.parallel.distributed_executor_backend = "ray"
+    executor = RayExecutor(config)
+    pids = executor.worker_pids
+    try:
+        victim = rng.randrange(4)
+        os.kill(pids[victim], signal.SIGSTOP)
+        stopped = time.monotonic()
+        with pytest.raises(EngineDeadError, match=rf"worker rank {victim} \(pid {pids[victim]}\) "
+                                                  r"has been stopped \(SIGSTOP"):
+            executor.collective_rpc("echo", args=(1,), timeout=60)
+        elapsed = time.monotonic() - stopped
+        print(f"EngineDeadError {elapsed:.2f} s after SIGSTOP of rank {victim}")
+        assert elapsed < 10.0
+    finally:
         executor.shutdown()
     wait_gone(pids)
 

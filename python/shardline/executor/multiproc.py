@@ -40,7 +40,7 @@ from typing import Any, Iterator
 from shardline.executor.base import EngineDeadError
 from shardline.executor.main_guard import main_guard_hint
 from shardline.executor.rendezvous import FileRendezvous
-from shardline.executor.stopped_workers import StoppedWorkers
+from shardline.executor.stopped_workers import StoppedWorkers, describe_stopped
 from shardline.executor.worker_group import RanksTimedOut, WorkerGroup, WorkerGroupExecutor
 from shardline.executor.worker_proc import (ALL_RANKS, SHUTDOWN, UNREADABLE_CALL,
                                             UNREADABLE_CALL_EXIT, WorkerArgs, read_reply,
@@ -157,9 +157,8 @@ class _Workers(WorkerGroup):
     def stalled(self) -> str | None:
         stalled = self.stopped_workers.poll([proc.pid for proc in self.procs])
         return "; ".join(
-            f"worker rank {self.first_rank + i} (pid {self.procs[i].pid}) has been stopped "
-            f"(SIGSTOP, SIGTSTP or a terminal's job control) for {seconds:.1f} s, and the "
-            "engine cannot step without it" for i, seconds in stalled) or None
+            describe_stopped(f"worker rank {self.first_rank + i} (pid {self.procs[i].pid})",
+                             seconds) for i, seconds in stalled) or None
 
     def stop_workers(self) -> None:
         # Told to stop, a serving worker ends its call and releases what it holds. The

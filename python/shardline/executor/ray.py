@@ -11,7 +11,8 @@ not answer; `execute_model` answered by the output rank, blocking or as a StepFu
 EngineDeadError for every pending and later call once an actor, or a whole node, dies. A
 watcher thread waits on every actor's long-running call (a rank's serving loop, an
 agent's `run_until_closed`), which Ray ends with an error when the actor's process or
-node dies.
+node dies; an agent's also returns once a rank of its node has stayed stopped (SIGSTOP)
+for stopped_workers.STOPPED_LIMIT_S.
 
 The ranks talk NCCL (CUDA) or gloo (CPU) over torch.distributed, rendezvousing at rank
 0's node; docs/ray.md lists the network settings that matter across nodes.
@@ -35,11 +36,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
                       "pip install 'shardline[ray]'") from exc
 
 from shardline.config import EngineConfig
+from shardline.executor import stopped_workers
 from shardline.executor.base import EngineDeadError, check_layout
 from shardline.executor.multiproc import exit_cause, unreadable_call, unreadable_reply
 from shardline.executor.ray_placement import RayWorld, connect, disconnect, forwarded_env
 from shardline.executor.ray_worker import (AGENT_CONCURRENCY, NodeAgent, RankActor,
                                            UnreadableCall, UnreadableReply)
+from shardline.executor.stopped_workers import describe_stopped
 from shardline.executor.worker_group import RanksTimedOut, WorkerGroup, WorkerGroupExecutor
 from shardline.executor.worker_proc import ALL_RANKS, SHUTDOWN
 from shardline.worker.worker import RANKS_ON_NODE_ENV
@@ -84,6 +87,7 @@ class _Actors(WorkerGroup):
         self.watched: dict[Any, str] = {}  # long-running call -> what it is
         self.serving: list[Any] = []  # the ranks' serving loops (also in `watched`)
         self.broadcast_of: dict[Any, str] = {}  # serving loop -> the ring it reads
+        self.node_ranks_of: dict[Any, list[str]] = {}  # agent's watched call -> its ranks
         self.pids: list[int] = []
         self.call_ids = itertools.count(1)
         self.connected = True  # the executor's layout check connected to Ray
@@ -91,6 +95,10 @@ class _Actors(WorkerGroup):
     def describe_end(self, ref: Any) -> str:
         try:
             code = ray.get(ref, timeout=1.0)
+            if ref in self.node_ranks_of:  # an agent that found ranks of its node stopped
+                ranks = self.node_ranks_of[ref]
+                return "; ".join(describe_stopped(ranks[place], seconds)
+                                 for place, seconds in code) or f"{self.watched[ref]} stopped"
             return (f"{self.watched[ref]} stopped with exit code {code}"
                     + exit_cause(code, self.broadcast_of.get(ref)))
         except GetTimeoutError:
@@ -213,8 +221,11 @@ class RayExecutor(WorkerGroupExecutor):
                                               [infos[i]["pid"] for i in indices])
                    for agent, indices in zip(actors.agents, self._node_indices)], "attach")
         for agent, indices, (_, agent_pid) in zip(actors.agents, self._node_indices, wired):
-            actors.watched[agent.run_until_closed.remote()] = (
+            ref = agent.run_until_closed.remote(stopped_workers.STOPPED_LIMIT_S)
+            actors.watched[ref] = (
                 f"node agent of ranks {[self.first_rank + i for i in indices]} (pid {agent_pid})")
+            actors.node_ranks_of[ref] = [f"worker rank {self.first_rank + i} (pid "
+                                         f"{infos[i]['pid']})" for i in indices]
 
     def _get(self, refs: list[Any], phase: str) -> list[Any]:
         """Results of startup calls; EngineDeadError if one fails, a rank's serving loop

@@ -24,6 +24,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from shardline.executor.stopped_workers import StoppedWorkers
+from shardline.executor.worker_group import WATCH_POLL_S
 from shardline.executor.worker_proc import (ATTACH_TIMEOUT_S, UNREADABLE_CALL, read_reply,
                                             serve_rank)
 from shardline.ipc import FrameError, MessageQueue, MessageQueueHandle
@@ -91,6 +93,7 @@ class NodeAgent:
         self.next_ticket = 0
         self.reading_ticket = 0
         self.closed = threading.Event()
+        self.rank_pids: list[int] = []
 
     def connect(self, responses: list[MessageQueueHandle]) -> tuple[MessageQueueHandle, int]:
         """Attach to the ranks' response rings (in the node's rank order) and create the
@@ -101,6 +104,7 @@ class NodeAgent:
 
     def wait_attached(self, timeout: float, reader_pids: list[int]) -> None:
         self.rpc_broadcast_mq.wait_attached(timeout, reader_pids=reader_pids)
+        self.rank_pids = list(reader_pids)
 
     def call(self, call_id: int, message: list, reply_indices: list[int]) -> list[Any]:
         """Write call `call_id` into the ring once the calls before it are in; then read
@@ -148,10 +152,17 @@ class NodeAgent:
         if self.closed.is_set():
             raise RuntimeError("the node agent has been closed")
 
-    def run_until_closed(self) -> None:
-        """Returns when the agent closes; the executor watches it to notice the agent's
-        (or its node's) death."""
-        self.closed.wait()
+    def run_until_closed(self, stopped_limit_s: float) -> list[tuple[int, float]]:
+        """Returns when the agent closes (nothing), or once ranks of this node have stayed
+        stopped for `stopped_limit_s` (executor.stopped_workers): (place in the node's
+        order, seconds stopped) of each. The executor watches it to notice the agent's
+        (or its node's) death, or such a stop."""
+        stopped = StoppedWorkers(stopped_limit_s)
+        while not self.closed.wait(WATCH_POLL_S):
+            stalled = stopped.poll(self.rank_pids)
+            if stalled:
+                return stalled
+        return []
 
     def close(self) -> None:
         """Close the rings, waking every waiting call."""
