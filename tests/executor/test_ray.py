@@ -202,6 +202,21 @@ def test_a_rank_left_stopped_fails_the_engine_naming_it(cluster, monkeypatch, rn
     wait_gone(pids)
 
 
+def test_a_ranks_setup_error_is_raised_while_the_others_wait_for_it(cluster):
+    """Rank 1's init_device raises while ranks 0, 2 and 3 wait there 60 s (as in a
+    rendezvous): the start fails with rank 1's error at once, where the agents read the
+    replies in rank order and the executor waited for every agent, past those 60 s."""
+    config = make_config("FailsInInitWorker", tensor_parallel_size=2, pipeline_parallel_size=2)
+    config.parallel.distributed_executor_backend = "ray"
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"^init_device failed on worker rank 1: RuntimeError: "
+                                           r"init_device failed on purpose"):
+        RayExecutor(config)
+    elapsed = time.monotonic() - start
+    print(f"the start failed after {elapsed:.1f} s")
+    assert elapsed < 40.0
+
+
 def test_a_tp_group_larger_than_any_node_is_refused_not_split(cluster, monkeypatch):
     monkeypatch.setattr(ray_placement, "PLACEMENT_TIMEOUT_S", 3.0)
     config = make_config(tensor_parallel_size=2 * NODE_CPUS)

@@ -41,7 +41,7 @@ from shardline.executor.base import EngineDeadError, check_layout
 from shardline.executor.multiproc import exit_cause, unreadable_call, unreadable_reply
 from shardline.executor.ray_placement import RayWorld, connect, disconnect, forwarded_env
 from shardline.executor.ray_worker import (AGENT_CONCURRENCY, NodeAgent, RankActor,
-                                           UnreadableCall, UnreadableReply)
+                                           UnreadableCall, UnreadableReply, is_failure)
 from shardline.executor.stopped_workers import describe_stopped
 from shardline.executor.worker_group import RanksTimedOut, WorkerGroup, WorkerGroupExecutor
 from shardline.executor.worker_proc import ALL_RANKS, SHUTDOWN
@@ -244,24 +244,42 @@ class RayExecutor(WorkerGroupExecutor):
         except RayError as exc:
             raise EngineDeadError(f"a Ray actor failed to {phase}: {exc}") from None
 
-    def _wait(self, refs: list[Any], deadline: float | None) -> list[Any]:
+    def _wait(self, refs: list[Any], deadline: float | None, early_failure: bool = False
+              ) -> list[Any]:
         """The agents' replies to one call; RanksTimedOut past `deadline`, EngineDeadError
-        as soon as the watcher sees an actor die."""
+        as soon as the watcher sees an actor die. With `early_failure`, see `_answered`."""
         while True:
             self._group.check_alive()
             timeout = _POLL_S if deadline is None else \
                 max(0.0, min(_POLL_S, deadline - time.monotonic()))
             try:
-                return ray.get(refs, timeout=timeout)
-            except GetTimeoutError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    _, pending = ray.wait(refs, num_returns=len(refs), timeout=0)
-                    nodes = [refs.index(ref) for ref in pending]
-                    raise RanksTimedOut(sorted(self.first_rank + i for node in nodes
-                                               for i in self._node_indices[node])) from None
+                replies = self._answered(refs, timeout, early_failure)
             except RayError as exc:
                 # An agent's ring closed or lost a rank: the watcher names the death.
                 raise self._group.dead_error(f"a node agent failed: {exc}") from None
+            if replies is not None:
+                return replies
+            if deadline is not None and time.monotonic() >= deadline:
+                _, pending = ray.wait(refs, num_returns=len(refs), timeout=0)
+                nodes = [refs.index(ref) for ref in pending]
+                raise RanksTimedOut(sorted(self.first_rank + i for node in nodes
+                                           for i in self._node_indices[node]))
+
+    def _answered(self, refs: list[Any], timeout: float, early_failure: bool
+                  ) -> list[Any] | None:
+        """The agents' replies once all are back (within `timeout`), else None. With
+        `early_failure`, also once those back report a rank's failure, with None for each
+        rank of the agents still out (which may wait for it in a collective)."""
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        if len(ready) == len(refs):
+            return ray.get(refs)
+        if not early_failure or not ready:
+            return None
+        answered = dict(zip(ready, ray.get(ready)))
+        if not any(is_failure(reply) for replies in answered.values() for reply in replies):
+            return None
+        return [answered[ref] if ref in answered else [None] * len(indices)
+                for ref, indices in zip(refs, self._node_indices)]
 
     def _send(self, method: str, args: list, kwargs: dict, reply_rank: int) -> list[Any]:
         self._group.check_alive()
@@ -274,10 +292,14 @@ class RayExecutor(WorkerGroupExecutor):
 
     def _call_all(self, method: str, args: list, kwargs: dict, deadline: float | None
                   ) -> Iterator[tuple[int, bool, Any]]:
-        per_node = self._wait(self._send(method, args, kwargs, ALL_RANKS), deadline)
-        for indices, node_replies in zip(self._node_indices, per_node):
-            for i, reply in zip(indices, node_replies):
-                yield i, *self._checked(i, reply)
+        per_node = self._wait(self._send(method, args, kwargs, ALL_RANKS), deadline,
+                              early_failure=True)
+        replies = [(i, reply) for indices, node_replies in zip(self._node_indices, per_node)
+                   for i, reply in zip(indices, node_replies)]
+        # The replies in rank order, those of ranks that did not answer (None) last: there
+        # are such only where another rank failed, which comes first and is raised.
+        for i, reply in sorted(replies, key=lambda item: item[1] is None):
+            yield i, *self._checked(i, reply)
 
     def _send_step(self, step: dict) -> list[Any]:
         return self._send("execute_model", [step], {}, self.output_rank)

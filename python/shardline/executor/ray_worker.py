@@ -26,6 +26,7 @@ from typing import Any
 
 from shardline.executor.stopped_workers import StoppedWorkers
 from shardline.executor.worker_group import WATCH_POLL_S
+from shardline.executor.multiproc import ANSWER_POLL_S
 from shardline.executor.worker_proc import (ATTACH_TIMEOUT_S, UNREADABLE_CALL, read_reply,
                                             serve_rank)
 from shardline.ipc import FrameError, MessageQueue, MessageQueueHandle
@@ -51,6 +52,13 @@ class UnreadableCall:
 
     ring: str
     error: list[str]
+
+
+def is_failure(reply: Any) -> bool:
+    """Whether an agent's reply for one rank reports a failure: an error, or what stands
+    in place of a reply it could not read."""
+    return isinstance(reply, (UnreadableReply, UnreadableCall)) or (
+        isinstance(reply, list) and not reply[0])
 
 
 class RankActor:
@@ -127,20 +135,53 @@ class NodeAgent:
             self.reading.wait_for(lambda: self.reading_ticket == ticket or self.closed.is_set())
             self._check_open()
         try:
-            return [self._reply(self.worker_response_mqs[i], call_id) for i in reply_indices]
+            return self._replies(call_id, reply_indices)
         finally:
             with self.reading:
                 self.reading_ticket += 1
                 self.reading.notify_all()
 
-    def _reply(self, response: MessageQueue, call_id: int
+    def _replies(self, call_id: int, reply_indices: list[int]) -> list[Any]:
+        """The replies to `call_id` of the ranks at `reply_indices`, in that order. Once
+        a later rank's failure is back while an earlier rank has not answered (checked
+        every ANSWER_POLL_S), the replies so far, None for the ranks still out: the
+        earlier rank may wait in a collective for the failed one (see
+        MultiProcExecutor._call_all), and the executor raises the failure."""
+        replies: dict[int, Any] = {}
+        for i in reply_indices:
+            while i not in replies:
+                try:
+                    replies[i] = self._reply(self.worker_response_mqs[i], call_id,
+                                             ANSWER_POLL_S)
+                except TimeoutError:
+                    if self._failed_early(call_id, reply_indices, replies):
+                        return [replies.get(j) for j in reply_indices]
+        return [replies[j] for j in reply_indices]
+
+    def _failed_early(self, call_id: int, reply_indices: list[int],
+                      replies: dict[int, Any]) -> bool:
+        """Read, without waiting, the replies already back into `replies`; whether one
+        is a failure."""
+        for j in reply_indices:
+            if j in replies:
+                continue
+            try:
+                replies[j] = self._reply(self.worker_response_mqs[j], call_id, 0.0)
+            except TimeoutError:
+                continue
+            if is_failure(replies[j]):
+                return True
+        return False
+
+    def _reply(self, response: MessageQueue, call_id: int, timeout: float | None = None
                ) -> list | UnreadableReply | UnreadableCall:
         """The reply to `call_id`, skipping stray ones (a rank that failed a step it did
         not have to answer sends its error anyway); what stands in its place when the
-        ring holds no readable reply or the rank could not read a call."""
+        ring holds no readable reply or the rank could not read a call. TimeoutError
+        when none is back within `timeout` seconds."""
         while True:
             try:
-                reply_id, ok, payload = read_reply(response)
+                reply_id, ok, payload = read_reply(response, timeout)
             except FrameError as exc:
                 return UnreadableReply(response.handle().name, str(exc))
             if reply_id == call_id:
