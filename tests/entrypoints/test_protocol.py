@@ -95,3 +95,19 @@ def test_a_field_an_inner_object_does_not_take_is_answered_with_the_fields_it_do
     with pytest.raises(RequestError) as refused:  # a value, not null, is still refused
         parse(CompletionRequest, {"model": "m", "prompt": "hi", field: "x"})
     assert refused.value.param == field
+
+
+def test_a_body_that_is_not_an_object_is_named_as_json_names_it(rng):
+    """The refusal named Python's types: "the body is NoneType" for `null`, "list" for an
+    array, "str", "int", "bool"."""
+    body, kind = rng.choice([(None, "null"), (rng.random() < 0.5, "a boolean"),
+                             (rng.randint(-9, 9), "a number"), (rng.random(), "a number"),
+                             (random_text_of(rng), "a string"), ([rng.randint(0, 9)], "an array")])
+    with pytest.raises(RequestError) as refused:
+        parse(CompletionRequest, body)
+    assert str(refused.value) == f"the body is {kind}, not a JSON object"
+    assert refused.value.param is None
+
+
+def random_text_of(rng):
+    return "".join(rng.choice("abc {}") for _ in range(rng.randint(0, 9)))

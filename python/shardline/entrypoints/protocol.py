@@ -224,7 +224,7 @@ class ChatCompletionRequest(_SamplingFields):
 def parse(model: type[_Body], body: Any) -> Any:
     """`body` (decoded JSON) as a `model`, or a RequestError naming the first bad field."""
     if not isinstance(body, dict):
-        raise RequestError(f"the body is {type(body).__name__}, not a JSON object", None)
+        raise RequestError(f"the body is {_json_kind(body)}, not a JSON object", None)
     try:
         return model.model_validate(body)
     except ValidationError as exc:
@@ -239,6 +239,17 @@ def parse(model: type[_Body], body: Any) -> Any:
             raise RequestError(f"{param} is required", param) from None
         raise RequestError(f"{param}: {error['msg']} (got {error.get('input')!r})",
                            location[0] if location else None) from None
+
+
+def _json_kind(value: Any) -> str:
+    """What JSON calls a decoded value's type (the body `null` is not a "NoneType")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "a string" if isinstance(value, str) else "an array"
 
 
 def _body_at(model: type[_Body], location: tuple) -> type[_Body]:
