@@ -200,7 +200,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from shardline.entrypoints.app import listen_sockets, run_server, socket_url
+        from shardline.entrypoints.app import (listen_sockets, run_server, sigterm_as_interrupt,
+                                               socket_url)
     except ImportError as exc:
         print(f"shardline serve: error: {exc.name or exc} is not installed; install the serve "
               "extra: pip install 'shardline[serve]'", file=sys.stderr)
@@ -215,15 +216,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     args.model = args.model_arg or args.model
     _check_model(args.model)
     sockets = listen_sockets(args.host, args.port)
-    try:
-        llm = AsyncLLM.from_engine(_build_llm(args).engine)
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    name = args.served_model_name or args.model
-    _say(f"serving {name!r} on {socket_url(sockets[0])}/v1")
-    run_server(llm, name, sockets, args.log_level, args.shutdown_timeout)
+    # A stop while the model loads shuts the workers down as Ctrl-C does.
+    with sigterm_as_interrupt():
+        try:
+            llm = AsyncLLM.from_engine(_build_llm(args).engine)
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        name = args.served_model_name or args.model
+        _say(f"serving {name!r} on {socket_url(sockets[0])}/v1")
+        run_server(llm, name, sockets, args.log_level, args.shutdown_timeout)
     return 0
 
 

@@ -106,6 +106,37 @@ def test_serve_answers_and_stops_on_ctrl_c(layout, presses):
         assert "Traceback" not in output and "ERROR" not in output, output
 
 
+def test_sigterm_while_the_model_loads_stops_the_workers_as_ctrl_c_does():
+    """Python's default SIGTERM killed serve at once while its workers started, leaving
+    them to notice their parent's death and its semaphores to the resource tracker."""
+    import psutil
+    from process_hygiene import leaked_segments, shm_segments
+    segments = shm_segments()
+    env = dict(os.environ, SHARDLINE_DISABLE_TRITON="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shardline.cli", "serve", "tiny-llama", "--port", "0",
+         "--device", "cpu", "-tp", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while len(workers := [c for c in psutil.Process(proc.pid).children()
+                              if "resource_tracker" not in " ".join(c.cmdline())]) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+        output = proc.stdout.read()
+        assert output.strip().endswith("shardline serve: interrupted"), output
+        assert "leaked" not in output and "Traceback" not in output, output
+        assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE
+                       for w in workers)
+        assert not leaked_segments(segments)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
 def test_ctrl_c_cancels_running_requests_after_the_shutdown_timeout():
     """Two long requests (each about a minute of steps: 128 completions, one sequence a
     step) are running when Ctrl-C comes; after the 1 s timeout both end, each telling its

@@ -19,12 +19,13 @@ disconnect message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -272,25 +273,38 @@ def run_server(llm: AsyncLLM, model_name: str, sockets: list[socket.socket],
 
     host, port = sockets[0].getsockname()[:2]
     # uvicorn stops on SIGTERM as on Ctrl-C, then raises the signal again for the handler
-    # it found; the default one killed the process before the engine shut down, leaving
-    # the workers to notice their parent's death and their semaphores to the tracker.
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    # it found; the default one killed the process before the engine shut down.
     try:
-        # No lifespan events: the app has none, and a second Ctrl-C while the engine shut
-        # down cancelled uvicorn's lifespan task, which it logged as an error, twice traced.
-        config = uvicorn.Config(build_app(llm, model_name), host=host, port=port,
-                                log_level=log_level, lifespan="off",
-                                timeout_graceful_shutdown=shutdown_timeout)
-        Server(config).run(sockets=sockets)
+        with sigterm_as_interrupt():
+            # No lifespan events: the app has none, and a second Ctrl-C while the engine
+            # shut down cancelled uvicorn's lifespan task, which it logged as an error,
+            # twice traced.
+            config = uvicorn.Config(build_app(llm, model_name), host=host, port=port,
+                                    log_level=log_level, lifespan="off",
+                                    timeout_graceful_shutdown=shutdown_timeout)
+            Server(config).run(sockets=sockets)
     except KeyboardInterrupt:
         pass
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         for sock in sockets:
             sock.close()
         llm.shutdown()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within it, SIGTERM raises KeyboardInterrupt in the main thread, so that it stops the
+    engine as Ctrl-C does. Python's default SIGTERM kills the process at once, leaving the
+    workers to notice their parent's death and their semaphores to the resource tracker.
+    Elsewhere than the main thread (where signals cannot be handled) it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -196,7 +196,14 @@ def run_worker(args: WorkerArgs, handle_conn: Connection, log_queue: Any) -> Non
     _forward_logs(log_queue, args.rank, args.log_level)
     response = MessageQueue.create(1)
     handle_conn.send(response.handle())
-    broadcast = MessageQueue.attach(args.broadcast, args.index)
+    try:
+        broadcast = MessageQueue.attach(args.broadcast, args.index)
+    except FileNotFoundError:
+        # The executor removes its broadcast ring once every worker attached it, or when
+        # it shuts down: this worker never attached, so the engine stopped (or was
+        # interrupted) while this process started. Nothing to serve and no one to tell.
+        response.close()
+        watch.exit(1)
     response.wait_attached(ATTACH_TIMEOUT_S, reader_pids=[os.getppid()])
 
     def tell(words: list[str]) -> None:
