@@ -108,9 +108,8 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name),
                    "True or False")
-        # The workers get the params through msgpack, which cannot encode a lone surrogate.
-        _check(all(isinstance(s, str) and s and _is_text(s) for s in self.stop), "stop",
-               self.stop, "a list of non-empty strings of text (no lone UTF-16 surrogates)")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
+               "a list of non-empty strings")
         _check(all(_is_int(t) and 0 <= t <= MAX_INT for t in self.stop_token_ids),
                "stop_token_ids", self.stop_token_ids,
                "a list of token ids (integers from 0 to 2**63 - 1)")
@@ -157,16 +156,6 @@ def _python_number(value: object) -> object:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_text(value: str) -> bool:
-    """Whether the string encodes to UTF-8 (holds no lone surrogate, as a JSON "\\ud800"
-    escape gives)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _is_real(value: object) -> bool:

@@ -115,8 +115,8 @@ def test_seeded_sampling_gives_the_same_tokens_on_whichever_core(dp_llm, referen
     assert_all_free(dp_llm)
 
 
-@pytest.mark.parametrize("request_id", [("a", 1), ["b"], 7, "lone \ud800"])
-def test_an_id_that_is_no_string_of_text_is_refused_by_name(dp_llm, request_id):
+@pytest.mark.parametrize("request_id", [("a", 1), ["b"], 7])
+def test_an_id_that_is_no_string_is_refused_by_name(dp_llm, request_id):
     with pytest.raises(ValueError, match=r"request_id=.* is invalid"):
         dp_llm.add_request(request_id, [5, 6, 7], SamplingParams(max_tokens=2))
     assert not dp_llm.has_unfinished_requests()

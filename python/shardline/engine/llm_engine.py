@@ -349,19 +349,13 @@ class LLMEngine:
 
 
 def check_request_id(request_id: object) -> None:
-    """Refuse a request id that is not a string of text. Each step carries the ids to the
-    workers through msgpack, which gives a tuple back as a list (unhashable, so the engine
-    could not look the request up) and cannot encode a lone surrogate: the step would fail,
-    and with it the engine."""
+    """Refuse a request id that is not a string. Each step carries the ids to the workers
+    through msgpack, which gives a tuple back as a list (unhashable, so the engine could not
+    look the request up): the step would fail, and with it the engine. Any str travels,
+    lone surrogates included."""
     if not isinstance(request_id, str):
         raise ValueError(f"request_id={reprlib.repr(request_id)} "
                          f"({type(request_id).__name__}) is invalid: must be a string")
-    try:
-        request_id.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"request_id={request_id!r} is invalid: it holds "
-                         f"{request_id[exc.start]!r} at index {exc.start}, a lone UTF-16 "
-                         "surrogate, which is not text") from None
 
 
 def resolve_max_model_len(config: EngineConfig, model_info: ModelLimits) -> int:
