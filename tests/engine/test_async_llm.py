@@ -14,7 +14,8 @@ from async_llm_helpers import (TIMEOUT, StepGate, collect, greedy, random_prompt
                                reference_tokens, until, wait_idle)
 from fake_engine_checks import assert_all_free
 from fake_model import make_engine
-from shardline.engine.async_llm import MAX_UNREAD, AsyncLLM
+from shardline.engine.async_llm import AsyncLLM
+from shardline.engine.output_queue import MAX_UNREAD
 
 
 def test_reused_request_id_is_not_aborted_by_the_closing_stream(rng):

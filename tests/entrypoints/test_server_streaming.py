@@ -89,7 +89,7 @@ def test_a_client_that_stops_reading_holds_a_bounded_number_of_outputs(server, r
     (the response being sent) did not read, each with the text so far. Past MAX_UNREAD
     unread outputs of a prompt, its newest replaces the last queued one: each prompt still
     ends with its finished output, its tokens those the engine makes for it alone."""
-    from shardline.engine.async_llm import MAX_UNREAD
+    from shardline.engine.output_queue import MAX_UNREAD
     from shardline.entrypoints.serving import Generation
 
     llm, _ = server

@@ -2,13 +2,13 @@
 
 Each `generate` call registers a request and yields its cumulative RequestOutput every time
 it gains tokens, ending with the finished one. A consumer that falls MAX_UNREAD outputs
-behind gets the newest in place of the last it has not read (see OutputQueue), so that a
-stalled one holds a bounded number of outputs, not one per step. One engine thread owns the engine: it applies
-the requests and aborts posted to it, in order, between steps, runs the steps, and hands
-each output to its stream's event loop; it runs while there is work and ends when idle.
-The event loop therefore never waits for a step, and no asyncio object is shared between
-streams, so streams may come from any event loop, one after another (successive
-`asyncio.run` calls) or at once (loops in several threads).
+behind gets the newest in place of the last it has not read (see engine.output_queue), so
+that a stalled one holds a bounded number of outputs, not one per step. One engine thread
+owns the engine: it applies the requests and aborts posted to it, in order, between steps,
+runs the steps, and hands each output to its stream's event loop; it runs while there is
+work and ends when idle. The event loop therefore never waits for a step, and no asyncio
+object is shared between streams, so streams may come from any event loop, one after
+another (successive `asyncio.run` calls) or at once (loops in several threads).
 
 A request is identified by its stream, not only by its id: closing or cancelling a stream
 aborts its own request, never a later request that reused the id after the first finished.
@@ -33,56 +33,13 @@ from shardline.engine.data_parallel import DataParallelEngine, create_engine
 from shardline.engine.engine_args import EngineArgs
 from shardline.engine.llm_engine import LLMEngine, PromptType
 from shardline.engine.metrics import engine_metrics
+from shardline.engine.output_queue import OutputQueue
 from shardline.engine.outputs import RequestOutput
 from shardline.executor.base import EngineDeadError
 from shardline.sampling_params import SamplingParams
 
 _ACK = object()  # the engine thread's reply to an abort
 Item = object  # what a stream's queue holds: a RequestOutput, an exception to raise, or _ACK
-
-# Outputs a stream keeps for a consumer that has not read them. Each holds its completions'
-# text so far, so without a bound a stalled consumer held memory that grew with the square
-# of the length (10.6 MB for 64 completions of 480 one-byte tokens).
-MAX_UNREAD = 16
-
-
-class OutputQueue:
-    """Items for one consumer, in order: the cumulative outputs of one or more sources
-    (told apart by a key) and other items (an end marker, an exception). Once `limit`
-    outputs of a source wait unread, its next output replaces the newest of them rather
-    than queuing behind it: outputs are cumulative, so the consumer loses no tokens, only
-    the steps between (a chunk then carries several steps' tokens). A consumer that keeps
-    up sees every output."""
-
-    def __init__(self, limit: int = MAX_UNREAD) -> None:
-        self._limit = limit
-        self._queue: asyncio.Queue[tuple[object, list, bool]] = asyncio.Queue()
-        self._unread: dict[object, int] = {}
-        self._newest: dict[object, list] = {}  # each source's newest unread output, boxed
-
-    def put(self, key: object, item: object) -> None:
-        """Queue `item` from source `key`; call it on the consumer's event loop."""
-        if not isinstance(item, RequestOutput):
-            self._newest.pop(key, None)
-            self._queue.put_nowait((key, [item], False))
-            return
-        box = self._newest.get(key)
-        if box is not None and self._unread[key] >= self._limit:
-            box[0] = item
-            return
-        box = self._newest[key] = [item]
-        self._unread[key] = self._unread.get(key, 0) + 1
-        self._queue.put_nowait((key, box, True))
-
-    async def get(self) -> tuple[object, object]:
-        """(key, item) of the next item, waiting for one."""
-        key, box, is_output = await self._queue.get()
-        if is_output:
-            self._unread[key] -= 1
-            if self._newest.get(key) is box:
-                del self._newest[key]
-        return key, box[0]
-
 
 class _Stream:
     """One `generate` call (or one `abort` waiting for its answer): its request id and

@@ -8,8 +8,8 @@ blocks. A chunk carries the tokens a completion gained since the last and the te
 completed, which may be empty (a token that is part of a multi-byte character, or text
 held back while it could still begin a stop string): a client sees each token when the
 engine makes it, as vLLM streams them (a client more than MAX_UNREAD chunks behind gets
-the tokens of several steps in one; see OutputQueue). The engine never takes text back, so the chunks
-add up to the final text.
+the tokens of several steps in one; see engine.output_queue). The engine never takes text
+back, so the chunks add up to the final text.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import time
 import uuid
 from typing import AsyncIterator
 
-from shardline.engine.async_llm import AsyncLLM, OutputQueue
+from shardline.engine.async_llm import AsyncLLM
+from shardline.engine.output_queue import OutputQueue
 from shardline.engine.outputs import CompletionOutput, RequestOutput
 from shardline.engine.tokenizer import Tokenizer
 from shardline.entrypoints.protocol import (ChatCompletionRequest, CompletionRequest,
