@@ -40,8 +40,9 @@ def _triton_for(on_cuda: bool) -> bool:
 
 def triton_enabled(device: torch.device) -> bool:
     """Triton on CUDA devices unless SHARDLINE_DISABLE_TRITON=1; on the CPU only when
-    SHARDLINE_FORCE_TRITON=1 (which also keeps every CUDA linear in Triton). The variables are read on the first call, not on every
-    kernel call (two environment reads cost about 3 us, hundreds per eager step)."""
+    SHARDLINE_FORCE_TRITON=1 (which also keeps every CUDA linear in Triton). The variables
+    are read on the first call, not on every kernel call (two environment reads cost about
+    3 us, hundreds per eager step)."""
     return _triton_for(device.type == "cuda")
 
 

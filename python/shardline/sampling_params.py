@@ -35,11 +35,12 @@ class SamplingParams:
     which dividing the logits overflows. top_k == -1, top_p == 1 and min_p == 0 disable
     top-k, nucleus and min-p filtering. repetition_penalty must lie in
     [MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY], for the same reason. `seed` makes
-    the sampled tokens reproducible regardless of which other requests share the batch. `max_tokens=None`
-    generates until a stop condition or until the sequence (prompt included) holds
-    max_model_len tokens, or as many as the KV cache can hold if that is fewer; it then
-    ends with finish_reason "length". `skip_special_tokens` leaves special tokens (such as
-    a chat model's <|im_start|>) out of the output text; their ids stay in token_ids.
+    the sampled tokens reproducible regardless of which other requests share the batch.
+    `max_tokens=None` generates until a stop condition or until the sequence (prompt
+    included) holds max_model_len tokens, or as many as the KV cache can hold if that is
+    fewer; it then ends with finish_reason "length". `skip_special_tokens` leaves special
+    tokens (such as a chat model's <|im_start|>) out of the output text; their ids stay in
+    token_ids.
     `logprobs` asks for each token's log-probability and its n most likely alternatives;
     the engine refuses n above the model's vocabulary size (the only limit it knows here),
     and the HTTP server caps it at OpenAI's 20.

@@ -129,8 +129,9 @@ class Executor(ABC):
 
     def fail(self, error: EngineDeadError) -> None:
         """Stop serving because of something outside this executor (another data-parallel
-        core died) or a failed start: calls waiting now and every later one raise `error`. The workers are
-        released by `shutdown`. Nothing to do where no call can wait on another core."""
+        core died) or a failed start: calls waiting now and every later one raise `error`.
+        The workers are released by `shutdown`. Nothing to do where no call can wait on
+        another core."""
 
     def load(self) -> int:
         """Bring every worker up (joining the rank grid) and load its weights; return the

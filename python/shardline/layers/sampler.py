@@ -97,8 +97,8 @@ def apply_filters(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
 
 def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """One token per row of probs [N, V]: the argmax of p / E with E ~ Exp(1), which picks
-    token t with probability p[t], never one of probability 0. Row i's noise comes from generators[i]; rows that share
-    a generator draw their noise in one call."""
+    token t with probability p[t], never one of probability 0. Row i's noise comes from
+    generators[i]; rows that share a generator draw their noise in one call."""
     noise = torch.empty_like(probs)
     rows_of: dict[int, list[int]] = {}
     for row, gen in enumerate(generators):

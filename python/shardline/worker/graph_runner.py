@@ -10,9 +10,10 @@ with rows that write no KV (slot -1) and attend to nothing (length 0); their out
 dropped.
 
 Capturing runs the forward a few times first, and Triton autotunes each kernel on that
-first run where asked to (SHARDLINE_AUTOTUNE=1, a shape the tuned table lacks). So while a graph is recorded, its rows stand in for real sequences (distinct
-tokens, a context of realistic length, read from block 0) rather than empty padding, on
-which every config would look equally fast. They still write no KV.
+first run where asked to (SHARDLINE_AUTOTUNE=1, a shape the tuned table lacks). So while
+a graph is recorded, its rows stand in for real sequences (distinct tokens, a context of
+realistic length, read from block 0) rather than empty padding, on which every config
+would look equally fast. They still write no KV.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Kernel warm-up at startup: one throwaway forward per shape bucket.
 
 A Triton kernel compiles (and, under SHARDLINE_AUTOTUNE=1 where the GPU's tuned table
-lacks its key, autotunes) the first time it meets a new shape bucket, which takes from a fraction of a second to
-seconds. Left to serving, that stall lands on whichever request first brings a new prompt
-size. Running every bucket once at startup moves it there. A first pass only compiles,
+lacks its key, autotunes) the first time it meets a new shape bucket, which takes from a
+fraction of a second to seconds. Left to serving, that stall lands on whichever request
+first brings a new prompt size. Running every bucket once at startup moves it there. A first pass only compiles,
 every kernel at once on the CPU cores (see shardline.kernels._tuned.compile_ahead); the
 second runs. Compiled kernels and timings are cached on disk, so a restart reloads them.
 
