@@ -21,7 +21,8 @@ import pytest
 
 from shardline.executor import EngineDeadError
 from shardline.executor.data_parallel import _on_every_core, create_data_parallel_executors
-from shardline.executor.multiproc import ANSWER_POLL_S, DEAD_GRACE_S, MultiProcExecutor
+from shardline.executor.multiproc import DEAD_GRACE_S, MultiProcExecutor
+from shardline.executor.worker_proc import ANSWER_POLL_S
 from multiproc_helpers import WORLDS, make_config, start_world
 from process_hygiene import assert_gone, leaked_segments, live_children, shm_segments
 

@@ -44,7 +44,7 @@ from shardline.executor.stopped_workers import StoppedWorkers, describe_stopped
 from shardline.executor.worker_group import RanksTimedOut, WorkerGroup, WorkerGroupExecutor
 from shardline.executor.worker_proc import (ALL_RANKS, SHUTDOWN, UNREADABLE_CALL,
                                             UNREADABLE_CALL_EXIT, WorkerArgs, read_reply,
-                                            run_worker)
+                                            replies_in_order, run_worker)
 from shardline.ipc import FrameError, MessageQueue, PeerDied, RingClosed
 
 logger = logging.getLogger("shardline")
@@ -52,7 +52,6 @@ logger = logging.getLogger("shardline")
 STARTUP_TIMEOUT_S = 120.0
 SHUTDOWN_GRACE_S = 5.0
 DEAD_GRACE_S = 1.0
-ANSWER_POLL_S = 0.5
 EXIT_STATUS_WAIT_S = 0.2
 _SPAWN = multiprocessing.get_context("spawn")
 
@@ -318,41 +317,18 @@ class MultiProcExecutor(WorkerGroupExecutor):
     def _call_all(self, method: str, args: list, kwargs: dict, deadline: float | None
                   ) -> Iterator[tuple[int, bool, Any]]:
         """The replies in rank order, except that a later rank's error comes as soon as it
-        is seen (within ANSWER_POLL_S): the rank waited for may never answer, as when it
-        waits in a collective for the rank that failed (init_device's rendezvous)."""
+        is seen (worker_proc.replies_in_order)."""
         call_id = self._send(method, args, kwargs, ALL_RANKS, deadline)
-        early: dict[int, tuple[bool, Any]] = {}
-        for i in range(self.num_workers):
-            while i not in early:
-                poll = time.monotonic() + ANSWER_POLL_S
-                try:
-                    early[i] = self._receive(i, call_id, poll if deadline is None
-                                             else min(poll, deadline))
-                except TimeoutError:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise RanksTimedOut([self.first_rank + j
-                                             for j in range(i, self.num_workers)
-                                             if j not in early]) from None
-                    failed = self._answered_early(i + 1, call_id, early)
-                    if failed is not None:
-                        yield failed, *early.pop(failed)
-                        return
-            yield i, *early.pop(i)
 
-    def _answered_early(self, first: int, call_id: int, early: dict[int, tuple[bool, Any]]
-                        ) -> int | None:
-        """Read, without waiting, the replies to `call_id` already back from the workers
-        at `first` onwards into `early`; the index of one that failed, if any."""
-        for j in range(first, self.num_workers):
-            if j in early:
-                continue
-            try:
-                early[j] = self._receive(j, call_id, time.monotonic())
-            except TimeoutError:
-                continue
-            if not early[j][0]:
-                return j
-        return None
+        def read(index: int, timeout: float) -> tuple[bool, Any]:
+            return self._receive(index, call_id, time.monotonic() + timeout)
+
+        try:
+            for i, (ok, payload) in replies_in_order(list(range(self.num_workers)), read,
+                                                     lambda reply: not reply[0], deadline):
+                yield i, ok, payload
+        except TimeoutError as exc:
+            raise RanksTimedOut([self.first_rank + j for j in exc.args[0]]) from None
 
     def _send_step(self, step: dict) -> int:
         return self._send("execute_model", [step], {}, self.output_rank, None)

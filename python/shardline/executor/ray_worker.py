@@ -26,9 +26,8 @@ from typing import Any
 
 from shardline.executor.stopped_workers import StoppedWorkers
 from shardline.executor.worker_group import WATCH_POLL_S
-from shardline.executor.multiproc import ANSWER_POLL_S
 from shardline.executor.worker_proc import (ATTACH_TIMEOUT_S, UNREADABLE_CALL, read_reply,
-                                            serve_rank)
+                                            replies_in_order, serve_rank)
 from shardline.ipc import FrameError, MessageQueue, MessageQueueHandle
 
 AGENT_CONCURRENCY = 64
@@ -142,36 +141,15 @@ class NodeAgent:
                 self.reading.notify_all()
 
     def _replies(self, call_id: int, reply_indices: list[int]) -> list[Any]:
-        """The replies to `call_id` of the ranks at `reply_indices`, in that order. Once
-        a later rank's failure is back while an earlier rank has not answered (checked
-        every ANSWER_POLL_S), the replies so far, None for the ranks still out: the
-        earlier rank may wait in a collective for the failed one (see
-        MultiProcExecutor._call_all), and the executor raises the failure."""
-        replies: dict[int, Any] = {}
-        for i in reply_indices:
-            while i not in replies:
-                try:
-                    replies[i] = self._reply(self.worker_response_mqs[i], call_id,
-                                             ANSWER_POLL_S)
-                except TimeoutError:
-                    if self._failed_early(call_id, reply_indices, replies):
-                        return [replies.get(j) for j in reply_indices]
-        return [replies[j] for j in reply_indices]
+        """The replies to `call_id` of the ranks at `reply_indices`, in that order; once a
+        later rank's failure is back while an earlier rank has not answered
+        (worker_proc.replies_in_order), None for the ranks still out: the executor raises
+        the failure."""
+        def read(index: int, timeout: float) -> Any:
+            return self._reply(self.worker_response_mqs[index], call_id, timeout)
 
-    def _failed_early(self, call_id: int, reply_indices: list[int],
-                      replies: dict[int, Any]) -> bool:
-        """Read, without waiting, the replies already back into `replies`; whether one
-        is a failure."""
-        for j in reply_indices:
-            if j in replies:
-                continue
-            try:
-                replies[j] = self._reply(self.worker_response_mqs[j], call_id, 0.0)
-            except TimeoutError:
-                continue
-            if is_failure(replies[j]):
-                return True
-        return False
+        replies = dict(replies_in_order(reply_indices, read, is_failure))
+        return [replies.get(j) for j in reply_indices]
 
     def _reply(self, response: MessageQueue, call_id: int, timeout: float | None = None
                ) -> list | UnreadableReply | UnreadableCall:

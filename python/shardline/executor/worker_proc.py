@@ -30,7 +30,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 from shardline.executor.stopped_workers import process_state
 from shardline.ipc import FrameError, MessageQueue, MessageQueueHandle, PeerDied, RingClosed
@@ -44,6 +44,7 @@ ALL_RANKS = -1
 UNREADABLE_CALL = 0
 UNREADABLE_CALL_EXIT = 3
 ATTACH_TIMEOUT_S = 60.0
+ANSWER_POLL_S = 0.5  # how often a call's replies are checked for a later rank's failure
 ENGINE_POLL_S = 0.1
 
 
@@ -102,6 +103,49 @@ def read_reply(ring: MessageQueue, timeout: float | None = None) -> list:
         raise FrameError(f"the ring holds {reprlib.repr(reply)}, not a reply "
                          "[call_id, ok, payload]")
     return reply
+
+
+def replies_in_order(indices: list[int], read: Callable[[int, float], Any],
+                     failed: Callable[[Any], bool], deadline: float | None = None
+                     ) -> Iterator[tuple[int, Any]]:
+    """(index, reply) for each of `indices` in order, each read by `read(index, timeout)`
+    (TimeoutError when none is back by then). Once a later index's reply is back as a
+    failure while an earlier one is still out (looked for every ANSWER_POLL_S), that
+    failure comes next and nothing after it: the earlier rank may never answer, as when
+    it waits in a collective for the rank that failed (init_device's rendezvous). Past
+    `deadline`, TimeoutError whose argument lists the indices still out. Shared by the
+    multi-process executor and the Ray executor's node agents."""
+    received: dict[int, Any] = {}
+    for i in indices:
+        while i not in received:
+            poll = time.monotonic() + ANSWER_POLL_S
+            until = poll if deadline is None else min(poll, deadline)
+            try:
+                received[i] = read(i, max(0.0, until - time.monotonic()))
+            except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError([j for j in indices if j not in received]) from None
+                failure = _failed_early(indices, read, failed, received)
+                if failure is not None:
+                    yield failure, received[failure]
+                    return
+        yield i, received[i]
+
+
+def _failed_early(indices: list[int], read: Callable[[int, float], Any],
+                  failed: Callable[[Any], bool], received: dict[int, Any]) -> int | None:
+    """Read, without waiting, the replies already back into `received`; the index of
+    one that is a failure, if any."""
+    for j in indices:
+        if j in received:
+            continue
+        try:
+            received[j] = read(j, 0.0)
+        except TimeoutError:
+            continue
+        if failed(received[j]):
+            return j
+    return None
 
 
 def _forward_logs(log_queue: Any, rank: int, level: int) -> None:
