@@ -1,11 +1,72 @@
 """FileRendezvous: where the ranks of one torch.distributed world meet on this machine, a
-file store in a private directory that its last user removes (see executor.multiproc)."""
+file store in a private directory that its last user removes (see executor.multiproc).
+
+When the engine and all its workers are killed at once (`kill -9` of the whole process
+group), nobody is left to remove the directory. Each directory therefore names the process
+that made it, and making a new one removes those of this user whose maker is gone: a
+crash leaves nothing in the temporary directory past the next engine's start.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import tempfile
 import threading
+
+from shardline.executor.proc_stat import stat_fields
+
+PREFIX = "shardline-rendezvous-"
+OWNER_FILE = "owner"
+
+
+def _start_time(pid: int) -> str | None:
+    """Process `pid`'s start time, which a later process reusing the pid does not share."""
+    fields = stat_fields(pid)
+    return None if fields is None else fields[19]
+
+
+def _pid_namespace() -> str:
+    return str(os.stat("/proc/self/ns/pid").st_ino)
+
+
+def _owner_record() -> str:
+    pid = os.getpid()
+    return f"{_pid_namespace()} {pid} {_start_time(pid)}\n"
+
+
+def _abandoned(directory: str) -> bool:
+    """Whether `directory`'s maker, a process of this pid namespace, has ended. A directory
+    without a readable record (another user's, one being made) is never abandoned."""
+    try:
+        with open(os.path.join(directory, OWNER_FILE)) as record:
+            namespace, pid, started = record.read().split()
+        pid = int(pid)
+    except (OSError, ValueError):
+        return False
+    return namespace == _pid_namespace() and _start_time(pid) != started
+
+
+def sweep_abandoned() -> list[str]:
+    """Remove this user's rendezvous directories whose maker has ended; returns them."""
+    root = tempfile.gettempdir()
+    try:
+        names = [name for name in os.listdir(root) if name.startswith(PREFIX)]
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        directory = os.path.join(root, name)
+        try:
+            info = os.lstat(directory)
+        except OSError:
+            continue
+        if (stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid()
+                and _abandoned(directory)):
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+    return removed
 
 
 class FileRendezvous:
@@ -24,7 +85,10 @@ class FileRendezvous:
     _open: dict[str, "FileRendezvous"] = {}
 
     def __init__(self) -> None:
-        self.directory = tempfile.mkdtemp(prefix="shardline-rendezvous-")
+        sweep_abandoned()
+        self.directory = tempfile.mkdtemp(prefix=PREFIX)
+        with open(os.path.join(self.directory, OWNER_FILE), "w") as record:
+            record.write(_owner_record())
         self.url = f"file://{self.directory}/store"
         self.users = 1
         with self._lock:

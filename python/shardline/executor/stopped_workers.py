@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import time
 
+from shardline.executor.proc_stat import stat_fields
+
 STOPPED_LIMIT_S = 10.0
 POLL_GAP_S = 3.0  # a longer gap between polls means this process was stopped or starved
 
 
 def process_state(pid: int) -> str | None:
     """The state letter of process `pid` (R, S, D, T, t, Z, ...); None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read()
-    except OSError:
-        return None
-    return fields[fields.rindex(")") + 2]
+    fields = stat_fields(pid)
+    return None if fields is None else fields[0]
 
 
 def describe_stopped(who: str, seconds: float) -> str:
