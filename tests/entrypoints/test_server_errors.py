@@ -212,6 +212,25 @@ def test_an_unknown_route_or_method_is_an_openai_error(server, method, path, sta
         assert reply.headers["allow"] in error["message"]
 
 
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_a_body_over_the_limit_is_413_and_the_server_keeps_serving(
+        server, client, monkeypatch, rng, declared):
+    from shardline.entrypoints import app
+
+    limit = rng.randint(1000, 5000)
+    monkeypatch.setattr(app, "MAX_BODY_BYTES", limit)
+    body = json.dumps({"model": MODEL, "prompt": random_text(rng, limit, limit + 100),
+                       "max_tokens": 1})
+    content = body.encode() if declared else iter([body[:limit // 2].encode(),
+                                                   body[limit // 2:].encode()])
+    reply = httpx.post(server[1] + "/v1/completions", content=content, timeout=TIMEOUT,
+                       headers={"content-type": "application/json"})
+    assert reply.status_code == 413
+    error = reply.json()["error"]
+    assert str(limit) in error["message"] and error["type"] == "invalid_request_error"
+    assert client.completions.create(model=MODEL, prompt="hello", max_tokens=2).choices
+
+
 def test_a_stopped_engine_fails_health_and_requests_with_its_reason():
     from types import SimpleNamespace
 
