@@ -13,6 +13,7 @@ from shardline.engine.async_llm import AsyncLLM
 from shardline.engine.data_parallel import DataParallelEngine
 from shardline.engine.llm import LLM
 from shardline.engine.metrics import RATE_WINDOW_S, EngineMetrics
+from shardline.executor.base import EngineDeadError
 from shardline.engine.outputs import CompletionOutput, RequestOutput
 from shardline.sampling_params import SamplingParams
 
@@ -131,6 +132,37 @@ def test_async_llm_metrics_while_streaming_and_after_shutdown(rng):
     llm.shutdown()
     assert asyncio.run(asyncio.wait_for(llm.metrics(), TIMEOUT))["num_steps"] == \
         after["num_steps"]
+
+
+def test_a_failed_engine_counts_no_request_running_or_waiting(rng):
+    """The engine fails mid-stream (a dead worker): its requests' streams end with the
+    error, and the metrics no longer count them as running or waiting."""
+    engine = make_engine(max_num_seqs=2)
+    step, steps_left = engine.step, rng.randint(1, 5)
+
+    def failing_step():
+        nonlocal steps_left
+        steps_left -= 1
+        if steps_left < 0:
+            raise EngineDeadError("worker rank 1 died")
+        return step()
+
+    engine.step = failing_step
+    llm = AsyncLLM.from_engine(engine)
+
+    async def stream(prompt, request_id):
+        with pytest.raises(EngineDeadError):
+            async for _ in llm.generate(prompt, SamplingParams(max_tokens=200), request_id):
+                pass
+
+    async def run():
+        await asyncio.gather(*(stream(p, f"r{i}") for i, p in enumerate(prompts(rng, 3))))
+        return await llm.metrics()
+
+    metrics = asyncio.run(asyncio.wait_for(run(), TIMEOUT))
+    assert metrics["num_requests_running"] == metrics["num_requests_waiting"] == 0
+    assert metrics["num_steps"] > 0
+    llm.shutdown()
 
 
 def test_multiprocess_executor_reports_each_ranks_step_times(rng):

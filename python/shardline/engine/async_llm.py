@@ -183,7 +183,8 @@ class AsyncLLM:
     async def metrics(self) -> dict:
         """The engine's metrics as a plain dict (see engine.metrics.engine_metrics), read by
         the engine thread between steps. Once the engine has stopped (failed or shut down)
-        they are read here, without the per-rank step times."""
+        they are read here, without the per-rank step times, and count no request running
+        or waiting: each has ended, its stream with the error."""
         waiter = _Stream("metrics")
         if self._post(_Call(engine_metrics, waiter), refuse=False):
             _, item = await waiter.queue.get()
@@ -191,7 +192,9 @@ class AsyncLLM:
                 raise item
             if isinstance(item, _Result):
                 return item.value
-        return engine_metrics(self.engine, per_rank=False)
+        metrics = engine_metrics(self.engine, per_rank=False)
+        metrics["num_requests_running"] = metrics["num_requests_waiting"] = 0
+        return metrics
 
     def shutdown(self) -> None:
         """Stop the engine thread after its current step, end open streams with an error,
