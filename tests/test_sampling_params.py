@@ -222,3 +222,19 @@ def test_repetition_penalty_beyond_float32_logits_is_refused(side, fresh_seed):
     for token, lp in zip(tokens, logprobs):
         assert 0 <= token < vocab
         assert all(math.isfinite(v) for v in (lp.sampled_logprob, *lp.top_logprobs)), lp
+
+
+def test_min_tokens_is_an_integer_up_to_max_tokens(fresh_seed):
+    rng = random.Random(fresh_seed)
+    max_tokens = rng.randint(1, 1000)
+    with pytest.raises(ValueError, match=rf"SamplingParams\.min_tokens={max_tokens + 1} is "
+                       rf"invalid: must be an integer from 0 to max_tokens={max_tokens}"):
+        SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens + 1)
+    for bad in (-rng.randint(1, 2**70), True, 1.0, "3", None):
+        with pytest.raises(ValueError, match=r"SamplingParams\.min_tokens=.* is invalid"):
+            SamplingParams(max_tokens=None, min_tokens=bad)
+    with pytest.raises(ValueError, match=r"SamplingParams\.min_tokens=.* from 0 to 2\*\*63"):
+        SamplingParams(max_tokens=None, min_tokens=2**63)
+    _assert_crosses_the_rings(SamplingParams(max_tokens=max_tokens,
+                                             min_tokens=rng.randint(0, max_tokens)))
+    _assert_crosses_the_rings(SamplingParams(max_tokens=None, min_tokens=2**63 - 1))

@@ -41,6 +41,9 @@ class SamplingParams:
     fewer; it then ends with finish_reason "length". `skip_special_tokens` leaves special
     tokens (such as a chat model's <|im_start|>) out of the output text; their ids stay in
     token_ids.
+    `min_tokens` holds off every stop condition but the length limits until the sequence
+    has that many tokens: the sampler masks the eos token (unless ignore_eos) and the
+    stop_token_ids, and stop strings do not end it; it may not exceed max_tokens.
     `logprobs` asks for each token's log-probability and its n most likely alternatives;
     the engine refuses n above the model's vocabulary size (the only limit it knows here),
     and the HTTP server caps it at OpenAI's 20.
@@ -56,6 +59,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     max_tokens: int | None = 16
+    min_tokens: int = 0
     # One item, a list or None when given; always a list once built.
     stop_token_ids: int | list[int] | None = field(default_factory=list)
     stop: str | list[str] | None = field(default_factory=list)
@@ -98,6 +102,10 @@ class SamplingParams:
                                            and 1 <= self.max_tokens <= MAX_INT),
                "max_tokens", self.max_tokens,
                "None (up to max_model_len) or an integer from 1 to 2**63 - 1")
+        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= (
+            MAX_INT if self.max_tokens is None else self.max_tokens), "min_tokens",
+            self.min_tokens, "an integer from 0 to " + (
+                "2**63 - 1" if self.max_tokens is None else f"max_tokens={self.max_tokens}"))
         _check(self.logprobs is None or (_is_int(self.logprobs)
                                          and 0 <= self.logprobs <= MAX_INT),
                "logprobs", self.logprobs, "None or an integer from 0 to 2**63 - 1")
@@ -140,7 +148,7 @@ class SamplingParams:
 
 _REAL_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                 "frequency_penalty")
-_INT_FIELDS = ("n", "top_k", "max_tokens", "logprobs", "seed")
+_INT_FIELDS = ("n", "top_k", "max_tokens", "min_tokens", "logprobs", "seed")
 
 
 def _python_number(value: object) -> object:

@@ -1,8 +1,11 @@
 """Sampling end to end on a real preset (fp32, CPU): reported logprobs against the
 log-softmax of transformers' logits, seeded draws against each request run alone under
-preemption, chunked prefill and async scheduling, and the edge values of the filters
-against greedy decoding."""
+preemption, chunked prefill and async scheduling, the edge values of the filters
+against greedy decoding, and min_tokens against transformers' greedy tokens with the stop
+tokens masked, on one rank and two."""
 
+import json
+import os
 import random
 import warnings
 
@@ -10,7 +13,7 @@ import pytest
 import torch
 
 from fake_engine_checks import assert_all_free
-from near_ties import NEAR_TIE
+from near_ties import NEAR_TIE, assert_greedy_match
 from shardline import LLM, SamplingParams
 from shardline.presets import resolve_model
 from shardline.sampling_params import MIN_TEMPERATURE
@@ -127,3 +130,104 @@ def test_filters_at_their_edge_values_decode_greedily(roomy_llm, rng):
             if pos is not None:
                 top2 = sorted(want.logprobs[pos].values(), reverse=True)[:2]
                 assert top2[0] - top2[1] <= NEAR_TIE, (edge, list(want.token_ids), tokens)
+
+
+def with_eos(directory, eos: int) -> str:
+    """tiny-llama (its weights, through links) with `eos` as its eos token."""
+    source = resolve_model(MODEL)
+    for name in os.listdir(source):
+        if name in ("config.json", "generation_config.json"):
+            with open(os.path.join(source, name)) as f:
+                config = json.load(f)
+            (directory / name).write_text(json.dumps({**config, "eos_token_id": eos}))
+        else:
+            os.symlink(os.path.join(source, name), directory / name)
+    return str(directory)
+
+
+def hf_greedy_with_min_tokens(hf_model, prompt: list[int], params: SamplingParams,
+                              eos: int) -> tuple[list[int], list[dict[int, float]]]:
+    """transformers' greedy tokens with the stop tokens' logits at -inf for the first
+    min_tokens steps, ending at a stop token; the top 3 logprobs at each step."""
+    stops = set(params.stop_token_ids) | (set() if params.ignore_eos else {eos})
+    tokens, logprobs = [], []
+    with torch.no_grad():
+        while len(tokens) < params.max_tokens:
+            logits = hf_model(torch.tensor([prompt + tokens])).logits[0, -1].float()
+            if len(tokens) < params.min_tokens:
+                logits[list(stops)] = float("-inf")
+            values, ids = logits.log_softmax(-1).topk(3)
+            logprobs.append(dict(zip(ids.tolist(), values.tolist())))
+            tokens.append(int(ids[0]))
+            if tokens[-1] in stops:
+                break
+    return tokens, logprobs
+
+
+def min_tokens_case(roomy_llm, rng: random.Random, tmp_path):
+    """Prompts whose greedy tokens, run freely, hit the eos or a stop token id before
+    min_tokens: the first prompt's token at step j < min_tokens becomes the model's eos
+    (a copy of tiny-llama with that eos), the others stop on their own token at step k <
+    min_tokens; one of those ignores eos. Returns the model, prompts, params and eos."""
+    prompts = random_prompts(rng, 4)
+    free = roomy_llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12,
+                                                      ignore_eos=True))
+    params, eos = [], None
+    for i, tokens in enumerate(completions(free)):
+        step = tokens.index(tokens[rng.randrange(4)])   # its first occurrence
+        if eos is None:
+            eos, stop_ids = tokens[step], []
+        else:
+            stop_ids = [tokens[step]]
+        params.append(SamplingParams(temperature=0.0, max_tokens=12, logprobs=3,
+                                     min_tokens=rng.randint(step + 1, 10),
+                                     stop_token_ids=stop_ids, ignore_eos=i == 3))
+    return with_eos(tmp_path, eos), prompts, params, eos
+
+
+def assert_min_tokens_hold(outputs, params: list[SamplingParams], eos: int) -> None:
+    for output, p in zip(outputs, params):
+        out = output.outputs[0]
+        assert len(out.token_ids) >= p.min_tokens, (p, list(out.token_ids))
+        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else {eos})
+        assert not stops & set(out.token_ids[:p.min_tokens])
+        assert out.finish_reason == ("stop" if out.token_ids[-1] in stops else "length")
+
+
+def test_min_tokens_masks_eos_and_stop_token_ids_until_reached(hf_model, roomy_llm, rng,
+                                                               tmp_path):
+    """Where the free greedy run ends (eos or a stop token id) before min_tokens, the
+    sequence goes on with the tokens transformers picks once those ids are masked, in
+    chunks and with steps going ahead or not."""
+    model, prompts, params, eos = min_tokens_case(roomy_llm, rng, tmp_path)
+    llm = LLM(model, block_size=4, num_kv_blocks=64, max_model_len=96,
+              max_num_batched_tokens=8, max_num_seqs=8, async_scheduling=rng.random() < 0.5)
+    outputs = llm.generate(prompts, params)
+    assert_min_tokens_hold(outputs, params, eos)
+    expected = [hf_greedy_with_min_tokens(hf_model, prompt, p, eos)
+                for prompt, p in zip(prompts, params)]
+    assert_greedy_match(expected, [(list(o.outputs[0].token_ids), list(o.outputs[0].logprobs))
+                                   for o in outputs])
+    assert_all_free(llm.engine)
+
+
+@pytest.mark.usefixtures("no_process_left_behind")
+def test_min_tokens_under_tensor_parallelism_matches_one_rank(roomy_llm, rng, tmp_path):
+    """The workers of a TP2 engine mask the same tokens (its first rank samples, and under
+    async scheduling counts the token it sampled ahead of the engine)."""
+    model, prompts, params, eos = min_tokens_case(roomy_llm, rng, tmp_path)
+    reference = LLM(model, block_size=4, num_kv_blocks=64, max_model_len=96,
+                    async_scheduling=True)
+    expected = reference.generate(prompts, params)
+    reference.shutdown()
+    llm = LLM(model, block_size=4, num_kv_blocks=64, max_model_len=96, device="cpu",
+              tensor_parallel_size=2, async_scheduling=True)
+    try:
+        outputs = llm.generate(prompts, params)
+    finally:
+        llm.shutdown()
+    assert_min_tokens_hold(outputs, params, eos)
+    assert_greedy_match([(list(o.outputs[0].token_ids), list(o.outputs[0].logprobs))
+                         for o in expected],
+                        [(list(o.outputs[0].token_ids), list(o.outputs[0].logprobs))
+                         for o in outputs])

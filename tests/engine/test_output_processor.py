@@ -105,3 +105,27 @@ def test_streamed_text_is_never_taken_back_and_holds_back_only_a_stop_prefix(cas
             assert completion.text == so_far[:held_from(so_far, params.stop)], (
                 params.stop, so_far, completion.text)
             assert list(completion.token_ids) == token_ids[:len(completion.token_ids)]
+
+
+@pytest.mark.parametrize("case", range(50))
+def test_stop_strings_do_not_end_a_sequence_short_of_min_tokens(case, fresh_seed):
+    """One byte a token: a stop string that ends before token min_tokens is passed over, and
+    the sequence stops at the first token from min_tokens on that completes one."""
+    rng = random.Random(f"{fresh_seed}-{case}")
+    tokenizer = Tokenizer(byte_tokenizer())
+    text = "".join(rng.choice("ab") for _ in range(40))
+    min_tokens = rng.randint(3, 20)
+    end = rng.randint(1, min_tokens - 1)
+    stops = [text[rng.randint(0, end - 1):end], *random_stops(rng, "ab")]
+    params = SamplingParams(stop=stops, min_tokens=min_tokens, max_tokens=40)
+    streamed, (taken,) = run(tokenizer, params, [tokenizer.encode(text)])
+    stop_at = next((t for t in range(min_tokens, 41)
+                    if any(text[:t].endswith(s) for s in stops)), None)
+    final = streamed[0][-1]
+    if stop_at is None:
+        assert (final.finish_reason, final.text) == ("length", text)
+        return
+    cut = min(stop_at - len(s) for s in stops if text[:stop_at].endswith(s))
+    assert len(taken) == stop_at >= min_tokens
+    assert (final.finish_reason, final.text) == ("stop", text[:cut])
+    assert final.stop_reason in stops and text[:stop_at].endswith(final.stop_reason)

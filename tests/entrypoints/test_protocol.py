@@ -111,3 +111,25 @@ def test_a_body_that_is_not_an_object_is_named_as_json_names_it(rng):
 
 def random_text_of(rng):
     return "".join(rng.choice("abc {}") for _ in range(rng.randint(0, 9)))
+
+
+def test_min_tokens_is_taken_and_refused_by_name(rng):
+    """min_tokens reaches SamplingParams; above max_tokens (or max_completion_tokens), below
+    0 or not an integer it is a RequestError naming it."""
+    max_tokens = rng.randint(1, 50)
+    chat = {"messages": MESSAGES, rng.choice(["max_tokens", "max_completion_tokens"]): max_tokens}
+    for request_type, body in ((CompletionRequest, {"prompt": "hi", "max_tokens": max_tokens}),
+                               (ChatCompletionRequest, chat)):
+        wanted = rng.randint(0, max_tokens)
+        parsed = parse(request_type, {"model": "m", **body, "min_tokens": wanted})
+        assert parsed.to_sampling_params().min_tokens == wanted
+        for bad in (max_tokens + rng.randint(1, 9), -rng.randint(1, 9)):
+            with pytest.raises(RequestError) as refused:
+                parse(request_type, {"model": "m", **body, "min_tokens": bad}
+                      ).to_sampling_params()
+            assert refused.value.param == "min_tokens"
+            assert f"min_tokens={bad} is invalid" in str(refused.value)
+        for bad in (True, 2.0, "3"):
+            with pytest.raises(RequestError) as refused:
+                parse(request_type, {"model": "m", **body, "min_tokens": bad})
+            assert refused.value.param == "min_tokens"

@@ -110,6 +110,30 @@ def test_stop_string_cuts_text_whole_and_streamed(server, client, rng):
     assert "".join(c.choices[0].text for c in streamed) == expected
 
 
+def test_min_tokens_holds_off_a_stop_string_the_text_starts_with(server, client, rng):
+    """A stop string the free greedy text completes within its first tokens does not end
+    the completion before min_tokens; the text is the engine's for the same settings."""
+    llm, _ = server
+    prompt = random_text(rng)
+    text = direct(llm, prompt, SamplingParams(temperature=0, max_tokens=12,
+                                              ignore_eos=True)).outputs[0].text
+    stop = text[:2].strip() or text[:4].strip()
+    if not stop:
+        pytest.skip(f"the greedy text {text!r} starts with spaces")
+    min_tokens = rng.randint(6, 12)
+    expected = direct(llm, prompt, SamplingParams(temperature=0, max_tokens=12, stop=[stop],
+                                                  min_tokens=min_tokens)).outputs[0]
+    assert len(expected.token_ids) >= min_tokens
+    reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                      stop=[stop], extra_body={"min_tokens": min_tokens})
+    assert reply.choices[0].text == expected.text
+    assert reply.usage.completion_tokens == len(expected.token_ids)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=12,
+        temperature=0, stop=[stop], extra_body={"min_tokens": min_tokens})
+    assert chat.usage.completion_tokens >= min_tokens
+
+
 def test_chat_uses_the_template_whole_and_streamed(server, client, rng):
     llm, _ = server
     messages = [{"role": "system", "content": random_text(rng)},

@@ -1,4 +1,5 @@
 import math
+import random
 
 import pytest
 import torch
@@ -198,3 +199,36 @@ def test_top_k_keeps_all_k_and_unfiltered_mates_keep_everything(fresh_seed):
         kept = torch.isfinite(out[row]).nonzero().flatten()
         expected = logits[row].topk(k if k > 0 else vocab).indices
         assert set(kept.tolist()) == set(expected.tolist()), f"row {row}, top_k={k}"
+
+
+def test_blocked_tokens_are_never_drawn_and_logprobs_are_of_the_masked_rows(fresh_seed):
+    """Each row's blocked ids (a sequence's stop tokens while it is short of min_tokens) get
+    -inf before penalties and filters: greedy rows take the best of the rest, sampled rows
+    never draw one, and the logprobs are the log-softmax of the masked distribution."""
+    rng = random.Random(fresh_seed)
+    rows = 6
+    logits = torch.randn(rows, V) * 3
+    blocked = [rng.sample(range(V), rng.randint(0, 5)) for _ in range(rows)]
+    for row, ids in enumerate(blocked):
+        if ids and rng.random() < 0.7:   # often the row's favourite, so masking matters
+            logits[row, ids[0]] = logits[row].max() + 5
+    params = [SamplingParams(temperature=rng.choice([0.0, 0.8, 1.0]), logprobs=3,
+                             repetition_penalty=rng.choice([1.0, 1.3]), seed=row)
+              for row in range(rows)]
+    before = logits.clone()
+    batch = _batch(params, prompts=[[1, 2]] * rows, outputs=[[3]] * rows)
+    batch.blocked_token_ids = blocked
+    for _ in range(20):
+        tokens, logprobs = sample(logits, batch)
+        masked = before.clone()
+        for row, ids in enumerate(blocked):
+            masked[row, ids] = -math.inf
+        expected = apply_penalties(masked, batch)
+        for row, (token, lp) in enumerate(zip(tokens, logprobs)):
+            assert token not in blocked[row]
+            if params[row].greedy:
+                assert token == int(expected[row].argmax())
+                reference = expected[row].log_softmax(-1)
+                assert lp.sampled_logprob == pytest.approx(float(reference[token]), abs=1e-5)
+                assert not set(lp.top_token_ids) & set(blocked[row])
+    assert torch.equal(logits, before)   # the caller's logits are left as they were

@@ -94,8 +94,11 @@ class OutputProcessor:
     def _check_stop(self, seq: Sequence, state: RequestState) -> None:
         token = seq.token_ids[-1]
         params = seq.params
-        ended_by_token = ((token in self.eos_token_ids and not params.ignore_eos)
-                          or token in params.stop_token_ids)
+        # Short of min_tokens only the length limits end a sequence (the sampler kept it
+        # from drawing a stop token).
+        may_stop = seq.num_output_tokens >= params.min_tokens
+        ended_by_token = may_stop and ((token in self.eos_token_ids and not params.ignore_eos)
+                                       or token in params.stop_token_ids)
         status = None
         if ended_by_token:
             status = SequenceStatus.FINISHED_STOPPED
@@ -108,18 +111,19 @@ class OutputProcessor:
             delta = "" if ended_by_token else detokenizer.append(token)
             if status is not None:
                 delta += detokenizer.flush()
-            if delta and params.stop and self._truncate_at_stop(detokenizer, len(delta), seq):
+            if (delta and params.stop and may_stop
+                    and self._truncate_at_stop(detokenizer, len(delta), seq)):
                 return
         if status is not None:
             self.scheduler.finish(seq, status)
 
     def _truncate_at_stop(self, detokenizer: IncrementalDetokenizer, delta_len: int,
                           seq: Sequence) -> bool:
-        """Cut the text before the earliest stop string that the new text completed."""
+        """Cut the text before the earliest stop string that the new text completed (one
+        that ended before it was not honoured: the sequence was short of min_tokens)."""
         text = detokenizer.text
-        longest = max(len(s) for s in seq.params.stop)
-        start = max(len(text) - delta_len - longest + 1, 0)
-        hits = [(text.find(s, start), s) for s in seq.params.stop]
+        old_len = len(text) - delta_len
+        hits = [(text.find(s, max(old_len - len(s) + 1, 0)), s) for s in seq.params.stop]
         hits = [(pos, s) for pos, s in hits if pos >= 0]
         if not hits:
             return False

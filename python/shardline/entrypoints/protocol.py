@@ -99,6 +99,7 @@ class _SamplingFields(_Body):
     min_p: float | None = None
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
+    min_tokens: int | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
 
@@ -114,7 +115,7 @@ class _SamplingFields(_Body):
                                "response always carries its usage", "stream_options")
         given = {name: getattr(self, name) for name in
                  ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed",
-                  "top_k", "min_p", "repetition_penalty", "stop_token_ids")
+                  "top_k", "min_p", "repetition_penalty", "stop_token_ids", "min_tokens")
                  if getattr(self, name) is not None}
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         try:

@@ -1,10 +1,12 @@
 """Turn the logits at sampling positions into tokens, one request per row.
 
-Order of processing: repetition/presence/frequency penalties, then (for sampled rows)
-temperature, top-k, top-p and min-p, then the draw. Each row draws its random numbers
+Order of processing: the tokens a row may not sample yet (its stop tokens while it is short
+of min_tokens) masked to -inf, repetition/presence/frequency penalties, then (for sampled
+rows) temperature, top-k, top-p and min-p, then the draw. Each row draws its random numbers
 from its own generator, so a seeded request samples the same tokens whatever its batch
 mates are. Reported logprobs are the log-softmax of the distribution the token was
-drawn from: the processed logits for sampled rows, the penalized logits for greedy rows.
+drawn from: the processed logits for sampled rows, the penalized logits for greedy rows
+(both with the masked tokens at -inf).
 
 The sampler only queues device work and returns the tokens as a device tensor; reading
 them (and the logprobs) to the host is a separate call, so a step's host work can wait
@@ -25,12 +27,14 @@ from shardline.sampling_params import SamplingParams
 
 @dataclass
 class SamplingBatch:
-    """Per row: its settings, its token history (for penalties) and its generator."""
+    """Per row: its settings, its token history (for penalties), its generator and the
+    token ids it may not sample in this step (none for any row when empty)."""
 
     params: list[SamplingParams]
     prompt_token_ids: list[list[int]]
     output_token_ids: list[list[int]]
     generators: list[torch.Generator]
+    blocked_token_ids: list[list[int]] = field(default_factory=list)
 
 
 def _token_counts(token_lists: list[list[int]], vocab_size: int,
@@ -46,6 +50,16 @@ def _token_counts(token_lists: list[list[int]], vocab_size: int,
     counts = torch.zeros(len(token_lists), vocab_size + 1, device=device)
     counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
     return counts[:, :vocab_size]
+
+
+def mask_blocked(logits: torch.Tensor, blocked: list[list[int]]) -> torch.Tensor:
+    """The logits with each row's blocked token ids at -inf (a new tensor if any are)."""
+    rows = [row for row, ids in enumerate(blocked) for _ in ids]
+    if not rows:
+        return logits
+    columns = [token for ids in blocked for token in ids]
+    index = to_device([rows, columns], logits.device, torch.int64)
+    return logits.index_put((index[0], index[1]), logits.new_full((len(rows),), -math.inf))
 
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
@@ -170,7 +184,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits [N, V] (one row per request in `batch`) -> N tokens and their logprobs."""
-        logits = apply_penalties(logits.float(), batch)
+        logits = apply_penalties(mask_blocked(logits.float(), batch.blocked_token_ids), batch)
         greedy = [p.greedy for p in batch.params]
         tokens = logits.argmax(dim=-1)
         processed = logits

@@ -16,6 +16,7 @@ from shardline.kernels._tuned import autotuning_allowed, set_autotuning
 from shardline.kernels.dispatch import triton_enabled
 from shardline.layers.attention import AttentionMetadata
 from shardline.layers.sampler import Sampler, SamplingBatch
+from shardline.sampling_params import SamplingParams
 from shardline.distributed.parallel_state import get_pp_group, get_sp_group, get_tp_group
 from shardline.layers.sequence_parallel import local_num_tokens
 from shardline.models.llama import IntermediateTensors
@@ -53,6 +54,8 @@ class ModelRunner:
         set_autotuning(not config.model.enforce_eager)
         autotuning_allowed()
         self.info = read_model_info(self.model_dir)
+        self._eos_token_ids = [t for t in self.info.eos_token_ids
+                               if 0 <= t < self.info.vocab_size]
         checkpoint = read_config(self.model_dir)
         self.dtype = config.model.resolve_torch_dtype(
             device.type, checkpoint.get("torch_dtype") or checkpoint.get("dtype"))
@@ -244,23 +247,31 @@ class ModelRunner:
 
     def _sampling_batch(self, req_ids: list[str], ahead_req_ids: list[str]) -> SamplingBatch:
         """The batch's sampling settings. A request that went ahead has one output token
-        more than this worker has been sent: its draw is for the output after that one."""
+        more than this worker has been sent: its draw is for the output after that one.
+        A request short of min_tokens may not sample a token that would stop it."""
         states = [self.requests[r] for r in req_ids]
         ahead = set(ahead_req_ids)
-        generators = []
+        generators, blocked = [], []
         for state in states:
             is_ahead = state.req_id in ahead
-            if is_ahead and state.sampling_params.needs_token_history:
+            params = state.sampling_params
+            if is_ahead and params.needs_token_history:
                 raise RuntimeError(f"request {state.req_id!r} went ahead of the engine, but its "
                                    "penalties need every earlier output token")
-            seed = state.sampling_params.seed
-            if seed is None:
+            index = len(state.output_token_ids) + is_ahead
+            if params.seed is None:
                 generators.append(self.generator)
             else:
-                index = len(state.output_token_ids) + is_ahead
                 generators.append(torch.Generator(self.device).manual_seed(
-                    sampling_seed(seed, index)))
+                    sampling_seed(params.seed, index)))
+            blocked.append(self._stop_token_ids(params) if index < params.min_tokens else [])
         return SamplingBatch(params=[s.sampling_params for s in states],
                              prompt_token_ids=[s.prompt_token_ids for s in states],
                              output_token_ids=[s.output_token_ids for s in states],
-                             generators=generators)
+                             generators=generators, blocked_token_ids=blocked)
+
+    def _stop_token_ids(self, params: SamplingParams) -> list[int]:
+        """The tokens that would end a sequence with these params: its stop_token_ids and,
+        unless it ignores eos, the model's eos tokens."""
+        eos = [] if params.ignore_eos else self._eos_token_ids
+        return [*params.stop_token_ids, *eos]
