@@ -169,3 +169,45 @@ def test_a_long_load_reports_its_progress(monkeypatch, caplog):
     counts = [int(line.split()[2]) for line in lines[:-1]]
     assert counts == list(range(total)) and f"of {total} parameters" in lines[0]
     assert lines[-1].startswith(f"loaded {total} parameters in ")
+
+
+def _sharded_copy_with_index(tmp_path, change) -> str:
+    """A copy of tiny-llama (two shards) whose index's weight_map is `change`d in place."""
+    src = resolve_model("tiny-llama")
+    for name in os.listdir(src):
+        shutil.copy(f"{src}/{name}", tmp_path / name)
+    index = json.load(open(tmp_path / "model.safetensors.index.json"))
+    change(index["weight_map"])
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return str(tmp_path / "model.safetensors.index.json")
+
+
+def test_an_index_mapping_a_tensor_to_the_wrong_shard_is_named(tmp_path, rng):
+    """The index says a tensor is in a file that does not hold it: a ValueError naming the
+    index, the tensor and the file, not a KeyError out of the shard."""
+    moved = {}
+
+    def move_one(weight_map):
+        moved["name"] = rng.choice(sorted(weight_map))
+        old = weight_map[moved["name"]]
+        moved["file"] = next(f for f in sorted(set(weight_map.values())) if f != old)
+        weight_map[moved["name"]] = moved["file"]
+
+    index = _sharded_copy_with_index(tmp_path, move_one)
+    with pytest.raises(ValueError, match=f"{re.escape(index)} maps tensor "
+                                         f"'{re.escape(moved['name'])}' to "
+                                         f"'{re.escape(moved['file'])}', which does not hold it"):
+        load_model(str(tmp_path), torch.float32, "cpu")
+
+
+def test_an_index_naming_a_file_with_a_non_string_is_named(tmp_path, rng):
+    spoiled = {}
+
+    def spoil_one(weight_map):
+        spoiled["name"] = rng.choice(sorted(weight_map))
+        weight_map[spoiled["name"]] = 3
+
+    index = _sharded_copy_with_index(tmp_path, spoil_one)
+    with pytest.raises(ValueError, match=f"{re.escape(index)}: weight_map"
+                                         rf"\['{re.escape(spoiled['name'])}'\]=3 is not a file"):
+        load_model(str(tmp_path), torch.float32, "cpu")

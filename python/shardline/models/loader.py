@@ -101,6 +101,11 @@ class CheckpointReader:
             weight_map = read_json_object(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index} has no weight_map object (tensor name -> file)")
+            odd = next((n for n, f in weight_map.items() if not isinstance(f, str)), None)
+            if odd is not None:
+                raise ValueError(f"{index}: weight_map[{odd!r}]={weight_map[odd]!r} is not a "
+                                 "file name")
+            self.index = index
             self.file_of = {name: os.path.join(model_dir, f) for name, f in weight_map.items()}
             absent = sorted({f for f in weight_map.values()
                              if not os.path.isfile(os.path.join(model_dir, f))})
@@ -108,6 +113,7 @@ class CheckpointReader:
                 raise FileNotFoundError(f"{index} names {absent[0]!r}, which is not in "
                                         f"{model_dir!r} ({len(absent)} file(s) missing)")
         else:
+            self.index = None
             files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
             if not files:
                 raise FileNotFoundError(f"model directory {model_dir!r} has no *.safetensors")
@@ -128,6 +134,9 @@ class CheckpointReader:
         path = self.file_of[name]
         if path not in self._handles:
             self._handles[path] = SafetensorsFile(path)
+        if name not in self._handles[path]:
+            raise ValueError(f"{self.index} maps tensor {name!r} to {os.path.basename(path)!r}"
+                             ", which does not hold it: the index does not match the files")
         return self._handles[path].get_slice(name)
 
     def close(self) -> None:

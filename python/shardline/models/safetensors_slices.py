@@ -80,6 +80,9 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self._entries)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
     def get_slice(self, name: str) -> "TensorSlice":
         if name not in self._entries:
             raise KeyError(f"{self.path} has no tensor {name!r}")
