@@ -211,3 +211,16 @@ def test_an_index_naming_a_file_with_a_non_string_is_named(tmp_path, rng):
     with pytest.raises(ValueError, match=f"{re.escape(index)}: weight_map"
                                          rf"\['{re.escape(spoiled['name'])}'\]=3 is not a file"):
         load_model(str(tmp_path), torch.float32, "cpu")
+
+
+def test_a_tensor_in_two_files_without_an_index_is_named(tmp_path, rng):
+    """Without an index the files are merged by name; a tensor two files hold (a stray
+    copy left beside the checkpoint) is refused rather than one copy silently winning."""
+    tensors = _single_file_copy(tmp_path)
+    save_file(tensors, tmp_path / "model.safetensors")
+    name = rng.choice(sorted(tensors))
+    save_file({name: torch.randn(tensors[name].shape)}, tmp_path / "stray.safetensors")
+    with pytest.raises(ValueError, match=f"tensor '{re.escape(name)}' is in both "
+                                         f".*model.safetensors and .*stray.safetensors"):
+        load_model(str(tmp_path), torch.float32, "cpu")
+

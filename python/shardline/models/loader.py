@@ -122,7 +122,12 @@ class CheckpointReader:
                 for f in files:
                     path = os.path.join(model_dir, f)
                     self._handles[path] = SafetensorsFile(path)
-                    self.file_of.update({name: path for name in self._handles[path].keys()})
+                    for name in self._handles[path].keys():
+                        if name in self.file_of:
+                            raise ValueError(
+                                f"tensor {name!r} is in both {self.file_of[name]} and {path}: "
+                                f"remove the file that does not belong, or add an {INDEX_FILE}")
+                        self.file_of[name] = path
             except BaseException:
                 self.close()
                 raise
