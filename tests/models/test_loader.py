@@ -224,3 +224,10 @@ def test_a_tensor_in_two_files_without_an_index_is_named(tmp_path, rng):
                                          f".*model.safetensors and .*stray.safetensors"):
         load_model(str(tmp_path), torch.float32, "cpu")
 
+
+def test_a_directory_named_like_a_safetensors_file_is_named(tmp_path):
+    _single_file_copy(tmp_path)
+    (tmp_path / "model.safetensors").mkdir()
+    with pytest.raises(IsADirectoryError, match=f"{re.escape(str(tmp_path))}/model.safetensors "
+                                                "is a directory, not a safetensors file"):
+        load_model(str(tmp_path), torch.float32, "cpu")

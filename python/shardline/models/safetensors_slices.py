@@ -34,6 +34,8 @@ class SafetensorsFile:
 
     def __init__(self, path: str):
         self.path = path
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path} is a directory, not a safetensors file")
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             self._entries = self._read_header()
