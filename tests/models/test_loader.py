@@ -231,3 +231,29 @@ def test_a_directory_named_like_a_safetensors_file_is_named(tmp_path):
     with pytest.raises(IsADirectoryError, match=f"{re.escape(str(tmp_path))}/model.safetensors "
                                                 "is a directory, not a safetensors file"):
         load_model(str(tmp_path), torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool, torch.float8_e4m3fn])
+def test_a_weight_stored_as_integers_or_fp8_is_named(tmp_path, rng, dtype):
+    """A weight that is not a float (quantized data, whose scales a cast would ignore) is
+    refused by name instead of being cast into nonsense weights."""
+    tensors = _single_file_copy(tmp_path)
+    name = rng.choice(sorted(tensors))
+    tensors[name] = tensors[name].to(dtype)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=f"model.safetensors: tensor '{re.escape(name)}' is "
+                                         f"{re.escape(str(dtype))}, expected one of "
+                                         "torch.float32, .*quantized checkpoints"):
+        load_model(str(tmp_path), torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16, torch.float64])
+def test_a_checkpoint_stored_in_another_float_type_loads_as_float32(tmp_path, stored):
+    tensors = {name: t.to(stored) for name, t in _single_file_copy(tmp_path).items()}
+    save_file(tensors, tmp_path / "model.safetensors")
+    model = load_model(str(tmp_path), torch.float32, "cpu")
+    params = dict(model.named_parameters())
+    for name in ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight",
+                 "model.norm.weight"):
+        assert params[name].dtype == torch.float32
+        torch.testing.assert_close(params[name], tensors[name].float(), rtol=0, atol=0)

@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 2.0   # how often a long load reports how far it is
 
 INDEX_FILE = "model.safetensors.index.json"
+# Weights are cast from these to the engine's dtype; other types (integers, FP8) are
+# quantized data whose scales a plain cast would ignore.
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @dataclass
@@ -142,7 +145,12 @@ class CheckpointReader:
         if name not in self._handles[path]:
             raise ValueError(f"{self.index} maps tensor {name!r} to {os.path.basename(path)!r}"
                              ", which does not hold it: the index does not match the files")
-        return self._handles[path].get_slice(name)
+        tensor = self._handles[path].get_slice(name)
+        if tensor.dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} is {tensor.dtype}, expected one of "
+                             f"{', '.join(map(str, WEIGHT_DTYPES))}: quantized checkpoints "
+                             "(integer or FP8 weights) are not supported")
+        return tensor
 
     def close(self) -> None:
         for handle in self._handles.values():
