@@ -89,6 +89,24 @@ def _config_with(tmp_path, preset: str, **changes) -> str:
     ("tiny-qwen2-moe", {"moe_intermediate_size": None}, "moe_intermediate_size is missing"),
     ("tiny-mixtral", {"num_experts_per_tok": 9}, "num_experts_per_tok=9 is invalid: it must be "
                                                  "at most the 4 experts"),
+    ("tiny-llama", {"tie_word_embeddings": "no"}, "tie_word_embeddings='no' is invalid: it must "
+                                                  "be true or false"),
+    ("tiny-qwen2", {"use_sliding_window": 1}, "use_sliding_window=1 is invalid"),
+    ("tiny-llama", {"rope_scaling": "linear"}, "rope_scaling='linear' is invalid: it must be an "
+                                               "object"),
+    ("tiny-llama", {"rope_parameters": [10000.0]}, r"rope_parameters=\[10000.0\] is invalid"),
+    ("tiny-llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+     "rope_scaling=.* is invalid: its type 'yarn' is not supported: use one of default, llama3"),
+    ("tiny-llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0}},
+     "rope_parameters=.* is invalid: its type 'linear' is not supported"),
+    ("tiny-llama3", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                      "low_freq_factor": 0}},
+     "rope_scaling=.* is invalid: llama3 scaling needs low_freq_factor, high_freq_factor, "
+     "original_max_position_embeddings as positive numbers"),
+    ("tiny-llama3", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2,
+                                      "high_freq_factor": 2,
+                                      "original_max_position_embeddings": 64}},
+     "rope_scaling=.* is invalid: llama3 scaling needs low_freq_factor != high_freq_factor"),
 ])
 def test_a_config_the_model_cannot_be_built_from_is_named(tmp_path, preset, changes, error):
     path = _config_with(tmp_path, preset, **changes)

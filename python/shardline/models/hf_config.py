@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 
+from shardline.layers.rotary import SUPPORTED_ROPE_TYPES
+
 SUPPORTED_ACTIVATIONS = ("silu",)
 
 # Sizes every supported architecture reads, and those its MoE layers add.
@@ -22,6 +24,10 @@ OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings",
                   "sliding_window")
 COUNTS = ("num_experts", "shared_expert_intermediate_size")  # 0: a dense layer, no shared expert
 POSITIVE_REALS = ("rope_theta", "rms_norm_eps", "partial_rotary_factor")
+FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
+# What each RoPE scaling type reads from the rope_scaling dict, all positive numbers.
+ROPE_SCALING_FIELDS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                  "original_max_position_embeddings")}
 
 
 def read_json_object(path: str) -> dict:
@@ -56,11 +62,18 @@ def check_config(config: dict, source: str, architecture: str) -> None:
         value, least = config.get(field), 0 if field in COUNTS else 1
         if value is not None and not (is_int(value) and value >= least):
             fail(field, f"it must be an integer >= {least}")
+    def is_positive(value: object) -> bool:
+        real = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return real and math.isfinite(value) and value > 0
+
     for field in POSITIVE_REALS:
         value = config.get(field)
-        real = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if value is not None and not (real and math.isfinite(value) and value > 0):
+        if value is not None and not is_positive(value):
             fail(field, "it must be a positive finite number")
+    for field in FLAGS:
+        if config.get(field) is not None and not isinstance(config[field], bool):
+            fail(field, "it must be true or false")
+    _check_rope_scaling(config, fail, is_positive)
     if (config.get("partial_rotary_factor") or 1) > 1:
         fail("partial_rotary_factor", "it must be at most 1")
     heads, kv_heads = config["num_attention_heads"], num_kv_heads(config)
@@ -81,6 +94,27 @@ def check_config(config: dict, source: str, architecture: str) -> None:
         if value is not None and not all(is_int(v) and v >= 0 for v in ids):
             fail(field, "it must be a token id (an integer >= 0)"
                         + (" or a list of them" if field == "eos_token_id" else ""))
+
+
+def _check_rope_scaling(config: dict, fail, is_positive) -> None:
+    """rope_scaling and rope_parameters: objects (or null) of a supported RoPE type, with
+    the fields that type reads."""
+    for field in ("rope_scaling", "rope_parameters"):
+        if config.get(field) is not None and not isinstance(config[field], dict):
+            fail(field, "it must be an object (or null for plain RoPE)")
+    field = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
+    _, scaling = rope_settings(config)
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type") or scaling.get("type")
+    if kind not in SUPPORTED_ROPE_TYPES:
+        fail(field, f"its type {kind!r} is not supported: use one of "
+                    f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+    bad = [f for f in ROPE_SCALING_FIELDS.get(kind, ()) if not is_positive(scaling.get(f))]
+    if bad:
+        fail(field, f"{kind} scaling needs {', '.join(bad)} as positive numbers")
+    if kind == "llama3" and scaling["low_freq_factor"] == scaling["high_freq_factor"]:
+        fail(field, "llama3 scaling needs low_freq_factor != high_freq_factor")
 
 
 def head_dim(config: dict) -> int:
