@@ -48,6 +48,17 @@ def test_unknown_architecture_lists_supported(tmp_path):
         read_model_info(str(tmp_path))
 
 
+def test_architectures_given_as_one_string_asks_for_a_list(tmp_path):
+    """A bare string was read letter by letter, and its own supported name was called
+    unsupported."""
+    config = json.load(open(f"{resolve_model('tiny-llama')}/config.json"))
+    config["architectures"] = "LlamaForCausalLM"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="architectures='LlamaForCausalLM' is invalid: it must "
+                                         r"be a list of model class names, such as \['"):
+        read_model_info(str(tmp_path))
+
+
 def _config_with(tmp_path, preset: str, **changes) -> str:
     """A copy of `preset`'s config.json with `changes` (None removes a field)."""
     config = json.load(open(f"{resolve_model(preset)}/config.json"))

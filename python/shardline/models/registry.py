@@ -19,6 +19,9 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 def resolve_architecture(config: dict) -> str:
     """The first supported name in config["architectures"]; ValueError listing supported."""
     names = config.get("architectures") or []
+    if not isinstance(names, list):
+        raise ValueError(f"architectures={names!r} is invalid: it must be a list of model "
+                         f"class names, such as {[next(iter(MODEL_REGISTRY))]}")
     for name in names:
         if name in MODEL_REGISTRY:
             return name
