@@ -152,6 +152,17 @@ def test_an_index_naming_an_absent_shard_is_named(tmp_path):
         load_model(str(tmp_path), torch.float32, "cpu")
 
 
+@pytest.mark.parametrize("field, value", [("eos_token_id", "x"), ("eos_token_id", [2, None]),
+                                          ("bos_token_id", -1), ("bos_token_id", [1])])
+def test_a_bad_token_id_in_generation_config_is_named(tmp_path, field, value):
+    _single_file_copy(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({field: value}))
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path))}/generation_config.json: "
+                                         f"{field}={re.escape(repr(value))} is invalid: it must "
+                                         "be a token id"):
+        read_model_info(str(tmp_path))
+
+
 def test_model_info_of_sharded_preset():
     info = read_model_info(resolve_model("tiny-llama"))
     assert (info.architecture, info.eos_token_ids, info.bos_token_id) == \

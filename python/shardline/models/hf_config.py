@@ -88,12 +88,20 @@ def check_config(config: dict, source: str, architecture: str) -> None:
     experts = num_experts(config)
     if architecture in MOE_SIZES and experts and config["num_experts_per_tok"] > experts:
         fail("num_experts_per_tok", f"it must be at most the {experts} experts")
+    check_token_ids(config, source)
+
+
+def check_token_ids(config: dict, source: str) -> None:
+    """ValueError naming `source` (config.json or generation_config.json) if its
+    eos_token_id is not a token id or a list of them, or its bos_token_id not a token id."""
     for field in ("eos_token_id", "bos_token_id"):
         value = config.get(field)
         ids = value if isinstance(value, list) and field == "eos_token_id" else [value]
-        if value is not None and not all(is_int(v) and v >= 0 for v in ids):
-            fail(field, "it must be a token id (an integer >= 0)"
-                        + (" or a list of them" if field == "eos_token_id" else ""))
+        if value is not None and not all(isinstance(v, int) and not isinstance(v, bool)
+                                         and v >= 0 for v in ids):
+            raise ValueError(f"{source}: {field}={value!r} is invalid: it must be a token id "
+                             "(an integer >= 0)"
+                             + (" or a list of them" if field == "eos_token_id" else ""))
 
 
 def _check_rope_scaling(config: dict, fail, is_positive) -> None:

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from shardline.models.gguf import GGUFCheckpoint, is_gguf_dir
-from shardline.models.hf_config import (check_config, head_dim, max_positions, num_experts,
-                                        num_kv_heads, read_json_object)
+from shardline.models.hf_config import (check_config, check_token_ids, head_dim, max_positions,
+                                        num_experts, num_kv_heads, read_json_object)
 from shardline.models.registry import get_model_class, resolve_architecture
 from shardline.models.safetensors_slices import SafetensorsFile, TensorSlice
 
@@ -77,6 +77,7 @@ def read_model_info(model_dir: str) -> ModelInfo:
     gen_path = os.path.join(model_dir, "generation_config.json")
     if os.path.isfile(gen_path):
         generation = read_json_object(gen_path)
+        check_token_ids(generation, gen_path)
         eos += [t for t in _as_list(generation.get("eos_token_id")) if t not in eos]
         bos = generation.get("bos_token_id", bos)
     return ModelInfo(
