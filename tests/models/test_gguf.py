@@ -4,6 +4,7 @@ unsupported types, architectures and tensors refused by name."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import gguf
@@ -183,6 +184,37 @@ def test_unknown_tensor_is_named(tmp_path, fresh_seed):
                      extra={"rope_freqs.weight": np.ones(8, np.float32)})
     with pytest.raises(ValueError, match="'rope_freqs.weight' has no counterpart"):
         resolve_model(path)
+
+
+def _type_offset(path: str, tensor: str) -> int:
+    """Where the type id of `tensor`'s info is in the GGUF file: after its name (length and
+    bytes), its dimension count and its dimensions."""
+    info = next(t for t in gguf.GGUFReader(path).tensors if t.name == tensor).field
+    return info.offset + 8 + len(tensor.encode()) + 4 + 8 * int(info.parts[2][0])
+
+
+@pytest.mark.parametrize("damage", ["cut", "garbage", "empty", "unknown type"])
+def test_an_unreadable_gguf_file_is_named(tmp_path, fresh_seed, damage):
+    """A GGUF cut short, not a GGUF, empty, or holding a type id the gguf package does not
+    know: one ValueError naming the file, not the parser's bare error."""
+    rng = np.random.default_rng(fresh_seed)
+    path = tmp_path / "broken.gguf"
+    write_tiny_llama(str(path), rng)
+    data = bytearray(path.read_bytes())
+    if damage == "cut":
+        data = data[:int(rng.integers(1, len(data)))]
+    elif damage == "garbage":
+        data = bytearray(rng.bytes(len(data)))
+    elif damage == "empty":
+        data = bytearray()
+    else:
+        at = _type_offset(str(path), f"blk.{rng.integers(TINY['layers'])}.ffn_up.weight")
+        data[at:at + 4] = (200 + int(rng.integers(1000))).to_bytes(4, "little")
+    path.write_bytes(data)
+    print("file of", len(data), "bytes")
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))} \\({len(data)} bytes\\) is "
+                                         "not a readable GGUF file, or is cut short: "):
+        resolve_model(str(path))
 
 
 def _vocab_meta(pre: str) -> dict:

@@ -83,9 +83,13 @@ def _write_companion(path: str, out_dir: str) -> None:
 
     start = time.perf_counter()
     log.info("indexing GGUF file %s (once; kept in %s)", path, os.path.dirname(out_dir))
-    reader = gguf.GGUFReader(path)
-    meta = {name: field.contents() for name, field in reader.fields.items()
-            if not name.startswith("GGUF.")}
+    try:
+        reader = gguf.GGUFReader(path)
+        meta = {name: field.contents() for name, field in reader.fields.items()
+                if not name.startswith("GGUF.")}
+    except Exception as exc:   # the gguf package's own: a bare ValueError, IndexError, ...
+        raise ValueError(f"{path} ({os.path.getsize(path)} bytes) is not a readable GGUF "
+                         f"file, or is cut short: {type(exc).__name__}: {exc}") from exc
     tensors = {}
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
