@@ -163,6 +163,28 @@ def test_a_bad_token_id_in_generation_config_is_named(tmp_path, field, value):
         read_model_info(str(tmp_path))
 
 
+def test_a_model_directory_this_user_cannot_read_is_named(tmp_path):
+    """Not 'has no config.json', which sent the user looking for a file that is there. (A
+    user whose privileges read any file, such as root, cannot meet this error.)"""
+    _single_file_copy(tmp_path)
+    tmp_path.chmod(0)
+    try:
+        if os.access(tmp_path, os.R_OK | os.X_OK):
+            pytest.skip("this user reads a directory of mode 000")
+        with pytest.raises(PermissionError, match=f"model directory '{re.escape(str(tmp_path))}' "
+                                                  "cannot be read by this user \\(mode 0\\)"):
+            read_model_info(str(tmp_path))
+    finally:
+        tmp_path.chmod(0o755)
+
+
+def test_a_config_json_that_is_a_directory_is_named(tmp_path):
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(IsADirectoryError, match=f"{re.escape(str(tmp_path))}/config.json is a "
+                                                "directory, not a config file"):
+        read_model_info(str(tmp_path))
+
+
 def test_model_info_of_sharded_preset():
     info = read_model_info(resolve_model("tiny-llama"))
     assert (info.architecture, info.eos_token_ids, info.bos_token_id) == \

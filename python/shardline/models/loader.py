@@ -56,6 +56,11 @@ def read_config(model_dir: str) -> dict:
     config the model could not be built from."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
+        if not os.access(model_dir, os.R_OK | os.X_OK):
+            raise PermissionError(f"model directory {model_dir!r} cannot be read by this user "
+                                  f"(mode {os.stat(model_dir).st_mode & 0o777:o})")
+        if os.path.exists(path):
+            raise IsADirectoryError(f"{path} is a directory, not a config file")
         raise FileNotFoundError(f"model directory {model_dir!r} has no config.json")
     config = read_json_object(path)
     check_config(config, path, resolve_architecture(config))
