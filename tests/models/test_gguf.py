@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -54,12 +55,16 @@ def reference(data: np.ndarray, type_name: str) -> np.ndarray:
 
 
 def write_tiny_llama(path: str, rng: np.random.Generator, types: dict[str, str] = TYPES,
-                     arch: str = "llama", extra: dict[str, np.ndarray] | None = None
+                     arch: str = "llama", extra: dict[str, np.ndarray] | None = None,
+                     metadata: Callable[[gguf.GGUFWriter], None] | None = None
                      ) -> dict[str, np.ndarray]:
-    """Write a random tiny Llama GGUF; returns the stored data of each tensor by name."""
+    """Write a random tiny Llama GGUF, with more `metadata` written by that function if
+    given; returns the stored data of each tensor by name."""
     c = TINY
     dim = c["hidden"] // c["heads"]
     writer = gguf.GGUFWriter(path, arch)
+    if metadata:
+        metadata(writer)
     writer.add_block_count(c["layers"])
     writer.add_context_length(256)
     writer.add_embedding_length(c["hidden"])
@@ -183,6 +188,37 @@ def test_unknown_tensor_is_named(tmp_path, fresh_seed):
     write_tiny_llama(path, np.random.default_rng(fresh_seed),
                      extra={"rope_freqs.weight": np.ones(8, np.float32)})
     with pytest.raises(ValueError, match="'rope_freqs.weight' has no counterpart"):
+        resolve_model(path)
+
+
+def _with_tokenizer(bos: int) -> Callable[[gguf.GGUFWriter], None]:
+    def add(writer: gguf.GGUFWriter) -> None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list([f"t{i}" for i in range(TINY["vocab"])])
+        writer.add_bos_token_id(bos)
+        writer.add_add_bos_token(True)
+    return add
+
+
+@pytest.mark.parametrize("case, error", [
+    ("type", r"tensor 'blk\.\d\.ffn_up\.weight' has type Q5_0"),
+    ("architecture", "general.architecture='gemma' is not supported"),
+    ("tensor", "tensor 'rope_freqs.weight' has no counterpart"),
+    ("bos", r"tokenizer.ggml.bos_token_id=\d+ is not one of the 96 tokens"),
+])
+def test_what_a_gguf_file_holds_but_shardline_cannot_serve_names_the_file(
+        tmp_path, fresh_seed, case, error):
+    """Refusals of a readable file name it too (the bos id out of the vocabulary was a
+    bare IndexError)."""
+    rng = np.random.default_rng(fresh_seed)
+    path = str(tmp_path / f"{case}.gguf")
+    write_tiny_llama(path, rng, types={**TYPES, "ffn_up": "Q5_0"} if case == "type" else TYPES,
+                     arch="gemma" if case == "architecture" else "llama",
+                     extra={"rope_freqs.weight": np.ones(8, np.float32)} if case == "tensor"
+                     else None,
+                     metadata=_with_tokenizer(TINY["vocab"] + int(rng.integers(1000)))
+                     if case == "bos" else None)
+    with pytest.raises(ValueError, match=f"^{re.escape(path)}: (GGUF )?{error}"):
         resolve_model(path)
 
 

@@ -21,12 +21,16 @@ import json
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from shardline.models.gguf_quants import check_type, dequantize, tensor_nbytes
 from shardline.models.gguf_tokenizer import build_tokenizer, tokenizer_config
 from shardline.presets import cache_root, write_directory_once
+
+if TYPE_CHECKING:
+    import gguf
 
 log = logging.getLogger("shardline")
 
@@ -90,6 +94,17 @@ def _write_companion(path: str, out_dir: str) -> None:
     except Exception as exc:   # the gguf package's own: a bare ValueError, IndexError, ...
         raise ValueError(f"{path} ({os.path.getsize(path)} bytes) is not a readable GGUF "
                          f"file, or is cut short: {type(exc).__name__}: {exc}") from exc
+    try:
+        _write_index(path, reader, meta, out_dir)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    log.info("indexed %d tensors of %s in %.1f s", len(reader.tensors), os.path.basename(path),
+             time.perf_counter() - start)
+
+
+def _write_index(path: str, reader: "gguf.GGUFReader", meta: dict, out_dir: str) -> None:
+    """The companion directory's files from the parsed file; a ValueError names the tensor
+    or metadata key shardline cannot serve."""
     tensors = {}
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
@@ -109,8 +124,6 @@ def _write_companion(path: str, out_dir: str) -> None:
     if "tokenizer.ggml.tokens" in meta:
         build_tokenizer(meta).save(os.path.join(out_dir, "tokenizer.json"))
         _write_json(os.path.join(out_dir, "tokenizer_config.json"), tokenizer_config(meta))
-    log.info("indexed %d tensors of %s in %.1f s", len(tensors), os.path.basename(path),
-             time.perf_counter() - start)
 
 
 def model_config(meta: dict, tensors: dict[str, dict]) -> dict:

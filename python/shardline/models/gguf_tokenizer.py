@@ -43,6 +43,9 @@ def build_tokenizer(meta: dict) -> Tokenizer:
                           for t, kind in zip(tokens, types) if kind == USER_DEFINED])
     bos = meta.get("tokenizer.ggml.bos_token_id")
     if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+        if not 0 <= bos < len(tokens):
+            raise ValueError(f"GGUF tokenizer.ggml.bos_token_id={bos} is not one of the "
+                             f"{len(tokens)} tokens of tokenizer.ggml.tokens")
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]} $B",
             special_tokens=[(tokens[bos], bos)])
