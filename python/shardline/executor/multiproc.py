@@ -27,11 +27,13 @@ used as is and left alone.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import logging.handlers
 import multiprocessing
 import os
+import sys
 import time
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_sentinels
@@ -42,9 +44,9 @@ from shardline.executor.main_guard import main_guard_hint
 from shardline.executor.rendezvous import FileRendezvous
 from shardline.executor.stopped_workers import StoppedWorkers, describe_stopped
 from shardline.executor.worker_group import RanksTimedOut, WorkerGroup, WorkerGroupExecutor
-from shardline.executor.worker_proc import (ALL_RANKS, SHUTDOWN, UNREADABLE_CALL,
-                                            UNREADABLE_CALL_EXIT, WorkerArgs, read_reply,
-                                            replies_in_order, run_worker)
+from shardline.executor.worker_proc import (ALL_RANKS, DUMP_STACKS_SIGNAL, SHUTDOWN,
+                                            UNREADABLE_CALL, UNREADABLE_CALL_EXIT, WorkerArgs,
+                                            read_reply, replies_in_order, run_worker)
 from shardline.ipc import FrameError, MessageQueue, PeerDied, RingClosed
 
 logger = logging.getLogger("shardline")
@@ -53,6 +55,7 @@ STARTUP_TIMEOUT_S = 120.0
 SHUTDOWN_GRACE_S = 5.0
 DEAD_GRACE_S = 1.0
 EXIT_STATUS_WAIT_S = 0.2
+STACKS_GAP_S = 0.1  # for a worker to write its stacks before the next one starts
 _SPAWN = multiprocessing.get_context("spawn")
 
 
@@ -152,6 +155,18 @@ class _Workers(WorkerGroup):
         except (EOFError, OSError):
             return ""
         return f" after it failed: {name}: {message}\n{trace}" if name else ""
+
+    def dump_stacks(self) -> str:
+        # One worker at a time, each under a header: their writes to the shared stderr
+        # would interleave otherwise.
+        for i, proc in enumerate(self.procs):
+            sys.stderr.write(f"--- the stacks of worker rank {self.first_rank + i} "
+                             f"(pid {proc.pid}):\n")
+            sys.stderr.flush()
+            with contextlib.suppress(OSError):  # ended meanwhile: the watcher tells
+                os.kill(proc.pid, DUMP_STACKS_SIGNAL)
+            time.sleep(STACKS_GAP_S)
+        return "on this process's stderr, which the workers share"
 
     def stalled(self) -> str | None:
         stalled = self.stopped_workers.poll([proc.pid for proc in self.procs])

@@ -11,6 +11,12 @@ that did not answer) and `execute_model` (answered by the output rank, blocking 
 StepFuture; once the group is dead, every step in flight fails with its error). A
 subclass says only how a call reaches the workers and how their replies come back:
 shared-memory rings to spawned processes, or Ray calls to node agents.
+
+A step whose reply is long in coming is reported, not failed: a long prefill on a slow
+CPU is legitimate, and a rank stuck in a collective raises when the collective's timeout
+(distributed.parallel_state.DEFAULT_TIMEOUT_S) ends it. After SLOW_STEP_S of waiting,
+and again each time the wait doubles, a warning names the step's output rank and the
+workers write their Python stacks to their stderr, where the group can ask them to.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from typing import Any, Callable, Iterator
 
+from shardline.distributed.parallel_state import DEFAULT_TIMEOUT_S as COLLECTIVE_TIMEOUT_S
 from shardline.executor.base import EngineDeadError, Executor, StepFuture
 from shardline.step import ModelRunnerOutput, SchedulerOutput
 
@@ -48,6 +55,7 @@ def worker_error(context: str, reply: list[str]) -> Exception:
     return RuntimeError(f"{context}: {name}: {message}\n{trace}")
 
 WATCH_POLL_S = 0.5
+SLOW_STEP_S = 120.0
 DEATH_WAIT_S = 2.0
 
 
@@ -103,6 +111,11 @@ class WorkerGroup(ABC):
     def interrupt(self) -> None:
         """Wake the calls waiting on the workers now, once the group is dead. Nothing to
         do where waiting calls check `dead` on their own."""
+
+    def dump_stacks(self) -> str | None:
+        """Ask every live worker to write its threads' Python stacks to its stderr; where
+        they go (for the slow-step warning), or None where the group cannot ask."""
+        return None
 
     def set_dead(self, error: EngineDeadError) -> bool:
         """Record why the executor stopped, so that every waiting and later call raises
@@ -261,7 +274,7 @@ class WorkerGroupExecutor(Executor):
         dead, every step in flight fails with the error."""
         future, ticket = self._pending[0]
         try:
-            ok, payload = self._read_step(ticket, deadline)
+            ok, payload = self._read_step_reporting(ticket, deadline)
             if not ok:
                 raise self._group.step_failure(self.first_rank + self.output_rank, payload)
             output = self._step_output(payload)
@@ -272,6 +285,28 @@ class WorkerGroupExecutor(Executor):
             raise
         self._pending.popleft()
         future.set_result(output)
+
+    def _read_step_reporting(self, ticket: Any, deadline: float | None) -> tuple[bool, Any]:
+        """`_read_step`, warning (see the module docstring) each time the wait passes
+        SLOW_STEP_S, then twice that, four times, and so on."""
+        started = time.monotonic()
+        report_at = started + SLOW_STEP_S
+        while True:
+            try:
+                return self._read_step(ticket, report_at if deadline is None
+                                       else min(deadline, report_at))
+            except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+            stacks = self._group.dump_stacks()
+            logger.warning(
+                "a step has waited %.0f s for the reply of worker rank %d (the output rank); "
+                "%s. A rank stuck in a collective fails the step after its timeout (%.0f s); "
+                "a long prefill on a slow machine may just take this long",
+                time.monotonic() - started, self.first_rank + self.output_rank,
+                f"the workers' Python stacks follow {stacks}" if stacks
+                else "the workers' stacks cannot be shown from here", COLLECTIVE_TIMEOUT_S)
+            report_at = started + 2 * (report_at - started)
 
     def _step_output(self, payload: Any) -> ModelRunnerOutput:
         """The step's output from the output rank's reply. A reply that is no

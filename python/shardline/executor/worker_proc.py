@@ -17,6 +17,7 @@ workers do: the world ended with the engine, which alone used it.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import logging.handlers
 import os
@@ -46,6 +47,10 @@ UNREADABLE_CALL_EXIT = 3
 ATTACH_TIMEOUT_S = 60.0
 ANSWER_POLL_S = 0.5  # how often a call's replies are checked for a later rank's failure
 ENGINE_POLL_S = 0.1
+# Asks a worker for its threads' Python stacks on its stderr (the slow-step warning: see
+# worker_group); faulthandler writes them from the signal handler, whatever the worker's
+# main thread is blocked in.
+DUMP_STACKS_SIGNAL = signal.SIGUSR1
 
 
 @dataclass(frozen=True)
@@ -234,6 +239,7 @@ def run_worker(args: WorkerArgs, handle_conn: Connection, log_queue: Any) -> Non
     """Process entry point: connect, then serve calls until shutdown or the executor dies.
     `handle_conn` carries the response ring's handle to the executor, then this worker's
     last words if it fails."""
+    faulthandler.register(DUMP_STACKS_SIGNAL, all_threads=True)
     watch = EngineWatch(args.engine_pid, args.rendezvous_dir)
     # Ctrl-C goes to the whole process group; the executor decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

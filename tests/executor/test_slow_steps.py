@@ -1,0 +1,36 @@
+"""A step whose reply is long in coming is reported, not failed: after SLOW_STEP_S, and
+again each time the wait doubles, a warning names the output rank and every worker writes
+its Python stacks to the stderr it shares with the engine."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from shardline.executor import worker_group
+from multiproc_helpers import step
+
+
+def test_a_slow_step_is_reported_with_the_workers_stacks_and_still_answers(
+        make_executor, monkeypatch, caplog, capfd, rng):
+    slow_after = rng.uniform(0.4, 0.8)  # SlowStepWorker takes 3 s over each step
+    monkeypatch.setattr(worker_group, "SLOW_STEP_S", slow_after)
+    executor = make_executor("SlowStepWorker", tensor_parallel_size=2)
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING, logger="shardline"):
+        output = executor.execute_model(step("a", "b"))
+    assert output.req_ids == ["a", "b"] and output.sampled_token_ids == [1000, 1000]
+    reports = [r.getMessage() for r in caplog.records if "a step has waited" in r.getMessage()]
+    waits = [float(re.search(r"waited (\d+) s", message).group(1)) for message in reports]
+    # Reported at slow_after, 2x, 4x, ... while the 3-second step runs.
+    expected = sum(1 for k in range(4) if slow_after * 2**k < 2.9)
+    assert len(reports) in (expected, expected + 1), reports
+    assert all("worker rank 0 (the output rank)" in message for message in reports)
+    assert all("the workers' Python stacks follow" in message for message in reports)
+    assert waits == sorted(waits)
+    stacks = capfd.readouterr().err
+    # Each report: both workers' stacks, each inside the step.
+    assert stacks.count("in execute_model") >= 2 * len(reports) >= 2, stacks[-2000:]
+    for rank, pid in enumerate(executor.worker_pids):
+        assert stacks.count(f"--- the stacks of worker rank {rank} (pid {pid}):") == len(reports)
+    assert executor.collective_rpc("identity")[1][1] == executor.worker_pids[1]
