@@ -16,6 +16,8 @@ block of TP ranks fills a node and the placement group must use both.
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
 import random
 import signal
@@ -36,7 +38,7 @@ from shardline import LLM, SamplingParams  # noqa: E402
 from shardline.executor import EngineDeadError, StepFuture  # noqa: E402
 from shardline.executor.base import executor_class  # noqa: E402
 from shardline.config import ParallelConfig  # noqa: E402
-from shardline.executor import ray_placement, stopped_workers  # noqa: E402
+from shardline.executor import ray_placement, stopped_workers, worker_group  # noqa: E402
 from shardline.executor.ray import RayExecutor, ranks_sharing_node  # noqa: E402
 from shardline.worker.worker import RANKS_ON_NODE_ENV, cpu_threads  # noqa: E402
 from process_hygiene import leaked_segments, shm_segments  # noqa: E402
@@ -197,6 +199,30 @@ def test_a_rank_left_stopped_fails_the_engine_naming_it(cluster, monkeypatch, rn
         elapsed = time.monotonic() - stopped
         print(f"EngineDeadError {elapsed:.2f} s after SIGSTOP of rank {victim}")
         assert elapsed < 10.0
+    finally:
+        executor.shutdown()
+    wait_gone(pids)
+
+
+def test_a_slow_step_is_reported_with_every_ranks_stacks_in_its_log(cluster, monkeypatch,
+                                                                    caplog, rng):
+    """As under the multi-process executor (test_slow_steps.py): a 3 s step is reported
+    while it runs, and each rank actor writes its stacks, inside the step, to its log."""
+    monkeypatch.setattr(worker_group, "SLOW_STEP_S", rng.uniform(0.5, 1.0))
+    config = make_config("SlowStepWorker", tensor_parallel_size=2, pipeline_parallel_size=2)
+    config.parallel.distributed_executor_backend = "ray"
+    executor = RayExecutor(config)
+    pids = executor.worker_pids[:4]
+    try:
+        with caplog.at_level(logging.WARNING, logger="shardline"):
+            assert executor.execute_model(step("a")).sampled_token_ids == [1002]
+        reports = [r.getMessage() for r in caplog.records if "a step has waited" in r.getMessage()]
+        assert reports and all("worker rank 2 (the output rank)" in m and "Ray worker logs" in m
+                               for m in reports), reports
+        logs = ray._private.worker._global_node.get_logs_dir_path()
+        for pid in pids:
+            err = "".join(open(path).read() for path in glob.glob(f"{logs}/*-{pid}.err"))
+            assert err.count("in execute_model") >= len(reports), (pid, err[-1000:])
     finally:
         executor.shutdown()
     wait_gone(pids)

@@ -45,8 +45,9 @@ from shardline.executor.rendezvous import FileRendezvous
 from shardline.executor.stopped_workers import StoppedWorkers, describe_stopped
 from shardline.executor.worker_group import RanksTimedOut, WorkerGroup, WorkerGroupExecutor
 from shardline.executor.worker_proc import (ALL_RANKS, DUMP_STACKS_SIGNAL, SHUTDOWN,
-                                            UNREADABLE_CALL, UNREADABLE_CALL_EXIT, WorkerArgs,
-                                            read_reply, replies_in_order, run_worker)
+                                            STACKS_GAP_S, UNREADABLE_CALL,
+                                            UNREADABLE_CALL_EXIT, WorkerArgs, read_reply,
+                                            replies_in_order, run_worker)
 from shardline.ipc import FrameError, MessageQueue, PeerDied, RingClosed
 
 logger = logging.getLogger("shardline")
@@ -55,7 +56,6 @@ STARTUP_TIMEOUT_S = 120.0
 SHUTDOWN_GRACE_S = 5.0
 DEAD_GRACE_S = 1.0
 EXIT_STATUS_WAIT_S = 0.2
-STACKS_GAP_S = 0.1  # for a worker to write its stacks before the next one starts
 _SPAWN = multiprocessing.get_context("spawn")
 
 

@@ -128,6 +128,12 @@ class _Actors(WorkerGroup):
         return [agent.call.remote(call_id, message, indices)
                 for agent, indices in zip(self.agents, reply_indices)]
 
+    def dump_stacks(self) -> str:
+        for agent in self.agents:
+            agent.dump_stacks.remote()
+        return ("in the ranks' Ray worker logs (shown by the driver, each line under its "
+                "actor's pid, unless Ray was started with log_to_driver=False)")
+
     def stop_workers(self) -> None:
         """Ask the ranks to stop, then kill every actor."""
         try:

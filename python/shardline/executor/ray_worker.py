@@ -17,16 +17,20 @@ and the executor fails as the multi-process executor does.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import logging
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from shardline.executor.stopped_workers import StoppedWorkers
 from shardline.executor.worker_group import WATCH_POLL_S
-from shardline.executor.worker_proc import (ATTACH_TIMEOUT_S, UNREADABLE_CALL, read_reply,
+from shardline.executor.worker_proc import (ATTACH_TIMEOUT_S, DUMP_STACKS_SIGNAL,
+                                            STACKS_GAP_S, UNREADABLE_CALL, read_reply,
                                             replies_in_order, serve_rank)
 from shardline.ipc import FrameError, MessageQueue, MessageQueueHandle
 
@@ -69,6 +73,7 @@ class RankActor:
         logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
                             format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
         logging.getLogger("shardline").setLevel(log_level)
+        faulthandler.register(DUMP_STACKS_SIGNAL, all_threads=True)
         self.response = MessageQueue.create(1)
 
     def describe(self) -> dict:
@@ -170,6 +175,14 @@ class NodeAgent:
     def _check_open(self) -> None:
         if self.closed.is_set():
             raise RuntimeError("the node agent has been closed")
+
+    def dump_stacks(self) -> None:
+        """Ask this node's ranks to write their Python stacks to their stderr (the slow-step
+        warning: see worker_group), one at a time, as the multi-process executor does."""
+        for pid in self.rank_pids:
+            with contextlib.suppress(OSError):  # ended meanwhile: the watcher tells
+                os.kill(pid, DUMP_STACKS_SIGNAL)
+            time.sleep(STACKS_GAP_S)
 
     def run_until_closed(self, stopped_limit_s: float) -> list[tuple[int, float]]:
         """Returns when the agent closes (nothing), or once ranks of this node have stayed

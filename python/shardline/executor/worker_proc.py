@@ -51,6 +51,7 @@ ENGINE_POLL_S = 0.1
 # worker_group); faulthandler writes them from the signal handler, whatever the worker's
 # main thread is blocked in.
 DUMP_STACKS_SIGNAL = signal.SIGUSR1
+STACKS_GAP_S = 0.1  # for a worker to write its stacks before the next one is asked
 
 
 @dataclass(frozen=True)
