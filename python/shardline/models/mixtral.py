@@ -17,7 +17,7 @@ from torch import nn
 from shardline.layers.linear import ReplicatedLinear
 from shardline.layers.moe import FusedMoE
 from shardline.layers.norm import RMSNorm
-from shardline.models.llama import CausalLM, DecoderLayer, LlamaMLP
+from shardline.models.llama import CausalLM, DecoderLayer, LlamaMLP, rotary_embedding
 
 
 class SparseMoeBlock(nn.Module):
@@ -77,12 +77,13 @@ class MixtralForCausalLM(MoECausalLM):
 
     def __init__(self, config: dict, dtype: torch.dtype, max_position: int,
                  layers: range | None = None):
+        rotary = rotary_embedding(config, max_position)
+
         def make_layer(i: int) -> DecoderLayer:
             moe = SparseMoeBlock(config["hidden_size"], config["num_local_experts"],
                                  config["num_experts_per_tok"], config["intermediate_size"],
                                  True, 0, dtype)
-            return DecoderLayer(config, dtype, max_position, moe, "block_sparse_moe",
-                                False, False)
+            return DecoderLayer(config, dtype, rotary, moe, "block_sparse_moe", False, False)
 
         super().__init__(config, dtype, max_position, make_layer, layers)
 
@@ -93,6 +94,7 @@ class Qwen2MoeForCausalLM(MoECausalLM):
         sparse_step = config.get("decoder_sparse_step", 1)
         dense_layers = set(config.get("mlp_only_layers") or [])
         qkv_bias = config.get("qkv_bias", True)
+        rotary = rotary_embedding(config, max_position)
 
         def make_layer(i: int) -> DecoderLayer:
             if (i not in dense_layers and config["num_experts"] > 0
@@ -104,6 +106,6 @@ class Qwen2MoeForCausalLM(MoECausalLM):
                                      config.get("shared_expert_intermediate_size", 0), dtype)
             else:
                 mlp = LlamaMLP(config["hidden_size"], config["intermediate_size"], dtype)
-            return DecoderLayer(config, dtype, max_position, mlp, "mlp", qkv_bias, False)
+            return DecoderLayer(config, dtype, rotary, mlp, "mlp", qkv_bias, False)
 
         super().__init__(config, dtype, max_position, make_layer, layers)
