@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shardline import LLM
-from shardline.models.loader import load_model, read_model_info
+from shardline.models.loader import INDEX_FILE, load_model, read_model_info
 from shardline.models.registry import MODEL_REGISTRY
 from shardline.presets import resolve_model
 
@@ -27,6 +27,36 @@ def test_missing_tensor_is_named(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"'model\.layers\.1\.self_attn\.k_proj\.weight' "
                                          r"is missing"):
+        load_model(str(tmp_path), torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("layout", ["index", "one file", "two files"])
+def test_a_missing_tensor_names_where_it_was_looked_for(tmp_path, rng, layout):
+    """The index's weight_map (the tensor may well be in a shard the index forgets), the
+    file, or the files that were searched."""
+    src = resolve_model("tiny-llama")
+    for name in os.listdir(src):
+        if layout == "index" or not name.endswith("json") or name == "config.json":
+            shutil.copy(f"{src}/{name}", tmp_path / name)
+    index = json.load(open(f"{src}/{INDEX_FILE}"))
+    name = rng.choice(sorted(index["weight_map"]))
+    if layout == "index":
+        del index["weight_map"][name]
+        (tmp_path / INDEX_FILE).write_text(json.dumps(index))
+        where = f"the weight_map of {tmp_path}/{INDEX_FILE}"
+    else:
+        shards = sorted(set(index["weight_map"].values()))
+        parts = {shard: load_file(tmp_path / shard) for shard in shards}
+        if layout == "one file":
+            for shard in shards:
+                (tmp_path / shard).unlink()
+            parts = {"model.safetensors": {k: v for p in parts.values() for k, v in p.items()}}
+        for shard, tensors in parts.items():
+            save_file({k: v for k, v in tensors.items() if k != name}, tmp_path / shard)
+        where = (f"{tmp_path}/model.safetensors" if layout == "one file" else
+                 f"the 2 files {', '.join(shards)} of {tmp_path}")
+    with pytest.raises(ValueError, match=f"checkpoint tensor '{re.escape(name)}' is missing "
+                                         f"from {re.escape(where)} \\(needed for parameter"):
         load_model(str(tmp_path), torch.float32, "cpu")
 
 

@@ -207,6 +207,7 @@ class GGUFCheckpoint:
         with open(os.path.join(model_dir, GGUF_INDEX)) as f:
             index = json.load(f)
         self.path, self.tensors = index["file"], index["tensors"]
+        self.source = self.path   # where tensors are looked up, for errors
         self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         size = os.fstat(self._fd).st_size
         if size != index["size"]:

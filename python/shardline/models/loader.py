@@ -101,7 +101,10 @@ def read_model_info(model_dir: str) -> ModelInfo:
 
 
 class CheckpointReader:
-    """The tensors of one or many safetensors files, opened on first use, read lazily."""
+    """The tensors of one or many safetensors files, opened on first use, read lazily.
+
+    `source` says where tensors are looked up, for errors: the index's weight_map, or the
+    files themselves."""
 
     def __init__(self, model_dir: str):
         self._handles: dict[str, SafetensorsFile] = {}
@@ -115,6 +118,7 @@ class CheckpointReader:
                 raise ValueError(f"{index}: weight_map[{odd!r}]={weight_map[odd]!r} is not a "
                                  "file name")
             self.index = index
+            self.source = f"the weight_map of {index}"
             self.file_of = {name: os.path.join(model_dir, f) for name, f in weight_map.items()}
             absent = sorted({f for f in weight_map.values()
                              if not os.path.isfile(os.path.join(model_dir, f))})
@@ -126,6 +130,8 @@ class CheckpointReader:
             files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
             if not files:
                 raise FileNotFoundError(f"model directory {model_dir!r} has no *.safetensors")
+            self.source = (os.path.join(model_dir, files[0]) if len(files) == 1 else
+                           f"the {len(files)} files {', '.join(files)} of {model_dir}")
             self.file_of = {}
             try:
                 for f in files:
@@ -180,8 +186,9 @@ def load_weights(model: nn.Module, reader: CheckpointReader) -> None:
         missing = [name for name, _, _ in best if name not in reader]
         if missing:
             shape = list(params[param_name].shape)
-            raise ValueError(f"checkpoint tensor {missing[0]!r} is missing (needed for "
-                             f"parameter {param_name!r} of shape {shape} on this rank)")
+            raise ValueError(f"checkpoint tensor {missing[0]!r} is missing from "
+                             f"{reader.source} (needed for parameter {param_name!r} of shape "
+                             f"{shape} on this rank)")
         module = model.get_submodule(param_name.rpartition(".")[0])
         for name, shard_id, expert_id in best:
             extra = {} if expert_id is None else {"expert_id": expert_id}
