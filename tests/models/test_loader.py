@@ -69,6 +69,23 @@ def test_wrong_shape_is_named_with_both_shapes(tmp_path):
         load_model(str(tmp_path), torch.float32, "cpu")
 
 
+def test_a_wrong_shape_names_the_shard_holding_it(tmp_path, rng):
+    src = resolve_model("tiny-llama")
+    for name in os.listdir(src):
+        shutil.copy(f"{src}/{name}", tmp_path / name)
+    weight_map = json.load(open(tmp_path / INDEX_FILE))["weight_map"]
+    name = rng.choice(sorted(weight_map))
+    tensors = load_file(tmp_path / weight_map[name])
+    shape = list(tensors[name].shape)
+    wrong = [size + rng.randint(1, 3) for size in shape]
+    tensors[name] = torch.zeros(wrong)
+    save_file(tensors, tmp_path / weight_map[name])
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / weight_map[name]))}: "
+                                         f"checkpoint tensor '{re.escape(name)}' has shape "
+                                         f"{re.escape(str(wrong))}, expected"):
+        load_model(str(tmp_path), torch.float32, "cpu")
+
+
 def test_unknown_architecture_lists_supported(tmp_path):
     config = json.load(open(f"{resolve_model('tiny-llama')}/config.json"))
     config["architectures"] = ["GPT2LMHeadModel"]

@@ -221,6 +221,10 @@ class GGUFCheckpoint:
     def get_slice(self, name: str) -> "GGUFTensor":
         return GGUFTensor(self, self.tensors[name])
 
+    def path_of(self, name: str) -> str:
+        """The file holding tensor `name`, for errors: the GGUF file."""
+        return self.path
+
     def read(self, entry: dict, offset: int, nbytes: int) -> torch.Tensor:
         """`nbytes` bytes of a tensor's data from `offset` into it, as a uint8 tensor."""
         raw = torch.empty(nbytes, dtype=torch.uint8)

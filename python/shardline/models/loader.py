@@ -164,6 +164,10 @@ class CheckpointReader:
                              "(integer or FP8 weights) are not supported")
         return tensor
 
+    def path_of(self, name: str) -> str:
+        """The file holding tensor `name`, for errors."""
+        return self.file_of[name]
+
     def close(self) -> None:
         for handle in self._handles.values():
             handle.close()
@@ -192,8 +196,11 @@ def load_weights(model: nn.Module, reader: CheckpointReader) -> None:
         module = model.get_submodule(param_name.rpartition(".")[0])
         for name, shard_id, expert_id in best:
             extra = {} if expert_id is None else {"expert_id": expert_id}
-            module.weight_loader(params[param_name], reader.get_slice(name), name, shard_id,
-                                 **extra)
+            tensor = reader.get_slice(name)
+            try:
+                module.weight_loader(params[param_name], tensor, name, shard_id, **extra)
+            except ValueError as exc:   # a shape the layer cannot take: name the file too
+                raise ValueError(f"{reader.path_of(name)}: {exc}") from exc
     if reported != started:
         logger.info("loaded %d parameters in %.1f s", len(sources), time.monotonic() - started)
 
