@@ -156,3 +156,18 @@ def no_process_left_behind():
         time.sleep(0.05)
     left = {pid: cmd for pid, cmd in live_children().items() if pid not in before}
     assert not left, f"the module left processes behind: {left}"
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_llama():
+    """transformers' model of the tiny-llama preset in fp32, the reference for its logits
+    (skips where transformers is not installed)."""
+    import warnings
+
+    from shardline.presets import resolve_model
+
+    transformers = pytest.importorskip("transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            resolve_model("tiny-llama"), dtype=torch.float32).eval()

@@ -21,7 +21,8 @@ def test_real_fields_refuse_non_numbers_by_name(field, value):
         SamplingParams(**{field: value})
 
 
-@pytest.mark.parametrize("field", ["n", "seed", "top_k", "logprobs", "max_tokens"])
+@pytest.mark.parametrize("field", ["n", "seed", "top_k", "logprobs", "prompt_logprobs",
+                                   "max_tokens"])
 def test_integer_fields_refuse_bools(field):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field}=True is invalid"):
         SamplingParams(**{field: True})
@@ -94,7 +95,8 @@ def test_n_beyond_its_limit_is_refused_at_once(fresh_seed):
 
 @pytest.mark.parametrize("field,lowest,highest", [("top_k", 1, 2**63 - 1),
                                                   ("max_tokens", 1, 2**63 - 1),
-                                                  ("logprobs", 0, 2**63 - 1)])
+                                                  ("logprobs", 0, 2**63 - 1),
+                                                  ("prompt_logprobs", 0, 2**63 - 1)])
 def test_integers_beyond_64_bits_are_refused_by_name(field, lowest, highest, fresh_seed):
     """The params cross the rings to the workers, whose msgpack carries 64-bit integers:
     top_k=2**70 was accepted, then failed the multi-process engine's next step for good."""

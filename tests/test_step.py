@@ -4,7 +4,7 @@ serializer, cached requests as columns and logprobs only when a request asked fo
 from shardline.ipc.serializer import Decoder, Encoder
 from shardline.sampling_params import SamplingParams
 from shardline.step import (CachedRequestData, CachedRequests, ModelRunnerOutput,
-                            NewRequestData, SchedulerOutput, TokenLogprobs)
+                            NewRequestData, PromptLogprobs, SchedulerOutput, TokenLogprobs)
 
 
 def over_the_wire(message: dict) -> dict:
@@ -28,6 +28,7 @@ def random_sampling_params(rng) -> dict:
         stop_token_ids=[rng.randrange(2**63) for _ in range(rng.randint(0, 3))],
         stop=[random_text(rng) for _ in range(rng.randint(0, 3))],
         logprobs=rng.choice([None, rng.randint(0, 20)]),
+        prompt_logprobs=rng.choice([None, rng.randint(0, 20)]),
     ).to_dict()
 
 
@@ -93,3 +94,19 @@ def test_model_runner_output_arrives_whole_with_or_without_logprobs(rng):
     mixed = ModelRunnerOutput(ids, tokens, logprobs)
     got = ModelRunnerOutput.from_dict(over_the_wire(mixed.to_dict()))
     assert got == mixed and all(type(lp) in (TokenLogprobs, type(None)) for lp in got.logprobs)
+
+
+def test_prompt_logprobs_arrive_whole_and_only_when_computed(rng):
+    """A step's prompt logprobs, with or without sampled tokens (a chunk of a prompt)."""
+    assert over_the_wire(ModelRunnerOutput().to_dict())["prompt_logprobs"] is None
+    records = []
+    for i in range(rng.randint(1, 4)):
+        rows, k = rng.randint(1, 30), rng.randint(0, 5)
+        records.append(PromptLogprobs(
+            f"r{i}", rng.randint(1, 100), [-rng.random() for _ in range(rows)],
+            [[rng.randrange(50_000) for _ in range(k)] for _ in range(rows)],
+            [[-rng.random() for _ in range(k)] for _ in range(rows)]))
+    n = rng.randint(0, 3)
+    out = ModelRunnerOutput([f"s{i}" for i in range(n)], list(range(n)), [None] * n, records)
+    got = ModelRunnerOutput.from_dict(over_the_wire(out.to_dict()))
+    assert got == out and all(type(r) is PromptLogprobs for r in got.prompt_logprobs)

@@ -46,7 +46,10 @@ class SamplingParams:
     stop_token_ids, and stop strings do not end it; it may not exceed max_tokens.
     `logprobs` asks for each token's log-probability and its n most likely alternatives;
     the engine refuses n above the model's vocabulary size (the only limit it knows here),
-    and the HTTP server caps it at OpenAI's 20.
+    and the HTTP server caps it at OpenAI's 20. `prompt_logprobs` asks, in the same way,
+    for each prompt token's log-probability given the tokens before it (from the raw model
+    logits) and the k most likely tokens at its position (RequestOutput.prompt_logprobs);
+    a request that asks computes its whole prompt, taking none of it from the prefix cache.
     """
 
     n: int = 1
@@ -65,6 +68,7 @@ class SamplingParams:
     stop: str | list[str] | None = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -106,9 +110,10 @@ class SamplingParams:
             MAX_INT if self.max_tokens is None else self.max_tokens), "min_tokens",
             self.min_tokens, "an integer from 0 to " + (
                 "2**63 - 1" if self.max_tokens is None else f"max_tokens={self.max_tokens}"))
-        _check(self.logprobs is None or (_is_int(self.logprobs)
-                                         and 0 <= self.logprobs <= MAX_INT),
-               "logprobs", self.logprobs, "None or an integer from 0 to 2**63 - 1")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or (_is_int(value) and 0 <= value <= MAX_INT), name, value,
+                   "None or an integer from 0 to 2**63 - 1")
         # Sample i of n draws with seed + i.
         _check(self.seed is None or (_is_int(self.seed)
                                      and MIN_INT <= self.seed <= MAX_SEED - (self.n - 1)),
@@ -148,7 +153,7 @@ class SamplingParams:
 
 _REAL_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                 "frequency_penalty")
-_INT_FIELDS = ("n", "top_k", "max_tokens", "min_tokens", "logprobs", "seed")
+_INT_FIELDS = ("n", "top_k", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "seed")
 
 
 def _python_number(value: object) -> object:

@@ -159,18 +159,34 @@ class TokenLogprobs(NamedTuple):
     top_logprobs: list[float]
 
 
+class PromptLogprobs(NamedTuple):
+    """Log-probabilities of consecutive prompt tokens of one request, computed in one step:
+    prompt token `first_index` and those after it, each given the tokens before it. Per
+    token its own logprob and the top-k alternatives (k as the request asked, maybe 0)."""
+
+    req_id: str
+    first_index: int
+    logprobs: list[float]
+    top_token_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
 @dataclass
 class ModelRunnerOutput:
-    """The tokens sampled in one step, one per request that reached a sampling point."""
+    """The tokens sampled in one step, one per request that reached a sampling point, and
+    the prompt logprobs of the requests that asked for them and computed prompt tokens."""
 
     req_ids: list[str] = field(default_factory=list)
     sampled_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        """The wire form; `logprobs` is None when no request of the step asked for them."""
+        """The wire form; `logprobs` is None when no request of the step asked for them,
+        `prompt_logprobs` when the step computed none."""
         return {"req_ids": self.req_ids, "sampled_token_ids": self.sampled_token_ids,
-                "logprobs": self.logprobs if any(self.logprobs) else None}
+                "logprobs": self.logprobs if any(self.logprobs) else None,
+                "prompt_logprobs": self.prompt_logprobs or None}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelRunnerOutput":
@@ -180,9 +196,11 @@ class ModelRunnerOutput:
             sampled_token_ids=data["sampled_token_ids"],
             logprobs=[None] * len(data["req_ids"]) if logprobs is None else
             [lp if lp is None else _token_logprobs(lp) for lp in logprobs],
+            prompt_logprobs=list(map(_prompt_logprobs, data["prompt_logprobs"] or ())),
         )
 
 
 # Each builds its record from the wire list without a Python-level call.
 _new_request = functools.partial(tuple.__new__, NewRequestData)
 _token_logprobs = functools.partial(tuple.__new__, TokenLogprobs)
+_prompt_logprobs = functools.partial(tuple.__new__, PromptLogprobs)

@@ -7,7 +7,6 @@ tokens masked, on one rank and two."""
 import json
 import os
 import random
-import warnings
 
 import pytest
 import torch
@@ -19,15 +18,6 @@ from shardline.presets import resolve_model
 from shardline.sampling_params import MIN_TEMPERATURE
 
 MODEL = "tiny-llama"
-
-
-@pytest.fixture(scope="module")
-def hf_model():
-    transformers = pytest.importorskip("transformers")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return transformers.AutoModelForCausalLM.from_pretrained(
-            resolve_model(MODEL), dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +42,12 @@ def completions(outputs) -> list[list[int]]:
     return [list(c.token_ids) for o in outputs for c in o.outputs]
 
 
-def reference_logprobs(hf_model, prompt: list[int], output: list[int],
+def reference_logprobs(hf_tiny_llama, prompt: list[int], output: list[int],
                        params: SamplingParams) -> torch.Tensor:
     """log-softmax of the distribution each output token was drawn from: transformers'
     logits over temperature, with top-k's excluded tokens at -inf (greedy: the logits)."""
     with torch.no_grad():
-        logits = hf_model(torch.tensor([prompt + output])).logits[0, len(prompt) - 1:-1]
+        logits = hf_tiny_llama(torch.tensor([prompt + output])).logits[0, len(prompt) - 1:-1]
     logits = logits.float() / (params.temperature or 1.0)
     if params.top_k > 0 and not params.greedy:
         kth = logits.topk(params.top_k).values[:, -1:]
@@ -65,7 +55,7 @@ def reference_logprobs(hf_model, prompt: list[int], output: list[int],
     return logits.log_softmax(-1)
 
 
-def test_logprobs_are_the_log_softmax_of_the_model_logits(hf_model, rng):
+def test_logprobs_are_the_log_softmax_of_the_model_logits(hf_tiny_llama, rng):
     llm = tight_llm(async_scheduling=rng.random() < 0.5)
     prompts = random_prompts(rng, 6)
     params = [SamplingParams(temperature=t, top_k=k, seed=rng.randrange(2**31),
@@ -74,7 +64,7 @@ def test_logprobs_are_the_log_softmax_of_the_model_logits(hf_model, rng):
               for t, k in [(0.0, -1), (0.0, 3), (1.0, -1), (0.7, -1), (1.3, 4), (1.0, 1)]]
     for prompt, p, output in zip(prompts, params, llm.generate(prompts, params)):
         out = output.outputs[0]
-        ref = reference_logprobs(hf_model, prompt, list(out.token_ids), p)
+        ref = reference_logprobs(hf_tiny_llama, prompt, list(out.token_ids), p)
         assert len(out.logprobs) == len(out.token_ids) == p.max_tokens
         for pos, (token, reported) in enumerate(zip(out.token_ids, out.logprobs)):
             assert token in reported and len(reported) <= p.logprobs + 1
@@ -145,7 +135,7 @@ def with_eos(directory, eos: int) -> str:
     return str(directory)
 
 
-def hf_greedy_with_min_tokens(hf_model, prompt: list[int], params: SamplingParams,
+def hf_greedy_with_min_tokens(hf_tiny_llama, prompt: list[int], params: SamplingParams,
                               eos: int) -> tuple[list[int], list[dict[int, float]]]:
     """transformers' greedy tokens with the stop tokens' logits at -inf for the first
     min_tokens steps, ending at a stop token; the top 3 logprobs at each step."""
@@ -153,7 +143,7 @@ def hf_greedy_with_min_tokens(hf_model, prompt: list[int], params: SamplingParam
     tokens, logprobs = [], []
     with torch.no_grad():
         while len(tokens) < params.max_tokens:
-            logits = hf_model(torch.tensor([prompt + tokens])).logits[0, -1].float()
+            logits = hf_tiny_llama(torch.tensor([prompt + tokens])).logits[0, -1].float()
             if len(tokens) < params.min_tokens:
                 logits[list(stops)] = float("-inf")
             values, ids = logits.log_softmax(-1).topk(3)
@@ -194,8 +184,8 @@ def assert_min_tokens_hold(outputs, params: list[SamplingParams], eos: int) -> N
         assert out.finish_reason == ("stop" if out.token_ids[-1] in stops else "length")
 
 
-def test_min_tokens_masks_eos_and_stop_token_ids_until_reached(hf_model, roomy_llm, rng,
-                                                               tmp_path):
+def test_min_tokens_masks_eos_and_stop_token_ids_until_reached(hf_tiny_llama, roomy_llm,
+                                                               rng, tmp_path):
     """Where the free greedy run ends (eos or a stop token id) before min_tokens, the
     sequence goes on with the tokens transformers picks once those ids are masked, in
     chunks and with steps going ahead or not."""
@@ -204,7 +194,7 @@ def test_min_tokens_masks_eos_and_stop_token_ids_until_reached(hf_model, roomy_l
               max_num_batched_tokens=8, max_num_seqs=8, async_scheduling=rng.random() < 0.5)
     outputs = llm.generate(prompts, params)
     assert_min_tokens_hold(outputs, params, eos)
-    expected = [hf_greedy_with_min_tokens(hf_model, prompt, p, eos)
+    expected = [hf_greedy_with_min_tokens(hf_tiny_llama, prompt, p, eos)
                 for prompt, p in zip(prompts, params)]
     assert_greedy_match(expected, [(list(o.outputs[0].token_ids), list(o.outputs[0].logprobs))
                                    for o in outputs])

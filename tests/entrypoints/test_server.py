@@ -181,7 +181,7 @@ def strict_json(text):
 def test_logprobs_of_tokens_that_top_k_rules_out_are_finite_json(server, rng):
     """top_k gives every other token a logprob of -inf, which JSON cannot hold: a whole
     response was a 500 and a streamed one sent -Infinity. They are reported at the floor."""
-    from shardline.entrypoints.serving import EXCLUDED_LOGPROB
+    from shardline.entrypoints.logprobs import EXCLUDED_LOGPROB
 
     _, url = server
     top_k, wanted = rng.randint(1, 3), rng.randint(6, 20)
@@ -309,7 +309,7 @@ def test_chat_logprobs_bytes_are_the_tokens_own(rng):
     field is what lets a client rebuild the character; it held the bytes of U+FFFD."""
     from shardline.engine.outputs import CompletionOutput
     from shardline.engine.tokenizer import Tokenizer
-    from shardline.entrypoints.serving import Decode, chat_logprobs
+    from shardline.entrypoints.logprobs import Decode, chat_logprobs
     from shardline.presets import byte_tokenizer
 
     tokenizer = Tokenizer(byte_tokenizer())

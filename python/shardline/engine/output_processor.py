@@ -52,6 +52,8 @@ class RequestState:
             outputs=completions,
             finished=all(c.finish_reason is not None for c in completions),
             num_cached_tokens=sum(seq.num_cached_tokens for seq in self.seqs),
+            prompt_logprobs=(None if self.seqs[0].prompt_logprobs is None
+                             else ListSnapshot(self.seqs[0].prompt_logprobs)),
         )
 
 

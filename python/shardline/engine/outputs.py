@@ -104,7 +104,13 @@ class RequestOutput:
     prompt text (chat's rendered conversation), None for a prompt given as token ids;
     `outputs` holds one CompletionOutput per sample, in `index` order; `num_cached_tokens`
     counts the prompt tokens its samples found in the prefix cache when first scheduled
-    (summed over them; a resume after preemption does not count).
+    (summed over them; a resume after preemption does not count). `prompt_logprobs`, when
+    asked for (SamplingParams.prompt_logprobs), has one entry per prompt token: None for
+    the first, then token id -> log-probability for the prompt token (given the tokens
+    before it, from the raw model logits: no penalties, filters or temperature) and the
+    k most likely tokens there. The first sample computes them with its prompt, so they
+    are all there once its first token is (before that, as far as its prompt has been
+    computed).
     Every output of one request shares the same `prompt_token_ids` list (it is not copied
     per step): treat it as read-only. Outputs pickle, and copy (dataclasses.asdict then
     json.dumps included), with plain lists.
@@ -116,3 +122,4 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+    prompt_logprobs: SequenceABC[dict[int, float] | None] | None = None

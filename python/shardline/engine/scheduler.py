@@ -9,10 +9,11 @@ of an n > 1 request whose leader is still prefilling the shared prompt, until it
 reuse the leader's prompt blocks; and a sequence whose id is still held by a step in
 flight of a finished sequence of that id, until that step is back (see below). A prompt
 longer than the remaining budget is computed in chunks over several steps (chunked
-prefill). When the KV cache has no free block for a running sequence, the latest-arrived
-running sequence not yet scheduled in this step is preempted: its blocks are freed, it
-goes back to the front of the queue, and on resume its prompt and outputs so far are
-recomputed. A sequence is never preempted for one that arrived later: when a sequence in
+prefill); one whose request asks for prompt logprobs computes its whole prompt, taking
+no cached prefix, until they have all come back. When the KV cache has no free block for
+a running sequence, the latest-arrived running sequence not yet scheduled in this step is
+preempted: its blocks are freed, it goes back to the front of the queue, and on resume
+its prompt and outputs so far are recomputed. A sequence is never preempted for one that arrived later: when a sequence in
 this step arrived after that latest one (a decoder ahead of an earlier prompt still in
 chunks), the one short of blocks keeps what it has and waits for a later step.
 
@@ -160,6 +161,9 @@ class Scheduler:
             self.kv.cache_computed_blocks(seq_id, seq.token_ids, seq.num_computed_tokens)
         self.stats.num_steps += 1
         self.stats.num_computed_tokens += scheduled.total_num_scheduled_tokens
+        for logprobs in result.prompt_logprobs:
+            if logprobs.req_id not in retired:
+                self.seqs[logprobs.req_id].add_prompt_logprobs(logprobs)
         sampled = []
         for seq_id, token, logprobs in zip(result.req_ids, result.sampled_token_ids,
                                            result.logprobs):
@@ -230,7 +234,8 @@ class Scheduler:
                     and leader.is_prefilling):
                 held.append(self.waiting.popleft())
                 continue
-            prefix = self.kv.find_cached_prefix(seq.token_ids)
+            prefix = ([] if seq.needs_prompt_logprobs
+                      else self.kv.find_cached_prefix(seq.token_ids))
             num_cached = len(prefix) * self.kv.block_size
             num_new = seq.num_tokens - num_cached
             if (not self.config.enable_chunked_prefill
@@ -245,13 +250,14 @@ class Scheduler:
             if not seq.num_preemptions:
                 seq.num_cached_tokens = num_cached
             self.stats.num_cached_tokens += num_cached
-            self.stats.num_lookup_tokens += seq.num_tokens
+            if not seq.needs_prompt_logprobs:
+                self.stats.num_lookup_tokens += seq.num_tokens
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
             out.new_requests.append(NewRequestData(
                 req_id=seq.seq_id,
                 prompt_token_ids=seq.prompt_token_ids,
                 output_token_ids=list(seq.output_token_ids),
-                sampling_params=seq.params.to_dict(),
+                sampling_params=seq.worker_params(),
                 block_ids=list(self.kv.block_table(seq.seq_id)),
                 num_computed_tokens=num_cached,
             ))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 
-from shardline.step import TokenLogprobs
+from shardline.step import PromptLogprobs, TokenLogprobs
 from shardline.sampling_params import SamplingParams
 
 
@@ -40,6 +40,10 @@ class Sequence:
         self.output_logprobs: list[dict[int, float]] = []
         self.cumulative_logprob = 0.0
         self.params = params
+        # The request's prompt logprobs, one entry per prompt token received so far (None
+        # for the first): the first sample computes them, the others share its prompt.
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] if params.prompt_logprobs is not None and index == 0 else None)
         self.arrival = arrival
         self.max_len = max_len
         # A sibling (same prompt, n > 1) whose prompt blocks this one waits to reuse.
@@ -85,6 +89,35 @@ class Sequence:
         top[token_id] = logprobs.sampled_logprob
         self.output_logprobs.append(top)
         self.cumulative_logprob += logprobs.sampled_logprob
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether some of its prompt logprobs are still to come: until then its prompt is
+        computed from the start, never taken from the prefix cache."""
+        return (self.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < self.num_prompt_tokens)
+
+    def worker_params(self) -> dict:
+        """The params as the workers get them: asking for prompt logprobs only while some
+        are still to come (a sample that is not the first, or one resumed after they all
+        came, does not pay for them again)."""
+        params = self.params.to_dict()
+        if not self.needs_prompt_logprobs:
+            params["prompt_logprobs"] = None
+        return params
+
+    def add_prompt_logprobs(self, logprobs: PromptLogprobs) -> None:
+        """Record a run of prompt logprobs; those already received (computed again after
+        a preemption) are skipped, so each prompt token has one entry."""
+        have = len(self.prompt_logprobs)
+        if logprobs.first_index > have:
+            raise RuntimeError(f"prompt logprobs of {self.seq_id!r} from token "
+                               f"{logprobs.first_index} on, but only {have} came before")
+        targets = self.token_ids[logprobs.first_index:]
+        for i in range(have - logprobs.first_index, len(logprobs.logprobs)):
+            entry = dict(zip(logprobs.top_token_ids[i], logprobs.top_logprobs[i]))
+            entry[targets[i]] = logprobs.logprobs[i]
+            self.prompt_logprobs.append(entry)
 
     @property
     def finished(self) -> bool:

@@ -100,6 +100,7 @@ class _SamplingFields(_Body):
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
     min_tokens: int | None = None
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
 
@@ -108,8 +109,10 @@ class _SamplingFields(_Body):
     def _null_is_default(cls, value: Any, info: Any) -> Any:
         return cls.model_fields[info.field_name].default if value is None else value
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """The SamplingParams this request asks for; RequestError naming a bad field."""
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
+        """The SamplingParams this request asks for (prompt logprobs: `prompt_logprobs`
+        when given, else the extension field); RequestError naming a bad field."""
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options is only allowed with stream=true: a whole "
                                "response always carries its usage", "stream_options")
@@ -120,6 +123,8 @@ class _SamplingFields(_Body):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         try:
             return SamplingParams(**given, max_tokens=max_tokens, stop=stop, logprobs=logprobs,
+                                  prompt_logprobs=(self.prompt_logprobs if prompt_logprobs is None
+                                                   else prompt_logprobs),
                                   ignore_eos=self.ignore_eos,
                                   skip_special_tokens=self.skip_special_tokens)
         except ValueError as exc:
@@ -128,14 +133,16 @@ class _SamplingFields(_Body):
 
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions: `prompt` is a string, a list of strings, a list of token ids
-    or a list of such lists; each prompt gets `n` choices."""
+    or a list of such lists; each prompt gets `n` choices. `echo` leads each choice with
+    its prompt (with `logprobs`, the prompt tokens' logprobs too, the first None), and
+    then takes max_tokens 0: the prompt alone (the engine makes one token, not shown)."""
 
     prompt: Annotated[Union[str, list[str], list[int], list[list[int]]],
                       _one_of("a string, a list of strings, a list of token ids (integers) "
                               "or a list of lists of token ids")]
     max_tokens: int | None = 16
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    echo: Literal[False] = False
+    echo: bool = False
     suffix: None = None
     best_of: int | None = None
 
@@ -158,11 +165,23 @@ class CompletionRequest(_SamplingFields):
         return ("max_tokens" if "max_tokens" in self.model_fields_set
                 and self.max_tokens is not None else None)
 
+    @property
+    def echo_only(self) -> bool:
+        """Whether the choices are the echoed prompts alone (echo with max_tokens 0)."""
+        return self.echo and self.max_tokens == 0
+
     def to_sampling_params(self) -> SamplingParams:
         if self.best_of is not None and self.best_of != self.n:
             raise RequestError(f"best_of={self.best_of} is not supported: only best_of equal to "
                                f"n ({self.n}) or unset", "best_of")
-        return self.sampling_params(self.max_tokens, self.logprobs)
+        if self.max_tokens == 0 and not self.echo:
+            raise RequestError("max_tokens=0 asks for no tokens, which only echo=true takes "
+                               "(to score the prompt): ask for at least 1", "max_tokens")
+        # An echo with logprobs scores the prompt too, with as many alternatives.
+        asked = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs)
+                 if k is not None]
+        return self.sampling_params(1 if self.echo_only else self.max_tokens, self.logprobs,
+                                    max(asked, default=None))
 
 
 class TextPart(_Body):

@@ -9,14 +9,14 @@ completed, which may be empty (a token that is part of a multi-byte character, o
 held back while it could still begin a stop string): a client sees each token when the
 engine makes it, as vLLM streams them (a client more than MAX_UNREAD chunks behind gets
 the tokens of several steps in one; see engine.output_queue). The engine never takes text
-back, so the chunks add up to the final text.
+back, so the chunks add up to the final text. A completions choice that echoes its
+prompt carries it (and its tokens' logprobs, when asked) in its first chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
 import re
 import time
 import uuid
@@ -25,7 +25,8 @@ from typing import AsyncIterator
 from shardline.engine.async_llm import AsyncLLM
 from shardline.engine.output_queue import OutputQueue
 from shardline.engine.outputs import CompletionOutput, RequestOutput
-from shardline.engine.tokenizer import Tokenizer
+from shardline.entrypoints.logprobs import (Decode, LegacyLogprobs, chat_logprobs,
+                                            prompt_logprobs)
 from shardline.entrypoints.protocol import (ChatCompletionRequest, CompletionRequest,
                                             RequestError, error_body, field_of)
 from shardline.sampling_params import SamplingParams
@@ -42,9 +43,14 @@ class Generation:
     """
 
     def __init__(self, llm: AsyncLLM, prompts: list[str | list[int]], params: SamplingParams,
-                 prefix: str, prompt_field: str, max_tokens_field: str | None = None) -> None:
+                 prefix: str, prompt_field: str, max_tokens_field: str | None = None,
+                 echo: bool = False, echo_only: bool = False,
+                 prompt_top_n: int | None = None) -> None:
         self.llm = llm
         self.params = params
+        # Completions: the prompt leads each choice; `echo_only` (max_tokens 0) drops the
+        # one token the engine makes. `prompt_top_n`: the prompt_logprobs extension's k.
+        self.echo, self.echo_only, self.prompt_top_n = echo, echo_only, prompt_top_n
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         # Each prompt with its token ids, so that the engine neither validates nor tokenizes
@@ -132,7 +138,9 @@ def _name_prompt(message: str, about_prompt: bool, where: str) -> str:
 
 def completion_generation(llm: AsyncLLM, request: CompletionRequest) -> Generation:
     return Generation(llm, request.prompts(), request.to_sampling_params(), "cmpl", "prompt",
-                      request.max_tokens_field())
+                      None if request.echo_only else request.max_tokens_field(),
+                      request.echo, request.echo_only,
+                      request.prompt_logprobs)
 
 
 def chat_generation(llm: AsyncLLM, request: ChatCompletionRequest) -> Generation:
@@ -151,76 +159,58 @@ def chat_generation(llm: AsyncLLM, request: ChatCompletionRequest) -> Generation
         raise RequestError(f"messages: {exc}", "messages") from None
     prompt = tokenizer.encode(text, add_special_tokens=False)
     return Generation(llm, [prompt], request.to_sampling_params(), "chatcmpl", "messages",
-                      request.max_tokens_field())
+                      request.max_tokens_field(), prompt_top_n=request.prompt_logprobs)
 
 
-def usage(outputs: list[RequestOutput]) -> dict:
+def usage(outputs: list[RequestOutput], echo_only: bool = False) -> dict:
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    completion = 0 if echo_only else sum(len(c.token_ids) for o in outputs for c in o.outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
 
 
-class Decode:
-    """A token's text and bytes for the logprobs objects; without a tokenizer, its id as
-    text."""
+class _Choice:
+    """One completions choice as the client sees it, built up chunk by chunk (a whole
+    response is one chunk): the echoed prompt first when asked, then the completion's
+    tokens, none when the request asked for the echo alone (max_tokens 0)."""
 
-    def __init__(self, tokenizer: Tokenizer | None) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, generation: Generation, index: int, decode: Decode) -> None:
+        self.generation, self.index, self.decode = generation, index, decode
+        self.legacy = LegacyLogprobs(decode)
+        self.started = False
+        self.sent_text = self.sent_tokens = 0
 
-    def __call__(self, token: int) -> str:
-        if self.tokenizer is None:
-            return str(token)
-        return self.tokenizer.decode([token], skip_special_tokens=False)
-
-    def bytes(self, token: int) -> bytes:
-        if self.tokenizer is None:
-            return str(token).encode()
-        return self.tokenizer.token_bytes(token)
-
-
-def completion_logprobs(completion: CompletionOutput, decode: Decode, start: int = 0) -> dict:
-    """OpenAI's legacy logprobs object for the tokens from `start` on. Its alternatives are
-    keyed by text, and tokens can share one (bytes of a split character all read U+FFFD):
-    the most likely of them keeps the key."""
-    tokens, sampled, top = [], [], []
-    for token, alternatives in zip(completion.token_ids[start:], completion.logprobs[start:]):
-        tokens.append(decode(token))
-        sampled.append(_finite(alternatives.get(token)))
-        ranked: dict[str, float] = {}
-        for t, lp in _ranked(alternatives):
-            ranked.setdefault(decode(t), lp)
-        top.append(ranked)
-    return {"tokens": tokens, "token_logprobs": sampled, "top_logprobs": top}
-
-
-def chat_logprobs(completion: CompletionOutput, decode: Decode, top_n: int,
-                  start: int = 0) -> dict:
-    """OpenAI's chat logprobs object (`content`, one entry per token) from `start` on."""
-    content = []
-    for token, alternatives in zip(completion.token_ids[start:], completion.logprobs[start:]):
-        text = decode(token)
-        content.append({"token": text, "logprob": _finite(alternatives.get(token)),
-                        "bytes": list(decode.bytes(token)),
-                        "top_logprobs": [{"token": decode(t), "logprob": lp,
-                                          "bytes": list(decode.bytes(t))}
-                                         for t, lp in _ranked(alternatives)[:top_n]]})
-    return {"content": content}
-
-
-def _ranked(alternatives: dict[int, float]) -> list[tuple[int, float]]:
-    """(token, logprob) from the most likely down, every logprob finite."""
-    return [(token, _finite(logprob))
-            for token, logprob in sorted(alternatives.items(), key=lambda item: -item[1])]
-
-
-# The logprob reported for a token the sampling settings rule out (top_k, top_p, min_p give
-# it -inf): JSON has no -Infinity, and this floor is the one vLLM reports.
-EXCLUDED_LOGPROB = -9999.0
-
-
-def _finite(logprob: float | None) -> float | None:
-    return EXCLUDED_LOGPROB if logprob == -math.inf else logprob
+    def chunk(self, output: RequestOutput, completion: CompletionOutput) -> dict:
+        """text, logprobs and finish_reason of what the completion gained since the last
+        chunk, with the prompt's echo and prompt_logprobs in the first."""
+        generation = self.generation
+        echo_only = generation.echo_only
+        text = "" if echo_only else completion.text[self.sent_text:]
+        start, self.sent_tokens = self.sent_tokens, len(completion.token_ids)
+        self.sent_text = len(completion.text)
+        runs = []
+        choice: dict = {}
+        if not self.started:
+            self.started = True
+            if generation.echo:
+                prompt, ids = generation.prompts[self.index]
+                text = (prompt if isinstance(prompt, str) else self.decode.text(ids)) + text
+                runs.append((output.prompt_token_ids, output.prompt_logprobs,
+                             generation.params.logprobs))
+            if generation.prompt_top_n is not None:
+                choice["prompt_logprobs"] = prompt_logprobs(
+                    output.prompt_logprobs, output.prompt_token_ids, self.decode,
+                    generation.prompt_top_n)
+        if not echo_only:
+            runs.append((completion.token_ids[start:], completion.logprobs[start:], None)
+                        if completion.logprobs is not None else None)
+        logprobs = None
+        if completion.logprobs is not None:
+            parts = [self.legacy.add(*run) for run in runs if run is not None]
+            logprobs = {key: [v for part in parts for v in part[key]] for key in parts[0]}
+        finish = completion.finish_reason
+        return {"text": text, "logprobs": logprobs,
+                "finish_reason": "length" if echo_only and finish else finish, **choice}
 
 
 def completion_response(generation: Generation, outputs: list[RequestOutput], model: str,
@@ -229,12 +219,11 @@ def completion_response(generation: Generation, outputs: list[RequestOutput], mo
     choices = []
     for i, output in enumerate(outputs):
         for completion in output.outputs:
-            logprobs = (completion_logprobs(completion, decode)
-                        if completion.logprobs is not None else None)
-            choices.append({"index": i * n + completion.index, "text": completion.text,
-                            "logprobs": logprobs, "finish_reason": completion.finish_reason})
+            choices.append({"index": i * n + completion.index,
+                            **_Choice(generation, i, decode).chunk(output, completion)})
     return {"id": generation.id, "object": "text_completion", "created": generation.created,
-            "model": model, "choices": choices, "usage": usage(outputs)}
+            "model": model, "choices": choices,
+            "usage": usage(outputs, generation.echo_only)}
 
 
 def chat_response(generation: Generation, outputs: list[RequestOutput], model: str,
@@ -247,22 +236,36 @@ def chat_response(generation: Generation, outputs: list[RequestOutput], model: s
                         "message": {"role": "assistant", "content": completion.text},
                         "logprobs": logprobs, "finish_reason": completion.finish_reason})
     return {"id": generation.id, "object": "chat.completion", "created": generation.created,
-            "model": model, "choices": choices, "usage": usage(outputs)}
+            "model": model, "choices": choices, "usage": usage(outputs),
+            **_chat_prompt_logprobs(generation, outputs[0], decode)}
+
+
+def _chat_prompt_logprobs(generation: Generation, output: RequestOutput,
+                          decode: Decode) -> dict:
+    """The prompt_logprobs extension of a chat response (top level, as vLLM has it)."""
+    if generation.prompt_top_n is None:
+        return {}
+    return {"prompt_logprobs": prompt_logprobs(output.prompt_logprobs, output.prompt_token_ids,
+                                               decode, generation.prompt_top_n)}
 
 
 async def stream_events(generation: Generation, model: str, chat: bool, decode: Decode,
                         top_n: int, include_usage: bool) -> AsyncIterator[str]:
     """The response as server-sent events: a chunk per engine output that gave choices new
     tokens, with a choice for each (the chat role first), a usage chunk if asked, then
-    [DONE]. An engine error mid-stream ends it with an error event, since the 200 status
-    line is already sent."""
+    [DONE]. A completions choice's first chunk carries its echo and prompt logprobs when
+    asked (chat's prompt logprobs come with the first chunk that has tokens); a choice that
+    echoes alone (max_tokens 0) has one chunk, once it is done. An engine error mid-stream
+    ends it with an error event, since the 200 status line is already sent."""
     n = generation.params.n
     sent_text: dict[int, int] = {}
     sent_tokens: dict[int, int] = {}
+    built: dict[int, _Choice] = {}
     closed: set[int] = set()
     finals: dict[int, RequestOutput] = {}
     kind = "chat.completion.chunk" if chat else "text_completion"
     head = {"id": generation.id, "object": kind, "created": generation.created, "model": model}
+    first = True
     if chat:
         yield _event({**head, "choices": [
             {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -276,28 +279,34 @@ async def stream_events(generation: Generation, model: str, chat: bool, decode: 
                 key = index * n + completion.index
                 if key in closed:
                     continue
-                done_text, done_tokens = sent_text.get(key, 0), sent_tokens.get(key, 0)
-                if len(completion.token_ids) == done_tokens and not completion.finished:
+                done_tokens = sent_tokens.get(key, 0)
+                if not completion.finished and (generation.echo_only
+                                                or len(completion.token_ids) == done_tokens):
                     continue
-                text = completion.text[done_text:]
-                sent_text[key], sent_tokens[key] = len(completion.text), len(completion.token_ids)
+                sent_tokens[key] = len(completion.token_ids)
                 if completion.finished:
                     closed.add(key)
-                logprobs = None
-                if completion.logprobs is not None:
-                    logprobs = (chat_logprobs(completion, decode, top_n, done_tokens) if chat
-                                else completion_logprobs(completion, decode, done_tokens))
-                choice = ({"index": key, "delta": {"content": text}} if chat
-                          else {"index": key, "text": text})
-                choices.append({**choice, "logprobs": logprobs,
+                if not chat:
+                    choice = built.setdefault(key, _Choice(generation, index, decode))
+                    choices.append({"index": key, **choice.chunk(output, completion)})
+                    continue
+                text = completion.text[sent_text.get(key, 0):]
+                sent_text[key] = len(completion.text)
+                logprobs = (chat_logprobs(completion, decode, top_n, done_tokens)
+                            if completion.logprobs is not None else None)
+                choices.append({"index": key, "delta": {"content": text}, "logprobs": logprobs,
                                 "finish_reason": completion.finish_reason})
             if choices:
-                yield _event({**head, "choices": choices})
+                extension = _chat_prompt_logprobs(generation, output, decode) \
+                    if chat and first else {}
+                first = False
+                yield _event({**head, **extension, "choices": choices})
     except Exception as exc:
         yield error_event(str(exc))
         return
     if include_usage:
-        yield _event({**head, "choices": [], "usage": usage(list(finals.values()))})
+        yield _event({**head, "choices": [],
+                      "usage": usage(list(finals.values()), generation.echo_only)})
     yield "data: [DONE]\n\n"
 
 

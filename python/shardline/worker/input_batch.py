@@ -3,7 +3,8 @@
 A step's scheduled tokens, from every request, are laid out back to back: token ids,
 positions and cache slots per token; query spans, lengths after the step and block
 tables per request. Requests that reach a sampling point this step are marked, so the
-model computes logits only at their last token.
+model computes logits only at their last token (and, for requests that ask for prompt
+logprobs, at their prompt tokens: see worker.prompt_logprobs).
 
 Under async scheduling a request's last token may be one the worker sampled in the step
 before and the engine has not sent yet (its step went ahead): that token's row is filled
@@ -65,6 +66,10 @@ class StepInputs:
     ahead_req_ids: list[str] = field(default_factory=list)  # last token from the step before
     ahead_rows: torch.Tensor | None = None      # their last token's row in input_ids
     ahead_sources: torch.Tensor | None = None   # its row in the previous step's tokens
+    # Requests that want prompt logprobs and compute prompt tokens that have a successor
+    # in the prompt: (request, row of its first such token, its position, end position).
+    prompt_logprob_spans: list[tuple[RequestState, int, int, int]] = field(
+        default_factory=list)
 
 
 def build_step_inputs(requests: list[RequestState], num_scheduled: list[int],
@@ -84,6 +89,7 @@ def build_step_inputs(requests: list[RequestState], num_scheduled: list[int],
     token_ids: list[int] = []
     starts, padded_tables, sample_rows, sample_ids = [], [], [], []
     ahead_rows, ahead_sources, ahead_ids = [], [], []
+    prompt_spans = []
     earlier_row: dict[str, int] | None = None
     for req, n in zip(requests, num_scheduled):
         start = req.num_computed_tokens
@@ -100,6 +106,9 @@ def build_step_inputs(requests: list[RequestState], num_scheduled: list[int],
         if -(-(start + n) // block_size) > len(req.block_ids):
             raise ValueError(f"request {req.req_id!r}: {start + n} tokens need more than its "
                              f"{len(req.block_ids)} blocks of {block_size}")
+        prompt_end = min(start + n, len(req.prompt_token_ids) - 1)
+        if req.sampling_params.prompt_logprobs is not None and start < prompt_end:
+            prompt_spans.append((req, len(token_ids), start, prompt_end))
         token_ids += req.token_slice(start, start + n)
         if ahead:
             ahead_rows.append(len(token_ids))
@@ -154,6 +163,7 @@ def build_step_inputs(requests: list[RequestState], num_scheduled: list[int],
         ahead_req_ids=ahead_ids,
         ahead_rows=per_token_t[samples_end:samples_end + num_ahead],
         ahead_sources=per_token_t[samples_end + num_ahead:],
+        prompt_logprob_spans=prompt_spans,
     )
 
 

@@ -1,7 +1,8 @@
 """One rank's model execution: request state, KV cache, forward pass and sampling.
 
 Each step, all scheduled tokens of all requests run through the model in one flat
-batch; logits are computed only where a request samples its next token.
+batch; logits are computed only where a request samples its next token, and at the
+prompt tokens of requests that ask for prompt logprobs.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from shardline.worker.graph_runner import (CudaGraphRecorder, DecodeGraphRunner,
 from shardline.worker.input_batch import (RequestState, StepInputs, build_step_inputs,
                                           fill_ahead_tokens)
 from shardline.worker.kv_memory import allocate_kv_cache
+from shardline.worker.prompt_logprobs import compute_prompt_logprobs
 from shardline.worker.warmup import warm_up_prefill
 
 TUNING_CONTEXT = 1024   # tokens per sequence while decode kernels autotune at capture
@@ -216,8 +218,14 @@ class ModelRunner:
             self._run_stage(*self._dummy_inputs())
             return ModelRunnerOutput
         inputs, hidden = self._forward(scheduler_output)
-        if hidden is None or not inputs.sample_req_ids:
+        if hidden is None:
             return ModelRunnerOutput
+        prompt = compute_prompt_logprobs(inputs, hidden, self.model.compute_logits,
+                                         self.info.vocab_size)
+        if not inputs.sample_req_ids:
+            if prompt is None:
+                return ModelRunnerOutput
+            return lambda: ModelRunnerOutput(prompt_logprobs=prompt.to_host())
         req_ids = self._earlier_samples = inputs.sample_req_ids
         self._earlier_tokens = None
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
@@ -230,7 +238,8 @@ class ModelRunner:
         def read() -> ModelRunnerOutput:
             tokens, logprobs = sampled.to_host()
             return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=tokens,
-                                     logprobs=logprobs)
+                                     logprobs=logprobs,
+                                     prompt_logprobs=[] if prompt is None else prompt.to_host())
         return read
 
     @torch.inference_mode()

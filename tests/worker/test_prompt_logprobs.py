@@ -1,0 +1,84 @@
+"""Prompt logprobs in the worker: which rows of a step are scored, and their log-softmax
+computed a bounded number of rows at a time, against the whole log-softmax at once."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from shardline.sampling_params import SamplingParams
+from shardline.worker import prompt_logprobs
+from shardline.worker.input_batch import RequestState, build_step_inputs
+from shardline.worker.prompt_logprobs import compute_prompt_logprobs
+
+VOCAB, HIDDEN, BLOCK = 37, 8, 4
+
+
+def random_step(rng: random.Random):
+    """Requests at random points of their prompts (some decoding, some resumed with
+    outputs), a random few asking for prompt logprobs; their step inputs."""
+    requests, counts = [], []
+    for i in range(rng.randint(1, 6)):
+        prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 20))]
+        outputs = [rng.randrange(VOCAB) for _ in range(rng.choice([0, 0, 3]))]
+        total = len(prompt) + len(outputs)
+        computed = rng.randrange(total)
+        k = rng.choice([None, 0, 2, VOCAB + 5])
+        requests.append(RequestState(f"r{i}", prompt, outputs, SamplingParams(prompt_logprobs=k),
+                                     list(range(-(-total // BLOCK))), computed))
+        counts.append(rng.randint(1, total - computed))
+    return requests, build_step_inputs(requests, counts, BLOCK, torch.device("cpu"))
+
+
+def test_each_scored_prompt_token_is_the_log_softmax_of_the_row_before(rng, monkeypatch):
+    """With room for 3 rows of logits at a time, every row is scored in chunks, and each
+    request gets the positions it computed whose next token is in its prompt."""
+    monkeypatch.setattr(prompt_logprobs, "CHUNK_BYTES", 4 * VOCAB * 3)
+    weight = torch.randn(HIDDEN, VOCAB)
+    requests, inputs = random_step(rng)
+    hidden = torch.randn(inputs.input_ids.shape[0], HIDDEN)
+    calls = []
+
+    def lm_head(rows: torch.Tensor) -> torch.Tensor:
+        calls.append(rows.shape[0])
+        return rows @ weight
+    pending = compute_prompt_logprobs(inputs, hidden, lm_head, VOCAB)
+    full = (hidden @ weight).log_softmax(-1)
+    starts = inputs.meta.query_start_loc.tolist()
+    expected = {}
+    for row, req in enumerate(requests):
+        start = req.num_computed_tokens
+        end = min(start + starts[row + 1] - starts[row], len(req.prompt_token_ids) - 1)
+        if req.sampling_params.prompt_logprobs is not None and start < end:
+            expected[req.req_id] = (req, start, [starts[row] + p - start
+                                                 for p in range(start, end)])
+    if not expected:
+        assert pending is None and not calls
+        return
+    assert max(calls) <= 3
+    got = pending.to_host()
+    assert [g.req_id for g in got] == list(expected)
+    for record in got:
+        req, start, rows = expected[record.req_id]
+        k = min(req.sampling_params.prompt_logprobs, VOCAB)
+        targets = req.prompt_token_ids[start + 1:start + 1 + len(rows)]
+        assert record.first_index == start + 1
+        assert torch.allclose(torch.tensor(record.logprobs), full[rows, targets], atol=1e-6)
+        values, ids = full[rows].topk(k) if k else (torch.empty(len(rows), 0),) * 2
+        assert [len(t) for t in record.top_token_ids] == [k] * len(rows)
+        assert torch.allclose(torch.tensor(record.top_logprobs).view(len(rows), k), values,
+                              atol=1e-6)
+
+
+def test_a_rank_without_logits_runs_the_same_chunks_and_reports_nothing(rng, monkeypatch):
+    """Tensor-parallel ranks other than the first get no logits from the LM head, but must
+    call it as often as the first (it gathers the vocabulary's columns)."""
+    monkeypatch.setattr(prompt_logprobs, "CHUNK_BYTES", 4 * VOCAB * 2)
+    requests = [RequestState("a", [rng.randrange(VOCAB) for _ in range(9)], [],
+                             SamplingParams(prompt_logprobs=1), [0, 1, 2], 0)]
+    inputs = build_step_inputs(requests, [9], BLOCK, torch.device("cpu"))
+    calls = []
+    assert compute_prompt_logprobs(inputs, torch.randn(9, HIDDEN),
+                                   lambda rows: calls.append(rows.shape[0]), VOCAB) is None
+    assert calls == [2, 2, 2, 2]   # 8 scored positions, 2 at a time
