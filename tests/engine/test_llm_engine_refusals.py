@@ -129,30 +129,34 @@ def test_duplicate_request_id_is_rejected():
     assert_all_free(engine)
 
 
-def test_logprobs_beyond_the_vocabulary_are_refused_and_the_engine_keeps_serving():
+@pytest.mark.parametrize("field", ["logprobs", "prompt_logprobs"])
+def test_logprobs_beyond_the_vocabulary_are_refused_and_the_engine_keeps_serving(field):
     engine = make_engine()
     llm = LLM.from_engine(engine)
     prompt, other = random_prompts(2, 3, 10)
     engine.add_request("running", other, GREEDY)
     engine.step()
     too_many = VOCAB + random.choice([1, random.randint(2, 10**12)])
-    params = SamplingParams(temperature=0.0, max_tokens=3, logprobs=too_many)
-    with pytest.raises(ValueError, match=f"logprobs={too_many} is invalid: must be None or "
-                                         f"at most {VOCAB}, the model's vocabulary size"):
+    params = SamplingParams(temperature=0.0, max_tokens=3, **{field: too_many})
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}={too_many} is invalid: must "
+                                         f"be None or at most {VOCAB}, the model's vocabulary "
+                                         f"size"):
         llm.generate([prompt], params)
     # Params changed after encode_prompt are checked again when the ids come with them.
-    params.logprobs = VOCAB
+    setattr(params, field, VOCAB)
     _, ids = engine.encode_prompt(prompt, params)
-    params.logprobs = too_many
-    with pytest.raises(ValueError, match=f"logprobs={too_many}"):
+    setattr(params, field, too_many)
+    with pytest.raises(ValueError, match=f"{field}={too_many}"):
         engine.add_request("late", prompt, params, prompt_token_ids=ids)
     finished = []
     while engine.has_unfinished_requests():
         finished += [o for o in engine.step() if o.finished]
     assert [(o.request_id, len(o.outputs[0].token_ids)) for o in finished] == [("running", 12)]
-    params.logprobs = VOCAB
+    setattr(params, field, VOCAB)
     whole, = llm.generate([prompt], params)
-    assert [len(lp) for lp in whole.outputs[0].logprobs] == [VOCAB] * 3
+    assert len(whole.outputs[0].token_ids) == 3
+    if field == "logprobs":  # the fake model computes no prompt logprobs
+        assert [len(lp) for lp in whole.outputs[0].logprobs] == [VOCAB] * 3
     assert_all_free(engine)
 
 

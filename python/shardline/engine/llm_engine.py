@@ -318,9 +318,11 @@ class LLMEngine:
         """Refuse top-n logprobs beyond the vocabulary: the sampler would cut n to it, and
         each token would still carry the whole distribution to the host (tens of thousands
         of entries for a real model, growing the engine's memory with every token)."""
-        if params.logprobs is not None and params.logprobs > self.vocab_size:
-            raise ValueError(f"SamplingParams.logprobs={params.logprobs} is invalid: must be "
-                             f"None or at most {self.vocab_size}, the model's vocabulary size")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.vocab_size:
+                raise ValueError(f"SamplingParams.{name}={value} is invalid: must be None or "
+                                 f"at most {self.vocab_size}, the model's vocabulary size")
 
     def _token_ids(self, values: object, where: str) -> list[int]:
         """`values` as plain ints, each an id of this model's vocabulary, or a ValueError.
