@@ -149,6 +149,7 @@ def _config_with(tmp_path, preset: str, **changes) -> str:
                                                  "at most the 4 experts"),
     ("tiny-llama", {"tie_word_embeddings": "no"}, "tie_word_embeddings='no' is invalid: it must "
                                                   "be true or false"),
+    ("tiny-llama", {"hidden_act": "gelu"}, "hidden_act='gelu' is invalid: shardline supports silu"),
     ("tiny-qwen2", {"use_sliding_window": 1}, "use_sliding_window=1 is invalid"),
     ("tiny-llama", {"rope_scaling": "linear"}, "rope_scaling='linear' is invalid: it must be an "
                                                "object"),
@@ -180,12 +181,17 @@ def test_a_config_that_is_not_a_json_object_is_named(tmp_path, text, error):
         read_model_info(str(tmp_path))
 
 
-def test_a_bad_config_is_refused_before_any_worker_starts(tmp_path, no_spawn):
+@pytest.mark.parametrize("changes, error", [
+    ({"rope_theta": 0}, "rope_theta=0 is invalid"),
+    ({"hidden_act": "gelu_pytorch_tanh"}, "hidden_act='gelu_pytorch_tanh' is invalid"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "its type 'yarn' is not supported"),
+])
+def test_a_bad_config_is_refused_before_any_worker_starts(tmp_path, no_spawn, changes, error):
     for name in os.listdir(resolve_model("tiny-llama")):
         os.symlink(f"{resolve_model('tiny-llama')}/{name}", tmp_path / name)
     (tmp_path / "config.json").unlink()
-    _config_with(tmp_path, "tiny-llama", rope_theta=0)
-    with pytest.raises(ValueError, match="rope_theta=0 is invalid"):
+    _config_with(tmp_path, "tiny-llama", **changes)
+    with pytest.raises(ValueError, match=error):
         LLM(str(tmp_path), tensor_parallel_size=2, device="cpu")
 
 

@@ -73,6 +73,8 @@ def check_config(config: dict, source: str, architecture: str) -> None:
     for field in FLAGS:
         if config.get(field) is not None and not isinstance(config[field], bool):
             fail(field, "it must be true or false")
+    if config.get("hidden_act", "silu") not in SUPPORTED_ACTIVATIONS:
+        fail("hidden_act", f"shardline supports {', '.join(SUPPORTED_ACTIVATIONS)}")
     _check_rope_scaling(config, fail, is_positive)
     if (config.get("partial_rotary_factor") or 1) > 1:
         fail("partial_rotary_factor", "it must be at most 1")
@@ -154,10 +156,3 @@ def max_positions(config: dict) -> int:
     limit = config.get("max_position_embeddings", 2048)
     window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
     return min(limit, window) if window else limit
-
-
-def check_activation(config: dict) -> None:
-    act = config.get("hidden_act", "silu")
-    if act not in SUPPORTED_ACTIVATIONS:
-        raise ValueError(f"hidden_act={act!r} is not supported: use one of "
-                         f"{', '.join(SUPPORTED_ACTIVATIONS)}")

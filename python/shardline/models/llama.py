@@ -21,7 +21,7 @@ from shardline.layers.norm import RMSNorm
 from shardline.layers.rotary import RotaryEmbedding
 from shardline.layers.sequence_parallel import (gather_tokens, split_tokens,
                                                 ulysses_attention)
-from shardline.models.hf_config import check_activation, head_dim, num_kv_heads, rope_settings
+from shardline.models.hf_config import head_dim, num_kv_heads, rope_settings
 
 WeightSources = dict[str, list[list[tuple[str, object, int | None]]]]
 
@@ -149,7 +149,6 @@ class CausalLM(nn.Module):
     def __init__(self, config: dict, dtype: torch.dtype, max_position: int,
                  make_layer: Callable[[int], DecoderLayer], layers: range | None = None):
         super().__init__()
-        check_activation(config)
         vocab, hidden = config["vocab_size"], config["hidden_size"]
         num_layers = config["num_hidden_layers"]
         self.config = config
