@@ -150,6 +150,16 @@ def _config_with(tmp_path, preset: str, **changes) -> str:
     ("tiny-llama", {"tie_word_embeddings": "no"}, "tie_word_embeddings='no' is invalid: it must "
                                                   "be true or false"),
     ("tiny-llama", {"hidden_act": "gelu"}, "hidden_act='gelu' is invalid: shardline supports silu"),
+    ("tiny-llama", {"partial_rotary_factor": 0.3}, "partial_rotary_factor=0.3 is invalid: it "
+                                                   "rotates 9 of the head's 32 dims, which must be "
+                                                   "even and at least 2"),
+    ("tiny-llama", {"partial_rotary_factor": 0.01}, "partial_rotary_factor=0.01 is invalid: it "
+                                                    "rotates 0 of"),
+    ("tiny-qwen2-moe", {"decoder_sparse_step": 0}, "decoder_sparse_step=0 is invalid: it must be "
+                                                   "an integer >= 1"),
+    ("tiny-qwen2-moe", {"mlp_only_layers": "0"}, "mlp_only_layers='0' is invalid: it must be a "
+                                                 "list of layer indices below num_hidden_layers=3"),
+    ("tiny-qwen2-moe", {"mlp_only_layers": [0, 3]}, r"mlp_only_layers=\[0, 3\] is invalid"),
     ("tiny-qwen2", {"use_sliding_window": 1}, "use_sliding_window=1 is invalid"),
     ("tiny-llama", {"rope_scaling": "linear"}, "rope_scaling='linear' is invalid: it must be an "
                                                "object"),
@@ -236,6 +246,18 @@ def test_a_config_json_that_is_a_directory_is_named(tmp_path):
     with pytest.raises(IsADirectoryError, match=f"{re.escape(str(tmp_path))}/config.json is a "
                                                 "directory, not a config file"):
         read_model_info(str(tmp_path))
+
+
+def test_a_null_partial_rotary_factor_rotates_the_whole_head(tmp_path):
+    """null is the default (1), as for the other optional fields; building the model
+    raised a TypeError (an int times None)."""
+    tensors = _single_file_copy(tmp_path)
+    save_file(tensors, tmp_path / "model.safetensors")
+    config = json.load(open(tmp_path / "config.json"))
+    config["partial_rotary_factor"] = None
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = load_model(str(tmp_path), torch.float32, "cpu", max_position=64)
+    assert model.model.layers[0].self_attn.rotary_emb.cos_sin_cache.shape == (64, 32)
 
 
 def test_model_info_of_sharded_preset():

@@ -21,7 +21,7 @@ MOE_SIZES = {"MixtralForCausalLM": ("num_local_experts", "num_experts_per_tok"),
              "Qwen2MoeForCausalLM": ("num_experts", "num_experts_per_tok",
                                      "moe_intermediate_size")}
 OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings",
-                  "sliding_window")
+                  "sliding_window", "decoder_sparse_step")
 COUNTS = ("num_experts", "shared_expert_intermediate_size")  # 0: a dense layer, no shared expert
 POSITIVE_REALS = ("rope_theta", "rms_norm_eps", "partial_rotary_factor")
 FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
@@ -62,6 +62,7 @@ def check_config(config: dict, source: str, architecture: str) -> None:
         value, least = config.get(field), 0 if field in COUNTS else 1
         if value is not None and not (is_int(value) and value >= least):
             fail(field, f"it must be an integer >= {least}")
+
     def is_positive(value: object) -> bool:
         real = isinstance(value, (int, float)) and not isinstance(value, bool)
         return real and math.isfinite(value) and value > 0
@@ -87,6 +88,15 @@ def check_config(config: dict, source: str, architecture: str) -> None:
     if head_dim(config) % 2:
         fail("head_dim" if config.get("head_dim") else "hidden_size",
              f"the head size {head_dim(config)} must be even for rotary embeddings")
+    rotary = int(head_dim(config) * (config.get("partial_rotary_factor") or 1.0))
+    if rotary < 2 or rotary % 2:
+        fail("partial_rotary_factor", f"it rotates {rotary} of the head's {head_dim(config)} "
+                                      "dims, which must be even and at least 2")
+    layers = config.get("mlp_only_layers")
+    if layers is not None and not (isinstance(layers, list) and all(
+            is_int(i) and 0 <= i < config["num_hidden_layers"] for i in layers)):
+        fail("mlp_only_layers", f"it must be a list of layer indices below "
+                                f"num_hidden_layers={config['num_hidden_layers']}")
     experts = num_experts(config)
     if architecture in MOE_SIZES and experts and config["num_experts_per_tok"] > experts:
         fail("num_experts_per_tok", f"it must be at most the {experts} experts")

@@ -31,7 +31,7 @@ def rotary_embedding(config: dict, max_position: int) -> RotaryEmbedding:
     fp32) every layer shares: a table per layer cost Llama 3.1 8B 2 GiB."""
     theta, scaling = rope_settings(config)
     dim = head_dim(config)
-    rotary_dim = int(dim * config.get("partial_rotary_factor", 1.0))
+    rotary_dim = int(dim * (config.get("partial_rotary_factor") or 1.0))
     return RotaryEmbedding(dim, rotary_dim, max_position, theta, scaling)
 
 
