@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from shardline import LLM
+from shardline import LLM, SamplingParams
 from shardline.models.loader import INDEX_FILE, load_model, read_model_info
 from shardline.models.registry import MODEL_REGISTRY
 from shardline.presets import resolve_model
@@ -258,6 +258,36 @@ def test_a_null_partial_rotary_factor_rotates_the_whole_head(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     model = load_model(str(tmp_path), torch.float32, "cpu", max_position=64)
     assert model.model.layers[0].self_attn.rotary_emb.cos_sin_cache.shape == (64, 32)
+
+
+@pytest.mark.parametrize("field", ["rope_theta", "rms_norm_eps", "max_position_embeddings"])
+def test_a_null_optional_size_takes_its_default(tmp_path, field):
+    """As when the field is absent; a null one raised TypeError (float() of None, or
+    None compared with an int) while loading or at the first forward."""
+    tensors = _single_file_copy(tmp_path)
+    save_file(tensors, tmp_path / "model.safetensors")
+    config = json.load(open(tmp_path / "config.json"))
+    config.pop(field)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    results = []
+    for value in ("absent", None):
+        if value is None:
+            config[field] = None
+            (tmp_path / "config.json").write_text(json.dumps(config))
+        with LLM(str(tmp_path), max_model_len=64) as llm:
+            out, = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4))
+        results.append((read_model_info(str(tmp_path)), out.outputs[0].token_ids))
+    assert results[1] == results[0]
+
+
+def test_a_null_required_size_is_named(tmp_path):
+    path = _config_with(tmp_path, "tiny-llama")
+    config = json.load(open(path))
+    config["vocab_size"] = None
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"{re.escape(path)}: vocab_size is null "
+                                         r"\(LlamaForCausalLM needs it\)"):
+        read_model_info(str(tmp_path))
 
 
 def test_model_info_of_sharded_preset():

@@ -2,7 +2,7 @@
 
 Checkpoints on the hub and those written by recent transformers spell some settings
 differently (`rope_theta` + `rope_scaling` vs. one `rope_parameters` dict); these helpers
-accept both.
+accept both. An optional field that is null takes its default, as when it is absent.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def check_config(config: dict, source: str, architecture: str) -> None:
         return isinstance(value, int) and not isinstance(value, bool)
 
     for field in REQUIRED_SIZES + MOE_SIZES.get(architecture, ()):
-        if field not in config:
-            raise ValueError(f"{source}: {field} is missing ({architecture} needs it)")
+        if config.get(field) is None:
+            state = "null" if field in config else "missing"
+            raise ValueError(f"{source}: {field} is {state} ({architecture} needs it)")
     for field in REQUIRED_SIZES + MOE_SIZES.get(architecture, ()) + OPTIONAL_SIZES + COUNTS:
         value, least = config.get(field), 0 if field in COUNTS else 1
         if value is not None and not (is_int(value) and value >= least):
@@ -154,7 +155,7 @@ def num_experts(config: dict) -> int:
 def rope_settings(config: dict) -> tuple[float, dict | None]:
     """(rope theta, scaling dict or None for plain RoPE)."""
     params = config.get("rope_parameters") or {}
-    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    theta = params.get("rope_theta") or config.get("rope_theta") or 10000.0
     scaling = config.get("rope_scaling") or params
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
     return float(theta), (None if kind == "default" else scaling)
@@ -163,6 +164,6 @@ def rope_settings(config: dict) -> tuple[float, dict | None]:
 def max_positions(config: dict) -> int:
     """Positions the model serves correctly: max_position_embeddings, capped by a sliding
     attention window (not implemented here, so longer contexts are refused, not wrong)."""
-    limit = config.get("max_position_embeddings", 2048)
+    limit = config.get("max_position_embeddings") or 2048
     window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
     return min(limit, window) if window else limit

@@ -106,7 +106,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config, dtype, rotary_emb, qkv_bias, o_bias)
         self.mlp_name = mlp_name
         setattr(self, mlp_name, mlp)
-        eps = config.get("rms_norm_eps", 1e-6)
+        eps = config.get("rms_norm_eps") or 1e-6
         self.input_layernorm = RMSNorm(config["hidden_size"], eps, dtype)
         self.post_attention_layernorm = RMSNorm(config["hidden_size"], eps, dtype)
 
@@ -163,7 +163,7 @@ class CausalLM(nn.Module):
         self.model.norm = None
         self.lm_head = None
         if self.is_last_stage:
-            self.model.norm = RMSNorm(hidden, config.get("rms_norm_eps", 1e-6), dtype)
+            self.model.norm = RMSNorm(hidden, config.get("rms_norm_eps") or 1e-6, dtype)
             self.lm_head = ParallelLMHead(vocab, hidden, dtype)
             if config.get("tie_word_embeddings", False) and self.is_first_stage:
                 self.lm_head.weight = self.model.embed_tokens.weight

@@ -91,7 +91,7 @@ class MixtralForCausalLM(MoECausalLM):
 class Qwen2MoeForCausalLM(MoECausalLM):
     def __init__(self, config: dict, dtype: torch.dtype, max_position: int,
                  layers: range | None = None):
-        sparse_step = config.get("decoder_sparse_step", 1)
+        sparse_step = config.get("decoder_sparse_step") or 1
         dense_layers = set(config.get("mlp_only_layers") or [])
         qkv_bias = config.get("qkv_bias", True)
         rotary = rotary_embedding(config, max_position)
