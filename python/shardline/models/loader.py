@@ -141,7 +141,7 @@ class CheckpointReader:
                         if name in self.file_of:
                             raise ValueError(
                                 f"tensor {name!r} is in both {self.file_of[name]} and {path}: "
-                                f"remove the file that does not belong, or add an {INDEX_FILE}")
+                                f"remove the file that does not belong, or add a {INDEX_FILE}")
                         self.file_of[name] = path
             except BaseException:
                 self.close()
