@@ -392,11 +392,17 @@ def test_a_tensor_in_two_files_without_an_index_is_named(tmp_path, rng):
         load_model(str(tmp_path), torch.float32, "cpu")
 
 
-def test_a_directory_named_like_a_safetensors_file_is_named(tmp_path):
+@pytest.mark.parametrize("kind", ["a directory", "not a regular file"])
+def test_a_safetensors_name_on_something_not_a_file_is_named(tmp_path, kind):
+    """A directory failed on its first read naming no path; a FIFO blocked the open
+    forever."""
     _single_file_copy(tmp_path)
-    (tmp_path / "model.safetensors").mkdir()
-    with pytest.raises(IsADirectoryError, match=f"{re.escape(str(tmp_path))}/model.safetensors "
-                                                "is a directory, not a safetensors file"):
+    if kind == "a directory":
+        (tmp_path / "model.safetensors").mkdir()
+    else:
+        os.mkfifo(tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path))}/model.safetensors is "
+                                         f"{kind}, not a safetensors file"):
         load_model(str(tmp_path), torch.float32, "cpu")
 
 

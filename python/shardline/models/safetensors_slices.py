@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 
 import numpy as np
@@ -34,8 +35,9 @@ class SafetensorsFile:
 
     def __init__(self, path: str):
         self.path = path
-        if os.path.isdir(path):
-            raise IsADirectoryError(f"{path} is a directory, not a safetensors file")
+        if not stat.S_ISREG(os.stat(path).st_mode):   # a FIFO would block the open forever
+            kind = "a directory" if os.path.isdir(path) else "not a regular file"
+            raise ValueError(f"{path} is {kind}, not a safetensors file")
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             self._entries = self._read_header()
