@@ -241,10 +241,16 @@ def test_a_model_directory_this_user_cannot_read_is_named(tmp_path):
         tmp_path.chmod(0o755)
 
 
-def test_a_config_json_that_is_a_directory_is_named(tmp_path):
-    (tmp_path / "config.json").mkdir()
-    with pytest.raises(IsADirectoryError, match=f"{re.escape(str(tmp_path))}/config.json is a "
-                                                "directory, not a config file"):
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_config_json_that_is_not_a_file_is_named(tmp_path, kind):
+    """Not 'has no config.json' (and not an IsADirectoryError, which the CLI counts as an
+    internal error rather than bad input)."""
+    if kind == "directory":
+        (tmp_path / "config.json").mkdir()
+    else:
+        os.mkfifo(tmp_path / "config.json")
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path))}/config.json is not a "
+                                         "regular file"):
         read_model_info(str(tmp_path))
 
 

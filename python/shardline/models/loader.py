@@ -60,7 +60,7 @@ def read_config(model_dir: str) -> dict:
             raise PermissionError(f"model directory {model_dir!r} cannot be read by this user "
                                   f"(mode {os.stat(model_dir).st_mode & 0o777:o})")
         if os.path.exists(path):
-            raise IsADirectoryError(f"{path} is a directory, not a config file")
+            raise ValueError(f"{path} is not a regular file")
         raise FileNotFoundError(f"model directory {model_dir!r} has no config.json")
     config = read_json_object(path)
     check_config(config, path, resolve_architecture(config))
