@@ -133,3 +133,17 @@ def test_min_tokens_is_taken_and_refused_by_name(rng):
             with pytest.raises(RequestError) as refused:
                 parse(request_type, {"model": "m", **body, "min_tokens": bad})
             assert refused.value.param == "min_tokens"
+
+
+def test_min_tokens_with_an_echo_alone_is_refused_against_max_tokens_0(rng):
+    """echo with max_tokens 0 generates nothing, so min_tokens must be 0 there. The engine
+    is asked for one hidden token, and min_tokens 1 was taken while above 1 the refusal
+    named max_tokens=1, which the client never sent."""
+    body = {"model": "m", "prompt": "hi", "echo": True, "max_tokens": 0}
+    assert parse(CompletionRequest, {**body, "min_tokens": 0}).to_sampling_params().min_tokens == 0
+    bad = rng.randint(1, 50)
+    with pytest.raises(RequestError) as refused:
+        parse(CompletionRequest, {**body, "min_tokens": bad}).to_sampling_params()
+    assert refused.value.param == "min_tokens"
+    assert f"min_tokens={bad} is invalid" in str(refused.value)
+    assert "max_tokens=0" in str(refused.value)

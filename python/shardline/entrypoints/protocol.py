@@ -177,6 +177,10 @@ class CompletionRequest(_SamplingFields):
         if self.max_tokens == 0 and not self.echo:
             raise RequestError("max_tokens=0 asks for no tokens, which only echo=true takes "
                                "(to score the prompt): ask for at least 1", "max_tokens")
+        if self.echo_only and self.min_tokens:
+            # Checked here: the engine is asked for one token, not shown.
+            raise RequestError(f"min_tokens={self.min_tokens} is invalid: must be 0 with "
+                               "max_tokens=0 (the echoed prompt alone)", "min_tokens")
         # An echo with logprobs scores the prompt too, with as many alternatives.
         asked = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs)
                  if k is not None]
