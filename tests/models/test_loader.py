@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from shardline import LLM, SamplingParams
 from shardline.models.loader import INDEX_FILE, load_model, read_model_info
 from shardline.models.registry import MODEL_REGISTRY
-from shardline.presets import resolve_model
+from shardline.presets import build_variant, resolve_model
 
 
 def _single_file_copy(tmp_path, name="tiny-qwen2"):
@@ -436,3 +436,22 @@ def test_a_checkpoint_stored_in_another_float_type_loads_as_float32(tmp_path, st
                  "model.norm.weight"):
         assert params[name].dtype == torch.float32
         torch.testing.assert_close(params[name], tensors[name].float(), rtol=0, atol=0)
+
+
+def test_layers_beyond_the_config_are_warned_of(tmp_path, rng, caplog):
+    """A config with fewer layers than its checkpoint served a model cut short, silently."""
+    held = rng.randint(3, 5)
+    src = build_variant("tiny-qwen2", num_hidden_layers=held)
+    for name in os.listdir(src):
+        shutil.copy(f"{src}/{name}", tmp_path / name)
+    with caplog.at_level(logging.WARNING, logger="shardline.models.loader"):
+        load_model(str(tmp_path), torch.float32, "cpu")
+    assert not caplog.records
+    used = rng.randint(1, held - 1)
+    _config_with(tmp_path, "tiny-qwen2", num_hidden_layers=used)
+    with caplog.at_level(logging.WARNING, logger="shardline.models.loader"):
+        load_model(str(tmp_path), torch.float32, "cpu")
+    beyond = f"{used}-{held - 1}" if held - used > 1 else f"{used}"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path}/model.safetensors holds decoder layers {beyond} beyond config.json's "
+        f"num_hidden_layers={used}: they are not loaded. Is config.json the checkpoint's own?"]

@@ -225,6 +225,9 @@ class GGUFCheckpoint:
         """The file holding tensor `name`, for errors: the GGUF file."""
         return self.path
 
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
     def read(self, entry: dict, offset: int, nbytes: int) -> torch.Tensor:
         """`nbytes` bytes of a tensor's data from `offset` into it, as a uint8 tensor."""
         raw = torch.empty(nbytes, dtype=torch.uint8)

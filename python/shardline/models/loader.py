@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ INDEX_FILE = "model.safetensors.index.json"
 # Weights are cast from these to the engine's dtype; other types (integers, FP8) are
 # quantized data whose scales a plain cast would ignore.
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.")
 
 
 @dataclass
@@ -168,6 +170,9 @@ class CheckpointReader:
         """The file holding tensor `name`, for errors."""
         return self.file_of[name]
 
+    def names(self) -> list[str]:
+        return list(self.file_of)
+
     def close(self) -> None:
         for handle in self._handles.values():
             handle.close()
@@ -205,6 +210,20 @@ def load_weights(model: nn.Module, reader: CheckpointReader) -> None:
         logger.info("loaded %d parameters in %.1f s", len(sources), time.monotonic() - started)
 
 
+def warn_of_layers_beyond_config(reader: CheckpointReader | GGUFCheckpoint,
+                                 num_layers: int) -> None:
+    """Log a warning if the checkpoint holds decoder layers past config.json's
+    num_hidden_layers: they are not loaded, and the model served is cut short, which
+    usually means the config is not the checkpoint's own."""
+    beyond = sorted({int(m[1]) for name in reader.names()
+                     if (m := LAYER_TENSOR.match(name)) and int(m[1]) >= num_layers})
+    if beyond:
+        logger.warning("%s holds decoder layers %s beyond config.json's num_hidden_layers=%d: "
+                       "they are not loaded. Is config.json the checkpoint's own?",
+                       reader.source, f"{beyond[0]}-{beyond[-1]}" if len(beyond) > 1
+                       else beyond[0], num_layers)
+
+
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
                max_position: int | None = None, layers: range | None = None) -> nn.Module:
     """Build the model of `model_dir` on `device` in `dtype` and load its weights: this
@@ -217,6 +236,8 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
     reader = GGUFCheckpoint(model_dir) if is_gguf_dir(model_dir) else CheckpointReader(model_dir)
     try:
         load_weights(model, reader)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            warn_of_layers_beyond_config(reader, config["num_hidden_layers"])
     finally:
         reader.close()
     return model.eval()
