@@ -160,6 +160,31 @@ def test_logprobs_beyond_the_vocabulary_are_refused_and_the_engine_keeps_serving
     assert_all_free(engine)
 
 
+def test_min_tokens_with_every_token_a_stop_token_is_refused():
+    """Short of min_tokens the sampler masks the stop tokens (and eos, unless ignored):
+    when they are the whole vocabulary nothing is left to draw, and tiny-llama drew token
+    0, itself a stop token, with NaN logprobs."""
+    eos = random.randrange(VOCAB)
+    engine = make_engine(eos_token_ids=(eos,))
+    llm = LLM.from_engine(engine)
+    prompt = random_prompts(1, 3, 10)[0]
+    min_tokens = random.randint(1, 5)
+    stops = random.sample([t for t in range(VOCAB) if t != eos], VOCAB - 1)
+    for stop_ids, ignore_eos in ((stops, False), (stops + [eos], random.random() < 0.5)):
+        params = SamplingParams(temperature=0.0, max_tokens=8, min_tokens=min_tokens,
+                                stop_token_ids=stop_ids, ignore_eos=ignore_eos)
+        with pytest.raises(ValueError, match=f"SamplingParams.min_tokens={min_tokens} is "
+                                             f"invalid: .* all {VOCAB} tokens"):
+            llm.generate([prompt], params)
+    # One token left to draw (eos, ignored), or min_tokens 0 (nothing masked), is served.
+    for params in (SamplingParams(temperature=0.0, max_tokens=8, min_tokens=min_tokens,
+                                  stop_token_ids=stops, ignore_eos=True),
+                   SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=stops)):
+        whole, = llm.generate([prompt], params)
+        assert whole.finished
+    assert_all_free(engine)
+
+
 def test_a_prompt_with_a_lone_surrogate_is_refused_naming_it(tiny_chat_model):
     llm = LLM(tiny_chat_model, device="cpu")
     at = random.randint(0, 5)

@@ -190,6 +190,7 @@ class LLMEngine:
             raise ValueError(f"stop={params.stop!r} needs a tokenizer, and the model has no "
                              "tokenizer.json: use stop_token_ids instead")
         self._token_ids(params.stop_token_ids, "stop_token_ids")
+        self._check_min_tokens(params)
 
     def _checked_token_ids(self, ids: object, params: SamplingParams) -> list[int]:
         """Token ids given with a request, as encode_prompt would return them, or a
@@ -323,6 +324,23 @@ class LLMEngine:
             if value is not None and value > self.vocab_size:
                 raise ValueError(f"SamplingParams.{name}={value} is invalid: must be None or "
                                  f"at most {self.vocab_size}, the model's vocabulary size")
+
+    def _check_min_tokens(self, params: SamplingParams) -> None:
+        """Refuse min_tokens when the tokens it masks (the stop token ids and, unless
+        ignored, the eos tokens) are the whole vocabulary: nothing would be left to draw
+        (the sampler took token 0, a stop token, with NaN logprobs)."""
+        if not params.min_tokens:
+            return
+        masked = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            masked |= self.outputs.eos_token_ids
+        if len({t for t in masked if 0 <= t < self.vocab_size}) == self.vocab_size:
+            raise ValueError(f"SamplingParams.min_tokens={params.min_tokens} is invalid: short "
+                             "of it the stop_token_ids" + ("" if params.ignore_eos else
+                                                           " and the eos tokens")
+                             + f" are masked, and they are all {self.vocab_size} tokens of the "
+                             "vocabulary, leaving none to sample: use fewer stop_token_ids "
+                             "or min_tokens=0")
 
     def _token_ids(self, values: object, where: str) -> list[int]:
         """`values` as plain ints, each an id of this model's vocabulary, or a ValueError.
