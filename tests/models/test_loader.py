@@ -455,3 +455,13 @@ def test_layers_beyond_the_config_are_warned_of(tmp_path, rng, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path}/model.safetensors holds decoder layers {beyond} beyond config.json's "
         f"num_hidden_layers={used}: they are not loaded. Is config.json the checkpoint's own?"]
+
+
+def test_a_pytorch_pickle_checkpoint_is_named(tmp_path):
+    """A directory with pytorch_model.bin and no safetensors was only 'has no
+    *.safetensors'; it now says the .bin is not loaded and what to do."""
+    torch.save(_single_file_copy(tmp_path), tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="has no \\*.safetensors; it has "
+                                                "pytorch_model.bin, a PyTorch pickle, which "
+                                                "shardline does not load: convert"):
+        load_model(str(tmp_path), torch.float32, "cpu")

@@ -30,6 +30,7 @@ INDEX_FILE = "model.safetensors.index.json"
 # Weights are cast from these to the engine's dtype; other types (integers, FP8) are
 # quantized data whose scales a plain cast would ignore.
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+PICKLED = (".bin", ".pt", ".pth")   # torch.save checkpoints, which are not read
 LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -131,7 +132,11 @@ class CheckpointReader:
             self.index = None
             files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
             if not files:
-                raise FileNotFoundError(f"model directory {model_dir!r} has no *.safetensors")
+                pickled = sorted(f for f in os.listdir(model_dir) if f.endswith(PICKLED))
+                raise FileNotFoundError(
+                    f"model directory {model_dir!r} has no *.safetensors" + (
+                        f"; it has {pickled[0]}, a PyTorch pickle, which shardline does not "
+                        "load: convert the checkpoint to safetensors" if pickled else ""))
             self.source = (os.path.join(model_dir, files[0]) if len(files) == 1 else
                            f"the {len(files)} files {', '.join(files)} of {model_dir}")
             self.file_of = {}
