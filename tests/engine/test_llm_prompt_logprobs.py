@@ -105,3 +105,18 @@ def test_tensor_and_pipeline_parallel_engines(hf_tiny_llama, rng, layout):
         llm.shutdown()
     for prompt, k, output in zip(prompts, ks, outputs):
         assert_prompt_logprobs(hf_tiny_llama, prompt, output.prompt_logprobs, k)
+
+
+def test_prompts_of_one_token_and_of_the_whole_context(hf_tiny_llama, rng):
+    """A one-token prompt has nothing to score ([None]); a prompt filling max_model_len
+    (one token to generate, a random chunk size) is scored to its last token."""
+    max_model_len = rng.randint(24, 64)
+    llm = LLM(MODEL, block_size=4, num_kv_blocks=64, max_model_len=max_model_len,
+              max_num_batched_tokens=rng.randint(8, 2 * max_model_len), max_num_seqs=8)
+    single, whole = random_prompt(rng, 1, 1), random_prompt(rng, max_model_len, max_model_len)
+    k = rng.randint(0, 5)
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=k)
+    one, full = llm.generate([single, whole], params)
+    assert one.prompt_logprobs == [None] and len(one.outputs[0].token_ids) == 1
+    assert_prompt_logprobs(hf_tiny_llama, whole, full.prompt_logprobs, k)
+    assert_all_free(llm.engine)
