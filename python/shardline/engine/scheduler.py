@@ -13,9 +13,10 @@ prefill); one whose request asks for prompt logprobs computes its whole prompt, 
 no cached prefix, until they have all come back. When the KV cache has no free block for
 a running sequence, the latest-arrived running sequence not yet scheduled in this step is
 preempted: its blocks are freed, it goes back to the front of the queue, and on resume
-its prompt and outputs so far are recomputed. A sequence is never preempted for one that arrived later: when a sequence in
-this step arrived after that latest one (a decoder ahead of an earlier prompt still in
-chunks), the one short of blocks keeps what it has and waits for a later step.
+its prompt and outputs so far are recomputed. A sequence is never preempted for one that
+arrived later: when a sequence in this step arrived after that latest one (a decoder ahead
+of an earlier prompt still in chunks), the one short of blocks keeps what it has and waits
+for a later step.
 
 Under pipeline parallelism the engine keeps up to `pipeline_depth` steps in flight. A
 sequence is in at most one of them (its next step needs the token this one samples), so

@@ -201,12 +201,11 @@ class _Choice:
                 choice["prompt_logprobs"] = prompt_logprobs(
                     output.prompt_logprobs, output.prompt_token_ids, self.decode,
                     generation.prompt_top_n)
-        if not echo_only:
-            runs.append((completion.token_ids[start:], completion.logprobs[start:], None)
-                        if completion.logprobs is not None else None)
         logprobs = None
         if completion.logprobs is not None:
-            parts = [self.legacy.add(*run) for run in runs if run is not None]
+            if not echo_only:
+                runs.append((completion.token_ids[start:], completion.logprobs[start:], None))
+            parts = [self.legacy.add(*run) for run in runs]
             logprobs = {key: [v for part in parts for v in part[key]] for key in parts[0]}
         finish = completion.finish_reason
         return {"text": text, "logprobs": logprobs,
@@ -297,8 +296,8 @@ async def stream_events(generation: Generation, model: str, chat: bool, decode: 
                 choices.append({"index": key, "delta": {"content": text}, "logprobs": logprobs,
                                 "finish_reason": completion.finish_reason})
             if choices:
-                extension = _chat_prompt_logprobs(generation, output, decode) \
-                    if chat and first else {}
+                extension = (_chat_prompt_logprobs(generation, output, decode)
+                             if chat and first else {})
                 first = False
                 yield _event({**head, **extension, "choices": choices})
     except Exception as exc:
