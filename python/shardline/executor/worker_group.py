@@ -31,7 +31,6 @@ from abc import ABC, abstractmethod
 from collections import deque
 from typing import Any, Callable, Iterator
 
-from shardline.distributed.parallel_state import DEFAULT_TIMEOUT_S as COLLECTIVE_TIMEOUT_S
 from shardline.executor.base import EngineDeadError, Executor, StepFuture
 from shardline.step import ModelRunnerOutput, SchedulerOutput
 
@@ -298,6 +297,9 @@ class WorkerGroupExecutor(Executor):
             except TimeoutError:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
+            # Here, not at the top: the CLI imports this module and must not load torch.
+            from shardline.distributed.parallel_state import DEFAULT_TIMEOUT_S
+
             stacks = self._group.dump_stacks()
             logger.warning(
                 "a step has waited %.0f s for the reply of worker rank %d (the output rank); "
@@ -305,7 +307,7 @@ class WorkerGroupExecutor(Executor):
                 "a long prefill on a slow machine may just take this long",
                 time.monotonic() - started, self.first_rank + self.output_rank,
                 f"the workers' Python stacks follow {stacks}" if stacks
-                else "the workers' stacks cannot be shown from here", COLLECTIVE_TIMEOUT_S)
+                else "the workers' stacks cannot be shown from here", DEFAULT_TIMEOUT_S)
             report_at = started + 2 * (report_at - started)
 
     def _step_output(self, payload: Any) -> ModelRunnerOutput:

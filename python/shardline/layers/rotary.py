@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from shardline import kernels
-
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
+from shardline.models.hf_config import SUPPORTED_ROPE_TYPES
 
 
 def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import math
 
-from shardline.layers.rotary import SUPPORTED_ROPE_TYPES
-
 SUPPORTED_ACTIVATIONS = ("silu",)
+# The RoPE scalings layers.rotary builds. Kept here, not there: the CLI reads configs
+# (`shardline plan`) without loading torch, which the layers import.
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 # Sizes every supported architecture reads, and those its MoE layers add.
 REQUIRED_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
