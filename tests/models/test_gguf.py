@@ -191,12 +191,17 @@ def test_unknown_tensor_is_named(tmp_path, fresh_seed):
         resolve_model(path)
 
 
-def _with_tokenizer(bos: int) -> Callable[[gguf.GGUFWriter], None]:
+def _with_tokenizer(bos: int = 0, merges: list[str] | None = None,
+                    types: list[int] | None = None) -> Callable[[gguf.GGUFWriter], None]:
     def add(writer: gguf.GGUFWriter) -> None:
         writer.add_tokenizer_model("gpt2")
         writer.add_token_list([f"t{i}" for i in range(TINY["vocab"])])
         writer.add_bos_token_id(bos)
         writer.add_add_bos_token(True)
+        if merges:
+            writer.add_token_merges(merges)
+        if types:
+            writer.add_token_types(types)
     return add
 
 
@@ -205,21 +210,35 @@ def _with_tokenizer(bos: int) -> Callable[[gguf.GGUFWriter], None]:
     ("architecture", "general.architecture='gemma' is not supported"),
     ("tensor", "tensor 'rope_freqs.weight' has no counterpart"),
     ("bos", r"tokenizer.ggml.bos_token_id=\d+ is not one of the 96 tokens"),
+    ("merge without a space", "tokenizer.ggml.merges holds 't1t2', which is not two tokens"),
+    ("merge of unknown tokens", "tokenizer.ggml.merges holds 't1 zz', which is not two tokens"),
+    ("token types short", "tokenizer.ggml.token_type has 95 entries for the 96 tokens"),
 ])
 def test_what_a_gguf_file_holds_but_shardline_cannot_serve_names_the_file(
         tmp_path, fresh_seed, case, error):
     """Refusals of a readable file name it too (the bos id out of the vocabulary was a
-    bare IndexError)."""
+    bare IndexError, a bad merge the tokenizers package's TypeError or Exception, and token
+    types fewer than the tokens were cut to the shorter)."""
     rng = np.random.default_rng(fresh_seed)
     path = str(tmp_path / f"{case}.gguf")
     write_tiny_llama(path, rng, types={**TYPES, "ffn_up": "Q5_0"} if case == "type" else TYPES,
                      arch="gemma" if case == "architecture" else "llama",
                      extra={"rope_freqs.weight": np.ones(8, np.float32)} if case == "tensor"
                      else None,
-                     metadata=_with_tokenizer(TINY["vocab"] + int(rng.integers(1000)))
-                     if case == "bos" else None)
+                     metadata=_tokenizer_case(case, rng))
     with pytest.raises(ValueError, match=f"^{re.escape(path)}: (GGUF )?{error}"):
         resolve_model(path)
+
+
+def _tokenizer_case(case: str, rng: np.random.Generator
+                    ) -> Callable[[gguf.GGUFWriter], None] | None:
+    if case == "bos":
+        return _with_tokenizer(bos=TINY["vocab"] + int(rng.integers(1000)))
+    if case.startswith("merge"):
+        return _with_tokenizer(merges=["t1t2" if "space" in case else "t1 zz"])
+    if case == "token types short":
+        return _with_tokenizer(types=[1] * (TINY["vocab"] - 1))
+    return None
 
 
 def _type_offset(path: str, tensor: str) -> int:

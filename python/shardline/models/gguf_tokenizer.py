@@ -28,8 +28,16 @@ def build_tokenizer(meta: dict) -> Tokenizer:
                          f"rebuilds {', '.join(SUPPORTED_MODELS)} (byte-level BPE) tokenizers")
     tokens = list(meta["tokenizer.ggml.tokens"])
     types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    if len(types) != len(tokens):
+        raise ValueError(f"GGUF tokenizer.ggml.token_type has {len(types)} entries for the "
+                         f"{len(tokens)} tokens of tokenizer.ggml.tokens")
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    bad = next((m for m in merges if len(m) != 2 or not all(t in vocab for t in m)), None)
+    if bad is not None:
+        raise ValueError(f"GGUF tokenizer.ggml.merges holds {' '.join(bad)!r}, which is not two "
+                         "tokens of tokenizer.ggml.tokens joined by a space")
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if meta.get("tokenizer.ggml.pre") in _DIGIT_SPLITTING:
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
