@@ -71,6 +71,8 @@ def test_token_budget_must_cover_one_token_per_sequence():
     ("seed", "x", "an integer from -2**63 to 2**64 - 1"),
     ("seed", 2**64, "an integer from -2**63 to 2**64 - 1"),
     ("enforce_eager", "no", "True or False"),
+    ("max_logprobs", -2, "-1 (up to the vocabulary size) or an integer >= 0"),
+    ("max_logprobs", 20.0, "-1 (up to the vocabulary size) or an integer >= 0"),
     ("enable_prefix_caching", "no", "True or False"),
     ("enable_chunked_prefill", 0, "True or False"),
     ("pipeline_stage_layers", 2, "None or a list of 1 layer counts"),

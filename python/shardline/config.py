@@ -77,7 +77,10 @@ class ModelConfig:
     precision (`torch_dtype` in its config.json, typically bfloat16); the worker resolves
     it once it knows its device (`resolve_torch_dtype`). On CUDA, decode steps replay CUDA
     graphs captured at startup; `enforce_eager` runs every step op by op instead (slower,
-    no capture time or graph memory).
+    no capture time or graph memory). `max_logprobs` bounds the top-n of a request's
+    `logprobs` and `prompt_logprobs` (-1: the vocabulary size): each position's n entries
+    stay in the engine's memory, and a whole distribution per token would grow it by
+    megabytes a token.
     """
 
     model: str
@@ -85,6 +88,7 @@ class ModelConfig:
     max_model_len: int | None = None
     seed: int = 0
     enforce_eager: bool = False
+    max_logprobs: int = 20
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, str) and self.dtype.lower() == "auto":
@@ -102,6 +106,8 @@ class ModelConfig:
         _require(_is_int(self.seed) and -2**63 <= self.seed < 2**64, "seed", self.seed,
                  "an integer from -2**63 to 2**64 - 1")
         _require_bools(self, "enforce_eager")
+        _require(_is_int(self.max_logprobs) and self.max_logprobs >= -1, "max_logprobs",
+                 self.max_logprobs, "-1 (up to the vocabulary size) or an integer >= 0")
 
     def resolve_torch_dtype(self, device_type: str, checkpoint_dtype: str | None
                             ) -> torch.dtype:

@@ -141,9 +141,10 @@ def make_engine(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 1
                 max_num_batched_tokens: int = 64, max_model_len: int = 256,
                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                 eos_token_ids: tuple[int, ...] = (), tokenizer: object | None = None,
-                pipeline_depth: int = 1, async_scheduling: bool | None = None) -> LLMEngine:
+                pipeline_depth: int = 1, async_scheduling: bool | None = None,
+                max_logprobs: int = 20) -> LLMEngine:
     config = EngineConfig(
-        model=ModelConfig(model="fake", max_model_len=max_model_len),
+        model=ModelConfig(model="fake", max_model_len=max_model_len, max_logprobs=max_logprobs),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,

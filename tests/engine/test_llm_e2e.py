@@ -318,18 +318,6 @@ def test_generate_rejects_containers_of_the_wrong_type(llm, prompts, params, mes
     assert_all_free(llm.engine)
 
 
-@pytest.mark.parametrize("values, message", [
-    ([5, True], r"ids\[1\]=True is not a token id: token ids are integers, not bools"),
-    (b"\x05", r"ids=b'\\x05' \(bytes\) is not a list of token ids"),
-    ({5, 6}, r"ids=\{5, 6\} \(set\) is not a list of token ids"),
-    ("56", r"ids='56' \(str\) is not a list of token ids"),
-])
-def test_token_ids_accept_only_lists_of_integers(llm, values, message):
-    with pytest.raises(ValueError, match=message):
-        llm.engine._token_ids(values, "ids")
-    assert llm.engine._token_ids((5, 6), "ids") == [5, 6]
-
-
 def test_generate_tokenizes_each_text_prompt_once(llm, monkeypatch):
     tokenizer = llm.engine.tokenizer
     calls = []

@@ -131,7 +131,7 @@ def test_duplicate_request_id_is_rejected():
 
 @pytest.mark.parametrize("field", ["logprobs", "prompt_logprobs"])
 def test_logprobs_beyond_the_vocabulary_are_refused_and_the_engine_keeps_serving(field):
-    engine = make_engine()
+    engine = make_engine(max_logprobs=-1)
     llm = LLM.from_engine(engine)
     prompt, other = random_prompts(2, 3, 10)
     engine.add_request("running", other, GREEDY)
@@ -182,6 +182,21 @@ def test_min_tokens_with_every_token_a_stop_token_is_refused():
                    SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=stops)):
         whole, = llm.generate([prompt], params)
         assert whole.finished
+    assert_all_free(engine)
+
+
+@pytest.mark.parametrize("field", ["logprobs", "prompt_logprobs"])
+def test_logprobs_beyond_max_logprobs_are_refused_naming_it(field):
+    limit = random.randint(0, 30)
+    engine = make_engine(max_logprobs=limit)
+    llm = LLM.from_engine(engine)
+    prompt, = random_prompts(1, 3, 10)
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}={limit + 1} is invalid: must "
+                                         f"be None or at most {limit}, the engine's "
+                                         "max_logprobs"):
+        llm.generate([prompt], SamplingParams(max_tokens=2, **{field: limit + 1}))
+    whole, = llm.generate([prompt], SamplingParams(max_tokens=2, **{field: limit}))
+    assert len(whole.outputs[0].token_ids) == 2
     assert_all_free(engine)
 
 

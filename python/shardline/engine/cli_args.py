@@ -60,6 +60,9 @@ def add_engine_args(parser: argparse.ArgumentParser, default_model: str | None) 
     flag("--enforce-eager", action="store_true",
          help="on CUDA, run decode op by op instead of replaying CUDA graphs, "
               "and autotune nothing at startup, even under SHARDLINE_AUTOTUNE=1")
+    flag("--max-logprobs", type=int, default=20,
+         help="largest top-n of a request's logprobs and prompt_logprobs; -1: "
+              "the vocabulary size (default: %(default)s)")
     flag("--async-scheduling", action=argparse.BooleanOptionalAction,
          default=None,
          help="schedule step N+1 while the ranks run step N; needs one "

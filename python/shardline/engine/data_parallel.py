@@ -19,9 +19,9 @@ from __future__ import annotations
 import dataclasses
 
 from shardline.config import EngineConfig
-from shardline.engine.llm_engine import (LLMEngine, PromptType, check_request_id,
-                                          resolve_max_model_len)
+from shardline.engine.llm_engine import LLMEngine, PromptType, resolve_max_model_len
 from shardline.engine.outputs import RequestOutput
+from shardline.engine.request_checks import check_request_id
 from shardline.engine.scheduler import SchedulerStats
 from shardline.engine.tokenizer import Tokenizer
 from shardline.executor.data_parallel import create_data_parallel_executors

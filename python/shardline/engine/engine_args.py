@@ -29,6 +29,7 @@ class EngineArgs:
     max_model_len: int | None = None
     seed: int = 0
     enforce_eager: bool = False
+    max_logprobs: int = 20
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
@@ -71,7 +72,8 @@ class EngineArgs:
         return EngineConfig(
             model=ModelConfig(model=resolve_model(os.fspath(self.model)), dtype=self.dtype,
                               max_model_len=self.max_model_len, seed=self.seed,
-                              enforce_eager=self.enforce_eager),
+                              enforce_eager=self.enforce_eager,
+                              max_logprobs=self.max_logprobs),
             cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_kv_blocks,
                               kv_cache_memory_bytes=self.kv_cache_memory_bytes,
                               gpu_memory_utilization=self.gpu_memory_utilization,

@@ -24,7 +24,8 @@ from typing import Iterator, Sequence as Seq
 from shardline.engine.data_parallel import DataParallelEngine, create_engine
 from shardline.engine.chat_template import Message, check_conversation
 from shardline.engine.engine_args import EngineArgs
-from shardline.engine.llm_engine import LLMEngine, PromptType, is_sequence
+from shardline.engine.llm_engine import LLMEngine, PromptType
+from shardline.engine.request_checks import is_sequence
 from shardline.engine.metrics import engine_metrics
 from shardline.engine.outputs import RequestOutput
 from shardline.sampling_params import SamplingParams

@@ -13,7 +13,6 @@ import collections.abc
 import contextlib
 import dataclasses
 import itertools
-import operator
 import reprlib
 from typing import Iterator, Protocol, Sequence as Seq
 
@@ -22,6 +21,8 @@ from shardline.engine.kv_blocks import KVBlockManager
 from shardline.engine.metrics import EngineMetrics
 from shardline.engine.output_processor import OutputProcessor, RequestState
 from shardline.engine.outputs import RequestOutput
+from shardline.engine.request_checks import (check_logprobs, check_min_tokens,
+                                             check_request_id, is_sequence, token_ids)
 from shardline.sampling_params import SamplingParams
 from shardline.step import SchedulerOutput
 from shardline.engine.scheduler import Scheduler, SchedulerStats
@@ -172,9 +173,9 @@ class LLMEngine:
                                  "tokenized") from None
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
-            text, ids = None, self._token_ids(prompt, "prompt")
+            text, ids = None, token_ids(prompt, "prompt", self.vocab_size)
         if text is not None:
-            self._token_ids(ids, "prompt")
+            token_ids(ids, "prompt", self.vocab_size)
         self._check_prompt_length(ids, params)
         return text, ids
 
@@ -185,12 +186,12 @@ class LLMEngine:
                              f"({type(params).__name__}) is not a SamplingParams: pass one, "
                              "or None for the defaults")
         params.validate()
-        self._check_logprobs(params)
+        check_logprobs(params, self.vocab_size, self.config.model.max_logprobs)
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop={params.stop!r} needs a tokenizer, and the model has no "
                              "tokenizer.json: use stop_token_ids instead")
-        self._token_ids(params.stop_token_ids, "stop_token_ids")
-        self._check_min_tokens(params)
+        token_ids(params.stop_token_ids, "stop_token_ids", self.vocab_size)
+        check_min_tokens(params, self.outputs.eos_token_ids, self.vocab_size)
 
     def _checked_token_ids(self, ids: object, params: SamplingParams) -> list[int]:
         """Token ids given with a request, as encode_prompt would return them, or a
@@ -198,7 +199,7 @@ class LLMEngine:
         (encode_prompt's always are) pass on three quick scans of the list."""
         if not (type(ids) is list and ids and set(map(type, ids)) == {int}
                 and min(ids) >= 0 and max(ids) < self.vocab_size):
-            ids = self._token_ids(ids, "prompt_token_ids")
+            ids = token_ids(ids, "prompt_token_ids", self.vocab_size)
         self._check_prompt_length(ids, params)
         return ids
 
@@ -315,68 +316,6 @@ class LLMEngine:
     def shutdown(self) -> None:
         self.executor.shutdown()
 
-    def _check_logprobs(self, params: SamplingParams) -> None:
-        """Refuse top-n logprobs beyond the vocabulary: the sampler would cut n to it, and
-        each token would still carry the whole distribution to the host (tens of thousands
-        of entries for a real model, growing the engine's memory with every token)."""
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(params, name)
-            if value is not None and value > self.vocab_size:
-                raise ValueError(f"SamplingParams.{name}={value} is invalid: must be None or "
-                                 f"at most {self.vocab_size}, the model's vocabulary size")
-
-    def _check_min_tokens(self, params: SamplingParams) -> None:
-        """Refuse min_tokens when the tokens it masks (the stop token ids and, unless
-        ignored, the eos tokens) are the whole vocabulary: nothing would be left to draw
-        (the sampler took token 0, a stop token, with NaN logprobs)."""
-        if not params.min_tokens:
-            return
-        masked = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            masked |= self.outputs.eos_token_ids
-        if len({t for t in masked if 0 <= t < self.vocab_size}) == self.vocab_size:
-            raise ValueError(f"SamplingParams.min_tokens={params.min_tokens} is invalid: short "
-                             "of it the stop_token_ids" + ("" if params.ignore_eos else
-                                                           " and the eos tokens")
-                             + f" are masked, and they are all {self.vocab_size} tokens of the "
-                             "vocabulary, leaving none to sample: use fewer stop_token_ids "
-                             "or min_tokens=0")
-
-    def _token_ids(self, values: object, where: str) -> list[int]:
-        """`values` as plain ints, each an id of this model's vocabulary, or a ValueError.
-
-        `values` must be a sequence such as a list: bytes iterate as integers and a bool
-        indexes as one, but neither holds token ids.
-        """
-        if not is_sequence(values):
-            raise ValueError(f"{where}={reprlib.repr(values)} ({type(values).__name__}) is "
-                             "not a list of token ids")
-        ids = []
-        for i, value in enumerate(values):
-            if isinstance(value, bool):
-                raise ValueError(f"{where}[{i}]={value!r} is not a token id: token ids are "
-                                 "integers, not bools")
-            try:
-                token = operator.index(value)
-            except TypeError:
-                raise ValueError(f"{where}[{i}]={value!r} is not a token id: token ids are "
-                                 "integers") from None
-            if not 0 <= token < self.vocab_size:
-                raise ValueError(f"{where}[{i}]={token} is outside the vocabulary "
-                                 f"[0, {self.vocab_size})")
-            ids.append(token)
-        return ids
-
-
-def check_request_id(request_id: object) -> None:
-    """Refuse a request id that is not a string. Each step carries the ids to the workers
-    through msgpack, which gives a tuple back as a list (unhashable, so the engine could not
-    look the request up): the step would fail, and with it the engine. Any str travels,
-    lone surrogates included."""
-    if not isinstance(request_id, str):
-        raise ValueError(f"request_id={reprlib.repr(request_id)} "
-                         f"({type(request_id).__name__}) is invalid: must be a string")
-
 
 def resolve_max_model_len(config: EngineConfig, model_info: ModelLimits) -> int:
     """config.model.max_model_len, or the model's max_position_embeddings where it is None;
@@ -410,10 +349,3 @@ def uses_async_scheduling(config: EngineConfig, executor: Executor) -> bool:
     if parallel.tensor_parallel_size > 1 and pick_device(0, parallel.device).type != "cuda":
         return False
     return executor.hides_host_time
-
-
-def is_sequence(values: object) -> bool:
-    """A list, tuple or other sequence that is not text or bytes: what holds prompts,
-    token ids or per-prompt params."""
-    return (isinstance(values, collections.abc.Sequence)
-            and not isinstance(values, (str, bytes, bytearray, memoryview)))
