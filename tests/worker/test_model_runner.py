@@ -54,3 +54,18 @@ def test_seeds_apart_by_2_to_the_63_draw_differently(rng):
         assert 0 <= mixed < 2**64
         assert mixed != sampling_seed(seed + 2**63, index)
         assert mixed == sampling_seed(seed + 2**64, index)
+
+
+def test_the_rotary_table_covers_max_model_len_and_no_more(rng):
+    """The table once covered max_position_embeddings whatever max_model_len was: a config
+    declaring 1e8 positions made every worker allocate gigabytes it could never use."""
+    max_model_len = rng.randint(16, 200)
+    greedy = SamplingParams(temperature=0.0, max_tokens=max_model_len // 2, ignore_eos=True)
+    prompt = [rng.randrange(3, 259) for _ in range(max_model_len - greedy.max_tokens)]
+    expected = LLM("tiny-llama", device="cpu").generate([prompt], greedy)[0]
+    llm = LLM("tiny-llama", device="cpu", max_model_len=max_model_len)
+    model = llm.engine.executor.worker.model_runner.model
+    tables = {m.cos_sin_cache.shape[0] for m in model.modules() if hasattr(m, "cos_sin_cache")}
+    assert tables == {max_model_len}
+    assert llm.generate([prompt], greedy)[0].outputs[0].token_ids == \
+        expected.outputs[0].token_ids

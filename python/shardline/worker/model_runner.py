@@ -75,12 +75,14 @@ class ModelRunner:
         self._earlier_tokens: torch.Tensor | None = None
 
     def load_model(self) -> None:
-        """Load this rank's slice of the weights, for its pipeline stage's layers only."""
-        max_position = max(self.max_model_len, self.info.max_position_embeddings)
+        """Load this rank's slice of the weights, for its pipeline stage's layers only. The
+        rotary table covers max_model_len positions, which no sequence passes (the engine
+        refuses a max_model_len beyond the model's max_position_embeddings)."""
         pp = get_pp_group()
         layers = stage_layer_range(self.info.num_hidden_layers, pp.size, pp.rank,
                                    self.config.parallel.pipeline_stage_layers)
-        self.model = load_model(self.model_dir, self.dtype, self.device, max_position, layers)
+        self.model = load_model(self.model_dir, self.dtype, self.device, self.max_model_len,
+                                layers)
 
     def kv_block_bytes(self) -> int:
         """Bytes of one KV block over all layers of this rank (K and V)."""
