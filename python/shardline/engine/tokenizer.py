@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import re
+import stat
 
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -20,6 +21,30 @@ from shardline.presets import byte_level_alphabet
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")   # SentencePiece's byte tokens
 _BYTE_OF_CHAR = {char: byte for byte, char in byte_level_alphabet().items()}
+
+
+def read_text_file(path: str) -> str | None:
+    """The UTF-8 text of the file `path`, None if there is none; a ValueError if `path` is
+    something else (a directory, or a FIFO, whose open would block forever) or not UTF-8,
+    a PermissionError if this user cannot read it."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ValueError(f"{path} is {kind}: expected a file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except PermissionError:
+        raise PermissionError(f"{path} cannot be read by this user (mode "
+                              f"{stat.S_IMODE(mode):o})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text: byte {data[exc.start]:#04x} at offset "
+                         f"{exc.start}") from None
 
 
 class Tokenizer:
@@ -33,25 +58,38 @@ class Tokenizer:
 
     @classmethod
     def from_model_dir(cls, model_dir: str) -> "Tokenizer | None":
+        """The tokenizer of `model_dir`, None if it has no tokenizer.json; a ValueError
+        (PermissionError for one the user cannot read) naming the file that cannot be used."""
         path = os.path.join(model_dir, "tokenizer.json")
-        if not os.path.exists(path):
+        text = read_text_file(path)
+        if text is None:
             return None
+        try:
+            tokenizer = _HFTokenizer.from_str(text)
+        except Exception as exc:   # the tokenizers package raises a bare Exception
+            raise ValueError(f"{path} cannot be loaded by the tokenizers package ({exc}): "
+                             "expected a Hugging Face tokenizer.json, the JSON object "
+                             "tokenizers' Tokenizer.save writes") from None
         config_path = os.path.join(model_dir, "tokenizer_config.json")
         config = {}
-        if os.path.isfile(config_path):
-            with open(config_path) as f:
-                config = json.load(f)
+        config_text = read_text_file(config_path)
+        if config_text is not None:
+            try:
+                config = json.loads(config_text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"{config_path} holds a JSON {type(config).__name__}: "
+                                 "expected an object")
         template = config.get("chat_template")
         if isinstance(template, list):   # named templates: the default one serves chat
             template = next((t["template"] for t in template if t.get("name") == "default"),
                             None)
-        jinja_path = os.path.join(model_dir, "chat_template.jinja")
-        if template is None and os.path.isfile(jinja_path):
-            with open(jinja_path) as f:
-                template = f.read()
+        if template is None:
+            template = read_text_file(os.path.join(model_dir, "chat_template.jinja"))
         special = {k: v for k, v in config.items()
                    if k in ("bos_token", "eos_token") and isinstance(v, str)}
-        return cls(_HFTokenizer.from_file(path), template, special)
+        return cls(tokenizer, template, special)
 
     @property
     def vocab_size(self) -> int:
