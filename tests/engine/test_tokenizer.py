@@ -2,6 +2,7 @@
 cannot be used. Tokenizer.token_bytes: the bytes behind each token, which its text can hide
 (a token holding part of a multi-byte character decodes to U+FFFD alone)."""
 
+import json
 import os
 import random
 import re
@@ -143,3 +144,93 @@ def test_byte_fallback_tokens_give_their_byte(rng):
         text = random_text(rng).replace(" ", "")
         ids = tokenizer.encode(text, add_special_tokens=False)
         assert b"".join(tokenizer.token_bytes(t) for t in ids) == text.encode()
+
+
+def write_tokenizer_config(model_dir: str, **fields: object) -> None:
+    """tiny-llama's tokenizer_config.json with `fields` set."""
+    path = os.path.join(model_dir, "tokenizer_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**config, **fields}, f)
+
+
+@pytest.mark.parametrize("template, found", [
+    (5, "chat_template=5 is invalid: expected a Jinja template string or a list"),
+    ({"default": "{{ x }}"}, "chat_template={'default': '{{ x }}'} is invalid: expected"),
+    (["{{ x }}"], "chat_template[0]='{{ x }}' is invalid: expected a {\"name\": ..., "),
+    ([{"name": "default"}], "chat_template[0]={'name': 'default'} is invalid: expected"),
+    ([{"name": "tool_use", "template": 3}], "chat_template[0]={'name': 'tool_use', 'template': "
+                                            "3} is invalid"),
+])
+def test_a_chat_template_of_the_wrong_type_is_named(template, found, tmp_path):
+    """A number loaded, then raised TypeError ("Can't compile non template nodes") at each
+    chat; a malformed named template raised KeyError or AttributeError at load."""
+    write_tokenizer_config(model_copy(tmp_path), chat_template=template)
+    with pytest.raises(ValueError, match=re.escape(
+            f"{tmp_path / 'tokenizer_config.json'}: {found}")):
+        LLM(str(tmp_path), device="cpu")
+
+
+def test_named_templates_without_a_default_leave_chat_template_jinja(tmp_path, rng):
+    jinja = "{{ messages[0].content }}" * rng.randint(1, 3)
+    write_tokenizer_config(model_copy(tmp_path),
+                           chat_template=[{"name": "tool_use", "template": "{{ tools }}"}])
+    (tmp_path / "chat_template.jinja").write_text(jinja)
+    tokenizer = Tokenizer.from_model_dir(str(tmp_path))
+    assert tokenizer.chat_template == jinja
+    assert tokenizer.chat_template_source == str(tmp_path / "chat_template.jinja")
+
+
+@pytest.mark.parametrize("key", ["bos_token", "eos_token"])
+def test_special_tokens_written_as_added_tokens_reach_the_template(key, tmp_path, rng):
+    """Older checkpoints (Llama 2, Mistral) write {"content": "<s>", "__type": "AddedToken",
+    ...}; it was dropped, so a template's {{ bos_token }} rendered as nothing."""
+    token = rng.choice(["<s>", "</s>", "<pad>"])
+    write_tokenizer_config(model_copy(tmp_path), **{key: {
+        "__type": "AddedToken", "content": token, "lstrip": False, "normalized": False,
+        "rstrip": False, "single_word": False}}, chat_template=f"{{{{ {key} }}}}|")
+    tokenizer = Tokenizer.from_model_dir(str(tmp_path))
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == f"{token}|"
+
+
+@pytest.mark.parametrize("key", ["bos_token", "eos_token"])
+def test_a_special_token_outside_the_vocabulary_is_named(key, tmp_path, rng):
+    """It loaded, and a template wrote it as text, which was tokenized into other tokens."""
+    token = f"<|{''.join(rng.choices('abcdefgh', k=6))}|>"
+    value = rng.choice([token, {"content": token}])
+    write_tokenizer_config(model_copy(tmp_path), **{key: value})
+    with pytest.raises(ValueError, match=re.escape(
+            f"{tmp_path / 'tokenizer_config.json'}: {key}={token!r} is not a token of the "
+            "vocabulary of tokenizer.json beside it")):
+        LLM(str(tmp_path), device="cpu")
+
+
+@pytest.mark.parametrize("value", [3, {"id": 1}, ["<s>"]])
+def test_a_special_token_that_is_no_string_is_named(value, tmp_path):
+    write_tokenizer_config(model_copy(tmp_path), bos_token=value)
+    with pytest.raises(ValueError, match=re.escape(
+            f"{tmp_path / 'tokenizer_config.json'}: bos_token={value!r} is invalid: expected a "
+            "token string")):
+        Tokenizer.from_model_dir(str(tmp_path))
+
+
+def test_an_added_token_numbered_outside_the_vocabulary_is_named(tmp_path, rng):
+    """The tokenizers package renumbers an added token whose id is beyond the vocabulary
+    (here 259, the next free id), so prompts held ids the checkpoint did not mean."""
+    model_copy(tmp_path)
+    path = tmp_path / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    size = len(spec["model"]["vocab"])
+    token_id = rng.randrange(size + 1, 4 * size)
+    spec["added_tokens"].append({"id": token_id, "content": "<|tool|>", "single_word": False,
+                                 "lstrip": False, "rstrip": False, "normalized": False,
+                                 "special": True})
+    path.write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=re.escape(
+            f"{path}: added token '<|tool|>' has id {token_id}, but the tokenizers package "
+            f"numbers it {size} (a vocabulary of {size} tokens)")):
+        LLM(str(tmp_path), device="cpu")
+    spec["added_tokens"][-1]["id"] = size
+    path.write_text(json.dumps(spec))
+    assert Tokenizer.from_model_dir(str(tmp_path)).encode("<|tool|>") == [size]

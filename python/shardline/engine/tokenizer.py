@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import re
+import reprlib
 import stat
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -47,14 +48,84 @@ def read_text_file(path: str) -> str | None:
                          f"{exc.start}") from None
 
 
+def read_tokenizer_config(path: str) -> dict:
+    """The JSON object in tokenizer_config.json at `path` ({} if there is none)."""
+    text = read_text_file(path)
+    if text is None:
+        return {}
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}: expected an object")
+    return config
+
+
+def default_chat_template(template: object, config_path: str) -> str | None:
+    """The template that serves chat, of tokenizer_config.json's "chat_template": a string,
+    or a list of named templates, of which the one named "default" (None if none is)."""
+    if isinstance(template, str):
+        return template
+    if not isinstance(template, list):
+        raise ValueError(f"{config_path}: chat_template={reprlib.repr(template)} is invalid: "
+                         'expected a Jinja template string or a list of {"name": ..., '
+                         '"template": ...} objects')
+    for i, named in enumerate(template):
+        if not (isinstance(named, dict) and isinstance(named.get("name"), str)
+                and isinstance(named.get("template"), str)):
+            raise ValueError(f"{config_path}: chat_template[{i}]={reprlib.repr(named)} is "
+                             'invalid: expected a {"name": ..., "template": ...} object of '
+                             "strings")
+    return next((named["template"] for named in template if named["name"] == "default"), None)
+
+
+def special_tokens(config: dict, config_path: str, tokenizer: _HFTokenizer) -> dict[str, str]:
+    """tokenizer_config.json's bos_token and eos_token (given as a string, or as an
+    AddedToken object holding it in "content"), which chat templates write into prompts;
+    each must be a token of the vocabulary, or the template's text would be split into
+    other tokens."""
+    tokens = {}
+    for key in ("bos_token", "eos_token"):
+        value = config.get(key)
+        token = value.get("content") if isinstance(value, dict) else value
+        if value is None:
+            continue
+        if not isinstance(token, str):
+            raise ValueError(f"{config_path}: {key}={reprlib.repr(value)} is invalid: expected "
+                             'a token string or an object {"content": token, ...}')
+        if tokenizer.token_to_id(token) is None:
+            raise ValueError(f"{config_path}: {key}={token!r} is not a token of the "
+                             "vocabulary of tokenizer.json beside it: expected one of its "
+                             "tokens")
+        tokens[key] = token
+    return tokens
+
+
+def check_added_token_ids(tokenizer: _HFTokenizer, spec: dict, path: str) -> None:
+    """Refuse an added token whose id in tokenizer.json is not the id the tokenizers package
+    gives it: one beyond the vocabulary or in use is renumbered silently, so the model
+    would see ids the checkpoint's author did not mean."""
+    for entry in spec.get("added_tokens") or []:
+        given = tokenizer.token_to_id(entry["content"])
+        if given != entry["id"]:
+            raise ValueError(f"{path}: added token {entry['content']!r} has id {entry['id']}, "
+                             f"but the tokenizers package numbers it {given} (a vocabulary "
+                             f"of {tokenizer.get_vocab_size(with_added_tokens=False)} tokens): "
+                             "expected each added token's id to be the next free one or its "
+                             "id in the vocabulary")
+
+
 class Tokenizer:
     """Thin wrapper so the engine depends on a few calls, not on a library's whole API."""
 
     def __init__(self, tokenizer: _HFTokenizer, chat_template: str | None = None,
-                 special_tokens: dict[str, str] | None = None) -> None:
+                 special_tokens: dict[str, str] | None = None,
+                 chat_template_source: str = "the chat template") -> None:
         self._tokenizer = tokenizer
         self.chat_template = chat_template
         self.special_tokens = special_tokens or {}
+        self.chat_template_source = chat_template_source   # the file, for errors
 
     @classmethod
     def from_model_dir(cls, model_dir: str) -> "Tokenizer | None":
@@ -70,26 +141,16 @@ class Tokenizer:
             raise ValueError(f"{path} cannot be loaded by the tokenizers package ({exc}): "
                              "expected a Hugging Face tokenizer.json, the JSON object "
                              "tokenizers' Tokenizer.save writes") from None
+        check_added_token_ids(tokenizer, json.loads(text), path)
         config_path = os.path.join(model_dir, "tokenizer_config.json")
-        config = {}
-        config_text = read_text_file(config_path)
-        if config_text is not None:
-            try:
-                config = json.loads(config_text)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
-            if not isinstance(config, dict):
-                raise ValueError(f"{config_path} holds a JSON {type(config).__name__}: "
-                                 "expected an object")
-        template = config.get("chat_template")
-        if isinstance(template, list):   # named templates: the default one serves chat
-            template = next((t["template"] for t in template if t.get("name") == "default"),
-                            None)
+        config = read_tokenizer_config(config_path)
+        template, source = None, config_path
+        if config.get("chat_template") is not None:
+            template = default_chat_template(config["chat_template"], config_path)
         if template is None:
-            template = read_text_file(os.path.join(model_dir, "chat_template.jinja"))
-        special = {k: v for k, v in config.items()
-                   if k in ("bos_token", "eos_token") and isinstance(v, str)}
-        return cls(tokenizer, template, special)
+            source = os.path.join(model_dir, "chat_template.jinja")
+            template = read_text_file(source)
+        return cls(tokenizer, template, special_tokens(config, config_path, tokenizer), source)
 
     @property
     def vocab_size(self) -> int:
