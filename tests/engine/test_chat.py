@@ -2,6 +2,7 @@
 template writes them, outputs in order, bad conversations refused by index; special
 tokens left out of the output text unless skip_special_tokens=False."""
 
+import os
 import random
 import re
 
@@ -82,6 +83,43 @@ def test_template_exceptions_and_json():
         render_chat(template, [{"role": "system", "content": "x"}])
     assert render_chat(template, [{"role": "user", "content": "é漢"}]) == \
         '[{"role": "user", "content": "é漢"}]'
+
+
+@pytest.fixture(scope="module")
+def broken_template_model(tmp_path_factory):
+    """tiny-llama whose chat_template.jinja is written by each test."""
+    from shardline.presets import resolve_model
+
+    source = resolve_model("tiny-llama")
+    target = tmp_path_factory.mktemp("broken-template")
+    for name in os.listdir(source):
+        os.symlink(os.path.join(source, name), target / name)
+    return target
+
+
+def test_a_template_that_does_not_compile_or_render_names_its_file(broken_template_model,
+                                                                    rng):
+    """A syntax error raised jinja2's bare TemplateSyntaxError, a failing template its bare
+    UndefinedError or ZeroDivisionError (a 500 from the server), naming no file. Each is a
+    ValueError naming the file, and the model keeps serving plain prompts."""
+    lines = rng.randint(0, 4)
+    turns = conversation(rng)
+    path = broken_template_model / "chat_template.jinja"
+    path.write_text("{{ messages[0].content }}\n" * lines + "{% for %}")
+    with LLM(str(broken_template_model), device="cpu", num_kv_blocks=32) as llm:
+        with pytest.raises(ValueError, match=re.escape(
+                f"{path}: the chat template does not compile: Expected an expression, got "
+                f"'end of statement block' (line {lines + 1} of the template)")):
+            llm.chat(turns, GREEDY)
+        assert len(llm.generate([[BOS_ID, 5]], GREEDY)[0].outputs[0].token_ids) == 6
+    for template, error in [(f"{{{{ messages[{len(turns)}].content }}}}",
+                             f"UndefinedError: list object has no element {len(turns)}"),
+                            ("{{ 1 / (messages | length - %d) }}" % len(turns),
+                             "ZeroDivisionError: division by zero")]:
+        path.write_text(template)
+        with pytest.raises(ValueError, match=re.escape(
+                f"{path}: the chat template failed on this conversation: {error}")):
+            Tokenizer.from_model_dir(str(broken_template_model)).apply_chat_template(turns)
 
 
 def test_special_tokens_are_skipped_in_text_by_default():

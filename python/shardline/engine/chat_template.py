@@ -49,12 +49,16 @@ def check_conversation(conversation: object, where: str) -> list[Message]:
     return checked
 
 
+class TemplateRefusal(ValueError):
+    """The template's raise_exception: it refuses the conversation, on purpose."""
+
+
 @functools.lru_cache(maxsize=8)
 def _compile(template: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
-        raise ValueError(f"the chat template refused the conversation: {message}")
+        raise TemplateRefusal(f"the chat template refused the conversation: {message}")
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
@@ -64,9 +68,26 @@ def _compile(template: str):
 
 
 def render_chat(template: str, messages: list[Message], add_generation_prompt: bool = True,
-                **variables: object) -> str:
+                source: str | None = None, **variables: object) -> str:
     """The prompt text of `messages` under `template` (checked by `check_conversation`);
-    `variables` (bos_token, eos_token, ...) are passed to the template as well."""
+    `variables` (bos_token, eos_token, ...) are passed to the template as well. A template
+    that does not compile, or fails on this conversation, is a ValueError naming `source`,
+    the file it came from: the model still serves plain prompts."""
+    from jinja2 import TemplateSyntaxError
+
+    where = f"{source}: " if source else ""
     messages = check_conversation(messages, "messages")
-    return _compile(template).render(messages=messages,
-                                     add_generation_prompt=add_generation_prompt, **variables)
+    try:
+        compiled = _compile(template)
+    except TemplateSyntaxError as exc:
+        raise ValueError(f"{where}the chat template does not compile: {exc.message} (line "
+                         f"{exc.lineno} of the template): expected a Jinja2 template as Hugging "
+                         "Face's renderer takes it") from None
+    try:
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               **variables)
+    except TemplateRefusal:
+        raise
+    except Exception as exc:   # the template is the checkpoint's code: any error is its own
+        raise ValueError(f"{where}the chat template failed on this conversation: "
+                         f"{type(exc).__name__}: {exc}") from None

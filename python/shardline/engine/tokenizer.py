@@ -121,7 +121,7 @@ class Tokenizer:
 
     def __init__(self, tokenizer: _HFTokenizer, chat_template: str | None = None,
                  special_tokens: dict[str, str] | None = None,
-                 chat_template_source: str = "the chat template") -> None:
+                 chat_template_source: str | None = None) -> None:
         self._tokenizer = tokenizer
         self.chat_template = chat_template
         self.special_tokens = special_tokens or {}
@@ -189,4 +189,4 @@ class Tokenizer:
             raise ValueError("the model has no chat template (tokenizer_config.json has no "
                              "chat_template): use generate() with a plain prompt")
         return render_chat(self.chat_template, messages, add_generation_prompt,
-                           **self.special_tokens)
+                           self.chat_template_source, **self.special_tokens)
