@@ -2,6 +2,7 @@
 template writes them, outputs in order, bad conversations refused by index; special
 tokens left out of the output text unless skip_special_tokens=False."""
 
+import datetime
 import os
 import random
 import re
@@ -120,6 +121,24 @@ def test_a_template_that_does_not_compile_or_render_names_its_file(broken_templa
         with pytest.raises(ValueError, match=re.escape(
                 f"{path}: the chat template failed on this conversation: {error}")):
             Tokenizer.from_model_dir(str(broken_template_model)).apply_chat_template(turns)
+
+
+def test_constructs_of_hugging_faces_renderer_render(rng):
+    """{% break %} and {% continue %} (jinja2's loopcontrols), {% generation %} blocks and
+    strftime_now, which Hugging Face's renderer provides, did not compile ("Encountered
+    unknown tag 'break'") or failed ("'strftime_now' is undefined")."""
+    roles = rng.choices(["user", "assistant"], k=rng.randint(2, 6))
+    turns = [{"role": role, "content": f"t{i}"} for i, role in enumerate(roles)]
+    stop = rng.randint(1, len(turns))
+    template = ("{% for m in messages %}{% if loop.index > " + str(stop) + " %}{% break %}"
+                "{% endif %}{% if m.role == 'assistant' %}{% continue %}{% endif %}"
+                "{% generation %}{{ m.content }};{% endgeneration %}{% endfor %}"
+                "{{ strftime_now('%Y') }}")
+    years = {str(datetime.date.today().year)}
+    rendered = render_chat(template, turns)
+    years.add(str(datetime.date.today().year))
+    kept = "".join(f"{m['content']};" for m in turns[:stop] if m["role"] == "user")
+    assert rendered in {kept + year for year in years}
 
 
 def test_special_tokens_are_skipped_in_text_by_default():

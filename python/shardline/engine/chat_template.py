@@ -1,9 +1,12 @@
 """Rendering a conversation into a prompt with a model's chat template (Jinja2).
 
 Chat templates are Jinja2 programs written for Hugging Face's renderer: blocks trimmed
-(`trim_blocks`, `lstrip_blocks`), a `raise_exception` function, a `tojson` filter that
-keeps non-ASCII text, and the variables `messages`, `add_generation_prompt`, `bos_token`
-and `eos_token`. They run sandboxed, since a template comes with the checkpoint.
+(`trim_blocks`, `lstrip_blocks`), `{% break %}` and `{% continue %}` in loops, a
+`{% generation %}` block (which marks the assistant's text for training; here it renders its
+body), the functions `raise_exception` and `strftime_now` (today's date, which Llama 3.x
+templates write), a `tojson` filter that keeps non-ASCII text, and the variables
+`messages`, `add_generation_prompt`, `bos_token` and `eos_token`. They run sandboxed,
+since a template comes with the checkpoint.
 
 A message's role must be one templates are written for (`ROLES`); a template writes an
 unknown one into the prompt as is (ChatML's `<|im_start|>robot`), a turn the model never
@@ -13,6 +16,7 @@ system role, is rendered as "system".
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import reprlib
@@ -53,6 +57,20 @@ class TemplateRefusal(ValueError):
     """The template's raise_exception: it refuses the conversation, on purpose."""
 
 
+def _generation_block():
+    """The Jinja2 extension of `{% generation %}...{% endgeneration %}`: its body alone."""
+    from jinja2.ext import Extension
+
+    class GenerationBlock(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    return GenerationBlock
+
+
 @functools.lru_cache(maxsize=8)
 def _compile(template: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -60,8 +78,11 @@ def _compile(template: str):
     def raise_exception(message: str) -> None:
         raise TemplateRefusal(f"the chat template refused the conversation: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True,
+        extensions=["jinja2.ext.loopcontrols", _generation_block()])
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda format: datetime.datetime.now().strftime(format)
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False,
                                                                   indent=indent)
     return env.from_string(template)
