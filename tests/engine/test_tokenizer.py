@@ -85,6 +85,22 @@ def test_a_tokenizer_file_that_is_not_a_file_is_named(name, kind, tmp_path):
         Tokenizer.from_model_dir(str(tmp_path))
 
 
+@pytest.mark.parametrize("name", [*TOKENIZER_FILES, "chat_template.jinja"])
+def test_a_tokenizer_file_linked_to_nothing_is_named(name, tmp_path, rng):
+    """A link whose target is gone (a Hugging Face cache whose blobs were deleted) was taken
+    for no file: a model without tokenizer ('the model has no tokenizer.json: pass token
+    ids'), without tokenizer_config.json or without chat template."""
+    model_copy(tmp_path)
+    path = tmp_path / name
+    if path.exists():
+        path.unlink()
+    target = str(tmp_path / "blobs" / f"{rng.getrandbits(64):016x}")
+    os.symlink(target, path)
+    with pytest.raises(ValueError, match=re.escape(
+            f"{path} is a symbolic link to {target!r}, which does not exist: expected a file")):
+        LLM(str(tmp_path), device="cpu")
+
+
 def test_a_chat_template_file_that_is_not_utf8_is_named(tmp_path, rng):
     """It raised a bare UnicodeDecodeError."""
     model_copy(tmp_path)

@@ -26,11 +26,15 @@ _BYTE_OF_CHAR = {char: byte for byte, char in byte_level_alphabet().items()}
 
 def read_text_file(path: str) -> str | None:
     """The UTF-8 text of the file `path`, None if there is none; a ValueError if `path` is
-    something else (a directory, or a FIFO, whose open would block forever) or not UTF-8,
-    a PermissionError if this user cannot read it."""
+    something else (a directory, a FIFO, whose open would block forever, or a link to
+    nothing, as a Hugging Face cache leaves when its blobs are deleted) or not UTF-8, a
+    PermissionError if this user cannot read it."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise ValueError(f"{path} is a symbolic link to {os.readlink(path)!r}, which does "
+                             "not exist: expected a file") from None
         return None
     if not stat.S_ISREG(mode):
         kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
