@@ -34,6 +34,20 @@ def test_a_file_that_is_not_gguf_is_named_as_a_file(tmp_path, rng):
         resolve_model(str(tmp_path / name))
 
 
+def test_a_link_to_nothing_and_a_fifo_are_named(tmp_path, rng):
+    """Both were 'neither an existing directory, a .gguf file nor a preset'."""
+    target = str(tmp_path / f"gone-{rng.getrandbits(32):08x}")
+    os.symlink(target, tmp_path / "link")
+    with pytest.raises(ValueError, match=re.escape(
+            f"model={str(tmp_path / 'link')!r} is a symbolic link to {target!r}, which does "
+            "not exist: expected a model directory")):
+        resolve_model(str(tmp_path / "link"))
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ValueError, match=re.escape(
+            f"model={str(tmp_path / 'fifo')!r} is neither a directory nor a file: expected")):
+        resolve_model(str(tmp_path / "fifo"))
+
+
 def test_a_path_under_home_is_expanded_as_a_shell_would(tmp_path, monkeypatch, rng):
     """'~/models/x' given from Python was refused as no directory (only the command line's
     shell expanded it); a path of that very name, where one exists, is kept."""

@@ -368,6 +368,8 @@ def model_path_problem(name_or_path: str) -> str | None:
     if os.path.isfile(path):
         return (f"is a file{expanded}, not a model directory, and not named *.gguf (is the "
                 f"model directory {os.path.dirname(os.path.abspath(path))!r}?)")
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"is a symbolic link{expanded} to {os.readlink(path)!r}, which does not exist"
     if os.path.lexists(path):
         return f"is neither a directory nor a file{expanded}"
     return f"is not a preset, and no file or directory exists at that path{expanded}"
