@@ -254,6 +254,15 @@ def test_a_config_json_that_is_not_a_file_is_named(tmp_path, kind):
         read_model_info(str(tmp_path))
 
 
+def test_a_config_json_linking_to_nothing_is_named(tmp_path, rng):
+    """A Hugging Face cache whose blobs were deleted: not 'has no config.json'."""
+    target = str(tmp_path / "blobs" / f"{rng.getrandbits(64):016x}")
+    os.symlink(target, tmp_path / "config.json")
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path))}/config.json is a symbolic "
+                                         f"link to '{re.escape(target)}', which does not exist"):
+        read_model_info(str(tmp_path))
+
+
 def test_a_null_partial_rotary_factor_rotates_the_whole_head(tmp_path):
     """null is the default (1), as for the other optional fields; building the model
     raised a TypeError (an int times None)."""

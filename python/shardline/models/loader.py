@@ -64,6 +64,9 @@ def read_config(model_dir: str) -> dict:
                                   f"(mode {os.stat(model_dir).st_mode & 0o777:o})")
         if os.path.exists(path):
             raise ValueError(f"{path} is not a regular file")
+        if os.path.islink(path):  # a Hugging Face cache whose blobs were deleted
+            raise ValueError(f"{path} is a symbolic link to {os.readlink(path)!r}, which does "
+                             "not exist")
         raise FileNotFoundError(f"model directory {model_dir!r} has no config.json")
     config = read_json_object(path)
     check_config(config, path, resolve_architecture(config))
