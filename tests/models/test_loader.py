@@ -121,7 +121,8 @@ def _config_with(tmp_path, preset: str, **changes) -> str:
 @pytest.mark.parametrize("preset, changes, error", [
     ("tiny-llama", {"hidden_size": None}, "hidden_size is missing"),
     ("tiny-llama", {"intermediate_size": None}, "intermediate_size is missing"),
-    ("tiny-llama", {"hidden_size": "128"}, "hidden_size='128' is invalid: it must be an integer >= 1"),
+    ("tiny-llama", {"hidden_size": "128"},
+     "hidden_size='128' is invalid: it must be an integer >= 1"),
     ("tiny-llama", {"num_hidden_layers": 0}, "num_hidden_layers=0 is invalid"),
     ("tiny-llama", {"num_hidden_layers": True}, "num_hidden_layers=True is invalid"),
     ("tiny-llama", {"vocab_size": -3}, "vocab_size=-3 is invalid"),
