@@ -5,6 +5,7 @@ names no maker, is kept."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,3 +88,45 @@ def test_another_namespaces_directory_is_kept(temp_root):
         record.write(f"{int(namespace) + 1} 999999999 1\n")
     assert rendezvous.sweep_abandoned() == []
     assert os.path.isdir(directory)
+
+
+def test_a_maker_that_proc_does_not_show_leaves_no_record(temp_root, rng):
+    """/proc showing another pid namespace than the maker's (`unshare --pid` without
+    --mount-proc): its own pid names no process there, or another one. Recorded anyway,
+    the directory of a live maker was swept as abandoned by the next engine."""
+    not_its_pid = rng.randint(2**22, 2**31 - 1)  # past the kernel's largest pid_max
+    script = f"import os\nos.getpid = lambda: {not_its_pid}\n" + MAKE_AND_WAIT
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, TMPDIR=str(temp_root)))
+    try:
+        directory = child.stdout.readline().strip()
+        assert os.path.isdir(directory), directory
+        assert not os.path.exists(os.path.join(directory, OWNER_FILE))
+        assert rendezvous.sweep_abandoned() == []
+        assert os.path.isdir(directory)
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+        child.stdout.close()
+
+
+def test_a_rendezvous_is_made_without_proc(temp_root):
+    """A sandbox with no /proc mounted (here: a tmpfs over it, in a mount namespace of the
+    test's own) starts engines as before the sweep existed: their directories name no
+    maker. It failed with FileNotFoundError on /proc/self/ns/pid."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("hiding /proc needs unshare as root")
+    script = ("from shardline.executor.rendezvous import FileRendezvous, sweep_abandoned\n"
+              "import os\n"
+              "assert sweep_abandoned() == []\n"
+              "own = FileRendezvous()\n"
+              "print(sorted(os.listdir(own.directory)))\n"
+              "own.release()\n"
+              "print(os.path.exists(own.directory))\n")
+    hidden = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f'mount -t tmpfs none /proc && exec "{sys.executable}" -c "$0"', script],
+        capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, TMPDIR=str(temp_root)))
+    assert hidden.returncode == 0, hidden.stderr
+    assert hidden.stdout.split("\n")[:2] == ["[]", "False"]

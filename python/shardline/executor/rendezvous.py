@@ -4,7 +4,8 @@ file store in a private directory that its last user removes (see executor.multi
 When the engine and all its workers are killed at once (`kill -9` of the whole process
 group), nobody is left to remove the directory. Each directory therefore names the process
 that made it, and making a new one removes those of this user whose maker is gone: a
-crash leaves nothing in the temporary directory past the next engine's start.
+crash leaves nothing in the temporary directory past the next engine's start. Where /proc
+is missing or shows another pid namespace, nothing is recorded or swept.
 """
 
 from __future__ import annotations
@@ -27,11 +28,26 @@ def _start_time(pid: int) -> str | None:
     return None if fields is None else fields[19]
 
 
+def _proc_is_this_namespaces() -> bool:
+    """Whether /proc is mounted and numbers processes as this pid namespace does. A sandbox
+    may have none, or the host's (`unshare --pid` without --mount-proc): there /proc/<pid>
+    is another process than this namespace's pid, and makers could be neither recorded
+    nor checked."""
+    try:
+        return os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        return False
+
+
 def _pid_namespace() -> str:
     return str(os.stat("/proc/self/ns/pid").st_ino)
 
 
-def _owner_record() -> str:
+def _owner_record() -> str | None:
+    """This process as a directory's maker; None where /proc cannot tell (see
+    _proc_is_this_namespaces): the directory then names no maker and is kept."""
+    if not _proc_is_this_namespaces():
+        return None
     pid = os.getpid()
     return f"{_pid_namespace()} {pid} {_start_time(pid)}\n"
 
@@ -50,6 +66,8 @@ def _abandoned(directory: str) -> bool:
 
 def sweep_abandoned() -> list[str]:
     """Remove this user's rendezvous directories whose maker has ended; returns them."""
+    if not _proc_is_this_namespaces():
+        return []
     root = tempfile.gettempdir()
     try:
         names = [name for name in os.listdir(root) if name.startswith(PREFIX)]
@@ -87,8 +105,10 @@ class FileRendezvous:
     def __init__(self) -> None:
         sweep_abandoned()
         self.directory = tempfile.mkdtemp(prefix=PREFIX)
-        with open(os.path.join(self.directory, OWNER_FILE), "w") as record:
-            record.write(_owner_record())
+        owner = _owner_record()
+        if owner is not None:
+            with open(os.path.join(self.directory, OWNER_FILE), "w") as record:
+                record.write(owner)
         self.url = f"file://{self.directory}/store"
         self.users = 1
         with self._lock:
