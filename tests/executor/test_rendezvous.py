@@ -10,10 +10,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
-from shardline.executor import rendezvous
+from shardline.executor import proc_stat, rendezvous
 from shardline.executor.rendezvous import OWNER_FILE, FileRendezvous
 
 MAKE_AND_WAIT = ("import sys, time\n"
@@ -55,6 +56,24 @@ def test_a_killed_makers_directory_goes_and_a_live_ones_stays(temp_root):
         alive.wait(timeout=30)
         killed.stdout.close()
         alive.stdout.close()
+
+
+def test_a_killed_maker_not_yet_waited_for_is_gone(temp_root):
+    """A maker killed under a parent that has not reaped it (a supervisor, a launcher
+    without wait) is a zombie: its pid and start time are still in /proc, and its
+    directory was kept for as long as the parent lived."""
+    zombie, abandoned = made_by_child(temp_root)
+    try:
+        zombie.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while proc_stat.stat_fields(zombie.pid)[0] != "Z":
+            assert time.monotonic() < deadline, "the child did not end"
+            time.sleep(0.01)
+        assert rendezvous.sweep_abandoned() == [abandoned]
+        assert not os.path.exists(abandoned)
+    finally:
+        zombie.wait(timeout=30)
+        zombie.stdout.close()
 
 
 def test_a_reused_pid_does_not_keep_a_directory(temp_root, rng):

@@ -20,6 +20,7 @@ from shardline.executor.proc_stat import stat_fields
 
 PREFIX = "shardline-rendezvous-"
 OWNER_FILE = "owner"
+ENDED_STATES = "ZXx"  # /proc/<pid>/stat states of a process that has ended
 
 
 def _start_time(pid: int) -> str | None:
@@ -53,15 +54,19 @@ def _owner_record() -> str | None:
 
 
 def _abandoned(directory: str) -> bool:
-    """Whether `directory`'s maker, a process of this pid namespace, has ended. A directory
-    without a readable record (another user's, one being made) is never abandoned."""
+    """Whether `directory`'s maker, a process of this pid namespace, has ended (a zombie
+    has: killed, its parent has not waited for it yet). A directory without a readable
+    record (another user's, one being made) is never abandoned."""
     try:
         with open(os.path.join(directory, OWNER_FILE)) as record:
             namespace, pid, started = record.read().split()
         pid = int(pid)
     except (OSError, ValueError):
         return False
-    return namespace == _pid_namespace() and _start_time(pid) != started
+    if namespace != _pid_namespace():
+        return False
+    fields = stat_fields(pid)
+    return fields is None or fields[0] in ENDED_STATES or fields[19] != started
 
 
 def sweep_abandoned() -> list[str]:
