@@ -8,7 +8,8 @@ import logging
 import re
 
 from shardline.executor import worker_group
-from multiproc_helpers import step
+from multiproc_helpers import make_config, start_world, step
+from process_hygiene import assert_gone
 
 
 def test_a_slow_step_is_reported_with_the_workers_stacks_and_still_answers(
@@ -34,3 +35,31 @@ def test_a_slow_step_is_reported_with_the_workers_stacks_and_still_answers(
     for rank, pid in enumerate(executor.worker_pids):
         assert stacks.count(f"--- the stacks of worker rank {rank} (pid {pid}):") == len(reports)
     assert executor.collective_rpc("identity")[1][1] == executor.worker_pids[1]
+
+
+def test_a_slow_step_shows_the_stacks_of_every_data_parallel_core(monkeypatch, caplog,
+                                                                   capfd, rng):
+    """Core 0's step may wait on core 1's rank (expert parallelism's all-to-all spans the
+    cores), and the engine reads core 0's step first: only core 0's worker showed its
+    stacks, not the rank it waited for."""
+    slow_after = rng.uniform(0.4, 0.8)
+    monkeypatch.setattr(worker_group, "SLOW_STEP_S", slow_after)
+    cores = start_world(make_config("SlowStepWorker", data_parallel_size=2))
+    try:
+        capfd.readouterr()
+        futures = [core.execute_model(step(f"r{i}"), non_block=True)
+                   for i, core in enumerate(cores)]
+        with caplog.at_level(logging.WARNING, logger="shardline"):
+            assert futures[0].result().req_ids == ["r0"]
+        reports = [r for r in caplog.records if "a step has waited" in r.getMessage()]
+        assert reports
+        stacks = capfd.readouterr().err
+        for rank, core in enumerate(cores):
+            header = f"--- the stacks of worker rank {rank} (pid {core.worker_pids[0]}):"
+            assert stacks.count(header) == len(reports), stacks[-2000:]
+        assert stacks.count("in execute_model") >= 2 * len(reports)
+        assert futures[1].result().req_ids == ["r1"]
+    finally:
+        for core in cores:
+            core.shutdown()
+        assert_gone([pid for core in cores for pid in core.worker_pids])

@@ -34,6 +34,7 @@ import logging.handlers
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_sentinels
@@ -105,6 +106,11 @@ class _Workers(WorkerGroup):
     """The processes, rings and log relay of one multi-process executor."""
 
     watcher_name = "shardline-worker-watch"
+    # The started groups of this process: a slow step shows the stacks of every group of
+    # its world (the data-parallel cores sharing its rendezvous), since a rank of another
+    # core may be what holds it up (expert parallelism's all-to-all spans the cores).
+    _started_lock = threading.Lock()
+    _started: list["_Workers"] = []
 
     def __init__(self, first_rank: int) -> None:
         super().__init__(first_rank)
@@ -116,7 +122,15 @@ class _Workers(WorkerGroup):
         self.log_listener = logging.handlers.QueueListener(self.log_queue, _RankLogs())
         self.started = False
         self.rendezvous: FileRendezvous | None = None
+        self.world: str | None = None  # the torch.distributed URL its ranks met at
         self.stopped_workers = StoppedWorkers()
+
+    def mark_started(self, world: str) -> None:
+        """Every worker serves: from now on a sibling's slow step may signal them."""
+        self.started = True
+        self.world = world
+        with self._started_lock:
+            self._started.append(self)
 
     def close_rings(self) -> None:
         broadcast = [self.rpc_broadcast_mq] if self.rpc_broadcast_mq else []
@@ -159,13 +173,17 @@ class _Workers(WorkerGroup):
     def dump_stacks(self) -> str:
         # One worker at a time, each under a header: their writes to the shared stderr
         # would interleave otherwise.
-        for i, proc in enumerate(self.procs):
-            sys.stderr.write(f"--- the stacks of worker rank {self.first_rank + i} "
-                             f"(pid {proc.pid}):\n")
-            sys.stderr.flush()
-            with contextlib.suppress(OSError):  # ended meanwhile: the watcher tells
-                os.kill(proc.pid, DUMP_STACKS_SIGNAL)
-            time.sleep(STACKS_GAP_S)
+        with self._started_lock:
+            world = sorted((group for group in self._started if group.world == self.world),
+                           key=lambda group: group.first_rank)
+        for group in world:
+            for i, proc in enumerate(group.procs):
+                sys.stderr.write(f"--- the stacks of worker rank {group.first_rank + i} "
+                                 f"(pid {proc.pid}):\n")
+                sys.stderr.flush()
+                with contextlib.suppress(OSError):  # ended meanwhile: the watcher tells
+                    os.kill(proc.pid, DUMP_STACKS_SIGNAL)
+                time.sleep(STACKS_GAP_S)
         return "on this process's stderr, which the workers share"
 
     def stalled(self) -> str | None:
@@ -195,6 +213,9 @@ class _Workers(WorkerGroup):
                 proc.join(SHUTDOWN_GRACE_S)
 
     def release(self) -> None:
+        with self._started_lock:
+            if self in self._started:
+                self._started.remove(self)
         self.close_rings()
         for conn in self.last_words:
             conn.close()
@@ -264,7 +285,7 @@ class MultiProcExecutor(WorkerGroupExecutor):
                                                    reader_pids=[p.pid for p in workers.procs])
         except (PeerDied, TimeoutError) as exc:
             raise self._attach_failure(exc) from None
-        workers.started = True
+        workers.mark_started(init_method)
 
     def _attach_failure(self, exc: Exception) -> EngineDeadError:
         """The error of a start whose rings the workers did not all join (`exc`): one
