@@ -3,6 +3,8 @@ the worlds of ranks they start (tensor- or data-parallel) and a decode step to s
 
 from __future__ import annotations
 
+import logging
+
 from shardline.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from shardline.executor.data_parallel import create_data_parallel_executors
 from shardline.executor.multiproc import MultiProcExecutor
@@ -33,3 +35,17 @@ def step(*req_ids: str) -> SchedulerOutput:
     return SchedulerOutput(
         cached_requests=CachedRequests.of(CachedRequestData(r, [1], [], 0) for r in req_ids),
         num_scheduled_tokens={r: 1 for r in req_ids})
+
+
+def slow_step_reports_of_core_0(cores: list, caplog) -> int:
+    """Send a step to every data-parallel core and read core 0's first, as the engine
+    does, while the others' still run; the slow-step reports logged meanwhile. Every step
+    answers."""
+    futures = [core.execute_model(step(f"r{i}"), non_block=True)
+               for i, core in enumerate(cores)]
+    with caplog.at_level(logging.WARNING, logger="shardline"):
+        assert futures[0].result().req_ids == ["r0"]
+    reports = sum("a step has waited" in record.getMessage() for record in caplog.records)
+    assert [future.result().req_ids for future in futures] == [[f"r{i}"] for i in
+                                                                range(len(cores))]
+    return reports

@@ -43,7 +43,7 @@ from shardline.executor.ray import RayExecutor, ranks_sharing_node  # noqa: E402
 from shardline.worker.worker import RANKS_ON_NODE_ENV, cpu_threads  # noqa: E402
 from process_hygiene import leaked_segments, shm_segments  # noqa: E402
 from stub_workers import NUM_KV_BLOCKS  # noqa: E402
-from multiproc_helpers import make_config, step  # noqa: E402
+from multiproc_helpers import make_config, slow_step_reports_of_core_0, step  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENGINE = dict(block_size=4, num_kv_blocks=24, max_num_batched_tokens=16, max_num_seqs=8,
@@ -225,6 +225,30 @@ def test_a_slow_step_is_reported_with_every_ranks_stacks_in_its_log(cluster, mon
             assert err.count("in execute_model") >= len(reports), (pid, err[-1000:])
     finally:
         executor.shutdown()
+    wait_gone(pids)
+
+
+def test_a_slow_step_shows_the_stacks_of_every_data_parallel_core(cluster, monkeypatch,
+                                                                   caplog, rng):
+    """Core 0's step may wait on core 1's rank (expert parallelism's all-to-all spans the
+    cores), and the engine reads core 0's step first: core 1's rank wrote no stacks."""
+    from shardline.executor.data_parallel import create_data_parallel_executors
+
+    monkeypatch.setattr(worker_group, "SLOW_STEP_S", rng.uniform(0.5, 1.0))
+    config = make_config("SlowStepWorker", data_parallel_size=2)
+    config.parallel.distributed_executor_backend = "ray"
+    cores = create_data_parallel_executors(config)
+    pids = [core.worker_pids[0] for core in cores]
+    try:
+        reports = slow_step_reports_of_core_0(cores, caplog)
+        assert reports
+        logs = ray._private.worker._global_node.get_logs_dir_path()
+        for pid in pids:
+            err = "".join(open(path).read() for path in glob.glob(f"{logs}/*-{pid}.err"))
+            assert err.count("in execute_model") >= reports, (pid, err[-1000:])
+    finally:
+        for core in cores:
+            core.shutdown()
     wait_gone(pids)
 
 

@@ -34,7 +34,6 @@ import logging.handlers
 import multiprocessing
 import os
 import sys
-import threading
 import time
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_sentinels
@@ -106,11 +105,6 @@ class _Workers(WorkerGroup):
     """The processes, rings and log relay of one multi-process executor."""
 
     watcher_name = "shardline-worker-watch"
-    # The started groups of this process: a slow step shows the stacks of every group of
-    # its world (the data-parallel cores sharing its rendezvous), since a rank of another
-    # core may be what holds it up (expert parallelism's all-to-all spans the cores).
-    _started_lock = threading.Lock()
-    _started: list["_Workers"] = []
 
     def __init__(self, first_rank: int) -> None:
         super().__init__(first_rank)
@@ -122,15 +116,7 @@ class _Workers(WorkerGroup):
         self.log_listener = logging.handlers.QueueListener(self.log_queue, _RankLogs())
         self.started = False
         self.rendezvous: FileRendezvous | None = None
-        self.world: str | None = None  # the torch.distributed URL its ranks met at
         self.stopped_workers = StoppedWorkers()
-
-    def mark_started(self, world: str) -> None:
-        """Every worker serves: from now on a sibling's slow step may signal them."""
-        self.started = True
-        self.world = world
-        with self._started_lock:
-            self._started.append(self)
 
     def close_rings(self) -> None:
         broadcast = [self.rpc_broadcast_mq] if self.rpc_broadcast_mq else []
@@ -173,10 +159,7 @@ class _Workers(WorkerGroup):
     def dump_stacks(self) -> str:
         # One worker at a time, each under a header: their writes to the shared stderr
         # would interleave otherwise.
-        with self._started_lock:
-            world = sorted((group for group in self._started if group.world == self.world),
-                           key=lambda group: group.first_rank)
-        for group in world:
+        for group in self.world_groups():
             for i, proc in enumerate(group.procs):
                 sys.stderr.write(f"--- the stacks of worker rank {group.first_rank + i} "
                                  f"(pid {proc.pid}):\n")
@@ -213,9 +196,6 @@ class _Workers(WorkerGroup):
                 proc.join(SHUTDOWN_GRACE_S)
 
     def release(self) -> None:
-        with self._started_lock:
-            if self in self._started:
-                self._started.remove(self)
         self.close_rings()
         for conn in self.last_words:
             conn.close()
@@ -285,7 +265,8 @@ class MultiProcExecutor(WorkerGroupExecutor):
                                                    reader_pids=[p.pid for p in workers.procs])
         except (PeerDied, TimeoutError) as exc:
             raise self._attach_failure(exc) from None
-        workers.mark_started(init_method)
+        workers.started = True
+        workers.mark_serving(init_method)  # the world's URL, which its cores share
 
     def _attach_failure(self, exc: Exception) -> EngineDeadError:
         """The error of a start whose rings the workers did not all join (`exc`): one

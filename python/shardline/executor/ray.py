@@ -129,8 +129,9 @@ class _Actors(WorkerGroup):
                 for agent, indices in zip(self.agents, reply_indices)]
 
     def dump_stacks(self) -> str:
-        for agent in self.agents:
-            agent.dump_stacks.remote()
+        for group in self.world_groups():
+            for agent in group.agents:
+                agent.dump_stacks.remote()
         return ("in the ranks' Ray worker logs (shown by the driver, each line under its "
                 "actor's pid, unless Ray was started with log_to_driver=False)")
 
@@ -232,6 +233,7 @@ class RayExecutor(WorkerGroupExecutor):
                 f"node agent of ranks {[self.first_rank + i for i in indices]} (pid {agent_pid})")
             actors.node_ranks_of[ref] = [f"worker rank {self.first_rank + i} (pid "
                                          f"{infos[i]['pid']})" for i in indices]
+        actors.mark_serving(world)
 
     def _get(self, refs: list[Any], phase: str) -> list[Any]:
         """Results of startup calls; EngineDeadError if one fails, a rank's serving loop

@@ -76,9 +76,16 @@ class WorkerGroup(ABC):
     """
 
     watcher_name = "shardline-watch"
+    # The serving groups of this process: a slow step shows the stacks of every group of
+    # its world (the data-parallel cores), since a rank of another core may be what holds
+    # it up (expert parallelism's all-to-all spans the cores), and the engine reads the
+    # cores' steps one after the other.
+    _serving_lock = threading.Lock()
+    _serving: list["WorkerGroup"] = []
 
     def __init__(self, first_rank: int) -> None:
         self.first_rank = first_rank
+        self.world: Any = None  # what the data-parallel cores of one world share
         self.dead: EngineDeadError | None = None
         self.lock = threading.Lock()
         self.on_death: list[Callable[[EngineDeadError], None]] = []
@@ -112,9 +119,23 @@ class WorkerGroup(ABC):
         do where waiting calls check `dead` on their own."""
 
     def dump_stacks(self) -> str | None:
-        """Ask every live worker to write its threads' Python stacks to its stderr; where
-        they go (for the slow-step warning), or None where the group cannot ask."""
+        """Ask every live worker of the world's groups (world_groups) to write its threads'
+        Python stacks to its stderr; where they go (for the slow-step warning), or None
+        where the group cannot ask."""
         return None
+
+    def mark_serving(self, world: Any) -> None:
+        """Every worker serves (one signalled before it set up its stack dump would die of
+        the signal): from now on the slow steps of `world`'s groups show its stacks."""
+        self.world = world
+        with self._serving_lock:
+            self._serving.append(self)
+
+    def world_groups(self) -> list["WorkerGroup"]:
+        """The serving groups of this group's world, in rank order."""
+        with self._serving_lock:
+            return sorted((group for group in self._serving if group.world == self.world),
+                          key=lambda group: group.first_rank)
 
     def set_dead(self, error: EngineDeadError) -> bool:
         """Record why the executor stopped, so that every waiting and later call raises
@@ -195,6 +216,9 @@ class WorkerGroup(ABC):
         if self.stopped:
             return
         self.stopping = True
+        with self._serving_lock:
+            if self in self._serving:
+                self._serving.remove(self)
         self.stop_workers()
         with self.lock:
             self.stopped = True
