@@ -264,6 +264,40 @@ def test_a_config_json_linking_to_nothing_is_named(tmp_path, rng):
         read_model_info(str(tmp_path))
 
 
+def test_a_config_json_in_a_loop_or_chain_of_links_is_named(tmp_path, rng):
+    """A loop of links, or a chain whose last link names nothing, was reported as a link
+    to its first target 'which does not exist' (that target exists: it is a link)."""
+    hop = tmp_path / f"hop-{rng.getrandbits(32):08x}"
+    os.symlink(hop.name, tmp_path / "config.json")
+    os.symlink("config.json", hop)
+    with pytest.raises(ValueError, match=f"config.json is a symbolic link to '{hop.name}': a "
+                                         "loop of symbolic links$"):
+        read_model_info(str(tmp_path))
+    hop.unlink()
+    missing = tmp_path / "blobs" / f"{rng.getrandbits(64):016x}"
+    os.symlink(missing, hop)
+    with pytest.raises(ValueError, match=f"link to '{hop.name}', whose chain of links ends at "
+                                         f"'{re.escape(os.path.realpath(missing))}', which does "
+                                         "not exist"):
+        read_model_info(str(tmp_path))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reaches every file")
+def test_a_config_json_linking_where_this_user_cannot_reach_is_a_permission_error(tmp_path,
+                                                                                    rng):
+    """A cache's blobs in a directory this user cannot enter: not 'does not exist'."""
+    blobs = tmp_path / f"blobs-{rng.getrandbits(32):08x}"
+    blobs.mkdir()
+    (blobs / "config.json").write_text("{}")
+    os.symlink(blobs / "config.json", tmp_path / "config.json")
+    blobs.chmod(0)
+    try:
+        with pytest.raises(PermissionError, match="which this user cannot reach"):
+            read_model_info(str(tmp_path))
+    finally:
+        blobs.chmod(0o700)
+
+
 def test_a_null_partial_rotary_factor_rotates_the_whole_head(tmp_path):
     """null is the default (1), as for the other optional fields; building the model
     raised a TypeError (an int times None)."""

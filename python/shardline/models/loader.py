@@ -8,6 +8,7 @@ error that names it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -54,6 +55,23 @@ class ModelInfo:
     num_experts: int = 0
 
 
+def _broken_link(path: str) -> ValueError | PermissionError:
+    """Why the symbolic link `path` leads to no file: its target (or, through a chain of
+    links, the last one's) does not exist, the links loop, or this user cannot reach it."""
+    link = f"{path} is a symbolic link to {os.readlink(path)!r}"
+    try:
+        os.stat(path)
+    except PermissionError:
+        return PermissionError(f"{link}, which this user cannot reach")
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return ValueError(f"{link}: a loop of symbolic links")
+    if os.path.islink(os.path.join(os.path.dirname(path), os.readlink(path))):
+        return ValueError(f"{link}, whose chain of links ends at {os.path.realpath(path)!r}, "
+                          "which does not exist")
+    return ValueError(f"{link}, which does not exist")
+
+
 def read_config(model_dir: str) -> dict:
     """config.json of `model_dir`, checked: a ValueError names the file and the field of a
     config the model could not be built from."""
@@ -65,8 +83,7 @@ def read_config(model_dir: str) -> dict:
         if os.path.exists(path):
             raise ValueError(f"{path} is not a regular file")
         if os.path.islink(path):  # a Hugging Face cache whose blobs were deleted
-            raise ValueError(f"{path} is a symbolic link to {os.readlink(path)!r}, which does "
-                             "not exist")
+            raise _broken_link(path)
         raise FileNotFoundError(f"model directory {model_dir!r} has no config.json")
     config = read_json_object(path)
     check_config(config, path, resolve_architecture(config))
