@@ -5,7 +5,10 @@ its Python stacks to the stderr it shares with the engine."""
 from __future__ import annotations
 
 import logging
+import os
 import re
+import signal
+import time
 
 from shardline.executor import worker_group
 from multiproc_helpers import make_config, slow_step_reports_of_core_0, start_world, step
@@ -58,3 +61,24 @@ def test_a_slow_step_shows_the_stacks_of_every_data_parallel_core(monkeypatch, c
         for core in cores:
             core.shutdown()
         assert_gone([pid for core in cores for pid in core.worker_pids])
+
+
+def test_an_ended_worker_is_not_signalled(make_executor, capfd, rng):
+    """A worker that ended between the step's timeout and the report, before the watcher
+    stopped the group: its pid, once reaped, may name another process, which SIGUSR1
+    would end. The others still show their stacks."""
+    executor = make_executor("StubWorker", tensor_parallel_size=2)
+    pids = executor.worker_pids
+    victim = rng.randrange(2)
+    # The watcher stands aside (as during a shutdown): it would stop the survivor.
+    executor._group.stopping = True
+    os.kill(pids[victim], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while executor._group.procs[victim].exitcode is None:  # reaped, here or by the watcher
+        assert time.monotonic() < deadline, "the killed worker did not end"
+        time.sleep(0.01)
+    capfd.readouterr()
+    executor._group.dump_stacks()
+    stacks = capfd.readouterr().err
+    assert f"--- the stacks of worker rank {victim} " not in stacks, stacks[-2000:]
+    assert f"--- the stacks of worker rank {1 - victim} (pid {pids[1 - victim]}):" in stacks

@@ -161,6 +161,8 @@ class _Workers(WorkerGroup):
         # would interleave otherwise.
         for group in self.world_groups():
             for i, proc in enumerate(group.procs):
+                if proc.exitcode is not None:  # reaped, its pid may be another process's now
+                    continue
                 sys.stderr.write(f"--- the stacks of worker rank {group.first_rank + i} "
                                  f"(pid {proc.pid}):\n")
                 sys.stderr.flush()
