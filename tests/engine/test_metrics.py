@@ -136,7 +136,8 @@ def test_async_llm_metrics_while_streaming_and_after_shutdown(rng):
 
 def test_a_failed_engine_counts_no_request_running_or_waiting(rng):
     """The engine fails mid-stream (a dead worker): its requests' streams end with the
-    error, and the metrics no longer count them as running or waiting."""
+    error, and the metrics no longer count them as running or waiting, nor their KV
+    blocks as used (kv_usage kept its last value for as long as the server ran)."""
     engine = make_engine(max_num_seqs=2)
     step, steps_left = engine.step, rng.randint(1, 5)
 
@@ -161,6 +162,8 @@ def test_a_failed_engine_counts_no_request_running_or_waiting(rng):
 
     metrics = asyncio.run(asyncio.wait_for(run(), TIMEOUT))
     assert metrics["num_requests_running"] == metrics["num_requests_waiting"] == 0
+    assert metrics["kv_blocks_used"] == metrics["kv_usage"] == 0
+    assert metrics["kv_blocks_total"] == engine.kv.num_blocks
     assert metrics["num_steps"] > 0
     llm.shutdown()
 

@@ -184,7 +184,8 @@ class AsyncLLM:
         """The engine's metrics as a plain dict (see engine.metrics.engine_metrics), read by
         the engine thread between steps. Once the engine has stopped (failed or shut down)
         they are read here, without the per-rank step times, and count no request running
-        or waiting: each has ended, its stream with the error."""
+        or waiting and no KV block in use: each request has ended, its stream with the
+        error, and the KV cache went with the engine."""
         waiter = _Stream("metrics")
         if self._post(_Call(engine_metrics, waiter), refuse=False):
             _, item = await waiter.queue.get()
@@ -194,6 +195,7 @@ class AsyncLLM:
                 return item.value
         metrics = engine_metrics(self.engine, per_rank=False)
         metrics["num_requests_running"] = metrics["num_requests_waiting"] = 0
+        metrics["kv_blocks_used"], metrics["kv_usage"] = 0, 0.0
         return metrics
 
     def shutdown(self) -> None:
