@@ -127,11 +127,13 @@ def run_worker_joining_late(args, handle_conn, log_queue) -> None:
 
 
 class SlowStepWorker(StubWorker):
-    """Takes 3 s over every step, so that steps are still in flight when a test kills a
+    """Takes STEP_S over every step, so that steps are still in flight when a test kills a
     worker."""
 
+    STEP_S = 3.0
+
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        time.sleep(3.0)
+        time.sleep(self.STEP_S)
         return super().execute_model(scheduler_output)
 
 
