@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from shardline.executor.proc_stat import start_time, still_running
 from shardline.executor.stopped_workers import StoppedWorkers
 from shardline.executor.worker_group import WATCH_POLL_S
 from shardline.executor.worker_proc import (ATTACH_TIMEOUT_S, DUMP_STACKS_SIGNAL,
@@ -106,6 +107,7 @@ class NodeAgent:
         self.reading_ticket = 0
         self.closed = threading.Event()
         self.rank_pids: list[int] = []
+        self.rank_start_times: list[str | None] = []
 
     def connect(self, responses: list[MessageQueueHandle]) -> tuple[MessageQueueHandle, int]:
         """Attach to the ranks' response rings (in the node's rank order) and create the
@@ -117,6 +119,7 @@ class NodeAgent:
     def wait_attached(self, timeout: float, reader_pids: list[int]) -> None:
         self.rpc_broadcast_mq.wait_attached(timeout, reader_pids=reader_pids)
         self.rank_pids = list(reader_pids)
+        self.rank_start_times = [start_time(pid) for pid in reader_pids]
 
     def call(self, call_id: int, message: list, reply_indices: list[int]) -> list[Any]:
         """Write call `call_id` into the ring once the calls before it are in; then read
@@ -179,8 +182,12 @@ class NodeAgent:
     def dump_stacks(self) -> None:
         """Ask this node's ranks to write their Python stacks to their stderr (the slow-step
         warning: see worker_group), one at a time, as the multi-process executor does."""
-        for pid in self.rank_pids:
-            with contextlib.suppress(OSError):  # ended meanwhile: the watcher tells
+        for pid, started in zip(self.rank_pids, self.rank_start_times):
+            # A rank that has ended is skipped: its pid may be another process's now (the
+            # ranks are no children of the agent's), which the signal would end.
+            if started is not None and not still_running(pid, started):
+                continue
+            with contextlib.suppress(OSError):  # ended since
                 os.kill(pid, DUMP_STACKS_SIGNAL)
             time.sleep(STACKS_GAP_S)
 

@@ -16,19 +16,10 @@ import stat
 import tempfile
 import threading
 
-from shardline.executor.proc_stat import stat_fields
+from shardline.executor.proc_stat import start_time, still_running
 
 PREFIX = "shardline-rendezvous-"
 OWNER_FILE = "owner"
-ENDED_STATES = "ZXx"  # /proc/<pid>/stat states of a process that has ended
-
-
-def _start_time(pid: int) -> str | None:
-    """Process `pid`'s start time, which a later process reusing the pid does not share."""
-    fields = stat_fields(pid)
-    return None if fields is None else fields[19]
-
-
 def _proc_is_this_namespaces() -> bool:
     """Whether /proc is mounted and numbers processes as this pid namespace does. A sandbox
     may have none, or the host's (`unshare --pid` without --mount-proc): there /proc/<pid>
@@ -50,7 +41,7 @@ def _owner_record() -> str | None:
     if not _proc_is_this_namespaces():
         return None
     pid = os.getpid()
-    return f"{_pid_namespace()} {pid} {_start_time(pid)}\n"
+    return f"{_pid_namespace()} {pid} {start_time(pid)}\n"
 
 
 def _abandoned(directory: str) -> bool:
@@ -65,8 +56,7 @@ def _abandoned(directory: str) -> bool:
         return False
     if namespace != _pid_namespace():
         return False
-    fields = stat_fields(pid)
-    return fields is None or fields[0] in ENDED_STATES or fields[19] != started
+    return not still_running(pid, started)
 
 
 def sweep_abandoned() -> list[str]:
