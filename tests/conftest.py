@@ -121,6 +121,32 @@ def tiny_chat_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture
+def engine_kwargs(monkeypatch) -> dict:
+    """The keyword arguments the next `LLM(...)` is given (the CLI's engine options),
+    filled in when it is called; the call then fails with ValueError("recorded")."""
+    from shardline.engine import llm
+
+    seen = {}
+
+    def record(model, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("recorded")
+    monkeypatch.setattr(llm, "LLM", record)
+    return seen
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails a test whose command builds an engine (`LLM(...)`): its input must be refused
+    before the model loads."""
+    from shardline.engine import llm
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+    monkeypatch.setattr(llm, "LLM", load)
+
+
+@pytest.fixture
 def no_spawn(monkeypatch):
     """Fails a test that starts a process (and refuses the start), or leaves one running:
     for checks that must happen before any worker is spawned."""

@@ -130,74 +130,27 @@ def test_traceback_flag_lets_the_error_through(monkeypatch):
         main(["--traceback", "demo", "--model", "tiny-llama"])
 
 
-def test_layout_flags_reach_the_engine(monkeypatch):
-    seen = {}
+def test_layout_flags_reach_the_engine(engine_kwargs):
+    def given(*names):
+        return tuple(engine_kwargs[name] for name in names)
 
-    def record(model, **kwargs):
-        seen.update(kwargs)
-        raise ValueError("recorded")
-    monkeypatch.setattr(llm_module, "LLM", record)
     assert main(["generate", "--model", "tiny-llama", "-p", "x", "-dp", "2", "-tp", "2",
                  "-pp", "3", "-sp", "4", "--enable-expert-parallel"]) == 2
-    assert {k: seen[k] for k in ("data_parallel_size", "tensor_parallel_size",
-                                 "pipeline_parallel_size", "sequence_parallel_size",
-                                 "enable_expert_parallel")} == {
-        "data_parallel_size": 2, "tensor_parallel_size": 2, "pipeline_parallel_size": 3,
-        "sequence_parallel_size": 4, "enable_expert_parallel": True}
+    assert given("data_parallel_size", "tensor_parallel_size", "pipeline_parallel_size",
+                 "sequence_parallel_size", "enable_expert_parallel") == (2, 2, 3, 4, True)
     main(["generate", "--model", "tiny-llama", "-p", "x"])
-    assert (seen["data_parallel_size"], seen["sequence_parallel_size"],
-            seen["enable_expert_parallel"], seen["ray_address"]) == (1, 1, False, None)
+    assert given("data_parallel_size", "sequence_parallel_size", "enable_expert_parallel",
+                 "ray_address") == (1, 1, False, None)
     main(["generate", "--model", "tiny-llama", "-p", "x", "--distributed-executor-backend",
           "ray", "--ray-address", "auto"])
-    assert (seen["distributed_executor_backend"], seen["ray_address"]) == ("ray", "auto")
-
-
-def test_chat_answers_one_message(tiny_chat_model, capsys):
-    assert main(["chat", "-m", tiny_chat_model, "--device", "cpu", "--message", "Hi there",
-                 "--max-tokens", "4"]) == 0
-    answer = capsys.readouterr().out.strip()
-    assert answer and "\n" not in answer
-
-
-def test_chat_keeps_the_conversation_across_turns(tiny_chat_model, monkeypatch, capsys):
-    seen = []
-    real_chat = llm_module.LLM.chat
-
-    def spy(self, messages, *args, **kwargs):
-        seen.append([dict(m) for m in messages])
-        return real_chat(self, messages, *args, **kwargs)
-    monkeypatch.setattr(llm_module.LLM, "chat", spy)
-    turns = iter(["first question", "second question", ""])
-    monkeypatch.setattr("builtins.input", lambda prompt: next(turns))
-    assert main(["chat", "-m", tiny_chat_model, "--device", "cpu", "--system", "Be brief",
-                 "--max-tokens", "3"]) == 0
-    assert [m["role"] for m in seen[1]] == ["system", "user", "assistant", "user"]
-    assert seen[1][1]["content"] == "first question" and seen[1][3]["content"] == "second question"
-    assert capsys.readouterr().out.count("assistant: ") == 2
-
-
-def test_chat_without_a_template_is_one_clear_line(capsys):
-    assert main(["chat", "-m", "tiny-llama", "--device", "cpu", "--message", "hi"]) == 2
-    assert "has no chat template" in capsys.readouterr().err
+    assert given("distributed_executor_backend", "ray_address") == ("ray", "auto")
 
 
 @pytest.mark.parametrize("flags, expected", [([], None), (["--async-scheduling"], True),
                                               (["--no-async-scheduling"], False)])
-def test_async_scheduling_flag_reaches_the_engine(flags, expected, monkeypatch):
-    seen = {}
-
-    def record(model, **kwargs):
-        seen.update(kwargs)
-        raise ValueError("recorded")
-    monkeypatch.setattr(llm_module, "LLM", record)
+def test_async_scheduling_flag_reaches_the_engine(flags, expected, engine_kwargs):
     assert main(["generate", "--model", "tiny-llama", "-p", "x", *flags]) == 2
-    assert seen["async_scheduling"] is expected
-
-
-def _refuse_to_load(monkeypatch):
-    def load(*args, **kwargs):
-        raise AssertionError("the model was loaded before the flags were checked")
-    monkeypatch.setattr(llm_module, "LLM", load)
+    assert engine_kwargs["async_scheduling"] is expected
 
 
 @pytest.mark.parametrize("command, flags, named", [
@@ -209,11 +162,10 @@ def _refuse_to_load(monkeypatch):
      f"--seed {2**64 - 2} is invalid: must be None or an integer from -2**63 to 2**64 - 3"),
     ("chat", ["--temperature", "-0.5"], "--temperature -0.5 is invalid: must be 0 (greedy)"),
 ])
-def test_sampling_flags_are_checked_before_the_model_loads(command, flags, named, monkeypatch,
+def test_sampling_flags_are_checked_before_the_model_loads(command, flags, named, no_model_load,
                                                           capsys):
     """Each is named by its flag; the error named the SamplingParams field
     ("SamplingParams.top_p=1.5"), which the command line has no such name for."""
-    _refuse_to_load(monkeypatch)
     model = ["-m", "tiny-llama"] + (["-p", "x"] if command == "generate" else ["--message", "x"])
     assert main([command, *model, *flags]) == 2
     err = capsys.readouterr().err
@@ -224,8 +176,7 @@ def test_sampling_flags_are_checked_before_the_model_loads(command, flags, named
                                            ("generate", "--max-tokens"), ("generate", "-n"),
                                            ("chat", "--max-tokens")])
 @pytest.mark.parametrize("value", ["0", "-3", "two"])
-def test_counts_below_one_are_refused_by_flag(command, flag, value, monkeypatch, capsys):
-    _refuse_to_load(monkeypatch)
+def test_counts_below_one_are_refused_by_flag(command, flag, value, no_model_load, capsys):
     extra = ["-p", "x"] if command == "generate" else []
     with pytest.raises(SystemExit) as done:
         main([command, "-m", "tiny-llama", *extra, flag, value])
@@ -321,53 +272,6 @@ def test_commands_shorten_openmp_spinning_unless_the_user_chose(chosen, expected
     assert done.stdout.split()[-3:] == [*expected, "False"]
 
 
-def test_chat_drops_a_turn_that_does_not_fit_and_goes_on(tiny_chat_model, rng, monkeypatch,
-                                                         capsys):
-    """A turn that made the conversation longer than --max-model-len ended the session
-    (exit 2), and the conversation with it."""
-    seen = []
-    real_chat = llm_module.LLM.chat
-
-    def spy(self, messages, *args, **kwargs):
-        seen.append([m["content"] for m in messages])
-        return real_chat(self, messages, *args, **kwargs)
-    monkeypatch.setattr(llm_module.LLM, "chat", spy)
-    limit = rng.randint(48, 128)
-    too_long = "".join(rng.choice("abcdefgh") for _ in range(3 * limit))
-    turns = iter(["first", too_long, "third", ""])
-    monkeypatch.setattr("builtins.input", lambda prompt: next(turns))
-    assert main(["chat", "-m", tiny_chat_model, "--device", "cpu", "--max-tokens", "2",
-                 "--max-model-len", str(limit)]) == 0
-    captured = capsys.readouterr()
-    assert captured.out.count("assistant: ") == 2
-    assert "this turn is dropped: prompt 0: prompt has" in captured.err
-    assert f"longer than max_model_len={limit}" in captured.err
-    assert seen[-1][0] == "first" and seen[-1][-1] == "third" and too_long not in seen[-1]
-
-
-@pytest.mark.parametrize("message", ["", "  "])
-def test_chat_refuses_an_empty_message_before_the_model_loads(message, monkeypatch, capsys):
-    """It loaded the model, asked nothing and exited 0."""
-    _refuse_to_load(monkeypatch)
-    assert main(["chat", "-m", "tiny-llama", "--message", message]) == 2
-    assert capsys.readouterr().err.startswith("shardline chat: error: --message is empty")
-
-
-@pytest.mark.parametrize("flags, seqs", [([], 1), (["--max-num-seqs", "3"], 3)])
-def test_chat_sizes_its_cache_for_one_conversation(flags, seqs, tiny_chat_model, monkeypatch):
-    """It kept the engine's 64 sequences: a 2.8 GiB KV cache for SmolLM2's one
-    conversation (3.9 GB resident, 4.3 s to the answer; with 1: 0.9 GB, 3.0 s)."""
-    seen = {}
-
-    def record(model, **kwargs):
-        seen.update(kwargs)
-        raise ValueError("recorded")
-    monkeypatch.setattr(llm_module, "LLM", record)
-    assert main(["chat", "-m", tiny_chat_model, "--message", "hi", *flags]) == 2
-    assert seen["max_num_seqs"] == seqs
-    assert seen["max_model_len"] == 512   # tiny-llama's limit, below chat's 4096
-
-
 def test_python_dash_m_shardline_is_the_command():
     """`python -m shardline` said "No module named shardline.__main__", for users whose
     console script is not on PATH (a venv not activated)."""
@@ -383,28 +287,21 @@ def test_python_dash_m_shardline_is_the_command():
 
 
 @pytest.mark.parametrize("given", [None, 3])
-def test_generate_sizes_its_cache_for_the_completions_it_asks_for(given, rng, monkeypatch):
+def test_generate_sizes_its_cache_for_the_completions_it_asks_for(given, rng, engine_kwargs):
     """It kept the engine's 64 sequences whatever it asked: SmolLM2 got a 4 GiB KV cache
     for one prompt (8.3 s and 5.1 GB resident; sized for one sequence, 3.7 s and 1.3 GB)."""
-    seen = {}
-
-    def record(model, **kwargs):
-        seen.update(kwargs)
-        raise ValueError("recorded")
-    monkeypatch.setattr(llm_module, "LLM", record)
     prompts, n = rng.randint(1, 6), rng.randint(1, 4)
     flags = [] if given is None else ["--max-num-seqs", str(given)]
     assert main(["generate", "-m", "tiny-llama", *["-p", "x"] * prompts, "-n", str(n),
                  *flags]) == 2
-    assert seen["max_num_seqs"] == min(64 if given is None else given, prompts * n)
+    assert engine_kwargs["max_num_seqs"] == min(64 if given is None else given, prompts * n)
 
 
 @pytest.mark.parametrize("command", ["demo", "generate", "chat", "bench"])
-def test_a_bad_dtype_is_refused_by_its_flag_before_the_model_loads(command, rng, monkeypatch,
+def test_a_bad_dtype_is_refused_by_its_flag_before_the_model_loads(command, rng, no_model_load,
                                                                     capsys):
     """--dtype took any string: the engine refused it after 'loading ...' was printed,
     naming the EngineArgs field (dtype=...), not the flag."""
-    _refuse_to_load(monkeypatch)
     bad = rng.choice(["float64", "int8", "fp8", "bfloat", "Auto32"]) + str(rng.randint(0, 9))
     extra = {"generate": ["-p", "x"], "chat": ["--message", "x"]}.get(command, [])
     with pytest.raises(SystemExit) as caught:
