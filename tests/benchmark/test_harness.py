@@ -11,7 +11,6 @@ import pytest
 from shardline.benchmark.online import Counts, arrival_times, run_online
 from shardline.benchmark.workload import Workload
 from shardline.cli import main
-from shardline.engine import llm as llm_module
 
 COMMON = ["-m", "tiny-llama", "--device", "cpu", "--num-prompts", "6", "--prompt-len", "4,12",
           "--output-len", "2,6", "--no-progress", "--max-num-seqs", "8"]
@@ -163,14 +162,7 @@ def _bad_flag_cases(tmp_path):
     ]
 
 
-@pytest.fixture
-def refuse_to_load(monkeypatch):
-    def load(*args, **kwargs):
-        raise AssertionError("the model was loaded before the bench flags were checked")
-    monkeypatch.setattr(llm_module, "LLM", load)
-
-
-def test_every_bad_bench_flag_fails_before_the_model_loads(tmp_path, refuse_to_load, capsys):
+def test_every_bad_bench_flag_fails_before_the_model_loads(tmp_path, no_model_load, capsys):
     """Each value is refused in one line naming the flag, with exit status 2, before any
     model or worker loads (the load raises if reached); nothing is written to --out."""
     out = tmp_path / "runs.jsonl"
@@ -188,13 +180,13 @@ def test_every_bad_bench_flag_fails_before_the_model_loads(tmp_path, refuse_to_l
                  ["--mode", "online", "--request-rate", "2,inf", "--prompt-len", "1,400",
                   "--output-len", "1,112"]):
         assert main(["bench", "-m", "tiny-llama", "--out", str(out), *argv]) == 1
-        assert "the model was loaded before the bench flags were checked" in \
+        assert "the model was loaded before the flags were checked" in \
             capsys.readouterr().err
 
 
 @pytest.mark.parametrize("max_model_len", [None, 40])
 def test_synthetic_lengths_beyond_the_model_length_fail_before_loading(
-        max_model_len, rng, refuse_to_load, capsys):
+        max_model_len, rng, no_model_load, capsys):
     limit = max_model_len or 512   # tiny-llama's max_position_embeddings
     prompt_high = rng.randrange(1, limit)
     output_high = limit - prompt_high + rng.randint(1, 8)
@@ -208,7 +200,7 @@ def test_synthetic_lengths_beyond_the_model_length_fail_before_loading(
 
 @pytest.mark.parametrize("as_text", [False, True], ids=["token-ids", "text"])
 def test_dataset_requests_beyond_the_model_length_fail_before_loading(
-        as_text, tmp_path, rng, refuse_to_load, capsys):
+        as_text, tmp_path, rng, no_model_load, capsys):
     """Counted like the synthetic ones; text with the model's tokenizer (tiny-llama's: a
     token per byte)."""
     limit = rng.randint(20, 60)
@@ -228,7 +220,7 @@ def test_dataset_requests_beyond_the_model_length_fail_before_loading(
 @pytest.mark.parametrize("flag", ["--num-prompts", "--max-num-seqs", "--max-num-batched-tokens",
                                   "--block-size", "--max-model-len", "-tp", "-pp", "-dp", "-sp",
                                   "--max-concurrency"])
-def test_bench_counts_below_one_are_argparse_errors(flag, refuse_to_load, capsys):
+def test_bench_counts_below_one_are_argparse_errors(flag, no_model_load, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["bench", *COMMON, flag, "0"])
     assert exited.value.code == 2
@@ -281,7 +273,7 @@ def test_cancelling_an_online_run_keeps_what_was_measured():
 
 
 def test_dataset_token_ids_outside_the_vocabulary_fail_before_loading(
-        tmp_path, rng, refuse_to_load, capsys):
+        tmp_path, rng, no_model_load, capsys):
     """They reached the engine, whose error named neither the file nor the line."""
     bad = rng.randint(320, 5000)   # tiny-llama's vocabulary is 320 tokens
     dataset = tmp_path / "d.jsonl"
