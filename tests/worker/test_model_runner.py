@@ -1,10 +1,14 @@
 """The model runner on a GPU: queueing a decode step never waits for the device, which is
 what lets async scheduling prepare step N+1 while the GPU runs step N."""
 
+import threading
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from shardline import LLM, SamplingParams
+from shardline.worker.model_runner import ModelRunner
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -69,3 +73,42 @@ def test_the_rotary_table_covers_max_model_len_and_no_more(rng):
     assert tables == {max_model_len}
     assert llm.generate([prompt], greedy)[0].outputs[0].token_ids == \
         expected.outputs[0].token_ids
+
+
+def test_a_step_makes_the_workers_gpu_current_whatever_thread_runs_it(rng, monkeypatch):
+    """torch.cuda.set_device holds for the calling thread only, and AsyncLLM steps its
+    in-process worker on a thread of its own, where GPU 0 is current: a worker on another
+    GPU launched its kernels and recorded its host-copy events there. Each entry point now
+    makes the worker's GPU current (torch.cuda.device faked: no GPU needed)."""
+    current = threading.local()
+
+    class FakeCudaDevice:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def __enter__(self):
+            self.outer = getattr(current, "device", None)
+            current.device = self.device
+
+        def __exit__(self, *exc):
+            current.device = self.outer
+
+    seen = []
+
+    def forward(self, scheduler_output):
+        seen.append(getattr(current, "device", None))
+        return None, None   # as on a pipeline stage that returns no hidden states
+    monkeypatch.setattr(torch.cuda, "device", FakeCudaDevice)
+    monkeypatch.setattr(ModelRunner, "_forward", forward)
+    runner = object.__new__(ModelRunner)
+    runner.device = torch.device("cuda", rng.randrange(1, 8))
+    step = SimpleNamespace(is_empty=False)
+
+    def run_steps():
+        runner.execute_model(step)
+        runner.queue_step(step)()
+        runner.score(step)
+    thread = threading.Thread(target=run_steps)
+    thread.start()
+    thread.join()
+    assert seen == [runner.device] * 3

@@ -81,6 +81,8 @@ def test_warm_up_on_cuda_tunes_triton_and_captures_unless_eager(eager, triton_of
         monkeypatch.setenv("SHARDLINE_DISABLE_TRITON", "1")
         dispatch.reset_triton_choice()
     monkeypatch.setattr(runner, "device", torch.device("cuda"))
+    # The CPU build cannot make a GPU current: the warm-up runs under a stand-in.
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     runner.warm_up()
     assert calls == expected
 

@@ -7,7 +7,9 @@ prompt tokens of requests that ask for prompt logprobs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -34,6 +36,26 @@ from shardline.worker.warmup import warm_up_prefill
 
 TUNING_CONTEXT = 1024   # tokens per sequence while decode kernels autotune at capture
 _SEED_MIX, _INDEX_MIX = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9  # odd 64-bit mixing constants
+
+
+Method = TypeVar("Method", bound=Callable)
+
+
+def on_device(method: Method) -> Method:
+    """Run a ModelRunner method with the runner's GPU as the current CUDA device.
+
+    The current device is per thread, and the thread that set it (Worker.init_device) is
+    not always the one that steps: AsyncLLM steps its in-process worker on a thread of its
+    own, where GPU 0 is current. A worker on another GPU then launched its Triton kernels,
+    recorded the events that say its outputs reached the host and captured its graphs on
+    GPU 0's streams, whatever tensors they used."""
+    @functools.wraps(method)
+    def guarded(self: "ModelRunner", *args, **kwargs):
+        if self.device.type != "cuda":
+            return method(self, *args, **kwargs)
+        with torch.cuda.device(self.device):
+            return method(self, *args, **kwargs)
+    return guarded
 
 
 def sampling_seed(seed: int, output_index: int) -> int:
@@ -74,6 +96,7 @@ class ModelRunner:
         self._earlier_samples: list[str] = []
         self._earlier_tokens: torch.Tensor | None = None
 
+    @on_device
     def load_model(self) -> None:
         """Load this rank's slice of the weights, for its pipeline stage's layers only. The
         rotary table covers max_model_len positions, which no sequence passes (the engine
@@ -90,12 +113,14 @@ class ModelRunner:
         per_layer = sum(2 * self.block_size * a.num_kv_heads * a.head_dim for a in layers)
         return per_layer * torch.empty(0, dtype=self.dtype).element_size()
 
+    @on_device
     def initialize_cache(self, num_blocks: int) -> None:
         for attn in self.model.attention_layers():
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
             attn.k_cache = allocate_kv_cache(shape, self.dtype, self.device)
             attn.v_cache = allocate_kv_cache(shape, self.dtype, self.device)
 
+    @on_device
     def warm_up(self) -> None:
         """On CUDA: compile the Triton kernels for every prefill and logits shape bucket,
         then (unless enforce_eager) capture the decode graphs. Nothing to do on CPU, nor
@@ -204,6 +229,7 @@ class ModelRunner:
         """Run one step and sample (see queue_step); wait for its tokens."""
         return self.queue_step(scheduler_output)()
 
+    @on_device
     @torch.inference_mode()
     def queue_step(self, scheduler_output: SchedulerOutput
                    ) -> Callable[[], ModelRunnerOutput]:
@@ -244,6 +270,7 @@ class ModelRunner:
                                      prompt_logprobs=[] if prompt is None else prompt.to_host())
         return read
 
+    @on_device
     @torch.inference_mode()
     def score(self, scheduler_output: SchedulerOutput) -> dict[str, torch.Tensor]:
         """Run the step like execute_model, but return the logits of every scheduled token
