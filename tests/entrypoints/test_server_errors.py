@@ -3,7 +3,10 @@ format naming the field, a client that leaves aborts its request, and an engine 
 stopped or failed is a 5xx that says why; after each, the server keeps serving.
 """
 
+import asyncio
 import json
+import socket
+import threading
 import time
 
 import pytest
@@ -229,6 +232,77 @@ def test_a_body_over_the_limit_is_413_and_the_server_keeps_serving(
     error = reply.json()["error"]
     assert str(limit) in error["message"] and error["type"] == "invalid_request_error"
     assert client.completions.create(model=MODEL, prompt="hello", max_tokens=2).choices
+
+
+def test_a_refused_body_ends_its_connection_after_the_linger(server, monkeypatch, rng):
+    """A client declaring 1 TiB, and writing for as long as it can, gets the 413 at once
+    and its connection closed REFUSED_BODY_LINGER later: kept open, the server read and
+    dropped the whole declared body (0.3 s of CPU a GiB) for as long as the client sent."""
+    from shardline.entrypoints import app
+
+    linger = rng.uniform(0.2, 0.6)
+    monkeypatch.setattr(app, "REFUSED_BODY_LINGER", linger)
+    port = int(server[1].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=linger + 5) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                     % (1 << 40))
+        writer = threading.Thread(target=_write_until_refused, args=(sock,), daemon=True)
+        writer.start()
+        reply, closed = b"", None
+        while closed is None:
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            except socket.timeout:
+                break
+            if not data:
+                closed = time.monotonic()
+            elif not reply:
+                answered = time.monotonic()
+            reply += data
+    writer.join(TIMEOUT)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
+    assert closed is not None, f"the connection was still open {linger + 5:.1f} s after the 413"
+    assert linger * 0.8 < closed - answered < linger + 2, (closed - answered, linger)
+    assert b"connection: close" in head.lower()
+
+
+def _write_until_refused(sock):
+    chunk = b" " * 65536
+    try:
+        while True:
+            sock.sendall(chunk)
+    except OSError:
+        pass
+
+
+def test_openai_clients_writing_a_body_over_the_limit_read_the_413(server, monkeypatch, rng):
+    """The openai clients (httpx) write the whole body before reading: closing the
+    connection at once after the 413 reset AsyncOpenAI's, which raised APIConnectionError
+    instead of the 413."""
+    from shardline.entrypoints import app
+
+    limit = rng.randint(1000, 5000)
+    monkeypatch.setattr(app, "MAX_BODY_BYTES", limit)
+    prompt = random_text(rng, 10, 20) * rng.randint(400_000, 800_000)
+    args = dict(model=MODEL, prompt=prompt, max_tokens=1)
+    base = server[1] + "/v1"
+    with pytest.raises(openai.APIStatusError) as caught:
+        openai.OpenAI(base_url=base, api_key="unused", max_retries=0).completions.create(**args)
+    assert caught.value.status_code == 413
+
+    async def ask_async():
+        client = openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0)
+        async with client:
+            await client.completions.create(**args)
+
+    with pytest.raises(openai.APIStatusError) as caught:
+        asyncio.run(asyncio.wait_for(ask_async(), TIMEOUT))
+    assert caught.value.status_code == 413 and str(limit) in caught.value.message
 
 
 def test_a_stopped_engine_fails_health_and_requests_with_its_reason():

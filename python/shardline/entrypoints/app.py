@@ -12,7 +12,13 @@ does not hold up the streams of others (3000 prompts of 440 characters stalled e
 other response for 0.76 s).
 
 A body over MAX_BODY_BYTES gets a 413 before more of it is read: the server holds whole
-bodies in memory, and any prompt a model takes fits in far less.
+bodies in memory, and any prompt a model takes fits in far less. The 413 closes the
+connection when the client has sent its body or left, REFUSED_BODY_LINGER seconds after
+it at the latest: kept open, the connection went on reading and dropping the rest of the
+body for as long as the client sent it (a declared 1 GiB whole). It is not closed at
+once, since a client that writes the whole body before reading (httpx, and so the openai
+client) would then get a reset instead of the 413 (AsyncOpenAI, sending 40 MiB, got
+APIConnectionError each time).
 
 A client that disconnects aborts its requests: a streaming response closes its stream
 however it ends, and a whole response races the generation against the connection's
@@ -48,6 +54,7 @@ logger = logging.getLogger("shardline")
 
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+REFUSED_BODY_LINGER = 2.0
 SHUTTING_DOWN = "the server is shutting down: the request was cancelled before it finished"
 
 
@@ -87,6 +94,25 @@ class _EventStream(StreamingResponse):
                         "body": error_event(SHUTTING_DOWN).encode()})
 
 
+class _BodyRefused(JSONResponse):
+    """A 413 that closes its connection. Its body is sent at once, but the response ends
+    (and uvicorn closes the connection, as its Connection header says) only once the
+    client disconnects or its body ends, or REFUSED_BODY_LINGER seconds later: the body
+    read meanwhile is dropped, so that a client still writing has time to read the 413
+    before the close turns into a reset."""
+
+    def __init__(self, content: Any, status_code: int, headers: dict | None = None) -> None:
+        super().__init__(content, status_code, {**(headers or {}), "Connection": "close"})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body, "more_body": True})
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(_drop_body(receive), REFUSED_BODY_LINGER)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 def build_app(llm: AsyncLLM, model_name: str) -> FastAPI:
     """The app serving `llm` under the model name `model_name` (what /v1/models lists and
     requests must name)."""
@@ -101,12 +127,13 @@ def build_app(llm: AsyncLLM, model_name: str) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         """An unknown path (404), method (405, with its Allow header) or a body too large
-        (413), in OpenAI's format."""
+        (413, which ends the connection), in OpenAI's format."""
         message = f"{request.method} {request.url.path}: {exc.detail}"
         if exc.headers and "Allow" in exc.headers:
             message += f"; this path allows {exc.headers['Allow']}"
-        return JSONResponse(error_body(message, None), status_code=exc.status_code,
-                            headers=exc.headers)
+        response = _BodyRefused if exc.status_code == 413 else JSONResponse
+        return response(error_body(message, None), status_code=exc.status_code,
+                        headers=exc.headers)
 
     @app.exception_handler(RuntimeError)
     async def engine_error(_: Request, exc: RuntimeError) -> JSONResponse:
@@ -210,6 +237,12 @@ async def _read_body(request: Request) -> bytes:
             raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _drop_body(receive: Any) -> None:
+    """Read and drop the rest of a request's body, until it ends or the client leaves."""
+    while (await receive()).get("more_body"):
+        pass
 
 
 async def _unless_disconnected(request: Request, work: Any) -> Any:
