@@ -1,7 +1,7 @@
 """The server's prompt scoring: completions' `echo` with `logprobs` (OpenAI's legacy
 object, as lm-evaluation-harness's loglikelihood requests use it, max_tokens 0 included),
 whole and streamed, and the `prompt_logprobs` extension of completions and chat, against
-transformers' log-softmax of the same checkpoint."""
+transformers' log-softmax of the same checkpoint; the bound on every logprobs top-n."""
 
 import json
 
@@ -121,3 +121,44 @@ def test_bad_scoring_requests_are_refused_by_name(server, body, param):
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     reply = httpx.post(url + path, json={"model": MODEL, **body}, timeout=TIMEOUT)
     assert reply.status_code == 400 and reply.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("path, field", [
+    ("/v1/completions", "logprobs"), ("/v1/completions", "prompt_logprobs"),
+    ("/v1/chat/completions", "top_logprobs"), ("/v1/chat/completions", "prompt_logprobs")])
+def test_a_top_n_is_bounded_by_the_engines_max_logprobs_and_named_as_sent(
+        server, monkeypatch, rng, path, field):
+    """Past the engine's max_logprobs, the 400 names the field the client sent (chat's
+    top_logprobs was called logprobs) and the bound; the bound is the engine's, not
+    OpenAI's 20 (which refused what a server started with --max-logprobs 40 gives), and
+    -1 is the vocabulary."""
+    llm, url = server
+    config, vocab = llm.engine.config.model, llm.engine.vocab_size
+    body = {"model": MODEL, "max_tokens": 1, **(
+        {"prompt": random_text(rng)} if path == "/v1/completions" else
+        {"messages": [{"role": "user", "content": random_text(rng)}], "logprobs": True})}
+
+    def ask(cap, value):
+        monkeypatch.setattr(config, "max_logprobs", cap)
+        return httpx.post(url + path, json={**body, field: value}, timeout=TIMEOUT)
+
+    cap = rng.randint(1, 10)
+    for cap, value, limit in ((cap, rng.randint(cap + 1, 30), cap),
+                              (-1, vocab + rng.randint(1, 50), vocab)):
+        reply = ask(cap, value)
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert error["param"] == field and error["message"].startswith(f"{field}={value} ")
+        assert f"at most {limit}, " in error["message"]
+        assert ("vocabulary" if cap == -1 else "max_logprobs") in error["message"]
+    value = rng.randint(21, 40)
+    reply = ask(rng.randint(value, 60), value)
+    assert reply.status_code == 200, reply.text
+    choice = reply.json()["choices"][0]
+    if field == "prompt_logprobs":
+        entries = (reply.json() if "message" in choice else choice)["prompt_logprobs"][1]
+        assert value <= len(entries) <= value + 1
+    elif field == "top_logprobs":
+        assert len(choice["logprobs"]["content"][0]["top_logprobs"]) == value
+    else:
+        assert 0 < len(choice["logprobs"]["top_logprobs"][0]) <= value

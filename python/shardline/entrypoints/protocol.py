@@ -12,7 +12,7 @@ field, which the server returns as a 400 in OpenAI's error format.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, WrapValidator,
                       field_validator, model_validator)
@@ -20,7 +20,6 @@ from pydantic_core import PydanticCustomError
 
 from shardline.sampling_params import SamplingParams
 
-MAX_LOGPROBS = 20
 # OpenAI's limit. The engine makes n sequences at once, so an unbounded n from one small
 # body (1e30) would fill the host's memory and stall every other request.
 MAX_N = 128
@@ -100,9 +99,12 @@ class _SamplingFields(_Body):
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
     min_tokens: int | None = None
-    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    prompt_logprobs: int | None = Field(default=None, ge=0)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+
+    # The fields that ask for a top-n of logprobs, bounded by the engine's max_logprobs.
+    top_n_fields: ClassVar[tuple[str, ...]] = ("prompt_logprobs",)
 
     @field_validator(*_NULL_IS_DEFAULT, mode="before", check_fields=False)
     @classmethod
@@ -141,10 +143,11 @@ class CompletionRequest(_SamplingFields):
                       _one_of("a string, a list of strings, a list of token ids (integers) "
                               "or a list of lists of token ids")]
     max_tokens: int | None = 16
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    logprobs: int | None = Field(default=None, ge=0)
     echo: bool = False
     suffix: None = None
     best_of: int | None = None
+    top_n_fields = ("logprobs", "prompt_logprobs")
 
     def prompts(self) -> list[str | list[int]]:
         prompt = self.prompt
@@ -213,8 +216,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(default=None, ge=0)
     add_generation_prompt: bool = True
+    top_n_fields = ("top_logprobs", "prompt_logprobs")
 
     def conversation(self) -> list[dict[str, str]]:
         """The messages for the chat template, each with its participant's `name` when

@@ -136,7 +136,27 @@ def _name_prompt(message: str, about_prompt: bool, where: str) -> str:
     return f"{where}: {message}"
 
 
+def check_top_n(llm: AsyncLLM, request: CompletionRequest | ChatCompletionRequest) -> None:
+    """Refuse a top-n of logprobs past what the engine gives (its max_logprobs, or the
+    vocabulary), naming the field the client sent and the bound. The engine's own error
+    names its SamplingParams field (logprobs for chat's top_logprobs) and advises
+    recreating the engine, which only its Python users can."""
+    asked = {name: getattr(request, name) for name in request.top_n_fields
+             if getattr(request, name) is not None}
+    if not asked:
+        return
+    engine = llm.engine
+    cap, vocab = engine.config.model.max_logprobs, engine.vocab_size
+    limit, why = ((vocab, "the model's vocabulary size") if cap == -1 or cap > vocab else
+                  (cap, "its max_logprobs (shardline serve --max-logprobs)"))
+    for name, value in asked.items():
+        if value > limit:
+            raise RequestError(f"{name}={value} is more logprobs than this server gives: at "
+                               f"most {limit}, {why}", name)
+
+
 def completion_generation(llm: AsyncLLM, request: CompletionRequest) -> Generation:
+    check_top_n(llm, request)
     return Generation(llm, request.prompts(), request.to_sampling_params(), "cmpl", "prompt",
                       None if request.echo_only else request.max_tokens_field(),
                       request.echo, request.echo_only,
@@ -146,6 +166,7 @@ def completion_generation(llm: AsyncLLM, request: CompletionRequest) -> Generati
 def chat_generation(llm: AsyncLLM, request: ChatCompletionRequest) -> Generation:
     """Render the conversation with the model's chat template; its special tokens are
     written by the template, so the text is tokenized without adding any."""
+    check_top_n(llm, request)
     tokenizer = llm.engine.tokenizer
     if tokenizer is None:
         raise RequestError("the model has no tokenizer, so it cannot chat", "messages")
