@@ -1,7 +1,9 @@
 """The model runner on a GPU: queueing a decode step never waits for the device, which is
 what lets async scheduling prepare step N+1 while the GPU runs step N."""
 
+import math
 import threading
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +17,9 @@ from shardline.worker.model_runner import ModelRunner
 @pytest.mark.parametrize("sampling", ["greedy", "seeded", "penalized"])
 def test_queueing_a_decode_step_never_waits_for_the_gpu(sampling, rng):
     """Penalized: one request of three has repetition, presence and frequency penalties
-    (it never goes ahead, but the steps that hold it are queued behind one in flight)."""
+    (it never goes ahead, but the steps that hold it are queued behind one in flight).
+    Each case runs twice, the second time with min_tokens holding off stop tokens (their
+    mask is built on the device in every decode step) and with prompt logprobs."""
     llm = LLM("tiny-llama", device="cuda", async_scheduling=True, max_num_seqs=4)
     try:
         runner = llm.engine.executor.worker.model_runner
@@ -43,6 +47,23 @@ def test_queueing_a_decode_step_never_waits_for_the_gpu(sampling, rng):
                   for i in range(len(prompts))]
         outputs = llm.generate(prompts, params)
         assert all(len(o.outputs[0].token_ids) == 8 for o in outputs)
+        assert checked and max(checked) == 3
+        # Again, with each request's free tokens as stop tokens, masked on the device in
+        # every step (min_tokens), and prompt logprobs, copied to the host behind them.
+        checked.clear()
+        stops = [sorted(set(o.outputs[0].token_ids)) for o in outputs]
+        held = [replace(p, min_tokens=8, stop_token_ids=ids, prompt_logprobs=2)
+                for p, ids in zip(params, stops)]
+        for prompt, ids, output in zip(prompts, stops, llm.generate(prompts, held)):
+            tokens = output.outputs[0].token_ids
+            assert len(tokens) == 8 and not set(tokens) & set(ids), (ids, tokens)
+            assert output.prompt_logprobs[0] is None
+            assert len(output.prompt_logprobs) == len(prompt)
+            for token, entry in zip(prompt[1:], output.prompt_logprobs[1:]):
+                assert token in entry and len(entry) in (2, 3), entry
+                assert all(-math.inf < lp <= 0 for lp in entry.values()), entry
+                if len(entry) == 3:   # the prompt token is not among the 2 best
+                    assert min(entry.values()) == entry[token], entry
         assert checked and max(checked) == 3
     finally:
         llm.shutdown()
