@@ -147,3 +147,41 @@ def test_min_tokens_with_an_echo_alone_is_refused_against_max_tokens_0(rng):
     assert refused.value.param == "min_tokens"
     assert f"min_tokens={bad} is invalid" in str(refused.value)
     assert "max_tokens=0" in str(refused.value)
+
+
+def test_a_bad_sampling_value_is_named_as_the_client_sent_it(rng):
+    """SamplingParams' refusals reached the client as they are: prefixed with the class
+    ("SamplingParams.top_p=2.0 is invalid"), and chat's max_completion_tokens called
+    max_tokens in the message ("SamplingParams.max_tokens=0", and "from 0 to
+    max_tokens=3" for its min_tokens)."""
+    field, bad = rng.choice([("temperature", -rng.uniform(0.1, 5)),
+                             ("top_p", rng.uniform(1.1, 5)),
+                             ("presence_penalty", rng.uniform(2.1, 9)),
+                             ("max_tokens", -rng.randint(1, 9))])
+    with pytest.raises(RequestError) as refused:
+        parse(CompletionRequest, {"model": "m", "prompt": "hi", field: bad}).to_sampling_params()
+    assert str(refused.value).startswith(f"{field}={bad} is invalid: ")
+    assert refused.value.param == field
+    limit = rng.randint(1, 50)
+    for body, named in (({"max_completion_tokens": -rng.randint(0, 9)}, "max_completion_tokens"),
+                        ({"max_completion_tokens": limit, "min_tokens": limit + 1},
+                         "min_tokens")):
+        with pytest.raises(RequestError) as refused:
+            parse(ChatCompletionRequest, {"model": "m", "messages": MESSAGES, **body}
+                  ).to_sampling_params()
+        assert refused.value.param == named
+        assert str(refused.value).startswith(f"{named}={body[named]} is invalid: ")
+        assert "max_tokens" not in str(refused.value).replace("max_completion_tokens", "")
+
+
+def test_n_is_refused_with_the_servers_bound(rng):
+    """n below 1 was refused as 'must be an integer from 1 to 4096', SamplingParams' bound,
+    while the server takes at most 128."""
+    from shardline.entrypoints.protocol import MAX_N
+
+    for bad in (-rng.randint(0, 9), rng.randint(MAX_N + 1, 10 * MAX_N)):
+        with pytest.raises(RequestError) as refused:
+            parse(CompletionRequest, {"model": "m", "prompt": "hi", "n": bad}
+                  ).to_sampling_params()
+        assert str(refused.value) == f"n: must be an integer from 1 to {MAX_N} (got {bad})"
+        assert refused.value.param == "n"

@@ -83,7 +83,7 @@ class _SamplingFields(_Body):
     """Fields common to both endpoints; those after `seed` are extensions to OpenAI's API."""
 
     model: str
-    n: int = Field(default=1, le=MAX_N)
+    n: int = 1
     temperature: float | None = None
     top_p: float | None = None
     stop: Annotated[Union[str, list[str], None],
@@ -111,10 +111,21 @@ class _SamplingFields(_Body):
     def _null_is_default(cls, value: Any, info: Any) -> Any:
         return cls.model_fields[info.field_name].default if value is None else value
 
+    @field_validator("n")
+    @classmethod
+    def _n_in_range(cls, n: int) -> int:
+        """n within this server's bound (SamplingParams' own names 4096, not MAX_N)."""
+        if not 1 <= n <= MAX_N:
+            raise PydanticCustomError("n", f"must be an integer from 1 to {MAX_N}")
+        return n
+
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+                        prompt_logprobs: int | None = None,
+                        sent_as: dict[str, str] | None = None) -> SamplingParams:
         """The SamplingParams this request asks for (prompt logprobs: `prompt_logprobs`
-        when given, else the extension field); RequestError naming a bad field."""
+        when given, else the extension field); RequestError naming a bad field, and any
+        other it names, as the client sent it: `sent_as` maps a SamplingParams field to
+        the request's (chat's max_completion_tokens for max_tokens)."""
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options is only allowed with stream=true: a whole "
                                "response always carries its usage", "stream_options")
@@ -130,7 +141,10 @@ class _SamplingFields(_Body):
                                   ignore_eos=self.ignore_eos,
                                   skip_special_tokens=self.skip_special_tokens)
         except ValueError as exc:
-            raise RequestError(str(exc), field_of(str(exc))) from None
+            message = str(exc).removeprefix("SamplingParams.")
+            for name, sent in (sent_as or {}).items():
+                message = re.sub(rf"\b{name}=", f"{sent}=", message)
+            raise RequestError(message, field_of(message)) from None
 
 
 class CompletionRequest(_SamplingFields):
@@ -238,15 +252,10 @@ class ChatCompletionRequest(_SamplingFields):
             raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
         max_tokens = (self.max_completion_tokens if self.max_completion_tokens is not None
                       else self.max_tokens)
-        try:
-            return self.sampling_params(max_tokens,
-                                        (self.top_logprobs or 0) if self.logprobs else None)
-        except RequestError as exc:
-            if exc.param == "max_tokens" and self.max_completion_tokens is not None:
-                exc.param = "max_completion_tokens"
-            elif exc.param == "logprobs":
-                exc.param = "top_logprobs"
-            raise
+        return self.sampling_params(max_tokens,
+                                    (self.top_logprobs or 0) if self.logprobs else None,
+                                    sent_as={"max_tokens": self.max_tokens_field() or
+                                             "max_tokens", "logprobs": "top_logprobs"})
 
 
 def parse(model: type[_Body], body: Any) -> Any:
