@@ -83,7 +83,7 @@ def test_a_field_an_inner_object_does_not_take_is_answered_with_the_fields_it_do
     """The refusal listed the request's fields (add_generation_prompt, ..., user) for a
     field of a message or of stream_options, which take none of them."""
     field = rng.choice(MESSAGE_EXTRAS)
-    message = {"role": "assistant", "content": "hi", field: rng.choice(["x", [], {}])}
+    message = {"role": "assistant", "content": "hi", field: rng.choice(["x", [0], {"a": 1}])}
     with pytest.raises(RequestError) as refused:
         parse(ChatCompletionRequest, {"model": "m", "messages": [*MESSAGES, message]})
     assert str(refused.value) == (f"messages.1.{field} is not supported by this server; it "
@@ -185,3 +185,22 @@ def test_n_is_refused_with_the_servers_bound(rng):
                   ).to_sampling_params()
         assert str(refused.value) == f"n: must be an integer from 1 to {MAX_N} (got {bad})"
         assert refused.value.param == "n"
+
+
+def test_a_field_the_server_does_not_take_left_empty_is_dropped(rng):
+    """An empty object or array asks for nothing, as null does, but was refused: LangChain's
+    completions model (langchain_openai.OpenAI) sends `"logit_bias": {}` with every
+    request, so none of its requests was served."""
+    langchain = {"model": "m", "prompt": "hi", "temperature": 0.7, "top_p": 1,
+                 "frequency_penalty": 0, "presence_penalty": 0, "n": 1, "seed": None,
+                 "logprobs": None, "max_tokens": 256}
+    assert (parse(CompletionRequest, {**langchain, "logit_bias": {}})
+            == parse(CompletionRequest, langchain))
+    fields = rng.sample(OPENAI_ONLY, rng.randint(1, len(OPENAI_ONLY)))
+    empty = {field: rng.choice([{}, []]) for field in fields}
+    body = {"model": "m", "messages": MESSAGES}
+    assert parse(ChatCompletionRequest, {**body, **empty}) == parse(ChatCompletionRequest, body)
+    field = rng.choice(OPENAI_ONLY)
+    with pytest.raises(RequestError) as refused:  # something asked for is still refused
+        parse(ChatCompletionRequest, {**body, field: rng.choice([{"5": 1}, [{}], [0]])})
+    assert refused.value.param == field

@@ -47,15 +47,17 @@ class _Body(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _drop_unknown_nulls(cls, data: Any) -> Any:
-        """A field this server does not know set to null asks for nothing, so it is dropped
-        rather than refused: clients that write every field of OpenAI's schema send
-        `"tools": null`, and the openai client's `message.model_dump()`, sent back as the
-        next turn's history, carries `"refusal": null` and `"tool_calls": null`."""
+    def _drop_unknown_empty_fields(cls, data: Any) -> Any:
+        """A field this server does not know set to null, or to an empty object or array,
+        asks for nothing, so it is dropped rather than refused: clients that write every
+        field of OpenAI's schema send `"tools": null`, LangChain's completions model sends
+        `"logit_bias": {}` with every request, and the openai client's
+        `message.model_dump()`, sent back as the next turn's history, carries
+        `"refusal": null` and `"tool_calls": null`."""
         if not isinstance(data, dict):
             return data
         return {key: value for key, value in data.items()
-                if value is not None or key in cls.model_fields}
+                if key in cls.model_fields or value not in (None, {}, [])}
 
 
 def _one_of(forms: str) -> WrapValidator:
