@@ -6,12 +6,19 @@ whose processes and segments are not counted.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import psutil
 
 
+def shm_entries() -> set[str]:
+    """Every name in /dev/shm: shardline's segments and any other, such as the named
+    semaphores of multiprocessing's queues and locks (sem.mp-*)."""
+    return set(os.listdir("/dev/shm"))
+
+
 def shm_segments() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if name.startswith("shardline-")}
+    return {name for name in shm_entries() if name.startswith("shardline-")}
 
 
 def _mapped_by_a_process(name: str) -> bool:
@@ -26,10 +33,12 @@ def _mapped_by_a_process(name: str) -> bool:
     return False
 
 
-def leaked_segments(before: set[str]) -> set[str]:
-    """Segments made since `before` that no process maps any more: left behind. (Another
-    test run on this machine may make segments meanwhile; its processes map them.)"""
-    return {name for name in shm_segments() - before if not _mapped_by_a_process(name)}
+def leaked_segments(before: set[str], listed: Callable[[], set[str]] = shm_segments
+                    ) -> set[str]:
+    """Names `listed` (shardline's segments unless told) made since `before` that no
+    process maps any more: left behind. (Another test run on this machine may make
+    segments meanwhile; its processes map them.)"""
+    return {name for name in listed() - before if not _mapped_by_a_process(name)}
 
 
 def live_children() -> dict[int, str]:

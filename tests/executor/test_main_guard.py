@@ -4,15 +4,16 @@ says why."""
 
 import importlib.machinery
 import importlib.util
-import os
 import subprocess
 import sys
 import types
 from pathlib import Path
 
+import psutil
 import pytest
 
 from shardline.executor.main_guard import main_guard_hint
+from process_hygiene import leaked_segments, shm_entries
 
 UNGUARDED = 'from shardline import LLM\nllm = LLM("tiny-llama", tensor_parallel_size=2)\n'
 
@@ -91,12 +92,28 @@ def test_no_hint_without_a_readable_script(main_script, case):
     assert main_guard_hint() == ""
 
 
+def processes_in(directory: Path) -> list[int]:
+    """The live processes whose working directory is `directory`."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.cwd() == str(directory) and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
 def test_the_engines_error_names_the_missing_guard(tmp_path):
+    """The failed start leaves no process (its workers ran in the script's directory too)
+    and nothing in /dev/shm. Entries that other test runs on this machine make meanwhile
+    are not counted: their processes map them (process_hygiene.leaked_segments)."""
     script = tmp_path / "unguarded.py"
     script.write_text(UNGUARDED)
-    shm_before = set(os.listdir("/dev/shm"))
+    shm_before = shm_entries()
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     assert done.returncode != 0
     assert "while starting" in done.stderr and f"{script} has no `if __name__" in done.stderr
-    assert set(os.listdir("/dev/shm")) <= shm_before, "the failed start left shared memory"
+    assert not processes_in(tmp_path), "the failed start left processes running"
+    assert not leaked_segments(shm_before, shm_entries), "the failed start left shared memory"
