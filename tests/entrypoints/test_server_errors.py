@@ -127,7 +127,7 @@ def test_bad_json_and_bad_chat_messages_are_400(server):
     assert reply.json()["error"]["param"].startswith("messages")
     reply = httpx.post(url + "/v1/chat/completions", timeout=TIMEOUT,
                        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                             "tools": []})
+                             "tools": [{"type": "function", "function": {"name": "f"}}]})
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "tools"
 
 
