@@ -37,6 +37,18 @@ def test_max_tokens_past_the_context_is_400_and_one_that_fits_is_served(server, 
     assert reply.choices[0].finish_reason == "length"
 
 
+def test_a_prompt_that_fills_the_context_is_told_no_tokens_fit(client, rng):
+    """A prompt of the whole context with max_tokens was told to 'ask for at most 0', which
+    max_tokens cannot be."""
+    asked = rng.randint(1, 10**6)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt=prompt_ids(rng, CONTEXT), max_tokens=asked)
+    message = caught.value.body["message"]
+    assert message.startswith(f"prompt has {CONTEXT} tokens and max_tokens={asked} asks")
+    assert message.endswith("the prompt leaves no room for any: shorten it")
+    assert caught.value.body["param"] == "max_tokens"
+
+
 def test_a_list_of_prompts_names_the_one_that_does_not_fit(client, rng):
     short, long = rng.randint(2, 20), rng.randint(CONTEXT - 20, CONTEXT - 2)
     asked = CONTEXT - long + rng.randint(1, 5)

@@ -64,14 +64,9 @@ class Generation:
                 param = _param(str(exc), prompt_field)
                 raise RequestError(_name_prompt(str(exc), param in (prompt_field, "max_tokens"),
                                                 where), param) from None
-            context = llm.engine.max_model_len
-            if max_tokens_field is not None and len(token_ids) + params.max_tokens > context:
-                raise RequestError(
-                    f"{where} has {len(token_ids)} tokens and {max_tokens_field}="
-                    f"{params.max_tokens} asks for {params.max_tokens} more, "
-                    f"{len(token_ids) + params.max_tokens} in all, past the model's context "
-                    f"of {context} tokens: ask for at most {context - len(token_ids)} or "
-                    "shorten the prompt", max_tokens_field)
+            if max_tokens_field is not None:
+                _check_room(where, len(token_ids), max_tokens_field, params.max_tokens,
+                            llm.engine.max_model_len)
             self.prompts.append((prompt, token_ids))
 
     async def stream(self) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -112,6 +107,18 @@ class Generation:
         async for index, output in self.stream():
             outputs[index] = output
         return outputs  # type: ignore[return-value]
+
+
+def _check_room(where: str, length: int, field: str, asked: int, context: int) -> None:
+    """Refuse a prompt of `length` tokens whose `asked` tokens more (`field` names them)
+    pass the model's context, saying how many fit, or that none do."""
+    if length + asked <= context:
+        return
+    fits = (f"ask for at most {context - length} or shorten the prompt" if length < context
+            else "the prompt leaves no room for any: shorten it")
+    raise RequestError(f"{where} has {length} tokens and {field}={asked} asks for {asked} "
+                       f"more, {length + asked} in all, past the model's context of {context} "
+                       f"tokens: {fits}", field)
 
 
 def _param(message: str, prompt_field: str) -> str:
