@@ -14,6 +14,17 @@ from shardline.engine.async_llm import AsyncLLM
 from shardline.executor.base import EngineDeadError
 
 
+def raise_at_step(engine, monkeypatch, step: int, error: Exception) -> None:
+    """Make the engine raise `error` in its step number `step` (counted from 0)."""
+    real_step = engine.step
+
+    def failing_step():
+        if len(engine.executor.steps) == step:
+            raise error
+        return real_step()
+    monkeypatch.setattr(engine, "step", failing_step)
+
+
 def test_shutdown_ends_open_streams_and_refuses_new_ones(rng, monkeypatch):
     """With EngineDeadError, which a stack that restarts a stopped engine catches (it was a
     plain RuntimeError)."""
@@ -87,14 +98,7 @@ def test_a_stopped_engine_raises_engine_dead_error_for_a_supervisor_to_catch(rng
     engine = make_engine()
     llm = AsyncLLM.from_engine(engine)
     death = EngineDeadError(f"worker rank {rng.randint(1, 7)} died with exit code -9")
-    real_step = engine.step
-    steps = rng.randint(1, 4)
-
-    def step():
-        if len(engine.executor.steps) == steps:
-            raise death
-        return real_step()
-    monkeypatch.setattr(engine, "step", step)
+    raise_at_step(engine, monkeypatch, rng.randint(1, 4), death)
 
     async def main():
         with pytest.raises(EngineDeadError) as raised:
@@ -108,5 +112,33 @@ def test_a_stopped_engine_raises_engine_dead_error_for_a_supervisor_to_catch(rng
                 if asyncio.iscoroutine(result):
                     await asyncio.wait_for(result, TIMEOUT)
             assert raised.value.__cause__ is death
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("error_type", [ValueError, IndexError, RuntimeError])
+def test_a_failed_step_ends_every_stream_with_engine_dead_error(error_type, rng, monkeypatch):
+    """Open streams raised a failed step's bare error: a ValueError read as a bad request
+    of the stream's own (a 400, the engine kept), while later requests got EngineDeadError."""
+    engine = make_engine()
+    llm = AsyncLLM.from_engine(engine)
+    fail_at = rng.randint(1, 6)
+    error = error_type(f"step {fail_at} failed")
+    raise_at_step(engine, monkeypatch, fail_at, error)
+
+    async def main():
+        streams = [collect(llm.generate(random_prompt(rng), greedy(50), f"s{i}"))
+                   for i in range(rng.randint(1, 4))]
+        results = await asyncio.wait_for(asyncio.gather(*streams, return_exceptions=True),
+                                         TIMEOUT)
+        # The first stream is open when the step fails; a later one may start after it.
+        for result in results:
+            assert isinstance(result, EngineDeadError), repr(result)
+            assert error_type.__name__ in str(result) and str(error) in str(result)
+            assert result.__cause__ is error
+        with pytest.raises(EngineDeadError, match="failed in an earlier step") as raised:
+            await asyncio.wait_for(collect(llm.generate(random_prompt(rng), None, "later")),
+                                   TIMEOUT)
+        assert raised.value.__cause__ is error
 
     asyncio.run(main())

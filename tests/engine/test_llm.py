@@ -37,6 +37,18 @@ def slow_steps(llm: LLM, monkeypatch, seconds: float = 0.002) -> None:
     monkeypatch.setattr(llm.engine, "step", step)
 
 
+def raise_at_step(llm: LLM, monkeypatch, step: int, error: BaseException) -> None:
+    """Make the executor raise `error` when sent step number `step` (counted from 0)."""
+    executor = llm.engine.executor
+    real_execute = executor.execute_model
+
+    def execute_model(*args, **kwargs):
+        if len(executor.steps) == step:
+            raise error
+        return real_execute(*args, **kwargs)
+    monkeypatch.setattr(executor, "execute_model", execute_model)
+
+
 def test_generate_from_several_threads_gives_each_its_own_outputs(rng, monkeypatch):
     """Threads sharing one LLM stepped its engine at once: a thread took another's finished
     outputs, and the engine's state broke ('could not make progress')."""
@@ -99,15 +111,7 @@ def test_interrupt_inside_a_step_stops_the_llm_with_engine_dead_error(rng, monke
     """A step interrupted midway is lost, so the engine runs no more; every later call
     re-raised the bare KeyboardInterrupt, which reads as another Ctrl-C."""
     llm = LLM.from_engine(make_engine())
-    executor = llm.engine.executor
-    real_execute = executor.execute_model
-    interrupt_at = rng.randint(1, 8)
-
-    def execute_model(*args, **kwargs):
-        if len(executor.steps) == interrupt_at:
-            raise KeyboardInterrupt
-        return real_execute(*args, **kwargs)
-    monkeypatch.setattr(executor, "execute_model", execute_model)
+    raise_at_step(llm, monkeypatch, rng.randint(1, 8), KeyboardInterrupt())
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     with pytest.raises(KeyboardInterrupt):
         llm.generate(random_prompts(rng, 3), params)
@@ -120,6 +124,27 @@ def test_interrupt_inside_a_step_stops_the_llm_with_engine_dead_error(rng, monke
         assert isinstance(raised, EngineDeadError), repr(raised)
         assert "interrupted (KeyboardInterrupt)" in str(raised)
         assert isinstance(raised.__cause__, KeyboardInterrupt)
+
+
+@pytest.mark.parametrize("error_type", [ValueError, IndexError, RuntimeError])
+def test_a_failed_step_stops_the_llm_with_engine_dead_error(error_type, rng, monkeypatch):
+    """A step that failed (a kernel's IndexError, a worker's ValueError) raised that bare
+    error, which a caller takes for a bad input of its own, and so did every later
+    generate, after add_request had taken a request that would never run."""
+    llm = LLM.from_engine(make_engine())
+    fail_at = rng.randint(1, 8)
+    error = error_type(f"step {fail_at} failed")
+    raise_at_step(llm, monkeypatch, fail_at, error)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    with pytest.raises(EngineDeadError, match=f"{error_type.__name__}: step {fail_at}") as raised:
+        llm.generate(random_prompts(rng, rng.randint(1, 4)), params)
+    assert raised.value.__cause__ is error
+    for call in (lambda: llm.generate(random_prompts(rng, 1), params), llm.step,
+                 lambda: llm.add_request("r", random_prompts(rng, 1)[0])):
+        with pytest.raises(EngineDeadError, match="a step of this LLM failed") as raised:
+            call()
+        assert raised.value.__cause__ is error
+    assert not llm.has_unfinished_requests()
 
 
 def test_shutdown_from_another_thread_ends_a_running_generate(rng, monkeypatch):

@@ -16,10 +16,11 @@ The abort is posted without waiting, then the stream waits for the engine thread
 it (at most one step), so a cancelled consumer ends with its KV blocks free; a second cancel
 cuts only that wait short, never the abort.
 
-If a step fails (or adding a request fails other than as a bad request), every open
-stream raises the error and the engine refuses new requests with EngineDeadError, since its
-state can no longer be trusted. `shutdown` ends open streams with EngineDeadError as well,
-so a supervisor that restarts a dead engine catches that one error.
+If a step fails (or adding a request fails other than as a bad request), the engine's
+state can no longer be trusted: every open stream raises EngineDeadError, with the error as
+its cause, and the engine refuses new requests with EngineDeadError. `shutdown` ends open
+streams with EngineDeadError as well, so a supervisor that restarts a dead engine catches
+that one error, and a ValueError always means a bad request of the stream's own.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import AsyncIterator, Callable
 
 from shardline.engine.data_parallel import DataParallelEngine, create_engine
 from shardline.engine.engine_args import EngineArgs
-from shardline.engine.llm_engine import LLMEngine, PromptType
+from shardline.engine.llm_engine import LLMEngine, PromptType, engine_dead
 from shardline.engine.metrics import engine_metrics
 from shardline.engine.output_queue import OutputQueue
 from shardline.engine.outputs import RequestOutput
@@ -135,7 +136,8 @@ class AsyncLLM:
                        request_id: str, prompt_token_ids: list[int] | None = None
                        ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they grow (see OutputQueue for a consumer that
-        falls behind); raises ValueError for a bad request.
+        falls behind); raises ValueError for a bad request, EngineDeadError once the engine
+        has stopped (failed or shut down).
 
         Leaving the loop early (break, cancel, close) aborts the request and frees its KV
         blocks. The id is free again once the request finishes, even if its stream has
@@ -325,7 +327,7 @@ class AsyncLLM:
             self._failure = exc
             self._worker = None
             commands, self._commands = self._commands, []
-        self._end_streams(exc, unapplied + commands)
+        self._end_streams(engine_dead(exc), unapplied + commands)
 
     def _end_streams(self, error: BaseException, commands: list[_Command]) -> None:
         """After the engine thread has ended for good: fail every open stream and answer

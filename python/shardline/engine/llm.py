@@ -24,7 +24,7 @@ from typing import Iterator, Sequence as Seq
 from shardline.engine.data_parallel import DataParallelEngine, create_engine
 from shardline.engine.chat_template import Message, check_conversation
 from shardline.engine.engine_args import EngineArgs
-from shardline.engine.llm_engine import LLMEngine, PromptType
+from shardline.engine.llm_engine import LLMEngine, PromptType, engine_dead
 from shardline.engine.request_checks import is_sequence
 from shardline.engine.metrics import engine_metrics
 from shardline.engine.outputs import RequestOutput
@@ -41,8 +41,9 @@ class LLM:
     tensor_parallel_size, ...). A bad option, or a layout the model cannot take, raises
     ValueError naming it before any worker starts.
 
-    After `shutdown`, or once a step was interrupted (KeyboardInterrupt), every call that
-    would run the engine raises EngineDeadError.
+    A step that fails stops the engine (its state is lost): the call raises EngineDeadError
+    with the error as its cause, or the interrupt itself (KeyboardInterrupt). Then, and
+    after `shutdown`, every call that would run the engine raises EngineDeadError.
     """
 
     def __init__(self, model: str | os.PathLike[str], **kwargs) -> None:
@@ -63,9 +64,9 @@ class LLM:
         # Held by every call that reads or runs the engine, which is not thread-safe.
         self._lock = threading.RLock()
         self._closed = False
-        # What interrupted a step: the engine keeps it as its failure (that step's tokens
-        # are lost), so it can run no more.
-        self._interrupted: BaseException | None = None
+        # What failed or interrupted a step: the engine keeps it as its failure (that
+        # step's tokens are lost), so it can run no more.
+        self._failure: BaseException | None = None
 
     @property
     def stats(self) -> SchedulerStats:
@@ -125,21 +126,26 @@ class LLM:
         with self._lock:
             if self._closed:
                 raise EngineDeadError("the LLM was shut down: build a new one")
-            if self._interrupted is not None:
-                raise EngineDeadError(
-                    f"a step of this LLM was interrupted ({type(self._interrupted).__name__}),"
-                    " so its results are lost and the engine runs no more: build a new "
-                    "LLM") from self._interrupted
+            failure = self._failure
+            if failure is not None:
+                how = "failed" if isinstance(failure, Exception) else "was interrupted"
+                what = type(failure).__name__ + (f": {failure}" if str(failure) else "")
+                raise EngineDeadError(f"a step of this LLM {how} ({what}), so its results are "
+                                      "lost and the engine runs no more: build a new LLM"
+                                      ) from failure
             yield
 
     @contextlib.contextmanager
     def _stepping(self) -> Iterator[None]:
-        """Run the engine's steps; note an interrupt (not an Exception) inside them."""
+        """Run the engine's steps; what ends them by an exception stops the engine. An
+        Exception is raised as the EngineDeadError of engine_dead, an interrupt as it is."""
         try:
             yield
+        except Exception as exc:
+            self._failure = exc
+            raise engine_dead(exc)
         except BaseException as exc:
-            if not isinstance(exc, Exception):
-                self._interrupted = exc
+            self._failure = exc
             raise
 
     def _encode(self, prompts: list[PromptType], params_list: list[SamplingParams]
