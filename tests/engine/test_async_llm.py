@@ -7,6 +7,9 @@ Every wait is bounded (asyncio.wait_for, deadlines), so a regression fails inste
 """
 
 import asyncio
+import collections.abc
+import contextlib
+import typing
 
 import pytest
 
@@ -15,7 +18,9 @@ from async_llm_helpers import (TIMEOUT, StepGate, collect, greedy, random_prompt
 from fake_engine_checks import assert_all_free
 from fake_model import make_engine
 from shardline.engine.async_llm import AsyncLLM
+from shardline.engine.llm import LLM
 from shardline.engine.output_queue import MAX_UNREAD
+from shardline.engine.outputs import RequestOutput
 
 
 def test_reused_request_id_is_not_aborted_by_the_closing_stream(rng):
@@ -226,5 +231,31 @@ def test_many_streams_with_cancels_and_reused_ids(rng, engine_kind):
     print({outcome: outcomes.count(outcome) for outcome in set(outcomes)}, engine.stats)
     assert outcomes.count("done") >= 10
     assert engine.stats.num_preemptions > 0 or engine_kind == "roomy"
+    wait_idle(engine)
+    assert_all_free(engine)
+
+
+def test_generate_is_typed_as_the_async_generator_it_is(rng):
+    """generate was annotated AsyncIterator, so a type checker refused the `aclose` its
+    docstring offers (and contextlib.aclosing): "AsyncIterator[RequestOutput]" has no
+    attribute "aclose". aclose aborts the request at once."""
+    hints = typing.get_type_hints(AsyncLLM.generate)
+    assert typing.get_origin(hints["return"]) is collections.abc.AsyncGenerator
+    assert typing.get_args(hints["return"]) == (RequestOutput, type(None))
+    for method in (AsyncLLM.metrics, LLM.metrics):
+        assert typing.get_type_hints(method)["return"] == dict[str, typing.Any]
+    engine = make_engine()
+    llm = AsyncLLM.from_engine(engine)
+    reads = rng.randint(1, 5)
+
+    async def main():
+        async with contextlib.aclosing(llm.generate(random_prompt(rng), greedy(200), "a")) \
+                as stream:
+            async for output in stream:
+                if len(output.outputs[0].token_ids) == reads:
+                    break
+        assert "a" not in engine.outputs.requests
+
+    asyncio.run(main())
     wait_idle(engine)
     assert_all_free(engine)

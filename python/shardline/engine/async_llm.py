@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncGenerator, Callable
 
 from shardline.engine.data_parallel import DataParallelEngine, create_engine
 from shardline.engine.engine_args import EngineArgs
@@ -134,13 +134,14 @@ class AsyncLLM:
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None,
                        request_id: str, prompt_token_ids: list[int] | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+                       ) -> AsyncGenerator[RequestOutput, None]:
         """Yield the request's outputs as they grow (see OutputQueue for a consumer that
         falls behind); raises ValueError for a bad request, EngineDeadError once the engine
         has stopped (failed or shut down).
 
-        Leaving the loop early (break, cancel, close) aborts the request and frees its KV
-        blocks. The id is free again once the request finishes, even if its stream has
+        Leaving the loop early (break, cancel, `aclose`) aborts the request and frees its KV
+        blocks: at once with `aclose` (`contextlib.aclosing`); after a plain break, once the
+        event loop finalizes the abandoned stream. The id is free again once the request finishes, even if its stream has
         not read the last output yet. `prompt_token_ids`, when given, are the prompt's
         tokens, as `engine.encode_prompt(prompt, sampling_params)` returns them (a server
         calls that off the event loop): the prompt is then not tokenized again, and the ids
@@ -182,7 +183,7 @@ class AsyncLLM:
         if self._post(_Abort(request_id, None, waiter), refuse=False):
             await _acknowledged(waiter)
 
-    async def metrics(self) -> dict:
+    async def metrics(self) -> dict[str, Any]:
         """The engine's metrics as a plain dict (see engine.metrics.engine_metrics), read by
         the engine thread between steps. Once the engine has stopped (failed or shut down)
         they are read here, without the per-rank step times, and count no request running

@@ -19,7 +19,7 @@ import os
 import reprlib
 import sys
 import threading
-from typing import Iterator, Sequence as Seq
+from typing import Any, Iterator, Sequence as Seq
 
 from shardline.engine.data_parallel import DataParallelEngine, create_engine
 from shardline.engine.chat_template import Message, check_conversation
@@ -210,7 +210,7 @@ class LLM:
         with self._running():
             return self.engine.abort_request(request_id)
 
-    def metrics(self) -> dict:
+    def metrics(self) -> dict[str, Any]:
         """Running and waiting requests, KV blocks used, prefix-cache hit rate, preemptions,
         token rates, step-time percentiles and, under the multi-process executor, each
         rank's step times, as a plain dict (keys: see engine.metrics.engine_metrics)."""
