@@ -48,7 +48,8 @@ def test_a_dropped_llm_is_collected_and_its_workers_exit(rng):
 def test_a_killed_worker_raises_engine_dead_and_leaves_nothing(when, rng):
     """SIGKILL of TP rank 1 while a step runs, or while the engine waits between steps:
     that step (within 5 s of the kill) and every later one raise EngineDeadError naming the
-    rank and its exit code, and shutdown leaves no process and no segment behind."""
+    rank and its exit code, the metrics still read (they raised that error), and shutdown
+    leaves no process and no segment behind."""
     segments_before = shm_segments()
     llm = LLM(MODEL, tensor_parallel_size=2, device="cpu", block_size=4, num_kv_blocks=256)
     pids = llm.engine.executor.worker_pids
@@ -72,6 +73,9 @@ def test_a_killed_worker_raises_engine_dead_and_leaves_nothing(when, rng):
                 llm.step()
         with pytest.raises(EngineDeadError, match=dead):
             llm.step()
+        # Read without asking the dead workers for their step times.
+        metrics = llm.metrics()
+        assert metrics["kv_blocks_used"] == 0 and "step_time_per_rank_s" not in metrics
     finally:
         llm.shutdown()
     assert_gone(pids)

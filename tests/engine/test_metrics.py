@@ -168,6 +168,32 @@ def test_a_failed_engine_counts_no_request_running_or_waiting(rng):
     llm.shutdown()
 
 
+@pytest.mark.parametrize("stop", ["failed step", "shutdown"])
+def test_a_stopped_llm_counts_no_request_running_or_waiting(stop, rng):
+    """LLM's metrics of an engine stopped under the incremental API still counted its
+    requests as running or waiting and their KV blocks as used, as AsyncLLM's did before
+    48855fb; after a failed step they also asked the dead workers for their step times."""
+    engine = make_engine(max_num_seqs=2)
+    llm = LLM.from_engine(engine)
+    for i, prompt in enumerate(prompts(rng, rng.randint(1, 4))):
+        llm.add_request(f"r{i}", prompt, SamplingParams(max_tokens=200))
+    for _ in range(rng.randint(1, 5)):
+        llm.step()
+    if stop == "failed step":
+        def execute_model(*args, **kwargs):
+            raise EngineDeadError("worker rank 1 died")
+        engine.executor.execute_model = execute_model
+        with pytest.raises(EngineDeadError):
+            llm.step()
+    else:
+        llm.shutdown()
+    metrics = llm.metrics()
+    assert metrics["num_requests_running"] == metrics["num_requests_waiting"] == 0
+    assert metrics["kv_blocks_used"] == metrics["kv_usage"] == 0
+    assert metrics["kv_blocks_total"] == engine.kv.num_blocks
+    assert metrics["num_steps"] == engine.stats.num_steps > 0
+
+
 def test_multiprocess_executor_reports_each_ranks_step_times(rng):
     llm = LLM("tiny-llama", block_size=4, num_kv_blocks=32, device="cpu",
               tensor_parallel_size=2)

@@ -33,7 +33,7 @@ from typing import Any, AsyncGenerator, Callable
 from shardline.engine.data_parallel import DataParallelEngine, create_engine
 from shardline.engine.engine_args import EngineArgs
 from shardline.engine.llm_engine import LLMEngine, PromptType, engine_dead
-from shardline.engine.metrics import engine_metrics
+from shardline.engine.metrics import engine_metrics, stopped_engine_metrics
 from shardline.engine.output_queue import OutputQueue
 from shardline.engine.outputs import RequestOutput
 from shardline.executor.base import EngineDeadError
@@ -196,10 +196,7 @@ class AsyncLLM:
                 raise item
             if isinstance(item, _Result):
                 return item.value
-        metrics = engine_metrics(self.engine, per_rank=False)
-        metrics["num_requests_running"] = metrics["num_requests_waiting"] = 0
-        metrics["kv_blocks_used"], metrics["kv_usage"] = 0, 0.0
-        return metrics
+        return stopped_engine_metrics(self.engine)
 
     def shutdown(self) -> None:
         """Stop the engine thread after its current step, end open streams with an error,

@@ -26,7 +26,7 @@ from shardline.engine.chat_template import Message, check_conversation
 from shardline.engine.engine_args import EngineArgs
 from shardline.engine.llm_engine import LLMEngine, PromptType, engine_dead
 from shardline.engine.request_checks import is_sequence
-from shardline.engine.metrics import engine_metrics
+from shardline.engine.metrics import engine_metrics, stopped_engine_metrics
 from shardline.engine.outputs import RequestOutput
 from shardline.sampling_params import SamplingParams
 from shardline.engine.scheduler import SchedulerStats
@@ -213,9 +213,13 @@ class LLM:
     def metrics(self) -> dict[str, Any]:
         """Running and waiting requests, KV blocks used, prefix-cache hit rate, preemptions,
         token rates, step-time percentiles and, under the multi-process executor, each
-        rank's step times, as a plain dict (keys: see engine.metrics.engine_metrics)."""
+        rank's step times, as a plain dict (keys: see engine.metrics.engine_metrics). Once
+        the engine has stopped (failed or shut down) they count no request running or
+        waiting and no KV block in use, and leave out the per-rank step times."""
         with self._lock:
-            return engine_metrics(self.engine, per_rank=not self._closed)
+            if self._closed or self._failure is not None:
+                return stopped_engine_metrics(self.engine)
+            return engine_metrics(self.engine)
 
     def has_unfinished_requests(self) -> bool:
         """Whether any request is still waiting or running."""

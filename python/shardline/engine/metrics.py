@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from shardline.engine.outputs import RequestOutput
 from shardline.step_times import StepTimes, summarize
@@ -83,7 +83,8 @@ class EngineMetrics:
             self._recent.popleft()
 
 
-def engine_metrics(engine: LLMEngine | DataParallelEngine, per_rank: bool = True) -> dict:
+def engine_metrics(engine: LLMEngine | DataParallelEngine, per_rank: bool = True
+                   ) -> dict[str, Any]:
     """The metrics of an engine (a data-parallel one: of all its cores together) as a plain
     dict; see the module docstring. Call it where stepping the engine is safe (the thread
     that owns it), since it reads the scheduler and, with `per_rank`, calls the workers.
@@ -137,4 +138,15 @@ def engine_metrics(engine: LLMEngine | DataParallelEngine, per_rank: bool = True
             first = core.executor.first_rank
             ranks += [dict(rank=first + i, **reply) for i, reply in enumerate(replies)]
         metrics["step_time_per_rank_s"] = ranks
+    return metrics
+
+
+def stopped_engine_metrics(engine: LLMEngine | DataParallelEngine) -> dict[str, Any]:
+    """The metrics of an engine that failed or was shut down: its counters, without the
+    per-rank step times (its workers are dead or gone), and no request running or waiting
+    nor KV block in use, since each request ended with the engine and the KV cache went
+    with it (the scheduler, which stepped no more, still counts them)."""
+    metrics = engine_metrics(engine, per_rank=False)
+    metrics["num_requests_running"] = metrics["num_requests_waiting"] = 0
+    metrics["kv_blocks_used"], metrics["kv_usage"] = 0, 0.0
     return metrics
