@@ -4,15 +4,14 @@
 #include <bit>
 #include <cmath>
 #include <cstring>
-#include <exception>
 #include <limits>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
 #include "numeric.hpp"
+#include "thread_pool.hpp"
 
 #ifdef SHARDLINE_HAVE_TARGET_CLONES  // set by CMakeLists.txt where the compiler builds them
 #define SHARDLINE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
@@ -369,32 +368,10 @@ void run_typed(const T* q, const T* k_cache, const T* v_cache, const int32_t* bl
                const int32_t* seq_lens, T* out, const DecodeShape& s, float scale, int threads) {
     const std::vector<WorkItem> items = work_items(s, threads);
     const std::vector<size_t> bounds = split_by_rows(items, seq_lens, threads);
-    const size_t ranges = bounds.size() - 1;
-    // An exception must not leave a thread's function (std::terminate): each range keeps
-    // its own, rethrown once every thread is joined.
-    std::vector<std::exception_ptr> errors(ranges);
-    auto work = [&](size_t range) {
-        try {
-            run_items(q, k_cache, v_cache, block_tables, seq_lens, out, s, scale,
-                      items.data() + bounds[range], items.data() + bounds[range + 1]);
-        } catch (...) {
-            errors[range] = std::current_exception();
-        }
-    };
-    std::vector<std::thread> helpers;
-    helpers.reserve(ranges);
-    size_t started = 1;
-    try {
-        for (; started < ranges; ++started) helpers.emplace_back(work, started);
-    } catch (const std::exception&) {
-        // No more threads (out of memory or thread slots): this thread runs the rest.
-    }
-    for (size_t range = started; range < ranges; ++range) work(range);
-    if (ranges > 0) work(0);
-    for (std::thread& helper : helpers) helper.join();
-    for (const std::exception_ptr& error : errors) {
-        if (error) std::rethrow_exception(error);
-    }
+    parallel_for(bounds.size() - 1, [&](size_t range) {
+        run_items(q, k_cache, v_cache, block_tables, seq_lens, out, s, scale,
+                  items.data() + bounds[range], items.data() + bounds[range + 1]);
+    });
 }
 
 int64_t kv_bytes(ElementType type, const DecodeShape& s, const int32_t* seq_lens) {

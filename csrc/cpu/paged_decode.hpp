@@ -29,10 +29,11 @@ struct DecodeShape {
 };
 
 // Raises std::invalid_argument for inconsistent shapes or a negative or too long sequence,
-// std::out_of_range for a block id outside [0, num_blocks), before any thread starts.
+// std::out_of_range for a block id outside [0, num_blocks), before any work starts.
 // A sequence of length 0 gets zeros, and so does a head whose scores are all -inf (as
-// in the reference's SDPA). Runs on up to `threads` threads (the caller's one),
-// and with min_bytes_per_thread > 0 on no more than one per that many bytes of K and V.
+// in the reference's SDPA). Runs on up to `threads` threads (the caller's one and the
+// process's workers, thread_pool.hpp), and with min_bytes_per_thread > 0 on no more than
+// one per that many bytes of K and V.
 void paged_decode_attention(ElementType type, const void* q, const void* k_cache,
                             const void* v_cache, const int32_t* block_tables,
                             const int32_t* seq_lens, void* out, const DecodeShape& shape,
