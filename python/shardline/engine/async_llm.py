@@ -32,7 +32,8 @@ from typing import Any, AsyncGenerator, Callable
 
 from shardline.engine.data_parallel import DataParallelEngine, create_engine
 from shardline.engine.engine_args import EngineArgs
-from shardline.engine.llm_engine import LLMEngine, PromptType, engine_dead
+from shardline.engine.failures import engine_dead, in_forked_child
+from shardline.engine.llm_engine import LLMEngine, PromptType
 from shardline.engine.metrics import engine_metrics, stopped_engine_metrics
 from shardline.engine.output_queue import OutputQueue
 from shardline.engine.outputs import RequestOutput
@@ -122,6 +123,7 @@ class AsyncLLM:
 
     def _attach(self, engine: LLMEngine | DataParallelEngine) -> None:
         self.engine = engine
+        self._built_by = os.getpid()
         # Guards the fields below; held only for moments, never across a step.
         self._mutex = threading.Lock()
         self._commands: list[_Command] = []
@@ -189,6 +191,9 @@ class AsyncLLM:
         they are read here, without the per-rank step times, and count no request running
         or waiting and no KV block in use: each request has ended, its stream with the
         error, and the KV cache went with the engine."""
+        forked = in_forked_child("AsyncLLM", self._built_by)
+        if forked is not None:
+            raise forked
         waiter = _Stream("metrics")
         if self._post(_Call(engine_metrics, waiter), refuse=False):
             _, item = await waiter.queue.get()
@@ -200,7 +205,12 @@ class AsyncLLM:
 
     def shutdown(self) -> None:
         """Stop the engine thread after its current step, end open streams with an error,
-        and shut the executor down."""
+        and shut the executor down. In a fork of the process that built the AsyncLLM it
+        only closes this copy: the engine thread, the streams and the workers are the
+        parent's."""
+        if in_forked_child("AsyncLLM", self._built_by) is not None:
+            self._closed = True
+            return
         with self._mutex:
             self._closed = True
             worker = self._worker
@@ -217,6 +227,9 @@ class AsyncLLM:
         self._raise_if_stopped()
 
     def _raise_if_stopped(self) -> None:
+        forked = in_forked_child("AsyncLLM", self._built_by)
+        if forked is not None:
+            raise forked
         if self._failure is not None:
             raise EngineDeadError("the engine failed in an earlier step and accepts no more "
                                   f"requests: {self._failure!r}") from self._failure
@@ -228,7 +241,12 @@ class AsyncLLM:
 
         Once the engine failed or was shut down, an add raises (when `refuse`) and an
         abort is dropped, since its request is gone with the engine: returns False then.
+        So in a fork of the process that built the AsyncLLM, whose engine is the parent's.
         """
+        if in_forked_child("AsyncLLM", self._built_by) is not None:
+            if refuse:
+                self._raise_if_stopped()
+            return False
         with self._mutex:
             if self._failure is not None or self._closed:
                 if refuse:

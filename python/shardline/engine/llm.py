@@ -24,7 +24,8 @@ from typing import Any, Iterator, Sequence as Seq
 from shardline.engine.data_parallel import DataParallelEngine, create_engine
 from shardline.engine.chat_template import Message, check_conversation
 from shardline.engine.engine_args import EngineArgs
-from shardline.engine.llm_engine import LLMEngine, PromptType, engine_dead
+from shardline.engine.failures import engine_dead, in_forked_child
+from shardline.engine.llm_engine import LLMEngine, PromptType
 from shardline.engine.request_checks import is_sequence
 from shardline.engine.metrics import engine_metrics, stopped_engine_metrics
 from shardline.engine.outputs import RequestOutput
@@ -60,6 +61,7 @@ class LLM:
 
     def _attach(self, engine: LLMEngine | DataParallelEngine) -> None:
         self.engine = engine
+        self._built_by = os.getpid()
         self._next_id = 0
         # Held by every call that reads or runs the engine, which is not thread-safe.
         self._lock = threading.RLock()
@@ -122,7 +124,9 @@ class LLM:
 
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
-        """Hold the engine for one call; EngineDeadError if it can run no more."""
+        """Hold the engine for one call; EngineDeadError if it can run no more, or not in
+        this process (a fork of the one that built it, where the lock may be held)."""
+        self._refuse_in_forked_child()
         with self._lock:
             if self._closed:
                 raise EngineDeadError("the LLM was shut down: build a new one")
@@ -216,6 +220,7 @@ class LLM:
         rank's step times, as a plain dict (keys: see engine.metrics.engine_metrics). Once
         the engine has stopped (failed or shut down) they count no request running or
         waiting and no KV block in use, and leave out the per-rank step times."""
+        self._refuse_in_forked_child()
         with self._lock:
             if self._closed or self._failure is not None:
                 return stopped_engine_metrics(self.engine)
@@ -229,10 +234,18 @@ class LLM:
     def shutdown(self) -> None:
         """Stop the workers (their processes, under several ranks); idempotent. A
         `generate` running in another thread ends after its current step, raising
-        EngineDeadError; shutdown waits for that."""
+        EngineDeadError; shutdown waits for that. In a fork of the process that built the
+        LLM it only closes this copy: the workers serve the parent."""
         self._closed = True
+        if in_forked_child("LLM", self._built_by) is not None:
+            return
         with self._lock:
             self.engine.shutdown()
+
+    def _refuse_in_forked_child(self) -> None:
+        forked = in_forked_child("LLM", self._built_by)
+        if forked is not None:
+            raise forked
 
     def __enter__(self) -> "LLM":
         return self

@@ -28,7 +28,7 @@ from shardline.step import SchedulerOutput
 from shardline.engine.scheduler import Scheduler, SchedulerStats
 from shardline.engine.sequence import Sequence
 from shardline.engine.tokenizer import Tokenizer
-from shardline.executor.base import EngineDeadError, Executor, StepFuture, create_executor
+from shardline.executor.base import Executor, StepFuture, create_executor
 from shardline.models.loader import read_model_info
 
 PromptType = str | Seq[int]
@@ -315,19 +315,6 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
-
-
-def engine_dead(error: Exception) -> EngineDeadError:
-    """The EngineDeadError of an engine that `error` stopped (a step or an add that failed
-    other than as a bad request), with `error` as its cause; an EngineDeadError as it is.
-    Callers catch EngineDeadError to rebuild the engine and ValueError as a bad request of
-    their own: a failed step's own ValueError or IndexError must read as neither."""
-    if isinstance(error, EngineDeadError):
-        return error
-    dead = EngineDeadError(f"the engine failed ({type(error).__name__}: {error}) and runs no "
-                           "more: build a new one")
-    dead.__cause__ = error
-    return dead
 
 
 def resolve_max_model_len(config: EngineConfig, model_info: ModelLimits) -> int:
