@@ -185,6 +185,22 @@ def test_counts_below_one_are_refused_by_flag(command, flag, value, no_model_loa
         capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [[], ["no-such-command"], ["demo", "--max-tokens", "0"],
+                                  ["generate", "-m", "tiny-llama"], ["chat", "--no-such-flag"],
+                                  ["bench", "--mode", "sideways"], ["serve", "--port", "http"],
+                                  ["plan", "--nodes", "0"]])
+def test_a_bad_command_line_is_one_line_naming_the_help(argv, no_model_load, capsys):
+    """README promises one line for any error; argparse's own (a missing, unknown or bad
+    flag) printed the command's usage first, 20 lines above the message."""
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    prog = " ".join(["shardline", *argv[:1]]) if argv[:1] != ["no-such-command"] else "shardline"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"{prog}: error: "), err
+    assert err.endswith(f"({prog} --help lists the flags)\n")
+
+
 def test_version_flag_and_attribute_agree(capsys):
     import importlib.metadata
 

@@ -333,7 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
     from shardline.planner.command import add_plan_command
 
     add_plan_command(sub)
+    for command_parser in (parser, *sub.choices.values()):
+        command_parser.error = _one_line_error(command_parser)
     return parser
+
+
+def _one_line_error(parser: argparse.ArgumentParser):
+    """argparse's error method, but one line, as every other error of the command is:
+    argparse printed the usage first, 20 lines that buried the message."""
+    def error(message: str) -> None:
+        parser.exit(2, f"{parser.prog}: error: {message} ({parser.prog} --help lists the "
+                       "flags)\n")
+    return error
 
 
 def limit_openmp_spinning() -> None:
@@ -351,7 +362,11 @@ def limit_openmp_spinning() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     limit_openmp_spinning()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:   # named by the command they were given to, whose --help lists its flags
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     log = logging.getLogger("shardline")
     # The command's progress goes to stderr while it runs; an embedding program that set
     # up its own handlers keeps them, and none is left behind holding this stderr.

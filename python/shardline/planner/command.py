@@ -46,18 +46,10 @@ def _number(kind: type, minimum: float, strict: bool):
     return parse
 
 
-def _one_line_error(parser: argparse.ArgumentParser):
-    def error(message: str) -> None:
-        print(f"shardline plan: error: {message}", file=sys.stderr)
-        sys.exit(2)
-    return error
-
-
 def add_plan_command(sub: argparse._SubParsersAction) -> None:
     """Register `plan` on the CLI's subcommands."""
     p = sub.add_parser("plan", help="rank parallel layouts of a model on a cluster",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = _one_line_error(p)
     positive, fraction = _number(int, 1, False), _number(float, 0, True)
     p.add_argument("-m", "--model", help="reference model (" + ", ".join(REFERENCE_MODELS)
                    + "), preset, checkpoint directory or config.json")
