@@ -172,6 +172,37 @@ def test_model_from_a_config_json_or_a_gguf_file(tmp_path, monkeypatch, capsys):
         assert "DP2xTP4" in names and names.isdisjoint({"TP8", "SP8"})
 
 
+def test_the_model_preset_is_planned_from_its_gguf_config(tmp_path, monkeypatch, rng, capsys):
+    """`plan -m smollm2-135m-instruct`, the demo's model, was refused as "not a reference
+    model, a preset, ..." by an error whose list of presets left it out."""
+    from shardline import presets
+    from shardline.models import gguf
+    from shardline.presets import PRESETS
+
+    heads = rng.choice([3, 6, 9, 12])
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps(dict(
+        PRESETS["small-llama"], num_attention_heads=heads, num_key_value_heads=3,
+        torch_dtype="bfloat16")))
+    weights = tmp_path / "SmolLM2.gguf"
+    weights.write_bytes(b"GGUF")
+    monkeypatch.setattr(presets, "fetch_model_preset", lambda name: str(weights))
+    monkeypatch.setattr(gguf, "gguf_model_dir", lambda path: str(checkpoint))
+    assert main(["plan", "-m", "smollm2-135m-instruct", "--json"]) == 0
+    model = json.loads(capsys.readouterr().out)["model"]
+    assert (model["name"], model["heads"], model["kv_heads"]) == (
+        "smollm2-135m-instruct", heads, 3)
+
+
+def test_an_unknown_model_error_lists_every_preset(capsys):
+    from shardline.presets import preset_names
+
+    assert main(["plan", "-m", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert all(name in err for name in preset_names()), err
+
+
 def test_a_profile_without_the_host_constants_is_refused(tmp_path):
     old = {"device": {"name": "CPU", "memory_bytes": 8e9, "flops": 1e10,
                       "memory_bandwidth": 5e9, "op_overhead_s": 2e-5, "shared_by_ranks": True,

@@ -120,13 +120,17 @@ def spec_from_config(config: dict, name: str, dtype: str | None = None) -> Model
 def load_spec(source: str, dtype: str | None = None) -> ModelSpec:
     """The ModelSpec of a reference model, a preset, a GGUF file (the config shardline
     derives from its metadata, at its torch_dtype, not its quantized size), a checkpoint
-    directory or a config.json file."""
-    from shardline.presets import PRESETS
+    directory or a config.json file. A model preset (smollm2-135m-instruct) is fetched on
+    first use, as the commands that run it do, for the config of its GGUF file."""
+    from shardline.presets import MODEL_PRESETS, PRESETS, preset_names, resolve_model
 
     if source in REFERENCE_MODELS:
         return spec_from_config(REFERENCE_MODELS[source], source, dtype)
     if source in PRESETS:
         return spec_from_config(PRESETS[source], source, dtype)
+    if source in MODEL_PRESETS:
+        path = os.path.join(resolve_model(source), "config.json")
+        return spec_from_config(hf_config.read_json_object(path), source, dtype)
     if source.endswith(".gguf") and os.path.isfile(source):
         from shardline.models.gguf import gguf_model_dir
 
@@ -136,7 +140,7 @@ def load_spec(source: str, dtype: str | None = None) -> ModelSpec:
         raise ValueError(f"model={source!r} is not a reference model, a preset, a GGUF "
                          "file, a directory with config.json or a .json file: reference "
                          f"models are {', '.join(REFERENCE_MODELS)}; presets are "
-                         f"{', '.join(PRESETS)}")
+                         f"{', '.join(preset_names())}")
     config = hf_config.read_json_object(path)
     hf_config.check_config(config, path, next(iter(config.get("architectures") or []), ""))
     return spec_from_config(config, os.path.basename(os.path.dirname(os.path.abspath(path))),
