@@ -105,6 +105,17 @@ def test_any_error_is_one_line_and_nonzero(error, code, monkeypatch, capsys):
         assert type(error).__name__ in errors[0]
 
 
+def test_a_missing_optional_package_is_named_with_what_to_install(monkeypatch, capsys):
+    """bench --url needs httpx, which no extra but test installs: the error was
+    "ModuleNotFoundError: No module named 'httpx'", without what to run."""
+    monkeypatch.setitem(sys.modules, "httpx", None)   # its import now fails
+    assert main(["bench", "-m", "tiny-llama", "--mode", "online", "--url",
+                 "http://127.0.0.1:9", "--num-prompts", "1", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("shardline bench: error: "), err
+    assert err.rstrip().endswith("; this command needs it: pip install httpx"), err
+
+
 def test_a_model_this_user_cannot_read_is_bad_input(tmp_path, capsys):
     """A PermissionError was counted an internal error (exit 1, its class name shown). (A
     user whose privileges read any file, such as root, cannot meet this error.)"""

@@ -360,6 +360,16 @@ def limit_openmp_spinning() -> None:
         os.environ["GOMP_SPINCOUNT"] = "10000"
 
 
+def _missing_package(exc: Exception) -> str | None:
+    """The package to pip install for `exc`, an optional package's ModuleNotFoundError
+    (httpx, for bench --url), or None: "No module named 'httpx'" alone left the user to
+    work it out. The extras' own packages (serve, ray) are named where they are imported."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    module = exc.name.split(".")[0]
+    return None if module == "shardline" else module
+
+
 def main(argv: list[str] | None = None) -> int:
     limit_openmp_spinning()
     parser = build_parser()
@@ -387,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         bad_input = isinstance(exc, (ValueError, FileNotFoundError, PermissionError))
         message = " ".join(str(exc).split()) or "(no message)"
         kind = "" if bad_input else f"{type(exc).__name__}: "
+        missing = _missing_package(exc)
+        if missing is not None:
+            message += f"; this command needs it: pip install {missing}"
         print(f"shardline {args.command}: error: {kind}{message}", file=sys.stderr)
         return 2 if bad_input else 1
     finally:
