@@ -3,6 +3,8 @@
 import json
 import multiprocessing
 import os
+import re
+import shlex
 import time
 
 import pytest
@@ -22,6 +24,20 @@ def test_table_lists_layouts_and_explains_the_pick(capsys):
     assert "more valid layouts" in out
     pick = out.splitlines()[-1]
     assert pick.startswith("pick: ") and rows[0].split()[1] in pick
+
+
+def test_the_header_rounds_the_links_and_the_pick_counts_its_devices(rng, capsys):
+    """A profile's links printed as "2.36363 GB/s 183.969 us", and a pick of one device
+    per replica as "each replica's 1 devices hold the model"."""
+    bandwidth, latency = rng.uniform(1, 9.99), rng.uniform(100, 999)
+    assert main(["plan", "-m", "small-llama", "--intranode-bandwidth-gbs", repr(bandwidth),
+                 "--intranode-latency-us", repr(latency)]) == 0
+    out = capsys.readouterr().out
+    shown = re.search(r"NVLink (\S+) GB/s (\S+) us,", out).groups()
+    for text, value in zip(shown, (bandwidth, latency)):
+        assert len(text.replace(".", "")) <= 3 and float(text) == float(f"{value:.3g}"), out
+    pick = out.splitlines()[-1]
+    assert pick.startswith("pick: DP8: ") and "in each replica one device holds the model" in pick
 
 
 def test_json_output(capsys):
@@ -109,9 +125,12 @@ def test_profile_written_then_used(tmp_path, monkeypatch, capsys):
     path = tmp_path / "profile.json"
     assert main(["plan", "--profile", "--profile-file", str(path)]) == 0
     printed = capsys.readouterr()
-    assert str(path) in printed.out
     assert [line.split(" ")[1] for line in printed.err.splitlines()] == ["1/3", "2/3", "3/3"]
-    assert main(["plan", "-m", "small-llama", "--profile-file", str(path), "--json"]) == 0
+    written, next_step = printed.out.strip().split("; plan with it: ")
+    assert written == f"profile written to {path}"
+    argv = shlex.split(next_step.replace("MODEL", "small-llama"))
+    assert argv[:2] == ["shardline", "plan"]
+    assert main([*argv[1:], "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["cluster"]["device"]["flops"] == 5e10
     assert data["cluster"]["device"]["shared_core_collective_s"] == 7e-4

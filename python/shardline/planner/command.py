@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 
 from shardline.planner.cluster import (GB, GPU_DEFAULTS, Link, gpu_cluster, profile_cluster,
@@ -109,7 +110,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         path = args.profile_file or default_profile_path()
         data = write_profile(path, progress=lambda stage: print(f"profiling {stage} ...",
                                                                 file=sys.stderr, flush=True))
-        print(json.dumps(data, indent=2) if args.json else f"profile written to {path}")
+        print(json.dumps(data, indent=2) if args.json else
+              f"profile written to {path}; plan with it: shardline plan -m MODEL "
+              f"--profile-file {shlex.quote(path)}")
         return 0
     if not args.model:
         raise ValueError("--model is required (a reference model, preset, directory or "

@@ -134,8 +134,9 @@ def _reason(best: Estimate, cluster: ClusterSpec) -> str:
         return (f"the experts spread over {layout.ep} devices of one node, their all-to-all "
                 f"stays on {intra}")
     if layout.dp > 1 and not crossing:
-        return (f"each replica's {layout.world_size // layout.dp} devices hold the model, "
-                "the replicas exchange nothing")
+        per_replica = layout.world_size // layout.dp
+        holders = "one device holds" if per_replica == 1 else f"{per_replica} devices hold"
+        return f"in each replica {holders} the model, the replicas exchange nothing"
     comm = best.decode.comm.time_s / best.decode.time_s
     bound = "memory" if best.decode.memory_bound else "compute"
     return f"decode is {bound}-bound, communication {comm:.0%} of a step"

@@ -52,9 +52,9 @@ def render(p: Plan, top: int) -> str:
         + (f", {m.num_experts} experts top-{m.experts_per_token}" if m.num_experts else ""),
         f"cluster: {c.nodes} node(s) x {c.devices_per_node} {c.device.name} "
         f"({c.device.memory_bytes / 1e9:.0f} GB); {c.intranode.name} "
-        f"{c.intranode.bandwidth / 1e9:g} GB/s {c.intranode.latency_s * 1e6:g} us, "
-        f"{c.internode.name} {c.internode.bandwidth / 1e9:g} GB/s "
-        f"{c.internode.latency_s * 1e6:g} us",
+        f"{c.intranode.bandwidth / 1e9:.3g} GB/s {c.intranode.latency_s * 1e6:.3g} us, "
+        f"{c.internode.name} {c.internode.bandwidth / 1e9:.3g} GB/s "
+        f"{c.internode.latency_s * 1e6:.3g} us",
         f"workload: batch {w.batch}, prompt {w.prompt_len}, output {w.output_len} tokens; "
         f"ranked by {p.objective}",
         "",
