@@ -154,12 +154,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         raise ValueError("--message is empty: give a question, or leave --message out to "
                          "chat in the terminal")
     params = _sampling_params(args, "temperature", "max_tokens", "seed")
+    _require_chat_template(args.model)
     with _demo_llm(args, CHAT_CONTEXT) as llm:
-        tokenizer = llm.engine.tokenizer
-        if tokenizer is None or tokenizer.chat_template is None:
-            raise ValueError(f"--model {args.model!r} has no chat template (in "
-                             "tokenizer_config.json or its GGUF metadata): use shardline "
-                             "generate for plain completion")
         conversation = [{"role": "system", "content": args.system}] if args.system else []
         interactive = args.message is None
         if interactive:
@@ -183,6 +179,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(answer if not interactive else f"assistant: {answer}", flush=True)
             if not interactive:
                 return 0
+
+
+def _require_chat_template(model: str) -> None:
+    """Refuse a model without a chat template before its weights load (a large model took
+    its whole load to be refused): its tokenizer files alone say so."""
+    from shardline.engine.tokenizer import Tokenizer
+    from shardline.presets import resolve_model
+
+    _check_model(model)
+    tokenizer = Tokenizer.from_model_dir(resolve_model(model))
+    if tokenizer is None or tokenizer.chat_template is None:
+        raise ValueError(f"--model {model!r} has no chat template (in tokenizer_config.json or "
+                         "its GGUF metadata): use shardline generate for plain completion")
 
 
 def _read_turn() -> str:
