@@ -224,6 +224,23 @@ def test_version_flag_and_attribute_agree(capsys):
     assert shardline.__version__ == importlib.metadata.version("shardline")
 
 
+@pytest.mark.parametrize("command, flag, default", [
+    ("demo", "--max-model-len", "(default: 1024, or the model's limit if lower)"),
+    ("chat", "--max-model-len", "(default: 4096, or the model's limit if lower)"),
+    ("generate", "--max-num-seqs", "(default: the completions asked for, prompts x n, at most "
+                                   "64)")])
+def test_a_flag_whose_default_the_command_changes_says_so(command, flag, default, capsys):
+    """demo and chat default --max-model-len to their own context, and generate caps
+    --max-num-seqs, but those flags' help gave the engine's defaults (the model's limit;
+    64)."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"{flag} {flag.lstrip('-').replace('-', '_').upper()} " in text
+    described = text.split(f"{flag} {flag.lstrip('-').replace('-', '_').upper()} ")[-1]
+    assert described.split(" --")[0].endswith(default), described[:300]
+
+
 def test_a_required_model_flag_shows_no_default(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])

@@ -259,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=positive_int, default=32,
                       help="most tokens to generate per answer (default: %(default)s)")
     demo.set_defaults(max_num_seqs=8)
+    _context_help(demo, DEMO_CONTEXT)
     demo.description = ("Ask the model a few questions (or, for a model without a chat "
                         "template, complete built-in prompts), print the answers and the "
                         f"speed. Here --max-num-seqs defaults to 8 and --max-model-len to "
@@ -285,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: a fresh draw)")
     gen.add_argument("-n", type=positive_int, default=1,
                      help="completions per prompt (default: %(default)s)")
+    _flag(gen, "max_num_seqs").help = ("most sequences in one step (default: the "
+                                       "completions asked for, prompts x n, at most 64)")
     gen.description = ("Complete each --prompt and print one JSON line per completion. "
                        "--max-num-seqs is at most the completions asked for (prompts x n), "
                        "so that the KV cache holds only those.")
@@ -304,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=None,
                       help="seed of the sampling noise (default: a fresh draw)")
     chat.set_defaults(max_num_seqs=1)
+    _context_help(chat, CHAT_CONTEXT)
     chat.description = ("Talk with a chat model: each line typed is a turn, answered with "
                         "the whole conversation so far; --message asks once. Here "
                         "--max-num-seqs defaults to 1 and --max-model-len to "
@@ -345,6 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
     for command_parser in (parser, *sub.choices.values()):
         command_parser.error = _one_line_error(command_parser)
     return parser
+
+
+def _flag(parser: argparse.ArgumentParser, dest: str) -> argparse.Action:
+    return next(action for action in parser._actions if action.dest == dest)
+
+
+def _context_help(parser: argparse.ArgumentParser, context: int) -> None:
+    """--max-model-len's help, with the default of demo and chat (_demo_llm) in place of
+    the model's own limit, which their --help gave."""
+    _flag(parser, "max_model_len").help = ("longest prompt plus output, in tokens (default: "
+                                           f"{context}, or the model's limit if lower)")
 
 
 def _one_line_error(parser: argparse.ArgumentParser):
