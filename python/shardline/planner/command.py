@@ -23,6 +23,7 @@ from shardline.planner.cost import Workload
 from shardline.planner.model_spec import DTYPE_BYTES, load_spec
 from shardline.planner.ranking import OBJECTIVES, plan
 from shardline.planner.references import REFERENCE_MODELS
+from shardline.presets import preset_names
 from shardline.planner.report import plan_dict, render
 
 
@@ -52,8 +53,9 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="rank parallel layouts of a model on a cluster",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     positive, fraction = _number(int, 1, False), _number(float, 0, True)
-    p.add_argument("-m", "--model", help="reference model (" + ", ".join(REFERENCE_MODELS)
-                   + "), preset, checkpoint directory or config.json")
+    p.add_argument("-m", "--model", help="a reference model (" + ", ".join(REFERENCE_MODELS)
+                   + "), a preset (" + ", ".join(preset_names()) + "), a checkpoint "
+                   "directory, a .gguf file or a config.json")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES),
                    help="weight and KV precision (default: the config's torch_dtype)")
     p.add_argument("--gpu", choices=sorted(GPU_DEFAULTS), default="h100",
