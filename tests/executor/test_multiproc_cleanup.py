@@ -25,6 +25,7 @@ from shardline.executor.multiproc import DEAD_GRACE_S, MultiProcExecutor
 from shardline.executor.worker_proc import ANSWER_POLL_S
 from multiproc_helpers import WORLDS, make_config, start_world
 from process_hygiene import assert_gone, leaked_segments, live_children, shm_segments
+from stub_workers import TIME_FILE_ENV
 
 
 def test_shutdown_garbage_collection_and_a_with_block_leave_nothing_behind(make_executor):
@@ -163,7 +164,7 @@ def test_a_dead_ranks_survivors_stuck_in_a_call_are_not_waited_for(monkeypatch, 
     call can reach any more, is killed then), not after the SHUTDOWN_GRACE_S (5 s) that a
     serving worker gets to finish its call. Nothing is left running."""
     noted = tmp_path / "time"
-    monkeypatch.setenv("STUB_TIME_FILE", str(noted))
+    monkeypatch.setenv(TIME_FILE_ENV, str(noted))
     with pytest.raises(EngineDeadError, match=r"worker rank 1 \(pid \d+\) died with exit code 5"):
         MultiProcExecutor(make_config("DiesInInitWorker", tensor_parallel_size=2))
     elapsed = time.monotonic() - float(noted.read_text())
@@ -178,7 +179,7 @@ def test_a_rank_failing_a_setup_call_fails_the_start_without_waiting(monkeypatch
     DEAD_GRACE_S, where shutting down a serving group gave rank 0 SHUTDOWN_GRACE_S (5 s)
     to leave a call it cannot leave. Nothing is left running."""
     noted = tmp_path / "time"
-    monkeypatch.setenv("STUB_TIME_FILE", str(noted))
+    monkeypatch.setenv(TIME_FILE_ENV, str(noted))
     with pytest.raises(RuntimeError, match=r"^init_device failed on worker rank 1: RuntimeError: "
                                            r"init_device failed on purpose"):
         MultiProcExecutor(make_config("FailsInInitWorker", tensor_parallel_size=2))
@@ -231,28 +232,38 @@ executors = start_world(make_config(**WORLDS[{world!r}]))
 print(" ".join(str(pid) for executor in executors for pid in executor.worker_pids), flush=True)
 print(executors[0]._group.rendezvous.directory, flush=True)
 if {interrupt}:
-    executors[0].collective_rpc("sleep", args=(60,))
+    executors[0].collective_rpc("hold", args=({hold_dir!r}, 60))
+sys.stdin.readline()  # exits once the test has seen the rendezvous directory
 """
 
 
 @pytest.mark.parametrize("world", list(WORLDS))
 @pytest.mark.parametrize("interrupt", [False, True], ids=["interpreter-exit", "ctrl-c"])
-def test_interpreter_exit_and_ctrl_c_leave_no_worker_and_no_rendezvous(interrupt, world):
+def test_interpreter_exit_and_ctrl_c_leave_no_worker_and_no_rendezvous(interrupt, world,
+                                                                       tmp_path):
+    """The script waits for the test before it exits (else its exit may remove the
+    rendezvous directory before the test has seen it, as on a loaded machine), and is
+    interrupted once core 0's ranks are all inside a call."""
     before = shm_segments()
     here = os.path.dirname(__file__)
     script = _EXIT_SCRIPT.format(stub_dir=here, tests_dir=os.path.dirname(here),
-                                 world=world, interrupt=interrupt)
+                                 world=world, interrupt=interrupt, hold_dir=str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
         assert len(pids) == 2, proc.stderr.read()
         rendezvous_dir = proc.stdout.readline().strip()
         assert os.path.isdir(rendezvous_dir)
         if interrupt:
-            time.sleep(0.5)
+            holding = len(pids) // WORLDS[world].get("data_parallel_size", 1)
+            deadline = time.monotonic() + 30
+            while len(os.listdir(tmp_path)) < holding:
+                assert time.monotonic() < deadline, "core 0's ranks never entered the call"
+                time.sleep(0.01)
             os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+        proc.stdin.close()
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
