@@ -60,9 +60,10 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
                    help="weight and KV precision (default: the config's torch_dtype)")
     p.add_argument("--gpu", choices=sorted(GPU_DEFAULTS), default="h100",
                    help="device kind whose stated defaults apply (default: %(default)s)")
-    p.add_argument("--nodes", type=positive, default=1, help="(default: %(default)s)")
+    p.add_argument("--nodes", type=positive, default=1,
+                   help="nodes in the cluster (default: %(default)s)")
     p.add_argument("--gpus-per-node", type=positive, default=None,
-                   help="(default: 8, or the profile's)")
+                   help="devices per node (default: 8, or the profile's)")
     p.add_argument("--gpu-memory-gb", type=fraction, help="memory per device, GB")
     for link in ("intranode", "internode"):
         p.add_argument(f"--{link}-bandwidth-gbs", type=fraction,
@@ -71,8 +72,10 @@ def add_plan_command(sub: argparse._SubParsersAction) -> None:
                        help=f"{link} latency per message, microseconds")
     p.add_argument("--batch", type=positive, default=64, help="concurrent requests "
                    "(default: %(default)s)")
-    p.add_argument("--prompt-len", type=positive, default=1024, help="(default: %(default)s)")
-    p.add_argument("--output-len", type=positive, default=256, help="(default: %(default)s)")
+    p.add_argument("--prompt-len", type=positive, default=1024,
+                   help="prompt tokens per request (default: %(default)s)")
+    p.add_argument("--output-len", type=positive, default=256,
+                   help="output tokens per request (default: %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=positive, default=2048,
                    help="prefill chunk, tokens per step (default: %(default)s)")
     p.add_argument("--gpu-memory-utilization", type=fraction, default=0.9,
