@@ -7,6 +7,7 @@ import pytest
 from shardline.executor.multiproc import MultiProcExecutor
 from multiproc_helpers import make_config
 from process_hygiene import assert_gone
+from stub_workers import STEP_TIMES_ENV
 
 
 @pytest.fixture
@@ -24,3 +25,13 @@ def make_executor():
     for executor in made:
         executor.shutdown()
         assert_gone(executor.worker_pids)
+
+
+@pytest.fixture
+def step_times_dir(tmp_path, monkeypatch):
+    """The directory where the SlowStepWorker ranks started from now on note when each
+    step began and ended (multiproc_helpers.step_times reads it)."""
+    directory = tmp_path / "step-times"
+    directory.mkdir()
+    monkeypatch.setenv(STEP_TIMES_ENV, str(directory))
+    return directory

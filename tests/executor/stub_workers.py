@@ -126,14 +126,25 @@ def run_worker_joining_late(args, handle_conn, log_queue) -> None:
     worker_proc.run_worker(args, handle_conn, log_queue)
 
 
+# A SHARDLINE_* variable, so that the Ray executor passes it on to its actors too.
+STEP_TIMES_ENV = "SHARDLINE_TEST_STEP_TIMES"
+
+
 class SlowStepWorker(StubWorker):
     """Takes STEP_S over every step, so that steps are still in flight when a test kills a
-    worker."""
+    worker or asks for its stacks. Where $SHARDLINE_TEST_STEP_TIMES names a directory,
+    each rank adds a line "begun ended" (time.time()) per step to a file named after it
+    there: a signal sent between the two reached the rank inside execute_model."""
 
     STEP_S = 3.0
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        begun = time.time()
         time.sleep(self.STEP_S)
+        directory = os.environ.get(STEP_TIMES_ENV)
+        if directory:
+            with open(os.path.join(directory, str(self.rank)), "a") as notes:
+                notes.write(f"{begun!r} {time.time()!r}\n")
         return super().execute_model(scheduler_output)
 
 

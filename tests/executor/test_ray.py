@@ -43,8 +43,8 @@ from shardline.executor.ray import RayExecutor, ranks_sharing_node  # noqa: E402
 from shardline.worker.worker import RANKS_ON_NODE_ENV, cpu_threads  # noqa: E402
 from process_hygiene import leaked_segments, shm_segments  # noqa: E402
 from stub_workers import NUM_KV_BLOCKS  # noqa: E402
-from multiproc_helpers import (make_config, slow_step_reports,  # noqa: E402
-                               slow_step_reports_of_core_0, step)
+from multiproc_helpers import (AGENT_SIGNAL_S, make_config,  # noqa: E402
+                               slow_step_reports, slow_step_reports_of_core_0, step, step_times)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENGINE = dict(block_size=4, num_kv_blocks=24, max_num_batched_tokens=16, max_num_seqs=8,
@@ -206,7 +206,7 @@ def test_a_rank_left_stopped_fails_the_engine_naming_it(cluster, monkeypatch, rn
 
 
 def test_a_slow_step_is_reported_with_every_ranks_stacks_in_its_log(cluster, monkeypatch,
-                                                                    caplog, rng):
+                                                                    caplog, rng, step_times_dir):
     """As under the multi-process executor (test_slow_steps.py): a 3 s step is reported
     while it runs, and each rank actor writes its stacks, inside the step, to its log."""
     monkeypatch.setattr(worker_group, "SLOW_STEP_S", rng.uniform(0.5, 1.0))
@@ -218,7 +218,8 @@ def test_a_slow_step_is_reported_with_every_ranks_stacks_in_its_log(cluster, mon
         sent = time.time()
         with caplog.at_level(logging.WARNING, logger="shardline"):
             assert executor.execute_model(step("a")).sampled_token_ids == [1002]
-        reports, inside = slow_step_reports(caplog, sent)
+        reports, inside = slow_step_reports(caplog.records, sent, step_times(step_times_dir, 4),
+                                            AGENT_SIGNAL_S)
         assert inside and all("worker rank 2 (the output rank)" in m and "Ray worker logs" in m
                               for m in reports), reports
         logs = ray._private.worker._global_node.get_logs_dir_path()
@@ -231,7 +232,7 @@ def test_a_slow_step_is_reported_with_every_ranks_stacks_in_its_log(cluster, mon
 
 
 def test_a_slow_step_shows_the_stacks_of_every_data_parallel_core(cluster, monkeypatch,
-                                                                   caplog, rng):
+                                                                   caplog, rng, step_times_dir):
     """Core 0's step may wait on core 1's rank (expert parallelism's all-to-all spans the
     cores), and the engine reads core 0's step first: core 1's rank wrote no stacks."""
     from shardline.executor.data_parallel import create_data_parallel_executors
@@ -242,7 +243,7 @@ def test_a_slow_step_shows_the_stacks_of_every_data_parallel_core(cluster, monke
     cores = create_data_parallel_executors(config)
     pids = [core.worker_pids[0] for core in cores]
     try:
-        _, inside = slow_step_reports_of_core_0(cores, caplog)
+        _, inside = slow_step_reports_of_core_0(cores, caplog, step_times_dir, AGENT_SIGNAL_S)
         assert inside
         logs = ray._private.worker._global_node.get_logs_dir_path()
         for pid in pids:

@@ -12,13 +12,13 @@ import time
 
 from shardline.executor import worker_group
 from multiproc_helpers import (make_config, slow_step_reports, slow_step_reports_of_core_0,
-                               start_world, step)
+                               start_world, step, step_times)
 from process_hygiene import assert_gone
 from stub_workers import SlowStepWorker
 
 
 def test_a_slow_step_is_reported_with_the_workers_stacks_and_still_answers(
-        make_executor, monkeypatch, caplog, capfd, rng):
+        make_executor, monkeypatch, caplog, capfd, rng, step_times_dir):
     slow_after = rng.uniform(0.4, 0.8)
     monkeypatch.setattr(worker_group, "SLOW_STEP_S", slow_after)
     executor = make_executor("SlowStepWorker", tensor_parallel_size=2)
@@ -27,7 +27,7 @@ def test_a_slow_step_is_reported_with_the_workers_stacks_and_still_answers(
     with caplog.at_level(logging.WARNING, logger="shardline"):
         output = executor.execute_model(step("a", "b"))
     assert output.req_ids == ["a", "b"] and output.sampled_token_ids == [1000, 1000]
-    reports, inside = slow_step_reports(caplog, sent)
+    reports, inside = slow_step_reports(caplog.records, sent, step_times(step_times_dir, 2))
     waits = [float(re.search(r"waited (\d+) s", message).group(1)) for message in reports]
     # Reported at slow_after, 2x, 4x, ... while the step runs.
     expected = sum(1 for k in range(4) if slow_after * 2**k < SlowStepWorker.STEP_S - 0.1)
@@ -36,7 +36,7 @@ def test_a_slow_step_is_reported_with_the_workers_stacks_and_still_answers(
     assert all("the workers' Python stacks follow" in message for message in reports)
     assert waits == sorted(waits)
     stacks = capfd.readouterr().err
-    # Each report: both workers' stacks, inside the step where it came early enough.
+    # Each report: both workers' stacks, inside the step where it came inside.
     assert stacks.count("in execute_model") >= 2 * inside >= 2, stacks[-2000:]
     for rank, pid in enumerate(executor.worker_pids):
         assert stacks.count(f"--- the stacks of worker rank {rank} (pid {pid}):") == len(reports)
@@ -44,7 +44,7 @@ def test_a_slow_step_is_reported_with_the_workers_stacks_and_still_answers(
 
 
 def test_a_slow_step_shows_the_stacks_of_every_data_parallel_core(monkeypatch, caplog,
-                                                                   capfd, rng):
+                                                                   capfd, rng, step_times_dir):
     """Core 0's step may wait on core 1's rank (expert parallelism's all-to-all spans the
     cores), and the engine reads core 0's step first: only core 0's worker showed its
     stacks, not the rank it waited for."""
@@ -53,7 +53,7 @@ def test_a_slow_step_shows_the_stacks_of_every_data_parallel_core(monkeypatch, c
     cores = start_world(make_config("SlowStepWorker", data_parallel_size=2))
     try:
         capfd.readouterr()
-        reports, inside = slow_step_reports_of_core_0(cores, caplog)
+        reports, inside = slow_step_reports_of_core_0(cores, caplog, step_times_dir)
         assert inside
         stacks = capfd.readouterr().err
         for rank, core in enumerate(cores):
