@@ -203,10 +203,14 @@ class CorruptingWorker(StubWorker):
                        lambda decoder, frame: decode(decoder, corrupt_frame(bytes(frame), kind)))
 
 
+# A SHARDLINE_* variable, so that the Ray executor passes it on to its actors too.
+TIME_FILE_ENV = "SHARDLINE_TEST_TIME_FILE"
+
+
 def note_time() -> None:
     """Write the time (time.monotonic, the same clock in every process) to the file
-    $STUB_TIME_FILE, if set, for a test that measures from an event in a worker."""
-    path = os.environ.get("STUB_TIME_FILE")
+    $SHARDLINE_TEST_TIME_FILE, if set, for a test that measures from an event in a worker."""
+    path = os.environ.get(TIME_FILE_ENV)
     if path:
         with open(path, "w") as note:
             note.write(repr(time.monotonic()))
