@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from async_llm_helpers import wait_idle
 from fake_engine_checks import assert_all_free
 from fake_model import make_engine, random_prompts
 from shardline.engine.async_llm import AsyncLLM
@@ -103,4 +104,5 @@ def test_async_llm_reuses_an_id_right_after_its_final_output(monkeypatch):
     assert held_when_added == [True]
     assert first.outputs[0].token_ids == alone(old, params)
     assert second.outputs[0].token_ids == alone(new, params)
+    wait_idle(engine)  # the engine thread may still collect the step sent ahead
     assert_all_free(engine)
