@@ -214,7 +214,8 @@ def test_a_bad_command_line_is_one_line_naming_the_help(argv, no_model_load, cap
     prog = " ".join(["shardline", *argv[:1]]) if argv[:1] != ["no-such-command"] else "shardline"
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"{prog}: error: "), err
-    assert err.endswith(f"({prog} --help lists the flags)\n")
+    listed = "commands" if prog == "shardline" else "flags"
+    assert err.endswith(f"({prog} --help lists the {listed})\n")
 
 
 def test_version_flag_and_attribute_agree(capsys):

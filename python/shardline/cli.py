@@ -346,8 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     from shardline.planner.command import add_plan_command
 
     add_plan_command(sub)
-    for command_parser in (parser, *sub.choices.values()):
-        command_parser.error = _one_line_error(command_parser)
+    parser.error = _one_line_error(parser, "commands")
+    for command_parser in sub.choices.values():
+        command_parser.error = _one_line_error(command_parser, "flags")
     return parser
 
 
@@ -362,12 +363,13 @@ def _context_help(parser: argparse.ArgumentParser, context: int) -> None:
                                            f"{context}, or the model's limit if lower)")
 
 
-def _one_line_error(parser: argparse.ArgumentParser):
+def _one_line_error(parser: argparse.ArgumentParser, listed: str):
     """argparse's error method, but one line, as every other error of the command is:
-    argparse printed the usage first, 20 lines that buried the message."""
+    argparse printed the usage first, 20 lines that buried the message. It ends naming
+    the --help that lists the `listed` (commands, flags) the user may have mistyped."""
     def error(message: str) -> None:
         parser.exit(2, f"{parser.prog}: error: {message} ({parser.prog} --help lists the "
-                       "flags)\n")
+                       f"{listed})\n")
     return error
 
 
