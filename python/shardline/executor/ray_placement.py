@@ -47,10 +47,13 @@ def connect(address: str | None, num_cpus: int) -> None:
     the multi-process executor."""
     with _lock:
         if not ray.is_initialized():
-            local = address is None and not os.environ.get("RAY_ADDRESS")
-            options = (dict(num_cpus=max(os.cpu_count() or 1, num_cpus), include_dashboard=False)
-                       if local else {})
-            ray.init(address=address, **options)
+            if address is None and not os.environ.get("RAY_ADDRESS"):
+                # "local": a new cluster even where one runs on this machine already, which
+                # ray.init() would join (and refuse num_cpus for).
+                ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_cpus),
+                         include_dashboard=False)
+            else:
+                ray.init(address=address)
             _session["started_here"] = True
         _session["users"] += 1
 
