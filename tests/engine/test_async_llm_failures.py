@@ -4,7 +4,9 @@ hanging, and later requests and check_health raise it (EngineDeadError where a s
 that restarts the engine must catch it). Every wait is bounded."""
 
 import asyncio
+import gc
 import threading
+import weakref
 
 import pytest
 
@@ -142,3 +144,31 @@ def test_a_failed_step_ends_every_stream_with_engine_dead_error(error_type, rng,
         assert raised.value.__cause__ is error
 
     asyncio.run(main())
+
+
+def test_a_worker_death_while_idle_is_seen_by_check_health(rng):
+    """A worker that died while the engine was idle went unnoticed until a request failed
+    on it: check_health (the server's /health, a load balancer's probe) said healthy. The
+    executor's watcher reports the death, as a multi-process executor's does, from its own
+    thread; the AsyncLLM it reports to stays collectable."""
+    engine = make_engine()
+    callbacks = []
+    engine.executor.add_death_callback = callbacks.append
+    llm = AsyncLLM.from_engine(engine)
+    prompt = random_prompt(rng)
+    asyncio.run(asyncio.wait_for(collect(llm.generate(prompt, greedy(4), "a")), TIMEOUT))
+    llm.check_health()
+    death = EngineDeadError(f"worker rank {rng.randint(1, 7)} died with exit code -9")
+    watcher = threading.Thread(target=callbacks[0], args=(death,))
+    watcher.start()
+    watcher.join(TIMEOUT)
+    with pytest.raises(EngineDeadError, match="when a worker died") as raised:
+        llm.check_health()
+    assert raised.value.__cause__ is death
+    with pytest.raises(EngineDeadError, match=str(death)):
+        asyncio.run(asyncio.wait_for(collect(llm.generate(prompt, None, "b")), TIMEOUT))
+    llm.shutdown()
+    collected = weakref.ref(llm)
+    del llm, raised  # the traceback holds the AsyncLLM's frames
+    gc.collect()
+    assert collected() is None, "the watcher's callback kept the AsyncLLM alive"

@@ -1,20 +1,24 @@
 """The multi-process engine (tiny-llama, TP2 on the CPU) when its workers go or fail: a
-worker killed during generation stops the engine with EngineDeadError, a dropped LLM is
+worker killed during generation stops the engine with EngineDeadError (an idle AsyncLLM's
+check_health says so without a request), a dropped LLM is
 collected and its workers exit, and a worker's input error is the ValueError of the
 in-process engine; nothing is left behind, no process and no shared-memory segment."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import random
+import re
 import signal
 import threading
+import time
 import weakref
 
 import pytest
 
-from shardline import LLM, SamplingParams
+from shardline import LLM, AsyncLLM, SamplingParams
 from shardline.executor import EngineDeadError
 
 from engine_prompts import random_prompt
@@ -76,6 +80,42 @@ def test_a_killed_worker_raises_engine_dead_and_leaves_nothing(when, rng):
         # Read without asking the dead workers for their step times.
         metrics = llm.metrics()
         assert metrics["kv_blocks_used"] == 0 and "step_time_per_rank_s" not in metrics
+    finally:
+        llm.shutdown()
+    assert_gone(pids)
+    assert not leaked_segments(segments_before)
+
+
+def test_an_idle_async_llm_reports_a_dead_worker_without_a_request(rng):
+    """AsyncLLM.check_health (the server's /health) said healthy for as long as no request
+    came after a worker died while the engine was idle."""
+    segments_before = shm_segments()
+    llm = AsyncLLM("tiny-llama", tensor_parallel_size=2, device="cpu", block_size=4,
+                   num_kv_blocks=64)
+    pids = llm.engine.executor.worker_pids
+    rank = rng.randrange(2)
+    dead = rf"worker rank {rank} \(pid {pids[rank]}\) died with exit code -9"
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+        async def generate(request_id: str) -> None:
+            async for _ in llm.generate(random_prompt(rng, 3, 8), params, request_id):
+                pass
+
+        asyncio.run(asyncio.wait_for(generate("before"), TIMEOUT_S))
+        llm.check_health()
+        os.kill(pids[rank], signal.SIGKILL)
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            try:
+                llm.check_health()
+            except EngineDeadError as exc:
+                assert re.search(dead, str(exc)), exc
+                break
+            assert time.monotonic() < deadline, "check_health never saw the dead worker"
+            time.sleep(0.05)
+        with pytest.raises(EngineDeadError, match=dead):
+            asyncio.run(asyncio.wait_for(generate("after"), TIMEOUT_S))
     finally:
         llm.shutdown()
     assert_gone(pids)

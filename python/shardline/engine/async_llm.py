@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import weakref
 from typing import Any, AsyncGenerator, Callable
 
 from shardline.engine.data_parallel import DataParallelEngine, create_engine
@@ -129,10 +130,16 @@ class AsyncLLM:
         self._commands: list[_Command] = []
         self._worker: threading.Thread | None = None
         self._failure: BaseException | None = None
+        self._failed_when = ""  # "in an earlier step" or "when a worker died"
         self._closed = False
         # The stream of every request the engine runs; touched only by the engine thread
         # (or by shutdown once that thread has ended).
         self._streams: dict[str, _Stream] = {}
+        for core in getattr(engine, "cores", [engine]):
+            executor = getattr(core, "executor", None)  # a stand-in engine may have none
+            add_death_callback = getattr(executor, "add_death_callback", None)
+            if add_death_callback is not None:
+                add_death_callback(_on_worker_death(weakref.ref(self)))
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None,
                        request_id: str, prompt_token_ids: list[int] | None = None
@@ -231,7 +238,7 @@ class AsyncLLM:
         if forked is not None:
             raise forked
         if self._failure is not None:
-            raise EngineDeadError("the engine failed in an earlier step and accepts no more "
+            raise EngineDeadError(f"the engine failed {self._failed_when} and accepts no more "
                                   f"requests: {self._failure!r}") from self._failure
         if self._closed:
             raise EngineDeadError("the AsyncLLM was shut down and accepts no more requests")
@@ -340,7 +347,7 @@ class AsyncLLM:
 
     def _fail(self, exc: Exception, unapplied: list[_Command]) -> None:
         with self._mutex:
-            self._failure = exc
+            self._failure, self._failed_when = exc, "in an earlier step"
             self._worker = None
             commands, self._commands = self._commands, []
         self._end_streams(engine_dead(exc), unapplied + commands)
@@ -371,6 +378,20 @@ class AsyncLLM:
             except RuntimeError:
                 for stream, _ in items:
                     self._abort(_Abort(stream.request_id, stream, None), [])
+
+
+def _on_worker_death(llm: weakref.ref[AsyncLLM]) -> Callable[[EngineDeadError], None]:
+    """The executor watcher's callback for a dead worker: from then on the AsyncLLM refuses
+    new requests and check_health (a load balancer's probe) says why, also while idle, not
+    once a step has failed on it. A running engine thread gets the error from its step
+    and ends the open streams. Holds the AsyncLLM weakly, for garbage collection."""
+    def callback(error: EngineDeadError) -> None:
+        owner = llm()
+        if owner is not None:
+            with owner._mutex:
+                if owner._failure is None:
+                    owner._failure, owner._failed_when = error, "when a worker died"
+    return callback
 
 
 def _put_all(items: list[tuple[_Stream, Item]]) -> None:
