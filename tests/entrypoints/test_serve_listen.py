@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
 
-from shardline import cli  # noqa: E402
+from shardline import cli, cli_commands  # noqa: E402
 from shardline.entrypoints import app  # noqa: E402
 from test_serve_cli import serving  # noqa: E402
 
@@ -17,7 +17,7 @@ from test_serve_cli import serving  # noqa: E402
 def refuse_to_load(monkeypatch):
     def load(args):
         raise AssertionError(f"{args.model} was loaded")
-    monkeypatch.setattr(cli, "_build_llm", load)
+    monkeypatch.setattr(cli_commands, "_build_llm", load)
 
 
 def test_an_address_in_use_fails_before_the_model_loads(refuse_to_load, capsys):
