@@ -48,11 +48,13 @@ class StubWorker:
     def fail(self, message: str) -> None:
         raise ValueError(message)
 
-    def crash(self) -> float:
-        return 1 / 0
+    def crash(self, rank: int | None = None) -> float:
+        """ZeroDivisionError on `rank` (on every rank if None); 0.0 on the others."""
+        return 1 / 0 if rank in (None, self.rank) else 0.0
 
-    def unsendable(self) -> object:
-        return {self.rank, object()}
+    def unsendable(self, rank: int | None = None) -> object:
+        """A result the rings cannot carry on `rank` (on every rank if None)."""
+        return {self.rank, object()} if rank in (None, self.rank) else self.rank
 
     def sleep(self, seconds: float) -> int:
         time.sleep(seconds)
