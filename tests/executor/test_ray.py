@@ -347,7 +347,12 @@ def test_tp2_pp2_one_stage_per_node_matches_one_rank_and_dies_cleanly(cluster,
         llm.engine.step()
         os.kill(pids[3], signal.SIGKILL)
         start = time.monotonic()
-        with pytest.raises(EngineDeadError, match=r"worker rank 3 \(pid \d+\) died"):
+        # Rank 3's TP peer fails its all-reduce and exits too; where Ray reports that exit
+        # over 0.2 s before the kill (the watcher's window, seen under load), the error
+        # names rank 2 and, as the peer whose death it saw, rank 3's pid.
+        died = (rf"worker rank 3 \(pid {pids[3]}\) died|PeerDied: \w+: rank 1 "
+                rf"\(pid {pids[3]}\) of shared-memory collective group '[^']+' died")
+        with pytest.raises(EngineDeadError, match=died):
             while time.monotonic() - start < 30:
                 llm.engine.step()
         assert time.monotonic() - start < 10.0
