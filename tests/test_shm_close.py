@@ -55,7 +55,8 @@ def test_close_wakes_a_blocked_writer_in_another_process():
 
 
 def test_close_wakes_waiters_in_the_same_process_and_later_calls_raise():
-    with Ring.create(1, 4, 64) as writer, Ring.attach(writer.name, 0) as reader:
+    with Ring.create(1, 4, 64) as writer, mapped_head(writer.name) as head, \
+            Ring.attach(writer.name, 0) as reader:
         outcome = []
 
         def wait() -> None:
@@ -65,7 +66,7 @@ def test_close_wakes_waiters_in_the_same_process_and_later_calls_raise():
 
         waiter = threading.Thread(target=wait)
         waiter.start()
-        time.sleep(0.2)
+        wait_asleep(head, DATA_WAIT_SLEEPERS)
         closed_at = time.monotonic()
         writer.close()
         writer.close()
@@ -142,28 +143,30 @@ def test_message_written_as_the_reader_leaves_its_spin_is_delivered_before_peer_
 
 def test_dropping_the_writer_closes_the_ring_for_a_blocked_reader():
     writer = Ring.create(1, 4, 64)
-    reader = Ring.attach(writer.name, 0)
-    writer.write(b"last", timeout=1)
-    read = lambda: reader.read(timeout=5)  # noqa: E731
-    thread, outcomes = outcomes_in_thread(read, read)
-    time.sleep(0.2)
-    dropped_at = time.monotonic()
-    del writer
-    thread.join(TIMEOUT)
+    with mapped_head(writer.name) as head:
+        reader = Ring.attach(writer.name, 0)
+        writer.write(b"last", timeout=1)
+        read = lambda: reader.read(timeout=5)  # noqa: E731
+        thread, outcomes = outcomes_in_thread(read, read)
+        wait_asleep(head, DATA_WAIT_SLEEPERS)  # in the second read
+        dropped_at = time.monotonic()
+        del writer
+        thread.join(TIMEOUT)
     assert outcomes == [b"last", "RingClosed"]
     assert time.monotonic() - dropped_at < 2.0
 
 
 def test_dropping_a_reader_closes_the_ring_for_a_blocked_writer():
     writer = Ring.create(2, 2, 64)
-    readers = [Ring.attach(writer.name, i) for i in range(2)]
-    for _ in range(2):
-        writer.write(b"x", timeout=1)
-    thread, outcomes = outcomes_in_thread(lambda: writer.write(b"y", timeout=5))
-    time.sleep(0.2)
-    dropped_at = time.monotonic()
-    readers.pop()
-    thread.join(TIMEOUT)
+    with mapped_head(writer.name) as head:
+        readers = [Ring.attach(writer.name, i) for i in range(2)]
+        for _ in range(2):
+            writer.write(b"x", timeout=1)
+        thread, outcomes = outcomes_in_thread(lambda: writer.write(b"y", timeout=5))
+        wait_asleep(head, SPACE_WAIT_SLEEPERS)
+        dropped_at = time.monotonic()
+        readers.pop()
+        thread.join(TIMEOUT)
     assert outcomes == ["RingClosed"]
     assert time.monotonic() - dropped_at < 2.0
     assert [readers[0].read(timeout=1) for _ in range(2)] == [b"x", b"x"]
