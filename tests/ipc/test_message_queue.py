@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from launcher import SPAWN, join_all, spawn
+from shm_helpers import DATA_WAIT_SLEEPERS, mapped_head, wait_asleep
 from queue_children import read_one_then_idle
 from wire_values import as_received, assert_identical, random_value
 
@@ -125,16 +126,18 @@ def test_broadcast_to_two_reader_processes_and_replies_back():
 def test_close_wakes_a_dequeue_blocked_in_another_process():
     requests = MessageQueue.create(1)
     receiver, sender = SPAWN.Pipe(duplex=False)
-    proc = spawn(wait_for_close, requests.handle(), sender)
-    assert receiver.poll(TIMEOUT), "the reader did not start"
-    receiver.recv()
-    time.sleep(0.2)
+    with mapped_head(requests.handle().name) as head:
+        proc = spawn(wait_for_close, requests.handle(), sender)
+        assert receiver.poll(TIMEOUT), "the reader did not start"
+        receiver.recv()
+        wait_asleep(head, DATA_WAIT_SLEEPERS)
     requests.close()
     join_all([proc], TIMEOUT)
 
 
 def test_close_wakes_a_dequeue_blocked_in_another_thread():
-    with MessageQueue.create(1) as writer, MessageQueue.attach(writer.handle(), 0) as reader:
+    with MessageQueue.create(1) as writer, mapped_head(writer.handle().name) as head, \
+            MessageQueue.attach(writer.handle(), 0) as reader:
         raised = []
 
         def wait() -> None:
@@ -145,7 +148,7 @@ def test_close_wakes_a_dequeue_blocked_in_another_thread():
 
         thread = threading.Thread(target=wait)
         thread.start()
-        time.sleep(0.1)
+        wait_asleep(head, DATA_WAIT_SLEEPERS)
         writer.close()
         thread.join(TIMEOUT)
         assert not thread.is_alive() and len(raised) == 1
@@ -154,10 +157,11 @@ def test_close_wakes_a_dequeue_blocked_in_another_thread():
 def test_dropping_the_writer_queue_closes_it_for_a_dequeue_in_another_process():
     requests = MessageQueue.create(1)
     receiver, sender = SPAWN.Pipe(duplex=False)
-    proc = spawn(wait_for_close, requests.handle(), sender)
-    assert receiver.poll(TIMEOUT), "the reader did not start"
-    receiver.recv()
-    time.sleep(0.2)
+    with mapped_head(requests.handle().name) as head:
+        proc = spawn(wait_for_close, requests.handle(), sender)
+        assert receiver.poll(TIMEOUT), "the reader did not start"
+        receiver.recv()
+        wait_asleep(head, DATA_WAIT_SLEEPERS)
     del requests
     # Well inside the reader's 30 s dequeue timeout, yet room for its interpreter's exit
     # (about 1 s with torch loaded, more on a loaded machine).
