@@ -9,6 +9,8 @@ import asyncio
 import os
 import select
 import signal
+import subprocess
+import sys
 import traceback
 
 import pytest
@@ -117,3 +119,44 @@ def test_a_forked_child_cannot_use_the_parents_async_llm(rng):
     assert [list(o.outputs[0].token_ids) for o in stream()] == expected
     llm.shutdown()
     assert shut_down == [os.getpid()]
+
+
+LEAVING_CHILDREN = """
+import gc, os, sys
+from shardline import LLM, SamplingParams
+
+params = SamplingParams(temperature=0.0, max_tokens={tokens}, ignore_eos=True)
+prompt = {prompt}
+if __name__ == "__main__":
+    llm = LLM("tiny-llama", tensor_parallel_size=2, device="cpu", block_size=4,
+              num_kv_blocks=64)
+    expected = llm.generate([prompt], params)[0].outputs[0].token_ids
+    for leave in ("collected", "exit"):
+        pid = os.fork()
+        if pid == 0:
+            if leave == "collected":   # its copy garbage-collected: the finalizer runs
+                del llm
+                gc.collect()
+                os._exit(0)
+            sys.exit(0)                # a plain exit: atexit and multiprocessing's handler
+        assert os.waitpid(pid, 0)[1] == 0
+        after = llm.generate([prompt], params)[0].outputs[0].token_ids
+        print(leave, "same tokens" if after == expected else f"{{after}} != {{expected}}")
+    llm.shutdown()
+"""
+
+
+def test_a_forked_child_leaving_leaves_the_parents_workers_serving(rng, tmp_path):
+    """A child that drops its copy of a TP2 LLM (the executor's finalizer) or just exits
+    (the finalizer again, at exit, and multiprocessing's exit handler, which SIGTERMed the
+    workers it found listed as the fork's children) stopped the parent's workers: its next
+    generate raised 'worker rank 1 ... died'. Run as a script: the child must exit as
+    programs do, which a pytest process cannot."""
+    script = tmp_path / "leaving_children.py"
+    script.write_text(LEAVING_CHILDREN.format(tokens=rng.randint(2, 6),
+                                              prompt=real_prompt(rng, 3, 8)))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[:2] == ["collected same tokens", "exit same tokens"], \
+        (done.stdout, done.stderr[-3000:])

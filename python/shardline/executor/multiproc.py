@@ -57,6 +57,21 @@ SHUTDOWN_GRACE_S = 5.0
 DEAD_GRACE_S = 1.0
 EXIT_STATUS_WAIT_S = 0.2
 _SPAWN = multiprocessing.get_context("spawn")
+WORKER_NAME = "shardline-worker-"
+
+
+def _forget_the_parents_workers() -> None:
+    """In a fork of this process, take the parent's workers off multiprocessing's list of
+    this process's children, which the fork inherits: at the fork's exit, multiprocessing
+    would SIGTERM them (they are daemons) and fail to join them, stopping the parent's
+    engine."""
+    children = multiprocessing.process._children
+    for proc in list(children):
+        if proc.name.startswith(WORKER_NAME) and proc._parent_pid != os.getpid():
+            children.discard(proc)
+
+
+os.register_at_fork(after_in_child=_forget_the_parents_workers)
 
 
 def _exit_code(proc: multiprocessing.process.BaseProcess) -> int | None:
@@ -242,7 +257,7 @@ class MultiProcExecutor(WorkerGroupExecutor):
                               self.config.parallel.worker_cls, logger.getEffectiveLevel(),
                               os.getpid(), rendezvous_dir)
             proc = _SPAWN.Process(target=run_worker, args=(args, child_conn, workers.log_queue),
-                                  name=f"shardline-worker-{rank}", daemon=True)
+                                  name=f"{WORKER_NAME}{rank}", daemon=True)
             proc.start()
             child_conn.close()
             workers.procs.append(proc)

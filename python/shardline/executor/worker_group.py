@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import os
 import reprlib
 import threading
 import time
@@ -91,6 +92,7 @@ class WorkerGroup(ABC):
         self.on_death: list[Callable[[EngineDeadError], None]] = []
         self.stopping = False
         self.stopped = False
+        self.owner_pid = os.getpid()
 
     @abstractmethod
     def wait_ended(self, timeout: float) -> list[Any] | None:
@@ -212,8 +214,10 @@ class WorkerGroup(ABC):
         return self.dead
 
     def shutdown(self) -> None:
-        """Stop the workers and release what they held. Idempotent."""
-        if self.stopped:
+        """Stop the workers and release what they held. Idempotent. In a fork of the
+        process that started them it does nothing: the copy's finalizer runs there too
+        (at exit, on garbage collection), and the workers and rings are the parent's."""
+        if self.stopped or os.getpid() != self.owner_pid:
             return
         self.stopping = True
         with self._serving_lock:
