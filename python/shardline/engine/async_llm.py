@@ -26,6 +26,8 @@ that one error, and a ValueError always means a bad request of the stream's own.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
 import os
 import threading
 import weakref
@@ -42,6 +44,7 @@ from shardline.executor.base import EngineDeadError
 from shardline.sampling_params import SamplingParams
 
 _ACK = object()  # the engine thread's reply to an abort
+EXIT_WAIT_S = 30.0  # at exit, the most an engine thread gets to finish its step
 Item = object  # what a stream's queue holds: a RequestOutput, an exception to raise, or _ACK
 
 class _Stream:
@@ -135,6 +138,12 @@ class AsyncLLM:
         # The stream of every request the engine runs; touched only by the engine thread
         # (or by shutdown once that thread has ended).
         self._streams: dict[str, _Stream] = {}
+        # The engine thread is a daemon, so exit never waits for it; but one still in a
+        # step when the interpreter finalizes aborts the process ("terminate called
+        # without an active exception": torch, freeing a tensor, gives up the GIL, and
+        # taking it back ends the thread from inside C++). At exit it stops after its step.
+        self._exit_hook = functools.partial(_stop_at_exit, weakref.ref(self))
+        atexit.register(self._exit_hook)
         for core in getattr(engine, "cores", [engine]):
             executor = getattr(core, "executor", None)  # a stand-in engine may have none
             add_death_callback = getattr(executor, "add_death_callback", None)
@@ -218,15 +227,20 @@ class AsyncLLM:
         if in_forked_child("AsyncLLM", self._built_by) is not None:
             self._closed = True
             return
-        with self._mutex:
-            self._closed = True
-            worker = self._worker
+        atexit.unregister(self._exit_hook)
+        worker = self._close()
         if worker is not None:
             worker.join()
         with self._mutex:
             commands, self._commands = self._commands, []
         self._end_streams(EngineDeadError("the AsyncLLM was shut down"), commands)
         self.engine.shutdown()
+
+    def _close(self) -> threading.Thread | None:
+        """Refuse new work; the engine thread, if one runs, ends after its current step."""
+        with self._mutex:
+            self._closed = True
+            return self._worker
 
     def check_health(self) -> None:
         """Raise EngineDeadError, saying why, if the engine accepts no more requests (it
@@ -392,6 +406,18 @@ def _on_worker_death(llm: weakref.ref[AsyncLLM]) -> Callable[[EngineDeadError], 
                 if owner._failure is None:
                     owner._failure, owner._failed_when = error, "when a worker died"
     return callback
+
+
+def _stop_at_exit(llm: weakref.ref[AsyncLLM]) -> None:
+    """At exit, let the engine thread of an AsyncLLM nobody shut down finish its step (at
+    most EXIT_WAIT_S) before the interpreter finalizes; the executor's own finalizer then
+    stops the workers."""
+    owner = llm()
+    if owner is None or in_forked_child("AsyncLLM", owner._built_by) is not None:
+        return
+    worker = owner._close()
+    if worker is not None:
+        worker.join(EXIT_WAIT_S)
 
 
 def _put_all(items: list[tuple[_Stream, Item]]) -> None:
