@@ -49,7 +49,7 @@ def test_cache_config_defaults_to_free_memory_and_checks_its_settings():
 def test_token_budget_must_cover_one_token_per_sequence():
     seqs = random.randint(2, 512)
     with pytest.raises(ValueError, match=f"max_num_batched_tokens={seqs - 1} is invalid: must "
-                                         f"be >= max_num_seqs={seqs}"):
+                                         f"be an integer >= max_num_seqs={seqs}"):
         SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=seqs - 1)
     with pytest.raises(ValueError, match="max_num_batched_tokens=8 is invalid"):
         EngineArgs("tiny-llama", max_num_batched_tokens=8).to_config()
@@ -61,7 +61,8 @@ def test_token_budget_must_cover_one_token_per_sequence():
     ("max_model_len", 512.0, "None (use the checkpoint's) or an integer >= 1"),
     ("max_num_seqs", "4", "an integer >= 1"),
     ("max_num_seqs", 4.5, "an integer >= 1"),
-    ("max_num_batched_tokens", "4096", ">= max_num_seqs=64"),
+    ("max_num_batched_tokens", "4096", "an integer >= max_num_seqs=64"),
+    ("max_num_batched_tokens", True, "an integer >= max_num_seqs=64"),
     ("block_size", 16.0, "a power of two from 1 to 256"),
     ("block_size", True, "a power of two from 1 to 256"),
     ("num_kv_blocks", "8", "None (size the cache from memory) or an integer >= 1"),

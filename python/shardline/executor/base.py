@@ -16,8 +16,10 @@ from shardline.step import ModelRunnerOutput, SchedulerOutput
 
 
 class EngineDeadError(RuntimeError):
-    """A worker died (killed, crashed, out of memory) or the executor was shut down: the
-    engine cannot run any more steps. The message names the rank and its exit code."""
+    """The engine cannot run any more steps: a worker died (killed, crashed, out of memory;
+    the message names the rank and its exit code), the executor was shut down, or a step
+    failed (LLM and AsyncLLM raise it then with the step's error as its cause). Exported
+    as shardline.EngineDeadError; a serving stack catches it to build a new engine."""
 
 
 class StepFuture:
