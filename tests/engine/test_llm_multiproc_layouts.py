@@ -114,3 +114,14 @@ def test_cuda_without_a_gpu_raises_before_any_process_starts(backend, no_spawn):
     with pytest.raises(ValueError, match=r"device='cuda' .* but torch sees no GPU.*"
                                          r"use device='cpu'"):
         LLM(MODEL, device="cuda", distributed_executor_backend=backend)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 0, reason="this machine has a GPU")
+def test_cuda_asked_by_the_environment_is_named_as_such(monkeypatch, no_spawn):
+    """The message named a device=None the caller never passed (from the command line:
+    --device=None) beside the variable that asked for the GPU."""
+    monkeypatch.setenv("SHARDLINE_DEVICE", "cuda")
+    with pytest.raises(ValueError) as caught:
+        LLM(MODEL, tensor_parallel_size=2)
+    assert str(caught.value).startswith("SHARDLINE_DEVICE='cuda' asks for cuda")
+    assert "device=None" not in str(caught.value)

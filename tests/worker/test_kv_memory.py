@@ -186,3 +186,13 @@ def test_anonymous_memory_asked_for_small_pages_gets_no_huge_ones():
     assert tensor.eq(0).all()
     tensor.fill_(1.0)
     assert _anon_huge_kib(tensor.data_ptr()) == 0
+
+
+def test_a_small_cap_is_shown_in_mib(rng, monkeypatch):
+    """The cap of a tiny model's cache (max_num_seqs sequences of max_model_len) read
+    'capped at 0.00 GiB'."""
+    monkeypatch.setattr(kv_memory, "mem_available_bytes", lambda meminfo=None: 8 * GIB)
+    usable = rng.randint(1, 1000) << 20
+    budget = cpu_budget(1, usable)
+    assert f"capped at {usable / (1 << 20):.2f} MiB" in budget.origin
+    assert "MemAvailable 8.00 GiB" in budget.origin

@@ -184,9 +184,10 @@ def check_layout(config: EngineConfig, gpus: int | None = None) -> None:
         device = pick_device(0, parallel.device)
         gpus = torch.cuda.device_count() if device.type == "cuda" else None
         if gpus == 0:
-            raise ValueError(f"device={parallel.device!r} (SHARDLINE_DEVICE="
-                             f"{os.environ.get('SHARDLINE_DEVICE')!r}) asks for {device}, but "
-                             "torch sees no GPU on this machine: use device='cpu'")
+            asked = (f"device={parallel.device!r}" if parallel.device is not None else
+                     f"SHARDLINE_DEVICE={os.environ.get('SHARDLINE_DEVICE')!r}")
+            raise ValueError(f"{asked} asks for {device}, but torch sees no GPU on this "
+                             "machine: use device='cpu'")
     if (parallel.world_size > 1 or parallel.pipeline_stage_layers is not None
             or parallel.enable_expert_parallel):
         check_partition(parallel, read_model_info(config.model.model), gpus)

@@ -62,8 +62,8 @@ def gpu_budget(device: torch.device, utilization: float) -> KVBudget:
     free, total = torch.cuda.mem_get_info(device)
     in_use = total - free
     budget = int(utilization * total) - in_use
-    return KVBudget(max(budget, 0), f"gpu_memory_utilization={utilization} of {_gib(total)} "
-                                    f"on {device}, {_gib(in_use)} already in use")
+    return KVBudget(max(budget, 0), f"gpu_memory_utilization={utilization} of {_size(total)} "
+                                    f"on {device}, {_size(in_use)} already in use")
 
 
 def cpu_budget(num_local_ranks: int, usable_bytes: int, meminfo: str = MEMINFO) -> KVBudget:
@@ -72,12 +72,12 @@ def cpu_budget(num_local_ranks: int, usable_bytes: int, meminfo: str = MEMINFO) 
     available = mem_available_bytes(meminfo)
     share = int(CPU_FRACTION * available) // num_local_ranks
     budget = min(share, CPU_CAP_BYTES, usable_bytes)
-    origin = (f"{CPU_FRACTION} of MemAvailable {_gib(available)} over {num_local_ranks} "
-              f"rank(s) is {_gib(share)}")
+    origin = (f"{CPU_FRACTION} of MemAvailable {_size(available)} over {num_local_ranks} "
+              f"rank(s) is {_size(share)}")
     if budget == CPU_CAP_BYTES and budget < share:
-        origin += f", capped at {_gib(CPU_CAP_BYTES)} per rank"
+        origin += f", capped at {_size(CPU_CAP_BYTES)} per rank"
     elif budget == usable_bytes and budget < share:
-        origin += f", capped at {_gib(usable_bytes)}: max_num_seqs sequences of max_model_len"
+        origin += f", capped at {_size(usable_bytes)}: max_num_seqs sequences of max_model_len"
     return KVBudget(budget, origin)
 
 
@@ -124,5 +124,8 @@ def anonymous_tensor(shape: tuple[int, ...], dtype: torch.dtype,
     return torch.frombuffer(memory, dtype=dtype).view(shape)
 
 
-def _gib(num_bytes: int) -> str:
-    return f"{num_bytes / (1 << 30):.2f} GiB"
+def _size(num_bytes: int) -> str:
+    """In GiB, or in MiB below 1 GiB: a tiny model's cache read "0.00 GiB"."""
+    if num_bytes >= 1 << 30:
+        return f"{num_bytes / (1 << 30):.2f} GiB"
+    return f"{num_bytes / (1 << 20):.2f} MiB"
