@@ -46,3 +46,20 @@ def test_an_offline_run_counts_output_tokens_as_they_come(rng, monkeypatch, caps
     assert states[0] == (0, total) and states[-1] == (total, total)
     partial = {done for done, _ in states if 0 < done < total}
     assert len(partial) >= length - 2   # about one state per decode step
+
+
+def test_the_time_left_shows_once_a_tenth_is_done(rng, monkeypatch):
+    """From the first few units (an offline run's first tokens, after its prompts' prefill)
+    it promised '19378s left' for a run of minutes."""
+    ticks = itertools.count()
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: next(ticks)))
+    stream = io.StringIO()
+    total = rng.randint(100, 10_000)
+    bar = ProgressBar(total, "output tokens", stream=stream, interval=0)
+    early = rng.randint(1, total // 10 - 1)
+    bar.update(early)
+    assert stream.getvalue().endswith(f"{early}/{total} {early / 1:.1f}/s --   ")
+    done, elapsed = total // 10 + 1, 2
+    bar.update(done - early)
+    assert stream.getvalue().endswith(f"{done}/{total} {done / elapsed:.1f}/s "
+                                      f"{(total - done) / (done / elapsed):.0f}s left   ")

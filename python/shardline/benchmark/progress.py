@@ -7,10 +7,15 @@ import time
 from typing import TextIO
 
 
+ETA_AFTER = 0.1  # the share done before the time left is shown
+
+
 class ProgressBar:
     """Draws at once (0 done), so a run shows it has started, then redraws at most every
     `interval` seconds; `close` draws the last state and ends the line. With
-    `enabled=False` it draws nothing."""
+    `enabled=False` it draws nothing. The time left shows once ETA_AFTER of the total is
+    done: an offline run's first output tokens come only after its prompts' prefill, and
+    the rate of those few said '19378s left' for a run of minutes."""
 
     def __init__(self, total: int, label: str, enabled: bool = True,
                  stream: TextIO | None = None, interval: float = 0.2) -> None:
@@ -42,8 +47,8 @@ class ProgressBar:
         share = self.done / self.total if self.total else 1.0
         filled = int(share * 24)
         rate = self.done / elapsed if elapsed > 0 else 0.0
-        left = (self.total - self.done) / rate if rate > 0 else float("nan")
-        eta = f"{left:.0f}s left" if left == left else "--"
+        known = rate > 0 and self.done >= ETA_AFTER * self.total
+        eta = f"{(self.total - self.done) / rate:.0f}s left" if known else "--"
         self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (24 - filled)}] "
                           f"{self.done}/{self.total} {rate:.1f}/s {eta}   ")
         self.stream.flush()
