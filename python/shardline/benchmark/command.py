@@ -305,7 +305,8 @@ def run_bench(args: argparse.Namespace, build_llm) -> int:
         png = args.plot or args.out.with_suffix(".png")
         drawn = plot(read_records(args.out), png)
         print(f"records appended to {args.out}" + (f"; plot in {png}" if drawn else
-                                                   " (no plot: matplotlib is not installed)"),
+                                                   " (no plot: matplotlib is not installed; "
+                                                   "pip install matplotlib)"),
               file=sys.stderr)
     for summary in failed_runs:
         print(f"shardline bench: error: {_run_name(summary)}: every one of its "
