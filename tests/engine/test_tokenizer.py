@@ -33,9 +33,11 @@ def model_copy(target) -> str:
 
 
 def cut_short(path, rng: random.Random) -> None:
-    """The file at `path` cut at a random byte (its JSON then never parses)."""
-    data = path.read_bytes()
-    path.write_bytes(data[:rng.randrange(len(data) - 1)])
+    """The file at `path` cut at a random character (its JSON then never parses). At a
+    character, not a byte: a cut inside a UTF-8 sequence makes the file no text at all,
+    which is refused as such, before any JSON is read."""
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text[:rng.randrange(len(text) - 1)], encoding="utf-8")
 
 
 @pytest.mark.parametrize("name", TOKENIZER_FILES)
