@@ -169,16 +169,16 @@ def test_dummy_steps_run_a_forward_on_every_rank_of_the_idle_core(dp_llm, refere
     ranks (under TP2 its all-reduces are counted), and the tokens do not change."""
     engine = dp_llm.engine
     prompt = random_prompt(rng, 4, 12)
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    expected = token_ids(reference.generate([prompt], params))
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
+    expected = outputs_run(reference.generate([prompt], params))
     engine.collective_rpc("comm_stats", kwargs={"reset": True})
     before, dummies_before = steps_per_core(dp_llm), engine.num_dummy_steps
     engine.dummy_steps = True
     try:
-        got = token_ids(dp_llm.generate([prompt], params))
+        got = outputs_run(dp_llm.generate([prompt], params))
     finally:
         engine.dummy_steps = False
-    assert got == expected
+    assert_greedy_match(expected, got)   # TP2 sums its partial products in another order
     steps = [after - b for after, b in zip(steps_per_core(dp_llm), before)]
     idle = steps.index(0)
     assert engine.num_dummy_steps - dummies_before == steps[1 - idle] > 0
