@@ -52,7 +52,10 @@ def test_chat_drops_a_turn_that_does_not_fit_and_goes_on(tiny_chat_model, rng, m
         seen.append([m["content"] for m in messages])
         return real_chat(self, messages, *args, **kwargs)
     monkeypatch.setattr(llm_module.LLM, "chat", spy)
-    limit = rng.randint(48, 128)
+    # The third turn's prompt, "first" and a reply of 2 tokens before it, is 56 tokens at
+    # most (one a byte; two reply bytes that complete no character come back as two U+FFFD,
+    # 3 bytes each), and its reply needs 2 more: below 58 the third turn is dropped too.
+    limit = rng.randint(58, 128)
     too_long = "".join(rng.choice("abcdefgh") for _ in range(3 * limit))
     turns = iter(["first", too_long, "third", ""])
     monkeypatch.setattr("builtins.input", lambda prompt: next(turns))
