@@ -43,16 +43,17 @@ def completions(outputs) -> list[list[int]]:
 
 
 def reference_logprobs(hf_tiny_llama, prompt: list[int], output: list[int],
-                       params: SamplingParams) -> torch.Tensor:
+                       params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
     """log-softmax of the distribution each output token was drawn from: transformers'
-    logits over temperature, with top-k's excluded tokens at -inf (greedy: the logits)."""
+    logits over temperature, with top-k's excluded tokens at -inf (greedy: the logits);
+    and the logits over temperature before top-k."""
     with torch.no_grad():
         logits = hf_tiny_llama(torch.tensor([prompt + output])).logits[0, len(prompt) - 1:-1]
-    logits = logits.float() / (params.temperature or 1.0)
+    scaled = logits = logits.float() / (params.temperature or 1.0)
     if params.top_k > 0 and not params.greedy:
         kth = logits.topk(params.top_k).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return logits.log_softmax(-1)
+    return logits.log_softmax(-1), scaled
 
 
 def test_logprobs_are_the_log_softmax_of_the_model_logits(hf_tiny_llama, rng):
@@ -64,13 +65,19 @@ def test_logprobs_are_the_log_softmax_of_the_model_logits(hf_tiny_llama, rng):
               for t, k in [(0.0, -1), (0.0, 3), (1.0, -1), (0.7, -1), (1.3, 4), (1.0, 1)]]
     for prompt, p, output in zip(prompts, params, llm.generate(prompts, params)):
         out = output.outputs[0]
-        ref = reference_logprobs(hf_tiny_llama, prompt, list(out.token_ids), p)
+        ref, scaled = reference_logprobs(hf_tiny_llama, prompt, list(out.token_ids), p)
         assert len(out.logprobs) == len(out.token_ids) == p.max_tokens
         for pos, (token, reported) in enumerate(zip(out.token_ids, out.logprobs)):
             assert token in reported and len(reported) <= p.logprobs + 1
             expected = ref[pos, list(reported)]
             got = torch.tensor(list(reported.values()))
-            assert torch.equal(expected.isinf(), got.isinf()), (p, pos, reported)
+            if not torch.equal(expected.isinf(), got.isinf()):
+                # Only where top-k cuts between two tokens within rounding of each other
+                # may the engine keep the one transformers drops (and so renormalize apart).
+                assert p.top_k > 0 and not p.greedy, (p, pos, reported)
+                cut = scaled[pos].topk(p.top_k + 1).values
+                assert cut[-2] - cut[-1] <= NEAR_TIE, (p, pos, reported)
+                continue
             finite = expected.isfinite()
             assert torch.allclose(got[finite], expected[finite], atol=1e-4), (p, pos)
             alternatives = sorted(reported.values(), reverse=True)[:p.logprobs]
