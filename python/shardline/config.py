@@ -193,8 +193,8 @@ class SchedulerConfig:
                  self.max_num_seqs, "an integer >= 1")
         _require(_is_int(self.max_num_batched_tokens)
                  and self.max_num_batched_tokens >= self.max_num_seqs, "max_num_batched_tokens",
-                 self.max_num_batched_tokens, f"an integer >= max_num_seqs={self.max_num_seqs}, so that "
-                 "every running sequence can decode its token in each step")
+                 self.max_num_batched_tokens, f"an integer >= max_num_seqs={self.max_num_seqs}, "
+                 "so that every running sequence can decode its token in each step")
 
 
 @dataclass

@@ -159,12 +159,12 @@ class AsyncLLM:
 
         Leaving the loop early (break, cancel, `aclose`) aborts the request and frees its KV
         blocks: at once with `aclose` (`contextlib.aclosing`); after a plain break, once the
-        event loop finalizes the abandoned stream. The id is free again once the request finishes, even if its stream has
-        not read the last output yet. `prompt_token_ids`, when given, are the prompt's
-        tokens, as `engine.encode_prompt(prompt, sampling_params)` returns them (a server
-        calls that off the event loop): the prompt is then not tokenized again, and the ids
-        are checked on the engine thread, where a bad one fails this stream alone with
-        ValueError.
+        event loop finalizes the abandoned stream. The id is free again once the request
+        finishes, even if its stream has not read the last output yet. `prompt_token_ids`,
+        when given, are the prompt's tokens, as `engine.encode_prompt(prompt,
+        sampling_params)` returns them (a server calls that off the event loop): the prompt
+        is then not tokenized again, and the ids are checked on the engine thread, where a
+        bad one fails this stream alone with ValueError.
         """
         self._raise_if_stopped()
         if not isinstance(request_id, str):
