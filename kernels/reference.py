@@ -150,16 +150,23 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """One query token per sequence: q[B, Hq, D] over each sequence's seq_lens[b] cached keys.
 
     All sequences go through one padded, masked SDPA call (decode batches are wide and
-    their contexts short, so one call beats a call per sequence). Slots past a sequence's
-    end are masked out but are read, so they must hold finite values: the engine's cache is
-    zero-initialized. A sequence of length 0 attends to nothing and gets zeros.
+    their contexts short, so one call beats a call per sequence). The padding reads slots
+    past each sequence's end (a freed request's leftovers, other sequences' blocks through
+    the table's unused entries), which may hold anything, NaN included: they are zeroed
+    before the call, since a masked score or a zero weight still keeps a NaN. A sequence of
+    length 0 attends to nothing and gets zeros.
     """
     seq_lens = seq_lens.long()
     max_len = max(int(seq_lens.max()), 1) if seq_lens.numel() else 1
     table = block_tables[:, :-(-max_len // k_cache.shape[1])].long()
-    k = k_cache[table].flatten(1, 2)[:, :max_len].transpose(1, 2).float()   # [B, Hk, L, D]
-    v = v_cache[table].flatten(1, 2)[:, :max_len].transpose(1, 2).float()
-    mask = (torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None])[:, None, None]
+    valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]   # [B, L]
+    mask = valid[:, None, None]
+
+    def context(cache: torch.Tensor) -> torch.Tensor:   # [B, Hk, L, D]
+        rows = cache[table].flatten(1, 2)[:, :max_len].float()
+        return rows.where(valid[:, :, None, None], 0.0).transpose(1, 2)
+
+    k, v = context(k_cache), context(v_cache)
     out = F.scaled_dot_product_attention(q.float()[:, :, None], k, v, attn_mask=mask,
                                          scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return torch.where((seq_lens > 0)[:, None, None], out[:, :, 0], 0.0).to(q.dtype)

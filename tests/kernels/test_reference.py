@@ -85,6 +85,24 @@ def test_decode_matches_naive_attention(block_size, hk, group):
         torch.testing.assert_close(out[b:b + 1], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_decode_reads_nothing_outside_each_sequence():
+    """Every slot no sequence owns holds NaN (a freed request's leftovers past a reused
+    block's end; the blocks that unused table entries name): each output is still the
+    naive one. The padded SDPA reads those slots, and masking alone kept their NaN."""
+    seq_lens = [random.randint(1, 40) for _ in range(5)]
+    q, kc, vc, tables, _, keys, values = paged_case(seq_lens, [1] * 5, 4, 2, 2)
+    owned = torch.zeros(kc.shape[:2], dtype=torch.bool)
+    for b, length in enumerate(seq_lens):
+        for pos in range(length):
+            owned[tables[b, pos // 4], pos % 4] = True
+    kc[~owned], vc[~owned] = float("nan"), float("nan")
+    tables = tables.where(tables >= 0, random.randrange(kc.shape[0]))
+    out = reference.paged_decode_attention(q, kc, vc, tables, torch.tensor(seq_lens), 0.3)
+    for b, length in enumerate(seq_lens):
+        expected = naive_attention(q[b:b + 1], keys[b], values[b], length - 1, 0.3)
+        torch.testing.assert_close(out[b:b + 1], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_decode_of_an_empty_sequence_is_zero():
     q, kc, vc, tables, _, _, _ = paged_case([3, 5], [1, 1], 4, 2, 2)
     out = reference.paged_decode_attention(q, kc, vc, tables, torch.tensor([3, 0]), 0.3)
