@@ -6,6 +6,7 @@ plain data: `to_dict` / `from_dict` give a msgpack-able form.
 
 from __future__ import annotations
 
+import collections.abc
 import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields
@@ -25,6 +26,8 @@ MAX_N = 4096
 MIN_INT = -2**63
 MAX_INT = 2**63 - 1
 MAX_SEED = 2**64 - 1
+# OpenAI's bound on a logit_bias value: -100 bans a token in effect, 100 all but forces it.
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass
@@ -50,6 +53,14 @@ class SamplingParams:
     for each prompt token's log-probability given the tokens before it (from the raw model
     logits) and the k most likely tokens at its position (RequestOutput.prompt_logprobs);
     a request that asks computes its whole prompt, taking none of it from the prefix cache.
+    `logit_bias` maps token ids to a bias from -MAX_LOGIT_BIAS to MAX_LOGIT_BIAS (OpenAI's
+    field) added to their logits; `allowed_token_ids` (a non-empty list) leaves only those
+    tokens to sample, every other one at -inf. Both apply after the stop-token masks of
+    min_tokens and the penalties, before temperature and the filters; a masked token stays
+    masked whatever its bias. The reported logprobs follow them as they follow the
+    penalties: a greedy row's are the log-softmax of the biased, restricted logits, a
+    sampled row's of those after temperature and the filters. The engine refuses ids
+    outside the model's vocabulary, and allowed_token_ids that min_tokens masks entirely.
     """
 
     n: int = 1
@@ -70,6 +81,9 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # None or a non-empty map once built (an empty one is None).
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -127,6 +141,8 @@ class SamplingParams:
         _check(all(_is_int(t) and 0 <= t <= MAX_INT for t in self.stop_token_ids),
                "stop_token_ids", self.stop_token_ids,
                "a list of token ids (integers from 0 to 2**63 - 1)")
+        self.logit_bias = _bias_map(self.logit_bias)
+        self.allowed_token_ids = _allowed_ids(self.allowed_token_ids)
 
     @property
     def greedy(self) -> bool:
@@ -192,16 +208,52 @@ def _as_list(value: object, name: str, item: type) -> list:
     return list(value)
 
 
+_TOKEN_ID = "a token id (an integer from 0 to 2**63 - 1)"
+
+
+def _bias_map(value: object) -> dict[int, float] | None:
+    """logit_bias as a dict of int ids to float biases (None when empty), or an
+    InvalidSamplingParam naming the first bad entry by its key."""
+    if value is None:
+        return None
+    _check(isinstance(value, collections.abc.Mapping), "logit_bias", value,
+           "None or a dict of token ids to biases")
+    bias = {}
+    for key, entry in value.items():
+        key, entry = _python_number(key), _python_number(entry)
+        where = f"logit_bias[{key!r}]"
+        _check(_is_int(key) and 0 <= key <= MAX_INT, "logit_bias", entry,
+               f"keyed by {_TOKEN_ID}", where)
+        _check(_is_real(entry) and abs(entry) <= MAX_LOGIT_BIAS, "logit_bias", entry,
+               f"a finite number from {-MAX_LOGIT_BIAS:g} to {MAX_LOGIT_BIAS:g}", where)
+        bias[key] = float(entry)
+    return bias or None
+
+
+def _allowed_ids(value: object) -> list[int] | None:
+    """allowed_token_ids as a list of ints, or an InvalidSamplingParam."""
+    if value is None:
+        return None
+    ids = [_python_number(t) for t in _as_list(_python_number(value), "allowed_token_ids", int)]
+    _check(bool(ids) and all(_is_int(t) and 0 <= t <= MAX_INT for t in ids),
+           "allowed_token_ids", value,
+           "None or a non-empty list of token ids (integers from 0 to 2**63 - 1)")
+    return ids
+
+
 class InvalidSamplingParam(ValueError):
     """A SamplingParams field with a bad value: `name` the field, `value` what it got,
     `allowed` what it may be, so that a front end can name the field its own way (a
-    command-line flag, a request's field)."""
+    command-line flag, a request's field). `where` is the part of the field the message
+    names, when that is less than the whole (one entry of logit_bias: logit_bias[7])."""
 
-    def __init__(self, name: str, value: object, allowed: str) -> None:
-        super().__init__(f"SamplingParams.{name}={value!r} is invalid: must be {allowed}")
+    def __init__(self, name: str, value: object, allowed: str,
+                 where: str | None = None) -> None:
+        super().__init__(f"SamplingParams.{where or name}={value!r} is invalid: "
+                         f"must be {allowed}")
         self.name, self.value, self.allowed = name, value, allowed
 
 
-def _check(ok: bool, name: str, value: object, allowed: str) -> None:
+def _check(ok: bool, name: str, value: object, allowed: str, where: str | None = None) -> None:
     if not ok:
-        raise InvalidSamplingParam(name, value, allowed)
+        raise InvalidSamplingParam(name, value, allowed, where)

@@ -1,12 +1,13 @@
 """Turn the logits at sampling positions into tokens, one request per row.
 
 Order of processing: the tokens a row may not sample yet (its stop tokens while it is short
-of min_tokens) masked to -inf, repetition/presence/frequency penalties, then (for sampled
-rows) temperature, top-k, top-p and min-p, then the draw. Each row draws its random numbers
-from its own generator, so a seeded request samples the same tokens whatever its batch
-mates are. Reported logprobs are the log-softmax of the distribution the token was
-drawn from: the processed logits for sampled rows, the penalized logits for greedy rows
-(both with the masked tokens at -inf).
+of min_tokens) masked to -inf, repetition/presence/frequency penalties, logit_bias added and
+the tokens outside allowed_token_ids masked to -inf, then (for sampled rows) temperature,
+top-k, top-p and min-p, then the draw. Each row draws its random numbers from its own
+generator, so a seeded request samples the same tokens whatever its batch mates are.
+Reported logprobs are the log-softmax of the distribution the token was drawn from: the
+processed logits for sampled rows, the penalized and biased logits for greedy rows (both
+with the masked tokens at -inf).
 
 The sampler only queues device work and returns the tokens as a device tensor; reading
 them (and the logprobs) to the host is a separate call, so a step's host work can wait
@@ -15,9 +16,11 @@ for a later moment (see SamplerOutput).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from shardline.device_copy import to_device
@@ -80,6 +83,45 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     logits = torch.where(seen, penalized, logits)
     logits = logits - _column([p.frequency_penalty for p in params], logits) * out_counts
     return logits - _column([p.presence_penalty for p in params], logits) * (out_counts > 0)
+
+
+def apply_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Each row's logit_bias added to its logits, and for a row with allowed_token_ids every
+    other token at -inf (a new tensor if any row has either; the same one, after one look
+    at each row's params, if none has). A token at -inf stays there whatever its bias.
+    Each step sends the rows' ids in one host-to-device copy, their biases in another."""
+    biased = [row for row, p in enumerate(params) if p.logit_bias]
+    limited = [row for row, p in enumerate(params) if p.allowed_token_ids]
+    if not biased and not limited:
+        return logits
+    maps = [params[row].logit_bias for row in biased]
+    allowed = [params[row].allowed_token_ids for row in limited]
+    bias_counts = [len(m) for m in maps]
+    allowed_counts = [len(ids) for ids in allowed]
+    num_bias, num_allowed = sum(bias_counts), sum(allowed_counts)
+    # Rows of the biases, their ids, rows of the allowed ids, those ids, the limited rows.
+    ints = np.concatenate([
+        np.repeat(np.asarray(biased, dtype=np.int64), bias_counts),
+        np.fromiter(itertools.chain.from_iterable(maps), np.int64, num_bias),
+        np.repeat(np.asarray(limited, dtype=np.int64), allowed_counts),
+        np.fromiter(itertools.chain.from_iterable(allowed), np.int64, num_allowed),
+        np.asarray(limited, dtype=np.int64)])
+    ints_t = to_device(ints, logits.device)
+    if limited:
+        start = 2 * num_bias
+        rows, ids = (ints_t[start:start + num_allowed],
+                     ints_t[start + num_allowed:start + 2 * num_allowed])
+        banned = torch.zeros_like(logits, dtype=torch.bool)
+        banned[ints_t[start + 2 * num_allowed:]] = True
+        banned[rows, ids] = False
+        logits = logits.masked_fill(banned, -math.inf)
+    if biased:
+        values = np.fromiter(itertools.chain.from_iterable(m.values() for m in maps),
+                             np.float32, num_bias)
+        logits = logits.index_put((ints_t[:num_bias], ints_t[num_bias:2 * num_bias]),
+                                  to_device(values, logits.device, logits.dtype),
+                                  accumulate=True)
+    return logits
 
 
 def apply_filters(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -185,6 +227,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits [N, V] (one row per request in `batch`) -> N tokens and their logprobs."""
         logits = apply_penalties(mask_blocked(logits.float(), batch.blocked_token_ids), batch)
+        logits = apply_bias(logits, batch.params)
         greedy = [p.greedy for p in batch.params]
         tokens = logits.argmax(dim=-1)
         processed = logits
