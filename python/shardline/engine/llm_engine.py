@@ -21,6 +21,7 @@ from shardline.engine.kv_blocks import KVBlockManager
 from shardline.engine.metrics import EngineMetrics
 from shardline.engine.output_processor import OutputProcessor, RequestState
 from shardline.engine.outputs import RequestOutput
+from shardline.engine.request_checks import check_vocabulary_fields
 from shardline.engine.request_checks import (check_logprobs, check_min_tokens,
                                              check_request_id, is_sequence, token_ids)
 from shardline.sampling_params import SamplingParams
@@ -191,6 +192,7 @@ class LLMEngine:
             raise ValueError(f"stop={params.stop!r} needs a tokenizer, and the model has no "
                              "tokenizer.json: use stop_token_ids instead")
         token_ids(params.stop_token_ids, "stop_token_ids", self.vocab_size)
+        check_vocabulary_fields(params, self.vocab_size)
         check_min_tokens(params, self.outputs.eos_token_ids, self.vocab_size)
 
     def _checked_token_ids(self, ids: object, params: SamplingParams) -> list[int]:

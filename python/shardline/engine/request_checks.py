@@ -77,12 +77,20 @@ def check_min_tokens(params: SamplingParams, eos_token_ids: collections.abc.Set[
                      vocab_size: int) -> None:
     """Refuse min_tokens when the tokens it masks (the stop token ids and, unless ignored,
     the eos tokens) are the whole vocabulary: nothing would be left to draw (the sampler
-    took token 0, a stop token, with NaN logprobs)."""
+    took token 0, a stop token, with NaN logprobs). The same when they hold every one of
+    the allowed_token_ids."""
     if not params.min_tokens:
         return
     masked = set(params.stop_token_ids)
     if not params.ignore_eos:
         masked |= eos_token_ids
+    if params.allowed_token_ids is not None and masked.issuperset(params.allowed_token_ids):
+        raise ValueError(f"SamplingParams.min_tokens={params.min_tokens} is invalid: short "
+                         "of it the stop_token_ids" + ("" if params.ignore_eos else
+                                                       " and the eos tokens")
+                         + " are masked, and they include every one of allowed_token_ids="
+                         f"{reprlib.repr(params.allowed_token_ids)}, leaving none to sample: "
+                         "allow a token that does not stop the sequence, or min_tokens=0")
     if len({t for t in masked if 0 <= t < vocab_size}) == vocab_size:
         raise ValueError(f"SamplingParams.min_tokens={params.min_tokens} is invalid: short "
                          "of it the stop_token_ids" + ("" if params.ignore_eos else
@@ -90,3 +98,15 @@ def check_min_tokens(params: SamplingParams, eos_token_ids: collections.abc.Set[
                          + f" are masked, and they are all {vocab_size} tokens of the "
                          "vocabulary, leaving none to sample: use fewer stop_token_ids "
                          "or min_tokens=0")
+
+
+def check_vocabulary_fields(params: SamplingParams, vocab_size: int) -> None:
+    """Refuse logit_bias keys and allowed_token_ids outside the vocabulary: the sampler
+    indexes the logits with them, and an index past the vocabulary would fail the step,
+    and with it the engine."""
+    for token, bias in (params.logit_bias or {}).items():
+        if token >= vocab_size:
+            raise ValueError(f"SamplingParams.logit_bias[{token}]={bias} is invalid: token "
+                             f"id {token} is outside the vocabulary [0, {vocab_size})")
+    if params.allowed_token_ids is not None:
+        token_ids(params.allowed_token_ids, "allowed_token_ids", vocab_size)
