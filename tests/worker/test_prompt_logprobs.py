@@ -66,9 +66,12 @@ def assert_scored(got, expected, full: torch.Tensor, atol: float) -> None:
         assert torch.allclose(full[rows].gather(1, ids), top, atol=atol)
 
 
-def test_each_scored_prompt_token_is_the_log_softmax_of_the_row_before(rng, monkeypatch):
-    """With room for 3 rows of logits at a time, every row is scored in chunks, and each
-    request gets the positions it computed whose next token is in its prompt."""
+@pytest.mark.parametrize("max_rows", [None, 1, 2])
+def test_each_scored_prompt_token_is_the_log_softmax_of_the_row_before(rng, monkeypatch,
+                                                                      max_rows):
+    """With room for 3 rows of logits at a time (fewer where the warm-up compiled the LM
+    head for fewer), every row is scored in chunks, and each request gets the positions
+    it computed whose next token is in its prompt."""
     monkeypatch.setattr(prompt_logprobs, "CHUNK_BYTES", 4 * VOCAB * 3)
     weight = torch.randn(HIDDEN, VOCAB)
     requests, inputs = random_step(rng)
@@ -78,12 +81,12 @@ def test_each_scored_prompt_token_is_the_log_softmax_of_the_row_before(rng, monk
     def lm_head(rows: torch.Tensor) -> torch.Tensor:
         calls.append(rows.shape[0])
         return rows @ weight
-    pending = compute_prompt_logprobs(inputs, hidden, lm_head, VOCAB)
+    pending = compute_prompt_logprobs(inputs, hidden, lm_head, VOCAB, max_rows)
     expected = scored_rows(requests, inputs)
     if not expected:
         assert pending is None and not calls
         return
-    assert max(calls) <= 3
+    assert max(calls) == min(3, max_rows or 3, sum(len(r) for _, _, r in expected.values()))
     assert_scored(pending.to_host(), expected, (hidden @ weight).log_softmax(-1), atol=1e-6)
 
 

@@ -49,11 +49,12 @@ def test_warm_up_runs_every_bucket_and_leaves_the_cache_untouched(model, ahead, 
     monkeypatch.setattr(runner.model, "compute_logits",
                         lambda h: logits.append(h.shape[0]) or compute_logits(h))
     max_position = int(torch.randint(8, 40, ()))
-    warm_up_prefill(runner.model, max_num_batched_tokens=50, max_num_seqs=5, block_size=4,
-                    max_position=max_position, vocab_size=runner.info.vocab_size,
-                    device=runner.device)
+    warmed = warm_up_prefill(runner.model, max_num_batched_tokens=50, max_num_seqs=5,
+                             block_size=4, max_position=max_position,
+                             vocab_size=runner.info.vocab_size, device=runner.device)
     runs = 2 if ahead else 1
     assert forwards == [1, 8, 16, 32, 50] * runs and logits == [1, 5] * runs
+    assert warmed == 5
     assert passes == [0, 5 if ahead else 0]
     after = [t for a in layers for t in (a.k_cache, a.v_cache)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
@@ -61,7 +62,8 @@ def test_warm_up_runs_every_bucket_and_leaves_the_cache_untouched(model, ahead, 
 
 def _spy_on_warm_up(monkeypatch, runner):
     calls = []
-    monkeypatch.setattr(model_runner, "warm_up_prefill", lambda *a: calls.append("tune"))
+    monkeypatch.setattr(model_runner, "warm_up_prefill",
+                        lambda *a: calls.append("tune") or len(calls) + 6)
     monkeypatch.setattr(model_runner, "CudaGraphRecorder", lambda: "recorder")
     monkeypatch.setattr(runner, "capture_decode_graphs", lambda rec: calls.append(rec))
     return calls
@@ -85,10 +87,12 @@ def test_warm_up_on_cuda_tunes_triton_and_captures_unless_eager(eager, triton_of
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     runner.warm_up()
     assert calls == expected
+    # Prompt logprobs then score at most the rows the warm-up compiled the LM head for.
+    assert runner.warm_logits_rows == (None if triton_off else 7)
 
 
 def test_warm_up_on_cpu_does_nothing(monkeypatch):
     runner = make_worker("tiny-llama").model_runner
     calls = _spy_on_warm_up(monkeypatch, runner)
     runner.warm_up()
-    assert calls == [] and runner.decode_graphs is None
+    assert calls == [] and runner.decode_graphs is None and runner.warm_logits_rows is None

@@ -90,6 +90,9 @@ class ModelRunner:
         self.generator = torch.Generator(device).manual_seed(config.model.seed)
         self.model: torch.nn.Module | None = None
         self.decode_graphs: DecodeGraphRunner | None = None
+        # The most rows the warm-up ran the LM head on (None: nothing warmed): prompt
+        # logprobs score at most that many at a time, so no chunk compiles a kernel mid-run.
+        self.warm_logits_rows: int | None = None
         self._dummy: tuple[torch.Tensor, torch.Tensor, AttentionMetadata] | None = None
         # The last step that sampled: its requests and tokens (still on the device), which
         # a step sent ahead of the engine's view reads its requests' last tokens from.
@@ -131,9 +134,9 @@ class ModelRunner:
             return
         if triton_enabled(self.device):
             scheduler = self.config.scheduler
-            warm_up_prefill(self.model, scheduler.max_num_batched_tokens,
-                            scheduler.max_num_seqs, self.block_size, self.max_model_len,
-                            self.info.vocab_size, self.device)
+            self.warm_logits_rows = warm_up_prefill(
+                self.model, scheduler.max_num_batched_tokens, scheduler.max_num_seqs,
+                self.block_size, self.max_model_len, self.info.vocab_size, self.device)
         # Expert parallelism sizes its token transfers on the host every step: no graphs.
         if not (self.config.model.enforce_eager or self.config.parallel.enable_expert_parallel):
             self.capture_decode_graphs(CudaGraphRecorder())
@@ -249,7 +252,7 @@ class ModelRunner:
         if hidden is None:
             return ModelRunnerOutput
         prompt = compute_prompt_logprobs(inputs, hidden, self.model.compute_logits,
-                                         self.info.vocab_size)
+                                         self.info.vocab_size, self.warm_logits_rows)
         if not inputs.sample_req_ids:
             if prompt is None:
                 return ModelRunnerOutput

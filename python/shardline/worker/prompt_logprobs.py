@@ -63,9 +63,11 @@ class PendingPromptLogprobs:
 
 def compute_prompt_logprobs(inputs: StepInputs, hidden: torch.Tensor,
                             compute_logits: Callable[[torch.Tensor], torch.Tensor | None],
-                            vocab_size: int) -> PendingPromptLogprobs | None:
+                            vocab_size: int, max_rows: int | None = None
+                            ) -> PendingPromptLogprobs | None:
     """The prompt logprobs of the step's spans, from the final hidden states; None where
-    there are none, or on a rank the LM head gives no logits."""
+    there are none, or on a rank the LM head gives no logits. At most `max_rows` rows go
+    to the LM head at once, where given (the rows its kernels were compiled for)."""
     spans = inputs.prompt_logprob_spans
     if not spans:
         return None
@@ -77,7 +79,7 @@ def compute_prompt_logprobs(inputs: StepInputs, hidden: torch.Tensor,
                       start, end))
     top_k = max(k for _, k, _, _ in asked)
     index = to_device([rows, targets], hidden.device, torch.int64)
-    chunk = max(1, CHUNK_BYTES // (4 * vocab_size))
+    chunk = max(1, min(CHUNK_BYTES // (4 * vocab_size), max_rows or len(rows)))
     token_lps, top_lps, top_ids = [], [], []
     for begin in range(0, len(rows), chunk):
         logits = compute_logits(hidden[index[0, begin:begin + chunk]])

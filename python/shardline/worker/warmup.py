@@ -60,9 +60,9 @@ def dummy_prefill(num_tokens: int, block_size: int, max_position: int, vocab_siz
 @torch.inference_mode()
 def warm_up_prefill(model: nn.Module, max_num_batched_tokens: int, max_num_seqs: int,
                     block_size: int, max_position: int, vocab_size: int,
-                    device: torch.device) -> None:
+                    device: torch.device) -> int:
     """Run a prefill of every token bucket up to max_num_batched_tokens, and the logits of
-    every sampled-row bucket up to max_num_seqs."""
+    every sampled-row bucket up to max_num_seqs; returns the most logits rows it ran."""
     started = time.perf_counter()
     buckets = token_buckets(max_num_batched_tokens)
     batches = [dummy_prefill(n, block_size, max_position, vocab_size, device) for n in buckets]
@@ -73,6 +73,7 @@ def warm_up_prefill(model: nn.Module, max_num_batched_tokens: int, max_num_seqs:
         logger.info("kernel warm-up: compiled in %.1f s", time.perf_counter() - started)
     _run_buckets(model, batches, max_num_seqs)
     logger.info("kernel warm-up done in %.1f s", time.perf_counter() - started)
+    return min(max_num_seqs, buckets[-1])
 
 
 def _run_buckets(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor,
