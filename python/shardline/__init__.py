@@ -13,6 +13,8 @@ _EXPORTS = {
     "LLM": "shardline.engine.llm",
     "AsyncLLM": "shardline.engine.async_llm",
     "SamplingParams": "shardline.sampling_params",
+    "TextPrompt": "shardline.engine.prompts",
+    "TokensPrompt": "shardline.engine.prompts",
     "RequestOutput": "shardline.engine.outputs",
     "CompletionOutput": "shardline.engine.outputs",
     "EngineArgs": "shardline.engine.engine_args",
@@ -21,14 +23,15 @@ _EXPORTS = {
 
 # Spelled out, not list(_EXPORTS), so that type checkers see the re-exports; a test keeps
 # the two equal.
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput",
-           "EngineArgs", "EngineDeadError"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "TextPrompt", "TokensPrompt", "RequestOutput",
+           "CompletionOutput", "EngineArgs", "EngineDeadError"]
 
 if TYPE_CHECKING:
     from shardline.engine.async_llm import AsyncLLM
     from shardline.engine.engine_args import EngineArgs
     from shardline.engine.llm import LLM
     from shardline.engine.outputs import CompletionOutput, RequestOutput
+    from shardline.engine.prompts import TextPrompt, TokensPrompt
     from shardline.executor.base import EngineDeadError
     from shardline.sampling_params import SamplingParams
 

@@ -312,7 +312,8 @@ def test_a_flat_list_of_numpy_token_ids_is_one_prompt(reference_llm):
 @pytest.mark.parametrize("prompts, params, message", [
     (None, None, r"prompts=None \(NoneType\) is invalid"),
     (7, None, r"prompts=7 \(int\) is invalid"),
-    ({5: 6}, None, r"prompts=\{5: 6\} \(dict\) is invalid"),
+    # A dict is one prompt (vLLM's TextPrompt / TokensPrompt), refused for its key.
+    ({5: 6}, None, r"prompt 0: prompt=\{5: 6\} \(dict\) is not a prompt: it has the key 5,"),
     (b"\x05\x06", None, r"prompts=b'\\x05\\x06' \(bytes\) is invalid"),
     ([[5, 6]], 7, r"sampling_params=7 \(int\) is invalid"),
     ([[5, 6]], {"max_tokens": 3}, r"sampling_params=\{'max_tokens': 3\} \(dict\) is invalid"),

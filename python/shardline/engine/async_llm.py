@@ -36,7 +36,8 @@ from typing import Any, AsyncGenerator, Callable
 from shardline.engine.data_parallel import DataParallelEngine, create_engine
 from shardline.engine.engine_args import EngineArgs
 from shardline.engine.failures import engine_dead, in_forked_child
-from shardline.engine.llm_engine import LLMEngine, PromptType
+from shardline.engine.llm_engine import LLMEngine
+from shardline.engine.prompts import PromptType
 from shardline.engine.metrics import engine_metrics, stopped_engine_metrics
 from shardline.engine.output_queue import OutputQueue
 from shardline.engine.outputs import RequestOutput
@@ -155,7 +156,9 @@ class AsyncLLM:
                        ) -> AsyncGenerator[RequestOutput, None]:
         """Yield the request's outputs as they grow (see OutputQueue for a consumer that
         falls behind); raises ValueError for a bad request, EngineDeadError once the engine
-        has stopped (failed or shut down).
+        has stopped (failed or shut down). `prompt` is a string, a token-id list, or vLLM's
+        TextPrompt `{"prompt": text}` / TokensPrompt `{"prompt_token_ids": ids}` (see
+        LLM.generate).
 
         Leaving the loop early (break, cancel, `aclose`) aborts the request and frees its KV
         blocks: at once with `aclose` (`contextlib.aclosing`); after a plain break, once the

@@ -19,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 
 from shardline.config import EngineConfig
-from shardline.engine.llm_engine import LLMEngine, PromptType, resolve_max_model_len
+from shardline.engine.llm_engine import LLMEngine, resolve_max_model_len
+from shardline.engine.prompts import PromptType
 from shardline.engine.outputs import RequestOutput
 from shardline.engine.request_checks import check_request_id
 from shardline.engine.scheduler import SchedulerStats

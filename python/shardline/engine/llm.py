@@ -13,6 +13,7 @@ another thread's to finish). For requests that overlap in time, use AsyncLLM.
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import numbers
 import os
@@ -25,7 +26,8 @@ from shardline.engine.data_parallel import DataParallelEngine, create_engine
 from shardline.engine.chat_template import Message, check_conversation
 from shardline.engine.engine_args import EngineArgs
 from shardline.engine.failures import engine_dead, in_forked_child
-from shardline.engine.llm_engine import LLMEngine, PromptType
+from shardline.engine.llm_engine import LLMEngine
+from shardline.engine.prompts import PromptType
 from shardline.engine.request_checks import is_sequence
 from shardline.engine.metrics import engine_metrics, stopped_engine_metrics
 from shardline.engine.outputs import RequestOutput
@@ -81,8 +83,12 @@ class LLM:
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in input order.
 
-        `prompts` is a string, a token-id list, or a list of either; `sampling_params` is
-        one SamplingParams for all, a list with one per prompt, or None for the defaults.
+        `prompts` is one prompt or a list of them, in any mix: a string, a token-id list,
+        or vLLM's dict forms, a TextPrompt `{"prompt": text}` (as the text) or a
+        TokensPrompt `{"prompt_token_ids": ids}` (as the ids; an optional "prompt" is only
+        reported as the output's prompt); a dict with any other key is refused.
+        `sampling_params` is one SamplingParams for all, a list with one per prompt, or None
+        for the defaults.
         Every prompt is validated (and tokenized, once) before any runs: a bad one raises
         ValueError naming its index, and none runs. Requests added with `add_request` keep
         running meanwhile, but their outputs from these steps are not returned. If the
@@ -255,11 +261,12 @@ class LLM:
 
 
 def _as_prompt_list(prompts: PromptType | Seq[PromptType]) -> list[PromptType]:
-    if isinstance(prompts, str):
+    if isinstance(prompts, (str, collections.abc.Mapping)):
         return [prompts]
     if not is_sequence(prompts):
         raise ValueError(f"prompts={reprlib.repr(prompts)} ({type(prompts).__name__}) is "
-                         "invalid: pass a string, a list of token ids, or a list of either")
+                         "invalid: pass a prompt (a string, a list of token ids, or a dict "
+                         "with 'prompt' and/or 'prompt_token_ids') or a list of prompts")
     prompts = list(prompts)
     # numbers.Integral: numpy's integers too, as token ids often come from an array.
     if prompts and all(isinstance(p, numbers.Integral) for p in prompts):

@@ -14,16 +14,17 @@ import contextlib
 import dataclasses
 import itertools
 import reprlib
-from typing import Iterator, Protocol, Sequence as Seq
+from typing import Iterator, Protocol
 
 from shardline.config import EngineConfig
 from shardline.engine.kv_blocks import KVBlockManager
 from shardline.engine.metrics import EngineMetrics
 from shardline.engine.output_processor import OutputProcessor, RequestState
 from shardline.engine.outputs import RequestOutput
+from shardline.engine.prompts import PromptType, parse_prompt, token_ids_name
 from shardline.engine.request_checks import check_vocabulary_fields
 from shardline.engine.request_checks import (check_logprobs, check_min_tokens,
-                                             check_request_id, is_sequence, token_ids)
+                                             check_request_id, token_ids)
 from shardline.sampling_params import SamplingParams
 from shardline.step import SchedulerOutput
 from shardline.engine.scheduler import Scheduler, SchedulerStats
@@ -31,9 +32,6 @@ from shardline.engine.sequence import Sequence
 from shardline.engine.tokenizer import Tokenizer
 from shardline.executor.base import Executor, StepFuture, create_executor
 from shardline.models.loader import read_model_info
-
-PromptType = str | Seq[int]
-
 
 class ModelLimits(Protocol):
     """What the engine needs to know about the model (shardline.models.loader.ModelInfo)."""
@@ -111,7 +109,7 @@ class LLMEngine:
             prompt_text, prompt_ids = self.encode_prompt(prompt, params)
         else:
             self._check_params(params)
-            prompt_text = prompt if isinstance(prompt, str) else None
+            prompt_text = parse_prompt(prompt)[0]
             prompt_ids = self._checked_token_ids(prompt_token_ids, params)
         max_len = min(self.max_model_len, self.kv_capacity_tokens + 1)
         seqs: list[Sequence] = []
@@ -155,28 +153,26 @@ class LLMEngine:
                       ) -> tuple[str | None, list[int]]:
         """Validate a prompt and its params for this engine; return (text, token ids).
 
-        A prompt is a string or a list of token ids; anything else (None, a number, a
-        dict, bytes, bools as ids) raises ValueError, as a bad value does.
+        A prompt is a string, a list of token ids, or a TextPrompt / TokensPrompt dict of
+        either (engine.prompts); anything else (None, a number, bytes, bools as ids, a dict
+        with another key) raises ValueError, as a bad value does. The text is the one
+        RequestOutput.prompt reports: a TokensPrompt's "prompt", None for bare token ids.
         """
         self._check_params(params)
-        if not isinstance(prompt, str) and not is_sequence(prompt):
-            raise ValueError(f"prompt={reprlib.repr(prompt)} ({type(prompt).__name__}) is "
-                             "not a prompt: pass a string or a list of token ids")
-        if isinstance(prompt, str):
+        text, source = parse_prompt(prompt)
+        if isinstance(source, str):
             if self.tokenizer is None:
                 raise ValueError("prompt is text, but the model has no tokenizer.json: pass "
                                  "token ids")
             try:
-                prompt.encode("utf-8")
+                source.encode("utf-8")
             except UnicodeEncodeError as exc:
-                raise ValueError(f"prompt holds {prompt[exc.start]!r} at index {exc.start}, a "
+                raise ValueError(f"prompt holds {source[exc.start]!r} at index {exc.start}, a "
                                  "lone UTF-16 surrogate, which is not text and cannot be "
                                  "tokenized") from None
-            text, ids = prompt, self.tokenizer.encode(prompt)
+            ids = token_ids(self.tokenizer.encode(source), "prompt", self.vocab_size)
         else:
-            text, ids = None, token_ids(prompt, "prompt", self.vocab_size)
-        if text is not None:
-            token_ids(ids, "prompt", self.vocab_size)
+            ids = token_ids(source, token_ids_name(prompt), self.vocab_size)
         self._check_prompt_length(ids, params)
         return text, ids
 
