@@ -231,14 +231,15 @@ def _bias_map(value: object) -> dict[int, float] | None:
 
 
 def _allowed_ids(value: object) -> list[int] | None:
-    """allowed_token_ids as a list of ints, or an InvalidSamplingParam."""
+    """allowed_token_ids as a list of ints, each once (a body of repeated ids would cost
+    the sampler every step), or an InvalidSamplingParam."""
     if value is None:
         return None
     ids = [_python_number(t) for t in _as_list(_python_number(value), "allowed_token_ids", int)]
     _check(bool(ids) and all(_is_int(t) and 0 <= t <= MAX_INT for t in ids),
            "allowed_token_ids", value,
            "None or a non-empty list of token ids (integers from 0 to 2**63 - 1)")
-    return ids
+    return list(dict.fromkeys(ids))
 
 
 class InvalidSamplingParam(ValueError):

@@ -170,3 +170,28 @@ def test_unbiased_rows_draw_as_in_a_batch_without_bias(rng):
         assert together[0][row] == alone[0][row]
         assert together[1][row] == alone[1][row]
     assert all(together[0][row] == row for row in range(3, rows, 4))
+
+
+def test_one_sampler_over_changing_batches_biases_each_as_its_params_say(rng):
+    """The Sampler keeps each request's arrays across steps: batches that drop, add,
+    reorder and replace requests (new params under an id the cache once held included)
+    are biased as a fresh apply_bias biases them, and the cache holds only the last
+    batch's requests."""
+    pool = [SamplingParams(logit_bias=_random_bias(rng) or {rng.randrange(V): 50.0},
+                           allowed_token_ids=(rng.sample(range(V), rng.randint(1, 20))
+                                              if rng.random() < 0.4 else None))
+            for _ in range(12)] + [SamplingParams() for _ in range(4)]
+    cache, params = {}, []
+    for _ in range(30):
+        if rng.random() < 0.5:
+            # A request finishes and a new one comes: freed first, so that CPython often
+            # gives the new params the finished one's id.
+            gone = rng.choice(params or pool)
+            pool.remove(gone)
+            del gone, params
+            pool.append(SamplingParams(logit_bias=_random_bias(rng)))
+        params = rng.sample(pool, rng.randint(1, len(pool)))
+        logits = torch.randn(len(params), V)
+        torch.testing.assert_close(apply_bias(logits, params, cache), _reference(logits, params))
+        assert sorted(cache) == sorted({id(p) for p in params
+                                        if p.logit_bias or p.allowed_token_ids})

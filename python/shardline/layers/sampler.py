@@ -16,7 +16,6 @@ for a later moment (see SamplerOutput).
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -85,42 +84,63 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return logits - _column([p.presence_penalty for p in params], logits) * (out_counts > 0)
 
 
-def apply_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+RowArrays = tuple[SamplingParams, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _row_arrays(params: SamplingParams, cache: dict[int, RowArrays]) -> RowArrays:
+    """The params with their logit_bias ids, its biases and their allowed_token_ids as
+    arrays, from `cache` (keyed by id(params): each entry holds its params alive, so no
+    other object has that id while it is there) or made now: a request's arrays are made
+    once, not each step. A worker's params never change once built."""
+    entry = cache.get(id(params))
+    if entry is None:
+        bias = params.logit_bias or {}
+        entry = (params, np.fromiter(bias, np.int64, len(bias)),
+                 np.fromiter(bias.values(), np.float32, len(bias)),
+                 np.asarray(params.allowed_token_ids or [], dtype=np.int64))
+    return entry
+
+
+def apply_bias(logits: torch.Tensor, params: list[SamplingParams],
+               cache: dict[int, RowArrays] | None = None) -> torch.Tensor:
     """Each row's logit_bias added to its logits, and for a row with allowed_token_ids every
     other token at -inf (a new tensor if any row has either; the same one, after one look
     at each row's params, if none has). A token at -inf stays there whatever its bias.
-    Each step sends the rows' ids in one host-to-device copy, their biases in another."""
-    biased = [row for row, p in enumerate(params) if p.logit_bias]
-    limited = [row for row, p in enumerate(params) if p.allowed_token_ids]
-    if not biased and not limited:
+
+    The rows' ids go to the device in one copy, their biases in another. `cache` (the
+    Sampler's, across steps) keeps each request's arrays; it is left holding this batch's."""
+    cache = {} if cache is None else cache
+    rows = [row for row, p in enumerate(params) if p.logit_bias or p.allowed_token_ids]
+    if not rows:
+        cache.clear()
         return logits
-    maps = [params[row].logit_bias for row in biased]
-    allowed = [params[row].allowed_token_ids for row in limited]
-    bias_counts = [len(m) for m in maps]
-    allowed_counts = [len(ids) for ids in allowed]
+    arrays = [_row_arrays(params[row], cache) for row in rows]
+    cache.clear()
+    cache.update((id(entry[0]), entry) for entry in arrays)
+    bias_counts = [len(entry[1]) for entry in arrays]
+    allowed_counts = [len(entry[3]) for entry in arrays]
+    limited = [row for row, count in zip(rows, allowed_counts) if count]
     num_bias, num_allowed = sum(bias_counts), sum(allowed_counts)
     # Rows of the biases, their ids, rows of the allowed ids, those ids, the limited rows.
-    ints = np.concatenate([
-        np.repeat(np.asarray(biased, dtype=np.int64), bias_counts),
-        np.fromiter(itertools.chain.from_iterable(maps), np.int64, num_bias),
-        np.repeat(np.asarray(limited, dtype=np.int64), allowed_counts),
-        np.fromiter(itertools.chain.from_iterable(allowed), np.int64, num_allowed),
-        np.asarray(limited, dtype=np.int64)])
+    ints = np.concatenate([np.repeat(np.asarray(rows, dtype=np.int64), bias_counts),
+                           *(entry[1] for entry in arrays),
+                           np.repeat(np.asarray(rows, dtype=np.int64), allowed_counts),
+                           *(entry[3] for entry in arrays),
+                           np.asarray(limited, dtype=np.int64)])
     ints_t = to_device(ints, logits.device)
     if limited:
         start = 2 * num_bias
-        rows, ids = (ints_t[start:start + num_allowed],
-                     ints_t[start + num_allowed:start + 2 * num_allowed])
         banned = torch.zeros_like(logits, dtype=torch.bool)
         banned[ints_t[start + 2 * num_allowed:]] = True
-        banned[rows, ids] = False
+        banned[ints_t[start:start + num_allowed],
+               ints_t[start + num_allowed:start + 2 * num_allowed]] = False
         logits = logits.masked_fill(banned, -math.inf)
-    if biased:
-        values = np.fromiter(itertools.chain.from_iterable(m.values() for m in maps),
-                             np.float32, num_bias)
-        logits = logits.index_put((ints_t[:num_bias], ints_t[num_bias:2 * num_bias]),
-                                  to_device(values, logits.device, logits.dtype),
-                                  accumulate=True)
+    if num_bias:
+        # A row's ids are a dict's keys, so no place is written twice.
+        index = (ints_t[:num_bias], ints_t[num_bias:2 * num_bias])
+        values = to_device(np.concatenate([entry[2] for entry in arrays]), logits.device,
+                           logits.dtype)
+        logits = logits.index_put(index, logits[index] + values)
     return logits
 
 
@@ -224,10 +244,13 @@ class SamplerOutput:
 class Sampler:
     """Greedy, temperature and filtered sampling with optional top-n logprobs."""
 
+    def __init__(self) -> None:
+        self._arrays: dict[int, RowArrays] = {}   # see apply_bias
+
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits [N, V] (one row per request in `batch`) -> N tokens and their logprobs."""
         logits = apply_penalties(mask_blocked(logits.float(), batch.blocked_token_ids), batch)
-        logits = apply_bias(logits, batch.params)
+        logits = apply_bias(logits, batch.params, self._arrays)
         greedy = [p.greedy for p in batch.params]
         tokens = logits.argmax(dim=-1)
         processed = logits
