@@ -57,7 +57,7 @@ def test_a_bad_stop_names_its_forms(rng):
     assert str(refused.value) == f"stop: must be a string, a list of strings or null (got {bad!r})"
 
 
-OPENAI_ONLY = ("tools", "tool_choice", "logit_bias", "response_format", "parallel_tool_calls",
+OPENAI_ONLY = ("tools", "tool_choice", "response_format", "parallel_tool_calls",
                "functions", "function_call", "metadata", "store", "service_tier")
 MESSAGE_EXTRAS = ("refusal", "tool_calls", "function_call", "audio", "annotations")
 

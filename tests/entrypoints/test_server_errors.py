@@ -25,7 +25,7 @@ from server_helpers import MODEL, TIMEOUT, engine_idle, random_text, wait_until 
     (dict(temperature=-1.0), "temperature"),
     (dict(top_p=2.0), "top_p"),
     (dict(max_tokens=0), "max_tokens"),
-    (dict(extra_body={"logit_bias": {"5": 1}}), "logit_bias"),
+    (dict(extra_body={"logit_bias": {"5": 101}}), "logit_bias"),
     (dict(extra_body={"prompt": "x" * 600}), "prompt"),
     (dict(extra_body={"prompt": [[5, 6], [7, 10**6]]}), "prompt"),
     (dict(extra_body={"stop_token_ids": [2, 10**6]}), "stop_token_ids"),

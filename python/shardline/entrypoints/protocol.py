@@ -1,8 +1,8 @@
 """The OpenAI request bodies the server accepts, and how they map to SamplingParams.
 
 Bodies are validated with pydantic; a field this server does not know, or knows but does
-not support (logit_bias, tools, response_format, ...), is refused rather than ignored, so
-a client never gets an answer that silently disregarded what it asked for. Types are
+not support (tools, response_format, functions, ...), is refused rather than ignored, so a
+client never gets an answer that silently disregarded what it asked for. Types are
 strict: a string, a bool or 5.0 where an integer belongs (`"max_tokens": true` would be
 1, `"prompt": [true, 7]` token ids 1 and 7) is refused rather than converted; only an
 integer is taken where a number belongs. Every refusal is a RequestError naming the
@@ -50,8 +50,7 @@ class _Body(BaseModel):
     def _drop_unknown_empty_fields(cls, data: Any) -> Any:
         """A field this server does not know set to null, or to an empty object or array,
         asks for nothing, so it is dropped rather than refused: clients that write every
-        field of OpenAI's schema send `"tools": null`, LangChain's completions model sends
-        `"logit_bias": {}` with every request, and the openai client's
+        field of OpenAI's schema send `"tools": null`, and the openai client's
         `message.model_dump()`, sent back as the next turn's history, carries
         `"refusal": null` and `"tool_calls": null`."""
         if not isinstance(data, dict):
@@ -92,6 +91,8 @@ class _SamplingFields(_Body):
                     _one_of("a string, a list of strings or null")] = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    # Token ids as strings of digits (JSON's keys are strings) to biases.
+    logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = None
@@ -100,6 +101,7 @@ class _SamplingFields(_Body):
     min_p: float | None = None
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = None
     min_tokens: int | None = None
     prompt_logprobs: int | None = Field(default=None, ge=0)
     ignore_eos: bool = False
@@ -112,6 +114,12 @@ class _SamplingFields(_Body):
     @classmethod
     def _null_is_default(cls, value: Any, info: Any) -> Any:
         return cls.model_fields[info.field_name].default if value is None else value
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _empty_bias_is_none(cls, value: Any) -> Any:
+        """`{}` biases nothing: LangChain's completions model sends it with every request."""
+        return None if value == {} else value
 
     @field_validator("n")
     @classmethod
@@ -133,8 +141,11 @@ class _SamplingFields(_Body):
                                "response always carries its usage", "stream_options")
         given = {name: getattr(self, name) for name in
                  ("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "seed",
-                  "top_k", "min_p", "repetition_penalty", "stop_token_ids", "min_tokens")
+                  "top_k", "min_p", "repetition_penalty", "stop_token_ids", "min_tokens",
+                  "allowed_token_ids")
                  if getattr(self, name) is not None}
+        if self.logit_bias is not None:
+            given["logit_bias"] = _token_keys(self.logit_bias)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         try:
             return SamplingParams(**given, max_tokens=max_tokens, stop=stop, logprobs=logprobs,
@@ -258,6 +269,21 @@ class ChatCompletionRequest(_SamplingFields):
                                     (self.top_logprobs or 0) if self.logprobs else None,
                                     sent_as={"max_tokens": self.max_tokens_field() or
                                              "max_tokens", "logprobs": "top_logprobs"})
+
+
+def _token_keys(bias: dict[str, float]) -> dict[int, float]:
+    """logit_bias as SamplingParams takes it: OpenAI's keys, token ids as strings of
+    digits, as ints (which SamplingParams and the engine check against the vocabulary)."""
+    for key in bias:
+        if not _TOKEN_KEY.fullmatch(key):
+            raise RequestError(f"logit_bias has the key {key!r}, which is not a token id: keys "
+                               "must be token ids written in digits, such as \"50256\"",
+                               "logit_bias")
+    return {int(key): value for key, value in bias.items()}
+
+
+# Up to 20 digits: 2**63 - 1 has 19, so more is refused as too large, not parsed at length.
+_TOKEN_KEY = re.compile(r"[0-9]{1,20}")
 
 
 def parse(model: type[_Body], body: Any) -> Any:
