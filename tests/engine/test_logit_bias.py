@@ -1,7 +1,7 @@
 """logit_bias and allowed_token_ids end to end on tiny-llama (fp32, CPU): a forcing bias is
 taken at every step, a banning one moves greedy decoding to the next most likely token,
-every token is one of the allowed ids, unbiased batch mates keep their tokens, TP2 gives
-what one rank gives, and ids outside the vocabulary are refused before anything runs."""
+every token is one of the allowed ids, unbiased batch mates keep their tokens, TP2 and PP2
+give what one rank gives, and ids outside the vocabulary are refused before anything runs."""
 
 import random
 
@@ -109,9 +109,12 @@ def test_ids_outside_the_vocabulary_are_refused_and_the_engine_goes_on(llm, rng)
 
 
 @pytest.mark.usefixtures("no_process_left_behind")
-def test_tensor_parallel_gives_what_one_rank_gives(llm, rng):
-    """Only the first TP rank samples; the others must not diverge with it (async
-    scheduling: the rank that samples broadcasts the tokens that went ahead)."""
+@pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2, async_scheduling=True),
+                                    dict(pipeline_parallel_size=2)], ids=["tp2", "pp2"])
+def test_parallel_layouts_give_what_one_rank_gives(llm, layout, rng):
+    """Only the first TP rank of the last stage samples; the others must not diverge with
+    it (TP2 with async scheduling: the rank that samples broadcasts the tokens that went
+    ahead; PP2 keeps two steps in flight)."""
     vocab = llm.engine.vocab_size
     prompts = random_prompts(rng, 4)
     params = [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2,
@@ -124,9 +127,9 @@ def test_tensor_parallel_gives_what_one_rank_gives(llm, rng):
                              logit_bias={rng.randrange(vocab): 100.0}),
               SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)]
     expected = llm.generate(prompts, params)
-    tp = LLM(MODEL, **ENGINE, device="cpu", tensor_parallel_size=2, async_scheduling=True)
+    parallel = LLM(MODEL, **ENGINE, **layout, device="cpu")
     try:
-        outputs = tp.generate(prompts, params)
+        outputs = parallel.generate(prompts, params)
     finally:
-        tp.shutdown()
+        parallel.shutdown()
     assert_greedy_match(outputs_run(expected), outputs_run(outputs))
