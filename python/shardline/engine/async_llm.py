@@ -33,80 +33,19 @@ import threading
 import weakref
 from typing import Any, AsyncGenerator, Callable
 
+from shardline.engine.async_commands import (ACK, Abort, Add, Call, Command, Item, Result,
+                                             Stream)
 from shardline.engine.data_parallel import DataParallelEngine, create_engine
 from shardline.engine.engine_args import EngineArgs
 from shardline.engine.failures import engine_dead, in_forked_child
 from shardline.engine.llm_engine import LLMEngine
 from shardline.engine.prompts import PromptType
 from shardline.engine.metrics import engine_metrics, stopped_engine_metrics
-from shardline.engine.output_queue import OutputQueue
 from shardline.engine.outputs import RequestOutput
 from shardline.executor.base import EngineDeadError
 from shardline.sampling_params import SamplingParams
 
-_ACK = object()  # the engine thread's reply to an abort
 EXIT_WAIT_S = 30.0  # at exit, the most an engine thread gets to finish its step
-Item = object  # what a stream's queue holds: a RequestOutput, an exception to raise, or _ACK
-
-class _Stream:
-    """One `generate` call (or one `abort` waiting for its answer): its request id and
-    where the engine thread's items for it go."""
-
-    __slots__ = ("request_id", "loop", "queue")
-
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
-        self.loop = asyncio.get_running_loop()
-        self.queue = OutputQueue()
-
-
-class _Add:
-    """Add a stream's request, its prompt already validated and tokenized."""
-
-    __slots__ = ("stream", "prompt", "prompt_token_ids", "params")
-
-    def __init__(self, stream: _Stream, prompt: PromptType, prompt_token_ids: list[int],
-                 params: SamplingParams) -> None:
-        self.stream = stream
-        self.prompt = prompt
-        self.prompt_token_ids = prompt_token_ids
-        self.params = params
-
-
-class _Abort:
-    """Abort `request_id`; with an `owner`, only while the owner's request holds the id.
-
-    The engine thread answers _ACK to the `waiter` once the abort is applied (or moot).
-    """
-
-    __slots__ = ("request_id", "owner", "waiter")
-
-    def __init__(self, request_id: str, owner: _Stream | None, waiter: _Stream | None) -> None:
-        self.request_id = request_id
-        self.owner = owner
-        self.waiter = waiter
-
-
-class _Call:
-    """Run `fn(engine)` on the engine thread between steps; the engine thread answers the
-    `waiter` with a _Result (or the exception raised), or _ACK if it ends first."""
-
-    __slots__ = ("fn", "waiter")
-
-    def __init__(self, fn: Callable[[LLMEngine | DataParallelEngine], object],
-                 waiter: _Stream) -> None:
-        self.fn = fn
-        self.waiter = waiter
-
-
-class _Result:
-    __slots__ = ("value",)
-
-    def __init__(self, value: object) -> None:
-        self.value = value
-
-
-_Command = _Add | _Abort | _Call
 
 
 class AsyncLLM:
@@ -131,14 +70,14 @@ class AsyncLLM:
         self._built_by = os.getpid()
         # Guards the fields below; held only for moments, never across a step.
         self._mutex = threading.Lock()
-        self._commands: list[_Command] = []
+        self._commands: list[Command] = []
         self._worker: threading.Thread | None = None
         self._failure: BaseException | None = None
         self._failed_when = ""  # "in an earlier step" or "when a worker died"
         self._closed = False
         # The stream of every request the engine runs; touched only by the engine thread
         # (or by shutdown once that thread has ended).
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, Stream] = {}
         # The engine thread is a daemon, so exit never waits for it; but one still in a
         # step when the interpreter finalizes aborts the process ("terminate called
         # without an active exception": torch, freeing a tensor, gives up the GIL, and
@@ -176,8 +115,8 @@ class AsyncLLM:
         params = SamplingParams() if sampling_params is None else sampling_params
         if prompt_token_ids is None:
             _, prompt_token_ids = self.engine.encode_prompt(prompt, params)
-        stream = _Stream(request_id)
-        self._post(_Add(stream, prompt, prompt_token_ids, params), refuse=True)
+        stream = Stream(request_id)
+        self._post(Add(stream, prompt, prompt_token_ids, params), refuse=True)
         finished = False
         try:
             while not finished:
@@ -188,7 +127,7 @@ class AsyncLLM:
                 yield item
         finally:
             if not finished:
-                posted = self._post(_Abort(request_id, stream, stream), refuse=False)
+                posted = self._post(Abort(request_id, stream, stream), refuse=False)
                 # Only the stream's own loop can receive the answer: a stream closed from
                 # another loop (its own closed first) does not wait for it.
                 if posted and stream.loop is asyncio.get_running_loop():
@@ -200,8 +139,8 @@ class AsyncLLM:
         Its stream ends with the aborted output (or with its finished one, if the request
         finished first). An unknown id is ignored.
         """
-        waiter = _Stream(request_id)
-        if self._post(_Abort(request_id, None, waiter), refuse=False):
+        waiter = Stream(request_id)
+        if self._post(Abort(request_id, None, waiter), refuse=False):
             await _acknowledged(waiter)
 
     async def metrics(self) -> dict[str, Any]:
@@ -213,12 +152,12 @@ class AsyncLLM:
         forked = in_forked_child("AsyncLLM", self._built_by)
         if forked is not None:
             raise forked
-        waiter = _Stream("metrics")
-        if self._post(_Call(engine_metrics, waiter), refuse=False):
+        waiter = Stream("metrics")
+        if self._post(Call(engine_metrics, waiter), refuse=False):
             _, item = await waiter.queue.get()
             if isinstance(item, BaseException):
                 raise item
-            if isinstance(item, _Result):
+            if isinstance(item, Result):
                 return item.value
         return stopped_engine_metrics(self.engine)
 
@@ -260,7 +199,7 @@ class AsyncLLM:
         if self._closed:
             raise EngineDeadError("the AsyncLLM was shut down and accepts no more requests")
 
-    def _post(self, command: _Command, refuse: bool) -> bool:
+    def _post(self, command: Command, refuse: bool) -> bool:
         """Queue a command for the engine thread, starting that thread if it is idle.
 
         Once the engine failed or was shut down, an add raises (when `refuse`) and an
@@ -307,15 +246,15 @@ class AsyncLLM:
                 self._fail(exc, commands)
                 return
 
-    def _apply(self, commands: list[_Command]) -> None:
+    def _apply(self, commands: list[Command]) -> None:
         """Apply commands in order, removing each once applied (so, if one raises, it and
         the rest stay in the list) and delivering what those applied produced."""
-        deliveries: list[tuple[_Stream, Item]] = []
+        deliveries: list[tuple[Stream, Item]] = []
         try:
             while commands:
-                if isinstance(commands[0], _Add):
+                if isinstance(commands[0], Add):
                     self._add(commands[0], deliveries)
-                elif isinstance(commands[0], _Call):
+                elif isinstance(commands[0], Call):
                     self._call(commands[0], deliveries)
                 else:
                     self._abort(commands[0], deliveries)
@@ -325,7 +264,7 @@ class AsyncLLM:
 
     def _route(self, outputs: list[RequestOutput]) -> None:
         """Send a step's outputs to their streams; a finished request frees its id."""
-        deliveries: list[tuple[_Stream, Item]] = []
+        deliveries: list[tuple[Stream, Item]] = []
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:
@@ -335,7 +274,7 @@ class AsyncLLM:
                 del self._streams[output.request_id]
         self._deliver(deliveries)
 
-    def _add(self, command: _Add, deliveries: list[tuple[_Stream, Item]]) -> None:
+    def _add(self, command: Add, deliveries: list[tuple[Stream, Item]]) -> None:
         stream = command.stream
         try:
             self.engine.add_request(stream.request_id, command.prompt, command.params,
@@ -345,7 +284,7 @@ class AsyncLLM:
             return
         self._streams[stream.request_id] = stream
 
-    def _abort(self, command: _Abort, deliveries: list[tuple[_Stream, Item]]) -> None:
+    def _abort(self, command: Abort, deliveries: list[tuple[Stream, Item]]) -> None:
         current = self._streams.get(command.request_id)
         if command.owner is None or current is command.owner:
             aborted = self._streams.pop(command.request_id, None)
@@ -354,39 +293,39 @@ class AsyncLLM:
                 deliveries.append((aborted, output))
         # Otherwise the owner's request already finished, and the id may be another's now.
         if command.waiter is not None:
-            deliveries.append((command.waiter, _ACK))
+            deliveries.append((command.waiter, ACK))
 
-    def _call(self, command: _Call, deliveries: list[tuple[_Stream, Item]]) -> None:
+    def _call(self, command: Call, deliveries: list[tuple[Stream, Item]]) -> None:
         try:
-            deliveries.append((command.waiter, _Result(command.fn(self.engine))))
+            deliveries.append((command.waiter, Result(command.fn(self.engine))))
         except Exception as exc:
             deliveries.append((command.waiter, exc))
 
-    def _fail(self, exc: Exception, unapplied: list[_Command]) -> None:
+    def _fail(self, exc: Exception, unapplied: list[Command]) -> None:
         with self._mutex:
             self._failure, self._failed_when = exc, "in an earlier step"
             self._worker = None
             commands, self._commands = self._commands, []
         self._end_streams(engine_dead(exc), unapplied + commands)
 
-    def _end_streams(self, error: BaseException, commands: list[_Command]) -> None:
+    def _end_streams(self, error: BaseException, commands: list[Command]) -> None:
         """After the engine thread has ended for good: fail every open stream and answer
         the commands it never applied."""
-        deliveries: list[tuple[_Stream, Item]] = [(s, error) for s in self._streams.values()]
+        deliveries: list[tuple[Stream, Item]] = [(s, error) for s in self._streams.values()]
         self._streams.clear()
         for command in commands:
-            if isinstance(command, _Add):
+            if isinstance(command, Add):
                 deliveries.append((command.stream, error))
             elif command.waiter is not None:
-                deliveries.append((command.waiter, _ACK))
+                deliveries.append((command.waiter, ACK))
         self._deliver(deliveries)
 
-    def _deliver(self, deliveries: list[tuple[_Stream, Item]]) -> None:
+    def _deliver(self, deliveries: list[tuple[Stream, Item]]) -> None:
         """Hand items to their streams' event loops, one wake-up per loop.
 
         A stream whose loop is closed can never be read: its request is aborted.
         """
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Item]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Stream, Item]]] = {}
         for stream, item in deliveries:
             by_loop.setdefault(stream.loop, []).append((stream, item))
         for loop, items in by_loop.items():
@@ -394,7 +333,7 @@ class AsyncLLM:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:
                 for stream, _ in items:
-                    self._abort(_Abort(stream.request_id, stream, None), [])
+                    self._abort(Abort(stream.request_id, stream, None), [])
 
 
 def _on_worker_death(llm: weakref.ref[AsyncLLM]) -> Callable[[EngineDeadError], None]:
@@ -423,15 +362,15 @@ def _stop_at_exit(llm: weakref.ref[AsyncLLM]) -> None:
         worker.join(EXIT_WAIT_S)
 
 
-def _put_all(items: list[tuple[_Stream, Item]]) -> None:
+def _put_all(items: list[tuple[Stream, Item]]) -> None:
     for stream, item in items:
         stream.queue.put(None, item)
 
 
-async def _acknowledged(waiter: _Stream) -> None:
-    """Wait for the engine thread's _ACK; an error (the engine failed or was shut down)
+async def _acknowledged(waiter: Stream) -> None:
+    """Wait for the engine thread's ACK; an error (the engine failed or was shut down)
     also ends the wait, since no answer follows it."""
     while True:
         _, item = await waiter.queue.get()
-        if item is _ACK or isinstance(item, BaseException):
+        if item is ACK or isinstance(item, BaseException):
             return
