@@ -129,3 +129,31 @@ def test_stop_strings_do_not_end_a_sequence_short_of_min_tokens(case, fresh_seed
     assert len(taken) == stop_at >= min_tokens
     assert (final.finish_reason, final.text) == ("stop", text[:cut])
     assert final.stop_reason in stops and text[:stop_at].endswith(final.stop_reason)
+
+
+class ScanCountingList(list):
+    """A list that counts the scans `in` makes of it."""
+
+    scans = 0
+
+    def __contains__(self, item) -> bool:
+        ScanCountingList.scans += 1
+        return super().__contains__(item)
+
+
+def test_stop_token_ids_are_looked_up_without_scanning_the_list(rng):
+    """They may number a vocabulary (150k ids: about 1.5 ms a sequence a step to scan), and
+    each step looked every sequence's new token up in the list, once or twice. The request
+    now keeps them as a set, made when it is added; the tokens still stop it."""
+    tokenizer = Tokenizer(byte_tokenizer())
+    stream = [rng.randrange(100, 200) for _ in range(30)]
+    stop_at = rng.randrange(5, 30)
+    stream[stop_at] = rng.randrange(200, 300)   # the first token among the stop ids
+    ids = [t for t in range(300) if t not in stream[:stop_at]]
+    params = SamplingParams(stop_token_ids=ids, max_tokens=40, ignore_eos=True)
+    params.stop_token_ids = ScanCountingList(params.stop_token_ids)
+    ScanCountingList.scans = 0
+    streamed, (taken,) = run(tokenizer, params, [stream])
+    assert ScanCountingList.scans == 0
+    assert taken == stream[:stop_at + 1]
+    assert (streamed[0][-1].finish_reason, streamed[0][-1].stop_reason) == ("stop", taken[-1])

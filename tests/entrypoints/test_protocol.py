@@ -57,6 +57,17 @@ def test_a_bad_stop_names_its_forms(rng):
     assert str(refused.value) == f"stop: must be a string, a list of strings or null (got {bad!r})"
 
 
+def test_too_many_stop_strings_are_refused_by_name(rng):
+    from shardline.sampling_params import MAX_STOP_STRINGS
+    count = rng.randint(MAX_STOP_STRINGS + 1, 4 * MAX_STOP_STRINGS)
+    with pytest.raises(RequestError) as refused:
+        parse(CompletionRequest, {"model": "m", "prompt": "hi",
+                                  "stop": [f"s{i}" for i in range(count)]}).to_sampling_params()
+    assert refused.value.param == "stop"
+    assert str(refused.value) == (f"stop=<{count} strings> is invalid: must be a list of at "
+                                  f"most {MAX_STOP_STRINGS} strings")
+
+
 OPENAI_ONLY = ("tools", "tool_choice", "response_format", "parallel_tool_calls",
                "functions", "function_call", "metadata", "store", "service_tier")
 MESSAGE_EXTRAS = ("refusal", "tool_calls", "function_call", "audio", "annotations")

@@ -1,6 +1,7 @@
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -217,7 +218,9 @@ def test_blocked_tokens_are_never_drawn_and_logprobs_are_of_the_masked_rows(fres
               for row in range(rows)]
     before = logits.clone()
     batch = _batch(params, prompts=[[1, 2]] * rows, outputs=[[3]] * rows)
-    batch.blocked_token_ids = blocked
+    # As the model runner gives them (an int64 array per request) or as lists.
+    batch.blocked_token_ids = [np.asarray(ids, dtype=np.int64) if rng.random() < 0.5 else ids
+                               for ids in blocked]
     for _ in range(20):
         tokens, logprobs = sample(logits, batch)
         masked = before.clone()

@@ -11,6 +11,7 @@ import torch
 
 from shardline import LLM, SamplingParams
 from shardline.worker.model_runner import ModelRunner
+from worker_driver import make_worker
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -133,3 +134,23 @@ def test_a_step_makes_the_workers_gpu_current_whatever_thread_runs_it(rng, monke
     thread.start()
     thread.join()
     assert seen == [runner.device] * 3
+
+
+def test_a_requests_stop_tokens_are_gathered_once_however_many(rng):
+    """While a request is short of min_tokens its stop tokens are masked every step, and
+    they may number a whole vocabulary: they were gathered into Python lists each step
+    (0.46 s a step for 8 rows of 151k ids). The runner now makes one array per request,
+    its stop ids and eos (unless ignored) without repeats, and hands the same one back."""
+    from shardline.worker.input_batch import RequestState
+    runner = make_worker("tiny-llama").model_runner
+    eos = runner._eos_token_ids
+    stops = [rng.randrange(300) for _ in range(rng.randint(1, 40))]
+    for ignore_eos in (False, True):
+        params = SamplingParams(stop_token_ids=stops + stops[:3], min_tokens=5,
+                                ignore_eos=ignore_eos)
+        state = RequestState(f"r{ignore_eos}", [1, 2, 3], [], params, [0], 3)
+        runner.requests[state.req_id] = state
+        first = runner._sampling_batch([state.req_id], []).blocked_token_ids[0]
+        expected = set(stops) | (set() if ignore_eos else set(eos))
+        assert sorted(first.tolist()) == sorted(expected)
+        assert runner._sampling_batch([state.req_id], []).blocked_token_ids[0] is first

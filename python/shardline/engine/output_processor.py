@@ -22,6 +22,8 @@ class RequestState:
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.seqs = seqs
+        # Looked up every step, and they may number a vocabulary: a set, not the list.
+        self.stop_token_ids = frozenset(seqs[0].params.stop_token_ids)
         self.detokenizers = [None if tokenizer is None
                              else IncrementalDetokenizer(tokenizer, prompt_token_ids,
                                                          seq.params.skip_special_tokens)
@@ -99,12 +101,13 @@ class OutputProcessor:
         # Short of min_tokens only the length limits end a sequence (the sampler kept it
         # from drawing a stop token).
         may_stop = seq.num_output_tokens >= params.min_tokens
+        is_stop_token = token in state.stop_token_ids
         ended_by_token = may_stop and ((token in self.eos_token_ids and not params.ignore_eos)
-                                       or token in params.stop_token_ids)
+                                       or is_stop_token)
         status = None
         if ended_by_token:
             status = SequenceStatus.FINISHED_STOPPED
-            seq.stop_reason = token if token in params.stop_token_ids else None
+            seq.stop_reason = token if is_stop_token else None
         elif seq.num_tokens >= seq.max_len or (params.max_tokens is not None
                                                and seq.num_output_tokens >= params.max_tokens):
             status = SequenceStatus.FINISHED_LENGTH

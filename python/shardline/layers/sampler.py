@@ -36,7 +36,7 @@ class SamplingBatch:
     prompt_token_ids: list[list[int]]
     output_token_ids: list[list[int]]
     generators: list[torch.Generator]
-    blocked_token_ids: list[list[int]] = field(default_factory=list)
+    blocked_token_ids: list[np.ndarray | list[int]] = field(default_factory=list)
 
 
 def _token_counts(token_lists: list[list[int]], vocab_size: int,
@@ -54,14 +54,19 @@ def _token_counts(token_lists: list[list[int]], vocab_size: int,
     return counts[:, :vocab_size]
 
 
-def mask_blocked(logits: torch.Tensor, blocked: list[list[int]]) -> torch.Tensor:
-    """The logits with each row's blocked token ids at -inf (a new tensor if any are)."""
-    rows = [row for row, ids in enumerate(blocked) for _ in ids]
-    if not rows:
+def mask_blocked(logits: torch.Tensor, blocked: list[np.ndarray | list[int]]) -> torch.Tensor:
+    """The logits with each row's blocked token ids at -inf (a new tensor if any are).
+    A row's ids may be as many as the vocabulary: they are best given as an int64 array
+    made once per request (ModelRunner does), which is not copied again here."""
+    counts = [len(ids) for ids in blocked]
+    total = sum(counts)
+    if not total:
         return logits
-    columns = [token for ids in blocked for token in ids]
-    index = to_device([rows, columns], logits.device, torch.int64)
-    return logits.index_put((index[0], index[1]), logits.new_full((len(rows),), -math.inf))
+    index = np.empty((2, total), dtype=np.int64)
+    index[0] = np.repeat(np.arange(len(blocked)), counts)
+    index[1] = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in blocked if len(ids)])
+    index_t = to_device(index, logits.device)
+    return logits.index_put((index_t[0], index_t[1]), logits.new_full((total,), -math.inf))
 
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:

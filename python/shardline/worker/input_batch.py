@@ -35,6 +35,9 @@ class RequestState:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    # The tokens that would end it (stop_token_ids, eos unless ignored), made on first use:
+    # masked every step while it is short of min_tokens, and they may number a vocabulary.
+    stop_ids: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_new(cls, data: NewRequestData) -> "RequestState":

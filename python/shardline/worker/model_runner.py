@@ -11,6 +11,7 @@ import functools
 from collections.abc import Callable
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 from shardline.config import EngineConfig
@@ -19,7 +20,6 @@ from shardline.kernels._tuned import autotuning_allowed, set_autotuning
 from shardline.kernels.dispatch import triton_enabled
 from shardline.layers.attention import AttentionMetadata
 from shardline.layers.sampler import Sampler, SamplingBatch
-from shardline.sampling_params import SamplingParams
 from shardline.distributed.parallel_state import get_pp_group, get_sp_group, get_tp_group
 from shardline.layers.sequence_parallel import local_num_tokens
 from shardline.models.llama import IntermediateTensors
@@ -305,14 +305,18 @@ class ModelRunner:
             else:
                 generators.append(torch.Generator(self.device).manual_seed(
                     sampling_seed(params.seed, index)))
-            blocked.append(self._stop_token_ids(params) if index < params.min_tokens else [])
+            blocked.append(self._stop_token_ids(state) if index < params.min_tokens else [])
         return SamplingBatch(params=[s.sampling_params for s in states],
                              prompt_token_ids=[s.prompt_token_ids for s in states],
                              output_token_ids=[s.output_token_ids for s in states],
                              generators=generators, blocked_token_ids=blocked)
 
-    def _stop_token_ids(self, params: SamplingParams) -> list[int]:
-        """The tokens that would end a sequence with these params: its stop_token_ids and,
-        unless it ignores eos, the model's eos tokens."""
-        eos = [] if params.ignore_eos else self._eos_token_ids
-        return [*params.stop_token_ids, *eos]
+    def _stop_token_ids(self, state: RequestState) -> np.ndarray:
+        """The tokens that would end the request: its stop_token_ids and, unless it ignores
+        eos, the model's eos tokens; made once per request."""
+        if state.stop_ids is None:
+            params = state.sampling_params
+            eos = [] if params.ignore_eos else self._eos_token_ids
+            state.stop_ids = np.unique(np.asarray([*params.stop_token_ids, *eos],
+                                                  dtype=np.int64))
+        return state.stop_ids
