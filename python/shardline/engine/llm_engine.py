@@ -93,7 +93,8 @@ class LLMEngine:
 
         A sequence ends with "length" at max_model_len tokens (prompt included) when
         max_tokens asks for more; with max_tokens=None, at the KV cache's capacity if that
-        is smaller than max_model_len.
+        is smaller than max_model_len. A prompt of max_model_len tokens still gets one
+        token (sampled from its last position, as vLLM does), which ends it.
 
         `prompt_token_ids`, when given, are meant to be what `encode_prompt(prompt, params)`
         returned: the prompt is then not tokenized again, and the ids are checked at a
