@@ -61,21 +61,21 @@ std::unique_ptr<Ring> Ring::create(int64_t n_readers, int64_t n_slots, int64_t s
     } catch (const OsError&) {
         // Best effort: an unlistable /dev/shm is for shm_open below to report, not the sweep.
     }
-    Segment segment = Segment::create(bytes);
-    // ftruncate zero-fills the segment, which is the initial state of every atomic.
-    auto* layout = static_cast<SegmentLayout*>(segment.data());
-    SegmentHeader& h = layout->header;
-    h.version = kVersion;
-    h.n_readers = static_cast<uint32_t>(n_readers);
-    h.n_slots = static_cast<uint64_t>(n_slots);
-    h.slot_size = static_cast<uint64_t>(slot_size);
-    h.slot_stride = slot_stride_for(slot_size);
-    h.segment_bytes = bytes;
-    h.writer_pid = getpid();
-    h.writer_start_time = process_start_time(h.writer_pid);
-    h.writer_pid_namespace = pid_namespace_id();
-    // Release: an attacher that acquires the magic sees the whole header above.
-    h.magic.store(kMagic, std::memory_order_release);
+    // The segment comes zero-filled, which is the initial state of every atomic.
+    Segment segment = Segment::create(bytes, [&](void* data) {
+        SegmentHeader& h = static_cast<SegmentLayout*>(data)->header;
+        h.version = kVersion;
+        h.n_readers = static_cast<uint32_t>(n_readers);
+        h.n_slots = static_cast<uint64_t>(n_slots);
+        h.slot_size = static_cast<uint64_t>(slot_size);
+        h.slot_stride = slot_stride_for(slot_size);
+        h.segment_bytes = bytes;
+        h.writer_pid = getpid();
+        h.writer_start_time = process_start_time(h.writer_pid);
+        h.writer_pid_namespace = pid_namespace_id();
+        // Release: an attacher that acquires the magic sees the whole header above.
+        h.magic.store(kMagic, std::memory_order_release);
+    });
     return std::unique_ptr<Ring>(new Ring(std::move(segment), -1));
 }
 

@@ -43,9 +43,68 @@ void* map_fd(int fd, size_t bytes, const std::string& name) {
     return data;
 }
 
+constexpr char kShmDir[] = "/dev/shm";
+
+// Sizes the file open as `fd` (mode exactly 0600: open applies the umask) and maps it. The
+// memory is reserved now so that a full /dev/shm fails here with ENOSPC instead of raising
+// SIGBUS at the first write into a missing page.
+void* size_and_map(int fd, size_t bytes, const std::string& what) {
+    int err = 0;
+    if (fchmod(fd, 0600) != 0 || ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+        err = errno;
+    } else {
+        err = posix_fallocate(fd, 0, static_cast<off_t>(bytes));
+    }
+    if (err != 0) {
+        throw OsError(err, "sizing shared-memory segment " + what + " to " + std::to_string(bytes) +
+                               " bytes failed: " + std::strerror(err));
+    }
+    return map_fd(fd, bytes, what);
+}
+
+// Gives the unnamed file open as `fd` a fresh "/shardline-<hex>" name in one step.
+std::string link_under_random_name(int fd) {
+    std::string self = "/proc/self/fd/" + std::to_string(fd);
+    for (;;) {
+        std::string name = random_name();
+        std::string path = kShmDir + name;
+        if (linkat(AT_FDCWD, self.c_str(), AT_FDCWD, path.c_str(), AT_SYMLINK_FOLLOW) == 0) return name;
+        if (errno == EEXIST) continue;
+        int err = errno;
+        throw OsError(err, "naming shared-memory segment " + name + " failed: " + std::strerror(err));
+    }
+}
+
 }  // namespace
 
-Segment Segment::create(size_t bytes) {
+Segment Segment::create(size_t bytes, const std::function<void(void*)>& init) {
+    // The unnamed file is named through /proc (linkat with AT_EMPTY_PATH needs a capability).
+    if (access("/proc/self/fd", X_OK) != 0) return create_named(bytes, init);
+    int fd = ::open(kShmDir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        // A kernel or file system without unnamed files in /dev/shm.
+        if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL && errno != ENOENT) {
+            int err = errno;
+            throw OsError(err, std::string("creating an unnamed file in ") + kShmDir + " failed: " +
+                                   std::strerror(err));
+        }
+        return create_named(bytes, init);
+    }
+    void* data = nullptr;
+    try {
+        data = size_and_map(fd, bytes, "(unnamed, in /dev/shm)");
+        init(data);
+        std::string name = link_under_random_name(fd);
+        close(fd);
+        return Segment(std::move(name), data, bytes);
+    } catch (...) {
+        if (data != nullptr) munmap(data, bytes);
+        close(fd);
+        throw;
+    }
+}
+
+Segment Segment::create_named(size_t bytes, const std::function<void(void*)>& init) {
     for (;;) {
         std::string name = random_name();
         int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
@@ -54,26 +113,14 @@ Segment Segment::create(size_t bytes) {
             int err = errno;
             throw OsError(err, "shm_open(" + name + ", O_CREAT|O_EXCL) failed: " + std::strerror(err));
         }
-        // shm_open applies the umask; make the mode exactly 0600 regardless. The
-        // memory is reserved now so that a full /dev/shm fails here with ENOSPC
-        // instead of raising SIGBUS at the first write into a missing page.
-        int err = 0;
-        if (fchmod(fd, 0600) != 0 || ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
-            err = errno;
-        } else {
-            err = posix_fallocate(fd, 0, static_cast<off_t>(bytes));
-        }
-        if (err != 0) {
-            close(fd);
-            shm_unlink(name.c_str());
-            throw OsError(err, "sizing shared-memory segment " + name + " to " + std::to_string(bytes) +
-                                   " bytes failed: " + std::strerror(err));
-        }
+        void* data = nullptr;
         try {
-            void* data = map_fd(fd, bytes, name);
+            data = size_and_map(fd, bytes, name);
+            init(data);
             close(fd);
             return Segment(std::move(name), data, bytes);
         } catch (...) {
+            if (data != nullptr) munmap(data, bytes);
             close(fd);
             shm_unlink(name.c_str());
             throw;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <string>
 #include <utility>
 
@@ -10,8 +11,11 @@ namespace shardline {
 
 class Segment {
 public:
-    // Creates "/shardline-<32 hex digits>" with O_CREAT|O_EXCL and mode 0600, sized to bytes.
-    static Segment create(size_t bytes);
+    // Creates "/shardline-<32 hex digits>" with mode 0600, sized to bytes, zero-filled, and
+    // runs `init` on its memory before the name exists: a process killed at any point of a
+    // create leaves no partly written segment under a name (no sweep could tell one from a
+    // segment being written). Where /dev/shm takes no unnamed files, the name is made first.
+    static Segment create(size_t bytes, const std::function<void(void*)>& init);
     // Opens and maps an existing segment; `min_bytes` guards against tiny foreign segments.
     static Segment open(const std::string& name, size_t min_bytes);
 
@@ -28,6 +32,7 @@ public:
     const std::string& name() const { return name_; }
 
 private:
+    static Segment create_named(size_t bytes, const std::function<void(void*)>& init);
     Segment(std::string name, void* data, size_t size) : name_(std::move(name)), data_(data), size_(size) {}
     std::string name_;
     void* data_;

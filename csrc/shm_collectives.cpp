@@ -71,24 +71,25 @@ std::unique_ptr<ShmCollectives> ShmCollectives::create(int64_t n_ranks, int64_t 
     } catch (const OsError&) {
         // Best effort, as in Ring::create: shm_open below reports an unusable /dev/shm.
     }
-    Segment segment = Segment::create(bytes);
-    auto* layout = static_cast<CollectiveLayout*>(segment.data());
-    layout->collective_magic = kCollectiveMagic;
-    layout->n_ranks = static_cast<uint32_t>(n_ranks);
-    layout->buffer_bytes = static_cast<uint64_t>(buffer_bytes);
-    layout->attached.store(1, std::memory_order_relaxed);
-    SegmentHeader& h = layout->header;
-    // A ring geometry that Ring::attach refuses (no slots), so the name cannot be
-    // mistaken for a ring; the sweep reads only the creator identity.
-    h.version = kVersion;
-    h.n_readers = static_cast<uint32_t>(n_ranks - 1);
-    h.n_slots = 0;
-    h.slot_size = static_cast<uint64_t>(buffer_bytes);
-    h.segment_bytes = bytes;
-    h.writer_pid = getpid();
-    h.writer_start_time = process_start_time(h.writer_pid);
-    h.writer_pid_namespace = pid_namespace_id();
-    h.magic.store(kMagic, std::memory_order_release);
+    Segment segment = Segment::create(bytes, [&](void* data) {
+        auto* layout = static_cast<CollectiveLayout*>(data);
+        layout->collective_magic = kCollectiveMagic;
+        layout->n_ranks = static_cast<uint32_t>(n_ranks);
+        layout->buffer_bytes = static_cast<uint64_t>(buffer_bytes);
+        layout->attached.store(1, std::memory_order_relaxed);
+        SegmentHeader& h = layout->header;
+        // A ring geometry that Ring::attach refuses (no slots), so the name cannot be
+        // mistaken for a ring; the sweep reads only the creator identity.
+        h.version = kVersion;
+        h.n_readers = static_cast<uint32_t>(n_ranks - 1);
+        h.n_slots = 0;
+        h.slot_size = static_cast<uint64_t>(buffer_bytes);
+        h.segment_bytes = bytes;
+        h.writer_pid = getpid();
+        h.writer_start_time = process_start_time(h.writer_pid);
+        h.writer_pid_namespace = pid_namespace_id();
+        h.magic.store(kMagic, std::memory_order_release);
+    });
     std::unique_ptr<ShmCollectives> group(new ShmCollectives(std::move(segment), 0));
     group->record_identity();
     return group;

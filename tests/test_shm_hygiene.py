@@ -6,20 +6,24 @@ from __future__ import annotations
 import glob
 import mmap
 import os
+import random
 import signal
 import stat
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing.process import BaseProcess
 
 from launcher import SPAWN, join_all, spawn
-from shm_helpers import TIMEOUT, create_and_exit, expect_event, idle_writer, shm_path
+from shm_helpers import (TIMEOUT, create_and_exit, create_rings_until_killed, expect_event,
+                         idle_writer, shm_path)
 
 from shardline._shm import Ring, sweep_orphans
 
 # Byte ranges in SegmentHeader (csrc/layout.hpp).
 MAGIC = slice(0, 8)
 VERSION = slice(8, 12)
+WRITER_PID = slice(48, 52)
 WRITER_PID_NAMESPACE = slice(64, 72)
 NOBODY = 65534
 
@@ -150,3 +154,46 @@ def test_sweep_removes_only_complete_rings_of_dead_writers_of_this_user():
     finally:
         for path in foreign:
             os.unlink(path)
+
+
+def _headers(paths: set[str]) -> dict[str, bytes]:
+    """The first 64 bytes of each segment still there (other runs remove theirs)."""
+    found = {}
+    for path in paths:
+        try:
+            with open(path, "rb") as segment:
+                found[path] = segment.read(64)
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def test_a_writer_killed_while_it_creates_leaves_no_partly_written_segment():
+    """A segment's name used to exist from the start of a create, before its sizing and
+    header: a writer killed in between left a segment with no magic, which no sweep may
+    take (nothing tells it from one being written), in /dev/shm for good (seen after a
+    serve stopped by SIGTERM while its workers started). Now the name appears only once
+    the header is complete: writers killed at random moments of back-to-back creates
+    leave only complete segments, and the sweep removes them."""
+    rng = random.Random()
+    before = set(glob.glob("/dev/shm/shardline-*"))
+    killed = set()
+    try:
+        for _ in range(12):
+            events = SPAWN.Queue()
+            writer = spawn(create_rings_until_killed, events)
+            killed.add(expect_event(events, "creating"))
+            time.sleep(rng.uniform(0.0, 0.02))
+            os.kill(writer.pid, signal.SIGKILL)
+            writer.join(TIMEOUT)
+            for path, header in _headers(set(glob.glob("/dev/shm/shardline-*")) - before).items():
+                assert header[MAGIC] != bytes(8), f"{path} was left without its header"
+        sweep_orphans()
+        left = _headers(set(glob.glob("/dev/shm/shardline-*")) - before)
+        assert not [path for path, header in left.items()
+                    if int.from_bytes(header[WRITER_PID], "little") in killed]
+    finally:
+        for path, header in _headers(set(glob.glob("/dev/shm/shardline-*")) - before).items():
+            if header[MAGIC] == bytes(8) and (
+                    int.from_bytes(header[WRITER_PID], "little") in killed or not any(header)):
+                os.unlink(path)
