@@ -221,10 +221,10 @@ def create_and_exit(events: Queue) -> None:
 def create_rings_until_killed(events: Queue) -> None:
     """Creates 4 MiB rings one after another (each dropped as the next is made), so that
     a kill at a random moment most likely lands inside a create."""
-    ring = Ring.create(1, 64, 64 * 1024)
+    rings = [Ring.create(1, 64, 64 * 1024)]
     events.put(("creating", os.getpid()))
     while True:
-        ring = Ring.create(1, 64, 64 * 1024)
+        rings[0] = Ring.create(1, 64, 64 * 1024)
 
 
 def late_reader(name: str, delay: float, events: Queue) -> None:
