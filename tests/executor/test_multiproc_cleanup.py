@@ -276,3 +276,25 @@ def test_interpreter_exit_and_ctrl_c_leave_no_worker_and_no_rendezvous(interrupt
     if interrupt:
         assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr.read()
     assert not leaked_segments(before)
+
+
+def test_shutdown_removes_the_ring_a_killed_worker_left_unattached(make_executor):
+    """A worker killed between creating its response ring and the executor attaching it
+    (a start cut short, as by a SIGTERM while `serve` loads) left the ring's name in
+    /dev/shm until the next ring created on the machine. A shutdown now sweeps it: here a
+    writer killed before anyone attached its ring stands in for that worker."""
+    from launcher import SPAWN, spawn
+    from shm_helpers import TIMEOUT, expect_event, idle_writer, shm_path
+    executor = make_executor(tensor_parallel_size=2)
+    events = SPAWN.Queue()
+    writer = spawn(idle_writer, events)
+    name = expect_event(events, "name")
+    writer.kill()
+    writer.join(TIMEOUT)
+    try:
+        assert os.path.exists(shm_path(name))
+        executor.shutdown()
+        assert not os.path.exists(shm_path(name))
+    finally:
+        if os.path.exists(shm_path(name)):
+            os.unlink(shm_path(name))

@@ -48,7 +48,7 @@ from shardline.executor.worker_proc import (ALL_RANKS, DUMP_STACKS_SIGNAL, SHUTD
                                             STACKS_GAP_S, UNREADABLE_CALL,
                                             UNREADABLE_CALL_EXIT, WorkerArgs, read_reply,
                                             replies_in_order, run_worker)
-from shardline.ipc import FrameError, MessageQueue, PeerDied, RingClosed
+from shardline.ipc import FrameError, MessageQueue, PeerDied, RingClosed, sweep_orphans
 
 logger = logging.getLogger("shardline")
 
@@ -214,6 +214,11 @@ class _Workers(WorkerGroup):
 
     def release(self) -> None:
         self.close_rings()
+        # A worker killed before this process attached its response ring (a start cut
+        # short) left the ring's name in /dev/shm; its writer is dead by now, so the sweep
+        # removes it here rather than at the next ring created on the machine.
+        with contextlib.suppress(OSError):
+            sweep_orphans()
         for conn in self.last_words:
             conn.close()
         try:
