@@ -117,12 +117,18 @@ def test_a_mixed_list_runs_as_its_plain_forms(llm, rng):
     assert_all_free(llm.engine)
 
 
-def test_engine_add_request_and_the_data_parallel_front_end_take_dicts(rng):
+def fake_engine_case(rng):
+    """Random prompts on the fake engine: their dict forms, the prompts those report, and
+    the plain forms' outcome on one engine."""
     texts = [random_text(rng, "abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(1, 4))]
     ids = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, 30))]
            for _ in range(rng.randint(1, 4))]
     plain, dicts, reported = random_forms(rng, texts, ids)
-    expected = outcome(LLM.from_engine(make_engine()).generate(plain, GREEDY))
+    return dicts, reported, outcome(LLM.from_engine(make_engine()).generate(plain, GREEDY))
+
+
+def test_engine_add_request_and_the_data_parallel_front_end_take_dicts(rng):
+    dicts, reported, expected = fake_engine_case(rng)
     finished = run_to_the_end(make_engine(), dicts, [GREEDY] * len(dicts))
     assert outcome(finished[f"r{i}"] for i in range(len(dicts))) == \
         with_prompts(expected, reported)
@@ -134,11 +140,7 @@ def test_engine_add_request_and_the_data_parallel_front_end_take_dicts(rng):
 
 
 def test_async_llm_streams_dicts_as_their_plain_forms(rng):
-    texts = [random_text(rng, "abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(1, 4))]
-    ids = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, 30))]
-           for _ in range(rng.randint(1, 4))]
-    plain, dicts, reported = random_forms(rng, texts, ids)
-    expected = outcome(LLM.from_engine(make_engine()).generate(plain, GREEDY))
+    dicts, reported, expected = fake_engine_case(rng)
     engine = make_engine()
     async_llm = AsyncLLM.from_engine(engine)
 
