@@ -49,7 +49,7 @@ table_env() {  # for `env`: the tune stage's table as SHARDLINE_TUNED_TABLE, if 
   python -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'triton', triton.__version__)"
   git rev-parse HEAD; } > "$OUT/env.txt" 2>&1
 
-stage install 120 pip install --no-build-isolation --no-deps -e .
+stage install 120 python -m pip install --no-build-isolation --no-deps -e .
 # No table yet and no autotuning: each kernel key runs its first candidate config, which
 # keeps the stage within its limit (the tune stage times them).
 stage tests-cuda 150 python -m pytest -q -rf --timeout 120 \
