@@ -11,6 +11,8 @@ a grid that reads the config's block sizes from its `meta` dict.
 from __future__ import annotations
 
 import functools
+import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -18,11 +20,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from shardline.kernels._tuned import (KERNELS, autotuning_allowed, compiling_ahead,
                                       current_table, key_string)
 
 Prune = Callable[..., list[triton.Config]]
+
+logger = logging.getLogger("shardline")
 
 
 def interpreting() -> bool:
@@ -65,6 +70,16 @@ def num_sms(device: torch.device, on_cpu: int) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return on_cpu
+
+
+@functools.cache
+def max_shared_memory(device: torch.device) -> float:
+    """Bytes of shared memory one program may use on `device` (opted in, as Triton does);
+    unbounded off CUDA, where nothing compiles."""
+    if device.type != "cuda":
+        return math.inf
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
 class _FixedConfig:
@@ -200,7 +215,30 @@ class TunedKernel(triton.runtime.Autotuner):
             self._chosen[values] = self.reached[self.table_key(args, kwargs)].config = \
                 self.best_config
             return result
-        return self._launch(args, grid, warmup, kwargs, config)
+        try:
+            return self._launch(args, grid, warmup, kwargs, config)
+        except OutOfResources as error:
+            return self._launch_next(args, grid, warmup, kwargs, values, config, error)
+
+    def _launch_next(self, args: tuple, grid: Any, warmup: bool, kwargs: dict, values: tuple,
+                     config: triton.Config, error: OutOfResources) -> Any:
+        """Launch the first candidate after `config` that this GPU can run, and keep it for
+        the key. A config is listed for every GPU and dtype, so the default one, or a
+        table's from a larger GPU, may need more shared memory or registers than this one
+        has; Triton finds out only when it loads the compiled kernel, before launching."""
+        key = self.table_key(args, kwargs)
+        candidates = self.candidates(args, kwargs)
+        later = candidates[candidates.index(config) + 1:] if config in candidates else []
+        for candidate in later:
+            try:
+                result = self._launch(args, grid, warmup, kwargs, candidate)
+            except OutOfResources:
+                continue
+            logger.info("%s %s: config %s does not fit this GPU (%s); launched %s instead",
+                        self.name, key, config, error, candidate)
+            self._chosen[values] = self.reached[key].config = candidate
+            return result
+        raise error
 
     def _launch(self, args: tuple, grid: Any, warmup: bool, kwargs: dict,
                 config: triton.Config) -> Any:

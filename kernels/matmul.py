@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shardline.kernels import matmul_split_k
+from shardline.kernels import _config, matmul_split_k
 from shardline.kernels._checks import check_same_dtype, output_like
 from shardline.kernels._config import autotune, interpreting
 from shardline.kernels._tuned import shape_bucket
@@ -80,15 +80,29 @@ def tma_eligible(x: torch.Tensor, k: int) -> bool:
             and tma_capable(x.device))
 
 
+def pipeline_bytes(config: triton.Config, element_size: int, gated: bool) -> int:
+    """The least shared memory a tile config needs: num_stages buffers, each an x tile and
+    a weight tile (two when gated: gate and up)."""
+    tile = config.kwargs
+    weight_tiles = 2 if gated else 1
+    return (config.num_stages * tile["BLOCK_K"] * element_size
+            * (tile["BLOCK_M"] + weight_tiles * tile["BLOCK_N"]))
+
+
 def _fit_rows(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Tiles taller than the (bucketed) row count only add wasted work, gated calls skip
-    the tiles that spill with two accumulators, and TMA tiles need a GPU and shape that
-    take them: never time those."""
+    the tiles that spill with two accumulators, TMA tiles need a GPU and shape that take
+    them, and a tile whose pipeline outgrows the GPU's shared memory (the largest tiles in
+    fp32) cannot load: never time those."""
+    x = named_args["x_ptr"]
     rows = max(16, named_args["M_BUCKET"])
-    excluded = _UNGATED_ONLY if kwargs["SILU_MUL"] else []
-    tma = tma_eligible(named_args["x_ptr"], named_args["K"])
+    gated = kwargs["SILU_MUL"]
+    excluded = _UNGATED_ONLY if gated else []
+    tma = tma_eligible(x, named_args["K"])
+    shared = _config.max_shared_memory(x.device)
     return [c for c in configs if c.kwargs["BLOCK_M"] <= rows and c not in excluded
-            and (tma or not c.kwargs.get("TMA"))]
+            and (tma or not c.kwargs.get("TMA"))
+            and pipeline_bytes(c, x.element_size(), gated) <= shared]
 
 
 # M only bounds rows (masks, wrapping), so its 16-divisibility buys nothing; specializing

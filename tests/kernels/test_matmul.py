@@ -1,5 +1,7 @@
 """The Triton sharded matmul against its torch reference, in the interpreter on CPU."""
 
+import random
+
 import pytest
 import torch
 
@@ -8,9 +10,9 @@ from checks import DEVICES, assert_close, dtypes, force_triton
 from shardline import kernels
 from shardline.kernels import reference
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
-from shardline.kernels import matmul, matmul_split_k
+from shardline.kernels import _config, matmul, matmul_split_k
 
 
 def describe(config) -> str:
@@ -145,6 +147,25 @@ def test_tma_configs_are_candidates_only_where_tma_can_load(monkeypatch):
     assert kept(torch.bfloat16, 4096) == kept(torch.float16, 4096, gated=True) == {False, True}
     assert kept(torch.bfloat16, 4100) == {False}          # rows of 8200 bytes
     assert kept(torch.float32, 4096) == {False}
+
+
+def test_tiles_whose_pipeline_outgrows_shared_memory_are_never_candidates(monkeypatch):
+    def kept(dtype: torch.dtype, gated: bool = False) -> list[triton.Config]:
+        args = {"x_ptr": torch.empty(0, 4096, dtype=dtype), "K": 4096, "M_BUCKET": 4096}
+        return matmul._fit_rows(matmul._TILED_CONFIGS, args, SILU_MUL=gated)
+    everything = kept(torch.float32)      # off CUDA nothing bounds them
+    hopper = 232448                       # what sm_90 lets one program opt in to
+    monkeypatch.setattr(_config, "max_shared_memory", lambda device: hopper)
+    assert kept(torch.bfloat16) == everything
+    fp32 = kept(torch.float32)
+    dropped = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages)
+               for c in everything if c not in fp32]
+    assert dropped == [(128, 256, 3), (128, 128, 4)]   # 288 KiB and 256 KiB of fp32 tiles
+    for dtype, gated in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, True)):
+        limit = random.randint(64 << 10, hopper)
+        monkeypatch.setattr(_config, "max_shared_memory", lambda device: limit)
+        for config in kept(dtype, gated):
+            assert matmul.pipeline_bytes(config, dtype.itemsize, gated) <= limit
 
 
 def test_split_k_chosen_for_decode_shapes_only():

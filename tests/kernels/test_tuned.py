@@ -134,6 +134,43 @@ def test_without_autotuning_a_miss_runs_the_first_candidate_untimed(switch, monk
     assert [r.source for r in probe.kernel.reached.values()] == ["default", "single", "default"]
 
 
+def test_a_config_that_does_not_fit_the_gpu_gives_way_to_the_next(monkeypatch, caplog):
+    from triton.runtime.errors import OutOfResources
+    probe = Probe(monkeypatch)
+    too_big = set(range(random.randint(1, 2)))    # the first one or two
+    attempts = []
+
+    def launch(args, grid, warmup, kwargs, config):
+        attempts.append(config)
+        if CONFIGS.index(config) in too_big:
+            raise OutOfResources(294912, 232448, "shared memory")
+    monkeypatch.setattr(probe.kernel, "_launch", launch)
+    with caplog.at_level("INFO", logger="shardline"):
+        probe(64)
+    fits = CONFIGS[max(too_big) + 1]
+    assert attempts == [c for i, c in enumerate(CONFIGS) if i in too_big] + [fits]
+    assert "does not fit this GPU" in caplog.text
+    attempts.clear()
+    probe(64)
+    assert attempts == [fits]
+    reached = probe.kernel.reached[probe.key(64)]
+    assert (reached.source, reached.config) == ("default", fits)
+
+
+def test_a_launch_no_candidate_fits_raises_the_first_error(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+    probe = Probe(monkeypatch)
+    errors = iter(OutOfResources(1 << i, 1, "shared memory") for i in range(10, 20))
+
+    def launch(args, grid, warmup, kwargs, config):
+        raise next(errors)
+    monkeypatch.setattr(probe.kernel, "_launch", launch)
+    with pytest.raises(OutOfResources, match="Required: 1024"):
+        probe(20)     # the prune keeps two configs
+    with pytest.raises(OutOfResources, match="Required: 4096"):
+        probe(10)     # and one
+
+
 def test_a_table_config_the_prune_rejects_counts_as_a_miss(monkeypatch, tmp_path):
     probe = Probe(monkeypatch)
     use_table(monkeypatch, write_fake_table(tmp_path / "t.json",
