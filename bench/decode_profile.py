@@ -1,0 +1,409 @@
+"""Where a decode step's GPU time goes: the decode forward profiled kernel by kernel.
+
+The engine serves bench/e2e_decode.py's model (Llama-3.2-1B shape, random bf16 weights,
+its helpers) to --batches sequences of --context cached tokens; their decode forward
+through the logits (e2e_decode's forward-alone diagnostic) then runs --steps times under
+torch.profiler. Per op of shardline.kernels and per kernel: calls, us and share of a step;
+for the ops whose bytes are known (a GEMM reads its weight, rows x K x itemsize; decode
+attention the context's K/V), the GB/s they reach and the us they lose against the copy
+bandwidth measured in the same run. Beside it: the step's wall time against the sum of
+its kernels (the difference is launch and host time), the eager and CUDA-graph step times
+without the profiler, and the roofline's floor (weight + K/V bytes over copy bandwidth).
+
+The profile is of the EAGER forward, the same kernels launched op by op: the profiler does
+not attribute a CUDA graph replay's kernels on every torch. Kernel times are the kernels'
+own; the wall time is eager decode's plus the profiler's host cost, so its gaps overstate
+what the graph replay loses. For the profile only, each op of shardline.kernels runs in a
+record_function named after it and its weight's shape (`linear_rms_norm[2048x2048]`).
+
+    python bench/decode_profile.py                      # CUDA GPU (H100 / H200), < 1 min
+    python bench/decode_profile.py --tiny --device cpu  # smoke run: CPU ops stand in for
+                                                        # kernels; its numbers mean nothing
+
+Results go to bench/results/decode_profile.json (a temporary folder for --tiny), written
+after each batch size so that a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import inspect
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from _models import LLAMA_3_2_1B, TINY, ModelShape, checkpoint_dir
+from _timing import Timer, copy_bandwidth
+from e2e_decode import (BLOCK_SIZE, RESULTS_DIR, Plan, graph_step_ms, request_id, sync,
+                        timed_decode, weight_bytes)
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
+
+OP_PREFIX = "op:"
+STEP_LABEL = "decode_profile:step"
+PREFILL_CHUNK = 2048   # the engine's max_num_batched_tokens (its default)
+SHOWN_PER_OP, SHOWN_KERNELS = 3, 12   # kernel rows printed (the JSON has them all)
+EAGER_REPS = 20   # eager forwards timed without the profiler
+
+
+@contextlib.contextmanager
+def op_labels(kv_tokens: int) -> Iterator[dict[str, int | None]]:
+    """While entered, every op of shardline.kernels runs inside a record_function named
+    `op:<label>` (see `describe`); yields the bytes one call of each label reads, None
+    where not known. The layers call the ops as `kernels.<name>(...)`, so replacing the
+    package's attributes reaches every call."""
+    from shardline import kernels
+    op_bytes: dict[str, int | None] = {}
+    saved = {name: getattr(kernels, name) for name in kernels.__all__}
+    try:
+        for name, op in saved.items():
+            setattr(kernels, name, labelled(name, op, kv_tokens, op_bytes))
+        yield op_bytes
+    finally:
+        for name, op in saved.items():
+            setattr(kernels, name, op)
+
+
+def labelled(name: str, op: Callable[..., Any], kv_tokens: int,
+             op_bytes: dict[str, int | None]) -> Callable[..., Any]:
+    params = list(inspect.signature(op).parameters)
+    where = [(p, params.index(p) if p in params else None) for p in ("weight", "k_cache")]
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        found = [None if i is None else args[i] if i < len(args) else kwargs.get(p)
+                 for p, i in where]
+        label, nbytes = describe(name, *found, kv_tokens)
+        op_bytes.setdefault(label, nbytes)
+        with record_function(OP_PREFIX + label):
+            return op(*args, **kwargs)
+    return call
+
+
+def describe(name: str, weight: Any, k_cache: Any, kv_tokens: int) -> tuple[str, int | None]:
+    """(label, bytes one call reads) of a call of op `name`: a GEMM is labelled with its
+    weight's shape and reads that weight; decode attention reads the K/V of `kv_tokens`
+    cached tokens; other ops' bytes are not counted (None)."""
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        rows, k = weight.shape
+        return f"{name}[{rows}x{k}]", weight.numel() * weight.element_size()
+    if name == "paged_decode_attention" and isinstance(k_cache, torch.Tensor):
+        heads, dim = k_cache.shape[-2:]   # [blocks, block_size, kv heads, head dim]
+        return name, kv_tokens * 2 * heads * dim * k_cache.element_size()
+    return name, None
+
+
+def duration_us(event: Any) -> float:
+    return event.time_range.end - event.time_range.start
+
+
+def is_label(name: str) -> bool:
+    return name.startswith(OP_PREFIX) or name == STEP_LABEL
+
+
+def op_of(event: Any) -> tuple[str, Any] | None:
+    """(op label, the event that stands for one call of it) of a profiled event: its
+    innermost `op:` range, else the outermost event below the step (an op the model
+    calls directly, as the embedding's); None outside every step."""
+    below_step = None
+    node = event
+    while node is not None:
+        if node.name.startswith(OP_PREFIX):
+            return node.name[len(OP_PREFIX):], node
+        if node.name == STEP_LABEL:
+            return (below_step.name, below_step) if below_step is not None else None
+        below_step, node = node, node.cpu_parent
+    return None
+
+
+def kernel_pieces(events: list, on_cuda: bool
+                  ) -> tuple[list[tuple[str, Any, str, float]], list[tuple[str, float]]]:
+    """Every kernel of the steps as (op label, its call event, kernel name, us), found
+    through the CPU event that launched it, and every kernel as (name, us) whether found
+    so or not. On CUDA a kernel is a device event; on the CPU an op's self time is one."""
+    pieces = []
+    for event in events:
+        if event.device_type != DeviceType.CPU or event.is_async:
+            continue
+        owner = op_of(event)
+        if owner is None:
+            continue
+        if on_cuda:
+            pieces += [(*owner, k.name, k.duration) for k in event.kernels
+                       if not is_label(k.name)]
+        elif event.name != STEP_LABEL:   # an op's own time: Python, C++ kernels
+            name = "(own time)" if is_label(event.name) else event.name
+            pieces.append((*owner, name, event.self_cpu_time_total))
+    if not on_cuda:
+        return pieces, [(p[2], p[3]) for p in pieces]
+    return pieces, [(e.name, duration_us(e)) for e in events
+                    if e.device_type == DeviceType.CUDA and not e.is_user_annotation
+                    and not is_label(e.name)]
+
+
+def per_step_rows(pieces: list[tuple[str, Any, str, float]], named: list[tuple[str, float]],
+                  steps: int, step_us: float, op_bytes: dict[str, int | None],
+                  bandwidth: float) -> tuple[list[dict], list[dict]]:
+    """Rows per op (with its kernels) and per kernel name, each per step, biggest first;
+    shares are of the step's wall time and of the sum of its kernels."""
+    kernel_us = max(sum(us for _, us in named) / steps, 1e-9)
+    calls: dict[str, set[int]] = defaultdict(set)
+    op_us: dict[str, float] = defaultdict(float)
+    kernels: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for label, call, name, us in pieces:
+        calls[label].add(id(call))
+        op_us[label] += us
+        kernels[label][name].append(us)
+
+    def row(name: str, times: list[float]) -> dict:
+        us = sum(times) / steps
+        return {"name": name, "calls_per_step": len(times) / steps, "us_per_step": us,
+                "share_of_step": us / step_us, "share_of_kernels": us / kernel_us}
+
+    def biggest_first(groups: dict[str, list[float]]) -> list[dict]:
+        return sorted((row(n, t) for n, t in groups.items()), key=lambda r: -r["us_per_step"])
+
+    ops = []
+    for label, total in op_us.items():
+        us, nbytes = total / steps, op_bytes.get(label)
+        step_bytes = None if nbytes is None else nbytes * len(calls[label]) / steps
+        floor_us = 0.0 if step_bytes is None else step_bytes / bandwidth * 1e6
+        ops.append({
+            "op": label, "calls_per_step": len(calls[label]) / steps, "us_per_step": us,
+            "share_of_step": us / step_us, "share_of_kernels": us / kernel_us,
+            "bytes_per_call": nbytes, "bytes_per_step": step_bytes,
+            "GBps": None if step_bytes is None else step_bytes / us / 1e3,
+            "fraction_of_copy_bw": None if step_bytes is None else floor_us / us,
+            "floor_us_per_step": floor_us, "excess_us_per_step": us - floor_us,
+            "kernels": biggest_first(kernels[label]),
+        })
+    ops.sort(key=lambda r: -r["us_per_step"])
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for name, us in named:
+        by_name[name].append(us)
+    return ops, biggest_first(by_name)
+
+
+def decode_forward(runner: Any, req_ids: list[str]) -> tuple[Callable[[], torch.Tensor], int]:
+    """The model's decode forward through the logits for the last step of the running
+    requests `req_ids`, built as e2e_decode's graph_step_ms builds it, and the K/V tokens
+    it reads (each sequence's whole length)."""
+    from shardline.worker.input_batch import build_step_inputs
+    states = [dataclasses.replace(runner.requests[r],
+                                  num_computed_tokens=runner.requests[r].num_tokens - 1)
+              for r in req_ids]
+    inputs = build_step_inputs(states, [1] * len(states), runner.block_size, runner.device)
+    model = runner.model
+
+    def forward() -> torch.Tensor:
+        return model.compute_logits(model(inputs.input_ids, inputs.positions, inputs.meta))
+    return forward, sum(s.num_tokens for s in states)
+
+
+def profile_batch(llm: Any, batch: int, args: argparse.Namespace, shape: ModelShape,
+                  dtype: torch.dtype, device: torch.device, weights: int,
+                  bandwidth: float) -> dict:
+    """Fill the context of `batch` sequences through the engine, then time and profile
+    their decode forward."""
+    runner = llm.engine.executor.worker.model_runner
+    plan = Plan((batch,), prompt_len=args.context, timed_tokens=1, warmup_tokens=2, runs=1)
+    timed_decode(llm, batch, plan, shape.vocab, 0, shape.kv_bytes_per_token(dtype), device)
+    req_ids = [request_id(batch, 0, i) for i in range(batch)]
+    forward, kv_tokens = decode_forward(runner, req_ids)
+    on_cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with torch.inference_mode():
+        eager_ms = Timer(device, warmup=3, reps=EAGER_REPS)(lambda i: forward())
+        graph_ms = graph_step_ms(runner, req_ids) if on_cuda else None
+        with op_labels(kv_tokens) as op_bytes:
+            forward()
+            sync(device)
+            with profile(activities=activities) as prof:
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    with record_function(STEP_LABEL):
+                        forward()
+                sync(device)
+                wall_s = time.perf_counter() - start
+    for req_id in list(llm.engine.outputs.requests):
+        llm.abort_request(req_id)
+    if args.trace:
+        prof.export_chrome_trace(str(args.out_dir / f"decode_profile_b{batch}.trace.json"))
+    events = list(prof.events())
+    pieces, named = kernel_pieces(events, on_cuda)
+    step_us = wall_s * 1e6 / args.steps
+    kernel_us = sum(us for _, us in named)
+    kernel_step_us, unattributed_us = kernel_us / args.steps, kernel_us - sum(p[3] for p in pieces)
+    ops, kernels = per_step_rows(pieces, named, args.steps, step_us, op_bytes, bandwidth)
+    host = [duration_us(e) for e in events if e.name == STEP_LABEL
+            and e.device_type == DeviceType.CPU]
+    kv_bytes = kv_tokens * shape.kv_bytes_per_token(dtype)
+    return {
+        "batch": batch, "context": args.context, "steps": args.steps, "kv_tokens": kv_tokens,
+        "bytes_per_step": weights + kv_bytes, "kv_bytes_per_step": kv_bytes,
+        "floor_ms": (weights + kv_bytes) / bandwidth * 1e3,
+        "eager_step_ms": eager_ms, "graph_step_ms": graph_ms,
+        "profiled_step_ms": step_us / 1e3,
+        "host_forward_ms": statistics.mean(host) / 1e3 if host else None,
+        "kernel_ms_per_step": kernel_step_us / 1e3,
+        "kernels_per_step": len(named) / args.steps,
+        "gap_ms_per_step": (step_us - kernel_step_us) / 1e3,
+        "kernel_fraction_of_step": kernel_step_us / step_us,
+        # Kernels the profiler linked to no op of a step (none when it links them all).
+        "unattributed_kernels_per_step": (len(named) - len(pieces)) / args.steps,
+        "unattributed_us_per_step": max(unattributed_us, 0.0) / args.steps,
+        "ops": ops, "kernels": kernels,
+    }
+
+
+def print_batch(r: dict, bandwidth: float) -> None:
+    """The batch's step times, its ops (each with its biggest kernels) and kernels."""
+    graph = "n/a" if r["graph_step_ms"] is None else f"{r['graph_step_ms']:.3f} ms"
+    print(f"\nbatch {r['batch']}, context {r['context']} tokens/seq, {r['steps']} eager steps "
+          f"profiled: step wall {r['profiled_step_ms']:.3f} ms, kernels "
+          f"{r['kernel_ms_per_step']:.3f} ms ({r['kernel_fraction_of_step']:.0%}, "
+          f"{r['kernels_per_step']:.0f} per step), gaps {r['gap_ms_per_step']:.3f} ms")
+    print(f"  unprofiled: eager {r['eager_step_ms']:.3f} ms, CUDA graph {graph}; floor "
+          f"{r['floor_ms']:.3f} ms ({r['bytes_per_step'] / 1e6:.1f} MB at "
+          f"{bandwidth / 1e9:.0f} GB/s)")
+    if r["unattributed_kernels_per_step"]:
+        print(f"  {r['unattributed_kernels_per_step']:.1f} kernels per step "
+              f"({r['unattributed_us_per_step']:.1f} us) linked to no op: see 'kernels'")
+    print(f"  {'op / its biggest kernels':<46} {'calls':>6} {'us/step':>9} {'of step':>7} "
+          f"{'of kern':>7} {'MB/call':>8} {'GB/s':>7} {'of BW':>6} {'lost us':>8}")
+    for op in r["ops"]:
+        known = op["bytes_per_call"] is not None
+        extra = (f"{op['bytes_per_call'] / 1e6:8.2f} {op['GBps']:7.0f} "
+                 f"{op['fraction_of_copy_bw']:6.0%}" if known else f"{'':8} {'':7} {'':6}")
+        print(f"  {op['op'][:46]:<46} {op['calls_per_step']:6.1f} {op['us_per_step']:9.1f} "
+              f"{op['share_of_step']:7.1%} {op['share_of_kernels']:7.1%} {extra} "
+              f"{op['excess_us_per_step']:8.1f}")
+        print_kernels(op["kernels"], SHOWN_PER_OP, "    ")
+    print(f"  {'kernels by name':<46}")
+    print_kernels(r["kernels"], SHOWN_KERNELS, "    ")
+
+
+def print_kernels(rows: list[dict], shown: int, indent: str) -> None:
+    for k in rows[:shown]:
+        print(f"{indent}{k['name'][:44]:<44} {k['calls_per_step']:6.1f} "
+              f"{k['us_per_step']:9.1f} {k['share_of_step']:7.1%} {k['share_of_kernels']:7.1%}")
+    if len(rows) > shown:
+        rest = sum(k["us_per_step"] for k in rows[shown:])
+        print(f"{indent}(+{len(rows) - shown} more: {rest:.1f} us/step)")
+
+
+def print_summary(results: list[dict]) -> None:
+    """One line per batch: where the step's time goes, and the ops that lose most."""
+    print(f"\n{'batch':>5} {'floor ms':>9} {'graph ms':>9} {'kernels ms':>10} {'eager ms':>9}"
+          "  ops losing most against the copy bandwidth (us/step)")
+    for r in results:
+        graph = "n/a" if r["graph_step_ms"] is None else f"{r['graph_step_ms']:.3f}"
+        worst = sorted(r["ops"], key=lambda o: -o["excess_us_per_step"])[:3]
+        print(f"{r['batch']:5d} {r['floor_ms']:9.3f} {graph:>9} {r['kernel_ms_per_step']:10.3f} "
+              f"{r['eager_step_ms']:9.3f}  "
+              + ", ".join(f"{o['op']} {o['excess_us_per_step']:.0f}" for o in worst))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny model, short context: a smoke run of every code path")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                        default="bfloat16")
+    parser.add_argument("--batches", type=int, nargs="+",
+                        help="batch sizes (default 1 16 64; 1 2 4 with --tiny)")
+    parser.add_argument("--context", type=int, help="tokens cached per sequence (512; 16)")
+    parser.add_argument("--steps", type=int, help="decode forwards profiled per batch (20; 3)")
+    parser.add_argument("--trace", action="store_true",
+                        help="also write each batch's Chrome trace (megabytes each)")
+    parser.add_argument("--out-dir", type=Path, help="where decode_profile.json goes "
+                        "(default bench/results; a temporary folder for --tiny)")
+    args = parser.parse_args()
+    defaults = {"batches": ([1, 16, 64], [1, 2, 4]), "context": (512, 16), "steps": (20, 3)}
+    for name, (full, tiny) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.tiny else full)
+    for name, value in (("batches", min(args.batches)), ("context", args.context),
+                        ("steps", args.steps)):
+        if value < 1:
+            parser.error(f"--{name}={value} is invalid: must be >= 1")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench/decode_profile.py profiles decode on a CUDA GPU and none is visible. "
+                 "Use --tiny --device cpu for a smoke run on the CPU.")
+    if args.device == "cpu" and not args.tiny:
+        sys.exit("--device cpu runs only with --tiny: a 1B-parameter model would take hours")
+    if os.environ.get("SHARDLINE_DISABLE_TRITON") == "1" and args.device == "cuda":
+        sys.exit("SHARDLINE_DISABLE_TRITON=1 is set: the forward would run the torch "
+                 "references instead of the kernels; unset it.")
+    began = time.perf_counter()
+    os.environ["SHARDLINE_DEVICE"] = args.device   # the worker's device
+    from shardline.config import resolve_dtype
+    from shardline.engine.llm import LLM
+
+    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+    dtype = resolve_dtype(args.dtype)
+    shape = TINY if args.tiny else LLAMA_3_2_1B
+    max_batch = max(args.batches)
+    max_len = args.context + -(-max_batch * args.context // PREFILL_CHUNK) + 8
+    llm = LLM(checkpoint_dir(shape, dtype, device), dtype=args.dtype, max_model_len=max_len,
+              max_num_seqs=max_batch, max_num_batched_tokens=max(PREFILL_CHUNK, max_batch),
+              block_size=BLOCK_SIZE, num_kv_blocks=max_batch * -(-max_len // BLOCK_SIZE) + 8,
+              enforce_eager=True)   # no decode graphs to capture: the forward is run here
+    try:
+        profile_all(llm, args, shape, dtype, device, began)
+    finally:
+        llm.shutdown()
+
+
+def profile_all(llm: Any, args: argparse.Namespace, shape: ModelShape, dtype: torch.dtype,
+                device: torch.device, began: float) -> None:
+    """Every batch size, the JSON written after each."""
+    import triton
+    weights = weight_bytes(llm.engine.executor.worker.model_runner.model)
+    bandwidth = copy_bandwidth(Timer(device, warmup=3, reps=20), 1 << (24 if args.tiny else 30))
+    report = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "tiny": args.tiny, "dtype": args.dtype, "torch": torch.__version__,
+        "triton": triton.__version__,
+        "model": "tiny Llama" if args.tiny else "Llama-3.2-1B shape, random weights",
+        "profiled": "eager decode forward through the logits (kernels launched op by op)",
+        "kernels_are": "device kernels" if device.type == "cuda" else "CPU ops (self time)",
+        "shape": dataclasses.asdict(shape), "context": args.context, "steps": args.steps,
+        "batches": args.batches, "weight_bytes": weights,
+        "copy_bandwidth_GBps": bandwidth / 1e9, "results": [],
+    }
+    args.out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="shardline-profile-"))
+                                    if args.tiny else RESULTS_DIR)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out = args.out_dir / "decode_profile.json"
+    print(f"device: {report['device']}  dtype: {args.dtype}  weights: {weights / 1e9:.3f} GB  "
+          f"copy BW: {bandwidth / 1e9:.1f} GB/s  kernels are {report['kernels_are']}"
+          + ("  (TINY SMOKE RUN: numbers mean nothing)" if args.tiny else ""))
+    for batch in args.batches:
+        result = profile_batch(llm, batch, args, shape, dtype, device, weights, bandwidth)
+        report["results"].append(result)
+        out.write_text(json.dumps(report, indent=2))
+        print_batch(result, bandwidth)
+        print(f"batch {batch}: done at {time.perf_counter() - began:.1f} s", file=sys.stderr,
+              flush=True)
+    print_summary(report["results"])
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
