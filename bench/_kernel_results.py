@@ -66,7 +66,8 @@ class Bench:
                                    extra))
 
 
-def print_table(b: Bench) -> None:
+def print_table(b: Bench, rows: list[Result] | None = None) -> None:
+    """The run's results (or `rows` of them) as a table under the device's ceilings."""
     print(f"device: {b.device_name}  dtype: {b.dtype}  copy BW: "
           f"{b.ceilings['copy_GBps']:.1f} GB/s  matmul: {b.ceilings['matmul_TFLOPs']:.3g} "
           f"TFLOP/s" + ("  (DRY RUN: numbers mean nothing)" if b.dry_run else ""))
@@ -74,7 +75,7 @@ def print_table(b: Bench) -> None:
               f"{'target':>13} {'rel err':>8}  verdict")
     print(header)
     print("-" * len(header))
-    for r in b.results:
+    for r in b.results if rows is None else rows:
         base = f"{r.baseline_ms:9.3f}" if r.baseline_ms is not None else f"{'-':>9}"
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[r.passed]
         target = f">= {r.target:g} {METRICS[r.bench]}"

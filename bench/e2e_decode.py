@@ -4,8 +4,9 @@ The whole engine (LLM, scheduler, UniProcExecutor, worker, Triton kernels) serve
 Llama-3.2-1B-shaped model with random bf16 weights at batch 1, 16 and 64. Decode is
 memory bound, so each step's floor is the bytes it must read (every weight once, plus the
 K/V of every cached token) over the device's copy bandwidth, measured in the same run.
-Steady-state decode tokens/s is reported against that roofline; issue 4's target is at
-least 60% of it at batch 1. On CUDA the engine replays its decode steps from CUDA graphs
+Steady-state decode tokens/s is reported against that roofline; issue 10's targets are
+at least 70% of it at batch 1 and 60% at batch 64 (the largest batch stands for 64 in
+smaller plans). On CUDA the engine replays its decode steps from CUDA graphs
 (its default); --enforce-eager measures it launching op by op instead. As a diagnostic,
 the model's decode forward through the logits is also timed alone as one CUDA graph,
 which shows what the kernels reach without any of the host's per-step work.
@@ -38,7 +39,7 @@ from _models import LLAMA_3_2_1B, TINY, ModelShape, checkpoint_dir
 from _timing import Timer, copy_bandwidth
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-TARGET_FRACTION = 0.6   # of the roofline, at batch 1 (issue 4)
+TARGET_FRACTIONS = {"smallest": 0.7, "largest": 0.6}   # of the roofline (issue 10)
 BLOCK_SIZE = 16
 GRAPH_REPS = 50
 
@@ -175,6 +176,16 @@ def bench_batch(llm, batch: int, plan: Plan, shape: ModelShape, dtype: torch.dty
                        roofline, tokens_per_s / roofline, graph_ms, graph_fraction)
 
 
+def targets(results: list, judged: bool) -> list[dict]:
+    """Issue 10's targets at the smallest and largest batch measured, and whether they
+    were met (None where not judged: a smoke run on the CPU)."""
+    by_batch = sorted(results, key=lambda r: r.batch)
+    return [{"batch": r.batch, "fraction": fraction,
+             "met": r.fraction_of_roofline >= fraction if judged else None}
+            for r, fraction in ((by_batch[0], TARGET_FRACTIONS["smallest"]),
+                                (by_batch[-1], TARGET_FRACTIONS["largest"]))]
+
+
 def print_table(report: dict) -> None:
     print(f"device: {report['device']}  dtype: {report['dtype']}  engine decode: "
           f"{report['engine_decode']}, async scheduling "
@@ -192,10 +203,10 @@ def print_table(report: dict) -> None:
         print(f"{r['batch']:5d} {r['tokens_per_s']:10.1f} {r['step_ms']:8.3f} "
               f"{r['bytes_per_step'] / 1e6:9.1f} {r['roofline_tokens_per_s']:10.1f} "
               f"{r['fraction_of_roofline']:8.1%} {graph}")
-    target = report["target"]
-    verdict = {True: "PASS", False: "FAIL", None: "n/a"}[target["met"]]
-    print(f"target: >= {target['fraction']:.0%} of roofline at batch {target['batch']}: "
-          f"{verdict}")
+    for target in report["targets"]:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[target["met"]]
+        print(f"target: >= {target['fraction']:.0%} of roofline at batch {target['batch']}: "
+              f"{verdict}")
 
 
 def plot(report: dict, path: Path) -> None:
@@ -290,7 +301,6 @@ def main() -> None:
     llm.shutdown()
 
     import triton
-    first = next(r for r in results if r.batch == min(plan.batches))
     report = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
@@ -303,8 +313,7 @@ def main() -> None:
         "shape": asdict(shape), "plan": asdict(plan), "weight_bytes": weights,
         "copy_bandwidth_GBps": bandwidth / 1e9,
         "results": [asdict(r) for r in results],
-        "target": {"batch": first.batch, "fraction": TARGET_FRACTION,
-                   "met": None if args.tiny else first.fraction_of_roofline >= TARGET_FRACTION},
+        "targets": targets(results, judged=not args.tiny),
     }
     out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="shardline-e2e-")) if args.tiny
                                else RESULTS_DIR)

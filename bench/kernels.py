@@ -252,6 +252,19 @@ def bench_fused_moe(b: Bench, s: Shapes) -> None:
                  **extra)
 
 
+STEPS = {"matmul": bench_matmul, "decode-attention": bench_decode_attention,
+         "prefill-attention": bench_prefill_attention, "fused-moe": bench_fused_moe}
+
+
+def write_report(b: Bench, out_dir: Path) -> None:
+    import triton
+    report = {"device": b.device_name, "dtype": str(b.dtype), "dry_run": b.dry_run,
+              "torch": torch.__version__, "triton": triton.__version__,
+              "ceilings": b.ceilings, "targets": TARGETS,
+              "results": [asdict(r) for r in b.results]}
+    (out_dir / "kernels.json").write_text(json.dumps(report, indent=2))
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true",
@@ -259,6 +272,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where kernels.json / kernels.png go (default bench/results; "
                              "a temporary folder for --dry-run)")
+    parser.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS),
+                        help="the benchmarks to run, in this order (default: all)")
     parser.add_argument("--warmup", type=int, default=25)
     parser.add_argument("--reps", type=int, default=100)
     return parser.parse_args()
@@ -286,23 +301,18 @@ def main() -> None:
     shapes = TINY if args.dry_run else FULL
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
 
-    measure_ceilings(b, args.dry_run)
-    for step in (bench_matmul, bench_decode_attention, bench_prefill_attention,
-                 bench_fused_moe):
-        step(b, shapes)
-        print(f"{step.__name__}: done", file=sys.stderr)
-
     out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="shardline-bench-"))
                                if args.dry_run else RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
-    import triton
-    report = {"device": b.device_name, "dtype": str(dtype), "dry_run": args.dry_run,
-              "torch": torch.__version__, "triton": triton.__version__,
-              "ceilings": b.ceilings, "targets": TARGETS,
-              "results": [asdict(r) for r in b.results]}
-    (out_dir / "kernels.json").write_text(json.dumps(report, indent=2))
+    measure_ceilings(b, args.dry_run)
+    # Written after each benchmark: a run stopped at a time limit keeps what it measured.
+    for name in args.steps:
+        first = len(b.results)
+        STEPS[name](b, shapes)
+        print_table(b, b.results[first:])
+        write_report(b, out_dir)
+        print(f"{name}: done, {out_dir / 'kernels.json'} written", file=sys.stderr, flush=True)
     plot(b, out_dir / "kernels.png")
-    print_table(b)
     print(f"wrote {out_dir / 'kernels.json'} and {out_dir / 'kernels.png'}")
 
 

@@ -79,7 +79,8 @@ def test_e2e_decode_tiny_runs_on_cpu(tmp_path):
             r["tokens_per_s"] / r["roofline_tokens_per_s"])
         assert r["graph_step_ms"] is None and r["graph_fraction_of_roofline"] is None
     assert [r["bytes_per_step"] for r in rows] == sorted(r["bytes_per_step"] for r in rows)
-    assert result["target"]["met"] is None   # judged on a GPU only
+    assert [(t["batch"], t["fraction"], t["met"]) for t in result["targets"]] == [
+        (rows[0]["batch"], 0.7, None), (rows[-1]["batch"], 0.6, None)]   # judged on a GPU
     assert result["async_scheduling"] is True
     assert (tmp_path / "e2e_decode.png").stat().st_size > 0
 
