@@ -96,6 +96,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Where PYTEST_FAILURES_FILE names a file, each failure is appended to it with its
+    error the moment it happens: bench/gpu_check.sh's test stages may be stopped at a time
+    limit before pytest's summary. Under pytest-xdist the controller writes them all."""
+    path = os.environ.get("PYTEST_FAILURES_FILE")
+    if not report.failed or not path or "PYTEST_XDIST_WORKER" in os.environ:
+        return
+    with open(path, "a") as f:
+        f.write(f"=== {report.nodeid} (failed in {report.when}, {report.duration:.1f} s)\n"
+                f"{report.longreprtext}\n\n")
+
+
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m.role }}: {{ m.content }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<s>assistant:{% endif %}")
 
