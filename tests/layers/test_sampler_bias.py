@@ -6,10 +6,12 @@ untouched."""
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
-from shardline.layers.sampler import Sampler, SamplingBatch, apply_bias, apply_penalties
+from shardline.layers.sampler import (Sampler, SamplingBatch, TokenBias, apply_bias,
+                                      apply_penalties)
 from shardline.sampling_params import SamplingParams
 
 V = 64
@@ -51,7 +53,7 @@ def test_apply_bias_matches_the_reference_and_leaves_the_input(rng):
                                                 if rng.random() < 0.4 else None))
               for _ in range(rows)]
     before = logits.clone()
-    out = apply_bias(logits, params)
+    out = apply_bias(logits, [TokenBias.of(p) for p in params])
     torch.testing.assert_close(out, _reference(before, params))
     assert torch.equal(logits, before)
 
@@ -62,7 +64,9 @@ def test_rows_without_bias_pay_nothing(rng):
     params = [SamplingParams(temperature=rng.choice([0.0, 1.0]), logit_bias={})
               for _ in range(logits.shape[0])]
     assert all(p.logit_bias is None for p in params)
-    assert apply_bias(logits, params) is logits
+    token_bias = [TokenBias.of(p) for p in params]
+    assert token_bias == [None] * len(params)
+    assert apply_bias(logits, token_bias) is logits
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -172,17 +176,17 @@ def test_unbiased_rows_draw_as_in_a_batch_without_bias(rng):
     assert all(together[0][row] == row for row in range(3, rows, 4))
 
 
-def test_one_sampler_over_changing_batches_biases_each_as_its_params_say(rng):
-    """The Sampler keeps each request's arrays across steps: batches that drop, add,
-    reorder and replace requests (new params under an id the cache once held included)
-    are biased as a fresh apply_bias biases them, and the cache holds only the last
-    batch's requests."""
+def test_one_sampler_over_changing_batches_biases_each_as_its_batch_says(rng):
+    """One Sampler over batches that drop, add, reorder and replace requests, and change a
+    request's bias in place: each batch is biased as its params say now, as a fresh
+    Sampler biases it. The Sampler kept each request's arrays in a cache keyed by
+    id(params), which went on biasing a changed params by its old arrays."""
     pool = [SamplingParams(logit_bias=_random_bias(rng) or {rng.randrange(V): 50.0},
                            allowed_token_ids=(rng.sample(range(V), rng.randint(1, 20))
                                               if rng.random() < 0.4 else None))
             for _ in range(12)] + [SamplingParams() for _ in range(4)]
-    cache, params = {}, []
-    for _ in range(30):
+    sampler, params = Sampler(), []
+    for step in range(30):
         if rng.random() < 0.5:
             # A request finishes and a new one comes: freed first, so that CPython often
             # gives the new params the finished one's id.
@@ -191,7 +195,36 @@ def test_one_sampler_over_changing_batches_biases_each_as_its_params_say(rng):
             del gone, params
             pool.append(SamplingParams(logit_bias=_random_bias(rng)))
         params = rng.sample(pool, rng.randint(1, len(pool)))
+        if step % 3 == 2:
+            changed = rng.choice(params)
+            changed.logit_bias = {t: -b for t, b in (changed.logit_bias or {3: 1.0}).items()}
+            changed.allowed_token_ids = None
+            changed.validate()
+        for p in params:
+            p.temperature, p.logprobs = 0.0, 4
         logits = torch.randn(len(params), V)
-        torch.testing.assert_close(apply_bias(logits, params, cache), _reference(logits, params))
-        assert sorted(cache) == sorted({id(p) for p in params
-                                        if p.logit_bias or p.allowed_token_ids})
+        batch = _batch(params, range(len(params)))
+        got = sampler(logits, batch).to_host()
+        assert got == Sampler()(logits, _batch(params, range(len(params)))).to_host()
+        assert got[0] == _reference(logits, params).argmax(-1).tolist()
+
+
+def test_a_batch_biases_by_the_arrays_it_is_given(rng):
+    """The sampler reads a row's bias and allowed ids from its TokenBias only: the model
+    runner's batches carry arrays made once per request, so params are not looked at."""
+    logits = torch.randn(3, V)
+    forced, allowed = rng.randrange(V), rng.sample(range(V), rng.randint(1, 5))
+    params = [SamplingParams(temperature=0.0, logit_bias={int(row.argmin()): 100.0})
+              for row in logits]
+    given = [TokenBias(np.asarray([forced]), np.asarray([100.0], dtype=np.float32),
+                       np.asarray([], dtype=np.int64)),
+             None,
+             TokenBias(np.asarray([], dtype=np.int64), np.asarray([], dtype=np.float32),
+                       np.asarray(allowed))]
+    batch = SamplingBatch(params, [[]] * 3, [[]] * 3, [torch.Generator()] * 3,
+                          token_bias=given)
+    assert Sampler()(logits, batch).to_host()[0] == [
+        forced, int(logits[1].argmax()), max(allowed, key=lambda t: float(logits[2, t]))]
+    made = _batch(params, range(3)).token_bias
+    assert [(t.ids.tolist(), t.values.tolist(), t.allowed.tolist()) for t in made] == [
+        (list(p.logit_bias), [100.0], []) for p in params]

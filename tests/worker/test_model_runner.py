@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from shardline import LLM, SamplingParams
+from shardline.step import NewRequestData, SchedulerOutput
 from shardline.worker.model_runner import ModelRunner
 from worker_driver import make_worker
 
@@ -141,16 +142,85 @@ def test_a_requests_stop_tokens_are_gathered_once_however_many(rng):
     they may number a whole vocabulary: they were gathered into Python lists each step
     (0.46 s a step for 8 rows of 151k ids). The runner now makes one array per request,
     its stop ids and eos (unless ignored) without repeats, and hands the same one back."""
-    from shardline.worker.input_batch import RequestState
     runner = make_worker("tiny-llama").model_runner
     eos = runner._eos_token_ids
     stops = [rng.randrange(300) for _ in range(rng.randint(1, 40))]
     for ignore_eos in (False, True):
         params = SamplingParams(stop_token_ids=stops + stops[:3], min_tokens=5,
                                 ignore_eos=ignore_eos)
-        state = RequestState(f"r{ignore_eos}", [1, 2, 3], [], params, [0], 3)
-        runner.requests[state.req_id] = state
-        first = runner._sampling_batch([state.req_id], []).blocked_token_ids[0]
+        req_id = f"r{ignore_eos}"
+        runner.update_states(SchedulerOutput(
+            [NewRequestData(req_id, [1, 2, 3], [], params.to_dict(), [0], 3)]))
+        first = runner._sampling_batch([req_id], []).blocked_token_ids[0]
         expected = set(stops) | (set() if ignore_eos else set(eos))
         assert sorted(first.tolist()) == sorted(expected)
-        assert runner._sampling_batch([state.req_id], []).blocked_token_ids[0] is first
+        assert runner._sampling_batch([req_id], []).blocked_token_ids[0] is first
+
+
+def _random_params(rng, vocab: int) -> SamplingParams:
+    ids = rng.sample(range(vocab), rng.randint(1, vocab))
+    return SamplingParams(
+        temperature=rng.choice([0.0, 1.0]), max_tokens=8,
+        min_tokens=rng.choice([0, 0, 3]), ignore_eos=rng.random() < 0.5,
+        stop_token_ids=rng.sample(range(vocab), rng.randint(0, 5)),
+        logit_bias=({t: rng.uniform(-100, 100) for t in ids} if rng.random() < 0.6 else None),
+        allowed_token_ids=rng.sample(range(vocab), rng.randint(1, 9))
+        if rng.random() < 0.3 else None)
+
+
+def test_a_requests_sampling_arrays_are_made_once_when_it_is_added(rng):
+    """Each request's bias, allowed ids and min_tokens stop ids are made when the worker is
+    given it, kept on its state and handed to the sampler as they are in every step, in
+    whatever batches (two alternate under pipeline parallelism); a request re-added after
+    preemption gets arrays from its new data, an aborted one leaves none behind. They
+    were kept by the Sampler in a cache keyed by id(params), left with only the last
+    batch's: alternating batches made every request's arrays again each step."""
+    runner = make_worker("tiny-llama").model_runner
+    vocab, eos = runner.info.vocab_size, set(runner._eos_token_ids)
+    params = {f"r{i}": _random_params(rng, vocab) for i in range(rng.randint(4, 10))}
+    runner.update_states(SchedulerOutput([NewRequestData(r, [1, 2], [], p.to_dict(), [0], 2)
+                                          for r, p in params.items()]))
+    states = dict(runner.requests)
+
+    def check(req_id, state):
+        p = state.sampling_params
+        assert p == params[req_id]
+        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else eos)
+        assert sorted(state.stop_ids.tolist()) == (sorted(stops) if p.min_tokens else [])
+        bias = state.token_bias
+        if not (p.logit_bias or p.allowed_token_ids):
+            assert bias is None
+            return
+        got = dict(zip(bias.ids.tolist(), bias.values.tolist()))
+        assert got == pytest.approx(p.logit_bias or {}, abs=1e-5)
+        assert sorted(bias.allowed.tolist()) == sorted(p.allowed_token_ids or [])
+
+    for req_id, state in states.items():
+        check(req_id, state)
+    ids = list(states)
+    batches = [ids[::2], ids[1::2]]
+    for step in range(4):
+        for batch_ids in batches:
+            batch = runner._sampling_batch(batch_ids, [])
+            for row, req_id in enumerate(batch_ids):
+                state = states[req_id]
+                assert batch.token_bias[row] is state.token_bias
+                blocked = batch.blocked_token_ids[row]
+                if len(state.output_token_ids) < state.sampling_params.min_tokens:
+                    assert blocked is state.stop_ids
+                else:
+                    assert len(blocked) == 0
+            for req_id in batch_ids:
+                states[req_id].output_token_ids.append(rng.randrange(vocab))
+    resumed, aborted = rng.sample(ids, 2)
+    params[resumed] = _random_params(rng, vocab)
+    runner.update_states(SchedulerOutput(
+        [NewRequestData(resumed, [1, 2], [5, 6], params[resumed].to_dict(), [1], 0)],
+        finished_req_ids=[resumed, aborted]))
+    assert aborted not in runner.requests
+    assert runner.requests[resumed] is not states[resumed]
+    check(resumed, runner.requests[resumed])
+    batch = runner._sampling_batch([resumed], [])
+    assert batch.token_bias[0] is runner.requests[resumed].token_bias
+    with pytest.raises(KeyError, match=aborted):
+        runner._sampling_batch([aborted], [])

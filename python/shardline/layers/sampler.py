@@ -27,16 +27,51 @@ from shardline.step import TokenLogprobs
 from shardline.sampling_params import SamplingParams
 
 
+@dataclass(frozen=True, eq=False)
+class TokenBias:
+    """One request's logit_bias and allowed_token_ids as the arrays the sampler copies to
+    the device: the biased ids (int64, each once), their biases (float32) and the allowed
+    ids (int64; empty when every token is allowed). A bias may cover the whole vocabulary
+    (made from its dict each step, 8 rows x 32000 biases cost 46 ms of host work a step),
+    so they are made once per request: the worker keeps them on the request's state."""
+
+    ids: np.ndarray
+    values: np.ndarray
+    allowed: np.ndarray
+
+    @classmethod
+    def of(cls, params: SamplingParams) -> TokenBias | None:
+        """The arrays of `params`, or None when it has neither field (the sampler passes
+        over such a row after one look)."""
+        bias, allowed = params.logit_bias, params.allowed_token_ids
+        if not (bias or allowed):
+            return None
+        bias = bias or {}
+        return cls(np.fromiter(bias, np.int64, len(bias)),
+                   np.fromiter(bias.values(), np.float32, len(bias)),
+                   np.asarray(allowed or [], dtype=np.int64))
+
+
 @dataclass
 class SamplingBatch:
-    """Per row: its settings, its token history (for penalties), its generator and the
-    token ids it may not sample in this step (none for any row when empty)."""
+    """Per row: its settings, its token history (for penalties), its generator, the
+    token ids it may not sample in this step (none for any row when empty) and its bias
+    arrays (None for a row without logit_bias or allowed_token_ids).
+
+    The sampler reads a row's logit_bias and allowed_token_ids only from `token_bias`,
+    never from its params. Left out, it is made here from the params; the model runner
+    hands over the arrays its requests keep, made once each."""
 
     params: list[SamplingParams]
     prompt_token_ids: list[list[int]]
     output_token_ids: list[list[int]]
     generators: list[torch.Generator]
     blocked_token_ids: list[np.ndarray | list[int]] = field(default_factory=list)
+    token_bias: list[TokenBias | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.token_bias is None:
+            self.token_bias = [TokenBias.of(p) for p in self.params]
 
 
 def _token_counts(token_lists: list[list[int]], vocab_size: int,
@@ -89,48 +124,26 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return logits - _column([p.presence_penalty for p in params], logits) * (out_counts > 0)
 
 
-RowArrays = tuple[SamplingParams, np.ndarray, np.ndarray, np.ndarray]
-
-
-def _row_arrays(params: SamplingParams, cache: dict[int, RowArrays]) -> RowArrays:
-    """The params with their logit_bias ids, its biases and their allowed_token_ids as
-    arrays, from `cache` (keyed by id(params): each entry holds its params alive, so no
-    other object has that id while it is there) or made now: a request's arrays are made
-    once, not each step. A worker's params never change once built."""
-    entry = cache.get(id(params))
-    if entry is None:
-        bias = params.logit_bias or {}
-        entry = (params, np.fromiter(bias, np.int64, len(bias)),
-                 np.fromiter(bias.values(), np.float32, len(bias)),
-                 np.asarray(params.allowed_token_ids or [], dtype=np.int64))
-    return entry
-
-
-def apply_bias(logits: torch.Tensor, params: list[SamplingParams],
-               cache: dict[int, RowArrays] | None = None) -> torch.Tensor:
+def apply_bias(logits: torch.Tensor, token_bias: list[TokenBias | None]) -> torch.Tensor:
     """Each row's logit_bias added to its logits, and for a row with allowed_token_ids every
     other token at -inf (a new tensor if any row has either; the same one, after one look
-    at each row's params, if none has). A token at -inf stays there whatever its bias.
+    at each row, if none has). A token at -inf stays there whatever its bias.
 
-    The rows' ids go to the device in one copy, their biases in another. `cache` (the
-    Sampler's, across steps) keeps each request's arrays; it is left holding this batch's."""
-    cache = {} if cache is None else cache
-    rows = [row for row, p in enumerate(params) if p.logit_bias or p.allowed_token_ids]
+    `token_bias` holds each row's arrays (see TokenBias); the rows' ids go to the device
+    in one copy, their biases in another."""
+    rows = [row for row, arrays in enumerate(token_bias) if arrays is not None]
     if not rows:
-        cache.clear()
         return logits
-    arrays = [_row_arrays(params[row], cache) for row in rows]
-    cache.clear()
-    cache.update((id(entry[0]), entry) for entry in arrays)
-    bias_counts = [len(entry[1]) for entry in arrays]
-    allowed_counts = [len(entry[3]) for entry in arrays]
+    arrays = [token_bias[row] for row in rows]
+    bias_counts = [len(entry.ids) for entry in arrays]
+    allowed_counts = [len(entry.allowed) for entry in arrays]
     limited = [row for row, count in zip(rows, allowed_counts) if count]
     num_bias, num_allowed = sum(bias_counts), sum(allowed_counts)
     # Rows of the biases, their ids, rows of the allowed ids, those ids, the limited rows.
     ints = np.concatenate([np.repeat(np.asarray(rows, dtype=np.int64), bias_counts),
-                           *(entry[1] for entry in arrays),
+                           *(entry.ids for entry in arrays),
                            np.repeat(np.asarray(rows, dtype=np.int64), allowed_counts),
-                           *(entry[3] for entry in arrays),
+                           *(entry.allowed for entry in arrays),
                            np.asarray(limited, dtype=np.int64)])
     ints_t = to_device(ints, logits.device)
     if limited:
@@ -143,7 +156,7 @@ def apply_bias(logits: torch.Tensor, params: list[SamplingParams],
     if num_bias:
         # A row's ids are a dict's keys, so no place is written twice.
         index = (ints_t[:num_bias], ints_t[num_bias:2 * num_bias])
-        values = to_device(np.concatenate([entry[2] for entry in arrays]), logits.device,
+        values = to_device(np.concatenate([entry.values for entry in arrays]), logits.device,
                            logits.dtype)
         logits = logits.index_put(index, logits[index] + values)
     return logits
@@ -249,13 +262,10 @@ class SamplerOutput:
 class Sampler:
     """Greedy, temperature and filtered sampling with optional top-n logprobs."""
 
-    def __init__(self) -> None:
-        self._arrays: dict[int, RowArrays] = {}   # see apply_bias
-
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits [N, V] (one row per request in `batch`) -> N tokens and their logprobs."""
         logits = apply_penalties(mask_blocked(logits.float(), batch.blocked_token_ids), batch)
-        logits = apply_bias(logits, batch.params, self._arrays)
+        logits = apply_bias(logits, batch.token_bias)
         greedy = [p.greedy for p in batch.params]
         tokens = logits.argmax(dim=-1)
         processed = logits

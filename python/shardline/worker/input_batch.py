@@ -14,7 +14,7 @@ on the device from the earlier step's tokens, which the host need not wait for.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import numpy as np
 import torch
@@ -23,11 +23,21 @@ from shardline.device_copy import to_device
 from shardline.step import NewRequestData
 from shardline.sampling_params import SamplingParams
 from shardline.layers.attention import AttentionMetadata
+from shardline.layers.sampler import TokenBias
+
+
+_NO_IDS = np.empty(0, dtype=np.int64)
+_NO_IDS.flags.writeable = False
 
 
 @dataclass
 class RequestState:
-    """Everything a worker keeps about one request between steps."""
+    """Everything a worker keeps about one request between steps.
+
+    Its per-request sampling arrays are made here, once, when the worker is given the
+    request (again after a preemption, which re-adds it), and handed to the sampler every
+    step: they may number a vocabulary, and the params never change in the worker.
+    `eos_token_ids` are the model's, which the request's min_tokens masks."""
 
     req_id: str
     prompt_token_ids: list[int]
@@ -35,15 +45,29 @@ class RequestState:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
-    # The tokens that would end it (stop_token_ids, eos unless ignored), made on first use:
-    # masked every step while it is short of min_tokens, and they may number a vocabulary.
-    stop_ids: np.ndarray | None = field(default=None, init=False, repr=False)
+    eos_token_ids: InitVar[Sequence[int]] = ()
+    # The tokens masked while it is short of min_tokens, those that would end it:
+    # stop_token_ids and eos unless ignored, each once (none when min_tokens is 0).
+    stop_ids: np.ndarray = field(init=False, repr=False)
+    # Its logit_bias and allowed_token_ids as arrays (None when it has neither).
+    token_bias: TokenBias | None = field(init=False, repr=False)
+
+    def __post_init__(self, eos_token_ids: Sequence[int]) -> None:
+        params = self.sampling_params
+        self.token_bias = TokenBias.of(params)
+        self.stop_ids = _NO_IDS
+        if params.min_tokens:
+            eos = () if params.ignore_eos else eos_token_ids
+            self.stop_ids = np.unique(np.asarray([*params.stop_token_ids, *eos],
+                                                 dtype=np.int64))
 
     @classmethod
-    def from_new(cls, data: NewRequestData) -> "RequestState":
+    def from_new(cls, data: NewRequestData, eos_token_ids: Sequence[int]) -> "RequestState":
+        """The state of a request the scheduler sends for the first time, or resumes after
+        preemption; `eos_token_ids` as in the class docstring."""
         return cls(data.req_id, list(data.prompt_token_ids), list(data.output_token_ids),
                    SamplingParams.from_dict(data.sampling_params), list(data.block_ids),
-                   data.num_computed_tokens)
+                   data.num_computed_tokens, eos_token_ids)
 
     @property
     def num_tokens(self) -> int:

@@ -11,7 +11,6 @@ import functools
 from collections.abc import Callable
 from typing import TypeVar
 
-import numpy as np
 import torch
 
 from shardline.config import EngineConfig
@@ -157,7 +156,7 @@ class ModelRunner:
         for req_id in scheduler_output.finished_req_ids:
             self.requests.pop(req_id, None)
         for new in scheduler_output.new_requests:
-            self.requests[new.req_id] = RequestState.from_new(new)
+            self.requests[new.req_id] = RequestState.from_new(new, self._eos_token_ids)
         cached = scheduler_output.cached_requests
         try:
             states = list(map(self.requests.__getitem__, cached.req_ids))
@@ -292,7 +291,7 @@ class ModelRunner:
         A request short of min_tokens may not sample a token that would stop it."""
         states = [self.requests[r] for r in req_ids]
         ahead = set(ahead_req_ids)
-        generators, blocked = [], []
+        generators, blocked, token_bias = [], [], []
         for state in states:
             is_ahead = state.req_id in ahead
             params = state.sampling_params
@@ -305,18 +304,10 @@ class ModelRunner:
             else:
                 generators.append(torch.Generator(self.device).manual_seed(
                     sampling_seed(params.seed, index)))
-            blocked.append(self._stop_token_ids(state) if index < params.min_tokens else [])
+            blocked.append(state.stop_ids if index < params.min_tokens else [])
+            token_bias.append(state.token_bias)
         return SamplingBatch(params=[s.sampling_params for s in states],
                              prompt_token_ids=[s.prompt_token_ids for s in states],
                              output_token_ids=[s.output_token_ids for s in states],
-                             generators=generators, blocked_token_ids=blocked)
-
-    def _stop_token_ids(self, state: RequestState) -> np.ndarray:
-        """The tokens that would end the request: its stop_token_ids and, unless it ignores
-        eos, the model's eos tokens; made once per request."""
-        if state.stop_ids is None:
-            params = state.sampling_params
-            eos = [] if params.ignore_eos else self._eos_token_ids
-            state.stop_ids = np.unique(np.asarray([*params.stop_token_ids, *eos],
-                                                  dtype=np.int64))
-        return state.stop_ids
+                             generators=generators, blocked_token_ids=blocked,
+                             token_bias=token_bias)
