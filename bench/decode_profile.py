@@ -1,32 +1,31 @@
 """Where a decode step's GPU time goes: the decode forward profiled kernel by kernel.
 
-The engine serves bench/e2e_decode.py's model (Llama-3.2-1B shape, random bf16 weights,
-its helpers) to --batches sequences of --context cached tokens; their decode forward
-through the logits (e2e_decode's forward-alone diagnostic) then runs --steps times under
-torch.profiler. Per op of shardline.kernels and per kernel: calls, us and share of a step;
-for the ops whose bytes are known (a GEMM reads its weight, rows x K x itemsize; decode
-attention the context's K/V), the GB/s they reach and the us they lose against the copy
-bandwidth measured in the same run. Beside it: the step's wall time against the sum of
-its kernels (the difference is launch and host time), the eager and CUDA-graph step times
-without the profiler, and the roofline's floor (weight + K/V bytes over copy bandwidth).
+bench/e2e_decode.py's engine and model (Llama-3.2-1B shape, random bf16 weights) serve
+--batches sequences of --context cached tokens; their decode forward through the logits
+(e2e_decode's forward-alone diagnostic) runs --steps times under torch.profiler. Per op
+of shardline.kernels and per kernel: calls, us and share of a step; where an op's bytes
+are known (a GEMM's weight, rows x K x itemsize; decode attention's context K/V), the
+GB/s it reaches and the us it loses against the copy bandwidth of the same run. Beside
+them: step wall time against the sum of its kernels (the gap is launch and host time),
+eager and CUDA-graph step times without the profiler, the roofline's floor.
 
-The profile is of the EAGER forward, the same kernels launched op by op: the profiler does
-not attribute a CUDA graph replay's kernels on every torch. Kernel times are the kernels'
-own; the wall time is eager decode's plus the profiler's host cost, so its gaps overstate
-what the graph replay loses. For the profile only, each op of shardline.kernels runs in a
-record_function named after it and its weight's shape (`linear_rms_norm[2048x2048]`).
+The profile is of the EAGER forward (the same kernels, launched op by op): the profiler
+does not attribute a CUDA graph replay's kernels on every torch. Its wall time is eager
+decode's plus the profiler's host cost, so its gaps overstate the graph replay's. Each op
+runs, for the profile only, in a record_function named after it and its weight's shape.
 
     python bench/decode_profile.py                      # CUDA GPU (H100 / H200), < 1 min
     python bench/decode_profile.py --tiny --device cpu  # smoke run: CPU ops stand in for
                                                         # kernels; its numbers mean nothing
 
-Results go to bench/results/decode_profile.json (a temporary folder for --tiny), written
-after each batch size so that a run cut short keeps what it measured.
+The JSON (bench/results/decode_profile.json; a temporary folder for --tiny) is written
+after each batch size, so that a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import dataclasses
 import inspect
@@ -53,6 +52,7 @@ STEP_LABEL = "decode_profile:step"
 PREFILL_CHUNK = 2048   # the engine's max_num_batched_tokens (its default)
 SHOWN_PER_OP, SHOWN_KERNELS = 3, 12   # kernel rows printed (the JSON has them all)
 EAGER_REPS = 20   # eager forwards timed without the profiler
+NO_OP = "(no shardline.kernels op)"   # the op of a kernel launched outside them (CUDA)
 
 
 @contextlib.contextmanager
@@ -124,44 +124,60 @@ def op_of(event: Any) -> tuple[str, Any] | None:
     return None
 
 
-def kernel_pieces(events: list, on_cuda: bool
-                  ) -> tuple[list[tuple[str, Any, str, float]], list[tuple[str, float]]]:
-    """Every kernel of the steps as (op label, its call event, kernel name, us), found
-    through the CPU event that launched it, and every kernel as (name, us) whether found
-    so or not. On CUDA a kernel is a device event; on the CPU an op's self time is one."""
+Piece = tuple[str, Any, str, float]   # (op label, its call, kernel name, us)
+
+
+def kernel_pieces(events: list, on_cuda: bool) -> list[Piece]:
+    """Every kernel of the steps: on CUDA a device event (see `device_pieces`); on the CPU
+    an op's self time, in the op of `op_of`."""
+    if on_cuda:
+        return device_pieces(events)
     pieces = []
     for event in events:
-        if event.device_type != DeviceType.CPU or event.is_async:
-            continue
-        owner = op_of(event)
-        if owner is None:
-            continue
-        if on_cuda:
-            pieces += [(*owner, k.name, k.duration) for k in event.kernels
-                       if not is_label(k.name)]
-        elif event.name != STEP_LABEL:   # an op's own time: Python, C++ kernels
-            name = "(own time)" if is_label(event.name) else event.name
+        owner = op_of(event) if event.device_type == DeviceType.CPU else None
+        if owner is not None and not event.is_async and event.name != STEP_LABEL:
+            name = "(own time)" if is_label(event.name) else event.name   # Python, C++
             pieces.append((*owner, name, event.self_cpu_time_total))
-    if not on_cuda:
-        return pieces, [(p[2], p[3]) for p in pieces]
-    return pieces, [(e.name, duration_us(e)) for e in events
-                    if e.device_type == DeviceType.CUDA and not e.is_user_annotation
-                    and not is_label(e.name)]
+    return pieces
 
 
-def per_step_rows(pieces: list[tuple[str, Any, str, float]], named: list[tuple[str, float]],
-                  steps: int, step_us: float, op_bytes: dict[str, int | None],
-                  bandwidth: float) -> tuple[list[dict], list[dict]]:
+def device_pieces(events: list) -> list[Piece]:
+    """Each device kernel in the innermost op whose device-side range holds it (the
+    profiler's gpu_user_annotation of the op's record_function: a kernel launched in a
+    record_function is linked to it only so, and the Triton launches happen outside any
+    aten op); a kernel in none (the embedding's) is a call of NO_OP."""
+    spans = sorted((e for e in events if e.device_type == DeviceType.CUDA
+                    and e.name.startswith(OP_PREFIX)),
+                   key=lambda e: (e.time_range.start, -e.time_range.end))
+    starts = [e.time_range.start for e in spans]
+    pieces: list[Piece] = []
+    for k in events:
+        if k.device_type != DeviceType.CUDA or k.is_user_annotation or is_label(k.name):
+            continue
+        at, end = k.time_range.start, k.time_range.end
+        i = bisect.bisect_right(starts, at) - 1
+        while i >= 0 and spans[i].time_range.end < end:
+            i -= 1
+        owner = ((spans[i].name[len(OP_PREFIX):], spans[i]) if i >= 0 else (NO_OP, k))
+        pieces.append((*owner, k.name, duration_us(k)))
+    return pieces
+
+
+def per_step_rows(pieces: list[Piece], steps: int, step_us: float,
+                  op_bytes: dict[str, int | None], bandwidth: float
+                  ) -> tuple[list[dict], list[dict]]:
     """Rows per op (with its kernels) and per kernel name, each per step, biggest first;
     shares are of the step's wall time and of the sum of its kernels."""
-    kernel_us = max(sum(us for _, us in named) / steps, 1e-9)
+    kernel_us = max(sum(p[3] for p in pieces) / steps, 1e-9)
     calls: dict[str, set[int]] = defaultdict(set)
     op_us: dict[str, float] = defaultdict(float)
     kernels: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    by_name: dict[str, list[float]] = defaultdict(list)
     for label, call, name, us in pieces:
         calls[label].add(id(call))
         op_us[label] += us
         kernels[label][name].append(us)
+        by_name[name].append(us)
 
     def row(name: str, times: list[float]) -> dict:
         us = sum(times) / steps
@@ -186,9 +202,6 @@ def per_step_rows(pieces: list[tuple[str, Any, str, float]], named: list[tuple[s
             "kernels": biggest_first(kernels[label]),
         })
     ops.sort(key=lambda r: -r["us_per_step"])
-    by_name: dict[str, list[float]] = defaultdict(list)
-    for name, us in named:
-        by_name[name].append(us)
     return ops, biggest_first(by_name)
 
 
@@ -235,14 +248,14 @@ def profile_batch(llm: Any, batch: int, args: argparse.Namespace, shape: ModelSh
                 wall_s = time.perf_counter() - start
     for req_id in list(llm.engine.outputs.requests):
         llm.abort_request(req_id)
-    if args.trace:
-        prof.export_chrome_trace(str(args.out_dir / f"decode_profile_b{batch}.trace.json"))
     events = list(prof.events())
-    pieces, named = kernel_pieces(events, on_cuda)
+    pieces = kernel_pieces(events, on_cuda)
+    if on_cuda and not any(p[0] != NO_OP for p in pieces):
+        print("warning: the profiler gave no device-side op ranges (gpu_user_annotation): "
+              "no kernel is grouped by op", file=sys.stderr)
     step_us = wall_s * 1e6 / args.steps
-    kernel_us = sum(us for _, us in named)
-    kernel_step_us, unattributed_us = kernel_us / args.steps, kernel_us - sum(p[3] for p in pieces)
-    ops, kernels = per_step_rows(pieces, named, args.steps, step_us, op_bytes, bandwidth)
+    kernel_step_us = sum(p[3] for p in pieces) / args.steps
+    ops, kernels = per_step_rows(pieces, args.steps, step_us, op_bytes, bandwidth)
     host = [duration_us(e) for e in events if e.name == STEP_LABEL
             and e.device_type == DeviceType.CPU]
     kv_bytes = kv_tokens * shape.kv_bytes_per_token(dtype)
@@ -254,12 +267,9 @@ def profile_batch(llm: Any, batch: int, args: argparse.Namespace, shape: ModelSh
         "profiled_step_ms": step_us / 1e3,
         "host_forward_ms": statistics.mean(host) / 1e3 if host else None,
         "kernel_ms_per_step": kernel_step_us / 1e3,
-        "kernels_per_step": len(named) / args.steps,
+        "kernels_per_step": len(pieces) / args.steps,
         "gap_ms_per_step": (step_us - kernel_step_us) / 1e3,
         "kernel_fraction_of_step": kernel_step_us / step_us,
-        # Kernels the profiler linked to no op of a step (none when it links them all).
-        "unattributed_kernels_per_step": (len(named) - len(pieces)) / args.steps,
-        "unattributed_us_per_step": max(unattributed_us, 0.0) / args.steps,
         "ops": ops, "kernels": kernels,
     }
 
@@ -274,9 +284,6 @@ def print_batch(r: dict, bandwidth: float) -> None:
     print(f"  unprofiled: eager {r['eager_step_ms']:.3f} ms, CUDA graph {graph}; floor "
           f"{r['floor_ms']:.3f} ms ({r['bytes_per_step'] / 1e6:.1f} MB at "
           f"{bandwidth / 1e9:.0f} GB/s)")
-    if r["unattributed_kernels_per_step"]:
-        print(f"  {r['unattributed_kernels_per_step']:.1f} kernels per step "
-              f"({r['unattributed_us_per_step']:.1f} us) linked to no op: see 'kernels'")
     print(f"  {'op / its biggest kernels':<46} {'calls':>6} {'us/step':>9} {'of step':>7} "
           f"{'of kern':>7} {'MB/call':>8} {'GB/s':>7} {'of BW':>6} {'lost us':>8}")
     for op in r["ops"]:
@@ -323,8 +330,6 @@ def parse_args() -> argparse.Namespace:
                         help="batch sizes (default 1 16 64; 1 2 4 with --tiny)")
     parser.add_argument("--context", type=int, help="tokens cached per sequence (512; 16)")
     parser.add_argument("--steps", type=int, help="decode forwards profiled per batch (20; 3)")
-    parser.add_argument("--trace", action="store_true",
-                        help="also write each batch's Chrome trace (megabytes each)")
     parser.add_argument("--out-dir", type=Path, help="where decode_profile.json goes "
                         "(default bench/results; a temporary folder for --tiny)")
     args = parser.parse_args()

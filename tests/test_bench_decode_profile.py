@@ -2,15 +2,18 @@
 kernels; the numbers mean nothing) and its JSON holds what a GPU run is read for: every op
 of the decode forward with its calls, time and bytes, the bytes adding up to the
 roofline's (every GEMM weight and the context's K/V), and per-op times that fit in the
-step they were measured in."""
+step they were measured in. Its CUDA attribution (device kernels to the op ranges that
+hold them) cannot run here, so it is checked on made-up profiler events."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from torch.autograd import DeviceType
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -75,8 +78,50 @@ def test_decode_profile_tiny_runs_on_cpu(tmp_path):
         assert sum(k["us_per_step"] for k in r["kernels"]) == pytest.approx(op_us)
         assert r["gap_ms_per_step"] == pytest.approx(r["profiled_step_ms"]
                                                      - r["kernel_ms_per_step"])
-        assert r["unattributed_kernels_per_step"] == 0
         for o in r["ops"]:
             assert sum(k["us_per_step"] for k in o["kernels"]) == pytest.approx(o["us_per_step"])
             assert o["share_of_step"] == pytest.approx(o["us_per_step"] / step_us)
         assert 0 < r["host_forward_ms"] <= r["profiled_step_ms"]
+
+
+def device_event(name: str, start: float, end: float, annotation: bool = False,
+                 device: DeviceType = DeviceType.CUDA) -> SimpleNamespace:
+    return SimpleNamespace(name=name, device_type=device, is_user_annotation=annotation,
+                           is_async=False, time_range=SimpleNamespace(start=start, end=end))
+
+
+def test_device_kernels_go_to_the_innermost_op_range_holding_them(monkeypatch):
+    """On CUDA a kernel's op is the device-side range of the op's record_function that
+    holds it (the innermost, for nested ops, even when both start with the same kernel);
+    a kernel outside every op range is a call of NO_OP, and host-side ranges (on the
+    CPU's clock) and the step's range are no ops."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    profile = __import__("decode_profile")
+    op = profile.OP_PREFIX
+    spans = [device_event(op + "linear[8x4]", 10, 20, True),
+             device_event(op + "linear[8x4]", 30, 40, True),
+             device_event(op + "attention", 40, 50, True),
+             device_event(op + "outer", 60, 80, True), device_event(op + "inner", 65, 70, True),
+             device_event(op + "outer", 90, 100, True), device_event(op + "inner", 90, 95, True),
+             device_event(profile.STEP_LABEL, 0, 200, True),
+             device_event(op + "host", 0, 200, True, DeviceType.CPU)]
+    kernels = {"gemm": (10, 15), "reduce": (15, 20), "gemm2": (30, 40), "attn": (40, 50),
+               "embed": (22, 25), "a": (60, 64), "b": (65, 70), "c": (72, 80), "late": (85, 86),
+               "d": (90, 95), "e": (95, 100)}
+    events = spans + [device_event(name, *span) for name, span in kernels.items()]
+    pieces = profile.device_pieces(events)
+    assert {name: label for label, _, name, _ in pieces} == {
+        "gemm": "linear[8x4]", "reduce": "linear[8x4]", "gemm2": "linear[8x4]",
+        "attn": "attention", "embed": profile.NO_OP, "a": "outer", "b": "inner", "c": "outer",
+        "late": profile.NO_OP, "d": "inner", "e": "outer"}
+    assert {name: us for _, _, name, us in pieces} == {
+        name: end - start for name, (start, end) in kernels.items()}
+    ops, by_name = profile.per_step_rows(pieces, 1, 200.0, {"linear[8x4]": 64}, 1e9)
+    rows = {o["op"]: o for o in ops}
+    assert rows["linear[8x4]"]["calls_per_step"] == 2   # two ranges, three kernels
+    assert [(k["name"], k["calls_per_step"]) for k in rows["linear[8x4]"]["kernels"]] == [
+        ("gemm2", 1), ("gemm", 1), ("reduce", 1)]
+    assert rows["linear[8x4]"]["GBps"] == pytest.approx(2 * 64 / 20 / 1e3)
+    assert rows[profile.NO_OP]["calls_per_step"] == 2 and rows["outer"]["calls_per_step"] == 2
+    assert sum(k["us_per_step"] for k in by_name) == pytest.approx(sum(o["us_per_step"]
+                                                                       for o in ops))
