@@ -30,7 +30,7 @@ FULL = Shapes(hidden=4096, intermediate=14336, q_heads=32, kv_heads=8, head_dim=
               experts=8, top_k=2, block_size=16, matmul_m=(1, 16, 512, 4096),
               decode=((64, 2048), (8, 32768)), prefill=((4, 2048), (1, 8192)),
               moe_tokens=64)
-TINY = Shapes(hidden=128, intermediate=256, q_heads=16, kv_heads=8, head_dim=32,
+TINY = Shapes(hidden=64, intermediate=128, q_heads=16, kv_heads=8, head_dim=16,
               experts=8, top_k=2, block_size=16, matmul_m=(4, 16, 64),
               decode=((2, 40),), prefill=((2, 24),), moe_tokens=8)
 
