@@ -82,6 +82,18 @@ def max_shared_memory(device: torch.device) -> float:
     return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
+def jit_for_serving(ints: tuple[str, ...] = (), pointers: tuple[str, ...] = ()
+                    ) -> Callable[[Callable], triton.JITFunction]:
+    """triton.jit, except that the named int arguments are not specialized on being 1 or a
+    multiple of 16, nor the named pointers on their alignment.
+
+    For what changes from one serving batch to the next (a block table's width, a count
+    of sequences or splits, a slice of one metadata buffer at an offset the batch's sizes
+    decide), each specialization is one more compile met mid-serving, after the warm-up,
+    and buys nothing: such values bound loops or index a few elements."""
+    return triton.jit(do_not_specialize=list(ints), do_not_specialize_on_alignment=list(pointers))
+
+
 class _FixedConfig:
     """A kernel launched with one config, standing in for triton.autotune (its `fn`, as
     an autotuner's, is the kernel)."""

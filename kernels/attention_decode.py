@@ -15,10 +15,11 @@ import triton.language as tl
 
 from shardline.kernels import _config
 from shardline.kernels._checks import check_paged_attention, output_like, unit_last_dim
-from shardline.kernels._config import autotune, interpreting, up_to_head_size
+from shardline.kernels._config import autotune, interpreting, jit_for_serving, up_to_head_size
 from shardline.kernels._dot import LOG2E, MIN_DOT, dot_precision
 
 _MAX_SPLITS = 64
+MERGE_WIDTH = 16
 
 
 @triton.jit
@@ -85,7 +86,7 @@ _CONFIGS, _fit_head_size = up_to_head_size([
     fixed=triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1),
     prune=_fit_head_size,
 )
-@triton.jit
+@jit_for_serving(ints=("num_splits", "stride_bt"), pointers=("block_tables_ptr", "seq_lens_ptr"))
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
@@ -143,26 +144,42 @@ def _decode_split_kernel(
         tl.store(part_lse_ptr + rows, lse, mask=head_mask)
 
 
-@triton.jit
+@jit_for_serving(ints=("num_splits",))
 def _merge_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr,
     num_q_heads, head_dim, num_splits, stride_ob, stride_oh,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # The splits are read BLOCK_S at a time, a fixed width, so one compiled kernel serves
+    # every split count an eager batch's context lengths lead to.
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    splits = tl.arange(0, BLOCK_S)
-    split_mask = splits < num_splits
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < head_dim
+    first_row = (seq * num_q_heads + head).to(tl.int64) * num_splits
 
-    rows = (seq * num_q_heads + head).to(tl.int64) * num_splits + splits
-    lse = tl.load(part_lse_ptr + rows, mask=split_mask, other=float("-inf"))
-    weights = tl.exp2(lse - tl.maximum(tl.max(lse, 0), -1e30))
-    parts = tl.load(part_out_ptr + rows[:, None] * head_dim + dims[None, :],
-                    mask=split_mask[:, None] & dim_mask[None, :], other=0.0)
+    lse_max = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for start in range(0, num_splits, BLOCK_S):
+        splits = start + tl.arange(0, BLOCK_S)
+        lse = tl.load(part_lse_ptr + first_row + splits, mask=splits < num_splits,
+                      other=float("-inf"))
+        lse_max = tl.maximum(lse_max, lse)
+    top = tl.maximum(tl.max(lse_max, 0), -1e30)
+
+    weights = tl.zeros([BLOCK_S], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(0, num_splits, BLOCK_S):
+        splits = start + tl.arange(0, BLOCK_S)
+        split_mask = splits < num_splits
+        rows = first_row + splits
+        weight = tl.exp2(tl.load(part_lse_ptr + rows, mask=split_mask, other=float("-inf"))
+                         - top)
+        parts = tl.load(part_out_ptr + rows[:, None] * head_dim + dims[None, :],
+                        mask=split_mask[:, None] & dim_mask[None, :], other=0.0)
+        weights += weight
+        acc += tl.sum(parts * weight[:, None], 0)
     total = tl.sum(weights, 0)
-    out = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    out = acc / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims,
              out.to(out_ptr.dtype.element_ty), mask=dim_mask)
 
@@ -236,6 +253,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         _merge_splits_kernel[(batch, num_q_heads)](
             part_out, part_lse, out,
             num_q_heads, head_dim, num_splits, out.stride(0), out.stride(1),
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+            BLOCK_S=MERGE_WIDTH, BLOCK_D=block_d,
         )
     return out

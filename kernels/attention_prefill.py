@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from shardline.kernels._checks import check_paged_attention, output_like, unit_last_dim
-from shardline.kernels._config import autotune, up_to_head_size
+from shardline.kernels._config import autotune, jit_for_serving, up_to_head_size
 from shardline.kernels._tuned import shape_bucket
 from shardline.kernels._dot import LOG2E, MIN_DOT, dot_precision
 from shardline.kernels.attention_decode import attend_tile
@@ -60,7 +60,8 @@ _CONFIGS, _fit_head_size = up_to_head_size([
     fixed=triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
     prune=_fit_head_size,
 )
-@triton.jit
+@jit_for_serving(ints=("num_seqs", "stride_bt"),
+                 pointers=("block_tables_ptr", "query_start_loc_ptr", "seq_lens_ptr"))
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
     out_ptr,

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from shardline.kernels._checks import check_index, unit_last_dim
-from shardline.kernels._config import autotune
+from shardline.kernels._config import autotune, jit_for_serving
 
 
 @autotune(
@@ -19,7 +19,7 @@ from shardline.kernels._config import autotune
     key=["BLOCK_H", "BLOCK_D"],
     fixed=triton.Config({}, num_warps=4),
 )
-@triton.jit
+@jit_for_serving(pointers=("slot_ptr",))
 def _write_kv_cache_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     num_kv_heads, head_dim,

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from shardline.kernels._checks import check_index, output_like, unit_last_dim
+from shardline.kernels._config import jit_for_serving
 
 
 @triton.jit
@@ -71,7 +72,7 @@ def load_cos_sin(pos_ptr, cache_ptr, token, stride_cache, HALF, BLOCK_HALF: tl.c
     return cos, sin
 
 
-@triton.jit
+@jit_for_serving(pointers=("pos_ptr",))
 def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cache_ptr, q_out_ptr, k_out_ptr, HQ, HK, HALF, D,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
                    stride_qot, stride_qoh, stride_kot, stride_koh,

@@ -17,13 +17,14 @@ import triton.language as tl
 
 from shardline.kernels import matmul, matmul_split_k
 from shardline.kernels._checks import check_index, check_qkv_weight, unit_last_dim
+from shardline.kernels._config import jit_for_serving
 from shardline.kernels.kv_cache import check_kv_cache_write
 from shardline.kernels.reference import split_qkv
 from shardline.kernels.rotary import (check_rotary_inputs, load_cos_sin, load_heads,
                                       rotary_meta, rotate_heads)
 
 
-@triton.jit
+@jit_for_serving(pointers=("pos_ptr", "slot_ptr"))
 def _rotary_kv_cache_kernel(
     pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, bias_ptr, cos_sin_ptr, q_out_ptr, k_cache_ptr,
     v_cache_ptr, HQ, HK, HALF, D,

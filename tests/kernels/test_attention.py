@@ -64,6 +64,29 @@ def test_decode_splits_a_long_context_and_reads_strided_queries():
                                                        seq_lens, 0.125), TOLERANCE)
 
 
+def test_decode_merges_more_splits_than_one_merge_pass_reads(monkeypatch):
+    lengths = [int(torch.randint(17 * 16, 60 * 16, ())), int(torch.randint(1, 20, ())), 1]
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    k_cache, v_cache, block_tables = paged_cache(lengths, 2, 64, 16, torch.float32, "cpu")
+    q = torch.randn(3, 4, 64)
+    merged = []
+    merge = decode._merge_splits_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                merged.append(args[5])     # num_splits
+                return merge[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(decode, "_merge_splits_kernel", Spy())
+    out = decode.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, 0.125,
+                                        num_splits=64)
+    assert len(merged) == 1 and merged[0] > decode.MERGE_WIDTH
+    assert_close(out, reference.paged_decode_attention(q, k_cache.nan_to_num(),
+                                                       v_cache.nan_to_num(), block_tables,
+                                                       seq_lens, 0.125), TOLERANCE)
+
+
 def test_decode_splits_only_when_the_batch_cannot_fill_the_gpu():
     assert decode.choose_splits(batch=256, num_kv_heads=8, max_context=2048, num_sms=132) == 1
     assert decode.choose_splits(batch=8, num_kv_heads=8, max_context=32768, num_sms=132) == 9

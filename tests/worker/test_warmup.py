@@ -45,7 +45,9 @@ def test_warm_up_runs_every_bucket_and_leaves_the_cache_untouched(model, ahead, 
     forwards, logits = [], []
     forward, compute_logits = runner.model.forward, runner.model.compute_logits
     monkeypatch.setattr(runner.model, "forward",
-                        lambda ids, *a: forwards.append(ids.shape[0]) or forward(ids, *a))
+                        lambda ids, positions, meta: forwards.append(
+                            (ids.shape[0], meta.block_tables.shape[1]))
+                        or forward(ids, positions, meta))
     monkeypatch.setattr(runner.model, "compute_logits",
                         lambda h: logits.append(h.shape[0]) or compute_logits(h))
     max_position = int(torch.randint(8, 40, ()))
@@ -53,9 +55,13 @@ def test_warm_up_runs_every_bucket_and_leaves_the_cache_untouched(model, ahead, 
                              block_size=4, max_position=max_position,
                              vocab_size=runner.info.vocab_size, device=runner.device)
     runs = 2 if ahead else 1
-    assert forwards == [1, 8, 16, 32, 50] * runs and logits == [1, 5] * runs
+    # First a decode through a block table as wide as the longest context (decode
+    # attention's split path), then a prefill of each bucket.
+    widest = -(-max_position // 4)
+    assert forwards == [(1, widest), (1, 1), (8, 2), (16, 4), (32, 8), (50, 13)] * runs
+    assert logits == [1, 5] * runs
     assert warmed == 5
-    assert passes == [0, 5 if ahead else 0]
+    assert passes == [0, 6 if ahead else 0]
     after = [t for a in layers for t in (a.k_cache, a.v_cache)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
@@ -96,3 +102,29 @@ def test_warm_up_on_cpu_does_nothing(monkeypatch):
     calls = _spy_on_warm_up(monkeypatch, runner)
     runner.warm_up()
     assert calls == [] and runner.decode_graphs is None and runner.warm_logits_rows is None
+
+
+@pytest.mark.timeout(600)
+def test_serving_after_the_warm_up_compiles_no_kernel(tmp_path):
+    """bench/serving_compiles.py: every Triton kernel specialization that a few kinds of
+    requests launch (short, mixed, split decode contexts, chunked, cached prefix, prompt
+    logprobs) was compiled by the warm-up, with and without decode graphs. Compiled Triton
+    only (no interpreter), launches recorded, as on an H100."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    out = tmp_path / "serving_compiles.json"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(bench / "serving_compiles.py"), "--models",
+                           "tiny-llama", "--out", str(out)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [run["mode"] for run in report["runs"]] == ["graphs", "eager"]
+    for run in report["runs"]:
+        assert run["warm_up"] > 0 and len(run["phases"]) == 7
+        assert [p["compiles"] for p in run["phases"]] == [[]] * 7, done.stdout
+    assert report["total_new_compiles"] == 0

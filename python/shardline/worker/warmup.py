@@ -41,13 +41,15 @@ def token_buckets(limit: int) -> list[int]:
 
 
 def dummy_prefill(num_tokens: int, block_size: int, max_position: int, vocab_size: int,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+                  device: torch.device, blocks: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """One sequence of `num_tokens` random tokens as a prefill that writes no KV and reads
-    only block 0 (whatever it holds: the output is thrown away). Positions wrap at
+    only block 0 (whatever it holds: the output is thrown away), through a block table of
+    `blocks` entries (as many as the tokens fill by default). Positions wrap at
     `max_position`, which the token budget may exceed."""
     input_ids = torch.randint(vocab_size, (num_tokens,), device=device)
     positions = torch.arange(num_tokens, device=device) % max_position
-    blocks = -(-num_tokens // block_size)
+    blocks = -(-num_tokens // block_size) if blocks is None else blocks
     meta = AttentionMetadata(
         slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=device),
         query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
@@ -65,7 +67,12 @@ def warm_up_prefill(model: nn.Module, max_num_batched_tokens: int, max_num_seqs:
     every sampled-row bucket up to max_num_seqs; returns the most logits rows it ran."""
     started = time.perf_counter()
     buckets = token_buckets(max_num_batched_tokens)
-    batches = [dummy_prefill(n, block_size, max_position, vocab_size, device) for n in buckets]
+    # First, a decode whose block table spans the longest context: decode attention splits
+    # such a context over programs and merges them, kernels a short one never reaches.
+    longest = dummy_prefill(1, block_size, max_position, vocab_size, device,
+                            blocks=-(-max_position // block_size))
+    batches = [longest] + [dummy_prefill(n, block_size, max_position, vocab_size, device)
+                           for n in buckets]
     with compile_ahead(device) as ahead:
         if ahead:
             _run_buckets(model, batches, max_num_seqs)
