@@ -45,9 +45,9 @@ def test_warm_up_runs_every_bucket_and_leaves_the_cache_untouched(model, ahead, 
     forwards, logits = [], []
     forward, compute_logits = runner.model.forward, runner.model.compute_logits
     monkeypatch.setattr(runner.model, "forward",
-                        lambda ids, positions, meta: forwards.append(
+                        lambda ids, positions, meta, intermediate: forwards.append(
                             (ids.shape[0], meta.block_tables.shape[1]))
-                        or forward(ids, positions, meta))
+                        or forward(ids, positions, meta, intermediate))
     monkeypatch.setattr(runner.model, "compute_logits",
                         lambda h: logits.append(h.shape[0]) or compute_logits(h))
     max_position = int(torch.randint(8, 40, ()))
@@ -64,6 +64,37 @@ def test_warm_up_runs_every_bucket_and_leaves_the_cache_untouched(model, ahead, 
     assert passes == [0, 6 if ahead else 0]
     after = [t for a in layers for t in (a.k_cache, a.v_cache)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("layers", ["first", "middle", "last"])
+def test_a_pipeline_stage_warms_up_alone_on_random_activations(layers, monkeypatch):
+    """Stages after the first get random [tokens, hidden] activations in place of their
+    neighbour's; only the last computes logits."""
+    from shardline.models.llama import LlamaForCausalLM
+    runner = make_worker("tiny-llama").model_runner   # the process's parallel state
+    config = {**runner.model.config, "num_hidden_layers": 4}
+    span = {"first": range(0, 2), "middle": range(1, 3), "last": range(2, 4)}[layers]
+    stage = LlamaForCausalLM(config, torch.float32, 64, layers=span)
+    for param in stage.parameters():
+        param.data.normal_(0, 0.05)
+    for attn, full in zip(stage.attention_layers(), runner.model.attention_layers()):
+        attn.k_cache, attn.v_cache = full.k_cache, full.v_cache
+    seen, logits = [], []
+    forward, compute_logits = stage.forward, stage.compute_logits
+
+    def spy(ids, positions, meta, intermediate=None):
+        seen.append(None if intermediate is None else
+                    [tuple(t.shape) for t in intermediate])
+        return forward(ids, positions, meta, intermediate)
+    monkeypatch.setattr(stage, "forward", spy)
+    monkeypatch.setattr(stage, "compute_logits", lambda h: logits.append(h.shape[0])
+                        or compute_logits(h))
+    warm_up_prefill(stage, max_num_batched_tokens=20, max_num_seqs=3, block_size=4,
+                    max_position=64, vocab_size=runner.info.vocab_size, device=runner.device)
+    hidden = config["hidden_size"]
+    expected = [None if layers == "first" else [(n, hidden)] * 2 for n in (1, 1, 8, 16, 20)]
+    assert seen == expected
+    assert logits == ([1, 3] if layers == "last" else [])
 
 
 def _spy_on_warm_up(monkeypatch, runner):
@@ -95,6 +126,19 @@ def test_warm_up_on_cuda_tunes_triton_and_captures_unless_eager(eager, triton_of
     assert calls == expected
     # Prompt logprobs then score at most the rows the warm-up compiled the LM head for.
     assert runner.warm_logits_rows == (None if triton_off else 7)
+
+
+@pytest.mark.parametrize("group", ["get_pp_group", "get_sp_group"])
+def test_warm_up_on_cuda_under_pipeline_or_sequence_parallelism_captures_no_graph(
+        group, monkeypatch):
+    from types import SimpleNamespace
+    runner = make_worker("tiny-llama").model_runner
+    calls = _spy_on_warm_up(monkeypatch, runner)
+    monkeypatch.setattr(model_runner, group, lambda: SimpleNamespace(size=2))
+    monkeypatch.setattr(runner, "device", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    runner.warm_up()
+    assert calls == ["tune"]
 
 
 def test_warm_up_on_cpu_does_nothing(monkeypatch):

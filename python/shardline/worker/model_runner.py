@@ -125,11 +125,13 @@ class ModelRunner:
     @on_device
     def warm_up(self) -> None:
         """On CUDA: compile the Triton kernels for every prefill and logits shape bucket,
-        then (unless enforce_eager) capture the decode graphs. Nothing to do on CPU, nor
-        under pipeline or sequence parallelism, which run eagerly: a stage's throwaway
-        forward would need its neighbours' activations, and an SP rank's hidden states are
-        only its share of the tokens."""
-        if self.device.type != "cuda" or get_pp_group().size > 1 or get_sp_group().size > 1:
+        then (unless enforce_eager) capture the decode graphs. Nothing to do on CPU.
+
+        Every rank of the engine warms up at once, the same batches in the same order, so
+        the collectives inside a forward (TP's all-reduces, SP's all-to-alls) pair up; a
+        pipeline stage after the first runs on random activations (warmup.stage_input).
+        Pipeline and sequence parallelism decode eagerly: no graphs are captured for them."""
+        if self.device.type != "cuda":
             return
         if triton_enabled(self.device):
             scheduler = self.config.scheduler
@@ -137,7 +139,8 @@ class ModelRunner:
                 self.model, scheduler.max_num_batched_tokens, scheduler.max_num_seqs,
                 self.block_size, self.max_model_len, self.info.vocab_size, self.device)
         # Expert parallelism sizes its token transfers on the host every step: no graphs.
-        if not (self.config.model.enforce_eager or self.config.parallel.enable_expert_parallel):
+        if not (self.config.model.enforce_eager or self.config.parallel.enable_expert_parallel
+                or get_pp_group().size > 1 or get_sp_group().size > 1):
             self.capture_decode_graphs(CudaGraphRecorder())
 
     @torch.inference_mode()

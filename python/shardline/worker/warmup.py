@@ -21,6 +21,8 @@ from torch import nn
 from shardline.kernels._tuned import SMALLEST_BUCKET
 from shardline.kernels._tuned import compile_ahead
 from shardline.layers.attention import AttentionMetadata
+from shardline.layers.sequence_parallel import local_num_tokens
+from shardline.models.llama import IntermediateTensors
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +85,26 @@ def warm_up_prefill(model: nn.Module, max_num_batched_tokens: int, max_num_seqs:
     return min(max_num_seqs, buckets[-1])
 
 
+def stage_input(model: nn.Module, num_tokens: int) -> IntermediateTensors | None:
+    """Random activations in place of the previous pipeline stage's for a stage after the
+    first (None for the first): a throwaway forward's output is never read, so a stage
+    warms up alone, without its neighbours."""
+    if model.is_first_stage:
+        return None
+    weight = next(model.parameters())
+    shape = (local_num_tokens(num_tokens), model.config["hidden_size"])
+    return IntermediateTensors(*(torch.randn(shape, dtype=weight.dtype, device=weight.device)
+                                 for _ in range(2)))
+
+
 def _run_buckets(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor,
                                                         AttentionMetadata]],
                  max_num_seqs: int) -> None:
+    """Every batch through this rank's stage, then the logits where this rank computes
+    them: the last stage's, on SP rank 0 (the one its gather leaves the hidden states)."""
     for input_ids, positions, meta in batches:
-        hidden = model(input_ids, positions, meta)
+        hidden = model(input_ids, positions, meta, stage_input(model, input_ids.shape[0]))
+    if not model.is_last_stage or hidden is None:
+        return
     for rows in token_buckets(min(max_num_seqs, hidden.shape[0])):
         model.compute_logits(hidden[:rows])
