@@ -295,7 +295,7 @@ def main() -> None:
 
     device = torch.device("cpu" if args.dry_run else "cuda")
     dtype = torch.float32 if args.dry_run else torch.bfloat16
-    timer = (Timer(device, 1, 1) if args.dry_run
+    timer = (Timer(device, 0, 1) if args.dry_run
              else Timer(device, args.warmup, args.reps, sleep_cycles=SLEEP_CYCLES))
     b = Bench(device, dtype, timer, args.dry_run)
     shapes = TINY if args.dry_run else FULL

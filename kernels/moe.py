@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from shardline.kernels._checks import output_like
-from shardline.kernels._config import autotune
+from shardline.kernels._config import autotune, interpreting
 from shardline.kernels._tuned import shape_bucket
 from shardline.kernels._dot import dot_over_k, dot_precision
 
@@ -205,6 +205,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     block_m = _block_m(num_pairs, experts)
     sorted_pairs, block_experts = moe_align(topk_ids, block_m, expert_offset, experts)
     max_blocks = block_experts.shape[0]
+    if interpreting():
+        # The interpreter runs every program, those that return at once too (up to
+        # num_experts + 1 row blocks past the last run): launch only the blocks in use.
+        max_blocks = int((block_experts != PAST_END.value).sum())
     precision = dot_precision(x.dtype)
     weights = topk_weights.reshape(-1).contiguous()
     bucket = shape_bucket(num_pairs)
