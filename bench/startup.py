@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -135,9 +136,27 @@ def model_dir(model: str) -> str:
     return resolve_model(model)
 
 
+class Timeline(logging.Handler):
+    """The shardline logger's INFO records of a start, each with its seconds since `zero`:
+    when the weights were loaded, the KV cache sized, the kernels compiled and run, the
+    decode graphs captured."""
+
+    def __init__(self, zero: float) -> None:
+        super().__init__(logging.INFO)
+        self.zero = zero
+        self.events: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.events.append((round(time.perf_counter() - self.zero, 3), record.getMessage()))
+
+
 def child(args: argparse.Namespace) -> None:
     """One start, in this fresh process; prints its timings as one JSON line."""
     started = time.perf_counter()
+    timeline = Timeline(started)
+    shardline_logger = logging.getLogger("shardline")
+    shardline_logger.setLevel(logging.INFO)
+    shardline_logger.addHandler(timeline)
     from shardline.engine.llm import LLM
     from shardline.kernels import _tuned
     from shardline.sampling_params import SamplingParams
@@ -158,7 +177,8 @@ def child(args: argparse.Namespace) -> None:
             counts = sources.setdefault(name, {})
             counts[reached.source] = counts.get(reached.source, 0) + 1
     print(json.dumps({"import_s": imported - started, "ready_s": ready - imported,
-                      "first_request_s": answered - ready, "key_sources": sources}))
+                      "first_request_s": answered - ready, "key_sources": sources,
+                      "timeline": timeline.events}))
 
 
 def run_start(model: str, directory: str, case: str, cache: str,
@@ -220,6 +240,8 @@ def time_starts(args: argparse.Namespace) -> dict:
                 "failed" if row["ready_s"] is None else f"{row['ready_s']:.1f} s")
             print(f"{model:12} {case:8} ready {shown} (target {row['target_s']:.0f} s, "
                   f"median of {len(starts[case])} runs)", flush=True)
+            for seconds, message in starts[case][-1].get("timeline", []):
+                print(f"    {seconds:6.1f} s  {message}", flush=True)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     return {"device": device, "table": args.table, "runs": args.runs,
             "limits": asdict(limits_from(args)),

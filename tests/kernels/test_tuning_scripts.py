@@ -185,4 +185,9 @@ def test_startup_times_each_case_in_a_fresh_process(tmp_path):
         assert not r["timed_out"] and "error" not in r, r
         assert 0 < r["ready_s"] < r["process_s"] and r["first_request_s"] > 0
         assert r["met"] == (r["ready_s"] <= r["target_s"])
+        # Where a start spent its time: the engine's own log, timed from the child's start.
+        [run_] = r["runs"]
+        times = [seconds for seconds, _ in run_["timeline"]]
+        assert times == sorted(times) and 0 < times[-1] <= run_["import_s"] + run_["ready_s"]
+        assert any(message.startswith("KV cache: ") for _, message in run_["timeline"])
 

@@ -88,11 +88,13 @@ def _decoding(n: int) -> list[RequestState]:
     return states
 
 
-def test_padding_rows_write_no_kv_and_stale_rows_are_cleared(fresh_seed):
+def test_padding_rows_write_no_kv_and_stale_rows_are_cleared(fresh_seed, caplog):
     runner = make_worker("tiny-llama").model_runner
     graphs = DecodeGraphRunner(runner.model, [4], max_blocks_per_seq=8, block_size=4,
                                device=runner.device)
-    graphs.capture(EagerRecorder(), tuning_context=32, vocab_size=300)
+    with caplog.at_level("INFO", logger="shardline"):
+        graphs.capture(EagerRecorder(), tuning_context=32, vocab_size=300)
+    assert "decode graphs: 1 batch sizes captured in" in caplog.text   # startup's timeline
     states = _decoding(4)
     graphs.run(build_step_inputs(states, [1] * 4, 4, runner.device))
     attn = runner.model.attention_layers()[0]

@@ -18,6 +18,8 @@ would look equally fast. They still write no KV.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Callable, Protocol
 
 import torch
@@ -25,6 +27,8 @@ from torch import nn
 
 from shardline.layers.attention import AttentionMetadata
 from shardline.worker.input_batch import StepInputs
+
+logger = logging.getLogger(__name__)
 
 Replay = Callable[[], None]
 
@@ -100,6 +104,7 @@ class DecodeGraphRunner:
         if not 1 <= tuning_context <= longest:
             raise ValueError(f"tuning_context={tuning_context} must be in [1, {longest}], "
                              "the tokens a block table row can hold")
+        started = time.perf_counter()
         for size in reversed(self.batch_sizes):
             self.slot_mapping.fill_(-1)
             self.seq_lens[:size].fill_(tuning_context)
@@ -108,6 +113,8 @@ class DecodeGraphRunner:
                             out=self.input_ids[:size])
             self.graphs[size] = recorder.record(self._forward_fn(size))
         self._pad_from(0)
+        logger.info("decode graphs: %d batch sizes captured in %.1f s", len(self.graphs),
+                    time.perf_counter() - started)
 
     def supports(self, inputs: StepInputs) -> bool:
         """True for a decode-only step that fits a captured graph."""
