@@ -12,7 +12,9 @@ EngineDeadError for every pending and later call once an actor, or a whole node,
 watcher thread waits on every actor's long-running call (a rank's serving loop, an
 agent's `run_until_closed`), which Ray ends with an error when the actor's process or
 node dies; an agent's also returns once a rank of its node has stayed stopped (SIGSTOP)
-for stopped_workers.STOPPED_LIMIT_S.
+for stopped_workers.STOPPED_LIMIT_S. ray.kill skips the unlink of a ring that not every
+reader attached (a start cut short), so shutdown kills the ranks first, then has each
+node's agent close its rings and sweep the rings of dead writers on its node.
 
 The ranks talk NCCL (CUDA) or gloo (CPU) over torch.distributed, rendezvousing at rank
 0's node; docs/ray.md lists the network settings that matter across nodes.
@@ -20,6 +22,7 @@ The ranks talk NCCL (CUDA) or gloo (CPU) over torch.distributed, rendezvousing a
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -45,6 +48,7 @@ from shardline.executor.ray_worker import (AGENT_CONCURRENCY, NodeAgent, RankAct
 from shardline.executor.stopped_workers import describe_stopped
 from shardline.executor.worker_group import RanksTimedOut, WorkerGroup, WorkerGroupExecutor
 from shardline.executor.worker_proc import ALL_RANKS, SHUTDOWN
+from shardline.ipc import sweep_orphans
 from shardline.worker.worker import RANKS_ON_NODE_ENV
 
 logger = logging.getLogger("shardline")
@@ -89,6 +93,8 @@ class _Actors(WorkerGroup):
         self.broadcast_of: dict[Any, str] = {}  # serving loop -> the ring it reads
         self.node_ranks_of: dict[Any, list[str]] = {}  # agent's watched call -> its ranks
         self.pids: list[int] = []
+        # Per agent, the pid and start time of each of its ranks (for release_rings).
+        self.node_rank_starts: list[list[tuple[int, str | None]]] = []
         self.call_ids = itertools.count(1)
         self.connected = True  # the executor's layout check connected to Ray
 
@@ -136,13 +142,17 @@ class _Actors(WorkerGroup):
                 "actor's pid, unless Ray was started with log_to_driver=False)")
 
     def stop_workers(self) -> None:
-        """Ask the ranks to stop, then kill every actor."""
+        """Ask the ranks to stop, kill them, have the node agents release their nodes'
+        rings, then kill the agents."""
         try:
             if self.agents and self.dead is None and self.watched:
                 self.send(SHUTDOWN, [], {}, ALL_RANKS, [[] for _ in self.agents])
                 ray.wait(self.serving, num_returns=len(self.serving),
                          timeout=SHUTDOWN_GRACE_S)
-            for actor in self.ranks + self.agents:
+            for actor in self.ranks:
+                ray.kill(actor, no_restart=True)
+            self.release_rings()
+            for actor in self.agents:
                 ray.kill(actor, no_restart=True)
             if self.watched:
                 ray.wait(list(self.watched), num_returns=len(self.watched),
@@ -150,8 +160,24 @@ class _Actors(WorkerGroup):
         except Exception as exc:  # Ray already shut down (interpreter exit)
             logger.debug("stopping the Ray actors failed: %s", exc)
 
+    def release_rings(self) -> None:
+        """Each live agent closes its rings and, once its node's ranks have ended, sweeps
+        the rings of dead writers there (NodeAgent.release_rings): ray.kill skips the
+        unlink of a ring that not every reader attached, such as a response ring of a
+        rank killed at start or a broadcast ring that a dead rank never attached. A
+        dead agent's call fails at once; a rank whose pid the start never learned is
+        not waited for."""
+        nodes = self.node_rank_starts or [[] for _ in self.agents]
+        refs = [agent.release_rings.remote(ranks, SHUTDOWN_GRACE_S)
+                for agent, ranks in zip(self.agents, nodes)]
+        ray.wait(refs, num_returns=len(refs), timeout=2 * SHUTDOWN_GRACE_S)
+
     def release(self) -> None:
-        """Give back the placement group, and Ray if this process started it."""
+        """Sweep the rings of dead writers on this node (those of an agent that died
+        before its ranks attached its broadcast ring), give back the placement group,
+        and Ray if this process started it."""
+        with contextlib.suppress(OSError):  # /dev/shm unlistable: nothing to sweep
+            sweep_orphans()
         if self.world is not None:
             self.world.release()
         if self.connected:
@@ -212,6 +238,8 @@ class RayExecutor(WorkerGroupExecutor):
             for node in nodes]
         infos = self._get([actor.describe.remote() for actor in actors.ranks], "start")
         actors.pids = [info["pid"] for info in infos]
+        actors.node_rank_starts = [[(infos[i]["pid"], infos[i]["started"]) for i in indices]
+                                   for indices in self._node_indices]
         wired = self._get([agent.connect.remote([infos[i]["response"] for i in indices])
                            for agent, indices in zip(actors.agents, self._node_indices)],
                           "connect")

@@ -33,11 +33,13 @@ from shardline.executor.worker_group import WATCH_POLL_S
 from shardline.executor.worker_proc import (ATTACH_TIMEOUT_S, DUMP_STACKS_SIGNAL,
                                             STACKS_GAP_S, UNREADABLE_CALL, read_reply,
                                             replies_in_order, serve_rank)
-from shardline.ipc import FrameError, MessageQueue, MessageQueueHandle
+from shardline.ipc import FrameError, MessageQueue, MessageQueueHandle, sweep_orphans
 
 AGENT_CONCURRENCY = 64
 """Threads of a node agent: calls waiting for their turn or their replies, plus one
 `run_until_closed`."""
+WAIT_POLL_S = 0.01
+"""How often a node agent at shutdown looks whether its node's killed ranks have ended."""
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,11 @@ class RankActor:
         self.response = MessageQueue.create(1)
 
     def describe(self) -> dict:
-        """What the executor needs to wire this rank up: its response ring's handle and
-        its process id."""
-        return {"response": self.response.handle(), "pid": os.getpid()}
+        """What the executor needs to wire this rank up: its response ring's handle, its
+        process id, and the process's start time (proc_stat), by which the node agent
+        tells when the rank has ended (release_rings)."""
+        return {"response": self.response.handle(), "pid": os.getpid(),
+                "started": start_time(os.getpid())}
 
     def run(self, config: dict, rank: int, index: int, reader_index: int,
             distributed_init_method: str, worker_cls: str, broadcast: MessageQueueHandle,
@@ -201,6 +205,24 @@ class NodeAgent:
             stalled = stopped.poll(self.rank_pids)
             if stalled:
                 return stalled
+        return []
+
+    def release_rings(self, ranks: list[tuple[int, str | None]], timeout: float
+                      ) -> list[str]:
+        """At shutdown, once the executor has killed this node's ranks (`ranks`: the pid and
+        start time of each): close this agent's rings, wait up to `timeout` seconds for
+        the ranks to end, and remove the rings that dead writers left on this node; the
+        names removed. ray.kill skips a ring's unlink, so a rank killed at start, before
+        this agent attached its response ring, left that ring's name in /dev/shm until
+        the next ring created on the node; the broadcast ring of ranks that never attached
+        it is unlinked here by its writer's close."""
+        self.close()
+        deadline = time.monotonic() + timeout
+        while any(started is not None and still_running(pid, started)
+                  for pid, started in ranks) and time.monotonic() < deadline:
+            time.sleep(WAIT_POLL_S)
+        with contextlib.suppress(OSError):  # /dev/shm unlistable: nothing to sweep
+            return sweep_orphans()
         return []
 
     def close(self) -> None:
