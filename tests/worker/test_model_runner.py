@@ -140,8 +140,8 @@ def test_a_step_makes_the_workers_gpu_current_whatever_thread_runs_it(rng, monke
 def test_a_requests_stop_tokens_are_gathered_once_however_many(rng):
     """While a request is short of min_tokens its stop tokens are masked every step, and
     they may number a whole vocabulary: they were gathered into Python lists each step
-    (0.46 s a step for 8 rows of 151k ids). The runner now makes one array per request,
-    its stop ids and eos (unless ignored) without repeats, and hands the same one back."""
+    (0.46 s a step for 8 rows of 151k ids). The runner now makes one BlockedTokens per
+    request, its stop ids and eos (unless ignored) without repeats, and hands it back."""
     runner = make_worker("tiny-llama").model_runner
     eos = runner._eos_token_ids
     stops = [rng.randrange(300) for _ in range(rng.randint(1, 40))]
@@ -153,7 +153,7 @@ def test_a_requests_stop_tokens_are_gathered_once_however_many(rng):
             [NewRequestData(req_id, [1, 2, 3], [], params.to_dict(), [0], 3)]))
         first = runner._sampling_batch([req_id], []).blocked_token_ids[0]
         expected = set(stops) | (set() if ignore_eos else set(eos))
-        assert sorted(first.tolist()) == sorted(expected)
+        assert sorted(first.ids.tolist()) == sorted(expected)
         assert runner._sampling_batch([req_id], []).blocked_token_ids[0] is first
 
 
@@ -186,7 +186,7 @@ def test_a_requests_sampling_arrays_are_made_once_when_it_is_added(rng):
         p = state.sampling_params
         assert p == params[req_id]
         stops = set(p.stop_token_ids) | (set() if p.ignore_eos else eos)
-        assert sorted(state.stop_ids.tolist()) == (sorted(stops) if p.min_tokens else [])
+        assert sorted(state.stop_ids.ids.tolist()) == (sorted(stops) if p.min_tokens else [])
         bias = state.token_bias
         if not (p.logit_bias or p.allowed_token_ids):
             assert bias is None

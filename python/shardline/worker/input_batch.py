@@ -23,11 +23,10 @@ from shardline.device_copy import to_device
 from shardline.step import NewRequestData
 from shardline.sampling_params import SamplingParams
 from shardline.layers.attention import AttentionMetadata
-from shardline.layers.sampler import TokenBias
+from shardline.layers.sampler import BlockedTokens, TokenBias
 
 
-_NO_IDS = np.empty(0, dtype=np.int64)
-_NO_IDS.flags.writeable = False
+_NO_STOPS = BlockedTokens(())
 
 
 @dataclass
@@ -48,18 +47,17 @@ class RequestState:
     eos_token_ids: InitVar[Sequence[int]] = ()
     # The tokens masked while it is short of min_tokens, those that would end it:
     # stop_token_ids and eos unless ignored, each once (none when min_tokens is 0).
-    stop_ids: np.ndarray = field(init=False, repr=False)
+    stop_ids: BlockedTokens = field(init=False, repr=False)
     # Its logit_bias and allowed_token_ids as arrays (None when it has neither).
     token_bias: TokenBias | None = field(init=False, repr=False)
 
     def __post_init__(self, eos_token_ids: Sequence[int]) -> None:
         params = self.sampling_params
         self.token_bias = TokenBias.of(params)
-        self.stop_ids = _NO_IDS
+        self.stop_ids = _NO_STOPS
         if params.min_tokens:
             eos = () if params.ignore_eos else eos_token_ids
-            self.stop_ids = np.unique(np.asarray([*params.stop_token_ids, *eos],
-                                                 dtype=np.int64))
+            self.stop_ids = BlockedTokens([*params.stop_token_ids, *eos])
 
     @classmethod
     def from_new(cls, data: NewRequestData, eos_token_ids: Sequence[int]) -> "RequestState":
