@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from shardline.executor.multiproc import MultiProcExecutor
 from multiproc_helpers import make_config
-from process_hygiene import assert_gone
+from process_hygiene import assert_gone, leaked_segments, shm_segments
 from stub_workers import STEP_TIMES_ENV
 
 
@@ -35,3 +37,21 @@ def step_times_dir(tmp_path, monkeypatch):
     directory.mkdir()
     monkeypatch.setenv(STEP_TIMES_ENV, str(directory))
     return directory
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray of 2 CPUs, one per rank, the stub workers' module importable in its
+    actors (the two-node cluster of test_ray.py costs more to start, and a node agent only
+    reads its own node's rings); after the module, nothing of it left in /dev/shm."""
+    import ray
+    here = os.path.dirname(os.path.abspath(__file__))
+    before = shm_segments()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
+                 [here, os.path.dirname(here)])}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+    assert not leaked_segments(before)

@@ -10,7 +10,6 @@ more to start and adds nothing here: a node agent reads its own node's rings).
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -23,23 +22,6 @@ from process_hygiene import leaked_segments, shm_segments  # noqa: E402
 from test_corrupt_frames import CALL_TIMEOUT_S, KINDS  # noqa: E402
 from multiproc_helpers import make_config, step  # noqa: E402
 from test_ray import wait_gone  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray of 2 CPUs, one per rank; the stub workers' module importable in the
-    actors."""
-    before = shm_segments()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
-                 [HERE, os.path.dirname(HERE)])}})
-    try:
-        yield
-    finally:
-        ray.shutdown()
-    assert not leaked_segments(before)
 
 
 def start() -> RayExecutor:

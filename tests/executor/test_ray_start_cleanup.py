@@ -29,21 +29,6 @@ from multiproc_helpers import make_config  # noqa: E402
 from process_hygiene import leaked_segments, shm_segments  # noqa: E402
 from test_ray import wait_gone  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray of 2 CPUs, one per rank; the stub workers' module importable in the
-    actors."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
-                 [HERE, os.path.dirname(HERE)])}})
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
 
 class _Interrupted(BaseException):
     """Stands in for the signal that cuts the driver's start short (serve's SIGTERM)."""
