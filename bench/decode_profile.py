@@ -42,8 +42,8 @@ from typing import Any, Callable, Iterator
 import torch
 from _models import LLAMA_3_2_1B, TINY, ModelShape, checkpoint_dir
 from _timing import Timer, copy_bandwidth
-from e2e_decode import (BLOCK_SIZE, RESULTS_DIR, Plan, graph_step_ms, request_id, sync,
-                        timed_decode, weight_bytes)
+from e2e_decode import (BLOCK_SIZE, RESULTS_DIR, Plan, decode_forward, graph_step_ms,
+                        refuse_unrunnable, request_id, sync, timed_decode, weight_bytes)
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -205,22 +205,6 @@ def per_step_rows(pieces: list[Piece], steps: int, step_us: float,
     return ops, biggest_first(by_name)
 
 
-def decode_forward(runner: Any, req_ids: list[str]) -> tuple[Callable[[], torch.Tensor], int]:
-    """The model's decode forward through the logits for the last step of the running
-    requests `req_ids`, built as e2e_decode's graph_step_ms builds it, and the K/V tokens
-    it reads (each sequence's whole length)."""
-    from shardline.worker.input_batch import build_step_inputs
-    states = [dataclasses.replace(runner.requests[r],
-                                  num_computed_tokens=runner.requests[r].num_tokens - 1)
-              for r in req_ids]
-    inputs = build_step_inputs(states, [1] * len(states), runner.block_size, runner.device)
-    model = runner.model
-
-    def forward() -> torch.Tensor:
-        return model.compute_logits(model(inputs.input_ids, inputs.positions, inputs.meta))
-    return forward, sum(s.num_tokens for s in states)
-
-
 def profile_batch(llm: Any, batch: int, args: argparse.Namespace, shape: ModelShape,
                   dtype: torch.dtype, device: torch.device, weights: int,
                   bandwidth: float) -> dict:
@@ -346,14 +330,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench/decode_profile.py profiles decode on a CUDA GPU and none is visible. "
-                 "Use --tiny --device cpu for a smoke run on the CPU.")
-    if args.device == "cpu" and not args.tiny:
-        sys.exit("--device cpu runs only with --tiny: a 1B-parameter model would take hours")
-    if os.environ.get("SHARDLINE_DISABLE_TRITON") == "1" and args.device == "cuda":
-        sys.exit("SHARDLINE_DISABLE_TRITON=1 is set: the forward would run the torch "
-                 "references instead of the kernels; unset it.")
+    refuse_unrunnable(args, "decode_profile.py")
     began = time.perf_counter()
     os.environ["SHARDLINE_DEVICE"] = args.device   # the worker's device
     from shardline.config import resolve_dtype

@@ -33,6 +33,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from _models import LLAMA_3_2_1B, TINY, ModelShape, checkpoint_dir
@@ -123,10 +124,11 @@ def timed_decode(llm, batch: int, plan: Plan, vocab: int, run: int, kv_bytes_per
     return batch * plan.timed_tokens / seconds, kv_bytes / plan.timed_tokens
 
 
-def graph_step_ms(runner, req_ids: list[str]) -> float:
-    """Median device time of the model's decode forward (through the logits) replayed from
-    a CUDA graph, for the last step of the running requests `req_ids` (the worker's state
-    still describes that step, and rewriting its K/V stores the same values)."""
+def decode_forward(runner, req_ids: list[str]) -> tuple[Callable[[], torch.Tensor], int]:
+    """The model's decode forward (through the logits) for the last step of the running
+    requests `req_ids`, and the K/V tokens it reads (each sequence's whole length). The
+    worker's state still describes that step, and rewriting its K/V stores the same values.
+    """
     from shardline.worker.input_batch import build_step_inputs
     # Each request's last known token, decoded again: under async scheduling the worker's
     # last step may have gone ahead of the tokens it was sent.
@@ -138,7 +140,12 @@ def graph_step_ms(runner, req_ids: list[str]) -> float:
 
     def forward() -> torch.Tensor:
         return model.compute_logits(model(inputs.input_ids, inputs.positions, inputs.meta))
+    return forward, sum(s.num_tokens for s in states)
 
+
+def graph_step_ms(runner, req_ids: list[str]) -> float:
+    """Median device time of decode_forward replayed from a CUDA graph."""
+    forward, _ = decode_forward(runner, req_ids)
     with torch.inference_mode():
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -261,16 +268,23 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def main() -> None:
-    args = parse_args()
+def refuse_unrunnable(args: argparse.Namespace, script: str) -> None:
+    """Exit saying why, where --device and --tiny ask for what cannot run here: a GPU
+    where none is, the 1B model on the CPU, the kernels while SHARDLINE_DISABLE_TRITON=1
+    would swap in their torch references."""
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench/e2e_decode.py measures decode on a CUDA GPU (H100 / H200) and none "
-                 "is visible. Use --tiny --device cpu for a smoke run on the CPU.")
+        sys.exit(f"bench/{script} runs decode on a CUDA GPU (H100 / H200) and none is "
+                 "visible. Use --tiny --device cpu for a smoke run on the CPU.")
     if args.device == "cpu" and not args.tiny:
         sys.exit("--device cpu runs only with --tiny: a 1B-parameter model would take hours")
     if os.environ.get("SHARDLINE_DISABLE_TRITON") == "1" and args.device == "cuda":
-        sys.exit("SHARDLINE_DISABLE_TRITON=1 is set: the engine would run the torch "
-                 "references instead of the kernels; unset it.")
+        sys.exit("SHARDLINE_DISABLE_TRITON=1 is set: the torch references would run "
+                 "instead of the kernels; unset it.")
+
+
+def main() -> None:
+    args = parse_args()
+    refuse_unrunnable(args, "e2e_decode.py")
     if args.runs is not None and args.runs < 1:
         sys.exit(f"--runs={args.runs} is invalid: must be >= 1")
     os.environ["SHARDLINE_DEVICE"] = args.device   # the worker's device
