@@ -200,6 +200,10 @@ class TunedKernel(triton.runtime.Autotuner):
     def _choose(self, args: tuple, kwargs: dict) -> object:
         key = self.table_key(args, kwargs)
         candidates = self.candidates(args, kwargs)
+        if not candidates:
+            raise ValueError(f"{self.name} {key}: the prune keeps none of its "
+                             f"{len(self.configs)} configs on this device (each needs more "
+                             "than it has, shared memory say), so nothing can launch")
         table = current_table()
         config = table.kernels.get(self.name, {}).get(key) if table is not None else None
         if config is not None and config in candidates:

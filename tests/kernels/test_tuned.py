@@ -171,6 +171,16 @@ def test_a_launch_no_candidate_fits_raises_the_first_error(monkeypatch):
         probe(10)     # and one
 
 
+def test_a_key_the_prune_keeps_no_config_for_is_refused_by_name(monkeypatch, rng):
+    """As matmul's fp32 gated tiles on a GPU with 99 KiB of shared memory (sm_86, sm_89):
+    a named error, not an IndexError from an empty candidate list."""
+    probe = Probe(monkeypatch)
+    n = rng.randint(1, 8)     # N_BUCKET under every config's BLOCK
+    with pytest.raises(ValueError, match=f"_probe_kernel {probe.key(n)}: the prune keeps none"):
+        probe(n)
+    assert probe.launched == []
+
+
 def test_a_table_config_the_prune_rejects_counts_as_a_miss(monkeypatch, tmp_path):
     probe = Probe(monkeypatch)
     use_table(monkeypatch, write_fake_table(tmp_path / "t.json",
