@@ -109,7 +109,7 @@ def walk_start(model: nn.Module, config: dict, limits: Limits, device: torch.dev
     per graph batch size (as ModelRunner.warm_up does, graphs aside). The KV cache gets
     `num_blocks` blocks per layer; the warm-up writes none of them."""
     from shardline.worker.graph_runner import DecodeGraphRunner, graph_batch_sizes
-    from shardline.worker.model_runner import TUNING_CONTEXT
+    from shardline.worker.warmup import TUNING_CONTEXT
     from shardline.worker.warmup import warm_up_prefill
     dtype = next(model.parameters()).dtype
     for attn in model.attention_layers():

@@ -46,22 +46,29 @@ def test_warm_up_runs_every_bucket_and_leaves_the_cache_untouched(model, ahead, 
     forward, compute_logits = runner.model.forward, runner.model.compute_logits
     monkeypatch.setattr(runner.model, "forward",
                         lambda ids, positions, meta, intermediate: forwards.append(
-                            (ids.shape[0], meta.block_tables.shape[1]))
+                            (ids.shape[0], int(meta.seq_lens[0]), meta.block_tables.shape[1]))
                         or forward(ids, positions, meta, intermediate))
     monkeypatch.setattr(runner.model, "compute_logits",
                         lambda h: logits.append(h.shape[0]) or compute_logits(h))
-    max_position = int(torch.randint(8, 40, ()))
+    max_position = int(torch.randint(300, 513, ()))    # tiny's rotary holds 512
+    monkeypatch.setattr(warmup, "TUNING_CONTEXT", int(torch.randint(257, 300, ())))
     warmed = warm_up_prefill(runner.model, max_num_batched_tokens=50, max_num_seqs=5,
                              block_size=4, max_position=max_position,
                              vocab_size=runner.info.vocab_size, device=runner.device)
     runs = 2 if ahead else 1
-    # First a decode through a block table as wide as the longest context (decode
-    # attention's split path), then a prefill of each bucket.
-    widest = -(-max_position // 4)
-    assert forwards == [(1, widest), (1, 1), (8, 2), (16, 4), (32, 8), (50, 13)] * runs
+    # Two decodes first, each of a context worth timing attention on: one attention reads
+    # in a single split, one through a block table as wide as the longest context (the
+    # split path); then a prefill of each bucket.
+    tuning = min(max_position, warmup.TUNING_CONTEXT)
+    decodes = [(1, 256, 64), (1, tuning, -(-max_position // 4))]
+    prefills = [(8, 8, 2), (16, 16, 4), (32, 32, 8), (50, 50, 13)]
+    assert forwards == (decodes + prefills) * runs
     assert logits == [1, 5] * runs
     assert warmed == 5
     assert passes == [0, 6 if ahead else 0]
+    from shardline.kernels.attention_decode import choose_splits
+    assert choose_splits(1, 1, warmup.UNSPLIT_CONTEXT, num_sms=10**6) == 1
+    assert choose_splits(1, 1, warmup.UNSPLIT_CONTEXT + 1, num_sms=10**6) > 1
     after = [t for a in layers for t in (a.k_cache, a.v_cache)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 

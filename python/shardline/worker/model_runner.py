@@ -31,9 +31,8 @@ from shardline.worker.input_batch import (RequestState, StepInputs, build_step_i
                                           fill_ahead_tokens)
 from shardline.worker.kv_memory import allocate_kv_cache
 from shardline.worker.prompt_logprobs import compute_prompt_logprobs
-from shardline.worker.warmup import warm_up_prefill
+from shardline.worker.warmup import TUNING_CONTEXT, warm_up_prefill
 
-TUNING_CONTEXT = 1024   # tokens per sequence while decode kernels autotune at capture
 _SEED_MIX, _INDEX_MIX = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9  # odd 64-bit mixing constants
 
 

@@ -26,6 +26,14 @@ from shardline.models.llama import IntermediateTensors
 
 logger = logging.getLogger(__name__)
 
+TUNING_CONTEXT = 1024
+"""Tokens each sequence holds in the throwaway decodes (the warm-up's and the graph
+capture's): where SHARDLINE_AUTOTUNE=1 times decode attention's configs on them, it times
+them on a context of this length, not on a near-empty one."""
+UNSPLIT_CONTEXT = 256
+"""The longest context decode attention reads in one split (kernels.attention_decode's
+choose_splits splits none of 256 tokens or fewer)."""
+
 
 def token_buckets(limit: int) -> list[int]:
     """Token counts that reach every kernel shape bucket up to `limit`, and `limit`'s own.
@@ -43,19 +51,21 @@ def token_buckets(limit: int) -> list[int]:
 
 
 def dummy_prefill(num_tokens: int, block_size: int, max_position: int, vocab_size: int,
-                  device: torch.device, blocks: int | None = None
+                  device: torch.device, context: int | None = None, blocks: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-    """One sequence of `num_tokens` random tokens as a prefill that writes no KV and reads
+    """One sequence whose last `num_tokens` random tokens of `context` (all of them by
+    default) are new: a prefill, or with one token a decode, that writes no KV and reads
     only block 0 (whatever it holds: the output is thrown away), through a block table of
-    `blocks` entries (as many as the tokens fill by default). Positions wrap at
+    `blocks` entries (as many as the context fills by default). Positions wrap at
     `max_position`, which the token budget may exceed."""
+    context = num_tokens if context is None else context
     input_ids = torch.randint(vocab_size, (num_tokens,), device=device)
-    positions = torch.arange(num_tokens, device=device) % max_position
-    blocks = -(-num_tokens // block_size) if blocks is None else blocks
+    positions = torch.arange(context - num_tokens, context, device=device) % max_position
+    blocks = -(-context // block_size) if blocks is None else blocks
     meta = AttentionMetadata(
         slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=device),
         query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([context], dtype=torch.int32, device=device),
         block_tables=torch.zeros(1, blocks, dtype=torch.int32, device=device),
         decode_only=num_tokens == 1)
     return input_ids, positions, meta
@@ -69,12 +79,16 @@ def warm_up_prefill(model: nn.Module, max_num_batched_tokens: int, max_num_seqs:
     every sampled-row bucket up to max_num_seqs; returns the most logits rows it ran."""
     started = time.perf_counter()
     buckets = token_buckets(max_num_batched_tokens)
-    # First, a decode whose block table spans the longest context: decode attention splits
-    # such a context over programs and merges them, kernels a short one never reaches.
-    longest = dummy_prefill(1, block_size, max_position, vocab_size, device,
-                            blocks=-(-max_position // block_size))
-    batches = [longest] + [dummy_prefill(n, block_size, max_position, vocab_size, device)
-                           for n in buckets]
+    # The one-token bucket is two decodes: one that attention reads in a single split, and
+    # one through a block table as wide as the longest context, which it splits over
+    # programs and merges (kernels a short context never reaches).
+    decodes = [dummy_prefill(1, block_size, max_position, vocab_size, device,
+                             context=min(max_position, UNSPLIT_CONTEXT)),
+               dummy_prefill(1, block_size, max_position, vocab_size, device,
+                             context=min(max_position, TUNING_CONTEXT),
+                             blocks=-(-max_position // block_size))]
+    batches = decodes + [dummy_prefill(n, block_size, max_position, vocab_size, device)
+                         for n in buckets if n > 1]
     with compile_ahead(device) as ahead:
         if ahead:
             _run_buckets(model, batches, max_num_seqs)
