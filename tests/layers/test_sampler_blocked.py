@@ -43,7 +43,7 @@ def test_both_forms_mask_exactly_the_ids(device, rng):
     was, bit for bit; the caller's logits are left alone, and the mask is made once."""
     vocab = rng.randint(16, 3000)
     blocked = _random_rows(rng, rng.randint(4, 12), vocab, vocab)
-    assert {b.uses_mask(vocab) for b in blocked if isinstance(b, BlockedTokens)} == {
+    assert {b.uses_row(vocab) for b in blocked if isinstance(b, BlockedTokens)} == {
         False, True}
     logits = torch.randn(len(blocked), vocab, device=device) * 5
     odd = torch.rand(logits.shape, device=device)
@@ -59,8 +59,8 @@ def test_both_forms_mask_exactly_the_ids(device, rng):
         torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
         torch.testing.assert_close(logits, before, rtol=0, atol=0, equal_nan=True)
         for row, b in enumerate(blocked):
-            if isinstance(b, BlockedTokens) and b.uses_mask(vocab):
-                mask = b.mask(vocab, logits.device)
+            if isinstance(b, BlockedTokens) and b.uses_row(vocab):
+                mask = b.row(vocab, logits.device)
                 assert masks.setdefault(row, mask) is mask
     masks_only = [BlockedTokens(rng.sample(range(vocab), vocab // 8 + 1))
                   for _ in range(len(blocked))]
@@ -108,4 +108,4 @@ def test_ids_are_kept_once_each_and_an_id_outside_the_vocabulary_is_refused(rng)
     blocked = BlockedTokens(ids + ids[:5])
     assert blocked.ids.tolist() == sorted(set(ids)) and len(blocked) == len(set(ids))
     with pytest.raises(ValueError, match=f"blocked token id {max(ids)} .*\\[0, {max(ids)}\\)"):
-        blocked.mask(max(ids), torch.device("cpu"))
+        blocked.row(max(ids), torch.device("cpu"))
