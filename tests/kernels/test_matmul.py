@@ -161,6 +161,9 @@ def test_tiles_whose_pipeline_outgrows_shared_memory_are_never_candidates(monkey
     dropped = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages)
                for c in everything if c not in fp32]
     assert dropped == [(128, 256, 3), (128, 128, 4)]   # 288 KiB and 256 KiB of fp32 tiles
+    ampere = 101376                       # sm_86 / sm_89
+    monkeypatch.setattr(_config, "max_shared_memory", lambda device: ampere)
+    assert kept(torch.float32, gated=True), "no tile fits gated fp32 in 99 KiB"
     for dtype, gated in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, True)):
         limit = random.randint(64 << 10, hopper)
         monkeypatch.setattr(_config, "max_shared_memory", lambda device: limit)
