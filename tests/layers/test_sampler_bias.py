@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from shardline.layers.sampler import (Sampler, SamplingBatch, TokenBias, apply_bias,
-                                      apply_penalties)
+from shardline.layers.sampler import Sampler, SamplingBatch, apply_penalties
+from shardline.layers.token_sets import TokenBias, apply_bias
 from shardline.sampling_params import SamplingParams
 
 V = 64

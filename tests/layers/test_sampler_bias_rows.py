@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from shardline.layers.sampler import (Sampler, SamplingBatch, TokenBias, TokenSet,
-                                      apply_bias)
+from shardline.layers.sampler import Sampler, SamplingBatch
+from shardline.layers.token_sets import TokenBias, TokenSet, apply_bias
 from shardline.sampling_params import SamplingParams
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

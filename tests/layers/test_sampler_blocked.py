@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from shardline.layers.sampler import BlockedTokens, Sampler, SamplingBatch, mask_blocked
+from shardline.layers.sampler import Sampler, SamplingBatch
+from shardline.layers.token_sets import BlockedTokens, mask_blocked
 from shardline.sampling_params import SamplingParams
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

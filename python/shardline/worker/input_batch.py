@@ -23,7 +23,7 @@ from shardline.device_copy import to_device
 from shardline.step import NewRequestData
 from shardline.sampling_params import SamplingParams
 from shardline.layers.attention import AttentionMetadata
-from shardline.layers.sampler import BlockedTokens, TokenBias
+from shardline.layers.token_sets import BlockedTokens, TokenBias
 
 
 _NO_STOPS = BlockedTokens(())
