@@ -15,7 +15,8 @@ chunked; a prompt sharing a cached prefix; prompt logprobs), and reports per kin
 kernel specializations that the warm-up did not compile. The outputs are garbage (no
 kernel runs); only the launches matter.
 
-    python bench/serving_compiles.py                    # small-llama, graphs and eager
+    python bench/serving_compiles.py                    # small-llama and tiny-mixtral,
+                                                        # graphs and eager
     python bench/serving_compiles.py --models tiny-llama --modes eager
 """
 
@@ -112,7 +113,7 @@ def count(model: str, eager: bool) -> dict:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["small-llama"])
+    parser.add_argument("--models", nargs="+", default=["small-llama", "tiny-mixtral"])
     parser.add_argument("--modes", nargs="+", choices=("graphs", "eager"),
                         default=["graphs", "eager"])
     parser.add_argument("--out", type=Path, default=RESULTS / "serving_compiles.json")

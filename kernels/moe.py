@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from shardline.kernels._checks import output_like
-from shardline.kernels._config import autotune, interpreting
+from shardline.kernels._config import autotune, interpreting, jit_for_serving
 from shardline.kernels._tuned import shape_bucket
 from shardline.kernels._dot import dot_over_k, dot_precision
 
@@ -54,7 +54,7 @@ def _fit_block(configs: list[triton.Config], named_args: dict,
 
 @autotune(_CONFIGS, key=["PAIRS_BUCKET", "N", "K", "BLOCK_M", "GATE_UP"],
           fixed=_config(32, 32, 4, 1), prune=_fit_block)
-@triton.jit
+@jit_for_serving(ints=("num_pairs",))
 def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_pairs_ptr, block_experts_ptr,
                      topk_weights_ptr, num_pairs, N, K, PAIRS_BUCKET, PAIRS_PER_ROW,
                      stride_am, stride_ak, stride_we, stride_wn, stride_wk,
@@ -109,7 +109,7 @@ def _pair_buckets(ids_ptr, offs, num_pairs, expert_offset, num_experts):
     return tl.where(offs < num_pairs, bucket, -1)
 
 
-@triton.jit
+@jit_for_serving(ints=("num_pairs", "max_blocks"))
 def _moe_align_kernel(ids_ptr, sorted_pairs_ptr, block_experts_ptr, num_pairs, expert_offset,
                       num_experts, max_blocks, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
                       CHUNK: tl.constexpr):

@@ -159,8 +159,8 @@ def test_warm_up_on_cpu_does_nothing(monkeypatch):
 def test_serving_after_the_warm_up_compiles_no_kernel(tmp_path):
     """bench/serving_compiles.py: every Triton kernel specialization that a few kinds of
     requests launch (short, mixed, split decode contexts, chunked, cached prefix, prompt
-    logprobs) was compiled by the warm-up, with and without decode graphs. Compiled Triton
-    only (no interpreter), launches recorded, as on an H100."""
+    logprobs) was compiled by the warm-up, with and without decode graphs, dense and MoE.
+    Compiled Triton only (no interpreter), launches recorded, as on an H100."""
     import json
     import os
     import subprocess
@@ -170,11 +170,12 @@ def test_serving_after_the_warm_up_compiles_no_kernel(tmp_path):
     out = tmp_path / "serving_compiles.json"
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(bench / "serving_compiles.py"), "--models",
-                           "tiny-llama", "--out", str(out)], env=env, capture_output=True,
-                          text=True, timeout=600)
+                           "tiny-llama", "tiny-mixtral", "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert [run["mode"] for run in report["runs"]] == ["graphs", "eager"]
+    assert [(run["model"], run["mode"]) for run in report["runs"]] == [
+        (model, mode) for model in ("tiny-llama", "tiny-mixtral") for mode in ("graphs", "eager")]
     for run in report["runs"]:
         assert run["warm_up"] > 0 and len(run["phases"]) == 7
         assert [p["compiles"] for p in run["phases"]] == [[]] * 7, done.stdout
