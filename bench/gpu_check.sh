@@ -28,7 +28,7 @@ stage tests-kernels 110 python -m pytest -q -rf --timeout 100 $(xdist 8) \
     tests/kernels tests/models/test_parity_kernels.py tests/models/test_parity_bf16.py \
     --deselect tests/kernels/test_interpreted.py
 stage tests-engine 80 python -m pytest -q -rf --timeout 60 \
-    tests/worker tests/engine/test_llm_e2e.py tests/engine/test_async_scheduling.py
+    tests/layers tests/worker tests/engine/test_llm_e2e.py tests/engine/test_async_scheduling.py
 stage tune 110 python bench/tune.py --out-dir "$OUT" --time-limit 85
 stage kernels 90 env $(table_env) python bench/kernels.py --out-dir "$OUT" --warmup 10 \
     --reps 30 --steps decode-attention fused-moe matmul prefill-attention
