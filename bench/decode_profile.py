@@ -42,8 +42,9 @@ from typing import Any, Callable, Iterator
 import torch
 from _models import LLAMA_3_2_1B, TINY, ModelShape, checkpoint_dir
 from _timing import Timer, copy_bandwidth
-from e2e_decode import (BLOCK_SIZE, RESULTS_DIR, Plan, decode_forward, graph_step_ms,
-                        refuse_unrunnable, request_id, sync, timed_decode, weight_bytes)
+from e2e_decode import (BLOCK_SIZE, RESULTS_DIR, Plan, add_model_args, decode_forward,
+                        graph_step_ms, refuse_unrunnable, request_id, sync, timed_decode,
+                        weight_bytes)
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -305,11 +306,7 @@ def print_summary(results: list[dict]) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--tiny", action="store_true",
-                        help="tiny model, short context: a smoke run of every code path")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
-                        default="bfloat16")
+    add_model_args(parser, "tiny model, short context: a smoke run of every code path")
     parser.add_argument("--batches", type=int, nargs="+",
                         help="batch sizes (default 1 16 64; 1 2 4 with --tiny)")
     parser.add_argument("--context", type=int, help="tokens cached per sequence (512; 16)")

@@ -249,13 +249,17 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_args(parser: argparse.ArgumentParser, tiny_help: str) -> None:
+    """--device, --tiny and --dtype: what the decode scripts run on (see refuse_unrunnable)."""
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--tiny", action="store_true",
-                        help="tiny model and plan: a smoke run of every code path")
+    parser.add_argument("--tiny", action="store_true", help=tiny_help)
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                         default="bfloat16")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(parser, "tiny model and plan: a smoke run of every code path")
     parser.add_argument("--runs", type=int, default=None, help="timed runs per batch size")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="run the engine's decode op by op instead of from CUDA graphs")
