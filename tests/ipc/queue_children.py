@@ -4,6 +4,7 @@ the test module, so that a spawned child starts in a fraction of a second."""
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from multiprocessing.connection import Connection
 
@@ -12,8 +13,9 @@ from shardline.ipc import MessageQueue, MessageQueueHandle
 
 def read_one_then_idle(handle: MessageQueueHandle, pipe: Connection) -> None:
     """Reader 0: reports its pid, passes the first message back, then reads no more
-    until it is killed."""
+    until it is killed. The message goes back pickled with protocol 5: the pipe's own
+    protocol turns numpy's big-endian arrays native."""
     queue = MessageQueue.attach(handle, 0)
     pipe.send(os.getpid())
-    pipe.send(queue.dequeue(30.0))
+    pipe.send_bytes(pickle.dumps(queue.dequeue(30.0), protocol=5))
     time.sleep(60.0)

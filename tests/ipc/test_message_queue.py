@@ -392,7 +392,7 @@ def test_a_reader_killed_mid_message_ends_the_writers_wait_with_peer_died(rng):
             first = random_value(rng)
             writer.enqueue(first, TIMEOUT)
             assert receiver.poll(TIMEOUT) and receiver.recv() == child.pid
-            assert_identical(receiver.recv(), as_received(first))
+            assert_identical(pickle.loads(receiver.recv_bytes()), as_received(first))
             threading.Timer(0.2, os.kill, (child.pid, signal.SIGKILL)).start()
             start = time.monotonic()
             with pytest.raises(PeerDied, match=f"reader 0 \\(pid {child.pid}\\)"):
