@@ -1,5 +1,6 @@
 """Config validation and resolution: dtype "auto", the KV cache settings, the token budget."""
 
+import math
 import pathlib
 import random
 import re
@@ -77,11 +78,36 @@ def test_token_budget_must_cover_one_token_per_sequence():
     ("enable_prefix_caching", "no", "True or False"),
     ("enable_chunked_prefill", 0, "True or False"),
     ("pipeline_stage_layers", 2, "None or a list of 1 layer counts"),
+    ("step_timeout_s", 0, "None or a number of seconds > 0"),
+    ("step_timeout_s", -5.0, "None or a number of seconds > 0"),
+    ("step_timeout_s", math.inf, "None or a number of seconds > 0"),
+    ("step_timeout_s", math.nan, "None or a number of seconds > 0"),
+    ("step_timeout_s", "30", "None or a number of seconds > 0"),
+    ("step_timeout_s", True, "None or a number of seconds > 0"),
 ])
 def test_engine_options_of_the_wrong_type_are_named(field, value, allowed):
     message = f"{field}={value!r} is invalid: must be {allowed}"
     with pytest.raises(ValueError, match=re.escape(message)):
         EngineArgs("tiny-llama", **{field: value}).to_config()
+
+
+@pytest.mark.parametrize("backend", [None, "uni"])
+def test_a_step_timeout_is_refused_where_the_step_runs_in_the_engines_process(backend, rng):
+    timeout = rng.uniform(0.5, 600.0)
+    with pytest.raises(ValueError, match=re.escape(
+            f"step_timeout_s={timeout!r} is invalid: must be None where the one rank runs in "
+            "the engine's own process")):
+        EngineArgs("tiny-llama", step_timeout_s=timeout,
+                   distributed_executor_backend=backend).to_config()
+
+
+@pytest.mark.parametrize("layout", [dict(distributed_executor_backend="mp"),
+                                    dict(distributed_executor_backend="ray"),
+                                    dict(tensor_parallel_size=2)])
+def test_a_step_timeout_is_taken_where_workers_run_apart(layout, rng):
+    timeout = rng.choice([rng.randint(1, 600), rng.uniform(0.01, 600.0)])
+    config = EngineArgs("tiny-llama", step_timeout_s=timeout, **layout).to_config()
+    assert config.parallel.step_timeout_s == timeout
 
 
 @pytest.mark.parametrize("model", [None, 5, b"tiny-llama"])

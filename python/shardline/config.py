@@ -6,6 +6,7 @@ fails at construction and not deep inside a worker.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -212,7 +213,10 @@ class ParallelConfig:
     environment variable if set, else CUDA when present). `worker_cls` is the dotted path
     of the class each rank runs (the model worker unless a tool swaps in another).
     `ray_address` is the Ray cluster the "ray" backend joins (None: RAY_ADDRESS if set,
-    else a local cluster it starts).
+    else a local cluster it starts). `step_timeout_s` bounds how long the engine waits for
+    a step's tokens from workers outside its process: past it the workers are stopped and
+    the engine fails with EngineDeadError (a supervisor restarts it); None, the default,
+    only reports a slow step, since a long prefill on a slow CPU is legitimate.
     """
 
     tensor_parallel_size: int = 1
@@ -226,6 +230,7 @@ class ParallelConfig:
     device: str | None = None
     worker_cls: str = "shardline.worker.worker.Worker"
     ray_address: str | None = None
+    step_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
@@ -263,6 +268,22 @@ class ParallelConfig:
         _require(self.ray_address is None or self.distributed_executor_backend == "ray",
                  "ray_address", self.ray_address, "None unless distributed_executor_backend="
                  f"'ray' (it is {self.distributed_executor_backend!r})")
+        timeout = self.step_timeout_s
+        _require(timeout is None or (isinstance(timeout, (int, float))
+                                     and not isinstance(timeout, bool)
+                                     and 0 < timeout < math.inf),
+                 "step_timeout_s", timeout, "None or a number of seconds > 0")
+        _require(timeout is None or self.executor_backend != "uni", "step_timeout_s", timeout,
+                 "None where the one rank runs in the engine's own process (the engine cannot "
+                 "stop its own step): use distributed_executor_backend='mp'")
+
+    @property
+    def executor_backend(self) -> str:
+        """The executor that runs the layout: `distributed_executor_backend`, or where it
+        is None, "uni" (in process) for one rank and "mp" for more."""
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "uni" if self.world_size == 1 else "mp"
 
     @property
     def world_size(self) -> int:

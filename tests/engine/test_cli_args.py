@@ -21,14 +21,16 @@ def test_every_flag_reaches_its_engine_args_field_and_command_flags_do_not():
                "tensor-parallel-size", "pipeline-parallel-size", "data-parallel-size",
                "sequence-parallel-size")}
     argv = [f"--{name}={value}" for name, value in counts.items()]
+    timeout = round(random.uniform(0.1, 900.0), 3)
     argv += ["--seed", str(random.randint(1, 99)), "--pipeline-stage-layers", "3,2",
              "--dtype", "bfloat16", "--device", "cpu", "--enforce-eager",
-             "--no-async-scheduling"]
+             "--no-async-scheduling", "--step-timeout-s", str(timeout)]
     kwargs = engine_kwargs(parser.parse_args(argv))
     args = EngineArgs(**kwargs)
     for name, value in counts.items():
         assert getattr(args, name.replace("-", "_")) == value
     assert args.pipeline_stage_layers == [3, 2] and args.dtype == "bfloat16"
+    assert args.step_timeout_s == timeout
     assert args.enforce_eager and args.async_scheduling is False and args.device == "cpu"
     assert "seed" not in kwargs and args.seed == EngineArgs("x").seed
 
@@ -62,3 +64,13 @@ def test_naming_by_flags_leaves_the_values_alone():
     message = f"model={path!r} has no config.json; model='{inner}=x' (model={path})"
     assert name_by_flags(message, dests) == (
         f"--model={path!r} has no config.json; --model='{inner}=x' (--model={path})")
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "inf", "nan", "soon", ""])
+def test_a_step_timeout_that_is_no_positive_number_of_seconds_is_refused(text, capsys):
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser, "tiny-llama")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--step-timeout-s", text])
+    assert f"argument --step-timeout-s: {text!r} is invalid: must be a number of seconds > 0" \
+        in capsys.readouterr().err

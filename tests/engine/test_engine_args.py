@@ -72,5 +72,5 @@ def test_an_unknown_option_names_the_class_and_the_option_meant(owner, monkeypat
         getattr(shardline, owner)("tiny-llama", **{typo: 1})
     stranger = "".join(rng.choice("qxzjw") for _ in range(12))
     with pytest.raises(TypeError, match=rf"unknown option '{stranger}': the options are dtype, "
-                                        "max_model_len, .*, ray_address$"):
+                                        "max_model_len, .*, ray_address, step_timeout_s$"):
         getattr(shardline, owner)("tiny-llama", dtype="auto", **{stranger: True})

@@ -239,3 +239,13 @@ class FailsInInitWorker(StubWorker):
             note_time()
             raise RuntimeError("init_device failed on purpose")
         time.sleep(60.0)
+
+
+class SpinningWorker(StubWorker):
+    """Never returns from a step holding request "spin": a busy loop, as a worker caught in
+    an endless loop (alive, running, answering nothing)."""
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        while "spin" in scheduler_output.num_scheduled_tokens:
+            pass
+        return super().execute_model(scheduler_output)

@@ -234,6 +234,26 @@ def test_a_slow_step_is_reported_with_every_ranks_stacks_in_its_log(cluster, mon
     wait_gone(pids)
 
 
+def test_a_step_past_its_timeout_stops_every_rank_actor(cluster, rng):
+    """step_timeout_s under Ray: a rank spinning in its step fails the engine, and the
+    actors (spinning ones too) end without a shutdown call."""
+    config = make_config("SpinningWorker", tensor_parallel_size=2, pipeline_parallel_size=2)
+    config.parallel.distributed_executor_backend = "ray"
+    config.parallel.step_timeout_s = timeout = rng.uniform(0.5, 1.5)
+    executor = RayExecutor(config)
+    pids = executor.worker_pids[:4]
+    try:
+        assert executor.execute_model(step("a")).sampled_token_ids == [1002]
+        started = time.monotonic()
+        with pytest.raises(EngineDeadError, match=f"worker rank 2 \\(the output rank\\) did "
+                                                  f"not answer a step within step_timeout_s="):
+            executor.execute_model(step("spin"))
+        assert timeout <= time.monotonic() - started < timeout + 30
+        wait_gone(pids)
+    finally:
+        executor.shutdown()
+
+
 def test_a_slow_step_shows_the_stacks_of_every_data_parallel_core(cluster, monkeypatch,
                                                                    caplog, rng, step_times_dir):
     """Core 0's step may wait on core 1's rank (expert parallelism's all-to-all spans the

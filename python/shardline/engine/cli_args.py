@@ -23,6 +23,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be a number of "
+                                         "seconds > 0")
+    return value
+
+
 def dtype_arg(text: str) -> str:
     """An argparse type: a dtype name, checked before the model loads."""
     if not is_dtype_name(text):
@@ -103,6 +115,10 @@ def add_engine_args(parser: argparse.ArgumentParser, default_model: str | None) 
     flag("--device", choices=("cpu", "cuda"), default=None,
          help="where every rank runs (default: $SHARDLINE_DEVICE, else CUDA "
               "when present)")
+    flag("--step-timeout-s", type=positive_seconds, default=None,
+         help="with worker processes (mp or ray): a step not answered within this "
+              "many seconds stops the workers and fails the engine, for a "
+              "supervisor to restart (default: a slow step is only reported)")
     parser.set_defaults(engine_flags=tuple(dests))
 
 

@@ -21,7 +21,8 @@ class EngineArgs:
     free after loading the model (`gpu_memory_utilization` of a GPU; see CacheConfig).
     `dtype` "auto" is float32 on the CPU and the checkpoint's dtype on a GPU. `device` and
     `pipeline_stage_layers` are ParallelConfig's (the device of every rank; layers per stage),
-    as is `ray_address` (the cluster of distributed_executor_backend="ray").
+    as is `ray_address` (the cluster of distributed_executor_backend="ray") and
+    `step_timeout_s` (how long a step of worker processes may take before the engine fails).
     """
 
     model: str | os.PathLike[str]
@@ -48,6 +49,7 @@ class EngineArgs:
     pipeline_stage_layers: list[int] | None = None
     device: str | None = None
     ray_address: str | None = None
+    step_timeout_s: float | None = None
 
     @classmethod
     def from_options(cls, owner: str, model: str | os.PathLike[str], options: dict
@@ -89,5 +91,6 @@ class EngineArgs:
                                     enable_expert_parallel=self.enable_expert_parallel,
                                     distributed_executor_backend=self.distributed_executor_backend,
                                     pipeline_stage_layers=self.pipeline_stage_layers,
-                                    device=self.device, ray_address=self.ray_address),
+                                    device=self.device, ray_address=self.ray_address,
+                                    step_timeout_s=self.step_timeout_s),
         )

@@ -196,9 +196,7 @@ def check_layout(config: EngineConfig, gpus: int | None = None) -> None:
 def executor_class(parallel: ParallelConfig) -> type[Executor]:
     """The executor for a layout: in process at world size 1 (unless "mp" is asked for),
     one process per rank on this machine otherwise, Ray actors on a cluster for "ray"."""
-    backend = parallel.distributed_executor_backend
-    if backend is None:
-        backend = "uni" if parallel.world_size == 1 else "mp"
+    backend = parallel.executor_backend
     if backend == "uni":
         if parallel.world_size != 1:
             raise ValueError(

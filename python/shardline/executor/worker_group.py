@@ -12,11 +12,14 @@ StepFuture; once the group is dead, every step in flight fails with its error). 
 subclass says only how a call reaches the workers and how their replies come back:
 shared-memory rings to spawned processes, or Ray calls to node agents.
 
-A step whose reply is long in coming is reported, not failed: a long prefill on a slow
-CPU is legitimate, and a rank stuck in a collective raises when the collective's timeout
-(distributed.parallel_state.DEFAULT_TIMEOUT_S) ends it. After SLOW_STEP_S of waiting,
-and again each time the wait doubles, a warning names the step's output rank and the
-workers write their Python stacks to their stderr, where the group can ask them to.
+A step whose reply is long in coming is reported, not failed, unless the configuration
+sets `step_timeout_s`: a long prefill on a slow CPU is legitimate, and a rank stuck in a
+collective raises when the collective's timeout (distributed.parallel_state.
+DEFAULT_TIMEOUT_S) ends it. After SLOW_STEP_S of waiting, and again each time the wait
+doubles, a warning names the step's output rank and the workers write their Python stacks
+to their stderr, where the group can ask them to. Past `step_timeout_s` (a worker in an
+endless loop, a collective that never ends) the stacks are shown once more, the workers
+are stopped, and the step and every one in flight fail with EngineDeadError.
 """
 
 from __future__ import annotations
@@ -315,16 +318,22 @@ class WorkerGroupExecutor(Executor):
 
     def _read_step_reporting(self, ticket: Any, deadline: float | None) -> tuple[bool, Any]:
         """`_read_step`, warning (see the module docstring) each time the wait passes
-        SLOW_STEP_S, then twice that, four times, and so on."""
+        SLOW_STEP_S, then twice that, four times, and so on; past `step_timeout_s`, if
+        set, the workers are stopped and the step fails."""
         started = time.monotonic()
         report_at = started + SLOW_STEP_S
+        limit = self.config.parallel.step_timeout_s
+        give_up = None if limit is None else started + limit
         while True:
             try:
-                return self._read_step(ticket, report_at if deadline is None
-                                       else min(deadline, report_at))
+                return self._read_step(ticket, min(t for t in (deadline, report_at, give_up)
+                                                   if t is not None))
             except TimeoutError:
-                if deadline is not None and time.monotonic() >= deadline:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
                     raise
+                if give_up is not None and now >= give_up:
+                    raise self._timed_out(now - started) from None
             # Here, not at the top: the CLI imports this module and must not load torch.
             from shardline.distributed.parallel_state import DEFAULT_TIMEOUT_S
 
@@ -337,6 +346,21 @@ class WorkerGroupExecutor(Executor):
                 f"the workers' Python stacks follow {stacks}" if stacks
                 else "the workers' stacks cannot be shown from here", DEFAULT_TIMEOUT_S)
             report_at = started + 2 * (report_at - started)
+
+    def _timed_out(self, waited: float) -> EngineDeadError:
+        """Fail the executor for a step not answered within step_timeout_s: the workers
+        show their stacks, then are stopped (one may spin forever, holding its device)."""
+        stacks = self._group.dump_stacks()
+        error = EngineDeadError(
+            f"worker rank {self.first_rank + self.output_rank} (the output rank) did not "
+            f"answer a step within step_timeout_s={self.config.parallel.step_timeout_s} "
+            f"(waited {waited:.1f} s), so the workers were stopped; "
+            + (f"their Python stacks are {stacks}" if stacks
+               else "their stacks cannot be shown from here"))
+        if self._group.set_dead(error):
+            logger.error("%s", error)
+        self.shutdown()
+        return self._group.dead or error
 
     def _step_output(self, payload: Any) -> ModelRunnerOutput:
         """The step's output from the output rank's reply. A reply that is no
