@@ -279,32 +279,44 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def main() -> None:
-    args = parse_args()
-    if args.dry_run:
+def open_bench(script: str, dry_run: bool, warmup: int, reps: int) -> Bench:
+    """The run's Bench with its ceilings measured: bf16 on the GPU, or with `dry_run`
+    fp32 in the Triton interpreter on the CPU (one timed run each). Exits, naming
+    `script`, where neither can run."""
+    if dry_run:
         # Must precede the first import of triton (the kernels import it lazily).
         os.environ["TRITON_INTERPRET"] = "1"
         os.environ["SHARDLINE_FORCE_TRITON"] = "1"
     elif not torch.cuda.is_available():
-        sys.exit("bench/kernels.py measures the Triton kernels on a CUDA GPU (H100 / H200) "
+        sys.exit(f"{script} measures the Triton kernels on a CUDA GPU (H100 / H200) "
                  "and none is visible. Use --dry-run to run its code paths on the CPU in the "
                  "Triton interpreter at tiny shapes.")
     if os.environ.get("SHARDLINE_DISABLE_TRITON") == "1":
         sys.exit("SHARDLINE_DISABLE_TRITON=1 is set: the bench would time the torch "
                  "references instead of the kernels; unset it.")
-
-    device = torch.device("cpu" if args.dry_run else "cuda")
-    dtype = torch.float32 if args.dry_run else torch.bfloat16
-    timer = (Timer(device, 0, 1) if args.dry_run
-             else Timer(device, args.warmup, args.reps, sleep_cycles=SLEEP_CYCLES))
-    b = Bench(device, dtype, timer, args.dry_run)
-    shapes = TINY if args.dry_run else FULL
+    device = torch.device("cpu" if dry_run else "cuda")
+    dtype = torch.float32 if dry_run else torch.bfloat16
+    timer = (Timer(device, 0, 1) if dry_run
+             else Timer(device, warmup, reps, sleep_cycles=SLEEP_CYCLES))
+    b = Bench(device, dtype, timer, dry_run)
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    measure_ceilings(b, dry_run)
+    return b
 
-    out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="shardline-bench-"))
-                               if args.dry_run else RESULTS_DIR)
+
+def results_dir(out_dir: Path | None, dry_run: bool) -> Path:
+    """`out_dir`, made; by default bench/results, or a temporary folder for a dry run."""
+    out_dir = out_dir or (Path(tempfile.mkdtemp(prefix="shardline-bench-")) if dry_run
+                          else RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
-    measure_ceilings(b, args.dry_run)
+    return out_dir
+
+
+def main() -> None:
+    args = parse_args()
+    b = open_bench("bench/kernels.py", args.dry_run, args.warmup, args.reps)
+    shapes = TINY if args.dry_run else FULL
+    out_dir = results_dir(args.out_dir, args.dry_run)
     # Written after each benchmark: a run stopped at a time limit keeps what it measured.
     for name in args.steps:
         first = len(b.results)

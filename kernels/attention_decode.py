@@ -194,6 +194,22 @@ def choose_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int)
     return max(1, min(wanted, triton.cdiv(max_context, 256), _MAX_SPLITS))
 
 
+def split_align() -> int:
+    """Tokens a split's length is a multiple of (fewer in the interpreter, so that tiny
+    test contexts still split)."""
+    return 16 if interpreting() else 128
+
+
+def launched_splits(num_splits: int, max_context: int) -> int:
+    """The splits a launch asked for `num_splits` runs: each split's length is rounded up
+    to split_align() tokens, so fewer splits may cover `max_context`."""
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1; got {num_splits}")
+    align = split_align()
+    split_tokens = triton.cdiv(triton.cdiv(max_context, num_splits), align) * align
+    return max(1, triton.cdiv(max_context, split_tokens))
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            *, out: torch.Tensor | None = None,
@@ -222,11 +238,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_splits is None:
         num_splits = choose_splits(batch, num_kv_heads, max_context,
                                    _config.num_sms(q.device, on_cpu=1))
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1; got {num_splits}")
-    align = 16 if interpreting() else 128
-    split_tokens = triton.cdiv(triton.cdiv(max_context, num_splits), align) * align
-    num_splits = max(1, triton.cdiv(max_context, split_tokens))
+    num_splits = launched_splits(num_splits, max_context)
     direct = num_splits == 1
 
     group = num_q_heads // num_kv_heads
@@ -247,7 +259,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         KV_BLOCK_SIZE=kv_block_size, BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)),
         BLOCK_D=block_d, DIRECT=direct, DOT_PRECISION=dot_precision(k_cache.dtype),
-        SPLIT_ALIGN=align,
+        SPLIT_ALIGN=split_align(),
     )
     if not direct:
         _merge_splits_kernel[(batch, num_q_heads)](

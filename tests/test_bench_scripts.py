@@ -185,6 +185,25 @@ def test_kernels_dry_run_covers_every_kernel(tmp_path):
     assert (tmp_path / "kernels.png").stat().st_size > 0
 
 
+def test_decode_splits_dry_run_sweeps_every_split_count_of_every_case(tmp_path):
+    run_script("decode_splits.py", "--dry-run", "--out-dir", str(tmp_path))
+    result = json.loads((tmp_path / "decode_splits.json").read_text())
+    assert result["dry_run"] is True and result["copy_GBps"] > 0
+    # TINY's one decode shape (2 sequences of 40 tokens in 16-token blocks: 48 tokens a
+    # table, split into 16-token multiples) at each TP size.
+    assert [(r["tp"], r["batch"], r["context"]) for r in result["cases"]] == [
+        (1, 2, 40), (2, 2, 40), (8, 2, 40)]
+    for r in result["cases"]:
+        assert list(r["fractions"]) == ["1", "2"] and r["max_rel_err"] < 1e-3, r
+        pairs = {(int(s), c): f for s, row in r["fractions"].items() for c, f in row.items()}
+        assert all(f > 0 and math.isfinite(f) for f in pairs.values())
+        best = r["best"]
+        assert pairs[best["splits"], best["config"]] == best["fraction"] == max(pairs.values())
+        heuristic = r["heuristic"]
+        assert heuristic["splits"] == 1      # 48 tokens: choose_splits' 256-token floor
+        assert heuristic["fraction"] == max(r["fractions"]["1"].values())
+
+
 def test_host_overhead_quick_accounts_for_every_step(tmp_path):
     run_script("host_overhead.py", "--quick", "--out-dir", str(tmp_path))
     result = json.loads((tmp_path / "host_overhead.json").read_text())
