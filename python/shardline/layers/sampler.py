@@ -73,7 +73,8 @@ def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Repetition penalty over prompt and output tokens (positive logits divided, negative
-    multiplied); presence and frequency penalties over output tokens (OpenAI semantics)."""
+    multiplied); presence and frequency penalties over output tokens (OpenAI semantics).
+    Written into `logits` itself, which it returns."""
     params = batch.params
     if not any(p.needs_token_history for p in params):
         return logits
@@ -82,16 +83,18 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     seen = (_token_counts(batch.prompt_token_ids, vocab, device) > 0) | (out_counts > 0)
     rep = _column([p.repetition_penalty for p in params], logits)
     penalized = torch.where(logits > 0, logits / rep, logits * rep)
-    logits = torch.where(seen, penalized, logits)
-    logits = logits - _column([p.frequency_penalty for p in params], logits) * out_counts
-    return logits - _column([p.presence_penalty for p in params], logits) * (out_counts > 0)
+    torch.where(seen, penalized, logits, out=logits)
+    logits.sub_(_column([p.frequency_penalty for p in params], logits) * out_counts)
+    return logits.sub_(_column([p.presence_penalty for p in params], logits) * (out_counts > 0))
 
 
-def apply_filters(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p masks (masked logits become -inf)."""
+def apply_filters(logits: torch.Tensor, params: list[SamplingParams],
+                  in_place: bool = False) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p masks (masked logits become -inf): a new
+    tensor, or with `in_place` `logits` itself, overwritten."""
     device, vocab = logits.device, logits.shape[1]
     temperatures = [p.temperature if p.temperature > 0 else 1.0 for p in params]
-    logits = logits / _column(temperatures, logits)
+    logits = (logits.div_ if in_place else logits.div)(_column(temperatures, logits))
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     # top_p = 1 keeps every token: compared with the mass before each token, which fp32
     # rounding takes above 1 in the tail, it dropped some (of rows with top_k, or with no
@@ -101,16 +104,17 @@ def apply_filters(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=device)[None, :]
         drop = rank >= to_device(top_k, device, torch.int64)[:, None]
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        sorted_logits.masked_fill_(drop, float("-inf"))
         probs = sorted_logits.softmax(dim=-1)
         drop |= (probs.cumsum(dim=-1) - probs) > _column(top_p, logits)
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        sorted_logits.masked_fill_(drop, float("-inf"))
+        # `order` is each row's permutation: every place of `logits` is written.
+        logits.scatter_(1, order, sorted_logits)
     min_p = [p.min_p for p in params]
     if any(m > 0.0 for m in min_p):
         probs = logits.softmax(dim=-1)
         drop = probs < _column(min_p, logits) * probs.max(dim=-1, keepdim=True).values
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits.masked_fill_(drop, float("-inf"))
     return logits
 
 
@@ -132,7 +136,8 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor
             noise[to_device(rows, probs.device, torch.int64)] = shared
     # torch's CPU exponential_ can return 0 (-log(1 - u) at u = 0, pytorch#22557): 0 / 0
     # would be NaN, which argmax takes as the largest, drawing a token filtered out.
-    return (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    return torch.div(probs, noise, out=noise).argmax(dim=-1)
 
 
 @dataclass
@@ -187,27 +192,49 @@ class SamplerOutput:
 class Sampler:
     """Greedy, temperature and filtered sampling with optional top-n logprobs."""
 
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        """logits [N, V] (one row per request in `batch`) -> N tokens and their logprobs."""
-        logits = apply_penalties(mask_blocked(logits.float(), batch.blocked_token_ids), batch)
-        logits = apply_bias(logits, batch.token_bias)
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch,
+                 overwrite: bool = False) -> SamplerOutput:
+        """logits [N, V] (one row per request in `batch`) -> N tokens and their logprobs.
+
+        The masks, penalties, biases and filters are written into one fp32 [N, V] tensor:
+        the logits themselves with `overwrite` (the caller reads them no more: the model
+        runner's are the LM head's output for this call alone) or when they are not fp32
+        (`float()` copied them), else one copy, made only if a row has something to write,
+        which leaves the caller's logits as they were."""
+        work = logits.float()
+        writable = overwrite or work is not logits
+        if not writable and (any(map(len, batch.blocked_token_ids)) or any(
+                p.needs_token_history for p in batch.params) or any(
+                b is not None for b in batch.token_bias)):
+            work, writable = work.clone(), True
+        work = apply_bias(apply_penalties(mask_blocked(work, batch.blocked_token_ids), batch),
+                          batch.token_bias)
         greedy = [p.greedy for p in batch.params]
-        tokens = logits.argmax(dim=-1)
-        processed = logits
-        if not all(greedy):
-            processed = apply_filters(logits, batch.params)
-            rows = [i for i, g in enumerate(greedy) if not g]
-            row_index = to_device(rows, tokens.device, torch.int64)
-            drawn = draw(processed[row_index].softmax(dim=-1),
-                         [batch.generators[i] for i in rows])
-            tokens[row_index] = drawn
         wanted = [p.logprobs for p in batch.params]
+        # Greedy rows report logprobs of the logits before the filters: when one asks, the
+        # filters write a copy (the one kept here), leaving `work` as it is.
+        greedy_logprobs = any(g and n is not None for g, n in zip(greedy, wanted))
+        tokens = work.argmax(dim=-1)
+        processed = work
+        if not all(greedy):
+            processed = apply_filters(work, batch.params,
+                                      in_place=writable and not greedy_logprobs)
+            rows = [i for i, g in enumerate(greedy) if not g]
+            if len(rows) == len(greedy):
+                tokens = draw(processed.softmax(dim=-1), batch.generators)
+            else:
+                row_index = to_device(rows, tokens.device, torch.int64)
+                tokens[row_index] = draw(processed[row_index].softmax(dim=-1),
+                                         [batch.generators[i] for i in rows])
         out = SamplerOutput(token_ids=tokens, logprobs_wanted=wanted)
         if any(n is not None for n in wanted):
-            is_greedy = to_device(greedy, logits.device, torch.bool)[:, None]
-            rows = torch.where(is_greedy, logits, processed).log_softmax(dim=-1)
-            out.sampled_logprobs = rows.gather(1, tokens[:, None])[:, 0]
-            top_n = min(max(n for n in wanted if n is not None), rows.shape[1])
-            out.top_logprobs, out.top_token_ids = rows.topk(top_n)
+            rows_lp = processed
+            if processed is not work and greedy_logprobs:
+                is_greedy = to_device(greedy, work.device, torch.bool)[:, None]
+                rows_lp = torch.where(is_greedy, work, processed)
+            rows_lp = rows_lp.log_softmax(dim=-1)
+            out.sampled_logprobs = rows_lp.gather(1, tokens[:, None])[:, 0]
+            top_n = min(max(n for n in wanted if n is not None), rows_lp.shape[1])
+            out.top_logprobs, out.top_token_ids = rows_lp.topk(top_n)
         out.start_host_copy()
         return out

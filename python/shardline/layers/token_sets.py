@@ -119,7 +119,8 @@ class TokenBias:
 
 def mask_blocked(logits: torch.Tensor,
                  blocked: list[BlockedTokens | np.ndarray | list[int]]) -> torch.Tensor:
-    """The logits with each row's blocked token ids at -inf (a new tensor if any are).
+    """Each row's blocked token ids set to -inf in `logits` itself, which it returns: the
+    sampler hands over logits of its own (see Sampler), so no copy of [N, V] is made.
 
     Rows whose ids are a BlockedTokens many enough to mask by its vocabulary mask (see
     TokenSet) are masked by their masks, stacked, in one pass over those rows; the
@@ -147,15 +148,13 @@ def mask_blocked(logits: torch.Tensor,
         index[0] = np.repeat(np.asarray(index_rows, dtype=np.int64), counts)
         index[1] = np.concatenate(index_ids)
         index_t = to_device(index, device)
-        logits = logits.index_put((index_t[0], index_t[1]),
-                                  logits.new_full((index.shape[1],), -math.inf))
+        logits.index_put_((index_t[0], index_t[1]),
+                          logits.new_full((index.shape[1],), -math.inf))
     if not mask_rows:
         return logits
     masks = torch.stack([blocked[row].row(vocab, device) for row in mask_rows])
     if len(mask_rows) == len(blocked):
-        return logits.masked_fill(masks, -math.inf)
-    if not index_rows:
-        logits = logits.clone()
+        return logits.masked_fill_(masks, -math.inf)
     rows = to_device(mask_rows, device, torch.int64)
     logits[rows] = logits[rows].masked_fill_(masks, -math.inf)
     return logits
@@ -185,8 +184,8 @@ def _stacked_rows(sets: list[tuple[int, TokenSet]], vocab: int,
 
 def apply_bias(logits: torch.Tensor, token_bias: list[TokenBias | None]) -> torch.Tensor:
     """Each row's logit_bias added to its logits, and for a row with allowed_token_ids every
-    other token at -inf (a new tensor if any row has either; the same one, after one look
-    at each row, if none has). A token at -inf stays there whatever its bias.
+    other token set to -inf, in `logits` itself, which it returns (after one look at each
+    row, untouched, if no row has either). A token at -inf stays there whatever its bias.
 
     `token_bias` holds each row's arrays (see TokenBias). A row's allowed ids and biases are
     written by index, or, when they number an eighth of the vocabulary, by a mask and a
@@ -208,7 +207,8 @@ def apply_bias(logits: torch.Tensor, token_bias: list[TokenBias | None]) -> torc
             *_coordinates(bias_index), *_coordinates(allow_index),
             np.asarray([row for row, _ in allow_index], dtype=np.int64)]), device)
     if len(allow_rows) == len(token_bias):
-        logits = torch.where(_stacked_rows(allow_rows, vocab, device)[1], logits, -math.inf)
+        torch.where(_stacked_rows(allow_rows, vocab, device)[1], logits,
+                    logits.new_full((), -math.inf), out=logits)
     elif allow_index or allow_rows:
         keep = torch.ones_like(logits, dtype=torch.bool)
         if allow_index:
@@ -219,18 +219,16 @@ def apply_bias(logits: torch.Tensor, token_bias: list[TokenBias | None]) -> torc
         if allow_rows:
             index, masks = _stacked_rows(allow_rows, vocab, device)
             keep[index] = masks
-        logits = torch.where(keep, logits, -math.inf)
+        torch.where(keep, logits, logits.new_full((), -math.inf), out=logits)
     if bias_index:
         # A row's ids are each once, so no place is written twice.
         index = (ints_t[:num_bias], ints_t[num_bias:2 * num_bias])
         values = to_device(np.concatenate([s.values for _, s in bias_index]), device,
                            logits.dtype)
-        logits = logits.index_put(index, logits[index] + values)
+        logits.index_put_(index, logits[index] + values)
     if bias_rows:
         index, dense = _stacked_rows(bias_rows, vocab, device)
         if len(bias_rows) == len(token_bias):
-            return logits + dense.to(logits.dtype)
-        if not (bias_index or allow_index or allow_rows):
-            logits = logits.clone()
+            return logits.add_(dense.to(logits.dtype))
         logits[index] += dense.to(logits.dtype)
     return logits

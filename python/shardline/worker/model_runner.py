@@ -264,7 +264,9 @@ class ModelRunner:
         if logits is None:
             return ModelRunnerOutput  # another TP rank gathered the logits and samples
         batch = self._sampling_batch(inputs.sample_req_ids, inputs.ahead_req_ids)
-        sampled = self.sampler(logits, batch)
+        # The LM head made these logits for this call alone (nothing reads them after; the
+        # prompt logprobs have their own): the sampler writes its masks into them.
+        sampled = self.sampler(logits, batch, overwrite=True)
         self._earlier_tokens = sampled.token_ids
 
         def read() -> ModelRunnerOutput:
