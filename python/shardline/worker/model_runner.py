@@ -19,6 +19,7 @@ from shardline.kernels._tuned import autotuning_allowed, set_autotuning
 from shardline.kernels.dispatch import triton_enabled
 from shardline.layers.attention import AttentionMetadata
 from shardline.layers.sampler import Sampler, SamplingBatch
+from shardline.layers.token_sets import BlockedTokens
 from shardline.distributed.parallel_state import get_pp_group, get_sp_group, get_tp_group
 from shardline.layers.sequence_parallel import local_num_tokens
 from shardline.models.llama import IntermediateTensors
@@ -308,7 +309,14 @@ class ModelRunner:
             else:
                 generators.append(torch.Generator(self.device).manual_seed(
                     sampling_seed(params.seed, index)))
-            blocked.append(state.stop_ids if index < params.min_tokens else [])
+            if index < params.min_tokens:
+                blocked.append(state.stop_ids)
+            else:
+                blocked.append([])
+                if len(state.stop_ids):
+                    # No later step masks them (a request's index only grows; a resumed
+                    # one gets a new state): its ids and their vocabulary mask go now.
+                    state.stop_ids = BlockedTokens(())
             token_bias.append(state.token_bias)
         return SamplingBatch(params=[s.sampling_params for s in states],
                              prompt_token_ids=[s.prompt_token_ids for s in states],
