@@ -30,8 +30,10 @@ stage tests-kernels 110 python -m pytest -q -rf --timeout 100 $(xdist 8) \
 stage tests-engine 80 python -m pytest -q -rf --timeout 60 \
     tests/layers tests/worker tests/engine/test_llm_e2e.py tests/engine/test_async_scheduling.py
 stage tune 110 python bench/tune.py --out-dir "$OUT" --time-limit 85
-stage kernels 90 env $(table_env) python bench/kernels.py --out-dir "$OUT" --warmup 10 \
-    --reps 30 --steps decode-attention fused-moe matmul prefill-attention
+# Decode attention is measured by decode-splits, at the heuristic's split count and every other.
+stage kernels 80 env $(table_env) python bench/kernels.py --out-dir "$OUT" --warmup 10 \
+    --reps 30 --steps fused-moe matmul prefill-attention
+stage decode-splits 60 python bench/decode_splits.py --out-dir "$OUT"
 stage decode-profile 60 env $(table_env) python bench/decode_profile.py --out-dir "$OUT"
 stage startup 90 python bench/startup.py --table "$(tuned_table)" --runs 1 --timeout 40 \
     --out "$OUT/startup.json"

@@ -229,8 +229,16 @@ def summarize(model: str, case: str, starts: list[dict]) -> dict:
     return row | {"runs": starts}
 
 
-def time_starts(args: argparse.Namespace) -> dict:
-    rows = []
+def time_starts(args: argparse.Namespace, out: Path) -> None:
+    """Time the starts and write `out` after each model's (a run cut off at a time limit
+    keeps the models it finished)."""
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    rows: list[dict] = []
+    result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+              "device": device, "table": args.table, "runs": args.runs,
+              "limits": asdict(limits_from(args)),
+              "torch": torch.__version__, "triton": __import__("triton").__version__,
+              "targets_s": TARGETS_S, "results": rows}
     for model in args.models:
         directory = model_dir(model)
         starts: dict[str, list[dict]] = {case: [] for case in args.cases}
@@ -248,11 +256,7 @@ def time_starts(args: argparse.Namespace) -> dict:
                   f"median of {len(starts[case])} runs)", flush=True)
             for seconds, message in starts[case][-1].get("timeline", []):
                 print(f"    {seconds:6.1f} s  {message}", flush=True)
-    device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    return {"device": device, "table": args.table, "runs": args.runs,
-            "limits": asdict(limits_from(args)),
-            "torch": torch.__version__, "triton": __import__("triton").__version__,
-            "targets_s": TARGETS_S, "results": rows}
+        write_result(result, out)
 
 
 def parse_args() -> argparse.Namespace:
@@ -332,12 +336,16 @@ def main() -> None:
             sys.exit("bench/startup.py times engine starts on a CUDA GPU and none is "
                      "visible; `--count` reports the compiles of a start on the CPU, "
                      "`--device cpu` smoke-runs the timing code.")
-        result = time_starts(args)
-        result["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
         out = args.out or RESULTS / "startup.json"
+        time_starts(args, out)
+        return
+    write_result(result, out)
+
+
+def write_result(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {out}", flush=True)
 
 
 if __name__ == "__main__":

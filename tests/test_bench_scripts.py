@@ -389,6 +389,26 @@ def test_startup_reports_the_median_of_its_runs(tmp_path):
     assert row["met"] == (row["ready_s"] <= row["target_s"])
 
 
+def test_startup_cut_off_keeps_the_models_it_finished(tmp_path):
+    """The GPU check's startup stage may hit its time limit: what it measured must be on
+    disk by then (it wrote its JSON only at the end)."""
+    out = tmp_path / "startup.json"
+    child = subprocess.Popen(
+        [sys.executable, str(BENCH / "startup.py"), "--device", "cpu", "--models", "tiny-llama",
+         "tiny-qwen2", "--cases", "first", "--runs", "1", "--timeout", "300", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in child.stdout:
+            if line.startswith("wrote "):
+                break
+    finally:
+        child.kill()
+        child.wait()
+    [row] = json.loads(out.read_text())["results"]
+    assert (row["model"], row["case"], len(row["runs"])) == ("tiny-llama", "first", 1)
+    assert row["ready_s"] > 0
+
+
 def test_omp_wait_policy_runs_every_variant(tmp_path):
     """One load, beside a busy process (the idle machine is the same code with none): each
     variant is a fresh process, so a second load would only double the starts."""
