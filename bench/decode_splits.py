@@ -28,17 +28,16 @@ from _kernel_shapes import FULL, TINY, TP_SIZES
 from kernels import open_bench, paged_kv, results_dir
 
 
-def split_counts(max_context: int) -> list[int]:
+def split_counts(max_context: int, heuristic: int) -> list[int]:
     """1, 2, 4, ... as launched (launched_splits), up to one split per split_align()
-    tokens, without repeats."""
+    tokens, and the `heuristic`'s launched count, which need not be among them (on 132
+    SMs, TP2's 64 x 2048 case launches 3 splits), in order without repeats."""
     from shardline.kernels import attention_decode
-    counts, requested = [], 1
+    counts, requested = {heuristic}, 1
     while requested <= max(1, max_context // attention_decode.split_align()):
-        launched = attention_decode.launched_splits(requested, max_context)
-        if launched not in counts:
-            counts.append(launched)
+        counts.add(attention_decode.launched_splits(requested, max_context))
         requested *= 2
-    return counts
+    return sorted(counts)
 
 
 def sweep_case(b, batch: int, context: int, tp: int, shapes) -> dict:
@@ -63,7 +62,7 @@ def sweep_case(b, batch: int, context: int, tp: int, shapes) -> dict:
         attention_decode.choose_splits(batch, kv_heads, max_context, sms), max_context)
     fractions: dict[str, dict[str, float]] = {}
     worst_error = 0.0
-    for splits in split_counts(max_context):
+    for splits in split_counts(max_context, heuristic):
         def run(i: int) -> torch.Tensor:
             q, k_cache, v_cache, block_tables = inputs[i]
             return attention_decode.paged_decode_attention(
