@@ -14,7 +14,9 @@ agent's `run_until_closed`), which Ray ends with an error when the actor's proce
 node dies; an agent's also returns once a rank of its node has stayed stopped (SIGSTOP)
 for stopped_workers.STOPPED_LIMIT_S. ray.kill skips the unlink of a ring that not every
 reader attached (a start cut short), so shutdown kills the ranks first, then has each
-node's agent close its rings and sweep the rings of dead writers on its node.
+node's agent close its rings and sweep the rings of dead writers on its node (a node
+whose agent has died gets a one-off sweep task instead); a rank makes its ring only once
+the executor knows its process, so that the sweep can wait for it to end.
 
 The ranks talk NCCL (CUDA) or gloo (CPU) over torch.distributed, rendezvousing at rank
 0's node; docs/ray.md lists the network settings that matter across nodes.
@@ -32,7 +34,7 @@ from typing import Any, Iterator
 
 try:
     import ray
-    from ray.exceptions import GetTimeoutError, RayError
+    from ray.exceptions import GetTimeoutError, RayActorError, RayError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("distributed_executor_backend='ray' needs Ray: install it with "
@@ -42,7 +44,8 @@ from shardline.config import EngineConfig
 from shardline.executor import stopped_workers
 from shardline.executor.base import EngineDeadError, check_layout
 from shardline.executor.multiproc import exit_cause, unreadable_call, unreadable_reply
-from shardline.executor.ray_placement import RayWorld, connect, disconnect, forwarded_env
+from shardline.executor.ray_placement import (RayWorld, connect, disconnect, forwarded_env,
+                                              sweep_nodes)
 from shardline.executor.ray_worker import (AGENT_CONCURRENCY, NodeAgent, RankActor,
                                            UnreadableCall, UnreadableReply, is_failure)
 from shardline.executor.stopped_workers import describe_stopped
@@ -58,6 +61,20 @@ SHUTDOWN_GRACE_S = 5.0
 _POLL_S = 0.05
 _RankActor = ray.remote(RankActor)
 _NodeAgent = ray.remote(NodeAgent)
+
+
+def _actor_died(ref: Any) -> bool:
+    """Whether the actor call behind `ref`, if back, failed because its actor died."""
+    ready, _ = ray.wait([ref], timeout=0)
+    if not ready:
+        return False
+    try:
+        ray.get(ref)
+    except RayActorError:
+        return True
+    except RayError:
+        pass
+    return False
 
 
 def _ray_device(parallel_device: str | None) -> str:
@@ -88,6 +105,7 @@ class _Actors(WorkerGroup):
         self.world: RayWorld | None = None
         self.ranks: list[Any] = []  # RankActor handles, in slice order
         self.agents: list[Any] = []  # NodeAgent handles, one per node
+        self.agent_nodes: list[str] = []  # the Ray node id of each agent
         self.watched: dict[Any, str] = {}  # long-running call -> what it is
         self.serving: list[Any] = []  # the ranks' serving loops (also in `watched`)
         self.broadcast_of: dict[Any, str] = {}  # serving loop -> the ring it reads
@@ -165,12 +183,17 @@ class _Actors(WorkerGroup):
         the rings of dead writers there (NodeAgent.release_rings): ray.kill skips the
         unlink of a ring that not every reader attached, such as a response ring of a
         rank killed at start or a broadcast ring that a dead rank never attached. A
-        dead agent's call fails at once; a rank whose pid the start never learned is
-        not waited for."""
+        dead agent's call fails at once, and a task pinned to its node sweeps there
+        instead (ray_placement.sweep_nodes). A rank makes its ring only once the start
+        knows its process (`_launch`), so every rank that may hold one is waited for."""
         nodes = self.node_rank_starts or [[] for _ in self.agents]
         refs = [agent.release_rings.remote(ranks, SHUTDOWN_GRACE_S)
                 for agent, ranks in zip(self.agents, nodes)]
         ray.wait(refs, num_returns=len(refs), timeout=2 * SHUTDOWN_GRACE_S)
+        dead = [place for place, ref in enumerate(refs) if _actor_died(ref)]
+        if dead:  # its node is swept by a task pinned there
+            sweep_nodes([self.agent_nodes[place] for place in dead],
+                        [nodes[place] for place in dead], SHUTDOWN_GRACE_S)
 
     def release(self) -> None:
         """Sweep the rings of dead writers on this node (those of an agent that died
@@ -232,14 +255,18 @@ class RayExecutor(WorkerGroupExecutor):
         nodes = list(dict.fromkeys(self.rank_nodes))
         self._node_indices = [[i for i, n in enumerate(self.rank_nodes) if n == node]
                               for node in nodes]
+        actors.agent_nodes = nodes
         actors.agents = [_NodeAgent.options(
             num_cpus=0, max_concurrency=AGENT_CONCURRENCY,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
             for node in nodes]
-        infos = self._get([actor.describe.remote() for actor in actors.ranks], "start")
-        actors.pids = [info["pid"] for info in infos]
-        actors.node_rank_starts = [[(infos[i]["pid"], infos[i]["started"]) for i in indices]
-                                   for indices in self._node_indices]
+        # The ranks' processes first, their rings after: a start cut short then knows the
+        # process of every rank that may hold a ring, and its sweep waits for them to end.
+        started = self._get([actor.identify.remote() for actor in actors.ranks], "start")
+        actors.pids = [info["pid"] for info in started]
+        actors.node_rank_starts = [[(started[i]["pid"], started[i]["started"])
+                                    for i in indices] for indices in self._node_indices]
+        infos = self._get([actor.describe.remote() for actor in actors.ranks], "describe")
         wired = self._get([agent.connect.remote([infos[i]["response"] for i in indices])
                            for agent, indices in zip(actors.agents, self._node_indices)],
                           "connect")

@@ -12,6 +12,8 @@ share one world: the executors find it by the `distributed_init_method` the call
 them all (a key here, not an address: the ranks meet at rank 0's node, on a port a probe
 found free there), and the last one to let go of it removes the placement group. Ray
 itself, if this process started it, stops with the last executor (`disconnect`).
+
+A node whose agent died is swept at shutdown by a task pinned to it (`sweep_nodes`).
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ import uuid
 import ray
 from ray.util.placement_group import (PlacementGroup, placement_group, placement_group_table,
                                       remove_placement_group)
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.exceptions import RayError
+from ray.util.scheduling_strategies import (NodeAffinitySchedulingStrategy,
+                                            PlacementGroupSchedulingStrategy)
 
 from shardline.config import ParallelConfig
+from shardline.executor.ray_worker import sweep_when_ended
 
 logger = logging.getLogger("shardline")
 
@@ -163,3 +168,43 @@ class RayWorld:
     def node_of(self, rank: int) -> str:
         """The Ray node id that holds rank `rank`."""
         return self.bundle_nodes[rank // self.block_size]
+
+
+def _sweep_node(ranks: list[tuple[int, str | None]], timeout: float
+                ) -> tuple[str, list[str]]:
+    """On one node (a task pinned there): wait up to `timeout` seconds for the node's
+    killed ranks (`ranks`: pid and start time of each) to end, then remove the rings of
+    dead writers (ray_worker.sweep_when_ended); the node id this ran on and the names
+    removed."""
+    return ray.get_runtime_context().get_node_id(), sweep_when_ended(ranks, timeout)
+
+
+_node_sweep = ray.remote(num_cpus=0, max_retries=0)(_sweep_node)
+
+
+def sweep_nodes(nodes: list[str], ranks: list[list[tuple[int, str | None]]], timeout: float
+                ) -> dict[str, list[str]]:
+    """At shutdown, sweep `nodes` (Ray node ids whose agent died) by a task pinned to each
+    (no CPU, no retry): a dead agent's broadcast ring that its ranks never attached stays
+    in its node's /dev/shm until the next ring created there, and only a process on that
+    node can remove it. Each task first waits up to `timeout` seconds for its node's
+    killed ranks (`ranks`, one list per node) to end; the tasks get twice that in all,
+    and a node that is gone itself is skipped. The rings removed, by the node each task
+    ran on."""
+    alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    refs = [_node_sweep.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                node, soft=False)).remote(node_ranks, timeout)
+            for node, node_ranks in zip(nodes, ranks) if node in alive]
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=2 * timeout)
+    swept: dict[str, list[str]] = {}
+    for ref in done:
+        try:
+            node, removed = ray.get(ref)
+        except RayError as exc:  # its node died meanwhile
+            logger.debug("sweeping the node of a dead node agent failed: %s", exc)
+            continue
+        swept[node] = removed
+        if removed:
+            logger.info("removed rings %s that a dead node agent left on node %s",
+                        removed, node)
+    return swept

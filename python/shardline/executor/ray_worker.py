@@ -39,7 +39,8 @@ AGENT_CONCURRENCY = 64
 """Threads of a node agent: calls waiting for their turn or their replies, plus one
 `run_until_closed`."""
 WAIT_POLL_S = 0.01
-"""How often a node agent at shutdown looks whether its node's killed ranks have ended."""
+"""How often a sweep at shutdown (sweep_when_ended) looks whether the killed ranks of its
+node have ended."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,21 @@ class UnreadableCall:
     error: list[str]
 
 
+def sweep_when_ended(ranks: list[tuple[int, str | None]], timeout: float) -> list[str]:
+    """Wait up to `timeout` seconds for the processes `ranks` (pid and start time of each;
+    a start time of None is not waited for) to end, then remove the rings of dead writers
+    on this machine (ipc.sweep_orphans); the names removed. A ring's name stays in
+    /dev/shm until every reader has attached, and ray.kill skips the unlink, so the
+    rings of killed ranks are orphans only once their processes are gone."""
+    deadline = time.monotonic() + timeout
+    while any(started is not None and still_running(pid, started)
+              for pid, started in ranks) and time.monotonic() < deadline:
+        time.sleep(WAIT_POLL_S)
+    with contextlib.suppress(OSError):  # /dev/shm unlistable: nothing to sweep
+        return sweep_orphans()
+    return []
+
+
 def is_failure(reply: Any) -> bool:
     """Whether an agent's reply for one rank reports a failure: an error, or what stands
     in place of a reply it could not read."""
@@ -68,23 +84,31 @@ def is_failure(reply: Any) -> bool:
 
 
 class RankActor:
-    """One rank: creates its response ring, then serves the node's broadcast ring in
-    `run` (through worker_proc.serve_rank, the multi-process workers' loop) until told to
-    stop; the executor kills the actor after that."""
+    """One rank: tells the executor its process (`identify`), creates its response ring
+    (`describe`), then serves the node's broadcast ring in `run` (through
+    worker_proc.serve_rank, the multi-process workers' loop) until told to stop; the
+    executor kills the actor after that."""
 
     def __init__(self, rank: int, log_level: int) -> None:
         logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
                             format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
         logging.getLogger("shardline").setLevel(log_level)
         faulthandler.register(DUMP_STACKS_SIGNAL, all_threads=True)
-        self.response = MessageQueue.create(1)
+        self.response: MessageQueue | None = None
+
+    def identify(self) -> dict:
+        """This rank's process id and the process's start time (proc_stat), by which the
+        node agent tells when the rank has ended (release_rings). The executor asks for
+        them before any ring of the rank exists, so that a start cut short always knows
+        which processes to wait for before it sweeps their rings."""
+        return {"pid": os.getpid(), "started": start_time(os.getpid())}
 
     def describe(self) -> dict:
-        """What the executor needs to wire this rank up: its response ring's handle, its
-        process id, and the process's start time (proc_stat), by which the node agent
-        tells when the rank has ended (release_rings)."""
-        return {"response": self.response.handle(), "pid": os.getpid(),
-                "started": start_time(os.getpid())}
+        """Create this rank's response ring (once); what the executor needs to wire the
+        rank up: the ring's handle, with `identify`'s pid and start time."""
+        if self.response is None:
+            self.response = MessageQueue.create(1)
+        return {"response": self.response.handle(), **self.identify()}
 
     def run(self, config: dict, rank: int, index: int, reader_index: int,
             distributed_init_method: str, worker_cls: str, broadcast: MessageQueueHandle,
@@ -217,13 +241,7 @@ class NodeAgent:
         the next ring created on the node; the broadcast ring of ranks that never attached
         it is unlinked here by its writer's close."""
         self.close()
-        deadline = time.monotonic() + timeout
-        while any(started is not None and still_running(pid, started)
-                  for pid, started in ranks) and time.monotonic() < deadline:
-            time.sleep(WAIT_POLL_S)
-        with contextlib.suppress(OSError):  # /dev/shm unlistable: nothing to sweep
-            return sweep_orphans()
-        return []
+        return sweep_when_ended(ranks, timeout)
 
     def close(self) -> None:
         """Close the rings, waking every waiting call."""
