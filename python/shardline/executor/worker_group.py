@@ -165,12 +165,16 @@ class WorkerGroup(ABC):
                 return
             cause = self.describe_ended(ended) if ended else self.stalled()
             if cause and self._watching():
-                error = EngineDeadError(cause)
-                if self.set_dead(error):
-                    logger.error("%s", error)
-                    for callback in self.on_death:
-                        callback(error)
+                self.die(EngineDeadError(cause))
                 return
+
+    def die(self, error: EngineDeadError) -> None:
+        """Record `error` (see set_dead), log it and tell `on_death` (the other
+        data-parallel cores fail with it); nothing if the group had stopped already."""
+        if self.set_dead(error):
+            logger.error("%s", error)
+            for callback in self.on_death:
+                callback(error)
 
     def start_watching(self) -> None:
         threading.Thread(target=self.watch, name=self.watcher_name, daemon=True).start()
@@ -349,7 +353,9 @@ class WorkerGroupExecutor(Executor):
 
     def _timed_out(self, waited: float) -> EngineDeadError:
         """Fail the executor for a step not answered within step_timeout_s: the workers
-        show their stacks, then are stopped (one may spin forever, holding its device)."""
+        show their stacks, the death callbacks are told (as by the watcher: the other
+        data-parallel cores fail too), then the workers are stopped (one may spin
+        forever, holding its device)."""
         stacks = self._group.dump_stacks()
         error = EngineDeadError(
             f"worker rank {self.first_rank + self.output_rank} (the output rank) did not "
@@ -357,8 +363,7 @@ class WorkerGroupExecutor(Executor):
             f"(waited {waited:.1f} s), so the workers were stopped; "
             + (f"their Python stacks are {stacks}" if stacks
                else "their stacks cannot be shown from here"))
-        if self._group.set_dead(error):
-            logger.error("%s", error)
+        self._group.die(error)
         self.shutdown()
         return self._group.dead or error
 
