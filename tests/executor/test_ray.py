@@ -236,7 +236,7 @@ def test_a_slow_step_is_reported_with_every_ranks_stacks_in_its_log(cluster, mon
 
 def test_a_step_past_its_timeout_stops_every_rank_actor(cluster, rng):
     """step_timeout_s under Ray: a rank spinning in its step fails the engine, and the
-    actors (spinning ones too) end without a shutdown call."""
+    actors (spinning ones too) end without a shutdown call, after showing their stacks."""
     config = make_config("SpinningWorker", tensor_parallel_size=2, pipeline_parallel_size=2)
     config.parallel.distributed_executor_backend = "ray"
     config.parallel.step_timeout_s = timeout = rng.uniform(0.5, 1.5)
@@ -250,6 +250,11 @@ def test_a_step_past_its_timeout_stops_every_rank_actor(cluster, rng):
             executor.execute_model(step("spin"))
         assert timeout <= time.monotonic() - started < timeout + 30
         wait_gone(pids)
+        # Every rank wrote its stacks before it was killed.
+        logs = ray._private.worker._global_node.get_logs_dir_path()
+        for pid in pids:
+            err = "".join(open(path).read() for path in glob.glob(f"{logs}/*-{pid}.err"))
+            assert "in execute_model" in err, (pid, err[-1000:])
     finally:
         executor.shutdown()
 

@@ -153,9 +153,11 @@ class _Actors(WorkerGroup):
                 for agent, indices in zip(self.agents, reply_indices)]
 
     def dump_stacks(self) -> str:
-        for group in self.world_groups():
-            for agent in group.agents:
-                agent.dump_stacks.remote()
+        # Waited for, within bounds: a step past its timeout kills the ranks right after.
+        refs = [agent.dump_stacks.remote() for group in self.world_groups()
+                for agent in group.agents]
+        with contextlib.suppress(Exception):  # an agent died: the watcher tells
+            ray.wait(refs, num_returns=len(refs), timeout=SHUTDOWN_GRACE_S)
         return ("in the ranks' Ray worker logs (shown by the driver, each line under its "
                 "actor's pid, unless Ray was started with log_to_driver=False)")
 
