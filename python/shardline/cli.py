@@ -115,8 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, "
                                          "/v1/chat/completions, /metrics)")
     serve.add_argument("model_arg", nargs="?", metavar="MODEL",
-                       help="the model to serve, as for --model (which it replaces)")
+                       help="the model to serve, as for --model")
     add_engine_args(serve, DEFAULT_MODEL)
+    # None until given, so that serve can tell MODEL and a different --model apart.
+    model_flag = _flag(serve, "model")
+    model_flag.default = None
+    model_flag.help = model_flag.help.replace("%(default)s", DEFAULT_MODEL)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on; 0.0.0.0 for every interface "
                             "(default: %(default)s)")

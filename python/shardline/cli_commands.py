@@ -208,7 +208,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.shutdown_timeout < float("inf"):
         raise ValueError(f"--shutdown-timeout {args.shutdown_timeout} is invalid: must be a "
                          "finite number of seconds, 0 or more")
-    args.model = args.model_arg or args.model
+    if args.model_arg is not None and args.model is not None and args.model_arg != args.model:
+        raise ValueError(f"MODEL {args.model_arg!r} and --model {args.model!r} name different "
+                         "models: give one of them")
+    args.model = args.model_arg or args.model or DEFAULT_MODEL
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise ValueError(f"--served-model-name {args.served_model_name!r} is invalid: must be "
+                         "a name clients can send as the model, not empty")
     _check_model(args.model)
     sockets = listen_sockets(args.host, args.port)
     # A stop while the model loads shuts the workers down as Ctrl-C does.

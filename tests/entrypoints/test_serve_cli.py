@@ -50,6 +50,29 @@ def test_bad_flag_is_one_line_and_exit_2(capsys, flag, value, rule):
     assert err == [f"shardline serve: error: {flag} {value} is invalid: {rule}"]
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "tiny-llama", "-m", "small-llama"],
+     "MODEL 'tiny-llama' and --model 'small-llama' name different models: give one of them"),
+    (["serve", "--model", "tiny-qwen2", "tiny-llama"],
+     "MODEL 'tiny-llama' and --model 'tiny-qwen2' name different models: give one of them"),
+    (["serve", "tiny-llama", "--served-model-name", " "],
+     "--served-model-name ' ' is invalid: must be a name clients can send as the model, "
+     "not empty")])
+def test_conflicting_or_empty_names_are_refused_before_loading(capsys, monkeypatch, argv,
+                                                              message):
+    """A MODEL and a different --model, or an empty served name, were taken silently: the
+    server loaded MODEL alone, or served under the model's name instead. Refused before
+    the model is looked up (a serve that gets that far fails the test at once)."""
+    import shardline.cli_commands
+
+    def model_looked_up(model: str) -> None:
+        raise AssertionError(f"serve went on to look up {model!r}")
+
+    monkeypatch.setattr(shardline.cli_commands, "_check_model", model_looked_up)
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"shardline serve: error: {message}"]
+
+
 @contextlib.contextmanager
 def serving(*flags: str):
     """`shardline serve tiny-llama` in a subprocess on a port the kernel picks (one probed
