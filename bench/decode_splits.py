@@ -25,7 +25,7 @@ from unittest import mock
 
 import torch
 from _kernel_shapes import FULL, TINY, TP_SIZES
-from kernels import open_bench, paged_kv, results_dir
+from kernels import decode_case, open_bench, results_dir
 
 
 def split_counts(max_context: int, heuristic: int) -> list[int]:
@@ -46,43 +46,35 @@ def sweep_case(b, batch: int, context: int, tp: int, shapes) -> dict:
     # Imported once open_bench has chosen the interpreter or not (it must precede triton).
     from _configs import describe
     from shardline.kernels import _config, attention_decode, reference
-    q_heads, kv_heads = shapes.q_heads // tp, shapes.kv_heads // tp
-    kv_bytes = 2 * batch * context * kv_heads * shapes.head_dim * b.dtype.itemsize
-    copies = b.copies(kv_bytes)
-    inputs = [(b.randn(batch, q_heads, shapes.head_dim),
-               *paged_kv(b, batch, context, kv_heads, shapes.head_dim, shapes.block_size))
-              for _ in range(copies)]
-    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=b.device)
-    scale = shapes.head_dim ** -0.5
-    max_context = inputs[0][3].shape[1] * shapes.block_size
-    expected = reference.paged_decode_attention(*inputs[0], seq_lens, scale).float()
+    case = decode_case(b, shapes, batch, context, tp)
+    max_context = case.inputs[0][3].shape[1] * shapes.block_size
+    expected = case.run(0, reference.paged_decode_attention).float()
     kernel = attention_decode._decode_split_kernel
     sms = _config.num_sms(b.device, on_cpu=1)
     heuristic = attention_decode.launched_splits(
-        attention_decode.choose_splits(batch, kv_heads, max_context, sms), max_context)
+        attention_decode.choose_splits(batch, case.kv_heads, max_context, sms), max_context)
     fractions: dict[str, dict[str, float]] = {}
     worst_error = 0.0
     for splits in split_counts(max_context, heuristic):
         def run(i: int) -> torch.Tensor:
-            q, k_cache, v_cache, block_tables = inputs[i]
-            return attention_decode.paged_decode_attention(
-                q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits=splits)
+            return case.run(i, attention_decode.paged_decode_attention, num_splits=splits)
 
         row = fractions[str(splits)] = {}
         for config in configs_of(kernel, run):
             with pinned(kernel, lambda args, kwargs, c=config: c):
-                ms = b.timer(run, copies)
+                ms = b.timer(run, case.copies)
                 error = ((run(0).float() - expected).abs().max()
                          / expected.abs().max().clamp_min(1e-6)).item()
             worst_error = max(worst_error, error)
-            row[describe(config)] = kv_bytes / ms / 1e6 / b.ceilings["copy_GBps"]
+            row[describe(config)] = case.kv_bytes / ms / 1e6 / b.ceilings["copy_GBps"]
     best_splits, best_config, best = max(
         ((s, c, f) for s, row in fractions.items() for c, f in row.items()),
         key=lambda item: item[2])
     at_heuristic = fractions[str(heuristic)]
-    return {"case": f"TP{tp} batch {batch} x {context} ctx, Hq={q_heads} Hk={kv_heads}",
-            "tp": tp, "batch": batch, "context": context, "kv_heads": kv_heads,
-            "kv_bytes": kv_bytes, "fractions": fractions,
+    return {"case": f"TP{tp} batch {batch} x {context} ctx, Hq={case.q_heads} "
+                    f"Hk={case.kv_heads}",
+            "tp": tp, "batch": batch, "context": context, "kv_heads": case.kv_heads,
+            "kv_bytes": case.kv_bytes, "fractions": fractions,
             "best": {"splits": int(best_splits), "config": best_config, "fraction": best},
             "heuristic": {"splits": heuristic, "config": max(at_heuristic, key=at_heuristic.get),
                           "fraction": max(at_heuristic.values())},

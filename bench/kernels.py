@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -102,31 +102,52 @@ def paged_kv(b: Bench, batch: int, context: int, kv_heads: int, head_dim: int,
     return b.randn(*shape), b.randn(*shape), block_tables.to(torch.int32)
 
 
+@dataclass
+class DecodeCase:
+    """One decode attention case: `copies` input sets, cycled so that the working set
+    outgrows L2, every sequence `context` tokens long."""
+
+    q_heads: int
+    kv_heads: int
+    kv_bytes: int
+    copies: int
+    inputs: list[tuple[torch.Tensor, ...]]
+    seq_lens: torch.Tensor
+    scale: float
+
+    def run(self, i: int, fn: Callable | None = None, **kwargs) -> torch.Tensor:
+        """Input set `i` through `fn` (the kernel's dispatch point unless given)."""
+        from shardline import kernels
+        q, k_cache, v_cache, block_tables = self.inputs[i]
+        return (fn or kernels.paged_decode_attention)(q, k_cache, v_cache, block_tables,
+                                                      self.seq_lens, self.scale, **kwargs)
+
+
+def decode_case(b: Bench, s: Shapes, batch: int, context: int, tp: int) -> DecodeCase:
+    """`batch` sequences of `context` tokens with the heads of one of `tp` ranks."""
+    q_heads, kv_heads = s.q_heads // tp, s.kv_heads // tp
+    kv_bytes = 2 * batch * context * kv_heads * s.head_dim * b.dtype.itemsize
+    copies = b.copies(kv_bytes)
+    inputs = [(b.randn(batch, q_heads, s.head_dim),
+               *paged_kv(b, batch, context, kv_heads, s.head_dim, s.block_size))
+              for _ in range(copies)]
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=b.device)
+    return DecodeCase(q_heads, kv_heads, kv_bytes, copies, inputs, seq_lens,
+                      s.head_dim ** -0.5)
+
+
 def bench_decode_attention(b: Bench, s: Shapes) -> None:
     """Paged decode attention: KV bytes read per second against the copy bandwidth."""
-    from shardline import kernels
     from shardline.kernels import reference
     for batch, context in s.decode:
         for tp in TP_SIZES:
-            q_heads, kv_heads = s.q_heads // tp, s.kv_heads // tp
-            kv_bytes = 2 * batch * context * kv_heads * s.head_dim * b.dtype.itemsize
-            copies = b.copies(kv_bytes)
-            inputs = [(b.randn(batch, q_heads, s.head_dim),
-                       *paged_kv(b, batch, context, kv_heads, s.head_dim, s.block_size))
-                      for _ in range(copies)]
-            seq_lens = torch.full((batch,), context, dtype=torch.int32, device=b.device)
-            scale = s.head_dim ** -0.5
-
-            def run(i: int, fn: Callable = kernels.paged_decode_attention) -> torch.Tensor:
-                q, k_cache, v_cache, block_tables = inputs[i]
-                return fn(q, k_cache, v_cache, block_tables, seq_lens, scale)
-
-            ms = b.timer(run, copies)
-            bandwidth = kv_bytes / ms / 1e6
+            case = decode_case(b, s, batch, context, tp)
+            ms = b.timer(case.run, case.copies)
+            bandwidth = case.kv_bytes / ms / 1e6
             b.record("decode attention", f"TP{tp} batch {batch} x {context} ctx, "
-                     f"Hq={q_heads} Hk={kv_heads}", ms, None,
-                     bandwidth / b.ceilings["copy_GBps"], run(0),
-                     run(0, reference.paged_decode_attention), GBps=bandwidth)
+                     f"Hq={case.q_heads} Hk={case.kv_heads}", ms, None,
+                     bandwidth / b.ceilings["copy_GBps"], case.run(0),
+                     case.run(0, reference.paged_decode_attention), GBps=bandwidth)
 
 
 def bench_prefill_attention(b: Bench, s: Shapes) -> None:

@@ -245,8 +245,8 @@ def test_a_step_past_its_timeout_stops_every_rank_actor(cluster, rng):
     try:
         assert executor.execute_model(step("a")).sampled_token_ids == [1002]
         started = time.monotonic()
-        with pytest.raises(EngineDeadError, match=f"worker rank 2 \\(the output rank\\) did "
-                                                  f"not answer a step within step_timeout_s="):
+        with pytest.raises(EngineDeadError, match="worker rank 2 \\(the output rank\\) did "
+                                                  "not answer a step within step_timeout_s="):
             executor.execute_model(step("spin"))
         assert timeout <= time.monotonic() - started < timeout + 30
         wait_gone(pids)
