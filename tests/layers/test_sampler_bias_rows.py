@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from odd_logits import odd_logits
 from shardline.layers.sampler import Sampler, SamplingBatch
 from shardline.layers.token_sets import TokenBias, TokenSet, apply_bias
 from shardline.sampling_params import SamplingParams
@@ -48,15 +49,6 @@ def _by_index(logits: torch.Tensor, token_bias: list) -> torch.Tensor:
     return out
 
 
-def _odd_logits(rows: int, vocab: int, device: str) -> torch.Tensor:
-    logits = torch.randn(rows, vocab, device=device) * 5
-    odd = torch.rand(logits.shape, device=device)
-    logits[odd < 0.01] = math.inf
-    logits[odd > 0.99] = math.nan
-    logits[(odd > 0.5) & (odd < 0.51)] = -math.inf
-    return logits
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_both_forms_bias_and_mask_exactly_as_by_index(device, rng):
     """Rows with no bias, few or many biases and few or many allowed ids, in any mix: the
@@ -71,7 +63,7 @@ def test_both_forms_bias_and_mask_exactly_as_by_index(device, rng):
                               np.random.default_rng(rng.randrange(99)).uniform(
                                   -100, 100, many).astype(np.float32),
                               np.asarray(rng.sample(range(vocab), many)))
-    logits = _odd_logits(len(token_bias), vocab, device)
+    logits = odd_logits(len(token_bias), vocab, device)
     before = logits.clone()
     rows = {}
     for _ in range(2):

@@ -13,6 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from odd_logits import odd_logits
 from shardline.layers.sampler import Sampler, SamplingBatch, apply_filters, draw
 from shardline.layers.token_sets import BlockedTokens, TokenBias
 from shardline.sampling_params import SamplingParams
@@ -38,16 +39,6 @@ class NewLogitsSized(TorchDispatchMode):
                 self.ops.append(str(func))
                 self.known.add(t.untyped_storage().data_ptr())
         return out
-
-
-def _odd_logits(rows: int, vocab: int, device: str) -> torch.Tensor:
-    """Random logits with +inf, -inf and NaN scattered in."""
-    logits = torch.randn(rows, vocab, device=device) * 4
-    odd = torch.rand(logits.shape, device=device)
-    logits[odd < 0.005] = math.inf
-    logits[odd > 0.995] = math.nan
-    logits[(odd > 0.5) & (odd < 0.505)] = -math.inf
-    return logits
 
 
 def _random_batch(rng: random.Random, rows: int, vocab: int, device: str) -> dict:
@@ -148,7 +139,7 @@ def test_every_form_of_the_logits_samples_as_the_reference(device, rng):
     for _ in range(4):
         vocab = rng.randint(40, 700)
         spec = _random_batch(rng, rng.randint(2, 9), vocab, device)
-        logits = _odd_logits(len(spec["params"]), vocab, device)
+        logits = odd_logits(len(spec["params"]), vocab, device)
         ref = _reference(logits, spec)
         _check(Sampler()(logits.clone(), _batch(spec), overwrite=True), ref, spec["params"])
         before = logits.clone()
@@ -170,7 +161,7 @@ def test_filters_in_place_write_the_bits_of_the_copy(rng):
     params = [SamplingParams(temperature=rng.choice([0.0, 0.5, 1.0, 2.0]),
                              top_k=rng.choice([-1, 1, 7, vocab]), top_p=rng.choice([1.0, 0.5]),
                              min_p=rng.choice([0.0, 0.1])) for _ in range(rng.randint(1, 9))]
-    logits = _odd_logits(len(params), vocab, "cpu")
+    logits = odd_logits(len(params), vocab, "cpu")
     expected = apply_filters(logits, params)
     assert apply_filters(logits, params, in_place=True) is logits
     torch.testing.assert_close(logits, expected, rtol=0, atol=0, equal_nan=True)
