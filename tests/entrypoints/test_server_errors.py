@@ -327,6 +327,48 @@ def test_a_stopped_engine_fails_health_and_requests_with_its_reason():
             assert "shut down" in reply.json()["error"]["message"]
 
 
+def test_a_failed_engine_tells_clients_one_line_and_logs_the_rest(rng, caplog):
+    """A dead worker's error carries its Python traceback (the server's files and code):
+    a client gets its first line, in the error body, the stream's error event and
+    /health; the whole error is in the server's log, once."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from shardline import EngineDeadError
+
+    headline = f"worker rank {rng.randrange(8)} (pid {rng.randrange(2, 2**22)}) exited with " \
+               f"code {rng.randrange(1, 256)}"
+    trace = f'Traceback (most recent call last):\n  File "/srv/{random_text(rng)}.py"'
+
+    def step():
+        raise EngineDeadError(f"{headline}\n{trace}")
+
+    stub = SimpleNamespace(tokenizer=None, max_model_len=64, shutdown=lambda: None,
+                           encode_prompt=lambda prompt, params: (None, [1]),
+                           add_request=lambda *args, **kwargs: None, step=step,
+                           has_unfinished_requests=lambda: True)
+    llm = AsyncLLM.from_engine(stub)
+    with caplog.at_level("ERROR", logger="shardline"), TestClient(build_app(llm, MODEL)) as http:
+        events = http.post("/v1/completions",
+                           json={"model": MODEL, "prompt": [5], "stream": True}).text
+        replies = [http.post("/v1/completions", json={"model": MODEL, "prompt": [5],
+                                                      "stream": stream}) for stream in (False, True)]
+        health = http.get("/health")
+    llm.shutdown()
+    [event] = [json.loads(line.removeprefix("data: ")) for line in events.splitlines()
+               if line.startswith("data: {")]
+    told = [event["error"]["message"], replies[0].json()["error"]["message"],
+            health.json()["message"]]
+    assert replies[0].status_code == 500 and health.status_code == 503
+    assert replies[1].status_code == 500
+    for message in told:
+        assert headline in message and "the rest is in the server's log" in message
+        assert "Traceback" not in message and "\n" not in message
+    logged = [r.getMessage() for r in caplog.records if trace in r.getMessage()]
+    assert len(logged) == 1 and headline in logged[0]
+
+
 def test_an_unexpected_engine_error_is_a_500_in_openai_format(rng):
     """An exception the server does not expect (a defect) is still an error body an OpenAI
     client reads, naming the exception, not a bare 'Internal Server Error'."""

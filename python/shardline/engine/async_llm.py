@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import functools
+import logging
 import os
 import threading
 import weakref
@@ -44,6 +45,8 @@ from shardline.engine.metrics import engine_metrics, stopped_engine_metrics
 from shardline.engine.outputs import RequestOutput
 from shardline.executor.base import EngineDeadError
 from shardline.sampling_params import SamplingParams
+
+logger = logging.getLogger("shardline")
 
 EXIT_WAIT_S = 30.0  # at exit, the most an engine thread gets to finish its step
 
@@ -194,8 +197,9 @@ class AsyncLLM:
         if forked is not None:
             raise forked
         if self._failure is not None:
+            failure = self._failure
             raise EngineDeadError(f"the engine failed {self._failed_when} and accepts no more "
-                                  f"requests: {self._failure!r}") from self._failure
+                                  f"requests: {type(failure).__name__}: {failure}") from failure
         if self._closed:
             raise EngineDeadError("the AsyncLLM was shut down and accepts no more requests")
 
@@ -302,6 +306,7 @@ class AsyncLLM:
             deliveries.append((command.waiter, exc))
 
     def _fail(self, exc: Exception, unapplied: list[Command]) -> None:
+        logger.error("the engine failed and accepts no more requests: %s", engine_dead(exc))
         with self._mutex:
             self._failure, self._failed_when = exc, "in an earlier step"
             self._worker = None

@@ -44,7 +44,8 @@ from starlette.exceptions import HTTPException
 from shardline.engine.async_llm import AsyncLLM
 from shardline.entrypoints import prometheus
 from shardline.entrypoints.protocol import (ChatCompletionRequest, CompletionRequest,
-                                            RequestError, error_body, parse)
+                                            RequestError, engine_failure_message, error_body,
+                                            parse)
 from shardline.entrypoints.serving import (Decode, Generation, chat_generation,
                                            chat_response, completion_generation,
                                            completion_response, error_event,
@@ -138,7 +139,8 @@ def build_app(llm: AsyncLLM, model_name: str) -> FastAPI:
     @app.exception_handler(RuntimeError)
     async def engine_error(_: Request, exc: RuntimeError) -> JSONResponse:
         """The engine failed (a dead worker) or was shut down: /health says so as well."""
-        return JSONResponse(error_body(str(exc), None, "server_error"), status_code=500)
+        return JSONResponse(error_body(engine_failure_message(exc), None, "server_error"),
+                            status_code=500)
 
     @app.exception_handler(Exception)
     async def server_bug(_: Request, exc: Exception) -> JSONResponse:
@@ -211,7 +213,8 @@ def build_app(llm: AsyncLLM, model_name: str) -> FastAPI:
         try:
             llm.check_health()
         except RuntimeError as exc:
-            return JSONResponse({"status": "error", "message": str(exc)}, status_code=503)
+            return JSONResponse({"status": "error", "message": engine_failure_message(exc)},
+                                status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")

@@ -42,6 +42,14 @@ def error_body(message: str, param: str | None, kind: str = "invalid_request_err
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
+def engine_failure_message(exc: BaseException) -> str:
+    """What a client is told of a stopped engine: the error's first line. A failed
+    worker's error goes on with its Python traceback, naming the server's files, which
+    stays in the server's log (AsyncLLM logs an engine failure once)."""
+    first, _, rest = str(exc).partition("\n")
+    return f"{first} (the rest is in the server's log)" if rest.strip() else first
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 

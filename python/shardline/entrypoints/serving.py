@@ -28,7 +28,8 @@ from shardline.engine.outputs import CompletionOutput, RequestOutput
 from shardline.entrypoints.logprobs import (Decode, LegacyLogprobs, chat_logprobs,
                                             prompt_logprobs)
 from shardline.entrypoints.protocol import (ChatCompletionRequest, CompletionRequest,
-                                            RequestError, error_body, field_of)
+                                            RequestError, engine_failure_message, error_body,
+                                            field_of)
 from shardline.sampling_params import SamplingParams
 
 _DONE = object()
@@ -329,7 +330,7 @@ async def stream_events(generation: Generation, model: str, chat: bool, decode: 
                 first = False
                 yield _event({**head, **extension, "choices": choices})
     except Exception as exc:
-        yield error_event(str(exc))
+        yield error_event(engine_failure_message(exc))
         return
     if include_usage:
         yield _event({**head, "choices": [],
