@@ -45,4 +45,4 @@ def test_demo_answers_with_the_real_model(capsys):
                  "--max-model-len", "256"]) == 0
     out = capsys.readouterr().out
     assert "Q: What is the capital of France?\nA: The capital of France is Paris.\n" in out
-    assert "1 requests, 8 output tokens" in out
+    assert "1 request, 8 output tokens" in out

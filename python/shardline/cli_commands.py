@@ -83,14 +83,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         if tokenizer is not None and tokenizer.chat_template is not None:
             questions = DEMO_QUESTIONS[:args.num_prompts]
-            _say(f"asking {len(questions)} questions, up to {args.max_tokens} tokens each ...")
+            _say(f"asking {_count(len(questions), 'question')}, up to {args.max_tokens} "
+                 "tokens each ...")
             outputs = llm.chat([[{"role": "user", "content": q}] for q in questions],
                                chat_params)
             for question, out in zip(questions, outputs):
                 print(f"Q: {question}\nA: {out.outputs[0].text.strip()}\n")
             note = ""
         else:
-            _say(f"completing {args.num_prompts} prompts, {args.max_tokens} tokens each ...")
+            _say(f"completing {_count(args.num_prompts, 'prompt')}, {args.max_tokens} tokens "
+                 "each ...")
             outputs = llm.generate(demo_prompts(args.num_prompts), dataclasses.replace(
                 chat_params, ignore_eos=True))
             for out in outputs:
@@ -98,9 +100,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
             note = " (preset weights are random: the text is noise)"
         elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    print(f"{len(outputs)} requests, {tokens} output tokens in {elapsed:.2f} s: "
+    print(f"{_count(len(outputs), 'request')}, {tokens} output tokens in {elapsed:.2f} s: "
           f"{tokens / elapsed:.1f} tokens/s{note}")
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 request', '3 requests'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _sampling_params(args: argparse.Namespace, *flags: str):
