@@ -31,6 +31,16 @@ def test_generate_prints_one_json_line_per_completion(capsys):
     assert all(line["finish_reason"] in ("length", "stop") for line in lines)
 
 
+def test_a_prompt_too_long_for_the_model_names_the_flag(capsys, rng):
+    limit = rng.randint(16, 64)
+    prompt = "".join(rng.choice("abcdefgh") for _ in range(3 * limit))
+    assert main(["generate", "--model", "tiny-llama", "-p", prompt, "--max-model-len",
+                 str(limit)]) == 2
+    [error] = [line for line in capsys.readouterr().err.splitlines()
+               if line.startswith("shardline generate: error:")]
+    assert f"longer than --max-model-len={limit}" in error and "max_model_len" not in error
+
+
 def test_unknown_model_is_a_clear_error(capsys):
     assert main(["demo", "--model", "no-such-preset", "--num-prompts", "1"]) == 2
     assert "no-such-preset" in capsys.readouterr().err

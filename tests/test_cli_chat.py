@@ -64,7 +64,7 @@ def test_chat_drops_a_turn_that_does_not_fit_and_goes_on(tiny_chat_model, rng, m
     captured = capsys.readouterr()
     assert captured.out.count("assistant: ") == 2
     assert "this turn is dropped: prompt 0: prompt has" in captured.err
-    assert f"longer than max_model_len={limit}" in captured.err
+    assert f"longer than --max-model-len={limit}" in captured.err
     assert seen[-1][0] == "first" and seen[-1][-1] == "third" and too_long not in seen[-1]
 
 
@@ -82,3 +82,25 @@ def test_chat_sizes_its_cache_for_one_conversation(flags, seqs, tiny_chat_model,
     assert main(["chat", "-m", tiny_chat_model, "--message", "hi", *flags]) == 2
     assert engine_kwargs["max_num_seqs"] == seqs
     assert engine_kwargs["max_model_len"] == 512   # tiny-llama's limit, below chat's 4096
+
+
+def test_ctrl_c_at_the_prompt_ends_its_line_and_exits_130(tiny_chat_model, monkeypatch,
+                                                         capsys):
+    """The interrupt's message went on the prompt's own line ("you: shardline chat: ...")."""
+    def interrupted(prompt):
+        print(prompt, end="")
+        raise KeyboardInterrupt
+    monkeypatch.setattr("builtins.input", interrupted)
+    assert main(["chat", "-m", tiny_chat_model, "--device", "cpu"]) == 130
+    captured = capsys.readouterr()
+    assert captured.out == "you: \n" and "shardline chat: interrupted" in captured.err
+
+
+def test_a_message_too_long_for_the_model_names_the_flag(tiny_chat_model, rng, capsys):
+    limit = rng.randint(16, 64)
+    message = "".join(rng.choice("abcdefgh") for _ in range(3 * limit))
+    assert main(["chat", "-m", tiny_chat_model, "--device", "cpu", "--message", message,
+                 "--max-model-len", str(limit)]) == 2
+    [error] = [line for line in capsys.readouterr().err.splitlines()
+               if line.startswith("shardline chat: error:")]
+    assert f"longer than --max-model-len={limit}" in error and "max_model_len" not in error

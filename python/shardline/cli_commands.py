@@ -6,10 +6,12 @@ that names an option names it as the flag the user typed."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
 import time
+from collections.abc import Iterator
 
 from shardline.engine.cli_args import engine_kwargs, name_by_flags
 from shardline.presets import model_path_problem, preset_names
@@ -36,8 +38,16 @@ def _build_llm(args: argparse.Namespace):
 
     _check_model(args.model)
     _say(f"loading {args.model} (dtype {args.dtype}) ...")
-    try:
+    with _named_by_flags(args):
         return LLM(**engine_kwargs(args))
+
+
+@contextlib.contextmanager
+def _named_by_flags(args: argparse.Namespace) -> Iterator[None]:
+    """A ValueError raised inside names the engine options it cites as this command's
+    flags (`--max-model-len=512`, not `max_model_len=512`)."""
+    try:
+        yield
     except ValueError as exc:
         if exc.args and isinstance(exc.args[0], str):
             exc.args = (name_by_flags(exc.args[0], args.engine_flags), *exc.args[1:])
@@ -128,7 +138,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # No step runs more sequences than the prompts ask for, and the KV cache is sized for
     # max_num_seqs of them: 64 gave SmolLM2 4 GiB (8.3 s, 5.1 GB resident) for one prompt.
     args.max_num_seqs = min(args.max_num_seqs, len(args.prompt) * args.n)
-    with _build_llm(args) as llm:
+    with _build_llm(args) as llm, _named_by_flags(args):
         outputs = llm.generate(args.prompt, params)
     for out in outputs:
         for completion in out.outputs:
@@ -148,7 +158,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                          "chat in the terminal")
     params = _sampling_params(args, "temperature", "max_tokens", "seed")
     _require_chat_template(args.model)
-    with _demo_llm(args, CHAT_CONTEXT) as llm:
+    with _demo_llm(args, CHAT_CONTEXT) as llm, _named_by_flags(args):
         conversation = [{"role": "system", "content": args.system}] if args.system else []
         interactive = args.message is None
         if interactive:
@@ -165,7 +175,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 if not interactive:
                     raise
                 conversation.pop()
-                _say(f"shardline chat: this turn is dropped: {exc} (the conversation so far "
+                _say(f"shardline chat: this turn is dropped: "
+                     f"{name_by_flags(str(exc), args.engine_flags)} (the conversation so far "
                      "is kept; --max-model-len sets the limit)")
                 continue
             conversation.append({"role": "assistant", "content": answer})
@@ -192,6 +203,9 @@ def _read_turn() -> str:
         return input("you: ").strip()
     except EOFError:
         return ""
+    except KeyboardInterrupt:
+        print()  # end the prompt's line, so that what follows starts a line of its own
+        raise
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
