@@ -39,7 +39,8 @@ from shardline.executor import EngineDeadError, StepFuture  # noqa: E402
 from shardline.executor.base import executor_class  # noqa: E402
 from shardline.config import ParallelConfig  # noqa: E402
 from shardline.executor import ray_placement, stopped_workers, worker_group  # noqa: E402
-from shardline.executor.ray import RayExecutor, ranks_sharing_node  # noqa: E402
+from shardline.executor.ray import RayExecutor  # noqa: E402
+from shardline.executor.ray_placement import ranks_sharing_node  # noqa: E402
 from shardline.worker.worker import RANKS_ON_NODE_ENV, cpu_threads  # noqa: E402
 from process_hygiene import leaked_segments, shm_segments  # noqa: E402
 from stub_workers import NUM_KV_BLOCKS, TIME_FILE_ENV  # noqa: E402

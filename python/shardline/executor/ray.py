@@ -27,9 +27,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
 import time
-from collections import Counter
 from typing import Any, Iterator
 
 try:
@@ -45,7 +43,7 @@ from shardline.executor import stopped_workers
 from shardline.executor.base import EngineDeadError, check_layout
 from shardline.executor.multiproc import exit_cause, unreadable_call, unreadable_reply
 from shardline.executor.ray_placement import (RayWorld, connect, disconnect, forwarded_env,
-                                              sweep_nodes)
+                                              ranks_sharing_node, ray_device, sweep_nodes)
 from shardline.executor.ray_worker import (AGENT_CONCURRENCY, NodeAgent, RankActor,
                                            UnreadableCall, UnreadableReply, is_failure)
 from shardline.executor.stopped_workers import describe_stopped
@@ -75,22 +73,6 @@ def _actor_died(ref: Any) -> bool:
     except RayError:
         pass
     return False
-
-
-def _ray_device(parallel_device: str | None) -> str:
-    """"cpu" or "cuda": asked for, else SHARDLINE_DEVICE's type, else CUDA if the
-    cluster has GPUs."""
-    requested = parallel_device or os.environ.get("SHARDLINE_DEVICE")
-    if requested:
-        return requested.split(":")[0]
-    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
-
-
-def ranks_sharing_node(rank_nodes: list[str]) -> list[int]:
-    """For each rank of the world (`rank_nodes`: the node of each, in rank order), how
-    many ranks its node holds: the ranks that split that node's cores."""
-    per_node = Counter(rank_nodes)
-    return [per_node[node] for node in rank_nodes]
 
 
 class _Actors(WorkerGroup):
@@ -218,7 +200,7 @@ class RayExecutor(WorkerGroupExecutor):
         parallel = self.config.parallel
         connect(parallel.ray_address, parallel.world_size)
         try:
-            self.device_type = _ray_device(parallel.device)
+            self.device_type = ray_device(parallel.device)
             gpus = None
             if self.device_type == "cuda":
                 gpus = int(ray.cluster_resources().get("GPU", 0))

@@ -23,6 +23,7 @@ import os
 import socket
 import threading
 import uuid
+from collections import Counter
 
 import ray
 from ray.util.placement_group import (PlacementGroup, placement_group, placement_group_table,
@@ -85,6 +86,22 @@ def forwarded_env() -> dict[str, str]:
     """The driver's NCCL_*, GLOO_*, TORCH_NCCL_* and SHARDLINE_* variables."""
     return {key: value for key, value in os.environ.items()
             if key.startswith(FORWARDED_ENV_PREFIXES)}
+
+
+def ray_device(parallel_device: str | None) -> str:
+    """"cpu" or "cuda": asked for, else SHARDLINE_DEVICE's type, else CUDA if the
+    cluster has GPUs."""
+    requested = parallel_device or os.environ.get("SHARDLINE_DEVICE")
+    if requested:
+        return requested.split(":")[0]
+    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+
+
+def ranks_sharing_node(rank_nodes: list[str]) -> list[int]:
+    """For each rank of the world (`rank_nodes`: the node of each, in rank order), how
+    many ranks its node holds: the ranks that split that node's cores."""
+    per_node = Counter(rank_nodes)
+    return [per_node[node] for node in rank_nodes]
 
 
 class RayWorld:
