@@ -19,13 +19,12 @@ import argparse
 import contextlib
 import json
 import sys
-from pathlib import Path
 from typing import Callable, Iterator
 from unittest import mock
 
 import torch
 from _kernel_shapes import FULL, TINY, TP_SIZES
-from kernels import decode_case, open_bench, results_dir
+from kernels import add_run_args, decode_case, open_bench, results_dir
 
 
 def split_counts(max_context: int, heuristic: int) -> list[int]:
@@ -117,13 +116,7 @@ def pinned(kernel, choose: Callable[[tuple, dict], object]) -> Iterator[None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true",
-                        help="CPU, Triton interpreter, tiny shapes, one timed run each")
-    parser.add_argument("--out-dir", type=Path, default=None,
-                        help="where decode_splits.json goes (default bench/results; a "
-                             "temporary folder for --dry-run)")
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--reps", type=int, default=30)
+    add_run_args(parser, "decode_splits.json", warmup=10, reps=30)
     args = parser.parse_args()
     b = open_bench("bench/decode_splits.py", args.dry_run, args.warmup, args.reps)
     shapes = TINY if args.dry_run else FULL

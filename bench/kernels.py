@@ -286,17 +286,24 @@ def write_report(b: Bench, out_dir: Path) -> None:
     (out_dir / "kernels.json").write_text(json.dumps(report, indent=2))
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_run_args(parser: argparse.ArgumentParser, outputs: str, warmup: int,
+                 reps: int) -> None:
+    """The flags open_bench and results_dir take: --dry-run, --out-dir (for `outputs`),
+    and the timer's --warmup and --reps."""
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU, Triton interpreter, tiny shapes, one timed run each")
     parser.add_argument("--out-dir", type=Path, default=None,
-                        help="where kernels.json / kernels.png go (default bench/results; "
-                             "a temporary folder for --dry-run)")
+                        help=f"where to write {outputs} (default bench/results; a temporary "
+                             "folder for --dry-run)")
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--reps", type=int, default=reps)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_args(parser, "kernels.json / kernels.png", warmup=25, reps=100)
     parser.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS),
                         help="the benchmarks to run, in this order (default: all)")
-    parser.add_argument("--warmup", type=int, default=25)
-    parser.add_argument("--reps", type=int, default=100)
     return parser.parse_args()
 
 
