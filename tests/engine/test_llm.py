@@ -177,7 +177,7 @@ def test_calls_after_shutdown_raise_engine_dead_error(rng):
     """With the in-process worker, generate after shutdown raised AttributeError ('NoneType'
     object has no attribute 'queue_step')."""
     prompt = [rng.randrange(3, 259) for _ in range(rng.randint(1, 8))]
-    params = SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 4))
+    params = SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 4), ignore_eos=True)
     with LLM("tiny-llama", device="cpu", num_kv_blocks=32) as llm:
         assert len(llm.generate(prompt, params)[0].outputs[0].token_ids) == params.max_tokens
     llm.shutdown()   # again: idempotent
