@@ -9,8 +9,9 @@ which split count and tile would reach it, to derive the rule from.
     python bench/decode_splits.py --dry-run   # CPU, Triton interpreter, tiny shapes
 
 Each case's row (results/decode_splits.json) holds the fraction of the copy bandwidth of
-every (split count, config) pair, the best pair, and the heuristic's split count with its
-best config; the file is rewritten after each case.
+every (split count, config) pair (null for a config that does not fit the GPU), the best
+pair, and the heuristic's split count with its best config; the file is rewritten after
+each case.
 """
 
 from __future__ import annotations
@@ -64,12 +65,14 @@ def sweep_case(b, batch: int, context: int, tp: int, shapes) -> dict:
                 ms = b.timer(run, case.copies)
                 error = ((run(0).float() - expected).abs().max()
                          / expected.abs().max().clamp_min(1e-6)).item()
+                fits = launched_as_pinned(kernel, config)
             worst_error = max(worst_error, error)
-            row[describe(config)] = case.kv_bytes / ms / 1e6 / b.ceilings["copy_GBps"]
+            row[describe(config)] = (case.kv_bytes / ms / 1e6 / b.ceilings["copy_GBps"]
+                                     if fits else None)
     best_splits, best_config, best = max(
-        ((s, c, f) for s, row in fractions.items() for c, f in row.items()),
+        ((s, c, f) for s, row in fractions.items() for c, f in row.items() if f is not None),
         key=lambda item: item[2])
-    at_heuristic = fractions[str(heuristic)]
+    at_heuristic = {c: f for c, f in fractions[str(heuristic)].items() if f is not None}
     return {"case": f"TP{tp} batch {batch} x {context} ctx, Hq={case.q_heads} "
                     f"Hk={case.kv_heads}",
             "tp": tp, "batch": batch, "context": context, "kv_heads": case.kv_heads,
@@ -106,12 +109,31 @@ def pinned(kernel, choose: Callable[[tuple, dict], object]) -> Iterator[None]:
     if not isinstance(kernel, _config.TunedKernel):
         yield
         return
+
+    def choose_and_record(args: tuple, kwargs: dict) -> object:
+        config = choose(args, kwargs)
+        # As _choose does: a config that does not fit gives way to the next (_launch_next)
+        # and is recorded there.
+        kernel.reached[kernel.table_key(args, kwargs)] = _config.Reached(
+            len(kernel.candidates(args, kwargs)), "pinned", config)
+        return config
+
     kernel._chosen.clear()
     try:
-        with mock.patch.object(kernel, "_choose", choose):
+        with mock.patch.object(kernel, "_choose", choose_and_record):
             yield
     finally:
         kernel._chosen.clear()
+
+
+def launched_as_pinned(kernel, config) -> bool:
+    """Whether every launch since the kernel was pinned ran `config`: one that does not fit
+    the GPU gives way to the next candidate (TunedKernel._launch_next), whose time must
+    not be recorded under its name."""
+    from shardline.kernels import _config
+    if not isinstance(kernel, _config.TunedKernel):
+        return True
+    return all(chosen is config for chosen in kernel._chosen.values())
 
 
 def main() -> None:
