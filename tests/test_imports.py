@@ -66,7 +66,8 @@ def test_a_model_on_the_cpu_never_loads_triton():
     """Triton serves only CUDA tensors (or the CPU when SHARDLINE_FORCE_TRITON=1), so a CPU
     model skips its import (about 0.2 s of every process start)."""
     probe = ("import sys; from shardline import LLM, SamplingParams; "
-             "out = LLM('tiny-llama').generate([[1, 2, 3]], SamplingParams(max_tokens=3)); "
+             "out = LLM('tiny-llama').generate([[1, 2, 3]], "
+             "SamplingParams(max_tokens=3, ignore_eos=True)); "
              "assert len(out[0].outputs[0].token_ids) == 3; "
              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'triton')[:5])")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
