@@ -7,10 +7,14 @@ changing everything after it.
 
 So greedy tokens may part only at a near tie, after which a sequence is compared no
 further; and prompt logits are compared up to the first near-tied routing decision.
-A bug gives partings that are no ties, or logits that differ before any near tie.
+A bug gives partings that are no ties, or logits that differ before any near tie. Seeded
+draws part the same way, where the draw's two best scores were that close (about once in
+5 x 10^5 drawn tokens, from the measured density of score gaps and rounding sizes).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -45,9 +49,8 @@ def assert_greedy_match(expected: Run, actual: Run, moe: bool = False) -> None:
     Two independent near ties in one comparison would be a one in 10^6 coincidence."""
     parted = []
     for i, ((exp, exp_lps), (act, act_lps)) in enumerate(zip(expected, actual, strict=True)):
-        pos = next((p for p, (e, a) in enumerate(zip(exp, act)) if e != a), None)
+        pos = _parting(i, exp, act)
         if pos is None:
-            assert len(exp) == len(act), f"sequence {i}: {exp} against {act}"
             continue
         e, a = exp[pos], act[pos]
         assert _near_tie(exp_lps[pos], e, a, moe) and _near_tie(act_lps[pos], a, e, moe), \
@@ -55,6 +58,66 @@ def assert_greedy_match(expected: Run, actual: Run, moe: bool = False) -> None:
             f"(logprobs {exp_lps[pos]} against {act_lps[pos]})"
         parted.append(i)
     assert len(parted) <= 1, f"sequences {parted} part from the expected tokens"
+
+
+def sampled_run(outputs, params) -> tuple[Run, list[int]]:
+    """Every completion of each RequestOutput (generated with a seed and logprobs) as a
+    Run, and the seed each was drawn with: completion i of a request seeded s draws with
+    s + i."""
+    run, seeds = [], []
+    for output, p in zip(outputs, params, strict=True):
+        for c in output.outputs:
+            run.append((list(c.token_ids), list(c.logprobs)))
+            seeds.append(p.seed + c.index)
+    return run, seeds
+
+
+def assert_sampled_match(expected: Run, actual: Run, seeds: list[int], vocab_size: int,
+                         device: str = "cpu") -> None:
+    """Equal seeded draws of a dense model, except that one sequence at most may part at a
+    near tie of its draw. The worker draws token p of a sequence seeded s as the argmax of
+    logprob - log(E) over the vocabulary, E ~ Exp(1) from a generator on its device seeded
+    sampling_seed(s, p), the logprobs those it reports: rebuilt here, at a parting each
+    run's token must score within NEAR_TIE of the other run's (rounding moves a score by
+    about 1e-6; both runs' scores then lie between the two). Both runs must report logprobs
+    (logprobs=0 will do)."""
+    parted = []
+    for i, ((exp, exp_lps), (act, act_lps)) in enumerate(zip(expected, actual, strict=True)):
+        pos = _parting(i, exp, act)
+        if pos is None:
+            continue
+        noise = draw_noise(seeds[i], pos, vocab_size, device)
+        scores = [lps[pos][t] - math.log(noise[t]) for lps, t in ((exp_lps, exp[pos]),
+                                                                  (act_lps, act[pos]))]
+        assert abs(scores[0] - scores[1]) <= NEAR_TIE, \
+            f"sequence {i} (seed {seeds[i]}) parts at token {pos}: {exp} against {act}, " \
+            f"beyond a near tie of the draw (scores {scores})"
+        parted.append(i)
+    assert len(parted) <= 1, f"sequences {parted} part from the expected tokens"
+
+
+def draw_noise(seed: int, index: int, vocab_size: int, device: str = "cpu") -> torch.Tensor:
+    """The Exp(1) noise over the vocabulary with which the worker draws output token `index`
+    of a request seeded `seed` (its generator's seed and its clamp away from 0)."""
+    from shardline.worker.model_runner import sampling_seed
+
+    gen = torch.Generator(device).manual_seed(sampling_seed(seed, index))
+    noise = torch.empty(vocab_size, device=device).exponential_(generator=gen)
+    return noise.clamp_(min=torch.finfo(noise.dtype).tiny).cpu()
+
+
+def worker_device(llm) -> str:
+    """The device of an in-process LLM's worker: where its seeded draws' noise comes from."""
+    return str(llm.engine.executor.worker.model_runner.device)
+
+
+def _parting(i: int, expected: list[int], actual: list[int]) -> int | None:
+    """The first position where sequence i's two runs differ; None where they are equal
+    (of one length)."""
+    pos = next((p for p, (e, a) in enumerate(zip(expected, actual)) if e != a), None)
+    if pos is None:
+        assert len(expected) == len(actual), f"sequence {i}: {expected} against {actual}"
+    return pos
 
 
 def _near_tie(logprobs: dict[int, float], chosen: int, other: int, moe: bool) -> bool:
