@@ -30,7 +30,7 @@ from shardline.worker.worker import Worker
 
 from async_streams import assert_streams_match_one_rank
 from engine_prompts import random_prompt, token_ids
-from near_ties import MOE_TOP, assert_greedy_match, outputs_run
+from near_ties import MOE_TOP, assert_greedy_match, assert_sampled_match, outputs_run, sampled_run
 from process_hygiene import (assert_gone, kill_while_stepping, leaked_segments, live_children,
                              shm_segments)
 
@@ -106,10 +106,13 @@ def test_seeded_sampling_gives_the_same_tokens_on_whichever_core(dp_llm, referen
     expected = reference.generate(prompts, params)
     # Reversed, each request is served by another core than in the first order.
     got = dp_llm.generate(prompts[::-1], params[::-1])[::-1]
-    assert token_ids(got) == token_ids(expected)
+    # Equal up to a near tie of a draw: the cores' batches round apart from the reference's.
+    (want_run, drawn_with), (got_run, _) = (sampled_run(o, params) for o in (expected, got))
+    assert_sampled_match(want_run, got_run, drawn_with, dp_llm.engine.vocab_size)
     for want, out in zip(expected, got):
-        assert out.outputs[0].cumulative_logprob == pytest.approx(
-            want.outputs[0].cumulative_logprob, rel=1e-4)
+        if out.outputs[0].token_ids == want.outputs[0].token_ids:
+            assert out.outputs[0].cumulative_logprob == pytest.approx(
+                want.outputs[0].cumulative_logprob, rel=1e-4)
     reseeded = [dataclasses.replace(p, seed=p.seed + 1) for p in params]
     assert token_ids(dp_llm.generate(prompts, reseeded)) != token_ids(expected)
     assert_all_free(dp_llm)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fake_engine_checks import assert_all_free
-from near_ties import NEAR_TIE, assert_greedy_match
+from near_ties import (NEAR_TIE, assert_greedy_match, assert_sampled_match, sampled_run,
+                       worker_device)
 from shardline import LLM, SamplingParams
 from shardline.presets import resolve_model
 from shardline.sampling_params import MIN_TEMPERATURE
@@ -92,19 +93,22 @@ def test_logprobs_are_the_log_softmax_of_the_model_logits(hf_tiny_llama, rng):
 def test_seeded_draws_ignore_batch_mates_order_and_preemption(roomy_llm, async_scheduling,
                                                               rng):
     """A seeded request samples the same tokens alone as in a shuffled batch that is
-    computed in chunks, preempted and recomputed, with or without steps going ahead."""
+    computed in chunks, preempted and recomputed, with or without steps going ahead (up
+    to a near tie of a draw: the two round apart)."""
     prompts = random_prompts(rng, 8)
     params = [SamplingParams(
         n=rng.choice([1, 2]), seed=rng.randrange(2**40), temperature=rng.choice([0.5, 1.0, 1.5]),
         top_k=rng.choice([-1, 5, 1000]), top_p=rng.choice([1.0, 0.8]),
         min_p=rng.choice([0.0, 0.05]), repetition_penalty=rng.choice([1.0, 1.2]),
         presence_penalty=rng.choice([0.0, 0.5]), max_tokens=rng.choice([1, 8, 16]),
-        ignore_eos=True) for _ in prompts]
-    alone = [completions(roomy_llm.generate(p, sp)) for p, sp in zip(prompts, params)]
+        ignore_eos=True, logprobs=0) for _ in prompts]
+    alone, drawn_with = sampled_run([roomy_llm.generate(p, sp)[0]
+                                     for p, sp in zip(prompts, params)], params)
     llm = tight_llm(async_scheduling)
     order = rng.sample(range(len(prompts)), len(prompts))
     batch = llm.generate([prompts[i] for i in order], [params[i] for i in order])
-    assert [completions([batch[order.index(i)]]) for i in range(len(prompts))] == alone
+    got, _ = sampled_run([batch[order.index(i)] for i in range(len(prompts))], params)
+    assert_sampled_match(alone, got, drawn_with, llm.engine.vocab_size, worker_device(llm))
     assert llm.stats.num_preemptions > 0
     assert_all_free(llm.engine)
 
