@@ -9,10 +9,13 @@ checkpoint tensor, so the same checkpoint serves every tensor-parallel size.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from shardline import kernels
 from shardline.distributed.parallel_state import get_tp_group
+from shardline.kernels.dispatch import use_triton
+from shardline.layers.cpu_gemm import pack_weight, packed_linear
 from shardline.layers.norm import RMSNorm
 from shardline.layers.weights import Loaded, check_shape, copy_into, read_slice
 
@@ -35,6 +38,25 @@ class LinearBase(nn.Module):
                                    requires_grad=False)
         self.bias = (nn.Parameter(torch.empty(output_size, dtype=dtype), requires_grad=False)
                      if bias else None)
+        self.packed: torch.Tensor | None = None
+
+    def pack_for_cpu(self) -> None:
+        """Pack the loaded weight for the CPU's oneDNN GEMM (see layers.cpu_gemm; nothing
+        where it does not apply). Once the weight holds its final values: the packed copy
+        does not follow later writes to it."""
+        self.packed = pack_weight(self.weight)
+
+    def uses_packed(self, x: torch.Tensor) -> bool:
+        """Whether a product with `x` takes the packed weight: packed, and `x` not bound
+        for Triton (SHARDLINE_FORCE_TRITON=1 runs the kernels on CPU tensors)."""
+        return self.packed is not None and not use_triton(x)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ weight^T (+ bias): through the packed weight where `uses_packed`, else
+        kernels.linear."""
+        if self.uses_packed(x):
+            return packed_linear(x, self.weight, self.packed, bias)
+        return kernels.linear(x, self.weight, bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -50,7 +72,7 @@ class ReplicatedLinear(LinearBase):
         copy_into(param, read_slice(loaded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -69,7 +91,7 @@ class ColumnParallelLinear(LinearBase):
         copy_into(param, read_slice(loaded, 0, self.tp_rank * rows, rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -99,6 +121,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         if len(self.output_sizes) != 2 or self.output_sizes[0] != self.output_sizes[1]:
             raise ValueError(f"silu_mul needs two equal outputs (gate, up); this layer has "
                              f"output_sizes={self.output_sizes}")
+        if self.uses_packed(x):
+            gate, up = self.matmul(x, self.bias).chunk(2, dim=-1)
+            return F.silu(gate) * up
         return kernels.linear_silu_mul(x, self.weight, self.bias)
 
 
@@ -136,6 +161,15 @@ class QKVParallelLinear(ColumnParallelLinear):
         check_shape(name, loaded, (full, *param.shape[1:]))
         copy_into(param[offset:offset + rows], read_slice(loaded, 0, start, rows))
 
+    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views q [T, Hq, D], k and v [T, Hk, D] of this layer's output [T, (Hq+2Hk) D]."""
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        tokens = qkv.shape[0]
+        return (q.view(tokens, self.num_heads, self.head_dim),
+                k.view(tokens, self.num_kv_heads, self.head_dim),
+                v.view(tokens, self.num_kv_heads, self.head_dim))
+
 
 class RowParallelLinear(LinearBase):
     """Input features split across ranks; partial outputs are summed over the group.
@@ -161,9 +195,12 @@ class RowParallelLinear(LinearBase):
         copy_into(param, read_slice(loaded, 1, self.tp_rank * cols, cols))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self.tp_size == 1:
+        if self.tp_size == 1 and not self.uses_packed(x):
             return kernels.linear(x, self.weight, self.bias, residual)
-        out = get_tp_group().all_reduce(kernels.linear(x, self.weight))
+        if self.tp_size == 1:
+            out = self.matmul(x, self.bias)
+            return out if residual is None else out + residual
+        out = get_tp_group().all_reduce(self.matmul(x, None))
         if self.bias is not None:
             out = out + self.bias
         return out if residual is None else out + residual
@@ -174,7 +211,10 @@ class RowParallelLinear(LinearBase):
         projection and the next norm. Alone on its rank, the add and the norm ride the
         product's reduction (kernels.linear_rms_norm); otherwise they follow the
         all-reduce."""
-        if self.tp_size == 1:
+        if self.tp_size == 1 and not self.uses_packed(x):
             return kernels.linear_rms_norm(x, self.weight, self.bias, residual, norm.weight,
                                            norm.eps)
+        if self.tp_size == 1:
+            summed = self.matmul(x, self.bias) + residual
+            return kernels.rms_norm(summed, norm.weight, norm.eps), summed
         return norm(self(x), residual)

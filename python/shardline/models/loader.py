@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from shardline.layers.cpu_gemm import pack_cpu_weights
 from shardline.models.gguf import GGUFCheckpoint, is_gguf_dir
 from shardline.models.hf_config import (check_config, check_token_ids, head_dim, max_positions,
                                         num_experts, num_kv_heads, read_json_object)
@@ -252,7 +253,8 @@ def warn_of_layers_beyond_config(reader: CheckpointReader | GGUFCheckpoint,
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
                max_position: int | None = None, layers: range | None = None) -> nn.Module:
     """Build the model of `model_dir` on `device` in `dtype` and load its weights: this
-    rank's slices of them, and only the decoder `layers` of its pipeline stage if given."""
+    rank's slices of them, and only the decoder `layers` of its pipeline stage if given.
+    On the CPU, the fp32 linear weights are then packed for oneDNN (layers.cpu_gemm)."""
     config = read_config(model_dir)
     cls = get_model_class(resolve_architecture(config))
     max_position = max_position or max_positions(config)
@@ -265,4 +267,5 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
             warn_of_layers_beyond_config(reader, config["num_hidden_layers"])
     finally:
         reader.close()
+    pack_cpu_weights(model)
     return model.eval()
