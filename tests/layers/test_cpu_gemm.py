@@ -109,3 +109,26 @@ def test_qkv_projection_rotates_and_stores_as_the_kernel_path(rng):
 
     got, want = packed_and_dense(qkv, run)
     close(got, want)
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_weights_are_packed_only_while_the_copies_fit_the_memory_available(
+        fits, monkeypatch, caplog, rng):
+    """The packed copies double the linear weights' memory: a model whose copies would take
+    more than PACK_FRACTION of MemAvailable keeps to its dense weights, and says so."""
+    path = build_variant("tiny-llama", num_hidden_layers=rng.randint(1, 3))
+    dense = load_model(path, torch.float32, "cpu")
+    needed = sum(m.weight.numel() * 4 for m in dense.modules()
+                 if isinstance(m, (LinearBase, ParallelLMHead)))
+    limit = needed / cpu_gemm.PACK_FRACTION
+    available = int(limit * (rng.uniform(1.01, 3.0) if fits else rng.uniform(0.2, 0.99)))
+    monkeypatch.setattr(cpu_gemm, "mem_available_bytes", lambda: available)
+    with caplog.at_level("INFO", logger="shardline"):
+        model = load_model(path, torch.float32, "cpu")
+    layers = [m for m in model.modules() if isinstance(m, (LinearBase, ParallelLMHead))]
+    assert layers and all((layer.packed is not None) == fits for layer in layers)
+    assert ("not packed" in caplog.text) != fits
+    for layer in layers:
+        x = torch.randn(rng.randint(1, 9), layer.weight.shape[1])
+        forward = layer.matmul(x, None) if isinstance(layer, LinearBase) else layer(x)
+        close(forward, F.linear(x, layer.weight))
