@@ -51,12 +51,20 @@ def test_what_cannot_be_packed_goes_to_f_linear(fresh_seed):
     assert empty.shape == (0, 6)
 
 
-def test_a_model_loaded_on_the_cpu_packs_every_linear_weight(rng):
-    model = load_model(build_variant("tiny-llama", num_hidden_layers=rng.randint(1, 3)),
-                       torch.float32, "cpu")
+def test_a_model_loaded_on_the_cpu_packs_its_large_linear_weights(monkeypatch, rng):
+    """Every linear weight of at least MIN_PACK_BYTES is packed at load, every smaller one
+    (cache-resident, faster through F.linear) is not (the threshold drawn among the model's
+    own weight sizes)."""
+    path = build_variant("tiny-llama", num_hidden_layers=rng.randint(1, 3))
+    sizes = sorted({m.weight.numel() * 4 for m in load_model(path, torch.float32, "cpu").modules()
+                    if isinstance(m, (LinearBase, ParallelLMHead))})
+    threshold = rng.choice([0, *sizes, sizes[-1] + 1])
+    monkeypatch.setattr(cpu_gemm, "MIN_PACK_BYTES", threshold)
+    model = load_model(path, torch.float32, "cpu")
     layers = [m for m in model.modules() if isinstance(m, (LinearBase, ParallelLMHead))]
     assert len(layers) == 4 * len(model.model.layers) + 1
-    assert all(layer.packed is not None for layer in layers)
+    assert all((layer.packed is not None) == (layer.weight.numel() * 4 >= threshold)
+               for layer in layers), threshold
 
 
 def packed_and_dense(layer: torch.nn.Module, run) -> tuple[torch.Tensor, ...]:
@@ -123,6 +131,7 @@ def test_weights_are_packed_only_while_the_copies_fit_the_memory_available(
     limit = needed / cpu_gemm.PACK_FRACTION
     available = int(limit * (rng.uniform(1.01, 3.0) if fits else rng.uniform(0.2, 0.99)))
     monkeypatch.setattr(cpu_gemm, "mem_available_bytes", lambda: available)
+    monkeypatch.setattr(cpu_gemm, "MIN_PACK_BYTES", 0)
     with caplog.at_level("INFO", logger="shardline"):
         model = load_model(path, torch.float32, "cpu")
     layers = [m for m in model.modules() if isinstance(m, (LinearBase, ParallelLMHead))]
