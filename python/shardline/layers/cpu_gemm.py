@@ -7,10 +7,11 @@ each weight, so work done per weight rather than per row weighs most there. Meas
 took 36/62/100 ms at 8/32/64 rows through F.linear and 29/51/79 ms through oneDNN with
 weights packed beforehand; 2048-row prefill chunks 1.95 s against 1.60 s (1 thread, CPU
 time, medians of interleaved runs). The costs: the packed copy is oneDNN's own layout, kept
-beside the dense weight (which the kernel paths and tests read), so the linear weights take
-twice their memory on the CPU (so the copies are made only while they take at most
-PACK_FRACTION of the memory available, see pack_cpu_weights); and oneDNN builds its kernel
-for each new row count of a shape once, about 1 ms.
+beside the dense weight (which the kernel paths and tests read), so a packed weight takes
+twice its memory (the copies are made only while they take at most PACK_FRACTION of the
+memory available, see pack_cpu_weights); each call costs more than F.linear's, which only
+weights of MIN_PACK_BYTES and more repay; and oneDNN builds its kernel for each new row
+count of a shape once, about 1 ms.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from shardline import kernels
+from shardline.kernels.dispatch import use_triton
 from shardline.worker.kv_memory import mem_available_bytes
 
 logger = logging.getLogger(__name__)
@@ -65,13 +68,39 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | 
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
 
+class PackedWeight:
+    """A module with a [out, in] `weight` whose products may go through a packed copy of it
+    (LinearBase, ParallelLMHead): pack_cpu_weights packs it once it is loaded."""
+
+    weight: torch.Tensor
+    packed: torch.Tensor | None = None
+
+    def pack_for_cpu(self) -> None:
+        """Pack the loaded weight (nothing where pack_weight does not apply). Once the weight
+        holds its final values: the copy does not follow later writes to it, and a tied
+        embedding keeps reading the dense weight."""
+        self.packed = pack_weight(self.weight)
+
+    def uses_packed(self, x: torch.Tensor) -> bool:
+        """Whether a product with `x` takes the packed weight: packed, and `x` not bound
+        for Triton (SHARDLINE_FORCE_TRITON=1 runs the kernels on CPU tensors)."""
+        return self.packed is not None and not use_triton(x)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ weight^T (+ bias): through the packed weight where `uses_packed`, else
+        kernels.linear."""
+        if self.uses_packed(x):
+            return packed_linear(x, self.weight, self.packed, bias)
+        return kernels.linear(x, self.weight, bias)
+
+
 def pack_cpu_weights(model: torch.nn.Module) -> None:
-    """Pack every weight of `model` whose module packs for the CPU (pack_for_cpu), once its
+    """Pack every PackedWeight's weight in `model`, once its
     weights are loaded and of at least MIN_PACK_BYTES, unless the copies would take more
     than PACK_FRACTION of the memory available now (then every product stays on the dense
     weights, and the log says so)."""
     modules = [m for m in model.modules()
-               if hasattr(m, "pack_for_cpu") and packable(m.weight)
+               if isinstance(m, PackedWeight) and packable(m.weight)
                and m.weight.numel() * m.weight.element_size() >= MIN_PACK_BYTES]
     needed = sum(m.weight.numel() * m.weight.element_size() for m in modules)
     if not needed:

@@ -11,10 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardline import kernels
 from shardline.distributed.parallel_state import get_tp_group
-from shardline.kernels.dispatch import use_triton
-from shardline.layers.cpu_gemm import pack_weight, packed_linear
+from shardline.layers.cpu_gemm import PackedWeight
 from shardline.layers.weights import Loaded, check_shape, copy_into, read_slice
 
 
@@ -48,25 +46,12 @@ class VocabParallelEmbedding(nn.Module):
         return get_tp_group().all_reduce(out)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(PackedWeight, VocabParallelEmbedding):
     """Hidden states -> logits over the full vocabulary, on the first TP rank only (it
     samples; the other ranks return None and send their columns no further)."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int,
-                 dtype: torch.dtype = torch.float32):
-        super().__init__(num_embeddings, embedding_dim, dtype)
-        self.packed: torch.Tensor | None = None
-
-    def pack_for_cpu(self) -> None:
-        """Pack the loaded weight for the CPU's oneDNN GEMM, as LinearBase.pack_for_cpu (a
-        copy: a tied embedding keeps reading the dense weight)."""
-        self.packed = pack_weight(self.weight)
-
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        if self.packed is not None and not use_triton(hidden_states):
-            logits = packed_linear(hidden_states, self.weight, self.packed)
-        else:
-            logits = kernels.linear(hidden_states, self.weight)
+        logits = self.matmul(hidden_states, None)
         if self.tp_size > 1:
             logits = get_tp_group().gather(logits, dst=0, dim=-1)
             if logits is None:

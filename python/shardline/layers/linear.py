@@ -14,8 +14,7 @@ from torch import nn
 
 from shardline import kernels
 from shardline.distributed.parallel_state import get_tp_group
-from shardline.kernels.dispatch import use_triton
-from shardline.layers.cpu_gemm import pack_weight, packed_linear
+from shardline.layers.cpu_gemm import PackedWeight
 from shardline.layers.norm import RMSNorm
 from shardline.layers.weights import Loaded, check_shape, copy_into, read_slice
 
@@ -26,7 +25,7 @@ def _divide(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
-class LinearBase(nn.Module):
+class LinearBase(PackedWeight, nn.Module):
     """A weight [out, in] (and optional bias [out]) of this rank's partition."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype):
@@ -38,25 +37,6 @@ class LinearBase(nn.Module):
                                    requires_grad=False)
         self.bias = (nn.Parameter(torch.empty(output_size, dtype=dtype), requires_grad=False)
                      if bias else None)
-        self.packed: torch.Tensor | None = None
-
-    def pack_for_cpu(self) -> None:
-        """Pack the loaded weight for the CPU's oneDNN GEMM (see layers.cpu_gemm; nothing
-        where it does not apply). Once the weight holds its final values: the packed copy
-        does not follow later writes to it."""
-        self.packed = pack_weight(self.weight)
-
-    def uses_packed(self, x: torch.Tensor) -> bool:
-        """Whether a product with `x` takes the packed weight: packed, and `x` not bound
-        for Triton (SHARDLINE_FORCE_TRITON=1 runs the kernels on CPU tensors)."""
-        return self.packed is not None and not use_triton(x)
-
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x @ weight^T (+ bias): through the packed weight where `uses_packed`, else
-        kernels.linear."""
-        if self.uses_packed(x):
-            return packed_linear(x, self.weight, self.packed, bias)
-        return kernels.linear(x, self.weight, bias)
 
 
 class ReplicatedLinear(LinearBase):
