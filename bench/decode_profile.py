@@ -29,7 +29,6 @@ import bisect
 import contextlib
 import dataclasses
 import inspect
-import json
 import os
 import statistics
 import sys
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from _files import write_json
 from _models import LLAMA_3_2_1B, TINY, ModelShape, checkpoint_dir
 from _timing import Timer, copy_bandwidth
 from e2e_decode import (BLOCK_SIZE, RESULTS_DIR, Plan, add_model_args, decode_forward,
@@ -376,7 +376,7 @@ def profile_all(llm: Any, args: argparse.Namespace, shape: ModelShape, dtype: to
     for batch in args.batches:
         result = profile_batch(llm, batch, args, shape, dtype, device, weights, bandwidth)
         report["results"].append(result)
-        out.write_text(json.dumps(report, indent=2))
+        write_json(out, report)
         print_batch(result, bandwidth)
         print(f"batch {batch}: done at {time.perf_counter() - began:.1f} s", file=sys.stderr,
               flush=True)

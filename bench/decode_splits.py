@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from typing import Callable, Iterator
 from unittest import mock
 
 import torch
+from _files import write_json
 from _kernel_shapes import FULL, TINY, TP_SIZES
 from kernels import add_run_args, decode_case, open_bench, results_dir
 
@@ -150,7 +150,7 @@ def main() -> None:
         for tp in TP_SIZES:
             row = sweep_case(b, batch, context, tp, shapes)
             report["cases"].append(row)
-            path.write_text(json.dumps(report, indent=2))
+            write_json(path, report)
             h, best = row["heuristic"], row["best"]
             print(f"{row['case']:<44} {h['splits']:>4} splits {h['fraction']:5.2f} "
                   f"{best['splits']:>4} splits {best['fraction']:5.2f}  {best['config']}",

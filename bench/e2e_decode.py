@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from _files import write_json
 from _models import LLAMA_3_2_1B, TINY, ModelShape, checkpoint_dir
 from _timing import Timer, copy_bandwidth
 
@@ -336,7 +336,7 @@ def main() -> None:
     out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="shardline-e2e-")) if args.tiny
                                else RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "e2e_decode.json").write_text(json.dumps(report, indent=2))
+    write_json(out_dir / "e2e_decode.json", report)
     plot(report, out_dir / "e2e_decode.png")
     print_table(report)
     print(f"wrote {out_dir / 'e2e_decode.json'} and {out_dir / 'e2e_decode.png'}")

@@ -20,7 +20,6 @@ bench/results/kernels.json and kernels.png.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -31,6 +30,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from _files import write_json
 from _kernel_results import TARGETS, Bench, plot, print_table
 from _kernel_shapes import FULL, TINY, TP_SIZES, Shapes, llama_gemms
 from _timing import Timer, copy_bandwidth
@@ -283,7 +283,7 @@ def write_report(b: Bench, out_dir: Path) -> None:
               "torch": torch.__version__, "triton": triton.__version__,
               "ceilings": b.ceilings, "targets": TARGETS,
               "results": [asdict(r) for r in b.results]}
-    (out_dir / "kernels.json").write_text(json.dumps(report, indent=2))
+    write_json(out_dir / "kernels.json", report)
 
 
 def add_run_args(parser: argparse.ArgumentParser, outputs: str, warmup: int,

@@ -47,6 +47,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # silences triton 3.9's
 
 import torch
 
+from _files import write_json
 from _h100 import H100_SMS, recording_launches
 from start_shapes import (E2E_1B, Limits, add_limit_args, build_model, config_dtype,
                           import_kernels, limits_from, model_config, walk_start)
@@ -343,8 +344,7 @@ def main() -> None:
 
 
 def write_result(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out, result, indent=1)
     print(f"wrote {out}", flush=True)
 
 

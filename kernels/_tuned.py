@@ -28,6 +28,7 @@ import contextvars
 import json
 import os
 import re
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,10 +163,20 @@ def read_table(path: str | os.PathLike) -> TunedTable:
 
 
 def write_table(table: TunedTable, path: str | os.PathLike) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(table_to_json(table), f, indent=1)
-        f.write("\n")
+    """Replace the table at `path` in one rename: bench/tune.py rewrites it after every chunk
+    of keys and may be killed at its time limit, which must leave the last whole table (an
+    engine refuses a truncated one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(table_to_json(table), f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 KERNELS: dict[str, TunedKernel] = {}

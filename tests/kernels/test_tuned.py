@@ -265,6 +265,23 @@ def test_the_table_file_round_trips(tmp_path):
     assert json.loads(path.read_text())["format"] == _tuned.FORMAT_VERSION
 
 
+def test_a_rewrite_cut_short_leaves_the_last_whole_table(tmp_path, monkeypatch):
+    kept = {"_probe_kernel": {f"N_BUCKET={2 ** random.randint(4, 12)},SCALE=2,dtype=float32":
+                              random.choice(CONFIGS)}}
+    path = write_fake_table(tmp_path / "t.json", kept)
+
+    def dump_half_then_die(data, f, **kwargs):  # bench/tune.py killed at its time limit
+        text = json.dumps(data, **kwargs)
+        f.write(text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_tuned.json, "dump", dump_half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        write_fake_table(path, {**kept, "_other_kernel": {"K=1,dtype=float32": CONFIGS[0]}})
+    assert _tuned.read_table(path).kernels == kept
+    assert [p.name for p in tmp_path.iterdir()] == ["t.json"]
+
+
 def test_every_kernel_config_survives_the_file_so_a_table_hit_matches_it():
     from shardline.kernels import attention_decode, attention_prefill, matmul_split_k, moe
     configs = (matmul._TILED_CONFIGS + matmul_split_k.SPLIT_CONFIGS + attention_decode._CONFIGS
