@@ -327,7 +327,7 @@ def test_chat_logprobs_bytes_are_the_tokens_own(rng):
 def test_a_message_name_reaches_the_chat_template(rng):
     """OpenAI's `name` of a message's participant was dropped before the template."""
     from shardline.engine.chat_template import render_chat
-    from shardline.entrypoints.protocol import ChatCompletionRequest
+    from shardline.entrypoints.chat_protocol import ChatCompletionRequest
 
     name = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 8)))
     request = ChatCompletionRequest(model=MODEL, messages=[

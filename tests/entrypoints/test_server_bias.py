@@ -9,8 +9,8 @@ openai = pytest.importorskip("openai", reason="the openai client (test extra) is
 pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
 
-from shardline.entrypoints.protocol import (ChatCompletionRequest,  # noqa: E402
-                                            CompletionRequest, RequestError, parse)
+from shardline.entrypoints.chat_protocol import ChatCompletionRequest  # noqa: E402
+from shardline.entrypoints.protocol import CompletionRequest, RequestError, parse  # noqa: E402
 from shardline.sampling_params import SamplingParams  # noqa: E402
 from server_helpers import MODEL, direct, engine_idle, random_text  # noqa: E402
 

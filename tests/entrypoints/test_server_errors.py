@@ -125,38 +125,29 @@ def test_bad_json_and_bad_chat_messages_are_400(server):
                        json={"model": MODEL, "messages": [{"role": "user"}]})
     assert reply.status_code == 400
     assert reply.json()["error"]["param"].startswith("messages")
-    reply = httpx.post(url + "/v1/chat/completions", timeout=TIMEOUT,
-                       json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                             "tools": [{"type": "function", "function": {"name": "f"}}]})
-    assert reply.status_code == 400 and reply.json()["error"]["param"] == "tools"
 
 
-def test_a_lone_surrogate_or_deep_nesting_is_a_400_not_a_500(server, rng):
-    """JSON can spell a lone UTF-16 surrogate, which is no text a tokenizer takes, and can
-    nest past Python's recursion limit: both are bad bodies, refused before the engine."""
+def test_tool_use_the_chat_template_does_not_render_is_refused_naming_it(server, rng):
+    """tiny-chat's template writes each message's role and content, so it would drop the
+    tools and an assistant's tool calls (and write "None" for its content): each is a 400
+    naming where it is. Its tool results it writes, as any turn."""
     llm, url = server
-    text = random_text(rng)
-    cut = rng.randint(0, len(text))
-    lone = text[:cut] + chr(rng.randrange(0xD800, 0xE000)) + text[cut:]
-    pair = text[:cut] + chr(rng.randrange(0x1F600, 0x1F650)) + text[cut:]
-    depth = rng.randint(20_000, 40_000)
-    bodies = [
-        ("/v1/completions", {"model": MODEL, "prompt": lone, "max_tokens": 2}),
-        ("/v1/chat/completions", {"model": MODEL, "max_tokens": 2,
-                                  "messages": [{"role": "user", "content": lone}]}),
-        ("/v1/completions", "[" * depth + "]" * depth),
-    ]
-    for path, body in bodies:
-        content = body if isinstance(body, str) else json.dumps(body)
-        reply = httpx.post(url + path, content=content.encode(), timeout=TIMEOUT)
+    call = {"id": f"call_{rng.randrange(999)}", "type": "function",
+            "function": {"name": "f", "arguments": '{"x": 1}'}}
+    tool = {"role": "tool", "tool_call_id": call["id"], "content": random_text(rng)}
+    user = {"role": "user", "content": random_text(rng)}
+    for body, param, message in [
+            ({"messages": [user], "tools": [{"type": "function", "function": {"name": "f"}}]},
+             "tools", "tools: the chat template never reads `tools`"),
+            ({"messages": [user, {"role": "assistant", "tool_calls": [call]}, tool]},
+             "messages.1.tool_calls",
+             "messages[1].tool_calls: the chat template never reads a message's tool_calls")]:
+        reply = httpx.post(url + "/v1/chat/completions", timeout=TIMEOUT,
+                           json={"model": MODEL, "max_tokens": 2, **body})
         assert reply.status_code == 400, reply.text
-        assert reply.json()["error"]["type"] == "invalid_request_error"
-        assert "not valid JSON" in reply.json()["error"]["message"]
+        assert reply.json()["error"]["param"] == param
+        assert reply.json()["error"]["message"].startswith(message)
     assert engine_idle(llm)
-    reply = httpx.post(url + "/v1/completions", timeout=TIMEOUT, content=json.dumps(
-        {"model": MODEL, "prompt": pair, "max_tokens": 2}).encode())
-    assert reply.status_code == 200
-    assert reply.json()["usage"]["prompt_tokens"] == len(llm.engine.tokenizer.encode(pair))
 
 
 def aborts(llm):
@@ -353,7 +344,8 @@ def test_a_failed_engine_tells_clients_one_line_and_logs_the_rest(rng, caplog):
         events = http.post("/v1/completions",
                            json={"model": MODEL, "prompt": [5], "stream": True}).text
         replies = [http.post("/v1/completions", json={"model": MODEL, "prompt": [5],
-                                                      "stream": stream}) for stream in (False, True)]
+                                                      "stream": stream})
+                   for stream in (False, True)]
         health = http.get("/health")
     llm.shutdown()
     [event] = [json.loads(line.removeprefix("data: ")) for line in events.splitlines()

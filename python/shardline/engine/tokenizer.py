@@ -186,11 +186,13 @@ class Tokenizer:
         kinds = [d.get("type") for d in decoder.get("decoders", [decoder])]
         return "ByteLevel" in kinds
 
-    def apply_chat_template(self, messages: list[Message],
-                            add_generation_prompt: bool = True) -> str:
-        """The prompt text of a conversation; ValueError if the model has no chat template."""
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """The prompt text of a conversation, given `tools` (their definitions, for a
+        template that reads them: see render_chat); ValueError if the model has no chat
+        template."""
         if self.chat_template is None:
             raise ValueError("the model has no chat template (tokenizer_config.json has no "
                              "chat_template): use generate() with a plain prompt")
         return render_chat(self.chat_template, messages, add_generation_prompt,
-                           self.chat_template_source, **self.special_tokens)
+                           self.chat_template_source, tools, **self.special_tokens)

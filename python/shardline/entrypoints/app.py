@@ -3,9 +3,10 @@
 
 A bad request gets a 400 in OpenAI's error format with the field named in `param`, and
 touches no engine state; an unknown path or method is a 404 or 405 in the same format.
-The body is read by pydantic's JSON parser, which refuses what Python's would pass on to
-fail deeper as a 500: a lone UTF-16 surrogate ("\\ud800", not text any tokenizer takes)
-and nesting deep enough to exhaust the recursion limit.
+The body is read by pydantic's JSON parser (see json_body), which refuses what Python's
+would pass on to fail deeper as a 500: a lone UTF-16 surrogate escape ("\\ud800", not
+text any tokenizer takes), named with its field, and nesting deep enough to exhaust the
+recursion limit.
 
 A request's prompts are rendered and tokenized in a worker thread, so that a large batch
 does not hold up the streams of others (3000 prompts of 440 characters stalled every
@@ -38,14 +39,14 @@ from typing import Any, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic_core import from_json
 from starlette.exceptions import HTTPException
 
 from shardline.engine.async_llm import AsyncLLM
 from shardline.entrypoints import prometheus
-from shardline.entrypoints.protocol import (ChatCompletionRequest, CompletionRequest,
-                                            RequestError, engine_failure_message, error_body,
-                                            parse)
+from shardline.entrypoints.chat_protocol import ChatCompletionRequest
+from shardline.entrypoints.json_body import decode_body
+from shardline.entrypoints.protocol import (CompletionRequest, RequestError,
+                                            engine_failure_message, error_body, parse)
 from shardline.entrypoints.serving import (Decode, Generation, chat_generation,
                                            chat_response, completion_generation,
                                            completion_response, error_event,
@@ -150,11 +151,7 @@ def build_app(llm: AsyncLLM, model_name: str) -> FastAPI:
                             status_code=500)
 
     async def body_of(request: Request, model: type) -> Any:
-        try:
-            body = from_json(await _read_body(request))
-        except ValueError as exc:
-            raise RequestError(f"the body is not valid JSON: {exc}", None) from None
-        parsed = parse(model, body)
+        parsed = parse(model, decode_body(await _read_body(request)))
         if parsed.model != model_name:
             raise RequestError(f"model={parsed.model!r} is not served here; this server serves "
                                f"{model_name!r}", "model")

@@ -1,7 +1,7 @@
 """The OpenAI request bodies the server accepts, and how they map to SamplingParams.
 
 Bodies are validated with pydantic; a field this server does not know, or knows but does
-not support (tools, response_format, functions, ...), is refused rather than ignored, so a
+not support (response_format, functions, ...), is refused rather than ignored, so a
 client never gets an answer that silently disregarded what it asked for. Types are
 strict: a string, a bool or 5.0 where an integer belongs (`"max_tokens": true` would be
 1, `"prompt": [true, 7]` token ids 1 and 7) is refused rather than converted; only an
@@ -12,7 +12,7 @@ field, which the server returns as a 400 in OpenAI's error format.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar, Literal, Union, get_args
+from typing import Annotated, Any, ClassVar, Union, get_args
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, WrapValidator,
                       field_validator, model_validator)
@@ -226,59 +226,6 @@ class CompletionRequest(_SamplingFields):
                                     max(asked, default=None))
 
 
-class TextPart(_Body):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: Annotated[Union[str, list[TextPart]],
-                       _one_of("a string or a list of text parts (type text, with its text); "
-                               "other parts, such as images, are not supported")]
-    name: str | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
-
-
-class ChatCompletionRequest(_SamplingFields):
-    """POST /v1/chat/completions: `messages` rendered with the model's chat template."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0)
-    add_generation_prompt: bool = True
-    top_n_fields = ("top_logprobs", "prompt_logprobs")
-
-    def conversation(self) -> list[dict[str, str]]:
-        """The messages for the chat template, each with its participant's `name` when
-        given (templates that know names render them)."""
-        return [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                for m in self.messages]
-
-    def max_tokens_field(self) -> str | None:
-        """The field that asked for a number of tokens, None when neither did (the reply
-        then runs to the end of the context)."""
-        if self.max_completion_tokens is not None:
-            return "max_completion_tokens"
-        return "max_tokens" if self.max_tokens is not None else None
-
-    def to_sampling_params(self) -> SamplingParams:
-        if self.top_logprobs is not None and not self.logprobs:
-            raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
-        max_tokens = (self.max_completion_tokens if self.max_completion_tokens is not None
-                      else self.max_tokens)
-        return self.sampling_params(max_tokens,
-                                    (self.top_logprobs or 0) if self.logprobs else None,
-                                    sent_as={"max_tokens": self.max_tokens_field() or
-                                             "max_tokens", "logprobs": "top_logprobs"})
-
-
 def _token_keys(bias: dict[str, float]) -> dict[int, float]:
     """logit_bias as SamplingParams takes it: OpenAI's keys, token ids as strings of
     digits, as ints (which SamplingParams and the engine check against the vocabulary)."""
@@ -310,6 +257,9 @@ def parse(model: type[_Body], body: Any) -> Any:
                                f"{', '.join(sorted(owner.model_fields))}", param) from None
         if error["type"] == "missing":
             raise RequestError(f"{param} is required", param) from None
+        if "field" in error.get("ctx", {}):   # a check of fields together names the one
+            path = ".".join([*location, error["ctx"]["field"]])
+            raise RequestError(f"{path} {error['msg']}", path) from None
         raise RequestError(f"{param}: {error['msg']} (got {error.get('input')!r})",
                            location[0] if location else None) from None
 

@@ -27,9 +27,10 @@ from shardline.engine.output_queue import OutputQueue
 from shardline.engine.outputs import CompletionOutput, RequestOutput
 from shardline.entrypoints.logprobs import (Decode, LegacyLogprobs, chat_logprobs,
                                             prompt_logprobs)
-from shardline.entrypoints.protocol import (ChatCompletionRequest, CompletionRequest,
-                                            RequestError, engine_failure_message, error_body,
-                                            field_of)
+from shardline.engine.chat_template import UnsupportedByTemplate
+from shardline.entrypoints.chat_protocol import ChatCompletionRequest
+from shardline.entrypoints.protocol import (CompletionRequest, RequestError,
+                                            engine_failure_message, error_body, field_of)
 from shardline.sampling_params import SamplingParams
 
 _DONE = object()
@@ -172,8 +173,9 @@ def completion_generation(llm: AsyncLLM, request: CompletionRequest) -> Generati
 
 
 def chat_generation(llm: AsyncLLM, request: ChatCompletionRequest) -> Generation:
-    """Render the conversation with the model's chat template; its special tokens are
-    written by the template, so the text is tokenized without adding any."""
+    """Render the conversation (and its tools) with the model's chat template; its special
+    tokens are written by the template, so the text is tokenized without adding any. Tool
+    use the template would drop is refused naming where it is (tools, messages.i)."""
     check_top_n(llm, request)
     tokenizer = llm.engine.tokenizer
     if tokenizer is None:
@@ -183,7 +185,10 @@ def chat_generation(llm: AsyncLLM, request: ChatCompletionRequest) -> Generation
                            "send a plain prompt to /v1/completions", "messages")
     try:
         text = tokenizer.apply_chat_template(request.conversation(),
-                                             request.add_generation_prompt)
+                                             request.add_generation_prompt,
+                                             request.tool_definitions())
+    except UnsupportedByTemplate as exc:
+        raise RequestError(str(exc), exc.param) from None
     except ValueError as exc:
         raise RequestError(f"messages: {exc}", "messages") from None
     prompt = tokenizer.encode(text, add_special_tokens=False)
