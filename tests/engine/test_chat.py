@@ -11,7 +11,7 @@ import pytest
 
 from near_ties import assert_greedy_match, outputs_run
 from shardline import LLM, SamplingParams
-from shardline.engine.chat_template import ROLES, render_chat
+from shardline.engine.chat_template import ROLES, UnsupportedByTemplate, render_chat
 from shardline.engine.detokenizer import IncrementalDetokenizer
 from shardline.engine.tokenizer import Tokenizer
 from shardline.presets import BOS_ID, byte_tokenizer
@@ -69,6 +69,33 @@ def test_bad_conversation_is_refused_by_index(llm, messages, error):
     with pytest.raises(ValueError, match=error):
         llm.chat(messages, GREEDY)
     assert not llm.has_unfinished_requests()
+
+
+def tool_turns(rng: random.Random, names: list[str]) -> list[dict]:
+    """A question, the assistant's calls of some of the tools `names`, and their results:
+    short, as the byte tokenizer spends a token per byte of max_model_len's 512."""
+    calls = [{"id": f"call_{i}", "type": "function",
+              "function": {"name": name, "arguments": {"city": rng.choice(["Oslo", "Lima"])}}}
+             for i, name in enumerate(rng.sample(names, rng.randint(1, len(names))))]
+    return ([{"role": "user", "content": conversation(rng)[0]["content"]},
+             {"role": "assistant", "content": None, "tool_calls": calls}]
+            + [{"role": "tool", "tool_call_id": call["id"], "content": str(rng.randint(0, 99))}
+               for call in calls])
+
+
+def test_chat_gives_tools_to_a_template_that_reads_them(llm, rng, monkeypatch):
+    from test_chat_template_tools import TOOL_TEMPLATE
+    names = rng.sample(["weather", "time_in", "add", "look_up"], 2)
+    tools = [{"type": "function", "function": {"name": name}} for name in names]
+    conversations = [tool_turns(rng, names) for _ in range(2)]
+    with pytest.raises(UnsupportedByTemplate, match="never reads `tools`"):
+        llm.chat(conversations[0], GREEDY, tools=tools)
+    monkeypatch.setattr(llm.engine.tokenizer, "chat_template", TOOL_TEMPLATE)
+    outputs = llm.chat(conversations, GREEDY, tools=tools)
+    for output, turns in zip(outputs, conversations):
+        assert output.prompt == render_chat(TOOL_TEMPLATE, turns, tools=tools)
+        assert all(f'"name": "{name}"' in output.prompt for name in names)
+        assert len(output.outputs[0].token_ids) == GREEDY.max_tokens
 
 
 def test_model_without_chat_template_is_refused(llm, monkeypatch):

@@ -103,14 +103,17 @@ class LLM:
 
     def chat(self, messages: Seq[Message] | Seq[Seq[Message]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-             add_generation_prompt: bool = True, use_tqdm: bool = False
-             ) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, use_tqdm: bool = False,
+             tools: list[dict] | None = None) -> list[RequestOutput]:
         """Answer one conversation (a list of {"role", "content"} dicts) or a list of them;
         outputs come back in input order, each with the rendered prompt as `prompt`.
 
         Each conversation is rendered with the model's chat template (ending with the
         assistant's turn when `add_generation_prompt`) and tokenized as is: the template
-        writes the special tokens itself. `sampling_params` as in `generate`.
+        writes the special tokens itself. `tools` (OpenAI-style function definitions) are
+        given to a template that reads them, and refused by one that does not; a tool call
+        in the reply comes back as the model writes it, in its text. `sampling_params` as
+        in `generate`.
         """
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
@@ -121,7 +124,7 @@ class LLM:
         for i, conversation in enumerate(conversations):
             where = "messages" if one else f"messages[{i}]"
             texts.append(tokenizer.apply_chat_template(check_conversation(conversation, where),
-                                                       add_generation_prompt))
+                                                       add_generation_prompt, tools))
         params_list = _as_params_list(sampling_params, len(texts))
         token_ids = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
         with self._running():
