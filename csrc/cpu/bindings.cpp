@@ -7,6 +7,7 @@
 
 #include <pybind11/pybind11.h>
 
+#include "elementwise.hpp"
 #include "paged_decode.hpp"
 
 namespace py = pybind11;
@@ -31,7 +32,7 @@ T* at(uintptr_t address) {
 }  // namespace
 
 PYBIND11_MODULE(_cpu_kernels, m) {
-    m.doc() = "CPU kernels of shardline (paged decode attention).";
+    m.doc() = "CPU kernels of shardline (paged decode attention, fused element-wise passes).";
     m.attr("SUPPORTED_DTYPES") = py::str(supported_dtypes());
     m.def(
         "paged_decode_attention",
@@ -59,4 +60,45 @@ PYBIND11_MODULE(_cpu_kernels, m) {
         "head_dim] of `dtype`, block_tables int32 rows of table_stride, seq_lens int32 [batch]. Up to\n"
         "`threads` threads, and with min_bytes_per_thread > 0 one per that many bytes of K and V at most.\n"
         "Raises ValueError for a bad shape or length, IndexError for a block id out of range.");
+    m.def(
+        "rms_norm",
+        [](uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t out, uintptr_t sum,
+           int64_t rows, int64_t hidden, float eps, int threads) {
+            py::gil_scoped_release release;
+            rms_norm(at<const float>(x), at<const float>(residual), at<const float>(weight),
+                     at<float>(out), at<float>(sum), rows, hidden, eps, threads);
+        },
+        py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("out"), py::arg("sum"),
+        py::arg("rows"), py::arg("hidden"), py::arg("eps"), py::arg("threads"),
+        "out = RMSNorm(s) * weight for s = x (+ residual, stored in sum, which may be x) of\n"
+        "contiguous fp32 [rows, hidden]; residual 0 for none.");
+    m.def(
+        "silu_mul",
+        [](uintptr_t gate_up, uintptr_t out, int64_t rows, int64_t width, int threads) {
+            py::gil_scoped_release release;
+            silu_mul(at<const float>(gate_up), at<float>(out), rows, width, threads);
+        },
+        py::arg("gate_up"), py::arg("out"), py::arg("rows"), py::arg("width"), py::arg("threads"),
+        "out [rows, width] = SiLU(gate) * up of contiguous fp32 gate_up [rows, 2 * width].");
+    m.def(
+        "rotary_write_kv",
+        [](uintptr_t qkv, uintptr_t positions, uintptr_t cos_sin, uintptr_t slot_mapping,
+           uintptr_t q_out, uintptr_t k_cache, uintptr_t v_cache, int64_t tokens, int64_t num_heads,
+           int64_t num_kv_heads, int64_t head_dim, int64_t rot_dim, int64_t max_position,
+           int64_t num_slots, int threads) {
+            RotaryShape shape{tokens,  num_heads,    num_kv_heads, head_dim,
+                              rot_dim, max_position, num_slots};
+            py::gil_scoped_release release;
+            rotary_write_kv(at<const float>(qkv), at<const int64_t>(positions),
+                            at<const float>(cos_sin), at<const int64_t>(slot_mapping),
+                            at<float>(q_out), at<float>(k_cache), at<float>(v_cache), shape,
+                            threads);
+        },
+        py::arg("qkv"), py::arg("positions"), py::arg("cos_sin"), py::arg("slot_mapping"),
+        py::arg("q_out"), py::arg("k_cache"), py::arg("v_cache"), py::arg("tokens"),
+        py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("rot_dim"),
+        py::arg("max_position"), py::arg("num_slots"), py::arg("threads"),
+        "Neox rotary of q and k of contiguous fp32 qkv rows [tokens, (Hq + 2 Hk) head_dim]: q\n"
+        "into q_out [tokens, Hq, head_dim], k rotated and v stored at their int64 slots of the\n"
+        "caches (-1 skipped). Raises IndexError for a position or slot out of range.");
 }

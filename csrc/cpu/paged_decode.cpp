@@ -1,9 +1,7 @@
 #include "paged_decode.hpp"
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -11,13 +9,8 @@
 #include <vector>
 
 #include "numeric.hpp"
+#include "simd.hpp"
 #include "thread_pool.hpp"
-
-#ifdef SHARDLINE_HAVE_TARGET_CLONES  // set by CMakeLists.txt where the compiler builds them
-#define SHARDLINE_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
-#else
-#define SHARDLINE_CPU_CLONES
-#endif
 
 namespace shardline::cpu {
 namespace {
@@ -94,44 +87,6 @@ private:
     const char* v_ = nullptr;
     int64_t token_bytes_ = 0, row_bytes_ = 0, n_ = 0, rows_left_ = 0, offset_ = 0, per_step_ = 0;
 };
-
-// The bits of `from` read as a To (std::bit_cast, or a copy where the standard library
-// predates it: GCC 10 takes -std=c++20 without it).
-template <class To, class From>
-inline To bits_as(From from) {
-#ifdef __cpp_lib_bit_cast
-    return std::bit_cast<To>(from);
-#else
-    To to;
-    std::memcpy(&to, &from, sizeof(to));
-    return to;
-#endif
-}
-
-// exp(x) for x <= 0, -inf or NaN (a score minus the running max), branch-free so that the
-// compiler vectorizes the loop that calls it (expf is a call per score): exp(x) = 2^n e^r
-// with n = round(x / ln 2) and |r| <= ln(2) / 2, e^r by its Taylor series to r^7
-// (relative error below 2e-7). Below about -87.7, where exp(x) is no longer a normal
-// float, n is -127 and 2^n is 0, so -inf gives 0 exactly; NaN stays NaN.
-inline float exp_nonpositive(float x) {
-    const float clamped = std::max(x, -88.0f);  // NaN passes
-    const float rounder = 12582912.0f;          // 1.5 * 2^23: adding it rounds to an integer
-    const float shifted = clamped * 1.44269504f + rounder;
-    const float n = shifted - rounder;
-    const float r = (clamped - n * 0.693145752f) - n * 1.42860677e-6f;  // ln 2 in two parts
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    // 2^n from n + 127 as the exponent bits; n is shifted's low mantissa bits less rounder's.
-    const uint32_t n_bits = bits_as<uint32_t>(shifted) - bits_as<uint32_t>(rounder);
-    const float scale = bits_as<float>((n_bits + 127u) << 23);
-    return p * scale;
-}
 
 // One work item: a sequence's query heads of the KV heads [first, last), with a running
 // max and sum per query head, rescaled once per block rather than once per token. The

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from shardline import kernels
+from shardline.layers import cpu_ops
 from shardline.layers.linear import QKVParallelLinear
 from shardline.layers.rotary import RotaryEmbedding
 
@@ -52,13 +53,13 @@ class Attention(nn.Module):
         """Hidden states x [T, H] -> [T, Hq * D]: projected by `qkv_proj`, q and k rotated
         by `positions`, K and V stored in the cache, in as few kernels as the path allows
         (the rotary kernel stores K and V, and on the split-K path also reduces the
-        projection); attention reads K and V only from the cache. A projection through its
-        packed CPU weight (layers.cpu_gemm) is followed by the same rotary and store."""
-        if qkv_proj.uses_packed(x):
-            q, k, v = qkv_proj.split_heads(qkv_proj.matmul(x, qkv_proj.bias))
-            q = kernels.rotary_and_write_kv_cache(positions, q, k, v, rotary.cos_sin_cache,
-                                                  rotary.is_neox, self.k_cache, self.v_cache,
-                                                  meta.slot_mapping)
+        projection); attention reads K and V only from the cache. In fp32 on the CPU the
+        projection (through its packed weight where it has one, layers.cpu_gemm) is followed
+        by one C++ pass for the rotary and the store (layers.cpu_ops)."""
+        if cpu_ops.applies(x) and rotary.is_neox and self.k_cache.dtype == torch.float32:
+            q = cpu_ops.rotary_and_write_kv_cache(
+                qkv_proj.matmul(x, qkv_proj.bias), qkv_proj.num_heads, positions,
+                rotary.cos_sin_cache, self.k_cache, self.v_cache, meta.slot_mapping)
             return self.attend(q, meta)
         q = kernels.qkv_rotary_and_write_kv_cache(
             x, qkv_proj.weight, qkv_proj.bias, positions, rotary.cos_sin_cache, rotary.is_neox,

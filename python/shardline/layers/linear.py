@@ -9,11 +9,11 @@ checkpoint tensor, so the same checkpoint serves every tensor-parallel size.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from shardline import kernels
 from shardline.distributed.parallel_state import get_tp_group
+from shardline.layers import cpu_ops
 from shardline.layers.cpu_gemm import PackedWeight
 from shardline.layers.norm import RMSNorm
 from shardline.layers.weights import Loaded, check_shape, copy_into, read_slice
@@ -97,13 +97,13 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """SiLU(gate) * up of a (gate, up) pair with this layer's weight and bias:
         [M, input_size] -> [M, this rank's share of one output], the activation fused into
-        the GEMM. Each rank holds matching gate and up columns, so no communication."""
+        the GEMM (on the CPU in fp32: the product, then one C++ pass, layers.cpu_ops). Each
+        rank holds matching gate and up columns, so no communication."""
         if len(self.output_sizes) != 2 or self.output_sizes[0] != self.output_sizes[1]:
             raise ValueError(f"silu_mul needs two equal outputs (gate, up); this layer has "
                              f"output_sizes={self.output_sizes}")
-        if self.uses_packed(x):
-            gate, up = self.matmul(x, self.bias).chunk(2, dim=-1)
-            return F.silu(gate) * up
+        if cpu_ops.applies(x):
+            return cpu_ops.silu_mul(self.matmul(x, self.bias))
         return kernels.linear_silu_mul(x, self.weight, self.bias)
 
 
@@ -140,15 +140,6 @@ class QKVParallelLinear(ColumnParallelLinear):
                              "must be 'q', 'k' or 'v'")
         check_shape(name, loaded, (full, *param.shape[1:]))
         copy_into(param[offset:offset + rows], read_slice(loaded, 0, start, rows))
-
-    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Views q [T, Hq, D], k and v [T, Hk, D] of this layer's output [T, (Hq+2Hk) D]."""
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        tokens = qkv.shape[0]
-        return (q.view(tokens, self.num_heads, self.head_dim),
-                k.view(tokens, self.num_kv_heads, self.head_dim),
-                v.view(tokens, self.num_kv_heads, self.head_dim))
 
 
 class RowParallelLinear(LinearBase):
@@ -189,12 +180,13 @@ class RowParallelLinear(LinearBase):
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(self(x) + residual), self(x) + residual): a pre-norm block's output
         projection and the next norm. Alone on its rank, the add and the norm ride the
-        product's reduction (kernels.linear_rms_norm); otherwise they follow the
-        all-reduce."""
-        if self.tp_size == 1 and not self.uses_packed(x):
+        product's reduction (kernels.linear_rms_norm; on the CPU in fp32, one C++ pass
+        after the product that stores the sum in the product's own output); otherwise they
+        follow the all-reduce."""
+        if self.tp_size == 1 and cpu_ops.applies(x):
+            return cpu_ops.rms_norm(self.matmul(x, self.bias), norm.weight, norm.eps, residual,
+                                    sum_into_x=True)
+        if self.tp_size == 1:
             return kernels.linear_rms_norm(x, self.weight, self.bias, residual, norm.weight,
                                            norm.eps)
-        if self.tp_size == 1:
-            summed = self.matmul(x, self.bias) + residual
-            return kernels.rms_norm(summed, norm.weight, norm.eps), summed
         return norm(self(x), residual)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from shardline import kernels
+from shardline.layers import cpu_ops
 from shardline.layers.weights import Loaded, check_shape, copy_into, read_slice
 
 
@@ -25,5 +26,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """norm(x), or with `residual`: (norm(x + residual), x + residual)."""
+        """norm(x), or with `residual`: (norm(x + residual), x + residual); tokens [T, H]
+        in fp32 on the CPU in one C++ pass (layers.cpu_ops)."""
+        if x.dim() == 2 and cpu_ops.applies(x):
+            return cpu_ops.rms_norm(x, self.weight, self.eps, residual)
         return kernels.rms_norm(x, self.weight, self.eps, residual)
