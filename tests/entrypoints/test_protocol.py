@@ -216,3 +216,20 @@ def test_a_field_the_server_does_not_take_left_empty_is_dropped(rng):
     with pytest.raises(RequestError) as refused:  # something asked for is still refused
         parse(ChatCompletionRequest, {**body, field: rng.choice([{"5": 1}, [{}], [0]])})
     assert refused.value.param.split(".")[0] == field
+
+
+def test_tool_choice_none_without_tools_is_taken(rng):
+    """It asks for what a request without tools gets anyway (OpenAI's default there), and
+    was a 400 saying that the server cannot forbid a tool call; with tools it still is."""
+    messages = [{"role": "user", "content": random_text_of(rng)}]
+    no_tools = rng.choice([{}, {"tools": None}, {"tools": []}])
+    parsed = parse(ChatCompletionRequest, {"model": "m", "messages": messages,
+                                           "tool_choice": "none", **no_tools})
+    assert parsed.tool_definitions() is None
+    assert parsed.conversation() == messages
+    tools = [{"type": "function", "function": {"name": rng.choice(["add", "look_up"])}}]
+    with pytest.raises(RequestError) as refused:
+        parse(ChatCompletionRequest, {"model": "m", "messages": messages, "tools": tools,
+                                      "tool_choice": "none"})
+    assert refused.value.param == "tool_choice"
+    assert 'only "auto" (or null) is supported' in str(refused.value)

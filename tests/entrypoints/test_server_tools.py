@@ -127,6 +127,9 @@ BAD = [  # (change, the field's path, the message's words after it)
      "messages.1.tool_calls.0.function.arguments", ": must be the JSON text of an object"),
     (_set(("messages", 1, "tool_calls", 0, "function", "arguments"), "[1]"),
      "messages.1.tool_calls.0.function.arguments", ": must be the JSON text of an object"),
+    (_set(("messages", 1, "tool_calls", 0, "function", "arguments"),
+          '{"x": ' + "[" * 100_000 + "]" * 100_000 + "}"),   # was a RecursionError: a 500
+     "messages.1.tool_calls.0.function.arguments", ": nests too deeply to decode"),
     (_set(("messages", 1, "tool_calls", 0, "id"), None), "messages.1.tool_calls.0.id",
      "is required"),
     (_set(("messages", 1, "tool_calls", 0, "type"), "custom"), "messages.1.tool_calls.0.type",

@@ -8,16 +8,17 @@ an assistant's calls answer each of them. The chat template gets it in Hugging F
 format, a call's arguments as an object, so they must be the JSON text of one (see
 shardline.engine.chat_template, which refuses tool use a template would drop). The
 reply is text, in which the model writes a tool call as its template taught it: the server
-parses none into `tool_calls`, so `tool_choice` may only be "auto" and no tool may be
-strict (constrained to its schema).
+parses none into `tool_calls`, so `tool_choice` may only be "auto" ("none" too when no
+tools are given) and no tool may be strict (constrained to its schema).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from shardline.entrypoints.protocol import RequestError, _Body, _one_of, _SamplingFields
@@ -57,6 +58,10 @@ class FunctionCall(_Body):
             decoded = json.loads(arguments)
         except ValueError:
             decoded = None
+        except RecursionError:   # Python's decoder recurses once a level: "[[[..." is a 500
+            raise PydanticCustomError("arguments", "nests too deeply to decode (past Python's "
+                                      "recursion limit, {limit} levels)",
+                                      {"limit": sys.getrecursionlimit()}) from None
         if not isinstance(decoded, dict):
             raise PydanticCustomError("arguments", "must be the JSON text of an object, as "
                                       'the model wrote it, such as "{\\"city\\": \\"Oslo\\"}"')
@@ -163,14 +168,17 @@ class ChatCompletionRequest(_SamplingFields):
 
     @field_validator("tool_choice")
     @classmethod
-    def _auto(cls, choice: Any) -> Any:
-        """Only the model's own choice."""
+    def _auto(cls, choice: Any, info: ValidationInfo) -> Any:
+        """Only the model's own choice; or "none" without tools, which asks for what is
+        given anyway (OpenAI's default when there are no tools)."""
+        if choice == "none" and "tools" in info.data and info.data["tools"] is None:
+            return choice
         if choice not in (None, "auto"):
             raise PydanticCustomError("tool_choice", "only \"auto\" (or null) is supported: "
                                       "this server gives the tools to the chat template and "
                                       "the model chooses, so it can neither force a tool call "
                                       "(\"required\", a named function) nor forbid one "
-                                      "(\"none\")")
+                                      "(\"none\", taken only without tools)")
         return choice
 
     @model_validator(mode="after")
