@@ -63,7 +63,7 @@ def sweep_case(b, batch: int, context: int, tp: int, shapes) -> dict:
         for config in configs_of(kernel, run):
             with pinned(kernel, lambda args, kwargs, c=config: c):
                 ms = b.timer(run, case.copies)
-                error = ((run(0).float() - expected).abs().max()
+                error = ((b.timer.last_output.float() - expected).abs().max()
                          / expected.abs().max().clamp_min(1e-6)).item()
                 fits = launched_as_pinned(kernel, config)
             worst_error = max(worst_error, error)

@@ -62,14 +62,15 @@ def bench_matmul(b: Bench, s: Shapes) -> None:
                 xs = [b.randn(m, k) for _ in range(copies)]
                 ws = [b.randn(n, k, scale=k ** -0.5) for _ in range(copies)]
                 ms = b.timer(lambda i: op(xs[i], ws[i]), copies)
+                actual = b.timer.last_output
                 base_ms = b.timer(lambda i: torch.matmul(xs[i], ws[i].t()), copies)
-                expected = torch.matmul(xs[0], ws[0].t())
+                expected = b.timer.last_output
                 if name == "gate_up":
                     gate, up = expected.float().chunk(2, dim=-1)
                     expected = F.silu(gate) * up
                 bench = "matmul M<=16" if m <= 16 else "matmul M>=512"
                 b.record(bench, f"TP{tp} {name} M={m} N={n} K={k}", ms, base_ms,
-                         base_ms / ms, op(xs[0], ws[0]), expected,
+                         base_ms / ms, actual, expected,
                          tflops=2 * m * n * k / ms / 1e9,
                          **tiled_config_flags(xs[0], n // 2 if name == "gate_up" else n, k,
                                               name == "gate_up"))
@@ -146,7 +147,7 @@ def bench_decode_attention(b: Bench, s: Shapes) -> None:
             bandwidth = case.kv_bytes / ms / 1e6
             b.record("decode attention", f"TP{tp} batch {batch} x {context} ctx, "
                      f"Hq={case.q_heads} Hk={case.kv_heads}", ms, None,
-                     bandwidth / b.ceilings["copy_GBps"], case.run(0),
+                     bandwidth / b.ceilings["copy_GBps"], b.timer.last_output,
                      case.run(0, reference.paged_decode_attention), GBps=bandwidth)
 
 
@@ -187,10 +188,12 @@ def bench_prefill_attention(b: Bench, s: Shapes) -> None:
                     return F.scaled_dot_product_attention(*dense[i], is_causal=True,
                                                           scale=scale)
 
-            ms, base_ms = b.timer(ours, copies), b.timer(sdpa, copies)
-            expected = sdpa(0).transpose(1, 2).reshape(tokens, q_heads, s.head_dim)
+            ms = b.timer(ours, copies)
+            actual = b.timer.last_output
+            base_ms = b.timer(sdpa, copies)
+            expected = b.timer.last_output.transpose(1, 2).reshape(tokens, q_heads, s.head_dim)
             b.record("prefill attention", f"TP{tp} {seqs} x {length} tokens, "
-                     f"Hq={q_heads} Hk={kv_heads}", ms, base_ms, base_ms / ms, ours(0),
+                     f"Hq={q_heads} Hk={kv_heads}", ms, base_ms, base_ms / ms, actual,
                      expected)
 
 
@@ -260,16 +263,18 @@ def bench_fused_moe(b: Bench, s: Shapes) -> None:
         def grouped(i: int) -> torch.Tensor:
             return grouped_mm_moe(x, *weights[i], topk_weights, topk_ids)
 
-        ms, base_ms = b.timer(ours, copies), b.timer(loop, copies)
+        ms = b.timer(ours, copies)
+        actual = b.timer.last_output
+        base_ms = b.timer(loop, copies)
+        expected = b.timer.last_output.float()
         extra = {}
         if grouped_mm_runs(x, *weights[0]):
-            expected = loop(0).float()
             extra["grouped_mm_rel_err"] = ((grouped(0).float() - expected).abs().max()
                                            / expected.abs().max().clamp_min(1e-6)).item()
             extra["grouped_mm_ms"] = b.timer(grouped, copies)
             extra["x_grouped_mm"] = extra["grouped_mm_ms"] / ms
         b.record("fused moe", f"TP{tp} {s.moe_tokens} tokens top-{s.top_k} of "
-                 f"{s.experts}, I={inter}", ms, base_ms, base_ms / ms, ours(0), loop(0),
+                 f"{s.experts}, I={inter}", ms, base_ms, base_ms / ms, actual, expected,
                  **extra)
 
 

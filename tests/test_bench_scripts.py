@@ -185,6 +185,18 @@ def test_kernels_dry_run_covers_every_kernel(tmp_path):
     assert (tmp_path / "kernels.png").stat().st_size > 0
 
 
+def test_timer_keeps_the_output_of_the_last_run_on_the_first_input_set(monkeypatch, rng):
+    """The dry runs check that output instead of running the call again."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from _timing import Timer
+    copies, reps = rng.randint(1, 4), rng.randint(1, 9)
+    calls = []
+    timer = Timer(torch.device("cpu"), rng.randint(0, 2), reps)
+    assert timer(lambda i: calls.append(i) or (len(calls), i), copies) >= 0
+    last = max(n for n, i in enumerate(calls, 1) if i == 0 and n > len(calls) - reps)
+    assert timer.last_output == (last, 0)
+
+
 def test_decode_splits_dry_run_sweeps_every_split_count_of_every_case(tmp_path):
     run_script("decode_splits.py", "--dry-run", "--out-dir", str(tmp_path))
     result = json.loads((tmp_path / "decode_splits.json").read_text())
