@@ -150,3 +150,44 @@ def test_keys_set_to_none_are_left_out_as_transformers_leaves_them(rng):
 def test_tools_that_are_not_a_list_of_definitions_are_refused(tools):
     with pytest.raises(ValueError, match=re.escape("tools=") + ".* is invalid: pass a list"):
         render_chat(TOOL_TEMPLATE, [{"role": "user", "content": "hi"}], tools=tools)
+
+
+class _Counted(str):
+    """A prompt that counts the characters its searches for a substring pass over."""
+
+    def find(self, sub, start=0, *end):
+        at = str.find(self, sub, start, *end)
+        self.passed = getattr(self, "passed", 0) + (len(self) if at < 0 else at + len(sub))
+        self.passed -= start
+        return at
+
+    def __contains__(self, sub):
+        return self.find(sub) >= 0
+
+
+def test_tool_results_are_found_in_one_pass_over_the_prompt(rng):
+    """Each result's mark was looked for from the prompt's start: n results, n passes (a
+    4 MB body of 30,000 one-call results took 17 s). Results a template writes in another
+    order are still found."""
+    from shardline.engine.chat_template import _check_tool_results_kept, _compile
+
+    calls = [{"id": f"c{i}", "type": "function", "function": {"name": "f", "arguments": {}}}
+             for i in range(rng.randint(20, 200))]
+    messages = check_conversation(
+        [{"role": "user", "content": words(rng)},
+         {"role": "assistant", "tool_calls": calls},
+         *({"role": "tool", "tool_call_id": call["id"], "content": words(rng)}
+           for call in calls)], "messages")
+    template = TOOL_TEMPLATE.replace("in messages %}", "in messages | reverse %}")
+    prompts = []
+    for compiled in (_compile(TOOL_TEMPLATE), _compile(template)):
+        class Counting:
+            def render(self, **variables):
+                prompts.append(_Counted(compiled.render(**variables)))
+                return prompts[-1]
+
+        _check_tool_results_kept(Counting(), messages, {"tools": None,
+                                                        "add_generation_prompt": True})
+    in_order, reversed_order = prompts
+    assert in_order.passed <= len(in_order)
+    assert reversed_order.passed > len(reversed_order)   # found, if slowly

@@ -187,7 +187,9 @@ def _check_tool_results_kept(compiled: Any, messages: list[Message],
                              variables: dict) -> None:
     """Refuse tool messages whose content `compiled` leaves out of the prompt (a template
     that writes only the roles it knows): each is rendered as a random number, and each
-    number must be in the prompt (digits survive tojson, trim and case changes)."""
+    number must be in the prompt (digits survive tojson, trim and case changes). Each is
+    looked for after the one before, where templates write it, so that n results cost one
+    pass over the prompt, not n (30,000 one-call results, a 4 MB body, took 17 s)."""
     marks = {i: str(secrets.randbits(64)).zfill(20)
              for i, message in enumerate(messages) if message["role"] == "tool"}
     if not marks:
@@ -195,12 +197,17 @@ def _check_tool_results_kept(compiled: Any, messages: list[Message],
     probe = [{**message, "content": marks[i]} if i in marks else message
              for i, message in enumerate(messages)]
     rendered = compiled.render(messages=probe, **variables)
+    after = 0
     for i, mark in marks.items():
-        if mark not in rendered:
+        at = rendered.find(mark, after)
+        if at < 0:   # written before the previous result, or not at all
+            at = rendered.find(mark)
+        if at < 0:
             raise UnsupportedByTemplate(
                 f"messages[{i}] is a tool result (role 'tool'), which the chat template "
                 "leaves out of the prompt: this model's template does not render tool results",
                 f"messages.{i}")
+        after = at + len(mark)
 
 
 def render_chat(template: str, messages: list[Message], add_generation_prompt: bool = True,
