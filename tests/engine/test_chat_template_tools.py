@@ -111,6 +111,8 @@ def test_tool_use_a_template_would_drop_is_refused_naming_it(rng):
             "out")) as refused:
         render_chat(TWO_ROLES_TEMPLATE, plain)
     assert refused.value.param == "messages.1"
+    # No tools lose none: tools=[] was refused ("would not see the 0 given").
+    assert render_chat(PLAIN_TEMPLATE, plain, tools=[]) == render_chat(PLAIN_TEMPLATE, plain)
     # A template that writes every role as it is writes the results too.
     assert render_chat(PLAIN_TEMPLATE, plain) == "".join(
         f"<|{m['role']}|>{m['content']}\n" for m in plain)

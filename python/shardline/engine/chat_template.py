@@ -168,9 +168,10 @@ def _reads(template: str) -> _Reads:
 
 def _check_template_reads(template: str, messages: list[Message],
                           tools: list[dict] | None) -> None:
-    """Refuse `tools` and tool calls that `template` never reads (it would leave them out)."""
+    """Refuse `tools` and tool calls that `template` never reads (it would leave them out);
+    an empty list of tools loses none."""
     reads = _reads(template)
-    if tools is not None and "tools" not in reads.variables:
+    if tools and "tools" not in reads.variables:
         raise UnsupportedByTemplate(
             f"tools: the chat template never reads `tools`, so the model would not see the "
             f"{len(tools)} given: this model's template has no tool support; leave tools out",
