@@ -7,6 +7,8 @@ import os
 import random
 import re
 import shutil
+import threading
+import time
 
 import pytest
 
@@ -252,3 +254,29 @@ def test_an_added_token_numbered_outside_the_vocabulary_is_named(tmp_path, rng):
     spec["added_tokens"][-1]["id"] = size
     path.write_text(json.dumps(spec))
     assert Tokenizer.from_model_dir(str(tmp_path)).encode("<|tool|>") == [size]
+
+
+def test_a_long_text_is_encoded_while_other_threads_run(rng):
+    """The server tokenizes a prompt on a worker thread; holding the GIL through a long
+    text's encoding stalled its event loop, and every stream, for seconds."""
+    tokenizer = Tokenizer(byte_tokenizer())
+    text = "".join(rng.choice("abc xyz.\n") for _ in range(200_000))
+    ticks, done = [], threading.Event()
+
+    def tick() -> None:
+        while not done.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.001)
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    try:
+        began = time.perf_counter()
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        ended = time.perf_counter()
+    finally:
+        done.set()
+        ticker.join()
+    assert ids == byte_tokenizer().encode(text, add_special_tokens=False).ids
+    quarter = (ended - began) / 4
+    assert sum(began + quarter < t < ended - quarter for t in ticks) >= 5
