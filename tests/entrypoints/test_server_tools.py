@@ -190,7 +190,13 @@ def test_unanswered_calls_and_forced_tool_choices_are_refused(server, client, rn
                                            tool_choice=choice, max_tokens=2)
         assert caught.value.body["param"] == "tool_choice"
         assert 'only "auto" (or null) is supported' in caught.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=messages, tools=tools,
+                                       parallel_tool_calls=False, max_tokens=2)
+    assert caught.value.body["param"] == "parallel_tool_calls"
+    assert "only true (or null) is supported" in caught.value.body["message"]
     assert engine_idle(llm)
     reply = client.chat.completions.create(model=MODEL, messages=messages, tools=tools,
+                                           parallel_tool_calls=rng.choice([True, None]),
                                            max_tokens=2)
     assert reply.choices[0].message.role == "assistant" and reply.usage.completion_tokens

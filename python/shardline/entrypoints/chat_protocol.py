@@ -159,9 +159,10 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     tools: list[Tool] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     top_n_fields = ("top_logprobs", "prompt_logprobs")
 
-    @field_validator("tools", "tool_choice", mode="before")
+    @field_validator("tools", "tool_choice", "parallel_tool_calls", mode="before")
     @classmethod
     def _no_tools_is_none(cls, value: Any) -> Any:
         return _empty_is_none(value)
@@ -180,6 +181,17 @@ class ChatCompletionRequest(_SamplingFields):
                                       "(\"required\", a named function) nor forbid one "
                                       "(\"none\", taken only without tools)")
         return choice
+
+    @field_validator("parallel_tool_calls")
+    @classmethod
+    def _parallel_allowed(cls, allowed: bool | None) -> bool | None:
+        """True is OpenAI's default, which clients send as is; False would hold the model to
+        one call per reply, which the server cannot make it do."""
+        if allowed is False:
+            raise PydanticCustomError("parallel_tool_calls", "only true (or null) is "
+                                      "supported: the model writes its tool calls as text, "
+                                      "and the server cannot hold it to one call per reply")
+        return allowed
 
     @model_validator(mode="after")
     def _tool_results_answer_calls(self) -> "ChatCompletionRequest":
