@@ -70,6 +70,30 @@ def _assert_triton_ran(calls: Counter, expected: set[str]) -> None:
     assert not missing, f"Triton entry points never called: {sorted(missing)}; calls {calls}"
 
 
+# Three tokens each under a 12-token budget: the first two steps chunk the longest prompt
+# with decodes mixed in, and the last ones decode only (at least one step of the longest
+# prompt alone), whatever lengths are drawn; a fourth token only added decode steps.
+GREEDY_TOKENS = 3
+
+
+def _generate_in_steps(driver: WorkerDriver, prompts: list[list[int]]) -> tuple:
+    """driver.generate's greedy tokens and logprobs under a 12-token budget, checking that
+    the steps mixed decodes into prefill chunks and ended in decode-only steps."""
+    steps = []
+    execute = driver.worker.execute_model
+
+    def recorded(scheduler_output):
+        if scheduler_output.num_scheduled_tokens:
+            steps.append(sorted(scheduler_output.num_scheduled_tokens.values()))
+        return execute(scheduler_output)
+    driver.worker.execute_model = recorded
+    ours = driver.generate(prompts, SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS,
+                                                   logprobs=MOE_TOP), token_budget=12)
+    assert any(counts[0] == 1 and counts[-1] > 1 for counts in steps), steps
+    assert steps[-1] == [1], steps
+    return ours
+
+
 def _random_prompts(lengths: list[tuple[int, int]]) -> list[list[int]]:
     """One prompt of byte tokens per (low, high) range, its length drawn in [low, high)."""
     return [torch.randint(3, 259, (int(torch.randint(low, high, (1,))),)).tolist()
@@ -98,10 +122,9 @@ def test_greedy_tokens_match_transformers(name, hf_model, kernel_calls, fresh_se
     hf = hf_model(name)
     driver = WorkerDriver(make_worker(name, block_size=4, num_blocks=32))
     prompts = _random_prompts([(2, 6), (6, 11), (14, 20)])
-    ours = driver.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4,
-                                                   logprobs=MOE_TOP), token_budget=12)
+    ours = _generate_in_steps(driver, prompts)
     _assert_triton_ran(kernel_calls, DECODE_KERNELS | ({"fused_moe"} if name == MOE else set()))
-    assert_greedy_match([hf_greedy(hf, prompt, 4) for prompt in prompts], driver_run(*ours),
+    assert_greedy_match([hf_greedy(hf, prompt, GREEDY_TOKENS) for prompt in prompts], driver_run(*ours),
                         moe=is_moe(hf))
 
 
@@ -115,8 +138,7 @@ def test_greedy_tokens_match_with_the_linears_on_torch_matmul(hf_model, kernel_c
     hf = hf_model(DENSE)
     driver = WorkerDriver(make_worker(DENSE, block_size=4, num_blocks=32))
     prompts = _random_prompts([(2, 6), (6, 11), (14, 20)])
-    ours = driver.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4,
-                                                   logprobs=MOE_TOP), token_budget=12)
+    ours = _generate_in_steps(driver, prompts)
     fallbacks = {k for k in kernel_calls if k.startswith("fallback:")}
     assert fallbacks == {"fallback:shardline.kernels.reference.linear",
                          "fallback:shardline.kernels.reference.linear_silu_mul"}, kernel_calls
@@ -125,5 +147,5 @@ def test_greedy_tokens_match_with_the_linears_on_torch_matmul(hf_model, kernel_c
     assert all(kernel_calls[k] for k in triton) and not any(
         kernel_calls[k] for k in ("_tiled", "split_k_gemm", "linear_rms_norm",
                                   "qkv_rotary_and_write_kv_cache")), kernel_calls
-    assert_greedy_match([hf_greedy(hf, prompt, 4) for prompt in prompts], driver_run(*ours),
+    assert_greedy_match([hf_greedy(hf, prompt, GREEDY_TOKENS) for prompt in prompts], driver_run(*ours),
                         moe=False)
