@@ -133,23 +133,32 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m.role }}: {{ m.content }}\n{% en
 
 
 @pytest.fixture(scope="session")
-def tiny_chat_model(tmp_path_factory) -> str:
-    """tiny-llama with a chat template in its tokenizer_config.json (its weights are
-    random, so its answers are noise, but every chat code path runs)."""
+def chat_model_with(tmp_path_factory):
+    """make(template) -> a directory of tiny-llama (linked) with `template` as the chat
+    template of its tokenizer_config.json."""
     import json
 
     from shardline.presets import build_preset
 
-    preset = build_preset("tiny-llama")
-    target = tmp_path_factory.mktemp("tiny-chat")
-    for name in os.listdir(preset):
-        if name != "tokenizer_config.json":
-            os.symlink(os.path.join(preset, name), target / name)
-    with open(os.path.join(preset, "tokenizer_config.json")) as f:
-        config = json.load(f)
-    (target / "tokenizer_config.json").write_text(
-        json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
-    return str(target)
+    def make(template: str) -> str:
+        preset = build_preset("tiny-llama")
+        target = tmp_path_factory.mktemp("tiny-chat")
+        for name in os.listdir(preset):
+            if name != "tokenizer_config.json":
+                os.symlink(os.path.join(preset, name), target / name)
+        with open(os.path.join(preset, "tokenizer_config.json")) as f:
+            config = json.load(f)
+        (target / "tokenizer_config.json").write_text(
+            json.dumps({**config, "chat_template": template}))
+        return str(target)
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(chat_model_with) -> str:
+    """tiny-llama with a chat template in its tokenizer_config.json (its weights are
+    random, so its answers are noise, but every chat code path runs)."""
+    return chat_model_with(CHAT_TEMPLATE)
 
 
 @pytest.fixture

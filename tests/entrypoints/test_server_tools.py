@@ -26,21 +26,10 @@ TOOL_TEMPLATE = (
 
 
 @pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory):
+def tiny_chat_model(chat_model_with):
     """tiny-llama with TOOL_TEMPLATE as its chat template: conftest's `server` serves it in
     this module (overriding the session's tiny_chat_model)."""
-    from shardline.presets import build_preset
-
-    preset = build_preset("tiny-llama")
-    target = tmp_path_factory.mktemp("tiny-tools")
-    for name in os.listdir(preset):
-        if name != "tokenizer_config.json":
-            os.symlink(os.path.join(preset, name), target / name)
-    with open(os.path.join(preset, "tokenizer_config.json")) as f:
-        config = json.load(f)
-    (target / "tokenizer_config.json").write_text(
-        json.dumps({**config, "chat_template": TOOL_TEMPLATE}))
-    return str(target)
+    return chat_model_with(TOOL_TEMPLATE)
 
 
 def tool_chat(rng):

@@ -124,8 +124,8 @@ def test_greedy_tokens_match_transformers(name, hf_model, kernel_calls, fresh_se
     prompts = _random_prompts([(2, 6), (6, 11), (14, 20)])
     ours = _generate_in_steps(driver, prompts)
     _assert_triton_ran(kernel_calls, DECODE_KERNELS | ({"fused_moe"} if name == MOE else set()))
-    assert_greedy_match([hf_greedy(hf, prompt, GREEDY_TOKENS) for prompt in prompts], driver_run(*ours),
-                        moe=is_moe(hf))
+    assert_greedy_match([hf_greedy(hf, prompt, GREEDY_TOKENS) for prompt in prompts],
+                        driver_run(*ours), moe=is_moe(hf))
 
 
 @pytest.mark.timeout(INTERPRETED_TIMEOUT_S)
@@ -147,5 +147,5 @@ def test_greedy_tokens_match_with_the_linears_on_torch_matmul(hf_model, kernel_c
     assert all(kernel_calls[k] for k in triton) and not any(
         kernel_calls[k] for k in ("_tiled", "split_k_gemm", "linear_rms_norm",
                                   "qkv_rotary_and_write_kv_cache")), kernel_calls
-    assert_greedy_match([hf_greedy(hf, prompt, GREEDY_TOKENS) for prompt in prompts], driver_run(*ours),
-                        moe=False)
+    assert_greedy_match([hf_greedy(hf, prompt, GREEDY_TOKENS) for prompt in prompts],
+                        driver_run(*ours), moe=False)
