@@ -38,6 +38,20 @@ def test_a_bad_prompt_names_every_form_a_prompt_takes(rng):
     assert refused.value.param == "prompt"
 
 
+def test_a_huge_bad_value_is_shown_by_its_start(rng):
+    """The whole value was echoed: a 100k-token prompt with one float in it made a 400 of
+    the prompt's size."""
+    ids = [rng.randint(0, 300) for _ in range(rng.randint(20_000, 100_000))]
+    ids[rng.randrange(len(ids))] = rng.random()
+    text = "".join(rng.choices("abc ", k=rng.randint(20_000, 100_000)))
+    for field, bad in (("prompt", ids), ("n", text), ("stop", {text: ids})):
+        with pytest.raises(RequestError) as refused:
+            parse(CompletionRequest, {"model": "m", "prompt": "hi", field: bad})
+        message = str(refused.value)
+        assert refused.value.param == field and len(message) < 1000
+        assert f"(got {repr(bad)[:20]}" in message and "..." in message
+
+
 @pytest.mark.parametrize("content", [
     [{"type": "image_url", "image_url": {"url": "http://x/cat.png"}}], 7,
     [{"type": "text", "text": "hi"}, {"type": "input_audio", "input_audio": {}}]])

@@ -12,6 +12,7 @@ field, which the server returns as a 400 in OpenAI's error format.
 from __future__ import annotations
 
 import re
+import reprlib
 from typing import Annotated, Any, ClassVar, Union, get_args
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, WrapValidator,
@@ -237,6 +238,13 @@ def _token_keys(bias: dict[str, float]) -> dict[int, float]:
     return {int(key): value for key, value in bias.items()}
 
 
+# How a refused value is shown back: its start, so a huge bad value (a 100k-token prompt
+# with one float in it) does not make a message of the same size.
+_ECHO = reprlib.Repr()
+_ECHO.maxlevel = 4
+_ECHO.maxlist = _ECHO.maxtuple = _ECHO.maxdict = _ECHO.maxset = 12
+_ECHO.maxstring = _ECHO.maxlong = _ECHO.maxother = 160
+
 # Up to 20 digits: 2**63 - 1 has 19, so more is refused as too large, not parsed at length.
 _TOKEN_KEY = re.compile(r"[0-9]{1,20}")
 
@@ -260,7 +268,7 @@ def parse(model: type[_Body], body: Any) -> Any:
         if "field" in error.get("ctx", {}):   # a check of fields together names the one
             path = ".".join([*location, error["ctx"]["field"]])
             raise RequestError(f"{path} {error['msg']}", path) from None
-        raise RequestError(f"{param}: {error['msg']} (got {error.get('input')!r})",
+        raise RequestError(f"{param}: {error['msg']} (got {_ECHO.repr(error.get('input'))})",
                            location[0] if location else None) from None
 
 
